@@ -1,0 +1,337 @@
+"""One block-sparse mask format for every op, kernel and policy, and the sparsity policies.
+
+Shape legend
+------------
+B   batch (or number of sequences for varlen)
+H   mask heads: either Hq (one decision per query head) or Hkv (one per GQA group)
+NQ  query blocks  = ceil(T / block_size)
+NK  key blocks    = ceil(T / block_size)   (prefill: NQ == NK)
+
+Format
+------
+``BlockMask`` stores, per (batch, head, query block), the sorted list of kept key blocks, exactly
+like FlexAttention's ``(kv_num_blocks, kv_indices, BLOCK_SIZE)``:
+
+- ``kv_num_blocks``: int32 ``[B, H, NQ]`` — how many key blocks row ``I`` keeps;
+- ``kv_indices``: int32 ``[B, H, NQ, NK]`` — the kept key-block indices, ascending, in the first
+  ``kv_num_blocks[b, h, I]`` slots; the remaining slots hold 0 and are never read.
+
+The causal structure is *not* implied by the format: a mask may keep key blocks above the
+diagonal and every op applies causality on top of it (a kept block above the diagonal is simply
+fully masked). Policies never produce such blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import torch
+
+__all__ = [
+    "BlockMask",
+    "SparsityPolicy",
+    "causal_block_mask",
+    "mask_from_scores",
+    "num_blocks",
+]
+
+
+def num_blocks(seq_len: int, block_size: int) -> int:
+    """Number of blocks of ``block_size`` tokens covering ``seq_len`` tokens (last one may be partial)."""
+    return -(-seq_len // block_size)
+
+
+def causal_block_mask(nq: int, nk: int | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+    """Bool ``[NQ, NK]``: True on and below the block diagonal (bottom-right aligned when NQ < NK)."""
+    nk = nq if nk is None else nk
+    rows = torch.arange(nq, device=device).unsqueeze(1) + (nk - nq)
+    cols = torch.arange(nk, device=device).unsqueeze(0)
+    return cols <= rows
+
+
+def _check_block_size(block_size: int) -> None:
+    if not isinstance(block_size, int) or block_size < 1 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a positive power of two (e.g. 64 or 128), got {block_size!r}")
+
+
+@dataclass(frozen=True)
+class BlockMask:
+    """Kept key blocks per (batch, mask head, query block); see the module docstring.
+
+    Attributes:
+        kv_num_blocks: int32 ``[B, H, NQ]``.
+        kv_indices: int32 ``[B, H, NQ, NK]``, ascending in the first ``kv_num_blocks`` slots.
+        block_size: tokens per block (power of two).
+        seq_len: number of tokens the mask covers (``NQ == NK == ceil(seq_len / block_size)``).
+    """
+
+    kv_num_blocks: torch.Tensor
+    kv_indices: torch.Tensor
+    block_size: int
+    seq_len: int
+
+    def __post_init__(self) -> None:
+        _check_block_size(self.block_size)
+        if self.kv_num_blocks.dim() != 3 or self.kv_indices.dim() != 4:
+            raise ValueError(
+                "BlockMask expects kv_num_blocks [B, H, NQ] and kv_indices [B, H, NQ, NK], got shapes "
+                f"{tuple(self.kv_num_blocks.shape)} and {tuple(self.kv_indices.shape)}"
+            )
+        if self.kv_num_blocks.dtype != torch.int32 or self.kv_indices.dtype != torch.int32:
+            raise TypeError(
+                f"BlockMask tensors must be int32, got {self.kv_num_blocks.dtype} and {self.kv_indices.dtype}"
+            )
+        if tuple(self.kv_indices.shape[:3]) != tuple(self.kv_num_blocks.shape):
+            raise ValueError(
+                f"kv_indices leading dims {tuple(self.kv_indices.shape[:3])} must equal kv_num_blocks shape "
+                f"{tuple(self.kv_num_blocks.shape)}"
+            )
+        nb = num_blocks(self.seq_len, self.block_size)
+        if self.seq_len < 1 or self.kv_num_blocks.shape[2] != nb or self.kv_indices.shape[3] != nb:
+            raise ValueError(
+                f"a mask for seq_len={self.seq_len}, block_size={self.block_size} needs NQ = NK = {nb}, got "
+                f"NQ={self.kv_num_blocks.shape[2]}, NK={self.kv_indices.shape[3]}"
+            )
+
+    # ----------------------------------------------------------------- construction / conversion
+    @classmethod
+    def from_dense(cls, dense: torch.Tensor, block_size: int, seq_len: int | None = None) -> BlockMask:
+        """Build from a bool ``[B, H, NQ, NK]`` block mask (True = keep).
+
+        ``seq_len`` defaults to ``NQ * block_size`` (all blocks full).
+        """
+        if dense.dtype != torch.bool or dense.dim() != 4 or dense.shape[2] != dense.shape[3]:
+            raise ValueError(
+                f"BlockMask.from_dense expects a bool [B, H, NQ, NQ] tensor, got {dense.dtype} "
+                f"{tuple(dense.shape)}"
+            )
+        _check_block_size(block_size)
+        nb = dense.shape[-1]
+        seq_len = nb * block_size if seq_len is None else seq_len
+        counts = dense.sum(-1, dtype=torch.int32)
+        # Stable sort of (not kept) puts kept columns first, in ascending order.
+        order = torch.sort((~dense).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
+        slot = torch.arange(nb, device=dense.device, dtype=torch.int32)
+        indices = torch.where(slot < counts.unsqueeze(-1), order, torch.zeros_like(order))
+        return cls(counts.contiguous(), indices.contiguous(), block_size, seq_len)
+
+    def to_dense(self) -> torch.Tensor:
+        """Bool ``[B, H, NQ, NK]`` (True = kept)."""
+        nb = self.kv_indices.shape[-1]
+        slot = torch.arange(nb, device=self.kv_indices.device)
+        valid = slot < self.kv_num_blocks.unsqueeze(-1)
+        dense = torch.zeros(self.kv_indices.shape, dtype=torch.bool, device=self.kv_indices.device)
+        dense.scatter_(-1, self.kv_indices.long(), valid)
+        # scatter_ with duplicates of index 0 from padding: recompute column 0 explicitly.
+        first_is_zero = (self.kv_indices[..., 0] == 0) & valid[..., 0]
+        dense[..., 0] = first_is_zero
+        return dense
+
+    def to_token_mask(self) -> torch.Tensor:
+        """Bool ``[B, H, T, T]``: the block mask expanded to tokens, combined with causality."""
+        dense = self.to_dense()
+        bs, t = self.block_size, self.seq_len
+        tok = dense.repeat_interleave(bs, dim=-2).repeat_interleave(bs, dim=-1)[..., :t, :t]
+        causal = torch.ones(t, t, dtype=torch.bool, device=tok.device).tril()
+        return tok & causal
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """``(B, H, NQ, NK)``."""
+        return tuple(self.kv_indices.shape)  # type: ignore[return-value]
+
+    @property
+    def num_heads(self) -> int:
+        return self.kv_num_blocks.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.kv_indices.device
+
+    def to(self, device: torch.device | str) -> BlockMask:
+        return replace(self, kv_num_blocks=self.kv_num_blocks.to(device), kv_indices=self.kv_indices.to(device))
+
+    def density(self) -> float:
+        """Fraction of the causal block triangle that is kept (blocks above the diagonal not counted)."""
+        dense = self.to_dense()
+        causal = causal_block_mask(dense.shape[-2], dense.shape[-1], dense.device)
+        kept = (dense & causal).sum().item()
+        return kept / (causal.sum().item() * dense.shape[0] * dense.shape[1])
+
+    def token_density(self) -> float:
+        """Fraction of the causal *token* map that is computed (accounts for a partial last block)."""
+        tok = self.to_token_mask()
+        t = self.seq_len
+        return tok.sum().item() / (t * (t + 1) / 2 * tok.shape[0] * tok.shape[1])
+
+    def expand_heads(self, num_q_heads: int) -> BlockMask:
+        """A per-query-head mask: repeats each head of an Hkv mask over its GQA group (identity if H == Hq)."""
+        h = self.num_heads
+        if h == num_q_heads:
+            return self
+        if num_q_heads % h:
+            raise ValueError(f"cannot expand a mask with {h} heads to {num_q_heads} query heads")
+        g = num_q_heads // h
+        return replace(
+            self,
+            kv_num_blocks=self.kv_num_blocks.repeat_interleave(g, dim=1),
+            kv_indices=self.kv_indices.repeat_interleave(g, dim=1),
+        )
+
+    def to_flex(self):
+        """The same mask as a ``torch.nn.attention.flex_attention.BlockMask`` (causal mask_mod included)."""
+        from torch.nn.attention.flex_attention import BlockMask as FlexBlockMask
+
+        def causal(b, h, q_idx, kv_idx):
+            return q_idx >= kv_idx
+
+        return FlexBlockMask.from_kv_blocks(
+            self.kv_num_blocks,
+            self.kv_indices,
+            BLOCK_SIZE=self.block_size,
+            mask_mod=causal,
+            seq_lengths=(self.seq_len, self.seq_len),
+        )
+
+
+# ===================================================================== sparsity policies
+
+PolicyKind = Literal["dense", "threshold", "density", "top_p"]
+_POLICY_KINDS = ("dense", "threshold", "density", "top_p")
+
+
+@dataclass(frozen=True)
+class SparsityPolicy:
+    """How gate probabilities become a block mask.
+
+    Args:
+        kind: ``"dense"`` (keep every causal block), ``"threshold"`` (keep blocks whose gate
+            probability is >= ``value``), ``"density"`` (per row keep the top ``round(value * n)`` of
+            its ``n`` causal blocks, so that the kept fraction of the causal triangle is ``value``),
+            ``"top_p"`` (per row keep the fewest highest blocks whose probability mass reaches ``value``).
+        value: the threshold, density or mass; ignored for ``"dense"``.
+        keep_sink: always keep key block 0.
+        keep_diagonal: always keep the diagonal block (guarantees that no row is empty; with it
+            off, the best block of a row is still kept).
+        dense_last_rows: this many last query-block rows keep all their causal blocks.
+        layer_overrides: ``{layer_index: SparsityPolicy}`` used instead of this policy for those layers.
+    """
+
+    kind: PolicyKind = "density"
+    value: float = 0.1
+    keep_sink: bool = True
+    keep_diagonal: bool = True
+    dense_last_rows: int = 0
+    layer_overrides: dict[int, SparsityPolicy] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in _POLICY_KINDS:
+            raise ValueError(f"SparsityPolicy.kind must be one of {_POLICY_KINDS}, got {self.kind!r}")
+        v = self.value
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            raise ValueError(f"SparsityPolicy.value must be a finite number, got {v!r}")
+        if self.kind == "threshold" and not 0.0 <= v <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1] (a gate probability), got {v}")
+        if self.kind in ("density", "top_p") and not 0.0 < v <= 1.0:
+            raise ValueError(f"{self.kind} must be in (0, 1], got {v}")
+        if not isinstance(self.dense_last_rows, int) or self.dense_last_rows < 0:
+            raise ValueError(f"dense_last_rows must be an int >= 0, got {self.dense_last_rows!r}")
+        for layer, pol in self.layer_overrides.items():
+            if not isinstance(layer, int) or layer < 0 or not isinstance(pol, SparsityPolicy):
+                raise ValueError(
+                    "layer_overrides must map layer index (int >= 0) to SparsityPolicy, got "
+                    f"{layer!r}: {type(pol).__name__}"
+                )
+
+    def for_layer(self, layer_idx: int | None) -> SparsityPolicy:
+        """The policy that applies to ``layer_idx`` (an override if one is set)."""
+        if layer_idx is not None and layer_idx in self.layer_overrides:
+            return self.layer_overrides[layer_idx]
+        return self
+
+    def to_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in ("kind", "value", "keep_sink", "keep_diagonal", "dense_last_rows")}
+        d["layer_overrides"] = {str(i): p.to_dict() for i, p in self.layer_overrides.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SparsityPolicy:
+        known = {"kind", "value", "keep_sink", "keep_diagonal", "dense_last_rows", "layer_overrides"}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown SparsityPolicy fields {sorted(unknown)}; accepted: {sorted(known)}")
+        d = dict(d)
+        d["layer_overrides"] = {int(i): cls.from_dict(p) for i, p in d.get("layer_overrides", {}).items()}
+        return cls(**d)
+
+
+def density_row_budget(nq: int, density: float, device=None) -> torch.Tensor:
+    """int64 ``[NQ]``: blocks kept per row under a target density (row I has I + 1 causal blocks)."""
+    n = torch.arange(1, nq + 1, device=device, dtype=torch.float64)
+    return torch.clamp(torch.round(n * density), min=1).to(torch.int64)
+
+
+def mask_from_scores(scores: torch.Tensor, policy: SparsityPolicy, seq_len: int, block_size: int) -> BlockMask:
+    """Turn block scores into a :class:`BlockMask` under ``policy``.
+
+    Args:
+        scores: ``[B, H, NQ, NQ]`` gate probabilities (or any score where higher = more important;
+            ``threshold`` and ``top_p`` assume rows are probabilities). Entries above the diagonal
+            are ignored.
+        policy: the sparsity policy (per-layer overrides must already be resolved).
+        seq_len: tokens covered (``NQ == ceil(seq_len / block_size)``).
+        block_size: tokens per block.
+
+    Returns:
+        A mask with no empty row and nothing above the diagonal.
+    """
+    if scores.dim() != 4 or scores.shape[-1] != scores.shape[-2]:
+        raise ValueError(f"scores must be [B, H, NQ, NQ], got {tuple(scores.shape)}")
+    if not scores.is_floating_point():
+        raise TypeError(f"scores must be floating point, got {scores.dtype}")
+    nq = scores.shape[-1]
+    if nq != num_blocks(seq_len, block_size):
+        raise ValueError(
+            f"scores have NQ={nq} blocks but seq_len={seq_len} with block_size={block_size} needs "
+            f"{num_blocks(seq_len, block_size)}"
+        )
+    device = scores.device
+    causal = causal_block_mask(nq, device=device)
+    forced = torch.zeros(nq, nq, dtype=torch.bool, device=device)
+    if policy.keep_sink:
+        forced[:, 0] = True
+    if policy.keep_diagonal:
+        forced |= torch.eye(nq, dtype=torch.bool, device=device)
+    forced &= causal
+
+    s = scores.float().masked_fill(~causal, float("-inf"))
+    if policy.kind == "dense":
+        keep = causal.expand_as(s).clone()
+    elif policy.kind == "threshold":
+        keep = (s >= policy.value) & causal
+    elif policy.kind == "density":
+        budget = density_row_budget(nq, policy.value, device)  # [NQ]
+        # Forced blocks rank first and count against the budget.
+        ranked = s.masked_fill(forced, float("inf"))
+        order = ranked.argsort(dim=-1, descending=True, stable=True)
+        rank = torch.empty_like(order)
+        rank.scatter_(-1, order, torch.arange(nq, device=device).expand_as(order).contiguous())
+        keep = (rank < budget.view(nq, 1)) & causal
+    else:  # top_p
+        p = s.clamp_min(0).nan_to_num(0.0)
+        sorted_p, order = p.sort(dim=-1, descending=True, stable=True)
+        before = sorted_p.cumsum(-1) - sorted_p  # mass of strictly better blocks
+        keep_sorted = before < policy.value * p.sum(-1, keepdim=True)
+        keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted) & causal
+    keep = keep | forced
+    if policy.dense_last_rows:
+        keep[..., max(nq - policy.dense_last_rows, 0) :, :] = causal[max(nq - policy.dense_last_rows, 0) :]
+    # No empty row: keep each row's best causal block when nothing else is kept.
+    empty = ~keep.any(-1, keepdim=True)
+    if empty.any():
+        best = s.argmax(-1, keepdim=True)
+        keep |= empty & torch.zeros_like(keep).scatter_(-1, best, True)
+    return BlockMask.from_dense(keep, block_size, seq_len)

@@ -1,0 +1,173 @@
+"""Public functional API: tensors in, tensors out, validated, dispatched to one implementation.
+
+Shape legend: B batch, Hq query heads, Hkv key/value heads (Hq % Hkv == 0), T tokens, D head dim,
+NB = ceil(T / block_size). Layout ``[B, H, T, D]``.
+
+``impl`` chooses the implementation:
+
+- ``"reference"``: eager PyTorch (:mod:`seerattn.ops.reference`), any device, fp64-capable.
+- ``"triton"``: the Triton kernels (:mod:`seerattn.ops._triton`, imported on first use).
+- ``"flex"``: PyTorch FlexAttention with the same block mask (``block_sparse_attention`` only).
+- ``None`` (default): ``"triton"`` for CUDA tensors, ``"reference"`` otherwise.
+
+An explicit ``impl`` never falls back to another one: if it cannot run, it raises.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..block_mask import BlockMask, num_blocks
+from . import reference
+
+__all__ = ["IMPLS", "attention_with_block_scores", "block_sparse_attention", "resolve_impl"]
+
+IMPLS = ("reference", "triton", "flex")
+
+
+def resolve_impl(impl: str | None, device: torch.device, op: str, allowed: tuple[str, ...] = IMPLS) -> str:
+    """The implementation to use for ``op`` on ``device`` (see the module docstring)."""
+    if impl is None:
+        impl = "triton" if device.type == "cuda" else "reference"
+    if impl not in allowed:
+        raise ValueError(f"{op}: impl must be one of {allowed} (or None for automatic), got {impl!r}")
+    return impl
+
+
+def _check_qkv(q, k, v, op: str, varlen: bool = False) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{op}: {name} must be 4-D [B, H, T, D], got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"{op}: {name} must be floating point, got {x.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{op}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{op}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"{op}: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    bq, hq, tq, dq = q.shape
+    bk, hk, tk, dk = k.shape
+    if bq != bk or tq != tk:
+        raise ValueError(
+            f"{op}: q and k must have the same batch and length (prefill, causal), got q {tuple(q.shape)} "
+            f"and k {tuple(k.shape)}"
+        )
+    if dq != dk:
+        raise ValueError(f"{op}: q and k head dims differ: {dq} vs {dk}")
+    if hk == 0 or hq % hk:
+        raise ValueError(f"{op}: query heads ({hq}) must be a multiple of key/value heads ({hk}) for GQA")
+    if tq == 0:
+        raise ValueError(f"{op}: sequence length must be >= 1")
+    if varlen and bq != 1:
+        raise ValueError(f"{op}: with cu_seqlens the batch must be 1 (sequences packed along T), got {bq}")
+
+
+def attention_with_block_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_size: int = 64,
+    scale: float | None = None,
+    impl: str | None = None,
+):
+    """Causal attention that also returns the block-level ground truth of SeerAttention.
+
+    Args:
+        q: [B, Hq, T, D]; k, v: [B, Hkv, T, D].
+        block_size: tokens per block (power of two); the last block may be partial.
+        scale: softmax scale, default ``1 / sqrt(D)``.
+        impl: ``"reference"``, ``"triton"`` or None (automatic).
+
+    Returns:
+        ``(out [B, Hq, T, D], lse [B, Hq, T] fp32, block_scores [B, Hq, NB, NB] fp32)`` where
+        ``block_scores[I, J]`` is the max of the causal softmax map over block (I, J), rows
+        normalised to sum 1, zero above the diagonal.
+    """
+    op = "attention_with_block_scores"
+    _check_qkv(q, k, v, op)
+    if not isinstance(block_size, int) or block_size < 1 or block_size & (block_size - 1):
+        raise ValueError(f"{op}: block_size must be a positive power of two, got {block_size!r}")
+    impl = resolve_impl(impl, q.device, op, allowed=("reference", "triton"))
+    if impl == "reference":
+        return reference.attention_with_block_scores(q, k, v, block_size=block_size, scale=scale)
+    from ._triton import attention_with_block_scores as triton_impl
+
+    return triton_impl(q, k, v, block_size=block_size, scale=scale)
+
+
+def _check_mask(block_mask, q, k, op: str, cu_seqlens) -> None:
+    if not isinstance(block_mask, BlockMask):
+        raise TypeError(f"{op}: block_mask must be a seerattn.BlockMask, got {type(block_mask).__name__}")
+    b, hq, t, _ = q.shape
+    hkv = k.shape[1]
+    mb, mh = block_mask.kv_num_blocks.shape[:2]
+    if mh not in (hq, hkv):
+        raise ValueError(
+            f"{op}: block_mask has {mh} heads; accepted: Hq={hq} (per query head) or Hkv={hkv} (per group)"
+        )
+    if block_mask.device != q.device:
+        raise ValueError(f"{op}: block_mask is on {block_mask.device} but q is on {q.device}")
+    if cu_seqlens is None:
+        if mb != b:
+            raise ValueError(f"{op}: block_mask batch {mb} != q batch {b}")
+        if block_mask.seq_len != t:
+            raise ValueError(f"{op}: block_mask covers {block_mask.seq_len} tokens but q has T={t}")
+        return
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"{op}: cu_seqlens must be a 1-D int32 tensor [N + 1]")
+    if cu_seqlens.numel() < 2 or cu_seqlens.numel() - 1 != mb:
+        raise ValueError(
+            f"{op}: cu_seqlens describes {cu_seqlens.numel() - 1} sequences but block_mask has batch {mb}"
+        )
+    lens = cu_seqlens.diff()
+    if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != t or bool((lens < 0).any()):
+        raise ValueError(f"{op}: cu_seqlens must start at 0, be non-decreasing and end at T={t}")
+    if num_blocks(int(lens.max()), block_mask.block_size) > block_mask.shape[2]:
+        raise ValueError(
+            f"{op}: the longest sequence ({int(lens.max())} tokens) needs more blocks than block_mask has "
+            f"({block_mask.shape[2]})"
+        )
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: BlockMask,
+    scale: float | None = None,
+    return_lse: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    impl: str | None = None,
+):
+    """Causal attention computed only on the kept blocks of ``block_mask``.
+
+    Args:
+        q: [B, Hq, T, D]; k, v: [B, Hkv, T, D] (with ``cu_seqlens``: B == 1, sequences packed on T).
+        block_mask: :class:`~seerattn.BlockMask` with Hq heads (per query head) or Hkv heads (shared
+            by each GQA group) and B batch entries (number of sequences for varlen).
+        scale: softmax scale, default ``1 / sqrt(D)``.
+        return_lse: also return lse [B, Hq, T] fp32 (-inf on rows with no kept key).
+        cu_seqlens: int32 [N + 1] boundaries of packed sequences (varlen).
+        impl: ``"reference"``, ``"triton"``, ``"flex"`` or None (automatic).
+
+    Returns:
+        out [B, Hq, T, D] (zeros on rows with no kept key), and lse if ``return_lse``.
+    """
+    op = "block_sparse_attention"
+    _check_qkv(q, k, v, op, varlen=cu_seqlens is not None)
+    _check_mask(block_mask, q, k, op, cu_seqlens)
+    impl = resolve_impl(impl, q.device, op)
+    if impl == "reference":
+        return reference.block_sparse_attention(
+            q, k, v, block_mask, scale=scale, return_lse=return_lse, cu_seqlens=cu_seqlens
+        )
+    if impl == "flex":
+        from .flex import block_sparse_attention as flex_impl
+
+        return flex_impl(q, k, v, block_mask, scale=scale, return_lse=return_lse, cu_seqlens=cu_seqlens)
+    from ._triton import block_sparse_attention as triton_impl
+
+    return triton_impl(q, k, v, block_mask, scale=scale, return_lse=return_lse, cu_seqlens=cu_seqlens)

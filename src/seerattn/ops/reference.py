@@ -1,0 +1,169 @@
+"""Eager PyTorch oracles for every op (CPU or GPU, fp64-capable, differentiable).
+
+Shape legend: B batch, Hq query heads, Hkv key/value heads (Hq % Hkv == 0), T tokens, D head dim,
+NB = ceil(T / block_size) blocks. Layout is ``[B, H, T, D]``. Attention is causal with queries and
+keys at the same positions (prefill). Arithmetic runs in fp32 (fp64 when the inputs are fp64);
+outputs come back in the input dtype, ``lse`` and ``block_scores`` in fp32/fp64.
+
+Rows are processed in chunks of query blocks so that the ``[chunk, T]`` score matrix, never the
+whole ``T x T`` map, is materialised per (batch, head).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..block_mask import BlockMask, num_blocks
+
+__all__ = ["attention_with_block_scores", "block_sparse_attention", "causal_attention"]
+
+_ROW_CHUNK_TOKENS = 1024
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _expand_kv(k: torch.Tensor, num_q_heads: int) -> torch.Tensor:
+    group = num_q_heads // k.shape[1]
+    return k if group == 1 else k.repeat_interleave(group, dim=1)
+
+
+def _attend(q, k, v, scale, keep):
+    """Masked softmax attention on one row chunk.
+
+    q: [B, H, R, D]; k, v: [B, H, T, D]; keep: bool broadcastable to [B, H, R, T].
+    Returns out [B, H, R, D], lse [B, H, R] (-inf on empty rows), logits [B, H, R, T] (masked -inf).
+    """
+    logits = torch.matmul(q, k.transpose(-1, -2)) * scale
+    logits = logits.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)
+    empty = torch.isinf(lse)
+    # Empty rows: subtract 0 instead of -inf so exp gives 0, never NaN.
+    p = torch.exp(logits - torch.where(empty, torch.zeros_like(lse), lse).unsqueeze(-1))
+    return torch.matmul(p, v), lse, logits
+
+
+def causal_attention(q, k, v, scale: float | None = None, return_lse: bool = False):
+    """Dense causal attention (the baseline every block-sparse result is compared with).
+
+    q: [B, Hq, T, D]; k, v: [B, Hkv, T, D] -> out [B, Hq, T, D] (and lse [B, Hq, T]).
+    """
+    t = q.shape[2]
+    nb = num_blocks(t, 64)
+    mask = torch.ones(1, 1, nb, nb, dtype=torch.bool, device=q.device).tril()
+    full = BlockMask.from_dense(mask, block_size=64, seq_len=t)  # broadcast over batch and heads
+    return block_sparse_attention(q, k, v, full, scale=scale, return_lse=return_lse)
+
+
+def attention_with_block_scores(q, k, v, block_size: int = 64, scale: float | None = None):
+    """Causal attention plus the SeerAttention ground truth.
+
+    Args:
+        q: [B, Hq, T, D]; k, v: [B, Hkv, T, D].
+        block_size: tokens per block (last block may be partial).
+        scale: softmax scale, default ``1 / sqrt(D)``.
+
+    Returns:
+        out: [B, Hq, T, D] in q's dtype.
+        lse: [B, Hq, T] log-sum-exp of the scaled causal logits (fp32, fp64 for fp64 inputs).
+        block_scores: [B, Hq, NB, NB]: ``GT[I, J] = max over rows of block I and columns of block
+            J of the causal softmax map``, each row normalised to sum 1, zero above the diagonal.
+    """
+    b, hq, t, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    cdt = _compute_dtype(q)
+    qf, kf, vf = q.to(cdt), _expand_kv(k, hq).to(cdt), _expand_kv(v, hq).to(cdt)
+    nb = num_blocks(t, block_size)
+    pad = nb * block_size - t
+    outs, lses, scores = [], [], []
+    chunk = max(block_size, (_ROW_CHUNK_TOKENS // block_size) * block_size)
+    cols = torch.arange(t, device=q.device)
+    for r0 in range(0, t, chunk):
+        r1 = min(r0 + chunk, t)
+        rows = torch.arange(r0, r1, device=q.device)
+        keep = cols.view(1, -1) <= rows.view(-1, 1)
+        o, lse, logits = _attend(qf[:, :, r0:r1], kf, vf, scale, keep)
+        p = torch.exp(logits - lse.unsqueeze(-1))  # causal softmax rows, [B, H, R, T]
+        p = torch.nn.functional.pad(p, (0, pad))  # zeros never win a max of probabilities
+        col_max = p.view(b, hq, r1 - r0, nb, block_size).amax(-1)  # [B, H, R, NB]
+        rpad = -(r1 - r0) % block_size
+        col_max = torch.nn.functional.pad(col_max, (0, 0, 0, rpad))
+        scores.append(col_max.view(b, hq, -1, block_size, nb).amax(3))
+        outs.append(o)
+        lses.append(lse)
+    block_scores = torch.cat(scores, dim=2)
+    block_scores = block_scores / block_scores.sum(-1, keepdim=True)
+    return torch.cat(outs, 2).to(q.dtype), torch.cat(lses, 2), block_scores
+
+
+def _slice_mask(mask: BlockMask, batch: int, seq_len: int) -> BlockMask:
+    """The mask of one sequence (batch entry), cut to ``seq_len`` tokens."""
+    nb = num_blocks(seq_len, mask.block_size)
+    dense = mask.to_dense()[batch : batch + 1, :, :nb, :nb]
+    return BlockMask.from_dense(dense, mask.block_size, seq_len)
+
+
+def block_sparse_attention(
+    q,
+    k,
+    v,
+    block_mask: BlockMask,
+    scale: float | None = None,
+    return_lse: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+):
+    """Causal attention restricted to the kept blocks of ``block_mask``.
+
+    Args:
+        q: [B, Hq, T, D]; k, v: [B, Hkv, T, D]. With ``cu_seqlens`` (varlen): B == 1 and T is the
+            total of all sequences, packed back to back.
+        block_mask: mask with B (or number of sequences) batch entries and Hq or Hkv heads; an
+            Hkv mask is shared by the query heads of each group.
+        scale: softmax scale, default ``1 / sqrt(D)``.
+        return_lse: also return lse [B, Hq, T] (-inf where a row has no kept key).
+        cu_seqlens: int32 [N + 1] sequence boundaries for varlen; the mask covers the longest
+            sequence and each sequence uses its top-left corner.
+
+    Returns:
+        out [B, Hq, T, D] in q's dtype (zeros on rows with no kept key), and lse if asked.
+    """
+    if cu_seqlens is not None:
+        bounds = cu_seqlens.tolist()
+        outs, lses = [], []
+        for i, (s0, s1) in enumerate(zip(bounds[:-1], bounds[1:])):
+            if s1 == s0:
+                continue
+            m = _slice_mask(block_mask, i, s1 - s0)
+            o, lse = block_sparse_attention(
+                q[:, :, s0:s1], k[:, :, s0:s1], v[:, :, s0:s1], m, scale=scale, return_lse=True
+            )
+            outs.append(o)
+            lses.append(lse)
+        out, lse = torch.cat(outs, 2), torch.cat(lses, 2)
+        return (out, lse) if return_lse else out
+
+    b, hq, t, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    cdt = _compute_dtype(q)
+    qf, kf, vf = q.to(cdt), _expand_kv(k, hq).to(cdt), _expand_kv(v, hq).to(cdt)
+    bs = block_mask.block_size
+    dense = block_mask.expand_heads(hq).to_dense()  # [B, Hq, NB, NB]
+    outs, lses = [], []
+    chunk = max(bs, (_ROW_CHUNK_TOKENS // bs) * bs)
+    cols = torch.arange(t, device=q.device)
+    for r0 in range(0, t, chunk):
+        r1 = min(r0 + chunk, t)
+        rows = torch.arange(r0, r1, device=q.device)
+        blk = dense[:, :, r0 // bs : num_blocks(r1, bs)]
+        tok = blk.repeat_interleave(bs, dim=-2)[:, :, r0 % bs : r0 % bs + (r1 - r0)]
+        tok = tok.repeat_interleave(bs, dim=-1)[..., :t]
+        keep = tok & (cols.view(1, -1) <= rows.view(-1, 1))
+        o, lse, _ = _attend(qf[:, :, r0:r1], kf, vf, scale, keep)
+        outs.append(o)
+        lses.append(lse)
+    out = torch.cat(outs, 2).to(q.dtype)
+    lse = torch.cat(lses, 2)
+    return (out, lse) if return_lse else out
