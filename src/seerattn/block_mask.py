@@ -122,12 +122,13 @@ class BlockMask:
         nb = self.kv_indices.shape[-1]
         slot = torch.arange(nb, device=self.kv_indices.device)
         valid = slot < self.kv_num_blocks.unsqueeze(-1)
-        dense = torch.zeros(self.kv_indices.shape, dtype=torch.bool, device=self.kv_indices.device)
-        dense.scatter_(-1, self.kv_indices.long(), valid)
-        # scatter_ with duplicates of index 0 from padding: recompute column 0 explicitly.
-        first_is_zero = (self.kv_indices[..., 0] == 0) & valid[..., 0]
-        dense[..., 0] = first_is_zero
-        return dense
+        # Padding slots are never read: route them to a spare column that is dropped, so that every
+        # write is True and duplicate indices cannot race (FlexAttention pads with other indices).
+        idx = torch.where(valid, self.kv_indices.long(), nb)
+        shape = (*self.kv_indices.shape[:3], nb + 1)
+        dense = torch.zeros(shape, dtype=torch.bool, device=self.kv_indices.device)
+        dense.scatter_(-1, idx, True)
+        return dense[..., :nb].contiguous()
 
     def to_token_mask(self) -> torch.Tensor:
         """Bool ``[B, H, T, T]``: the block mask expanded to tokens, combined with causality."""
@@ -182,17 +183,28 @@ class BlockMask:
         )
 
     def to_flex(self):
-        """The same mask as a ``torch.nn.attention.flex_attention.BlockMask`` (causal mask_mod included)."""
+        """The same mask as a ``torch.nn.attention.flex_attention.BlockMask``.
+
+        Its ``mask_mod`` is causality *and* the kept-block bit: FlexAttention treats ``mask_mod`` as the
+        truth (eager/CPU flex ignores the block indices entirely), the indices only skip work. Mask
+        heads must be Hq or 1 (call :meth:`expand_heads` for an Hkv mask); a batch of 1 broadcasts.
+        """
         from torch.nn.attention.flex_attention import BlockMask as FlexBlockMask
 
-        def causal(b, h, q_idx, kv_idx):
-            return q_idx >= kv_idx
+        dense = self.to_dense()
+        bs = self.block_size
+        one_b, one_h = dense.shape[0] == 1, dense.shape[1] == 1
+
+        def block_causal(b, h, q_idx, kv_idx):
+            b = b * 0 if one_b else b
+            h = h * 0 if one_h else h
+            return (q_idx >= kv_idx) & dense[b, h, q_idx // bs, kv_idx // bs]
 
         return FlexBlockMask.from_kv_blocks(
             self.kv_num_blocks,
             self.kv_indices,
             BLOCK_SIZE=self.block_size,
-            mask_mod=causal,
+            mask_mod=block_causal,
             seq_lengths=(self.seq_len, self.seq_len),
         )
 
@@ -307,7 +319,8 @@ def mask_from_scores(scores: torch.Tensor, policy: SparsityPolicy, seq_len: int,
         forced |= torch.eye(nq, dtype=torch.bool, device=device)
     forced &= causal
 
-    s = scores.float().masked_fill(~causal, float("-inf"))
+    # fp64 scores stay fp64 so that threshold/top-p compare exactly; lower precisions go to fp32.
+    s = scores.to(torch.promote_types(scores.dtype, torch.float32)).masked_fill(~causal, float("-inf"))
     if policy.kind == "dense":
         keep = causal.expand_as(s).clone()
     elif policy.kind == "threshold":

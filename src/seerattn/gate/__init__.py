@@ -1,0 +1,6 @@
+"""AttnGate modules and their distillation loss (plain PyTorch; no transformers, no triton)."""
+
+from .attn_gate import POOLINGS, AttnGate, GateConfig, apply_rotary, pool_blocks
+from .loss import gate_loss, gate_metrics
+
+__all__ = ["POOLINGS", "AttnGate", "GateConfig", "apply_rotary", "gate_loss", "gate_metrics", "pool_blocks"]

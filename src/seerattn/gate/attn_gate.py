@@ -1,0 +1,205 @@
+"""The prefill AttnGate: block-pooled Q and K -> per-head projection -> RoPE -> block attention map.
+
+Shape legend: B batch, Hq query heads, Hkv key/value heads, T tokens, D head dim, NB blocks
+(``ceil(T / block_size)``), Dg gate dim, Cq/Ck number of Q/K pooling functions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["POOLINGS", "AttnGate", "GateConfig", "apply_rotary", "pool_blocks"]
+
+POOLINGS = ("avg", "max", "min")
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """Configuration of an :class:`AttnGate` (the paper's defaults).
+
+    Args:
+        block_size: tokens per block (power of two; 64 or 128 in practice).
+        q_pooling: pooling functions for Q, concatenated on channels (subset of ``POOLINGS``).
+        k_pooling: pooling functions for K, concatenated on channels.
+        gate_dim: width Dg of the projected gate vectors; None means the head dim.
+        q_projection: project pooled Q; None means "only when needed" (Q pooled by more than avg
+            alone, or Dg != head dim), as in the paper.
+        use_rope: rotate gate vectors with the model's RoPE at each block's first-token position.
+    """
+
+    block_size: int = 64
+    q_pooling: tuple[str, ...] = ("avg",)
+    k_pooling: tuple[str, ...] = ("max", "min", "avg")
+    gate_dim: int | None = None
+    q_projection: bool | None = None
+    use_rope: bool = True
+
+    def __post_init__(self) -> None:
+        bs = self.block_size
+        if not isinstance(bs, int) or bs < 1 or bs & (bs - 1):
+            raise ValueError(f"GateConfig.block_size must be a positive power of two, got {bs!r}")
+        for name in ("q_pooling", "k_pooling"):
+            pools = getattr(self, name)
+            if isinstance(pools, list):  # accept lists from JSON/YAML, store a tuple (frozen, hashable)
+                object.__setattr__(self, name, tuple(pools))
+                pools = tuple(pools)
+            if not isinstance(pools, tuple) or not pools or any(p not in POOLINGS for p in pools):
+                raise ValueError(f"GateConfig.{name} must be a non-empty tuple drawn from {POOLINGS}, got {pools!r}")
+            if len(set(pools)) != len(pools):
+                raise ValueError(f"GateConfig.{name} has a repeated pooling: {pools!r}")
+        if self.gate_dim is not None and (not isinstance(self.gate_dim, int) or self.gate_dim < 2 or self.gate_dim % 2):
+            raise ValueError(f"GateConfig.gate_dim must be an even int >= 2 (RoPE pairs) or None, got {self.gate_dim!r}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["q_pooling"], d["k_pooling"] = list(self.q_pooling), list(self.k_pooling)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GateConfig:
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown GateConfig fields {sorted(unknown)}; accepted: {sorted(known)}")
+        return cls(**d)
+
+
+def pool_blocks(x: torch.Tensor, block_size: int, poolings: tuple[str, ...]) -> torch.Tensor:
+    """Pool ``x`` over non-overlapping blocks of tokens; a last partial block uses the tokens it has.
+
+    x: [B, H, T, D] -> [B, H, NB, len(poolings) * D] (poolings concatenated in order on channels).
+    """
+    b, h, t, d = x.shape
+    nb = -(-t // block_size)
+    pad = nb * block_size - t
+    out = []
+    for p in poolings:
+        fill = {"avg": 0.0, "max": float("-inf"), "min": float("inf")}[p]
+        xp = nn.functional.pad(x, (0, 0, 0, pad), value=fill).view(b, h, nb, block_size, d)
+        if p == "avg":
+            counts = torch.full((nb,), block_size, dtype=x.dtype, device=x.device)
+            counts[-1] = t - (nb - 1) * block_size
+            out.append(xp.sum(3) / counts.view(1, 1, nb, 1))
+        elif p == "max":
+            out.append(xp.amax(3))
+        else:
+            out.append(xp.amin(3))
+    return torch.cat(out, dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE in the Hugging Face convention (rotate-half): ``x * cos + rotate_half(x) * sin``.
+
+    x: [B, H, N, Dg]; cos, sin: [B or 1, N, Dg] (broadcast over heads).
+    """
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+
+
+class AttnGate(nn.Module):
+    """Predicts the block-level attention map of one attention layer (prefill).
+
+    Parameters (no bias):
+        k_proj: [Hq, Ck * D, Dg]: K is pooled per KV head, repeated over each GQA group and
+            projected once per *query* head (the official layout ``mask_linear_k``).
+        q_proj: [Hq, Cq * D, Dg], present only when needed (see :class:`GateConfig`).
+
+    Initialisation: the avg-pooled channels of K map to the gate space as the identity (other
+    channels zero), so an untrained gate scores blocks by pooled-Q . pooled-K — a useful prior
+    that distillation refines.
+    """
+
+    def __init__(self, num_q_heads: int, num_kv_heads: int, head_dim: int, config: GateConfig | None = None):
+        super().__init__()
+        config = GateConfig() if config is None else config
+        if num_kv_heads < 1 or num_q_heads % num_kv_heads:
+            raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.config = config
+        self.num_q_heads, self.num_kv_heads, self.head_dim = num_q_heads, num_kv_heads, head_dim
+        self.gate_dim = head_dim if config.gate_dim is None else config.gate_dim
+        need_q = config.q_pooling != ("avg",) or self.gate_dim != head_dim
+        self.has_q_proj = need_q if config.q_projection is None else config.q_projection
+        if need_q and not self.has_q_proj:
+            raise ValueError(
+                "q_projection=False needs q_pooling == ('avg',) and gate_dim == head_dim (the pooled Q must "
+                f"already have the gate width); got q_pooling={config.q_pooling}, gate_dim={self.gate_dim}, "
+                f"head_dim={head_dim}"
+            )
+        ck = len(config.k_pooling) * head_dim
+        self.k_proj = nn.Parameter(torch.empty(num_q_heads, ck, self.gate_dim))
+        self.q_proj = (
+            nn.Parameter(torch.empty(num_q_heads, len(config.q_pooling) * head_dim, self.gate_dim))
+            if self.has_q_proj
+            else None
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            for w, pools in ((self.k_proj, self.config.k_pooling), (self.q_proj, self.config.q_pooling)):
+                if w is None:
+                    continue
+                if "avg" in pools and self.gate_dim == self.head_dim:
+                    w.zero_()
+                    i = pools.index("avg") * self.head_dim
+                    w[:, i : i + self.head_dim] = torch.eye(self.head_dim)
+                else:
+                    nn.init.normal_(w, std=1.0 / math.sqrt(w.shape[1]))
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        cos: torch.Tensor | None = None,
+        sin: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Gate logits over key blocks.
+
+        Args:
+            q: [B, Hq, T, D] pre-RoPE queries (after q-norm where the family has one).
+            k: [B, Hkv, T, D] pre-RoPE keys.
+            cos, sin: [B or 1, NB, Dg] rotary tables at each block's first-token position (required
+                when ``config.use_rope``).
+
+        Returns:
+            logits [B, Hq, NB, NB] in fp32, ``-inf`` above the block diagonal (diagonal kept);
+            ``logits.softmax(-1)`` is the predicted block attention map.
+        """
+        b, hq, t, d = q.shape
+        if hq != self.num_q_heads or d != self.head_dim or k.shape[1] != self.num_kv_heads or k.shape[-1] != d:
+            raise ValueError(
+                f"AttnGate built for Hq={self.num_q_heads}, Hkv={self.num_kv_heads}, D={self.head_dim} got q "
+                f"{tuple(q.shape)} and k {tuple(k.shape)}"
+            )
+        bs = self.config.block_size
+        dtype = self.k_proj.dtype
+        qp = pool_blocks(q.to(dtype), bs, self.config.q_pooling)  # [B, Hq, NB, Cq*D]
+        kp = pool_blocks(k.to(dtype), bs, self.config.k_pooling)  # [B, Hkv, NB, Ck*D]
+        kp = kp.repeat_interleave(hq // self.num_kv_heads, dim=1)
+        kg = torch.einsum("bhnc,hcg->bhng", kp, self.k_proj)
+        qg = torch.einsum("bhnc,hcg->bhng", qp, self.q_proj) if self.q_proj is not None else qp
+        nb = qg.shape[2]
+        if self.config.use_rope:
+            if cos is None or sin is None:
+                raise ValueError("AttnGate with use_rope=True needs cos and sin [B, NB, Dg]")
+            if cos.shape[1:] != (nb, self.gate_dim) or cos.shape[0] not in (1, b) or sin.shape != cos.shape:
+                raise ValueError(
+                    f"cos/sin must be [B={b} or 1, NB={nb}, Dg={self.gate_dim}], got {tuple(cos.shape)}, "
+                    f"{tuple(sin.shape)}"
+                )
+            qg, kg = apply_rotary(qg, cos.to(dtype), sin.to(dtype)), apply_rotary(kg, cos.to(dtype), sin.to(dtype))
+        logits = torch.matmul(qg.float(), kg.float().transpose(-1, -2)) / math.sqrt(self.gate_dim)
+        causal = torch.ones(nb, nb, dtype=torch.bool, device=q.device).tril()
+        return logits.masked_fill(~causal, float("-inf"))
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"Hq={self.num_q_heads}, Hkv={self.num_kv_heads}, D={self.head_dim}, Dg={self.gate_dim}, "
+            f"block={c.block_size}, q={c.q_pooling}, k={c.k_pooling}, q_proj={self.has_q_proj}, rope={c.use_rope}"
+        )

@@ -1,0 +1,391 @@
+"""Attach AttnGates to a Hugging Face causal LM and route its attention through seerattn.
+
+How it works (no copied modeling files, nothing in ``transformers.models.*`` is patched):
+
+1. one :class:`~seerattn.gate.AttnGate` is attached to every attention module as the submodule
+   ``seer_gate`` (so ``model.to(...)``, ``state_dict`` and optimisers see it);
+2. forward hooks on the layer's Q/K producers (``q_proj``/``k_proj``, or ``q_norm``/``k_norm``
+   for families with q/k-norm) capture the *pre-RoPE* queries and keys exactly;
+3. an attention function named ``"seer"`` is registered with transformers' ``AttentionInterface``
+   (and ``sdpa``'s mask builder under the same name) and selected with
+   ``model.set_attn_implementation("seer")``; it reads the per-model :class:`SeerState`.
+
+Shape legend: B batch, Hq/Hkv heads, T tokens, D head dim, NB blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+from ..block_mask import BlockMask, SparsityPolicy, mask_from_scores
+from ..gate import AttnGate, GateConfig, gate_loss, gate_metrics
+from ..ops import attention_with_block_scores, block_sparse_attention
+
+__all__ = [
+    "FAMILIES",
+    "MaskRequest",
+    "SeerConfig",
+    "SeerState",
+    "apply_seer_attention",
+    "get_seer_state",
+    "remove_seer_attention",
+]
+
+logger = logging.getLogger(__name__)
+
+ATTN_NAME = "seer"
+MODES = ("dense", "sparse", "distill", "oracle", "custom")
+Mode = Literal["dense", "sparse", "distill", "oracle", "custom"]
+
+# model_type -> names of the submodules whose outputs are the pre-RoPE q and k of a layer.
+FAMILIES: dict[str, tuple[str, str]] = {
+    "llama": ("q_proj", "k_proj"),
+    "mistral": ("q_proj", "k_proj"),
+    "qwen2": ("q_proj", "k_proj"),
+    "qwen3": ("q_norm", "k_norm"),
+}
+
+
+@dataclass
+class SeerConfig:
+    """What :func:`apply_seer_attention` attaches and how the attention runs.
+
+    Args:
+        gate: the gate architecture.
+        policy: gate probabilities -> block mask (``sparse`` and ``oracle`` modes).
+        mode: ``"dense"`` (original attention, gate unused), ``"sparse"`` (gate -> mask ->
+            block-sparse attention), ``"distill"`` (dense attention through the ground-truth kernel;
+            gate loss and metrics recorded per layer), ``"oracle"`` (mask from the true ground truth:
+            the upper bound), ``"custom"`` (mask from ``SeerState.mask_fn``: baselines).
+        impl: op implementation (``None`` = Triton on CUDA, reference on CPU).
+        mask_heads: ``"q"`` one decision per query head; ``"kv"`` one per GQA group (gate
+            probabilities averaged over the group), which lets the kernel load K/V once per group.
+        skip_first_rows: fraction of leading query-block rows left out of the distillation loss.
+        metric_density: density at which ``distill`` mode reports block and mass recall.
+        base_model: id or path of the base model (recorded in saved adapters).
+    """
+
+    gate: GateConfig = field(default_factory=GateConfig)
+    policy: SparsityPolicy = field(default_factory=SparsityPolicy)
+    mode: Mode = "sparse"
+    impl: str | None = None
+    mask_heads: Literal["q", "kv"] = "q"
+    skip_first_rows: float = 0.25
+    metric_density: float = 0.1
+    base_model: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"SeerConfig.mode must be one of {MODES}, got {self.mode!r}")
+        if self.mask_heads not in ("q", "kv"):
+            raise ValueError(f"SeerConfig.mask_heads must be 'q' or 'kv', got {self.mask_heads!r}")
+        if not 0.0 <= self.skip_first_rows < 1.0:
+            raise ValueError(f"SeerConfig.skip_first_rows must be in [0, 1), got {self.skip_first_rows}")
+        if not 0.0 < self.metric_density <= 1.0:
+            raise ValueError(f"SeerConfig.metric_density must be in (0, 1], got {self.metric_density}")
+        if not isinstance(self.gate, GateConfig) or not isinstance(self.policy, SparsityPolicy):
+            raise TypeError("SeerConfig.gate must be a GateConfig and SeerConfig.policy a SparsityPolicy")
+
+
+@dataclass
+class MaskRequest:
+    """What a ``custom``-mode mask function sees for one layer's prefill.
+
+    q: [B, Hq, T, D] and k: [B, Hkv, T, D] post-RoPE (what attention uses); ``scale`` the softmax
+    scale; the returned :class:`BlockMask` must cover ``seq_len`` tokens in blocks of ``block_size``.
+    """
+
+    layer_idx: int
+    q: torch.Tensor
+    k: torch.Tensor
+    scale: float
+    block_size: int
+    seq_len: int
+
+
+@dataclass
+class SeerState:
+    """Per-model side channel between the attention function and the caller.
+
+    Attributes:
+        config: the active :class:`SeerConfig` (change ``mode``/``policy`` with :meth:`set`).
+        stats: per layer, after each forward: ``path`` and, for masked paths, ``density`` (kept
+            fraction of the causal block triangle) and ``token_density``.
+        losses: per layer, in ``distill`` mode: the gate loss (a tensor with grad).
+        metrics: per layer, in ``distill`` mode: block and mass recall at ``metric_density``.
+        mask_fn: the mask source of ``custom`` mode.
+        capture: when True, ``captures[layer]`` keeps (q_pre, k_pre, q, k) of the last forward
+            (for tests and debugging).
+    """
+
+    config: SeerConfig
+    stats: dict[int, dict] = field(default_factory=dict)
+    losses: dict[int, torch.Tensor] = field(default_factory=dict)
+    metrics: dict[int, dict] = field(default_factory=dict)
+    mask_fn: Callable[[MaskRequest], BlockMask] | None = None
+    capture: bool = False
+    captures: dict[int, tuple] = field(default_factory=dict)
+    # private: pre-RoPE tensors handed from the hooks to the attention function
+    _pending: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+    _rotary: torch.nn.Module | None = field(default=None, repr=False)
+    _hooks: list = field(default_factory=list, repr=False)
+    _original_impl: str | None = field(default=None, repr=False)
+    _attn_modules: list = field(default_factory=list, repr=False)
+
+    def set(self, **changes) -> None:
+        """Replace config fields (e.g. ``state.set(mode="dense")`` or ``policy=...``), validated."""
+        self.config = replace(self.config, **changes)
+
+    def reset(self) -> None:
+        """Forget the statistics, losses and metrics of earlier forwards."""
+        self.stats.clear()
+        self.losses.clear()
+        self.metrics.clear()
+        self.captures.clear()
+        self._pending.clear()
+
+    def total_gate_loss(self) -> torch.Tensor:
+        """Sum over layers of the distillation losses of the last forward."""
+        if not self.losses:
+            raise RuntimeError("no gate loss recorded: run a forward in mode='distill' first")
+        return torch.stack(list(self.losses.values())).sum()
+
+    def mean_density(self) -> float:
+        """Mean over layers of the realised block density of the last forward (1.0 for dense paths)."""
+        if not self.stats:
+            raise RuntimeError("no statistics recorded: run a forward first")
+        return sum(s.get("density", 1.0) for s in self.stats.values()) / len(self.stats)
+
+    @property
+    def needs_pre_rope(self) -> bool:
+        return self.capture or self.config.mode in ("sparse", "distill")
+
+
+def get_seer_state(model: torch.nn.Module) -> SeerState:
+    """The :class:`SeerState` of a model prepared by :func:`apply_seer_attention`."""
+    state = getattr(model, "_seer_state", None)
+    if not isinstance(state, SeerState):
+        raise ValueError("this model has no seer attention attached; call seerattn.hf.apply_seer_attention first")
+    return state
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def _decoder_layers(model: torch.nn.Module):
+    base = getattr(model, "model", model)
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise ValueError(
+            f"{type(model).__name__} has no `.model.layers`; seerattn supports decoder-only causal LMs of the "
+            f"families {sorted(FAMILIES)}"
+        )
+    return base, layers
+
+
+def _family(model: torch.nn.Module) -> tuple[str, tuple[str, str]]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"model family {model_type!r} is not supported; supported: {sorted(FAMILIES)}. Adding one is an entry "
+            "in seerattn.hf.integration.FAMILIES naming the modules whose outputs are the pre-RoPE q and k"
+        )
+    return model_type, FAMILIES[model_type]
+
+
+def _heads(module) -> tuple[int, int, int]:
+    cfg = module.config
+    hq = cfg.num_attention_heads
+    hkv = getattr(cfg, "num_key_value_heads", None) or hq
+    return hq, hkv, module.head_dim
+
+
+def _block_rotary(state: SeerState, like: torch.Tensor, position_ids: torch.Tensor | None, nb: int, t: int):
+    """cos, sin [B, NB, D] of the model's own RoPE at each block's first-token position."""
+    bs = state.config.gate.block_size
+    if position_ids is None:
+        position_ids = torch.arange(t, device=like.device).unsqueeze(0).expand(like.shape[0], t)
+    starts = position_ids[:, ::bs][:, :nb]
+    return state._rotary(like, starts)
+
+
+def _check_causal_only(attention_mask, b: int, t: int) -> None:
+    """The masked paths compute causal attention; refuse padding or other custom masks."""
+    if attention_mask is None:
+        return
+    am = attention_mask
+    if am.dtype != torch.bool:
+        am = am == 0  # additive float mask: 0 = attend
+    causal = torch.ones(t, t, dtype=torch.bool, device=am.device).tril()
+    if am.dim() != 4 or am.shape[-2:] != (t, t) or not torch.equal(am, causal.expand_as(am)):
+        raise ValueError(
+            "seer sparse/distill/oracle attention supports causal prefill without padding only; got an "
+            "attention mask with padding or a custom pattern. Pass unpadded sequences (batch of equal "
+            "lengths) or use mode='dense'"
+        )
+
+
+def _gate_logits(module, state: SeerState, pre: dict, kwargs, b: int, t: int) -> torch.Tensor:
+    gate: AttnGate = module.seer_gate
+    hq, hkv, d = _heads(module)
+    q_pre = pre["q"].reshape(b, t, hq, d).transpose(1, 2)
+    k_pre = pre["k"].reshape(b, t, hkv, d).transpose(1, 2)
+    nb = -(-t // gate.config.block_size)
+    cos = sin = None
+    if gate.config.use_rope:
+        cos, sin = _block_rotary(state, q_pre, kwargs.get("position_ids"), nb, t)
+    return gate(q_pre.detach(), k_pre.detach(), cos, sin)
+
+
+def _group_scores(probs: torch.Tensor, hkv: int) -> torch.Tensor:
+    """[B, Hq, NB, NB] -> [B, Hkv, NB, NB], averaging over each GQA group."""
+    b, hq, n, _ = probs.shape
+    return probs.view(b, hkv, hq // hkv, n, n).mean(2)
+
+
+def seer_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """The ``"seer"`` attention function (transformers' AttentionInterface signature).
+
+    query: [B, Hq, Tq, D], key/value: [B, Hkv, Tk, D] post-RoPE -> ([B, Tq, Hq, D], None).
+    Decode and chunked-prefill steps (Tq != Tk) and mode ``dense`` run transformers' SDPA path.
+    """
+    state: SeerState | None = getattr(module, "_seer_state", None)
+    if state is None:
+        raise RuntimeError(
+            "the 'seer' attention implementation was called on a module without a seer gate; use "
+            "seerattn.hf.apply_seer_attention(model, config) rather than setting attn_implementation by hand"
+        )
+    layer = module.layer_idx
+    pre = state._pending.pop(layer, None)
+    cfg = state.config
+    b, hq, tq, d = query.shape
+    tk = key.shape[2]
+    if state.capture and pre is not None:
+        state.captures[layer] = (pre["q"], pre["k"], query, key)
+    if cfg.mode == "dense" or tq != tk:
+        state.stats[layer] = {"path": "dense" if tq == tk else "dense-decode", "density": 1.0}
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if dropout:
+        raise ValueError("seer attention does not implement attention dropout; set model.eval() or dropout=0")
+    _check_causal_only(attention_mask, b, tq)
+    sliding = getattr(module.config, "sliding_window", None)
+    if sliding is not None and getattr(module.config, "use_sliding_window", True) and tq > sliding:
+        raise ValueError(
+            f"layer {layer} uses a sliding window of {sliding} tokens but the prompt has {tq}; seer attention "
+            "implements full causal attention only. Set config.sliding_window=None or shorten the prompt"
+        )
+    scale = scaling if scaling is not None else d**-0.5
+    bs = cfg.gate.block_size
+    hkv = key.shape[1]
+
+    if cfg.mode == "distill":
+        if pre is None:
+            raise RuntimeError(f"layer {layer}: pre-RoPE q/k were not captured (hooks missing?)")
+        with torch.no_grad():
+            out, _, target = attention_with_block_scores(
+                query.detach(), key.detach(), value.detach(), block_size=bs, scale=scale, impl=cfg.impl
+            )
+        logits = _gate_logits(module, state, pre, kwargs, b, tq)
+        nb = logits.shape[-1]
+        skip = min(int(cfg.skip_first_rows * nb), nb - 1)
+        state.losses[layer] = gate_loss(logits, target, skip_first_rows=skip)
+        state.metrics[layer] = gate_metrics(logits.detach().softmax(-1), target, cfg.metric_density, tq, bs)
+        state.stats[layer] = {"path": "distill", "density": 1.0}
+        return out.transpose(1, 2).contiguous(), None
+
+    policy = cfg.policy.for_layer(layer)
+    if cfg.mode == "custom":
+        if state.mask_fn is None:
+            raise RuntimeError("mode='custom' needs SeerState.mask_fn (a MaskRequest -> BlockMask function)")
+        mask = state.mask_fn(MaskRequest(layer, query, key, scale, bs, tq))
+    else:
+        if cfg.mode == "oracle":
+            with torch.no_grad():
+                _, _, scores = attention_with_block_scores(query, key, value, block_size=bs, scale=scale, impl=cfg.impl)
+        else:
+            if pre is None:
+                raise RuntimeError(f"layer {layer}: pre-RoPE q/k were not captured (hooks missing?)")
+            with torch.no_grad():
+                scores = _gate_logits(module, state, pre, kwargs, b, tq).softmax(-1)
+        if cfg.mask_heads == "kv":
+            scores = _group_scores(scores, hkv)
+        mask = mask_from_scores(scores, policy, tq, bs)
+    out = block_sparse_attention(query, key, value, mask, scale=scale, impl=cfg.impl)
+    state.stats[layer] = {"path": cfg.mode, "density": mask.density(), "token_density": mask.token_density()}
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTN_NAME, seer_attention_forward)
+ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, sdpa_mask)
+
+
+def _capture_hook(state: SeerState, layer: int, which: str):
+    def hook(_module, _inputs, output):
+        if state.needs_pre_rope:
+            state._pending.setdefault(layer, {})[which] = output
+
+    return hook
+
+
+def apply_seer_attention(model: torch.nn.Module, config: SeerConfig | None = None) -> SeerState:
+    """Attach a gate to every attention layer of ``model`` and route attention through seerattn.
+
+    Args:
+        model: a transformers causal LM of a supported family (see ``FAMILIES``).
+        config: gate, policy and mode; default :class:`SeerConfig`.
+
+    Returns:
+        The model's :class:`SeerState` (also reachable with :func:`get_seer_state`).
+    """
+    config = SeerConfig() if config is None else config
+    if getattr(model, "_seer_state", None) is not None:
+        raise ValueError("seer attention is already attached to this model; call remove_seer_attention first")
+    _, (q_name, k_name) = _family(model)
+    base, layers = _decoder_layers(model)
+    rotary = getattr(base, "rotary_emb", None)
+    if rotary is None and config.gate.use_rope:
+        raise ValueError(f"{type(model).__name__} has no shared rotary embedding (`.model.rotary_emb`)")
+    state = SeerState(config=config, _rotary=rotary, _original_impl=model.config._attn_implementation)
+    param = next(model.parameters())
+    for i, layer in enumerate(layers):
+        attn = layer.self_attn
+        if getattr(attn, "layer_idx", i) != i:
+            raise ValueError(f"layer {i} reports layer_idx={attn.layer_idx}; expected {i}")
+        hq, hkv, d = _heads(attn)
+        gate_dim = config.gate.gate_dim or d
+        if config.gate.use_rope and rotary is not None and gate_dim != d:
+            raise ValueError(
+                f"gate_dim ({gate_dim}) must equal the head dim ({d}) when the gate uses the model's RoPE"
+            )
+        attn.seer_gate = AttnGate(hq, hkv, d, config.gate).to(device=param.device)
+        attn._seer_state = state
+        state._attn_modules.append(attn)
+        state._hooks.append(getattr(attn, q_name).register_forward_hook(_capture_hook(state, i, "q")))
+        state._hooks.append(getattr(attn, k_name).register_forward_hook(_capture_hook(state, i, "k")))
+    model._seer_state = state
+    model.set_attn_implementation(ATTN_NAME)
+    return state
+
+
+def remove_seer_attention(model: torch.nn.Module) -> None:
+    """Undo :func:`apply_seer_attention`: gates, hooks and state removed, attention restored."""
+    state = get_seer_state(model)
+    for h in state._hooks:
+        h.remove()
+    for attn in state._attn_modules:
+        del attn.seer_gate
+        del attn._seer_state
+    model.set_attn_implementation(state._original_impl)
+    del model._seer_state
+
+
+def gate_modules(model: torch.nn.Module) -> dict[int, AttnGate]:
+    """``{layer_index: AttnGate}`` of a prepared model."""
+    state = get_seer_state(model)
+    return {i: attn.seer_gate for i, attn in enumerate(state._attn_modules)}
