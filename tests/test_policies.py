@@ -1,0 +1,344 @@
+"""Sparsity policies: ``mask_from_scores`` under each ``SparsityPolicy`` hits its target exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from seerattn import BlockMask, SparsityPolicy, mask_from_scores
+
+HYP = settings(max_examples=50, deadline=None)
+
+
+def _probs(b, h, nq, seed, dtype=torch.float32):
+    """Causal softmax rows [B, H, NQ, NQ] with distinct values (zeros above the diagonal)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(b, h, nq, nq, generator=g, dtype=torch.float64) * 2
+    causal = torch.ones(nq, nq, dtype=torch.bool).tril()
+    return torch.softmax(logits.masked_fill(~causal, float("-inf")), -1).to(dtype)
+
+
+def _forced(nq, sink, diag):
+    f = torch.zeros(nq, nq, dtype=torch.bool)
+    if sink:
+        f[:, 0] = True
+    if diag:
+        f |= torch.eye(nq, dtype=torch.bool)
+    return f
+
+
+def _kept(scores, policy, bs=16, seq_len=None):
+    nq = scores.shape[-1]
+    seq_len = nq * bs if seq_len is None else seq_len
+    m = mask_from_scores(scores, policy, seq_len, bs)
+    assert isinstance(m, BlockMask) and m.shape == tuple(scores.shape)
+    assert m.seq_len == seq_len and m.block_size == bs
+    return m.to_dense()
+
+
+def _check_invariants(dense):
+    nq = dense.shape[-1]
+    upper = torch.ones(nq, nq, dtype=torch.bool).triu(1)
+    assert not dense[..., upper].any(), "a policy kept a block above the diagonal"
+    assert dense.any(-1).all(), "a policy left a row empty"
+
+
+# ===================================================================== density
+
+
+@HYP
+@given(
+    nq=st.integers(1, 16),
+    rho=st.floats(0.01, 1.0),
+    sink=st.booleans(),
+    diag=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+def test_density_row_counts(nq, rho, sink, diag, seed):
+    scores = _probs(2, 3, nq, seed)
+    dense = _kept(scores, SparsityPolicy("density", rho, keep_sink=sink, keep_diagonal=diag))
+    _check_invariants(dense)
+    forced = _forced(nq, sink, diag)
+    causal = torch.ones(nq, nq, dtype=torch.bool).tril()
+    for i in range(nq):
+        n = i + 1
+        target = round(rho * n)
+        budget = max(1, target)
+        n_forced = int(forced[i].sum())
+        kept = dense[..., i, :].sum(-1)
+        # Exactly the budget unless the forced blocks alone exceed it; always within one block of
+        # round(rho * n) when the forced blocks fit.
+        assert (kept == max(budget, n_forced)).all(), (i, kept, budget, n_forced)
+        if n_forced <= budget:
+            assert ((kept - target).abs() <= 1).all()
+        # Forced blocks are in, and every other kept block outscores every dropped causal block.
+        assert dense[..., i, forced[i]].all()
+        free_kept = dense[..., i, :] & ~forced[i] & causal[i]
+        dropped = ~dense[..., i, :] & causal[i]
+        s = scores[..., i, :]
+        lo = s.masked_fill(~free_kept, float("inf")).amin(-1)
+        hi = s.masked_fill(~dropped, float("-inf")).amax(-1)
+        assert (lo >= hi).all()
+
+
+@pytest.mark.parametrize("rho", [0.05, 0.1, 0.3, 0.5, 0.8])
+def test_overall_density_converges_to_target(rho):
+    nq = 64
+    scores = _probs(1, 4, nq, seed=int(rho * 100))
+    m = mask_from_scores(
+        scores, SparsityPolicy("density", rho, keep_sink=False, keep_diagonal=False), nq * 64, 64
+    )
+    assert abs(m.density() - rho) < 0.02
+    # With the forced blocks on, the realised density is still near (but not below) the target.
+    m2 = mask_from_scores(scores, SparsityPolicy("density", rho), nq * 64, 64)
+    assert m2.density() >= m.density() - 1e-12
+
+
+def test_density_one_keeps_whole_causal_triangle():
+    scores = _probs(1, 2, 9, seed=3)
+    dense = _kept(scores, SparsityPolicy("density", 1.0, keep_sink=False, keep_diagonal=False))
+    assert torch.equal(dense, torch.ones(9, 9, dtype=torch.bool).tril().expand(1, 2, 9, 9))
+
+
+# ===================================================================== threshold
+
+
+@HYP
+@given(
+    nq=st.integers(1, 12),
+    t=st.floats(0.0, 1.0),
+    sink=st.booleans(),
+    diag=st.booleans(),
+    seed=st.integers(0, 10_000),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_threshold_exact(nq, t, sink, diag, seed, dtype):
+    scores = _probs(2, 2, nq, seed, dtype=dtype)
+    dense = _kept(scores, SparsityPolicy("threshold", t, keep_sink=sink, keep_diagonal=diag))
+    _check_invariants(dense)
+    causal = torch.ones(nq, nq, dtype=torch.bool).tril()
+    expect = ((scores >= t) & causal) | _forced(nq, sink, diag)
+    # A row with nothing over the threshold and nothing forced keeps its best causal block.
+    empty = ~expect.any(-1)
+    best = scores.masked_fill(~causal, float("-inf")).argmax(-1)
+    expect = expect | (empty.unsqueeze(-1) & torch.nn.functional.one_hot(best, nq).bool())
+    assert torch.equal(dense, expect)
+
+
+def test_threshold_fp64_exact_at_the_boundary():
+    """fp64 scores a hair below / at / above the threshold: only >= t is kept (no fp32 rounding)."""
+    t = 0.3
+    scores = torch.zeros(1, 1, 4, 4, dtype=torch.float64)
+    scores[0, 0, 3, :3] = torch.tensor([t - 1e-12, t, t + 1e-12], dtype=torch.float64)
+    scores[0, 0, 2, :2] = torch.tensor([t - 1e-15, 0.0], dtype=torch.float64)
+    dense = _kept(scores, SparsityPolicy("threshold", t, keep_sink=False, keep_diagonal=True))
+    assert dense[0, 0, 3].tolist() == [False, True, True, True]
+    assert dense[0, 0, 2].tolist() == [False, False, True, False]
+
+
+def test_threshold_zero_and_one():
+    scores = _probs(1, 1, 6, seed=1)
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    assert torch.equal(_kept(scores, SparsityPolicy("threshold", 0.0))[0, 0], causal)
+    only_forced = _kept(scores, SparsityPolicy("threshold", 1.0))[0, 0]
+    assert torch.equal(only_forced, _forced(6, True, True))
+
+
+# ===================================================================== top_p
+
+
+def _top_p_oracle(scores, p, forced):
+    """Per row: the fewest highest causal blocks whose mass reaches p * row mass, plus forced."""
+    b, h, nq, _ = scores.shape
+    out = torch.zeros(b, h, nq, nq, dtype=torch.bool)
+    for bi in range(b):
+        for hi in range(h):
+            for i in range(nq):
+                row = scores[bi, hi, i, : i + 1].tolist()
+                order = sorted(range(i + 1), key=lambda j: -row[j])
+                total, acc = sum(row), 0.0
+                for j in order:
+                    if acc >= p * total:
+                        break
+                    out[bi, hi, i, j] = True
+                    acc += row[j]
+                out[bi, hi, i] |= forced[i]
+    return out
+
+
+@HYP
+@given(
+    nq=st.integers(1, 10),
+    p=st.sampled_from([0.25, 0.5, 0.75, 0.9, 0.3, 1.0]),
+    sink=st.booleans(),
+    diag=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+def test_top_p_minimal_prefix_exact(nq, p, sink, diag, seed):
+    """Distinct integer scores in fp64: every partial sum is exact, so the set is checked exactly."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.stack([torch.randperm(nq, generator=g) for _ in range(2 * nq)]).double() + 1
+    scores = scores.view(1, 2, nq, nq).tril()
+    dense = _kept(scores, SparsityPolicy("top_p", p, keep_sink=sink, keep_diagonal=diag))
+    _check_invariants(dense)
+    assert torch.equal(dense, _top_p_oracle(scores, p, _forced(nq, sink, diag)))
+
+
+@pytest.mark.parametrize("p", [0.5, 0.9, 0.95])
+def test_top_p_reaches_mass_with_fewest_blocks(p):
+    scores = _probs(2, 2, 12, seed=7)
+    dense = _kept(scores, SparsityPolicy("top_p", p, keep_sink=False, keep_diagonal=False))
+    _check_invariants(dense)
+    for idx in torch.nonzero(torch.ones(2, 2, 12)).tolist():
+        b, h, i = idx
+        row = scores[b, h, i, : i + 1].double()
+        kept = dense[b, h, i, : i + 1]
+        k = int(kept.sum())
+        top = row.sort(descending=True).values
+        # The kept set is the top-k, it reaches the mass, and top-(k-1) does not.
+        assert torch.equal(kept, row >= top[k - 1])
+        assert top[:k].sum() >= p * row.sum() - 1e-6
+        assert k == 1 or top[: k - 1].sum() < p * row.sum() + 1e-6
+
+
+def test_top_p_one_keeps_all_positive_blocks():
+    scores = _probs(1, 1, 5, seed=2)
+    dense = _kept(scores, SparsityPolicy("top_p", 1.0, keep_sink=False, keep_diagonal=False))
+    assert torch.equal(dense[0, 0], torch.ones(5, 5, dtype=torch.bool).tril())
+
+
+# ===================================================================== forced blocks, dense rows, dense
+
+
+def _low_forced_scores(nq):
+    """Scores where the sink column and the diagonal are the worst causal blocks of every row."""
+    s = _probs(1, 2, nq, seed=5) + 1.0
+    s[..., :, 0] = 0.0
+    s[..., torch.arange(nq), torch.arange(nq)] = 0.0
+    return s.tril()
+
+
+@pytest.mark.parametrize("kind,value", [("density", 0.05), ("threshold", 0.9), ("top_p", 0.05)])
+@pytest.mark.parametrize("sink", [True, False])
+@pytest.mark.parametrize("diag", [True, False])
+def test_sink_and_diagonal_kept_only_when_asked(kind, value, sink, diag):
+    nq = 10
+    scores = _low_forced_scores(nq)
+    if kind == "threshold":
+        scores = scores / scores.amax()  # off-forced blocks in [~0.5, 1]; forced blocks 0
+    dense = _kept(scores, SparsityPolicy(kind, value, keep_sink=sink, keep_diagonal=diag))
+    _check_invariants(dense)
+    rows = torch.arange(2, nq)  # rows >= 2 have better blocks than the sink and the diagonal
+    sink_col = dense[..., rows, 0]
+    diag_col = dense[..., rows, rows]
+    assert sink_col.all() if sink else not sink_col.any()
+    assert diag_col.all() if diag else not diag_col.any()
+    if sink or diag:
+        assert dense[..., 0, 0].all()
+
+
+@pytest.mark.parametrize("rows", [0, 1, 3, 8, 100])
+def test_dense_last_rows(rows):
+    nq = 8
+    scores = _probs(1, 2, nq, seed=4)
+    base = SparsityPolicy("density", 0.2)
+    sparse = _kept(scores, base)
+    dense = _kept(scores, SparsityPolicy("density", 0.2, dense_last_rows=rows))
+    _check_invariants(dense)
+    cut = max(nq - rows, 0)
+    causal = torch.ones(nq, nq, dtype=torch.bool).tril()
+    assert torch.equal(dense[..., cut:, :], causal[cut:].expand(1, 2, -1, -1))
+    assert torch.equal(dense[..., :cut, :], sparse[..., :cut, :])
+
+
+def test_dense_policy_keeps_causal_triangle_and_ignores_upper_scores():
+    scores = torch.full((1, 3, 7, 7), 0.5)
+    scores[..., 0, 6] = 100.0  # above the diagonal: must be ignored by every policy
+    causal = torch.ones(7, 7, dtype=torch.bool).tril()
+    assert torch.equal(_kept(scores, SparsityPolicy("dense"))[0, 0], causal)
+    for pol in (
+        SparsityPolicy("density", 0.3),
+        SparsityPolicy("top_p", 0.5),
+        SparsityPolicy("threshold", 0.4),
+    ):
+        _check_invariants(_kept(scores, pol))
+
+
+def test_partial_last_block_seq_len():
+    scores = _probs(1, 1, 5, seed=8)
+    m = mask_from_scores(scores, SparsityPolicy("density", 0.5), seq_len=65, block_size=16)
+    assert m.seq_len == 65 and m.shape == (1, 1, 5, 5)
+
+
+@st.composite
+def adversarial_scores(draw):
+    nq = draw(st.integers(1, 10))
+    kind = draw(st.sampled_from(["all_zero", "constant", "one_hot_upper", "neg_inf", "pos_inf", "random"]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 10_000)))
+    s = torch.rand(1, 2, nq, nq, generator=g)
+    if kind == "all_zero":
+        s.zero_()
+    elif kind == "constant":
+        s.fill_(0.25)
+    elif kind == "one_hot_upper":  # all mass above the diagonal (junk the policy must ignore)
+        s = torch.ones(1, 2, nq, nq).triu(1)
+    elif kind == "neg_inf":
+        s = s.masked_fill(torch.rand(1, 2, nq, nq, generator=g) < 0.5, float("-inf"))
+    elif kind == "pos_inf":
+        s = s.masked_fill(torch.rand(1, 2, nq, nq, generator=g) < 0.2, float("inf"))
+    zero_rows = torch.rand(nq, generator=g) < 0.3
+    s[..., zero_rows, :] = 0.0
+    return s
+
+
+@HYP
+@given(
+    scores=adversarial_scores(),
+    kind=st.sampled_from(["dense", "threshold", "density", "top_p"]),
+    value=st.floats(0.001, 1.0),
+    sink=st.booleans(),
+    diag=st.booleans(),
+    last=st.integers(0, 3),
+)
+def test_no_empty_row_and_nothing_above_diagonal(scores, kind, value, sink, diag, last):
+    pol = SparsityPolicy(kind, value, keep_sink=sink, keep_diagonal=diag, dense_last_rows=last)
+    m = mask_from_scores(scores, pol, scores.shape[-1] * 16, 16)
+    dense = m.to_dense()
+    _check_invariants(dense)
+    assert (m.kv_num_blocks >= 1).all()
+
+
+# ===================================================================== config: overrides, dicts
+
+
+def test_layer_overrides_for_layer():
+    l3 = SparsityPolicy("threshold", 0.01)
+    l5 = SparsityPolicy("dense")
+    pol = SparsityPolicy("density", 0.2, layer_overrides={3: l3, 5: l5})
+    assert pol.for_layer(3) is l3 and pol.for_layer(5) is l5
+    assert pol.for_layer(0) is pol and pol.for_layer(None) is pol
+    scores = _probs(1, 1, 6, seed=0)
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    assert torch.equal(_kept(scores, pol.for_layer(5))[0, 0], causal)
+    assert not torch.equal(_kept(scores, pol.for_layer(4))[0, 0], causal)
+
+
+def test_to_dict_from_dict_round_trip_through_json():
+    pol = SparsityPolicy(
+        "top_p",
+        0.9,
+        keep_sink=False,
+        keep_diagonal=True,
+        dense_last_rows=2,
+        layer_overrides={0: SparsityPolicy("dense"), 7: SparsityPolicy("threshold", 0.05, keep_sink=False)},
+    )
+    d = pol.to_dict()
+    assert d["kind"] == "top_p" and d["value"] == 0.9 and d["dense_last_rows"] == 2
+    back = SparsityPolicy.from_dict(json.loads(json.dumps(d)))
+    assert back == pol
+    assert back.for_layer(7) == SparsityPolicy("threshold", 0.05, keep_sink=False)
+    assert SparsityPolicy.from_dict({}) == SparsityPolicy()
