@@ -51,8 +51,9 @@ def causal_block_mask(nq: int, nk: int | None = None, device: torch.device | str
     return cols <= rows
 
 
-def _check_block_size(block_size: int) -> None:
-    if not isinstance(block_size, int) or block_size < 1 or block_size & (block_size - 1):
+def check_block_size(block_size: int) -> None:
+    """Raise unless ``block_size`` is a positive power of two."""
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a positive power of two (e.g. 64 or 128), got {block_size!r}")
 
 
@@ -73,7 +74,7 @@ class BlockMask:
     seq_len: int
 
     def __post_init__(self) -> None:
-        _check_block_size(self.block_size)
+        check_block_size(self.block_size)
         if self.kv_num_blocks.dim() != 3 or self.kv_indices.dim() != 4:
             raise ValueError(
                 "BlockMask expects kv_num_blocks [B, H, NQ] and kv_indices [B, H, NQ, NK], got shapes "
@@ -95,6 +96,27 @@ class BlockMask:
                 f"NQ={self.kv_num_blocks.shape[2]}, NK={self.kv_indices.shape[3]}"
             )
 
+    def validate(self) -> BlockMask:
+        """Check the values (not only the shapes): counts in [0, NK], valid indices in [0, NK) and
+        ascending, both tensors on one device. Costs a device sync on CUDA, so the ops call it only
+        for CPU tensors; policies build valid masks by construction. Returns ``self``."""
+        if self.kv_num_blocks.device != self.kv_indices.device:
+            raise ValueError(
+                f"BlockMask tensors are on different devices: {self.kv_num_blocks.device} and {self.kv_indices.device}"
+            )
+        nk = self.kv_indices.shape[-1]
+        counts = self.kv_num_blocks
+        if counts.numel() and (int(counts.min()) < 0 or int(counts.max()) > nk):
+            raise ValueError(f"BlockMask.kv_num_blocks must lie in [0, NK={nk}]")
+        slot = torch.arange(nk, device=counts.device)
+        valid = slot < counts.unsqueeze(-1)
+        idx = self.kv_indices
+        if bool((valid & ((idx < 0) | (idx >= nk))).any()):
+            raise ValueError(f"BlockMask.kv_indices must lie in [0, NK={nk}) in their valid slots")
+        if nk > 1 and bool((valid[..., 1:] & (idx[..., 1:] <= idx[..., :-1])).any()):
+            raise ValueError("BlockMask.kv_indices must be strictly ascending in their valid slots")
+        return self
+
     # ----------------------------------------------------------------- construction / conversion
     @classmethod
     def from_dense(cls, dense: torch.Tensor, block_size: int, seq_len: int | None = None) -> BlockMask:
@@ -107,7 +129,7 @@ class BlockMask:
                 f"BlockMask.from_dense expects a bool [B, H, NQ, NQ] tensor, got {dense.dtype} "
                 f"{tuple(dense.shape)}"
             )
-        _check_block_size(block_size)
+        check_block_size(block_size)
         nb = dense.shape[-1]
         seq_len = nb * block_size if seq_len is None else seq_len
         counts = dense.sum(-1, dtype=torch.int32)
@@ -319,6 +341,8 @@ def mask_from_scores(scores: torch.Tensor, policy: SparsityPolicy, seq_len: int,
         forced |= torch.eye(nq, dtype=torch.bool, device=device)
     forced &= causal
 
+    if bool(torch.isnan(scores).any()):
+        raise ValueError("scores contain NaN; gate probabilities must be finite or -inf")
     # fp64 scores stay fp64 so that threshold/top-p compare exactly; lower precisions go to fp32.
     s = scores.to(torch.promote_types(scores.dtype, torch.float32)).masked_fill(~causal, float("-inf"))
     if policy.kind == "dense":

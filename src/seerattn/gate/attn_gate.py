@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from ..block_mask import check_block_size
+
 __all__ = ["POOLINGS", "AttnGate", "GateConfig", "apply_rotary", "pool_blocks"]
 
 POOLINGS = ("avg", "max", "min")
@@ -39,9 +41,10 @@ class GateConfig:
     use_rope: bool = True
 
     def __post_init__(self) -> None:
-        bs = self.block_size
-        if not isinstance(bs, int) or bs < 1 or bs & (bs - 1):
-            raise ValueError(f"GateConfig.block_size must be a positive power of two, got {bs!r}")
+        try:
+            check_block_size(self.block_size)
+        except ValueError as e:
+            raise ValueError(f"GateConfig.{e}") from None
         for name in ("q_pooling", "k_pooling"):
             pools = getattr(self, name)
             if isinstance(pools, list):  # accept lists from JSON/YAML, store a tuple (frozen, hashable)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..block_mask import BlockMask, num_blocks
+from ..block_mask import BlockMask, check_block_size, num_blocks
 from . import reference
 
 __all__ = ["IMPLS", "attention_with_block_scores", "block_sparse_attention", "resolve_impl"]
@@ -88,8 +88,10 @@ def attention_with_block_scores(
     """
     op = "attention_with_block_scores"
     _check_qkv(q, k, v, op)
-    if not isinstance(block_size, int) or block_size < 1 or block_size & (block_size - 1):
-        raise ValueError(f"{op}: block_size must be a positive power of two, got {block_size!r}")
+    try:
+        check_block_size(block_size)
+    except ValueError as e:
+        raise ValueError(f"{op}: {e}") from None
     impl = resolve_impl(impl, q.device, op, allowed=("reference", "triton"))
     if impl == "reference":
         return reference.attention_with_block_scores(q, k, v, block_size=block_size, scale=scale)
@@ -110,6 +112,8 @@ def _check_mask(block_mask, q, k, op: str, cu_seqlens) -> None:
         )
     if block_mask.device != q.device:
         raise ValueError(f"{op}: block_mask is on {block_mask.device} but q is on {q.device}")
+    if q.device.type == "cpu":
+        block_mask.validate()
     if cu_seqlens is None:
         if mb != b:
             raise ValueError(f"{op}: block_mask batch {mb} != q batch {b}")
