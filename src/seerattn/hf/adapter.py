@@ -12,6 +12,7 @@ Loading checks the model shape, every key and every tensor shape; nothing is loa
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
@@ -92,8 +93,12 @@ def read_adapter_config(path: str | Path) -> dict:
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_path} is not valid JSON: {e}") from e
     required = {"format_version", "model", "gate", "policy"}
-    if not isinstance(meta, dict) or not required <= set(meta):
-        raise ValueError(f"{cfg_path} lacks required fields {sorted(required - set(meta or {}))}")
+    if not isinstance(meta, dict):
+        raise ValueError(
+            f"{cfg_path} holds a JSON {type(meta).__name__}, expected an object with fields {sorted(required)}"
+        )
+    if not required <= set(meta):
+        raise ValueError(f"{cfg_path} lacks required fields {sorted(required - set(meta))}")
     if meta["format_version"] != FORMAT_VERSION:
         raise ValueError(
             f"{cfg_path} has format_version {meta['format_version']!r}; this seerattn reads {FORMAT_VERSION}"
@@ -206,9 +211,12 @@ def convert_official_checkpoint(
     if unexpected:
         raise ValueError(f"{src}: keys not in the official gate layout: {unexpected[:5]}")
     # The model is built on the meta device: only its gate shapes matter, no memory is used.
+    # A copy: building and preparing the shell sets the config's attention implementation, and the
+    # caller's config may belong to a live model.
     with torch.device("meta"):
-        shell = AutoModelForCausalLM.from_config(model_config)
-    has_q = prefix.format(0, "q") in sd
+        shell = AutoModelForCausalLM.from_config(copy.deepcopy(model_config))
+    # Any layer's q weight means every layer needs one (a q key on a later layer alone must not be dropped).
+    has_q = any(prefix.format(i, "q") in sd for i in range(n))
     gate = GateConfig(**{**gate.to_dict(), "q_projection": has_q or None})
     apply_seer_attention(shell, SeerConfig(gate=gate, base_model=base_model))
     for i, g in gate_modules(shell).items():

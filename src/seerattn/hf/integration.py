@@ -273,13 +273,14 @@ def seer_attention_forward(module, query, key, value, attention_mask, dropout: f
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if dropout:
         raise ValueError("seer attention does not implement attention dropout; set model.eval() or dropout=0")
-    _check_causal_only(attention_mask, b, tq)
+    # Before the mask check: a sliding-window mask is not padding, and the error should say which it is.
     sliding = getattr(module.config, "sliding_window", None)
     if sliding is not None and getattr(module.config, "use_sliding_window", True) and tq > sliding:
         raise ValueError(
             f"layer {layer} uses a sliding window of {sliding} tokens but the prompt has {tq}; seer attention "
             "implements full causal attention only. Set config.sliding_window=None or shorten the prompt"
         )
+    _check_causal_only(attention_mask, b, tq)
     scale = scaling if scaling is not None else d**-0.5
     bs = cfg.gate.block_size
     hkv = key.shape[1]

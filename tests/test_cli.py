@@ -1,0 +1,116 @@
+"""The ``seerattn`` command line: help, ``env`` (text and JSON), ``convert``, usage errors."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import seerattn
+from seerattn.cli import main
+
+ENV_KEYS = {
+    "seerattn",
+    "python",
+    "platform",
+    "torch",
+    "triton",
+    "transformers",
+    "cuda",
+    "gpus",
+    "triton_interpret",
+    "impls",
+}
+
+
+def _run(*args, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "seerattn", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
+
+
+def test_help_lists_subcommands():
+    res = _run("--help")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("usage: seerattn")
+    for cmd in ("env", "convert"):
+        assert cmd in res.stdout
+
+
+def test_console_script_entry_point():
+    # Checked through the installed metadata rather than a third subprocess (each one imports torch).
+    eps = [ep for ep in importlib.metadata.entry_points(group="console_scripts") if ep.name == "seerattn"]
+    if not eps:
+        pytest.skip("seerattn is not installed (pip install -e . registers the console script)")
+    assert eps[0].value == "seerattn.cli:main" and eps[0].load() is main
+
+
+def test_env_json_in_a_fresh_process():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    res = _run("env", "--json", env=env)
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert set(info) == ENV_KEYS
+    assert info["seerattn"] == seerattn.__version__ and info["torch"] == torch.__version__
+    assert info["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert info["triton_interpret"] is True
+    assert info["impls"]["reference"] is True and set(info["impls"]) == {"reference", "triton", "flex"}
+    if info["triton"] is not None:
+        assert "interpreter" in info["impls"]["triton"]
+    if not torch.cuda.is_available():
+        assert info["gpus"] == [] and info["impls"]["flex"] is False
+
+
+def test_env_text(capsys):
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line.split(None, 1)[1] for line in out.strip().splitlines()}
+    assert set(lines) == ENV_KEYS
+    assert lines["seerattn"] == seerattn.__version__ and "reference=True" in lines["impls"]
+
+
+def test_version_flag(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"seerattn {seerattn.__version__}"
+
+
+@pytest.mark.parametrize(
+    "argv", [[], ["frobnicate"], ["convert", "x.pth"]], ids=["none", "unknown", "missing-opts"]
+)
+def test_usage_errors_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and "usage: seerattn" in capsys.readouterr().err
+
+
+def test_convert_command(tmp_path, capsys):
+    from hf_models import HEAD_DIM, HQ, LAYERS, make_config
+    from safetensors.torch import load_file
+
+    make_config("qwen2").save_pretrained(tmp_path / "base")  # a local base model folder (config only)
+    sd = {
+        f"model.layers.{i}.self_attn.attn_gate.mask_linear_k.weight": torch.randn(HQ, 3 * HEAD_DIM, HEAD_DIM)
+        for i in range(LAYERS)
+    }
+    torch.save(sd, tmp_path / "attn_gate_weights.pth")
+    argv = ["convert", str(tmp_path / "attn_gate_weights.pth"), "--base-model", str(tmp_path / "base")]
+    assert main([*argv, "-o", str(tmp_path / "adapter")]) == 0
+    assert "wrote adapter" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "adapter" / "seer_config.json").read_text())
+    assert meta["base_model"] == str(tmp_path / "base") and meta["model"]["model_type"] == "qwen2"
+    tensors = load_file(str(tmp_path / "adapter" / "seer_gates.safetensors"))
+    for i in range(LAYERS):
+        assert torch.equal(
+            tensors[f"layers.{i}.k_proj"], sd[f"model.layers.{i}.self_attn.attn_gate.mask_linear_k.weight"]
+        )

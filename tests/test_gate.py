@@ -1,0 +1,302 @@
+"""AttnGate, block pooling, RoPE of gate vectors, distillation loss and metrics (no transformers).
+
+Every expected value is computed here by hand (loops over blocks, explicit formulas); nothing reuses
+the library's code path it checks, except ``apply_rotary`` inside the logits check (tested itself
+against the complex-number form of RoPE first).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from seerattn.gate import AttnGate, GateConfig, apply_rotary, gate_loss, gate_metrics, pool_blocks
+
+torch.set_default_dtype(torch.float32)
+
+
+def _randn(*shape, seed=0, dtype=torch.float64):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def _brute_pool(x: torch.Tensor, bs: int, poolings) -> torch.Tensor:
+    """Per-block loop: x [B, H, T, D] -> [B, H, NB, len(poolings) * D]."""
+    t = x.shape[2]
+    blocks = []
+    for s in range(0, t, bs):
+        chunk = x[:, :, s : min(s + bs, t)]
+        parts = []
+        for p in poolings:
+            if p == "avg":
+                parts.append(chunk.sum(2) / chunk.shape[2])
+            elif p == "max":
+                parts.append(chunk.max(2).values)
+            else:
+                parts.append(chunk.min(2).values)
+        blocks.append(torch.cat(parts, -1))
+    return torch.stack(blocks, 2)
+
+
+def _rope_tables(positions: torch.Tensor, dim: int, theta: float = 10000.0):
+    """cos, sin [1, N, dim] in HF's layout (frequencies repeated on both halves)."""
+    inv = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    ang = positions.double()[:, None] * inv[None]
+    emb = torch.cat([ang, ang], -1)
+    return emb.cos()[None], emb.sin()[None]
+
+
+# ------------------------------------------------------------------------------------- pooling
+@pytest.mark.parametrize("t", [1, 15, 16, 17, 40, 64])
+@pytest.mark.parametrize("poolings", [("avg",), ("max", "min", "avg"), ("min", "max")])
+def test_pool_blocks_matches_per_block_loop(t, poolings):
+    x = _randn(2, 3, t, 8, seed=t)
+    got = pool_blocks(x, 16, poolings)
+    want = _brute_pool(x, 16, poolings)
+    assert got.shape == (2, 3, -(-t // 16), len(poolings) * 8)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+
+
+def test_pool_blocks_partial_last_block_uses_only_its_tokens():
+    # 20 tokens in blocks of 16: the last block has 4 tokens; padding must not leak into avg/max/min.
+    x = -torch.ones(1, 1, 20, 2, dtype=torch.float64)
+    x[..., 16:, :] = torch.tensor([-3.0, -5.0], dtype=torch.float64)
+    out = pool_blocks(x, 16, ("avg", "max", "min"))
+    torch.testing.assert_close(
+        out[0, 0, 1], torch.tensor([-3.0, -5.0, -3.0, -5.0, -3.0, -5.0], dtype=torch.float64)
+    )
+
+
+# ------------------------------------------------------------------------------------- RoPE
+def test_apply_rotary_equals_complex_rotation():
+    d, n = 8, 5
+    x = _randn(1, 2, n, d, seed=3)
+    pos = torch.arange(n) * 16
+    cos, sin = _rope_tables(pos, d)
+    got = apply_rotary(x, cos, sin)
+    # HF rotate-half pairs channel i with i + d/2: (a + i b) * exp(i * angle).
+    inv = 1.0 / 10000.0 ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    z = torch.complex(x[..., : d // 2], x[..., d // 2 :]) * torch.polar(
+        torch.ones(n, d // 2, dtype=torch.float64), pos.double()[:, None] * inv
+    )
+    torch.testing.assert_close(got, torch.cat([z.real, z.imag], -1), atol=1e-12, rtol=0)
+
+
+# ------------------------------------------------------------------------------------- AttnGate
+def _hand_logits(gate: AttnGate, q, k, cos, sin):
+    """pool -> repeat K over the GQA group -> per-head projection -> RoPE -> QK^T / sqrt(Dg), causal."""
+    cfg = gate.config
+    hq, hkv = q.shape[1], k.shape[1]
+    qp = _brute_pool(q, cfg.block_size, cfg.q_pooling)
+    kp = _brute_pool(k, cfg.block_size, cfg.k_pooling)
+    kp = torch.stack([kp[:, h // (hq // hkv)] for h in range(hq)], 1)
+    kw = gate.k_proj.detach().double()
+    kg = torch.stack([kp[:, h] @ kw[h] for h in range(hq)], 1)
+    if gate.q_proj is not None:
+        qw = gate.q_proj.detach().double()
+        qg = torch.stack([qp[:, h] @ qw[h] for h in range(hq)], 1)
+    else:
+        qg = qp
+    if cfg.use_rope:
+        qg, kg = apply_rotary(qg, cos, sin), apply_rotary(kg, cos, sin)
+    nb = qg.shape[2]
+    logits = torch.full((q.shape[0], hq, nb, nb), float("-inf"), dtype=torch.float64)
+    for i in range(nb):
+        for j in range(i + 1):
+            logits[:, :, i, j] = (qg[:, :, i] * kg[:, :, j]).sum(-1) / math.sqrt(gate.gate_dim)
+    return logits
+
+
+@pytest.mark.parametrize(
+    "hq,hkv,cfg",
+    [
+        (4, 2, GateConfig(block_size=16)),
+        (4, 1, GateConfig(block_size=16, q_pooling=("avg", "max"), gate_dim=8)),
+        (2, 2, GateConfig(block_size=8, k_pooling=("avg",), use_rope=False)),
+    ],
+    ids=["default-gqa2", "qproj-dg8-gqa4", "norope-mha"],
+)
+def test_attn_gate_logits_equal_hand_computation(hq, hkv, cfg):
+    d, t, b = 16, 45, 2
+    gate = AttnGate(hq, hkv, d, cfg).double()
+    with torch.no_grad():  # random weights, not the identity init, so every channel matters
+        gate.k_proj.normal_(generator=torch.Generator().manual_seed(5))
+        if gate.q_proj is not None:
+            gate.q_proj.normal_(generator=torch.Generator().manual_seed(6))
+    q, k = _randn(b, hq, t, d, seed=1), _randn(b, hkv, t, d, seed=2)
+    nb = -(-t // cfg.block_size)
+    cos, sin = (
+        _rope_tables(torch.arange(nb) * cfg.block_size, gate.gate_dim) if cfg.use_rope else (None, None)
+    )
+    got = gate(q, k, cos, sin)
+    want = _hand_logits(gate, q, k, cos, sin)
+    assert got.dtype == torch.float32 and got.shape == (b, hq, nb, nb)
+    above = ~torch.ones(nb, nb, dtype=torch.bool).tril()
+    assert torch.isneginf(got[..., above]).all() and torch.isfinite(got[..., ~above]).all()
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_untrained_gate_scores_avg_pooled_q_dot_avg_pooled_k():
+    gate = AttnGate(2, 1, 8, GateConfig(block_size=4, use_rope=False)).double()
+    q, k = _randn(1, 2, 12, 8, seed=7), _randn(1, 1, 12, 8, seed=8)
+    qa, ka = _brute_pool(q, 4, ("avg",)), _brute_pool(k, 4, ("avg",))
+    want = (qa @ ka.transpose(-1, -2)) / math.sqrt(8)
+    got = gate(q, k)
+    tri = torch.ones(3, 3, dtype=torch.bool).tril()
+    torch.testing.assert_close(
+        got[..., tri].double(), want.expand(1, 2, 3, 3)[..., tri], atol=1e-6, rtol=1e-6
+    )
+
+
+def test_q_projection_rules():
+    d = 16
+    assert AttnGate(4, 2, d, GateConfig()).q_proj is None  # avg-only Q at the head width: no projection
+    g = AttnGate(4, 2, d, GateConfig(q_pooling=("avg", "max")))
+    assert g.has_q_proj and tuple(g.q_proj.shape) == (4, 2 * d, d)
+    g = AttnGate(4, 2, d, GateConfig(gate_dim=8))
+    assert tuple(g.q_proj.shape) == (4, d, 8) and tuple(g.k_proj.shape) == (4, 3 * d, 8)
+    # An explicit identity-initialised q projection changes nothing.
+    q, k = _randn(1, 4, 20, d, seed=1).float(), _randn(1, 2, 20, d, seed=2).float()
+    plain = AttnGate(4, 2, d, GateConfig(block_size=8, use_rope=False))
+    with_q = AttnGate(4, 2, d, GateConfig(block_size=8, use_rope=False, q_projection=True))
+    assert with_q.q_proj is not None
+    torch.testing.assert_close(with_q(q, k), plain(q, k), atol=1e-6, rtol=0)
+    for bad in (
+        GateConfig(q_pooling=("avg", "max"), q_projection=False),
+        GateConfig(gate_dim=8, q_projection=False),
+    ):
+        with pytest.raises(ValueError, match="q_projection=False"):
+            AttnGate(4, 2, d, bad)
+
+
+def test_attn_gate_bad_inputs():
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        AttnGate(3, 2, 16)
+    gate = AttnGate(4, 2, 16, GateConfig(block_size=16))
+    q, k = torch.randn(1, 4, 32, 16), torch.randn(1, 2, 32, 16)
+    with pytest.raises(ValueError, match="built for Hq=4"):
+        gate(q, torch.randn(1, 4, 32, 16))
+    with pytest.raises(ValueError, match="needs cos and sin"):
+        gate(q, k)
+    cos = torch.ones(1, 3, 16)
+    with pytest.raises(ValueError, match="cos/sin must be"):
+        gate(q, k, cos, cos)
+
+
+# ------------------------------------------------------------------------------------- GateConfig
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"block_size": 0}, "power of two"),
+        ({"block_size": 48}, "power of two"),
+        ({"block_size": "64"}, "power of two"),
+        ({"q_pooling": ()}, "non-empty"),
+        ({"k_pooling": ("max", "sum")}, "drawn from"),
+        ({"k_pooling": ("max", "max")}, "repeated"),
+        ({"gate_dim": 7}, "even int"),
+        ({"gate_dim": 0}, "even int"),
+    ],
+)
+def test_gate_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GateConfig(**kwargs)
+
+
+def test_gate_config_dict_round_trip():
+    cfg = GateConfig(
+        block_size=128, q_pooling=("avg", "max"), k_pooling=("min", "avg"), gate_dim=32, use_rope=False
+    )
+    d = json.loads(json.dumps(cfg.to_dict()))  # through JSON: tuples come back as lists
+    assert d["q_pooling"] == ["avg", "max"]
+    back = GateConfig.from_dict(d)
+    assert back == cfg and isinstance(back.k_pooling, tuple)
+    with pytest.raises(ValueError, match="unknown GateConfig fields"):
+        GateConfig.from_dict({**d, "bias": True})
+
+
+# ------------------------------------------------------------------------------------- loss
+def _target(b, h, nb, seed=0, zeros=True):
+    """Random ground truth: causal rows summing to 1, some exact zeros below the diagonal."""
+    t = _randn(b, h, nb, nb, seed=seed).abs()
+    if zeros:
+        t = t * (_randn(b, h, nb, nb, seed=seed + 1) > -0.3)
+    tri = torch.ones(nb, nb, dtype=torch.bool).tril()
+    t = t.masked_fill(~tri, 0.0)
+    t[..., torch.arange(nb), torch.arange(nb)] += 0.1  # every row has mass
+    return t / t.sum(-1, keepdim=True)
+
+
+def _hand_kl(logits, target):
+    """Per-row KL with loops over rows: [B, H, NB]."""
+    b, h, nb, _ = logits.shape
+    out = torch.zeros(b, h, nb, dtype=torch.float64)
+    for i in range(nb):
+        lq = torch.log_softmax(logits[..., i, : i + 1].double(), -1)
+        t = target[..., i, : i + 1].double()
+        terms = torch.where(t > 0, t * (t.clamp_min(1e-300).log() - lq), torch.zeros_like(t))
+        out[..., i] = terms.sum(-1)
+    return out
+
+
+def test_gate_loss_zero_at_the_target_and_positive_elsewhere():
+    target = _target(2, 3, 6)
+    logits = target.log().float()  # -inf where the target is 0 (incl. above the diagonal)
+    assert gate_loss(logits, target).item() == pytest.approx(0.0, abs=1e-6)
+    logits = _randn(2, 3, 6, 6, seed=4).float()
+    loss = gate_loss(logits, target)
+    assert loss.item() > 1e-3
+    torch.testing.assert_close(loss.double(), _hand_kl(logits, target).mean(), atol=1e-5, rtol=1e-5)
+
+
+def test_gate_loss_skip_first_rows_and_finite_gradient():
+    target = _target(1, 2, 8, seed=9)
+    logits = _randn(1, 2, 8, 8, seed=10).float()
+    logits = logits.masked_fill(~torch.ones(8, 8, dtype=torch.bool).tril(), float("-inf")).requires_grad_(
+        True
+    )
+    loss = gate_loss(logits, target, skip_first_rows=3)
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(
+        loss.double(), _hand_kl(logits.detach(), target)[..., 3:].mean(), atol=1e-5, rtol=1e-5
+    )
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()
+    assert logits.grad[..., :3, :].abs().sum() == 0  # skipped rows get no gradient
+    assert logits.grad[..., 3:, :].abs().sum() > 0
+
+
+def test_gate_loss_with_zero_targets_is_not_nan():
+    target = torch.zeros(1, 1, 4, 4)
+    target[..., 0] = 1.0  # everything on the sink block: zeros everywhere else
+    logits = torch.zeros(1, 1, 4, 4, requires_grad=True)
+    loss = gate_loss(logits, target)
+    loss.backward()
+    # Row i has i+1 causal blocks with uniform q: KL = log(i+1); mean over 4 rows.
+    assert loss.item() == pytest.approx(sum(math.log(i + 1) for i in range(4)) / 4, rel=1e-5)
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_gate_loss_bad_inputs():
+    with pytest.raises(ValueError, match="one shape"):
+        gate_loss(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 3))
+    with pytest.raises(ValueError, match="skip_first_rows"):
+        gate_loss(torch.zeros(1, 1, 4, 4), _target(1, 1, 4).float(), skip_first_rows=4)
+
+
+# ------------------------------------------------------------------------------------- metrics
+def test_gate_metrics_recall_one_when_gate_equals_target():
+    target = _target(1, 2, 10, seed=11, zeros=False).float()
+    m = gate_metrics(target, target, density=0.3, seq_len=160, block_size=16)
+    assert m["block_recall"] == 1.0
+    # Hand: per row keep the top max(round(0.3 n), 1) ground-truth blocks; mass = their sum.
+    mass = []
+    for i in range(10):
+        k = max(round(0.3 * (i + 1)), 1)
+        mass.append(target[..., i, : i + 1].topk(k, -1).values.sum(-1))
+    assert m["mass_recall"] == pytest.approx(torch.stack(mass, -1).mean().item(), rel=1e-6)
+    assert gate_metrics(target, target, 1.0, 160, 16)["mass_recall"] == pytest.approx(1.0, abs=1e-6)
+    # An inverted gate keeps the worst blocks: recall drops.
+    worse = gate_metrics(-target, target, 0.3, 160, 16)
+    assert worse["block_recall"] < 1.0 and worse["mass_recall"] < m["mass_recall"]
