@@ -43,7 +43,9 @@ def num_blocks(seq_len: int, block_size: int) -> int:
     return -(-seq_len // block_size)
 
 
-def causal_block_mask(nq: int, nk: int | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+def causal_block_mask(
+    nq: int, nk: int | None = None, device: torch.device | str | None = None
+) -> torch.Tensor:
     """Bool ``[NQ, NK]``: True on and below the block diagonal (bottom-right aligned when NQ < NK)."""
     nk = nq if nk is None else nk
     rows = torch.arange(nq, device=device).unsqueeze(1) + (nk - nq)
@@ -53,7 +55,12 @@ def causal_block_mask(nq: int, nk: int | None = None, device: torch.device | str
 
 def check_block_size(block_size: int) -> None:
     """Raise unless ``block_size`` is a positive power of two."""
-    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1 or block_size & (block_size - 1):
+    if (
+        not isinstance(block_size, int)
+        or isinstance(block_size, bool)
+        or block_size < 1
+        or block_size & (block_size - 1)
+    ):
         raise ValueError(f"block_size must be a positive power of two (e.g. 64 or 128), got {block_size!r}")
 
 
@@ -175,7 +182,9 @@ class BlockMask:
         return self.kv_indices.device
 
     def to(self, device: torch.device | str) -> BlockMask:
-        return replace(self, kv_num_blocks=self.kv_num_blocks.to(device), kv_indices=self.kv_indices.to(device))
+        return replace(
+            self, kv_num_blocks=self.kv_num_blocks.to(device), kv_indices=self.kv_indices.to(device)
+        )
 
     def density(self) -> float:
         """Fraction of the causal block triangle that is kept (blocks above the diagonal not counted)."""
@@ -308,7 +317,9 @@ def density_row_budget(nq: int, density: float, device=None) -> torch.Tensor:
     return torch.clamp(torch.round(n * density), min=1).to(torch.int64)
 
 
-def mask_from_scores(scores: torch.Tensor, policy: SparsityPolicy, seq_len: int, block_size: int) -> BlockMask:
+def mask_from_scores(
+    scores: torch.Tensor, policy: SparsityPolicy, seq_len: int, block_size: int
+) -> BlockMask:
     """Turn block scores into a :class:`BlockMask` under ``policy``.
 
     Args:

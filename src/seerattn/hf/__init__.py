@@ -30,4 +30,10 @@ from .adapter import (  # noqa: E402
     save_gates,
 )
 
-__all__ += ["convert_official_checkpoint", "from_pretrained", "load_gates", "read_adapter_config", "save_gates"]
+__all__ += [
+    "convert_official_checkpoint",
+    "from_pretrained",
+    "load_gates",
+    "read_adapter_config",
+    "save_gates",
+]

@@ -173,7 +173,9 @@ def get_seer_state(model: torch.nn.Module) -> SeerState:
     """The :class:`SeerState` of a model prepared by :func:`apply_seer_attention`."""
     state = getattr(model, "_seer_state", None)
     if not isinstance(state, SeerState):
-        raise ValueError("this model has no seer attention attached; call seerattn.hf.apply_seer_attention first")
+        raise ValueError(
+            "this model has no seer attention attached; call seerattn.hf.apply_seer_attention first"
+        )
     return state
 
 
@@ -249,7 +251,9 @@ def _group_scores(probs: torch.Tensor, hkv: int) -> torch.Tensor:
     return probs.view(b, hkv, hq // hkv, n, n).mean(2)
 
 
-def seer_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+def seer_attention_forward(
+    module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs
+):
     """The ``"seer"`` attention function (transformers' AttentionInterface signature).
 
     query: [B, Hq, Tq, D], key/value: [B, Hkv, Tk, D] post-RoPE -> ([B, Tq, Hq, D], None).
@@ -270,7 +274,9 @@ def seer_attention_forward(module, query, key, value, attention_mask, dropout: f
         state.captures[layer] = (pre["q"], pre["k"], query, key)
     if cfg.mode == "dense" or tq != tk:
         state.stats[layer] = {"path": "dense" if tq == tk else "dense-decode", "density": 1.0}
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     if dropout:
         raise ValueError("seer attention does not implement attention dropout; set model.eval() or dropout=0")
     # Before the mask check: a sliding-window mask is not padding, and the error should say which it is.
@@ -308,7 +314,9 @@ def seer_attention_forward(module, query, key, value, attention_mask, dropout: f
     else:
         if cfg.mode == "oracle":
             with torch.no_grad():
-                _, _, scores = attention_with_block_scores(query, key, value, block_size=bs, scale=scale, impl=cfg.impl)
+                _, _, scores = attention_with_block_scores(
+                    query, key, value, block_size=bs, scale=scale, impl=cfg.impl
+                )
         else:
             if pre is None:
                 raise RuntimeError(f"layer {layer}: pre-RoPE q/k were not captured (hooks missing?)")

@@ -11,6 +11,7 @@ whole ``T x T`` map, is materialised per (batch, head).
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -133,7 +134,7 @@ def block_sparse_attention(
     if cu_seqlens is not None:
         bounds = cu_seqlens.tolist()
         outs, lses = [], []
-        for i, (s0, s1) in enumerate(zip(bounds[:-1], bounds[1:])):
+        for i, (s0, s1) in enumerate(itertools.pairwise(bounds)):
             if s1 == s0:
                 continue
             m = _slice_mask(block_mask, i, s1 - s0)
