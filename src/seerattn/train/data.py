@@ -1,0 +1,402 @@
+"""Training data for distillation: documents -> token ids (cached) -> fixed-length packed rows.
+
+Sources (in the order given; never a hub download):
+
+- a **books folder**: a directory with ``MANIFEST.tsv`` (columns ``file`` and ``split``, the
+  layout of ``../shared/data/books``); the rows whose ``split`` equals ``data_split`` are used,
+  each file (``.txt`` or ``.txt.gz``) one document;
+- any other **directory**: every ``.txt``, ``.txt.gz``, ``.jsonl``, ``.jsonl.gz`` and ``.parquet``
+  file below it, sorted by path;
+- a **file**: ``.txt[.gz|.xz]`` (the whole file is one document, or several split at
+  ``document_separator``, e.g. ``"\\x00"`` for the corpus ``testbed/train.py pack`` writes),
+  ``.jsonl[.gz|.xz]`` (one JSON object per line, the text under ``text_field``) or ``.parquet``
+  (column ``text_field``; needs ``pyarrow``).
+
+Packing: every document becomes ``[BOS] tokens [EOS]`` (whichever of the two the tokenizer has;
+at least one is required so that documents stay separated); documents are concatenated into one
+stream that is cut into rows of ``seq_len`` tokens (a row may start inside a document; the
+remainder shorter than one row is dropped). The file order is shuffled by the seed before
+tokenising (so ``max_data_tokens`` takes a random subset); rows are visited in a new seeded
+permutation each epoch. Which rows a step uses depends only on (seed, step, batch layout), so a
+resumed run sees exactly the data an uninterrupted run would.
+
+Token ids are written once to ``<cache>/tokens-<key>.bin`` (uint16 when the vocabulary fits, else
+uint32) with a JSON sidecar; the key covers the files (path, size, mtime), split, field, token
+limit, seed and the tokenizer, so a change in any of them re-tokenises.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import json
+import logging
+import lzma
+import os
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = [
+    "PackedRows",
+    "RowOrder",
+    "TokenFile",
+    "iter_documents",
+    "prepare_tokens",
+    "resolve_sources",
+    "sample_range",
+    "separator_ids",
+]
+
+logger = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = (".txt", ".txt.gz", ".txt.xz")
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.xz")
+PARQUET_SUFFIXES = (".parquet",)
+ALL_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
+MANIFEST = "MANIFEST.tsv"
+
+
+def _kind(path: Path) -> str | None:
+    name = path.name.lower()
+    for kind, suffixes in (("text", TEXT_SUFFIXES), ("jsonl", JSONL_SUFFIXES), ("parquet", PARQUET_SUFFIXES)):
+        if name.endswith(suffixes):
+            return kind
+    return None
+
+
+# ---------------------------------------------------------------------------------------- sources
+def _books_files(folder: Path, split: str) -> list[Path]:
+    manifest = folder / MANIFEST
+    with open(manifest, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    if not rows or "file" not in rows[0] or "split" not in rows[0]:
+        raise ValueError(f"{manifest} must be a TSV with columns 'file' and 'split'")
+    splits = sorted({r["split"] for r in rows})
+    files = [folder / r["file"] for r in rows if r["split"] == split]
+    if not files:
+        raise ValueError(
+            f"{manifest} has no row with split={split!r}; splits present: {splits} (recipe field data_split)"
+        )
+    missing = [p.name for p in files if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{manifest} lists {len(missing)} file(s) of split {split!r} that are not in {folder}: "
+            f"{missing[:5]}; copy them or remove their rows from the manifest"
+        )
+    bad = [p.name for p in files if _kind(p) != "text"]
+    if bad:
+        raise ValueError(f"{manifest}: books must be .txt or .txt.gz files, got {bad[:5]}")
+    return files
+
+
+def resolve_sources(sources: Sequence[str | Path], split: str = "train") -> list[Path]:
+    """The document files named by ``sources`` (see the module docstring), in a fixed order."""
+    files: list[Path] = []
+    for src in sources:
+        path = Path(src)
+        if path.is_dir():
+            if (path / MANIFEST).is_file():
+                files.extend(_books_files(path, split))
+                continue
+            found = sorted(p for p in path.rglob("*") if p.is_file() and _kind(p) is not None)
+            if not found:
+                raise ValueError(f"data folder {path} holds no file ending in {ALL_SUFFIXES} and no {MANIFEST}")
+            files.extend(found)
+        elif path.is_file():
+            if _kind(path) is None:
+                raise ValueError(f"data file {path}: unknown type; accepted endings: {ALL_SUFFIXES}")
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"data source {path} does not exist (recipe field data)")
+    return files
+
+
+def _open_text(path: Path):
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    if name.endswith(".xz"):
+        return lzma.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _iter_jsonl(path: Path, field: str) -> Iterator[str]:
+    with _open_text(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON: {e}") from e
+            if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
+                raise ValueError(f"{path}:{n}: expected a JSON object with a string field {field!r} (text_field)")
+            yield obj[field]
+
+
+def _iter_parquet(path: Path, field: str) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError(
+            f"reading {path} needs pyarrow, which is not installed: `pip install pyarrow`, or convert the data to JSONL"
+        ) from e
+    pf = pq.ParquetFile(path)
+    if field not in pf.schema_arrow.names:
+        raise ValueError(f"{path} has no column {field!r} (text_field); columns: {pf.schema_arrow.names}")
+    for batch in pf.iter_batches(columns=[field]):
+        for value in batch.column(0).to_pylist():
+            if not isinstance(value, str):
+                raise ValueError(f"{path}: column {field!r} holds a {type(value).__name__}, expected strings")
+            yield value
+
+
+def iter_documents(files: Sequence[Path], text_field: str = "text", separator: str | None = None) -> Iterator[str]:
+    """Documents of ``files`` in order: a text file is one document, or several split at ``separator``."""
+    for path in files:
+        kind = _kind(path)
+        if kind == "text":
+            with _open_text(path) as f:
+                text = f.read()
+            if separator:
+                yield from (d for d in text.split(separator) if d)
+            else:
+                yield text
+        elif kind == "jsonl":
+            yield from _iter_jsonl(path, text_field)
+        else:
+            yield from _iter_parquet(path, text_field)
+
+
+# ---------------------------------------------------------------------------------------- tokens
+def separator_ids(tokenizer) -> tuple[int | None, int | None]:
+    """(BOS, EOS) ids put around every document; at least one must exist."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if bos is None and eos is None:
+        raise ValueError(
+            f"tokenizer {type(tokenizer).__name__} has neither a BOS nor an EOS token; packing needs one to "
+            "separate documents (set tokenizer.bos_token or eos_token)"
+        )
+    return bos, eos
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    blob = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(f"{type(tokenizer).__name__}|{blob}|{separator_ids(tokenizer)}".encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class TokenFile:
+    """A cached token stream: ``path`` (raw ids), ``dtype``, ``n_tokens``, ``digest`` (sha256 of the ids)."""
+
+    path: Path
+    dtype: str
+    n_tokens: int
+    digest: str
+    n_documents: int
+
+    def load(self) -> np.ndarray:
+        """The ids as a read-only memory map [n_tokens]."""
+        return np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n_tokens,))
+
+
+def _cache_key(
+    files: Sequence[Path],
+    split: str,
+    text_field: str,
+    separator: str | None,
+    max_tokens: int | None,
+    seed: int,
+    shuffle: bool,
+    tokenizer,
+) -> str:
+    desc = {
+        "files": [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files],
+        "split": split,
+        "text_field": text_field,
+        "separator": separator,
+        "max_tokens": max_tokens,
+        "seed": seed,
+        "shuffle_files": shuffle,
+        "tokenizer": _tokenizer_fingerprint(tokenizer),
+    }
+    return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _batches(docs: Iterator[str], max_chars: int = 1 << 22, max_docs: int = 256) -> Iterator[list[str]]:
+    batch: list[str] = []
+    chars = 0
+    for d in docs:
+        batch.append(d)
+        chars += len(d)
+        if chars >= max_chars or len(batch) >= max_docs:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _read_meta(meta_path: Path, bin_path: Path) -> TokenFile:
+    meta = json.loads(meta_path.read_text())
+    return TokenFile(bin_path, meta["dtype"], meta["n_tokens"], meta["digest"], meta["n_documents"])
+
+
+def prepare_tokens(
+    sources: Sequence[str | Path],
+    tokenizer,
+    cache_dir: str | Path,
+    *,
+    split: str = "train",
+    text_field: str = "text",
+    separator: str | None = None,
+    max_tokens: int | None = None,
+    seed: int = 0,
+    shuffle: bool = True,
+    build: bool = True,
+    wait_s: float = 0.0,
+) -> TokenFile:
+    """Tokenise the documents of ``sources`` into a cached token file (reused when present).
+
+    Args:
+        sources, split, text_field, separator: see :func:`resolve_sources` / :func:`iter_documents`.
+        tokenizer: a transformers tokenizer (its BOS/EOS separate documents).
+        cache_dir: folder of the cache.
+        max_tokens: stop after this many tokens (the last document is cut).
+        seed, shuffle: the file order is shuffled with ``seed`` when ``shuffle``.
+        build: when False, do not tokenise: wait up to ``wait_s`` seconds for the cache to appear
+            (non-zero ranks wait for rank 0's file this way rather than in a collective barrier,
+            whose timeout a long tokenisation could exceed), then raise.
+    """
+    files = resolve_sources(sources, split)
+    if shuffle:
+        random.Random(seed).shuffle(files)
+    key = _cache_key(files, split, text_field, separator, max_tokens, seed, shuffle, tokenizer)
+    cache_dir = Path(cache_dir)
+    bin_path, meta_path = cache_dir / f"tokens-{key}.bin", cache_dir / f"tokens-{key}.json"
+    if not build:
+        deadline = time.monotonic() + wait_s
+        next_note = time.monotonic() + 60
+        while not meta_path.is_file() and time.monotonic() < deadline:
+            time.sleep(0.2)
+            if time.monotonic() > next_note:
+                logger.info("waiting for the token cache %s (written by rank 0)", meta_path)
+                next_note += 60
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"token cache {bin_path} is missing (rank 0 should have written it)")
+    if meta_path.is_file() and bin_path.is_file():
+        logger.info("token cache hit: %s", bin_path)
+        return _read_meta(meta_path, bin_path)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    bos, eos = separator_ids(tokenizer)
+    vocab = len(tokenizer)
+    dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.uint32
+    tmp = bin_path.with_name(f".{bin_path.name}.tmp-{os.getpid()}")
+    digest = hashlib.sha256()
+    n_tokens = n_docs = 0
+    logger.info("tokenising %d file(s) into %s", len(files), bin_path)
+    with open(tmp, "wb") as out:
+        for batch in _batches(iter_documents(files, text_field, separator)):
+            ids_list = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
+            head = np.array([bos] if bos is not None else [], dtype=np.int64)
+            tail = np.array([eos] if eos is not None else [], dtype=np.int64)
+            parts = []
+            for ids in ids_list:
+                parts += [head, np.asarray(ids, dtype=np.int64), tail]
+            arr = np.concatenate(parts)
+            if max_tokens is not None:
+                arr = arr[: max_tokens - n_tokens]
+            if arr.size and (arr.min() < 0 or arr.max() >= vocab):
+                raise ValueError(f"tokenizer produced ids outside [0, {vocab})")
+            buf = arr.astype(dtype).tobytes()
+            out.write(buf)
+            digest.update(buf)
+            n_tokens += arr.size
+            n_docs += len(ids_list)
+            if max_tokens is not None and n_tokens >= max_tokens:
+                break
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, bin_path)
+    meta = {
+        "dtype": np.dtype(dtype).name,
+        "n_tokens": n_tokens,
+        "digest": digest.hexdigest(),
+        "n_documents": n_docs,
+        "files": len(files),
+        "key": key,
+    }
+    tmp_meta = meta_path.with_name(f".{meta_path.name}.tmp-{os.getpid()}")
+    tmp_meta.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp_meta, meta_path)  # the sidecar appears last: its presence means the cache is complete
+    logger.info("tokenised %d documents into %d tokens", n_docs, n_tokens)
+    return _read_meta(meta_path, bin_path)
+
+
+# ---------------------------------------------------------------------------------------- rows
+class PackedRows:
+    """The token stream cut into ``len(self)`` rows of ``seq_len`` tokens."""
+
+    def __init__(self, tokens: TokenFile, seq_len: int):
+        self.tokens = tokens
+        self.seq_len = seq_len
+        self._ids = tokens.load()
+        self.n_rows = tokens.n_tokens // seq_len
+        if self.n_rows < 1:
+            raise ValueError(
+                f"the data has {tokens.n_tokens} tokens, fewer than one row of seq_len={seq_len}; add "
+                "data or lower seq_len"
+            )
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    def row(self, i: int) -> torch.Tensor:
+        """Row ``i`` as int64 ids [seq_len]."""
+        if not 0 <= i < self.n_rows:
+            raise IndexError(f"row {i} out of range [0, {self.n_rows})")
+        chunk = np.asarray(self._ids[i * self.seq_len : (i + 1) * self.seq_len], dtype=np.int64)
+        return torch.from_numpy(chunk)
+
+    def rows(self, indices: Sequence[int]) -> torch.Tensor:
+        """Rows stacked: [len(indices), seq_len] int64."""
+        return torch.stack([self.row(i) for i in indices])
+
+
+class RowOrder:
+    """Global sample index -> row index: epoch ``e`` visits the rows in permutation ``perm(seed, e)``."""
+
+    def __init__(self, n_rows: int, seed: int, shuffle: bool = True):
+        self.n_rows, self.seed, self.shuffle = n_rows, seed, shuffle
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._cache:
+            if len(self._cache) > 2:
+                self._cache.pop(min(self._cache))
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._cache[epoch] = torch.randperm(self.n_rows, generator=g) if self.shuffle else torch.arange(self.n_rows)
+        return self._cache[epoch]
+
+    def __call__(self, sample: int) -> int:
+        epoch, pos = divmod(sample, self.n_rows)
+        return int(self._perm(epoch)[pos])
+
+
+def sample_range(step: int, micro: int, rank: int, world_size: int, micro_batch_size: int, batch_size: int) -> range:
+    """Global sample indices of one micro-batch.
+
+    Step ``s`` consumes samples ``[s * batch_size, (s + 1) * batch_size)``; within it micro-batch
+    ``a`` of rank ``r`` takes ``micro_batch_size`` samples starting at ``(a * world_size + r) *
+    micro_batch_size``. A single process with accumulation thus groups samples exactly as several
+    ranks do, so results agree across world sizes at equal global and micro batch.
+    """
+    start = step * batch_size + (micro * world_size + rank) * micro_batch_size
+    return range(start, start + micro_batch_size)
