@@ -12,7 +12,7 @@ def environment() -> dict:
     """A JSON-serialisable description of this environment (also saved next to run outputs)."""
     import torch
 
-    from .. import __version__
+    from . import __version__
 
     def version(pkg: str) -> str | None:
         try:
