@@ -1,0 +1,299 @@
+"""Attention benchmark: our Triton kernels vs SDPA (FlashAttention-2 and cuDNN backends) vs
+FlexAttention on the same block mask.
+
+    PYTHONPATH=src python -m benchmarks.attention --models llama3.1-8b --seqlens 32768 \
+        --densities 1.0,0.1 --masks structured,random --block-sizes 64,128 --mask-heads hkv,hq \
+        --scores --json results.json
+
+Every row is timed in the same process with ``triton.testing.do_bench`` (median, L2 flushed between
+repetitions) on random bf16 inputs (B = 1). TFLOP/s count only the computed causal pairs:
+``4 * D * Hq * pairs`` with ``pairs = sum over kept blocks of the (query, key) pairs at or below the
+diagonal``, and ``T (T + 1) / 2`` per head for dense causal attention. Speedups are ratios of times
+measured in this run: vs SDPA-FA2 and SDPA-cuDNN dense causal (same model and T) and vs
+FlexAttention on the same mask. Masks come from the library's density policy
+(:func:`seerattn.mask_from_scores`) over synthetic block scores: ``structured`` rows rank 16
+vertical columns per head first, then the local band by distance, so at 10 % a row keeps sink +
+verticals + a local window (the shape SeerAttention's gates produce); ``random`` = uniform scores.
+Sink and diagonal are always kept.
+The JSON holds GPU, versions, commit, arguments, every row and the chosen kernel configs; the
+table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+# name: (Hq, Hkv, D)
+MODELS: dict[str, tuple[int, int, int]] = {
+    "llama3.1-8b": (32, 8, 128),
+    "qwen2.5-7b": (28, 4, 128),
+    "llama3.2-1b": (32, 8, 64),
+}
+
+logger = logging.getLogger("benchmarks.attention")
+
+
+def git_commit() -> str:
+    if os.environ.get("SEERATTN_COMMIT"):
+        return os.environ["SEERATTN_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment() -> dict:
+    import triton
+
+    return {
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "python": platform.python_version(),
+        "commit": git_commit(),
+    }
+
+
+def synthetic_mask(h: int, t: int, bs: int, density: float, kind: str, seed: int):
+    """Density-policy mask [1, h, NB, NB] over synthetic scores (see the module docstring)."""
+    from seerattn import SparsityPolicy, mask_from_scores
+
+    nb = math.ceil(t / bs)
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    noise = torch.rand(1, h, nb, nb, device="cuda", generator=g)
+    if kind == "random":
+        scores = noise
+    elif kind == "structured":
+        # Ranking per row: 16 vertical columns per head first, then the local band by distance
+        # (noise only breaks near ties), so the budget goes to sink + verticals + a local window.
+        i = torch.arange(nb, device="cuda")
+        local = torch.exp(-(i.view(-1, 1) - i.view(1, -1)).clamp_min(0).float() / nb)
+        cols = torch.randint(0, nb, (1, h, 16), device="cuda", generator=g)
+        vertical = torch.zeros(1, h, nb, device="cuda").scatter_(-1, cols, 2.0).unsqueeze(-2)
+        scores = local + vertical + 0.01 * noise
+    else:
+        raise ValueError(f"mask kind must be 'structured' or 'random', got {kind!r}")
+    if density >= 1.0:
+        return mask_from_scores(scores, SparsityPolicy("dense"), t, bs)
+    return mask_from_scores(scores, SparsityPolicy("density", density), t, bs)
+
+
+def computed_pairs(mask, num_q_heads: int) -> int:
+    """Causal (query, key) pairs inside kept blocks, summed over query heads."""
+    dense = mask.expand_heads(num_q_heads).to_dense()[0]  # [Hq, NB, NB]
+    nb, bs, t = dense.shape[-1], mask.block_size, mask.seq_len
+    rows = torch.full((nb,), bs, dtype=torch.float64, device=dense.device)
+    rows[-1] = t - (nb - 1) * bs
+    lower = dense.tril(-1).sum(-1).double()  # [Hq, NB] kept blocks left of the diagonal
+    diag = dense.diagonal(dim1=-2, dim2=-1).double()
+    return int((lower * rows * bs + diag * rows * (rows + 1) / 2).sum().item())
+
+
+def bench(fn, warmup=25, rep=100) -> float:
+    """Median ms of ``fn``; NaN (with the error logged and kept in the JSON) when it cannot run."""
+    from triton.runtime.errors import OutOfResources
+    from triton.testing import do_bench
+
+    try:
+        return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+    except (RuntimeError, OutOfResources, ValueError) as err:
+        logger.error("measurement failed: %s: %s", type(err).__name__, err)
+        FAILURES.append(f"{type(err).__name__}: {err}"[:500])
+        return math.nan
+
+
+FAILURES: list[str] = []
+
+
+def sdpa_dense(q, k, v, backend):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    g = q.shape[1] // k.shape[1]
+    kx, vx = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)  # outside the timed region
+    be = {"fa2": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+
+    def run():
+        with sdpa_kernel(be):
+            return torch.nn.functional.scaled_dot_product_attention(q, kx, vx, is_causal=True)
+
+    return run
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="llama3.1-8b", help=f"comma list of {sorted(MODELS)}")
+    p.add_argument("--seqlens", default="32768", help="comma list, e.g. 8192,16384,32768,65536,131072")
+    p.add_argument("--densities", default="1.0,0.5,0.3,0.1,0.05", help="target fractions of causal blocks")
+    p.add_argument("--masks", default="structured", help="structured,random")
+    p.add_argument("--block-sizes", default="64")
+    p.add_argument("--mask-heads", default="hkv", help="hkv (one decision per GQA group), hq (per query head)")
+    p.add_argument("--providers", default="ours,fa2,cudnn,flex")
+    p.add_argument("--scores", action="store_true", help="also time attention_with_block_scores")
+    p.add_argument("--sweep", action="store_true", help="also time every candidate kernel config")
+    p.add_argument("--union-off", action="store_true", help="also time per-Hq masks with 64-row tiles")
+    p.add_argument("--rep", type=int, default=100, help="do_bench repetition time (ms)")
+    p.add_argument("--json", default=None, help="write results here")
+    return p.parse_args(argv)
+
+
+def _csv(text: str, cast=str) -> list:
+    return [cast(x) for x in text.split(",") if x]
+
+
+def run_shape(args, model: str, t: int, record) -> None:
+    """Every requested measurement for one (model, T); ``record(**row)`` collects rows."""
+    from seerattn.ops._triton import block_scores as bsk
+    from seerattn.ops._triton import config as kcfg
+    from seerattn.ops._triton import sparse_fwd as spk
+    from seerattn.ops.flex import flex_attention_call, to_flex_block_mask
+
+    providers = _csv(args.providers)
+    hq, hkv, d = MODELS[model]
+    g = torch.Generator(device="cuda").manual_seed(t)
+    q, k, v = (torch.randn(1, h, t, d, device="cuda", dtype=torch.bfloat16, generator=g) for h in (hq, hkv, hkv))
+    scale = 1.0 / math.sqrt(d)
+    dense_pairs = hq * t * (t + 1) // 2
+    base = dict(model=model, hq=hq, hkv=hkv, d=d, t=t)
+    dense_ms: dict[str, float] = {}
+
+    def ratios(row: dict, flex_ms: float = math.nan) -> dict:
+        row["vs_fa2"] = dense_ms.get("fa2", math.nan) / row["ms"]
+        row["vs_cudnn"] = dense_ms.get("cudnn", math.nan) / row["ms"]
+        if row["provider"] != "flex":
+            row["vs_flex"] = flex_ms / row["ms"]
+        return row
+
+    for be in ("fa2", "cudnn"):
+        if be not in providers:
+            continue
+        dense_ms[be] = bench(sdpa_dense(q, k, v, be), rep=args.rep)
+        record(**base, op="dense", provider=f"sdpa-{be}", ms=dense_ms[be],
+               tflops=4 * d * dense_pairs / dense_ms[be] / 1e9, density=1.0)  # fmt: skip
+
+    if args.scores and "ours" in providers:
+        for bs in _csv(args.block_sizes, int):
+            for store in (True, False):
+                for cfg in [None, *(kcfg.block_scores_configs(bs, d) if args.sweep else [])]:
+                    fn = functools.partial(
+                        bsk.attention_with_block_scores_fwd,
+                        q,
+                        k,
+                        v,
+                        bs,
+                        scale,
+                        store_scores=store,
+                        config=cfg,
+                    )
+                    ms = bench(fn, rep=args.rep)
+                    name = "ours" if cfg is None else f"ours[{cfg.short()}]"
+                    op = "scores" if store else "dense-ours"
+                    tflops = 4 * d * dense_pairs / ms / 1e9
+                    record(**ratios(dict(**base, op=op, bs=bs, provider=name, ms=ms, tflops=tflops, density=1.0)))
+
+    for bs in _csv(args.block_sizes, int):
+        for mh in _csv(args.mask_heads):
+            h = hq if mh == "hq" else hkv
+            for kind in _csv(args.masks):
+                for density in _csv(args.densities, float):
+                    if density >= 1.0 and kind != _csv(args.masks)[0]:
+                        continue  # all blocks kept: the mask kind does not matter
+                    mask = synthetic_mask(h, t, bs, density, kind, seed=t + bs)
+                    pairs = computed_pairs(mask, hq)
+                    common = dict(
+                        **base, op="sparse", bs=bs, mask_heads=mh, mask=kind, target_density=density,
+                        density=mask.density(), pair_fraction=pairs / dense_pairs,
+                    )  # fmt: skip
+                    found: list[dict] = []
+                    flex_ms = math.nan
+                    if "flex" in providers:
+                        fm = to_flex_block_mask(mask, hq)  # conversion outside the timed region
+                        flex_ms = bench(functools.partial(flex_attention_call, q, k, v, fm, scale, False), rep=args.rep)
+                        found.append(dict(**common, provider="flex", ms=flex_ms, tflops=4 * d * pairs / flex_ms / 1e9))
+                    if "ours" in providers:
+                        cands: list = [None]
+                        if args.sweep:
+                            cands += kcfg.sparse_configs(bs, hq // h, d)
+                        if args.union_off and mh == "hq" and bs < 128:
+                            cands += [
+                                kcfg.KernelConfig(bs, bs, 1, 4, 3),
+                                kcfg.KernelConfig(bs, 2 * bs, 1, 4, 3),
+                            ]
+                        for cfg in cands:
+                            fn = functools.partial(
+                                spk.block_sparse_attention_fwd,
+                                q, k, v, mask.kv_num_blocks, mask.kv_indices, bs, scale, None, False, cfg,
+                            )  # fmt: skip
+                            ms = bench(fn, rep=args.rep)
+                            name = "ours" if cfg is None else f"ours[{cfg.short()}]"
+                            found.append(dict(**common, provider=name, ms=ms, tflops=4 * d * pairs / ms / 1e9))
+                    for row in found:
+                        record(**ratios(row, flex_ms))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from seerattn.ops._triton import config as kcfg
+
+    env = environment()
+    rows: list[dict] = []
+    t_start = time.time()
+
+    def record(**row):
+        rows.append(row)
+        logger.info(json.dumps(row))
+        if args.json:  # partial results survive a timeout
+            dump(args.json, env, args, rows, kcfg.tuning_log(), time.time() - t_start)
+
+    for model in _csv(args.models):
+        for t in _csv(args.seqlens, int):
+            run_shape(args, model, t, record)
+            torch.cuda.empty_cache()
+    if args.json:
+        dump(args.json, env, args, rows, kcfg.tuning_log(), time.time() - t_start)
+    print_table(rows, env)
+    return 0
+
+
+def dump(path: str, env: dict, args, rows: list[dict], tuning: dict, wall: float) -> None:
+    with open(path, "w") as f:
+        result = {"env": env, "args": vars(args), "rows": rows, "tuning": tuning, "wall_s": wall}
+        json.dump({**result, "failures": FAILURES}, f, indent=1)
+
+
+def _fmt(row: dict, key: str) -> str:
+    x = row.get(key)
+    return f"{x:6.2f}" if isinstance(x, float) and not math.isnan(x) else "     -"
+
+
+def print_table(rows: list[dict], env: dict) -> None:
+    print(f"\n# {env['gpu']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']}")
+    print(
+        f"{'model':12} {'T':>6} {'op':10} {'bs':>3} {'mh':>3} {'mask':10} {'dens':>5} {'provider':30} "
+        f"{'ms':>8} {'TF/s':>6} {'xFA2':>6} {'xcuDNN':>6} {'xflex':>6}"
+    )
+    for r in rows:
+        print(
+            f"{r['model']:12} {r['t']:>6} {r['op']:10} {r.get('bs', '-')!s:>3} {r.get('mask_heads', '-'):>3} "
+            f"{r.get('mask', '-'):10} {r['density']:5.3f} {r['provider']:30} {r['ms']:8.3f} "
+            f"{r['tflops']:6.0f} "
+            f"{_fmt(r, 'vs_fa2')} {_fmt(r, 'vs_cudnn')} {_fmt(r, 'vs_flex')}"
+        )
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Triton kernels behind ``impl="triton"`` (imported on first use; ``import seerattn`` never imports
+triton).
+
+- :func:`attention_with_block_scores`: causal FlashAttention forward that also returns the
+  ground-truth block scores (:mod:`.block_scores`).
+- :func:`block_sparse_attention`: block-sparse causal forward over lists of kept blocks
+  (:mod:`.sparse_fwd`).
+
+Both have the contract of their :mod:`seerattn.ops.reference` counterparts; the public wrappers in
+:mod:`seerattn.ops` validate shapes first. Shape legend: B batch, Hq/Hkv query/key-value heads,
+T tokens, D head dim, NB = ceil(T / block_size).
+
+Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (fp32/fp16 only there: bf16 is
+silently wrong in the interpreter, so it is refused).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ...block_mask import BlockMask
+from .block_scores import attention_with_block_scores_fwd
+from .config import KernelConfig, interpreting
+from .sparse_fwd import block_sparse_attention_fwd
+
+__all__ = ["KernelConfig", "attention_with_block_scores", "block_sparse_attention"]
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, op: str):
+    """Device, dtype, head dim and block size checks specific to the kernels; returns q, k, v with a
+    unit last stride (a copy only for inputs whose last dimension is strided)."""
+    if interpreting():
+        if q.device.type != "cpu":
+            raise ValueError(f"{op} (triton): TRITON_INTERPRET=1 runs on CPU tensors, got {q.device}")
+        if q.dtype not in (torch.float16, torch.float32):
+            raise TypeError(
+                f"{op} (triton): under TRITON_INTERPRET=1 only float16/float32 are exact (bf16 is silently "
+                f"wrong in the interpreter), got {q.dtype}"
+            )
+    else:
+        if q.device.type != "cuda":
+            raise ValueError(
+                f"{op}: impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got {q.device}; "
+                "use impl='reference' on CPU"
+            )
+        if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"{op} (triton): dtype must be float16, bfloat16 or float32, got {q.dtype}")
+    d = q.shape[-1]
+    if d not in SUPPORTED_HEAD_DIMS:
+        raise NotImplementedError(f"{op} (triton): head dim {d} not supported; supported: {SUPPORTED_HEAD_DIMS}")
+    if block_size not in SUPPORTED_BLOCK_SIZES:
+        raise NotImplementedError(
+            f"{op} (triton): block size {block_size} not supported; supported: {SUPPORTED_BLOCK_SIZES}"
+        )
+    return tuple(x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+
+
+def _scale(head_dim: int, scale: float | None) -> float:
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
+def attention_with_block_scores(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int = 64, scale: float | None = None
+):
+    """Causal attention plus SeerAttention's ground truth, in one FlashAttention pass.
+
+    q: [B, Hq, T, D]; k, v: [B, Hkv, T, D] -> (out [B, Hq, T, D], lse [B, Hq, T] fp32,
+    block_scores [B, Hq, NB, NB] fp32: block max of the causal softmax map, rows summing to 1,
+    zero above the diagonal).
+    """
+    q, k, v = _check(q, k, v, block_size, "attention_with_block_scores")
+    out, lse, scores = attention_with_block_scores_fwd(q, k, v, block_size, _scale(q.shape[-1], scale))
+    return out, lse, scores
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: BlockMask,
+    scale: float | None = None,
+    return_lse: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+):
+    """Causal attention on the kept blocks of ``block_mask`` (Hq or Hkv mask heads).
+
+    q: [B, Hq, T, D]; k, v: [B, Hkv, T, D] (varlen: B == 1 and ``cu_seqlens`` int32 [N + 1]) ->
+    out [B, Hq, T, D] (zeros on rows with no kept key), and lse [B, Hq, T] fp32 (-inf there) if
+    ``return_lse``.
+    """
+    q, k, v = _check(q, k, v, block_mask.block_size, "block_sparse_attention")
+    if cu_seqlens is not None and cu_seqlens.device != q.device:
+        raise ValueError(f"block_sparse_attention: cu_seqlens is on {cu_seqlens.device}, q on {q.device}")
+    out, lse = block_sparse_attention_fwd(
+        q,
+        k,
+        v,
+        block_mask.kv_num_blocks,
+        block_mask.kv_indices,
+        block_mask.block_size,
+        _scale(q.shape[-1], scale),
+        cu_seqlens=cu_seqlens,
+        return_lse=return_lse,
+    )
+    return (out, lse) if return_lse else out

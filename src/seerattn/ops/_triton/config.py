@@ -1,0 +1,180 @@
+"""Kernel configurations, the candidate lists the kernels are tuned over, and a small autotuner.
+
+Why not ``triton.autotune``: the block-sparse kernel's tile shape decides which query rows share a
+program (one query block, several query blocks with merged "union" lists, or several heads of a GQA
+group), and that decides host-side preparation (the union lists) and the launch grid. A launcher
+that picks the config itself can prepare exactly what the chosen config needs, and the benchmark
+can force a config to compare them.
+
+Rules kept here:
+
+- Nothing queries the Triton driver or CUDA at import time.
+- Under ``TRITON_INTERPRET=1`` every candidate list has exactly one config (multi-config tuning
+  needs a GPU), with small tiles so the interpreter stays fast.
+- ``SEERATTN_TRITON_AUTOTUNE=0`` skips tuning and uses the first (heuristic) candidate; tests use it
+  to save compile time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "KernelConfig",
+    "autotune_enabled",
+    "block_scores_configs",
+    "interpreting",
+    "num_sms",
+    "pick_config",
+    "sparse_configs",
+]
+
+# Query rows per program on the GPU: 128 rows = two wgmma warpgroups' worth of M on Hopper, the tile
+# size at which FlashAttention-style kernels reach their best throughput (64-row tiles load every K/V
+# tile twice as often per FLOP).
+_GPU_TILE_M = 128
+# Under the interpreter: small tiles so that block sizes 16/32 exercise the union and packing paths.
+_INTERP_TILE_M = 32
+_INTERP_BLOCK_N = 32
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def autotune_enabled() -> bool:
+    """False when ``SEERATTN_TRITON_AUTOTUNE=0`` (use the first candidate without timing)."""
+    return os.environ.get("SEERATTN_TRITON_AUTOTUNE", "1") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """One launch configuration.
+
+    Attributes:
+        block_m: query rows per program (``pack * rows``).
+        block_n: keys per inner step.
+        pack: query heads sharing one program (block-sparse kernel, per-group masks only).
+        num_warps, num_stages: Triton launch options.
+    """
+
+    block_m: int
+    block_n: int
+    pack: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def short(self) -> str:
+        return f"M{self.block_m}/N{self.block_n}/P{self.pack}/w{self.num_warps}/s{self.num_stages}"
+
+
+def _pow2_factor(n: int) -> int:
+    """Largest power of two dividing ``n``."""
+    return n & -n
+
+
+def sparse_configs(mask_block: int, heads_per_mask: int, head_dim: int) -> list[KernelConfig]:
+    """Candidates for the block-sparse forward; the first one is the untuned default.
+
+    Args:
+        mask_block: tokens per mask block.
+        heads_per_mask: query heads governed by one mask head (1 for per-query-head masks, the
+            GQA group size for per-group masks).
+        head_dim: D.
+    """
+    if interpreting():
+        tile_m, block_n = _INTERP_TILE_M, min(_INTERP_BLOCK_N, mask_block)
+        pack = min(_pow2_factor(heads_per_mask), max(1, tile_m // mask_block))
+        return [KernelConfig(tile_m, block_n, pack, num_warps=4, num_stages=1)]
+    # Chosen from the offline sm_90 compile (registers, spills, shared memory) and the first H200
+    # sweep (docs/kernels.md): with D = 128 a 128-row tile needs 8 warps (4 warps spill hundreds of
+    # bytes); 3-4 stages beat 2 by ~25 %; 128-key steps only paid while the index latency was exposed.
+    tile_m = _GPU_TILE_M
+    # Packing heads of a group (one K/V load for several heads) needs per-group masks.
+    packs = [min(_pow2_factor(heads_per_mask), max(1, tile_m // mask_block))]
+    full_group = heads_per_mask if heads_per_mask & (heads_per_mask - 1) == 0 else 1
+    if 1 < full_group <= tile_m // 16 and full_group not in packs:
+        packs.append(full_group)  # "one program serves the whole group", rows = tile_m / group
+    bn = min(64, mask_block)
+    configs: list[KernelConfig] = []
+    if tile_m // packs[0] > mask_block:
+        # No head packing possible, so a 128-row tile would be a union tile (U mask rows, merged
+        # lists): it computes every block either row keeps. Measured on the H200 (docs/kernels.md):
+        # union tiles win by ~5 % at 30-100 % density, 64-row tiles (two programs per SM) win at
+        # <= 10 % and by 1.5x on random masks, so the untuned default is the 64-row tile.
+        configs.append(KernelConfig(mask_block, bn, 1, 4, 3))
+    # D <= 64: 4 warps per 128-row tile fit without spills and won on the H200 (1.27 vs 1.60 ms).
+    warps = 4 if head_dim <= 64 else 8
+    for i, pack in enumerate(packs):
+        configs.append(KernelConfig(tile_m, bn, pack, warps, 3))
+        if i == 0:
+            configs.append(KernelConfig(tile_m, bn, pack, 8, 4))
+            if head_dim <= 64:
+                configs.append(KernelConfig(tile_m, bn, pack, 8, 3))
+    return configs
+
+
+def block_scores_configs(mask_block: int, head_dim: int) -> list[KernelConfig]:
+    """Candidates for the dense forward with block scores; first = untuned default. Key steps are
+    ``min(MB, 64)`` keys (128-key steps spill at D = 128); the row maxima of a mask block's steps
+    are max-combined."""
+    bn = min(mask_block, 64)
+    if interpreting():
+        return [KernelConfig(max(mask_block, _INTERP_TILE_M), min(mask_block, _INTERP_BLOCK_N), 1, 4, 1)]
+    tile_m = max(_GPU_TILE_M, mask_block)
+    return [KernelConfig(tile_m, bn, 1, 8, 3), KernelConfig(tile_m, bn, 1, 8, 4), KernelConfig(tile_m, bn, 1, 8, 2)]
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (a small number under the interpreter)."""
+    if interpreting() or device.type != "cuda":
+        return 2
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+_TUNED: dict[tuple, KernelConfig] = {}
+
+
+def pick_config(key: tuple, candidates: list[KernelConfig], launch: Callable[[KernelConfig], object]) -> KernelConfig:
+    """The fastest candidate for ``key`` (timed once per key and cached), or the first candidate
+    when there is only one or tuning is off. ``launch(config)`` must run the complete operation."""
+    if len(candidates) == 1 or not autotune_enabled():
+        return candidates[0]
+    hit = _TUNED.get(key)
+    if hit is not None:
+        return hit
+    from triton.runtime.errors import OutOfResources
+    from triton.testing import do_bench
+
+    timings = []
+    for cfg in candidates:
+        try:
+            ms = do_bench(lambda cfg=cfg: launch(cfg), warmup=5, rep=25, return_mode="median")
+        except OutOfResources as err:  # a config that does not fit this GPU is not a candidate
+            logger.info("config %s skipped for %s: %s", cfg.short(), key, err)
+            ms = math.inf
+        timings.append(ms)
+    best = min(range(len(candidates)), key=timings.__getitem__)
+    if math.isinf(timings[best]):
+        raise RuntimeError(f"no kernel configuration fits this GPU for {key}: {candidates}")
+    _TUNED[key] = candidates[best]
+    logger.info(
+        "tuned %s: %s",
+        key,
+        ", ".join(f"{c.short()}={t:.3f}ms" for c, t in zip(candidates, timings, strict=True)),
+    )
+    return candidates[best]
+
+
+def tuning_log() -> dict[str, str]:
+    """The configs chosen so far (for benchmark JSON)."""
+    return {repr(k): v.short() for k, v in _TUNED.items()}

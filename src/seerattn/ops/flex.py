@@ -1,0 +1,133 @@
+"""``impl="flex"``: block-sparse attention through PyTorch FlexAttention on the same block mask.
+
+Used as a cross-check of the Triton kernels on the GPU and as a benchmark peer. The seerattn
+:class:`~seerattn.BlockMask` is converted to FlexAttention's ``BlockMask`` with the kept blocks split
+into *full* blocks (strictly below the block diagonal: FlexAttention skips the ``mask_mod`` there) and
+*partial* blocks (the diagonal and anything above it: the causal ``mask_mod`` applies), which is the
+fastest form FlexAttention accepts. Per-group (Hkv) masks are repeated over the query heads of each
+group (FlexAttention indexes masks by query head). On CUDA the call goes through
+``torch.compile(flex_attention)`` (compiled once per process); on CPU the eager path runs (slow,
+for tiny test shapes only).
+
+Shape legend: B batch, Hq/Hkv query/key-value heads, T tokens, D head dim.
+Limitation: no varlen (``cu_seqlens``): packed sequences do not start on block boundaries, so their
+masks do not map onto one block grid; use ``impl="triton"`` or ``"reference"`` for varlen.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+
+from ..block_mask import BlockMask, causal_block_mask
+
+__all__ = ["block_sparse_attention", "to_flex_block_mask"]
+
+_COMPILED = None
+
+
+def _causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+def to_flex_block_mask(block_mask: BlockMask, num_q_heads: int, exact_mask_mod: bool = False):
+    """FlexAttention ``BlockMask`` with the same kept blocks, causal, heads expanded to Hq.
+
+    Full (strictly-lower) and partial (diagonal and above) kept blocks are separated so that
+    FlexAttention evaluates the causal ``mask_mod`` only where it can matter. The compiled kernel
+    skips blocks that are not listed, so a causal ``mask_mod`` is exact there; FlexAttention's eager
+    path ignores the block lists and applies only ``mask_mod``, so ``exact_mask_mod=True`` also
+    looks the block up in the dense mask (for CPU use).
+    """
+    from torch.nn.attention.flex_attention import BlockMask as FlexBlockMask
+
+    m = block_mask.expand_heads(num_q_heads)
+    dense = m.to_dense()  # [B, Hq, NQ, NK]
+    nq = dense.shape[-1]
+    strictly_lower = causal_block_mask(nq, device=dense.device).tril(-1)
+    full = BlockMask.from_dense(dense & strictly_lower, m.block_size, m.seq_len)
+    partial = BlockMask.from_dense(dense & ~strictly_lower, m.block_size, m.seq_len)
+    mask_mod = _causal
+    if exact_mask_mod:
+        bs = m.block_size
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & dense[b, h, q_idx // bs, kv_idx // bs]
+
+    kwargs = {}
+    if "compute_q_blocks" in inspect.signature(FlexBlockMask.from_kv_blocks).parameters:
+        kwargs["compute_q_blocks"] = False  # forward only: skip building the transposed index
+    return FlexBlockMask.from_kv_blocks(
+        partial.kv_num_blocks,
+        partial.kv_indices,
+        full.kv_num_blocks,
+        full.kv_indices,
+        BLOCK_SIZE=m.block_size,
+        mask_mod=mask_mod,
+        seq_lengths=(m.seq_len, m.seq_len),
+        **kwargs,
+    )
+
+
+def _flex_fn(device: torch.device):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type != "cuda":
+        return flex_attention
+    global _COMPILED
+    if _COMPILED is None:
+        _COMPILED = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED
+
+
+def flex_attention_call(q, k, v, flex_mask, scale: float, return_lse: bool):
+    """One FlexAttention call on a prepared mask; returns (out, lse or None)."""
+    fn = _flex_fn(q.device)
+    gqa = q.shape[1] != k.shape[1]
+    kwargs = {}
+    q_block, kv_block = flex_mask.BLOCK_SIZE
+    if q.is_cuda and min(q_block, kv_block) < 128:
+        # The compiled kernel's default tile (128 x 64 on Hopper) must divide the mask blocks.
+        kwargs["kernel_options"] = {"BLOCK_M": min(q_block, 128), "BLOCK_N": min(kv_block, 64)}
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest
+    except ImportError:  # torch < 2.9: the older return_lse flag
+        AuxRequest = None
+    if not return_lse:
+        return fn(q, k, v, block_mask=flex_mask, scale=scale, enable_gqa=gqa, **kwargs), None
+    if AuxRequest is not None:
+        aux_req = AuxRequest(lse=True)
+        out, aux = fn(q, k, v, block_mask=flex_mask, scale=scale, enable_gqa=gqa, return_aux=aux_req, **kwargs)
+        return out, aux.lse
+    out, lse = fn(q, k, v, block_mask=flex_mask, scale=scale, enable_gqa=gqa, return_lse=True, **kwargs)
+    return out, lse
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: BlockMask,
+    scale: float | None = None,
+    return_lse: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+):
+    """Same contract as :func:`seerattn.ops.reference.block_sparse_attention` (no varlen).
+
+    q: [B, Hq, T, D]; k, v: [B, Hkv, T, D] -> out [B, Hq, T, D] (and lse [B, Hq, T] fp32).
+    Rows with no kept key give zeros and lse = -inf.
+    """
+    if cu_seqlens is not None:
+        raise NotImplementedError(
+            "block_sparse_attention(impl='flex') does not support cu_seqlens: packed sequences do not "
+            "start on block boundaries, so their masks do not share one FlexAttention block grid; use "
+            "impl='triton' or impl='reference' for varlen"
+        )
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    flex_mask = to_flex_block_mask(block_mask, q.shape[1], exact_mask_mod=q.device.type != "cuda")
+    out, lse = flex_attention_call(q, k, v, flex_mask, scale, return_lse)
+    if not return_lse:
+        return out
+    return out, lse.float()  # FlexAttention already gives zeros and lse = -inf on empty rows

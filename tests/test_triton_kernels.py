@@ -1,0 +1,397 @@
+"""The Triton kernels on CPU, through Triton's interpreter (``TRITON_INTERPRET=1``), against the fp64
+reference ops.
+
+Tolerance from the data: the kernel's error vs an fp64 oracle must be at most twice the error of the
+same computation done in plain PyTorch in the input dtype, plus a small epsilon. Outputs are poisoned
+with NaN (integer scratch with huge values) before each kernel call, so unwritten elements fail.
+
+The interpreter flag must be set before triton is imported (``triton.jit`` reads it at decoration time,
+also for triton's own ``tl.sum``/``tl.cumsum``); ``tests/conftest.py`` sets it on machines without CUDA.
+On a machine with CUDA these tests are skipped unless ``TRITON_INTERPRET=1`` is already set: the GPU
+tests run the compiled kernels there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+
+import pytest
+import torch
+
+_INTERPRET_ON = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+if torch.cuda.is_available() and not _INTERPRET_ON:
+    pytest.skip(
+        "interpreter tests run on CPU-only machines (set TRITON_INTERPRET=1 to force)",
+        allow_module_level=True,
+    )
+pytest.importorskip("triton")
+
+import numpy as np  # noqa: E402
+
+from seerattn import BlockMask  # noqa: E402
+from seerattn.ops import attention_with_block_scores, block_sparse_attention, reference  # noqa: E402
+from seerattn.ops._triton import KernelConfig  # noqa: E402
+from seerattn.ops._triton import block_scores as bs_mod  # noqa: E402
+from seerattn.ops._triton import sparse_fwd as sp_mod  # noqa: E402
+
+pytestmark = [
+    # The interpreter evaluates both branches of tl.where, so inf - inf in a discarded branch warns.
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+    # FlexAttention's eager path (CPU) is the intended reference-speed path here.
+    pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile:UserWarning"),
+]
+
+
+def _patch_interpreter_index() -> None:
+    """Work around triton-lang/triton#9171 (fixed upstream by PR #9172): with NumPy >= 2.4 the
+    interpreter's ``int()`` of a scalar held as a 1-element array raises, which breaks every
+    ``range()`` with tensor bounds. Applies the upstream fix (squeeze before ``int``)."""
+    from triton.runtime import interpreter
+
+    orig = interpreter._patch_lang_tensor
+    if getattr(orig, "_seerattn_fixed", False):
+        return
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+    patched._seerattn_fixed = True
+    interpreter._patch_lang_tensor = patched
+
+
+_patch_interpreter_index()
+
+
+# ---------------------------------------------------------------------------------------- helpers
+@contextlib.contextmanager
+def poisoned_outputs():
+    """Every ``torch.empty`` made inside is filled with NaN (floats) or 2**30 (integers)."""
+    orig = torch.empty
+
+    def empty(*args, **kwargs):
+        t = orig(*args, **kwargs)
+        t.fill_(float("nan") if t.is_floating_point() else 2**30)
+        return t
+
+    torch.empty = empty
+    try:
+        yield
+    finally:
+        torch.empty = orig
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def rand_qkv(b, hq, hkv, t, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda h: torch.randn(b, h, t, d, generator=g).to(dtype)
+    return mk(hq), mk(hkv), mk(hkv)
+
+
+def rand_mask(b, h, t, bs, density=0.5, seed=0, diag=True):
+    g = torch.Generator().manual_seed(seed + 1)
+    nb = math.ceil(t / bs)
+    dense = torch.rand(b, h, nb, nb, generator=g) < density
+    if diag:
+        dense |= torch.eye(nb, dtype=torch.bool)
+    return BlockMask.from_dense(dense, bs, t)
+
+
+def token_keep(mask: BlockMask, hq: int, cu_seqlens=None, total=None) -> torch.Tensor:
+    """Bool [B, Hq, T, T] of kept (query, key) pairs (block mask, causal, sequence boundaries)."""
+    m = mask.expand_heads(hq)
+    if cu_seqlens is None:
+        return m.to_token_mask()
+    keep = torch.zeros(1, hq, total, total, dtype=torch.bool)
+    dense = m.to_dense()
+    bounds = cu_seqlens.tolist()
+    for i, (s0, s1) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        n = s1 - s0
+        if n == 0:
+            continue
+        tok = dense[i].repeat_interleave(m.block_size, -2).repeat_interleave(m.block_size, -1)[:, :n, :n]
+        keep[0, :, s0:s1, s0:s1] = tok & torch.ones(n, n, dtype=torch.bool).tril()
+    return keep
+
+
+def lowp_attention(q, k, v, keep, scale):
+    """Masked attention in plain PyTorch in the input dtype: (out, lse, probabilities)."""
+    g = q.shape[1] // k.shape[1]
+    kx, vx = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    logits = (q @ kx.transpose(-1, -2)) * scale
+    logits = logits.masked_fill(~keep, float("-inf"))
+    p = torch.softmax(logits, -1).nan_to_num(0.0)
+    return p @ vx, torch.logsumexp(logits.float(), -1), p
+
+
+EPS = {torch.float32: 1e-6, torch.float16: 1e-4}
+
+
+def check_sparse(q, k, v, mask, cu_seqlens=None, config=None):
+    """Run the kernel (poisoned outputs) and compare out and lse with the fp64 reference."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    with poisoned_outputs():
+        if config is None:
+            out, lse = block_sparse_attention(q, k, v, mask, return_lse=True, cu_seqlens=cu_seqlens, impl="triton")
+        else:
+            out, lse = sp_mod.block_sparse_attention_fwd(
+                q, k, v, mask.kv_num_blocks, mask.kv_indices, mask.block_size, scale, cu_seqlens, True, config
+            )
+    ref_out, ref_lse = reference.block_sparse_attention(
+        q.double(), k.double(), v.double(), mask, return_lse=True, cu_seqlens=cu_seqlens
+    )
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    keep = token_keep(mask, q.shape[1], cu_seqlens, q.shape[2])
+    lp_out, lp_lse, _ = lowp_attention(q, k, v, keep, scale)
+    eps = EPS[q.dtype]
+    assert rel(out, ref_out) <= 2 * rel(lp_out, ref_out) + eps, (rel(out, ref_out), rel(lp_out, ref_out))
+    empty = torch.isinf(ref_lse)
+    assert torch.equal(torch.isneginf(lse), empty), "rows with no kept key must have lse = -inf"
+    assert (out[empty] == 0).all(), "rows with no kept key must be zero"
+    fin = ~empty
+    if fin.any():
+        err = (lse[fin].double() - ref_lse[fin]).abs().max().item()
+        lp_err = (lp_lse[fin].double() - ref_lse[fin]).abs().max().item()
+        assert err <= 2 * lp_err + 10 * eps, (err, lp_err)
+    return out, lse
+
+
+# ---------------------------------------------------------------------------------------- block-sparse
+# (T, Hq, Hkv, mask heads, block size, dtype): odd lengths, GQA 1/2/4, per-Hq and per-Hkv masks.
+SPARSE_CASES = [
+    (1, 2, 1, "hq", 16, torch.float32),
+    (15, 4, 2, "hkv", 16, torch.float16),
+    (63, 4, 1, "hq", 32, torch.float32),
+    (64, 4, 4, "hq", 16, torch.float16),
+    (65, 8, 2, "hkv", 16, torch.float32),
+    (100, 4, 1, "hkv", 32, torch.float16),
+    (257, 1, 1, "hq", 64, torch.float32),
+    (100, 4, 1, "hq", 64, torch.float16),
+]
+
+
+@pytest.mark.parametrize(
+    "t,hq,hkv,mh,bs,dtype",
+    SPARSE_CASES,
+    ids=[f"T{c[0]}-g{c[1] // c[2]}-{c[3]}-bs{c[4]}-{c[5]}" for c in SPARSE_CASES],
+)
+def test_sparse_matches_reference(t, hq, hkv, mh, bs, dtype):
+    q, k, v = rand_qkv(2 if t < 100 else 1, hq, hkv, t, 32, dtype, seed=t)
+    mask = rand_mask(q.shape[0], hq if mh == "hq" else hkv, t, bs, density=0.5, seed=t)
+    check_sparse(q, k, v, mask)
+
+
+@pytest.mark.parametrize("bs,square", [(16, True), (32, False), (64, False)])
+def test_sparse_all_kept_equals_dense(bs, square):
+    """All causal blocks kept == dense causal; ``square`` also keeps every block above the diagonal
+    (long tails of masked entries at the end of each list)."""
+    t = 100
+    q, k, v = rand_qkv(1, 4, 2, t, 16, torch.float32, seed=bs)
+    nb = math.ceil(t / bs)
+    ones = torch.ones(1, 4, nb, nb, dtype=torch.bool)
+    full = BlockMask.from_dense(ones if square else ones.tril(), bs, t)
+    out, lse = check_sparse(q, k, v, full)
+    dense_out, dense_lse = reference.causal_attention(q.double(), k.double(), v.double(), return_lse=True)
+    assert rel(out, dense_out) < 1e-5 and (lse.double() - dense_lse).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("bs,mh", [(16, "hq"), (32, "hkv")], ids=["union-tiles", "plain-tiles"])
+def test_sparse_empty_rows(bs, mh):
+    """Rows with kv_num_blocks 0, and rows keeping only blocks above the diagonal, are empty."""
+    t, hq, hkv = 96, 4, 2
+    q, k, v = rand_qkv(1, hq, hkv, t, 16, torch.float32, seed=3)
+    h = hq if mh == "hq" else hkv
+    nb = math.ceil(t / bs)
+    dense = torch.ones(1, h, nb, nb, dtype=torch.bool).tril()
+    dense[:, :, 1] = False  # empty list
+    dense[:, 0, 0] = False
+    dense[:, 0, 0, nb - 1] = True  # only a block above the diagonal: fully masked by causality
+    mask = BlockMask.from_dense(dense, bs, t)
+    assert int(mask.kv_num_blocks[0, 0, 1]) == 0
+    out, lse = check_sparse(q, k, v, mask)
+    rows = slice(bs, 2 * bs)
+    assert (out[:, :, rows] == 0).all() and torch.isneginf(lse[:, :, rows]).all()
+    first = slice(0, hq // h)  # the query heads of mask head 0
+    assert (out[:, first, :bs] == 0).all() and torch.isneginf(lse[:, first, :bs]).all()
+
+
+@pytest.mark.parametrize("mh,bs", [("hq", 16), ("hkv", 32)])
+def test_sparse_varlen(mh, bs):
+    """Packed sequences, one shorter than a block and one empty, T not a multiple of the block."""
+    lens = [5, 40, 0, 71]
+    cu = torch.tensor([0, *np.cumsum(lens).tolist()], dtype=torch.int32)
+    total = int(cu[-1])
+    hq, hkv = 4, 2
+    q, k, v = rand_qkv(1, hq, hkv, total, 16, torch.float16, seed=7)
+    nb = math.ceil(max(lens) / bs)
+    g = torch.Generator().manual_seed(5)
+    dense = (torch.rand(len(lens), hq if mh == "hq" else hkv, nb, nb, generator=g) < 0.6) | torch.eye(
+        nb, dtype=torch.bool
+    )
+    mask = BlockMask.from_dense(dense, bs, nb * bs)
+    check_sparse(q, k, v, mask, cu_seqlens=cu)
+
+
+# Tile shapes the single interpreter config does not reach: two mask blocks gathered per step,
+# one program for the whole GQA group (rows < block), union tiles of 4 mask rows.
+CONFIG_CASES = [
+    ("gather2", 16, "hkv", KernelConfig(32, 32, 2)),
+    ("full-group", 32, "hkv", KernelConfig(64, 16, 4)),
+    ("union4", 16, "hq", KernelConfig(64, 16, 1)),
+    ("union2-pack2", 16, "hkv", KernelConfig(64, 16, 2)),
+]
+
+
+@pytest.mark.parametrize("name,bs,mh,cfg", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
+def test_sparse_tile_variants(name, bs, mh, cfg):
+    t, hq, hkv = 90, 8, 2
+    q, k, v = rand_qkv(1, hq, hkv, t, 16, torch.float32, seed=11)
+    mask = rand_mask(1, hq if mh == "hq" else hkv, t, bs, density=0.4, seed=11)
+    check_sparse(q, k, v, mask, config=cfg)
+
+
+def test_sparse_invalid_config_is_refused():
+    q, k, v = rand_qkv(1, 2, 1, 32, 16, torch.float32)
+    mask = rand_mask(1, 2, 32, 16)
+    with pytest.raises(ValueError, match="pack must divide"):
+        sp_mod.block_sparse_attention_fwd(
+            q, k, v, mask.kv_num_blocks, mask.kv_indices, 16, 0.25, config=KernelConfig(32, 16, 4)
+        )
+
+
+def test_union_lists():
+    mask = rand_mask(2, 3, 150, 16, density=0.3, seed=2, diag=False)
+    with poisoned_outputs():
+        unum, uidx = sp_mod.build_union_lists(mask.kv_num_blocks, mask.kv_indices, 2)
+    dense = mask.to_dense()
+    nq = dense.shape[2]
+    for b in range(2):
+        for h in range(3):
+            for t in range(unum.shape[2]):
+                rows = [r for r in (2 * t, 2 * t + 1) if r < nq]
+                want = [
+                    j * 16 + sum(int(dense[b, h, r, j]) << u for u, r in enumerate(rows))
+                    for j in range(nq)
+                    if dense[b, h, rows, j].any()
+                ]
+                n = int(unum[b, h, t])
+                assert uidx[b, h, t, :n].tolist() == want
+
+
+def test_sparse_no_return_lse():
+    q, k, v = rand_qkv(1, 2, 1, 40, 16, torch.float32)
+    mask = rand_mask(1, 2, 40, 16)
+    with poisoned_outputs():
+        out = block_sparse_attention(q, k, v, mask, impl="triton")
+    ref = reference.block_sparse_attention(q, k, v, mask)
+    assert isinstance(out, torch.Tensor) and rel(out, ref) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------- block scores
+SCORE_CASES = [
+    (1, 2, 1, 16, torch.float32),
+    (15, 2, 2, 16, torch.float16),
+    (64, 4, 2, 32, torch.float32),
+    (65, 4, 1, 16, torch.float16),
+    (100, 4, 4, 64, torch.float32),
+    (257, 2, 1, 32, torch.float32),
+]
+
+
+@pytest.mark.parametrize(
+    "t,hq,hkv,bs,dtype", SCORE_CASES, ids=[f"T{c[0]}-g{c[1] // c[2]}-bs{c[3]}-{c[4]}" for c in SCORE_CASES]
+)
+def test_block_scores_match_reference(t, hq, hkv, bs, dtype):
+    q, k, v = rand_qkv(1, hq, hkv, t, 32, dtype, seed=100 + t)
+    with poisoned_outputs():
+        out, lse, scores = attention_with_block_scores(q, k, v, block_size=bs, impl="triton")
+    ref_out, ref_lse, ref_scores = reference.attention_with_block_scores(
+        q.double(), k.double(), v.double(), block_size=bs
+    )
+    nb = math.ceil(t / bs)
+    assert scores.shape == (1, hq, nb, nb) and scores.dtype == torch.float32
+    for x in (out, lse, scores):
+        assert not torch.isnan(x).any()
+    # Plain PyTorch in the input dtype: softmax map, block max, row normalisation.
+    keep = torch.ones(t, t, dtype=torch.bool).tril()
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    lp_out, lp_lse, p = lowp_attention(q, k, v, keep, scale)
+    pad = nb * bs - t
+    pp = torch.nn.functional.pad(p, (0, pad, 0, pad)).view(1, hq, nb, bs, nb, bs).amax((3, 5))
+    lp_scores = pp / pp.sum(-1, keepdim=True)
+    eps = EPS[dtype]
+    assert rel(out, ref_out) <= 2 * rel(lp_out, ref_out) + eps
+    assert (lse.double() - ref_lse).abs().max() <= 2 * (lp_lse.double() - ref_lse).abs().max() + 10 * eps
+    assert (scores.double() - ref_scores).abs().max() <= 2 * (lp_scores.double() - ref_scores).abs().max() + eps
+    assert torch.allclose(scores.sum(-1), torch.ones(1, hq, nb), atol=1e-5)
+    assert (scores.triu(1) == 0).all()
+
+
+def test_block_scores_four_blocks_per_tile():
+    """A 64-row tile over four 16-token query blocks, with several tiles per persistent program."""
+    t, hq, hkv, bs = 200, 4, 2, 16
+    q, k, v = rand_qkv(2, hq, hkv, t, 16, torch.float32, seed=9)
+    with poisoned_outputs():
+        out, lse, scores = bs_mod.attention_with_block_scores_fwd(q, k, v, bs, 0.25, config=KernelConfig(64, 16, 1))
+    ref_out, ref_lse, ref_scores = reference.attention_with_block_scores(q, k, v, block_size=bs, scale=0.25)
+    assert rel(out, ref_out) < 1e-5 and (lse - ref_lse).abs().max() < 1e-5
+    assert (scores - ref_scores).abs().max() < 1e-6
+
+
+def test_block_scores_output_equals_sparse_all_kept():
+    t, bs = 130, 32
+    q, k, v = rand_qkv(1, 4, 2, t, 32, torch.float32, seed=4)
+    out, lse, _ = attention_with_block_scores(q, k, v, block_size=bs, impl="triton")
+    nb = math.ceil(t / bs)
+    full = BlockMask.from_dense(torch.ones(1, 2, nb, nb, dtype=torch.bool).tril(), bs, t)
+    out2, lse2 = block_sparse_attention(q, k, v, full, return_lse=True, impl="triton")
+    assert rel(out, out2) < 1e-6 and (lse - lse2).abs().max() < 1e-5
+
+
+# ---------------------------------------------------------------------------------------- validation
+def test_bf16_refused_under_interpreter():
+    q, k, v = rand_qkv(1, 2, 1, 32, 16, torch.bfloat16)
+    with pytest.raises(TypeError, match="bf16 is silently wrong"):
+        attention_with_block_scores(q, k, v, block_size=16, impl="triton")
+
+
+def test_unsupported_head_dim_and_block_size():
+    q, k, v = rand_qkv(1, 2, 1, 32, 24, torch.float32)
+    with pytest.raises(NotImplementedError, match="head dim 24"):
+        attention_with_block_scores(q, k, v, block_size=16, impl="triton")
+    q, k, v = rand_qkv(1, 2, 1, 32, 16, torch.float32)
+    mask = rand_mask(1, 2, 32, 256)
+    with pytest.raises(NotImplementedError, match="block size 256"):
+        block_sparse_attention(q, k, v, mask, impl="triton")
+
+
+# ---------------------------------------------------------------------------------------- flex (eager, CPU)
+@pytest.mark.parametrize("mh", ["hq", "hkv"])
+def test_flex_matches_reference(mh):
+    t, hq, hkv, bs = 100, 4, 2, 16
+    q, k, v = rand_qkv(1, hq, hkv, t, 16, torch.float32, seed=21)
+    dense = rand_mask(1, hq if mh == "hq" else hkv, t, bs, density=0.5, seed=21).to_dense()
+    dense[:, 0, 2] = False  # an empty row
+    mask = BlockMask.from_dense(dense, bs, t)
+    out, lse = block_sparse_attention(q, k, v, mask, return_lse=True, impl="flex")
+    ref_out, ref_lse = reference.block_sparse_attention(q, k, v, mask, return_lse=True)
+    assert rel(out, ref_out) < 1e-5
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    fin = ~torch.isinf(ref_lse)
+    assert (lse[fin] - ref_lse[fin]).abs().max() < 1e-5
+
+
+def test_flex_varlen_not_implemented():
+    q, k, v = rand_qkv(1, 2, 1, 40, 16, torch.float32)
+    mask = rand_mask(2, 2, 32, 16)
+    cu = torch.tensor([0, 8, 40], dtype=torch.int32)
+    with pytest.raises(NotImplementedError, match="cu_seqlens"):
+        block_sparse_attention(q, k, v, mask, cu_seqlens=cu, impl="flex")
