@@ -1,0 +1,90 @@
+"""The committed testbed model (testbed/model) loads with plain transformers on CPU and behaves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+MODEL = Path(__file__).resolve().parents[1] / "testbed" / "model"
+
+transformers = pytest.importorskip("transformers")
+
+GRASS = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+INTRO = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about the important information there."
+)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return transformers.AutoTokenizer.from_pretrained(MODEL)
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = transformers.AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
+    m.eval()
+    return m
+
+
+def test_checkpoint_files_are_small():
+    shards = sorted(MODEL.glob("*.safetensors"))
+    assert shards, "no safetensors shards in testbed/model"
+    sizes = [f.stat().st_size for f in shards]
+    assert max(sizes) < 15_000_000, sizes
+    assert sum(sizes) <= 40_000_000, sum(sizes)
+
+
+def test_config_is_llama_gqa_8k():
+    cfg = json.loads((MODEL / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"]
+    assert cfg["num_attention_heads"] > cfg["num_key_value_heads"] > 0  # GQA
+    assert cfg["max_position_embeddings"] >= 8192
+    assert cfg["tie_word_embeddings"] is True
+
+
+def test_tokenizer_round_trip(tok):
+    text = "Chapter I.\n\n  “Émile,” said Mme. Dupont—in 1847—“it costs 12.50 francs!”\tÇa va? 日本\n"
+    ids = tok(text).input_ids
+    assert ids[0] == tok.bos_token_id
+    assert tok.decode(ids, skip_special_tokens=True) == text
+    # digits are one token each, so a 5-digit pass key is 5 tokens
+    digits = tok(" 71432", add_special_tokens=False).input_ids
+    assert len(digits) == 6 and tok.decode(digits) == " 71432"
+    assert len(tok) == 14336
+
+
+def test_model_loads_and_predicts_text(model, tok):
+    assert model.config.vocab_size == len(tok)
+    text = (
+        "It was a bright cold day in April, and the clocks were striking thirteen. He walked slowly "
+        "along the street, thinking of the letter he had received that morning from his mother, who "
+        "lived in the country and wrote to him every week."
+    )
+    ids = torch.tensor([tok(text).input_ids])
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss.item()
+    # a uniform guess is ln(14336) = 9.57; the trained model must do far better on plain English
+    assert loss < 4.5, loss
+
+
+def test_model_retrieves_a_pass_key(model, tok):
+    """Pass key in ~1.5k tokens of repetitive filler, at three depths: greedy answer must be exact."""
+    n_ok = 0
+    for depth, key in ((0.1, "53817"), (0.5, "20946"), (0.9, "68153")):
+        n = 70  # ~21 tokens per filler sentence group
+        before, after = " ".join([GRASS] * round(n * depth)), " ".join([GRASS] * round(n * (1 - depth)))
+        prompt = (
+            f"{INTRO} {before} The pass key is {key}. Remember it. {key} is the pass key. {after} "
+            "What is the pass key? The pass key is"
+        )
+        ids = torch.tensor([tok(prompt).input_ids])
+        assert ids.shape[1] > 1400
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+        n_ok += tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip().startswith(key)
+    assert n_ok == 3
