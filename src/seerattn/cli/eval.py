@@ -1,0 +1,292 @@
+"""``seerattn eval ppl|passkey|masks``: the evaluation harness on a local model folder.
+
+Each run writes into ``--output``: ``<kind>.json`` (config, model, environment, results),
+``<kind>.md`` (a markdown table) and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_METHODS = "dense,oracle,streaming,vertical_slash,random"
+# For --help only (the parser is built without importing torch/transformers); the registry is
+# seerattn.eval.methods.METHODS, and tests check that the two agree.
+ALL_METHODS = "dense, seer, seer_threshold, seer_top_p, oracle, streaming, vertical_slash, random"
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from e
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _rope(args) -> str | None:
+    return None if args.rope_scaling == "none" else args.rope_scaling
+
+
+def _dtype(name: str):
+    import torch
+
+    table = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in table:
+        raise ValueError(f"--dtype must be one of {sorted(table)}, got {name!r}")
+    return table[name]
+
+
+def _setup(args):
+    """Load tokenizer, model (with gates) and books; expand the method settings."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from ..eval import TokenizedBooks, expand_settings, load_eval_model
+
+    settings = expand_settings(args.methods, args.densities, args.thresholds, args.top_p)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    em = load_eval_model(
+        args.model,
+        gates=args.gates,
+        device=device,
+        dtype=_dtype(args.dtype),
+        block_size=args.block_size,
+        impl=args.impl,
+        train_length=args.train_length,
+    )
+    books = TokenizedBooks(args.data, tokenizer, split=args.split, max_books=args.max_books)
+    torch.manual_seed(args.seed)
+    return tokenizer, em, books, settings
+
+
+def _meta(args, em) -> tuple[dict, dict, dict]:
+    from ..env import environment
+
+    config = {k: v for k, v in vars(args).items() if k != "func"}
+    cfg = em.model.config
+    model = {
+        "path": str(args.model),
+        "gates": em.gates,
+        "model_type": cfg.model_type,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": getattr(cfg, "num_key_value_heads", None),
+        "train_length": em.train_length,
+        "block_size": em.block_size,
+        "dtype": str(next(em.model.parameters()).dtype),
+        "device": str(em.device),
+    }
+    return config, model, environment()
+
+
+def _write_outputs(args, em, kind: str, results: list, markdown: str, plot, t0: float) -> int:
+    """``<kind>.json`` (with config, model and environment), ``<kind>.md`` and the plot (``plot(folder)``)."""
+    from ..eval.report import write_json, write_text
+
+    out = Path(args.output)
+    config, model, env = _meta(args, em)
+    files = [
+        write_json(out / f"{kind}.json", kind, results, config, model, env),
+        write_text(out / f"{kind}.md", markdown),
+        plot(out),
+    ]
+    logger.info("eval %s done in %.1f s", kind, time.perf_counter() - t0)
+    for f in files:
+        print(f"wrote {f}")
+    return 0
+
+
+def _run_ppl(args) -> int:
+    from ..eval import evaluate_ppl
+    from ..eval.plots import plot_ppl_vs_density
+    from ..eval.report import ppl_markdown
+
+    t0 = time.perf_counter()
+    _, em, books, settings = _setup(args)
+    rows = evaluate_ppl(
+        em,
+        books,
+        settings,
+        args.contexts,
+        args.samples,
+        rope_scaling=_rope(args),
+        seed=args.seed,
+        add_bos=args.add_bos,
+        tail=args.tail,
+        allow_untrained_gates=args.allow_untrained_gates,
+        progress=not args.no_progress,
+    )
+    title = Path(args.model).name
+    plot = lambda out: plot_ppl_vs_density(rows, out / "ppl_vs_density.png", title=title)  # noqa: E731
+    return _write_outputs(args, em, "ppl", rows, ppl_markdown(rows), plot, t0)
+
+
+def _template(args, cls):
+    """The passkey template with the command line's overrides (unset fields keep the defaults)."""
+    given = {"intro": args.intro, "needle": args.needle, "question": args.question, "digits": args.digits}
+    template = cls(**{k: v for k, v in given.items() if v is not None})
+    if "{key}" not in template.needle:
+        raise ValueError(f"--needle must contain {{key}}, got {template.needle!r}")
+    return template
+
+
+def _run_passkey(args) -> int:
+    from ..eval import PasskeyTemplate, evaluate_passkey
+    from ..eval.plots import plot_passkey_heatmaps
+    from ..eval.report import passkey_markdown
+
+    t0 = time.perf_counter()
+    tokenizer, em, books, settings = _setup(args)
+    rows = evaluate_passkey(
+        em,
+        tokenizer,
+        books,
+        settings,
+        args.contexts,
+        args.depths,
+        args.samples,
+        rope_scaling=_rope(args),
+        seed=args.seed,
+        template=_template(args, PasskeyTemplate),
+        add_bos=not args.no_bos,
+        scoring=args.scoring,
+        allow_untrained_gates=args.allow_untrained_gates,
+        progress=not args.no_progress,
+    )
+    title = Path(args.model).name
+    plot = lambda out: plot_passkey_heatmaps(rows, out / "passkey_heatmap.png", title=title)  # noqa: E731
+    return _write_outputs(args, em, "passkey", rows, passkey_markdown(rows), plot, t0)
+
+
+def _run_masks(args) -> int:
+    from ..eval import block_maps, segment_windows
+    from ..eval.plots import plot_block_maps
+    from ..eval.report import masks_markdown
+
+    t0 = time.perf_counter()
+    _, em, books, settings = _setup(args)
+    n_layers = em.model.config.num_hidden_layers
+    plot_layers = args.plot_layers if args.plot_layers is not None else sorted({0, n_layers // 2, n_layers - 1})
+    windows = segment_windows(books, args.context, args.samples, add_bos=args.add_bos)
+    result = block_maps(
+        em,
+        windows,
+        settings,
+        args.layers,
+        rope_scaling=_rope(args),
+        seed=args.seed,
+        allow_untrained_gates=args.allow_untrained_gates,
+        progress=not args.no_progress,
+    )
+    missing = sorted(set(plot_layers) - set(result["maps"]))
+    if missing:
+        raise ValueError(f"--plot-layers {missing} are not among the analysed --layers")
+    gate_label = "gate" if em.gates else "gate (untrained)"
+    heads = [(layer, h) for layer in plot_layers for h in args.heads]
+    plot = lambda out: plot_block_maps(result["maps"], heads, out / "block_maps.png", gate_label=gate_label)  # noqa: E731
+    return _write_outputs(args, em, "masks", result["rows"], masks_markdown(result["rows"]), plot, t0)
+
+
+def _common(p: argparse.ArgumentParser, contexts: str | None, samples: int) -> None:
+    p.add_argument("--model", required=True, help="local model folder (AutoModelForCausalLM.from_pretrained)")
+    p.add_argument("--tokenizer", help="tokenizer folder (default: --model)")
+    p.add_argument("--gates", help="seerattn adapter folder with trained AttnGates (needed by seer* methods)")
+    p.add_argument("--data", default="../shared/data/books", help="books folder with MANIFEST.tsv (%(default)s)")
+    p.add_argument("--split", default="test", help="manifest split to evaluate on (%(default)s)")
+    p.add_argument("--max-books", type=int, help="use only the first N books of the split")
+    p.add_argument(
+        "--methods",
+        type=_names,
+        default=_names(DEFAULT_METHODS),
+        help=f"comma-separated, from {ALL_METHODS} (default {DEFAULT_METHODS})",
+    )
+    p.add_argument("--densities", type=_floats, default=[0.5, 0.2, 0.1], help="density budgets (0.5,0.2,0.1)")
+    p.add_argument("--thresholds", type=_floats, default=[], help="gate thresholds for seer_threshold")
+    p.add_argument("--top-p", type=_floats, default=[], help="mass values for seer_top_p")
+    if contexts:
+        p.add_argument("--contexts", type=_ints, default=_ints(contexts), help=f"context lengths ({contexts})")
+    p.add_argument("--samples", type=int, default=samples, help="windows per context / prompts per cell (%(default)s)")
+    p.add_argument("--output", "-o", required=True, help="output folder for JSON, markdown and PNGs")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="model dtype; auto = fp32 on CPU, bf16 on CUDA (%(default)s)",
+    )
+    p.add_argument("--impl", choices=["reference", "triton", "flex"], help="op implementation (default: automatic)")
+    p.add_argument("--block-size", type=int, default=64, help="block size when no --gates are given (%(default)s)")
+    p.add_argument("--train-length", type=int, help="training context (default: config.max_position_embeddings)")
+    p.add_argument(
+        "--rope-scaling",
+        default="yarn",
+        choices=["yarn", "dynamic", "linear", "none"],
+        help="RoPE scaling beyond the training length (%(default)s)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the random method and of passkey keys")
+    p.add_argument(
+        "--allow-untrained-gates",
+        action="store_true",
+        help="run seer* methods without --gates (measures the untrained, identity-initialised gate)",
+    )
+    p.add_argument("--threads", type=int, help="CPU threads for torch (1 is fastest for tiny models on busy machines)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity, passkey retrieval and block-mask quality per sparsity method")
+    esub = p.add_subparsers(dest="eval_command", metavar="EVAL", required=True)
+
+    pp = esub.add_parser("ppl", help="perplexity on held-out books at several contexts, with realised density")
+    _common(pp, "2048,4096,8192,16384", 8)
+    pp.add_argument("--add-bos", action="store_true", help="start each window with the BOS token")
+    pp.add_argument(
+        "--tail", type=int, help="last tokens of each window scored for ppl_tail (default: min(contexts) / 4)"
+    )
+    pp.set_defaults(func=_run_ppl)
+
+    pk = esub.add_parser("passkey", help="passkey retrieval accuracy on a grid of contexts x needle depths")
+    _common(pk, "2048,4096,8192", 5)
+    pk.add_argument("--depths", type=_floats, default=[0.0, 0.25, 0.5, 0.75, 1.0], help="needle depths in [0, 1]")
+    pk.add_argument("--digits", type=int, default=5, help="digits of the pass key (%(default)s)")
+    pk.add_argument("--intro", help="text before the filler ('' for none; default: the classic pass-key intro)")
+    pk.add_argument(
+        "--needle",
+        help="needle text with {key} (default: ' The pass key is {key}. Remember it. {key} is the pass key.')",
+    )
+    pk.add_argument("--question", help="text after the filler (default: ' What is the pass key? The pass key is')")
+    pk.add_argument("--no-bos", action="store_true", help="do not start prompts with the BOS token")
+    pk.add_argument(
+        "--scoring",
+        choices=["forced", "generate"],
+        default="forced",
+        help="forced: the answer is predicted in the same forward through the method (default); generate: "
+        "method prefill then dense greedy decoding",
+    )
+    pk.set_defaults(func=_run_passkey)
+
+    pm = esub.add_parser("masks", help="gate vs ground-truth block maps, every method's mask and attention-mass recall")
+    _common(pm, None, 1)
+    pm.add_argument("--context", type=int, default=4096, help="window length (%(default)s)")
+    pm.add_argument("--layers", type=_ints, help="layers whose recalls are measured (default: all)")
+    pm.add_argument("--plot-layers", type=_ints, help="layers drawn in block_maps.png (default: first, middle, last)")
+    pm.add_argument("--heads", type=_ints, default=[0, 1], help="query heads to draw per layer (0,1)")
+    pm.add_argument("--add-bos", action="store_true", help="start the window with the BOS token")
+    pm.set_defaults(func=_run_masks)

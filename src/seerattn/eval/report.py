@@ -1,0 +1,130 @@
+"""JSON and markdown writers for evaluation results.
+
+Every JSON file has the same envelope: ``{"kind", "created", "config", "model", "environment",
+"results"}``; ``results`` is the list of rows the evaluation function returned (see
+:func:`~seerattn.eval.ppl.evaluate_ppl`, :func:`~seerattn.eval.passkey.evaluate_passkey`,
+:func:`~seerattn.eval.masks.block_maps`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["markdown_table", "masks_markdown", "passkey_markdown", "ppl_markdown", "write_json", "write_text"]
+
+
+def _jsonable(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def write_json(
+    path: str | Path,
+    kind: str,
+    results,
+    config: dict | None = None,
+    model: dict | None = None,
+    environment: dict | None = None,
+) -> Path:
+    """Write the result envelope as indented JSON (non-finite floats become null / "inf")."""
+    payload = {
+        "kind": kind,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "config": config or {},
+        "model": model or {},
+        "environment": environment or {},
+        "results": results,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_jsonable(payload), indent=2) + "\n")
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A GitHub markdown table; the first column left-aligned, the others right-aligned."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    align = [":---"] + ["---:"] * (len(header) - 1)
+    lines = ["| " + " | ".join(cells[0]) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(r) + " |" for r in cells[1:]]
+    return "\n".join(lines) + "\n"
+
+
+def _labels(rows: Sequence[dict]) -> list[str]:
+    return list(dict.fromkeys(r["label"] for r in rows))
+
+
+def ppl_markdown(rows: Sequence[dict]) -> str:
+    """Two tables, rows = method settings, columns = contexts: whole-window PPL (realised density), then
+    the PPL of the last ``tail`` tokens of each window (the same targets at every context)."""
+    contexts = sorted({r["context"] for r in rows})
+    by = {(r["label"], r["context"]): r for r in rows}
+    header = ["method"] + [f"ctx {c}" for c in contexts]
+
+    def table(cell) -> str:
+        body = [
+            [label] + [cell(by[(label, c)]) if (label, c) in by else "" for c in contexts] for label in _labels(rows)
+        ]
+        return markdown_table(header, body)
+
+    scaled = [c for c in contexts if any(r["rope_scaling"] for r in rows if r["context"] == c)]
+    note = f"\nRoPE scaling applied at contexts {scaled}.\n" if scaled else ""
+    tail = rows[0]["tail"] if rows else 0
+    return (
+        "Perplexity (mean realised block density) on held-out books, segmented windows, all tokens.\n\n"
+        + table(lambda r: f"{r['ppl']:.3f} ({r['density']:.3f})")
+        + f"\nPerplexity of the last {tail} tokens of each window (the same targets at every context).\n\n"
+        + table(lambda r: f"{r['ppl_tail']:.3f}")
+        + note
+    )
+
+
+def passkey_markdown(rows: Sequence[dict]) -> str:
+    """Rows = method settings, columns = contexts (accuracy averaged over depths), then mean and density."""
+    if not rows:
+        return "No passkey results.\n"
+    contexts = rows[0]["contexts"]
+    body = [
+        [
+            r["label"],
+            *(f"{a:.2f}" for a in r["accuracy_by_context"]),
+            f"{r['mean_accuracy']:.3f}",
+            f"{r['density']:.3f}",
+        ]
+        for r in rows
+    ]
+    return (
+        f"Passkey accuracy (mean over depths {rows[0]['depths']}, {rows[0]['samples']} samples per cell, "
+        f"scoring {rows[0]['scoring']}).\n\n"
+        + markdown_table(["method", *(f"ctx {c}" for c in contexts), "mean", "density"], body)
+    )
+
+
+def masks_markdown(rows: Sequence[dict]) -> str:
+    """Per layer and setting: realised density, attention-mass recall, block recall vs the oracle."""
+    body = []
+    for r in rows:
+        br = f"{r['block_recall']:.3f}" if "block_recall" in r else ""
+        body.append([r["layer"], r["label"], f"{r['density']:.3f}", f"{r['mass_recall']:.3f}", br])
+    return (
+        "Block masks vs the ground truth (mass recall = ground-truth attention mass inside the kept blocks).\n\n"
+        + markdown_table(["layer", "setting", "density", "mass recall", "block recall vs oracle"], body)
+    )
