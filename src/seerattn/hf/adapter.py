@@ -54,8 +54,12 @@ def _model_shape(model) -> dict:
     }
 
 
-def save_gates(model, path: str | Path) -> Path:
-    """Write the gates of ``model`` (prepared by ``apply_seer_attention``) as an adapter folder."""
+def save_gates(model, path: str | Path, mode: str = "sparse") -> Path:
+    """Write the gates of ``model`` (prepared by ``apply_seer_attention``) as an adapter folder.
+
+    ``mode`` is the mode :func:`from_pretrained` attaches the gates in by default (a model saved
+    while distilling is meant to be loaded for sparse inference).
+    """
     from .. import __version__
 
     state = get_seer_state(model)
@@ -74,7 +78,7 @@ def save_gates(model, path: str | Path) -> Path:
         "model": _model_shape(model),
         "gate": cfg.gate.to_dict(),
         "policy": cfg.policy.to_dict(),
-        "mode": cfg.mode,
+        "mode": mode,
         "mask_heads": cfg.mask_heads,
     }
     save_file(
