@@ -13,7 +13,7 @@ import logging
 import sys
 
 # Subcommand modules, in the order ``--help`` lists them.
-COMMANDS = ("env", "convert", "distill", "eval")
+COMMANDS = ("quickstart", "env", "convert", "distill", "eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
