@@ -114,3 +114,31 @@ def test_convert_command(tmp_path, capsys):
         assert torch.equal(
             tensors[f"layers.{i}.k_proj"], sd[f"model.layers.{i}.self_attn.attn_gate.mask_linear_k.weight"]
         )
+
+
+def test_quickstart_main_job_on_the_testbed(tmp_path, capsys, monkeypatch):
+    """The README's main job, at a small setting: committed testbed + gates on held-out books."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    books = root.parent / "shared" / "data" / "books"
+    if not books.is_dir():
+        pytest.skip("../shared/data/books is not present")
+    monkeypatch.chdir(root)
+    out = tmp_path / "qs"
+    argv = ["quickstart", "--context", "512", "--samples", "1", "--density", "0.5", "-o", str(out)]
+    assert main(argv) == 0
+    summary = json.loads((out / "quickstart.json").read_text())
+    assert summary["passkey_dense"] == 1.0
+    assert 20.0 < summary["ppl_dense"] < 60.0  # the testbed's held-out PPL at 512 tokens is ~34
+    assert summary["ppl_sparse"] > summary["ppl_dense"]  # dropping blocks costs something
+    assert 0.4 < summary["density_realised"] < 0.7
+    assert len(summary["density_per_layer"]) == 6
+    assert 0.0 < summary["mass_recall"] <= 1.0
+    assert (out / "gate_vs_truth.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "seer gate" in capsys.readouterr().out
+
+
+def test_quickstart_missing_model_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="--model .* does not exist"):
+        main(["quickstart", "--model", str(tmp_path / "nope"), "-o", str(tmp_path / "o")])
