@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from seerattn import BlockMask, block_sparse_attention
 from seerattn.block_mask import causal_block_mask, num_blocks
+from seerattn.ops.flex import to_flex_block_mask
 
 HYP = settings(max_examples=50, deadline=None)
 
@@ -160,19 +161,19 @@ def _flex_available() -> bool:
 @pytest.mark.skipif(not _flex_available(), reason="torch without FlexAttention")
 @HYP
 @given(dense_masks())
-def test_to_flex_to_dense_equals_to_dense(case):
+def test_flex_block_mask_to_dense_equals_to_dense(case):
     dense, bs, seq_len = case
     m = BlockMask.from_dense(dense, bs, seq_len)
-    fm = m.to_flex()
+    fm = to_flex_block_mask(m, m.num_heads)
     assert tuple(fm.BLOCK_SIZE) == (bs, bs)
     assert torch.equal(fm.to_dense().bool(), m.to_dense())
-    assert torch.equal(fm.kv_num_blocks, m.kv_num_blocks)
+    assert torch.equal(fm.kv_num_blocks + fm.full_kv_num_blocks, m.kv_num_blocks)
 
 
 @pytest.mark.skipif(not _flex_available(), reason="torch without FlexAttention")
 @pytest.mark.parametrize("t,bs", [(70, 16), (128, 32)])
-def test_to_flex_runs_same_attention_in_eager_flex(t, bs):
-    """Eager (CPU) flex_attention reads only mask_mod, so to_flex's mask_mod must carry the block bits."""
+def test_flex_block_mask_runs_same_attention_in_eager_flex(t, bs):
+    """Eager (CPU) flex_attention reads only mask_mod, so the exact mask_mod must carry the block bits."""
     from torch.nn.attention.flex_attention import flex_attention
 
     nb = num_blocks(t, bs)
@@ -182,7 +183,7 @@ def test_to_flex_runs_same_attention_in_eager_flex(t, bs):
     q, k, v = (torch.randn(2, 2, t, 8, generator=g, dtype=torch.float64) for _ in range(3))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "flex_attention called without torch.compile()"
-        out = flex_attention(q, k, v, block_mask=m.to_flex())
+        out = flex_attention(q, k, v, block_mask=to_flex_block_mask(m, 2, exact_mask_mod=True))
     ref = block_sparse_attention(q, k, v, m, impl="reference")
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
     assert not torch.allclose(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))

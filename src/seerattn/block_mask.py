@@ -213,31 +213,6 @@ class BlockMask:
             kv_indices=self.kv_indices.repeat_interleave(g, dim=1),
         )
 
-    def to_flex(self):
-        """The same mask as a ``torch.nn.attention.flex_attention.BlockMask``.
-
-        Its ``mask_mod`` is causality *and* the kept-block bit: FlexAttention treats ``mask_mod`` as the
-        truth (eager/CPU flex ignores the block indices entirely), the indices only skip work. Mask
-        heads must be Hq or 1 (call :meth:`expand_heads` for an Hkv mask); a batch of 1 broadcasts.
-        """
-        from torch.nn.attention.flex_attention import BlockMask as FlexBlockMask
-
-        dense = self.to_dense()
-        bs = self.block_size
-        one_b, one_h = dense.shape[0] == 1, dense.shape[1] == 1
-
-        def block_causal(b, h, q_idx, kv_idx):
-            b = b * 0 if one_b else b
-            h = h * 0 if one_h else h
-            return (q_idx >= kv_idx) & dense[b, h, q_idx // bs, kv_idx // bs]
-
-        return FlexBlockMask.from_kv_blocks(
-            self.kv_num_blocks,
-            self.kv_indices,
-            BLOCK_SIZE=self.block_size,
-            mask_mod=block_causal,
-            seq_lengths=(self.seq_len, self.seq_len),
-        )
 
 
 # ===================================================================== sparsity policies
