@@ -30,8 +30,13 @@ LLAMA_31_8B = dict(
     head_dim=128,
     max_position_embeddings=131072,
     rope_theta=500000.0,
-    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                  "original_max_position_embeddings": 8192},
+    rope_scaling={
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
 )
 PAPER_TOKENS = 500 * 16 * 65536
 

@@ -50,9 +50,7 @@ def saved(tmp_path):
     """(untouched base model, adapter folder, logits of the model the adapter was saved from)."""
     base = make_model("llama")
     model = copy.deepcopy(base)
-    apply_seer_attention(
-        model, SeerConfig(gate=GATE, policy=POLICY, mask_heads="kv", base_model="tiny-llama")
-    )
+    apply_seer_attention(model, SeerConfig(gate=GATE, policy=POLICY, mask_heads="kv", base_model="tiny-llama"))
     _randomise_gates(model)
     path = save_gates(model, tmp_path / "adapter")
     return base, path, _logits(model, input_ids(T))
@@ -70,12 +68,7 @@ def test_save_then_from_pretrained_gives_identical_logits(saved):
     model = from_pretrained(copy.deepcopy(base), path)
     assert torch.equal(_logits(model, input_ids(T)), want)
     cfg = get_seer_state(model).config
-    assert (
-        cfg.policy == POLICY
-        and cfg.mask_heads == "kv"
-        and cfg.gate == GATE
-        and cfg.base_model == "tiny-llama"
-    )
+    assert cfg.policy == POLICY and cfg.mask_heads == "kv" and cfg.gate == GATE and cfg.base_model == "tiny-llama"
     # Overrides replace config fields: dense mode is the base model again.
     dense = from_pretrained(copy.deepcopy(base), path, mode="dense")
     assert torch.equal(_logits(dense, input_ids(T)), _logits(base, input_ids(T)))
@@ -199,9 +192,7 @@ def test_extra_key(saved):
 def test_wrong_shape(saved):
     base, path, _ = saved
     _rewrite_weights(path, lambda t: t.update({"layers.1.k_proj": torch.zeros(HQ, 2 * HEAD_DIM, HEAD_DIM)}))
-    _expect_load_error(
-        base, path, ValueError, r"layers.1.k_proj has shape \(4, 32, 16\), expected \(4, 48, 16\)"
-    )
+    _expect_load_error(base, path, ValueError, r"layers.1.k_proj has shape \(4, 32, 16\), expected \(4, 48, 16\)")
 
 
 def test_adapter_for_another_model_shape(saved):
@@ -229,13 +220,9 @@ def test_load_into_unprepared_model(saved):
 # ------------------------------------------------------------------------------ official converter
 def _official(with_q=False, seed=0):
     g = torch.Generator().manual_seed(seed)
-    sd = {
-        OFFICIAL.format(i, "k"): torch.randn(HQ, 3 * HEAD_DIM, HEAD_DIM, generator=g) for i in range(LAYERS)
-    }
+    sd = {OFFICIAL.format(i, "k"): torch.randn(HQ, 3 * HEAD_DIM, HEAD_DIM, generator=g) for i in range(LAYERS)}
     if with_q:
-        sd.update(
-            {OFFICIAL.format(i, "q"): torch.randn(HQ, HEAD_DIM, HEAD_DIM, generator=g) for i in range(LAYERS)}
-        )
+        sd.update({OFFICIAL.format(i, "q"): torch.randn(HQ, HEAD_DIM, HEAD_DIM, generator=g) for i in range(LAYERS)})
     return sd
 
 

@@ -85,9 +85,7 @@ def test_version_flag(capsys):
     assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"seerattn {seerattn.__version__}"
 
 
-@pytest.mark.parametrize(
-    "argv", [[], ["frobnicate"], ["convert", "x.pth"]], ids=["none", "unknown", "missing-opts"]
-)
+@pytest.mark.parametrize("argv", [[], ["frobnicate"], ["convert", "x.pth"]], ids=["none", "unknown", "missing-opts"])
 def test_usage_errors_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)

@@ -64,9 +64,7 @@ def test_pool_blocks_partial_last_block_uses_only_its_tokens():
     x = -torch.ones(1, 1, 20, 2, dtype=torch.float64)
     x[..., 16:, :] = torch.tensor([-3.0, -5.0], dtype=torch.float64)
     out = pool_blocks(x, 16, ("avg", "max", "min"))
-    torch.testing.assert_close(
-        out[0, 0, 1], torch.tensor([-3.0, -5.0, -3.0, -5.0, -3.0, -5.0], dtype=torch.float64)
-    )
+    torch.testing.assert_close(out[0, 0, 1], torch.tensor([-3.0, -5.0, -3.0, -5.0, -3.0, -5.0], dtype=torch.float64))
 
 
 # ------------------------------------------------------------------------------------- RoPE
@@ -127,9 +125,7 @@ def test_attn_gate_logits_equal_hand_computation(hq, hkv, cfg):
             gate.q_proj.normal_(generator=torch.Generator().manual_seed(6))
     q, k = _randn(b, hq, t, d, seed=1), _randn(b, hkv, t, d, seed=2)
     nb = -(-t // cfg.block_size)
-    cos, sin = (
-        _rope_tables(torch.arange(nb) * cfg.block_size, gate.gate_dim) if cfg.use_rope else (None, None)
-    )
+    cos, sin = _rope_tables(torch.arange(nb) * cfg.block_size, gate.gate_dim) if cfg.use_rope else (None, None)
     got = gate(q, k, cos, sin)
     want = _hand_logits(gate, q, k, cos, sin)
     assert got.dtype == torch.float32 and got.shape == (b, hq, nb, nb)
@@ -145,9 +141,7 @@ def test_untrained_gate_scores_avg_pooled_q_dot_avg_pooled_k():
     want = (qa @ ka.transpose(-1, -2)) / math.sqrt(8)
     got = gate(q, k)
     tri = torch.ones(3, 3, dtype=torch.bool).tril()
-    torch.testing.assert_close(
-        got[..., tri].double(), want.expand(1, 2, 3, 3)[..., tri], atol=1e-6, rtol=1e-6
-    )
+    torch.testing.assert_close(got[..., tri].double(), want.expand(1, 2, 3, 3)[..., tri], atol=1e-6, rtol=1e-6)
 
 
 def test_q_projection_rules():
@@ -205,9 +199,7 @@ def test_gate_config_validation(kwargs, match):
 
 
 def test_gate_config_dict_round_trip():
-    cfg = GateConfig(
-        block_size=128, q_pooling=("avg", "max"), k_pooling=("min", "avg"), gate_dim=32, use_rope=False
-    )
+    cfg = GateConfig(block_size=128, q_pooling=("avg", "max"), k_pooling=("min", "avg"), gate_dim=32, use_rope=False)
     d = json.loads(json.dumps(cfg.to_dict()))  # through JSON: tuples come back as lists
     assert d["q_pooling"] == ["avg", "max"]
     back = GateConfig.from_dict(d)
@@ -253,14 +245,10 @@ def test_gate_loss_zero_at_the_target_and_positive_elsewhere():
 def test_gate_loss_skip_first_rows_and_finite_gradient():
     target = _target(1, 2, 8, seed=9)
     logits = _randn(1, 2, 8, 8, seed=10).float()
-    logits = logits.masked_fill(~torch.ones(8, 8, dtype=torch.bool).tril(), float("-inf")).requires_grad_(
-        True
-    )
+    logits = logits.masked_fill(~torch.ones(8, 8, dtype=torch.bool).tril(), float("-inf")).requires_grad_(True)
     loss = gate_loss(logits, target, skip_first_rows=3)
     assert torch.isfinite(loss)
-    torch.testing.assert_close(
-        loss.double(), _hand_kl(logits.detach(), target)[..., 3:].mean(), atol=1e-5, rtol=1e-5
-    )
+    torch.testing.assert_close(loss.double(), _hand_kl(logits.detach(), target)[..., 3:].mean(), atol=1e-5, rtol=1e-5)
     loss.backward()
     assert torch.isfinite(logits.grad).all()
     assert logits.grad[..., :3, :].abs().sum() == 0  # skipped rows get no gradient

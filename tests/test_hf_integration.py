@@ -149,9 +149,7 @@ def test_kv_mask_heads_share_one_mask_per_group(family, recorded_masks):
         q_pre, k_pre = _pre_rope(state.captures[layer], 1, T, HQ, HKV)
         probs = gate(q_pre, k_pre, *model.model.rotary_emb(q_pre, starts)).softmax(-1)
         group_mean = probs.view(1, HKV, HQ // HKV, *probs.shape[-2:]).mean(2)
-        assert torch.equal(
-            mask.to_dense(), mask_from_scores(group_mean, policy, T, GATE.block_size).to_dense()
-        )
+        assert torch.equal(mask.to_dense(), mask_from_scores(group_mean, policy, T, GATE.block_size).to_dense())
     ref = masked_reference(base, {i: m.to_token_mask() for i, m in enumerate(recorded_masks)})
     torch.testing.assert_close(got, _logits(ref, ids), atol=ATOL, rtol=0)
 
@@ -166,9 +164,7 @@ def test_custom_mask_fn_matches_masked_reference(recorded_masks):
         i = torch.arange(nb)
         keep = ((i[:, None] - i[None, :]).abs() <= 1) | (i[None, :] == 0)
         keep = keep & torch.ones(nb, nb, dtype=torch.bool).tril()
-        return BlockMask.from_dense(
-            keep.expand(req.q.shape[0], HQ, nb, nb).contiguous(), req.block_size, req.seq_len
-        )
+        return BlockMask.from_dense(keep.expand(req.q.shape[0], HQ, nb, nb).contiguous(), req.block_size, req.seq_len)
 
     model, base, state = _seer("mistral", mode="custom")
     state.mask_fn = local

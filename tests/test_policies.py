@@ -89,9 +89,7 @@ def test_density_row_counts(nq, rho, sink, diag, seed):
 def test_overall_density_converges_to_target(rho):
     nq = 64
     scores = _probs(1, 4, nq, seed=int(rho * 100))
-    m = mask_from_scores(
-        scores, SparsityPolicy("density", rho, keep_sink=False, keep_diagonal=False), nq * 64, 64
-    )
+    m = mask_from_scores(scores, SparsityPolicy("density", rho, keep_sink=False, keep_diagonal=False), nq * 64, 64)
     assert abs(m.density() - rho) < 0.02
     # With the forced blocks on, the realised density is still near (but not below) the target.
     m2 = mask_from_scores(scores, SparsityPolicy("density", rho), nq * 64, 64)

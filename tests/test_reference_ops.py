@@ -202,9 +202,7 @@ def test_random_mask_equals_materialised(t, block_size, group):
     # And the mask must actually matter: differs from dense causal when some causal block is dropped.
     causal_blocks = torch.ones(nb, nb, dtype=torch.bool).tril()
     if (~dense & causal_blocks).any():
-        assert not torch.allclose(
-            out, F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        )
+        assert not torch.allclose(out, F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
 
 
 def test_empty_rows_give_zeros_and_neg_inf_lse():

@@ -126,9 +126,7 @@ CASES = [
     ),
     (
         "ctor_int64",
-        lambda: BlockMask(
-            torch.ones(1, 1, 2, dtype=torch.int64), torch.zeros(1, 1, 2, 2, dtype=torch.int64), 16, 32
-        ),
+        lambda: BlockMask(torch.ones(1, 1, 2, dtype=torch.int64), torch.zeros(1, 1, 2, 2, dtype=torch.int64), 16, 32),
         TypeError,
         "must be int32",
     ),
@@ -172,9 +170,7 @@ CASES = [
     ),
     (
         "cu_list",
-        lambda: bsa(
-            q=_t(1, 4, 40, 8), k=_t(1, 2, 40, 8), v=_t(1, 2, 40, 8), mask=CU_OK_MASK, cu_seqlens=[0, 20, 40]
-        ),
+        lambda: bsa(q=_t(1, 4, 40, 8), k=_t(1, 2, 40, 8), v=_t(1, 2, 40, 8), mask=CU_OK_MASK, cu_seqlens=[0, 20, 40]),
         TypeError,
         "cu_seqlens must be a 1-D int32 tensor",
     ),

@@ -43,9 +43,7 @@ def num_blocks(seq_len: int, block_size: int) -> int:
     return -(-seq_len // block_size)
 
 
-def causal_block_mask(
-    nq: int, nk: int | None = None, device: torch.device | str | None = None
-) -> torch.Tensor:
+def causal_block_mask(nq: int, nk: int | None = None, device: torch.device | str | None = None) -> torch.Tensor:
     """Bool ``[NQ, NK]``: True on and below the block diagonal (bottom-right aligned when NQ < NK)."""
     nk = nq if nk is None else nk
     rows = torch.arange(nq, device=device).unsqueeze(1) + (nk - nq)
@@ -133,8 +131,7 @@ class BlockMask:
         """
         if dense.dtype != torch.bool or dense.dim() != 4 or dense.shape[2] != dense.shape[3]:
             raise ValueError(
-                f"BlockMask.from_dense expects a bool [B, H, NQ, NQ] tensor, got {dense.dtype} "
-                f"{tuple(dense.shape)}"
+                f"BlockMask.from_dense expects a bool [B, H, NQ, NQ] tensor, got {dense.dtype} {tuple(dense.shape)}"
             )
         check_block_size(block_size)
         nb = dense.shape[-1]
@@ -182,9 +179,7 @@ class BlockMask:
         return self.kv_indices.device
 
     def to(self, device: torch.device | str) -> BlockMask:
-        return replace(
-            self, kv_num_blocks=self.kv_num_blocks.to(device), kv_indices=self.kv_indices.to(device)
-        )
+        return replace(self, kv_num_blocks=self.kv_num_blocks.to(device), kv_indices=self.kv_indices.to(device))
 
     def density(self) -> float:
         """Fraction of the causal block triangle that is kept (blocks above the diagonal not counted)."""
@@ -212,7 +207,6 @@ class BlockMask:
             kv_num_blocks=self.kv_num_blocks.repeat_interleave(g, dim=1),
             kv_indices=self.kv_indices.repeat_interleave(g, dim=1),
         )
-
 
 
 # ===================================================================== sparsity policies
@@ -292,9 +286,7 @@ def density_row_budget(nq: int, density: float, device=None) -> torch.Tensor:
     return torch.clamp(torch.round(n * density), min=1).to(torch.int64)
 
 
-def mask_from_scores(
-    scores: torch.Tensor, policy: SparsityPolicy, seq_len: int, block_size: int
-) -> BlockMask:
+def mask_from_scores(scores: torch.Tensor, policy: SparsityPolicy, seq_len: int, block_size: int) -> BlockMask:
     """Turn block scores into a :class:`BlockMask` under ``policy``.
 
     Args:

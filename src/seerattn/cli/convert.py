@@ -17,8 +17,6 @@ def _run(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("convert", help="convert an official SeerAttention gate checkpoint to an adapter")
     p.add_argument("checkpoint", help="path to attn_gate_weights.pth")
-    p.add_argument(
-        "--base-model", required=True, help="local path of the base model (its config.json is read)"
-    )
+    p.add_argument("--base-model", required=True, help="local path of the base model (its config.json is read)")
     p.add_argument("--output", "-o", required=True, help="adapter folder to write")
     p.set_defaults(func=_run)

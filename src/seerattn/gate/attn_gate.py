@@ -51,14 +51,10 @@ class GateConfig:
                 object.__setattr__(self, name, tuple(pools))
                 pools = tuple(pools)
             if not isinstance(pools, tuple) or not pools or any(p not in POOLINGS for p in pools):
-                raise ValueError(
-                    f"GateConfig.{name} must be a non-empty tuple drawn from {POOLINGS}, got {pools!r}"
-                )
+                raise ValueError(f"GateConfig.{name} must be a non-empty tuple drawn from {POOLINGS}, got {pools!r}")
             if len(set(pools)) != len(pools):
                 raise ValueError(f"GateConfig.{name} has a repeated pooling: {pools!r}")
-        if self.gate_dim is not None and (
-            not isinstance(self.gate_dim, int) or self.gate_dim < 2 or self.gate_dim % 2
-        ):
+        if self.gate_dim is not None and (not isinstance(self.gate_dim, int) or self.gate_dim < 2 or self.gate_dim % 2):
             raise ValueError(
                 f"GateConfig.gate_dim must be an even int >= 2 (RoPE pairs) or None, got {self.gate_dim!r}"
             )
@@ -127,9 +123,7 @@ class AttnGate(nn.Module):
         super().__init__()
         config = GateConfig() if config is None else config
         if num_kv_heads < 1 or num_q_heads % num_kv_heads:
-            raise ValueError(
-                f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})"
-            )
+            raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         self.config = config
         self.num_q_heads, self.num_kv_heads, self.head_dim = num_q_heads, num_kv_heads, head_dim
         self.gate_dim = head_dim if config.gate_dim is None else config.gate_dim
@@ -182,12 +176,7 @@ class AttnGate(nn.Module):
             ``logits.softmax(-1)`` is the predicted block attention map.
         """
         b, hq, t, d = q.shape
-        if (
-            hq != self.num_q_heads
-            or d != self.head_dim
-            or k.shape[1] != self.num_kv_heads
-            or k.shape[-1] != d
-        ):
+        if hq != self.num_q_heads or d != self.head_dim or k.shape[1] != self.num_kv_heads or k.shape[-1] != d:
             raise ValueError(
                 f"AttnGate built for Hq={self.num_q_heads}, Hkv={self.num_kv_heads}, D={self.head_dim} got q "
                 f"{tuple(q.shape)} and k {tuple(k.shape)}"

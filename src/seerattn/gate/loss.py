@@ -46,9 +46,7 @@ def gate_loss(logits: torch.Tensor, target: torch.Tensor, skip_first_rows: int =
 
 
 @torch.no_grad()
-def gate_metrics(
-    probs: torch.Tensor, target: torch.Tensor, density: float, seq_len: int, block_size: int
-) -> dict:
+def gate_metrics(probs: torch.Tensor, target: torch.Tensor, density: float, seq_len: int, block_size: int) -> dict:
     """How well a gate's top blocks cover the true attention at a given density.
 
     Both the gate and the ground truth select ``round(density * n)`` blocks per row (no forced

@@ -81,9 +81,7 @@ def save_gates(model, path: str | Path, mode: str = "sparse") -> Path:
         "mode": mode,
         "mask_heads": cfg.mask_heads,
     }
-    save_file(
-        tensors, str(path / ADAPTER_WEIGHTS), metadata={"format": "seerattn", "version": str(FORMAT_VERSION)}
-    )
+    save_file(tensors, str(path / ADAPTER_WEIGHTS), metadata={"format": "seerattn", "version": str(FORMAT_VERSION)})
     (path / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
     return path
 
@@ -132,9 +130,7 @@ def load_gates(model, path: str | Path) -> None:
     want, have = meta["model"], _model_shape(model)
     if want != have:
         diff = {k: (want.get(k), have.get(k)) for k in set(want) | set(have) if want.get(k) != have.get(k)}
-        raise ValueError(
-            f"adapter {path} was made for another model shape; (adapter, model) differ in {diff}"
-        )
+        raise ValueError(f"adapter {path} was made for another model shape; (adapter, model) differ in {diff}")
     state = get_seer_state(model)
     if GateConfig.from_dict(meta["gate"]) != state.config.gate:
         raise ValueError(
@@ -158,9 +154,7 @@ def load_gates(model, path: str | Path) -> None:
         raise ValueError(f"{wpath}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
     for key, param in expected.items():
         if tuple(tensors[key].shape) != tuple(param.shape):
-            raise ValueError(
-                f"{wpath}: {key} has shape {tuple(tensors[key].shape)}, expected {tuple(param.shape)}"
-            )
+            raise ValueError(f"{wpath}: {key} has shape {tuple(tensors[key].shape)}, expected {tuple(param.shape)}")
     with torch.no_grad():
         for key, param in expected.items():
             param.copy_(tensors[key].to(param.dtype))
@@ -236,8 +230,6 @@ def convert_official_checkpoint(
                 raise ValueError(f"{src}: missing {key}")
             like = getattr(g, f"{name}_proj")
             if tuple(sd[key].shape) != tuple(like.shape):
-                raise ValueError(
-                    f"{src}: {key} has shape {tuple(sd[key].shape)}, expected {tuple(like.shape)}"
-                )
+                raise ValueError(f"{src}: {key} has shape {tuple(sd[key].shape)}, expected {tuple(like.shape)}")
             setattr(g, f"{name}_proj", torch.nn.Parameter(sd[key].float(), requires_grad=False))
     return save_gates(shell, dst)

@@ -173,9 +173,7 @@ def get_seer_state(model: torch.nn.Module) -> SeerState:
     """The :class:`SeerState` of a model prepared by :func:`apply_seer_attention`."""
     state = getattr(model, "_seer_state", None)
     if not isinstance(state, SeerState):
-        raise ValueError(
-            "this model has no seer attention attached; call seerattn.hf.apply_seer_attention first"
-        )
+        raise ValueError("this model has no seer attention attached; call seerattn.hf.apply_seer_attention first")
     return state
 
 
@@ -251,9 +249,7 @@ def _group_scores(probs: torch.Tensor, hkv: int) -> torch.Tensor:
     return probs.view(b, hkv, hq // hkv, n, n).mean(2)
 
 
-def seer_attention_forward(
-    module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs
-):
+def seer_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """The ``"seer"`` attention function (transformers' AttentionInterface signature).
 
     query: [B, Hq, Tq, D], key/value: [B, Hkv, Tk, D] post-RoPE -> ([B, Tq, Hq, D], None).
@@ -314,9 +310,7 @@ def seer_attention_forward(
     else:
         if cfg.mode == "oracle":
             with torch.no_grad():
-                _, _, scores = attention_with_block_scores(
-                    query, key, value, block_size=bs, scale=scale, impl=cfg.impl
-                )
+                _, _, scores = attention_with_block_scores(query, key, value, block_size=bs, scale=scale, impl=cfg.impl)
         else:
             if pre is None:
                 raise RuntimeError(f"layer {layer}: pre-RoPE q/k were not captured (hooks missing?)")
@@ -369,9 +363,7 @@ def apply_seer_attention(model: torch.nn.Module, config: SeerConfig | None = Non
         hq, hkv, d = _heads(attn)
         gate_dim = config.gate.gate_dim or d
         if config.gate.use_rope and rotary is not None and gate_dim != d:
-            raise ValueError(
-                f"gate_dim ({gate_dim}) must equal the head dim ({d}) when the gate uses the model's RoPE"
-            )
+            raise ValueError(f"gate_dim ({gate_dim}) must equal the head dim ({d}) when the gate uses the model's RoPE")
         attn.seer_gate = AttnGate(hq, hkv, d, config.gate).to(device=param.device)
         attn._seer_state = state
         state._attn_modules.append(attn)

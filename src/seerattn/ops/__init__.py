@@ -123,9 +123,7 @@ def _check_mask(block_mask, q, k, op: str, cu_seqlens) -> None:
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32:
         raise TypeError(f"{op}: cu_seqlens must be a 1-D int32 tensor [N + 1]")
     if cu_seqlens.numel() < 2 or cu_seqlens.numel() - 1 != mb:
-        raise ValueError(
-            f"{op}: cu_seqlens describes {cu_seqlens.numel() - 1} sequences but block_mask has batch {mb}"
-        )
+        raise ValueError(f"{op}: cu_seqlens describes {cu_seqlens.numel() - 1} sequences but block_mask has batch {mb}")
     lens = cu_seqlens.diff()
     if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != t or bool((lens < 0).any()):
         raise ValueError(f"{op}: cu_seqlens must start at 0, be non-decreasing and end at T={t}")
