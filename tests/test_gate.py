@@ -288,3 +288,21 @@ def test_gate_metrics_recall_one_when_gate_equals_target():
     # An inverted gate keeps the worst blocks: recall drops.
     worse = gate_metrics(-target, target, 0.3, 160, 16)
     assert worse["block_recall"] < 1.0 and worse["mass_recall"] < m["mass_recall"]
+
+
+def test_gate_logits_stay_fp32_under_autocast():
+    """Distillation runs the model under bf16 autocast; the gate must not be computed in bf16."""
+    torch.manual_seed(0)
+    gate = AttnGate(4, 2, 16, GateConfig(block_size=16))
+    with torch.no_grad():
+        gate.k_proj.normal_()
+    q, k = torch.randn(1, 4, 100, 16), torch.randn(1, 2, 100, 16)
+    cos, sin = torch.randn(1, 7, 16), torch.randn(1, 7, 16)
+    ref = gate(q, k, cos, sin)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = gate(q.bfloat16(), k.bfloat16(), cos, sin)
+    assert out.dtype == torch.float32
+    # Only the bf16 rounding of the inputs differs; a bf16 matmul would be off by ~1e-2 relative.
+    expected = gate(q.bfloat16().float(), k.bfloat16().float(), cos, sin)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-5)
+    assert not torch.equal(out, ref)  # the inputs really were rounded

@@ -181,29 +181,32 @@ class AttnGate(nn.Module):
                 f"AttnGate built for Hq={self.num_q_heads}, Hkv={self.num_kv_heads}, D={self.head_dim} got q "
                 f"{tuple(q.shape)} and k {tuple(k.shape)}"
             )
-        bs = self.config.block_size
-        dtype = self.k_proj.dtype
-        qp = pool_blocks(q.to(dtype), bs, self.config.q_pooling)  # [B, Hq, NB, Cq*D]
-        kp = pool_blocks(k.to(dtype), bs, self.config.k_pooling)  # [B, Hkv, NB, Ck*D]
-        kp = kp.repeat_interleave(hq // self.num_kv_heads, dim=1)
-        kg = torch.einsum("bhnc,hcg->bhng", kp, self.k_proj)
-        qg = torch.einsum("bhnc,hcg->bhng", qp, self.q_proj) if self.q_proj is not None else qp
-        nb = qg.shape[2]
-        if self.config.use_rope:
-            if cos is None or sin is None:
-                raise ValueError("AttnGate with use_rope=True needs cos and sin [B, NB, Dg]")
-            if cos.shape[1:] != (nb, self.gate_dim) or cos.shape[0] not in (1, b) or sin.shape != cos.shape:
-                raise ValueError(
-                    f"cos/sin must be [B={b} or 1, NB={nb}, Dg={self.gate_dim}], got {tuple(cos.shape)}, "
-                    f"{tuple(sin.shape)}"
+        # The gate runs in its own dtype (fp32 by default) even under an enclosing autocast (bf16
+        # distillation): its logits feed a KL whose useful differences are below bf16 resolution.
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            bs = self.config.block_size
+            dtype = self.k_proj.dtype
+            qp = pool_blocks(q.to(dtype), bs, self.config.q_pooling)  # [B, Hq, NB, Cq*D]
+            kp = pool_blocks(k.to(dtype), bs, self.config.k_pooling)  # [B, Hkv, NB, Ck*D]
+            kp = kp.repeat_interleave(hq // self.num_kv_heads, dim=1)
+            kg = torch.einsum("bhnc,hcg->bhng", kp, self.k_proj)
+            qg = torch.einsum("bhnc,hcg->bhng", qp, self.q_proj) if self.q_proj is not None else qp
+            nb = qg.shape[2]
+            if self.config.use_rope:
+                if cos is None or sin is None:
+                    raise ValueError("AttnGate with use_rope=True needs cos and sin [B, NB, Dg]")
+                if cos.shape[1:] != (nb, self.gate_dim) or cos.shape[0] not in (1, b) or sin.shape != cos.shape:
+                    raise ValueError(
+                        f"cos/sin must be [B={b} or 1, NB={nb}, Dg={self.gate_dim}], got {tuple(cos.shape)}, "
+                        f"{tuple(sin.shape)}"
+                    )
+                qg, kg = (
+                    apply_rotary(qg, cos.to(dtype), sin.to(dtype)),
+                    apply_rotary(kg, cos.to(dtype), sin.to(dtype)),
                 )
-            qg, kg = (
-                apply_rotary(qg, cos.to(dtype), sin.to(dtype)),
-                apply_rotary(kg, cos.to(dtype), sin.to(dtype)),
-            )
-        logits = torch.matmul(qg.float(), kg.float().transpose(-1, -2)) / math.sqrt(self.gate_dim)
-        causal = torch.ones(nb, nb, dtype=torch.bool, device=q.device).tril()
-        return logits.masked_fill(~causal, float("-inf"))
+            logits = torch.matmul(qg.float(), kg.float().transpose(-1, -2)) / math.sqrt(self.gate_dim)
+            causal = torch.ones(nb, nb, dtype=torch.bool, device=q.device).tril()
+            return logits.masked_fill(~causal, float("-inf"))
 
     def extra_repr(self) -> str:
         c = self.config
