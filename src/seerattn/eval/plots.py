@@ -34,7 +34,7 @@ def plot_ppl_vs_density(rows: Sequence[dict], path: str | Path, title: str = "")
     fig, axes = plt.subplots(nr, nc, figsize=(5 * nc, 4 * nr), squeeze=False)
     methods = list(dict.fromkeys(r["method"] for r in rows))
     colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
-    for ax, ctx in zip(axes.flat, contexts, strict=False):
+    for ax, ctx in zip(axes.flat[: len(contexts)], contexts, strict=True):  # the grid may have spare panels
         at = [r for r in rows if r["context"] == ctx]
         for m in methods:
             pts = sorted((r["density"], r["ppl"]) for r in at if r["method"] == m)
@@ -70,7 +70,7 @@ def plot_passkey_heatmaps(rows: Sequence[dict], path: str | Path, title: str = "
     nr, nc = _grid(len(rows), 4)
     fig, axes = plt.subplots(nr, nc, figsize=(3.4 * nc + 1.2, 3.2 * nr), squeeze=False, layout="constrained")
     im = None
-    for ax, r in zip(axes.flat, rows, strict=False):
+    for ax, r in zip(axes.flat[: len(rows)], rows, strict=True):
         acc = np.array(r["accuracy"], dtype=float).T  # [depth, context]
         im = ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
         ax.set_xticks(range(len(r["contexts"])), [str(c) for c in r["contexts"]], fontsize=7, rotation=45)
