@@ -33,6 +33,7 @@ from seerattn.hf import (
     MaskRequest,
     SeerConfig,
     apply_seer_attention,
+    gate_logits,
     gate_modules,
     get_seer_state,
     remove_seer_attention,
@@ -117,6 +118,8 @@ def test_density_policy_matches_masked_dense_reference(family, recorded_masks):
         q_pre, k_pre = _pre_rope(state.captures[layer], 2, T, HQ, HKV)
         cos, sin = model.model.rotary_emb(q_pre, starts)
         probs = gate(q_pre, k_pre, cos, sin).softmax(-1)
+        # The public helper computes the same gate scores.
+        torch.testing.assert_close(gate_logits(model, layer, q_pre, k_pre).softmax(-1), probs, atol=0, rtol=0)
         want = mask_from_scores(probs, policy, T, GATE.block_size)
         mask = recorded_masks[layer]
         assert mask.num_heads == HQ and mask.seq_len == T
@@ -379,3 +382,11 @@ def test_state_and_config_errors():
         SeerConfig(gate={"block_size": 16})
     with pytest.raises(ValueError, match="must equal the head dim"):
         apply_seer_attention(make_model("llama"), SeerConfig(gate=GateConfig(block_size=16, gate_dim=8)))
+
+
+def test_gate_logits_rejects_a_bad_layer():
+    model = make_model("llama")
+    apply_seer_attention(model, SeerConfig(gate=GATE))
+    q, k = torch.randn(1, HQ, 32, HEAD_DIM), torch.randn(1, HKV, 32, HEAD_DIM)
+    with pytest.raises(ValueError, match="layer must be in"):
+        gate_logits(model, LAYERS, q, k)

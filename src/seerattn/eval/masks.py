@@ -21,9 +21,9 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..block_mask import BlockMask, SparsityPolicy, mask_from_scores, num_blocks
+from ..block_mask import BlockMask, SparsityPolicy, mask_from_scores
 from ..gate import gate_metrics
-from ..hf import MaskRequest, gate_modules
+from ..hf import MaskRequest, gate_logits, gate_modules, group_scores
 from ..ops import attention_with_block_scores
 from .methods import Setting, build_mask, get_method
 from .model import EvalModel, scaled_rope
@@ -38,30 +38,8 @@ def mass_recall(gt: torch.Tensor, mask: BlockMask) -> float:
     return (gt.float() * kept).sum(-1).mean().item()
 
 
-def _gate_probs(em: EvalModel, layer: int, q_pre: torch.Tensor, k_pre: torch.Tensor, t: int) -> torch.Tensor:
-    """AttnGate probabilities [B, Hq, NB, NB] from pre-RoPE q [B, Hq, T, D], k [B, Hkv, T, D].
-
-    The gate's RoPE is the model's own rotary module at each block's first-token position (positions
-    0..T-1 for an unpadded prefill), as the sparse forward computes it.
-    """
-    gate = gate_modules(em.model)[layer]
-    bs = gate.config.block_size
-    if not gate.config.use_rope:
-        return gate(q_pre, k_pre).softmax(-1)
-    rotary = getattr(em.model, "model", em.model).rotary_emb
-    starts = torch.arange(0, t, bs, device=q_pre.device).unsqueeze(0)[:, : num_blocks(t, bs)]
-    cos, sin = rotary(q_pre, starts)
-    return gate(q_pre, k_pre, cos, sin).softmax(-1)
-
-
 def _attn_module(em: EvalModel, layer: int):
     return getattr(em.model, "model", em.model).layers[layer].self_attn
-
-
-def _group_mean(scores: torch.Tensor, hkv: int) -> torch.Tensor:
-    """[B, Hq, NB, NB] -> [B, Hkv, NB, NB]: what ``mask_heads="kv"`` ranks (mean over each GQA group)."""
-    b, hq, n, _ = scores.shape
-    return scores.view(b, hkv, hq // hkv, n, n).mean(2)
 
 
 @torch.no_grad()
@@ -93,7 +71,7 @@ def _window_maps(
         scale = getattr(_attn_module(em, layer), "scaling", d**-0.5)
         # block scores depend on q and k only; k stands in for v
         _, _, gt = attention_with_block_scores(q, k, k, block_size=bs, scale=scale, impl=state.config.impl)
-        gate = _gate_probs(em, layer, q_pre, k_pre, t)
+        gate = gate_logits(em.model, layer, q_pre, k_pre).softmax(-1)
         oracle: dict[float, torch.Tensor] = {}
         masks: dict[str, torch.Tensor] = {}
         for s in settings:
@@ -107,7 +85,7 @@ def _window_maps(
             else:  # as the sparse / oracle forward ranks: per query head, or per GQA group
                 source = gt if m.mode == "oracle" else gate
                 if state.config.mask_heads == "kv":
-                    source = _group_mean(source, hkv)
+                    source = group_scores(source, hkv)
                 mask = mask_from_scores(source, SparsityPolicy(kind=m.budget, value=s.budget), t, bs)
             kept = mask.expand_heads(hq).to_dense()
             row = {"layer": layer, **s.to_dict(), "density": mask.density(), "mass_recall": mass_recall(gt, mask)}

@@ -6,8 +6,10 @@ from .integration import (
     SeerConfig,
     SeerState,
     apply_seer_attention,
+    gate_logits,
     gate_modules,
     get_seer_state,
+    group_scores,
     remove_seer_attention,
 )
 
@@ -17,8 +19,10 @@ __all__ = [
     "SeerConfig",
     "SeerState",
     "apply_seer_attention",
+    "gate_logits",
     "gate_modules",
     "get_seer_state",
+    "group_scores",
     "remove_seer_attention",
 ]
 

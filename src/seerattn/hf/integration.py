@@ -35,7 +35,9 @@ __all__ = [
     "SeerConfig",
     "SeerState",
     "apply_seer_attention",
+    "gate_logits",
     "get_seer_state",
+    "group_scores",
     "remove_seer_attention",
 ]
 
@@ -231,20 +233,42 @@ def _check_causal_only(attention_mask, b: int, t: int) -> None:
         )
 
 
-def _gate_logits(module, state: SeerState, pre: dict, kwargs, b: int, t: int) -> torch.Tensor:
-    gate: AttnGate = module.seer_gate
-    hq, hkv, d = _heads(module)
-    q_pre = pre["q"].reshape(b, t, hq, d).transpose(1, 2)
-    k_pre = pre["k"].reshape(b, t, hkv, d).transpose(1, 2)
-    nb = -(-t // gate.config.block_size)
+def _gate_forward(gate: AttnGate, state: SeerState, q_pre, k_pre, position_ids) -> torch.Tensor:
+    """Gate logits from pre-RoPE q [B, Hq, T, D], k [B, Hkv, T, D] (the gate's RoPE at block starts)."""
+    t = q_pre.shape[2]
     cos = sin = None
     if gate.config.use_rope:
-        cos, sin = _block_rotary(state, q_pre, kwargs.get("position_ids"), nb, t)
+        cos, sin = _block_rotary(state, q_pre, position_ids, -(-t // gate.config.block_size), t)
     return gate(q_pre.detach(), k_pre.detach(), cos, sin)
 
 
-def _group_scores(probs: torch.Tensor, hkv: int) -> torch.Tensor:
-    """[B, Hq, NB, NB] -> [B, Hkv, NB, NB], averaging over each GQA group."""
+def _gate_logits(module, state: SeerState, pre: dict, kwargs, b: int, t: int) -> torch.Tensor:
+    hq, hkv, d = _heads(module)
+    q_pre = pre["q"].reshape(b, t, hq, d).transpose(1, 2)
+    k_pre = pre["k"].reshape(b, t, hkv, d).transpose(1, 2)
+    return _gate_forward(module.seer_gate, state, q_pre, k_pre, kwargs.get("position_ids"))
+
+
+def gate_logits(
+    model: torch.nn.Module,
+    layer: int,
+    q_pre: torch.Tensor,
+    k_pre: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The gate logits [B, Hq, NB, NB] of ``layer``, exactly as the sparse path computes them.
+
+    q_pre: [B, Hq, T, D], k_pre: [B, Hkv, T, D] pre-RoPE (e.g. from ``state.captures``);
+    position_ids: [B or 1, T], default ``0..T-1``.
+    """
+    state = get_seer_state(model)
+    if not 0 <= layer < len(state._attn_modules):
+        raise ValueError(f"layer must be in [0, {len(state._attn_modules)}), got {layer}")
+    return _gate_forward(state._attn_modules[layer].seer_gate, state, q_pre, k_pre, position_ids)
+
+
+def group_scores(probs: torch.Tensor, hkv: int) -> torch.Tensor:
+    """[B, Hq, NB, NB] -> [B, Hkv, NB, NB], averaging over each GQA group (``mask_heads="kv"``)."""
     b, hq, n, _ = probs.shape
     return probs.view(b, hkv, hq // hkv, n, n).mean(2)
 
@@ -317,7 +341,7 @@ def seer_attention_forward(module, query, key, value, attention_mask, dropout: f
             with torch.no_grad():
                 scores = _gate_logits(module, state, pre, kwargs, b, tq).softmax(-1)
         if cfg.mask_heads == "kv":
-            scores = _group_scores(scores, hkv)
+            scores = group_scores(scores, hkv)
         mask = mask_from_scores(scores, policy, tq, bs)
     out = block_sparse_attention(query, key, value, mask, scale=scale, impl=cfg.impl)
     state.stats[layer] = {"path": cfg.mode, "density": mask.density(), "token_density": mask.token_density()}
