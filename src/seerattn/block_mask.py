@@ -221,8 +221,10 @@ class SparsityPolicy:
 
     Args:
         kind: ``"dense"`` (keep every causal block), ``"threshold"`` (keep blocks whose gate
-            probability is >= ``value``), ``"density"`` (per row keep the top ``round(value * n)`` of
-            its ``n`` causal blocks, so that the kept fraction of the causal triangle is ``value``),
+            probability is >= ``value``), ``"density"`` (per row keep the top ``max(1, round(value * n))``
+            of its ``n`` causal blocks, forced blocks included, so that the kept fraction of the causal
+            triangle is ``value`` — except on short rows where the forced sink and diagonal alone exceed the
+            budget, which lifts the realised density of short prompts above ``value``),
             ``"top_p"`` (per row keep the fewest highest blocks whose probability mass reaches ``value``).
         value: the threshold, density or mass; ignored for ``"dense"``.
         keep_sink: always keep key block 0.
