@@ -189,10 +189,20 @@ class BlockMask:
         return kept / (causal.sum().item() * dense.shape[0] * dense.shape[1])
 
     def token_density(self) -> float:
-        """Fraction of the causal *token* map that is computed (accounts for a partial last block)."""
-        tok = self.to_token_mask()
-        t = self.seq_len
-        return tok.sum().item() / (t * (t + 1) / 2 * tok.shape[0] * tok.shape[1])
+        """Fraction of the causal *token* map that is computed (accounts for a partial last block).
+
+        Counted per block pair from the block mask (a kept block below the diagonal computes
+        rows x cols token pairs, a diagonal block its causal triangle), never by materialising the
+        ``[B, H, T, T]`` token mask: this runs after every sparse forward, also at 128k tokens.
+        """
+        dense = self.to_dense()
+        nb, bs, t = dense.shape[-1], self.block_size, self.seq_len
+        sizes = torch.full((nb,), bs, dtype=torch.float64, device=dense.device)
+        sizes[-1] = t - (nb - 1) * bs
+        pairs = sizes.view(nb, 1) * sizes.view(1, nb)  # tokens of block (I, J)
+        pairs = pairs.tril(-1) + torch.diag(sizes * (sizes + 1) / 2)  # diagonal: causal triangle only
+        computed = (dense.to(torch.float64) * pairs).sum().item()
+        return computed / (t * (t + 1) / 2 * dense.shape[0] * dense.shape[1])
 
     def expand_heads(self, num_q_heads: int) -> BlockMask:
         """A per-query-head mask: repeats each head of an Hkv mask over its GQA group (identity if H == Hq)."""
