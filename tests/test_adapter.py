@@ -92,8 +92,8 @@ def test_adapter_files_content(saved):
     assert all(tuple(t.shape) == (HQ, 3 * HEAD_DIM, HEAD_DIM) for t in tensors.values())
 
 
-def test_round_trip_with_q_projection_and_path_base(tmp_path):
-    gate = GateConfig(block_size=16, q_pooling=("avg", "max"))
+def test_round_trip_with_q_projection_query_windows_and_path_base(tmp_path):
+    gate = GateConfig(block_size=16, q_pooling=("avg", "max"), q_subblock=4)
     base = make_model("qwen3")
     base.save_pretrained(tmp_path / "base")
     model = copy.deepcopy(base)
@@ -105,6 +105,7 @@ def test_round_trip_with_q_projection_and_path_base(tmp_path):
     )
     loaded = from_pretrained(str(tmp_path / "base"), tmp_path / "adapter")  # base loaded from a local folder
     loaded.eval()
+    assert get_seer_state(loaded).config.gate == gate
     ids = input_ids(T)
     assert torch.equal(_logits(loaded, ids), _logits(model, ids))
 

@@ -179,6 +179,86 @@ def test_attn_gate_bad_inputs():
         gate(q, k, cos, cos)
 
 
+def _hand_window_logits(gate: AttnGate, q, k, positions):
+    """q_subblock gate by loops: per block I and key block J <= I, log(sum over I's query windows w of
+    exp(q_w . k_J / sqrt(Dg))), q_w pooled over its window and rotated at the window's first token."""
+    cfg = gate.config
+    hq, hkv, t = q.shape[1], k.shape[1], q.shape[2]
+    bs, step = cfg.block_size, cfg.q_subblock
+    kp = _brute_pool(k, bs, cfg.k_pooling)
+    kw = gate.k_proj.detach().double()
+    kg = torch.stack([kp[:, h // (hq // hkv)] @ kw[h] for h in range(hq)], 1)  # [B, Hq, NB, Dg]
+    qp = _brute_pool(q, step, cfg.q_pooling)
+    qg = qp if gate.q_proj is None else torch.stack([qp[:, h] @ gate.q_proj.detach().double()[h] for h in range(hq)], 1)
+    if cfg.use_rope:
+        qg = apply_rotary(qg, *_rope_tables(positions[::step], gate.gate_dim))
+        kg = apply_rotary(kg, *_rope_tables(positions[::bs], gate.gate_dim))
+    nb = kg.shape[2]
+    logits = torch.full((q.shape[0], hq, nb, nb), float("-inf"), dtype=torch.float64)
+    for i in range(nb):
+        windows = range(i * bs // step, min((i + 1) * bs, t + step - 1) // step)
+        for j in range(i + 1):
+            s = torch.stack([(qg[:, :, w] * kg[:, :, j]).sum(-1) for w in windows], -1) / math.sqrt(gate.gate_dim)
+            logits[:, :, i, j] = s.exp().sum(-1).log()
+    return logits
+
+
+@pytest.mark.parametrize(
+    "t,cfg",
+    [
+        (45, GateConfig(block_size=16, q_subblock=4)),  # partial last block and partial last window
+        (64, GateConfig(block_size=16, q_subblock=1, q_pooling=("avg", "max"), gate_dim=8)),  # token queries
+        (37, GateConfig(block_size=8, q_subblock=2, use_rope=False)),
+    ],
+    ids=["w4-rope", "w1-qproj", "w2-norope"],
+)
+def test_query_windows_equal_hand_computation(t, cfg):
+    hq, hkv, d, b = 4, 2, 16, 2
+    gate = AttnGate(hq, hkv, d, cfg).double()
+    with torch.no_grad():
+        gate.k_proj.normal_(generator=torch.Generator().manual_seed(5))
+        if gate.q_proj is not None:
+            gate.q_proj.normal_(generator=torch.Generator().manual_seed(6))
+    q, k = _randn(b, hq, t, d, seed=1), _randn(b, hkv, t, d, seed=2)
+    positions = torch.arange(t) + 3  # not starting at 0: tables must follow the positions given
+    cos, sin = _rope_tables(positions[:: cfg.q_subblock], gate.gate_dim) if cfg.use_rope else (None, None)
+    got = gate(q, k, cos, sin)
+    want = _hand_window_logits(gate, q, k, positions)
+    nb = -(-t // cfg.block_size)
+    assert got.shape == (b, hq, nb, nb)
+    above = ~torch.ones(nb, nb, dtype=torch.bool).tril()
+    assert torch.isneginf(got[..., above]).all() and torch.isfinite(got[..., ~above]).all()
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_query_windows_of_one_block_size_are_the_plain_gate_and_gradients_stay_finite():
+    q, k = _randn(1, 4, 40, 16, seed=3).float(), _randn(1, 2, 40, 16, seed=4).float()
+    cos, sin = _rope_tables(torch.arange(0, 40, 8), 16)
+    plain = AttnGate(4, 2, 16, GateConfig(block_size=8))
+    same = AttnGate(4, 2, 16, GateConfig(block_size=8, q_subblock=8))
+    same.load_state_dict(plain.state_dict())
+    assert torch.equal(same(q, k, cos.float(), sin.float()), plain(q, k, cos.float(), sin.float()))
+    # Identical queries in every window: log-sum-exp over r equal windows = plain logit + log r, and
+    # the softmax over key blocks does not change.
+    qrep = q[:, :, ::8].repeat_interleave(8, dim=2)  # one query per block of 8
+    win = AttnGate(4, 2, 16, GateConfig(block_size=8, q_subblock=4, use_rope=False))
+    flat = AttnGate(4, 2, 16, GateConfig(block_size=8, use_rope=False))
+    win.load_state_dict(flat.state_dict())
+    torch.testing.assert_close(win(qrep, k).softmax(-1), flat(qrep, k).softmax(-1), atol=1e-6, rtol=0)
+    win.k_proj.data.normal_()
+    loss = win(q, k).softmax(-1).mul(torch.rand(5, 5)).sum()  # -inf entries get zero weight
+    loss.backward()
+    assert torch.isfinite(win.k_proj.grad).all() and win.k_proj.grad.abs().sum() > 0
+
+
+def test_query_windows_need_one_rotary_entry_per_window():
+    gate = AttnGate(4, 2, 16, GateConfig(block_size=16, q_subblock=4))
+    q, k = torch.randn(1, 4, 32, 16), torch.randn(1, 2, 32, 16)
+    cos = torch.ones(1, 2, 16)  # one per block: too few
+    with pytest.raises(ValueError, match="NS=8.*4-token query window"):
+        gate(q, k, cos, cos)
+
+
 # ------------------------------------------------------------------------------------- GateConfig
 @pytest.mark.parametrize(
     "kwargs,match",
@@ -191,6 +271,10 @@ def test_attn_gate_bad_inputs():
         ({"k_pooling": ("max", "max")}, "repeated"),
         ({"gate_dim": 7}, "even int"),
         ({"gate_dim": 0}, "even int"),
+        ({"q_subblock": 0}, "q_subblock must be"),
+        ({"q_subblock": 24}, "q_subblock must be"),
+        ({"block_size": 16, "q_subblock": 32}, "q_subblock must be"),
+        ({"q_subblock": True}, "q_subblock must be"),
     ],
 )
 def test_gate_config_validation(kwargs, match):
@@ -199,7 +283,9 @@ def test_gate_config_validation(kwargs, match):
 
 
 def test_gate_config_dict_round_trip():
-    cfg = GateConfig(block_size=128, q_pooling=("avg", "max"), k_pooling=("min", "avg"), gate_dim=32, use_rope=False)
+    cfg = GateConfig(
+        block_size=128, q_pooling=("avg", "max"), k_pooling=("min", "avg"), gate_dim=32, use_rope=False, q_subblock=16
+    )
     d = json.loads(json.dumps(cfg.to_dict()))  # through JSON: tuples come back as lists
     assert d["q_pooling"] == ["avg", "max"]
     back = GateConfig.from_dict(d)

@@ -283,6 +283,27 @@ def test_pre_rope_round_trip(family, rope):
         assert not torch.allclose(attn.q_norm(raw), raw)
 
 
+def test_query_window_gate_gets_the_models_rope_at_window_starts():
+    # A q_subblock gate's queries are rotated at their own windows' first positions, keys at block
+    # starts, both with the model's rotary embedding (YaRN here): gate_logits equals the gate called
+    # with tables built by hand from model.model.rotary_emb; the sparse forward runs on its mask.
+    model = make_model("llama", rope=YARN)
+    gate_cfg = GateConfig(block_size=16, q_subblock=4, q_pooling=("avg", "max"))
+    state = apply_seer_attention(model, SeerConfig(gate=gate_cfg, mode="dense"))
+    state.capture = True
+    b, t = 1, 70
+    _logits(model, input_ids(t, b=b))
+    q_pre, k_pre = _pre_rope(state.captures[1], b, t, HQ, HKV)
+    cos, sin = model.model.rotary_emb(q_pre, torch.arange(0, t, 4).unsqueeze(0))
+    want = gate_modules(model)[1](q_pre, k_pre, cos, sin)
+    assert want.shape == (b, HQ, 5, 5)
+    torch.testing.assert_close(gate_logits(model, 1, q_pre, k_pre), want, atol=0, rtol=0)
+    state.capture = False
+    state.set(mode="sparse", policy=SparsityPolicy("density", 0.5))
+    out = _logits(model, input_ids(t, b=b))
+    assert torch.isfinite(out).all() and all(s["path"] == "sparse" for s in state.stats.values())
+
+
 # ------------------------------------------------------------------------------ generate
 def test_generate_sparse_greedy_and_decode_path():
     model, base, state = _seer("qwen2", policy=SparsityPolicy("dense"))

@@ -31,6 +31,12 @@ class GateConfig:
         q_projection: project pooled Q; None means "only when needed" (Q pooled by more than avg
             alone, or Dg != head dim), as in the paper.
         use_rope: rotate gate vectors with the model's RoPE at each block's first-token position.
+        q_subblock: tokens per *query* pooling window; None means the block size (the paper: one pooled
+            query per block). With a smaller power of two each block's queries are pooled in
+            ``block_size // q_subblock`` windows, each window is scored against the key blocks, and a
+            block's logit is the log-sum-exp over its windows. That mirrors the target, which max-pools
+            the attention of all the block's queries: a few query tokens that look far back (the question
+            at the end of a prompt) keep their own window instead of being averaged with 60 others.
     """
 
     block_size: int = 64
@@ -39,12 +45,20 @@ class GateConfig:
     gate_dim: int | None = None
     q_projection: bool | None = None
     use_rope: bool = True
+    q_subblock: int | None = None
 
     def __post_init__(self) -> None:
         try:
             check_block_size(self.block_size)
         except ValueError as e:
             raise ValueError(f"GateConfig.{e}") from None
+        sub = self.q_subblock
+        if sub is not None and (
+            not isinstance(sub, int) or isinstance(sub, bool) or sub < 1 or sub & (sub - 1) or sub > self.block_size
+        ):
+            raise ValueError(
+                f"GateConfig.q_subblock must be None or a power of two in [1, block_size={self.block_size}], got {sub!r}"
+            )
         for name in ("q_pooling", "k_pooling"):
             pools = getattr(self, name)
             if isinstance(pools, list):  # accept lists from JSON/YAML, store a tuple (frozen, hashable)
@@ -58,6 +72,11 @@ class GateConfig:
             raise ValueError(
                 f"GateConfig.gate_dim must be an even int >= 2 (RoPE pairs) or None, got {self.gate_dim!r}"
             )
+
+    @property
+    def q_step(self) -> int:
+        """Tokens per pooled query (``q_subblock``, or the block size)."""
+        return self.block_size if self.q_subblock is None else self.q_subblock
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -168,8 +187,9 @@ class AttnGate(nn.Module):
         Args:
             q: [B, Hq, T, D] pre-RoPE queries (after q-norm where the family has one).
             k: [B, Hkv, T, D] pre-RoPE keys.
-            cos, sin: [B or 1, NB, Dg] rotary tables at each block's first-token position (required
-                when ``config.use_rope``).
+            cos, sin: [B or 1, NS, Dg] rotary tables at the first-token position of each query pooling
+                window (NS = ``ceil(T / config.q_step)``; NS = NB without ``q_subblock``); keys use every
+                ``block_size // q_step``-th entry, their blocks' starts. Required when ``config.use_rope``.
 
         Returns:
             logits [B, Hq, NB, NB] in fp32, ``-inf`` above the block diagonal (diagonal kept);
@@ -184,27 +204,34 @@ class AttnGate(nn.Module):
         # The gate runs in its own dtype (fp32 by default) even under an enclosing autocast (bf16
         # distillation): its logits feed a KL whose useful differences are below bf16 resolution.
         with torch.autocast(device_type=q.device.type, enabled=False):
-            bs = self.config.block_size
+            bs, step = self.config.block_size, self.config.q_step
+            r = bs // step  # query windows per block
             dtype = self.k_proj.dtype
-            qp = pool_blocks(q.to(dtype), bs, self.config.q_pooling)  # [B, Hq, NB, Cq*D]
+            qp = pool_blocks(q.to(dtype), step, self.config.q_pooling)  # [B, Hq, NS, Cq*D]
             kp = pool_blocks(k.to(dtype), bs, self.config.k_pooling)  # [B, Hkv, NB, Ck*D]
             kp = kp.repeat_interleave(hq // self.num_kv_heads, dim=1)
             kg = torch.einsum("bhnc,hcg->bhng", kp, self.k_proj)
             qg = torch.einsum("bhnc,hcg->bhng", qp, self.q_proj) if self.q_proj is not None else qp
-            nb = qg.shape[2]
+            ns, nb = qg.shape[2], kg.shape[2]
             if self.config.use_rope:
                 if cos is None or sin is None:
-                    raise ValueError("AttnGate with use_rope=True needs cos and sin [B, NB, Dg]")
-                if cos.shape[1:] != (nb, self.gate_dim) or cos.shape[0] not in (1, b) or sin.shape != cos.shape:
+                    raise ValueError("AttnGate with use_rope=True needs cos and sin [B, NS, Dg]")
+                if cos.shape[1:] != (ns, self.gate_dim) or cos.shape[0] not in (1, b) or sin.shape != cos.shape:
                     raise ValueError(
-                        f"cos/sin must be [B={b} or 1, NB={nb}, Dg={self.gate_dim}], got {tuple(cos.shape)}, "
-                        f"{tuple(sin.shape)}"
+                        f"cos/sin must be [B={b} or 1, NS={ns}, Dg={self.gate_dim}] (one entry per {step}-token query "
+                        f"window), got {tuple(cos.shape)}, {tuple(sin.shape)}"
                     )
-                qg, kg = (
-                    apply_rotary(qg, cos.to(dtype), sin.to(dtype)),
-                    apply_rotary(kg, cos.to(dtype), sin.to(dtype)),
-                )
-            logits = torch.matmul(qg.float(), kg.float().transpose(-1, -2)) / math.sqrt(self.gate_dim)
+                cos, sin = cos.to(dtype), sin.to(dtype)
+                qg, kg = apply_rotary(qg, cos, sin), apply_rotary(kg, cos[:, ::r], sin[:, ::r])
+            logits = torch.matmul(qg.float(), kg.float().transpose(-1, -2)) / math.sqrt(self.gate_dim)  # [B, Hq, NS, NB]
+            if r > 1:
+                # Windows of block I see key blocks <= I; a finite floor (not -inf) keeps the
+                # log-sum-exp and its gradient free of inf - inf; the block mask below restores -inf.
+                floor = torch.finfo(logits.dtype).min
+                win_block = torch.arange(ns, device=q.device) // r
+                seen = torch.arange(nb, device=q.device).view(1, nb) <= win_block.view(ns, 1)  # [NS, NB]
+                logits = nn.functional.pad(logits.masked_fill(~seen, floor), (0, 0, 0, nb * r - ns), value=floor)
+                logits = logits.view(b, hq, nb, r, nb).logsumexp(3)  # [B, Hq, NB, NB]
             causal = torch.ones(nb, nb, dtype=torch.bool, device=q.device).tril()
             return logits.masked_fill(~causal, float("-inf"))
 
@@ -212,5 +239,5 @@ class AttnGate(nn.Module):
         c = self.config
         return (
             f"Hq={self.num_q_heads}, Hkv={self.num_kv_heads}, D={self.head_dim}, Dg={self.gate_dim}, "
-            f"block={c.block_size}, q={c.q_pooling}, k={c.k_pooling}, q_proj={self.has_q_proj}, rope={c.use_rope}"
+            f"block={c.block_size}, q_window={c.q_step}, q={c.q_pooling}, k={c.k_pooling}, q_proj={self.has_q_proj}, rope={c.use_rope}"
         )

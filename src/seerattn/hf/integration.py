@@ -208,12 +208,11 @@ def _heads(module) -> tuple[int, int, int]:
     return hq, hkv, module.head_dim
 
 
-def _block_rotary(state: SeerState, like: torch.Tensor, position_ids: torch.Tensor | None, nb: int, t: int):
-    """cos, sin [B, NB, D] of the model's own RoPE at each block's first-token position."""
-    bs = state.config.gate.block_size
+def _window_rotary(state: SeerState, like: torch.Tensor, position_ids: torch.Tensor | None, step: int, t: int):
+    """cos, sin [B, ceil(T / step), D] of the model's own RoPE at the first position of each ``step``-token window."""
     if position_ids is None:
         position_ids = torch.arange(t, device=like.device).unsqueeze(0).expand(like.shape[0], t)
-    starts = position_ids[:, ::bs][:, :nb]
+    starts = position_ids[:, ::step]
     return state._rotary(like, starts)
 
 
@@ -234,11 +233,11 @@ def _check_causal_only(attention_mask, b: int, t: int) -> None:
 
 
 def _gate_forward(gate: AttnGate, state: SeerState, q_pre, k_pre, position_ids) -> torch.Tensor:
-    """Gate logits from pre-RoPE q [B, Hq, T, D], k [B, Hkv, T, D] (the gate's RoPE at block starts)."""
+    """Gate logits from pre-RoPE q [B, Hq, T, D], k [B, Hkv, T, D] (the gate's RoPE at window starts)."""
     t = q_pre.shape[2]
     cos = sin = None
     if gate.config.use_rope:
-        cos, sin = _block_rotary(state, q_pre, position_ids, -(-t // gate.config.block_size), t)
+        cos, sin = _window_rotary(state, q_pre, position_ids, gate.config.q_step, t)
     return gate(q_pre.detach(), k_pre.detach(), cos, sin)
 
 
