@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU call: distil the testbed's gates, evaluate every method at 8k (PPL, passkey, mask recall),
 # and measure distillation throughput on a Llama-3.1-8B-shaped model at 32k.
-# Env: DATA (distillation corpus, default .gpu/distill.txt.xz), STEPS, METHODS, SKIP_TPUT=1.
+# Env: DATA (distillation corpus, default .gpu/distill.txt.xz), STEPS, METHODS, SKIP_TPUT=1,
+# GATES=adapter-folder (evaluate these gates; no distillation).
 # Needs .gpu/distill.txt.xz (train books joined by NUL, xz) and .gpu/books (test books + MANIFEST.tsv)
 # carried along. Everything lands in $OUT/session.tgz; a summary is printed last.
 set -u
@@ -10,10 +11,10 @@ OUT=${OUT:-/tmp/out}; R=runs/session; mkdir -p $R
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee $R/gpu.txt
 git rev-parse HEAD > $R/commit.txt 2>/dev/null || true
 S=$(date +%s)
-timeout 200 python3 -m seerattn distill recipes/testbed.yaml --set model=testbed/model tokenizer=testbed/model \
+[ -n "${GATES:-}" ] || timeout 200 python3 -m seerattn distill recipes/testbed.yaml --set model=testbed/model tokenizer=testbed/model \
   "data=[${DATA:-.gpu/distill.txt.xz}]" 'document_separator="\x00"' steps=${STEPS:-150} save_every=30 \
   output_dir=$R/gates > $R/distill.log 2>&1; echo "distill rc=$? $(( $(date +%s)-S ))s"
-G=$R/gates/adapter
+G=${GATES:-$R/gates/adapter}
 E="--model testbed/model --gates $G --data .gpu/books --no-progress"
 M=${METHODS:-dense,seer,oracle,streaming,vertical_slash,random}
 timeout 120 python3 -m seerattn eval ppl $E --contexts 8192 --samples 16 --methods $M --densities 0.5,0.2,0.1 \
