@@ -140,3 +140,34 @@ def test_quickstart_main_job_on_the_testbed(tmp_path, capsys, monkeypatch):
 def test_quickstart_missing_model_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="--model .* does not exist"):
         main(["quickstart", "--model", str(tmp_path / "nope"), "-o", str(tmp_path / "o")])
+
+
+def _fake_run(folder, kl0, n=20):
+    folder.mkdir(parents=True)
+    rows = [{"step": s, "kl": kl0 / s, "mass_recall": 0.5 + 0.01 * s, "lr": 1e-3} for s in range(1, n + 1)]
+    (folder / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def test_eval_curves_plots_runs_and_summarises(tmp_path, capsys):
+    import matplotlib.image
+
+    _fake_run(tmp_path / "a", 8.0)
+    _fake_run(tmp_path / "b", 4.0, n=10)
+    assert main(["eval", "curves", str(tmp_path / "a"), str(tmp_path / "b"), "--labels", "avg,windows"]) == 0
+    out = capsys.readouterr().out
+    assert "avg: 20 steps, KL 8.000 -> 0.400, mass recall 0.700" in out
+    assert "windows: 10 steps, KL 4.000 -> 0.400" in out
+    png = tmp_path / "a" / "loss_curve.png"  # default: beside the first run's metrics
+    img = matplotlib.image.imread(png)
+    assert img.shape[0] > 200 and img.shape[1] > 600 and img[..., :3].std() > 0.05  # drawn, not blank
+
+
+def test_eval_curves_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl not found"):
+        main(["eval", "curves", str(tmp_path / "nothing")])
+    _fake_run(tmp_path / "a", 8.0)
+    with pytest.raises(ValueError, match="2 names for 1 runs"):
+        main(["eval", "curves", str(tmp_path / "a"), "--labels", "x,y"])
+    (tmp_path / "a" / "metrics.jsonl").write_text('{"step": 1, "kl": 1.0}\n')
+    with pytest.raises(ValueError, match=r"line 1 lacks \['mass_recall'\]"):
+        main(["eval", "curves", str(tmp_path / "a")])

@@ -1,4 +1,5 @@
-"""``seerattn eval ppl|passkey|masks``: the evaluation harness on a local model folder.
+"""``seerattn eval ppl|passkey|masks|curves``: the evaluation harness on a local model folder, and
+the training curves of distillation runs.
 
 Each run writes into ``--output``: ``<kind>.json`` (config, model, environment, results),
 ``<kind>.md`` (a markdown table) and PNG plots.
@@ -204,6 +205,40 @@ def _run_masks(args) -> int:
     return _write_outputs(args, em, "masks", result["rows"], masks_markdown(result["rows"]), plot, t0)
 
 
+def _read_metrics(run: Path) -> list[dict]:
+    """The rows of ``run/metrics.jsonl`` (a ``seerattn distill`` output folder), checked for the plotted fields."""
+    import json
+
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; pass a `seerattn distill` output folder (it holds metrics.jsonl)")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    need = ("step", "kl", "mass_recall")
+    for i, r in enumerate(rows):
+        missing = [k for k in need if k not in r]
+        if missing:
+            raise ValueError(f"{path} line {i + 1} lacks {missing}; each row needs {list(need)}")
+    if not rows:
+        raise ValueError(f"{path} is empty")
+    return rows
+
+
+def _run_curves(args) -> int:
+    from ..eval.plots import plot_distill_curves
+
+    runs = [Path(r) for r in args.runs]
+    labels = args.labels or [r.name for r in runs]
+    if len(labels) != len(runs):
+        raise ValueError(f"--labels gives {len(labels)} names for {len(runs)} runs")
+    curves = {label: _read_metrics(run) for label, run in zip(labels, runs, strict=True)}
+    out = Path(args.output) if args.output else runs[0] / "loss_curve.png"
+    print(f"wrote {plot_distill_curves(curves, out, title=args.title)}")
+    for label, rows in curves.items():
+        last = rows[-1]
+        print(f"{label}: {last['step']} steps, KL {rows[0]['kl']:.3f} -> {last['kl']:.3f}, mass recall {last['mass_recall']:.3f}")
+    return 0
+
+
 def _common(p: argparse.ArgumentParser, contexts: str | None, samples: int) -> None:
     p.add_argument("--model", required=True, help="local model folder (AutoModelForCausalLM.from_pretrained)")
     p.add_argument("--tokenizer", help="tokenizer folder (default: --model)")
@@ -290,3 +325,10 @@ def register(sub) -> None:
     pm.add_argument("--heads", type=_ints, default=[0, 1], help="query heads to draw per layer (0,1)")
     pm.add_argument("--add-bos", action="store_true", help="start the window with the BOS token")
     pm.set_defaults(func=_run_masks)
+
+    pc = esub.add_parser("curves", help="KL and mass-recall curves of distillation runs (from metrics.jsonl)")
+    pc.add_argument("runs", nargs="+", help="`seerattn distill` output folders")
+    pc.add_argument("--labels", type=_names, help="comma-separated legend names (default: folder names)")
+    pc.add_argument("--title", default="", help="figure title")
+    pc.add_argument("--output", "-o", help="PNG path (default: RUN/loss_curve.png of the first run)")
+    pc.set_defaults(func=_run_curves)

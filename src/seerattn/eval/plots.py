@@ -3,7 +3,8 @@
 - :func:`plot_ppl_vs_density`: one panel per context, perplexity against realised density, one line
   per method, dense as a dashed reference;
 - :func:`plot_passkey_heatmaps`: one accuracy heatmap (depth x context) per method setting;
-- :func:`plot_block_maps`: per (layer, head): ground truth, gate prediction and the masks.
+- :func:`plot_block_maps`: per (layer, head): ground truth, gate prediction and the masks;
+- :func:`plot_distill_curves`: KL and attention-mass recall against step for distillation runs.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["plot_block_maps", "plot_passkey_heatmaps", "plot_ppl_vs_density"]
+__all__ = ["plot_block_maps", "plot_distill_curves", "plot_passkey_heatmaps", "plot_ppl_vs_density"]
 
 
 def _grid(n: int, max_cols: int = 4) -> tuple[int, int]:
@@ -115,6 +116,28 @@ def plot_block_maps(maps: dict, heads: Sequence[tuple[int, int]], path: str | Pa
             ax.set_xticks([])
             ax.set_yticks([])
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_distill_curves(runs: dict[str, Sequence[dict]], path: str | Path, title: str = "") -> Path:
+    """Two panels: KL (sum over layers, log scale) and mass recall at the metric density, per step.
+
+    runs: ``{label: rows}``, rows being a run's ``metrics.jsonl`` entries (``step``, ``kl``, ``mass_recall``).
+    """
+    fig, (ax_kl, ax_rec) = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
+    for label, rows in runs.items():
+        steps = [r["step"] for r in rows]
+        ax_kl.plot(steps, [r["kl"] for r in rows], label=label, lw=1)
+        ax_rec.plot(steps, [r["mass_recall"] for r in rows], label=label, lw=1)
+    ax_kl.set_yscale("log")
+    ax_kl.set_ylabel("KL (sum over layers)")
+    ax_rec.set_ylabel("mass recall (gate top blocks)")
+    for ax in (ax_kl, ax_rec):
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    ax_rec.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
     return _save(fig, path)
 
 
