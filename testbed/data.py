@@ -188,6 +188,61 @@ def encode_books(tokenizer, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarra
     return ids, starts
 
 
+def distill_documents(
+    books: Sequence[str],
+    rng: np.random.Generator,
+    n_books: int = 50,
+    chars: tuple[int, int] = (6000, 20000),
+    p_passkey: float = 0.35,
+    p_facts: float = 0.20,
+    facts: tuple[int, int] = (2, 6),
+) -> list[str]:
+    """Text documents for gate distillation (``seerattn distill`` joins them with BOOK_SEP).
+
+    ``n_books`` books drawn by ``rng`` are cut into consecutive pieces of ``chars`` characters (uniform);
+    with probability ``p_passkey`` a piece becomes a pass-key prompt (PASSKEY_INTRO, the needle at a
+    random word boundary, PASSKEY_QUESTION and the key: the evaluation's template), with ``p_facts``
+    it carries 2-6 "The code of NAME is NNNN." facts at random word boundaries with the facts restated,
+    shuffled, at its end; the rest stays plain text. The retrieval pieces give the gate rows whose
+    attention must reach far back: plain books alone have almost none.
+    """
+    picked = [books[i] for i in rng.permutation(len(books))[:n_books]]
+    docs = []
+    for book in picked:
+        start = 0
+        while start < len(book):
+            end = min(start + int(rng.integers(chars[0], chars[1] + 1)), len(book))
+            text, start = book[start:end], end
+            if len(text) < chars[0] // 2:
+                continue
+            u = rng.random()
+            if u < p_passkey:
+                key = str(int(rng.integers(10_000, 100_000)))
+                text = _insert_at_spaces(text, [" " + PASSKEY_NEEDLE.format(key=key) + " "], rng)
+                text = f"{PASSKEY_INTRO} {text} {PASSKEY_QUESTION} {key}."
+            elif u < p_passkey + p_facts:
+                k = int(rng.integers(facts[0], facts[1] + 1))
+                names = [FIRST_NAMES[i] for i in rng.choice(len(FIRST_NAMES), size=k, replace=False)]
+                stated = [f"The code of {n} is {int(rng.integers(1000, 10_000))}." for n in names]
+                text = _insert_at_spaces(text, [f" {f} " for f in stated], rng)
+                text = text + " " + " ".join(stated[i] for i in rng.permutation(k))
+            docs.append(text)
+    return docs
+
+
+def _insert_at_spaces(text: str, pieces: Sequence[str], rng: np.random.Generator) -> str:
+    """Insert each piece after a distinct random space of ``text`` (in text order)."""
+    spaces = np.flatnonzero(np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32) == ord(" "))
+    if len(spaces) < len(pieces):
+        raise ValueError(f"text has {len(spaces)} spaces, fewer than the {len(pieces)} pieces to insert")
+    at = np.sort(rng.choice(spaces, size=len(pieces), replace=False))
+    out, prev = [], 0
+    for pos, piece in zip(at, pieces, strict=True):
+        out += [text[prev : pos + 1], piece.strip(), " "]
+        prev = pos + 1
+    return "".join(out) + text[prev:]
+
+
 # ----------------------------------------------------------------------------------------------------
 # synthetic retrieval tasks, built in token space
 # ----------------------------------------------------------------------------------------------------

@@ -155,6 +155,23 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
     log.info("tokenizer: %d tokens, trained in %.0f s, saved to %s", len(tok), time.time() - t, args.tokenizer)
 
 
+def cmd_distill_corpus(args: argparse.Namespace) -> None:
+    docs = data.distill_documents(
+        data.load_books("train", Path(args.books)), np.random.default_rng(args.seed), args.n_books
+    )
+    data.write_corpus_xz(docs, Path(args.out))
+    n_pk = sum(d.startswith(data.PASSKEY_INTRO) for d in docs)
+    n_facts = sum("The code of " in d for d in docs)
+    log.info(
+        "%d documents, %d characters (%d pass key, %d facts) -> %s",
+        len(docs),
+        sum(map(len, docs)),
+        n_pk,
+        n_facts,
+        args.out,
+    )
+
+
 def cmd_pack(args: argparse.Namespace) -> None:
     books = Path(args.books)
     out = Path(args.carry)
@@ -708,12 +725,17 @@ def main() -> None:
     s = sub.add_parser("pack")
     s.add_argument("--max-books", type=int, default=0)
     s.add_argument("--test-chars", type=int, default=100_000)
+    s = sub.add_parser("distill-corpus", help="retrieval-mixed text corpus for gate distillation (xz)")
+    s.add_argument("--out", default=str(HERE.parent / ".gpu" / "distill_mix.txt.xz"))
+    s.add_argument("--seed", type=int, default=1)
+    s.add_argument("--n-books", type=int, default=50)
     s = sub.add_parser("train")
     s.add_argument("--preset", choices=sorted(PRESETS), required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--total-s", type=float, default=0.0, help="override the preset's wall-clock budget")
     args = ap.parse_args()
-    {"tokenizer": cmd_tokenizer, "pack": cmd_pack, "train": cmd_train}[args.cmd](args)
+    commands = {"tokenizer": cmd_tokenizer, "pack": cmd_pack, "distill-corpus": cmd_distill_corpus, "train": cmd_train}
+    commands[args.cmd](args)
 
 
 if __name__ == "__main__":

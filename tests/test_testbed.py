@@ -88,3 +88,38 @@ def test_model_retrieves_a_pass_key(model, tok):
             out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
         n_ok += tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip().startswith(key)
     assert n_ok == 3
+
+
+def test_distill_corpus_recipe():
+    """testbed/data.py distill_documents: book pieces, pass-key prompts and fact pieces as documented."""
+    import re
+    import sys
+
+    import numpy as np
+
+    sys.path.insert(0, str(MODEL.parent))
+    import data as tb_data  # testbed/data.py
+
+    rng = np.random.default_rng(0)
+    words = np.array("the old ship sailed over a grey sea while we slept and dreamt of home".split())
+    books = [" ".join(rng.choice(words, size=20_000)) for _ in range(4)]
+    docs = tb_data.distill_documents(books, np.random.default_rng(1), n_books=3, chars=(3000, 6000))
+    assert len(docs) > 20
+    kinds = {"passkey": 0, "facts": 0, "plain": 0}
+    for d in docs:
+        if d.startswith(tb_data.PASSKEY_INTRO):
+            kinds["passkey"] += 1
+            key = re.search(r"The pass key is (\d{5})\. Remember it\. \1 is the pass key\.", d).group(1)
+            assert d.endswith(f"{tb_data.PASSKEY_QUESTION} {key}.") and d.count(key) == 3
+        elif "The code of " in d:
+            kinds["facts"] += 1
+            stated = re.findall(r"The code of (\w+) is (\d{4})\.", d)
+            k = len(stated) // 2
+            assert 2 <= k <= 6 and len(stated) == 2 * k  # each fact once in the text, once restated at the end
+            assert sorted(stated[:k]) == sorted(stated[k:]) and d.endswith(".")
+        else:
+            kinds["plain"] += 1
+            assert 1500 <= len(d) <= 6000 and "pass key" not in d
+    assert all(kinds.values()), kinds
+    again = tb_data.distill_documents(books, np.random.default_rng(1), n_books=3, chars=(3000, 6000))
+    assert again == docs  # seeded

@@ -235,7 +235,10 @@ def _run_curves(args) -> int:
     print(f"wrote {plot_distill_curves(curves, out, title=args.title)}")
     for label, rows in curves.items():
         last = rows[-1]
-        print(f"{label}: {last['step']} steps, KL {rows[0]['kl']:.3f} -> {last['kl']:.3f}, mass recall {last['mass_recall']:.3f}")
+        print(
+            f"{label}: {last['step']} steps, KL {rows[0]['kl']:.3f} -> {last['kl']:.3f}, "
+            f"mass recall {last['mass_recall']:.3f}"
+        )
     return 0
 
 

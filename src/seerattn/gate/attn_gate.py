@@ -57,7 +57,8 @@ class GateConfig:
             not isinstance(sub, int) or isinstance(sub, bool) or sub < 1 or sub & (sub - 1) or sub > self.block_size
         ):
             raise ValueError(
-                f"GateConfig.q_subblock must be None or a power of two in [1, block_size={self.block_size}], got {sub!r}"
+                "GateConfig.q_subblock must be None or a power of two in "
+                f"[1, block_size={self.block_size}], got {sub!r}"
             )
         for name in ("q_pooling", "k_pooling"):
             pools = getattr(self, name)
@@ -223,7 +224,9 @@ class AttnGate(nn.Module):
                     )
                 cos, sin = cos.to(dtype), sin.to(dtype)
                 qg, kg = apply_rotary(qg, cos, sin), apply_rotary(kg, cos[:, ::r], sin[:, ::r])
-            logits = torch.matmul(qg.float(), kg.float().transpose(-1, -2)) / math.sqrt(self.gate_dim)  # [B, Hq, NS, NB]
+            logits = torch.matmul(qg.float(), kg.float().transpose(-1, -2)) / math.sqrt(
+                self.gate_dim
+            )  # [B, Hq, NS, NB]
             if r > 1:
                 # Windows of block I see key blocks <= I; a finite floor (not -inf) keeps the
                 # log-sum-exp and its gradient free of inf - inf; the block mask below restores -inf.
@@ -239,5 +242,6 @@ class AttnGate(nn.Module):
         c = self.config
         return (
             f"Hq={self.num_q_heads}, Hkv={self.num_kv_heads}, D={self.head_dim}, Dg={self.gate_dim}, "
-            f"block={c.block_size}, q_window={c.q_step}, q={c.q_pooling}, k={c.k_pooling}, q_proj={self.has_q_proj}, rope={c.use_rope}"
+            f"block={c.block_size}, q_window={c.q_step}, q={c.q_pooling}, k={c.k_pooling}, "
+            f"q_proj={self.has_q_proj}, rope={c.use_rope}"
         )
