@@ -5,12 +5,7 @@
 # CTX (passkey contexts), PPL_CTX, SAMPLES (passkey samples), PPL_SAMPLES,
 # DATA (corpus, default .gpu/distill_mix.txt.xz), DENS (densities). .gpu/books = test books + MANIFEST.tsv.
 # Everything lands in $OUT/sweep.tgz (adapters, logs, JSON); a table is printed last.
-set -u
-export PYTHONUNBUFFERED=1 PYTHONPATH=src
-OUT=${OUT:-/tmp/out}; R=runs/sweep; mkdir -p $R
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee $R/gpu.txt
-git rev-parse HEAD > $R/commit.txt 2>/dev/null || true
-S=$(date +%s)
+. benchmarks/gpu_run_env.sh sweep
 DENS=${DENS:-0.5,0.2,0.1}
 IFS=';' read -ra VS <<< "${VARIANTS:-avg:gate.q_pooling=[avg]}"
 for v in "${VS[@]}"; do

@@ -5,12 +5,7 @@
 # GATES=adapter-folder (evaluate these gates; no distillation).
 # Needs .gpu/distill.txt.xz (train books joined by NUL, xz) and .gpu/books (test books + MANIFEST.tsv)
 # carried along. Everything lands in $OUT/session.tgz; a summary is printed last.
-set -u
-export PYTHONUNBUFFERED=1 PYTHONPATH=src
-OUT=${OUT:-/tmp/out}; R=runs/session; mkdir -p $R
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee $R/gpu.txt
-git rev-parse HEAD > $R/commit.txt 2>/dev/null || true
-S=$(date +%s)
+. benchmarks/gpu_run_env.sh session
 [ -n "${GATES:-}" ] || timeout 200 python3 -m seerattn distill recipes/testbed.yaml --set model=testbed/model tokenizer=testbed/model \
   "data=[${DATA:-.gpu/distill.txt.xz}]" 'document_separator="\x00"' steps=${STEPS:-150} save_every=30 \
   output_dir=$R/gates > $R/distill.log 2>&1; echo "distill rc=$? $(( $(date +%s)-S ))s"
