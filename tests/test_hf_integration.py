@@ -371,8 +371,23 @@ def test_padded_attention_mask_is_refused_in_sparse_mode():
 def test_sliding_window_shorter_than_prompt_is_refused():
     model = make_model("mistral", sliding_window=32)
     apply_seer_attention(model, SeerConfig(gate=GATE))
-    with pytest.raises(ValueError, match="sliding window of 32 tokens but the prompt has 100"):
+    with pytest.raises(ValueError, match="layer 0 uses a sliding window of 32 tokens but the prompt has 100"):
         _logits(model, input_ids(100))
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_sliding_window_is_checked_per_layer_type(family):
+    # Qwen: layers below max_window_layers are full attention; only the sliding ones are refused.
+    model = make_model(family, sliding_window=32, use_sliding_window=True, max_window_layers=1)
+    assert model.config.layer_types == ["full_attention"] + ["sliding_attention"] * (LAYERS - 1)
+    apply_seer_attention(model, SeerConfig(gate=GATE))
+    with pytest.raises(ValueError, match="layer 1 uses a sliding window of 32 tokens"):
+        _logits(model, input_ids(100))
+    # Every layer full attention (window configured but not used): the sparse path runs.
+    model = make_model(family, sliding_window=32, use_sliding_window=False)
+    state = apply_seer_attention(model, SeerConfig(gate=GATE))
+    out = _logits(model, input_ids(100))
+    assert torch.isfinite(out).all() and all(s["path"] == "sparse" for s in state.stats.values())
 
 
 def test_state_and_config_errors():

@@ -299,8 +299,10 @@ def seer_attention_forward(module, query, key, value, attention_mask, dropout: f
     if dropout:
         raise ValueError("seer attention does not implement attention dropout; set model.eval() or dropout=0")
     # Before the mask check: a sliding-window mask is not padding, and the error should say which it is.
-    sliding = getattr(module.config, "sliding_window", None)
-    if sliding is not None and getattr(module.config, "use_sliding_window", True) and tq > sliding:
+    # The window is what the model hands this layer's attention function (Qwen2/3: per layer type,
+    # None on full-attention layers; Mistral: the config's), not the config's value for all layers.
+    sliding = kwargs.get("sliding_window")
+    if sliding is not None and tq > sliding:
         raise ValueError(
             f"layer {layer} uses a sliding window of {sliding} tokens but the prompt has {tq}; seer attention "
             "implements full causal attention only. Set config.sliding_window=None or shorten the prompt"
