@@ -323,6 +323,12 @@ def test_generate_sparse_greedy_and_decode_path():
     assert out.shape == (1, 74) and torch.equal(out[:, :70], input_ids(70))
     assert sorted(state.stats) == list(range(LAYERS))
     assert {s["path"] for s in state.stats.values()} == {"dense-decode"}
+    # Without it, a prompt containing the pad token gets an inferred padding mask: a clear error that
+    # says what to pass.
+    prompt = input_ids(70)
+    prompt[0, 10] = 0
+    with pytest.raises(ValueError, match=r"pass attention_mask=torch.ones_like\(input_ids\)"), torch.no_grad():
+        model.generate(prompt, **kw)
 
 
 # ------------------------------------------------------------------------------ remove / apply

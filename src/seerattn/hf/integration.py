@@ -228,7 +228,8 @@ def _check_causal_only(attention_mask, b: int, t: int) -> None:
         raise ValueError(
             "seer sparse/distill/oracle attention supports causal prefill without padding only; got an "
             "attention mask with padding or a custom pattern. Pass unpadded sequences (batch of equal "
-            "lengths) or use mode='dense'"
+            "lengths) or use mode='dense'. (generate() without an attention_mask infers padding wherever the "
+            "prompt contains pad_token_id; pass attention_mask=torch.ones_like(input_ids) for an unpadded prompt)"
         )
 
 
