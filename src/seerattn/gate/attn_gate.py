@@ -224,9 +224,8 @@ class AttnGate(nn.Module):
                     )
                 cos, sin = cos.to(dtype), sin.to(dtype)
                 qg, kg = apply_rotary(qg, cos, sin), apply_rotary(kg, cos[:, ::r], sin[:, ::r])
-            logits = torch.matmul(qg.float(), kg.float().transpose(-1, -2)) / math.sqrt(
-                self.gate_dim
-            )  # [B, Hq, NS, NB]
+            # [B, Hq, NS, NB]: every query window against every key block
+            logits = torch.matmul(qg.float(), kg.float().transpose(-1, -2)) / math.sqrt(self.gate_dim)
             if r > 1:
                 # Windows of block I see key blocks <= I; a finite floor (not -inf) keeps the
                 # log-sum-exp and its gradient free of inf - inf; the block mask below restores -inf.
