@@ -46,8 +46,9 @@ def _one_thread():
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> dict:
     """A saved tiny Llama + tokenizer and a JSONL corpus: ``{"model": path, "data": path}``."""
+    from hf_models import make_model
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     root = tmp_path_factory.mktemp("tiny")
     docs = _documents(60, seed=0)
@@ -64,24 +65,14 @@ def tiny(tmp_path_factory) -> dict:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
     model_dir = root / "model"
     fast.save_pretrained(model_dir)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
+    # the shared tiny Llama (peaked attention), with this tokenizer's vocabulary and special tokens
+    model = make_model(
+        "llama",
         vocab_size=len(fast),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
         max_position_embeddings=512,
         bos_token_id=fast.bos_token_id,
         eos_token_id=fast.eos_token_id,
     )
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():  # peaked attention (HF's std 0.02 init gives nearly uniform maps)
-        for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
-                proj.weight.normal_(0.0, 0.3)
     model.save_pretrained(model_dir)
     data = root / "docs.jsonl"
     data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))

@@ -23,6 +23,8 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 pytest.importorskip("tokenizers")
 
+from hf_models import make_model  # noqa: E402
+
 from seerattn.block_mask import causal_block_mask, density_row_budget, num_blocks  # noqa: E402
 from seerattn.eval import (  # noqa: E402
     METHODS,
@@ -108,30 +110,11 @@ def tokenizer(books_dir):
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
 
-def _tiny_llama(vocab: int, seed: int = 0, **overrides):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=TRAIN_LEN,
-        bos_token_id=0,
-        eos_token_id=1,
-        tie_word_embeddings=False,
-        **overrides,
+def _tiny_llama(vocab: int, rope: dict | None = None):
+    """The shared tiny Llama (peaked attention) with this tokenizer's vocabulary, trained length TRAIN_LEN."""
+    return make_model(
+        "llama", rope=rope, vocab_size=vocab, max_position_embeddings=TRAIN_LEN, bos_token_id=0, eos_token_id=1
     )
-    model = transformers.LlamaForCausalLM(cfg)
-    # Larger q/k weights than HF's init: peaked attention, so that which blocks are kept matters.
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
-                proj.weight.normal_(0.0, 0.3)
-    model.set_attn_implementation("sdpa")
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -332,12 +315,7 @@ def test_ppl_beyond_training_length_uses_yarn_like_a_scaled_model(em, tokenizer,
     assert row["rope_scaling"]["rope_type"] == "yarn" and row["rope_scaling"]["factor"] == 2.0
     scaled = _tiny_llama(
         len(tokenizer),
-        rope_parameters={
-            "rope_type": "yarn",
-            "rope_theta": 10000.0,
-            "factor": 2.0,
-            "original_max_position_embeddings": TRAIN_LEN,
-        },
+        rope={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0, "original_max_position_embeddings": TRAIN_LEN},
     )
     scaled.load_state_dict(em.model.state_dict(), strict=False)  # the seer gates are extra keys
     w = segment_windows(books, context, 1)[0]
