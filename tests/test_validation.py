@@ -29,6 +29,15 @@ def bsa(q=Q, k=K, v=V, mask=None, **kw):
     return block_sparse_attention(q, k, v, _mask() if mask is None else mask, **kw)
 
 
+def i32(*values: int) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int32)
+
+
+def packed(cu_seqlens, b: int = 1, t: int = 40):
+    """block_sparse_attention on [b, 4 | 2, t, 8] q/k/v with CU_OK_MASK and ``cu_seqlens`` as given."""
+    return bsa(q=_t(b, 4, t, 8), k=_t(b, 2, t, 8), v=_t(b, 2, t, 8), mask=CU_OK_MASK, cu_seqlens=cu_seqlens)
+
+
 def awbs(q=Q, k=K, v=V, **kw):
     return attention_with_block_scores(q, k, v, **kw)
 
@@ -156,93 +165,21 @@ CASES = [
     ),
     ("expand_heads_bad", lambda: _mask(h=2).expand_heads(3), ValueError, "cannot expand a mask with 2 heads"),
     # --- varlen cu_seqlens
-    (
-        "cu_int64",
-        lambda: bsa(
-            q=_t(1, 4, 40, 8),
-            k=_t(1, 2, 40, 8),
-            v=_t(1, 2, 40, 8),
-            mask=CU_OK_MASK,
-            cu_seqlens=torch.tensor([0, 20, 40]),
-        ),
-        TypeError,
-        "cu_seqlens must be a 1-D int32 tensor",
-    ),
-    (
-        "cu_list",
-        lambda: bsa(q=_t(1, 4, 40, 8), k=_t(1, 2, 40, 8), v=_t(1, 2, 40, 8), mask=CU_OK_MASK, cu_seqlens=[0, 20, 40]),
-        TypeError,
-        "cu_seqlens must be a 1-D int32 tensor",
-    ),
+    ("cu_int64", lambda: packed(torch.tensor([0, 20, 40])), TypeError, "cu_seqlens must be a 1-D int32 tensor"),
+    ("cu_list", lambda: packed([0, 20, 40]), TypeError, "cu_seqlens must be a 1-D int32 tensor"),
     (
         "cu_wrong_count",
-        lambda: bsa(
-            q=_t(1, 4, 40, 8),
-            k=_t(1, 2, 40, 8),
-            v=_t(1, 2, 40, 8),
-            mask=CU_OK_MASK,
-            cu_seqlens=torch.tensor([0, 10, 20, 40], dtype=torch.int32),
-        ),
+        lambda: packed(i32(0, 10, 20, 40)),
         ValueError,
         "describes 3 sequences but block_mask has batch 2",
     ),
-    (
-        "cu_not_ending_at_T",
-        lambda: bsa(
-            q=_t(1, 4, 40, 8),
-            k=_t(1, 2, 40, 8),
-            v=_t(1, 2, 40, 8),
-            mask=CU_OK_MASK,
-            cu_seqlens=torch.tensor([0, 20, 39], dtype=torch.int32),
-        ),
-        ValueError,
-        "end at T=40",
-    ),
-    (
-        "cu_not_starting_at_0",
-        lambda: bsa(
-            q=_t(1, 4, 40, 8),
-            k=_t(1, 2, 40, 8),
-            v=_t(1, 2, 40, 8),
-            mask=CU_OK_MASK,
-            cu_seqlens=torch.tensor([1, 20, 40], dtype=torch.int32),
-        ),
-        ValueError,
-        "must start at 0",
-    ),
-    (
-        "cu_decreasing",
-        lambda: bsa(
-            q=_t(1, 4, 40, 8),
-            k=_t(1, 2, 40, 8),
-            v=_t(1, 2, 40, 8),
-            mask=CU_OK_MASK,
-            cu_seqlens=torch.tensor([0, 41, 40], dtype=torch.int32),
-        ),
-        ValueError,
-        "non-decreasing",
-    ),
-    (
-        "cu_batch_2",
-        lambda: bsa(
-            q=_t(2, 4, 20, 8),
-            k=_t(2, 2, 20, 8),
-            v=_t(2, 2, 20, 8),
-            mask=CU_OK_MASK,
-            cu_seqlens=torch.tensor([0, 10, 20], dtype=torch.int32),
-        ),
-        ValueError,
-        "with cu_seqlens the batch must be 1",
-    ),
+    ("cu_not_ending_at_T", lambda: packed(i32(0, 20, 39)), ValueError, "end at T=40"),
+    ("cu_not_starting_at_0", lambda: packed(i32(1, 20, 40)), ValueError, "must start at 0"),
+    ("cu_decreasing", lambda: packed(i32(0, 41, 40)), ValueError, "non-decreasing"),
+    ("cu_batch_2", lambda: packed(i32(0, 10, 20), b=2, t=20), ValueError, "with cu_seqlens the batch must be 1"),
     (
         "cu_sequence_longer_than_mask",
-        lambda: bsa(
-            q=_t(1, 4, 40, 8),
-            k=_t(1, 2, 40, 8),
-            v=_t(1, 2, 40, 8),
-            mask=CU_OK_MASK,
-            cu_seqlens=torch.tensor([0, 5, 40], dtype=torch.int32),
-        ),
+        lambda: packed(i32(0, 5, 40)),
         ValueError,
         "needs more blocks than block_mask has",
     ),
@@ -346,12 +283,5 @@ def test_good_inputs_pass_validation():
     """The fixtures above are valid apart from the one thing each case breaks."""
     out = bsa()
     assert out.shape == Q.shape
-    out = block_sparse_attention(
-        _t(1, 4, 40, 8),
-        _t(1, 2, 40, 8),
-        _t(1, 2, 40, 8),
-        CU_OK_MASK,
-        cu_seqlens=torch.tensor([0, 20, 40], dtype=torch.int32),
-    )
-    assert out.shape == (1, 4, 40, 8)
+    assert packed(i32(0, 20, 40)).shape == (1, 4, 40, 8)
     assert awbs(block_size=16)[2].shape == (1, 4, 2, 2)
