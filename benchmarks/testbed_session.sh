@@ -6,9 +6,11 @@
 # Needs .gpu/distill.txt.xz (train books joined by NUL, xz) and .gpu/books (test books + MANIFEST.tsv)
 # carried along. Everything lands in $OUT/session.tgz; a summary is printed last.
 . benchmarks/gpu_run_env.sh session
-[ -n "${GATES:-}" ] || timeout 200 python3 -m seerattn distill recipes/testbed.yaml --set model=testbed/model tokenizer=testbed/model \
-  "data=[${DATA:-.gpu/distill.txt.xz}]" 'document_separator="\x00"' steps=${STEPS:-150} save_every=30 \
-  output_dir=$R/gates > $R/distill.log 2>&1; echo "distill rc=$? $(( $(date +%s)-S ))s"
+if [ -z "${GATES:-}" ]; then
+  timeout 200 python3 -m seerattn distill recipes/testbed.yaml --set model=testbed/model tokenizer=testbed/model \
+    "data=[${DATA:-.gpu/distill.txt.xz}]" 'document_separator="\x00"' steps=${STEPS:-150} save_every=30 \
+    output_dir=$R/gates > $R/distill.log 2>&1; echo "distill rc=$? $(( $(date +%s)-S ))s"
+fi
 G=${GATES:-$R/gates/adapter}
 E="--model testbed/model --gates $G --data .gpu/books --no-progress"
 M=${METHODS:-dense,seer,oracle,streaming,vertical_slash,random}
@@ -24,4 +26,5 @@ timeout 130 python3 -m seerattn eval passkey $E --contexts 2048,4096,8192 --samp
 rm -rf $R/gates/data_cache $R/gates/checkpoints $R/tput/data_cache $R/tput/checkpoints $R/tput/adapter
 tar czf $OUT/session.tgz $R
 for f in $R/ppl/ppl.md $R/masks/masks.md $R/passkey/passkey.md; do [ -f $f ] && cat $f; done
-tail -3 $R/distill.log; grep -h tokens_per_s $R/tput/throughput.json 2>/dev/null | head -3; tail -2 $R/tput.log
+for f in $R/distill.log $R/tput.log; do [ -f $f ] && tail -3 $f; done
+grep -h tokens_per_s $R/tput/throughput.json 2>/dev/null | head -3
