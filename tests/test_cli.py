@@ -171,3 +171,15 @@ def test_eval_curves_errors(tmp_path):
     (tmp_path / "a" / "metrics.jsonl").write_text('{"step": 1, "kl": 1.0}\n')
     with pytest.raises(ValueError, match=r"line 1 lacks \['mass_recall'\]"):
         main(["eval", "curves", str(tmp_path / "a")])
+
+
+def test_plot_distill_curves_rejects_bad_runs(tmp_path):
+    from seerattn.eval.plots import plot_distill_curves
+
+    with pytest.raises(ValueError, match="at least one run"):
+        plot_distill_curves({}, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="run 'a' has no metrics rows"):
+        plot_distill_curves({"a": []}, tmp_path / "x.png")
+    with pytest.raises(ValueError, match=r"run 'a': rows lack \['kl'\]"):
+        plot_distill_curves({"a": [{"step": 1, "mass_recall": 0.5}]}, tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()

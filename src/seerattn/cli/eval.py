@@ -209,15 +209,16 @@ def _read_metrics(run: Path) -> list[dict]:
     """The rows of ``run/metrics.jsonl`` (a ``seerattn distill`` output folder), checked for the plotted fields."""
     import json
 
+    from ..eval.plots import DISTILL_CURVE_FIELDS
+
     path = run / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; pass a `seerattn distill` output folder (it holds metrics.jsonl)")
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    need = ("step", "kl", "mass_recall")
-    for i, r in enumerate(rows):
-        missing = [k for k in need if k not in r]
+    for i, r in enumerate(rows):  # checked here too, to name the file and line
+        missing = [k for k in DISTILL_CURVE_FIELDS if k not in r]
         if missing:
-            raise ValueError(f"{path} line {i + 1} lacks {missing}; each row needs {list(need)}")
+            raise ValueError(f"{path} line {i + 1} lacks {missing}; each row needs {list(DISTILL_CURVE_FIELDS)}")
     if not rows:
         raise ValueError(f"{path} is empty")
     return rows

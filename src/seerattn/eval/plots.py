@@ -20,7 +20,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["plot_block_maps", "plot_distill_curves", "plot_passkey_heatmaps", "plot_ppl_vs_density"]
+__all__ = [
+    "DISTILL_CURVE_FIELDS",
+    "plot_block_maps",
+    "plot_distill_curves",
+    "plot_passkey_heatmaps",
+    "plot_ppl_vs_density",
+]
 
 
 def _grid(n: int, max_cols: int = 4) -> tuple[int, int]:
@@ -119,11 +125,22 @@ def plot_block_maps(maps: dict, heads: Sequence[tuple[int, int]], path: str | Pa
     return _save(fig, path)
 
 
+DISTILL_CURVE_FIELDS = ("step", "kl", "mass_recall")  # what a metrics.jsonl row needs for the curves
+
+
 def plot_distill_curves(runs: dict[str, Sequence[dict]], path: str | Path, title: str = "") -> Path:
     """Two panels: KL (sum over layers, log scale) and mass recall at the metric density, per step.
 
     runs: ``{label: rows}``, rows being a run's ``metrics.jsonl`` entries (``step``, ``kl``, ``mass_recall``).
     """
+    if not runs:
+        raise ValueError("plot_distill_curves needs at least one run")
+    for label, rows in runs.items():
+        if not rows:
+            raise ValueError(f"run {label!r} has no metrics rows")
+        missing = sorted({k for r in rows for k in DISTILL_CURVE_FIELDS if k not in r})
+        if missing:
+            raise ValueError(f"run {label!r}: rows lack {missing}; each row needs {list(DISTILL_CURVE_FIELDS)}")
     fig, (ax_kl, ax_rec) = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
     for label, rows in runs.items():
         steps = [r["step"] for r in rows]
