@@ -206,6 +206,12 @@ def distill_documents(
     shuffled, at its end; the rest stays plain text. The retrieval pieces give the gate rows whose
     attention must reach far back: plain books alone have almost none.
     """
+    if not 0 < chars[0] <= chars[1] or not 2 <= facts[0] <= facts[1] <= len(FIRST_NAMES):
+        raise ValueError(
+            f"need 0 < chars[0] <= chars[1] and 2 <= facts[0] <= facts[1], got chars={chars}, facts={facts}"
+        )
+    if p_passkey < 0 or p_facts < 0 or p_passkey + p_facts > 1:
+        raise ValueError(f"p_passkey and p_facts must be >= 0 with a sum <= 1, got {p_passkey}, {p_facts}")
     picked = [books[i] for i in rng.permutation(len(books))[:n_books]]
     docs = []
     for book in picked:

@@ -123,3 +123,7 @@ def test_distill_corpus_recipe():
     assert all(kinds.values()), kinds
     again = tb_data.distill_documents(books, np.random.default_rng(1), n_books=3, chars=(3000, 6000))
     assert again == docs  # seeded
+    with pytest.raises(ValueError, match="sum <= 1"):
+        tb_data.distill_documents(books, np.random.default_rng(1), p_passkey=0.7, p_facts=0.5)
+    with pytest.raises(ValueError, match="chars"):
+        tb_data.distill_documents(books, np.random.default_rng(1), chars=(6000, 3000))
