@@ -25,7 +25,7 @@ pytest.importorskip("tokenizers")
 
 from hf_models import make_model  # noqa: E402
 
-from seerattn.block_mask import causal_block_mask, density_row_budget, num_blocks  # noqa: E402
+from seerattn.block_mask import SparsityPolicy, causal_block_mask, density_row_budget, num_blocks  # noqa: E402
 from seerattn.eval import (  # noqa: E402
     METHODS,
     Setting,
@@ -158,6 +158,39 @@ def test_registry_has_every_method_and_rejects_unknown():
         expand_settings(["random"], [1.5])
     got = [s.label for s in expand_settings(["dense", "random", "seer_top_p"], [0.5, 0.1], top_ps=[0.9])]
     assert got == ["dense", "random@0.5", "random@0.1", "seer_top_p@0.9"]
+
+
+def test_settings_take_allocations_for_density_budgets_only():
+    got = expand_settings(["dense", "streaming", "seer_top_p"], [0.1], top_ps=[0.9], allocations=["row", "head"])
+    assert [s.label for s in got] == ["dense", "streaming@0.1", "streaming@0.1/head", "seer_top_p@0.9"]
+    assert got[2].policy == SparsityPolicy("density", 0.1, allocation="head")
+    assert got[2].to_dict()["allocation"] == "head"
+    with pytest.raises(ValueError, match="only density budgets take an allocation"):
+        Setting("seer_threshold", 0.01, "uniform")
+    with pytest.raises(ValueError, match="allocation must be one of"):
+        expand_settings(["random"], [0.1], allocations=["rows"])
+    with pytest.raises(ValueError, match="allocations must name at least one"):
+        expand_settings(["random"], [0.1], allocations=[])
+
+
+def test_configure_gives_custom_methods_the_settings_allocation(em):
+    configure(em.state, Setting("streaming", 0.2, "uniform"))
+    assert em.state.config.policy == SparsityPolicy("density", 0.2, allocation="uniform")
+    req = _request(t=16 * 12, b=1)
+    assert torch.equal(em.state.mask_fn(req).to_dense(), build_mask("streaming", req, 0.2, 0, "uniform").to_dense())
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "head"])
+def test_streaming_under_one_count_allocations_is_a_fixed_window(allocation):
+    """With the uniform or per-head budget every row of StreamingLLM keeps the same local window."""
+    nb = 12
+    dense = build_mask("streaming", _request(t=16 * nb, b=1), 0.3, allocation=allocation).to_dense()[0, 0]
+    counts = dense.sum(-1)
+    k = int(counts.max())
+    assert counts.tolist() == [min(i + 1, k) for i in range(nb)]
+    assert abs(counts.sum().item() - 0.3 * nb * (nb + 1) / 2) <= nb / 2
+    for i in range(k, nb):
+        assert dense[i].nonzero().flatten().tolist() == [0, *range(i - k + 2, i + 1)], i
 
 
 @pytest.mark.parametrize("name", ["streaming", "vertical_slash", "random"])
@@ -499,6 +532,8 @@ def test_cli_eval_writes_json_markdown_and_pngs(model_dir, books_dir, tmp_path):
                 "dense,streaming",
                 "--densities",
                 "0.5",
+                "--allocations",
+                "row,uniform",
                 "--contexts",
                 "224,320",
                 "--depths",
@@ -546,7 +581,8 @@ def test_cli_eval_writes_json_markdown_and_pngs(model_dir, books_dir, tmp_path):
     assert _is_png(tmp_path / "ppl" / "ppl_vs_density.png")
 
     pk = json.loads((tmp_path / "pk" / "passkey.json").read_text())
-    assert [r["label"] for r in pk["results"]] == ["dense", "streaming@0.5"]
+    assert [r["label"] for r in pk["results"]] == ["dense", "streaming@0.5", "streaming@0.5/uniform"]
+    assert [r["allocation"] for r in pk["results"]] == ["row", "row", "uniform"]
     assert torch.tensor(pk["results"][0]["accuracy"]).shape == (2, 3)
     assert "| dense |" in (tmp_path / "pk" / "passkey.md").read_text()
     assert _is_png(tmp_path / "pk" / "passkey_heatmap.png")

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from seerattn import BlockMask, SparsityPolicy, mask_from_scores
+from seerattn.block_mask import density_row_budget
 
 HYP = settings(max_examples=50, deadline=None)
 
@@ -100,6 +101,92 @@ def test_density_one_keeps_whole_causal_triangle():
     scores = _probs(1, 2, 9, seed=3)
     dense = _kept(scores, SparsityPolicy("density", 1.0, keep_sink=False, keep_diagonal=False))
     assert torch.equal(dense, torch.ones(9, 9, dtype=torch.bool).tril().expand(1, 2, 9, 9))
+
+
+# ===================================================================== density allocations
+
+
+def _assert_top_scores(dense, scores, forced, causal, dims):
+    """Forced blocks are kept and every other kept block outscores every dropped causal block,
+    comparing within ``dims`` (``(-1,)`` per row, ``(-2, -1)`` per head)."""
+    assert dense[..., forced].all()
+    free_kept = dense & ~forced & causal
+    dropped = ~dense & causal
+    lo = scores.masked_fill(~free_kept, float("inf")).amin(dim=dims)
+    hi = scores.masked_fill(~dropped, float("-inf")).amax(dim=dims)
+    assert (lo >= hi).all()
+
+
+@HYP
+@given(
+    nq=st.integers(1, 24),
+    rho=st.floats(0.01, 1.0),
+    sink=st.booleans(),
+    diag=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+def test_uniform_allocation_keeps_one_count_per_row(nq, rho, sink, diag, seed):
+    scores = _probs(2, 3, nq, seed)
+    dense = _kept(scores, SparsityPolicy("density", rho, allocation="uniform", keep_sink=sink, keep_diagonal=diag))
+    _check_invariants(dense)
+    # k by brute force: the count whose triangle total sum_I min(k, I + 1) is closest to the target
+    totals = [sum(min(k, i + 1) for i in range(nq)) for k in range(1, nq + 1)]
+    target = rho * nq * (nq + 1) / 2
+    k = 1 + min(range(nq), key=lambda j: (abs(totals[j] - target), j))
+    assert density_row_budget(nq, rho, allocation="uniform").tolist() == [min(k, i + 1) for i in range(nq)]
+    forced = _forced(nq, sink, diag)
+    causal = torch.ones(nq, nq, dtype=torch.bool).tril()
+    for i in range(nq):
+        want = max(min(k, i + 1), int(forced[i].sum()))
+        assert (dense[..., i, :].sum(-1) == want).all(), (i, k)
+    _assert_top_scores(dense, scores, forced, causal, dims=(-1,))
+
+
+def test_uniform_allocation_is_the_papers_nz_ratio():
+    """k ~ (1 - sqrt(1 - rho)) * NQ, and the triangle is kept at rho up to rounding of k."""
+    nq = 128
+    for rho in (0.1, 0.2, 0.5):
+        budget = density_row_budget(nq, rho, allocation="uniform")
+        k = int(budget.max())
+        assert abs(k - (1 - (1 - rho) ** 0.5) * nq) <= 1
+        # one step of k moves the total by at most NQ blocks, so the closest k is within half of it
+        assert abs(budget.sum().item() - rho * nq * (nq + 1) / 2) <= nq / 2
+        assert (budget[:k] == torch.arange(1, k + 1)).all(), "the first k rows are dense"
+
+
+@HYP
+@given(
+    nq=st.integers(1, 24),
+    rho=st.floats(0.01, 1.0),
+    sink=st.booleans(),
+    diag=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+def test_head_allocation_keeps_the_heads_top_scores(nq, rho, sink, diag, seed):
+    scores = _probs(2, 3, nq, seed)
+    dense = _kept(scores, SparsityPolicy("density", rho, allocation="head", keep_sink=sink, keep_diagonal=diag))
+    _check_invariants(dense)
+    forced = _forced(nq, sink, diag)
+    causal = torch.ones(nq, nq, dtype=torch.bool).tril()
+    total = round(rho * nq * (nq + 1) / 2)
+    kept = dense.sum((-2, -1))
+    if sink or diag:  # every row has a forced block: exactly the budget unless the forced exceed it
+        assert (kept == max(total, int(forced.sum()))).all()
+        _assert_top_scores(dense, scores, forced, causal, dims=(-2, -1))
+    else:  # rows left empty by the budget get their best block back
+        assert ((kept >= total) & (kept <= total + nq)).all()
+
+
+def test_head_allocation_gives_concentrated_rows_fewer_blocks():
+    """A row whose scores sit on one block keeps that block; a flat row takes the freed budget."""
+    nq = 8
+    scores = torch.full((1, 1, nq, nq), 1e-3).tril()
+    scores[0, 0, 7] = torch.tensor([0.0, 0, 0, 0.9, 0, 0, 0, 0.1])  # row 7 concentrated on block 3
+    scores[0, 0, 6, :7] = 1 / 7  # row 6 flat
+    pol = SparsityPolicy("density", 0.35, allocation="head", keep_sink=False, keep_diagonal=False)
+    dense = _kept(scores, pol)[0, 0]
+    assert dense[7].nonzero().flatten().tolist() == [3, 7]
+    assert dense[6, :7].all()
 
 
 # ===================================================================== threshold
@@ -301,9 +388,11 @@ def adversarial_scores(draw):
     sink=st.booleans(),
     diag=st.booleans(),
     last=st.integers(0, 3),
+    allocation=st.sampled_from(["row", "uniform", "head"]),
 )
-def test_no_empty_row_and_nothing_above_diagonal(scores, kind, value, sink, diag, last):
-    pol = SparsityPolicy(kind, value, keep_sink=sink, keep_diagonal=diag, dense_last_rows=last)
+def test_no_empty_row_and_nothing_above_diagonal(scores, kind, value, sink, diag, last, allocation):
+    allocation = allocation if kind == "density" else "row"
+    pol = SparsityPolicy(kind, value, allocation, keep_sink=sink, keep_diagonal=diag, dense_last_rows=last)
     m = mask_from_scores(scores, pol, scores.shape[-1] * 16, 16)
     dense = m.to_dense()
     _check_invariants(dense)
@@ -332,11 +421,18 @@ def test_to_dict_from_dict_round_trip_through_json():
         keep_sink=False,
         keep_diagonal=True,
         dense_last_rows=2,
-        layer_overrides={0: SparsityPolicy("dense"), 7: SparsityPolicy("threshold", 0.05, keep_sink=False)},
+        layer_overrides={
+            0: SparsityPolicy("dense"),
+            3: SparsityPolicy("density", 0.1, allocation="head"),
+            7: SparsityPolicy("threshold", 0.05, keep_sink=False),
+        },
     )
     d = pol.to_dict()
     assert d["kind"] == "top_p" and d["value"] == 0.9 and d["dense_last_rows"] == 2
     back = SparsityPolicy.from_dict(json.loads(json.dumps(d)))
     assert back == pol
     assert back.for_layer(7) == SparsityPolicy("threshold", 0.05, keep_sink=False)
+    assert back.for_layer(3).allocation == "head" and d["allocation"] == "row"
+    # adapters written before allocations existed have no such key: they meant "row"
+    assert SparsityPolicy.from_dict({"kind": "density", "value": 0.2}).allocation == "row"
     assert SparsityPolicy.from_dict({}) == SparsityPolicy()

@@ -205,6 +205,18 @@ CASES = [
     ("policy_str_value", lambda: SparsityPolicy("density", "0.1"), ValueError, "must be a finite number"),
     ("policy_bool_value", lambda: SparsityPolicy("density", True), ValueError, "must be a finite number"),
     (
+        "policy_allocation_unknown",
+        lambda: SparsityPolicy("density", 0.1, allocation="column"),
+        ValueError,
+        "allocation must be one of ('row', 'uniform', 'head')",
+    ),
+    (
+        "policy_allocation_threshold",
+        lambda: SparsityPolicy("threshold", 0.01, allocation="head"),
+        ValueError,
+        "kind 'threshold' takes only 'row'",
+    ),
+    (
         "policy_last_rows",
         lambda: SparsityPolicy(dense_last_rows=-1),
         ValueError,

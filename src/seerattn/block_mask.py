@@ -30,6 +30,7 @@ from typing import Literal
 import torch
 
 __all__ = [
+    "ALLOCATIONS",
     "BlockMask",
     "SparsityPolicy",
     "causal_block_mask",
@@ -223,6 +224,8 @@ class BlockMask:
 
 PolicyKind = Literal["dense", "threshold", "density", "top_p"]
 _POLICY_KINDS = ("dense", "threshold", "density", "top_p")
+Allocation = Literal["row", "uniform", "head"]
+ALLOCATIONS = ("row", "uniform", "head")
 
 
 @dataclass(frozen=True)
@@ -231,12 +234,21 @@ class SparsityPolicy:
 
     Args:
         kind: ``"dense"`` (keep every causal block), ``"threshold"`` (keep blocks whose gate
-            probability is >= ``value``), ``"density"`` (per row keep the top ``max(1, round(value * n))``
-            of its ``n`` causal blocks, forced blocks included, so that the kept fraction of the causal
-            triangle is ``value`` — except on short rows where the forced sink and diagonal alone exceed the
-            budget, which lifts the realised density of short prompts above ``value``),
-            ``"top_p"`` (per row keep the fewest highest blocks whose probability mass reaches ``value``).
+            probability is >= ``value``), ``"density"`` (keep the fraction ``value`` of the causal block
+            triangle, spread over rows as ``allocation`` says; forced blocks count against the budget,
+            so where the forced sink and diagonal alone exceed it, e.g. on short prompts, the realised
+            density is above ``value``), ``"top_p"`` (per row keep the fewest highest blocks whose
+            probability mass reaches ``value``).
         value: the threshold, density or mass; ignored for ``"dense"``.
+        allocation: how ``"density"`` spreads its budget (only that kind takes another value than
+            ``"row"``): ``"row"`` — row ``I`` keeps its top ``max(1, round(value * (I + 1)))`` blocks;
+            ``"uniform"`` — every row keeps the same number ``k`` of top blocks (all of them when it
+            has fewer), ``k`` the integer that brings the triangle closest to ``value`` (the paper's
+            ``nz_ratio``, ``k ~ (1 - sqrt(1 - value)) * NQ``), so early rows are dense; ``"head"`` —
+            each (batch, head) keeps ``round(value * NQ (NQ + 1) / 2)`` blocks of its triangle, the
+            highest scores of any row, so rows with concentrated scores get few blocks and rows with
+            spread-out scores many (scores must be on one scale across rows: gate probabilities are,
+            each is a row's share of its attention).
         keep_sink: always keep key block 0.
         keep_diagonal: always keep the diagonal block (guarantees that no row is empty; with it
             off, the best block of a row is still kept).
@@ -246,6 +258,7 @@ class SparsityPolicy:
 
     kind: PolicyKind = "density"
     value: float = 0.1
+    allocation: Allocation = "row"
     keep_sink: bool = True
     keep_diagonal: bool = True
     dense_last_rows: int = 0
@@ -261,6 +274,12 @@ class SparsityPolicy:
             raise ValueError(f"threshold must be in [0, 1] (a gate probability), got {v}")
         if self.kind in ("density", "top_p") and not 0.0 < v <= 1.0:
             raise ValueError(f"{self.kind} must be in (0, 1], got {v}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"SparsityPolicy.allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if self.allocation != "row" and self.kind != "density":
+            raise ValueError(
+                f"allocation={self.allocation!r} spreads a density budget; kind {self.kind!r} takes only 'row'"
+            )
         if not isinstance(self.dense_last_rows, int) or self.dense_last_rows < 0:
             raise ValueError(f"dense_last_rows must be an int >= 0, got {self.dense_last_rows!r}")
         for layer, pol in self.layer_overrides.items():
@@ -277,13 +296,14 @@ class SparsityPolicy:
         return self
 
     def to_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in ("kind", "value", "keep_sink", "keep_diagonal", "dense_last_rows")}
+        fields = ("kind", "value", "allocation", "keep_sink", "keep_diagonal", "dense_last_rows")
+        d = {k: getattr(self, k) for k in fields}
         d["layer_overrides"] = {str(i): p.to_dict() for i, p in self.layer_overrides.items()}
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> SparsityPolicy:
-        known = {"kind", "value", "keep_sink", "keep_diagonal", "dense_last_rows", "layer_overrides"}
+        known = {"kind", "value", "allocation", "keep_sink", "keep_diagonal", "dense_last_rows", "layer_overrides"}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown SparsityPolicy fields {sorted(unknown)}; accepted: {sorted(known)}")
@@ -292,10 +312,23 @@ class SparsityPolicy:
         return cls(**d)
 
 
-def density_row_budget(nq: int, density: float, device=None) -> torch.Tensor:
-    """int64 ``[NQ]``: blocks kept per row under a target density (row I has I + 1 causal blocks)."""
+def density_row_budget(nq: int, density: float, device=None, allocation: Allocation = "row") -> torch.Tensor:
+    """int64 ``[NQ]``: blocks kept per row under a target density (row I has I + 1 causal blocks).
+
+    ``allocation`` is ``"row"`` (``round(density * (I + 1))``, at least 1) or ``"uniform"`` (the
+    same ``k`` for every row, capped at ``I + 1``; ``k`` the integer whose triangle total is closest
+    to ``density * NQ (NQ + 1) / 2``, the smaller on a tie). ``"head"`` has no fixed row budget.
+    """
     n = torch.arange(1, nq + 1, device=device, dtype=torch.float64)
-    return torch.clamp(torch.round(n * density), min=1).to(torch.int64)
+    if allocation == "row":
+        return torch.clamp(torch.round(n * density), min=1).to(torch.int64)
+    if allocation != "uniform":
+        raise ValueError(f"density_row_budget takes allocation 'row' or 'uniform', got {allocation!r}")
+    target = density * nq * (nq + 1) / 2
+    ks = torch.arange(1, nq + 1, dtype=torch.float64)
+    totals = ks * (ks + 1) / 2 + ks * (nq - ks)  # rows 0..k-1 are whole, the other NQ - k keep k
+    k = int(ks[(totals - target).abs().argmin()].item())  # argmin returns the first (smaller k) on a tie
+    return torch.clamp(n, max=k).to(torch.int64)
 
 
 def mask_from_scores(scores: torch.Tensor, policy: SparsityPolicy, seq_len: int, block_size: int) -> BlockMask:
@@ -339,8 +372,14 @@ def mask_from_scores(scores: torch.Tensor, policy: SparsityPolicy, seq_len: int,
         keep = causal.expand_as(s).clone()
     elif policy.kind == "threshold":
         keep = (s >= policy.value) & causal
+    elif policy.kind == "density" and policy.allocation == "head":
+        # One budget per (batch, head) over its whole triangle; forced blocks rank first and count.
+        total = round(policy.value * nq * (nq + 1) / 2)
+        ranked = s.masked_fill(forced, float("inf")).flatten(-2)  # [B, H, NQ*NQ]; above diagonal -inf
+        order = ranked.argsort(dim=-1, descending=True, stable=True)[..., :total]
+        keep = torch.zeros_like(ranked, dtype=torch.bool).scatter_(-1, order, True).view_as(s) & causal
     elif policy.kind == "density":
-        budget = density_row_budget(nq, policy.value, device)  # [NQ]
+        budget = density_row_budget(nq, policy.value, device, policy.allocation)  # [NQ]
         # Forced blocks rank first and count against the budget.
         ranked = s.masked_fill(forced, float("inf"))
         order = ranked.argsort(dim=-1, descending=True, stable=True)

@@ -58,7 +58,7 @@ def _setup(args):
 
     from ..eval import TokenizedBooks, expand_settings, load_eval_model
 
-    settings = expand_settings(args.methods, args.densities, args.thresholds, args.top_p)
+    settings = expand_settings(args.methods, args.densities, args.thresholds, args.top_p, args.allocations)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -257,6 +257,13 @@ def _common(p: argparse.ArgumentParser, contexts: str | None, samples: int) -> N
         help=f"comma-separated, from {ALL_METHODS} (default {DEFAULT_METHODS})",
     )
     p.add_argument("--densities", type=_floats, default=[0.5, 0.2, 0.1], help="density budgets (0.5,0.2,0.1)")
+    p.add_argument(
+        "--allocations",
+        type=_names,
+        default=["row"],
+        help="how a density spreads over rows, comma-separated from row,uniform,head (row); "
+        "see seerattn.SparsityPolicy",
+    )
     p.add_argument("--thresholds", type=_floats, default=[], help="gate thresholds for seer_threshold")
     p.add_argument("--top-p", type=_floats, default=[], help="mass values for seer_top_p")
     if contexts:

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..block_mask import BlockMask, SparsityPolicy, mask_from_scores
+from ..block_mask import BlockMask, mask_from_scores
 from ..gate import gate_metrics
 from ..hf import MaskRequest, gate_logits, gate_modules, group_scores
 from ..ops import attention_with_block_scores
@@ -72,7 +72,7 @@ def _window_maps(
         # block scores depend on q and k only; k stands in for v
         _, _, gt = attention_with_block_scores(q, k, k, block_size=bs, scale=scale, impl=state.config.impl)
         gate = gate_logits(em.model, layer, q_pre, k_pre).softmax(-1)
-        oracle: dict[float, torch.Tensor] = {}
+        oracle: dict[tuple[float, str], torch.Tensor] = {}
         masks: dict[str, torch.Tensor] = {}
         for s in settings:
             m = get_method(s.method)
@@ -81,19 +81,19 @@ def _window_maps(
             if s.budget is None:
                 raise ValueError(f"setting {s.label} has no {m.budget} value")
             if m.mode == "custom":
-                mask = build_mask(s.method, MaskRequest(layer, q, k, scale, bs, t), s.budget, seed)
+                mask = build_mask(s.method, MaskRequest(layer, q, k, scale, bs, t), s.budget, seed, s.allocation)
             else:  # as the sparse / oracle forward ranks: per query head, or per GQA group
                 source = gt if m.mode == "oracle" else gate
                 if state.config.mask_heads == "kv":
                     source = group_scores(source, hkv)
-                mask = mask_from_scores(source, SparsityPolicy(kind=m.budget, value=s.budget), t, bs)
+                mask = mask_from_scores(source, s.policy, t, bs)
             kept = mask.expand_heads(hq).to_dense()
             row = {"layer": layer, **s.to_dict(), "density": mask.density(), "mass_recall": mass_recall(gt, mask)}
-            if m.budget == "density":
-                if s.budget not in oracle:
-                    ref = mask_from_scores(gt, SparsityPolicy("density", s.budget), t, bs)
-                    oracle[s.budget] = ref.to_dense()
-                ref = oracle[s.budget]
+            if m.budget == "density":  # against the oracle at the same density and allocation
+                key = (s.budget, s.allocation)
+                if key not in oracle:
+                    oracle[key] = mask_from_scores(gt, s.policy, t, bs).to_dense()
+                ref = oracle[key]
                 row["block_recall"] = (ref & kept).sum().item() / max(ref.sum().item(), 1)
             rows.append(row)
             masks[s.label] = kept[0].cpu()

@@ -3,12 +3,14 @@
 A *method* is either a change of the model's :class:`~seerattn.hf.SeerConfig` (``dense``, the
 seer gate, the oracle) or one small function turning a :class:`~seerattn.hf.MaskRequest` into a
 :class:`~seerattn.BlockMask` (the baselines, run in ``custom`` mode). Every masked method goes
-through :func:`~seerattn.block_mask.mask_from_scores` with the same policy: per query-block row
-``I`` keep ``round((I + 1) * density)`` of its ``I + 1`` causal blocks (at least one), the sink
-block and the diagonal block forced and counted against the budget. So at one density every
-method computes the same number of blocks per row and only *which* blocks differs.
+through :func:`~seerattn.block_mask.mask_from_scores` with the same policy (:attr:`Setting.policy`):
+the density spread over rows by one ``allocation`` (by default per query-block row ``I`` keep
+``round((I + 1) * density)`` of its ``I + 1`` causal blocks, at least one), the sink block and the
+diagonal block forced and counted against the budget. So at one density and allocation every
+method computes the same number of blocks (per row, or per head for ``"head"``) and only *which*
+blocks differs.
 
-Adding a method = one function ``(request, budget, seed) -> BlockMask`` plus one
+Adding a method = one function ``(request, policy, seed) -> BlockMask`` plus one
 :func:`register_method` call (or a :class:`Method` with another ``mode``).
 
 Shape legend: B batch, Hq/Hkv query/key-value heads, T tokens, D head dim, NB = ceil(T / block).
@@ -24,7 +26,14 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from ..block_mask import BlockMask, SparsityPolicy, causal_block_mask, mask_from_scores, num_blocks
+from ..block_mask import (
+    ALLOCATIONS,
+    BlockMask,
+    SparsityPolicy,
+    causal_block_mask,
+    mask_from_scores,
+    num_blocks,
+)
 from ..hf import MaskRequest, SeerState
 
 __all__ = [
@@ -44,7 +53,7 @@ __all__ = [
 ]
 
 Budget = Literal["none", "density", "threshold", "top_p"]
-MaskBuilder = Callable[[MaskRequest, float, int], BlockMask]
+MaskBuilder = Callable[[MaskRequest, SparsityPolicy, int], BlockMask]
 
 
 @dataclass(frozen=True)
@@ -58,7 +67,8 @@ class Method:
         budget: what the per-setting number means: ``"density"`` (kept fraction of the causal block
             triangle), ``"threshold"`` / ``"top_p"`` (gate-probability policies; density is realised,
             not set) or ``"none"`` (dense).
-        mask_fn: for ``custom`` mode, ``(request, budget, seed) -> BlockMask``.
+        mask_fn: for ``custom`` mode, ``(request, policy, seed) -> BlockMask``; ``policy`` is a
+            ``"density"`` :class:`~seerattn.SparsityPolicy` (the setting's budget and allocation).
         needs_gates: the method reads the AttnGates (trained gates must be loaded).
         description: one line for ``--help`` and reports.
     """
@@ -97,18 +107,47 @@ def get_method(name: str) -> Method:
 
 @dataclass(frozen=True)
 class Setting:
-    """One method at one budget value (``None`` for dense)."""
+    """One method at one budget value (``None`` for dense) and, for density budgets, one allocation
+    (:class:`~seerattn.SparsityPolicy` ``allocation``: ``"row"``, ``"uniform"`` or ``"head"``)."""
 
     method: str
     budget: float | None = None
+    allocation: str = "row"
+
+    def __post_init__(self) -> None:
+        m = get_method(self.method)
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if self.allocation != "row" and m.budget != "density":
+            raise ValueError(f"method {self.method!r} has a {m.budget} budget; only density budgets take an allocation")
 
     @property
     def label(self) -> str:
-        return self.method if self.budget is None else f"{self.method}@{self.budget:g}"
+        if self.budget is None:
+            return self.method
+        alloc = "" if self.allocation == "row" else f"/{self.allocation}"
+        return f"{self.method}@{self.budget:g}{alloc}"
+
+    @property
+    def policy(self) -> SparsityPolicy:
+        """The policy every masked method of this setting uses: a fresh one (sink and diagonal
+        forced, no overrides), so that an adapter's own policy does not give the gate a different
+        budget from the baselines. Custom methods get it as a ``"density"`` policy."""
+        m = get_method(self.method)
+        if self.budget is None:
+            raise ValueError(f"method {m.name!r} needs a {m.budget} value")
+        kind = "density" if m.mode == "custom" else m.budget
+        return SparsityPolicy(kind=kind, value=self.budget, allocation=self.allocation)  # type: ignore[arg-type]
 
     def to_dict(self) -> dict:
         m = get_method(self.method)
-        return {"method": self.method, "budget_kind": m.budget, "budget": self.budget, "label": self.label}
+        return {
+            "method": self.method,
+            "budget_kind": m.budget,
+            "budget": self.budget,
+            "allocation": self.allocation,
+            "label": self.label,
+        }
 
 
 def expand_settings(
@@ -116,8 +155,12 @@ def expand_settings(
     densities: Sequence[float] = (),
     thresholds: Sequence[float] = (),
     top_ps: Sequence[float] = (),
+    allocations: Sequence[str] = ("row",),
 ) -> list[Setting]:
-    """Every requested method at each value of its budget kind (dense once), in the given order."""
+    """Every requested method at each value of its budget kind (dense once), in the given order;
+    density methods at each of ``allocations`` (value-major: all allocations of one density together)."""
+    if not allocations:
+        raise ValueError("allocations must name at least one of " + str(ALLOCATIONS))
     values = {"density": densities, "threshold": thresholds, "top_p": top_ps}
     out: list[Setting] = []
     for name in methods:
@@ -128,15 +171,11 @@ def expand_settings(
         if not values[m.budget]:
             raise ValueError(f"method {name!r} needs at least one {m.budget} value (none were given)")
         for v in values[m.budget]:
-            SparsityPolicy(kind=m.budget, value=v)  # validates the range with a clear message
-            out.append(Setting(name, float(v)))
+            for alloc in allocations if m.budget == "density" else ("row",):
+                setting = Setting(name, float(v), alloc)
+                setting.policy  # noqa: B018 -- validates the range with a clear message
+                out.append(setting)
     return out
-
-
-def _policy(kind: str, value: float) -> SparsityPolicy:
-    # One fresh policy for every method (sink and diagonal forced, no overrides), so that an
-    # adapter's own policy does not give the gate a different budget from the baselines.
-    return SparsityPolicy(kind=kind, value=value)  # type: ignore[arg-type]
 
 
 def configure(state: SeerState, setting: Setting, seed: int = 0) -> None:
@@ -146,31 +185,28 @@ def configure(state: SeerState, setting: Setting, seed: int = 0) -> None:
         state.set(mode="dense")
         state.mask_fn = None
         return
-    if setting.budget is None:
-        raise ValueError(f"method {m.name!r} needs a {m.budget} value")
-    if m.mode == "custom":
-        state.set(mode="custom", policy=_policy("density", setting.budget))
-        state.mask_fn = functools.partial(_call_builder, m.mask_fn, setting.budget, seed)
-    else:
-        state.set(mode=m.mode, policy=_policy(m.budget, setting.budget))
-        state.mask_fn = None
+    policy = setting.policy
+    state.set(mode=m.mode, policy=policy)
+    state.mask_fn = functools.partial(_call_builder, m.mask_fn, policy, seed) if m.mode == "custom" else None
 
 
-def _call_builder(fn: MaskBuilder, budget: float, seed: int, request: MaskRequest) -> BlockMask:
-    return fn(request, budget, seed)
+def _call_builder(fn: MaskBuilder, policy: SparsityPolicy, seed: int, request: MaskRequest) -> BlockMask:
+    return fn(request, policy, seed)
 
 
-def build_mask(name: str, request: MaskRequest, budget: float, seed: int = 0) -> BlockMask:
+def build_mask(name: str, request: MaskRequest, density: float, seed: int = 0, allocation: str = "row") -> BlockMask:
     """The mask a ``custom`` method builds for ``request`` (for tests and the mask plots)."""
     m = get_method(name)
     if m.mask_fn is None:
         raise ValueError(f"method {name!r} runs in mode {m.mode!r} and has no mask function")
-    return m.mask_fn(request, budget, seed)
+    return m.mask_fn(request, Setting(name, density, allocation).policy, seed)
 
 
-def _density_mask(scores: torch.Tensor, request: MaskRequest, density: float) -> BlockMask:
-    """scores [B, Hq, NB, NB] (higher = keep first) -> the shared density policy's mask."""
-    return mask_from_scores(scores, _policy("density", density), request.seq_len, request.block_size)
+def _density_mask(scores: torch.Tensor, request: MaskRequest, policy: SparsityPolicy) -> BlockMask:
+    """scores [B, Hq, NB, NB] (higher = keep first) -> the setting's density policy's mask."""
+    if policy.kind != "density":
+        raise ValueError(f"custom mask functions take a 'density' policy, got {policy.kind!r}")
+    return mask_from_scores(scores, policy, request.seq_len, request.block_size)
 
 
 def _shape(request: MaskRequest) -> tuple[int, int, int]:
@@ -179,24 +215,25 @@ def _shape(request: MaskRequest) -> tuple[int, int, int]:
 
 
 # ------------------------------------------------------------------------------------ baselines
-def streaming_mask(request: MaskRequest, density: float, seed: int = 0) -> BlockMask:
+def streaming_mask(request: MaskRequest, policy: SparsityPolicy, seed: int = 0) -> BlockMask:
     """StreamingLLM at block level: the sink block plus the nearest blocks before the diagonal.
 
-    Each row keeps its budget of blocks: block 0 (forced) and then the most recent ones, so the
-    local window of row ``I`` is ``round((I + 1) * density) - 1`` blocks (diagonal included).
+    Each row keeps its budget of blocks: block 0 (forced) and then the most recent ones (with the
+    ``"row"`` allocation the local window of row ``I`` is ``round((I + 1) * density) - 1`` blocks,
+    diagonal included; with ``"uniform"`` or ``"head"`` it is one width for all rows).
     """
     b, hq, nb = _shape(request)
     idx = torch.arange(nb, device=request.q.device, dtype=torch.float32)
     scores = -(idx.view(nb, 1) - idx.view(1, nb))  # closer to the diagonal ranks higher
-    return _density_mask(scores.expand(b, hq, nb, nb), request, density)
+    return _density_mask(scores.expand(b, hq, nb, nb), request, policy)
 
 
-def random_mask(request: MaskRequest, density: float, seed: int = 0) -> BlockMask:
+def random_mask(request: MaskRequest, policy: SparsityPolicy, seed: int = 0) -> BlockMask:
     """Random blocks at the budget (sink and diagonal forced); deterministic in (seed, layer)."""
     b, hq, nb = _shape(request)
     gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + request.layer_idx)
     scores = torch.rand(b, hq, nb, nb, generator=gen).to(request.q.device)
-    return _density_mask(scores, request, density)
+    return _density_mask(scores, request, policy)
 
 
 def vertical_slash_scores(request: MaskRequest, last_q: int | None = None) -> torch.Tensor:
@@ -249,9 +286,9 @@ def vertical_slash_scores(request: MaskRequest, last_q: int | None = None) -> to
     return scores.masked_fill(~causal_b, 0.0)
 
 
-def vertical_slash_mask(request: MaskRequest, density: float, seed: int = 0) -> BlockMask:
+def vertical_slash_mask(request: MaskRequest, policy: SparsityPolicy, seed: int = 0) -> BlockMask:
     """Vertical-slash (MInference) at the density budget; see :func:`vertical_slash_scores`."""
-    return _density_mask(vertical_slash_scores(request), request, density)
+    return _density_mask(vertical_slash_scores(request), request, policy)
 
 
 register_method(Method("dense", "dense", "none", description="full causal attention (SDPA)"))

@@ -34,17 +34,23 @@ def _grid(n: int, max_cols: int = 4) -> tuple[int, int]:
     return math.ceil(n / cols), cols
 
 
+def _curve(row: dict) -> str:
+    """One line per method and density allocation."""
+    alloc = row["allocation"]
+    return row["method"] if alloc == "row" else f"{row['method']}/{alloc}"
+
+
 def plot_ppl_vs_density(rows: Sequence[dict], path: str | Path, title: str = "") -> Path:
     """rows: :func:`~seerattn.eval.ppl.evaluate_ppl` output. Writes one PNG with a panel per context."""
     contexts = sorted({r["context"] for r in rows})
     nr, nc = _grid(len(contexts), 3)
     fig, axes = plt.subplots(nr, nc, figsize=(5 * nc, 4 * nr), squeeze=False)
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+    methods = list(dict.fromkeys(_curve(r) for r in rows))
     colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
     for ax, ctx in zip(axes.flat[: len(contexts)], contexts, strict=True):  # the grid may have spare panels
         at = [r for r in rows if r["context"] == ctx]
         for m in methods:
-            pts = sorted((r["density"], r["ppl"]) for r in at if r["method"] == m)
+            pts = sorted((r["density"], r["ppl"]) for r in at if _curve(r) == m)
             if not pts:
                 continue
             if m == "dense":
