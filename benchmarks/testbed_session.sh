@@ -15,9 +15,9 @@ fi
 G=${GATES:-$R/gates/adapter}
 E="--model testbed/model --gates $G --data .gpu/books --no-progress --allocations ${ALLOCATIONS:-row}"
 M=${METHODS:-dense,seer,oracle,streaming,vertical_slash,random}
-timeout 300 python3 -m seerattn eval ppl $E --contexts 8192 --samples 16 --methods $M --densities 0.5,0.2,0.1 \
+timeout 180 python3 -m seerattn eval ppl $E --contexts 8192 --samples 16 --methods $M --densities 0.5,0.2,0.1 \
   -o $R/ppl > $R/ppl.log 2>&1; echo "ppl rc=$? $(( $(date +%s)-S ))s"
-timeout 120 python3 -m seerattn eval masks $E --context 8192 --methods $M --densities 0.1 \
+timeout 90 python3 -m seerattn eval masks $E --context 8192 --methods $M --densities 0.1 \
   -o $R/masks > $R/masks.log 2>&1; echo "masks rc=$? $(( $(date +%s)-S ))s"
 timeout 300 python3 -m seerattn eval passkey $E --contexts 2048,4096,8192 --samples 4 --methods $M \
   --densities 0.5,0.2,0.1 -o $R/passkey > $R/passkey.log 2>&1; echo "passkey rc=$? $(( $(date +%s)-S ))s"
