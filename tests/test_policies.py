@@ -436,3 +436,27 @@ def test_to_dict_from_dict_round_trip_through_json():
     # adapters written before allocations existed have no such key: they meant "row"
     assert SparsityPolicy.from_dict({"kind": "density", "value": 0.2}).allocation == "row"
     assert SparsityPolicy.from_dict({}) == SparsityPolicy()
+
+
+# ===================================================================== GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(
+    "kind,value,allocation",
+    [
+        ("density", 0.1, "row"),
+        ("density", 0.1, "uniform"),
+        ("density", 0.1, "head"),
+        ("threshold", 0.01, "row"),
+        ("top_p", 0.9, "row"),
+    ],
+)
+def test_cuda_masks_equal_cpu_masks(kind, value, allocation):
+    """The policies rank with sorts and scatters whose CUDA versions must pick the same blocks (8k tokens)."""
+    scores = _probs(1, 8, 128, seed=5)
+    pol = SparsityPolicy(kind, value, allocation)
+    cpu = mask_from_scores(scores, pol, 128 * 64, 64).to_dense()
+    gpu = mask_from_scores(scores.cuda(), pol, 128 * 64, 64).to_dense().cpu()
+    assert torch.equal(cpu, gpu)
