@@ -11,6 +11,7 @@ of the model: the sparse path ranks per GQA group by default); each policy is ti
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 
 import torch
@@ -44,7 +45,8 @@ def main(argv=None) -> int:
         causal = torch.ones(nb, nb, dtype=torch.bool, device="cuda").tril()
         scores = logits.masked_fill(~causal, float("-inf")).softmax(-1)
         for name, pol in POLICIES.items():
-            ms = do_bench(lambda pol=pol: mask_from_scores(scores, pol, t, args.block_size), warmup=5, rep=50)
+            call = functools.partial(mask_from_scores, scores, pol, t, args.block_size)
+            ms = do_bench(call, warmup=5, rep=50)
             rows.append({"seq_len": t, "heads": args.heads, "policy": name, "ms": ms})
             print(f"T={t:>7} H={args.heads} {name:<16} {ms:8.3f} ms")
     if args.json:
