@@ -72,6 +72,32 @@ def sdpa_bf16_error(q, k, v) -> float:
     return _SDPA_ERR[key]
 
 
+@pytest.mark.parametrize("allocation", ["row", "uniform", "head"])
+def test_sparse_layer_path_has_no_host_sync(allocation):
+    """Policy, densities and the sparse kernel run without a host sync (which would stall the GPU
+    once per layer): any synchronising call raises under ``set_sync_debug_mode("error")``."""
+    q, k, v = make_qkv(1, 8, 2, 4096, 64)
+    nb = 4096 // 64
+    logits = torch.randn(1, 8, nb, nb, device="cuda")
+    scores = logits.masked_fill(~torch.ones(nb, nb, dtype=torch.bool, device="cuda").tril(), float("-inf")).softmax(-1)
+    policies = [
+        SparsityPolicy("density", 0.1, allocation),
+        SparsityPolicy("threshold", 0.01),
+        SparsityPolicy("top_p", 0.9),
+    ]
+    block_sparse_attention(q, k, v, mask_from_scores(scores, policies[0], 4096, 64))  # compile outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for pol in policies:
+            mask = mask_from_scores(scores, pol, 4096, 64)
+            density, token_density = mask.densities()
+            out = block_sparse_attention(q, k, v, mask)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out).all() and 0.05 < density.item() < 0.5 and 0 < token_density.item() < 1
+
+
 SPARSE_CASES = [
     # T, Hq, Hkv, D, block, mask heads, density, random
     (8192, 32, 8, 128, 64, "hkv", 0.1, False),

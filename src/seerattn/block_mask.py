@@ -184,26 +184,31 @@ class BlockMask:
 
     def density(self) -> float:
         """Fraction of the causal block triangle that is kept (blocks above the diagonal not counted)."""
-        dense = self.to_dense()
-        causal = causal_block_mask(dense.shape[-2], dense.shape[-1], dense.device)
-        kept = (dense & causal).sum().item()
-        return kept / (causal.sum().item() * dense.shape[0] * dense.shape[1])
+        return self.densities()[0].item()
 
     def token_density(self) -> float:
-        """Fraction of the causal *token* map that is computed (accounts for a partial last block).
+        """Fraction of the causal *token* map that is computed (accounts for a partial last block)."""
+        return self.densities()[1].item()
 
-        Counted per block pair from the block mask (a kept block below the diagonal computes
-        rows x cols token pairs, a diagonal block its causal triangle), never by materialising the
-        ``[B, H, T, T]`` token mask: this runs after every sparse forward, also at 128k tokens.
+    def densities(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(density, token_density)`` as 0-dim fp64 tensors on the mask's device, without a host
+        sync (the sparse forward records them for every layer; reading them later syncs once).
+
+        Token pairs are counted per block pair (a kept block below the diagonal computes rows x cols
+        token pairs, a diagonal block its causal triangle), never by materialising the ``[B, H, T, T]``
+        token mask: this runs after every sparse forward, also at 128k tokens.
         """
         dense = self.to_dense()
         nb, bs, t = dense.shape[-1], self.block_size, self.seq_len
+        heads = dense.shape[0] * dense.shape[1]
         sizes = torch.full((nb,), bs, dtype=torch.float64, device=dense.device)
         sizes[-1] = t - (nb - 1) * bs
         pairs = sizes.view(nb, 1) * sizes.view(1, nb)  # tokens of block (I, J)
         pairs = pairs.tril(-1) + torch.diag(sizes * (sizes + 1) / 2)  # diagonal: causal triangle only
-        computed = (dense.to(torch.float64) * pairs).sum().item()
-        return computed / (t * (t + 1) / 2 * dense.shape[0] * dense.shape[1])
+        causal = causal_block_mask(nb, device=dense.device)
+        blocks = (dense & causal).sum(dtype=torch.float64) / (nb * (nb + 1) / 2 * heads)
+        tokens = (dense.to(torch.float64) * pairs).sum() / (t * (t + 1) / 2 * heads)
+        return blocks, tokens
 
     def expand_heads(self, num_q_heads: int) -> BlockMask:
         """A per-query-head mask: repeats each head of an Hkv mask over its GQA group (identity if H == Hq)."""
@@ -364,7 +369,10 @@ def mask_from_scores(scores: torch.Tensor, policy: SparsityPolicy, seq_len: int,
         forced |= torch.eye(nq, dtype=torch.bool, device=device)
     forced &= causal
 
-    if bool(torch.isnan(scores).any()):
+    # The NaN check needs a host sync, which would stall the GPU once per layer of every sparse
+    # forward; on CUDA it is left out (gate probabilities are NaN only when the model's own q/k are,
+    # and then the attention output carries the NaN).
+    if scores.device.type == "cpu" and bool(torch.isnan(scores).any()):
         raise ValueError("scores contain NaN; gate probabilities must be finite or -inf")
     # fp64 scores stay fp64 so that threshold/top-p compare exactly; lower precisions go to fp32.
     s = scores.to(torch.promote_types(scores.dtype, torch.float32)).masked_fill(~causal, float("-inf"))
@@ -395,9 +403,9 @@ def mask_from_scores(scores: torch.Tensor, policy: SparsityPolicy, seq_len: int,
     keep = keep | forced
     if policy.dense_last_rows:
         keep[..., max(nq - policy.dense_last_rows, 0) :, :] = causal[max(nq - policy.dense_last_rows, 0) :]
-    # No empty row: keep each row's best causal block when nothing else is kept.
+    # No empty row: keep each row's best causal block when nothing else is kept (computed for every
+    # row rather than behind an `if empty.any()`, which would be a host sync).
     empty = ~keep.any(-1, keepdim=True)
-    if empty.any():
-        best = s.argmax(-1, keepdim=True)
-        keep |= empty & torch.zeros_like(keep).scatter_(-1, best, True)
+    best = s.argmax(-1, keepdim=True)
+    keep |= empty & torch.zeros_like(keep).scatter_(-1, best, True)
     return BlockMask.from_dense(keep, block_size, seq_len)

@@ -120,7 +120,9 @@ class SeerState:
     Attributes:
         config: the active :class:`SeerConfig` (change ``mode``/``policy`` with :meth:`set`).
         stats: per layer, after each forward: ``path`` and, for masked paths, ``density`` (kept
-            fraction of the causal block triangle) and ``token_density``.
+            fraction of the causal block triangle) and ``token_density``. The forward records the
+            densities as device tensors (no host sync per layer); reading ``stats`` turns them
+            into floats.
         losses: per layer, in ``distill`` mode: the gate loss (a tensor with grad).
         metrics: per layer, in ``distill`` mode: block and mass recall at ``metric_density``.
         mask_fn: the mask source of ``custom`` mode.
@@ -129,7 +131,6 @@ class SeerState:
     """
 
     config: SeerConfig
-    stats: dict[int, dict] = field(default_factory=dict)
     losses: dict[int, torch.Tensor] = field(default_factory=dict)
     metrics: dict[int, dict] = field(default_factory=dict)
     mask_fn: Callable[[MaskRequest], BlockMask] | None = None
@@ -141,6 +142,16 @@ class SeerState:
     _hooks: list = field(default_factory=list, repr=False)
     _original_impl: str | None = field(default=None, repr=False)
     _attn_modules: list = field(default_factory=list, repr=False)
+    _stats: dict[int, dict] = field(default_factory=dict, repr=False)
+
+    @property
+    def stats(self) -> dict[int, dict]:
+        """Per-layer statistics of the last forward (see the class docstring), as Python numbers."""
+        for entry in self._stats.values():
+            for key, value in entry.items():
+                if isinstance(value, torch.Tensor):
+                    entry[key] = value.item()
+        return self._stats
 
     def set(self, **changes) -> None:
         """Replace config fields (e.g. ``state.set(mode="dense")`` or ``policy=...``), validated."""
@@ -148,7 +159,7 @@ class SeerState:
 
     def reset(self) -> None:
         """Forget the statistics, losses and metrics of earlier forwards."""
-        self.stats.clear()
+        self._stats.clear()
         self.losses.clear()
         self.metrics.clear()
         self.captures.clear()
@@ -293,7 +304,7 @@ def seer_attention_forward(module, query, key, value, attention_mask, dropout: f
     if state.capture and pre is not None:
         state.captures[layer] = (pre["q"], pre["k"], query, key)
     if cfg.mode == "dense" or tq != tk:
-        state.stats[layer] = {"path": "dense" if tq == tk else "dense-decode", "density": 1.0}
+        state._stats[layer] = {"path": "dense" if tq == tk else "dense-decode", "density": 1.0}
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
@@ -325,7 +336,7 @@ def seer_attention_forward(module, query, key, value, attention_mask, dropout: f
         skip = min(int(cfg.skip_first_rows * nb), nb - 1)
         state.losses[layer] = gate_loss(logits, target, skip_first_rows=skip)
         state.metrics[layer] = gate_metrics(logits.detach().softmax(-1), target, cfg.metric_density, tq, bs)
-        state.stats[layer] = {"path": "distill", "density": 1.0}
+        state._stats[layer] = {"path": "distill", "density": 1.0}
         return out.transpose(1, 2).contiguous(), None
 
     policy = cfg.policy.for_layer(layer)
@@ -346,7 +357,8 @@ def seer_attention_forward(module, query, key, value, attention_mask, dropout: f
             scores = group_scores(scores, hkv)
         mask = mask_from_scores(scores, policy, tq, bs)
     out = block_sparse_attention(query, key, value, mask, scale=scale, impl=cfg.impl)
-    state.stats[layer] = {"path": cfg.mode, "density": mask.density(), "token_density": mask.token_density()}
+    density, token_density = mask.densities()
+    state._stats[layer] = {"path": cfg.mode, "density": density, "token_density": token_density}
     return out.transpose(1, 2).contiguous(), None
 
 
