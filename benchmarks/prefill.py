@@ -68,6 +68,17 @@ def sync_report(model, ids: torch.Tensor) -> dict[str, int]:
     return dict(collections.Counter(where).most_common())
 
 
+def profile_table(model, ids: torch.Tensor, rows: int) -> str:
+    """The ``rows`` ops of one forward with the most GPU time (torch.profiler), to see what the
+    sparse path spends beside the attention kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof, torch.no_grad():
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seqlens", default="8192,32768", help="comma list of prompt lengths")
@@ -78,6 +89,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--sync-report", action="store_true", help="list where a seer forward syncs with the host")
+    p.add_argument("--profile", type=int, default=0, metavar="N", help="print the N ops with most GPU time")
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -98,6 +110,8 @@ def main(argv=None) -> int:
             apply_seer_attention(model, SeerConfig(gate=GATES[args.gate], policy=policy, mode="sparse"))
             ms = time_forward(model, ids, args.warmup, args.reps)
             realised = get_seer_state(model).mean_density()
+            if args.profile:
+                print(profile_table(model, ids, args.profile))
             if args.sync_report:
                 for where, n in sync_report(model, ids).items():
                     print(f"  host sync x{n}: {where}")

@@ -201,8 +201,8 @@ class BlockMask:
         dense = self.to_dense()
         nb, bs, t = dense.shape[-1], self.block_size, self.seq_len
         heads = dense.shape[0] * dense.shape[1]
-        sizes = torch.full((nb,), bs, dtype=torch.float64, device=dense.device)
-        sizes[-1] = t - (nb - 1) * bs
+        # tokens per block, the last one partial; built on the device (a scalar write would sync)
+        sizes = (t - bs * torch.arange(nb, device=dense.device, dtype=torch.float64)).clamp(max=bs)
         pairs = sizes.view(nb, 1) * sizes.view(1, nb)  # tokens of block (I, J)
         pairs = pairs.tril(-1) + torch.diag(sizes * (sizes + 1) / 2)  # diagonal: causal triangle only
         causal = causal_block_mask(nb, device=dense.device)

@@ -106,8 +106,8 @@ def pool_blocks(x: torch.Tensor, block_size: int, poolings: tuple[str, ...]) -> 
         fill = {"avg": 0.0, "max": float("-inf"), "min": float("inf")}[p]
         xp = nn.functional.pad(x, (0, 0, 0, pad), value=fill).view(b, h, nb, block_size, d)
         if p == "avg":
-            counts = torch.full((nb,), block_size, dtype=x.dtype, device=x.device)
-            counts[-1] = t - (nb - 1) * block_size
+            # tokens per block, the last one partial; built on the device (a scalar write would sync)
+            counts = (t - block_size * torch.arange(nb, device=x.device)).clamp(max=block_size).to(x.dtype)
             out.append(xp.sum(3) / counts.view(1, 1, nb, 1))
         elif p == "max":
             out.append(xp.amax(3))
