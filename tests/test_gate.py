@@ -67,6 +67,16 @@ def test_pool_blocks_partial_last_block_uses_only_its_tokens():
     torch.testing.assert_close(out[0, 0, 1], torch.tensor([-3.0, -5.0, -3.0, -5.0, -3.0, -5.0], dtype=torch.float64))
 
 
+@pytest.mark.parametrize("t", [16, 37])
+def test_pool_blocks_reads_low_precision_strided_input_into_an_fp32_result(t):
+    """The gate pools bf16 activations in their [B, T, H, D] layout (a transposed view) straight into
+    fp32: the same as pooling an fp32 copy (sums accumulate in fp32, max/min are exact)."""
+    x = _randn(2, t, 3, 8, seed=t).to(torch.bfloat16).transpose(1, 2)  # [B, H, T, D], not contiguous
+    got = pool_blocks(x, 16, ("avg", "max", "min"), torch.float32)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, _brute_pool(x.double(), 16, ("avg", "max", "min")).float(), atol=1e-6, rtol=1e-6)
+
+
 # ------------------------------------------------------------------------------------- RoPE
 def test_apply_rotary_equals_complex_rotation():
     d, n = 8, 5

@@ -93,26 +93,33 @@ class GateConfig:
         return cls(**d)
 
 
-def pool_blocks(x: torch.Tensor, block_size: int, poolings: tuple[str, ...]) -> torch.Tensor:
+def pool_blocks(
+    x: torch.Tensor, block_size: int, poolings: tuple[str, ...], dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Pool ``x`` over non-overlapping blocks of tokens; a last partial block uses the tokens it has.
 
-    x: [B, H, T, D] -> [B, H, NB, len(poolings) * D] (poolings concatenated in order on channels).
+    x: [B, H, T, D] -> [B, H, NB, len(poolings) * D] (poolings concatenated in order on channels), in
+    ``dtype`` (default: ``x.dtype``). Reads ``x`` in place (no padded or upcast copy of the whole
+    sequence: on a 32k prompt that copy cost more than the pooling); averages accumulate in at
+    least fp32, max and min are exact in any dtype.
     """
     b, h, t, d = x.shape
-    nb = -(-t // block_size)
-    pad = nb * block_size - t
+    dtype = x.dtype if dtype is None else dtype
+    acc = torch.promote_types(x.dtype, torch.float32)
+    full = t // block_size
+    # [B, H, n, len, D] views: the whole blocks, then the partial last block if there is one
+    pieces = [x[:, :, : full * block_size].unflatten(2, (full, block_size))] if full else []
+    if t > full * block_size:
+        pieces.append(x[:, :, full * block_size :].unsqueeze(2))
     out = []
     for p in poolings:
-        fill = {"avg": 0.0, "max": float("-inf"), "min": float("inf")}[p]
-        xp = nn.functional.pad(x, (0, 0, 0, pad), value=fill).view(b, h, nb, block_size, d)
         if p == "avg":
-            # tokens per block, the last one partial; built on the device (a scalar write would sync)
-            counts = (t - block_size * torch.arange(nb, device=x.device)).clamp(max=block_size).to(x.dtype)
-            out.append(xp.sum(3) / counts.view(1, 1, nb, 1))
+            pooled = [v.sum(3, dtype=acc) / v.shape[3] for v in pieces]
         elif p == "max":
-            out.append(xp.amax(3))
+            pooled = [v.amax(3) for v in pieces]
         else:
-            out.append(xp.amin(3))
+            pooled = [v.amin(3) for v in pieces]
+        out.append(torch.cat(pooled, dim=2).to(dtype))
     return torch.cat(out, dim=-1)
 
 
@@ -208,8 +215,8 @@ class AttnGate(nn.Module):
             bs, step = self.config.block_size, self.config.q_step
             r = bs // step  # query windows per block
             dtype = self.k_proj.dtype
-            qp = pool_blocks(q.to(dtype), step, self.config.q_pooling)  # [B, Hq, NS, Cq*D]
-            kp = pool_blocks(k.to(dtype), bs, self.config.k_pooling)  # [B, Hkv, NB, Ck*D]
+            qp = pool_blocks(q, step, self.config.q_pooling, dtype)  # [B, Hq, NS, Cq*D]
+            kp = pool_blocks(k, bs, self.config.k_pooling, dtype)  # [B, Hkv, NB, Ck*D]
             kp = kp.repeat_interleave(hq // self.num_kv_heads, dim=1)
             kg = torch.einsum("bhnc,hcg->bhng", kp, self.k_proj)
             qg = torch.einsum("bhnc,hcg->bhng", qp, self.q_proj) if self.q_proj is not None else qp
@@ -232,7 +239,9 @@ class AttnGate(nn.Module):
                 floor = torch.finfo(logits.dtype).min
                 win_block = torch.arange(ns, device=q.device) // r
                 seen = torch.arange(nb, device=q.device).view(1, nb) <= win_block.view(ns, 1)  # [NS, NB]
-                logits = nn.functional.pad(logits.masked_fill(~seen, floor), (0, 0, 0, nb * r - ns), value=floor)
+                logits = logits.masked_fill(~seen, floor)
+                if nb * r != ns:  # a partial last block has fewer windows: pad them with the floor
+                    logits = nn.functional.pad(logits, (0, 0, 0, nb * r - ns), value=floor)
                 logits = logits.view(b, hq, nb, r, nb).logsumexp(3)  # [B, Hq, NB, NB]
             causal = torch.ones(nb, nb, dtype=torch.bool, device=q.device).tril()
             return logits.masked_fill(~causal, float("-inf"))
