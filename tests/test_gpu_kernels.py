@@ -89,13 +89,15 @@ def test_sparse_layer_path_has_no_host_sync(allocation):
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
+        results = []
         for pol in policies:
             mask = mask_from_scores(scores, pol, 4096, 64)
-            density, token_density = mask.densities()
-            out = block_sparse_attention(q, k, v, mask)
+            results.append((block_sparse_attention(q, k, v, mask), *mask.densities()))
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert torch.isfinite(out).all() and 0.05 < density.item() < 0.5 and 0 < token_density.item() < 1
+    for out, density, token_density in results:
+        assert torch.isfinite(out).all() and 0 < density.item() <= 1 and 0 < token_density.item() <= 1
+    assert results[0][1].item() < 0.2  # the density policy kept about its 10 %
 
 
 SPARSE_CASES = [
