@@ -342,7 +342,8 @@ def mask_from_scores(scores: torch.Tensor, policy: SparsityPolicy, seq_len: int,
     Args:
         scores: ``[B, H, NQ, NQ]`` gate probabilities (or any score where higher = more important;
             ``threshold`` and ``top_p`` assume rows are probabilities). Entries above the diagonal
-            are ignored.
+            are ignored. NaN raises for CPU scores; CUDA scores are not checked, because the check
+            would sync the host once per layer of every sparse forward.
         policy: the sparsity policy (per-layer overrides must already be resolved).
         seq_len: tokens covered (``NQ == ceil(seq_len / block_size)``).
         block_size: tokens per block.
