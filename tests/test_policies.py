@@ -51,20 +51,29 @@ def _check_invariants(dense):
 # ===================================================================== density
 
 
-@HYP
-@given(
-    nq=st.integers(1, 16),
+# one random density case: block count, density, which blocks are forced, scores' seed
+density_cases = given(
+    nq=st.integers(1, 24),
     rho=st.floats(0.01, 1.0),
     sink=st.booleans(),
     diag=st.booleans(),
     seed=st.integers(0, 10_000),
 )
-def test_density_row_counts(nq, rho, sink, diag, seed):
+
+
+def _density_case(allocation, nq, rho, sink, diag, seed):
+    """(scores, kept, forced, causal) of one density case under ``allocation`` (invariants checked)."""
     scores = _probs(2, 3, nq, seed)
-    dense = _kept(scores, SparsityPolicy("density", rho, keep_sink=sink, keep_diagonal=diag))
+    pol = SparsityPolicy("density", rho, allocation, keep_sink=sink, keep_diagonal=diag)
+    dense = _kept(scores, pol)
     _check_invariants(dense)
-    forced = _forced(nq, sink, diag)
-    causal = torch.ones(nq, nq, dtype=torch.bool).tril()
+    return scores, dense, _forced(nq, sink, diag), torch.ones(nq, nq, dtype=torch.bool).tril()
+
+
+@HYP
+@density_cases
+def test_density_row_counts(nq, rho, sink, diag, seed):
+    scores, dense, forced, causal = _density_case("row", nq, rho, sink, diag, seed)
     for i in range(nq):
         n = i + 1
         target = round(rho * n)
@@ -118,24 +127,14 @@ def _assert_top_scores(dense, scores, forced, causal, dims):
 
 
 @HYP
-@given(
-    nq=st.integers(1, 24),
-    rho=st.floats(0.01, 1.0),
-    sink=st.booleans(),
-    diag=st.booleans(),
-    seed=st.integers(0, 10_000),
-)
+@density_cases
 def test_uniform_allocation_keeps_one_count_per_row(nq, rho, sink, diag, seed):
-    scores = _probs(2, 3, nq, seed)
-    dense = _kept(scores, SparsityPolicy("density", rho, allocation="uniform", keep_sink=sink, keep_diagonal=diag))
-    _check_invariants(dense)
+    scores, dense, forced, causal = _density_case("uniform", nq, rho, sink, diag, seed)
     # k by brute force: the count whose triangle total sum_I min(k, I + 1) is closest to the target
     totals = [sum(min(k, i + 1) for i in range(nq)) for k in range(1, nq + 1)]
     target = rho * nq * (nq + 1) / 2
     k = 1 + min(range(nq), key=lambda j: (abs(totals[j] - target), j))
     assert density_row_budget(nq, rho, allocation="uniform").tolist() == [min(k, i + 1) for i in range(nq)]
-    forced = _forced(nq, sink, diag)
-    causal = torch.ones(nq, nq, dtype=torch.bool).tril()
     for i in range(nq):
         want = max(min(k, i + 1), int(forced[i].sum()))
         assert (dense[..., i, :].sum(-1) == want).all(), (i, k)
@@ -155,19 +154,9 @@ def test_uniform_allocation_is_the_papers_nz_ratio():
 
 
 @HYP
-@given(
-    nq=st.integers(1, 24),
-    rho=st.floats(0.01, 1.0),
-    sink=st.booleans(),
-    diag=st.booleans(),
-    seed=st.integers(0, 10_000),
-)
+@density_cases
 def test_head_allocation_keeps_the_heads_top_scores(nq, rho, sink, diag, seed):
-    scores = _probs(2, 3, nq, seed)
-    dense = _kept(scores, SparsityPolicy("density", rho, allocation="head", keep_sink=sink, keep_diagonal=diag))
-    _check_invariants(dense)
-    forced = _forced(nq, sink, diag)
-    causal = torch.ones(nq, nq, dtype=torch.bool).tril()
+    scores, dense, forced, causal = _density_case("head", nq, rho, sink, diag, seed)
     total = round(rho * nq * (nq + 1) / 2)
     kept = dense.sum((-2, -1))
     if sink or diag:  # every row has a forced block: exactly the budget unless the forced exceed it
