@@ -70,7 +70,8 @@ def sync_report(model, ids: torch.Tensor) -> dict[str, int]:
 
 def profile_table(model, ids: torch.Tensor, rows: int) -> str:
     """The ``rows`` ops of one forward with the most GPU time (torch.profiler), to see what the
-    sparse path spends beside the attention kernel."""
+    sparse path spends beside the attention kernel (its parts are the ranges ``seer.gate``,
+    ``seer.policy``, ``seer.attention`` and ``seer.stats``)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof, torch.no_grad():
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--sync-report", action="store_true", help="list where a seer forward syncs with the host")
-    p.add_argument("--profile", type=int, default=0, metavar="N", help="print the N ops with most GPU time")
+    p.add_argument("--profile", type=int, default=0, metavar="N", help="print the top N GPU ops of sdpa and seer")
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -105,6 +106,8 @@ def main(argv=None) -> int:
         dense_ms = time_forward(model, ids, args.warmup, args.reps)
         rows.append({"seq_len": t, "method": "sdpa", "ms": dense_ms, "speedup": 1.0, "density": 1.0})
         print(f"T={t:>6} sdpa        {dense_ms:9.2f} ms", flush=True)
+        if args.profile:
+            print(profile_table(model, ids, args.profile))
         for d in (float(x) for x in args.densities.split(",")):
             policy = SparsityPolicy("density", d, allocation=args.allocation)
             apply_seer_attention(model, SeerConfig(gate=GATES[args.gate], policy=policy, mode="sparse"))

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
+from torch.profiler import record_function
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
@@ -351,13 +352,17 @@ def seer_attention_forward(module, query, key, value, attention_mask, dropout: f
         else:
             if pre is None:
                 raise RuntimeError(f"layer {layer}: pre-RoPE q/k were not captured (hooks missing?)")
-            with torch.no_grad():
+            with torch.no_grad(), record_function("seer.gate"):
                 scores = _gate_logits(module, state, pre, kwargs, b, tq).softmax(-1)
-        if cfg.mask_heads == "kv":
-            scores = group_scores(scores, hkv)
-        mask = mask_from_scores(scores, policy, tq, bs)
-    out = block_sparse_attention(query, key, value, mask, scale=scale, impl=cfg.impl)
-    density, token_density = mask.densities()
+        with record_function("seer.policy"):
+            if cfg.mask_heads == "kv":
+                scores = group_scores(scores, hkv)
+            mask = mask_from_scores(scores, policy, tq, bs)
+    # named ranges for torch.profiler (benchmarks/prefill.py --profile); free when no profiler runs
+    with record_function("seer.attention"):
+        out = block_sparse_attention(query, key, value, mask, scale=scale, impl=cfg.impl)
+    with record_function("seer.stats"):
+        density, token_density = mask.densities()
     state._stats[layer] = {"path": cfg.mode, "density": density, "token_density": token_density}
     return out.transpose(1, 2).contiguous(), None
 
