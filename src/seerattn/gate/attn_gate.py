@@ -119,29 +119,8 @@ def pool_blocks(
             pooled = [v.amax(3) for v in pieces]
         else:
             pooled = [v.amin(3) for v in pieces]
-        out.append((torch.cat(pooled, dim=2) if len(pooled) > 1 else pooled[0]).to(dtype))
-    return torch.cat(out, dim=-1) if len(out) > 1 else out[0]
-
-
-def _pool_project(
-    x: torch.Tensor, size: int, poolings: tuple[str, ...], weight: torch.Tensor, dtype: torch.dtype, repeat: int = 1
-) -> torch.Tensor:
-    """``pool_blocks(x, size, poolings) @ weight`` per head, as a sum over poolings of each pooled
-    part times its rows of ``weight``: the concatenated channels (on a 32k prompt with 16-token query
-    windows, 3/8 of Q's bytes in fp32) are never written.
-
-    x: [B, H, T, D]; weight: [H * repeat, len(poolings) * D, Dg]; ``repeat`` repeats each head of the
-    pooled x (K over a GQA group) -> [B, H * repeat, ceil(T / size), Dg].
-    """
-    d = x.shape[-1]
-    out = None
-    for i, p in enumerate(poolings):
-        part = pool_blocks(x, size, (p,), dtype)
-        if repeat > 1:
-            part = part.repeat_interleave(repeat, dim=1)
-        term = torch.einsum("bhnc,hcg->bhng", part, weight[:, i * d : (i + 1) * d])
-        out = term if out is None else out + term
-    return out
+        out.append(torch.cat(pooled, dim=2).to(dtype))
+    return torch.cat(out, dim=-1)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -236,12 +215,11 @@ class AttnGate(nn.Module):
             bs, step = self.config.block_size, self.config.q_step
             r = bs // step  # query windows per block
             dtype = self.k_proj.dtype
-            g = hq // self.num_kv_heads
-            kg = _pool_project(k, bs, self.config.k_pooling, self.k_proj, dtype, repeat=g)  # [B, Hq, NB, Dg]
-            if self.q_proj is not None:
-                qg = _pool_project(q, step, self.config.q_pooling, self.q_proj, dtype)  # [B, Hq, NS, Dg]
-            else:  # avg-pooled Q already has the gate width
-                qg = pool_blocks(q, step, self.config.q_pooling, dtype)
+            qp = pool_blocks(q, step, self.config.q_pooling, dtype)  # [B, Hq, NS, Cq*D]
+            kp = pool_blocks(k, bs, self.config.k_pooling, dtype)  # [B, Hkv, NB, Ck*D]
+            kp = kp.repeat_interleave(hq // self.num_kv_heads, dim=1)
+            kg = torch.einsum("bhnc,hcg->bhng", kp, self.k_proj)
+            qg = torch.einsum("bhnc,hcg->bhng", qp, self.q_proj) if self.q_proj is not None else qp
             ns, nb = qg.shape[2], kg.shape[2]
             if self.config.use_rope:
                 if cos is None or sin is None:
