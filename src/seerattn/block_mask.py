@@ -381,24 +381,20 @@ def mask_from_scores(scores: torch.Tensor, policy: SparsityPolicy, seq_len: int,
         keep = causal.expand_as(s).clone()
     elif policy.kind == "threshold":
         keep = (s >= policy.value) & causal
+    elif policy.kind == "density" and policy.allocation == "head":
+        # One budget per (batch, head) over its whole triangle; forced blocks rank first and count.
+        total = round(policy.value * nq * (nq + 1) / 2)
+        ranked = s.masked_fill(forced, float("inf")).flatten(-2)  # [B, H, NQ*NQ]; above diagonal -inf
+        order = ranked.argsort(dim=-1, descending=True, stable=True)[..., :total]
+        keep = torch.zeros_like(ranked, dtype=torch.bool).scatter_(-1, order, True).view_as(s) & causal
     elif policy.kind == "density":
-        # Forced blocks rank first and count against the budget; causal blocks rank above the ones
-        # past the diagonal even when their score is -inf. A top-k of the largest budget, not a full
-        # sort: a row keeps about `density` of its blocks.
-        floor = torch.finfo(s.dtype).min
-        ranked = s.clamp_min(floor).masked_fill(~causal, float("-inf")).masked_fill(forced, float("inf"))
-        if policy.allocation == "head":  # one budget per (batch, head) over its whole triangle
-            flat = ranked.flatten(-2)  # [B, H, NQ*NQ]
-            top = flat.topk(round(policy.value * nq * (nq + 1) / 2), dim=-1).indices
-            keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, top, True).view_as(s)
-        else:
-            # the largest row budget from a CPU copy: its max needs no device sync
-            kmax = int(density_row_budget(nq, policy.value, "cpu", policy.allocation).max())
-            budget = density_row_budget(nq, policy.value, device, policy.allocation)  # [NQ]
-            top = ranked.topk(kmax, dim=-1).indices  # [B, H, NQ, kmax], best first
-            take = torch.arange(kmax, device=device).view(1, kmax) < budget.view(nq, 1)  # [NQ, kmax]
-            keep = torch.zeros_like(ranked, dtype=torch.bool).scatter_(-1, top, take.expand_as(top))
-        keep &= causal
+        budget = density_row_budget(nq, policy.value, device, policy.allocation)  # [NQ]
+        # Forced blocks rank first and count against the budget.
+        ranked = s.masked_fill(forced, float("inf"))
+        order = ranked.argsort(dim=-1, descending=True, stable=True)
+        rank = torch.empty_like(order)
+        rank.scatter_(-1, order, torch.arange(nq, device=device).expand_as(order).contiguous())
+        keep = (rank < budget.view(nq, 1)) & causal
     else:  # top_p
         p = s.clamp_min(0).nan_to_num(0.0)
         sorted_p, order = p.sort(dim=-1, descending=True, stable=True)
