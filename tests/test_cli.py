@@ -124,9 +124,10 @@ def test_quickstart_main_job_on_the_testbed(tmp_path, capsys, monkeypatch):
         pytest.skip("../shared/data/books is not present")
     monkeypatch.chdir(root)
     out = tmp_path / "qs"
-    argv = ["quickstart", "--context", "512", "--samples", "1", "--density", "0.5", "-o", str(out)]
-    assert main(argv) == 0
+    argv = ["quickstart", "--context", "512", "--samples", "1", "--density", "0.5", "--allocation", "uniform"]
+    assert main([*argv, "-o", str(out)]) == 0
     summary = json.loads((out / "quickstart.json").read_text())
+    assert summary["allocation"] == "uniform"
     assert summary["passkey_dense"] == 1.0
     assert 20.0 < summary["ppl_dense"] < 60.0  # the testbed's held-out PPL at 512 tokens is ~34
     assert summary["ppl_sparse"] > summary["ppl_dense"]  # dropping blocks costs something

@@ -147,9 +147,12 @@ def _forced_budget(nb: int, density: float) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------ methods
 def test_registry_has_every_method_and_rejects_unknown():
+    from seerattn.block_mask import ALLOCATIONS
     from seerattn.cli.eval import ALL_METHODS
+    from seerattn.cli.eval import ALLOCATIONS as CLI_ALLOCATIONS
 
     assert set(ALL_METHODS.split(", ")) == set(METHODS)
+    assert CLI_ALLOCATIONS == ALLOCATIONS
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         expand_settings(["nope"], [0.1])
     with pytest.raises(ValueError, match="needs at least one threshold"):

@@ -18,6 +18,8 @@ DEFAULT_METHODS = "dense,oracle,streaming,vertical_slash,random"
 # For --help only (the parser is built without importing torch/transformers); the registry is
 # seerattn.eval.methods.METHODS, and tests check that the two agree.
 ALL_METHODS = "dense, seer, seer_threshold, seer_top_p, oracle, streaming, vertical_slash, random"
+# Likewise seerattn.block_mask.ALLOCATIONS (checked by a test).
+ALLOCATIONS = ("row", "uniform", "head")
 
 
 def _floats(text: str) -> list[float]:
@@ -261,7 +263,7 @@ def _common(p: argparse.ArgumentParser, contexts: str | None, samples: int) -> N
         "--allocations",
         type=_names,
         default=["row"],
-        help="how a density spreads over rows, comma-separated from row,uniform,head (row); "
+        help=f"how a density spreads over rows, comma-separated from {','.join(ALLOCATIONS)} (row); "
         "see seerattn.SparsityPolicy",
     )
     p.add_argument("--thresholds", type=_floats, default=[], help="gate thresholds for seer_threshold")

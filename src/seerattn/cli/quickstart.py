@@ -13,6 +13,8 @@ import json
 import time
 from pathlib import Path
 
+from .eval import ALLOCATIONS
+
 
 def _run(args) -> int:
     import torch
@@ -41,7 +43,7 @@ def _run(args) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     em = load_eval_model(args.model, gates=args.gates, device=device)
     books = TokenizedBooks(args.data, tokenizer, split="test")
-    settings = expand_settings(["dense", "seer"], densities=[args.density])
+    settings = expand_settings(["dense", "seer"], densities=[args.density], allocations=[args.allocation])
     quiet = not args.progress
     ppl = evaluate_ppl(em, books, settings, [args.context], args.samples, progress=not quiet)
     passkey = evaluate_passkey(em, tokenizer, books, settings, [args.context], [0.25, 0.5, 0.75], 1, progress=not quiet)
@@ -55,7 +57,7 @@ def _run(args) -> int:
     )
 
     dense, sparse = ppl
-    recall = next(r for r in maps["rows"] if r["layer"] == "mean" and r["method"] == "seer")
+    recall = next(r for r in maps["rows"] if r["layer"] == "mean" and r["label"] == settings[1].label)
     summary = {
         "model": args.model,
         "gates": args.gates,
@@ -63,6 +65,7 @@ def _run(args) -> int:
         "context": args.context,
         "windows": args.samples,
         "density_target": args.density,
+        "allocation": args.allocation,
         "ppl_dense": dense["ppl"],
         "ppl_sparse": sparse["ppl"],
         "density_realised": sparse["density"],
@@ -93,6 +96,12 @@ def register(sub) -> None:
     p.add_argument("--context", type=int, default=4096, help="tokens per window (%(default)s)")
     p.add_argument("--samples", type=int, default=2, help="held-out windows (%(default)s)")
     p.add_argument("--density", type=float, default=0.2, help="fraction of causal blocks kept (%(default)s)")
+    p.add_argument(
+        "--allocation",
+        choices=ALLOCATIONS,
+        default="row",
+        help="how the density is spread over rows (%(default)s; see seerattn.SparsityPolicy)",
+    )
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--output", "-o", default="quickstart-out", help="output folder (%(default)s)")
