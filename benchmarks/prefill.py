@@ -30,6 +30,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from benchmarks.distill_throughput import LLAMA_31_8B
 from seerattn import SparsityPolicy
+from seerattn.block_mask import ALLOCATIONS
 from seerattn.gate import GateConfig
 from seerattn.hf import SeerConfig, apply_seer_attention, get_seer_state, remove_seer_attention
 
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seqlens", default="8192,32768", help="comma list of prompt lengths")
     p.add_argument("--densities", default="0.1", help="comma list of seer densities")
-    p.add_argument("--allocation", default="row", choices=["row", "uniform", "head"])
+    p.add_argument("--allocation", default="row", choices=ALLOCATIONS)
     p.add_argument("--gate", default="windows", choices=sorted(GATES), help="gate architecture (%(default)s)")
     p.add_argument("--layers", type=int, default=32, help="decoder layers (32 = the real depth)")
     p.add_argument("--warmup", type=int, default=2)

@@ -3,7 +3,7 @@
 # and measure distillation throughput on a Llama-3.1-8B-shaped model at 32k.
 # Env: DATA (distillation corpus, default .gpu/distill.txt.xz), STEPS, METHODS, SKIP_TPUT=1,
 # GATES=adapter-folder (evaluate these gates; no distillation), ALLOCATIONS (density allocations,
-# comma-separated from row,uniform,head; default row).
+# comma-separated from row,uniform,floor,head; default row).
 # Needs .gpu/distill.txt.xz (train books joined by NUL, xz) and .gpu/books (test books + MANIFEST.tsv)
 # carried along. Everything lands in $OUT/session.tgz; a summary is printed last.
 . benchmarks/gpu_run_env.sh session

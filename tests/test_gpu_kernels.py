@@ -72,7 +72,7 @@ def sdpa_bf16_error(q, k, v) -> float:
     return _SDPA_ERR[key]
 
 
-@pytest.mark.parametrize("allocation", ["row", "uniform", "head"])
+@pytest.mark.parametrize("allocation", ["row", "uniform", "floor", "head"])
 def test_sparse_layer_path_has_no_host_sync(allocation):
     """Policy, densities and the sparse kernel run without a host sync (which would stall the GPU
     once per layer): any synchronising call raises under ``set_sync_debug_mode("error")``."""

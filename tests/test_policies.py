@@ -155,6 +155,36 @@ def test_uniform_allocation_is_the_papers_nz_ratio():
 
 @HYP
 @density_cases
+def test_floor_allocation_is_proportional_above_half_the_uniform_count(nq, rho, sink, diag, seed):
+    scores, dense, forced, causal = _density_case("floor", nq, rho, sink, diag, seed)
+    budget = density_row_budget(nq, rho, allocation="floor")
+    least = -(-int(density_row_budget(nq, rho, allocation="uniform").max()) // 2)
+    rows = torch.arange(1, nq + 1)
+    assert (budget >= torch.clamp(rows, max=least)).all() and (budget <= rows).all()
+    assert (budget[1:] >= budget[:-1]).all(), "a later row never keeps fewer blocks"
+    # no other scale of the proportional part brings the total closer to the target
+    target = rho * nq * (nq + 1) / 2
+    best = min(
+        abs(torch.minimum(rows, torch.clamp(torch.round(rows * c), min=least)).sum().item() - target)
+        for c in torch.linspace(0, 1, 2001, dtype=torch.float64).tolist()
+    )
+    assert abs(budget.sum().item() - target) <= best + 1e-9
+    for i in range(nq):
+        assert (dense[..., i, :].sum(-1) == max(int(budget[i]), int(forced[i].sum()))).all(), i
+    _assert_top_scores(dense, scores, forced, causal, dims=(-1,))
+
+
+def test_floor_allocation_between_row_and_uniform():
+    """At 8k / 10 %: the first rows get the uniform count's half, the last ones most of row's budget."""
+    nq = 128
+    row, uniform, floor = (density_row_budget(nq, 0.1, allocation=a) for a in ("row", "uniform", "floor"))
+    assert int(uniform.max()) == 7 and floor[:4].tolist() == [1, 2, 3, 4] and (floor[3:40] >= 4).all()
+    assert int(row[-1]) == 13 and 10 <= int(floor[-1]) < 13
+    assert abs(floor.sum().item() / (nq * (nq + 1) / 2) - 0.1) < 0.002
+
+
+@HYP
+@density_cases
 def test_head_allocation_keeps_the_heads_top_scores(nq, rho, sink, diag, seed):
     scores, dense, forced, causal = _density_case("head", nq, rho, sink, diag, seed)
     total = round(rho * nq * (nq + 1) / 2)
@@ -377,7 +407,7 @@ def adversarial_scores(draw):
     sink=st.booleans(),
     diag=st.booleans(),
     last=st.integers(0, 3),
-    allocation=st.sampled_from(["row", "uniform", "head"]),
+    allocation=st.sampled_from(["row", "uniform", "floor", "head"]),
 )
 def test_no_empty_row_and_nothing_above_diagonal(scores, kind, value, sink, diag, last, allocation):
     allocation = allocation if kind == "density" else "row"
@@ -437,6 +467,7 @@ def test_to_dict_from_dict_round_trip_through_json():
     [
         ("density", 0.1, "row"),
         ("density", 0.1, "uniform"),
+        ("density", 0.1, "floor"),
         ("density", 0.1, "head"),
         ("threshold", 0.01, "row"),
         ("top_p", 0.9, "row"),

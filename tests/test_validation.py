@@ -208,7 +208,7 @@ CASES = [
         "policy_allocation_unknown",
         lambda: SparsityPolicy("density", 0.1, allocation="column"),
         ValueError,
-        "allocation must be one of ('row', 'uniform', 'head')",
+        "allocation must be one of ('row', 'uniform', 'floor', 'head')",
     ),
     (
         "policy_allocation_threshold",

@@ -23,6 +23,7 @@ fully masked). Policies never produce such blocks.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -229,8 +230,8 @@ class BlockMask:
 
 PolicyKind = Literal["dense", "threshold", "density", "top_p"]
 _POLICY_KINDS = ("dense", "threshold", "density", "top_p")
-Allocation = Literal["row", "uniform", "head"]
-ALLOCATIONS = ("row", "uniform", "head")
+Allocation = Literal["row", "uniform", "floor", "head"]
+ALLOCATIONS = ("row", "uniform", "floor", "head")
 
 
 @dataclass(frozen=True)
@@ -249,7 +250,10 @@ class SparsityPolicy:
             ``"row"``): ``"row"`` — row ``I`` keeps its top ``max(1, round(value * (I + 1)))`` blocks;
             ``"uniform"`` — every row keeps the same number ``k`` of top blocks (all of them when it
             has fewer), ``k`` the integer that brings the triangle closest to ``value`` (the paper's
-            ``nz_ratio``, ``k ~ (1 - sqrt(1 - value)) * NQ``), so early rows are dense; ``"head"`` —
+            ``nz_ratio``, ``k ~ (1 - sqrt(1 - value)) * NQ``), so early rows are dense; ``"floor"`` —
+            as ``"row"`` (row ``I`` keeps ``round(c * (I + 1))``) but never fewer than half the
+            uniform ``k`` (all blocks of shorter rows), ``c`` chosen so the triangle is kept at
+            ``value``: most of uniform's gain on early rows at a small cost on late ones; ``"head"`` —
             each (batch, head) keeps ``round(value * NQ (NQ + 1) / 2)`` blocks of its triangle, the
             highest scores of any row, so rows with concentrated scores get few blocks and rows with
             spread-out scores many (scores must be on one scale across rows: gate probabilities are,
@@ -327,13 +331,41 @@ def density_row_budget(nq: int, density: float, device=None, allocation: Allocat
     n = torch.arange(1, nq + 1, device=device, dtype=torch.float64)
     if allocation == "row":
         return torch.clamp(torch.round(n * density), min=1).to(torch.int64)
-    if allocation != "uniform":
-        raise ValueError(f"density_row_budget takes allocation 'row' or 'uniform', got {allocation!r}")
+    if allocation == "uniform":
+        return torch.clamp(n, max=_uniform_count(nq, density)).to(torch.int64)
+    if allocation == "floor":
+        scale, least = _floor_scale(nq, density)
+        return torch.minimum(n, torch.clamp(torch.round(n * scale), min=least)).to(torch.int64)
+    raise ValueError(f"density_row_budget takes allocation 'row', 'uniform' or 'floor', got {allocation!r}")
+
+
+@functools.lru_cache(maxsize=256)
+def _uniform_count(nq: int, density: float) -> int:
+    """The ``uniform`` allocation's ``k``: the count whose triangle total is closest to the target
+    (the smaller on a tie). Computed on the CPU, so using it never syncs a device."""
     target = density * nq * (nq + 1) / 2
     ks = torch.arange(1, nq + 1, dtype=torch.float64)
     totals = ks * (ks + 1) / 2 + ks * (nq - ks)  # rows 0..k-1 are whole, the other NQ - k keep k
-    k = int(ks[(totals - target).abs().argmin()].item())  # argmin returns the first (smaller k) on a tie
-    return torch.clamp(n, max=k).to(torch.int64)
+    return int(ks[(totals - target).abs().argmin()].item())  # argmin returns the first on a tie
+
+
+@functools.lru_cache(maxsize=256)
+def _floor_scale(nq: int, density: float) -> tuple[float, int]:
+    """The ``floor`` allocation's ``(c, m)``: rows keep ``min(I + 1, max(m, round(c * (I + 1))))``
+    with ``m = ceil(k / 2)`` (``k`` the uniform count) and ``c`` found by bisection so that the total
+    is closest to the target (CPU, cached: every layer of a forward asks for the same pair)."""
+    n = torch.arange(1, nq + 1, dtype=torch.float64)
+    least = -(-_uniform_count(nq, density) // 2)
+    target = density * nq * (nq + 1) / 2
+
+    def total(c: float) -> float:
+        return torch.minimum(n, torch.clamp(torch.round(n * c), min=least)).sum().item()
+
+    lo, hi = 0.0, 1.0  # c = 1 keeps every block: the total is then the whole triangle >= target
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if total(mid) < target else (lo, mid)
+    return (lo if abs(total(lo) - target) <= abs(total(hi) - target) else hi), least
 
 
 def mask_from_scores(scores: torch.Tensor, policy: SparsityPolicy, seq_len: int, block_size: int) -> BlockMask:
