@@ -108,7 +108,7 @@ def get_method(name: str) -> Method:
 @dataclass(frozen=True)
 class Setting:
     """One method at one budget value (``None`` for dense) and, for density budgets, one allocation
-    (:class:`~seerattn.SparsityPolicy` ``allocation``: ``"row"``, ``"uniform"`` or ``"head"``)."""
+    (:class:`~seerattn.SparsityPolicy` ``allocation``: ``"row"``, ``"uniform"``, ``"floor"`` or ``"head"``)."""
 
     method: str
     budget: float | None = None
