@@ -17,11 +17,10 @@ import json
 import torch
 
 from seerattn import SparsityPolicy, mask_from_scores
+from seerattn.block_mask import ALLOCATIONS
 
-POLICIES = {
-    "density/row": SparsityPolicy("density", 0.1),
-    "density/uniform": SparsityPolicy("density", 0.1, allocation="uniform"),
-    "density/head": SparsityPolicy("density", 0.1, allocation="head"),
+# every density allocation the library has, then the other kinds
+POLICIES = {f"density/{a}": SparsityPolicy("density", 0.1, allocation=a) for a in ALLOCATIONS} | {
     "threshold": SparsityPolicy("threshold", 5e-3),
     "top_p": SparsityPolicy("top_p", 0.9),
 }

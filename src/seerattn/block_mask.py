@@ -324,9 +324,11 @@ class SparsityPolicy:
 def density_row_budget(nq: int, density: float, device=None, allocation: Allocation = "row") -> torch.Tensor:
     """int64 ``[NQ]``: blocks kept per row under a target density (row I has I + 1 causal blocks).
 
-    ``allocation`` is ``"row"`` (``round(density * (I + 1))``, at least 1) or ``"uniform"`` (the
+    ``allocation`` is ``"row"`` (``round(density * (I + 1))``, at least 1), ``"uniform"`` (the
     same ``k`` for every row, capped at ``I + 1``; ``k`` the integer whose triangle total is closest
-    to ``density * NQ (NQ + 1) / 2``, the smaller on a tie). ``"head"`` has no fixed row budget.
+    to ``density * NQ (NQ + 1) / 2``, the smaller on a tie) or ``"floor"`` (``round(c * (I + 1))``,
+    at least ``ceil(k / 2)``, capped at ``I + 1``; ``c`` brings the total closest to the target).
+    ``"head"`` has no fixed row budget.
     """
     n = torch.arange(1, nq + 1, device=device, dtype=torch.float64)
     if allocation == "row":
