@@ -3,7 +3,7 @@
 # and measure distillation throughput on a Llama-3.1-8B-shaped model at 32k.
 # Env: DATA (distillation corpus, default .gpu/distill.txt.xz), STEPS, METHODS, SKIP_TPUT=1,
 # GATES=adapter-folder (evaluate these gates; no distillation), ALLOCATIONS (density allocations,
-# comma-separated from row,uniform,floor,head; default row).
+# comma-separated from seerattn.block_mask.ALLOCATIONS; default row).
 # Needs .gpu/distill.txt.xz (train books joined by NUL, xz) and .gpu/books (test books + MANIFEST.tsv)
 # carried along. Everything lands in $OUT/session.tgz; a summary is printed last.
 . benchmarks/gpu_run_env.sh session
@@ -15,7 +15,7 @@ fi
 G=${GATES:-$R/gates/adapter}
 E="--model testbed/model --gates $G --data .gpu/books --no-progress --allocations ${ALLOCATIONS:-row}"
 M=${METHODS:-dense,seer,oracle,streaming,vertical_slash,random}
-timeout 180 python3 -m seerattn eval ppl $E --contexts 8192 --samples 16 --methods $M --densities 0.5,0.2,0.1 \
+timeout 300 python3 -m seerattn eval ppl $E --contexts 8192 --samples 16 --methods $M --densities 0.5,0.2,0.1 \
   -o $R/ppl > $R/ppl.log 2>&1; echo "ppl rc=$? $(( $(date +%s)-S ))s"
 timeout 90 python3 -m seerattn eval masks $E --context 8192 --methods $M --densities 0.1 \
   -o $R/masks > $R/masks.log 2>&1; echo "masks rc=$? $(( $(date +%s)-S ))s"

@@ -42,7 +42,7 @@ from seerattn.eval import (  # noqa: E402
     segment_windows,
 )
 from seerattn.eval import passkey as passkey_mod  # noqa: E402
-from seerattn.eval.methods import realised_row_counts, vertical_slash_scores  # noqa: E402
+from seerattn.eval.methods import attention_mass_scores, realised_row_counts, vertical_slash_scores  # noqa: E402
 from seerattn.eval.passkey import PasskeyTemplate, sentence_ends  # noqa: E402
 from seerattn.hf import MaskRequest  # noqa: E402
 
@@ -196,7 +196,7 @@ def test_streaming_under_one_count_allocations_is_a_fixed_window(allocation):
         assert dense[i].nonzero().flatten().tolist() == [0, *range(i - k + 2, i + 1)], i
 
 
-@pytest.mark.parametrize("name", ["streaming", "vertical_slash", "random"])
+@pytest.mark.parametrize("name", ["streaming", "vertical_slash", "random", "mass_oracle"])
 @pytest.mark.parametrize("density", [0.5, 0.2, 0.1])
 def test_baseline_masks_have_requested_density(name, density):
     req = _request()
@@ -215,6 +215,36 @@ def test_baseline_masks_have_requested_density(name, density):
     # at a realistic block count (8k tokens / 64) the forced sink + diagonal barely move the density
     big = _request(t=128 * BS, b=1, hq=2, hkv=1, d=8)
     assert abs(build_mask(name, big, density, seed=3).density() - density) < 0.01
+
+
+@pytest.mark.parametrize("chunk", [BS, 4 * BS, 64 * BS])
+def test_attention_mass_scores_pool_the_exact_softmax(chunk):
+    """Block (I, J) = mean over the queries of block I of their softmax mass in key block J, GQA
+    and a partial last block included; the query chunking does not change it."""
+    req = _request()  # 197 tokens: 13 blocks of 16, the last one of 5 tokens
+    b, hq, t, d = req.q.shape
+    k = req.k.repeat_interleave(hq // req.k.shape[1], dim=1)
+    probs = (req.q @ k.transpose(-1, -2) * req.scale).masked_fill(torch.ones(t, t).triu(1).bool(), -math.inf)
+    probs = probs.softmax(-1)
+    nb = num_blocks(t, BS)
+    want = torch.zeros(b, hq, nb, nb)
+    for i in range(nb):
+        for j in range(nb):
+            want[..., i, j] = probs[..., i * BS : (i + 1) * BS, j * BS : (j + 1) * BS].sum((-1, -2))
+        want[..., i, :] /= min(BS, t - i * BS)
+    got = attention_mass_scores(req, chunk=chunk)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.sum(-1), torch.ones(b, hq, nb))
+    with pytest.raises(ValueError, match="multiple of block_size"):
+        attention_mass_scores(req, chunk=BS + 1)
+
+
+def test_mass_oracle_keeps_the_most_attention_mass():
+    """At one budget no method keeps more of the true attention mass than the mass oracle."""
+    req = _request(t=16 * 16, b=1)
+    mass = attention_mass_scores(req)
+    kept = {n: (build_mask(n, req, 0.2).to_dense() * mass).sum().item() for n in ("mass_oracle", "streaming", "random")}
+    assert kept["mass_oracle"] > max(kept["streaming"], kept["random"])
 
 
 def test_streaming_keeps_sink_and_most_recent_blocks():

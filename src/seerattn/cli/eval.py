@@ -17,9 +17,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_METHODS = "dense,oracle,streaming,vertical_slash,random"
 # For --help only (the parser is built without importing torch/transformers); the registry is
 # seerattn.eval.methods.METHODS, and tests check that the two agree.
-ALL_METHODS = "dense, seer, seer_threshold, seer_top_p, oracle, streaming, vertical_slash, random"
+ALL_METHODS = "dense, seer, seer_threshold, seer_top_p, oracle, mass_oracle, streaming, vertical_slash, random"
 # Likewise seerattn.block_mask.ALLOCATIONS (checked by a test).
-ALLOCATIONS = ("row", "uniform", "floor", "head")
+ALLOCATIONS = ("row", "uniform", "floor", "head", "coverage")
 
 
 def _floats(text: str) -> list[float]:

@@ -7,7 +7,7 @@ through :func:`~seerattn.block_mask.mask_from_scores` with the same policy (:att
 the density spread over rows by one ``allocation`` (by default per query-block row ``I`` keep
 ``round((I + 1) * density)`` of its ``I + 1`` causal blocks, at least one), the sink block and the
 diagonal block forced and counted against the budget. So at one density and allocation every
-method computes the same number of blocks (per row, or per head for ``"head"``) and only *which*
+method computes the same number of blocks (per row, or per head for ``"head"`` and ``"coverage"``) and only *which*
 blocks differs.
 
 Adding a method = one function ``(request, policy, seed) -> BlockMask`` plus one
@@ -40,10 +40,12 @@ __all__ = [
     "METHODS",
     "Method",
     "Setting",
+    "attention_mass_scores",
     "build_mask",
     "configure",
     "expand_settings",
     "get_method",
+    "mass_oracle_mask",
     "random_mask",
     "realised_row_counts",
     "register_method",
@@ -108,7 +110,7 @@ def get_method(name: str) -> Method:
 @dataclass(frozen=True)
 class Setting:
     """One method at one budget value (``None`` for dense) and, for density budgets, one allocation
-    (:class:`~seerattn.SparsityPolicy` ``allocation``: ``"row"``, ``"uniform"``, ``"floor"`` or ``"head"``)."""
+    (:class:`~seerattn.SparsityPolicy` ``allocation``: one of :data:`~seerattn.block_mask.ALLOCATIONS`)."""
 
     method: str
     budget: float | None = None
@@ -220,11 +222,13 @@ def streaming_mask(request: MaskRequest, policy: SparsityPolicy, seed: int = 0) 
 
     Each row keeps its budget of blocks: block 0 (forced) and then the most recent ones (with the
     ``"row"`` allocation the local window of row ``I`` is ``round((I + 1) * density) - 1`` blocks,
-    diagonal included; with ``"uniform"`` or ``"head"`` it is one width for all rows).
+    diagonal included; with ``"uniform"`` or ``"head"`` it is one width for all rows; with
+    ``"coverage"`` a block at distance ``d`` weighs ``1 / (1 + d)``, so longer rows get wider windows).
     """
     b, hq, nb = _shape(request)
     idx = torch.arange(nb, device=request.q.device, dtype=torch.float32)
-    scores = -(idx.view(nb, 1) - idx.view(1, nb))  # closer to the diagonal ranks higher
+    distance = (idx.view(nb, 1) - idx.view(1, nb)).clamp_min(0)
+    scores = 1.0 / (1.0 + distance)  # closer to the diagonal ranks higher; > 0 for "coverage"
     return _density_mask(scores.expand(b, hq, nb, nb), request, policy)
 
 
@@ -291,6 +295,46 @@ def vertical_slash_mask(request: MaskRequest, policy: SparsityPolicy, seed: int 
     return _density_mask(vertical_slash_scores(request), request, policy)
 
 
+def attention_mass_scores(request: MaskRequest, chunk: int = 1024) -> torch.Tensor:
+    """The true block attention mass, from the exact causal softmax (eager, O(T^2) work).
+
+    Block ``(I, J)`` scores ``sum_{i in I, j in J} softmax_j(q_i . k_j * scale) / |I|``: the share
+    of query block ``I``'s attention that falls in key block ``J`` (each row sums to 1). This is the
+    quantity whose kept share a block mask's output error depends on, where the ``oracle`` method
+    ranks by the max-pooled map the gates are distilled on (one strong token makes a block rank high
+    there). Queries go in chunks of ``chunk`` tokens, so memory is ``chunk * T`` per head.
+
+    Returns:
+        scores [B, Hq, NB, NB] fp32, zero above the diagonal.
+    """
+    q, k = request.q, request.k
+    b, hq, t, d = q.shape
+    g = hq // k.shape[1]
+    bs = request.block_size
+    nb = num_blocks(t, bs)
+    if chunk % bs:
+        raise ValueError(f"chunk must be a multiple of block_size={bs}, got {chunk}")
+    kf = k.float().repeat_interleave(g, dim=1)  # [B, Hq, T, D]
+    cols = torch.arange(t, device=q.device)
+    out = torch.zeros(b, hq, nb, nb, device=q.device, dtype=torch.float32)
+    for start in range(0, t, chunk):
+        stop = min(start + chunk, t)
+        logits = torch.matmul(q[:, :, start:stop].float(), kf.transpose(-1, -2)) * request.scale  # [B, Hq, C, T]
+        future = cols.view(1, -1) > torch.arange(start, stop, device=q.device).view(-1, 1)
+        probs = logits.masked_fill(future, float("-inf")).softmax(-1)
+        per_key_block = F.pad(probs, (0, nb * bs - t)).view(b, hq, stop - start, nb, bs).sum(-1)  # [B, Hq, C, NB]
+        rows = F.pad(per_key_block, (0, 0, 0, -(stop - start) % bs)).view(b, hq, -1, bs, nb).sum(-2)
+        out[:, :, start // bs : start // bs + rows.shape[2]] = rows
+    sizes = torch.full((nb,), float(bs), device=q.device)
+    sizes[-1] = t - (nb - 1) * bs  # the last query block may be partial
+    return out / sizes.view(nb, 1)
+
+
+def mass_oracle_mask(request: MaskRequest, policy: SparsityPolicy, seed: int = 0) -> BlockMask:
+    """The blocks holding the most true attention mass at the budget; see :func:`attention_mass_scores`."""
+    return _density_mask(attention_mass_scores(request), request, policy)
+
+
 register_method(Method("dense", "dense", "none", description="full causal attention (SDPA)"))
 register_method(Method("seer", "sparse", "density", needs_gates=True, description="AttnGate top-k blocks at a density"))
 register_method(
@@ -312,6 +356,15 @@ register_method(
     )
 )
 register_method(Method("oracle", "oracle", "density", description="true top-k blocks of the max-pooled attention map"))
+register_method(
+    Method(
+        "mass_oracle",
+        "custom",
+        "density",
+        mass_oracle_mask,
+        description="true top-k blocks of the attention mass (sum-pooled softmax; eager, O(T^2))",
+    )
+)
 register_method(
     Method("streaming", "custom", "density", streaming_mask, description="StreamingLLM: sink + local blocks")
 )
