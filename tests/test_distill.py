@@ -132,7 +132,6 @@ BASE = {"model": "m", "data": ["d"], "output_dir": "o", "seq_len": 128, "gate": 
         ({"impl": "flex"}, "'impl' must be one of ('reference', 'triton') or null"),
         ({"warmup_steps": 600}, "'warmup_steps' must be an int in [0, steps=500]"),
         ({"grad_clip": 0}, "'grad_clip' must be a float > 0 or null"),
-        ({"target_temperature": 0.0}, "'target_temperature' must be a finite float > 0"),
         ({"tensorboard": "yes"}, "'tensorboard' must be 'auto', true or false"),
         ({"gate": {"block_size": 48}}, "'gate' is invalid: GateConfig.block_size must be a positive power"),
         ({"gate": {"pooling": ["max"]}}, "unknown GateConfig fields ['pooling']"),

@@ -351,23 +351,6 @@ def test_gate_loss_skip_first_rows_and_finite_gradient():
     assert logits.grad[..., 3:, :].abs().sum() > 0
 
 
-def test_gate_loss_target_temperature_is_the_kl_to_the_sharpened_target():
-    target = _target(1, 2, 8, seed=3)
-    logits = _randn(1, 2, 8, 8, seed=5).float()
-    for tau in (0.5, 2.0):
-        sharp = (target.double() ** (1 / tau)).tril()
-        sharp = sharp / sharp.sum(-1, keepdim=True)
-        want = _hand_kl(logits, sharp).mean()
-        torch.testing.assert_close(gate_loss(logits, target, 0, tau).double(), want, atol=1e-5, rtol=1e-5)
-    assert gate_loss(logits, target, 0, 1.0).item() == gate_loss(logits, target).item()
-    # the sharpened target's own log is a minimum of the sharpened loss, and not of the paper's
-    sharp_logits = (target.double() ** 2).log().float()
-    assert gate_loss(sharp_logits, target, 0, 0.5).item() == pytest.approx(0.0, abs=1e-5)
-    assert gate_loss(sharp_logits, target).item() > 1e-3
-    with pytest.raises(ValueError, match="target_temperature"):
-        gate_loss(logits, target, 0, 0.0)
-
-
 def test_gate_loss_with_zero_targets_is_not_nan():
     target = torch.zeros(1, 1, 4, 4)
     target[..., 0] = 1.0  # everything on the sink block: zeros everywhere else

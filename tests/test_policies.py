@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 
 import pytest
@@ -207,51 +206,6 @@ def test_head_allocation_gives_concentrated_rows_fewer_blocks():
     dense = _kept(scores, pol)[0, 0]
     assert dense[7].nonzero().flatten().tolist() == [3, 7]
     assert dense[6, :7].all()
-
-
-def _covered_before(scores, forced, causal):
-    """Brute force: per causal block, the share of its row's mass in forced and in better free blocks."""
-    out = torch.full(scores.shape, float("inf"), dtype=torch.float64)
-    for idx in itertools.product(*(range(n) for n in scores.shape[:-1])):
-        row, i = scores[idx].double(), idx[-1]
-        mass = row[causal[i]].sum()
-        forced_mass = row[forced[i] & causal[i]].sum()
-        for j in range(i + 1):
-            better = (row > row[j]) & causal[i] & ~forced[i]
-            out[idx + (j,)] = (forced_mass + row[better].sum()) / mass
-    return out
-
-
-@HYP
-@density_cases
-def test_coverage_allocation_keeps_the_least_covered_blocks(nq, rho, sink, diag, seed):
-    scores, dense, forced, causal = _density_case("coverage", nq, rho, sink, diag, seed)
-    total = round(rho * nq * (nq + 1) / 2)
-    kept = dense.sum((-2, -1))
-    if sink or diag:  # every row has a forced block: exactly the budget unless the forced exceed it
-        assert (kept == max(total, int(forced.sum()))).all()
-        _assert_top_scores(dense, scores, forced, causal, dims=(-1,))  # within a row: its best blocks
-        # across rows: a kept block was reached with no more of its row covered than any dropped one
-        key = _covered_before(scores, forced, causal)
-        _assert_top_scores(dense, -key, forced, causal, dims=(-2, -1))
-    else:  # rows left empty by the budget get their best block back
-        assert ((kept >= total) & (kept <= total + nq)).all()
-
-
-def test_coverage_allocation_gives_spread_rows_the_budget_head_gives_to_high_scores():
-    """Row 3's sink and diagonal hold 65 % of its mass, row 7's only 25 %: with one free block the
-    per-head budget takes row 3's higher score (0.2), coverage row 7's best block (0.13)."""
-    nq = 8
-    scores = torch.eye(nq).view(1, 1, nq, nq).clone()  # other rows: all mass on the diagonal
-    scores[0, 0, 3, :4] = torch.tensor([0.3, 0.15, 0.2, 0.35])
-    scores[0, 0, 7] = torch.tensor([0.125, 0.13, 0.12, 0.125, 0.125, 0.125, 0.125, 0.125])
-    forced = _forced(nq, True, True)
-    rho = (int(forced.sum()) + 1) / (nq * (nq + 1) / 2)  # the forced blocks and one free block
-    free = {}
-    for allocation in ("head", "coverage"):
-        kept = _kept(scores, SparsityPolicy("density", rho, allocation))[0, 0]
-        free[allocation] = (kept & ~forced).nonzero().tolist()
-    assert free == {"head": [[3, 2]], "coverage": [[7, 1]]}
 
 
 # ===================================================================== threshold
@@ -515,7 +469,6 @@ def test_to_dict_from_dict_round_trip_through_json():
         ("density", 0.1, "uniform"),
         ("density", 0.1, "floor"),
         ("density", 0.1, "head"),
-        ("density", 0.1, "coverage"),
         ("threshold", 0.01, "row"),
         ("top_p", 0.9, "row"),
     ],

@@ -230,8 +230,8 @@ class BlockMask:
 
 PolicyKind = Literal["dense", "threshold", "density", "top_p"]
 _POLICY_KINDS = ("dense", "threshold", "density", "top_p")
-Allocation = Literal["row", "uniform", "floor", "head", "coverage"]
-ALLOCATIONS = ("row", "uniform", "floor", "head", "coverage")
+Allocation = Literal["row", "uniform", "floor", "head"]
+ALLOCATIONS = ("row", "uniform", "floor", "head")
 
 
 @dataclass(frozen=True)
@@ -257,11 +257,7 @@ class SparsityPolicy:
             each (batch, head) keeps ``round(value * NQ (NQ + 1) / 2)`` blocks of its triangle, the
             highest scores of any row, so rows with concentrated scores get few blocks and rows with
             spread-out scores many (scores must be on one scale across rows: gate probabilities are,
-            each is a row's share of its attention); ``"coverage"`` — each (batch, head) keeps the same
-            number of blocks as under ``"head"``, chosen so that every row covers the same share of its
-            score mass: a block is ranked by the share its row has already covered with better blocks
-            (forced blocks included), so the budget goes where a row's scores are spread out (the
-            minimax of the mass each row leaves out; scores must be >= 0 and are normalised per row).
+            each is a row's share of its attention).
         keep_sink: always keep key block 0.
         keep_diagonal: always keep the diagonal block (guarantees that no row is empty; with it
             off, the best block of a row is still kept).
@@ -332,7 +328,7 @@ def density_row_budget(nq: int, density: float, device=None, allocation: Allocat
     same ``k`` for every row, capped at ``I + 1``; ``k`` the integer whose triangle total is closest
     to ``density * NQ (NQ + 1) / 2``, the smaller on a tie) or ``"floor"`` (``round(c * (I + 1))``,
     at least ``ceil(k / 2)``, capped at ``I + 1``; ``c`` brings the total closest to the target).
-    ``"head"`` and ``"coverage"`` have no fixed row budget.
+    ``"head"`` has no fixed row budget.
     """
     n = torch.arange(1, nq + 1, device=device, dtype=torch.float64)
     if allocation == "row":
@@ -425,22 +421,6 @@ def mask_from_scores(scores: torch.Tensor, policy: SparsityPolicy, seq_len: int,
         ranked = s.masked_fill(forced, float("inf")).flatten(-2)  # [B, H, NQ*NQ]; above diagonal -inf
         order = ranked.argsort(dim=-1, descending=True, stable=True)[..., :total]
         keep = torch.zeros_like(ranked, dtype=torch.bool).scatter_(-1, order, True).view_as(s) & causal
-    elif policy.kind == "density" and policy.allocation == "coverage":
-        # Rank every causal block of a (batch, head) by the share of its row's mass covered before
-        # it: forced blocks first (they are kept anyway, so their mass counts as covered), then
-        # each row's blocks in descending order. Keeping the `total` lowest ranks = the largest p
-        # such that every row covers p of its mass (or all of it), within one block per row.
-        total = round(policy.value * nq * (nq + 1) / 2)
-        p = s.clamp_min(0)  # above the diagonal -inf -> 0
-        row_mass = p.sum(-1, keepdim=True)
-        free = p.masked_fill(forced, 0.0)
-        sorted_p, order = free.sort(dim=-1, descending=True, stable=True)
-        covered = (row_mass - free.sum(-1, keepdim=True)) + sorted_p.cumsum(-1) - sorted_p
-        covered = torch.where(row_mass > 0, covered / row_mass.clamp_min(torch.finfo(p.dtype).tiny), 1.0)
-        key = torch.empty_like(covered).scatter_(-1, order, covered)
-        key = key.masked_fill(forced, -1.0).masked_fill(~causal, float("inf")).flatten(-2)  # [B, H, NQ*NQ]
-        chosen = key.argsort(dim=-1, stable=True)[..., :total]
-        keep = torch.zeros_like(key, dtype=torch.bool).scatter_(-1, chosen, True).view_as(s) & causal
     elif policy.kind == "density":
         budget = density_row_budget(nq, policy.value, device, policy.allocation)  # [NQ]
         # Forced blocks rank first and count against the budget.

@@ -19,7 +19,7 @@ DEFAULT_METHODS = "dense,oracle,streaming,vertical_slash,random"
 # seerattn.eval.methods.METHODS, and tests check that the two agree.
 ALL_METHODS = "dense, seer, seer_threshold, seer_top_p, oracle, mass_oracle, streaming, vertical_slash, random"
 # Likewise seerattn.block_mask.ALLOCATIONS (checked by a test).
-ALLOCATIONS = ("row", "uniform", "floor", "head", "coverage")
+ALLOCATIONS = ("row", "uniform", "floor", "head")
 
 
 def _floats(text: str) -> list[float]:

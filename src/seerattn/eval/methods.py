@@ -7,7 +7,7 @@ through :func:`~seerattn.block_mask.mask_from_scores` with the same policy (:att
 the density spread over rows by one ``allocation`` (by default per query-block row ``I`` keep
 ``round((I + 1) * density)`` of its ``I + 1`` causal blocks, at least one), the sink block and the
 diagonal block forced and counted against the budget. So at one density and allocation every
-method computes the same number of blocks (per row, or per head for ``"head"`` and ``"coverage"``) and only *which*
+method computes the same number of blocks (per row, or per head for ``"head"``) and only *which*
 blocks differs.
 
 Adding a method = one function ``(request, policy, seed) -> BlockMask`` plus one
@@ -222,13 +222,11 @@ def streaming_mask(request: MaskRequest, policy: SparsityPolicy, seed: int = 0) 
 
     Each row keeps its budget of blocks: block 0 (forced) and then the most recent ones (with the
     ``"row"`` allocation the local window of row ``I`` is ``round((I + 1) * density) - 1`` blocks,
-    diagonal included; with ``"uniform"`` or ``"head"`` it is one width for all rows; with
-    ``"coverage"`` a block at distance ``d`` weighs ``1 / (1 + d)``, so longer rows get wider windows).
+    diagonal included; with ``"uniform"`` or ``"head"`` it is one width for all rows).
     """
     b, hq, nb = _shape(request)
     idx = torch.arange(nb, device=request.q.device, dtype=torch.float32)
-    distance = (idx.view(nb, 1) - idx.view(1, nb)).clamp_min(0)
-    scores = 1.0 / (1.0 + distance)  # closer to the diagonal ranks higher; > 0 for "coverage"
+    scores = -(idx.view(nb, 1) - idx.view(1, nb))  # closer to the diagonal ranks higher
     return _density_mask(scores.expand(b, hq, nb, nb), request, policy)
 
 

@@ -5,8 +5,6 @@ Shape legend: B batch, H query heads, NB blocks; ``logits`` and ``target`` are `
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..block_mask import SparsityPolicy, mask_from_scores
@@ -18,9 +16,7 @@ def _causal(nb: int, device) -> torch.Tensor:
     return torch.ones(nb, nb, dtype=torch.bool, device=device).tril()
 
 
-def gate_loss(
-    logits: torch.Tensor, target: torch.Tensor, skip_first_rows: int = 0, target_temperature: float = 1.0
-) -> torch.Tensor:
+def gate_loss(logits: torch.Tensor, target: torch.Tensor, skip_first_rows: int = 0) -> torch.Tensor:
     """KL(target || softmax(logits)) per block row, averaged over (batch, head, row).
 
     Args:
@@ -28,10 +24,6 @@ def gate_loss(
         target: [B, H, NB, NB] ground truth, rows summing to 1, zero above the diagonal.
         skip_first_rows: leave out the first query-block rows (the paper drops the first quarter
             "for stability": those rows have few choices and dominate nothing).
-        target_temperature: ``tau``; each target row is raised to ``1 / tau`` and renormalised
-            before the KL. 1 is the paper's loss; ``tau < 1`` sharpens the target, so the loss
-            weighs the order of a row's few largest blocks (what a top-k policy reads) more than the
-            shape of its long tail.
 
     Returns:
         scalar fp32: ``sum_J t log(t / q)`` per row, with ``0 log 0 = 0`` and entries above the
@@ -45,16 +37,9 @@ def gate_loss(
     nb = logits.shape[-1]
     if not 0 <= skip_first_rows < nb:
         raise ValueError(f"skip_first_rows must be in [0, NB={nb}), got {skip_first_rows}")
-    if not (math.isfinite(target_temperature) and target_temperature > 0):
-        raise ValueError(f"target_temperature must be a finite float > 0, got {target_temperature}")
     causal = _causal(nb, logits.device)
     log_q = torch.log_softmax(logits.float().masked_fill(~causal, float("-inf")), dim=-1)
     t = target.float()
-    if target_temperature != 1.0:  # t^(1/tau) in log space: the largest entry of a row stays 1 before renormalising
-        log_t = torch.log(t.clamp_min(1e-30))
-        sharp = torch.exp((log_t - log_t.amax(-1, keepdim=True)) / target_temperature)
-        t = torch.where(t > 0, sharp, 0.0)
-        t = t / t.sum(-1, keepdim=True).clamp_min(1e-30)
     valid = causal & (t > 0)
     kl = torch.where(valid, t * (torch.log(t.clamp_min(1e-30)) - log_q.masked_fill(~valid, 0.0)), 0.0)
     return kl.sum(-1)[..., skip_first_rows:].mean()

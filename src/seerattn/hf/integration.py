@@ -16,7 +16,6 @@ Shape legend: B batch, Hq/Hkv heads, T tokens, D head dim, NB blocks.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -73,8 +72,6 @@ class SeerConfig:
         mask_heads: ``"q"`` one decision per query head; ``"kv"`` one per GQA group (gate
             probabilities averaged over the group), which lets the kernel load K/V once per group.
         skip_first_rows: fraction of leading query-block rows left out of the distillation loss.
-        target_temperature: the distillation loss's target temperature (1 = the paper's KL; see
-            :func:`~seerattn.gate.gate_loss`).
         metric_density: density at which ``distill`` mode reports block and mass recall.
         base_model: id or path of the base model (recorded in saved adapters).
     """
@@ -85,7 +82,6 @@ class SeerConfig:
     impl: str | None = None
     mask_heads: Literal["q", "kv"] = "q"
     skip_first_rows: float = 0.25
-    target_temperature: float = 1.0
     metric_density: float = 0.1
     base_model: str | None = None
 
@@ -96,8 +92,6 @@ class SeerConfig:
             raise ValueError(f"SeerConfig.mask_heads must be 'q' or 'kv', got {self.mask_heads!r}")
         if not 0.0 <= self.skip_first_rows < 1.0:
             raise ValueError(f"SeerConfig.skip_first_rows must be in [0, 1), got {self.skip_first_rows}")
-        if not (math.isfinite(self.target_temperature) and self.target_temperature > 0):
-            raise ValueError(f"SeerConfig.target_temperature must be a finite float > 0, got {self.target_temperature}")
         if not 0.0 < self.metric_density <= 1.0:
             raise ValueError(f"SeerConfig.metric_density must be in (0, 1], got {self.metric_density}")
         if not isinstance(self.gate, GateConfig) or not isinstance(self.policy, SparsityPolicy):
@@ -341,7 +335,7 @@ def seer_attention_forward(module, query, key, value, attention_mask, dropout: f
         logits = _gate_logits(module, state, pre, kwargs, b, tq)
         nb = logits.shape[-1]
         skip = min(int(cfg.skip_first_rows * nb), nb - 1)
-        state.losses[layer] = gate_loss(logits, target, skip, cfg.target_temperature)
+        state.losses[layer] = gate_loss(logits, target, skip_first_rows=skip)
         state.metrics[layer] = gate_metrics(logits.detach().softmax(-1), target, cfg.metric_density, tq, bs)
         state._stats[layer] = {"path": "distill", "density": 1.0}
         return out.transpose(1, 2).contiguous(), None

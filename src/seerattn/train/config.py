@@ -88,8 +88,6 @@ class DistillConfig:
         grad_clip: max global L2 norm of the gate gradients; None = no clipping.
         loss_scale: the loss is ``loss_scale * sum over layers of the per-layer KL`` (paper: 10).
         skip_first_rows: fraction of leading query-block rows left out of the loss (paper: 0.25).
-        target_temperature: each target row is raised to ``1 / target_temperature`` and
-            renormalised before the KL (paper: 1; below 1 the loss weighs the order of the top blocks).
         metric_density: density at which block and attention-mass recall are reported.
         gate: :class:`~seerattn.gate.GateConfig` fields (block size, poolings, ...).
         amp: autocast; ``auto`` = bf16 on CUDA, none on CPU.
@@ -134,7 +132,6 @@ class DistillConfig:
     grad_clip: float | None = 1.0
     loss_scale: float = 10.0
     skip_first_rows: float = 0.25
-    target_temperature: float = 1.0
     metric_density: float = 0.1
     gate: dict = field(default_factory=dict)
     amp: str = "auto"
@@ -188,11 +185,6 @@ class DistillConfig:
         need(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "a float > 0 or null (no clipping)")
         need(math.isfinite(self.loss_scale) and self.loss_scale > 0, "loss_scale", "a finite float > 0")
         need(0 <= self.skip_first_rows < 1, "skip_first_rows", "a float in [0, 1)")
-        need(
-            math.isfinite(self.target_temperature) and self.target_temperature > 0,
-            "target_temperature",
-            "a finite float > 0",
-        )
         need(0 < self.metric_density <= 1, "metric_density", "a float in (0, 1]")
         need(self.amp in AMP, "amp", f"one of {AMP}")
         need(self.seed >= 0, "seed", "an int >= 0")

@@ -317,7 +317,6 @@ def _run(
         mode="distill",
         impl=config.impl,
         skip_first_rows=config.skip_first_rows,
-        target_temperature=config.target_temperature,
         metric_density=config.metric_density,
         base_model=config.model,
     )
