@@ -234,14 +234,12 @@ class AttnGate(nn.Module):
             # [B, Hq, NS, NB]: every query window against every key block
             logits = torch.matmul(qg.float(), kg.float().transpose(-1, -2)) / math.sqrt(self.gate_dim)
             if r > 1:
-                # Windows of block I see key blocks <= I; a finite floor (not -inf) keeps the
-                # log-sum-exp and its gradient free of inf - inf; the block mask below restores -inf.
-                floor = torch.finfo(logits.dtype).min
-                win_block = torch.arange(ns, device=q.device) // r
-                seen = torch.arange(nb, device=q.device).view(1, nb) <= win_block.view(ns, 1)  # [NS, NB]
-                logits = logits.masked_fill(~seen, floor)
-                if nb * r != ns:  # a partial last block has fewer windows: pad them with the floor
-                    logits = nn.functional.pad(logits, (0, 0, 0, nb * r - ns), value=floor)
+                # All windows of block I see the same key blocks (J <= I), so the future needs no
+                # mask before the log-sum-exp: the block mask below sets those entries to -inf (and
+                # their gradient to 0). A partial last block has fewer windows: pad them with a
+                # finite floor (not -inf, which would make the log-sum-exp's gradient NaN).
+                if nb * r != ns:
+                    logits = nn.functional.pad(logits, (0, 0, 0, nb * r - ns), value=torch.finfo(logits.dtype).min)
                 logits = logits.view(b, hq, nb, r, nb).logsumexp(3)  # [B, Hq, NB, NB]
             causal = torch.ones(nb, nb, dtype=torch.bool, device=q.device).tril()
             return logits.masked_fill(~causal, float("-inf"))
