@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import json
 import statistics
 import warnings
@@ -86,6 +87,11 @@ def main(argv=None) -> int:
     p.add_argument("--seqlens", default="8192,32768", help="comma list of prompt lengths")
     p.add_argument("--densities", default="0.1", help="comma list of seer densities")
     p.add_argument("--allocation", default="row", choices=ALLOCATIONS)
+    p.add_argument(
+        "--mask-heads",
+        default="q",
+        help="comma list from q (one mask per query head), kv (one per GQA group: 4x fewer rows to rank on Llama-8B)",
+    )
     p.add_argument("--gate", default="windows", choices=sorted(GATES), help="gate architecture (%(default)s)")
     p.add_argument("--layers", type=int, default=32, help="decoder layers (32 = the real depth)")
     p.add_argument("--warmup", type=int, default=2)
@@ -109,9 +115,10 @@ def main(argv=None) -> int:
         print(f"T={t:>6} sdpa        {dense_ms:9.2f} ms", flush=True)
         if args.profile:
             print(profile_table(model, ids, args.profile))
-        for d in (float(x) for x in args.densities.split(",")):
+        for d, heads in itertools.product((float(x) for x in args.densities.split(",")), args.mask_heads.split(",")):
             policy = SparsityPolicy("density", d, allocation=args.allocation)
-            apply_seer_attention(model, SeerConfig(gate=GATES[args.gate], policy=policy, mode="sparse"))
+            cfg = SeerConfig(gate=GATES[args.gate], policy=policy, mode="sparse", mask_heads=heads)  # type: ignore[arg-type]
+            apply_seer_attention(model, cfg)
             ms = time_forward(model, ids, args.warmup, args.reps)
             realised = get_seer_state(model).mean_density()
             if args.profile:
@@ -120,10 +127,9 @@ def main(argv=None) -> int:
                 for where, n in sync_report(model, ids).items():
                     print(f"  host sync x{n}: {where}")
             remove_seer_attention(model)
-            rows.append(
-                {"seq_len": t, "method": f"seer@{d:g}", "ms": ms, "speedup": dense_ms / ms, "density": realised}
-            )
-            print(f"T={t:>6} seer@{d:<6g} {ms:9.2f} ms  {dense_ms / ms:5.2f}x  density {realised:.3f}", flush=True)
+            label = f"seer@{d:g}" + ("" if heads == "q" else f"/{heads}")
+            rows.append({"seq_len": t, "method": label, "ms": ms, "speedup": dense_ms / ms, "density": realised})
+            print(f"T={t:>6} {label:<11} {ms:9.2f} ms  {dense_ms / ms:5.2f}x  density {realised:.3f}", flush=True)
     if args.json:
         env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "args": vars(args)}
         with open(args.json, "w") as f:
