@@ -323,9 +323,8 @@ def attention_mass_scores(request: MaskRequest, chunk: int = 1024) -> torch.Tens
         per_key_block = F.pad(probs, (0, nb * bs - t)).view(b, hq, stop - start, nb, bs).sum(-1)  # [B, Hq, C, NB]
         rows = F.pad(per_key_block, (0, 0, 0, -(stop - start) % bs)).view(b, hq, -1, bs, nb).sum(-2)
         out[:, :, start // bs : start // bs + rows.shape[2]] = rows
-    sizes = torch.full((nb,), float(bs), device=q.device)
-    sizes[-1] = t - (nb - 1) * bs  # the last query block may be partial
-    return out / sizes.view(nb, 1)
+    # every query's softmax sums to 1, so row I sums to |I| (fewer for a partial last block)
+    return out / out.sum(-1, keepdim=True)
 
 
 def mass_oracle_mask(request: MaskRequest, policy: SparsityPolicy, seed: int = 0) -> BlockMask:
