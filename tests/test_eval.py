@@ -659,6 +659,33 @@ def test_cli_seer_methods_with_an_adapter(model_dir, books_dir, tmp_path, plain_
     assert 0 < by["seer_top_p@0.5"]["density"] < 1 and 0 < by["seer_threshold@0.1"]["density"] < 1
 
 
+def test_cli_mask_heads_overrides_the_adapter(model_dir, books_dir, tmp_path, plain_model):
+    """--mask-heads kv ranks gate blocks per GQA group: recorded in the JSON, and it changes the PPL
+    of the same gates at the same density (the adapter was saved with per-query-head masks)."""
+    from seerattn.cli import main
+    from seerattn.gate import GateConfig
+    from seerattn.hf import SeerConfig, apply_seer_attention, save_gates
+
+    shell = copy.deepcopy(plain_model)
+    apply_seer_attention(shell, SeerConfig(gate=GateConfig(block_size=BS)))
+    torch.manual_seed(0)
+    with torch.no_grad():  # gates that differ per query head, so that group averaging matters
+        for name, p in shell.named_parameters():
+            if "seer_gate" in name:
+                p.add_(torch.randn_like(p))
+    save_gates(shell, tmp_path / "gates")
+    common = ["--model", str(model_dir), "--gates", str(tmp_path / "gates"), "--data", str(books_dir)]
+    common += ["--methods", "seer", "--densities", "0.3", "--contexts", "320", "--samples", "1", "--no-progress"]
+    out = {}
+    for heads in ("q", "kv"):
+        assert main(["eval", "ppl", *common, "--mask-heads", heads, "-o", str(tmp_path / heads)]) == 0
+        out[heads] = json.loads((tmp_path / heads / "ppl.json").read_text())
+        assert out[heads]["model"]["mask_heads"] == heads
+    assert out["q"]["results"][0]["ppl"] != pytest.approx(out["kv"]["results"][0]["ppl"], rel=1e-6)
+    with pytest.raises(SystemExit):
+        main(["eval", "ppl", *common, "--mask-heads", "hq", "-o", str(tmp_path / "bad")])
+
+
 def test_eval_package_never_imports_triton_itself():
     """No module of seerattn.eval (or the CLI wrapper) names triton or seerattn's Triton kernels."""
     root = Path(__file__).resolve().parents[1] / "src" / "seerattn"

@@ -74,6 +74,8 @@ def _setup(args):
         impl=args.impl,
         train_length=args.train_length,
     )
+    if args.mask_heads is not None:
+        em.state.set(mask_heads=args.mask_heads)
     books = TokenizedBooks(args.data, tokenizer, split=args.split, max_books=args.max_books)
     torch.manual_seed(args.seed)
     return tokenizer, em, books, settings
@@ -93,6 +95,7 @@ def _meta(args, em) -> tuple[dict, dict, dict]:
         "num_key_value_heads": getattr(cfg, "num_key_value_heads", None),
         "train_length": em.train_length,
         "block_size": em.block_size,
+        "mask_heads": em.state.config.mask_heads,
         "dtype": str(next(em.model.parameters()).dtype),
         "device": str(em.device),
     }
@@ -281,6 +284,11 @@ def _common(p: argparse.ArgumentParser, contexts: str | None, samples: int) -> N
     )
     p.add_argument("--impl", choices=["reference", "triton", "flex"], help="op implementation (default: automatic)")
     p.add_argument("--block-size", type=int, default=64, help="block size when no --gates are given (%(default)s)")
+    p.add_argument(
+        "--mask-heads",
+        choices=["q", "kv"],
+        help="gate and oracle masks per query head (q) or per GQA group (kv); default: the adapter's setting",
+    )
     p.add_argument("--train-length", type=int, help="training context (default: config.max_position_embeddings)")
     p.add_argument(
         "--rope-scaling",
