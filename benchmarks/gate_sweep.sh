@@ -3,6 +3,7 @@
 # with the evaluation harness (seer gate only: passkey at 2k/4k/8k, 8k perplexity, mask recall).
 # Env: VARIANTS ("name:override override;name2:..." recipe --set overrides per variant), STEPS,
 # CTX (passkey contexts), PPL_CTX, SAMPLES (passkey samples), PPL_SAMPLES,
+# METHODS (evaluated methods, default seer; all run at the variant's block size),
 # DATA (corpus, default .gpu/distill_mix.txt.xz), DENS (densities), ALLOCATIONS (density allocations,
 # default row). .gpu/books = test books + MANIFEST.tsv.
 # Everything lands in $OUT/sweep.tgz (adapters, logs, JSON); a table is printed last.
@@ -15,7 +16,7 @@ for v in "${VS[@]}"; do
   timeout 240 python3 -m seerattn distill recipes/testbed.yaml --set model=testbed/model tokenizer=testbed/model \
     "data=[${DATA:-.gpu/distill_mix.txt.xz}]" 'document_separator="\x00"' steps=${STEPS:-400} save_every=100000 \
     output_dir=$D $over > $R/$name.distill.log 2>&1; echo "$name distill rc=$? $(( $(date +%s)-S ))s"
-  E="--model testbed/model --gates $D/adapter --data .gpu/books --no-progress --methods seer --allocations ${ALLOCATIONS:-row}"
+  E="--model testbed/model --gates $D/adapter --data .gpu/books --no-progress --methods ${METHODS:-seer} --allocations ${ALLOCATIONS:-row}"
   timeout 150 python3 -m seerattn eval passkey $E --contexts ${CTX:-2048,4096,8192} --samples ${SAMPLES:-4} --densities $DENS \
     -o $D/passkey > $R/$name.passkey.log 2>&1; echo "$name passkey rc=$? $(( $(date +%s)-S ))s"
   timeout 90 python3 -m seerattn eval ppl $E --contexts ${PPL_CTX:-8192} --samples ${PPL_SAMPLES:-16} --densities $DENS \

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import itertools
 import json
 import statistics
@@ -93,6 +94,7 @@ def main(argv=None) -> int:
         help="comma list from q (one mask per query head), kv (one per GQA group: 4x fewer rows to rank on Llama-8B)",
     )
     p.add_argument("--gate", default="windows", choices=sorted(GATES), help="gate architecture (%(default)s)")
+    p.add_argument("--block-sizes", default="64", help="comma list of gate/mask block sizes (%(default)s)")
     p.add_argument("--layers", type=int, default=32, help="decoder layers (32 = the real depth)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=5)
@@ -115,9 +117,14 @@ def main(argv=None) -> int:
         print(f"T={t:>6} sdpa        {dense_ms:9.2f} ms", flush=True)
         if args.profile:
             print(profile_table(model, ids, args.profile))
-        for d, heads in itertools.product((float(x) for x in args.densities.split(",")), args.mask_heads.split(",")):
+        for d, heads, bs in itertools.product(
+            (float(x) for x in args.densities.split(",")),
+            args.mask_heads.split(","),
+            (int(x) for x in args.block_sizes.split(",")),
+        ):
             policy = SparsityPolicy("density", d, allocation=args.allocation)
-            cfg = SeerConfig(gate=GATES[args.gate], policy=policy, mode="sparse", mask_heads=heads)  # type: ignore[arg-type]
+            gate = dataclasses.replace(GATES[args.gate], block_size=bs)
+            cfg = SeerConfig(gate=gate, policy=policy, mode="sparse", mask_heads=heads)  # type: ignore[arg-type]
             apply_seer_attention(model, cfg)
             ms = time_forward(model, ids, args.warmup, args.reps)
             realised = get_seer_state(model).mean_density()
@@ -127,8 +134,9 @@ def main(argv=None) -> int:
                 for where, n in sync_report(model, ids).items():
                     print(f"  host sync x{n}: {where}")
             remove_seer_attention(model)
-            label = f"seer@{d:g}" + ("" if heads == "q" else f"/{heads}")
-            rows.append({"seq_len": t, "method": label, "ms": ms, "speedup": dense_ms / ms, "density": realised})
+            label = f"seer@{d:g}" + ("" if heads == "q" else f"/{heads}") + ("" if bs == 64 else f"/b{bs}")
+            row = {"seq_len": t, "method": label, "block_size": bs, "ms": ms, "density": realised}
+            rows.append({**row, "speedup": dense_ms / ms})
             print(f"T={t:>6} {label:<11} {ms:9.2f} ms  {dense_ms / ms:5.2f}x  density {realised:.3f}", flush=True)
     if args.json:
         env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "args": vars(args)}
