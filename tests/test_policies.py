@@ -141,6 +141,33 @@ def test_uniform_allocation_keeps_one_count_per_row(nq, rho, sink, diag, seed):
     _assert_top_scores(dense, scores, forced, causal, dims=(-1,))
 
 
+@HYP
+@given(
+    nq=st.integers(1, 24),
+    rho=st.floats(0.01, 1.0),
+    sink=st.booleans(),
+    diag=st.booleans(),
+    seed=st.integers(0, 10_000),
+    allocation=st.sampled_from(["row", "uniform", "floor"]),
+    levels=st.integers(1, 3),
+)
+def test_density_ties_keep_the_lower_columns(nq, rho, sink, diag, seed, allocation, levels):
+    """Scores with many ties: each row keeps what a stable descending sort of the row puts first
+    (forced blocks, then the highest scores, equal scores by lower column), budget as allocated."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, levels, (2, 3, nq, nq), generator=g).float()
+    dense = _kept(scores, SparsityPolicy("density", rho, allocation, keep_sink=sink, keep_diagonal=diag))
+    forced = _forced(nq, sink, diag)
+    budget = density_row_budget(nq, rho, allocation=allocation)
+    want = torch.zeros(2, 3, nq, nq, dtype=torch.bool)
+    for i in range(nq):
+        row = scores[..., i, : i + 1].masked_fill(forced[i, : i + 1], float("inf"))
+        order = row.argsort(dim=-1, descending=True, stable=True)[..., : int(budget[i])]
+        want[..., i, :].scatter_(-1, order, True)
+        want[..., i, :] |= forced[i]
+    assert torch.equal(dense, want)
+
+
 def test_uniform_allocation_is_the_papers_nz_ratio():
     """k ~ (1 - sqrt(1 - rho)) * NQ, and the triangle is kept at rho up to rounding of k."""
     nq = 128
