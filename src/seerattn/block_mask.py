@@ -206,14 +206,12 @@ class BlockMask:
         heads = dense.shape[0] * dense.shape[1]
         # tokens per block, the last one partial; built on the device (a scalar write would sync)
         sizes = (t - bs * torch.arange(nb, device=dense.device, dtype=torch.float64)).clamp(max=bs)
-        kept = (dense & causal_block_mask(nb, device=dense.device)).sum(-1, dtype=torch.int32)  # [B, H, NQ]
-        diag = dense.diagonal(dim1=-2, dim2=-1)  # [B, H, NQ]
-        blocks = kept.sum(dtype=torch.float64) / (nb * (nb + 1) / 2 * heads)
-        # A block left of the diagonal is whole (only the last block is partial): row I's kept block
-        # computes sizes[I] x bs pairs there, and its causal triangle on the diagonal.
-        below = (kept - diag.to(torch.int32)).to(torch.float64)
-        tokens = (below * (sizes * bs)).sum() + (diag.to(torch.float64) * (sizes * (sizes + 1) / 2)).sum()
-        return blocks, tokens / (t * (t + 1) / 2 * heads)
+        pairs = sizes.view(nb, 1) * sizes.view(1, nb)  # tokens of block (I, J)
+        pairs = pairs.tril(-1) + torch.diag(sizes * (sizes + 1) / 2)  # diagonal: causal triangle only
+        causal = causal_block_mask(nb, device=dense.device)
+        blocks = (dense & causal).sum(dtype=torch.float64) / (nb * (nb + 1) / 2 * heads)
+        tokens = (dense.to(torch.float64) * pairs).sum() / (t * (t + 1) / 2 * heads)
+        return blocks, tokens
 
     def expand_heads(self, num_q_heads: int) -> BlockMask:
         """A per-query-head mask: repeats each head of an Hkv mask over its GQA group (identity if H == Hq)."""
@@ -346,29 +344,6 @@ def density_row_budget(nq: int, density: float, device=None, allocation: Allocat
 
 
 @functools.lru_cache(maxsize=256)
-def _max_row_budget(nq: int, density: float, allocation: Allocation) -> int:
-    """The largest row budget, computed on the CPU (reading it from a CUDA budget would sync)."""
-    return int(density_row_budget(nq, density, "cpu", allocation).max())
-
-
-def _top_per_row(ranked: torch.Tensor, budget: torch.Tensor, kmax: int) -> torch.Tensor:
-    """bool ``[B, H, NQ, NQ]``: the ``budget[I]`` highest entries of each row ``I`` of ``ranked``, ties
-    broken towards the lower column (what a stable descending sort keeps), for ``budget <= kmax``.
-
-    Without sorting whole rows: the ``budget[I]``-th highest value ``v`` comes from a top-``kmax``
-    (values only, so their order among ties does not matter); a row keeps what is above ``v`` and
-    as many entries equal to ``v`` as are left, the leftmost ones.
-    """
-    nq = ranked.shape[-1]
-    top = ranked.topk(kmax, dim=-1).values  # [B, H, NQ, kmax], descending
-    kth = top.gather(-1, (budget - 1).view(1, 1, nq, 1).expand(*ranked.shape[:2], nq, 1))  # [B, H, NQ, 1]
-    above = ranked > kth
-    tied = ranked == kth
-    room = budget.view(nq, 1) - above.sum(-1, keepdim=True)
-    return above | (tied & (tied.cumsum(-1) <= room))
-
-
-@functools.lru_cache(maxsize=256)
 def _uniform_count(nq: int, density: float) -> int:
     """The ``uniform`` allocation's ``k``: the count whose triangle total is closest to the target
     (the smaller on a tie). Computed on the CPU, so using it never syncs a device."""
@@ -452,8 +427,10 @@ def mask_from_scores(scores: torch.Tensor, policy: SparsityPolicy, seq_len: int,
         budget = density_row_budget(nq, policy.value, device, policy.allocation)  # [NQ]
         # Forced blocks rank first and count against the budget.
         ranked = s.masked_fill(forced, float("inf"))
-        kmax = _max_row_budget(nq, policy.value, policy.allocation)
-        keep = _top_per_row(ranked, budget, kmax) & causal
+        order = ranked.argsort(dim=-1, descending=True, stable=True)
+        rank = torch.empty_like(order)
+        rank.scatter_(-1, order, torch.arange(nq, device=device).expand_as(order).contiguous())
+        keep = (rank < budget.view(nq, 1)) & causal
     else:  # top_p
         p = s.clamp_min(0).nan_to_num(0.0)
         sorted_p, order = p.sort(dim=-1, descending=True, stable=True)
