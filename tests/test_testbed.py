@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -127,3 +128,30 @@ def test_distill_corpus_recipe():
         tb_data.distill_documents(books, np.random.default_rng(1), p_passkey=0.7, p_facts=0.5)
     with pytest.raises(ValueError, match="chars"):
         tb_data.distill_documents(books, np.random.default_rng(1), chars=(6000, 3000))
+
+
+@pytest.mark.parametrize("folder, block", [("gates", 64), ("gates-b32", 32)])
+def test_committed_gates_run_sparse_prefill(model, tok, folder, block):
+    """Both committed adapters load onto the testbed with their block size, and a sparse prefill at 10 %
+    keeps exactly the row budget's blocks in every layer (quality is measured by `seerattn eval`)."""
+    import copy
+
+    from seerattn import SparsityPolicy
+    from seerattn.block_mask import density_row_budget
+    from seerattn.hf import from_pretrained, get_seer_state
+
+    sparse = from_pretrained(copy.deepcopy(model), MODEL.parent / folder, mode="sparse", policy=SparsityPolicy())
+    state = get_seer_state(sparse)
+    assert state.config.gate.block_size == block and state.config.policy == SparsityPolicy("density", 0.1)
+    before = " ".join([GRASS] * 35)
+    prompt = f"{INTRO} {before} The pass key is 20946. Remember it. 20946 is the pass key. {before}"
+    ids = torch.tensor([tok(prompt).input_ids])
+    with torch.no_grad():
+        dense_loss = model(input_ids=ids, labels=ids).loss.item()
+        sparse_loss = sparse(input_ids=ids, labels=ids).loss.item()
+    nq = -(-ids.shape[1] // block)
+    budget = torch.clamp(density_row_budget(nq, 0.1), min=2)  # sink and diagonal are forced
+    budget[0] = 1
+    want = budget.sum().item() / (nq * (nq + 1) / 2)
+    assert all(s["density"] == pytest.approx(want) for s in state.stats.values())
+    assert math.isfinite(sparse_loss) and sparse_loss != dense_loss
