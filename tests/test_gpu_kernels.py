@@ -107,6 +107,7 @@ SPARSE_CASES = [
     (16384, 28, 4, 128, 64, "hq", 0.1, False),
     (32768, 8, 2, 64, 64, "hkv", 0.1, False),
     (65536, 4, 1, 128, 128, "hkv", 0.05, False),
+    (8192, 32, 8, 128, 32, "hq", 0.1, True),
 ]
 
 
@@ -128,6 +129,26 @@ def test_sparse_bf16(t, hq, hkv, d, bs, mh, density, random):
         f_out, f_lse = block_sparse_attention(q, k, v, mask, return_lse=True, impl="flex")
         assert rel(f_out, ref_out) <= tol
         assert rel(out, f_out) <= tol
+
+
+@pytest.mark.parametrize("bs,mh", [(32, "hq"), (32, "hkv"), (64, "hq")])
+@pytest.mark.parametrize("random", [False, True])
+def test_every_sparse_config_matches_the_reference(bs, mh, random):
+    """Each candidate the tuner may pick (not only the one it picked) is correct."""
+    from seerattn.ops._triton.config import sparse_configs
+    from seerattn.ops._triton.sparse_fwd import block_sparse_attention_fwd
+
+    t, hq, hkv, d = 4096 + 77, 8, 2, 128
+    q, k, v = make_qkv(1, hq, hkv, t, d, seed=bs)
+    mask = structured_mask(1, hq if mh == "hq" else hkv, t, bs, 0.2, seed=1, random=random)
+    ref = reference.block_sparse_attention(q.float(), k.float(), v.float(), mask)
+    tol = 2 * sdpa_bf16_error(q, k, v) + EPS
+    scale = d**-0.5
+    for cfg in sparse_configs(bs, hq // mask.num_heads, d):
+        out, _ = block_sparse_attention_fwd(
+            q, k, v, mask.kv_num_blocks, mask.kv_indices, bs, scale, return_lse=False, config=cfg
+        )
+        assert rel(out, ref) <= tol, (cfg.short(), rel(out, ref), tol)
 
 
 def test_sparse_varlen_bf16():

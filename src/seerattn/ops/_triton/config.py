@@ -112,6 +112,11 @@ def sparse_configs(mask_block: int, heads_per_mask: int, head_dim: int) -> list[
         # union tiles win by ~5 % at 30-100 % density, 64-row tiles (two programs per SM) win at
         # <= 10 % and by 1.5x on random masks, so the untuned default is the 64-row tile.
         configs.append(KernelConfig(mask_block, bn, 1, 4, 3))
+        if mask_block < 64:
+            # Small mask blocks make small tiles: also a union of only 2 mask rows, and one-row
+            # tiles whose key steps gather 2 mask blocks (fewer, larger dots per step).
+            configs.append(KernelConfig(2 * mask_block, bn, 1, 4, 3))
+            configs.append(KernelConfig(mask_block, 2 * mask_block, 1, 4, 3))
     # D <= 64: 4 warps per 128-row tile fit without spills and won on the H200 (1.27 vs 1.60 ms).
     warps = 4 if head_dim <= 64 else 8
     for i, pack in enumerate(packs):
