@@ -110,12 +110,13 @@ def sparse_configs(mask_block: int, heads_per_mask: int, head_dim: int) -> list[
         # No head packing possible, so a 128-row tile would be a union tile (U mask rows, merged
         # lists): it computes every block either row keeps. Measured on the H200 (docs/kernels.md):
         # union tiles win by ~5 % at 30-100 % density, 64-row tiles (two programs per SM) win at
-        # <= 10 % and by 1.5x on random masks, so the untuned default is the 64-row tile.
-        configs.append(KernelConfig(mask_block, bn, 1, 4, 3))
+        # <= 10 % and by 1.5x on random masks, so the untuned default is the 64-row tile. Below
+        # 64-token mask blocks that is a union of 64 / MB rows (at MB 32: 3.1 ms vs 3.8 for 128-row
+        # and 6.7 for 32-row tiles, structured; 5.4 vs 9.8 and 6.8, random; 32k, 10 %); one-row
+        # tiles, also with key steps of 2 mask blocks, stay candidates.
+        configs.append(KernelConfig(max(mask_block, 64), bn, 1, 4, 3))
         if mask_block < 64:
-            # Small mask blocks make small tiles: also a union of only 2 mask rows, and one-row
-            # tiles whose key steps gather 2 mask blocks (fewer, larger dots per step).
-            configs.append(KernelConfig(2 * mask_block, bn, 1, 4, 3))
+            configs.append(KernelConfig(mask_block, bn, 1, 4, 3))
             configs.append(KernelConfig(mask_block, 2 * mask_block, 1, 4, 3))
     # D <= 64: 4 warps per 128-row tile fit without spills and won on the H200 (1.27 vs 1.60 ms).
     warps = 4 if head_dim <= 64 else 8
