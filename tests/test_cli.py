@@ -114,8 +114,10 @@ def test_convert_command(tmp_path, capsys):
         )
 
 
-def test_quickstart_main_job_on_the_testbed(tmp_path, capsys, monkeypatch):
-    """The README's main job, at a small setting: committed testbed + gates on held-out books."""
+@pytest.mark.parametrize("extra", [[], ["--gates", "testbed/gates-b32", "--mask-heads", "kv"]])
+def test_quickstart_main_job_on_the_testbed(tmp_path, capsys, monkeypatch, extra):
+    """The README's main job, at a small setting: committed testbed + gates on held-out books (and the
+    block-32 gates with per-group masks)."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
@@ -125,9 +127,11 @@ def test_quickstart_main_job_on_the_testbed(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(root)
     out = tmp_path / "qs"
     argv = ["quickstart", "--context", "512", "--samples", "1", "--density", "0.5", "--allocation", "uniform"]
-    assert main([*argv, "-o", str(out)]) == 0
+    assert main([*argv, *extra, "-o", str(out)]) == 0
     summary = json.loads((out / "quickstart.json").read_text())
     assert summary["allocation"] == "uniform"
+    assert summary["mask_heads"] == ("kv" if extra else "q")
+    assert summary["gates"] == ("testbed/gates-b32" if extra else "testbed/gates")
     assert summary["passkey_dense"] == 1.0
     assert 20.0 < summary["ppl_dense"] < 60.0  # the testbed's held-out PPL at 512 tokens is ~34
     assert summary["ppl_sparse"] > summary["ppl_dense"]  # dropping blocks costs something

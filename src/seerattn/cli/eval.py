@@ -53,6 +53,15 @@ def _dtype(name: str):
     return table[name]
 
 
+def add_mask_heads_argument(p) -> None:
+    """``--mask-heads q|kv``: override the adapter's ``SeerConfig.mask_heads`` (eval and quickstart)."""
+    p.add_argument(
+        "--mask-heads",
+        choices=["q", "kv"],
+        help="gate and oracle masks per query head (q) or per GQA group (kv); default: the adapter's setting",
+    )
+
+
 def _setup(args):
     """Load tokenizer, model (with gates) and books; expand the method settings."""
     import torch
@@ -284,11 +293,7 @@ def _common(p: argparse.ArgumentParser, contexts: str | None, samples: int) -> N
     )
     p.add_argument("--impl", choices=["reference", "triton", "flex"], help="op implementation (default: automatic)")
     p.add_argument("--block-size", type=int, default=64, help="block size when no --gates are given (%(default)s)")
-    p.add_argument(
-        "--mask-heads",
-        choices=["q", "kv"],
-        help="gate and oracle masks per query head (q) or per GQA group (kv); default: the adapter's setting",
-    )
+    add_mask_heads_argument(p)
     p.add_argument("--train-length", type=int, help="training context (default: config.max_position_embeddings)")
     p.add_argument(
         "--rope-scaling",

@@ -13,7 +13,7 @@ import json
 import time
 from pathlib import Path
 
-from .eval import ALLOCATIONS
+from .eval import ALLOCATIONS, add_mask_heads_argument
 
 
 def _run(args) -> int:
@@ -42,6 +42,8 @@ def _run(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     em = load_eval_model(args.model, gates=args.gates, device=device)
+    if args.mask_heads is not None:
+        em.state.set(mask_heads=args.mask_heads)
     books = TokenizedBooks(args.data, tokenizer, split="test")
     settings = expand_settings(["dense", "seer"], densities=[args.density], allocations=[args.allocation])
     quiet = not args.progress
@@ -66,6 +68,7 @@ def _run(args) -> int:
         "windows": args.samples,
         "density_target": args.density,
         "allocation": args.allocation,
+        "mask_heads": em.state.config.mask_heads,
         "ppl_dense": dense["ppl"],
         "ppl_sparse": sparse["ppl"],
         "density_realised": sparse["density"],
@@ -102,6 +105,7 @@ def register(sub) -> None:
         default="row",
         help="how the density is spread over rows (%(default)s; see seerattn.SparsityPolicy)",
     )
+    add_mask_heads_argument(p)
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--output", "-o", default="quickstart-out", help="output folder (%(default)s)")
