@@ -241,12 +241,15 @@ def test_sparse_varlen(mh, bs):
 
 
 # Tile shapes the single interpreter config does not reach: two mask blocks gathered per step,
-# one program for the whole GQA group (rows < block), union tiles of 4 mask rows.
+# one program for the whole GQA group (rows < block), union tiles of 2 or 4 mask rows.
 CONFIG_CASES = [
     ("gather2", 16, "hkv", KernelConfig(32, 32, 2)),
     ("full-group", 32, "hkv", KernelConfig(64, 16, 4)),
     ("union4", 16, "hq", KernelConfig(64, 16, 1)),
     ("union2-pack2", 16, "hkv", KernelConfig(64, 16, 2)),
+    # the GPU candidates added for 32-token mask blocks: a 2-row union, one-row tiles with 2-block steps
+    ("union2-b32", 32, "hq", KernelConfig(64, 32, 1)),
+    ("gather2-b32", 32, "hq", KernelConfig(32, 64, 1)),
 ]
 
 
