@@ -82,9 +82,8 @@ def _setup(args):
         block_size=args.block_size,
         impl=args.impl,
         train_length=args.train_length,
+        mask_heads=args.mask_heads,
     )
-    if args.mask_heads is not None:
-        em.state.set(mask_heads=args.mask_heads)
     books = TokenizedBooks(args.data, tokenizer, split=args.split, max_books=args.max_books)
     torch.manual_seed(args.seed)
     return tokenizer, em, books, settings

@@ -41,9 +41,7 @@ def _run(args) -> int:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    em = load_eval_model(args.model, gates=args.gates, device=device)
-    if args.mask_heads is not None:
-        em.state.set(mask_heads=args.mask_heads)
+    em = load_eval_model(args.model, gates=args.gates, device=device, mask_heads=args.mask_heads)
     books = TokenizedBooks(args.data, tokenizer, split="test")
     settings = expand_settings(["dense", "seer"], densities=[args.density], allocations=[args.allocation])
     quiet = not args.progress

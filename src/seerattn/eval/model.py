@@ -71,6 +71,7 @@ def prepare_eval_model(
     impl: str | None = None,
     train_length: int | None = None,
     name: str = "model",
+    mask_heads: str | None = None,
 ) -> EvalModel:
     """Attach seer attention (and an adapter's gates) to a loaded model; mode starts as ``dense``.
 
@@ -80,6 +81,7 @@ def prepare_eval_model(
         block_size: block size without an adapter (an adapter's own block size wins).
         impl: op implementation (``None``: Triton on CUDA, reference on CPU).
         train_length: training context; default ``model.config.max_position_embeddings``.
+        mask_heads: ``"q"`` or ``"kv"`` overrides the adapter's ``SeerConfig.mask_heads`` (``None``: keep it).
     """
     model.eval()
     if gates is not None:
@@ -87,6 +89,8 @@ def prepare_eval_model(
         state = get_seer_state(model)
     else:
         state = apply_seer_attention(model, SeerConfig(gate=GateConfig(block_size=block_size), mode="dense", impl=impl))
+    if mask_heads is not None:
+        state.set(mask_heads=mask_heads)  # validated by SeerConfig
     train_length = train_length or getattr(model.config, "max_position_embeddings", None)
     if not train_length:
         raise ValueError("pass train_length: the model config has no max_position_embeddings")
@@ -101,6 +105,7 @@ def load_eval_model(
     block_size: int = 64,
     impl: str | None = None,
     train_length: int | None = None,
+    mask_heads: str | None = None,
 ) -> EvalModel:
     """``AutoModelForCausalLM.from_pretrained(path)`` on ``device`` in ``dtype`` (default: fp32 on CPU,
     bf16 on CUDA), prepared with :func:`prepare_eval_model`."""
@@ -111,7 +116,7 @@ def load_eval_model(
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
     model.to(device)
-    return prepare_eval_model(model, gates, block_size, impl, train_length, name=str(path))
+    return prepare_eval_model(model, gates, block_size, impl, train_length, name=str(path), mask_heads=mask_heads)
 
 
 # --------------------------------------------------------------------------------- RoPE scaling
