@@ -52,13 +52,14 @@ def _check_invariants(dense):
 
 
 # one random density case: block count, density, which blocks are forced, scores' seed
-density_cases = given(
-    nq=st.integers(1, 24),
-    rho=st.floats(0.01, 1.0),
-    sink=st.booleans(),
-    diag=st.booleans(),
-    seed=st.integers(0, 10_000),
-)
+DENSITY_CASE = {
+    "nq": st.integers(1, 24),
+    "rho": st.floats(0.01, 1.0),
+    "sink": st.booleans(),
+    "diag": st.booleans(),
+    "seed": st.integers(0, 10_000),
+}
+density_cases = given(**DENSITY_CASE)
 
 
 def _density_case(allocation, nq, rho, sink, diag, seed):
@@ -142,15 +143,7 @@ def test_uniform_allocation_keeps_one_count_per_row(nq, rho, sink, diag, seed):
 
 
 @HYP
-@given(
-    nq=st.integers(1, 24),
-    rho=st.floats(0.01, 1.0),
-    sink=st.booleans(),
-    diag=st.booleans(),
-    seed=st.integers(0, 10_000),
-    allocation=st.sampled_from(["row", "uniform", "floor"]),
-    levels=st.integers(1, 3),
-)
+@given(**DENSITY_CASE, allocation=st.sampled_from(["row", "uniform", "floor"]), levels=st.integers(1, 3))
 def test_density_ties_keep_the_lower_columns(nq, rho, sink, diag, seed, allocation, levels):
     """Scores with many ties: each row keeps what a stable descending sort of the row puts first
     (forced blocks, then the highest scores, equal scores by lower column), budget as allocated."""
