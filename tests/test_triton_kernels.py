@@ -203,8 +203,17 @@ def test_sparse_all_kept_equals_dense(bs, square):
     assert rel(out, dense_out) < 1e-5 and (lse.double() - dense_lse).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("bs,mh", [(16, "hq"), (32, "hkv")], ids=["union-tiles", "plain-tiles"])
-def test_sparse_empty_rows(bs, mh):
+@pytest.mark.parametrize(
+    "bs,mh,cfg",
+    [
+        (16, "hq", None),
+        (32, "hkv", None),
+        (32, "hq", KernelConfig(64, 32, 1)),  # the block-32 GPU candidates
+        (32, "hq", KernelConfig(32, 64, 1)),
+    ],
+    ids=["union-tiles", "plain-tiles", "union2-b32", "gather2-b32"],
+)
+def test_sparse_empty_rows(bs, mh, cfg):
     """Rows with kv_num_blocks 0, and rows keeping only blocks above the diagonal, are empty."""
     t, hq, hkv = 96, 4, 2
     q, k, v = rand_qkv(1, hq, hkv, t, 16, torch.float32, seed=3)
@@ -216,7 +225,7 @@ def test_sparse_empty_rows(bs, mh):
     dense[:, 0, 0, nb - 1] = True  # only a block above the diagonal: fully masked by causality
     mask = BlockMask.from_dense(dense, bs, t)
     assert int(mask.kv_num_blocks[0, 0, 1]) == 0
-    out, lse = check_sparse(q, k, v, mask)
+    out, lse = check_sparse(q, k, v, mask, config=cfg)
     rows = slice(bs, 2 * bs)
     assert (out[:, :, rows] == 0).all() and torch.isneginf(lse[:, :, rows]).all()
     first = slice(0, hq // h)  # the query heads of mask head 0
