@@ -34,12 +34,7 @@ import time
 
 import torch
 
-# name: (Hq, Hkv, D)
-MODELS: dict[str, tuple[int, int, int]] = {
-    "llama3.1-8b": (32, 8, 128),
-    "qwen2.5-7b": (28, 4, 128),
-    "llama3.2-1b": (32, 8, 64),
-}
+from benchmarks.shapes import ATTENTION as MODELS
 
 logger = logging.getLogger("benchmarks.attention")
 

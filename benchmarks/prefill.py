@@ -3,7 +3,7 @@
     python3 -m benchmarks.prefill --seqlens 8192,32768 --densities 0.1 --json runs/prefill.json
 
 Builds ``LlamaForCausalLM`` with Llama-3.1-8B's shape (random bf16 weights: speed only; the shape is
-``benchmarks.distill_throughput.LLAMA_31_8B``) and times one forward of a batch-1 prompt
+``benchmarks.shapes.LLAMA_31_8B``) and times one forward of a batch-1 prompt
 (``logits_to_keep=1``: only the last position's logits, as a generation's prefill), with CUDA events,
 median over ``--reps`` after ``--warmup``:
 
@@ -30,7 +30,7 @@ import warnings
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from benchmarks.distill_throughput import LLAMA_31_8B
+from benchmarks.shapes import LLAMA_31_8B
 from seerattn import SparsityPolicy
 from seerattn.block_mask import ALLOCATIONS
 from seerattn.gate import GateConfig
