@@ -89,8 +89,7 @@ def _setup(args):
     return tokenizer, em, books, settings
 
 
-def _meta(args, em) -> tuple[dict, dict, dict]:
-    from ..env import environment
+def _meta(args, em) -> tuple[dict, dict]:
 
     config = {k: v for k, v in vars(args).items() if k != "func"}
     cfg = em.model.config
@@ -107,17 +106,18 @@ def _meta(args, em) -> tuple[dict, dict, dict]:
         "dtype": str(next(em.model.parameters()).dtype),
         "device": str(em.device),
     }
-    return config, model, environment()
+    return config, model
 
 
 def _write_outputs(args, em, kind: str, results: list, markdown: str, plot, t0: float) -> int:
     """``<kind>.json`` (with config, model and environment), ``<kind>.md`` and the plot (``plot(folder)``)."""
-    from ..eval.report import write_json, write_text
+    from ..eval.report import write_text
+    from ..record import write_record
 
     out = Path(args.output)
-    config, model, env = _meta(args, em)
+    config, model = _meta(args, em)
     files = [
-        write_json(out / f"{kind}.json", kind, results, config, model, env),
+        write_record(out / f"{kind}.json", kind, results, config, model),
         write_text(out / f"{kind}.md", markdown),
         plot(out),
     ]

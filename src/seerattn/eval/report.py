@@ -1,55 +1,16 @@
-"""JSON and markdown writers for evaluation results.
+"""Markdown writers for evaluation results (the JSON is a run record: :mod:`seerattn.record`).
 
-Every JSON file has the same envelope: ``{"kind", "created", "config", "model", "environment",
-"results"}``; ``results`` is the list of rows the evaluation function returned (see
+A record's ``results`` is the list of rows the evaluation function returned (see
 :func:`~seerattn.eval.ppl.evaluate_ppl`, :func:`~seerattn.eval.passkey.evaluate_passkey`,
 :func:`~seerattn.eval.masks.block_maps`).
 """
 
 from __future__ import annotations
 
-import datetime
-import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["markdown_table", "masks_markdown", "passkey_markdown", "ppl_markdown", "write_json", "write_text"]
-
-
-def _jsonable(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, Path):
-        return str(x)
-    return x
-
-
-def write_json(
-    path: str | Path,
-    kind: str,
-    results,
-    config: dict | None = None,
-    model: dict | None = None,
-    environment: dict | None = None,
-) -> Path:
-    """Write the result envelope as indented JSON (non-finite floats become null / "inf")."""
-    payload = {
-        "kind": kind,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "config": config or {},
-        "model": model or {},
-        "environment": environment or {},
-        "results": results,
-    }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_jsonable(payload), indent=2) + "\n")
-    return path
+__all__ = ["markdown_table", "masks_markdown", "passkey_markdown", "ppl_markdown", "write_text"]
 
 
 def write_text(path: str | Path, text: str) -> Path:
