@@ -44,6 +44,7 @@ from seerattn.eval import (  # noqa: E402
 from seerattn.eval import passkey as passkey_mod  # noqa: E402
 from seerattn.eval.methods import attention_mass_scores, realised_row_counts, vertical_slash_scores  # noqa: E402
 from seerattn.eval.passkey import PasskeyTemplate, sentence_ends  # noqa: E402
+from seerattn.eval.stats import wilson_interval  # noqa: E402
 from seerattn.hf import MaskRequest  # noqa: E402
 
 BOOKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "books"
@@ -148,11 +149,15 @@ def _forced_budget(nb: int, density: float) -> torch.Tensor:
 # ------------------------------------------------------------------------------------ methods
 def test_registry_has_every_method_and_rejects_unknown():
     from seerattn.block_mask import ALLOCATIONS
+    from seerattn.cli import build_parser
     from seerattn.cli.eval import ALL_METHODS
     from seerattn.cli.eval import ALLOCATIONS as CLI_ALLOCATIONS
+    from seerattn.eval.stats import BOOTSTRAP_RESAMPLES
 
     assert set(ALL_METHODS.split(", ")) == set(METHODS)
     assert CLI_ALLOCATIONS == ALLOCATIONS
+    args = build_parser().parse_args(["eval", "ppl", "--model", "m", "-o", "o"])
+    assert args.resamples == BOOTSTRAP_RESAMPLES
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         expand_settings(["nope"], [0.1])
     with pytest.raises(ValueError, match="needs at least one threshold"):
@@ -612,13 +617,43 @@ def test_cli_eval_writes_json_markdown_and_pngs(model_dir, books_dir, tmp_path):
     assert "| method | ctx 128 | ctx 384 |" in md and "| oracle@0.2 |" in md and "last 32 tokens" in md
     assert all(r["tail"] == 32 and r["ppl_tail"] > 1 for r in ppl["results"])
     assert _is_png(tmp_path / "ppl" / "ppl_vs_density.png")
+    # every method's difference from dense has a 95 % interval that brackets it; dense itself has none
+    for r in ppl["results"]:
+        dense = next(d for d in ppl["results"] if d["method"] == "dense" and d["context"] == r["context"])
+        assert len(r["window_nll"]) == len(r["window_nll_tail"]) == len(r["window_tokens"]) == 2
+        assert math.exp(sum(r["window_nll"]) / sum(r["window_tokens"])) == pytest.approx(r["ppl"], rel=1e-12)
+        if r["method"] == "dense":
+            assert r["ppl_vs_dense"] is None and r["ppl_vs_dense_ci"] is None and r["interval"] is None
+            continue
+        assert r["interval"] == {
+            "kind": "paired bootstrap over windows, percentile", "level": 0.95, "resamples": 2000, "seed": 0
+        }  # fmt: skip
+        for key, ppl_key in (("ppl_vs_dense", "ppl"), ("ppl_tail_vs_dense", "ppl_tail")):
+            lo, hi = r[f"{key}_ci"]
+            assert lo <= r[key] <= hi, (r["label"], key)
+            assert r[key] == pytest.approx(r[ppl_key] / dense[ppl_key] - 1, rel=1e-9, abs=1e-12)
+    oracle = next(r for r in ppl["results"] if r["label"] == "oracle@0.2" and r["context"] == 384)
+    cell = f"{100 * oracle['ppl_vs_dense']:+.2f} % [{100 * oracle['ppl_vs_dense_ci'][0]:+.2f}, "
+    assert cell in md and "paired bootstrap over the windows (2000 resamples, seed 0)" in md
 
     pk = json.loads((tmp_path / "pk" / "passkey.json").read_text())
     assert [r["label"] for r in pk["results"]] == ["dense", "streaming@0.5", "streaming@0.5/uniform"]
     assert [r["allocation"] for r in pk["results"]] == ["row", "row", "uniform"]
     assert torch.tensor(pk["results"][0]["accuracy"]).shape == (2, 3)
-    assert "| dense |" in (tmp_path / "pk" / "passkey.md").read_text()
-    assert _is_png(tmp_path / "pk" / "passkey_heatmap.png")
+    pk_md = (tmp_path / "pk" / "passkey.md").read_text()
+    assert "| dense |" in pk_md and "95 % Wilson intervals" in pk_md
+    for r in pk["results"]:  # Wilson intervals from the counts, bracketing every accuracy
+        assert r["interval"]["level"] == 0.95
+        for acc_row, ci_row, correct_row in zip(r["accuracy"], r["accuracy_ci"], r["correct"], strict=True):
+            for acc, (lo, hi), k in zip(acc_row, ci_row, correct_row, strict=True):
+                assert acc == k / 2 and [lo, hi] == pytest.approx(wilson_interval(k, 2)) and lo <= acc <= hi
+        by_context = zip(r["accuracy_by_context"], r["accuracy_by_context_ci"], r["correct"], strict=True)
+        for acc, (lo, hi), correct_row in by_context:
+            assert [lo, hi] == pytest.approx(wilson_interval(sum(correct_row), 6)) and lo <= acc <= hi
+        lo, hi = r["mean_accuracy_ci"]
+        assert [lo, hi] == pytest.approx(wilson_interval(sum(map(sum, r["correct"])), 12))
+        assert lo <= r["mean_accuracy"] <= hi and f"{r['mean_accuracy']:.3f} [{lo:.2f}, {hi:.2f}]" in pk_md
+    assert _is_png(tmp_path / "pk" / "passkey_heatmap.png") and _is_png(tmp_path / "pk" / "passkey_accuracy.png")
 
     masks = json.loads((tmp_path / "masks" / "masks.json").read_text())
     assert {r["layer"] for r in masks["results"]} == {0, 1, "mean"}

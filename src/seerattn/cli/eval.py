@@ -110,7 +110,8 @@ def _meta(args, em) -> tuple[dict, dict]:
 
 
 def _write_outputs(args, em, kind: str, results: list, markdown: str, plot, t0: float) -> int:
-    """``<kind>.json`` (with config, model and environment), ``<kind>.md`` and the plot (``plot(folder)``)."""
+    """``<kind>.json`` (with config, model and environment), ``<kind>.md`` and the plots (``plot(folder)``
+    returns their paths)."""
     from ..eval.report import write_text
     from ..record import write_record
 
@@ -119,7 +120,7 @@ def _write_outputs(args, em, kind: str, results: list, markdown: str, plot, t0: 
     files = [
         write_record(out / f"{kind}.json", kind, results, config, model),
         write_text(out / f"{kind}.md", markdown),
-        plot(out),
+        *plot(out),
     ]
     logger.info("eval %s done in %.1f s", kind, time.perf_counter() - t0)
     for f in files:
@@ -146,9 +147,10 @@ def _run_ppl(args) -> int:
         tail=args.tail,
         allow_untrained_gates=args.allow_untrained_gates,
         progress=not args.no_progress,
+        resamples=args.resamples,
     )
     title = Path(args.model).name
-    plot = lambda out: plot_ppl_vs_density(rows, out / "ppl_vs_density.png", title=title)  # noqa: E731
+    plot = lambda out: [plot_ppl_vs_density(rows, out / "ppl_vs_density.png", title=title)]  # noqa: E731
     return _write_outputs(args, em, "ppl", rows, ppl_markdown(rows), plot, t0)
 
 
@@ -163,7 +165,7 @@ def _template(args, cls):
 
 def _run_passkey(args) -> int:
     from ..eval import PasskeyTemplate, evaluate_passkey
-    from ..eval.plots import plot_passkey_heatmaps
+    from ..eval.plots import plot_passkey_accuracy, plot_passkey_heatmaps
     from ..eval.report import passkey_markdown
 
     t0 = time.perf_counter()
@@ -185,7 +187,13 @@ def _run_passkey(args) -> int:
         progress=not args.no_progress,
     )
     title = Path(args.model).name
-    plot = lambda out: plot_passkey_heatmaps(rows, out / "passkey_heatmap.png", title=title)  # noqa: E731
+
+    def plot(out: Path) -> list[Path]:
+        return [
+            plot_passkey_heatmaps(rows, out / "passkey_heatmap.png", title=title),
+            plot_passkey_accuracy(rows, out / "passkey_accuracy.png", title=title),
+        ]
+
     return _write_outputs(args, em, "passkey", rows, passkey_markdown(rows), plot, t0)
 
 
@@ -214,7 +222,7 @@ def _run_masks(args) -> int:
         raise ValueError(f"--plot-layers {missing} are not among the analysed --layers")
     gate_label = "gate" if em.gates else "gate (untrained)"
     heads = [(layer, h) for layer in plot_layers for h in args.heads]
-    plot = lambda out: plot_block_maps(result["maps"], heads, out / "block_maps.png", gate_label=gate_label)  # noqa: E731
+    plot = lambda out: [plot_block_maps(result["maps"], heads, out / "block_maps.png", gate_label=gate_label)]  # noqa: E731
     return _write_outputs(args, em, "masks", result["rows"], masks_markdown(result["rows"]), plot, t0)
 
 
@@ -319,6 +327,13 @@ def register(sub) -> None:
     pp.add_argument("--add-bos", action="store_true", help="start each window with the BOS token")
     pp.add_argument(
         "--tail", type=int, help="last tokens of each window scored for ppl_tail (default: min(contexts) / 4)"
+    )
+    pp.add_argument(
+        "--resamples",
+        type=int,
+        default=2000,  # seerattn.eval.stats.BOOTSTRAP_RESAMPLES (the parser imports no torch; a test checks)
+        help="bootstrap resamples of the 95 %% intervals of each method's PPL difference from dense, paired over "
+        "the windows and seeded with --seed (%(default)s)",
     )
     pp.set_defaults(func=_run_ppl)
 

@@ -7,6 +7,7 @@ Orchestration only (above :mod:`seerattn.hf`; never imports Triton). The pieces:
 - :mod:`.data`: held-out books from a folder with ``MANIFEST.tsv``, tokenised lazily;
 - :mod:`.model`: loading a model with seer attention attached, RoPE scaling beyond training length;
 - :mod:`.ppl`, :mod:`.passkey`, :mod:`.masks`: the evaluations;
+- :mod:`.stats`: 95 % intervals (paired bootstrap for PPL differences from dense, Wilson for accuracies);
 - :mod:`.plots`, :mod:`.report`: PNGs, JSON and markdown tables.
 
 ``seerattn eval ppl|passkey|masks`` (:mod:`seerattn.cli.eval`) wires them together.

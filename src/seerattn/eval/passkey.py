@@ -28,6 +28,7 @@ from .data import TokenizedBooks
 from .methods import Setting, configure
 from .model import EvalModel, greedy_continue, scaled_rope
 from .ppl import check_gates
+from .stats import CI_LEVEL, wilson_interval
 
 __all__ = [
     "SCORINGS",
@@ -208,7 +209,10 @@ def evaluate_passkey(
         ``mean_accuracy``, ``density`` (mean realised prefill block density), ``density_by_context``,
         ``samples``, ``rope_scaling`` (per context: parameters used or ``None``), ``answers`` (per
         context, depth: the decoded digit strings, ``None`` where no digit came out), ``keys`` (per
-        context: the key of each sample; the same at every depth).
+        context: the key of each sample; the same at every depth), ``correct`` (per context, depth: prompts answered
+        correctly), and 95 % Wilson intervals (:func:`~seerattn.eval.stats.wilson_interval`) ``accuracy_ci``
+        (per cell ``[lo, hi]``), ``accuracy_by_context_ci`` and ``mean_accuracy_ci`` (over the pooled prompts
+        of a context / of the grid), with ``interval`` saying so.
     """
     check_gates(em, settings, allow_untrained_gates)
     if scoring not in SCORINGS:
@@ -222,6 +226,7 @@ def evaluate_passkey(
             "depths": list(depths),
             "samples": samples,
             "accuracy": [[0.0] * nd for _ in range(nc)],
+            "correct": [[0] * nd for _ in range(nc)],
             "answers": [[[] for _ in range(nd)] for _ in range(nc)],
             "keys": [[] for _ in range(nc)],
             "density_by_context": [0.0] * nc,
@@ -254,6 +259,7 @@ def evaluate_passkey(
                             dens.append(density)
                             bar.update(1)
                         res["accuracy"][ci][di] = correct / samples
+                        res["correct"][ci][di] = correct
                     res["density_by_context"][ci] = sum(dens) / len(dens)
                     bar.set_postfix(method=setting.label)
                 bar.close()
@@ -264,6 +270,10 @@ def evaluate_passkey(
     for res in results.values():
         res["accuracy_by_context"] = [sum(r) / nd for r in res["accuracy"]]
         res["mean_accuracy"] = sum(res["accuracy_by_context"]) / nc
+        res["accuracy_ci"] = [[list(wilson_interval(k, samples)) for k in row] for row in res["correct"]]
+        res["accuracy_by_context_ci"] = [list(wilson_interval(sum(row), samples * nd)) for row in res["correct"]]
+        res["mean_accuracy_ci"] = list(wilson_interval(sum(map(sum, res["correct"])), samples * nd * nc))
+        res["interval"] = {"kind": "Wilson score, prompts pooled per cell / context / grid", "level": CI_LEVEL}
         res["density"] = sum(res["density_by_context"]) / nc
         logger.info("passkey %s: mean accuracy %.3f (density %.3f)", res["label"], res["mean_accuracy"], res["density"])
         rows.append(res)

@@ -1,8 +1,9 @@
 """PNG plots of evaluation results (matplotlib, Agg backend: no display needed).
 
 - :func:`plot_ppl_vs_density`: one panel per context, perplexity against realised density, one line
-  per method, dense as a dashed reference;
+  per method, dense as a dashed reference, 95 % paired-bootstrap error bars where the rows have them;
 - :func:`plot_passkey_heatmaps`: one accuracy heatmap (depth x context) per method setting;
+- :func:`plot_passkey_accuracy`: accuracy against context, one line per setting, 95 % Wilson error bars;
 - :func:`plot_block_maps`: per (layer, head): ground truth, gate prediction and the masks;
 - :func:`plot_distill_curves`: KL and attention-mass recall against step for distillation runs.
 """
@@ -24,6 +25,7 @@ __all__ = [
     "DISTILL_CURVE_FIELDS",
     "plot_block_maps",
     "plot_distill_curves",
+    "plot_passkey_accuracy",
     "plot_passkey_heatmaps",
     "plot_ppl_vs_density",
 ]
@@ -40,8 +42,18 @@ def _curve(row: dict) -> str:
     return row["method"] if alloc == "row" else f"{row['method']}/{alloc}"
 
 
+def _ppl_error(row: dict, dense_ppl: float) -> tuple[float, float]:
+    """Distances below / above the row's PPL of its 95 % interval: ``PPL_dense * (1 + ci)`` (the interval is on
+    the ratio to dense over the same windows); zero where the row has none."""
+    if row.get("ppl_vs_dense_ci") is None:
+        return 0.0, 0.0
+    lo, hi = (dense_ppl * (1.0 + c) for c in row["ppl_vs_dense_ci"])
+    return max(row["ppl"] - lo, 0.0), max(hi - row["ppl"], 0.0)
+
+
 def plot_ppl_vs_density(rows: Sequence[dict], path: str | Path, title: str = "") -> Path:
-    """rows: :func:`~seerattn.eval.ppl.evaluate_ppl` output. Writes one PNG with a panel per context."""
+    """rows: :func:`~seerattn.eval.ppl.evaluate_ppl` output. Writes one PNG with a panel per context; error
+    bars are the 95 % intervals of the difference from dense (``ppl_vs_dense_ci``) where the rows have them."""
     contexts = sorted({r["context"] for r in rows})
     nr, nc = _grid(len(contexts), 3)
     fig, axes = plt.subplots(nr, nc, figsize=(5 * nc, 4 * nr), squeeze=False)
@@ -49,16 +61,18 @@ def plot_ppl_vs_density(rows: Sequence[dict], path: str | Path, title: str = "")
     colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
     for ax, ctx in zip(axes.flat[: len(contexts)], contexts, strict=True):  # the grid may have spare panels
         at = [r for r in rows if r["context"] == ctx]
+        dense_ppl = next((r["ppl"] for r in at if r["method"] == "dense"), None)
         for m in methods:
-            pts = sorted((r["density"], r["ppl"]) for r in at if _curve(r) == m)
+            pts = sorted(((r["density"], r["ppl"], r) for r in at if _curve(r) == m), key=lambda p: p[:2])
             if not pts:
                 continue
             if m == "dense":
                 ax.axhline(pts[0][1], color=colors[m], ls="--", lw=1)
                 ax.plot([1.0], [pts[0][1]], "*", ms=10, color=colors[m], label=f"dense ({pts[0][1]:.4g})")
                 continue
-            x, y = zip(*pts, strict=True)
-            ax.plot(x, y, "o-", color=colors[m], label=m)
+            x, y, rs = zip(*pts, strict=True)
+            err = None if dense_ppl is None else np.array([_ppl_error(r, dense_ppl) for r in rs]).T  # [2, n]
+            ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3, color=colors[m], label=m)
         ax.set_xscale("log")
         lo = min([r["density"] for r in at] + [1.0])
         ticks = [v for v in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0) if lo * 0.8 <= v <= 1.0]
@@ -99,6 +113,27 @@ def plot_passkey_heatmaps(rows: Sequence[dict], path: str | Path, title: str = "
         fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="accuracy")
     if title:
         fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_passkey_accuracy(rows: Sequence[dict], path: str | Path, title: str = "") -> Path:
+    """rows: :func:`~seerattn.eval.passkey.evaluate_passkey` output. Accuracy (pooled over depths) against
+    context, one line per setting, with the 95 % Wilson interval (``accuracy_by_context_ci``) as error bars."""
+    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+    for i, r in enumerate(rows):
+        acc = np.array(r["accuracy_by_context"])
+        ci = np.array(r["accuracy_by_context_ci"]).T  # [2, contexts]
+        err = np.clip(np.stack([acc - ci[0], ci[1] - acc]), 0.0, None)
+        label = f"{r['label']} ({r['mean_accuracy']:.3f})"
+        ax.errorbar(r["contexts"], acc, yerr=err, fmt="o-", capsize=3, color=plt.get_cmap("tab10")(i % 10), label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("passkey accuracy (95 % Wilson)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
     return _save(fig, path)
 
 

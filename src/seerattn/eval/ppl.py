@@ -11,6 +11,10 @@ pass from scratch; all methods see the same windows. Two numbers per (setting, c
   the *same targets* at every context: it falls with context iff the model uses the longer context,
   and it isolates the late rows, where a sparse method drops the most blocks.
 
+Every row keeps its per-window NLL sums, so that a method's difference from dense gets a 95 % interval
+from a paired bootstrap over the windows (:func:`~seerattn.eval.stats.paired_bootstrap_ppl`,
+:func:`compare_with_dense`).
+
 Contexts above the model's training length run with RoPE scaling (:func:`~seerattn.eval.model.scaled_rope`).
 """
 
@@ -25,8 +29,9 @@ from tqdm.auto import tqdm
 from .data import TokenizedBooks, segment_windows
 from .methods import Setting, configure, get_method
 from .model import EvalModel, scaled_rope, token_nll
+from .stats import BOOTSTRAP_RESAMPLES, CI_LEVEL, paired_bootstrap_ppl
 
-__all__ = ["check_gates", "evaluate_ppl"]
+__all__ = ["check_gates", "compare_with_dense", "evaluate_ppl"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +62,7 @@ def evaluate_ppl(
     tail: int | None = None,
     allow_untrained_gates: bool = False,
     progress: bool = True,
+    resamples: int = BOOTSTRAP_RESAMPLES,
 ) -> list[dict]:
     """Perplexity of every setting at every context.
 
@@ -71,13 +77,16 @@ def evaluate_ppl(
         seed: seed of the ``random`` method.
         add_bos: start each window with the BOS token.
         tail: tokens at the end of each window scored for ``ppl_tail`` (default ``min(contexts) // 4``).
+        resamples: bootstrap resamples of the intervals against dense (seeded with ``seed``).
 
     Returns:
         one dict per (context, setting): ``method``, ``budget_kind``, ``budget``, ``label``,
         ``context``, ``windows``, ``tokens``, ``nll`` (mean per token), ``ppl``, ``tail``,
         ``nll_tail``, ``ppl_tail``, ``density`` (mean realised block density over layers and
         windows; 1.0 for dense), ``density_per_layer``, ``rope_scaling`` (the parameters used, or
-        ``None``).
+        ``None``), ``window_nll`` / ``window_nll_tail`` / ``window_tokens`` (per window: summed NLL of
+        all scored tokens / of the tail, scored tokens), and the comparison with dense of
+        :func:`compare_with_dense`.
     """
     check_gates(em, settings, allow_untrained_gates)
     span = max(contexts)
@@ -92,18 +101,19 @@ def evaluate_ppl(
                 bar = tqdm(total=len(settings) * len(windows), desc=f"ppl @{context}", disable=not progress)
                 for setting in settings:
                     configure(em.state, setting, seed)
-                    nll, tokens, nll_tail, dens = 0.0, 0, 0.0, []
+                    w_nll, w_tail, w_tokens, dens = [], [], [], []
                     per_layer: list[list[float]] = []
                     for w in windows:
                         em.state.reset()
                         losses = token_nll(em.model, w)  # [context - 1]
-                        nll, tokens = nll + losses.sum().item(), tokens + losses.numel()
-                        nll_tail += losses[-tail:].sum().item()
+                        w_nll.append(losses.sum().item())
+                        w_tail.append(losses[-tail:].sum().item())
+                        w_tokens.append(losses.numel())
                         dens.append(em.state.mean_density())
                         per_layer.append(_layer_densities(em))
                         bar.update(1)
-                        bar.set_postfix(method=setting.label, ppl=f"{math.exp(nll / tokens):.4g}")
-                    n_tail = tail * len(windows)
+                        bar.set_postfix(method=setting.label, ppl=f"{math.exp(sum(w_nll) / sum(w_tokens)):.4g}")
+                    nll, tokens, n_tail = sum(w_nll), sum(w_tokens), tail * len(windows)
                     row = {
                         **setting.to_dict(),
                         "context": context,
@@ -112,11 +122,14 @@ def evaluate_ppl(
                         "nll": nll / tokens,
                         "ppl": math.exp(nll / tokens),
                         "tail": tail,
-                        "nll_tail": nll_tail / n_tail,
-                        "ppl_tail": math.exp(nll_tail / n_tail),
+                        "nll_tail": sum(w_tail) / n_tail,
+                        "ppl_tail": math.exp(sum(w_tail) / n_tail),
                         "density": sum(dens) / len(dens),
                         "density_per_layer": [sum(c) / len(c) for c in zip(*per_layer, strict=True)],
                         "rope_scaling": rope,
+                        "window_nll": w_nll,
+                        "window_nll_tail": w_tail,
+                        "window_tokens": w_tokens,
                     }
                     logger.info(
                         "ppl %s @%d: %.4f, last %d tokens %.4f (density %.3f)",
@@ -132,4 +145,45 @@ def evaluate_ppl(
     finally:
         em.state.set(mode="dense")
         em.state.mask_fn = None
-    return rows
+    return compare_with_dense(rows, resamples=resamples, seed=seed)
+
+
+def compare_with_dense(rows: Sequence[dict], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> list[dict]:
+    """Each row plus its perplexity difference from the dense row of the same context, with 95 % intervals.
+
+    Adds ``ppl_vs_dense`` and ``ppl_tail_vs_dense`` (``PPL / PPL_dense - 1``, e.g. 0.0116 for +1.16 %),
+    ``ppl_vs_dense_ci`` and ``ppl_tail_vs_dense_ci`` (``[lo, hi]``, paired bootstrap over the windows:
+    :func:`~seerattn.eval.stats.paired_bootstrap_ppl`) and ``interval`` (how they were computed). All are
+    ``None`` for the dense rows themselves and where the run has no dense row at that context.
+
+    rows: :func:`evaluate_ppl` rows with ``window_nll``, ``window_nll_tail`` and ``window_tokens``.
+    """
+    dense = {r["context"]: r for r in rows if r["method"] == "dense"}
+    out = []
+    for r in rows:
+        ref = dense.get(r["context"])
+        fields = dict.fromkeys(("ppl_vs_dense", "ppl_vs_dense_ci", "ppl_tail_vs_dense", "ppl_tail_vs_dense_ci"))
+        fields["interval"] = None
+        if ref is not None and ref is not r:
+            if ref["window_tokens"] != r["window_tokens"] or ref["tail"] != r["tail"]:
+                raise ValueError(
+                    f"{r['label']} @{r['context']} was not scored on the dense row's windows; a paired comparison "
+                    "needs the same windows and tail"
+                )
+            tail_tokens = [r["tail"]] * len(r["window_tokens"])
+            whole = paired_bootstrap_ppl(ref["window_nll"], r["window_nll"], r["window_tokens"], resamples, seed)
+            tail = paired_bootstrap_ppl(ref["window_nll_tail"], r["window_nll_tail"], tail_tokens, resamples, seed)
+            fields.update(
+                ppl_vs_dense=whole[0],
+                ppl_vs_dense_ci=list(whole[1:]),
+                ppl_tail_vs_dense=tail[0],
+                ppl_tail_vs_dense_ci=list(tail[1:]),
+                interval={
+                    "kind": "paired bootstrap over windows, percentile",
+                    "level": CI_LEVEL,
+                    "resamples": resamples,
+                    "seed": seed,
+                },
+            )
+        out.append({**r, **fields})
+    return out

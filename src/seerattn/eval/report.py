@@ -10,7 +10,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["markdown_table", "masks_markdown", "passkey_markdown", "ppl_markdown", "write_text"]
+__all__ = [
+    "format_accuracy",
+    "format_rel_diff",
+    "markdown_table",
+    "masks_markdown",
+    "passkey_markdown",
+    "ppl_markdown",
+    "write_text",
+]
 
 
 def write_text(path: str | Path, text: str) -> Path:
@@ -29,13 +37,30 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def format_rel_diff(diff: float, ci: Sequence[float]) -> str:
+    """A relative difference and its interval in percent: ``+1.16 % [+0.80, +1.52]``."""
+    return f"{100 * diff:+.2f} % [{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]"
+
+
+def format_accuracy(acc: float, ci: Sequence[float], digits: int = 3) -> str:
+    """An accuracy and its interval: ``0.983 [0.95, 0.99]``."""
+    return f"{acc:.{digits}f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
 def _labels(rows: Sequence[dict]) -> list[str]:
     return list(dict.fromkeys(r["label"] for r in rows))
 
 
+def _vs_dense(r: dict, key: str) -> str:
+    """`` +1.16 % [+0.80, +1.52]`` when the row has a comparison with dense, else nothing."""
+    return f" {format_rel_diff(r[key], r[key + '_ci'])}" if r.get(key) is not None else ""
+
+
 def ppl_markdown(rows: Sequence[dict]) -> str:
     """Two tables, rows = method settings, columns = contexts: whole-window PPL (realised density), then
-    the PPL of the last ``tail`` tokens of each window (the same targets at every context)."""
+    the PPL of the last ``tail`` tokens of each window (the same targets at every context); each cell
+    with the difference from dense and its 95 % interval where the run has dense
+    (:func:`~seerattn.eval.ppl.compare_with_dense`)."""
     contexts = sorted({r["context"] for r in rows})
     by = {(r["label"], r["context"]): r for r in rows}
     header = ["method"] + [f"ctx {c}" for c in contexts]
@@ -49,32 +74,46 @@ def ppl_markdown(rows: Sequence[dict]) -> str:
     scaled = [c for c in contexts if any(r["rope_scaling"] for r in rows if r["context"] == c)]
     note = f"\nRoPE scaling applied at contexts {scaled}.\n" if scaled else ""
     tail = rows[0]["tail"] if rows else 0
+    compared = next((r["interval"] for r in rows if r.get("interval")), None)
+    how = (
+        f"\nDifferences from dense: PPL / PPL_dense - 1 with a {100 * compared['level']:g} % interval from a "
+        f"paired bootstrap over the windows ({compared['resamples']} resamples, seed {compared['seed']}).\n"
+        if compared
+        else ""
+    )
     return (
         "Perplexity (mean realised block density) on held-out books, segmented windows, all tokens.\n\n"
-        + table(lambda r: f"{r['ppl']:.3f} ({r['density']:.3f})")
+        + table(lambda r: f"{r['ppl']:.3f} ({r['density']:.3f}){_vs_dense(r, 'ppl_vs_dense')}")
         + f"\nPerplexity of the last {tail} tokens of each window (the same targets at every context).\n\n"
-        + table(lambda r: f"{r['ppl_tail']:.3f}")
+        + table(lambda r: f"{r['ppl_tail']:.3f}{_vs_dense(r, 'ppl_tail_vs_dense')}")
+        + how
         + note
     )
 
 
 def passkey_markdown(rows: Sequence[dict]) -> str:
-    """Rows = method settings, columns = contexts (accuracy averaged over depths), then mean and density."""
+    """Rows = method settings, columns = contexts (accuracy over depths), then mean and density; each
+    accuracy with its 95 % Wilson interval."""
     if not rows:
         return "No passkey results.\n"
     contexts = rows[0]["contexts"]
     body = [
         [
             r["label"],
-            *(f"{a:.2f}" for a in r["accuracy_by_context"]),
-            f"{r['mean_accuracy']:.3f}",
+            *(
+                format_accuracy(a, ci, 2)
+                for a, ci in zip(r["accuracy_by_context"], r["accuracy_by_context_ci"], strict=True)
+            ),
+            format_accuracy(r["mean_accuracy"], r["mean_accuracy_ci"]),
             f"{r['density']:.3f}",
         ]
         for r in rows
     ]
+    prompts = rows[0]["samples"] * len(rows[0]["depths"])
     return (
         f"Passkey accuracy (mean over depths {rows[0]['depths']}, {rows[0]['samples']} samples per cell, "
-        f"scoring {rows[0]['scoring']}).\n\n"
+        f"scoring {rows[0]['scoring']}) with {100 * rows[0]['interval']['level']:g} % Wilson intervals over the "
+        f"prompts pooled ({prompts} per context, {prompts * len(contexts)} for the mean).\n\n"
         + markdown_table(["method", *(f"ctx {c}" for c in contexts), "mean", "density"], body)
     )
 
