@@ -17,13 +17,24 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import math
 import os
 import subprocess
 from pathlib import Path
 from typing import Any
 
-__all__ = ["environment", "git_commit", "jsonable", "read_record", "write_json_atomic", "write_record"]
+__all__ = [
+    "environment",
+    "git_commit",
+    "jsonable",
+    "read_jsonl",
+    "read_record",
+    "write_json_atomic",
+    "write_record",
+]
+
+logger = logging.getLogger(__name__)
 
 
 def git_commit(root: str | Path | None = None) -> str | None:
@@ -107,3 +118,27 @@ def read_record(path: str | Path) -> dict:
     if not isinstance(record, dict) or missing:
         raise ValueError(f"{path} is not a seerattn run record (missing {sorted(missing)})")
     return record
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The JSON objects of a JSON-lines file such as a run's ``metrics.jsonl``, one per non-blank line.
+
+    A log is appended to line by line, so a kill during a write leaves a torn *last* line: it is
+    dropped with a warning (the rows before it are whole). A line that does not parse anywhere else,
+    or one that is not an object, is damage that a kill cannot cause: ValueError naming the file and line.
+    """
+    path = Path(path)
+    numbered = [(i + 1, line) for i, line in enumerate(path.read_text().splitlines()) if line.strip()]
+    rows = []
+    for n, line in numbered:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if n == numbered[-1][0]:
+                logger.warning("%s: dropping the torn last line %d (%s): %.80r", path, n, e.msg, line)
+                break
+            raise ValueError(f"{path} line {n} is not valid JSON ({e.msg}); only the last line may be torn") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path} line {n} holds a JSON {type(row).__name__}, expected an object")
+        rows.append(row)
+    return rows

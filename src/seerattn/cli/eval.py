@@ -17,7 +17,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_METHODS = "dense,oracle,streaming,vertical_slash,random"
 # For --help only (the parser is built without importing torch/transformers); the registry is
 # seerattn.eval.methods.METHODS, and tests check that the two agree.
-ALL_METHODS = "dense, seer, seer_threshold, seer_top_p, oracle, mass_oracle, streaming, vertical_slash, random"
+ALL_METHODS = (
+    "dense, seer, seer_threshold, seer_top_p, oracle, mass_oracle, streaming, vertical_slash, xattention, "
+    "xattention_top_p, flexprefill, flexprefill_top_p, random"
+)
 # Likewise seerattn.block_mask.ALLOCATIONS (checked by a test).
 ALLOCATIONS = ("row", "uniform", "floor", "head")
 
@@ -227,15 +230,15 @@ def _run_masks(args) -> int:
 
 
 def _read_metrics(run: Path) -> list[dict]:
-    """The rows of ``run/metrics.jsonl`` (a ``seerattn distill`` output folder), checked for the plotted fields."""
-    import json
-
+    """The rows of ``run/metrics.jsonl`` (a ``seerattn distill`` output folder), checked for the plotted fields.
+    A torn last line (a run killed while logging) is dropped with a warning."""
     from ..eval.plots import DISTILL_CURVE_FIELDS
+    from ..record import read_jsonl
 
     path = run / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; pass a `seerattn distill` output folder (it holds metrics.jsonl)")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(path)
     for i, r in enumerate(rows):  # checked here too, to name the file and line
         missing = [k for k in DISTILL_CURVE_FIELDS if k not in r]
         if missing:

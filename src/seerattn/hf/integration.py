@@ -15,6 +15,7 @@ Shape legend: B batch, Hq/Hkv heads, T tokens, D head dim, NB blocks.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -371,12 +372,14 @@ AttentionInterface.register(ATTN_NAME, seer_attention_forward)
 ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, sdpa_mask)
 
 
-def _capture_hook(state: SeerState, layer: int, which: str):
-    def hook(_module, _inputs, output):
-        if state.needs_pre_rope:
-            state._pending.setdefault(layer, {})[which] = output
+def _capture_hook(state: SeerState, layer: int, which: str, _module, _inputs, output) -> None:
+    """Forward hook (bound with ``functools.partial``) that hands a layer's pre-RoPE q or k to the state.
 
-    return hook
+    A partial rather than a closure: ``copy.deepcopy`` of a prepared model copies a partial's
+    arguments, so the copy's hooks feed the copy's state (a closure would keep feeding the original's).
+    """
+    if state.needs_pre_rope:
+        state._pending.setdefault(layer, {})[which] = output
 
 
 def apply_seer_attention(model: torch.nn.Module, config: SeerConfig | None = None) -> SeerState:
@@ -410,8 +413,10 @@ def apply_seer_attention(model: torch.nn.Module, config: SeerConfig | None = Non
         attn.seer_gate = AttnGate(hq, hkv, d, config.gate).to(device=param.device)
         attn._seer_state = state
         state._attn_modules.append(attn)
-        state._hooks.append(getattr(attn, q_name).register_forward_hook(_capture_hook(state, i, "q")))
-        state._hooks.append(getattr(attn, k_name).register_forward_hook(_capture_hook(state, i, "k")))
+        hook = functools.partial(_capture_hook, state, i, "q")
+        state._hooks.append(getattr(attn, q_name).register_forward_hook(hook))
+        hook = functools.partial(_capture_hook, state, i, "k")
+        state._hooks.append(getattr(attn, k_name).register_forward_hook(hook))
     model._seer_state = state
     model.set_attn_implementation(ATTN_NAME)
     return state
