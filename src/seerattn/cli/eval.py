@@ -17,10 +17,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_METHODS = "dense,oracle,streaming,vertical_slash,random"
 # For --help only (the parser is built without importing torch/transformers); the registry is
 # seerattn.eval.methods.METHODS, and tests check that the two agree.
-ALL_METHODS = (
-    "dense, seer, seer_threshold, seer_top_p, oracle, mass_oracle, streaming, vertical_slash, xattention, "
-    "xattention_top_p, flexprefill, flexprefill_top_p, random"
-)
+ALL_METHODS = "dense, seer, seer_threshold, seer_top_p, oracle, mass_oracle, streaming, vertical_slash, random"
 # Likewise seerattn.block_mask.ALLOCATIONS (checked by a test).
 ALLOCATIONS = ("row", "uniform", "floor", "head")
 
