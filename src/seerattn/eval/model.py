@@ -6,7 +6,6 @@ Shape legend: T tokens, V vocabulary, NB blocks.
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 import logging
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 
 from ..gate import GateConfig
 from ..hf import SeerConfig, SeerState, apply_seer_attention, from_pretrained, get_seer_state
+from ..hf.rope import ROPE_SCALINGS, rope_parameters, scaled_rope_config
 
 __all__ = [
     "ROPE_SCALINGS",
@@ -30,7 +30,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ROPE_SCALINGS = ("yarn", "dynamic", "linear")
 # Rows of hidden states sent through the LM head at once: the full [T, V] fp32 logits of a 16k
 # window with a 32k vocabulary would be 2 GB.
 _HEAD_CHUNK = 1024
@@ -120,40 +119,6 @@ def load_eval_model(
 
 
 # --------------------------------------------------------------------------------- RoPE scaling
-def _rope_params(config) -> dict:
-    """The config's RoPE parameters in transformers-5 form (``rope_type``, ``rope_theta``, ...)."""
-    params = getattr(config, "rope_parameters", None)
-    if isinstance(params, dict) and "rope_type" in params:
-        return dict(params)
-    # transformers 4.x: ``rope_scaling`` (None for plain RoPE) and a separate ``rope_theta``.
-    scaling = dict(getattr(config, "rope_scaling", None) or {})
-    scaling.setdefault("rope_type", scaling.pop("type", "default"))
-    scaling.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
-    return scaling
-
-
-def _scaled_config(config, kind: str, factor: float, train_length: int):
-    cfg = copy.deepcopy(config)
-    base = _rope_params(config)
-    if base["rope_type"] != "default":
-        raise ValueError(
-            f"the model already uses rope_type {base['rope_type']!r}; stacking {kind!r} scaling on it is not "
-            "supported. Evaluate within the model's max_position_embeddings or pass rope_scaling=None"
-        )
-    params = {"rope_type": kind, "rope_theta": base["rope_theta"], "factor": float(factor)}
-    if kind == "yarn":
-        params["original_max_position_embeddings"] = train_length
-        cfg.max_position_embeddings = int(round(train_length * factor))
-    else:  # dynamic NTK and linear read the original length from max_position_embeddings
-        cfg.max_position_embeddings = train_length
-    if hasattr(cfg, "rope_parameters"):
-        cfg.rope_parameters = params
-    else:  # transformers 4.x
-        theta = params.pop("rope_theta")
-        cfg.rope_scaling, cfg.rope_theta = params, theta
-    return cfg
-
-
 # Attributes of a transformers rotary embedding module that define its frequencies.
 _ROTARY_ATTRS = ("config", "rope_type", "attention_scaling", "max_seq_len_cached", "original_max_seq_len")
 _ROTARY_BUFFERS = ("inv_freq", "original_inv_freq")
@@ -180,7 +145,7 @@ def scaled_rope(em: EvalModel, context: int, kind: str | None = "yarn") -> Itera
     if rotary is None:
         raise ValueError(f"{type(em.model).__name__} has no shared rotary embedding (`.model.rotary_emb`) to scale")
     factor = context / em.train_length
-    cfg = _scaled_config(em.model.config, kind, factor, em.train_length)
+    cfg = scaled_rope_config(em.model.config, kind, factor, em.train_length)
     fresh = type(rotary)(config=cfg)
     saved = {a: getattr(rotary, a) for a in _ROTARY_ATTRS if hasattr(rotary, a)}
     saved_buffers = {b: getattr(rotary, b) for b in _ROTARY_BUFFERS if hasattr(rotary, b)}
@@ -190,7 +155,7 @@ def scaled_rope(em: EvalModel, context: int, kind: str | None = "yarn") -> Itera
         for b, old in saved_buffers.items():
             setattr(rotary, b, getattr(fresh, b).to(device=old.device, dtype=old.dtype))
         logger.info("context %d > training length %d: RoPE %s x%.3g", context, em.train_length, kind, factor)
-        yield _rope_params(cfg)
+        yield rope_parameters(cfg)
     finally:
         for a, v in saved.items():
             setattr(rotary, a, v)

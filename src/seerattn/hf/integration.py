@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -46,8 +47,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 ATTN_NAME = "seer"
-MODES = ("dense", "sparse", "distill", "oracle", "custom")
-Mode = Literal["dense", "sparse", "distill", "oracle", "custom"]
+MODES = ("dense", "sparse", "distill", "finetune", "oracle", "custom")
+Mode = Literal["dense", "sparse", "distill", "finetune", "oracle", "custom"]
 
 # model_type -> names of the submodules whose outputs are the pre-RoPE q and k of a layer.
 FAMILIES: dict[str, tuple[str, str]] = {
@@ -67,7 +68,10 @@ class SeerConfig:
         policy: gate probabilities -> block mask (``sparse`` and ``oracle`` modes).
         mode: ``"dense"`` (original attention, gate unused), ``"sparse"`` (gate -> mask ->
             block-sparse attention), ``"distill"`` (dense attention through the ground-truth kernel;
-            gate loss and metrics recorded per layer), ``"oracle"`` (mask from the true ground truth:
+            gate loss and metrics recorded per layer), ``"finetune"`` (as ``sparse``, with gradients:
+            the attention output is differentiable in q/k/v through the block-sparse op while the mask
+            comes from the gate under ``no_grad``; the gate reads detached q/k and its loss against the
+            ground truth is recorded per layer as in ``distill``), ``"oracle"`` (mask from the true ground truth:
             the upper bound), ``"custom"`` (mask from ``SeerState.mask_fn``: baselines).
         impl: op implementation (``None`` = Triton on CUDA, reference on CPU).
         mask_heads: ``"q"`` one decision per query head; ``"kv"`` one per GQA group (gate
@@ -125,8 +129,8 @@ class SeerState:
             fraction of the causal block triangle) and ``token_density``. The forward records the
             densities as device tensors (no host sync per layer); reading ``stats`` turns them
             into floats.
-        losses: per layer, in ``distill`` mode: the gate loss (a tensor with grad).
-        metrics: per layer, in ``distill`` mode: block and mass recall at ``metric_density``.
+        losses: per layer, in ``distill`` and ``finetune`` modes: the gate loss (a tensor with grad).
+        metrics: per layer, in ``distill`` and ``finetune`` modes: block and mass recall at ``metric_density``.
         mask_fn: the mask source of ``custom`` mode.
         capture: when True, ``captures[layer]`` keeps (q_pre, k_pre, q, k) of the last forward
             (for tests and debugging).
@@ -170,7 +174,7 @@ class SeerState:
     def total_gate_loss(self) -> torch.Tensor:
         """Sum over layers of the distillation losses of the last forward."""
         if not self.losses:
-            raise RuntimeError("no gate loss recorded: run a forward in mode='distill' first")
+            raise RuntimeError("no gate loss recorded: run a forward in mode='distill' or 'finetune' first")
         return torch.stack(list(self.losses.values())).sum()
 
     def mean_density(self) -> float:
@@ -181,7 +185,7 @@ class SeerState:
 
     @property
     def needs_pre_rope(self) -> bool:
-        return self.capture or self.config.mode in ("sparse", "distill")
+        return self.capture or self.config.mode in ("sparse", "distill", "finetune")
 
 
 def get_seer_state(model: torch.nn.Module) -> SeerState:
@@ -333,15 +337,22 @@ def seer_attention_forward(module, query, key, value, attention_mask, dropout: f
             out, _, target = attention_with_block_scores(
                 query.detach(), key.detach(), value.detach(), block_size=bs, scale=scale, impl=cfg.impl
             )
-        logits = _gate_logits(module, state, pre, kwargs, b, tq)
-        nb = logits.shape[-1]
-        skip = min(int(cfg.skip_first_rows * nb), nb - 1)
-        state.losses[layer] = gate_loss(logits, target, skip_first_rows=skip)
-        state.metrics[layer] = gate_metrics(logits.detach().softmax(-1), target, cfg.metric_density, tq, bs)
-        state._stats[layer] = {"path": "distill", "density": 1.0}
+        if not _in_backward():  # a checkpoint recompute needs the output only
+            # the gate's graph keeps its own saved tensors (see _finetune_attention)
+            with torch.autograd.graph.saved_tensors_hooks(lambda x: x, lambda x: x):
+                logits = _gate_logits(module, state, pre, kwargs, b, tq)
+                nb = logits.shape[-1]
+                skip = min(int(cfg.skip_first_rows * nb), nb - 1)
+                state.losses[layer] = gate_loss(logits, target, skip_first_rows=skip)
+            state.metrics[layer] = gate_metrics(logits.detach().softmax(-1), target, cfg.metric_density, tq, bs)
+            state._stats[layer] = {"path": "distill", "density": 1.0}
         return out.transpose(1, 2).contiguous(), None
 
     policy = cfg.policy.for_layer(layer)
+    if cfg.mode == "finetune":
+        if pre is None:
+            raise RuntimeError(f"layer {layer}: pre-RoPE q/k were not captured (hooks missing?)")
+        return _finetune_attention(module, state, query, key, value, pre, kwargs, policy, scale), None
     if cfg.mode == "custom":
         if state.mask_fn is None:
             raise RuntimeError("mode='custom' needs SeerState.mask_fn (a MaskRequest -> BlockMask function)")
@@ -366,6 +377,59 @@ def seer_attention_forward(module, query, key, value, attention_mask, dropout: f
         density, token_density = mask.densities()
     state._stats[layer] = {"path": cfg.mode, "density": density, "token_density": token_density}
     return out.transpose(1, 2).contiguous(), None
+
+
+def _in_backward() -> bool:
+    """True while autograd's engine runs a backward pass on this thread.
+
+    A forward that runs then is a gradient-checkpointing recompute (transformers' non-reentrant
+    ``torch.utils.checkpoint``): it must rebuild the layer's activations, not record a new gate loss.
+    """
+    return torch._C._current_graph_task_id() != -1
+
+
+def _finetune_attention(module, state: SeerState, query, key, value, pre: dict, kwargs, policy, scale):
+    """``finetune`` mode: block-sparse attention with gradients to q/k/v, gate loss recorded per layer.
+
+    query: [B, Hq, T, D], key/value: [B, Hkv, T, D] post-RoPE -> out [B, T, Hq, D].
+
+    - The gate reads detached pre-RoPE q/k, so its loss trains the gate only; the mask is built from
+      the gate's probabilities under ``no_grad``, so the LM loss does not reach the gate.
+    - The gate's graph and the loss are built under pass-through saved-tensor hooks: under gradient
+      checkpointing they keep their own (small, [B, Hq, NB, NB]) saved tensors instead of joining the
+      layer's checkpoint, so a recompute does not have to reproduce them, and the recompute (detected
+      by :func:`_in_backward`) rebuilds only the mask (same inputs, same mask) and skips the
+      ground-truth pass; the loss of the original forward stays in ``state.losses``.
+    """
+    cfg = state.config
+    b, hq, t, _ = query.shape
+    bs = cfg.gate.block_size
+    recompute = _in_backward()
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: x, lambda x: x):
+        with torch.no_grad() if recompute else nullcontext(), record_function("seer.gate"):
+            logits = _gate_logits(module, state, pre, kwargs, b, t)
+        with torch.no_grad(), record_function("seer.policy"):
+            scores = logits.detach().softmax(-1)
+            if cfg.mask_heads == "kv":
+                scores = group_scores(scores, key.shape[1])
+            mask = mask_from_scores(scores, policy, t, bs)
+        if not recompute:
+            with torch.no_grad(), record_function("seer.ground_truth"):
+                _, _, target = attention_with_block_scores(
+                    query.detach(), key.detach(), value.detach(), block_size=bs, scale=scale, impl=cfg.impl
+                )
+            nb = logits.shape[-1]
+            skip = min(int(cfg.skip_first_rows * nb), nb - 1)
+            state.losses[module.layer_idx] = gate_loss(logits, target, skip_first_rows=skip)
+            state.metrics[module.layer_idx] = gate_metrics(
+                logits.detach().softmax(-1), target, cfg.metric_density, t, bs
+            )
+    with record_function("seer.attention"):
+        out = block_sparse_attention(query, key, value, mask, scale=scale, impl=cfg.impl)
+    if not recompute:
+        density, token_density = mask.densities()
+        state._stats[module.layer_idx] = {"path": "finetune", "density": density, "token_density": token_density}
+    return out.transpose(1, 2).contiguous()
 
 
 AttentionInterface.register(ATTN_NAME, seer_attention_forward)
