@@ -17,7 +17,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_METHODS = "dense,oracle,streaming,vertical_slash,random"
 # For --help only (the parser is built without importing torch/transformers); the registry is
 # seerattn.eval.methods.METHODS, and tests check that the two agree.
-ALL_METHODS = "dense, seer, seer_threshold, seer_top_p, oracle, mass_oracle, streaming, vertical_slash, random"
+ALL_METHODS = (
+    "dense, seer, seer_threshold, seer_top_p, oracle, mass_oracle, streaming, vertical_slash, xattention, "
+    "xattention_top_p, flexprefill, flexprefill_top_p, random"
+)
 # Likewise seerattn.block_mask.ALLOCATIONS (checked by a test).
 ALLOCATIONS = ("row", "uniform", "floor", "head")
 
@@ -286,7 +289,13 @@ def _common(p: argparse.ArgumentParser, contexts: str | None, samples: int) -> N
         "see seerattn.SparsityPolicy",
     )
     p.add_argument("--thresholds", type=_floats, default=[], help="gate thresholds for seer_threshold")
-    p.add_argument("--top-p", type=_floats, default=[], help="mass values for seer_top_p")
+    p.add_argument(
+        "--top-p",
+        type=_floats,
+        default=[],
+        help="cumulative-mass values for seer_top_p and the peers' native modes (xattention_top_p: XAttention's "
+        "threshold, paper 0.9; flexprefill_top_p: FlexPrefill's gamma, paper 0.9-0.95)",
+    )
     if contexts:
         p.add_argument("--contexts", type=_ints, default=_ints(contexts), help=f"context lengths ({contexts})")
     p.add_argument("--samples", type=int, default=samples, help="windows per context / prompts per cell (%(default)s)")

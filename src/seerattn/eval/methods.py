@@ -10,6 +10,11 @@ diagonal block forced and counted against the budget. So at one density and allo
 method computes the same number of blocks (per row, or per head for ``"head"``) and only *which*
 blocks differs.
 
+Methods with a budget of their own (XAttention's threshold, FlexPrefill's gamma) also run in that
+*native* mode, registered as ``<name>_top_p`` with the ``"top_p"`` budget: the setting's value is the
+method's cumulative-mass threshold (like ``seer_top_p``'s), and the density is whatever it gives, as
+reported per setting. The peers' estimators live in :mod:`.peers`.
+
 Adding a method = one function ``(request, policy, seed) -> BlockMask`` plus one
 :func:`register_method` call (or a :class:`Method` with another ``mode``).
 
@@ -35,6 +40,15 @@ from ..block_mask import (
     num_blocks,
 )
 from ..hf import MaskRequest, SeerState
+from .peers import (
+    FLEX_MIN_BUDGET,
+    FLEX_TAU,
+    XATTN_STRIDE,
+    flexprefill_estimate,
+    flexprefill_native_mask,
+    vertical_slash_scores,
+    xattention_scores,
+)
 
 __all__ = [
     "METHODS",
@@ -43,6 +57,7 @@ __all__ = [
     "attention_mass_scores",
     "build_mask",
     "configure",
+    "flexprefill_mask",
     "expand_settings",
     "get_method",
     "mass_oracle_mask",
@@ -52,6 +67,7 @@ __all__ = [
     "streaming_mask",
     "vertical_slash_mask",
     "vertical_slash_scores",
+    "xattention_mask",
 ]
 
 Budget = Literal["none", "density", "threshold", "top_p"]
@@ -69,8 +85,9 @@ class Method:
         budget: what the per-setting number means: ``"density"`` (kept fraction of the causal block
             triangle), ``"threshold"`` / ``"top_p"`` (gate-probability policies; density is realised,
             not set) or ``"none"`` (dense).
-        mask_fn: for ``custom`` mode, ``(request, policy, seed) -> BlockMask``; ``policy`` is a
-            ``"density"`` :class:`~seerattn.SparsityPolicy` (the setting's budget and allocation).
+        mask_fn: for ``custom`` mode, ``(request, policy, seed) -> BlockMask``; ``policy`` is the
+            setting's :class:`~seerattn.SparsityPolicy`: kind ``"density"`` (the budget and allocation)
+            or, for a native-mode method, ``"top_p"`` (its value the method's own threshold).
         needs_gates: the method reads the AttnGates (trained gates must be loaded).
         description: one line for ``--help`` and reports.
     """
@@ -87,6 +104,8 @@ class Method:
             raise ValueError(f"method {self.name!r}: mode 'custom' needs a mask_fn and other modes take none")
         if (self.mode == "dense") != (self.budget == "none"):
             raise ValueError(f"method {self.name!r}: only mode 'dense' has budget 'none'")
+        if self.mode == "custom" and self.budget not in ("density", "top_p"):
+            raise ValueError(f"method {self.name!r}: custom methods take a 'density' or 'top_p' budget")
 
 
 METHODS: dict[str, Method] = {}
@@ -133,13 +152,12 @@ class Setting:
     @property
     def policy(self) -> SparsityPolicy:
         """The policy every masked method of this setting uses: a fresh one (sink and diagonal
-        forced, no overrides), so that an adapter's own policy does not give the gate a different
-        budget from the baselines. Custom methods get it as a ``"density"`` policy."""
+        forced, no overrides) of the method's budget kind, so that an adapter's own policy does not
+        give the gate a different budget from the baselines."""
         m = get_method(self.method)
         if self.budget is None:
             raise ValueError(f"method {m.name!r} needs a {m.budget} value")
-        kind = "density" if m.mode == "custom" else m.budget
-        return SparsityPolicy(kind=kind, value=self.budget, allocation=self.allocation)  # type: ignore[arg-type]
+        return SparsityPolicy(kind=m.budget, value=self.budget, allocation=self.allocation)  # type: ignore[arg-type]
 
     def to_dict(self) -> dict:
         m = get_method(self.method)
@@ -196,12 +214,13 @@ def _call_builder(fn: MaskBuilder, policy: SparsityPolicy, seed: int, request: M
     return fn(request, policy, seed)
 
 
-def build_mask(name: str, request: MaskRequest, density: float, seed: int = 0, allocation: str = "row") -> BlockMask:
-    """The mask a ``custom`` method builds for ``request`` (for tests and the mask plots)."""
+def build_mask(name: str, request: MaskRequest, budget: float, seed: int = 0, allocation: str = "row") -> BlockMask:
+    """The mask a ``custom`` method builds for ``request`` at ``budget`` (its density, or its threshold
+    for a native-mode method), for tests and the mask plots."""
     m = get_method(name)
     if m.mask_fn is None:
         raise ValueError(f"method {name!r} runs in mode {m.mode!r} and has no mask function")
-    return m.mask_fn(request, Setting(name, density, allocation).policy, seed)
+    return m.mask_fn(request, Setting(name, budget, allocation).policy, seed)
 
 
 def _density_mask(scores: torch.Tensor, request: MaskRequest, policy: SparsityPolicy) -> BlockMask:
@@ -236,56 +255,6 @@ def random_mask(request: MaskRequest, policy: SparsityPolicy, seed: int = 0) -> 
     gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + request.layer_idx)
     scores = torch.rand(b, hq, nb, nb, generator=gen).to(request.q.device)
     return _density_mask(scores, request, policy)
-
-
-def vertical_slash_scores(request: MaskRequest, last_q: int | None = None) -> torch.Tensor:
-    """MInference-style block scores estimated from the last queries' attention.
-
-    The causal softmax of the last ``last_q`` queries (default: one block) over all keys gives, per
-    key token ``j``, a *vertical* mass ``v[j]`` (column sum) and, per token offset ``o = i - j``, a
-    *slash* mass ``s[o]`` (diagonal sum), as shares of the total. Both are carried to blocks:
-    ``V[J] = sum_{j in J} v[j]`` and ``S[d] = sum_o s[o] * max(0, 1 - |o - d * bs| / bs)`` (the
-    share of a token diagonal that falls in block diagonal ``d``; both sum to 1). Block ``(I, J)``
-    scores ``max(V[J], S[I - J])``: kept if its column or its diagonal carries much of the attention.
-    From the last queries alone each line also casts a ghost of the other kind (a slash reads as a
-    vertical on the key blocks it hits there, and a vertical as slash mass), as in MInference.
-
-    Returns:
-        scores [B, Hq, NB, NB] fp32, zero above the diagonal.
-    """
-    q, k = request.q, request.k
-    b, hq, t, d = q.shape
-    hkv = k.shape[1]
-    bs = request.block_size
-    nb = num_blocks(t, bs)
-    n_last = min(bs if last_q is None else last_q, t)
-    ql = q[:, :, t - n_last :].float()  # [B, Hq, L, D]
-    kf = k.float().repeat_interleave(hq // hkv, dim=1)  # [B, Hq, T, D]
-    logits = torch.matmul(ql, kf.transpose(-1, -2)) * request.scale  # [B, Hq, L, T]
-    rows = torch.arange(t - n_last, t, device=q.device)
-    cols = torch.arange(t, device=q.device)
-    offsets = rows.view(-1, 1) - cols.view(1, -1)  # [L, T]: i - j
-    causal = offsets >= 0
-    probs = logits.masked_fill(~causal, float("-inf")).softmax(-1)  # [B, Hq, L, T]
-
-    probs = probs / n_last  # shares of the last queries' total attention: V and S below each sum to 1
-    vertical = probs.sum(-2)  # [B, Hq, T]
-    vb = F.pad(vertical, (0, nb * bs - t)).view(b, hq, nb, bs).sum(-1)  # [B, Hq, NB]
-
-    flat = probs.reshape(b * hq, n_last * t)
-    slash = torch.zeros(b * hq, t, device=q.device, dtype=probs.dtype)
-    slash.scatter_add_(1, offsets.clamp_min(0).reshape(1, -1).expand(b * hq, -1), flat)  # [BH, T]
-    # Triangular kernel of width 2*bs - 1 centred on each block diagonal d (token offset d * bs).
-    r = torch.arange(-(bs - 1), bs, device=q.device, dtype=probs.dtype)
-    kernel = (1 - r.abs() / bs).view(1, 1, -1)
-    padded = F.pad(slash.unsqueeze(1), (bs - 1, nb * bs - t + bs - 1))
-    sb = F.conv1d(padded, kernel, stride=bs).view(b, hq, nb)  # [B, Hq, NB]
-
-    diag = torch.arange(nb, device=q.device).view(nb, 1) - torch.arange(nb, device=q.device).view(1, nb)
-    causal_b = causal_block_mask(nb, device=q.device)
-    slash_bb = sb[..., diag.clamp_min(0)]  # [B, Hq, NB, NB]: S[I - J]
-    scores = torch.maximum(vb.unsqueeze(-2).expand(b, hq, nb, nb), slash_bb)
-    return scores.masked_fill(~causal_b, 0.0)
 
 
 def vertical_slash_mask(request: MaskRequest, policy: SparsityPolicy, seed: int = 0) -> BlockMask:
@@ -325,6 +294,28 @@ def attention_mass_scores(request: MaskRequest, chunk: int = 1024) -> torch.Tens
         out[:, :, start // bs : start // bs + rows.shape[2]] = rows
     # every query's softmax sums to 1, so row I sums to |I| (fewer for a partial last block)
     return out / out.sum(-1, keepdim=True)
+
+
+def xattention_mask(request: MaskRequest, policy: SparsityPolicy, seed: int = 0) -> BlockMask:
+    """XAttention (stride ``S = 8``; :func:`~seerattn.eval.peers.xattention_scores`) at the density
+    budget, or natively (``"top_p"`` policy): per row the fewest blocks whose antidiagonal score reaches
+    the threshold (the paper's 0.9) of the row's total, sink and diagonal kept on top."""
+    if policy.kind not in ("density", "top_p"):
+        raise ValueError(f"xattention takes a 'density' or 'top_p' policy, got {policy.kind!r}")
+    return mask_from_scores(xattention_scores(request, XATTN_STRIDE), policy, request.seq_len, request.block_size)
+
+
+def flexprefill_mask(request: MaskRequest, policy: SparsityPolicy, seed: int = 0) -> BlockMask:
+    """FlexPrefill (tau = 0.1; :func:`~seerattn.eval.peers.flexprefill_estimate`): each head's pattern
+    (query-aware or vertical-slash) scores its blocks, ranked at the density budget; natively (``"top_p"``
+    policy, value gamma) :func:`~seerattn.eval.peers.flexprefill_native_mask` with the minimum budget of
+    1024 tokens."""
+    est = flexprefill_estimate(request, FLEX_TAU)
+    if policy.kind == "density":
+        return _density_mask(est.scores, request, policy)
+    if policy.kind == "top_p":
+        return flexprefill_native_mask(est, request, policy.value, FLEX_MIN_BUDGET)
+    raise ValueError(f"flexprefill takes a 'density' or 'top_p' policy, got {policy.kind!r}")
 
 
 def mass_oracle_mask(request: MaskRequest, policy: SparsityPolicy, seed: int = 0) -> BlockMask:
@@ -372,6 +363,42 @@ register_method(
         "density",
         vertical_slash_mask,
         description="MInference vertical + slash lines estimated from the last query block",
+    )
+)
+register_method(
+    Method(
+        "xattention",
+        "custom",
+        "density",
+        xattention_mask,
+        description="XAttention: strided antidiagonal block scores (stride 8), top blocks at the density",
+    )
+)
+register_method(
+    Method(
+        "xattention_top_p",
+        "custom",
+        "top_p",
+        xattention_mask,
+        description="XAttention native: per row the fewest blocks holding the threshold (paper: 0.9) of the score",
+    )
+)
+register_method(
+    Method(
+        "flexprefill",
+        "custom",
+        "density",
+        flexprefill_mask,
+        description="FlexPrefill: per-head query-aware or vertical-slash block scores (tau 0.1), top blocks",
+    )
+)
+register_method(
+    Method(
+        "flexprefill_top_p",
+        "custom",
+        "top_p",
+        flexprefill_mask,
+        description="FlexPrefill native: cumulative attention gamma (paper: 0.9-0.95), min budget 1024 tokens",
     )
 )
 register_method(Method("random", "custom", "density", random_mask, description="random blocks (seeded)"))
