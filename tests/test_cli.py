@@ -168,14 +168,15 @@ def test_eval_curves_plots_runs_and_summarises(tmp_path, capsys):
 
 
 def test_eval_curves_errors(tmp_path):
+    # --debug: the exceptions themselves (without it: one line, exit 2; tests/test_reliability.py)
     with pytest.raises(FileNotFoundError, match="metrics.jsonl not found"):
-        main(["eval", "curves", str(tmp_path / "nothing")])
+        main(["--debug", "eval", "curves", str(tmp_path / "nothing")])
     _fake_run(tmp_path / "a", 8.0)
     with pytest.raises(ValueError, match="2 names for 1 runs"):
-        main(["eval", "curves", str(tmp_path / "a"), "--labels", "x,y"])
+        main(["--debug", "eval", "curves", str(tmp_path / "a"), "--labels", "x,y"])
     (tmp_path / "a" / "metrics.jsonl").write_text('{"step": 1, "kl": 1.0}\n')
     with pytest.raises(ValueError, match=r"line 1 lacks \['mass_recall'\]"):
-        main(["eval", "curves", str(tmp_path / "a")])
+        main(["--debug", "eval", "curves", str(tmp_path / "a")])
 
 
 def test_plot_distill_curves_rejects_bad_runs(tmp_path):

@@ -665,10 +665,11 @@ def test_cli_refuses_seer_without_gates_and_bad_values(model_dir, books_dir, tmp
     from seerattn.cli import main
 
     common = ["--model", str(model_dir), "--data", str(books_dir), "--block-size", str(BS), "--no-progress"]
+    # --debug: the exceptions themselves (without it the CLI prints one line and returns 2)
     with pytest.raises(ValueError, match="no trained gates"):
-        main(["eval", "ppl", *common, "--methods", "seer", "--contexts", "64", "--samples", "1", "-o", str(tmp_path)])
+        main(["--debug", "eval", "ppl", *common, "--methods", "seer", "--contexts", "64", "-o", str(tmp_path)])
     with pytest.raises(ValueError, match="unknown method"):
-        main(["eval", "ppl", *common, "--methods", "bogus", "--contexts", "64", "-o", str(tmp_path)])
+        main(["--debug", "eval", "ppl", *common, "--methods", "bogus", "--contexts", "64", "-o", str(tmp_path)])
     with pytest.raises(SystemExit):
         main(["eval", "ppl", *common, "--contexts", "64,abc", "-o", str(tmp_path)])
 

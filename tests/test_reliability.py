@@ -204,3 +204,55 @@ def test_deepcopy_of_a_patched_model_is_independent():
     with torch.no_grad():
         assert torch.equal(model(ids).logits, want)
     assert set(state.stats) == {0, 1} and state.stats[0]["path"] == "sparse"
+
+
+# ------------------------------------------------------------------------------ CLI user errors
+def _metrics_run(tmp_path, text: str):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(text)
+    return run
+
+
+@pytest.mark.parametrize(
+    "argv,phrase",
+    [
+        (lambda run: ["eval", "curves", str(run), "--labels", "a,b"], "--labels gives"),
+        (lambda run: ["eval", "curves", str(run.parent / "none")], "metrics.jsonl not found"),
+        (lambda run: ["eval", "curves", str(run)], "line 1 is not valid JSON"),
+    ],
+    ids=["labels-count", "missing-run", "damaged-metrics"],
+)
+def test_eval_user_errors_are_one_line_exit_2(tmp_path, capsys, monkeypatch, argv, phrase):
+    from seerattn.cli import main
+
+    monkeypatch.delenv("SEERATTN_DEBUG", raising=False)
+    run = _metrics_run(tmp_path, '{"step": 1, "kl\n{"step": 2}\n')
+    assert main(argv(run)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("seerattn eval: error: ") and phrase in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    # --debug or SEERATTN_DEBUG=1: the exception propagates with its traceback.
+    with pytest.raises((ValueError, FileNotFoundError)):
+        main(["--debug", *argv(run)])
+    monkeypatch.setenv("SEERATTN_DEBUG", "1")
+    with pytest.raises((ValueError, FileNotFoundError)):
+        main(argv(run))
+
+
+def test_distill_damaged_checkpoint_on_resume_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    import yaml
+
+    from seerattn.cli import main
+
+    monkeypatch.delenv("SEERATTN_DEBUG", raising=False)
+    out = tmp_path / "out"
+    folder = save_checkpoint(out / "checkpoints", 2, _state(2), keep=1)
+    _damage(folder / STATE_FILE, "truncated")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        yaml.safe_dump({"model": str(tmp_path / "m"), "data": [str(tmp_path / "d")], "output_dir": str(out)})
+    )
+    assert main(["distill", str(recipe), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("seerattn distill: error: ") and "state.pt" in err and err.count("\n") == 1

@@ -3,6 +3,10 @@
 Each subcommand lives in its own module of this package exposing ``register(subparsers)``, which
 adds its parser and sets ``func`` (called with the parsed arguments, returns an exit code).
 Modules are imported only when the CLI starts, never by ``import seerattn``.
+
+User errors (bad arguments, recipes, paths, files: ``ValueError`` -- which includes ``ConfigError`` --
+``FileNotFoundError``, ``FileExistsError``) print one line and exit with status 2, as argparse's usage
+errors do; ``seerattn --debug ...`` or ``SEERATTN_DEBUG=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -10,10 +14,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 # Subcommand modules, in the order ``--help`` lists them.
-COMMANDS = ("quickstart", "env", "convert", "distill", "eval")
+COMMANDS = ("quickstart", "env", "convert", "distill", "finetune", "eval")
+# What a user can fix from the message alone: reported in one line (exit 2) unless debugging.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"seerattn {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the traceback of user errors instead of one line (also: SEERATTN_DEBUG=1)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         importlib.import_module(f".{name}", __name__).register(sub)
@@ -36,7 +48,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
-    return int(args.func(args) or 0)
+    debug = args.debug or os.environ.get("SEERATTN_DEBUG", "") not in ("", "0")
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__  # one line, even for multi-line messages
+        print(f"seerattn {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
