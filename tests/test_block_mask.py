@@ -187,3 +187,17 @@ def test_flex_block_mask_runs_same_attention_in_eager_flex(t, bs):
     ref = block_sparse_attention(q, k, v, m, impl="reference")
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
     assert not torch.allclose(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+@HYP
+@given(dense_masks())
+def test_transposed_lists_are_the_lists_of_the_transposed_mask(case):
+    """q_num_blocks / q_indices: for each key block the query blocks keeping it, ascending, built once."""
+    dense, bs, seq_len = case
+    m = BlockMask.from_dense(dense, bs, seq_len)
+    t = dense.transpose(-1, -2)
+    assert m.q_num_blocks.dtype == torch.int32 and m.q_indices.dtype == torch.int32
+    assert torch.equal(m.q_num_blocks.long(), t.sum(-1))
+    assert torch.equal(BlockMask(m.q_num_blocks, m.q_indices, bs, seq_len).to_dense(), t)
+    assert m.q_indices is m.q_indices  # cached on the mask
+    assert m.expand_heads(m.num_heads).q_indices is m.q_indices

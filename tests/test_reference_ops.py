@@ -315,7 +315,7 @@ def test_gradients_match_sdpa_on_all_kept_mask():
         torch.testing.assert_close(a.grad, b.grad, atol=1e-10, rtol=0)
 
 
-def test_gradients_match_materialised_on_random_mask_incl_lse():
+def test_gradients_match_materialised_on_random_mask():
     t, bs, hq, hkv = 40, 8, 4, 1
     q, k, v = _qkv(1, hq, hkv, t, d=8, seed=31, requires_grad=True)
     q2, k2, v2 = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
@@ -323,13 +323,39 @@ def test_gradients_match_materialised_on_random_mask_incl_lse():
     mask = BlockMask.from_dense(dense, bs, t)
     g = torch.Generator().manual_seed(2)
     w_o = torch.randn(1, hq, t, 8, generator=g, dtype=torch.float64)
-    w_l = torch.randn(1, hq, t, generator=g, dtype=torch.float64)
     out, lse = block_sparse_attention(q, k, v, mask, return_lse=True, impl="reference")
-    ((out * w_o).sum() + (lse * w_l).sum()).backward()
-    ref_out, ref_lse, _ = _brute_attention(q2, k2, v2, _token_keep(dense, bs, t))
-    ((ref_out * w_o).sum() + (ref_lse * w_l).sum()).backward()
+    assert not lse.requires_grad  # lse is returned detached (documented: not differentiable)
+    (out * w_o).sum().backward()
+    ref_out, _, _ = _brute_attention(q2, k2, v2, _token_keep(dense, bs, t))
+    (ref_out * w_o).sum().backward()
     for a, b in ((q, q2), (k, k2), (v, v2)):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("mask_heads", ["hq", "hkv"])
+def test_gradcheck_with_empty_rows_and_gqa(mask_heads):
+    """torch.autograd.gradcheck (fp64) through the reference: GQA group 2, a partial last block, an
+    empty row (no kept block) and a row keeping only a block above the diagonal."""
+    t, bs, hq, hkv = 20, 8, 4, 2
+    q, k, v = _qkv(1, hq, hkv, t, d=4, seed=41, requires_grad=True)
+    dense = torch.ones(1, hq if mask_heads == "hq" else hkv, 3, 3, dtype=torch.bool).tril()
+    dense[0, 0, 1] = False  # empty row
+    dense[0, 0, 0] = torch.tensor([False, False, True])  # only a block above the diagonal
+    mask = BlockMask.from_dense(dense, bs, t)
+    assert torch.autograd.gradcheck(lambda a, b, c: block_sparse_attention(a, b, c, mask, impl="reference"), (q, k, v))
+    out = block_sparse_attention(q, k, v, mask, impl="reference")
+    dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v))
+    assert (dq[0, 0, : 2 * bs] == 0).all() and not torch.isnan(dk).any() and not torch.isnan(dv).any()
+
+
+def test_gradcheck_varlen():
+    lens = [3, 12, 9]
+    cu = torch.tensor([0, 3, 15, 24], dtype=torch.int32)
+    q, k, v = _qkv(1, 2, 1, sum(lens), d=4, seed=43, requires_grad=True)
+    dense = _random_blocks(3, 1, 2, 0.5, seed=7)
+    mask = BlockMask.from_dense(dense, 8, 16)
+    fn = lambda a, b, c: block_sparse_attention(a, b, c, mask, cu_seqlens=cu, impl="reference")
+    assert torch.autograd.gradcheck(fn, (q, k, v))
 
 
 def test_output_dtype_follows_input_fp32():

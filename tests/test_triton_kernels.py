@@ -13,7 +13,6 @@ tests run the compiled kernels there.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 
@@ -29,6 +28,18 @@ if torch.cuda.is_available() and not _INTERPRET_ON:
 pytest.importorskip("triton")
 
 import numpy as np  # noqa: E402
+from kernel_helpers import (  # noqa: E402
+    EPS,
+    assert_within_lowp,
+    lowp_attention,
+    patch_interpreter_index,
+    poisoned_outputs,
+    rand_mask,
+    rand_qkv,
+    rel,
+    token_keep,
+    varlen_mask,
+)
 
 from seerattn import BlockMask  # noqa: E402
 from seerattn.ops import attention_with_block_scores, block_sparse_attention, reference  # noqa: E402
@@ -44,93 +55,7 @@ pytestmark = [
 ]
 
 
-def _patch_interpreter_index() -> None:
-    """Work around triton-lang/triton#9171 (fixed upstream by PR #9172): with NumPy >= 2.4 the
-    interpreter's ``int()`` of a scalar held as a 1-element array raises, which breaks every
-    ``range()`` with tensor bounds. Applies the upstream fix (squeeze before ``int``)."""
-    from triton.runtime import interpreter
-
-    orig = interpreter._patch_lang_tensor
-    if getattr(orig, "_seerattn_fixed", False):
-        return
-
-    def patched(tensor, scope):
-        orig(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
-
-    patched._seerattn_fixed = True
-    interpreter._patch_lang_tensor = patched
-
-
-_patch_interpreter_index()
-
-
-# ---------------------------------------------------------------------------------------- helpers
-@contextlib.contextmanager
-def poisoned_outputs():
-    """Every ``torch.empty`` made inside is filled with NaN (floats) or 2**30 (integers)."""
-    orig = torch.empty
-
-    def empty(*args, **kwargs):
-        t = orig(*args, **kwargs)
-        t.fill_(float("nan") if t.is_floating_point() else 2**30)
-        return t
-
-    torch.empty = empty
-    try:
-        yield
-    finally:
-        torch.empty = orig
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def rand_qkv(b, hq, hkv, t, d, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    mk = lambda h: torch.randn(b, h, t, d, generator=g).to(dtype)
-    return mk(hq), mk(hkv), mk(hkv)
-
-
-def rand_mask(b, h, t, bs, density=0.5, seed=0, diag=True):
-    g = torch.Generator().manual_seed(seed + 1)
-    nb = math.ceil(t / bs)
-    dense = torch.rand(b, h, nb, nb, generator=g) < density
-    if diag:
-        dense |= torch.eye(nb, dtype=torch.bool)
-    return BlockMask.from_dense(dense, bs, t)
-
-
-def token_keep(mask: BlockMask, hq: int, cu_seqlens=None, total=None) -> torch.Tensor:
-    """Bool [B, Hq, T, T] of kept (query, key) pairs (block mask, causal, sequence boundaries)."""
-    m = mask.expand_heads(hq)
-    if cu_seqlens is None:
-        return m.to_token_mask()
-    keep = torch.zeros(1, hq, total, total, dtype=torch.bool)
-    dense = m.to_dense()
-    bounds = cu_seqlens.tolist()
-    for i, (s0, s1) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-        n = s1 - s0
-        if n == 0:
-            continue
-        tok = dense[i].repeat_interleave(m.block_size, -2).repeat_interleave(m.block_size, -1)[:, :n, :n]
-        keep[0, :, s0:s1, s0:s1] = tok & torch.ones(n, n, dtype=torch.bool).tril()
-    return keep
-
-
-def lowp_attention(q, k, v, keep, scale):
-    """Masked attention in plain PyTorch in the input dtype: (out, lse, probabilities)."""
-    g = q.shape[1] // k.shape[1]
-    kx, vx = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-    logits = (q @ kx.transpose(-1, -2)) * scale
-    logits = logits.masked_fill(~keep, float("-inf"))
-    p = torch.softmax(logits, -1).nan_to_num(0.0)
-    return p @ vx, torch.logsumexp(logits.float(), -1), p
-
-
-EPS = {torch.float32: 1e-6, torch.float16: 1e-4}
+patch_interpreter_index()
 
 
 def check_sparse(q, k, v, mask, cu_seqlens=None, config=None):
@@ -407,3 +332,153 @@ def test_flex_varlen_not_implemented():
     cu = torch.tensor([0, 8, 40], dtype=torch.int32)
     with pytest.raises(NotImplementedError, match="cu_seqlens"):
         block_sparse_attention(q, k, v, mask, cu_seqlens=cu, impl="flex")
+
+
+# ---------------------------------------------------------------------------------------- backward
+def grads(fn, q, k, v, dout, *args, **kwargs):
+    """(out, dq, dk, dv) of ``fn(q, k, v, ...)`` for the upstream gradient ``dout``."""
+    q, k, v = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
+    out = fn(q, k, v, *args, **kwargs)
+    return (out.detach(), *torch.autograd.grad(out, (q, k, v), dout))
+
+
+def check_sparse_grads(q, k, v, mask, cu_seqlens=None, seed=0):
+    """Triton gradients (poisoned buffers) against fp64 autograd of the reference, within 3x the
+    error of the same gradients in plain low-precision PyTorch (the output within 2x)."""
+    g = torch.Generator().manual_seed(seed + 99)
+    dout = torch.randn(q.shape, generator=g).to(q.dtype)
+    with poisoned_outputs():
+        got = grads(block_sparse_attention, q, k, v, dout, mask, cu_seqlens=cu_seqlens, impl="triton")
+    oracle = grads(
+        reference.block_sparse_attention, q.double(), k.double(), v.double(), dout.double(), mask, cu_seqlens=cu_seqlens
+    )
+    keep = token_keep(mask, q.shape[1], cu_seqlens, q.shape[2])
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    lowp = grads(lambda a, b, c: lowp_attention(a, b, c, keep, scale)[0], q, k, v, dout)
+    for name, x, lp, ref, factor in zip(("out", "dq", "dk", "dv"), got, lowp, oracle, (2, 3, 3, 3), strict=True):
+        assert x.dtype == q.dtype and x.shape == ref.shape, name
+        assert not torch.isnan(x).any(), f"{name} has NaN (unwritten or 0/0)"
+        assert_within_lowp(name, x, lp, ref, q.dtype, factor)
+    return got
+
+
+# (T, Hq, Hkv, mask heads, block size, dtype): odd lengths, GQA 1/2/4/8, per-Hq and per-Hkv masks.
+GRAD_CASES = [
+    (1, 2, 1, "hq", 16, torch.float32),
+    (15, 4, 2, "hkv", 16, torch.float16),
+    (63, 4, 1, "hq", 32, torch.float32),
+    (65, 8, 2, "hkv", 16, torch.float32),
+    (100, 8, 1, "hkv", 32, torch.float16),
+    (100, 4, 4, "hq", 64, torch.float16),
+    (257, 2, 1, "hq", 64, torch.float32),
+]
+
+
+@pytest.mark.parametrize(
+    "t,hq,hkv,mh,bs,dtype",
+    GRAD_CASES,
+    ids=[f"T{c[0]}-g{c[1] // c[2]}-{c[3]}-bs{c[4]}-{c[5]}" for c in GRAD_CASES],
+)
+def test_sparse_grads_match_reference(t, hq, hkv, mh, bs, dtype):
+    """Includes empty rows (an empty list, a row keeping only a block above the diagonal)."""
+    q, k, v = rand_qkv(1, hq, hkv, t, 16 if t > 200 else 32, dtype, seed=t)
+    mask = rand_mask(1, hq if mh == "hq" else hkv, t, bs, density=0.5, seed=t, empty_rows=True)
+    check_sparse_grads(q, k, v, mask, seed=t)
+
+
+def test_sparse_grads_empty_rows_are_zero():
+    """Rows with no kept key: zero output and zero dq; their dout does not reach dk/dv."""
+    t, bs, hq, hkv = 64, 16, 2, 1
+    q, k, v = rand_qkv(1, hq, hkv, t, 16, torch.float32, seed=4)
+    dense = torch.ones(1, hq, 4, 4, dtype=torch.bool).tril()
+    dense[0, :, 2] = False  # query block 2 of every head keeps nothing
+    mask = BlockMask.from_dense(dense, bs, t)
+    out, dq, dk, dv = check_sparse_grads(q, k, v, mask)
+    rows = slice(2 * bs, 3 * bs)
+    assert (out[:, :, rows] == 0).all() and (dq[:, :, rows] == 0).all()
+
+
+@pytest.mark.parametrize("mh,bs", [("hq", 16), ("hkv", 32)])
+def test_sparse_grads_varlen(mh, bs):
+    """Packed sequences, one shorter than a block and one empty, T not a multiple of the block."""
+    lens = [5, 40, 0, 71]
+    hq, hkv = 4, 2
+    mask, cu = varlen_mask(lens, hq if mh == "hq" else hkv, bs)
+    q, k, v = rand_qkv(1, hq, hkv, int(cu[-1]), 16, torch.float16, seed=7)
+    check_sparse_grads(q, k, v, mask, cu_seqlens=cu)
+
+
+def _gpu_candidates(monkeypatch, fn, *args):
+    """The candidate list ``fn`` gives on a GPU (the interpreter has one config per list)."""
+    from seerattn.ops._triton import config
+
+    with monkeypatch.context() as m:
+        m.setattr(config, "interpreting", lambda: False)
+        return fn(*args)
+
+
+@pytest.mark.parametrize("bs,mh", [(32, "hq"), (64, "hkv"), (128, "hq")])
+def test_every_tile_candidate_forward_and_backward(monkeypatch, bs, mh):
+    """Each GPU tile candidate of the forward, of the dK/dV pass and of the dQ pass runs here too:
+    the forward's output and lse and every gradient match the fp64 reference."""
+    from seerattn.ops._triton import config, sparse_bwd
+
+    t, hq, hkv, d = bs + 37, 4, 2, 16
+    q, k, v = rand_qkv(1, hq, hkv, t, d, torch.float32, seed=bs)
+    mask = rand_mask(1, hq if mh == "hq" else hkv, t, bs, density=0.6, seed=bs, empty_rows=True)
+    hpm = hq // mask.num_heads
+    for cfg in _gpu_candidates(monkeypatch, config.sparse_configs, bs, hpm, d):
+        check_sparse(q, k, v, mask, config=cfg)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+    qd, kd, vd = (x.double().requires_grad_(True) for x in (q, k, v))
+    ref_out, ref_lse = reference.block_sparse_attention(qd, kd, vd, mask, return_lse=True)
+    oracle = torch.autograd.grad(ref_out, (qd, kd, vd), dout.double())
+    out, lse = block_sparse_attention(q, k, v, mask, return_lse=True, impl="triton")
+    scale = d**-0.5
+    lists = (mask.kv_num_blocks, mask.kv_indices, mask.q_num_blocks, mask.q_indices)
+    dkdv_cands = _gpu_candidates(monkeypatch, config.dkdv_configs, bs, d)
+    dq_cands = _gpu_candidates(monkeypatch, config.dq_configs, bs, hpm, d)
+    for i in range(max(len(dkdv_cands), len(dq_cands))):
+        c1, c2 = dkdv_cands[i % len(dkdv_cands)], dq_cands[i % len(dq_cands)]
+        with poisoned_outputs():
+            got = sparse_bwd.block_sparse_attention_bwd(
+                q, k, v, out, lse, dout, *lists, bs, scale, dkdv_config=c1, dq_config=c2
+            )
+        for name, x, ref in zip(("dq", "dk", "dv"), got, oracle, strict=True):
+            assert rel(x, ref) < 1e-5, (name, c1.short(), c2.short(), rel(x, ref))
+
+
+def test_sparse_backward_is_deterministic():
+    """No atomics: two backward passes give bitwise equal gradients (GQA group 4, per-Hq masks)."""
+    q, k, v = rand_qkv(1, 4, 1, 50, 16, torch.float16, seed=5)
+    mask = rand_mask(1, 4, 50, 16, density=0.6, seed=5)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).half()
+    a = grads(block_sparse_attention, q, k, v, dout, mask, impl="triton")
+    b = grads(block_sparse_attention, q, k, v, dout, mask, impl="triton")
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_lse_is_not_differentiable(impl):
+    q, k, v = rand_qkv(1, 2, 1, 40, 16, torch.float32)
+    q.requires_grad_(True)
+    out, lse = block_sparse_attention(q, k, v, rand_mask(1, 2, 40, 16), return_lse=True, impl=impl)
+    assert out.requires_grad and not lse.requires_grad
+
+
+def test_triton_block_scores_refuses_gradients():
+    q, k, v = rand_qkv(1, 2, 1, 32, 16, torch.float32)
+    q.requires_grad_(True)
+    with pytest.raises(NotImplementedError, match="no backward"):
+        attention_with_block_scores(q, k, v, block_size=16, impl="triton")
+    with torch.no_grad():  # the gate-target path: no gradients wanted, so it runs
+        attention_with_block_scores(q, k, v, block_size=16, impl="triton")
+
+
+def test_flex_gradients_on_cpu_are_refused():
+    """FlexAttention has no CPU backward: a clear error (its own), never a detached output."""
+    q, k, v = rand_qkv(1, 2, 1, 32, 16, torch.float32)
+    q.requires_grad_(True)
+    with pytest.raises(NotImplementedError, match="backward on CPU"):
+        block_sparse_attention(q, k, v, rand_mask(1, 2, 32, 16), impl="flex")

@@ -16,6 +16,10 @@ like FlexAttention's ``(kv_num_blocks, kv_indices, BLOCK_SIZE)``:
 - ``kv_indices``: int32 ``[B, H, NQ, NK]`` — the kept key-block indices, ascending, in the first
   ``kv_num_blocks[b, h, I]`` slots; the remaining slots hold 0 and are never read.
 
+The transposed lists (for each key block, the query blocks that keep it: FlexAttention's
+``q_num_blocks`` / ``q_indices``), which the backward walks, are built on first use and cached on
+the mask (:attr:`BlockMask.q_num_blocks`, :attr:`BlockMask.q_indices`).
+
 The causal structure is *not* implied by the format: a mask may keep key blocks above the
 diagonal and every op applies causality on top of it (a kept block above the diagonal is simply
 fully masked). Policies never produce such blocks.
@@ -146,6 +150,24 @@ class BlockMask:
         indices = torch.zeros((*dense.shape[:3], nb + 1), dtype=torch.int32, device=dense.device)
         indices.scatter_(-1, slot, cols)
         return cls(counts.contiguous(), indices[..., :nb].contiguous(), block_size, seq_len)
+
+    @functools.cached_property
+    def _transposed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # Built once per mask (the dataclass is frozen; cached_property writes the instance dict, and
+        # ``replace``/``to`` make new masks, so the cache never goes stale). No host sync.
+        t = BlockMask.from_dense(self.to_dense().transpose(-1, -2), self.block_size, self.seq_len)
+        return t.kv_num_blocks, t.kv_indices
+
+    @property
+    def q_num_blocks(self) -> torch.Tensor:
+        """int32 ``[B, H, NK]``: how many query blocks keep key block ``J`` (built once, cached)."""
+        return self._transposed[0]
+
+    @property
+    def q_indices(self) -> torch.Tensor:
+        """int32 ``[B, H, NK, NQ]``: the query blocks that keep key block ``J``, ascending, in the first
+        ``q_num_blocks[b, h, J]`` slots (padding slots hold 0). Built once, cached."""
+        return self._transposed[1]
 
     def to_dense(self) -> torch.Tensor:
         """Bool ``[B, H, NQ, NK]`` (True = kept)."""

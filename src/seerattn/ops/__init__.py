@@ -11,6 +11,12 @@ NB = ceil(T / block_size). Layout ``[B, H, T, D]``.
 - ``None`` (default): ``"triton"`` for CUDA tensors, ``"reference"`` otherwise.
 
 An explicit ``impl`` never falls back to another one: if it cannot run, it raises.
+
+Gradients: ``block_sparse_attention`` is differentiable in q, k, v for every ``impl`` (reference:
+autograd; triton: the block-sparse backward kernels; flex: FlexAttention's backward). The ``lse`` it
+returns is not differentiable (detached). ``attention_with_block_scores`` is differentiable only
+with ``impl="reference"``; the Triton kernel raises when gradients are required rather than
+returning a detached output.
 """
 
 from __future__ import annotations
@@ -151,25 +157,27 @@ def block_sparse_attention(
         block_mask: :class:`~seerattn.BlockMask` with Hq heads (per query head) or Hkv heads (shared
             by each GQA group) and B batch entries (number of sequences for varlen).
         scale: softmax scale, default ``1 / sqrt(D)``.
-        return_lse: also return lse [B, Hq, T] fp32 (-inf on rows with no kept key).
+        return_lse: also return lse [B, Hq, T] fp32 (-inf on rows with no kept key); not
+            differentiable (no gradient flows through it).
         cu_seqlens: int32 [N + 1] boundaries of packed sequences (varlen).
         impl: ``"reference"``, ``"triton"``, ``"flex"`` or None (automatic).
 
     Returns:
-        out [B, Hq, T, D] (zeros on rows with no kept key), and lse if ``return_lse``.
+        out [B, Hq, T, D] (zeros on rows with no kept key; differentiable in q, k, v), and the
+        detached lse if ``return_lse``.
     """
     op = "block_sparse_attention"
     _check_qkv(q, k, v, op, varlen=cu_seqlens is not None)
     _check_mask(block_mask, q, k, op, cu_seqlens)
     impl = resolve_impl(impl, q.device, op)
     if impl == "reference":
-        return reference.block_sparse_attention(
-            q, k, v, block_mask, scale=scale, return_lse=return_lse, cu_seqlens=cu_seqlens
-        )
-    if impl == "flex":
-        from .flex import block_sparse_attention as flex_impl
-
-        return flex_impl(q, k, v, block_mask, scale=scale, return_lse=return_lse, cu_seqlens=cu_seqlens)
-    from ._triton import block_sparse_attention as triton_impl
-
-    return triton_impl(q, k, v, block_mask, scale=scale, return_lse=return_lse, cu_seqlens=cu_seqlens)
+        fn = reference.block_sparse_attention
+    elif impl == "flex":
+        from .flex import block_sparse_attention as fn
+    else:
+        from ._triton import block_sparse_attention as fn
+    res = fn(q, k, v, block_mask, scale=scale, return_lse=return_lse, cu_seqlens=cu_seqlens)
+    if not return_lse:
+        return res
+    out, lse = res
+    return out, lse.detach()

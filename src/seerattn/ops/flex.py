@@ -10,8 +10,11 @@ group (FlexAttention indexes masks by query head). On CUDA the call goes through
 for tiny test shapes only).
 
 Shape legend: B batch, Hq/Hkv query/key-value heads, T tokens, D head dim.
-Limitation: no varlen (``cu_seqlens``): packed sequences do not start on block boundaries, so their
+Limitations: no varlen (``cu_seqlens``): packed sequences do not start on block boundaries, so their
 masks do not map onto one block grid; use ``impl="triton"`` or ``"reference"`` for varlen.
+Gradients go through FlexAttention's own backward; on CUDA its Triton backward compiles only for
+mask blocks of at least 128 tokens (64-row tiles do not compile there), so smaller blocks raise
+when gradients are required.
 """
 
 from __future__ import annotations
@@ -32,14 +35,20 @@ def _causal(b, h, q_idx, kv_idx):
     return q_idx >= kv_idx
 
 
-def to_flex_block_mask(block_mask: BlockMask, num_q_heads: int, exact_mask_mod: bool = False):
+BACKWARD_MIN_BLOCK = 128  # smallest mask block FlexAttention's compiled (Triton) backward accepts
+
+
+def to_flex_block_mask(
+    block_mask: BlockMask, num_q_heads: int, exact_mask_mod: bool = False, for_backward: bool = False
+):
     """FlexAttention ``BlockMask`` with the same kept blocks, causal, heads expanded to Hq.
 
     Full (strictly-lower) and partial (diagonal and above) kept blocks are separated so that
     FlexAttention evaluates the causal ``mask_mod`` only where it can matter. The compiled kernel
     skips blocks that are not listed, so a causal ``mask_mod`` is exact there; FlexAttention's eager
     path ignores the block lists and applies only ``mask_mod``, so ``exact_mask_mod=True`` also
-    looks the block up in the dense mask (for CPU use).
+    looks the block up in the dense mask (for CPU use). ``for_backward`` also builds the transposed
+    lists FlexAttention's backward walks.
     """
     from torch.nn.attention.flex_attention import BlockMask as FlexBlockMask
 
@@ -58,7 +67,7 @@ def to_flex_block_mask(block_mask: BlockMask, num_q_heads: int, exact_mask_mod: 
 
     kwargs = {}
     if "compute_q_blocks" in inspect.signature(FlexBlockMask.from_kv_blocks).parameters:
-        kwargs["compute_q_blocks"] = False  # forward only: skip building the transposed index
+        kwargs["compute_q_blocks"] = for_backward  # the transposed index only serves the backward
     return FlexBlockMask.from_kv_blocks(
         partial.kv_num_blocks,
         partial.kv_indices,
@@ -117,7 +126,8 @@ def block_sparse_attention(
     """Same contract as :func:`seerattn.ops.reference.block_sparse_attention` (no varlen).
 
     q: [B, Hq, T, D]; k, v: [B, Hkv, T, D] -> out [B, Hq, T, D] (and lse [B, Hq, T] fp32).
-    Rows with no kept key give zeros and lse = -inf.
+    Rows with no kept key give zeros and lse = -inf. Differentiable in q, k, v (see the module
+    docstring for the block sizes the CUDA backward accepts).
     """
     if cu_seqlens is not None:
         raise NotImplementedError(
@@ -126,7 +136,14 @@ def block_sparse_attention(
             "impl='triton' or impl='reference' for varlen"
         )
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    flex_mask = to_flex_block_mask(block_mask, q.shape[1], exact_mask_mod=q.device.type != "cuda")
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    if grad and q.is_cuda and block_mask.block_size < BACKWARD_MIN_BLOCK:
+        raise NotImplementedError(
+            f"block_sparse_attention(impl='flex') with gradients: FlexAttention's compiled backward supports "
+            f"mask blocks of >= {BACKWARD_MIN_BLOCK} tokens, got {block_mask.block_size}; use impl='triton' "
+            "(any block size) or run without gradients"
+        )
+    flex_mask = to_flex_block_mask(block_mask, q.shape[1], exact_mask_mod=q.device.type != "cuda", for_backward=grad)
     out, lse = flex_attention_call(q, k, v, flex_mask, scale, return_lse)
     if not return_lse:
         return out

@@ -3,8 +3,9 @@ triton).
 
 - :func:`attention_with_block_scores`: causal FlashAttention forward that also returns the
   ground-truth block scores (:mod:`.block_scores`).
-- :func:`block_sparse_attention`: block-sparse causal forward over lists of kept blocks
-  (:mod:`.sparse_fwd`).
+- :func:`block_sparse_attention`: block-sparse causal attention over lists of kept blocks, forward
+  (:mod:`.sparse_fwd`) and, when gradients are required, backward (:mod:`.sparse_bwd`), joined by
+  one ``torch.autograd.Function``.
 
 Both have the contract of their :mod:`seerattn.ops.reference` counterparts; the public wrappers in
 :mod:`seerattn.ops` validate shapes first. Shape legend: B batch, Hq/Hkv query/key-value heads,
@@ -23,6 +24,7 @@ import torch
 from ...block_mask import BlockMask
 from .block_scores import attention_with_block_scores_fwd
 from .config import KernelConfig, interpreting
+from .sparse_bwd import block_sparse_attention_bwd
 from .sparse_fwd import block_sparse_attention_fwd
 
 __all__ = ["KernelConfig", "attention_with_block_scores", "block_sparse_attention"]
@@ -74,8 +76,43 @@ def attention_with_block_scores(
     zero above the diagonal).
     """
     q, k, v = _check(q, k, v, block_size, "attention_with_block_scores")
+    if _needs_grad(q, k, v):
+        raise NotImplementedError(
+            "attention_with_block_scores (triton) has no backward: call it under torch.no_grad() or on "
+            "detached inputs (it computes the gate's training target), or use impl='reference' for gradients"
+        )
     out, lse, scores = attention_with_block_scores_fwd(q, k, v, block_size, _scale(q.shape[-1], scale))
     return out, lse, scores
+
+
+def _needs_grad(*xs: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
+
+
+class _BlockSparseAttention(torch.autograd.Function):
+    """Forward kernel + backward kernels. ``lse`` is an output but not differentiable (the backward
+    takes no gradient through it)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, block_mask: BlockMask, scale: float, cu_seqlens):
+        out, lse = block_sparse_attention_fwd(
+            q, k, v, block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.block_size, scale,
+            cu_seqlens=cu_seqlens, return_lse=True,
+        )  # fmt: skip
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.block_mask, ctx.scale, ctx.cu_seqlens = block_mask, scale, cu_seqlens
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        m = ctx.block_mask
+        dq, dk, dv = block_sparse_attention_bwd(
+            q, k, v, out, lse, dout, m.kv_num_blocks, m.kv_indices, m.q_num_blocks, m.q_indices,
+            m.block_size, ctx.scale, cu_seqlens=ctx.cu_seqlens,
+        )  # fmt: skip
+        return dq, dk, dv, None, None, None
 
 
 def block_sparse_attention(
@@ -87,24 +124,22 @@ def block_sparse_attention(
     return_lse: bool = False,
     cu_seqlens: torch.Tensor | None = None,
 ):
-    """Causal attention on the kept blocks of ``block_mask`` (Hq or Hkv mask heads).
+    """Causal attention on the kept blocks of ``block_mask`` (Hq or Hkv mask heads), differentiable
+    in q, k, v (the backward walks the mask's transposed lists, built once and cached on it).
 
     q: [B, Hq, T, D]; k, v: [B, Hkv, T, D] (varlen: B == 1 and ``cu_seqlens`` int32 [N + 1]) ->
     out [B, Hq, T, D] (zeros on rows with no kept key), and lse [B, Hq, T] fp32 (-inf there) if
-    ``return_lse``.
+    ``return_lse`` (lse is not differentiable).
     """
     q, k, v = _check(q, k, v, block_mask.block_size, "block_sparse_attention")
     if cu_seqlens is not None and cu_seqlens.device != q.device:
         raise ValueError(f"block_sparse_attention: cu_seqlens is on {cu_seqlens.device}, q on {q.device}")
-    out, lse = block_sparse_attention_fwd(
-        q,
-        k,
-        v,
-        block_mask.kv_num_blocks,
-        block_mask.kv_indices,
-        block_mask.block_size,
-        _scale(q.shape[-1], scale),
-        cu_seqlens=cu_seqlens,
-        return_lse=return_lse,
-    )
+    scale = _scale(q.shape[-1], scale)
+    if _needs_grad(q, k, v):
+        out, lse = _BlockSparseAttention.apply(q, k, v, block_mask, scale, cu_seqlens)
+    else:
+        out, lse = block_sparse_attention_fwd(
+            q, k, v, block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.block_size, scale,
+            cu_seqlens=cu_seqlens, return_lse=return_lse,
+        )  # fmt: skip
     return (out, lse) if return_lse else out

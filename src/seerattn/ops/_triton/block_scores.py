@@ -36,12 +36,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import LN2, LOG2E
 from .config import KernelConfig, block_scores_configs, num_sms, pick_config
 
 __all__ = ["attention_with_block_scores_fwd"]
 
-_LOG2E = 1.4426950408889634
-LN2 = tl.constexpr(0.6931471805599453)
 _JC = 32  # key blocks per epilogue chunk
 
 
@@ -249,7 +248,7 @@ def attention_with_block_scores_fwd(
     scores = torch.empty((b, hq, nb, nb), dtype=torch.float32, device=q.device) if store_scores else None
     s_arg = scores if scores is not None else lse
     s_strides = (scores.stride(0), scores.stride(1), scores.stride(2)) if scores is not None else (0, 0, 0)
-    qk_scale = scale * _LOG2E
+    qk_scale = scale * LOG2E
     # Persistent grid: enough programs for two per SM (one resident with 8 warps, two with 4).
     max_progs = 2 * num_sms(q.device)
     nbp = triton.cdiv(nb, _JC) * _JC

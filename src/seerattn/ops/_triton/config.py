@@ -31,6 +31,8 @@ __all__ = [
     "KernelConfig",
     "autotune_enabled",
     "block_scores_configs",
+    "dkdv_configs",
+    "dq_configs",
     "interpreting",
     "num_sms",
     "pick_config",
@@ -127,6 +129,48 @@ def sparse_configs(mask_block: int, heads_per_mask: int, head_dim: int) -> list[
             if head_dim <= 64:
                 configs.append(KernelConfig(tile_m, bn, pack, 8, 3))
     return configs
+
+
+def dkdv_configs(mask_block: int, head_dim: int) -> list[KernelConfig]:
+    """Candidates for the backward's dK/dV pass; the first one is the untuned default.
+
+    Here ``block_m`` is the number of *keys* a program owns (it divides the mask block, so a
+    program walks one transposed list) and ``block_n`` the query rows per inner step (it divides
+    the mask block too); ``pack`` is 1 (the program loops over the GQA group's query heads).
+    """
+    if interpreting():
+        return [KernelConfig(min(mask_block, _INTERP_TILE_M), min(mask_block, 16), 1, 4, 1)]
+    keys = min(mask_block, 64)
+    rows = min(mask_block, 64)
+    # dK and dV accumulators are keys x D fp32 each: 64 keys x D 128 fit 4 warps; 128 keys need 8.
+    configs = [KernelConfig(keys, rows, 1, 4, 3), KernelConfig(keys, min(rows, 32), 1, 4, 3)]
+    if mask_block >= 128:
+        configs.append(KernelConfig(128, 32, 1, 8, 3))
+        configs.append(KernelConfig(128, 64, 1, 8, 2))
+    else:
+        configs.append(KernelConfig(keys, rows, 1, 8, 3))
+    return configs
+
+
+def dq_configs(mask_block: int, heads_per_mask: int, head_dim: int) -> list[KernelConfig]:
+    """Candidates for the backward's dQ pass (same meaning as :func:`sparse_configs`, but the rows
+    of a program always lie inside one mask row: ``block_m / pack`` divides the mask block, and
+    ``block_n`` divides it too); the first one is the untuned default."""
+    hp = _pow2_factor(heads_per_mask)
+    if interpreting():
+        pack = min(hp, max(1, _INTERP_TILE_M // mask_block))
+        rows = min(mask_block, _INTERP_TILE_M // pack)
+        return [KernelConfig(pack * rows, min(mask_block, _INTERP_BLOCK_N), pack, 4, 1)]
+    bn = min(64, mask_block)
+    configs = []
+    # Per-group masks: heads of the group share a program (one K/V load for all of them).
+    for pack in dict.fromkeys((min(hp, max(1, _GPU_TILE_M // mask_block)), min(hp, 4))):
+        rows = min(mask_block, _GPU_TILE_M // pack)
+        warps = 8 if pack * rows >= 128 and head_dim > 64 else 4
+        configs.append(KernelConfig(pack * rows, bn, pack, warps, 3))
+    rows = min(mask_block, 64)
+    configs.append(KernelConfig(rows, bn, 1, 4, 3))
+    return list(dict.fromkeys(configs))
 
 
 def block_scores_configs(mask_block: int, head_dim: int) -> list[KernelConfig]:

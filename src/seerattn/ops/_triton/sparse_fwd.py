@@ -44,12 +44,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import LN2, LOG2E, count_below_from_end
 from .config import KernelConfig, pick_config, sparse_configs
 
 __all__ = ["block_sparse_attention_fwd", "build_union_lists"]
-
-_LOG2E = 1.4426950408889634
-LN2 = tl.constexpr(0.6931471805599453)  # lse back to natural log
 
 
 # ====================================================================== union lists
@@ -272,25 +270,10 @@ def _sparse_fwd_kernel(
     cnt = tl.load(num_ptr)
 
     # Ascending list: entries with J < jf are fully visible to every row of the tile (no mask);
-    # the others (diagonal, above it) trail the list. One vector load of the last TAIL entries
-    # finds them (policies give at most U of them); a longer tail is walked one entry at a time.
+    # the others (diagonal, above it) trail the list (policies give at most U of them).
     jf = q_start // MB
-    offs_t = tl.arange(0, TAIL)
-    tail_slot = cnt - 1 - offs_t
-    tail = tl.load(list_ptr + tl.maximum(tail_slot, 0), mask=tail_slot >= 0, other=-1)
-    if U > 1:
-        tail = tail >> 4  # arithmetic shift keeps -1 for the padding
-    n_high = tl.sum((tail >= jf).to(tl.int32), 0)
-    n_full = cnt - n_high
-    if n_high == TAIL:
-        last = tl.load(list_ptr + tl.maximum(n_full - 1, 0))
-        if U > 1:
-            last = last >> 4
-        while (n_full > 0) & (last >= jf):
-            n_full -= 1
-            last = tl.load(list_ptr + tl.maximum(n_full - 1, 0))
-            if U > 1:
-                last = last >> 4
+    LIST_SHIFT: tl.constexpr = 4 if U > 1 else 0  # union entries are J * 16 + flags
+    n_full = count_below_from_end(list_ptr, cnt, jf, LIST_SHIFT, TAIL)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -379,7 +362,7 @@ def block_sparse_attention_fwd(
     out = torch.empty((b, hq, t, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, hq, t), dtype=torch.float32, device=q.device) if return_lse else None
     lse_arg = lse if lse is not None else out  # never written when STORE_LSE is False
-    qk_scale = scale * _LOG2E
+    qk_scale = scale * LOG2E
     varlen = cu_seqlens is not None
     cu = cu_seqlens if varlen else kv_num_blocks  # dummy pointer when not varlen
     max_len = t if not varlen else int(mask_block * nq)
