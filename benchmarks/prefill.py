@@ -1,6 +1,9 @@
-"""End-to-end prefill time of a Llama-3.1-8B-shaped model: dense SDPA vs seer sparse attention.
+"""End-to-end prefill time of a Llama-3.1-8B-shaped model: dense SDPA vs seer and the other sparse methods.
 
     python3 -m benchmarks.prefill --seqlens 8192,32768 --densities 0.1 --json runs/prefill.json
+    python3 -m benchmarks.prefill --seqlens 32768 --methods seer,xattention,flexprefill,xattention_top_p \
+        --json runs/prefill_peers.json
+    python3 -m benchmarks.prefill --smoke   # a tiny model on the CPU: checks that every method runs
 
 Builds ``LlamaForCausalLM`` with Llama-3.1-8B's shape (random bf16 weights: speed only; the shape is
 ``benchmarks.shapes.LLAMA_31_8B``) and times one forward of a batch-1 prompt
@@ -11,7 +14,13 @@ median over ``--reps`` after ``--warmup``:
 - ``seer@d``: the same weights with fresh AttnGates (fp32, as adapters load) (:func:`seerattn.hf.apply_seer_attention`),
   mode ``sparse`` at density ``d`` — gate, policy, block-sparse kernel and the per-layer statistics,
   everything a user's prefill runs. Untrained gates pick arbitrary blocks; the time depends on how
-  many blocks are kept, which the policy fixes.
+  many blocks are kept, which the policy fixes;
+- any other method of the eval registry (``--methods``, :mod:`seerattn.eval.methods`), run exactly as
+  ``seerattn eval`` runs it (:func:`seerattn.eval.configure`): its mask estimation on the layer's q/k
+  (e.g. XAttention's antidiagonal scores, FlexPrefill's pattern search), then the same kernel; density
+  methods at each ``--densities`` value, native ``*_top_p`` methods at each ``--top-p`` value (their
+  density is what their threshold gives on these random weights, recorded per row). Their masks are per
+  query head, so ``--mask-heads`` applies to ``seer`` only.
 
 The whole model is timed, so the ratio is what the paper calls time-to-first-token speedup (it
 reports 1.3x at 32k / 70 % sparsity up to 2.7x at 128k / 95 %): MLPs and projections stay dense.
@@ -23,8 +32,8 @@ import argparse
 import collections
 import dataclasses
 import itertools
-import json
 import statistics
+import time
 import warnings
 
 import torch
@@ -33,27 +42,39 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from benchmarks.shapes import LLAMA_31_8B
 from seerattn import SparsityPolicy
 from seerattn.block_mask import ALLOCATIONS
+from seerattn.eval.methods import Setting, configure, get_method
 from seerattn.gate import GateConfig
 from seerattn.hf import SeerConfig, apply_seer_attention, get_seer_state, remove_seer_attention
+from seerattn.record import write_record
 
 GATES = {
     "paper": GateConfig(),
     "windows": GateConfig(q_pooling=("avg", "max", "min"), q_subblock=16),
 }
+# --smoke: a tiny Llama on the CPU (every method runs, times mean nothing)
+SMOKE_SHAPE = dict(
+    vocab_size=512, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16
+)
 
 
 def time_forward(model, ids: torch.Tensor, warmup: int, reps: int) -> float:
-    """Median ms of ``model(ids)`` (no grad, no cache, last logits only)."""
+    """Median ms of ``model(ids)`` (no grad, no cache, last logits only): CUDA events on the GPU,
+    perf_counter on the CPU (smoke runs)."""
+    cuda = ids.device.type == "cuda"
     times = []
     with torch.no_grad():
         for i in range(warmup + reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            t0 = time.perf_counter()
             model(input_ids=ids, use_cache=False, logits_to_keep=1)
-            end.record()
-            torch.cuda.synchronize()
+            if cuda:
+                end.record()
+                torch.cuda.synchronize()
+            ms = start.elapsed_time(end) if cuda else (time.perf_counter() - t0) * 1e3
             if i >= warmup:
-                times.append(start.elapsed_time(end))
+                times.append(ms)
     return statistics.median(times)
 
 
@@ -83,10 +104,31 @@ def profile_table(model, ids: torch.Tensor, rows: int) -> str:
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows)
 
 
+def _settings(args) -> list[tuple[Setting | None, float, str, int]]:
+    """(setting, budget, mask heads, block size) per timed configuration; setting None = the seer gate."""
+    densities = [float(x) for x in args.densities.split(",")]
+    top_ps = [float(x) for x in args.top_p.split(",") if x]
+    block_sizes = [int(x) for x in args.block_sizes.split(",")]
+    out = []
+    for name in (m for m in args.methods.split(",") if m):
+        if name == "seer":
+            for d, heads, bs in itertools.product(densities, args.mask_heads.split(","), block_sizes):
+                out.append((None, d, heads, bs))
+            continue
+        m = get_method(name)
+        if m.mode != "custom":
+            raise ValueError(f"--methods takes 'seer' and the registry's mask-function methods; {name!r} is {m.mode}")
+        values = top_ps if m.budget == "top_p" else densities
+        out += [(Setting(name, v, args.allocation), v, "q", bs) for v, bs in itertools.product(values, block_sizes)]
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seqlens", default="8192,32768", help="comma list of prompt lengths")
-    p.add_argument("--densities", default="0.1", help="comma list of seer densities")
+    p.add_argument("--seqlens", help="comma list of prompt lengths (8192,32768; smoke: 256)")
+    p.add_argument("--methods", default="seer", help="comma list: seer and/or eval registry methods (%(default)s)")
+    p.add_argument("--densities", default="0.1", help="comma list of densities (seer and density-budget methods)")
+    p.add_argument("--top-p", default="0.9", help="comma list of thresholds of the native *_top_p methods")
     p.add_argument("--allocation", default="row", choices=ALLOCATIONS)
     p.add_argument(
         "--mask-heads",
@@ -98,50 +140,63 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=32, help="decoder layers (32 = the real depth)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--sync-report", action="store_true", help="list where a seer forward syncs with the host")
-    p.add_argument("--profile", type=int, default=0, metavar="N", help="print the top N GPU ops of sdpa and seer")
-    p.add_argument("--json", help="write the rows here")
+    p.add_argument("--sync-report", action="store_true", help="list where a sparse forward syncs with the host")
+    p.add_argument("--profile", type=int, default=0, metavar="N", help="print the top N GPU ops of each forward")
+    p.add_argument("--smoke", action="store_true", help="a tiny model on the CPU, one rep (checks that it runs)")
+    p.add_argument("--json", help="write the run record here")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("benchmarks.prefill needs a CUDA GPU")
+    settings = _settings(args)  # bad method names fail before the model is built
+    if args.smoke:
+        device, shape = "cpu", {**LLAMA_31_8B, **SMOKE_SHAPE, "num_hidden_layers": min(args.layers, 2)}
+        seqlens, dtype, args.warmup, args.reps = args.seqlens or "256", torch.float32, 0, 1
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("benchmarks.prefill needs a CUDA GPU (or --smoke)")
+        device, shape = "cuda", {**LLAMA_31_8B, "num_hidden_layers": args.layers}
+        seqlens, dtype = args.seqlens or "8192,32768", torch.bfloat16
+    cuda = device == "cuda"
 
-    config = LlamaConfig(**{**LLAMA_31_8B, "num_hidden_layers": args.layers}, attn_implementation="sdpa")
+    config = LlamaConfig(**shape, attn_implementation="sdpa")
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype).eval()
     rows = []
-    for t in (int(x) for x in args.seqlens.split(",")):
-        ids = torch.randint(0, config.vocab_size, (1, t), device="cuda")
+    for t in (int(x) for x in seqlens.split(",")):
+        ids = torch.randint(0, config.vocab_size, (1, t), device=device)
         dense_ms = time_forward(model, ids, args.warmup, args.reps)
         rows.append({"seq_len": t, "method": "sdpa", "ms": dense_ms, "speedup": 1.0, "density": 1.0})
-        print(f"T={t:>6} sdpa        {dense_ms:9.2f} ms", flush=True)
-        if args.profile:
+        print(f"T={t:>6} {'sdpa':<22} {dense_ms:9.2f} ms", flush=True)
+        if args.profile and cuda:
             print(profile_table(model, ids, args.profile))
-        for d, heads, bs in itertools.product(
-            (float(x) for x in args.densities.split(",")),
-            args.mask_heads.split(","),
-            (int(x) for x in args.block_sizes.split(",")),
-        ):
-            policy = SparsityPolicy("density", d, allocation=args.allocation)
+        for setting, budget, heads, bs in settings:
             gate = dataclasses.replace(GATES[args.gate], block_size=bs)
-            cfg = SeerConfig(gate=gate, policy=policy, mode="sparse", mask_heads=heads)  # type: ignore[arg-type]
-            apply_seer_attention(model, cfg)
+            if setting is None:
+                policy = SparsityPolicy("density", budget, allocation=args.allocation)
+                apply_seer_attention(model, SeerConfig(gate=gate, policy=policy, mode="sparse", mask_heads=heads))  # type: ignore[arg-type]
+                label = f"seer@{budget:g}" + ("" if heads == "q" else f"/{heads}")
+            else:
+                apply_seer_attention(model, SeerConfig(gate=gate, mode="custom"))
+                configure(get_seer_state(model), setting)
+                label = setting.label
+            label += "" if bs == 64 else f"/b{bs}"
             ms = time_forward(model, ids, args.warmup, args.reps)
             realised = get_seer_state(model).mean_density()
-            if args.profile:
+            if args.profile and cuda:
                 print(profile_table(model, ids, args.profile))
-            if args.sync_report:
+            if args.sync_report and cuda:
                 for where, n in sync_report(model, ids).items():
                     print(f"  host sync x{n}: {where}")
             remove_seer_attention(model)
-            label = f"seer@{d:g}" + ("" if heads == "q" else f"/{heads}") + ("" if bs == 64 else f"/b{bs}")
-            row = {"seq_len": t, "method": label, "block_size": bs, "ms": ms, "density": realised}
+            row = {"seq_len": t, "method": label, "block_size": bs, "budget": budget, "ms": ms, "density": realised}
             rows.append({**row, "speedup": dense_ms / ms})
-            print(f"T={t:>6} {label:<11} {ms:9.2f} ms  {dense_ms / ms:5.2f}x  density {realised:.3f}", flush=True)
+            print(f"T={t:>6} {label:<22} {ms:9.2f} ms  {dense_ms / ms:5.2f}x  density {realised:.3f}", flush=True)
+        del ids
+        if cuda:
+            torch.cuda.empty_cache()
     if args.json:
-        env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "args": vars(args)}
-        with open(args.json, "w") as f:
-            json.dump({"environment": env, "rows": rows}, f, indent=1)
+        extra = {"gpu": torch.cuda.get_device_name()} if cuda else {}
+        model_info = {"shape": {k: v for k, v in shape.items() if k != "rope_scaling"}, "dtype": str(dtype)}
+        write_record(args.json, "bench-prefill", rows, {**vars(args), "device": device}, model_info, extra)
     return 0
 
 

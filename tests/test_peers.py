@@ -373,3 +373,43 @@ def test_cli_eval_ppl_runs_xattention_and_flexprefill(tmp_path):
         assert math.isfinite(by[label]["ppl"]) and by[label]["ppl"] > 1
     for label in ("xattention_top_p@0.9", "flexprefill_top_p@0.9"):
         assert 0 < by[label]["density"] <= 1 and math.isfinite(by[label]["ppl"])
+
+
+# ---------------------------------------------------------------------------------- benchmarks
+def test_benchmarks_run_in_their_cpu_smoke_configuration(tmp_path):
+    """``benchmarks.mask_cost --smoke`` and ``benchmarks.prefill --smoke`` run every peer and write run records."""
+    pytest.importorskip("transformers")
+    from benchmarks import mask_cost, prefill
+    from seerattn.record import read_record
+
+    methods = "seer,xattention,xattention_top_p,flexprefill,flexprefill_top_p"
+    assert (
+        mask_cost.main(
+            ["--smoke", "--seqlens", "80", "--reps", "1", "--methods", methods, "--json", str(tmp_path / "m.json")]
+        )
+        == 0
+    )
+    rows = read_record(tmp_path / "m.json")["results"]
+    assert {r["method"] for r in rows} == {
+        "seer@0.1",
+        "seer@0.1/kv",
+        "xattention@0.1",
+        "xattention (score)",
+        "xattention_top_p@0.9",
+        "flexprefill@0.1",
+        "flexprefill (score)",
+        "flexprefill_top_p@0.9",
+    }
+    assert all(r["ms"] > 0 for r in rows)
+    args = ["--smoke", "--seqlens", "96", "--layers", "1", "--block-sizes", "16", "--methods", methods]
+    assert prefill.main([*args, "--densities", "0.3", "--json", str(tmp_path / "p.json")]) == 0
+    rows = read_record(tmp_path / "p.json")["results"]
+    by = {r["method"]: r for r in rows}
+    assert set(by) == {"sdpa", "seer@0.3/b16", "xattention@0.3/b16", "xattention_top_p@0.9/b16"} | {
+        "flexprefill@0.3/b16",
+        "flexprefill_top_p@0.9/b16",
+    }
+    nb = num_blocks(96, 16)
+    want = torch.maximum(density_row_budget(nb, 0.3), torch.tensor([1] + [2] * (nb - 1))).sum().item()
+    for label in ("seer@0.3/b16", "xattention@0.3/b16", "flexprefill@0.3/b16"):
+        assert by[label]["density"] == pytest.approx(want / (nb * (nb + 1) / 2)), label
