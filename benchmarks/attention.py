@@ -15,8 +15,17 @@ FlexAttention on the same mask. Masks come from the library's density policy
 vertical columns per head first, then the local band by distance, so at 10 % a row keeps sink +
 verticals + a local window (the shape SeerAttention's gates produce); ``random`` = uniform scores.
 Sink and diagonal are always kept.
-The JSON holds GPU, versions, commit, arguments, every row and the chosen kernel configs; the
-table is printed last.
+
+``--backward`` times forward + backward instead (``out = attn(q, k, v); out.backward(dout)``, inputs
+requiring grad, the mask and FlexAttention's block mask built outside the timed region), against
+SDPA-FA2 and SDPA-cuDNN dense causal forward + backward and FlexAttention forward + backward on the
+same mask (where FlexAttention's backward does not compile, the row records the error type instead
+of a time); it also times the backward alone (``autograd.grad`` on a kept graph) of our kernel at
+100 % against SDPA-FA2's. The backward counts 2.5x the forward's FLOPs (5 matmuls to the forward's
+2): ``10 * D * Hq * pairs`` alone, ``14 * D * Hq * pairs`` forward + backward.
+
+The JSON is a run record (:func:`seerattn.record.write_record`, kind ``bench-attention``) holding the
+environment, arguments, every row and the chosen kernel configs; the table is printed last.
 """
 
 from __future__ import annotations
@@ -26,9 +35,6 @@ import functools
 import json
 import logging
 import math
-import os
-import platform
-import subprocess
 import sys
 import time
 
@@ -39,26 +45,14 @@ from benchmarks.shapes import ATTENTION as MODELS
 logger = logging.getLogger("benchmarks.attention")
 
 
-def git_commit() -> str:
-    if os.environ.get("SEERATTN_COMMIT"):
-        return os.environ["SEERATTN_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def environment() -> dict:
+    """GPU, kernel-library versions (the record adds seerattn's environment and the commit)."""
     import triton
 
     return {
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "torch": torch.__version__,
         "triton": triton.__version__,
-        "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version(),
-        "python": platform.python_version(),
-        "commit": git_commit(),
     }
 
 
@@ -139,6 +133,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scores", action="store_true", help="also time attention_with_block_scores")
     p.add_argument("--sweep", action="store_true", help="also time every candidate kernel config")
     p.add_argument("--union-off", action="store_true", help="also time per-Hq masks with 64-row tiles")
+    p.add_argument("--backward", action="store_true", help="time forward + backward (and the backward alone)")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time (ms)")
     p.add_argument("--json", default=None, help="write results here")
     return p.parse_args(argv)
@@ -238,6 +233,132 @@ def run_shape(args, model: str, t: int, record) -> None:
                         record(**ratios(row, flex_ms))
 
 
+def _fwd_bwd(attn, q, k, v, dout):
+    """One forward + backward of ``attn(q, k, v)`` (grads of the leaves are reset, not accumulated)."""
+
+    def run():
+        for x in (q, k, v):
+            x.grad = None
+        attn(q, k, v).backward(dout)
+
+    return run
+
+
+def _bwd_only(attn, q, k, v, dout):
+    """The backward alone: the forward runs once, its graph is kept and differentiated repeatedly."""
+    out = attn(q, k, v)
+    return lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+
+
+def run_shape_backward(args, model: str, t: int, record) -> None:
+    """Forward + backward rows for one (model, T) (see the module docstring)."""
+    import triton.testing
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from seerattn.ops import block_sparse_attention
+    from seerattn.ops.flex import flex_attention_call, to_flex_block_mask
+
+    providers = _csv(args.providers)
+    hq, hkv, d = MODELS[model]
+    g = torch.Generator(device="cuda").manual_seed(t)
+    q, k, v, dout = (
+        torch.randn(1, h, t, d, device="cuda", dtype=torch.bfloat16, generator=g) for h in (hq, hkv, hkv, hq)
+    )
+    for x in (q, k, v):
+        x.requires_grad_(True)
+    scale = 1.0 / math.sqrt(d)
+    dense_pairs = hq * t * (t + 1) // 2
+    base = dict(model=model, hq=hq, hkv=hkv, d=d, t=t)
+    dense_ms: dict[str, float] = {}
+
+    def tflops(pairs: int, ms: float, op: str) -> float:
+        return (14 if op == "fwd+bwd" else 10) * d * pairs / ms / 1e9
+
+    def sdpa(backend):
+        be = {"fa2": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+
+        def attn(q, k, v):
+            with sdpa_kernel(be):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+        return attn
+
+    # SDPA gets K/V expanded to Hq heads as leaves (the expansion and the reduction of its gradient
+    # over each group stay outside the timed region, as in the forward benchmark).
+    kx, vx = (x.detach().repeat_interleave(hq // hkv, 1).requires_grad_(True) for x in (k, v))
+    for be in ("fa2", "cudnn"):
+        if be in providers:
+            dense_ms[be] = bench(_fwd_bwd(sdpa(be), q, kx, vx, dout), rep=args.rep)
+            record(**base, op="fwd+bwd", provider=f"sdpa-{be}", ms=dense_ms[be],
+                   tflops=tflops(dense_pairs, dense_ms[be], "fwd+bwd"), density=1.0)  # fmt: skip
+    fa2_bwd = math.nan
+    if "fa2" in providers:
+        fa2_bwd = bench(_bwd_only(sdpa("fa2"), q, kx, vx, dout), rep=args.rep)
+        record(**base, op="bwd", provider="sdpa-fa2", ms=fa2_bwd, tflops=tflops(dense_pairs, fa2_bwd, "bwd"),
+               density=1.0)  # fmt: skip
+
+    def ratios(row: dict, flex_ms: float = math.nan) -> dict:
+        if row["op"] == "bwd":  # the backward alone is compared with SDPA-FA2's backward alone
+            row["vs_fa2"] = fa2_bwd / row["ms"]
+            return row
+        row["vs_fa2"] = dense_ms.get("fa2", math.nan) / row["ms"]
+        row["vs_cudnn"] = dense_ms.get("cudnn", math.nan) / row["ms"]
+        if row["provider"] != "flex":
+            row["vs_flex"] = flex_ms / row["ms"]
+        return row
+
+    flex_failed: dict[int, str] = {}
+    for bs in _csv(args.block_sizes, int):
+        for mh in _csv(args.mask_heads):
+            h = hq if mh == "hq" else hkv
+            for kind in _csv(args.masks):
+                for density in _csv(args.densities, float):
+                    if density >= 1.0 and kind != _csv(args.masks)[0]:
+                        continue
+                    mask = synthetic_mask(h, t, bs, density, kind, seed=t + bs)
+                    mask.q_indices  # noqa: B018  (the transposed lists are built once per mask, outside the timing)
+                    pairs = computed_pairs(mask, hq)
+                    common = dict(
+                        **base, op="fwd+bwd", bs=bs, mask_heads=mh, mask=kind, target_density=density,
+                        density=mask.density(), pair_fraction=pairs / dense_pairs,
+                    )  # fmt: skip
+                    flex_ms = math.nan
+                    rows = []
+                    if "flex" in providers and bs in flex_failed:  # one compile attempt per block size
+                        rows.append(
+                            dict(**common, provider="flex", ms=math.nan, tflops=math.nan, error=flex_failed[bs])
+                        )
+                    elif "flex" in providers:
+                        fm = to_flex_block_mask(mask, hq, for_backward=True)
+                        flex = lambda q, k, v, fm=fm: flex_attention_call(q, k, v, fm, scale, False)[0]
+                        try:
+                            flex_ms = float(
+                                triton.testing.do_bench(_fwd_bwd(flex, q, k, v, dout), warmup=25, rep=args.rep,
+                                                        return_mode="median")
+                            )  # fmt: skip
+                            rows.append(
+                                dict(**common, provider="flex", ms=flex_ms, tflops=tflops(pairs, flex_ms, "fwd+bwd"))
+                            )
+                        except Exception as err:  # noqa: BLE001  (any compile failure is a result to record)
+                            msg = f"does not compile: {type(err).__name__}"
+                            logger.error("flex fwd+bwd at block %d: %s: %s", bs, msg, str(err)[:300])
+                            FAILURES.append(f"flex fwd+bwd bs {bs}: {type(err).__name__}: {str(err)[:300]}")
+                            rows.append(dict(**common, provider="flex", ms=math.nan, tflops=math.nan, error=msg))
+                            flex_failed[bs] = msg
+                            torch._dynamo.reset()
+                    if "ours" in providers:
+                        ours = lambda q, k, v, mask=mask: block_sparse_attention(q, k, v, mask, impl="triton")
+                        ms = bench(_fwd_bwd(ours, q, k, v, dout), rep=args.rep)
+                        rows.append(dict(**common, provider="ours", ms=ms, tflops=tflops(pairs, ms, "fwd+bwd")))
+                        if density >= 1.0:
+                            ms_b = bench(_bwd_only(ours, q, k, v, dout), rep=args.rep)
+                            rows.append(
+                                common | dict(op="bwd", provider="ours", ms=ms_b, tflops=tflops(pairs, ms_b, "bwd"))
+                            )
+                    for row in rows:
+                        record(**ratios(row, flex_ms))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -255,7 +376,7 @@ def main(argv=None) -> int:
 
     for model in _csv(args.models):
         for t in _csv(args.seqlens, int):
-            run_shape(args, model, t, record)
+            (run_shape_backward if args.backward else run_shape)(args, model, t, record)
             torch.cuda.empty_cache()
     if args.json:
         dump(args.json, env, args, rows, kcfg.tuning_log(), time.time() - t_start)
@@ -264,9 +385,10 @@ def main(argv=None) -> int:
 
 
 def dump(path: str, env: dict, args, rows: list[dict], tuning: dict, wall: float) -> None:
-    with open(path, "w") as f:
-        result = {"env": env, "args": vars(args), "rows": rows, "tuning": tuning, "wall_s": wall}
-        json.dump({**result, "failures": FAILURES}, f, indent=1)
+    from seerattn.record import write_record
+
+    results = {"rows": rows, "tuning": tuning, "failures": FAILURES, "wall_s": wall}
+    write_record(path, "bench-attention", results, config=vars(args), environment_extra=env)
 
 
 def _fmt(row: dict, key: str) -> str:
@@ -275,7 +397,9 @@ def _fmt(row: dict, key: str) -> str:
 
 
 def print_table(rows: list[dict], env: dict) -> None:
-    print(f"\n# {env['gpu']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']}")
+    from seerattn.record import git_commit
+
+    print(f"\n# {env['gpu']} | torch {torch.__version__} | triton {env['triton']} | commit {git_commit()}")
     print(
         f"{'model':12} {'T':>6} {'op':10} {'bs':>3} {'mh':>3} {'mask':10} {'dens':>5} {'provider':30} "
         f"{'ms':>8} {'TF/s':>6} {'xFA2':>6} {'xcuDNN':>6} {'xflex':>6}"
@@ -286,6 +410,7 @@ def print_table(rows: list[dict], env: dict) -> None:
             f"{r.get('mask', '-'):10} {r['density']:5.3f} {r['provider']:30} {r['ms']:8.3f} "
             f"{r['tflops']:6.0f} "
             f"{_fmt(r, 'vs_fa2')} {_fmt(r, 'vs_cudnn')} {_fmt(r, 'vs_flex')}"
+            + (f"  {r['error']}" if r.get("error") else "")
         )
     sys.stdout.flush()
 
