@@ -246,6 +246,75 @@ CASES = [
         ValueError,
         "unknown SparsityPolicy fields ['sink']",
     ),
+    # --- policy flags and overrides (issue 14): no string or number passes as a bool, no override is ignored
+    ("policy_keep_sink_str", lambda: SparsityPolicy(keep_sink="false"), ValueError, "keep_sink must be True or False"),
+    ("policy_keep_diagonal_int", lambda: SparsityPolicy(keep_diagonal=0), ValueError, "keep_diagonal must be True or"),
+    (
+        "policy_last_rows_bool",
+        lambda: SparsityPolicy(dense_last_rows=True),
+        ValueError,
+        "dense_last_rows must be an int",
+    ),
+    (
+        "policy_override_bool_key",
+        lambda: SparsityPolicy(layer_overrides={True: SparsityPolicy()}),
+        ValueError,
+        "layer_overrides must map layer index",
+    ),
+    (
+        "policy_override_not_dict",
+        lambda: SparsityPolicy(layer_overrides=[SparsityPolicy()]),
+        ValueError,
+        "layer_overrides must be a dict",
+    ),
+    (
+        "policy_override_nested",
+        lambda: SparsityPolicy(layer_overrides={0: SparsityPolicy(layer_overrides={1: SparsityPolicy()})}),
+        ValueError,
+        "layer_overrides[0] has layer_overrides of its own",
+    ),
+    (
+        "policy_from_dict_null",
+        lambda: SparsityPolicy.from_dict(None),
+        ValueError,
+        "a SparsityPolicy is given as an object of fields",
+    ),
+    (
+        "policy_from_dict_keep_sink_str",
+        lambda: SparsityPolicy.from_dict({"keep_sink": "false"}),
+        ValueError,
+        "keep_sink must be True or False, got 'false'",
+    ),
+    (
+        "policy_from_dict_override_key",
+        lambda: SparsityPolicy.from_dict({"layer_overrides": {"x": {"kind": "dense"}}}),
+        ValueError,
+        "layer_overrides key 'x' is not a layer index",
+    ),
+    (
+        "policy_from_dict_override_null",
+        lambda: SparsityPolicy.from_dict({"layer_overrides": {"1": None}}),
+        ValueError,
+        "layer_overrides['1']: a SparsityPolicy is given as an object of fields",
+    ),
+    (
+        "policy_from_dict_overrides_list",
+        lambda: SparsityPolicy.from_dict({"layer_overrides": [{"kind": "dense"}]}),
+        ValueError,
+        "layer_overrides must be an object",
+    ),
+    (
+        "policy_from_dict_override_twice",
+        lambda: SparsityPolicy.from_dict({"layer_overrides": {"1": {}, "01": {}}}),
+        ValueError,
+        "layer_overrides names layer 1 twice",
+    ),
+    (
+        "policy_override_past_depth",
+        lambda: SparsityPolicy(layer_overrides={5: SparsityPolicy("dense")}).check_num_layers(2),
+        ValueError,
+        "layer_overrides has layer 5 but the model has 2 layers (0..1)",
+    ),
     # --- mask_from_scores
     (
         "scores_rank3",

@@ -313,14 +313,38 @@ class SparsityPolicy:
             raise ValueError(
                 f"allocation={self.allocation!r} spreads a density budget; kind {self.kind!r} takes only 'row'"
             )
-        if not isinstance(self.dense_last_rows, int) or self.dense_last_rows < 0:
-            raise ValueError(f"dense_last_rows must be an int >= 0, got {self.dense_last_rows!r}")
+        for name in ("keep_sink", "keep_diagonal"):  # a bool, not anything truthy: "false" must not mean True
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"SparsityPolicy.{name} must be True or False, got {getattr(self, name)!r}")
+        rows = self.dense_last_rows
+        if not isinstance(rows, int) or isinstance(rows, bool) or rows < 0:
+            raise ValueError(f"dense_last_rows must be an int >= 0, got {rows!r}")
+        if not isinstance(self.layer_overrides, dict):
+            raise ValueError(
+                "SparsityPolicy.layer_overrides must be a dict {layer index: SparsityPolicy}, got "
+                f"{type(self.layer_overrides).__name__}"
+            )
         for layer, pol in self.layer_overrides.items():
-            if not isinstance(layer, int) or layer < 0 or not isinstance(pol, SparsityPolicy):
+            is_index = isinstance(layer, int) and not isinstance(layer, bool) and layer >= 0
+            if not is_index or not isinstance(pol, SparsityPolicy):
                 raise ValueError(
                     "layer_overrides must map layer index (int >= 0) to SparsityPolicy, got "
                     f"{layer!r}: {type(pol).__name__}"
                 )
+            if pol.layer_overrides:  # for_layer() never looks there: it would be ignored
+                raise ValueError(
+                    f"layer_overrides[{layer}] has layer_overrides of its own; an override applies to one layer, "
+                    "so set overrides on the top-level policy only"
+                )
+
+    def check_num_layers(self, num_layers: int) -> None:
+        """Raise if an override names a layer the model does not have (it would silently do nothing)."""
+        past = sorted(i for i in self.layer_overrides if i >= num_layers)
+        if past:
+            raise ValueError(
+                f"SparsityPolicy.layer_overrides has layer {past[0] if len(past) == 1 else past} but the model has "
+                f"{num_layers} layers (0..{num_layers - 1})"
+            )
 
     def for_layer(self, layer_idx: int | None) -> SparsityPolicy:
         """The policy that applies to ``layer_idx`` (an override if one is set)."""
@@ -336,12 +360,37 @@ class SparsityPolicy:
 
     @classmethod
     def from_dict(cls, d: dict) -> SparsityPolicy:
+        """The policy of :meth:`to_dict`'s output (e.g. from JSON: override keys are strings)."""
         known = {"kind", "value", "allocation", "keep_sink", "keep_diagonal", "dense_last_rows", "layer_overrides"}
+        if not isinstance(d, dict):
+            raise ValueError(
+                f"a SparsityPolicy is given as an object of fields {sorted(known)}, got {type(d).__name__} {d!r}"
+            )
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown SparsityPolicy fields {sorted(unknown)}; accepted: {sorted(known)}")
         d = dict(d)
-        d["layer_overrides"] = {int(i): cls.from_dict(p) for i, p in d.get("layer_overrides", {}).items()}
+        raw = d.get("layer_overrides", {})
+        if not isinstance(raw, dict):
+            raise ValueError(
+                'SparsityPolicy layer_overrides must be an object {"layer index": {policy fields}}, got '
+                f"{type(raw).__name__}"
+            )
+        overrides: dict[int, SparsityPolicy] = {}
+        for key, sub in raw.items():
+            try:
+                layer = int(key)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"SparsityPolicy layer_overrides key {key!r} is not a layer index (a non-negative integer)"
+                ) from None
+            if layer in overrides:
+                raise ValueError(f"SparsityPolicy layer_overrides names layer {layer} twice")
+            try:
+                overrides[layer] = cls.from_dict(sub)
+            except ValueError as e:
+                raise ValueError(f"SparsityPolicy layer_overrides[{key!r}]: {e}") from None
+        d["layer_overrides"] = overrides
         return cls(**d)
 
 
