@@ -54,7 +54,7 @@ def main() -> None:
         ],
     )
     result = distill(recipe, model=model, tokenizer=AutoTokenizer.from_pretrained(args.tokenizer))
-    summary = json.loads((Path(args.output) / "summary.json").read_text())
+    summary = json.loads((Path(args.output) / "summary.json").read_text())["results"]  # the run record
     tps = summary.get("tokens_per_s_median") or summary.get("tokens_per_s")
     out = {
         "seq_len": args.seq_len,

@@ -33,7 +33,7 @@ for d in sorted(p for p in Path(sys.argv[1]).iterdir() if p.is_dir()):
     def load(f):
         p = d / f
         return json.loads(p.read_text())["results"] if p.exists() else []
-    s = json.loads((d / "summary.json").read_text()) if (d / "summary.json").exists() else {}
+    s = json.loads((d / "summary.json").read_text())["results"] if (d / "summary.json").exists() else {}
     pk = {r["label"]: r["mean_accuracy"] for r in load("passkey/passkey.json")}
     pp = {r["label"]: (r["ppl"], r["ppl_tail"]) for r in load("ppl/ppl.json")}
     mr = {r["label"]: round(r["mass_recall"], 4) for r in load("masks/masks.json")

@@ -45,12 +45,15 @@ def _one_thread():
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> dict:
-    """A saved tiny Llama + tokenizer and a JSONL corpus: ``{"model": path, "data": path}``."""
+    return make_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+def make_tiny(root: Path) -> dict:
+    """A saved tiny Llama + tokenizer and a JSONL corpus under ``root``: ``{"model": path, "data": path, "root"}``."""
     from hf_models import make_model
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    root = tmp_path_factory.mktemp("tiny")
     docs = _documents(60, seed=0)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -325,8 +328,11 @@ def test_distillation_lowers_kl_and_keeps_base_frozen(tiny, tmp_path, caplog):
     for name in ("config.yaml", "environment.json", "summary.json", "adapter/seer_config.json"):
         assert (out / name).is_file(), name
     assert load_recipe(out / "config.yaml") == _config(tiny, out, steps=20, save_every=10)
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["tokens"] == 20 * 4 * 128 and summary["steps"] == 20
+    record = json.loads((out / "summary.json").read_text())  # the run record (seerattn.record)
+    assert record["kind"] == "distill" and record["config"] == _config(tiny, out, steps=20, save_every=10).to_dict()
+    summary = record["results"]
+    assert summary["tokens"] == 20 * 4 * 128 and summary["steps"] == 20 and 0 < summary["final"]["kl"]
+    assert record["environment"]["world_size"] == 1 and "commit" in record["environment"]
     assert json.loads((out / "environment.json").read_text())["world_size"] == 1
     try:
         importlib.import_module("torch.utils.tensorboard")

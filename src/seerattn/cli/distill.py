@@ -1,4 +1,8 @@
-"""``seerattn distill``: train the gates of a frozen model from a recipe (see ``recipes/``)."""
+"""``seerattn distill``: train the gates of a frozen model from a recipe (see ``recipes/``).
+
+Also the recipe-command plumbing that ``seerattn finetune`` shares: the ``RECIPE --set ... --resume
+--stop-after`` arguments and running a trainer from them.
+"""
 
 from __future__ import annotations
 
@@ -9,45 +13,40 @@ import sys
 logger = logging.getLogger(__name__)
 
 
-def _run(args) -> int:
-    from ..train import ConfigError, distill, load_recipe
+def run_recipe(args, command: str, kind_name: str, train_name: str) -> int:
+    """Load ``args.recipe`` + ``--set`` as ``seerattn.train.<kind_name>`` and run ``seerattn.train.<train_name>``."""
+    from .. import train
 
     if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, rank 0 alone reports progress
         logging.getLogger().setLevel(logging.WARNING)
     overrides = [item for group in args.set or [] for item in group]
     try:
-        config = load_recipe(args.recipe, overrides)
-        result = distill(config, resume=args.resume, stop_after=args.stop_after)
-    except (ConfigError, FileNotFoundError, FileExistsError) as e:  # user errors: one line, no traceback
-        print(f"seerattn distill: error: {e}", file=sys.stderr)
+        config = train.load_recipe(args.recipe, overrides, kind=getattr(train, kind_name))
+        result = getattr(train, train_name)(config, resume=args.resume, stop_after=args.stop_after)
+    except (train.ConfigError, FileNotFoundError, FileExistsError) as e:  # user errors: one line, no traceback
+        print(f"seerattn {command}: error: {e}", file=sys.stderr)
         return 2
     if result.stopped_early:
         logger.info("stopped after step %d; resume with --resume", result.steps_done)
     else:
         logger.info(
-            "done: %d steps; adapter %s; final %s",
+            "done: %d steps; outputs %s; final %s",
             result.steps_done,
-            result.adapter,
+            {k: str(v) for k, v in result.outputs.items()},
             {k: round(v, 5) for k, v in result.final.items() if isinstance(v, float)},
         )
     return 0
 
 
-def register(sub) -> None:
-    p = sub.add_parser(
-        "distill",
-        help="train AttnGates on a frozen model (recipe file + overrides)",
-        description="Distil the AttnGates of a frozen causal LM from its own attention. Outputs (config, "
-        "environment, metrics.jsonl, checkpoints, adapter/) go to the recipe's output_dir. Several GPUs: "
-        "torchrun --nproc_per_node N -m seerattn distill RECIPE.",
-    )
-    p.add_argument("recipe", help="recipe file (.yaml/.yml/.toml); see recipes/ and seerattn.train.DistillConfig")
+def add_recipe_arguments(p, config_class: str, example: str) -> None:
+    """``RECIPE``, ``--set KEY=VALUE ...``, ``--resume`` and ``--stop-after`` of a training command."""
+    p.add_argument("recipe", help=f"recipe file (.yaml/.yml/.toml); see recipes/ and seerattn.train.{config_class}")
     p.add_argument(
         "--set",
         nargs="+",
         action="append",
         metavar="KEY=VALUE",
-        help="override recipe fields, e.g. --set lr=3e-4 steps=50 gate.block_size=128",
+        help=f"override recipe fields, e.g. --set {example}",
     )
     p.add_argument(
         "--resume",
@@ -61,4 +60,15 @@ def register(sub) -> None:
         metavar="STEP",
         help="stop after this global step without saving, as if killed (for testing resume)",
     )
-    p.set_defaults(func=_run)
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "distill",
+        help="train AttnGates on a frozen model (recipe file + overrides)",
+        description="Distil the AttnGates of a frozen causal LM from its own attention. Outputs (config, "
+        "environment, metrics.jsonl, checkpoints, adapter/, summary.json) go to the recipe's output_dir. Several "
+        "GPUs: torchrun --nproc_per_node N -m seerattn distill RECIPE.",
+    )
+    add_recipe_arguments(p, "DistillConfig", "lr=3e-4 steps=50 gate.block_size=128")
+    p.set_defaults(func=lambda args: run_recipe(args, "distill", "DistillConfig", "distill"))

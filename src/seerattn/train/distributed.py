@@ -1,4 +1,4 @@
-"""Multi-process distillation under ``torchrun``: gates replicated, base model replicated or sharded.
+"""Multi-process training under ``torchrun``: gates replicated, the model replicated or FSDP2-sharded.
 
 Launch: ``torchrun --nproc_per_node N -m seerattn distill RECIPE`` (one process per GPU; on CPU
 the gloo backend is used, which is what the tests run).
@@ -24,12 +24,21 @@ on the CPU first (``from_pretrained``) and ``fully_shard`` moves its shard to th
 memory must hold one copy per process (16 GB per rank for an 8B model in bf16). Tested on CPU/gloo;
 on GPUs use it only when the replicated (ddp) layout does not fit.
 
+Fine-tuning (:mod:`.finetune`) trains the model too: with ``ddp`` every trainable weight's gradient
+is averaged the same way (one flat buffer: meant for models whose replicas fit, e.g. the testbed or
+LoRA); with ``fsdp`` the same ``fully_shard`` layout (the whole causal LM as the root unit) now
+reduce-scatters the weights' gradients during the backward, while the gates stay replicated and
+all-reduced as above: they are a few MB, and their loss graph is built apart from the layer's
+checkpointed forward. :func:`clip_grad_norm` clips the global norm over sharded and replicated
+gradients alike.
+
 Shape legend: none (parameter lists only).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,6 +52,7 @@ __all__ = [
     "average_gradients",
     "broadcast_parameters",
     "check_replicas",
+    "clip_grad_norm",
     "init_distributed",
     "shard_base_model",
 ]
@@ -156,6 +166,35 @@ def average_gradients(params: Sequence[torch.nn.Parameter], ctx: DistContext) ->
     flat /= ctx.world_size
     for g, v in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
         g.copy_(v)
+
+
+def clip_grad_norm(params: Sequence[torch.nn.Parameter], max_norm: float, ctx: DistContext) -> float:
+    """Clip the global L2 norm of the gradients of ``params`` to ``max_norm``; returns the norm before clipping.
+
+    Plain tensors (replicated, gradients already averaged) go through ``torch.nn.utils.clip_grad_norm_``.
+    FSDP2-sharded parameters (DTensors, each rank holding a disjoint shard of the averaged gradient)
+    contribute the all-reduced sum of their local squares; the replicated ones are counted once.
+    """
+    from torch.distributed.tensor import DTensor
+
+    sharded = [p for p in params if isinstance(p, DTensor)]
+    if not sharded:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    plain = [p for p in params if not isinstance(p, DTensor)]
+    sq = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    for p in sharded:
+        sq += p.grad.to_local().double().pow(2).sum()
+    if ctx.distributed:
+        dist.all_reduce(sq, op=dist.ReduceOp.SUM)
+    for p in plain:
+        sq += p.grad.double().pow(2).sum()
+    norm = float(sq.sqrt())
+    if math.isfinite(norm) and norm > max_norm:
+        coef = max_norm / (norm + 1e-6)  # torch.nn.utils.clip_grad_norm_'s epsilon
+        for p in params:
+            grad = p.grad.to_local() if isinstance(p, DTensor) else p.grad
+            grad.mul_(coef)
+    return norm
 
 
 def check_replicas(params: Sequence[torch.Tensor], ctx: DistContext) -> None:

@@ -1,0 +1,421 @@
+"""Long-context fine-tuning: the ``finetune`` attention mode, YaRN through the config, the trainer.
+
+Integration tests run on the tiny models of ``hf_models`` (2 layers, Hq 4, Hkv 2, head dim 16,
+16-token gate blocks, CPU fp32, ``impl="reference"``, which is differentiable through autograd).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hf_models import GATE, input_ids, make_model
+from test_distill import _documents, _free_port, make_tiny
+
+import seerattn.hf.integration as integration
+from seerattn import SparsityPolicy
+from seerattn.hf import SeerConfig, apply_seer_attention, gate_modules, get_seer_state
+from seerattn.train.finetune import enable_gradient_checkpointing
+
+T = 150  # 9 full blocks of 16 + a partial block
+POLICY = SparsityPolicy("density", 0.5)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _finetune_model(family: str = "llama", mode: str = "finetune", mask_heads: str = "q", seed: int = 0):
+    model = make_model(family, seed=seed)
+    cfg = SeerConfig(gate=GATE, policy=POLICY, mode=mode, impl="reference", mask_heads=mask_heads)
+    apply_seer_attention(model, cfg)
+    # trained-looking gates: identity-initialised gates give near-uniform scores and ties
+    torch.manual_seed(seed + 1)
+    with torch.no_grad():
+        for g in gate_modules(model).values():
+            for p in g.parameters():
+                p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+def _split(model):
+    gates = {n: p for n, p in model.named_parameters() if "seer_gate" in n}
+    weights = {n: p for n, p in model.named_parameters() if "seer_gate" not in n}
+    return weights, gates
+
+
+def _grads(params: dict) -> dict:
+    return {n: (None if p.grad is None else p.grad.clone()) for n, p in params.items()}
+
+
+@pytest.mark.parametrize("mask_heads", ["q", "kv"])
+def test_finetune_logits_equal_sparse_mode(mask_heads):
+    model = _finetune_model(mask_heads=mask_heads)
+    ids = input_ids(T, b=2)
+    out_ft = model(input_ids=ids).logits
+    state = get_seer_state(model)
+    assert set(state.losses) == {0, 1} and all(s["path"] == "finetune" for s in state.stats.values())
+    assert all(0 < s["density"] < 1 for s in state.stats.values())
+    state.set(mode="sparse")
+    state.reset()
+    out_sparse = model(input_ids=ids).logits
+    torch.testing.assert_close(out_ft, out_sparse, rtol=0, atol=0)
+
+
+def test_lm_loss_trains_the_model_not_the_gates_and_gate_loss_the_reverse():
+    model = _finetune_model()
+    weights, gates = _split(model)
+    ids = input_ids(T, b=2)
+    state = get_seer_state(model)
+
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward(retain_graph=True)
+    assert all(p.grad is None for p in gates.values())
+    reached = [n for n, p in weights.items() if p.grad is not None and p.grad.abs().sum() > 0]
+    # every weight the LM loss depends on: q/k/v/o projections included (the attention is differentiable)
+    assert set(reached) == set(weights), sorted(set(weights) - set(reached))
+    model.zero_grad(set_to_none=True)
+
+    state.total_gate_loss().backward()
+    assert all(p.grad is None for p in weights.values())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gates.values())
+
+
+def test_finetune_attention_gradient_matches_masked_dense_reference():
+    """d(LM loss)/d(weights) through the block-sparse op = through a dense softmax with the same token masks."""
+    from hf_models import masked_reference
+
+    model = _finetune_model()
+    ids = input_ids(T, b=1)
+    masks = {}
+    real = integration.block_sparse_attention
+
+    def spy(q, k, v, block_mask, **kwargs):
+        masks[len(masks)] = block_mask.to_token_mask()
+        return real(q, k, v, block_mask, **kwargs)
+
+    integration.block_sparse_attention = spy
+    try:
+        model(input_ids=ids, labels=ids).loss.backward()
+    finally:
+        integration.block_sparse_attention = real
+    ref = masked_reference(make_model("llama", seed=0), masks)
+    ref.train()
+    ref(input_ids=ids, labels=ids).loss.backward()
+    ref_grads = dict(ref.named_parameters())
+    for n, p in _split(model)[0].items():
+        torch.testing.assert_close(p.grad, ref_grads[n].grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_gradient_checkpointing_gives_identical_gradients_and_one_ground_truth_per_layer(monkeypatch):
+    calls = []
+    real = integration.attention_with_block_scores
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(integration, "attention_with_block_scores", counting)
+    recomputes = []
+    real_in_backward = integration._in_backward
+
+    def in_backward():
+        recomputes.append(real_in_backward())
+        return recomputes[-1]
+
+    monkeypatch.setattr(integration, "_in_backward", in_backward)
+    ids = input_ids(T, b=2)
+    results = []
+    for checkpointing in (False, True):
+        model = _finetune_model()
+        model.train()  # transformers checkpoints only in training mode (dropout is 0 in the tiny config)
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        state = get_seer_state(model)
+        calls.clear()
+        recomputes.clear()
+        out = model(input_ids=ids, labels=ids)
+        losses = dict(state.losses)
+        loss = out.loss + 10 * state.total_gate_loss()
+        loss.backward()
+        # with checkpointing both layers ran again inside the backward, and skipped the ground truth there
+        assert recomputes == ([False, False, True, True] if checkpointing else [False, False]), recomputes
+        assert len(calls) == 2, (checkpointing, len(calls))
+        assert all(state.losses[i] is losses[i] for i in losses)  # not overwritten by the recompute
+        assert all(v.grad_fn is not None for v in state.losses.values())
+        results.append((out.logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (l0, g0), (l1, g1) = results
+    torch.testing.assert_close(l0, l1, rtol=0, atol=0)
+    assert g0.keys() == g1.keys()
+    for n in g0:
+        assert g0[n] is not None, n
+        torch.testing.assert_close(g0[n], g1[n], rtol=1e-6, atol=1e-7, msg=n)
+
+
+# ---------------------------------------------------------------------------------------- YaRN
+def test_apply_rope_scaling_writes_the_config_and_the_gates_follow():
+    from hf_models import family_module
+
+    from seerattn.hf.rope import apply_rope_scaling, rope_parameters
+
+    model = make_model("llama", max_position_embeddings=64)
+    params = apply_rope_scaling(model, "yarn", 4.0, 64)
+    assert params["rope_type"] == "yarn" and params["factor"] == 4.0
+    assert params["original_max_position_embeddings"] == 64 and model.config.max_position_embeddings == 256
+    assert rope_parameters(model.config) == params
+    # the rotary module is YaRN's (attention scaling > 1) and the gates' block RoPE is that module
+    assert model.model.rotary_emb.attention_scaling > 1
+    fresh = type(model.model.rotary_emb)(config=model.config)
+    pos = torch.arange(200).unsqueeze(0)
+    x = torch.zeros(1, 200, 16)
+    for a, b in zip(model.model.rotary_emb(x, pos), fresh(x, pos), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    state = apply_seer_attention(model, SeerConfig(gate=GATE, mode="finetune", impl="reference"))
+    assert state._rotary is model.model.rotary_emb
+    assert family_module("llama").apply_rotary_pos_emb is not None
+    with pytest.raises(ValueError, match="already uses rope_type 'yarn'; stacking 'yarn'"):
+        apply_rope_scaling(model, "yarn", 2.0, 256)
+
+
+# ---------------------------------------------------------------------------------------- trainer
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    """The saved tiny Llama + tokenizer + JSONL corpus of the distillation tests."""
+    return make_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+def _ft_config(tiny: dict, out, **overrides):
+    from seerattn.train import FinetuneConfig, load_recipe
+
+    fields = dict(
+        model=tiny["model"],
+        data=[tiny["data"]],
+        output_dir=str(out),
+        seq_len=128,
+        batch_size=4,
+        micro_batch_size=2,
+        steps=6,
+        distill_steps=2,
+        lr=1e-3,
+        gate_lr=1e-2,
+        warmup_steps=1,
+        gate={"block_size": 16},
+        rope={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64},
+        policy={"kind": "density", "value": 0.5},
+        impl="reference",
+        save_every=3,
+        progress=False,
+        data_cache_dir=str(tiny["root"] / "cache"),
+    )
+    fields.update(overrides)
+    return load_recipe(None, fields, kind=FinetuneConfig)
+
+
+def _safetensors(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _ft_metrics(run) -> list[dict]:
+    rows = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("step_time_s", "tokens_per_s")} for r in rows]
+
+
+def _eval_books(root) -> Path:
+    books = Path(root) / "books"
+    books.mkdir(exist_ok=True)
+    rows = ["file\tgutenberg_id\ttitle\tauthor\tchars\tsplit\tsource_repo"]
+    for i, text in enumerate(_documents(3, seed=7)):
+        name = f"{i:05d}.txt"
+        (books / name).write_text(" ".join([text] * 3))
+        rows.append(f"{name}\t{i}\tT{i}\tA\t{len(text)}\ttest\trepo")
+    (books / "MANIFEST.tsv").write_text("\n".join(rows) + "\n")
+    return books
+
+
+def test_finetune_trains_model_and_gates_and_eval_runs_on_the_result(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from seerattn.cli import main
+    from seerattn.eval import load_eval_model, scaled_rope
+    from seerattn.train import finetune
+
+    base = _safetensors(tiny["model"])
+    out = tmp_path / "run"
+    result = finetune(_ft_config(tiny, out))
+    assert result.steps_done == 8 and not result.stopped_early
+    metrics = _ft_metrics(out)
+    assert [m["phase"] for m in metrics] == ["distill"] * 2 + ["joint"] * 6
+    assert all(m["ce"] == 0 and m["lr_0"] == 0 for m in metrics[:2])  # the model is frozen while distilling
+    assert all(m["ce"] > 0 and 0.5 <= m["density"] < 1 and m["kl"] > 0 for m in metrics[2:])
+    assert all(m["loss"] == pytest.approx(m["ce"] + 10 * m["kl"]) for m in metrics[2:])
+    assert metrics[-1]["ce"] < metrics[2]["ce"]
+    # outputs: a plain transformers model with the YaRN config, the gates as an adapter, the run record
+    saved = _safetensors(out / "model")
+    assert saved.keys() == base.keys()  # no gate or LoRA tensors in the model
+    assert all(not torch.equal(saved[k], base[k]) for k in base if "layers.0.self_attn.q_proj" in k)
+    cfg = json.loads((out / "model" / "config.json").read_text())
+    assert cfg["rope_parameters"]["rope_type"] == "yarn" and cfg["max_position_embeddings"] == 128
+    assert (out / "model" / "tokenizer.json").is_file() and (out / "adapter" / "seer_gates.safetensors").is_file()
+    record = json.loads((out / "summary.json").read_text())
+    assert record["kind"] == "finetune" and record["results"]["steps"] == 8
+    assert record["model"]["rope_parameters"]["factor"] == 2.0
+    assert record["config"]["policy"] == {"kind": "density", "value": 0.5}
+    # reloaded, the model runs in sparse mode with the adapter and the same RoPE
+    loaded = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert loaded.model.rotary_emb.rope_type == "yarn"
+    # eval reads the saved config: the training length is the scaled one, so no second YaRN is stacked
+    em = load_eval_model(out / "model", gates=out / "adapter")
+    assert em.train_length == 128
+    with scaled_rope(em, 128) as rope:
+        assert rope is None
+    with pytest.raises(ValueError, match="already uses rope_type 'yarn'"), scaled_rope(em, 256):
+        pass
+    books = _eval_books(tmp_path)
+    ev = tmp_path / "eval"
+    args = ["eval", "ppl", "--model", str(out / "model"), "--gates", str(out / "adapter"), "--data", str(books)]
+    args += ["--contexts", "128", "--samples", "2", "--methods", "dense,seer", "--densities", "0.5"]
+    assert main([*args, "--no-progress", "-o", str(ev)]) == 0
+    rows = json.loads((ev / "ppl.json").read_text())["results"]
+    assert {r["method"] for r in rows} == {"dense", "seer"} and all(r["rope_scaling"] is None for r in rows)
+    assert all(math.isfinite(r["ppl"]) for r in rows)
+
+
+def test_finetune_kill_and_resume_is_bitwise_identical(tiny, tmp_path):
+    from seerattn.train import ConfigError, finetune
+    from seerattn.train.checkpoint import list_checkpoints
+
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    finetune(_ft_config(tiny, whole))
+    first = finetune(_ft_config(tiny, broken), stop_after=5)  # killed after step 5: newest checkpoint step 3
+    assert first.stopped_early and not (broken / "model").exists()
+    assert [s for s, _ in list_checkpoints(broken / "checkpoints")] == [3]
+    with pytest.raises(ConfigError, match="cannot resume"):
+        finetune(_ft_config(tiny, broken, gate_loss_weight=5.0), resume=True)
+    resumed = finetune(_ft_config(tiny, broken), resume=True)
+    assert resumed.start_step == 3 and resumed.steps_done == 8
+    for folder in ("model", "adapter"):
+        a, b = _safetensors(whole / folder), _safetensors(broken / folder)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), folder
+    assert _ft_metrics(whole) == _ft_metrics(broken)
+
+
+def test_dense_baseline_trains_the_model_only(tiny, tmp_path):
+    from seerattn.train import finetune
+
+    out = tmp_path / "dense"
+    result = finetune(_ft_config(tiny, out, attention="dense", distill_steps=0, steps=3))
+    assert result.adapter is None and not (out / "adapter").exists()
+    metrics = _ft_metrics(out)
+    assert all(m["phase"] == "joint" and m["kl"] == 0 and m["density"] == 1 for m in metrics)
+    assert metrics[-1]["ce"] < metrics[0]["ce"] and all(m["loss"] == m["ce"] for m in metrics)
+    assert _safetensors(out / "model").keys() == _safetensors(tiny["model"]).keys()
+
+
+def test_lora_trains_adapters_merged_into_the_saved_model(tiny, tmp_path):
+    from seerattn.train import finetune
+
+    out = tmp_path / "lora"
+    lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    finetune(_ft_config(tiny, out, lora=lora, lr=1e-2, steps=3, distill_steps=1))
+    base, saved = _safetensors(tiny["model"]), _safetensors(out / "model")
+    assert saved.keys() == base.keys()
+    changed = {k for k in base if not torch.equal(base[k], saved[k])}
+    assert changed == {f"model.layers.{i}.self_attn.{p}.weight" for i in range(2) for p in ("q_proj", "v_proj")}
+    assert _ft_metrics(out)[-1]["ce"] > 0
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"attention": "dense"}, "attention: dense trains no gates"),
+        ({"distill_steps": 0}, "'init_gates' must be an adapter folder, or null with distill_steps > 0"),
+        ({"rope": {"rope_type": "yarn", "factor": 4}}, "'rope' must be empty or have exactly the keys"),
+        ({"rope": {"rope_type": "ntk", "factor": 4, "original_max_position_embeddings": 8}}, "rope.rope_type"),
+        ({"policy": {"kind": "density", "value": 2}}, "'policy' is invalid: density must be in (0, 1]"),
+        ({"lora": {"r": 4}}, "'lora' must be empty (full fine-tuning) or have the keys"),
+        ({"lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj"]}, "parallel": "fsdp"}, "with LoRA"),
+        ({"gate_loss_weight": 0}, "'gate_loss_weight' must be a finite float > 0"),
+        ({"mask_heads": "x"}, "'mask_heads' must be 'q', 'kv' or null"),
+    ],
+)
+def test_bad_finetune_recipes_give_clear_errors(tiny, tmp_path, change, message):
+    from seerattn.train import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        _ft_config(tiny, tmp_path, **change)
+    assert message in str(e.value)
+
+
+def test_seq_len_beyond_the_scaled_context_is_refused(tiny, tmp_path):
+    from seerattn.train import ConfigError, finetune
+
+    with pytest.raises(ConfigError, match=r"'seq_len' \(128\) exceeds the model's max_position_embeddings \(96\)"):
+        finetune(_ft_config(tiny, tmp_path, rope={**_ft_config(tiny, tmp_path).rope, "factor": 1.5}))
+
+
+def test_cli_finetune_stop_resume_and_errors(tiny, tmp_path, capsys):
+    from seerattn.cli import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(_ft_config(tiny, tmp_path / "cli", steps=2, distill_steps=1).to_dict()))
+    assert main(["finetune", str(recipe), "--set", "save_every=1", "policy.value=0.25", "--stop-after", "2"]) == 0
+    assert not (tmp_path / "cli" / "model").exists()
+    assert main(["finetune", str(recipe), "--set", "save_every=1", "policy.value=0.25", "--resume"]) == 0
+    assert [json.loads(x)["step"] for x in (tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert (tmp_path / "cli" / "model" / "config.json").is_file()
+    assert json.loads((tmp_path / "cli" / "summary.json").read_text())["config"]["policy"]["value"] == 0.25
+    assert main(["finetune", str(recipe), "--set", "lamda=3"]) == 2
+    assert "error: unknown recipe field 'lamda'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------- 2 processes
+def _ft_worker(rank: int, world: int, port: int, tiny: dict, root: str) -> None:
+    """One rank as torchrun would set it up: FSDP2 fine-tuning (weights sharded, gates replicated)."""
+    import os
+
+    from seerattn.train import finetune
+
+    torch.set_num_threads(1)
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    finetune(_ft_config(tiny, Path(root) / "fsdp", parallel="fsdp", steps=3))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # see test_distill._worker: skip the gloo teardown race at interpreter exit
+
+
+def test_two_processes_fsdp_match_single_process(tiny, tmp_path):
+    import torch.multiprocessing as mp
+
+    from seerattn.train import finetune
+
+    finetune(_ft_config(tiny, tmp_path / "single", steps=3))
+    sys.path.insert(0, str(Path(__file__).parent))
+    mp.spawn(_ft_worker, args=(2, _free_port(), tiny, str(tmp_path)), nprocs=2, join=True)
+    for folder in ("model", "adapter"):
+        a, b = _safetensors(tmp_path / "single" / folder), _safetensors(tmp_path / "fsdp" / folder)
+        assert a.keys() == b.keys(), folder
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=f"{folder}/{k}")
+    m1, m2 = _ft_metrics(tmp_path / "single"), _ft_metrics(tmp_path / "fsdp")
+    for x, y in zip(m1, m2, strict=True):
+        for key in ("ce", "kl", "grad_norm"):
+            assert y[key] == pytest.approx(x[key], rel=1e-4), (x["step"], key)
+    env = json.loads((tmp_path / "fsdp" / "environment.json").read_text())
+    assert env["world_size"] == 2 and env["parallel"] == "fsdp"
+    assert list((tmp_path / "fsdp" / "checkpoints").glob("step_*"))
