@@ -65,7 +65,7 @@ def _grouped_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Ten
     hkv, n = k.shape[1], k.shape[2]
     g = hq // hkv
     out = torch.matmul(q.reshape(b, hkv, g * rows, e), k.transpose(-1, -2))  # [B, Hkv, G*L, N]
-    return out.view(b, hq, rows, n).float() * scale
+    return out.view(b, hq, rows, n).float().mul_(scale)
 
 
 def cumulative_cover(x: torch.Tensor, p: float) -> torch.Tensor:
