@@ -487,3 +487,15 @@ def test_cuda_bf16_triton_distillation_and_resume(tiny, tmp_path):
     distill(_config(tiny, tmp_path / "broken", **kw), model=model(), tokenizer=tok, resume=True)
     a, b = _gates(whole.adapter), _gates(tmp_path / "broken" / "adapter")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_distillation_can_start_from_an_adapter(tiny, tmp_path):
+    first = distill(_config(tiny, tmp_path / "first", steps=3))
+    # lr ~0: the continued run's gates stay those of the adapter it starts from
+    cont = distill(_config(tiny, tmp_path / "cont", steps=1, warmup_steps=0, lr=1e-12, init_gates=str(first.adapter)))
+    a, b = _gates(first.adapter), _gates(cont.adapter)
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-9) for k in a)
+    fresh = _metrics(tmp_path / "first")[0]["kl"]
+    assert _metrics(tmp_path / "cont")[0]["kl"] < fresh
+    with pytest.raises(ValueError, match="adapter gate config"):
+        distill(_config(tiny, tmp_path / "bad", steps=2, gate={"block_size": 32}, init_gates=str(first.adapter)))

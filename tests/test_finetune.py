@@ -419,3 +419,26 @@ def test_two_processes_fsdp_match_single_process(tiny, tmp_path):
     env = json.loads((tmp_path / "fsdp" / "environment.json").read_text())
     assert env["world_size"] == 2 and env["parallel"] == "fsdp"
     assert list((tmp_path / "fsdp" / "checkpoints").glob("step_*"))
+
+
+def test_committed_finetune_recipes_are_valid():
+    from seerattn.train import DistillConfig, FinetuneConfig, load_recipe
+
+    repo = Path(__file__).resolve().parents[1]
+    paper = load_recipe(repo / "recipes" / "llama-3-8b-yarn-32k.yaml", kind=FinetuneConfig)
+    assert (paper.steps, paper.batch_size, paper.seq_len, paper.lr, paper.gate_loss_weight) == (400, 8, 32768, 1e-5, 10)
+    assert paper.rope == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192}
+    testbed = load_recipe(repo / "recipes" / "testbed-yarn-32k.yaml", kind=FinetuneConfig)
+    assert testbed.document_separator == "\x00" and testbed.policy == {"kind": "density", "value": 0.1}
+    gates = load_recipe(repo / "recipes" / "testbed-yarn-32k-gates.yaml", kind=DistillConfig)
+    # (a), (b50), (b90) and (c) see the same token budget
+    budget = testbed.total_steps * testbed.batch_size * testbed.seq_len
+    assert gates.steps * gates.batch_size * gates.seq_len == budget
+    dense = load_recipe(
+        repo / "recipes" / "testbed-yarn-32k.yaml", ["attention=dense", "init_gates=null"], FinetuneConfig
+    )
+    assert dense.total_steps * dense.batch_size * dense.seq_len == budget
+    committed = json.loads((repo / "testbed" / "gates" / "seer_config.json").read_text())["gate"]
+    assert {k: v for k, v in committed.items() if v is not None} == {
+        k: (list(v) if isinstance(v, tuple) else v) for k, v in gates.gate_config().to_dict().items() if v is not None
+    }

@@ -251,6 +251,9 @@ class DistillConfig(TrainConfig):
             (paper: 20 warmup steps, cosine), or ``constant`` after warmup.
         grad_clip: max global L2 norm of the gate gradients; None = no clipping.
         loss_scale: the loss is ``loss_scale * sum over layers of the per-layer KL`` (paper: 10).
+        init_gates: adapter folder whose gates training starts from (its gate config must equal
+            ``gate``), e.g. gates distilled at the original length, continued on a model extended
+            with YaRN; None = identity-initialised gates.
         skip_first_rows: fraction of leading query-block rows left out of the loss (paper: 0.25).
         metric_density: density at which block and attention-mass recall are reported.
         gate: :class:`~seerattn.gate.GateConfig` fields (block size, poolings, ...).
@@ -272,10 +275,12 @@ class DistillConfig(TrainConfig):
     """
 
     loss_scale: float = 10.0
+    init_gates: str | None = None
 
     def _validate(self) -> None:
         super()._validate()
         self._need(math.isfinite(self.loss_scale) and self.loss_scale > 0, "loss_scale", "a finite float > 0")
+        self._need(self.init_gates != "", "init_gates", "an adapter folder or null")
 
 
 @dataclass

@@ -93,6 +93,11 @@ class DistillTask(Task):
         )
         apply_seer_attention(model, seer_cfg)
         self.state = get_seer_state(model)
+        if config.init_gates is not None:
+            from ..hf import load_gates
+
+            load_gates(model, config.init_gates)  # checks the model shape and the gate config
+            logger.info("gates start from %s", config.init_gates)
         self.trainable = gate_named_parameters(model)
         params = [p for _, p in self.trainable]
         for p in params:
