@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -299,3 +300,111 @@ def test_convert_unreadable_inputs(tmp_path):
     torch.save(torch.zeros(3), tmp_path / "tensor.pth")
     with pytest.raises(ValueError, match="holds a Tensor, expected a state dict"):
         convert_official_checkpoint(tmp_path / "tensor.pth", tmp_path / "a", cfg)
+
+
+# ------------------------------------------------------------------------------ all-or-nothing loading
+def _snapshot(model) -> dict:
+    """Everything a failed load must leave as it was: parameters and buffers bitwise, submodules, hooks,
+    the attention implementation."""
+    return {
+        "tensors": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "modules": [name for name, _ in model.named_modules()],
+        "hooks": sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()),
+        "impl": model.config._attn_implementation,
+    }
+
+
+def _assert_untouched(model, before: dict) -> None:
+    after = _snapshot(model)
+    assert after["modules"] == before["modules"] and after["hooks"] == before["hooks"]
+    assert after["impl"] == before["impl"] and getattr(model, "_seer_state", None) is None
+    assert after["tensors"].keys() == before["tensors"].keys()
+    assert all(torch.equal(after["tensors"][k], v) for k, v in before["tensors"].items())
+
+
+def _pickle_as_safetensors(path):
+    torch.save({"layers.0.k_proj": torch.zeros(1)}, path / ADAPTER_WEIGHTS)
+
+
+def _edit_meta(path, edit):
+    meta = json.loads((path / ADAPTER_CONFIG).read_text())
+    edit(meta)
+    (path / ADAPTER_CONFIG).write_text(json.dumps(meta))
+
+
+LOAD_FAULTS = [
+    (
+        "wrong-shape",
+        lambda p: _rewrite_weights(p, lambda t: t.update({"layers.1.k_proj": torch.zeros(HQ, 2 * HEAD_DIM, HEAD_DIM)})),
+        r"layers.1.k_proj has shape \(4, 32, 16\), expected \(4, 48, 16\)",
+    ),
+    ("missing-key", lambda p: _rewrite_weights(p, lambda t: t.pop("layers.1.k_proj")), "missing keys"),
+    ("extra-key", lambda p: _rewrite_weights(p, lambda t: t.update({"layers.9.k_proj": torch.zeros(1)})), "unexpected"),
+    ("missing-file", lambda p: (p / ADAPTER_WEIGHTS).unlink(), "no seer_gates.safetensors"),
+    (
+        "corrupt-file",
+        lambda p: (p / ADAPTER_WEIGHTS).write_bytes(b"\x00\x01garbage" * 50),
+        "not a readable safetensors",
+    ),
+    ("pickle-renamed", _pickle_as_safetensors, "not a readable safetensors"),
+    (
+        "truncated-file",
+        lambda p: (p / ADAPTER_WEIGHTS).write_bytes((p / ADAPTER_WEIGHTS).read_bytes()[:-7]),
+        "safetensors",
+    ),
+    (
+        "override-past-depth",
+        lambda p: _edit_meta(p, lambda m: m["policy"]["layer_overrides"].update({"5": {"kind": "dense"}})),
+        r"layer_overrides has layer 5 but the model has 2 layers \(0..1\)",
+    ),
+    ("policy-null", lambda p: _edit_meta(p, lambda m: m.update(policy=None)), "'policy' must be an object"),
+    ("gate-invalid", lambda p: _edit_meta(p, lambda m: m["gate"].update(block_size=48)), "power of two"),
+    ("mask-heads-invalid", lambda p: _edit_meta(p, lambda m: m.update(mask_heads="all")), "mask_heads"),
+]
+
+
+@pytest.mark.parametrize("fault,match", [f[1:] for f in LOAD_FAULTS], ids=[f[0] for f in LOAD_FAULTS])
+def test_failed_from_pretrained_leaves_the_model_as_it_was(saved, fault, match):
+    """A load that fails leaves the model bitwise as it was (no gates, hooks or mode left behind), the
+    caller's logits are the base model's, and a retry with a good adapter works."""
+    base, path, want = saved
+    good = path.parent / "good"
+    shutil.copytree(path, good)
+    fault(path)
+    model = copy.deepcopy(base)
+    before = _snapshot(model)
+    with pytest.raises(ValueError if fault is not LOAD_FAULTS[3][1] else FileNotFoundError, match=match):
+        from_pretrained(model, path)
+    _assert_untouched(model, before)
+    assert torch.equal(_logits(model, input_ids(T)), _logits(base, input_ids(T)))
+    assert torch.equal(_logits(from_pretrained(model, good), input_ids(T)), want)
+
+
+def test_failed_load_gates_leaves_the_gates_as_they_were(saved):
+    base, path, _ = saved
+    model = _fresh(base)
+    _randomise_gates(model, seed=5)
+    _rewrite_weights(path, lambda t: t.update({"layers.1.k_proj": t["layers.1.k_proj"][:, :-1].contiguous()}))
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="layers.1.k_proj has shape"):
+        load_gates(model, path)
+    after = _snapshot(model)
+    assert after["modules"] == before["modules"] and after["hooks"] == before["hooks"]
+    assert all(torch.equal(after["tensors"][k], v) for k, v in before["tensors"].items())
+
+
+def test_failed_from_pretrained_on_a_path_base_leaves_nothing(saved, tmp_path):
+    base, path, _ = saved
+    base.save_pretrained(tmp_path / "base")
+    (path / ADAPTER_WEIGHTS).unlink()
+    with pytest.raises(FileNotFoundError, match="no seer_gates.safetensors"):
+        from_pretrained(str(tmp_path / "base"), path)
+
+
+def test_unknown_override_is_named(saved):
+    base, path, _ = saved
+    model = copy.deepcopy(base)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"unknown SeerConfig field\(s\) \['polcy'\]; accepted: .*'policy'"):
+        from_pretrained(model, path, polcy=SparsityPolicy("dense"))
+    _assert_untouched(model, before)

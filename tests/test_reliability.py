@@ -256,3 +256,39 @@ def test_distill_damaged_checkpoint_on_resume_is_one_line_exit_2(tmp_path, capsy
     assert main(["distill", str(recipe), "--resume"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("seerattn distill: error: ") and "state.pt" in err and err.count("\n") == 1
+
+
+# ------------------------------------------------------------------------------ policy overrides vs model depth
+def test_override_past_the_model_depth_is_refused_at_apply_and_set():
+    from hf_models import GATE, make_model
+
+    from seerattn import SparsityPolicy
+    from seerattn.hf import SeerConfig, apply_seer_attention, get_seer_state
+
+    model = make_model("llama")  # 2 layers
+    bad = SparsityPolicy("density", 0.3, layer_overrides={2: SparsityPolicy("dense")})
+    impl = model.config._attn_implementation
+    with pytest.raises(ValueError, match=r"layer_overrides has layer 2 but the model has 2 layers \(0..1\)"):
+        apply_seer_attention(model, SeerConfig(gate=GATE, policy=bad))
+    assert getattr(model, "_seer_state", None) is None and model.config._attn_implementation == impl
+    assert not any(hasattr(layer.self_attn, "seer_gate") for layer in model.model.layers)
+    state = apply_seer_attention(model, SeerConfig(gate=GATE))
+    with pytest.raises(ValueError, match="layer_overrides has layer 2"):
+        state.set(policy=bad)
+    assert get_seer_state(model).config.policy == SparsityPolicy()
+    state.set(policy=SparsityPolicy("density", 0.3, layer_overrides={1: SparsityPolicy("dense")}))
+
+
+def test_apply_that_fails_on_a_later_layer_leaves_no_gate_or_hook():
+    from hf_models import GATE, make_model
+
+    from seerattn.hf import SeerConfig, apply_seer_attention
+
+    model = make_model("llama")
+    model.model.layers[1].self_attn.layer_idx = 7  # a model whose second layer is numbered wrongly
+    hooks = sum(len(m._forward_hooks) for m in model.modules())
+    with pytest.raises(ValueError, match="layer 1 reports layer_idx=7"):
+        apply_seer_attention(model, SeerConfig(gate=GATE))
+    assert not hasattr(model.model.layers[0].self_attn, "seer_gate")
+    assert not hasattr(model.model.layers[0].self_attn, "_seer_state")
+    assert sum(len(m._forward_hooks) for m in model.modules()) == hooks

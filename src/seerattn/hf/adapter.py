@@ -7,7 +7,9 @@ An adapter is a folder with
 - ``seer_gates.safetensors``: ``layers.{i}.k_proj`` ``[Hq, Ck*D, Dg]`` and, when the gate has
   one, ``layers.{i}.q_proj`` ``[Hq, Cq*D, Dg]``.
 
-Loading checks the model shape, every key and every tensor shape; nothing is loaded partially.
+Loading is all-or-nothing: the config, the model shape, every key and every tensor shape are
+checked and the weights read before the model is touched, so a load that fails leaves the model
+exactly as it was (no gates, hooks or attention mode left behind).
 """
 
 from __future__ import annotations
@@ -22,8 +24,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..block_mask import SparsityPolicy
-from ..gate import GateConfig
-from .integration import SeerConfig, apply_seer_attention, gate_modules, get_seer_state
+from ..gate import AttnGate, GateConfig
+from .integration import (
+    SeerConfig,
+    _decoder_layers,
+    _heads,
+    apply_seer_attention,
+    gate_modules,
+    get_seer_state,
+    remove_seer_attention,
+)
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -107,11 +117,27 @@ def read_adapter_config(path: str | Path) -> dict:
         raise ValueError(
             f"{cfg_path} has format_version {meta['format_version']!r}; this seerattn reads {FORMAT_VERSION}"
         )
+    for name, what in (
+        ("model", "the model shape"),
+        ("gate", "GateConfig fields"),
+        ("policy", "SparsityPolicy fields"),
+    ):
+        if not isinstance(meta[name], dict):
+            raise ValueError(f"{cfg_path}: {name!r} must be an object ({what}), got {json.dumps(meta[name])}")
+    shape_keys = {"model_type", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim"}
+    if set(meta["model"]) != shape_keys:
+        raise ValueError(
+            f"{cfg_path}: 'model' must have exactly the fields {sorted(shape_keys)}, got {sorted(meta['model'])}"
+        )
     return meta
 
 
 def config_from_adapter(meta: dict, **overrides) -> SeerConfig:
     """A :class:`SeerConfig` from an adapter's metadata, with field overrides (e.g. ``mode=``)."""
+    accepted = set(SeerConfig.__dataclass_fields__)
+    unknown = sorted(set(overrides) - accepted)
+    if unknown:
+        raise ValueError(f"unknown SeerConfig field(s) {unknown}; accepted: {sorted(accepted)}")
     fields = {
         "gate": GateConfig.from_dict(meta["gate"]),
         "policy": SparsityPolicy.from_dict(meta["policy"]),
@@ -123,19 +149,29 @@ def config_from_adapter(meta: dict, **overrides) -> SeerConfig:
     return SeerConfig(**fields)
 
 
-def load_gates(model, path: str | Path) -> None:
-    """Load adapter weights into the gates of a prepared model (strict: keys, shapes, model shape)."""
-    path = Path(path)
-    meta = read_adapter_config(path)
+def _check_model_shape(meta: dict, model, path: Path) -> None:
     want, have = meta["model"], _model_shape(model)
     if want != have:
         diff = {k: (want.get(k), have.get(k)) for k in set(want) | set(have) if want.get(k) != have.get(k)}
         raise ValueError(f"adapter {path} was made for another model shape; (adapter, model) differ in {diff}")
-    state = get_seer_state(model)
-    if GateConfig.from_dict(meta["gate"]) != state.config.gate:
-        raise ValueError(
-            f"adapter gate config {meta['gate']} differs from the attached gates' {state.config.gate.to_dict()}"
-        )
+
+
+def _gate_shapes(model, gate: GateConfig) -> dict[str, tuple[int, ...]]:
+    """Adapter key -> shape of the gate tensors that ``gate`` gives ``model`` (built on the meta
+    device: nothing is attached, no memory used)."""
+    _, layers = _decoder_layers(model)
+    shapes = {}
+    for i, layer in enumerate(layers):
+        with torch.device("meta"):
+            g = AttnGate(*_heads(layer.self_attn), gate)
+        shapes[f"layers.{i}.k_proj"] = tuple(g.k_proj.shape)
+        if g.q_proj is not None:
+            shapes[f"layers.{i}.q_proj"] = tuple(g.q_proj.shape)
+    return shapes
+
+
+def _read_gate_tensors(path: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """The tensors of ``path/seer_gates.safetensors``, checked against ``shapes`` (keys and shapes)."""
     wpath = path / ADAPTER_WEIGHTS
     if not wpath.is_file():
         raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {path}")
@@ -143,21 +179,40 @@ def load_gates(model, path: str | Path) -> None:
         tensors = load_file(str(wpath))
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{wpath} is not a readable safetensors file: {e}") from e
-    gates = gate_modules(model)
-    expected = {}
-    for i, gate in gates.items():
-        expected[f"layers.{i}.k_proj"] = gate.k_proj
-        if gate.q_proj is not None:
-            expected[f"layers.{i}.q_proj"] = gate.q_proj
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    missing, unexpected = sorted(set(shapes) - set(tensors)), sorted(set(tensors) - set(shapes))
     if missing or unexpected:
         raise ValueError(f"{wpath}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
-    for key, param in expected.items():
-        if tuple(tensors[key].shape) != tuple(param.shape):
-            raise ValueError(f"{wpath}: {key} has shape {tuple(tensors[key].shape)}, expected {tuple(param.shape)}")
+    for key, shape in shapes.items():
+        t = tensors[key]
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{wpath}: {key} has shape {tuple(t.shape)}, expected {shape}")
+        if not t.is_floating_point():
+            raise ValueError(f"{wpath}: {key} has dtype {t.dtype}, expected a floating-point dtype")
+    return tensors
+
+
+def _copy_into_gates(model, tensors: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
-        for key, param in expected.items():
-            param.copy_(tensors[key].to(param.dtype))
+        for i, gate in gate_modules(model).items():
+            gate.k_proj.copy_(tensors[f"layers.{i}.k_proj"])
+            if gate.q_proj is not None:
+                gate.q_proj.copy_(tensors[f"layers.{i}.q_proj"])
+
+
+def load_gates(model, path: str | Path) -> None:
+    """Load adapter weights into the gates of a prepared model (strict: keys, shapes, model shape).
+
+    Every check runs and the file is read before any gate changes: on an error the gates are as they were.
+    """
+    path = Path(path)
+    meta = read_adapter_config(path)
+    _check_model_shape(meta, model, path)
+    state = get_seer_state(model)
+    if GateConfig.from_dict(meta["gate"]) != state.config.gate:
+        raise ValueError(
+            f"adapter gate config {meta['gate']} differs from the attached gates' {state.config.gate.to_dict()}"
+        )
+    _copy_into_gates(model, _read_gate_tensors(path, _gate_shapes(model, state.config.gate)))
 
 
 def from_pretrained(base, gates: str | Path, **config_overrides):
@@ -165,14 +220,26 @@ def from_pretrained(base, gates: str | Path, **config_overrides):
 
     ``config_overrides`` replace :class:`SeerConfig` fields (``mode``, ``policy``, ``impl``...).
     Returns the model (its state: :func:`~seerattn.hf.get_seer_state`).
+
+    All-or-nothing: the adapter's config and weights are validated and read before the gates are
+    attached; on any error a model passed in is left exactly as it was (a retry can follow).
     """
+    gates = Path(gates)
     meta = read_adapter_config(gates)
+    config = config_from_adapter(meta, **config_overrides)
+    config.policy.check_num_layers(meta["model"]["num_hidden_layers"])
     if isinstance(base, (str, Path)):
         from transformers import AutoModelForCausalLM
 
         base = AutoModelForCausalLM.from_pretrained(str(base))
-    apply_seer_attention(base, config_from_adapter(meta, **config_overrides))
-    load_gates(base, gates)
+    _check_model_shape(meta, base, gates)
+    tensors = _read_gate_tensors(gates, _gate_shapes(base, config.gate))
+    apply_seer_attention(base, config)
+    try:
+        _copy_into_gates(base, tensors)
+    except BaseException:  # not expected after the checks above; whatever it is, take the gates off again
+        remove_seer_attention(base)
+        raise
     return base
 
 

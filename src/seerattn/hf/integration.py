@@ -161,7 +161,9 @@ class SeerState:
 
     def set(self, **changes) -> None:
         """Replace config fields (e.g. ``state.set(mode="dense")`` or ``policy=...``), validated."""
-        self.config = replace(self.config, **changes)
+        config = replace(self.config, **changes)
+        config.policy.check_num_layers(len(self._attn_modules))
+        self.config = config
 
     def reset(self) -> None:
         """Forget the statistics, losses and metrics of earlier forwards."""
@@ -464,8 +466,11 @@ def apply_seer_attention(model: torch.nn.Module, config: SeerConfig | None = Non
     rotary = getattr(base, "rotary_emb", None)
     if rotary is None and config.gate.use_rope:
         raise ValueError(f"{type(model).__name__} has no shared rotary embedding (`.model.rotary_emb`)")
+    config.policy.check_num_layers(len(layers))
     state = SeerState(config=config, _rotary=rotary, _original_impl=model.config._attn_implementation)
     param = next(model.parameters())
+    # Every check and every gate first, the model changed last: an error leaves it as it was.
+    gates = []
     for i, layer in enumerate(layers):
         attn = layer.self_attn
         if getattr(attn, "layer_idx", i) != i:
@@ -474,7 +479,10 @@ def apply_seer_attention(model: torch.nn.Module, config: SeerConfig | None = Non
         gate_dim = config.gate.gate_dim or d
         if config.gate.use_rope and rotary is not None and gate_dim != d:
             raise ValueError(f"gate_dim ({gate_dim}) must equal the head dim ({d}) when the gate uses the model's RoPE")
-        attn.seer_gate = AttnGate(hq, hkv, d, config.gate).to(device=param.device)
+        gates.append(AttnGate(hq, hkv, d, config.gate).to(device=param.device))
+    for i, (layer, gate) in enumerate(zip(layers, gates, strict=True)):
+        attn = layer.self_attn
+        attn.seer_gate = gate
         attn._seer_state = state
         state._attn_modules.append(attn)
         hook = functools.partial(_capture_hook, state, i, "q")
