@@ -442,3 +442,15 @@ def test_committed_finetune_recipes_are_valid():
     assert {k: v for k, v in committed.items() if v is not None} == {
         k: (list(v) if isinstance(v, tuple) else v) for k, v in gates.gate_config().to_dict().items() if v is not None
     }
+
+
+def test_train_step_benchmark_runs_in_its_cpu_smoke_configuration(tmp_path):
+    from benchmarks import train_step
+    from seerattn.record import read_record
+
+    assert train_step.main(["--smoke", "--seqlens", "192", "--json", str(tmp_path / "t.json")]) == 0
+    record = read_record(tmp_path / "t.json")
+    assert record["kind"] == "bench-train-step"
+    rows = {r["method"]: r for r in record["results"]}
+    assert set(rows) == {"sdpa", "seer@0.1"} and all(r["ms"] > 0 and r["seq_len"] == 192 for r in rows.values())
+    assert 0.1 <= rows["seer@0.1"]["density"] < 1

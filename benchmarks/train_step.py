@@ -1,0 +1,152 @@
+"""One training step of a Llama-3.1-8B-shaped model: dense SDPA vs seer's fine-tuning mode (issue 13, section 4).
+
+    python3 -m benchmarks.train_step --seqlens 32768,65536 --density 0.1 --json runs/train_step.json
+    python3 -m benchmarks.train_step --smoke    # a tiny model on the CPU: checks that it runs
+
+Builds ``LlamaForCausalLM`` with Llama-3.1-8B's shape (``benchmarks.shapes.LLAMA_31_8B``, ``--layers``
+decoder layers, random bf16 weights: speed only) and times one training step of a batch-1 sequence:
+forward + backward with gradient checkpointing per decoder layer (transformers' non-reentrant
+checkpointing, as ``seerattn finetune`` runs it), bf16 weights and gradients, no optimizer. Median over
+``--reps`` after ``--warmup`` (CUDA events), tokens/s and peak memory:
+
+- ``sdpa``: the unmodified model (PyTorch SDPA: FlashAttention-2 forward and backward on the H200);
+- ``seer@d``: the same weights with fresh AttnGates in mode ``finetune`` at density ``d`` (``--density``;
+  0.1 = 90 % sparsity): gate (with its gradient), policy, block-sparse attention forward and backward
+  through the Triton kernels, and the ground-truth pass (``attention_with_block_scores`` under
+  ``no_grad``, the gate's target) with the gate loss added to the loss, i.e. everything a joint step
+  runs. Untrained gates pick arbitrary blocks; the time depends on how many are kept, which the policy fixes.
+
+What the loss is: the decoder stack's output (after the final norm) through a fixed random projection to
+64 values, squared and averaged (plus 10 x the gate loss for seer). The LM head and its cross-entropy are
+left out of both: they cost the same for both and, at 64k tokens x 128k vocabulary, need a chunked loss
+to fit (the fine-tuning trainer computes transformers' full-logit loss, fine for the testbed's 14k vocabulary).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from benchmarks.shapes import LLAMA_31_8B
+from seerattn import SparsityPolicy
+from seerattn.gate import GateConfig
+from seerattn.hf import SeerConfig, apply_seer_attention, get_seer_state, remove_seer_attention
+from seerattn.record import write_record
+from seerattn.train.finetune import enable_gradient_checkpointing
+
+# --smoke: a tiny Llama on the CPU (it runs; times mean nothing)
+SMOKE_SHAPE = dict(
+    vocab_size=512, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16
+)
+GATE = GateConfig(q_pooling=("avg", "max", "min"), q_subblock=16)  # the testbed's gate (block 64)
+GATE_LOSS_WEIGHT = 10.0
+
+
+def train_step(model, ids: torch.Tensor, probe: torch.Tensor) -> None:
+    """Forward + backward of the decoder stack (module docstring: what the loss is); gradients accumulate."""
+    hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state  # [1, T, H]
+    loss = (hidden.float() @ probe).square().mean()
+    state = getattr(model, "_seer_state", None)
+    if state is not None:
+        loss = loss + GATE_LOSS_WEIGHT * state.total_gate_loss()
+    loss.backward()  # the gate losses stay in the state until the next forward replaces them (graphs freed)
+
+
+def time_step(model, ids: torch.Tensor, probe: torch.Tensor, warmup: int, reps: int) -> tuple[float, float]:
+    """Median ms of :func:`train_step` and the peak memory (GiB, CUDA) of the timed steps."""
+    cuda = ids.device.type == "cuda"
+    times = []
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(warmup + reps):
+        model.zero_grad(set_to_none=True)
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        train_step(model, ids, probe)
+        if cuda:
+            end.record()
+            torch.cuda.synchronize()
+        ms = start.elapsed_time(end) if cuda else (time.perf_counter() - t0) * 1e3
+        if i >= warmup:
+            times.append(ms)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    model.zero_grad(set_to_none=True)
+    return statistics.median(times), peak
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seqlens", help="comma list of sequence lengths (32768,65536; smoke: 256)")
+    p.add_argument("--density", type=float, default=0.1, help="seer's block density (0.1 = 90 %% sparsity)")
+    p.add_argument("--mask-heads", default="q", choices=["q", "kv"], help="one mask per query head or per group")
+    p.add_argument("--layers", type=int, default=32, help="decoder layers (32 = the real depth, if it fits)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--smoke", action="store_true", help="a tiny model on the CPU, one rep (checks that it runs)")
+    p.add_argument("--json", help="write the run record here")
+    args = p.parse_args(argv)
+    if args.smoke:
+        device, shape = "cpu", {**LLAMA_31_8B, **SMOKE_SHAPE, "num_hidden_layers": min(args.layers, 2)}
+        seqlens, dtype, impl, args.warmup, args.reps = args.seqlens or "256", torch.float32, "reference", 0, 1
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("benchmarks.train_step needs a CUDA GPU (or --smoke)")
+        device, shape = "cuda", {**LLAMA_31_8B, "num_hidden_layers": args.layers}
+        seqlens, dtype, impl = args.seqlens or "32768,65536", torch.bfloat16, None
+    cuda = device == "cuda"
+    config = LlamaConfig(**shape, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+        probe = torch.randn(config.hidden_size, 64) / config.hidden_size**0.5
+    model.train()  # transformers checkpoints only in training mode (attention dropout is 0)
+    enable_gradient_checkpointing(model)
+    rows = []
+    for t in (int(x) for x in seqlens.split(",")):
+        ids = torch.randint(0, config.vocab_size, (1, t), device=device)
+        dense_ms, dense_gib = time_step(model, ids, probe, args.warmup, args.reps)
+        dense = {"seq_len": t, "method": "sdpa", "ms": dense_ms, "tokens_per_s": t / dense_ms * 1e3}
+        rows.append({**dense, "peak_gib": dense_gib, "speedup": 1.0, "density": 1.0})
+        print(
+            f"T={t:>6} {'sdpa':<10} {dense_ms:9.1f} ms  {t / dense_ms * 1e3:9.0f} tok/s  {dense_gib:6.1f} GiB",
+            flush=True,
+        )
+        policy = SparsityPolicy("density", args.density)
+        cfg = SeerConfig(gate=GATE, policy=policy, mode="finetune", impl=impl, mask_heads=args.mask_heads)
+        apply_seer_attention(model, cfg)
+        ms, gib = time_step(model, ids, probe, args.warmup, args.reps)
+        realised = get_seer_state(model).mean_density()
+        remove_seer_attention(model)
+        label = f"seer@{args.density:g}"
+        rows.append(
+            {
+                "seq_len": t,
+                "method": label,
+                "ms": ms,
+                "tokens_per_s": t / ms * 1e3,
+                "peak_gib": gib,
+                "speedup": dense_ms / ms,
+                "density": realised,
+            }
+        )
+        speed = f"{t / ms * 1e3:9.0f} tok/s  {gib:6.1f} GiB  {dense_ms / ms:5.2f}x  density {realised:.3f}"
+        print(f"T={t:>6} {label:<10} {ms:9.1f} ms  {speed}", flush=True)
+        del ids
+        if cuda:
+            torch.cuda.empty_cache()
+    if args.json:
+        extra = {"gpu": torch.cuda.get_device_name()} if cuda else {}
+        model_info = {"shape": {k: v for k, v in shape.items() if k != "rope_scaling"}, "dtype": str(dtype)}
+        write_record(args.json, "bench-train-step", rows, {**vars(args), "device": device}, model_info, extra)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
