@@ -131,7 +131,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mask-heads", default="hkv", help="hkv (one decision per GQA group), hq (per query head)")
     p.add_argument("--providers", default="ours,fa2,cudnn,flex")
     p.add_argument("--scores", action="store_true", help="also time attention_with_block_scores")
-    p.add_argument("--sweep", action="store_true", help="also time every candidate kernel config")
+    p.add_argument(
+        "--sweep", action="store_true", help="also time every candidate kernel config (with --backward: of each pass)"
+    )
     p.add_argument("--union-off", action="store_true", help="also time per-Hq masks with 64-row tiles")
     p.add_argument("--backward", action="store_true", help="time forward + backward (and the backward alone)")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time (ms)")
@@ -250,6 +252,52 @@ def _bwd_only(attn, q, k, v, dout):
     return lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
 
 
+def sweep_backward(args, q, k, v, dout, mask, scale, common: dict) -> list[dict]:
+    """Rows ``op="bwd"`` for every dK/dV candidate (dQ at its default) and every dQ candidate (dK/dV at
+    its default): one kernel forced at a time, so the rows show which candidate each pass prefers."""
+    from seerattn.ops._triton import config as kcfg
+    from seerattn.ops._triton.sparse_bwd import block_sparse_attention_bwd
+    from seerattn.ops._triton.sparse_fwd import block_sparse_attention_fwd
+
+    bs, hq, d = mask.block_size, q.shape[1], q.shape[-1]
+    with torch.no_grad():
+        out, lse = block_sparse_attention_fwd(q, k, v, mask.kv_num_blocks, mask.kv_indices, bs, scale)
+    lists = (mask.kv_num_blocks, mask.kv_indices, mask.q_num_blocks, mask.q_indices)
+    c1s, c2s = kcfg.dkdv_configs(bs, d), kcfg.dq_configs(bs, hq // mask.num_heads, d)
+    rows = []
+    for which, cands in (("dkdv", c1s), ("dq", c2s)):
+        for cfg in cands:
+            forced = (
+                {"dkdv_config": cfg, "dq_config": c2s[0]}
+                if which == "dkdv"
+                else {"dkdv_config": c1s[0], "dq_config": cfg}
+            )
+            fn = functools.partial(
+                block_sparse_attention_bwd,
+                q.detach(),
+                k.detach(),
+                v.detach(),
+                out,
+                lse,
+                dout,
+                *lists,
+                bs,
+                scale,
+                **forced,
+            )
+            ms = bench(fn, rep=args.rep)
+            rows.append(
+                common
+                | dict(
+                    op="bwd",
+                    provider=f"ours[{which} {cfg.short()}]",
+                    ms=ms,
+                    tflops=10 * d * computed_pairs(mask, hq) / ms / 1e9,
+                )
+            )
+    return rows
+
+
 def run_shape_backward(args, model: str, t: int, record) -> None:
     """Forward + backward rows for one (model, T) (see the module docstring)."""
     import triton.testing
@@ -350,6 +398,8 @@ def run_shape_backward(args, model: str, t: int, record) -> None:
                         ours = lambda q, k, v, mask=mask: block_sparse_attention(q, k, v, mask, impl="triton")
                         ms = bench(_fwd_bwd(ours, q, k, v, dout), rep=args.rep)
                         rows.append(dict(**common, provider="ours", ms=ms, tflops=tflops(pairs, ms, "fwd+bwd")))
+                        if args.sweep:  # the backward alone with each dK/dV and each dQ candidate
+                            rows += sweep_backward(args, q, k, v, dout, mask, scale, common)
                         if density >= 1.0:
                             ms_b = bench(_bwd_only(ours, q, k, v, dout), rep=args.rep)
                             rows.append(

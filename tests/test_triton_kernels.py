@@ -32,7 +32,6 @@ from kernel_helpers import (  # noqa: E402
     EPS,
     assert_within_lowp,
     lowp_attention,
-    patch_interpreter_index,
     poisoned_outputs,
     rand_mask,
     rand_qkv,
@@ -53,9 +52,6 @@ pytestmark = [
     # FlexAttention's eager path (CPU) is the intended reference-speed path here.
     pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile:UserWarning"),
 ]
-
-
-patch_interpreter_index()
 
 
 def check_sparse(q, k, v, mask, cu_seqlens=None, config=None):
