@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import shutil
 
 import pytest
 import torch
-from hf_models import GATE, HEAD_DIM, HQ, LAYERS, input_ids, make_config, make_model
+from hf_models import GATE, HEAD_DIM, HKV, HQ, LAYERS, input_ids, make_config, make_model
 from safetensors.torch import load_file, save_file
 
 import seerattn
@@ -220,45 +221,190 @@ def test_load_into_unprepared_model(saved):
 
 
 # ------------------------------------------------------------------------------ official converter
-def _official(with_q=False, seed=0):
+BS_OFFICIAL = 16  # the tiny models' prompts span ~10 blocks of 16 tokens
+
+
+def _official_config(gate_type="Qavg_Kmaxminavg", force_double=False, hidden=HEAD_DIM, **extra) -> dict:
+    """The gate fields of an official SeerAttention ``config.json`` (plus the base model's shape, as there)."""
+    return {
+        "model_type": "llama",
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": HQ,
+        "num_key_value_heads": HKV,
+        "seerattn_gate_type": gate_type,
+        "seerattn_gate_block_size": BS_OFFICIAL,
+        "seerattn_gate_hidden_size": hidden,
+        "seerattn_gate_force_double": force_double,
+        "seerattn_sparsity_method": "threshold",
+        **extra,
+    }
+
+
+def _pools(gate_type: str) -> tuple[list[str], list[str]]:
+    q, k = gate_type[1:].split("_K")
+    split = lambda s: [s[i : i + 3] for i in range(0, len(s), 3)]  # noqa: E731
+    return split(q), split(k)
+
+
+def _official_weights(gate_type, force_double=False, seed=0, hkv=HKV) -> dict:
+    """Random weights in the official layout: with a q weight (several Q poolings, or force_double) the k
+    weight is per KV head, ``[Hkv, Ck*D, Dg]``; without one it is per query head, ``[Hq, Ck*D, Dg]``."""
+    qp, kp = _pools(gate_type)
+    has_q = len(qp) > 1 or force_double
     g = torch.Generator().manual_seed(seed)
-    sd = {OFFICIAL.format(i, "k"): torch.randn(HQ, 3 * HEAD_DIM, HEAD_DIM, generator=g) for i in range(LAYERS)}
-    if with_q:
-        sd.update({OFFICIAL.format(i, "q"): torch.randn(HQ, HEAD_DIM, HEAD_DIM, generator=g) for i in range(LAYERS)})
+    sd = {}
+    for i in range(LAYERS):
+        sd[OFFICIAL.format(i, "k")] = torch.randn(hkv if has_q else HQ, len(kp) * HEAD_DIM, HEAD_DIM, generator=g) * 0.3
+        if has_q:
+            sd[OFFICIAL.format(i, "q")] = torch.randn(HQ, len(qp) * HEAD_DIM, HEAD_DIM, generator=g) * 0.3
     return sd
 
 
-@pytest.mark.parametrize("with_q", [False, True], ids=["k-only", "k-and-q"])
-def test_convert_official_checkpoint_round_trip(tmp_path, with_q):
-    sd = _official(with_q)
+def _official_gate_logits(q, k, sd, layer, gate_type, force_double, theta, dtype):
+    """The official prefill gate, computed independently from its description (not from its code).
+
+    q: [B, T, Hq, D], k: [B, T, Hkv, D] pre-RoPE. Each block of ``BS_OFFICIAL`` tokens (the last one over the
+    tokens it has) is pooled with every pooling the gate type names, concatenated on channels in the
+    name's order. Q: projected per query head by ``mask_linear_q`` when the gate has it, else used as is.
+    K: with a q weight, projected per KV head and then repeated over each GQA group's query heads;
+    without, repeated to the query heads first and projected per query head. Both are rotated
+    (rotate-half RoPE, base ``theta``) at each block's first-token position; scores are
+    ``q . k / sqrt(Dg)`` over key blocks up to and including the diagonal. Returns [B, Hq, NB, NB]
+    with -inf above the diagonal.
+    """
+    qp, kp = _pools(gate_type)
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    nb = -(-t // BS_OFFICIAL)
+    reduce = {"max": lambda x: x.amax(1), "min": lambda x: x.amin(1), "avg": lambda x: x.mean(1)}
+
+    def pool(x, names):  # [B, T, H, D] -> [B, NB, H, C*D]
+        blocks = [x[:, j * BS_OFFICIAL : (j + 1) * BS_OFFICIAL] for j in range(nb)]
+        return torch.stack([torch.cat([reduce[n](blk) for n in names], -1) for blk in blocks], 1)
+
+    q, k = q.to(dtype), k.to(dtype)
+    kw = sd[OFFICIAL.format(layer, "k")].to(dtype)
+    qw = sd.get(OFFICIAL.format(layer, "q"))
+    qg = pool(q, qp)
+    if qw is not None:
+        qg = torch.einsum("bnhc,hcg->bnhg", qg, qw.to(dtype))
+        kg = torch.einsum("bnhc,hcg->bnhg", pool(k, kp), kw).repeat_interleave(hq // hkv, dim=2)
+    else:
+        kg = torch.einsum("bnhc,hcg->bnhg", pool(k, kp).repeat_interleave(hq // hkv, dim=2), kw)
+    dg = kg.shape[-1]
+    pos = torch.arange(nb, dtype=dtype) * BS_OFFICIAL
+    angle = pos[:, None] * (1.0 / theta ** (torch.arange(0, dg, 2, dtype=dtype) / dg))[None]
+    cos, sin = torch.cat([angle.cos()] * 2, -1)[None, :, None], torch.cat([angle.sin()] * 2, -1)[None, :, None]
+
+    def rope(x):
+        x1, x2 = x[..., : dg // 2], x[..., dg // 2 :]
+        return x * cos + torch.cat([-x2, x1], -1) * sin
+
+    scores = torch.einsum("bihg,bjhg->bhij", rope(qg), rope(kg)) / math.sqrt(dg)
+    causal = torch.ones(nb, nb, dtype=torch.bool).tril()
+    return scores.masked_fill(~causal, float("-inf"))
+
+
+OFFICIAL_LAYOUTS = [
+    # (gate type, force_double): every prefill layout with hidden size == head dim
+    ("Qavg_Kmaxminavg", False),  # the default: no q weight, k per query head
+    ("Qavg_Kmaxmin", False),  # two K poolings (failed from the CLI before)
+    ("Qmax_Kmaxminavg", False),  # max-pooled Q used as is (became a Qavg gate before)
+    ("Qmin_Kavg", False),
+    ("Qavg_Kmaxminavg", True),  # force_double: q weight, k per KV head (refused before)
+    ("Qmaxavg_Kmaxminavg", False),  # two Q poolings: q weight, k per KV head
+    ("Qmaxminavg_Kmin", False),
+]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize(
+    "gate_type,force_double", OFFICIAL_LAYOUTS, ids=[f"{g}{'-fd' if f else ''}" for g, f in OFFICIAL_LAYOUTS]
+)
+def test_convert_every_official_layout_exactly(tmp_path, family, gate_type, force_double):
+    """Converted gates give the official gate's logits (error vs an fp64 computation of the official gate
+    within 2x that of the same computation in fp32) and the same block masks."""
+    sd = _official_weights(gate_type, force_double, seed=3)
     torch.save(sd, tmp_path / "attn_gate_weights.pth")
-    base = make_model("llama")
+    (tmp_path / "config.json").write_text(json.dumps(_official_config(gate_type, force_double, model_type=family)))
+    base = make_model(family)
     out = convert_official_checkpoint(
-        tmp_path / "attn_gate_weights.pth",
-        tmp_path / "adapter",
-        base.config,
-        base_model="official/x",
-        gate=GATE,
+        tmp_path / "attn_gate_weights.pth", tmp_path / "adapter", base.config, base_model="official/x"
     )
-    # The caller's config (here a live model's) is left as it was.
-    assert base.config._attn_implementation == "sdpa"
-    model = from_pretrained(copy.deepcopy(base), out)
-    assert get_seer_state(model).config.base_model == "official/x"
-    for i, g in gate_modules(model).items():
-        assert torch.equal(g.k_proj.detach(), sd[OFFICIAL.format(i, "k")])
-        if with_q:
-            assert torch.equal(g.q_proj.detach(), sd[OFFICIAL.format(i, "q")])
-        else:
-            assert g.q_proj is None
-    # Same logits as setting those weights by hand.
-    manual = copy.deepcopy(base)
-    apply_seer_attention(manual, SeerConfig(gate=GateConfig(block_size=16, q_projection=with_q or None)))
-    with torch.no_grad():
-        for i, g in gate_modules(manual).items():
-            g.k_proj.copy_(sd[OFFICIAL.format(i, "k")])
-            if with_q:
-                g.q_proj.copy_(sd[OFFICIAL.format(i, "q")])
-    assert torch.equal(_logits(model, input_ids(T)), _logits(manual, input_ids(T)))
+    assert base.config._attn_implementation == "sdpa"  # the caller's config (a live model's) is left as it was
+    model = from_pretrained(copy.deepcopy(base), out, policy=SparsityPolicy("density", 0.3))
+    state = get_seer_state(model)
+    assert state.config.base_model == "official/x"
+    assert state.config.gate.block_size == BS_OFFICIAL and list(state.config.gate.k_pooling) == _pools(gate_type)[1]
+    state.capture = True
+    ids = input_ids(T)
+    _logits(model, ids)
+    theta = base.config.rope_parameters["rope_theta"]
+    for layer in range(LAYERS):
+        q_pre, k_pre = state.captures[layer][:2]
+        q4, k4 = q_pre.view(1, T, HQ, HEAD_DIM), k_pre.view(1, T, HKV, HEAD_DIM)
+        from seerattn.hf import gate_logits
+
+        ours = gate_logits(model, layer, q4.transpose(1, 2), k4.transpose(1, 2))
+        want = _official_gate_logits(q4, k4, sd, layer, gate_type, force_double, theta, torch.float64)
+        fp32 = _official_gate_logits(q4, k4, sd, layer, gate_type, force_double, theta, torch.float32)
+        causal = torch.isfinite(want)
+        assert torch.equal(torch.isfinite(ours), causal)
+        err, ref_err = (ours.double() - want)[causal].abs().max(), (fp32.double() - want)[causal].abs().max()
+        assert err <= 2 * ref_err + 1e-5, (err, ref_err)
+        policy = SparsityPolicy("density", 0.3)
+        m_ours = seerattn.mask_from_scores(ours.softmax(-1), policy, T, BS_OFFICIAL).to_dense()
+        m_want = seerattn.mask_from_scores(want.softmax(-1).float(), policy, T, BS_OFFICIAL).to_dense()
+        assert torch.equal(m_ours, m_want)
+
+
+def test_convert_cli_reads_the_official_config_next_to_the_checkpoint(tmp_path, capsys):
+    from seerattn.cli import main
+
+    make_config("qwen2").save_pretrained(tmp_path / "base")
+    src = tmp_path / "official"
+    src.mkdir()
+    sd = _official_weights("Qmax_Kmaxmin")
+    torch.save(sd, src / "attn_gate_weights.pth")
+    (src / "config.json").write_text(json.dumps(_official_config("Qmax_Kmaxmin", model_type="qwen2")))
+    argv = ["convert", str(src / "attn_gate_weights.pth"), "--base-model", str(tmp_path / "base")]
+    assert main([*argv, "-o", str(tmp_path / "adapter")]) == 0
+    gate = GateConfig.from_dict(read_adapter_config(tmp_path / "adapter")["gate"])
+    assert gate.q_pooling == ("max",) and gate.k_pooling == ("max", "min") and gate.q_projection is False
+    (src / "config.json").unlink()
+    assert main([*argv, "-o", str(tmp_path / "adapter2")]) == 2
+    assert "official config" in capsys.readouterr().err and not (tmp_path / "adapter2").exists()
+
+
+OFFICIAL_FAULTS = [
+    ("decode-gate-type", {"seerattn_gate_type": "Kmaxminavg"}, None, "seerattn_gate_type 'Kmaxminavg'"),
+    ("unknown-pooling", {"seerattn_gate_type": "Qavg_Kmaxmed"}, None, "seerattn_gate_type 'Qavg_Kmaxmed'"),
+    ("non-official-order", {"seerattn_gate_type": "Qavgmax_Kmaxminavg"}, None, "seerattn_gate_type 'Qavgmax"),
+    ("hidden-not-head-dim", {"seerattn_gate_hidden_size": 32}, None, "seerattn_gate_hidden_size 32"),
+    ("block-size", {"seerattn_gate_block_size": 48}, None, "block_size"),
+    ("force-double-str", {"seerattn_gate_force_double": "false"}, None, "seerattn_gate_force_double"),
+    ("not-official", {"seerattn_gate_type": None}, None, "not an official SeerAttention gate config"),
+    ("other-model", {"num_key_value_heads": 4}, None, "num_key_value_heads"),
+    # the weights disagree with the config
+    ("q-weight-unexpected", {}, lambda sd: sd.update(_official_weights("Qavg_Kmaxminavg", True)), "unexpected"),
+    ("q-weight-missing", {"seerattn_gate_force_double": True}, lambda sd: None, "missing"),
+    ("k-per-query-head-with-q", {"seerattn_gate_force_double": True}, "k-hq", r"expected \(2, 48, 16\)"),
+    ("wrong-k-width", {"seerattn_gate_type": "Qavg_Kmaxmin"}, lambda sd: None, r"expected \(4, 32, 16\)"),
+]
+
+
+@pytest.mark.parametrize("fields,weights,match", [f[1:] for f in OFFICIAL_FAULTS], ids=[f[0] for f in OFFICIAL_FAULTS])
+def test_convert_refuses_what_it_cannot_convert_exactly(tmp_path, fields, weights, match):
+    cfg = {k: v for k, v in {**_official_config(), **fields}.items() if v is not None}
+    sd = _official_weights("Qavg_Kmaxminavg")
+    if weights == "k-hq":
+        sd = _official_weights("Qavg_Kmaxminavg", True, hkv=HQ)
+    elif weights is not None:
+        weights(sd)
+    torch.save(sd, tmp_path / "w.pth")
+    with pytest.raises(ValueError, match=match):
+        convert_official_checkpoint(tmp_path / "w.pth", tmp_path / "adapter", make_config("llama"), official_config=cfg)
+    assert not (tmp_path / "adapter").exists()
 
 
 @pytest.mark.parametrize(
@@ -276,30 +422,39 @@ def test_convert_official_checkpoint_round_trip(tmp_path, with_q):
         (lambda sd: sd.pop(OFFICIAL.format(1, "k")), "missing model.layers.1"),
         (
             lambda sd: sd.update({OFFICIAL.format(1, "q"): torch.zeros(HQ, HEAD_DIM, HEAD_DIM)}),
-            "missing model.layers.0",
+            "unexpected",
         ),
+        (lambda sd: sd.update({OFFICIAL.format(0, "k"): sd[OFFICIAL.format(0, "k")].long()}), "floating-point"),
     ],
-    ids=["unexpected-name", "layer-out-of-range", "wrong-shape", "missing-layer", "q-on-one-layer-only"],
+    ids=["unexpected-name", "layer-out-of-range", "wrong-shape", "missing-layer", "q-on-one-layer-only", "int-dtype"],
 )
 def test_convert_errors(tmp_path, edit, match):
-    sd = _official()
+    sd = _official_weights("Qavg_Kmaxminavg")
     edit(sd)
     torch.save(sd, tmp_path / "w.pth")
     with pytest.raises(ValueError, match=match):
-        convert_official_checkpoint(tmp_path / "w.pth", tmp_path / "adapter", make_config("llama"), gate=GATE)
+        convert_official_checkpoint(
+            tmp_path / "w.pth", tmp_path / "adapter", make_config("llama"), official_config=_official_config()
+        )
     assert not (tmp_path / "adapter").exists()
 
 
 def test_convert_unreadable_inputs(tmp_path):
-    cfg = make_config("llama")
+    cfg, official = make_config("llama"), _official_config()
     with pytest.raises(FileNotFoundError, match="not found"):
-        convert_official_checkpoint(tmp_path / "none.pth", tmp_path / "a", cfg)
+        convert_official_checkpoint(tmp_path / "none.pth", tmp_path / "a", cfg, official_config=official)
     (tmp_path / "junk.pth").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="could not be read as a weights-only torch checkpoint"):
-        convert_official_checkpoint(tmp_path / "junk.pth", tmp_path / "a", cfg)
+        convert_official_checkpoint(tmp_path / "junk.pth", tmp_path / "a", cfg, official_config=official)
     torch.save(torch.zeros(3), tmp_path / "tensor.pth")
     with pytest.raises(ValueError, match="holds a Tensor, expected a state dict"):
-        convert_official_checkpoint(tmp_path / "tensor.pth", tmp_path / "a", cfg)
+        convert_official_checkpoint(tmp_path / "tensor.pth", tmp_path / "a", cfg, official_config=official)
+    torch.save(_official_weights("Qavg_Kmaxminavg"), tmp_path / "w.pth")
+    with pytest.raises(FileNotFoundError, match=r"official config .*config.json not found"):
+        convert_official_checkpoint(tmp_path / "w.pth", tmp_path / "a", cfg)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        convert_official_checkpoint(tmp_path / "w.pth", tmp_path / "a", cfg)
 
 
 # ------------------------------------------------------------------------------ all-or-nothing loading

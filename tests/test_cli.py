@@ -102,6 +102,12 @@ def test_convert_command(tmp_path, capsys):
         for i in range(LAYERS)
     }
     torch.save(sd, tmp_path / "attn_gate_weights.pth")
+    official = {
+        "seerattn_gate_type": "Qavg_Kmaxminavg",
+        "seerattn_gate_block_size": 64,
+        "seerattn_gate_hidden_size": 16,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(official))  # the official config, next to the weights
     argv = ["convert", str(tmp_path / "attn_gate_weights.pth"), "--base-model", str(tmp_path / "base")]
     assert main([*argv, "-o", str(tmp_path / "adapter")]) == 0
     assert "wrote adapter" in capsys.readouterr().out

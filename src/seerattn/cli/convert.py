@@ -9,7 +9,9 @@ def _run(args) -> int:
     from ..hf import convert_official_checkpoint
 
     config = AutoConfig.from_pretrained(args.base_model)
-    out = convert_official_checkpoint(args.checkpoint, args.output, config, base_model=args.base_model)
+    out = convert_official_checkpoint(
+        args.checkpoint, args.output, config, official_config=args.official_config, base_model=args.base_model
+    )
     print(f"wrote adapter {out}")
     return 0
 
@@ -18,5 +20,9 @@ def register(sub) -> None:
     p = sub.add_parser("convert", help="convert an official SeerAttention gate checkpoint to an adapter")
     p.add_argument("checkpoint", help="path to attn_gate_weights.pth")
     p.add_argument("--base-model", required=True, help="local path of the base model (its config.json is read)")
+    p.add_argument(
+        "--official-config",
+        help="the official gates' config.json, which names the gate type (default: the one next to the checkpoint)",
+    )
     p.add_argument("--output", "-o", required=True, help="adapter folder to write")
     p.set_defaults(func=_run)

@@ -29,7 +29,8 @@ class GateConfig:
         k_pooling: pooling functions for K, concatenated on channels.
         gate_dim: width Dg of the projected gate vectors; None means the head dim.
         q_projection: project pooled Q; None means "only when needed" (Q pooled by more than avg
-            alone, or Dg != head dim), as in the paper.
+            alone, or Dg != head dim), as in the paper. False uses the pooled Q as is, which needs a
+            single Q pooling and Dg == head dim (the official ``Qmax_K*`` / ``Qmin_K*`` gates).
         use_rope: rotate gate vectors with the model's RoPE at each block's first-token position.
         q_subblock: tokens per *query* pooling window; None means the block size (the paper: one pooled
             query per block). With a smaller power of two each block's queries are pooled in
@@ -138,7 +139,8 @@ class AttnGate(nn.Module):
 
     Parameters (no bias):
         k_proj: [Hq, Ck * D, Dg]: K is pooled per KV head, repeated over each GQA group and
-            projected once per *query* head (the official layout ``mask_linear_k``).
+            projected once per *query* head (the official ``mask_linear_k`` of gates without a q
+            weight; gates with one hold it per KV head, which the converter repeats over the group).
         q_proj: [Hq, Cq * D, Dg], present only when needed (see :class:`GateConfig`).
 
     Initialisation: the avg-pooled channels of K map to the gate space as the identity (other
@@ -156,9 +158,9 @@ class AttnGate(nn.Module):
         self.gate_dim = head_dim if config.gate_dim is None else config.gate_dim
         need_q = config.q_pooling != ("avg",) or self.gate_dim != head_dim
         self.has_q_proj = need_q if config.q_projection is None else config.q_projection
-        if need_q and not self.has_q_proj:
+        if not self.has_q_proj and (len(config.q_pooling) > 1 or self.gate_dim != head_dim):
             raise ValueError(
-                "q_projection=False needs q_pooling == ('avg',) and gate_dim == head_dim (the pooled Q must "
+                "q_projection=False needs a single Q pooling and gate_dim == head_dim (the pooled Q must "
                 f"already have the gate width); got q_pooling={config.q_pooling}, gate_dim={self.gate_dim}, "
                 f"head_dim={head_dim}"
             )

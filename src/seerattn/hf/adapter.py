@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -39,9 +40,12 @@ __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
     "FORMAT_VERSION",
+    "OFFICIAL_CONFIG",
     "convert_official_checkpoint",
     "from_pretrained",
     "load_gates",
+    "official_gate_config",
+    "read_adapter_config",
     "save_gates",
 ]
 
@@ -243,60 +247,168 @@ def from_pretrained(base, gates: str | Path, **config_overrides):
     return base
 
 
+# ---------------------------------------------------------------------------------------- official gates
+OFFICIAL_CONFIG = "config.json"
+OFFICIAL_KEY = "model.layers.{}.self_attn.attn_gate.mask_linear_{}.weight"
+# An official gate type names its Q and K poolings in this order ("Qavg_Kmaxminavg"): its gate
+# classes are generated from the combinations of (max, min, avg).
+_OFFICIAL_POOLING_ORDER = ("max", "min", "avg")
+_OFFICIAL_GATE_TYPE = re.compile(r"^Q((?:max|min|avg)+)_K((?:max|min|avg)+)$")
+_OFFICIAL_SHAPE_FIELDS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim")
+
+
+def _official_poolings(gate_type) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """("avg",), ("max", "min", "avg") from "Qavg_Kmaxminavg"; ValueError for anything else."""
+    m = _OFFICIAL_GATE_TYPE.match(gate_type) if isinstance(gate_type, str) else None
+    pools = []
+    for part in m.groups() if m else ():
+        names = tuple(part[i : i + 3] for i in range(0, len(part), 3))
+        rank = [_OFFICIAL_POOLING_ORDER.index(n) for n in names]
+        if rank != sorted(set(rank)):  # repeated or out of the official order: no official class has it
+            m = None
+            break
+        pools.append(names)
+    if m is None:
+        raise ValueError(
+            f"official seerattn_gate_type {gate_type!r} is not a prefill gate seerattn can convert; accepted: "
+            "'Q<poolings>_K<poolings>', each a run of max, min, avg in that order without repeats (e.g. "
+            "'Qavg_Kmaxminavg', 'Qmax_Kmaxmin'). Decode gates (SeerAttention-R, 'K...' types) are not supported"
+        )
+    return pools[0], pools[1]
+
+
+def _read_official_config(official_config, src: Path) -> tuple[dict, str]:
+    """The official config's fields and a name for it in messages."""
+    if isinstance(official_config, dict):
+        return official_config, "the official config"
+    path = src.parent / OFFICIAL_CONFIG if official_config is None else Path(official_config)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"official config {path} not found: the official gate folders hold a {OFFICIAL_CONFIG} next to "
+            "attn_gate_weights.pth that names the gate type; pass its path (--official-config)"
+        )
+    try:
+        official = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(official, dict):
+        raise ValueError(f"{path} holds a JSON {type(official).__name__}, expected an object")
+    return official, str(path)
+
+
+def official_gate_config(official: dict, model_config, where: str = "the official config") -> tuple[GateConfig, bool]:
+    """The :class:`GateConfig` of an official prefill gate, and whether its k weight is per KV head.
+
+    ``official``: the fields of the official ``config.json`` (``seerattn_gate_type``,
+    ``seerattn_gate_block_size``, ``seerattn_gate_hidden_size``, ``seerattn_gate_force_double`` -- absent
+    means false, the official default); ``model_config``: the base model's config (the shape fields the
+    official config also holds must agree with it).
+
+    The official gate has a q weight ``[Hq, Cq*D, Dg]`` when Q is pooled more than one way, Dg differs
+    from the head dim, or ``force_double`` is set; then its k weight is per KV head ``[Hkv, Ck*D, Dg]``
+    (its output repeated over the group's query heads), otherwise per query head ``[Hq, Ck*D, Dg]``
+    (applied to K repeated over the group). Gates with Dg != head dim are refused: the official gate
+    then rotates Dg-wide vectors with the head dim's RoPE table, which seerattn's gate does not do.
+    """
+    required = ("seerattn_gate_type", "seerattn_gate_block_size", "seerattn_gate_hidden_size")
+    missing = [f for f in required if f not in official]
+    if missing:
+        raise ValueError(f"{where} is not an official SeerAttention gate config: it lacks {missing}")
+    for key in _OFFICIAL_SHAPE_FIELDS:
+        theirs, ours = official.get(key), getattr(model_config, key, None)
+        if theirs is not None and ours is not None and theirs != ours:
+            raise ValueError(f"{where} is for another model: {key} {theirs} there, {ours} in the base model's config")
+    q_pools, k_pools = _official_poolings(official["seerattn_gate_type"])
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    hidden = official["seerattn_gate_hidden_size"]
+    if hidden != head_dim:
+        raise ValueError(
+            f"{where}: seerattn_gate_hidden_size {hidden!r} differs from the head dim {head_dim}; seerattn converts "
+            "gates of the head dim's width only (the official prefill gate rotates its outputs with the model's "
+            "RoPE table, built for the head dim)"
+        )
+    force = official.get("seerattn_gate_force_double", False)
+    if not isinstance(force, bool):
+        raise ValueError(f"{where}: seerattn_gate_force_double must be true or false, got {force!r}")
+    has_q = len(q_pools) > 1 or force
+    default_q = q_pools != ("avg",)  # GateConfig(q_projection=None)'s rule: keep None where it agrees
+    try:
+        gate = GateConfig(
+            block_size=official["seerattn_gate_block_size"],
+            q_pooling=q_pools,
+            k_pooling=k_pools,
+            q_projection=None if has_q == default_q else has_q,
+        )
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    return gate, has_q
+
+
 def convert_official_checkpoint(
     src: str | Path,
     dst: str | Path,
     model_config,
+    official_config: str | Path | dict | None = None,
     base_model: str | None = None,
-    gate: GateConfig | None = None,
 ) -> Path:
-    """Convert the official ``attn_gate_weights.pth`` into a seerattn adapter folder.
+    """Convert an official prefill ``attn_gate_weights.pth`` into a seerattn adapter folder, exactly.
 
-    The official file maps ``model.layers.{i}.self_attn.attn_gate.mask_linear_k.weight`` to
-    ``[Hq, 3*D, Dg]`` (K pooled as max, min, avg) and, optionally, ``...mask_linear_q.weight`` to
-    ``[Hq, D, Dg]``. It is read with ``torch.load(weights_only=True)`` (no pickled code runs).
+    The gate's layout comes from the official ``config.json`` (:func:`official_gate_config`): every
+    official prefill gate type with gate width == head dim converts to gates that compute the same
+    logits; anything else, or weights that disagree with the config, is refused. The file is read
+    with ``torch.load(weights_only=True)`` (no pickled code runs).
 
     Args:
-        src: the ``.pth`` file.
-        dst: the adapter folder to write.
-        model_config: the base model's transformers config (for the shape checks).
+        src: the ``.pth`` file (``model.layers.{i}.self_attn.attn_gate.mask_linear_{k,q}.weight``).
+        dst: the adapter folder to write (written only when everything checked out).
+        model_config: the base model's transformers config.
+        official_config: the official ``config.json`` (path or parsed fields); default: the one next to ``src``.
         base_model: id recorded in the adapter.
-        gate: gate config; default the paper's (block 64, Q avg, K max/min/avg, RoPE).
     """
     from transformers import AutoModelForCausalLM
 
-    gate = GateConfig() if gate is None else gate
     src = Path(src)
     if not src.is_file():
         raise FileNotFoundError(f"official gate checkpoint {src} not found")
+    official, where = _read_official_config(official_config, src)
+    gate, has_q = official_gate_config(official, model_config, where)
     try:
         sd = torch.load(src, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many types (pickle, zip, unsafe global); report the cause
         raise ValueError(f"{src} could not be read as a weights-only torch checkpoint: {e}") from e
     if not isinstance(sd, dict):
         raise ValueError(f"{src} holds a {type(sd).__name__}, expected a state dict")
-    prefix = "model.layers.{}.self_attn.attn_gate.mask_linear_{}.weight"
+    names = ("k", "q") if has_q else ("k",)
     n = model_config.num_hidden_layers
-    recognised = {prefix.format(i, w) for i in range(n) for w in ("k", "q")}
-    unexpected = sorted(set(sd) - recognised)
+    expected = {OFFICIAL_KEY.format(i, w) for i in range(n) for w in names}
+    layout = (
+        f"a {official['seerattn_gate_type']} gate with force_double={bool(official.get('seerattn_gate_force_double'))}"
+    )
+    unexpected, missing = sorted(set(sd) - expected), sorted(expected - set(sd))
     if unexpected:
-        raise ValueError(f"{src}: keys not in the official gate layout: {unexpected[:5]}")
+        raise ValueError(f"{src}: keys not in the official layout of {layout} ({where}): unexpected {unexpected[:5]}")
+    if missing:
+        raise ValueError(f"{src}: missing {', '.join(missing[:5])} ({layout}, per {where})")
     # The model is built on the meta device: only its gate shapes matter, no memory is used.
     # A copy: building and preparing the shell sets the config's attention implementation, and the
     # caller's config may belong to a live model.
     with torch.device("meta"):
         shell = AutoModelForCausalLM.from_config(copy.deepcopy(model_config))
-    # Any layer's q weight means every layer needs one (a q key on a later layer alone must not be dropped).
-    has_q = any(prefix.format(i, "q") in sd for i in range(n))
-    gate = GateConfig(**{**gate.to_dict(), "q_projection": has_q or None})
     apply_seer_attention(shell, SeerConfig(gate=gate, base_model=base_model))
+    converted = {}
     for i, g in gate_modules(shell).items():
-        for name in ("k", "q") if has_q else ("k",):
-            key = prefix.format(i, name)
-            if key not in sd:
-                raise ValueError(f"{src}: missing {key}")
-            like = getattr(g, f"{name}_proj")
-            if tuple(sd[key].shape) != tuple(like.shape):
-                raise ValueError(f"{src}: {key} has shape {tuple(sd[key].shape)}, expected {tuple(like.shape)}")
-            setattr(g, f"{name}_proj", torch.nn.Parameter(sd[key].float(), requires_grad=False))
+        group = g.num_q_heads // g.num_kv_heads
+        for name in names:
+            key, like = OFFICIAL_KEY.format(i, name), getattr(g, f"{name}_proj")
+            t = sd[key]
+            # with a q weight the official k weight is per KV head: repeated over each group's query heads
+            per_kv = name == "k" and has_q
+            want = (g.num_kv_heads, *like.shape[1:]) if per_kv else tuple(like.shape)
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise ValueError(f"{src}: {key} is not a floating-point tensor ({getattr(t, 'dtype', type(t))})")
+            if tuple(t.shape) != want:
+                raise ValueError(f"{src}: {key} has shape {tuple(t.shape)}, expected {want} ({layout})")
+            converted[(i, name)] = t.float().repeat_interleave(group, dim=0) if per_kv else t.float()
+    for (i, name), t in converted.items():
+        setattr(gate_modules(shell)[i], f"{name}_proj", torch.nn.Parameter(t, requires_grad=False))
     return save_gates(shell, dst)
