@@ -249,9 +249,13 @@ def test_distill_damaged_checkpoint_on_resume_is_one_line_exit_2(tmp_path, capsy
     out = tmp_path / "out"
     folder = save_checkpoint(out / "checkpoints", 2, _state(2), keep=1)
     _damage(folder / STATE_FILE, "truncated")
+    from hf_models import make_config
+
+    make_config("llama").save_pretrained(tmp_path / "m")  # a model folder and data that exist
+    (tmp_path / "d.txt").write_text("some text " * 50)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
-        yaml.safe_dump({"model": str(tmp_path / "m"), "data": [str(tmp_path / "d")], "output_dir": str(out)})
+        yaml.safe_dump({"model": str(tmp_path / "m"), "data": [str(tmp_path / "d.txt")], "output_dir": str(out)})
     )
     assert main(["distill", str(recipe), "--resume"]) == 2
     err = capsys.readouterr().err
