@@ -83,8 +83,8 @@ class Method:
         mode: the :class:`~seerattn.hf.SeerConfig` mode it runs in (``dense``, ``sparse``, ``oracle``,
             ``custom``).
         budget: what the per-setting number means: ``"density"`` (kept fraction of the causal block
-            triangle), ``"threshold"`` / ``"top_p"`` (gate-probability policies; density is realised,
-            not set) or ``"none"`` (dense).
+            triangle), ``"threshold"`` / ``"top_p"`` (gate-probability policies, or for a custom
+            method its own cumulative-mass threshold; density is realised, not set) or ``"none"`` (dense).
         mask_fn: for ``custom`` mode, ``(request, policy, seed) -> BlockMask``; ``policy`` is the
             setting's :class:`~seerattn.SparsityPolicy`: kind ``"density"`` (the budget and allocation)
             or, for a native-mode method, ``"top_p"`` (its value the method's own threshold).
