@@ -191,6 +191,7 @@ class AttnGate(nn.Module):
         k: torch.Tensor,
         cos: torch.Tensor | None = None,
         sin: torch.Tensor | None = None,
+        impl: str | None = None,
     ) -> torch.Tensor:
         """Gate logits over key blocks.
 
@@ -200,6 +201,10 @@ class AttnGate(nn.Module):
             cos, sin: [B or 1, NS, Dg] rotary tables at the first-token position of each query pooling
                 window (NS = ``ceil(T / config.q_step)``; NS = NB without ``q_subblock``); keys use every
                 ``block_size // q_step``-th entry, their blocks' starts. Required when ``config.use_rope``.
+            impl: ``"eager"`` (this module's PyTorch code: differentiable, any device), ``"triton"`` (the
+                fused kernels of :func:`seerattn.ops.gate_block_logits`: inference only, fp32 whatever the
+                weights' dtype, no pooled copy of the sequence) or None: ``"triton"`` on CUDA when no
+                gradient is needed (under ``no_grad`` or with frozen weights and inputs), else ``"eager"``.
 
         Returns:
             logits [B, Hq, NB, NB] in fp32, ``-inf`` above the block diagonal (diagonal kept);
@@ -211,6 +216,17 @@ class AttnGate(nn.Module):
                 f"AttnGate built for Hq={self.num_q_heads}, Hkv={self.num_kv_heads}, D={self.head_dim} got q "
                 f"{tuple(q.shape)} and k {tuple(k.shape)}"
             )
+        if self._resolve_impl(impl, q, k) == "triton":
+            from ..ops import gate_block_logits
+
+            c = self.config
+            if c.use_rope and (cos is None or sin is None):
+                raise ValueError("AttnGate with use_rope=True needs cos and sin [B, NS, Dg]")
+            rope = (cos, sin) if c.use_rope else (None, None)
+            return gate_block_logits(
+                q, k, self.k_proj, self.q_proj, *rope,
+                block_size=c.block_size, q_step=c.q_step, q_pooling=c.q_pooling, k_pooling=c.k_pooling,
+            )  # fmt: skip
         # The gate runs in its own dtype (fp32 by default) even under an enclosing autocast (bf16
         # distillation): its logits feed a KL whose useful differences are below bf16 resolution.
         with torch.autocast(device_type=q.device.type, enabled=False):
@@ -245,6 +261,20 @@ class AttnGate(nn.Module):
                 logits = logits.view(b, hq, nb, r, nb).logsumexp(3)  # [B, Hq, NB, NB]
             causal = torch.ones(nb, nb, dtype=torch.bool, device=q.device).tril()
             return logits.masked_fill(~causal, float("-inf"))
+
+    def _resolve_impl(self, impl: str | None, q: torch.Tensor, k: torch.Tensor) -> str:
+        """``"eager"`` or ``"triton"`` for this call (see :meth:`forward`)."""
+        needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, *self.parameters()))
+        if impl is None:
+            return "triton" if q.device.type == "cuda" and not needs_grad else "eager"
+        if impl not in ("eager", "triton"):
+            raise ValueError(f"AttnGate impl must be 'eager', 'triton' or None (automatic), got {impl!r}")
+        if impl == "triton" and needs_grad:
+            raise ValueError(
+                "AttnGate impl='triton' has no backward: call it under torch.no_grad() (inference) or use "
+                "impl='eager' for training"
+            )
+        return impl
 
     def extra_repr(self) -> str:
         c = self.config

@@ -25,8 +25,16 @@ import torch
 
 from ..block_mask import BlockMask, check_block_size, num_blocks
 from . import reference
+from .gate_ops import gate_block_logits, select_blocks
 
-__all__ = ["IMPLS", "attention_with_block_scores", "block_sparse_attention", "resolve_impl"]
+__all__ = [
+    "IMPLS",
+    "attention_with_block_scores",
+    "block_sparse_attention",
+    "gate_block_logits",
+    "resolve_impl",
+    "select_blocks",
+]
 
 IMPLS = ("reference", "triton", "flex")
 

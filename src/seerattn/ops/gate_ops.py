@@ -1,0 +1,134 @@
+"""Fused prefill-gate ops: the gate's block logits and the policy's block selection, in Triton.
+
+Shape legend: B batch, Hq query heads, Hkv key/value heads, H mask heads (Hq or Hkv), T tokens,
+D head dim, Dg gate dim, NB = ceil(T / block_size) blocks, NS = ceil(T / q_step) query windows.
+
+Their eager references are the library's eager code, which these ops reproduce and which call
+them for ``impl="triton"``: :class:`seerattn.gate.AttnGate`'s forward for :func:`gate_block_logits`
+and :func:`seerattn.block_mask.mask_from_scores` for :func:`select_blocks`. Both are inference
+ops (no gradients). They run on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``
+(fp16/fp32 there).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..block_mask import BlockMask, SparsityPolicy, density_row_budget, num_blocks
+
+__all__ = ["gate_block_logits", "select_blocks"]
+
+_POOLINGS = ("avg", "max", "min")
+
+
+def _check_device(x: torch.Tensor, op: str, dtypes: tuple[torch.dtype, ...]) -> None:
+    from ._triton.config import interpreting
+
+    if interpreting():
+        if x.device.type != "cpu":
+            raise ValueError(f"{op} (triton): TRITON_INTERPRET=1 runs on CPU tensors, got {x.device}")
+        if x.dtype == torch.bfloat16:
+            raise TypeError(f"{op} (triton): bf16 is silently wrong in the Triton interpreter; use fp16 or fp32")
+    elif x.device.type != "cuda":
+        raise ValueError(f"{op}: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got {x.device}")
+    if x.dtype not in dtypes:
+        raise TypeError(f"{op} (triton): dtype must be one of {dtypes}, got {x.dtype}")
+
+
+def gate_block_logits(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    k_proj: torch.Tensor,
+    q_proj: torch.Tensor | None,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    *,
+    block_size: int,
+    q_step: int,
+    q_pooling: tuple[str, ...],
+    k_pooling: tuple[str, ...],
+) -> torch.Tensor:
+    """The AttnGate's block logits in two Triton kernels (pool + project + RoPE, then scores with the
+    log-sum-exp over query windows and the causal block mask), computed in fp32.
+
+    Args:
+        q: [B, Hq, T, D] pre-RoPE queries; k: [B, Hkv, T, D] pre-RoPE keys (views are read in place).
+        k_proj: [Hq, len(k_pooling) * D, Dg]; q_proj: [Hq, len(q_pooling) * D, Dg] or None (then
+            one Q pooling and Dg == D: the pooled Q is the gate query).
+        cos, sin: [B or 1, NS, Dg] rotary tables at each query window's first position (key blocks
+            use every ``block_size // q_step``-th), or both None for a gate without RoPE.
+        block_size: tokens per block; q_step: tokens per query window (a power of two dividing it).
+        q_pooling, k_pooling: pooling functions (``avg``/``max``/``min``) concatenated on channels.
+
+    Returns:
+        logits [B, Hq, NB, NB] fp32, ``-inf`` above the block diagonal.
+    """
+    op = "gate_block_logits"
+    float_types = (torch.float16, torch.bfloat16, torch.float32)
+    for name, x in (("q", q), ("k", k)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"{op}: {name} must be a 4-D tensor [B, H, T, D]")
+        _check_device(x, op, float_types)
+    b, hq, t, d = q.shape
+    hkv = k.shape[1]
+    if k.shape[0] != b or k.shape[2] != t or k.shape[3] != d or hkv < 1 or hq % hkv:
+        raise ValueError(f"{op}: k {tuple(k.shape)} does not match q {tuple(q.shape)} (same B, T, D; Hq % Hkv == 0)")
+    if d not in (16, 32, 64, 128) or t < 1:
+        raise ValueError(f"{op}: head dim must be one of 16, 32, 64, 128 and T >= 1, got D={d}, T={t}")
+    if q_step < 1 or q_step & (q_step - 1) or block_size % q_step:
+        raise ValueError(f"{op}: q_step must be a power of two dividing block_size={block_size}, got {q_step}")
+    for name, pools in (("q_pooling", q_pooling), ("k_pooling", k_pooling)):
+        if not pools or len(pools) > 3 or any(p not in _POOLINGS for p in pools):
+            raise ValueError(f"{op}: {name} must be 1-3 of {_POOLINGS}, got {pools!r}")
+    dg = k_proj.shape[-1]
+    if k_proj.shape != (hq, len(k_pooling) * d, dg) or dg < 2 or dg % 2:
+        raise ValueError(f"{op}: k_proj must be [Hq={hq}, {len(k_pooling)}*D={len(k_pooling) * d}, even Dg], got "
+                         f"{tuple(k_proj.shape)}")  # fmt: skip
+    if q_proj is None and (len(q_pooling) != 1 or dg != d):
+        raise ValueError(f"{op}: without q_proj, Q needs one pooling and Dg == D, got {q_pooling}, Dg={dg}")
+    if q_proj is not None and q_proj.shape != (hq, len(q_pooling) * d, dg):
+        raise ValueError(f"{op}: q_proj must be [{hq}, {len(q_pooling) * d}, {dg}], got {tuple(q_proj.shape)}")
+    ns = num_blocks(t, q_step)
+    if (cos is None) != (sin is None):
+        raise ValueError(f"{op}: give both cos and sin (RoPE) or neither")
+    if cos is not None and (cos.shape != sin.shape or cos.shape[1:] != (ns, dg) or cos.shape[0] not in (1, b)):
+        raise ValueError(f"{op}: cos/sin must be [B={b} or 1, NS={ns}, Dg={dg}], got {tuple(cos.shape)}")
+    weights = [w for w in (k_proj, q_proj) if w is not None]
+    if any(w.device != q.device for w in weights + [k] + ([cos, sin] if cos is not None else [])):
+        raise ValueError(f"{op}: every tensor must be on {q.device}")
+    from ._triton.gate_fwd import gate_logits_fwd
+
+    q, k, k_proj = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, k_proj))
+    if q_proj is not None and q_proj.stride(-1) != 1:
+        q_proj = q_proj.contiguous()
+    if cos is not None:
+        cos, sin = (x if x.stride(-1) == 1 else x.contiguous() for x in (cos, sin))
+    return gate_logits_fwd(q, k, k_proj, q_proj, cos, sin, block_size, q_step, tuple(q_pooling), tuple(k_pooling))
+
+
+def select_blocks(scores: torch.Tensor, policy: SparsityPolicy, seq_len: int, block_size: int) -> BlockMask:
+    """:func:`seerattn.block_mask.mask_from_scores` in one Triton kernel (no sort): the same blocks,
+    the same tie rule (equal scores: the lower column), written as ``BlockMask`` lists directly.
+
+    scores: [B, H, NQ, NQ] (inputs validated by ``mask_from_scores``; fp16/bf16/fp32 ranked in fp32,
+    fp64 in fp64). Not covered: ``allocation="head"`` (raises NotImplementedError).
+    """
+    op = "select_blocks"
+    _check_device(scores, op, (torch.float16, torch.bfloat16, torch.float32, torch.float64))
+    if policy.kind == "density" and policy.allocation == "head":
+        raise NotImplementedError(
+            f"{op} (triton): allocation='head' (one budget over a head's whole triangle) has no kernel; use "
+            "impl='reference' for it"
+        )
+    nq = scores.shape[-1]
+    budget = None
+    if policy.kind == "density":
+        budget = density_row_budget(nq, policy.value, scores.device, policy.allocation)
+    from ._triton.select import select_fwd
+
+    if scores.stride(-1) != 1:
+        scores = scores.contiguous()
+    num, idx = select_fwd(
+        scores, policy.kind, policy.value, budget, policy.keep_sink, policy.keep_diagonal, policy.dense_last_rows
+    )
+    return BlockMask(num, idx, block_size, seq_len)

@@ -1,0 +1,128 @@
+"""The fused gate kernels (``AttnGate(impl="triton")`` / ``seerattn.ops.gate_block_logits``) against
+the eager AttnGate: the same logits within the project's data-derived tolerance (error against an
+fp64 run of the eager gate <= 2x the eager fp32 gate's error, plus epsilon), the same ``-inf``
+pattern, on tiny shapes under the interpreter (odd T, partial last blocks and windows, GQA,
+``q_subblock`` None/16, blocks 32/64, with and without a Q projection and RoPE)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_helpers import rel
+
+from seerattn.gate import AttnGate, GateConfig
+from seerattn.ops import gate_block_logits
+
+EPS = 1e-6  # the gate computes in fp32 whatever the input dtype
+
+
+def _rope(positions: torch.Tensor, dim: int):
+    """cos, sin [1, N, dim] fp64 in Hugging Face's layout (frequencies repeated on both halves)."""
+    inv = 1.0 / 10000 ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    ang = positions.double()[:, None] * inv[None]
+    emb = torch.cat([ang, ang], -1)
+    return emb.cos()[None], emb.sin()[None]
+
+
+def _case(hq, hkv, t, d, cfg, dtype, seed=0, batch=2, per_batch_rope=False):
+    """(gate with random weights, q, k, cos, sin) for one configuration."""
+    g = torch.Generator().manual_seed(seed)
+    gate = AttnGate(hq, hkv, d, cfg)
+    with torch.no_grad():
+        gate.k_proj.copy_(torch.randn(gate.k_proj.shape, generator=g) / d**0.5)
+        if gate.q_proj is not None:
+            gate.q_proj.copy_(torch.randn(gate.q_proj.shape, generator=g) / d**0.5)
+    q = torch.randn(batch, t, hq, d, generator=g).to(dtype).transpose(1, 2)  # the model's strided view
+    k = torch.randn(batch, t, hkv, d, generator=g).to(dtype).transpose(1, 2)
+    cos = sin = None
+    if cfg.use_rope:
+        ns = -(-t // cfg.q_step)
+        starts = torch.arange(ns) * cfg.q_step + 5
+        cos, sin = _rope(starts, gate.gate_dim)
+        if per_batch_rope:  # [B, NS, Dg]: a second prompt at other positions
+            c2, s2 = _rope(starts + 100, gate.gate_dim)
+            cos, sin = torch.cat([cos, c2]), torch.cat([sin, s2])
+    return gate, q, k, cos, sin
+
+
+def _check(gate, q, k, cos, sin):
+    """Kernel vs eager fp32 vs eager fp64 (the oracle) on the same inputs."""
+    f32 = (None, None) if cos is None else (cos.float(), sin.float())
+    with torch.no_grad():
+        got = gate(q, k, *f32, impl="triton")
+        lowp = gate(q, k, *f32, impl="eager")
+        oracle = gate.double()(q.double(), k.double(), cos, sin, impl="eager")
+        gate.float()
+    assert got.dtype == torch.float32 and got.shape == lowp.shape
+    assert torch.equal(torch.isneginf(got), torch.isneginf(oracle)), "-inf pattern differs from the eager gate"
+    fin = torch.isfinite(oracle)
+    assert torch.isfinite(got[fin]).all()
+    err, lp_err = rel(got[fin], oracle[fin]), rel(lowp[fin], oracle[fin])
+    assert err <= 2 * lp_err + EPS, f"error {err:.3g} vs eager fp32 {lp_err:.3g}"
+    return got
+
+
+CASES = [
+    # hq, hkv, t, d, config
+    (4, 2, 45, 16, GateConfig(block_size=32)),  # odd T, partial last block, GQA 2, paper gate
+    (4, 1, 97, 32, GateConfig(block_size=32, q_subblock=16, q_pooling=("avg", "max", "min"))),  # windows
+    (2, 2, 130, 16, GateConfig(block_size=64, q_subblock=16, q_pooling=("avg", "max", "min"))),  # block 64
+    (4, 2, 64, 16, GateConfig(block_size=64)),  # one full block
+    (4, 2, 33, 16, GateConfig(block_size=32, k_pooling=("avg",), use_rope=False)),
+    (4, 4, 70, 16, GateConfig(block_size=32, q_pooling=("max",), k_pooling=("min", "max"), gate_dim=8, use_rope=False)),
+    (2, 1, 50, 16, GateConfig(block_size=32, q_subblock=16, q_pooling=("max",), q_projection=False)),
+    (4, 2, 1, 16, GateConfig(block_size=32, q_subblock=16)),  # one token
+]
+
+
+@pytest.mark.parametrize("hq,hkv,t,d,cfg", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_gate_equals_eager_gate(hq, hkv, t, d, cfg, dtype):
+    _check(*_case(hq, hkv, t, d, cfg, dtype, seed=t))
+
+
+def test_fused_gate_per_batch_rope_and_identity_init():
+    """cos/sin given per batch entry; the untrained (identity-initialised) gate."""
+    cfg = GateConfig(block_size=32, q_subblock=16, q_pooling=("avg", "max", "min"))
+    gate, q, k, cos, sin = _case(4, 2, 77, 16, cfg, torch.float32, per_batch_rope=True)
+    _check(gate, q, k, cos, sin)
+    gate.reset_parameters()
+    _check(gate, q, k, cos, sin)
+
+
+def test_impl_resolution_and_errors():
+    gate, q, k, cos, sin = _case(4, 2, 40, 16, GateConfig(block_size=32), torch.float32)
+    cos, sin = cos.float(), sin.float()
+    # None on the CPU is the eager gate (bitwise), and training needs the eager gate
+    torch.testing.assert_close(gate(q, k, cos, sin), gate(q, k, cos, sin, impl="eager"), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="no backward"):
+        gate(q, k, cos, sin, impl="triton")  # the weights require grad
+    with pytest.raises(ValueError, match="impl must be"):
+        gate(q, k, cos, sin, impl="fused")
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="needs cos and sin"):
+            gate(q, k, impl="triton")
+        with pytest.raises(ValueError, match="cos/sin must be"):
+            gate(q, k, cos[:, :1], sin[:, :1], impl="triton")
+        with pytest.raises(TypeError, match="bf16"):
+            gate(q.bfloat16(), k.bfloat16(), cos, sin, impl="triton")
+    w = gate.k_proj.detach()
+    kw = dict(block_size=32, q_step=16, q_pooling=("avg",), k_pooling=("max", "min", "avg"))
+    with pytest.raises(ValueError, match="k_proj must be"):
+        gate_block_logits(q, k, w[:, :16], None, cos, sin, **kw)
+    with pytest.raises(ValueError, match="q_step must be"):
+        gate_block_logits(q, k, w, None, cos, sin, **{**kw, "q_step": 48})
+    with pytest.raises(ValueError, match="does not match q"):
+        gate_block_logits(q, k[:, :, :20], w, None, cos, sin, **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("cfg", [GateConfig(), GateConfig(q_pooling=("avg", "max", "min"), q_subblock=16)])
+def test_fused_gate_bf16_32k_equals_eager(cfg):
+    """Llama-3.1-8B-shaped heads (D = 128, GQA 4; 8 query heads to keep the eager oracle small), bf16
+    inputs at 32k tokens; per head the kernel's logits (fp32) against the eager gate in fp32 and fp64."""
+    hq, hkv, t, d = 8, 2, 32768, 128
+    gate, q, k, cos, sin = _case(hq, hkv, t, d, cfg, torch.bfloat16, batch=1)
+    gate, q, k, cos, sin = gate.cuda(), q.cuda(), k.cuda(), cos.cuda(), sin.cuda()
+    _check(gate, q, k, cos, sin)
