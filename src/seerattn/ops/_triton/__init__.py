@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ...block_mask import BlockMask
 from .block_scores import attention_with_block_scores_fwd
@@ -105,6 +106,7 @@ class _BlockSparseAttention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @once_differentiable  # the backward kernels are not differentiable themselves (no double backward)
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
         m = ctx.block_mask
