@@ -1,7 +1,13 @@
-"""Sparsity policies: ``mask_from_scores`` under each ``SparsityPolicy`` hits its target exactly."""
+"""Sparsity policies: ``mask_from_scores`` under each ``SparsityPolicy`` hits its target exactly.
+
+Every test runs twice (module-scoped ``impl`` parameter): with the PyTorch policies and with the
+selection kernel (``impl="triton"``: the interpreter on the CPU), which must keep the same blocks
+with the same tie rule. The kernel has no ``allocation="head"``: those cases run the PyTorch policy.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -9,10 +15,27 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from seerattn import BlockMask, SparsityPolicy, mask_from_scores
+import seerattn
+from seerattn import BlockMask, SparsityPolicy
 from seerattn.block_mask import ALLOCATIONS, density_row_budget
 
 HYP = settings(max_examples=50, deadline=None)
+mask_from_scores = seerattn.mask_from_scores  # rebound per implementation by the ``impl`` fixture
+
+
+def _with_impl(impl, scores, policy, *args, **kwargs):
+    head = policy.kind == "density" and policy.allocation == "head"
+    return seerattn.mask_from_scores(scores, policy, *args, impl="reference" if head else impl, **kwargs)
+
+
+@pytest.fixture(scope="module", autouse=True, params=["reference", "triton"])
+def impl(request):
+    """Module-scoped (hypothesis refuses function-scoped fixtures): the tests call the module-level
+    ``mask_from_scores``, which is bound to the implementation here."""
+    global mask_from_scores
+    mask_from_scores = functools.partial(_with_impl, request.param)
+    yield request.param
+    mask_from_scores = seerattn.mask_from_scores
 
 
 def _probs(b, h, nq, seed, dtype=torch.float32):

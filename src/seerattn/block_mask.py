@@ -443,7 +443,9 @@ def _floor_scale(nq: int, density: float) -> tuple[float, int]:
     return (lo if abs(total(lo) - target) <= abs(total(hi) - target) else hi), least
 
 
-def mask_from_scores(scores: torch.Tensor, policy: SparsityPolicy, seq_len: int, block_size: int) -> BlockMask:
+def mask_from_scores(
+    scores: torch.Tensor, policy: SparsityPolicy, seq_len: int, block_size: int, impl: str | None = None
+) -> BlockMask:
     """Turn block scores into a :class:`BlockMask` under ``policy``.
 
     Args:
@@ -454,6 +456,11 @@ def mask_from_scores(scores: torch.Tensor, policy: SparsityPolicy, seq_len: int,
         policy: the sparsity policy (per-layer overrides must already be resolved).
         seq_len: tokens covered (``NQ == ceil(seq_len / block_size)``).
         block_size: tokens per block.
+        impl: ``"reference"`` (the PyTorch code below: sorts whole rows), ``"triton"`` (one selection
+            kernel writing the lists directly, the same blocks and tie rule:
+            :func:`seerattn.ops.select_blocks`; every policy but ``allocation="head"``, which raises) or
+            None: ``"triton"`` for CUDA scores when the policy is not ``allocation="head"``,
+            ``"reference"`` otherwise.
 
     Returns:
         A mask with no empty row and nothing above the diagonal.
@@ -482,6 +489,15 @@ def mask_from_scores(scores: torch.Tensor, policy: SparsityPolicy, seq_len: int,
     # and then the attention output carries the NaN).
     if scores.device.type == "cpu" and bool(torch.isnan(scores).any()):
         raise ValueError("scores contain NaN; gate probabilities must be finite or -inf")
+    head_budget = policy.kind == "density" and policy.allocation == "head"
+    if impl is None:
+        impl = "triton" if device.type == "cuda" and not head_budget else "reference"
+    if impl not in ("reference", "triton"):
+        raise ValueError(f"mask_from_scores: impl must be 'reference', 'triton' or None (automatic), got {impl!r}")
+    if impl == "triton":
+        from .ops.gate_ops import select_blocks  # the kernel's launcher imports triton on first use
+
+        return select_blocks(scores, policy, seq_len, block_size)
     # fp64 scores stay fp64 so that threshold/top-p compare exactly; lower precisions go to fp32.
     s = scores.to(torch.promote_types(scores.dtype, torch.float32)).masked_fill(~causal, float("-inf"))
     if policy.kind == "dense":

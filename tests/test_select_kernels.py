@@ -1,0 +1,107 @@
+"""The selection kernel (``mask_from_scores(impl="triton")`` / ``seerattn.ops.select_blocks``) beyond the
+policy properties of tests/test_policies.py (which run for both implementations): the same lists
+as the PyTorch policies on low-precision and strided scores, per-group masks, signed zeros and
+infinities, longer rows (several programs), and the dispatch rules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seerattn import SparsityPolicy, mask_from_scores
+from seerattn.ops import select_blocks
+
+POLICIES = [
+    SparsityPolicy("density", 0.2),
+    SparsityPolicy("density", 0.3, "uniform", keep_sink=False),
+    SparsityPolicy("density", 0.15, "floor", keep_diagonal=False),
+    SparsityPolicy("density", 0.1, keep_sink=False, keep_diagonal=False, dense_last_rows=2),
+    SparsityPolicy("threshold", 0.04),
+    SparsityPolicy("top_p", 0.8),
+    SparsityPolicy("top_p", 0.5, keep_sink=False, keep_diagonal=False),
+    SparsityPolicy("dense"),
+]
+
+
+def _probs(b, h, nq, seed, levels=None):
+    """Causal softmax rows; with ``levels`` the logits take few values (many ties)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randint(0, levels, (b, h, nq, nq), generator=g).float() if levels else torch.randn(b, h, nq, nq)
+    causal = torch.ones(nq, nq, dtype=torch.bool).tril()
+    return logits.masked_fill(~causal, float("-inf")).softmax(-1)
+
+
+def _same(scores, policy, bs=16):
+    nq = scores.shape[-1]
+    want = mask_from_scores(scores, policy, nq * bs - 3, bs, impl="reference")
+    got = mask_from_scores(scores, policy, nq * bs - 3, bs, impl="triton")
+    assert got.seq_len == want.seq_len and got.block_size == bs
+    assert torch.equal(got.kv_num_blocks, want.kv_num_blocks)
+    assert torch.equal(got.kv_indices, want.kv_indices), "lists differ (padding slots must be 0 too)"
+    got.validate()
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: f"{p.kind}-{p.allocation}-{p.value}")
+@pytest.mark.parametrize("levels", [None, 3])
+def test_kernel_lists_equal_pytorch_policies(policy, levels):
+    _same(_probs(2, 3, 37, seed=1, levels=levels), policy)  # 37 rows: several row tiles, odd NQ
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_low_precision_and_fp64_scores(dtype):
+    for policy in POLICIES[:6]:
+        _same(_probs(1, 2, 12, seed=2, levels=4).to(dtype), policy)
+
+
+def test_strided_scores_and_group_masks():
+    """A transposed-batch view (unit last stride, other strides arbitrary); H = Hkv mask heads."""
+    s = _probs(3, 2, 10, seed=3).transpose(0, 1)  # [2, 3, 10, 10] view
+    for policy in POLICIES:
+        _same(s, policy)
+
+
+def test_signed_zero_and_infinities_keep_the_sort_order():
+    """-0.0 ties with 0.0 (by column), +inf ranks with the forced blocks, -inf rows keep their best."""
+    nq = 6
+    s = torch.zeros(1, 2, nq, nq)
+    s[0, 0, 5] = torch.tensor([0.0, -0.0, 0.0, -0.0, 0.2, 0.1])
+    s[0, 1, 5] = torch.tensor([float("-inf")] * 3 + [float("inf"), 0.5, float("-inf")])
+    s[0, 1, 4, :5] = float("-inf")
+    for policy in (*POLICIES, SparsityPolicy("density", 0.5, keep_sink=False, keep_diagonal=False)):
+        _same(s, policy)
+
+
+def test_dispatch_rules():
+    s = _probs(1, 1, 4, seed=0)
+    head = SparsityPolicy("density", 0.3, allocation="head")
+    with pytest.raises(NotImplementedError, match="allocation='head'"):
+        mask_from_scores(s, head, 64, 16, impl="triton")
+    with pytest.raises(ValueError, match="impl must be"):
+        mask_from_scores(s, SparsityPolicy(), 64, 16, impl="flex")
+    # automatic: the PyTorch policies on the CPU (bitwise the reference)
+    auto = mask_from_scores(s, SparsityPolicy(), 64, 16)
+    ref = mask_from_scores(s, SparsityPolicy(), 64, 16, impl="reference")
+    assert torch.equal(auto.kv_indices, ref.kv_indices)
+    with pytest.raises(TypeError, match="bf16"):
+        select_blocks(s.bfloat16(), SparsityPolicy(), 64, 16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("heads", [8, 32])
+def test_cuda_kernel_equals_pytorch_policies_at_32k(heads):
+    """32k tokens, block 64 (NQ = 512), gate-like softmax rows in fp32: density and threshold lists
+    are identical; top_p sums the mass in another order, so a row may differ only where the mass
+    before a block lies within fp32 rounding of the target."""
+    nq = 512
+    logits = torch.randn(1, heads, nq, nq, device="cuda") * 3
+    causal = torch.ones(nq, nq, dtype=torch.bool, device="cuda").tril()
+    s = logits.masked_fill(~causal, float("-inf")).softmax(-1)
+    for policy in POLICIES:
+        want = mask_from_scores(s, policy, nq * 64, 64, impl="reference")
+        got = mask_from_scores(s, policy, nq * 64, 64, impl="triton")
+        if policy.kind != "top_p":
+            assert torch.equal(got.kv_num_blocks, want.kv_num_blocks) and torch.equal(got.kv_indices, want.kv_indices)
+        else:
+            same_rows = (got.to_dense() == want.to_dense()).all(-1)
+            assert same_rows.float().mean() > 0.999
