@@ -128,6 +128,45 @@ def test_impl_resolution_and_errors():
         gate_block_logits(q, k[:, :, :20], w, None, cos, sin, **kw)
 
 
+@interpreter
+def test_sparse_mode_with_fused_gate_and_selection_kernel(monkeypatch):
+    """A tiny Llama in sparse mode: gate_impl='triton' (interpreter) builds the same masks as the eager
+    gate and policies, hence the same logits; record_densities=False leaves the densities out."""
+    from hf_models import input_ids, make_model
+
+    from seerattn import SparsityPolicy
+    from seerattn.hf import SeerConfig, apply_seer_attention, integration, remove_seer_attention
+
+    recorded = []
+    real = integration.block_sparse_attention
+
+    def spy(q, k, v, mask, **kwargs):
+        recorded.append(mask)
+        return real(q, k, v, mask, **kwargs)
+
+    monkeypatch.setattr(integration, "block_sparse_attention", spy)
+    model, ids = make_model("llama"), input_ids(150)
+    gate = GateConfig(block_size=32, q_subblock=16, q_pooling=("avg", "max", "min"))
+    runs = {}
+    for gate_impl in ("eager", "triton"):
+        cfg = SeerConfig(gate=gate, policy=SparsityPolicy("density", 0.4), gate_impl=gate_impl, mask_heads="kv")
+        state = apply_seer_attention(model, cfg)
+        recorded.clear()
+        with torch.no_grad():
+            runs[gate_impl] = (model(ids).logits, list(recorded))
+        assert 0.4 <= state.mean_density() < 1.0
+        state.record_densities = False
+        with torch.no_grad():
+            model(ids)
+        assert all(st == {"path": "sparse"} for st in state.stats.values())
+        with pytest.raises(RuntimeError, match="record_densities"):
+            state.mean_density()
+        remove_seer_attention(model)
+    for a, b in zip(runs["eager"][1], runs["triton"][1], strict=True):
+        assert torch.equal(a.kv_num_blocks, b.kv_num_blocks) and torch.equal(a.kv_indices, b.kv_indices)
+    torch.testing.assert_close(runs["triton"][0], runs["eager"][0], rtol=0, atol=0)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("cfg", [GateConfig(), GateConfig(q_pooling=("avg", "max", "min"), q_subblock=16)])

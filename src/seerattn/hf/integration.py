@@ -74,6 +74,12 @@ class SeerConfig:
             ground truth is recorded per layer as in ``distill``), ``"oracle"`` (mask from the true ground truth:
             the upper bound), ``"custom"`` (mask from ``SeerState.mask_fn``: baselines).
         impl: op implementation (``None`` = Triton on CUDA, reference on CPU).
+        gate_impl: how ``sparse`` and ``oracle`` modes compute the gate and the policy: ``"triton"``
+            (fused gate kernels and the selection kernel), ``"eager"`` (the PyTorch gate and policies:
+            the reference, and the "before" of benchmarks/prefill.py) or None (Triton on CUDA, eager
+            on the CPU; a ``head`` allocation always ranks in PyTorch). Training modes (``distill``,
+            ``finetune``) always run the eager gate, which has a backward and gives the recompute of a
+            checkpointed layer the same mask.
         mask_heads: ``"q"`` one decision per query head; ``"kv"`` one per GQA group (gate
             probabilities averaged over the group), which lets the kernel load K/V once per group.
         skip_first_rows: fraction of leading query-block rows left out of the distillation loss.
@@ -85,6 +91,7 @@ class SeerConfig:
     policy: SparsityPolicy = field(default_factory=SparsityPolicy)
     mode: Mode = "sparse"
     impl: str | None = None
+    gate_impl: Literal["eager", "triton"] | None = None
     mask_heads: Literal["q", "kv"] = "q"
     skip_first_rows: float = 0.25
     metric_density: float = 0.1
@@ -93,6 +100,8 @@ class SeerConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"SeerConfig.mode must be one of {MODES}, got {self.mode!r}")
+        if self.gate_impl not in (None, "eager", "triton"):
+            raise ValueError(f"SeerConfig.gate_impl must be 'eager', 'triton' or None, got {self.gate_impl!r}")
         if self.mask_heads not in ("q", "kv"):
             raise ValueError(f"SeerConfig.mask_heads must be 'q' or 'kv', got {self.mask_heads!r}")
         if not 0.0 <= self.skip_first_rows < 1.0:
@@ -125,10 +134,13 @@ class SeerState:
 
     Attributes:
         config: the active :class:`SeerConfig` (change ``mode``/``policy`` with :meth:`set`).
-        stats: per layer, after each forward: ``path`` and, for masked paths, ``density`` (kept
-            fraction of the causal block triangle) and ``token_density``. The forward records the
-            densities as device tensors (no host sync per layer); reading ``stats`` turns them
-            into floats.
+        stats: per layer, after each forward: ``path`` and, for masked paths when
+            ``record_densities`` is on, ``density`` (kept fraction of the causal block triangle) and
+            ``token_density``. The forward records the densities as device tensors (no host sync per
+            layer); reading ``stats`` turns them into floats.
+        record_densities: compute the masked paths' densities in every forward (on by default: the
+            evaluations report them). Off, a sparse forward spends nothing on statistics (the
+            densities scan every mask: a few percent of a prefill at 128k).
         losses: per layer, in ``distill`` and ``finetune`` modes: the gate loss (a tensor with grad).
         metrics: per layer, in ``distill`` and ``finetune`` modes: block and mass recall at ``metric_density``.
         mask_fn: the mask source of ``custom`` mode.
@@ -142,6 +154,7 @@ class SeerState:
     mask_fn: Callable[[MaskRequest], BlockMask] | None = None
     capture: bool = False
     captures: dict[int, tuple] = field(default_factory=dict)
+    record_densities: bool = True
     # private: pre-RoPE tensors handed from the hooks to the attention function
     _pending: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
     _rotary: torch.nn.Module | None = field(default=None, repr=False)
@@ -183,6 +196,9 @@ class SeerState:
         """Mean over layers of the realised block density of the last forward (1.0 for dense paths)."""
         if not self.stats:
             raise RuntimeError("no statistics recorded: run a forward first")
+        masked = ("sparse", "finetune", "oracle", "custom")
+        if any(s["path"] in masked and "density" not in s for s in self.stats.values()):
+            raise RuntimeError("densities were not recorded (SeerState.record_densities is off)")
         return sum(s.get("density", 1.0) for s in self.stats.values()) / len(self.stats)
 
     @property
@@ -252,20 +268,20 @@ def _check_causal_only(attention_mask, b: int, t: int) -> None:
         )
 
 
-def _gate_forward(gate: AttnGate, state: SeerState, q_pre, k_pre, position_ids) -> torch.Tensor:
+def _gate_forward(gate: AttnGate, state: SeerState, q_pre, k_pre, position_ids, impl=None) -> torch.Tensor:
     """Gate logits from pre-RoPE q [B, Hq, T, D], k [B, Hkv, T, D] (the gate's RoPE at window starts)."""
     t = q_pre.shape[2]
     cos = sin = None
     if gate.config.use_rope:
         cos, sin = _window_rotary(state, q_pre, position_ids, gate.config.q_step, t)
-    return gate(q_pre.detach(), k_pre.detach(), cos, sin)
+    return gate(q_pre.detach(), k_pre.detach(), cos, sin, impl=impl)
 
 
-def _gate_logits(module, state: SeerState, pre: dict, kwargs, b: int, t: int) -> torch.Tensor:
+def _gate_logits(module, state: SeerState, pre: dict, kwargs, b: int, t: int, impl=None) -> torch.Tensor:
     hq, hkv, d = _heads(module)
     q_pre = pre["q"].reshape(b, t, hq, d).transpose(1, 2)
     k_pre = pre["k"].reshape(b, t, hkv, d).transpose(1, 2)
-    return _gate_forward(module.seer_gate, state, q_pre, k_pre, kwargs.get("position_ids"))
+    return _gate_forward(module.seer_gate, state, q_pre, k_pre, kwargs.get("position_ids"), impl)
 
 
 def gate_logits(
@@ -342,7 +358,7 @@ def seer_attention_forward(module, query, key, value, attention_mask, dropout: f
         if not _in_backward():  # a checkpoint recompute needs the output only
             # the gate's graph keeps its own saved tensors (see _finetune_attention)
             with torch.autograd.graph.saved_tensors_hooks(lambda x: x, lambda x: x):
-                logits = _gate_logits(module, state, pre, kwargs, b, tq)
+                logits = _gate_logits(module, state, pre, kwargs, b, tq, impl="eager")
                 nb = logits.shape[-1]
                 skip = min(int(cfg.skip_first_rows * nb), nb - 1)
                 state.losses[layer] = gate_loss(logits, target, skip_first_rows=skip)
@@ -355,6 +371,7 @@ def seer_attention_forward(module, query, key, value, attention_mask, dropout: f
         if pre is None:
             raise RuntimeError(f"layer {layer}: pre-RoPE q/k were not captured (hooks missing?)")
         return _finetune_attention(module, state, query, key, value, pre, kwargs, policy, scale), None
+    policy_impl = {None: None, "eager": "reference", "triton": "triton"}[cfg.gate_impl]
     if cfg.mode == "custom":
         if state.mask_fn is None:
             raise RuntimeError("mode='custom' needs SeerState.mask_fn (a MaskRequest -> BlockMask function)")
@@ -367,17 +384,19 @@ def seer_attention_forward(module, query, key, value, attention_mask, dropout: f
             if pre is None:
                 raise RuntimeError(f"layer {layer}: pre-RoPE q/k were not captured (hooks missing?)")
             with torch.no_grad(), record_function("seer.gate"):
-                scores = _gate_logits(module, state, pre, kwargs, b, tq).softmax(-1)
+                scores = _gate_logits(module, state, pre, kwargs, b, tq, cfg.gate_impl).softmax(-1)
         with record_function("seer.policy"):
             if cfg.mask_heads == "kv":
                 scores = group_scores(scores, hkv)
-            mask = mask_from_scores(scores, policy, tq, bs)
+            mask = mask_from_scores(scores, policy, tq, bs, impl=policy_impl)
     # named ranges for torch.profiler (benchmarks/prefill.py --profile); free when no profiler runs
     with record_function("seer.attention"):
         out = block_sparse_attention(query, key, value, mask, scale=scale, impl=cfg.impl)
-    with record_function("seer.stats"):
-        density, token_density = mask.densities()
-    state._stats[layer] = {"path": cfg.mode, "density": density, "token_density": token_density}
+    state._stats[layer] = {"path": cfg.mode}
+    if state.record_densities:
+        with record_function("seer.stats"):
+            density, token_density = mask.densities()
+        state._stats[layer].update(density=density, token_density=token_density)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -409,7 +428,8 @@ def _finetune_attention(module, state: SeerState, query, key, value, pre: dict, 
     recompute = _in_backward()
     with torch.autograd.graph.saved_tensors_hooks(lambda x: x, lambda x: x):
         with torch.no_grad() if recompute else nullcontext(), record_function("seer.gate"):
-            logits = _gate_logits(module, state, pre, kwargs, b, t)
+            # eager also in the recompute (no grad there): the same logits, so the same mask
+            logits = _gate_logits(module, state, pre, kwargs, b, t, impl="eager")
         with torch.no_grad(), record_function("seer.policy"):
             scores = logits.detach().softmax(-1)
             if cfg.mask_heads == "kv":
@@ -429,8 +449,10 @@ def _finetune_attention(module, state: SeerState, query, key, value, pre: dict, 
     with record_function("seer.attention"):
         out = block_sparse_attention(query, key, value, mask, scale=scale, impl=cfg.impl)
     if not recompute:
-        density, token_density = mask.densities()
-        state._stats[module.layer_idx] = {"path": "finetune", "density": density, "token_density": token_density}
+        state._stats[module.layer_idx] = {"path": "finetune"}
+        if state.record_densities:
+            density, token_density = mask.densities()
+            state._stats[module.layer_idx].update(density=density, token_density=token_density)
     return out.transpose(1, 2).contiguous()
 
 
