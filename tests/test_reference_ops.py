@@ -336,8 +336,8 @@ def test_gradients_match_materialised_on_random_mask():
 def test_gradcheck_with_empty_rows_and_gqa(mask_heads):
     """torch.autograd.gradcheck (fp64) through the reference: GQA group 2, a partial last block, an
     empty row (no kept block) and a row keeping only a block above the diagonal."""
-    t, bs, hq, hkv = 20, 8, 4, 2
-    q, k, v = _qkv(1, hq, hkv, t, d=4, seed=41, requires_grad=True)
+    t, bs, hq, hkv = 10, 4, 2, 1
+    q, k, v = _qkv(1, hq, hkv, t, d=2, seed=41, requires_grad=True)
     dense = torch.ones(1, hq if mask_heads == "hq" else hkv, 3, 3, dtype=torch.bool).tril()
     dense[0, 0, 1] = False  # empty row
     dense[0, 0, 0] = torch.tensor([False, False, True])  # only a block above the diagonal
@@ -349,11 +349,10 @@ def test_gradcheck_with_empty_rows_and_gqa(mask_heads):
 
 
 def test_gradcheck_varlen():
-    lens = [3, 12, 9]
-    cu = torch.tensor([0, 3, 15, 24], dtype=torch.int32)
-    q, k, v = _qkv(1, 2, 1, sum(lens), d=4, seed=43, requires_grad=True)
-    dense = _random_blocks(3, 1, 2, 0.5, seed=7)
-    mask = BlockMask.from_dense(dense, 8, 16)
+    """gradcheck with packed sequences (one shorter than a block)."""
+    cu = torch.tensor([0, 3, 9, 14], dtype=torch.int32)
+    q, k, v = _qkv(1, 2, 1, 14, d=2, seed=43, requires_grad=True)
+    mask = BlockMask.from_dense(_random_blocks(3, 1, 2, 0.5, seed=7), 4, 8)
     fn = lambda a, b, c: block_sparse_attention(a, b, c, mask, cu_seqlens=cu, impl="reference")
     assert torch.autograd.gradcheck(fn, (q, k, v))
 
