@@ -6,7 +6,7 @@ A recipe is a flat mapping of the fields below; the nested mappings are ``gate``
 relative to the working directory. Example::
 
     model: testbed/model
-    data: [../shared/data/books]
+    data: [data/books-sample]
     output_dir: runs/testbed-gates
     seq_len: 8192
     batch_size: 16
