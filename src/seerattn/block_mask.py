@@ -77,12 +77,16 @@ class BlockMask:
         kv_indices: int32 ``[B, H, NQ, NK]``, ascending in the first ``kv_num_blocks`` slots.
         block_size: tokens per block (power of two).
         seq_len: number of tokens the mask covers (``NQ == NK == ceil(seq_len / block_size)``).
+        source: what built the mask, known on the host without reading it: ``("policy", kind, value,
+            allocation)`` for :func:`mask_from_scores`, None otherwise. The block-sparse kernel's tuner
+            keys its tile choice on it (a mask without one is measured on the device, which syncs).
     """
 
     kv_num_blocks: torch.Tensor
     kv_indices: torch.Tensor
     block_size: int
     seq_len: int
+    source: tuple | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         check_block_size(self.block_size)
@@ -532,4 +536,9 @@ def mask_from_scores(
     empty = ~keep.any(-1, keepdim=True)
     best = s.argmax(-1, keepdim=True)
     keep |= empty & torch.zeros_like(keep).scatter_(-1, best, True)
-    return BlockMask.from_dense(keep, block_size, seq_len)
+    return replace(BlockMask.from_dense(keep, block_size, seq_len), source=policy_source(policy))
+
+
+def policy_source(policy: SparsityPolicy) -> tuple:
+    """The :attr:`BlockMask.source` of a mask built under ``policy``."""
+    return ("policy", policy.kind, float(policy.value), policy.allocation)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..block_mask import BlockMask, SparsityPolicy, density_row_budget, num_blocks
+from ..block_mask import BlockMask, SparsityPolicy, density_row_budget, num_blocks, policy_source
 
 __all__ = ["gate_block_logits", "select_blocks"]
 
@@ -131,4 +131,4 @@ def select_blocks(scores: torch.Tensor, policy: SparsityPolicy, seq_len: int, bl
     num, idx = select_fwd(
         scores, policy.kind, policy.value, budget, policy.keep_sink, policy.keep_diagonal, policy.dense_last_rows
     )
-    return BlockMask(num, idx, block_size, seq_len)
+    return BlockMask(num, idx, block_size, seq_len, source=policy_source(policy))

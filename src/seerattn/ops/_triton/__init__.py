@@ -98,7 +98,7 @@ class _BlockSparseAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, block_mask: BlockMask, scale: float, cu_seqlens):
         out, lse = block_sparse_attention_fwd(
             q, k, v, block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.block_size, scale,
-            cu_seqlens=cu_seqlens, return_lse=True,
+            cu_seqlens=cu_seqlens, return_lse=True, mask_source=block_mask.source,
         )  # fmt: skip
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.block_mask, ctx.scale, ctx.cu_seqlens = block_mask, scale, cu_seqlens
@@ -142,6 +142,6 @@ def block_sparse_attention(
     else:
         out, lse = block_sparse_attention_fwd(
             q, k, v, block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.block_size, scale,
-            cu_seqlens=cu_seqlens, return_lse=return_lse,
+            cu_seqlens=cu_seqlens, return_lse=return_lse, mask_source=block_mask.source,
         )  # fmt: skip
     return (out, lse) if return_lse else out

@@ -13,10 +13,16 @@ Rules kept here:
   needs a GPU), with small tiles so the interpreter stays fast.
 - ``SEERATTN_TRITON_AUTOTUNE=0`` skips tuning and uses the first (heuristic) candidate; tests use it
   to save compile time.
+- The block-sparse forward's best tile depends on the mask, not only on the shape (H200, 32k, per-
+  query-head masks: a scattered 10 % mask ran in 4.5 ms on the tile tuned on a dense mask and in
+  2.9 ms on its own), so its tuning key includes :func:`mask_key`: the mask's density bucket and
+  how much consecutive rows' lists overlap, or the policy that built it. Every kind of mask is then
+  timed on a mask of its kind, whatever the order of the calls.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import os
@@ -34,6 +40,7 @@ __all__ = [
     "dkdv_configs",
     "dq_configs",
     "interpreting",
+    "mask_key",
     "num_sms",
     "pick_config",
     "sparse_configs",
@@ -191,24 +198,76 @@ def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+# Bucket edges of a mask's kept fraction of the causal block triangle, and of the mean Jaccard
+# overlap of consecutive rows' lists (near 1: rows share their blocks, so union tiles waste little;
+# near 0: scattered masks, where one-row tiles win).
+DENSITY_BUCKETS = (0.03, 0.07, 0.15, 0.3, 0.6)
+OVERLAP_BUCKETS = (0.25, 0.5, 0.75)
+
+
+def mask_key(source: tuple | None, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor) -> tuple:
+    """What, besides the shape, decides a block-sparse kernel's best tile for a mask.
+
+    A mask built by a policy (``source = ("policy", kind, value, allocation)``, see
+    :attr:`seerattn.BlockMask.source`) is keyed by the policy: ``density`` by the bucket of its
+    value, the other kinds by their value; nothing is read from the device. Any other mask is
+    measured on its device: density bucket and overlap bucket (one small reduction, and one host
+    sync to read it). kv_num_blocks: int32 [B, H, NQ]; kv_indices: int32 [B, H, NQ, NK].
+    """
+    if source is not None and source[0] == "policy":
+        _, kind, value, allocation = source
+        if kind == "density":
+            return ("policy", kind, bisect.bisect_right(DENSITY_BUCKETS, value), allocation)
+        return ("policy", kind, value if kind != "dense" else 1.0)
+    b, h, nq, nk = kv_indices.shape
+    valid = torch.arange(nk, device=kv_indices.device) < kv_num_blocks.unsqueeze(-1)
+    dense = torch.zeros(b, h, nq, nk + 1, dtype=torch.bool, device=kv_indices.device)
+    dense.scatter_(-1, torch.where(valid, kv_indices.long(), nk), True)
+    dense = dense[..., :nk].tril()  # blocks above the diagonal are never computed
+    density = dense.sum(dtype=torch.float64) / (b * h * nq * (nq + 1) / 2)
+    if nq > 1:
+        inter = (dense[:, :, 1:] & dense[:, :, :-1]).sum(-1, dtype=torch.float64)
+        union = (dense[:, :, 1:] | dense[:, :, :-1]).sum(-1, dtype=torch.float64).clamp(min=1)
+        overlap = (inter / union).mean()
+    else:
+        overlap = torch.ones((), dtype=torch.float64, device=density.device)
+    d, o = torch.stack([density, overlap]).tolist()
+    return ("measured", bisect.bisect_right(DENSITY_BUCKETS, d), bisect.bisect_right(OVERLAP_BUCKETS, o))
+
+
+def _bench(launch: Callable[[KernelConfig], object], config: KernelConfig) -> float:
+    """Median ms of ``launch(config)`` (the tuner's timer; tests replace it with fake timings)."""
+    from triton.testing import do_bench
+
+    return do_bench(lambda: launch(config), warmup=5, rep=25, return_mode="median")
+
+
 _TUNED: dict[tuple, KernelConfig] = {}
 
 
-def pick_config(key: tuple, candidates: list[KernelConfig], launch: Callable[[KernelConfig], object]) -> KernelConfig:
+def pick_config(
+    key: tuple,
+    candidates: list[KernelConfig],
+    launch: Callable[[KernelConfig], object],
+    extra_key: Callable[[], tuple] | None = None,
+) -> KernelConfig:
     """The fastest candidate for ``key`` (timed once per key and cached), or the first candidate
-    when there is only one or tuning is off. ``launch(config)`` must run the complete operation."""
+    when there is only one or tuning is off. ``launch(config)`` must run the complete operation.
+    ``extra_key()`` (e.g. :func:`mask_key`) is appended to the key; it is called only when tuning
+    is on and there is a choice to make."""
     if len(candidates) == 1 or not autotune_enabled():
         return candidates[0]
+    if extra_key is not None:
+        key = (*key, extra_key())
     hit = _TUNED.get(key)
     if hit is not None:
         return hit
     from triton.runtime.errors import OutOfResources
-    from triton.testing import do_bench
 
     timings = []
     for cfg in candidates:
         try:
-            ms = do_bench(lambda cfg=cfg: launch(cfg), warmup=5, rep=25, return_mode="median")
+            ms = _bench(launch, cfg)
         except OutOfResources as err:  # a config that does not fit this GPU is not a candidate
             logger.info("config %s skipped for %s: %s", cfg.short(), key, err)
             ms = math.inf

@@ -1,0 +1,113 @@
+"""The block-sparse forward's tuning does not depend on call order: the choice is keyed by the mask's
+kind (:func:`seerattn.ops._triton.config.mask_key`), so two masks of one shape are timed separately
+and each keeps its own best tile whichever comes first. Timings are fake (a patched timer), the
+kernels run under the interpreter."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from seerattn import BlockMask, SparsityPolicy, mask_from_scores
+
+if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    pytest.skip("interpreter tests run on CPU-only machines (set TRITON_INTERPRET=1 to force)", allow_module_level=True)
+pytest.importorskip("triton")
+
+from seerattn.ops import block_sparse_attention  # noqa: E402
+from seerattn.ops._triton import config as kcfg  # noqa: E402
+from seerattn.ops._triton import sparse_fwd  # noqa: E402
+
+T, BS, H = 256, 32, 2  # NQ = 8
+WIDE, NARROW = kcfg.KernelConfig(32, 32, 1, 4, 1), kcfg.KernelConfig(16, 16, 1, 4, 1)
+
+
+def _dense_mask():
+    nb = T // BS
+    return BlockMask.from_dense(torch.ones(1, H, nb, nb, dtype=torch.bool).tril(), BS, T)
+
+
+def _scattered_mask():
+    """About 10 %: the diagonal and one far block per row, different in consecutive rows."""
+    nb = T // BS
+    dense = torch.eye(nb, dtype=torch.bool).expand(1, H, nb, nb).clone()
+    for i in range(2, nb):
+        dense[..., i, (i * 3) % (i - 1)] = True
+    return BlockMask.from_dense(dense, BS, T)
+
+
+@pytest.fixture
+def fake_tuning(monkeypatch):
+    """Two candidates; the wide tile is 'faster' on the dense mask, the narrow one elsewhere. Returns
+    the list of (mask name, chosen config) of each call."""
+    monkeypatch.setenv("SEERATTN_TRITON_AUTOTUNE", "1")
+    monkeypatch.setattr(sparse_fwd, "sparse_configs", lambda *a: [WIDE, NARROW])
+    monkeypatch.setattr(kcfg, "_TUNED", {})
+    current = {}
+    timed = []
+
+    def fake_bench(launch, config):
+        timed.append((current["name"], config))
+        return {("dense", WIDE): 1.0, ("dense", NARROW): 2.0}.get((current["name"], config), 3.0 - (config is NARROW))
+
+    monkeypatch.setattr(kcfg, "_bench", fake_bench)
+    chosen = []
+    real_pick = sparse_fwd.pick_config
+
+    def spy(*args, **kwargs):
+        cfg = real_pick(*args, **kwargs)
+        chosen.append((current["name"], cfg))
+        return cfg
+
+    monkeypatch.setattr(sparse_fwd, "pick_config", spy)
+    return current, chosen, timed
+
+
+def _run(current, name, mask):
+    current["name"] = name
+    q = torch.randn(1, H, T, 16)
+    block_sparse_attention(q, q, q, mask, impl="triton")
+
+
+@pytest.mark.parametrize("order", [("dense", "scattered"), ("scattered", "dense")])
+def test_each_mask_gets_its_own_tile_in_any_order(fake_tuning, order):
+    current, chosen, timed = fake_tuning
+    masks = {"dense": _dense_mask(), "scattered": _scattered_mask()}
+    for name in (*order, *order):  # the second round hits the cache
+        _run(current, name, masks[name])
+    assert dict(chosen) == {"dense": WIDE, "scattered": NARROW}
+    assert len(timed) == 4 and len(kcfg._TUNED) == 2, "each mask kind is timed once, on itself"
+
+
+def test_policy_masks_are_keyed_by_their_policy_without_reading_the_device():
+    """mask_key of a policy-built mask never touches its tensors (meta tensors: any read would raise)."""
+    meta = torch.empty(1, 2, 8, dtype=torch.int32, device="meta")
+    idx = torch.empty(1, 2, 8, 8, dtype=torch.int32, device="meta")
+    for policy in (SparsityPolicy("density", 0.1), SparsityPolicy("density", 0.12), SparsityPolicy("top_p", 0.9)):
+        source = mask_from_scores(torch.rand(1, 2, 8, 8), policy, T, BS).source
+        assert source == ("policy", policy.kind, policy.value, policy.allocation)
+        kcfg.mask_key(source, meta, idx)
+    a, b, c = (kcfg.mask_key(("policy", "density", v, "row"), meta, idx) for v in (0.1, 0.12, 0.05))
+    assert a == b != c  # 0.1 and 0.12 share a density bucket, 0.05 does not
+
+
+def test_measured_key_separates_dense_structured_and_scattered_masks():
+    dense, scattered = _dense_mask(), _scattered_mask()
+    nb = T // BS
+    band = torch.ones(nb, nb, dtype=torch.bool).tril() & ~torch.ones(nb, nb, dtype=torch.bool).tril(-3)
+    structured = BlockMask.from_dense(band.expand(1, H, nb, nb), BS, T)  # consecutive rows share blocks
+    keys = [kcfg.mask_key(None, m.kv_num_blocks, m.kv_indices) for m in (dense, scattered, structured)]
+    assert keys[0] == ("measured", 5, 3)
+    assert keys[1][2] < keys[2][2], "the scattered mask's rows overlap less than the band's"
+    assert len(set(keys)) == 3
+
+
+def test_no_key_is_computed_without_tuning(monkeypatch):
+    monkeypatch.setenv("SEERATTN_TRITON_AUTOTUNE", "0")
+
+    def never():
+        raise AssertionError("the mask key was computed with tuning off")
+
+    assert kcfg.pick_config(("k",), [WIDE, NARROW], lambda c: None, extra_key=never) is WIDE
