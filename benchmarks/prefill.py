@@ -3,6 +3,7 @@
     python3 -m benchmarks.prefill --seqlens 8192,32768 --densities 0.1 --json runs/prefill.json
     python3 -m benchmarks.prefill --seqlens 32768 --methods seer,xattention,flexprefill,xattention_top_p \
         --json runs/prefill_peers.json
+    python3 -m benchmarks.prefill --seqlens 32768,131072 --densities 0.1,0.05 --gate-impls triton,eager
     python3 -m benchmarks.prefill --smoke   # a tiny model on the CPU: checks that every method runs
 
 Builds ``LlamaForCausalLM`` with Llama-3.1-8B's shape (random bf16 weights: speed only; the shape is
@@ -21,6 +22,14 @@ median over ``--reps`` after ``--warmup``:
   methods at each ``--densities`` value, native ``*_top_p`` methods at each ``--top-p`` value (their
   density is what their threshold gives on these random weights, recorded per row). Their masks are per
   query head, so ``--mask-heads`` applies to ``seer`` only.
+
+Each ``seer`` row also has the per-part breakdown of one profiled forward (torch.profiler, the GPU
+time of the kernels launched inside the ranges ``seer.gate``, ``seer.policy``, ``seer.attention``;
+"rest" is the timed forward minus those): ``gate_ms``, ``policy_ms``, ``kernel_ms``, ``rest_ms`` and
+``overhead`` = (gate + policy) / kernel. ``--gate-impls triton,eager`` times the fused gate and the
+selection kernel (``triton``, the default on CUDA) against the PyTorch gate and policies (``eager``,
+rows ``.../eager``): before and after in one run. Timed forwards skip the density statistics
+(``SeerState.record_densities``); one more forward records the realised density.
 
 The whole model is timed, so the ratio is what the paper calls time-to-first-token speedup (it
 reports 1.3x at 32k / 70 % sparsity up to 2.7x at 128k / 95 %): MLPs and projections stay dense.
@@ -104,22 +113,52 @@ def profile_table(model, ids: torch.Tensor, rows: int) -> str:
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows)
 
 
-def _settings(args) -> list[tuple[Setting | None, float, str, int]]:
-    """(setting, budget, mask heads, block size) per timed configuration; setting None = the seer gate."""
+# torch.profiler range -> breakdown column (seerattn.hf.integration names the ranges)
+PARTS = {"seer.gate": "gate_ms", "seer.policy": "policy_ms", "seer.attention": "kernel_ms"}
+GATE_IMPLS = ("triton", "eager")
+
+
+def part_breakdown(model, ids: torch.Tensor) -> dict[str, float]:
+    """Milliseconds per part of one profiled forward: the GPU time of the kernels launched inside each
+    ``PARTS`` range (CPU time on the CPU, smoke runs), summed over layers."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = ids.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof, torch.no_grad():
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        if cuda:
+            torch.cuda.synchronize()
+    parts = dict.fromkeys(PARTS.values(), 0.0)
+    for evt in prof.events():
+        if evt.name in PARTS and evt.device_type == DeviceType.CPU:
+            parts[PARTS[evt.name]] += (evt.device_time_total if cuda else evt.cpu_time_total) / 1e3
+    return parts
+
+
+def _settings(args) -> list[tuple[Setting | None, float, str, int, str | None]]:
+    """(setting, budget, mask heads, block size, gate impl) per timed configuration; setting None = the
+    seer gate (gate impl None: the other methods have no gate)."""
     densities = [float(x) for x in args.densities.split(",")]
     top_ps = [float(x) for x in args.top_p.split(",") if x]
     block_sizes = [int(x) for x in args.block_sizes.split(",")]
+    gate_impls = [x for x in args.gate_impls.split(",") if x]
+    if not gate_impls or any(g not in GATE_IMPLS for g in gate_impls):
+        raise ValueError(f"--gate-impls takes a comma list from {GATE_IMPLS}, got {args.gate_impls!r}")
     out = []
     for name in (m for m in args.methods.split(",") if m):
         if name == "seer":
-            for d, heads, bs in itertools.product(densities, args.mask_heads.split(","), block_sizes):
-                out.append((None, d, heads, bs))
+            for gi, d, heads, bs in itertools.product(gate_impls, densities, args.mask_heads.split(","), block_sizes):
+                out.append((None, d, heads, bs, gi))
             continue
         m = get_method(name)
         if m.mode != "custom":
             raise ValueError(f"--methods takes 'seer' and the registry's mask-function methods; {name!r} is {m.mode}")
         values = top_ps if m.budget == "top_p" else densities
-        out += [(Setting(name, v, args.allocation), v, "q", bs) for v, bs in itertools.product(values, block_sizes)]
+        out += [
+            (Setting(name, v, args.allocation), v, "q", bs, None) for v, bs in itertools.product(values, block_sizes)
+        ]
     return out
 
 
@@ -137,6 +176,12 @@ def main(argv=None) -> int:
     )
     p.add_argument("--gate", default="windows", choices=sorted(GATES), help="gate architecture (%(default)s)")
     p.add_argument("--block-sizes", default="64", help="comma list of gate/mask block sizes (%(default)s)")
+    p.add_argument(
+        "--gate-impls",
+        default="triton",
+        help="comma list from triton (fused gate + selection kernel), eager (PyTorch gate and policies: the "
+        "'before'); seer rows only (%(default)s)",
+    )
     p.add_argument("--layers", type=int, default=32, help="decoder layers (32 = the real depth)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=5)
@@ -163,24 +208,37 @@ def main(argv=None) -> int:
     rows = []
     for t in (int(x) for x in seqlens.split(",")):
         ids = torch.randint(0, config.vocab_size, (1, t), device=device)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         dense_ms = time_forward(model, ids, args.warmup, args.reps)
-        rows.append({"seq_len": t, "method": "sdpa", "ms": dense_ms, "speedup": 1.0, "density": 1.0})
+        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+        rows.append({"seq_len": t, "method": "sdpa", "ms": dense_ms, "speedup": 1.0, "density": 1.0, "peak_gib": peak})
         print(f"T={t:>6} {'sdpa':<22} {dense_ms:9.2f} ms", flush=True)
         if args.profile and cuda:
             print(profile_table(model, ids, args.profile))
-        for setting, budget, heads, bs in settings:
+        for setting, budget, heads, bs, gate_impl in settings:
             gate = dataclasses.replace(GATES[args.gate], block_size=bs)
             if setting is None:
                 policy = SparsityPolicy("density", budget, allocation=args.allocation)
-                apply_seer_attention(model, SeerConfig(gate=gate, policy=policy, mode="sparse", mask_heads=heads))  # type: ignore[arg-type]
+                cfg = SeerConfig(gate=gate, policy=policy, mode="sparse", mask_heads=heads, gate_impl=gate_impl)  # type: ignore[arg-type]
+                apply_seer_attention(model, cfg)
                 label = f"seer@{budget:g}" + ("" if heads == "q" else f"/{heads}")
             else:
                 apply_seer_attention(model, SeerConfig(gate=gate, mode="custom"))
                 configure(get_seer_state(model), setting)
                 label = setting.label
-            label += "" if bs == 64 else f"/b{bs}"
+            label += ("" if bs == 64 else f"/b{bs}") + ("/eager" if gate_impl == "eager" else "")
+            state = get_seer_state(model)
+            state.record_densities = False  # timed forwards: no statistics
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
             ms = time_forward(model, ids, args.warmup, args.reps)
-            realised = get_seer_state(model).mean_density()
+            peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+            parts = part_breakdown(model, ids) if setting is None else {}
+            state.record_densities = True
+            with torch.no_grad():
+                model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            realised = state.mean_density()
             if args.profile and cuda:
                 print(profile_table(model, ids, args.profile))
             if args.sync_report and cuda:
@@ -188,8 +246,19 @@ def main(argv=None) -> int:
                     print(f"  host sync x{n}: {where}")
             remove_seer_attention(model)
             row = {"seq_len": t, "method": label, "block_size": bs, "budget": budget, "ms": ms, "density": realised}
+            row["peak_gib"] = peak
+            if parts:
+                parts["rest_ms"] = ms - sum(parts.values())
+                parts["overhead"] = (parts["gate_ms"] + parts["policy_ms"]) / max(parts["kernel_ms"], 1e-9)
+                row.update(parts, gate_impl=gate_impl)
             rows.append({**row, "speedup": dense_ms / ms})
-            print(f"T={t:>6} {label:<22} {ms:9.2f} ms  {dense_ms / ms:5.2f}x  density {realised:.3f}", flush=True)
+            line = f"T={t:>6} {label:<22} {ms:9.2f} ms  {dense_ms / ms:5.2f}x  density {realised:.3f}"
+            if parts:
+                line += "  " + "  ".join(
+                    f"{k[:-3]} {parts[k]:.2f}" for k in ("gate_ms", "policy_ms", "kernel_ms", "rest_ms")
+                )
+                line += f"  (gate+policy)/kernel {parts['overhead']:.2f}"
+            print(line, flush=True)
         del ids
         if cuda:
             torch.cuda.empty_cache()

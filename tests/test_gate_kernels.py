@@ -177,3 +177,31 @@ def test_fused_gate_bf16_32k_equals_eager(cfg):
     gate, q, k, cos, sin = _case(hq, hkv, t, d, cfg, torch.bfloat16, batch=1)
     gate, q, k, cos, sin = gate.cuda(), q.cuda(), k.cuda(), cos.cuda(), sin.cuda()
     _check(gate, q, k, cos, sin)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fused_gate_policy_and_kernel_run_without_host_sync():
+    """A sparse layer's gate (fused), policy (selection kernel) and attention at 8k, Llama-3.1-8B heads:
+    no synchronising call (``set_sync_debug_mode("error")`` raises on one)."""
+    from seerattn import SparsityPolicy, block_sparse_attention, mask_from_scores
+
+    t = 8192
+    cfg = GateConfig(q_pooling=("avg", "max", "min"), q_subblock=16)
+    gate, q, k, cos, sin = _case(32, 8, t, 128, cfg, torch.bfloat16, batch=1)
+    gate, q, k, cos, sin = gate.cuda(), q.cuda(), k.cuda(), cos.cuda().float(), sin.cuda().float()
+
+    def layer():
+        with torch.no_grad():
+            probs = gate(q, k, cos, sin).softmax(-1)
+            mask = mask_from_scores(probs, SparsityPolicy("density", 0.1), t, 64)
+            return block_sparse_attention(q, k, k, mask)
+
+    layer()  # compile and tune outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = layer()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out).all()

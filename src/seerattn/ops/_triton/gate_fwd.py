@@ -231,7 +231,7 @@ def _pool_project(x, w, cos, sin, step, poolings, group, cos_step, rope):
         STEP=step, D=d, HALF_P=max(16, triton.next_power_of_2(half)), BLOCK_W=block_w,
         NPOOL=npool, P0=codes[0], P1=codes[1], P2=codes[2],
         NEED_MAX="max" in poolings, NEED_MIN="min" in poolings, ROPE=rope,
-        num_warps=4,
+        num_warps=4 if interpreting() or d <= 64 else 8,  # D = 128: three [32, 128] fp32 accumulators
     )  # fmt: skip
     return out
 
@@ -275,6 +275,6 @@ def gate_logits_fwd(
         out.stride(0), out.stride(1), out.stride(2),
         ns, nb, hq, dg, n_row_tiles, math.sqrt(dg),
         R=r, DG_P=max(16, triton.next_power_of_2(dg)), BLOCK_I=block_i, BLOCK_J=block_j,
-        num_warps=4,
+        num_warps=4 if interpreting() or dg <= 64 else 8,
     )  # fmt: skip
     return out
