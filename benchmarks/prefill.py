@@ -27,8 +27,8 @@ Each ``seer`` row also has the per-part breakdown of one profiled forward (torch
 time of the kernels launched inside the ranges ``seer.gate``, ``seer.policy``, ``seer.attention``;
 "rest" is the timed forward minus those): ``gate_ms``, ``policy_ms``, ``kernel_ms``, ``rest_ms`` and
 ``overhead`` = (gate + policy) / kernel. ``--gate-impls triton,eager`` times the fused gate and the
-selection kernel (``triton``, the default on CUDA) against the PyTorch gate and policies (``eager``,
-rows ``.../eager``): before and after in one run. Timed forwards skip the density statistics
+selection kernel (``triton``, what ``auto`` picks on CUDA) against the PyTorch gate and policies
+(``eager``, rows ``.../eager``): before and after in one run. Timed forwards skip the density statistics
 (``SeerState.record_densities``); one more forward records the realised density.
 
 The whole model is timed, so the ratio is what the paper calls time-to-first-token speedup (it
@@ -115,7 +115,7 @@ def profile_table(model, ids: torch.Tensor, rows: int) -> str:
 
 # torch.profiler range -> breakdown column (seerattn.hf.integration names the ranges)
 PARTS = {"seer.gate": "gate_ms", "seer.policy": "policy_ms", "seer.attention": "kernel_ms"}
-GATE_IMPLS = ("triton", "eager")
+GATE_IMPLS = ("auto", "triton", "eager")
 
 
 def part_breakdown(model, ids: torch.Tensor) -> dict[str, float]:
@@ -150,7 +150,7 @@ def _settings(args) -> list[tuple[Setting | None, float, str, int, str | None]]:
     for name in (m for m in args.methods.split(",") if m):
         if name == "seer":
             for gi, d, heads, bs in itertools.product(gate_impls, densities, args.mask_heads.split(","), block_sizes):
-                out.append((None, d, heads, bs, gi))
+                out.append((None, d, heads, bs, None if gi == "auto" else gi))
             continue
         m = get_method(name)
         if m.mode != "custom":
@@ -178,9 +178,9 @@ def main(argv=None) -> int:
     p.add_argument("--block-sizes", default="64", help="comma list of gate/mask block sizes (%(default)s)")
     p.add_argument(
         "--gate-impls",
-        default="triton",
-        help="comma list from triton (fused gate + selection kernel), eager (PyTorch gate and policies: the "
-        "'before'); seer rows only (%(default)s)",
+        default="auto",
+        help="comma list from auto (triton on CUDA, eager on the CPU), triton (fused gate + selection kernel), "
+        "eager (PyTorch gate and policies: the 'before'); seer rows only (%(default)s)",
     )
     p.add_argument("--layers", type=int, default=32, help="decoder layers (32 = the real depth)")
     p.add_argument("--warmup", type=int, default=2)
