@@ -478,3 +478,27 @@ def test_flex_gradients_on_cpu_are_refused():
     q.requires_grad_(True)
     with pytest.raises(NotImplementedError, match="backward on CPU"):
         block_sparse_attention(q, k, v, rand_mask(1, 2, 32, 16), impl="flex")
+
+
+def test_backward_tuning_is_keyed_by_the_mask_kind(monkeypatch):
+    """As the forward: the dK/dV and dQ choices are cached per (shape, mask kind), so a dense and a
+    10 % policy mask of one shape are each timed (fake timer) and keep their own choice."""
+    from seerattn import SparsityPolicy, mask_from_scores
+    from seerattn.ops._triton import config, sparse_bwd
+
+    t, bs, h = 128, 32, 2
+    cands = [KernelConfig(32, 16, 1, 4, 1), KernelConfig(16, 16, 1, 4, 1)]
+    monkeypatch.setenv("SEERATTN_TRITON_AUTOTUNE", "1")
+    monkeypatch.setattr(sparse_bwd, "dkdv_configs", lambda *a: cands)
+    monkeypatch.setattr(sparse_bwd, "dq_configs", lambda *a: cands)
+    monkeypatch.setattr(config, "_TUNED", {})
+    timed = []
+    monkeypatch.setattr(config, "_bench", lambda launch, cfg: timed.append(cfg) or 1.0 + cands.index(cfg))
+    scores = torch.rand(1, h, t // bs, t // bs, generator=torch.Generator().manual_seed(0))
+    q, k, v = rand_qkv(1, h, 1, t, 16, torch.float32)
+    for pol in (SparsityPolicy("dense"), SparsityPolicy("density", 0.1), SparsityPolicy("dense")):
+        mask = mask_from_scores(scores, pol, t, bs)
+        grads(block_sparse_attention, q, k, v, torch.ones_like(q), mask, impl="triton")
+    keys = [k for k in config._TUNED if k[0] in ("dkdv", "dq")]
+    assert len(keys) == 4 and len({k[-1] for k in keys}) == 2  # two passes x two mask kinds
+    assert len(timed) == 8  # the third call (dense again) reuses the dense choice

@@ -112,7 +112,7 @@ class _BlockSparseAttention(torch.autograd.Function):
         m = ctx.block_mask
         dq, dk, dv = block_sparse_attention_bwd(
             q, k, v, out, lse, dout, m.kv_num_blocks, m.kv_indices, m.q_num_blocks, m.q_indices,
-            m.block_size, ctx.scale, cu_seqlens=ctx.cu_seqlens,
+            m.block_size, ctx.scale, cu_seqlens=ctx.cu_seqlens, mask_source=m.source,
         )  # fmt: skip
         return dq, dk, dv, None, None, None
 

@@ -42,12 +42,14 @@ program never spans two key blocks (so below 64-token blocks its tiles are short
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from .common import LOG2E, count_below_from_end, count_below_from_start
-from .config import KernelConfig, dkdv_configs, dq_configs, pick_config
+from .config import KernelConfig, dkdv_configs, dq_configs, mask_key, pick_config
 
 __all__ = ["block_sparse_attention_bwd"]
 
@@ -337,13 +339,16 @@ def block_sparse_attention_bwd(
     cu_seqlens: torch.Tensor | None = None,
     dkdv_config: KernelConfig | None = None,
     dq_config: KernelConfig | None = None,
+    mask_source: tuple | None = None,
 ):
     """Gradients of the block-sparse forward (inputs already validated by the caller).
 
     q, out, dout: [B, Hq, T, D]; k, v: [B, Hkv, T, D]; lse: [B, Hq, T] fp32 from the forward;
     forward lists ``kv_num_blocks [Bm, Hm, NQ]`` / ``kv_indices [Bm, Hm, NQ, NK]`` and transposed
     lists ``q_num_blocks [Bm, Hm, NK]`` / ``q_indices [Bm, Hm, NK, NQ]``. The configs force a tile
-    configuration (tests, benchmarks). Returns dq [B, Hq, T, D], dk, dv [B, Hkv, T, D].
+    configuration (tests, benchmarks); ``mask_source`` (:attr:`seerattn.BlockMask.source`) keys the
+    tuned choice with the mask's kind, as in the forward (:func:`.config.mask_key`).
+    Returns dq [B, Hq, T, D], dk, dv [B, Hkv, T, D].
     """
     b, hq, t, d = q.shape
     hkv = k.shape[1]
@@ -410,10 +415,11 @@ def block_sparse_attention_bwd(
         )  # fmt: skip
 
     key = (mask_block, heads_per_mask, group, d, q.dtype, varlen, max(t, 1).bit_length())
+    kind = functools.cache(lambda: mask_key(mask_source, kv_num_blocks, kv_indices))  # one host read at most
     if dkdv_config is None:
-        dkdv_config = pick_config(("dkdv", *key), dkdv_configs(mask_block, d), launch_dkdv)
+        dkdv_config = pick_config(("dkdv", *key), dkdv_configs(mask_block, d), launch_dkdv, extra_key=kind)
     if dq_config is None:
-        dq_config = pick_config(("dq", *key), dq_configs(mask_block, heads_per_mask, d), launch_dq)
+        dq_config = pick_config(("dq", *key), dq_configs(mask_block, heads_per_mask, d), launch_dq, extra_key=kind)
     launch_dkdv(dkdv_config)
     launch_dq(dq_config)
     return dq, dk, dv
