@@ -65,6 +65,21 @@ def add_mask_heads_argument(p) -> None:
     )
 
 
+# The repository's held-out sample (data/books-sample/README.md): a fresh clone runs without other downloads.
+DEFAULT_DATA = "data/books-sample"
+DATA_HELP = (
+    "held-out text: a folder of .txt/.txt.gz files (with MANIFEST.tsv: its rows of split test, or of eval's "
+    "--split; without: every file), one .txt/.txt.gz/.txt.xz file, or .jsonl/.parquet files or a folder of them "
+    "with a text column (needs `pip install 'seerattn[data]'`) (%(default)s)"
+)
+
+
+def add_data_arguments(p) -> None:
+    """``--data`` and ``--text-field`` (eval and quickstart), resolved by :func:`seerattn.data.resolve_data`."""
+    p.add_argument("--data", default=DEFAULT_DATA, help=DATA_HELP)
+    p.add_argument("--text-field", default="text", help="JSONL key / parquet column of the text (%(default)s)")
+
+
 def _setup(args):
     """Load tokenizer, model (with gates) and books; expand the method settings."""
     import torch
@@ -77,6 +92,8 @@ def _setup(args):
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    # the data before the model: a wrong --data fails in a second, not after loading weights
+    books = TokenizedBooks(args.data, tokenizer, split=args.split, max_books=args.max_books, text_field=args.text_field)
     em = load_eval_model(
         args.model,
         gates=args.gates,
@@ -87,7 +104,6 @@ def _setup(args):
         train_length=args.train_length,
         mask_heads=args.mask_heads,
     )
-    books = TokenizedBooks(args.data, tokenizer, split=args.split, max_books=args.max_books)
     torch.manual_seed(args.seed)
     return tokenizer, em, books, settings
 
@@ -271,8 +287,8 @@ def _common(p: argparse.ArgumentParser, contexts: str | None, samples: int) -> N
     p.add_argument("--model", required=True, help="local model folder (AutoModelForCausalLM.from_pretrained)")
     p.add_argument("--tokenizer", help="tokenizer folder (default: --model)")
     p.add_argument("--gates", help="seerattn adapter folder with trained AttnGates (needed by seer* methods)")
-    p.add_argument("--data", default="../shared/data/books", help="books folder with MANIFEST.tsv (%(default)s)")
-    p.add_argument("--split", default="test", help="manifest split to evaluate on (%(default)s)")
+    add_data_arguments(p)
+    p.add_argument("--split", default="test", help="MANIFEST.tsv split to evaluate on (%(default)s)")
     p.add_argument("--max-books", type=int, help="use only the first N books of the split")
     p.add_argument(
         "--methods",

@@ -13,7 +13,41 @@ import json
 import time
 from pathlib import Path
 
-from .eval import ALLOCATIONS, add_mask_heads_argument
+from .eval import ALLOCATIONS, add_data_arguments, add_mask_heads_argument
+
+# Passkey needle depths (one prompt each) and the --fast window: a run of seconds on a CPU.
+DEPTHS = (0.25, 0.5, 0.75)
+FAST_CONTEXT = 512
+# CPU cost model of the estimate printed before a run: stage -> (seconds per unit at a 4096-token window,
+# growth exponent with the window length). Units: ppl = one window through dense and sparse, passkey = one
+# prompt through both, maps = the one analysed window. Fitted to `stage_cpu_seconds` in quickstart.json of
+# `seerattn quickstart` (4096 tokens, 2 windows: 0.6 / 59.7 / 84.2 / 31.0 s) and `seerattn quickstart --fast`
+# (512, 1 window; mean of two runs: 0.6 / 4.3 / 10.2 / 2.7 s) on the 2-core development CPU (torch 2.13, 2
+# threads, fp32 reference ops). CPU seconds of the process, not wall seconds: they hardly move with the
+# machine's load, and with two free cores the wall time was about the same (150 s wall for 169 CPU s).
+_CPU_STAGES = {"ppl": (29.9, 0.93), "passkey": (28.1, 1.02), "maps": (31.0, 1.17)}
+_CPU_LOAD_S = 0.6  # tokenizer, data, model and gates (the imports before the estimate is printed excluded)
+
+
+def estimate_seconds(context: int, samples: int, device: str) -> float | None:
+    """Seconds a CPU run at ``context`` tokens with ``samples`` windows is expected to take (None off CPU)."""
+    if device != "cpu":
+        return None
+    units = {"ppl": samples, "passkey": len(DEPTHS), "maps": 1}
+    return _CPU_LOAD_S + sum(n * _CPU_STAGES[k][0] * (context / 4096) ** _CPU_STAGES[k][1] for k, n in units.items())
+
+
+def _plan(context: int, samples: int, device: str) -> str:
+    """The line printed before a run: what it computes and how long that should take."""
+    work = (
+        f"{samples} window(s) and {len(DEPTHS)} passkey prompts of {context} tokens, each dense and sparse, "
+        f"and 1 block map on {device}"
+    )
+    est = estimate_seconds(context, samples, device)
+    if est is None:
+        return f"seerattn quickstart: {work}: seconds after loading on a recent GPU (an H200 took 3 s at 8192 tokens)"
+    took = f"{est:.0f} s" if est < 100 else f"{est / 60:.1f} min"
+    return f"seerattn quickstart: {work}: about {took} on a 2-core CPU (longer on a busy machine)"
 
 
 def _run(args) -> int:
@@ -31,24 +65,39 @@ def _run(args) -> int:
     )
     from ..eval.plots import plot_block_maps
 
-    for name, path in (("--model", args.model), ("--gates", args.gates), ("--data", args.data)):
+    for name, path in (("--model", args.model), ("--gates", args.gates)):
         if not Path(path).exists():
             raise SystemExit(
                 f"seerattn quickstart: {name} {path} does not exist (run from the repository root, or pass {name})"
             )
-    t0 = time.perf_counter()
+    context = args.context if args.context is not None else (FAST_CONTEXT if args.fast else 4096)
+    samples = args.samples if args.samples is not None else (1 if args.fast else 2)
+    t0, c0 = time.perf_counter(), time.process_time()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    print(_plan(context, samples, torch.device(device).type), flush=True)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
+    # the data before the model: a wrong --data fails at once
+    books = TokenizedBooks(args.data, tokenizer, split="test", text_field=args.text_field)
     em = load_eval_model(args.model, gates=args.gates, device=device, mask_heads=args.mask_heads)
-    books = TokenizedBooks(args.data, tokenizer, split="test")
+    stages = {"load": time.perf_counter() - t0}
+    cpu = {"load": time.process_time() - c0}
     settings = expand_settings(["dense", "seer"], densities=[args.density], allocations=[args.allocation])
     quiet = not args.progress
-    ppl = evaluate_ppl(em, books, settings, [args.context], args.samples, progress=not quiet)
-    passkey = evaluate_passkey(em, tokenizer, books, settings, [args.context], [0.25, 0.5, 0.75], 1, progress=not quiet)
-    window = segment_windows(books, args.context, 1)[0]
-    maps = block_maps(em, window, settings[1:], layers=None)
+
+    def timed(stage: str, fn, *a, **k):
+        t, c = time.perf_counter(), time.process_time()
+        result = fn(*a, **k)
+        stages[stage], cpu[stage] = time.perf_counter() - t, time.process_time() - c
+        return result
+
+    ppl = timed("ppl", evaluate_ppl, em, books, settings, [context], samples, progress=not quiet)
+    passkey = timed(
+        "passkey", evaluate_passkey, em, tokenizer, books, settings, [context], list(DEPTHS), 1, progress=not quiet
+    )
+    window = segment_windows(books, context, 1)[0]
+    maps = timed("maps", block_maps, em, window, settings[1:], layers=None)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     n_layers = em.model.config.num_hidden_layers
@@ -62,8 +111,9 @@ def _run(args) -> int:
         "model": args.model,
         "gates": args.gates,
         "device": device,
-        "context": args.context,
-        "windows": args.samples,
+        "data": args.data,
+        "context": context,
+        "windows": samples,
         "density_target": args.density,
         "allocation": args.allocation,
         "mask_heads": em.state.config.mask_heads,
@@ -75,9 +125,11 @@ def _run(args) -> int:
         "passkey_sparse": passkey[1]["mean_accuracy"],
         "mass_recall": recall["mass_recall"],
         "seconds": time.perf_counter() - t0,
+        "stage_seconds": stages,
+        "stage_cpu_seconds": cpu,  # all threads of the process: what the estimate before a run is fitted to
     }
     (out / "quickstart.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"\nseerattn quickstart: {args.model} + gates {args.gates} on {device}, {args.context}-token windows")
+    print(f"\nseerattn quickstart: {args.model} + gates {args.gates} on {device}, {context}-token windows")
     print(f"{'':28}{'dense':>10}{'seer gate':>12}")
     print(f"{'perplexity':28}{dense['ppl']:>10.3f}{sparse['ppl']:>12.3f}")
     print(f"{'passkey accuracy':28}{passkey[0]['mean_accuracy']:>10.2f}{passkey[1]['mean_accuracy']:>12.2f}")
@@ -85,7 +137,8 @@ def _run(args) -> int:
     per_layer = "  ".join(f"L{i}:{d:.2f}" for i, d in enumerate(sparse["density_per_layer"]))
     print(f"density per layer: {per_layer}")
     print(f"attention-mass recall of the kept blocks: {recall['mass_recall']:.3f}")
-    print(f"wrote {png} and {out / 'quickstart.json'} ({summary['seconds']:.0f} s)")
+    took = ", ".join(f"{k} {v:.0f} s" for k, v in stages.items())
+    print(f"wrote {png} and {out / 'quickstart.json'} ({summary['seconds']:.0f} s: {took})")
     return 0
 
 
@@ -93,9 +146,14 @@ def register(sub) -> None:
     p = sub.add_parser("quickstart", help="dense vs sparse prefill on the testbed (or your model): PPL, passkey, maps")
     p.add_argument("--model", default="testbed/model", help="model folder (%(default)s)")
     p.add_argument("--gates", default="testbed/gates", help="adapter folder (%(default)s)")
-    p.add_argument("--data", default="../shared/data/books", help="books folder with MANIFEST.tsv (%(default)s)")
-    p.add_argument("--context", type=int, default=4096, help="tokens per window (%(default)s)")
-    p.add_argument("--samples", type=int, default=2, help="held-out windows (%(default)s)")
+    add_data_arguments(p)
+    p.add_argument("--context", type=int, help=f"tokens per window (4096; --fast: {FAST_CONTEXT})")
+    p.add_argument("--samples", type=int, help="held-out windows (2; --fast: 1)")
+    p.add_argument(
+        "--fast",
+        action="store_true",
+        help=f"the short form: {FAST_CONTEXT}-token windows, 1 window (seconds on a CPU; --context/--samples win)",
+    )
     p.add_argument("--density", type=float, default=0.2, help="fraction of causal blocks kept (%(default)s)")
     p.add_argument(
         "--allocation",

@@ -1,26 +1,28 @@
-"""Held-out books for evaluation: a folder of ``*.txt`` / ``*.txt.gz`` files with ``MANIFEST.tsv``.
+"""Held-out documents for evaluation, tokenised lazily.
 
-The manifest is tab-separated with at least the columns ``file`` and ``split`` (``title`` is used
-when present), as in ``../shared/data/books``. Books are tokenised lazily and only as far as an
-evaluation needs (a prefix long enough for the windows asked for), so a small CPU run does not
-tokenise millions of characters.
+``--data`` is resolved by :func:`seerattn.data.resolve_data`, the rules training uses too: a folder
+with ``MANIFEST.tsv`` (its rows of the asked split, ``test`` by default; ``title`` is used when
+present), a folder without one (every file is evaluation data), a single text file, or JSONL /
+parquet files (one document per row, column ``text_field``). Text files are read and tokenised
+only as far as an evaluation needs (a prefix long enough for the windows asked for), so a small CPU
+run does not tokenise millions of characters; JSONL / parquet rows are read when the books are opened.
 """
 
 from __future__ import annotations
 
-import csv
-import gzip
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..data import iter_table_texts, read_manifest, read_text, resolve_data
+
 __all__ = ["BookInfo", "TokenizedBooks", "read_manifest", "segment_windows"]
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "MANIFEST.tsv"
 # Characters read per wanted token on the first try (English BPE runs ~4 chars/token); doubled
 # until the book has enough tokens or ends.
 _CHARS_PER_TOKEN_GUESS = 6
@@ -30,67 +32,57 @@ _CUT_MARGIN = 8
 
 @dataclass(frozen=True)
 class BookInfo:
-    """One row of ``MANIFEST.tsv``."""
+    """One evaluation document: a whole text file, or row ``row`` of a JSONL / parquet file."""
 
     path: Path
     title: str
-    split: str
-
-
-def read_manifest(folder: str | Path, split: str | None = "test", max_books: int | None = None) -> list[BookInfo]:
-    """Books of ``split`` (all splits for ``None``) in manifest order, at most ``max_books``."""
-    folder = Path(folder)
-    path = folder / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"no {MANIFEST} in {folder}: expected a books folder like ../shared/data/books")
-    with path.open(encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
-    if not rows or not {"file", "split"} <= set(rows[0]):
-        raise ValueError(f"{path} must be tab-separated with at least the columns 'file' and 'split'")
-    books = [
-        BookInfo(folder / r["file"], r.get("title") or r["file"], r["split"])
-        for r in rows
-        if split is None or r["split"] == split
-    ]
-    if not books:
-        splits = sorted({r["split"] for r in rows})
-        raise ValueError(f"{path} has no books of split {split!r}; splits present: {splits}")
-    for b in books:
-        if not b.path.is_file():
-            raise FileNotFoundError(f"{path} lists {b.path.name} but {b.path} does not exist")
-    return books[:max_books] if max_books is not None else books
-
-
-def _read_text(path: Path) -> str:
-    if path.suffix == ".gz":
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            return f.read()
-    return path.read_text(encoding="utf-8")
+    row: int | None = None
 
 
 class TokenizedBooks:
     """Lazily tokenised books of one split.
 
     Args:
-        folder: books folder with ``MANIFEST.tsv``.
+        data: a data source or several (see :func:`seerattn.data.resolve_data`).
         tokenizer: a Hugging Face tokenizer (``tokenizer(text, add_special_tokens=False)``).
-        split: manifest split to use.
-        max_books: use only the first books of the split.
+        split: manifest split to use (a folder without a manifest and single files have none).
+        max_books: use only the first documents.
+        text_field: the JSONL key / parquet column holding each document's text.
     """
 
-    def __init__(self, folder: str | Path, tokenizer, split: str = "test", max_books: int | None = None):
-        self.books = read_manifest(folder, split, max_books)
+    def __init__(
+        self,
+        data: str | Path | Sequence[str | Path],
+        tokenizer,
+        split: str = "test",
+        max_books: int | None = None,
+        text_field: str = "text",
+    ):
+        if max_books is not None and max_books < 1:
+            raise ValueError(f"max_books must be a positive number of documents or None, got {max_books}")
+        self.books: list[BookInfo] = []
         self.tokenizer = tokenizer
         self._text: dict[int, str] = {}
         self._tokens: dict[int, torch.Tensor] = {}
         self._complete: set[int] = set()
+        for f in resolve_data(data, split):
+            if max_books is not None and len(self.books) == max_books:
+                break
+            if f.kind == "text":
+                self.books.append(BookInfo(f.path, f.title))
+                continue
+            for row, text in enumerate(iter_table_texts(f.path, text_field)):
+                self._text[len(self.books)] = text
+                self.books.append(BookInfo(f.path, f"{f.title}#{row}", row))
+                if max_books is not None and len(self.books) == max_books:
+                    break
 
     def __len__(self) -> int:
         return len(self.books)
 
     def text(self, i: int) -> str:
         if i not in self._text:
-            self._text[i] = _read_text(self.books[i].path)
+            self._text[i] = read_text(self.books[i].path)
         return self._text[i]
 
     def tokens(self, i: int, min_tokens: int) -> torch.Tensor:

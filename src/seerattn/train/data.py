@@ -1,16 +1,11 @@
 """Training data for distillation: documents -> token ids (cached) -> fixed-length packed rows.
 
-Sources (in the order given; never a hub download):
-
-- a **books folder**: a directory with ``MANIFEST.tsv`` (columns ``file`` and ``split``, the
-  layout of ``../shared/data/books``); the rows whose ``split`` equals ``data_split`` are used,
-  each file (``.txt`` or ``.txt.gz``) one document;
-- any other **directory**: every ``.txt``, ``.txt.gz``, ``.jsonl``, ``.jsonl.gz`` and ``.parquet``
-  file below it, sorted by path;
-- a **file**: ``.txt[.gz|.xz]`` (the whole file is one document, or several split at
-  ``document_separator``, e.g. ``"\\x00"`` for the corpus ``testbed/train.py pack`` writes),
-  ``.jsonl[.gz|.xz]`` (one JSON object per line, the text under ``text_field``) or ``.parquet``
-  (column ``text_field``; needs ``pyarrow``).
+Sources: :func:`seerattn.data.resolve_data`, the one resolution that evaluation uses too (a books
+folder with ``MANIFEST.tsv``, whose rows of ``data_split`` are used; any other folder, every file of
+which is training data; single ``.txt[.gz|.xz]`` / ``.jsonl[.gz|.xz]`` / ``.parquet`` files; never a
+hub download). A text file is one document, or several split at ``document_separator`` (e.g.
+``"\\x00"`` for the corpus ``testbed/train.py pack`` writes); JSONL / parquet give one document per
+row (column ``text_field``, read through ``datasets``).
 
 Packing: every document becomes ``[BOS] tokens [EOS]`` (whichever of the two the tokenizer has;
 at least one is required so that documents stay separated); documents are concatenated into one
@@ -27,12 +22,9 @@ limit, seed and the tokenizer, so a change in any of them re-tokenises.
 
 from __future__ import annotations
 
-import csv
-import gzip
 import hashlib
 import json
 import logging
-import lzma
 import os
 import random
 import time
@@ -42,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..data import iter_documents, resolve_sources
 
 __all__ = [
     "PackedRows",
@@ -55,124 +49,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-TEXT_SUFFIXES = (".txt", ".txt.gz", ".txt.xz")
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.xz")
-PARQUET_SUFFIXES = (".parquet",)
-ALL_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
-MANIFEST = "MANIFEST.tsv"
-
-
-def _kind(path: Path) -> str | None:
-    name = path.name.lower()
-    for kind, suffixes in (("text", TEXT_SUFFIXES), ("jsonl", JSONL_SUFFIXES), ("parquet", PARQUET_SUFFIXES)):
-        if name.endswith(suffixes):
-            return kind
-    return None
-
-
-# ---------------------------------------------------------------------------------------- sources
-def _books_files(folder: Path, split: str) -> list[Path]:
-    manifest = folder / MANIFEST
-    with open(manifest, encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
-    if not rows or "file" not in rows[0] or "split" not in rows[0]:
-        raise ValueError(f"{manifest} must be a TSV with columns 'file' and 'split'")
-    splits = sorted({r["split"] for r in rows})
-    files = [folder / r["file"] for r in rows if r["split"] == split]
-    if not files:
-        raise ValueError(
-            f"{manifest} has no row with split={split!r}; splits present: {splits} (recipe field data_split)"
-        )
-    missing = [p.name for p in files if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"{manifest} lists {len(missing)} file(s) of split {split!r} that are not in {folder}: "
-            f"{missing[:5]}; copy them or remove their rows from the manifest"
-        )
-    bad = [p.name for p in files if _kind(p) != "text"]
-    if bad:
-        raise ValueError(f"{manifest}: books must be .txt or .txt.gz files, got {bad[:5]}")
-    return files
-
-
-def resolve_sources(sources: Sequence[str | Path], split: str = "train") -> list[Path]:
-    """The document files named by ``sources`` (see the module docstring), in a fixed order."""
-    files: list[Path] = []
-    for src in sources:
-        path = Path(src)
-        if path.is_dir():
-            if (path / MANIFEST).is_file():
-                files.extend(_books_files(path, split))
-                continue
-            found = sorted(p for p in path.rglob("*") if p.is_file() and _kind(p) is not None)
-            if not found:
-                raise ValueError(f"data folder {path} holds no file ending in {ALL_SUFFIXES} and no {MANIFEST}")
-            files.extend(found)
-        elif path.is_file():
-            if _kind(path) is None:
-                raise ValueError(f"data file {path}: unknown type; accepted endings: {ALL_SUFFIXES}")
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"data source {path} does not exist (recipe field data)")
-    return files
-
-
-def _open_text(path: Path):
-    name = path.name.lower()
-    if name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    if name.endswith(".xz"):
-        return lzma.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
-def _iter_jsonl(path: Path, field: str) -> Iterator[str]:
-    with _open_text(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON: {e}") from e
-            if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
-                raise ValueError(f"{path}:{n}: expected a JSON object with a string field {field!r} (text_field)")
-            yield obj[field]
-
-
-def _iter_parquet(path: Path, field: str) -> Iterator[str]:
-    try:
-        import pyarrow.parquet as pq
-    except ModuleNotFoundError as e:
-        raise ModuleNotFoundError(
-            f"reading {path} needs pyarrow, which is not installed: `pip install pyarrow`, or convert the data to JSONL"
-        ) from e
-    pf = pq.ParquetFile(path)
-    if field not in pf.schema_arrow.names:
-        raise ValueError(f"{path} has no column {field!r} (text_field); columns: {pf.schema_arrow.names}")
-    for batch in pf.iter_batches(columns=[field]):
-        for value in batch.column(0).to_pylist():
-            if not isinstance(value, str):
-                raise ValueError(f"{path}: column {field!r} holds a {type(value).__name__}, expected strings")
-            yield value
-
-
-def iter_documents(files: Sequence[Path], text_field: str = "text", separator: str | None = None) -> Iterator[str]:
-    """Documents of ``files`` in order: a text file is one document, or several split at ``separator``."""
-    for path in files:
-        kind = _kind(path)
-        if kind == "text":
-            with _open_text(path) as f:
-                text = f.read()
-            if separator:
-                yield from (d for d in text.split(separator) if d)
-            else:
-                yield text
-        elif kind == "jsonl":
-            yield from _iter_jsonl(path, text_field)
-        else:
-            yield from _iter_parquet(path, text_field)
 
 
 # ---------------------------------------------------------------------------------------- tokens
