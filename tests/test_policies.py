@@ -1,8 +1,8 @@
 """Sparsity policies: ``mask_from_scores`` under each ``SparsityPolicy`` hits its target exactly.
 
 Every test runs twice (module-scoped ``impl`` parameter): with the PyTorch policies and with the
-selection kernel (``impl="triton"``: the interpreter on the CPU), which must keep the same blocks
-with the same tie rule. The kernel has no ``allocation="head"``: those cases run the PyTorch policy.
+selection kernel (``impl="triton"``: the interpreter on the CPU, the GPU where there is one), which
+must keep the same blocks with the same tie rule.
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ mask_from_scores = seerattn.mask_from_scores  # rebound per implementation by th
 
 
 def _with_impl(impl, scores, policy, *args, **kwargs):
-    if policy.kind == "density" and policy.allocation == "head":
-        impl = "reference"
     if impl == "triton" and torch.cuda.is_available() and scores.device.type == "cpu":
         # with a GPU the kernel runs there (the interpreter is on only without one)
         return seerattn.mask_from_scores(scores.cuda(), policy, *args, impl=impl, **kwargs).to("cpu")

@@ -25,6 +25,8 @@ POLICIES = [
     SparsityPolicy("density", 0.3, "uniform", keep_sink=False),
     SparsityPolicy("density", 0.15, "floor", keep_diagonal=False),
     SparsityPolicy("density", 0.1, keep_sink=False, keep_diagonal=False, dense_last_rows=2),
+    SparsityPolicy("density", 0.2, "head"),
+    SparsityPolicy("density", 0.05, "head", keep_sink=False, keep_diagonal=False),
     SparsityPolicy("threshold", 0.04),
     SparsityPolicy("top_p", 0.8),
     SparsityPolicy("top_p", 0.5, keep_sink=False, keep_diagonal=False),
@@ -60,7 +62,7 @@ def test_kernel_lists_equal_pytorch_policies(policy, levels):
 @interpreter
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
 def test_low_precision_and_fp64_scores(dtype):
-    for policy in POLICIES[:6]:
+    for policy in POLICIES[:8]:
         _same(_probs(1, 2, 12, seed=2, levels=4).to(dtype), policy)
 
 
@@ -87,9 +89,6 @@ def test_signed_zero_and_infinities_keep_the_sort_order():
 @interpreter
 def test_dispatch_rules():
     s = _probs(1, 1, 4, seed=0)
-    head = SparsityPolicy("density", 0.3, allocation="head")
-    with pytest.raises(NotImplementedError, match="allocation='head'"):
-        mask_from_scores(s, head, 64, 16, impl="triton")
     with pytest.raises(ValueError, match="impl must be"):
         mask_from_scores(s, SparsityPolicy(), 64, 16, impl="flex")
     # automatic: the PyTorch policies on the CPU (bitwise the reference)

@@ -460,11 +460,10 @@ def mask_from_scores(
         policy: the sparsity policy (per-layer overrides must already be resolved).
         seq_len: tokens covered (``NQ == ceil(seq_len / block_size)``).
         block_size: tokens per block.
-        impl: ``"reference"`` (the PyTorch code below: sorts whole rows), ``"triton"`` (one selection
+        impl: ``"reference"`` (the PyTorch code below: sorts whole rows), ``"triton"`` (a selection
             kernel writing the lists directly, the same blocks and tie rule:
-            :func:`seerattn.ops.select_blocks`; every policy but ``allocation="head"``, which raises) or
-            None: ``"triton"`` for CUDA scores when the policy is not ``allocation="head"``,
-            ``"reference"`` otherwise.
+            :func:`seerattn.ops.select_blocks`) or None: ``"triton"`` for CUDA scores, ``"reference"``
+            otherwise.
 
     Returns:
         A mask with no empty row and nothing above the diagonal.
@@ -493,9 +492,8 @@ def mask_from_scores(
     # and then the attention output carries the NaN).
     if scores.device.type == "cpu" and bool(torch.isnan(scores).any()):
         raise ValueError("scores contain NaN; gate probabilities must be finite or -inf")
-    head_budget = policy.kind == "density" and policy.allocation == "head"
     if impl is None:
-        impl = "triton" if device.type == "cuda" and not head_budget else "reference"
+        impl = "triton" if device.type == "cuda" else "reference"
     if impl not in ("reference", "triton"):
         raise ValueError(f"mask_from_scores: impl must be 'reference', 'triton' or None (automatic), got {impl!r}")
     if impl == "triton":

@@ -77,7 +77,7 @@ class SeerConfig:
         gate_impl: how ``sparse`` and ``oracle`` modes compute the gate and the policy: ``"triton"``
             (fused gate kernels and the selection kernel), ``"eager"`` (the PyTorch gate and policies:
             the reference, and the "before" of benchmarks/prefill.py) or None (Triton on CUDA, eager
-            on the CPU; a ``head`` allocation always ranks in PyTorch). Training modes (``distill``,
+            on the CPU). Training modes (``distill``,
             ``finetune``) always run the eager gate, which has a backward and gives the recompute of a
             checkpointed layer the same mask.
         mask_heads: ``"q"`` one decision per query head; ``"kv"`` one per GQA group (gate

@@ -111,24 +111,23 @@ def select_blocks(scores: torch.Tensor, policy: SparsityPolicy, seq_len: int, bl
     the same tie rule (equal scores: the lower column), written as ``BlockMask`` lists directly.
 
     scores: [B, H, NQ, NQ] (inputs validated by ``mask_from_scores``; fp16/bf16/fp32 ranked in fp32,
-    fp64 in fp64). Not covered: ``allocation="head"`` (raises NotImplementedError).
+    fp64 in fp64). ``allocation="head"`` adds a radix select of each head's budget-th score (a few
+    small launches before the selection kernel).
     """
     op = "select_blocks"
     _check_device(scores, op, (torch.float16, torch.bfloat16, torch.float32, torch.float64))
-    if policy.kind == "density" and policy.allocation == "head":
-        raise NotImplementedError(
-            f"{op} (triton): allocation='head' (one budget over a head's whole triangle) has no kernel; use "
-            "impl='reference' for it"
-        )
     nq = scores.shape[-1]
-    budget = None
-    if policy.kind == "density":
+    budget = head_total = None
+    if policy.kind == "density" and policy.allocation == "head":
+        head_total = round(policy.value * nq * (nq + 1) / 2)
+    elif policy.kind == "density":
         budget = density_row_budget(nq, policy.value, scores.device, policy.allocation)
     from ._triton.select import select_fwd
 
     if scores.stride(-1) != 1:
         scores = scores.contiguous()
     num, idx = select_fwd(
-        scores, policy.kind, policy.value, budget, policy.keep_sink, policy.keep_diagonal, policy.dense_last_rows
-    )
+        scores, policy.kind, policy.value, budget, policy.keep_sink, policy.keep_diagonal, policy.dense_last_rows,
+        head_total,
+    )  # fmt: skip
     return BlockMask(num, idx, block_size, seq_len, source=policy_source(policy))
