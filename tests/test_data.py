@@ -302,3 +302,71 @@ def test_recipes_default_data_lives_in_the_repository(monkeypatch):
     config = load_recipe("recipes/testbed.yaml", [])
     files = resolve_sources(config.data, config.data_split)
     assert [p.name for p in files] == ["00011.txt.gz", "00012.txt.gz"]  # the sample's train books, never test
+
+
+# ------------------------------------------------------------------------- token cache (issue 14 item 3)
+@pytest.fixture(scope="module")
+def testbed_tokenizer():
+    pytest.importorskip("transformers")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(ROOT / "testbed" / "model")
+
+
+def _cache(tmp_path: Path, tok, **kw):
+    docs = tmp_path / "docs"
+    if not docs.is_dir():
+        for i, text in enumerate(["the king and the queen", "a river of stone", "blue doors open slowly"]):
+            _write(docs / f"{i}.txt", text)
+    return train_data.prepare_tokens([docs], tok, tmp_path / "cache", shuffle=False, **kw)
+
+
+def test_token_cache_damaged_at_the_same_size_is_rebuilt_or_named(tmp_path, testbed_tokenizer, caplog):
+    tf = _cache(tmp_path, testbed_tokenizer)
+    good = tf.path.read_bytes()
+    damaged = bytearray(good)
+    damaged[2:4] = bytes([damaged[2] ^ 0xFF, damaged[3] ^ 0x0F])  # same size, other ids
+    tf.path.write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match=rf"token cache {tf.path} does not match the sha256"):
+        _cache(tmp_path, testbed_tokenizer, build=False)  # a rank that may not rebuild: stops, naming the file
+    with caplog.at_level("WARNING", logger="seerattn.train.data"):
+        again = _cache(tmp_path, testbed_tokenizer)  # rank 0: rebuilds
+    assert f"token cache {tf.path} does not match the sha256" in caplog.text and "rebuilding" in caplog.text
+    assert again.path.read_bytes() == good and again.digest == tf.digest
+
+
+def test_token_cache_truncated_or_without_sidecar_is_rebuilt_or_named(tmp_path, testbed_tokenizer, caplog):
+    tf = _cache(tmp_path, testbed_tokenizer)
+    good = tf.path.read_bytes()
+    tf.path.write_bytes(good[:-6])
+    with pytest.raises(ValueError, match=rf"token cache {tf.path} has {len(good) - 6} bytes; its sidecar says"):
+        _cache(tmp_path, testbed_tokenizer, build=False)
+    with caplog.at_level("WARNING", logger="seerattn.train.data"):
+        assert _cache(tmp_path, testbed_tokenizer).path.read_bytes() == good
+    assert f"{tf.path} has {len(good) - 6} bytes" in caplog.text
+    meta = tf.path.with_suffix(".json")
+    meta.write_text('{"dtype": "uint16", "n_tok')  # a torn sidecar
+    with pytest.raises(ValueError, match=rf"token cache sidecar {meta} is unreadable"):
+        _cache(tmp_path, testbed_tokenizer, build=False)
+    assert _cache(tmp_path, testbed_tokenizer).path.read_bytes() == good
+    tf.path.unlink()  # sidecar without its ids
+    with pytest.raises(ValueError, match=rf"token cache {tf.path} has no file; its sidecar says"):
+        _cache(tmp_path, testbed_tokenizer, build=False)
+    assert _cache(tmp_path, testbed_tokenizer).path.read_bytes() == good
+
+
+def test_stale_tmp_of_a_killed_tokenisation_is_removed(tmp_path, testbed_tokenizer):
+    tf = _cache(tmp_path, testbed_tokenizer)
+    dead_pid = 2**31 - 2  # above any pid_max: no such process
+    stale = [
+        tf.path.with_name(f".{tf.path.name}.tmp-{dead_pid}"),
+        tf.path.with_name(f".{tf.path.stem}.json.tmp-{dead_pid}"),
+    ]
+    live = tf.path.with_name(f".{tf.path.name}.tmp-{os.getpid()}")  # a tokenisation still running: kept
+    other = tf.path.with_name(f".tokens-otherkey.bin.tmp-{dead_pid}")  # another data set's: not ours to judge
+    for p in [*stale, live, other]:
+        p.write_bytes(b"partial")
+    _cache(tmp_path, testbed_tokenizer, build=False)  # ranks that only read never delete
+    assert all(p.exists() for p in [*stale, live, other])
+    _cache(tmp_path, testbed_tokenizer)
+    assert not any(p.exists() for p in stale) and live.exists() and other.exists()

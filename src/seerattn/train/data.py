@@ -17,7 +17,10 @@ resumed run sees exactly the data an uninterrupted run would.
 
 Token ids are written once to ``<cache>/tokens-<key>.bin`` (uint16 when the vocabulary fits, else
 uint32) with a JSON sidecar; the key covers the files (path, size, mtime), split, field, token
-limit, seed and the tokenizer, so a change in any of them re-tokenises.
+limit, seed and the tokenizer, so a change in any of them re-tokenises. A cache is checked against its
+sidecar (size, sha256 of the ids) whenever it is opened: rank 0 rebuilds a damaged one with a warning,
+other ranks stop with an error naming the file. Partial files of a killed tokenisation are removed by
+the next run of the same data.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from ..data import iter_documents, resolve_sources
 __all__ = [
     "PackedRows",
     "RowOrder",
+    "TokenCacheError",
     "TokenFile",
     "iter_documents",
     "prepare_tokens",
@@ -69,6 +73,10 @@ def _tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(f"{type(tokenizer).__name__}|{blob}|{separator_ids(tokenizer)}".encode()).hexdigest()
 
 
+class TokenCacheError(ValueError):
+    """A token cache that does not match its sidecar (damaged, truncated, torn): the message names the file."""
+
+
 @dataclass(frozen=True)
 class TokenFile:
     """A cached token stream: ``path`` (raw ids), ``dtype``, ``n_tokens``, ``digest`` (sha256 of the ids)."""
@@ -82,6 +90,26 @@ class TokenFile:
     def load(self) -> np.ndarray:
         """The ids as a read-only memory map [n_tokens]."""
         return np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n_tokens,))
+
+    def verify(self) -> None:
+        """Raise :class:`TokenCacheError` unless the file has the sidecar's size and sha256 (one read of the file)."""
+        want = self.n_tokens * np.dtype(self.dtype).itemsize
+        have = self.path.stat().st_size if self.path.is_file() else None
+        if have != want:
+            got = "no file" if have is None else f"{have} bytes"
+            raise TokenCacheError(
+                f"token cache {self.path} has {got}; its sidecar says {self.n_tokens} tokens of {self.dtype} "
+                f"({want} bytes)"
+            )
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+        if digest.hexdigest() != self.digest:
+            raise TokenCacheError(
+                f"token cache {self.path} does not match the sha256 in its sidecar (damaged or overwritten): "
+                f"{digest.hexdigest()[:16]}... vs {self.digest[:16]}..."
+            )
 
 
 def _cache_key(
@@ -120,9 +148,38 @@ def _batches(docs: Iterator[str], max_chars: int = 1 << 22, max_docs: int = 256)
         yield batch
 
 
-def _read_meta(meta_path: Path, bin_path: Path) -> TokenFile:
-    meta = json.loads(meta_path.read_text())
-    return TokenFile(bin_path, meta["dtype"], meta["n_tokens"], meta["digest"], meta["n_documents"])
+def _open_cache(meta_path: Path, bin_path: Path) -> TokenFile:
+    """The cache described by the sidecar ``meta_path``, verified (:meth:`TokenFile.verify`)."""
+    try:
+        meta = json.loads(meta_path.read_text())
+        tf = TokenFile(
+            bin_path, str(meta["dtype"]), int(meta["n_tokens"]), str(meta["digest"]), int(meta["n_documents"])
+        )
+        np.dtype(tf.dtype)
+    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+        raise TokenCacheError(f"token cache sidecar {meta_path} is unreadable: {e!r}") from e
+    tf.verify()
+    return tf
+
+
+def _remove_stale_tmp(bin_path: Path) -> None:
+    """Delete the partial files of this cache that a killed tokenisation left (``.<name>.tmp-<pid>``, pid gone).
+
+    A partial file whose pid is alive on this host belongs to a tokenisation still running (another run
+    sharing the cache folder) and is kept; those of other caches are left to their own next run.
+    """
+    stem = bin_path.name.removesuffix(".bin")
+    for tmp in bin_path.parent.glob(f".{stem}.*.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            logger.warning("removing %s, left by an interrupted tokenisation (process %s is gone)", tmp, pid)
+            tmp.unlink(missing_ok=True)
+        except PermissionError:  # the process exists (another user's)
+            pass
 
 
 def prepare_tokens(
@@ -167,9 +224,20 @@ def prepare_tokens(
                 next_note += 60
         if not meta_path.is_file():
             raise FileNotFoundError(f"token cache {bin_path} is missing (rank 0 should have written it)")
-    if meta_path.is_file() and bin_path.is_file():
-        logger.info("token cache hit: %s", bin_path)
-        return _read_meta(meta_path, bin_path)
+    if build:
+        _remove_stale_tmp(bin_path)
+    if meta_path.is_file():  # the sidecar is written last: present = the cache was complete once
+        try:
+            tf = _open_cache(meta_path, bin_path)
+        except TokenCacheError as e:
+            if not build:
+                raise TokenCacheError(f"{e}; rank 0 rebuilds it: start again") from e
+            logger.warning("%s: rebuilding it", e)
+            meta_path.unlink()
+            bin_path.unlink(missing_ok=True)
+        else:
+            logger.info("token cache hit (size and sha256 checked): %s", bin_path)
+            return tf
     cache_dir.mkdir(parents=True, exist_ok=True)
     bos, eos = separator_ids(tokenizer)
     vocab = len(tokenizer)
@@ -213,7 +281,7 @@ def prepare_tokens(
     tmp_meta.write_text(json.dumps(meta, indent=2) + "\n")
     os.replace(tmp_meta, meta_path)  # the sidecar appears last: its presence means the cache is complete
     logger.info("tokenised %d documents into %d tokens", n_docs, n_tokens)
-    return _read_meta(meta_path, bin_path)
+    return TokenFile(bin_path, meta["dtype"], n_tokens, meta["digest"], n_docs)
 
 
 # ---------------------------------------------------------------------------------------- rows
