@@ -4,7 +4,10 @@ Defaults to the committed testbed (``testbed/model``) and its distilled gates (`
 sparse prefill on long held-out book windows (dense vs gate perplexity, realised density per
 layer), a passkey prompt answered with dense and with sparse attention, and a PNG of the gate's
 block map next to the true one. Any supported model with an adapter works the same way:
-``seerattn quickstart --model PATH --gates ADAPTER --device cuda``.
+``seerattn quickstart --model PATH --gates ADAPTER --device cuda``. The held-out text is the repository's
+``data/books-sample`` unless ``--data`` names other text (:func:`seerattn.data.resolve_data`); ``--fast``
+runs the same at 512 tokens in seconds. Before any work it prints what it will run and an estimate of
+how long that takes.
 """
 
 from __future__ import annotations
