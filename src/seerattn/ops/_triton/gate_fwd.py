@@ -1,40 +1,43 @@
-"""The prefill AttnGate's block logits in two Triton kernels (inference: no backward).
+"""The prefill AttnGate's block logits: a pooling kernel, the projection, one scores kernel
+(inference: no backward).
 
 Algorithm
 ---------
 Exactly :class:`seerattn.gate.AttnGate`'s forward, in fp32 whatever the input dtype:
 
-1. ``_pool_project_kernel`` (once for Q, once for K): a program owns ``BLOCK_W`` pooling windows of
-   one input head. It walks their tokens once (reading q/k in place, any strides with a unit last
-   stride, no upcast copy), keeps the running sum / max / min in fp32, divides the sum by the
-   window's real token count (a partial last window uses the tokens it has), projects each pooled
-   channel group with the head's weight slice (``tl.dot`` in IEEE fp32) and applies RoPE at the
-   window's first position. The rotate-half is done without permuting registers: the two halves
-   of the gate width are projected separately (``x1 = p @ W[:, :Dg/2]``, ``x2 = p @ W[:, Dg/2:]``),
-   so ``out1 = x1 cos1 - x2 sin1`` and ``out2 = x2 cos2 + x1 sin2``. K is pooled once per KV head and
-   projected for each query head of its group (the eager gate's ``repeat_interleave``), so K is
-   read once. A gate without a Q projection uses an identity weight (head stride 0).
-   Output: gate vectors ``[B, Hq, N, Dg]`` fp32 (N = windows for Q, blocks for K): O(T * Dg) per
-   head group, the only intermediate the gate keeps.
-2. ``_gate_scores_kernel``: a program owns ``BLOCK_I`` query blocks of one head and walks the key
-   tiles left to right. For each of the block's ``R = block_size // q_step`` query windows it
-   computes the window-vs-key-block logits ``qg . kg / sqrt(Dg)`` and folds them into a running
-   log-sum-exp over windows (padding windows of a partial last block are left out, which equals the
-   eager gate's finite-floor padding after the log-sum-exp). Key tiles above the diagonal are
-   written as ``-inf`` without any arithmetic; inside a tile, entries above the diagonal are ``-inf``.
+1. ``_pool_kernel`` (once for Q, once for K): a program owns ``BLOCK_W`` pooling windows of one
+   head. It walks their tokens once (reading q/k in place, any strides with a unit last stride, no
+   upcast copy of the sequence), keeps the running sum / max / min in fp32 and writes the pooled
+   channels ``[B, H, N, C * D]`` (N = ceil(T / window)); the sum is divided by the window's real
+   token count (a partial last window uses the tokens it has). That is ``C * D / window`` floats per
+   token and head (Q: 384 / 16 with the windowed gate), smaller than the sequence itself.
+2. The per-head projection is one batched fp32 matmul (cuBLAS, as the eager gate's einsum); K is
+   pooled once per KV head and projected for each query head of its group by broadcasting (no
+   repeated copy). A gate without a Q projection uses the pooled Q as is.
+3. ``_gate_scores_kernel``: a program owns ``BLOCK_I`` query blocks of one head and walks the key
+   tiles left to right. It applies RoPE while loading the gate vectors (query windows at their first
+   position, key blocks at their block's first window: the rotate-half as two half-width dots,
+   ``q . k = q1 . k1 + q2 . k2`` with ``q1 = x1 cos1 - x2 sin1``, ``q2 = x2 cos2 + x1 sin2``), and for
+   each of the block's ``R = block_size // q_step`` query windows computes ``qg . kg / sqrt(Dg)``
+   (IEEE fp32 dots) and folds it into a running log-sum-exp over windows (padding windows of a
+   partial last block are left out, which equals the eager gate's finite-floor padding after the
+   log-sum-exp). Key tiles above the diagonal are written as ``-inf`` without any arithmetic;
+   inside a tile, entries above the diagonal are ``-inf``.
 
 Layouts: q ``[B, Hq, T, D]``, k ``[B, Hkv, T, D]`` (views allowed); weights ``[Hq, C * D, Dg]``; cos/sin
 ``[B or 1, NS, Dg]`` (one entry per query window; key blocks use every ``R``-th); logits
 ``[B, Hq, NB, NB]`` fp32 contiguous.
 
-Supported: head dims 16..128 (powers of two), any even ``Dg >= 2`` (padded to a power of two >= 32
-inside), pooling ``avg``/``max``/``min`` in any order, ``q_step`` any power of two up to the block size.
-Limitations: forward only (training keeps the eager gate, which has a backward).
+Supported: head dims 16..128 (powers of two), any even ``Dg >= 2`` (each half padded to a power of
+two >= 16 inside), pooling ``avg``/``max``/``min`` in any order, ``q_step`` any power of two up to
+the block size. Limitations: forward only (training keeps the eager gate, which has a backward).
+A fused projection (``tl.dot`` on the pooled tile in registers) spilled heavily in the offline sm_90
+compile (three [32, 128] fp32 accumulators plus IEEE-dot operands), hence the matmul between the
+kernels.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -46,6 +49,8 @@ from .config import interpreting
 __all__ = ["gate_logits_fwd"]
 
 _POOL_CODES = {"avg": 0, "max": 1, "min": 2}
+# exact fp32 products (no TF32): the gate's logits must match the eager fp32 gate's
+DOT_PRECISION = tl.constexpr("ieee")
 
 
 @triton.jit
@@ -59,35 +64,23 @@ def _pick(code: tl.constexpr, avg, mx, mn):
 
 
 @triton.jit
-def _project_half(o, pooled, W, c: tl.constexpr, col0, offs_d, offs_j, HALF, stride_wc, D: tl.constexpr):
-    """o += pooled [BLOCK_W, D] @ W[c * D:(c + 1) * D, col0:col0 + HALF] (columns past HALF are 0)."""
-    w = tl.load(
-        W + (c * D + offs_d)[:, None] * stride_wc + (col0 + offs_j)[None, :], mask=(offs_j < HALF)[None, :], other=0.0
-    ).to(tl.float32)
-    return tl.dot(pooled, w, o, input_precision="ieee")
-
-
-@triton.jit
-def _pool_project_kernel(
-    X, W, Cos, Sin, Out,
+def _pool_kernel(
+    X, Out,
     stride_xb, stride_xh, stride_xt,
-    stride_wh, stride_wc,
-    stride_cb, stride_cn,
     stride_ob, stride_oh, stride_on,
-    T, NP, H_IN, GROUP, HALF, COS_STEP,
-    STEP: tl.constexpr, D: tl.constexpr, HALF_P: tl.constexpr, BLOCK_W: tl.constexpr,
+    T, NP, H,
+    STEP: tl.constexpr, D: tl.constexpr, BLOCK_W: tl.constexpr,
     NPOOL: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
-    NEED_MAX: tl.constexpr, NEED_MIN: tl.constexpr, ROPE: tl.constexpr,
+    NEED_MAX: tl.constexpr, NEED_MIN: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
-    b = bh // H_IN
-    h = bh % H_IN
+    b = bh // H
+    h = bh % H
     rows = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)  # pooling windows
     row_ok = rows < NP
     start = rows * STEP
     offs_d = tl.arange(0, D)
     x_base = X + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh
-
     acc = tl.zeros([BLOCK_W, D], dtype=tl.float32)
     mx = tl.full([BLOCK_W, D], float("-inf"), dtype=tl.float32)
     mn = tl.full([BLOCK_W, D], float("inf"), dtype=tl.float32)
@@ -101,60 +94,48 @@ def _pool_project_kernel(
             mx = tl.where(ok, tl.maximum(mx, x), mx)
         if NEED_MIN:
             mn = tl.where(ok, tl.minimum(mn, x), mn)
-    count = tl.minimum(T - start, STEP)
-    avg = acc / tl.where(row_ok, count, 1).to(tl.float32)[:, None]
-    # rows past the end hold +-inf in max/min: zero them so the dot stays finite (never stored)
-    mx = tl.where(row_ok[:, None], mx, 0.0)
-    mn = tl.where(row_ok[:, None], mn, 0.0)
+    count = tl.where(row_ok, tl.minimum(T - start, STEP), 1).to(tl.float32)
+    avg = acc / count[:, None]
+    o_ptr = (
+        Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+        + rows.to(tl.int64)[:, None] * stride_on + offs_d[None, :]
+    )  # fmt: skip
+    smask = row_ok[:, None]
+    tl.store(o_ptr, _pick(P0, avg, mx, mn), mask=smask)
+    if NPOOL > 1:
+        tl.store(o_ptr + D, _pick(P1, avg, mx, mn), mask=smask)
+    if NPOOL > 2:
+        tl.store(o_ptr + 2 * D, _pick(P2, avg, mx, mn), mask=smask)
 
-    offs_j = tl.arange(0, HALF_P)
-    j_ok = offs_j < HALF
+
+@triton.jit
+def _load_rotated(G, C, S, n, n_ok, c_idx, stride_gn, stride_cn, offs_j, HALF, ROPE: tl.constexpr):
+    """Rows ``n`` of gate vectors G (fp32 [*, Dg]) as rotated halves ([len(n), HALF_P] each, columns
+    past HALF zero), RoPE from the cos/sin rows ``c_idx``."""
+    m = n_ok[:, None] & (offs_j < HALF)[None, :]
+    g_ptr = G + n.to(tl.int64)[:, None] * stride_gn + offs_j[None, :]
+    x1 = tl.load(g_ptr, mask=m, other=0.0)
+    x2 = tl.load(g_ptr + HALF, mask=m, other=0.0)
     if ROPE:
-        c_base = b.to(tl.int64) * stride_cb + (rows * COS_STEP).to(tl.int64)[:, None] * stride_cn
-        cmask = row_ok[:, None] & j_ok[None, :]
-        cos1 = tl.load(Cos + c_base + offs_j[None, :], mask=cmask, other=0.0).to(tl.float32)
-        cos2 = tl.load(Cos + c_base + (HALF + offs_j)[None, :], mask=cmask, other=0.0).to(tl.float32)
-        sin1 = tl.load(Sin + c_base + offs_j[None, :], mask=cmask, other=0.0).to(tl.float32)
-        sin2 = tl.load(Sin + c_base + (HALF + offs_j)[None, :], mask=cmask, other=0.0).to(tl.float32)
-    for g in range(GROUP):
-        hout = h * GROUP + g
-        w_base = W + hout.to(tl.int64) * stride_wh
-        o1 = tl.zeros([BLOCK_W, HALF_P], dtype=tl.float32)
-        o2 = tl.zeros([BLOCK_W, HALF_P], dtype=tl.float32)
-        p = _pick(P0, avg, mx, mn)
-        o1 = _project_half(o1, p, w_base, 0, 0, offs_d, offs_j, HALF, stride_wc, D)
-        o2 = _project_half(o2, p, w_base, 0, HALF, offs_d, offs_j, HALF, stride_wc, D)
-        if NPOOL > 1:
-            p = _pick(P1, avg, mx, mn)
-            o1 = _project_half(o1, p, w_base, 1, 0, offs_d, offs_j, HALF, stride_wc, D)
-            o2 = _project_half(o2, p, w_base, 1, HALF, offs_d, offs_j, HALF, stride_wc, D)
-        if NPOOL > 2:
-            p = _pick(P2, avg, mx, mn)
-            o1 = _project_half(o1, p, w_base, 2, 0, offs_d, offs_j, HALF, stride_wc, D)
-            o2 = _project_half(o2, p, w_base, 2, HALF, offs_d, offs_j, HALF, stride_wc, D)
-        if ROPE:
-            r1 = o1 * cos1 - o2 * sin1
-            r2 = o2 * cos2 + o1 * sin2
-        else:
-            r1 = o1
-            r2 = o2
-        o_ptr = (
-            Out + b.to(tl.int64) * stride_ob + hout.to(tl.int64) * stride_oh
-            + rows.to(tl.int64)[:, None] * stride_on + offs_j[None, :]
-        )  # fmt: skip
-        smask = row_ok[:, None] & j_ok[None, :]
-        tl.store(o_ptr, r1, mask=smask)
-        tl.store(o_ptr + HALF, r2, mask=smask)
+        c_ptr = c_idx.to(tl.int64)[:, None] * stride_cn + offs_j[None, :]
+        cos1 = tl.load(C + c_ptr, mask=m, other=0.0).to(tl.float32)
+        cos2 = tl.load(C + c_ptr + HALF, mask=m, other=0.0).to(tl.float32)
+        sin1 = tl.load(S + c_ptr, mask=m, other=0.0).to(tl.float32)
+        sin2 = tl.load(S + c_ptr + HALF, mask=m, other=0.0).to(tl.float32)
+        return x1 * cos1 - x2 * sin1, x2 * cos2 + x1 * sin2
+    else:
+        return x1, x2
 
 
 @triton.jit
 def _gate_scores_kernel(
-    QG, KG, Out,
+    QG, KG, Cos, Sin, Out,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
+    stride_cb, stride_cn,
     stride_ob, stride_oh, stride_oi,
-    NS, NB, HQ, DG, n_row_tiles, sqrt_dg,
-    R: tl.constexpr, DG_P: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+    NS, NB, HQ, HALF, n_row_tiles, sqrt_dg,
+    R: tl.constexpr, HALF_P: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, ROPE: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
     b = bh // HQ
@@ -162,10 +143,10 @@ def _gate_scores_kernel(
     it = n_row_tiles - 1 - tl.program_id(1)  # long (late) rows first
     rows = it * BLOCK_I + tl.arange(0, BLOCK_I)  # query blocks
     row_ok = rows < NB
-    offs_g = tl.arange(0, DG_P)
-    g_ok = offs_g < DG
+    offs_j = tl.arange(0, HALF_P)
     q_base = QG + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     k_base = KG + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    c_base = b.to(tl.int64) * stride_cb
     o_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + rows.to(tl.int64)[:, None] * stride_oi
     last_row = it * BLOCK_I + BLOCK_I - 1
     for j0 in range(0, NB, BLOCK_J):
@@ -173,21 +154,24 @@ def _gate_scores_kernel(
         col_ok = cols < NB
         smask = row_ok[:, None] & col_ok[None, :]
         if j0 <= last_row:
-            kg = tl.load(k_base + cols.to(tl.int64)[:, None] * stride_kn + offs_g[None, :],
-                         mask=col_ok[:, None] & g_ok[None, :], other=0.0)  # fmt: skip
+            # key blocks rotate at their first window's position
+            k1, k2 = _load_rotated(k_base, Cos + c_base, Sin + c_base, cols, col_ok, cols * R, stride_kn, stride_cn,
+                                   offs_j, HALF, ROPE)  # fmt: skip
             if R == 1:
-                qg = tl.load(q_base + rows.to(tl.int64)[:, None] * stride_qn + offs_g[None, :],
-                             mask=row_ok[:, None] & g_ok[None, :], other=0.0)  # fmt: skip
-                lse = tl.dot(qg, tl.trans(kg), input_precision="ieee") / sqrt_dg
+                q1, q2 = _load_rotated(q_base, Cos + c_base, Sin + c_base, rows, row_ok, rows, stride_qn, stride_cn,
+                                       offs_j, HALF, ROPE)  # fmt: skip
+                x = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)
+                lse = tl.dot(q2, tl.trans(k2), x, input_precision=DOT_PRECISION) / sqrt_dg
             else:
                 m = tl.full([BLOCK_I, BLOCK_J], float("-inf"), dtype=tl.float32)
                 acc = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
                 for w in range(R):
                     win = rows * R + w
                     w_ok = row_ok & (win < NS)  # a partial last block has fewer windows
-                    qg = tl.load(q_base + win.to(tl.int64)[:, None] * stride_qn + offs_g[None, :],
-                                 mask=w_ok[:, None] & g_ok[None, :], other=0.0)  # fmt: skip
-                    x = tl.dot(qg, tl.trans(kg), input_precision="ieee") / sqrt_dg
+                    q1, q2 = _load_rotated(q_base, Cos + c_base, Sin + c_base, win, w_ok, win, stride_qn, stride_cn,
+                                           offs_j, HALF, ROPE)  # fmt: skip
+                    x = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)
+                    x = tl.dot(q2, tl.trans(k2), x, input_precision=DOT_PRECISION) / sqrt_dg
                     x = tl.where(w_ok[:, None], x, float("-inf"))
                     m_new = tl.maximum(m, x)
                     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -200,38 +184,22 @@ def _gate_scores_kernel(
             tl.store(o_base + cols[None, :], tl.full([BLOCK_I, BLOCK_J], float("-inf"), tl.float32), mask=smask)
 
 
-@functools.lru_cache(maxsize=8)
-def _identity(d: int, device: torch.device) -> torch.Tensor:
-    """[1, D, D] identity weight: a gate without a Q projection uses the pooled Q as is."""
-    return torch.eye(d, device=device).unsqueeze(0)
-
-
-def _pool_project(x, w, cos, sin, step, poolings, group, cos_step, rope):
-    """Pooled, projected, rotated gate vectors [B, H_in * group, ceil(T / step), Dg] fp32."""
-    b, h_in, t, d = x.shape
-    dg = w.shape[-1]
+def _pool(x: torch.Tensor, step: int, poolings: tuple[str, ...]) -> torch.Tensor:
+    """x [B, H, T, D] -> pooled channels [B, H, ceil(T / step), len(poolings) * D] fp32."""
+    b, h, t, d = x.shape
     npool = len(poolings)
     codes = [_POOL_CODES[p] for p in poolings] + [0] * (3 - npool)
     n = -(-t // step)
-    out = torch.empty(b, h_in * group, n, dg, dtype=torch.float32, device=x.device)
-    half = dg // 2
-    block_w = 16 if interpreting() else 32
-    cos_arg = cos if rope else out
-    sin_arg = sin if rope else out
-    stride_cb = (cos.stride(0) if cos.shape[0] > 1 else 0) if rope else 0
-    stride_cn = cos.stride(1) if rope else 0
-    grid = (b * h_in, triton.cdiv(n, block_w))
-    _pool_project_kernel[grid](
-        x, w, cos_arg, sin_arg, out,
+    out = torch.empty(b, h, n, npool * d, dtype=torch.float32, device=x.device)
+    block_w = 16
+    _pool_kernel[(b * h, triton.cdiv(n, block_w))](
+        x, out,
         x.stride(0), x.stride(1), x.stride(2),
-        w.stride(0), w.stride(1),
-        stride_cb, stride_cn,
         out.stride(0), out.stride(1), out.stride(2),
-        t, n, h_in, group, half, cos_step,
-        STEP=step, D=d, HALF_P=max(16, triton.next_power_of_2(half)), BLOCK_W=block_w,
-        NPOOL=npool, P0=codes[0], P1=codes[1], P2=codes[2],
-        NEED_MAX="max" in poolings, NEED_MIN="min" in poolings, ROPE=rope,
-        num_warps=4 if interpreting() or d <= 64 else 8,  # D = 128: three [32, 128] fp32 accumulators
+        t, n, h,
+        STEP=step, D=d, BLOCK_W=block_w, NPOOL=npool, P0=codes[0], P1=codes[1], P2=codes[2],
+        NEED_MAX="max" in poolings, NEED_MIN="min" in poolings,
+        num_warps=4,
     )  # fmt: skip
     return out
 
@@ -248,7 +216,7 @@ def gate_logits_fwd(
     q_pooling: tuple[str, ...],
     k_pooling: tuple[str, ...],
 ) -> torch.Tensor:
-    """Launch the two gate kernels (inputs already validated by the caller).
+    """Pool, project, score (inputs already validated by the caller).
 
     q: [B, Hq, T, D], k: [B, Hkv, T, D] (unit last stride); k_proj [Hq, Ck * D, Dg]; q_proj
     [Hq, Cq * D, Dg] or None (pooled Q used as is: one pooling, Dg == D); cos/sin [B or 1, NS, Dg]
@@ -259,22 +227,28 @@ def gate_logits_fwd(
     hkv = k.shape[1]
     rope = cos is not None
     r = block_size // q_step
-    wq = _identity(d, q.device) if q_proj is None else q_proj
-    if q_proj is None:
-        wq = wq.expand(hq, d, d)  # head stride 0: one identity for every head
-    qg = _pool_project(q, wq, cos, sin, q_step, q_pooling, 1, 1, rope)  # [B, Hq, NS, Dg]
-    kg = _pool_project(k, k_proj, cos, sin, block_size, k_pooling, hq // hkv, r, rope)  # [B, Hq, NB, Dg]
-    ns, nb, dg = qg.shape[2], kg.shape[2], kg.shape[3]
+    qg = _pool(q, q_step, q_pooling)  # [B, Hq, NS, Cq * D]
+    if q_proj is not None:
+        qg = torch.matmul(qg, q_proj.float())  # [B, Hq, NS, Dg]
+    kp = _pool(k, block_size, k_pooling)  # [B, Hkv, NB, Ck * D]
+    dg = k_proj.shape[-1]
+    # [B, Hkv, 1, NB, C] @ [Hkv, G, C, Dg] -> [B, Hkv, G, NB, Dg]: query head h = kv head * G + g
+    kg = torch.matmul(kp.unsqueeze(2), k_proj.float().reshape(hkv, hq // hkv, -1, dg)).view(b, hq, -1, dg)
+    ns, nb = qg.shape[2], kg.shape[2]
     out = torch.empty(b, hq, nb, nb, dtype=torch.float32, device=q.device)
     block_i, block_j = (16, 16) if interpreting() else (32, 64)
     n_row_tiles = triton.cdiv(nb, block_i)
+    cos_arg, sin_arg = (cos, sin) if rope else (out, out)
+    stride_cb = cos.stride(0) if rope and cos.shape[0] > 1 else 0
+    stride_cn = cos.stride(1) if rope else 0
     _gate_scores_kernel[(b * hq, n_row_tiles)](
-        qg, kg, out,
+        qg, kg, cos_arg, sin_arg, out,
         qg.stride(0), qg.stride(1), qg.stride(2),
         kg.stride(0), kg.stride(1), kg.stride(2),
+        stride_cb, stride_cn,
         out.stride(0), out.stride(1), out.stride(2),
-        ns, nb, hq, dg, n_row_tiles, math.sqrt(dg),
-        R=r, DG_P=max(16, triton.next_power_of_2(dg)), BLOCK_I=block_i, BLOCK_J=block_j,
-        num_warps=4 if interpreting() or dg <= 64 else 8,
+        ns, nb, hq, dg // 2, n_row_tiles, math.sqrt(dg),
+        R=r, HALF_P=max(16, triton.next_power_of_2(dg // 2)), BLOCK_I=block_i, BLOCK_J=block_j, ROPE=rope,
+        num_warps=4 if interpreting() else 8,  # 4 warps spill at Dg 128 (offline sm_90 compile)
     )  # fmt: skip
     return out
