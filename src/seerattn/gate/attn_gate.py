@@ -202,8 +202,8 @@ class AttnGate(nn.Module):
                 window (NS = ``ceil(T / config.q_step)``; NS = NB without ``q_subblock``); keys use every
                 ``block_size // q_step``-th entry, their blocks' starts. Required when ``config.use_rope``.
             impl: ``"eager"`` (this module's PyTorch code: differentiable, any device), ``"triton"`` (the
-                fused kernels of :func:`seerattn.ops.gate_block_logits`: inference only, fp32 whatever the
-                weights' dtype, no pooled copy of the sequence) or None: ``"triton"`` on CUDA when no
+                kernels of :func:`seerattn.ops.gate_block_logits`: inference only, fp32 whatever the
+                weights' dtype, no fp32 copy of the sequence and no window-by-block logits) or None: ``"triton"`` on CUDA when no
                 gradient is needed (under ``no_grad`` or with frozen weights and inputs), else ``"eager"``.
 
         Returns:

@@ -48,7 +48,8 @@ def gate_block_logits(
     q_pooling: tuple[str, ...],
     k_pooling: tuple[str, ...],
 ) -> torch.Tensor:
-    """The AttnGate's block logits in two Triton kernels (pool + project + RoPE, then scores with the
+    """The AttnGate's block logits without the eager gate's intermediates (a Triton pooling kernel
+    per input, the projection as one batched fp32 matmul, a Triton scores kernel with RoPE, the
     log-sum-exp over query windows and the causal block mask), computed in fp32.
 
     Args:
