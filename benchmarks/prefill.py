@@ -29,7 +29,7 @@ time of the kernels launched inside the ranges ``seer.gate``, ``seer.policy``, `
 ``overhead`` = (gate + policy) / kernel. ``--gate-impls triton,eager`` times the fused gate and the
 selection kernel (``triton``, what ``auto`` picks on CUDA) against the PyTorch gate and policies
 (``eager``, rows ``.../eager``): before and after in one run. Timed forwards skip the density statistics
-(``SeerState.record_densities``); one more forward records the realised density.
+(``SeerState.record_densities``); the profiled forward records the realised density.
 
 The whole model is timed, so the ratio is what the paper calls time-to-first-token speedup (it
 reports 1.3x at 32k / 70 % sparsity up to 2.7x at 128k / 95 %): MLPs and projections stay dense.
@@ -234,10 +234,13 @@ def main(argv=None) -> int:
                 torch.cuda.reset_peak_memory_stats()
             ms = time_forward(model, ids, args.warmup, args.reps)
             peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-            parts = part_breakdown(model, ids) if setting is None else {}
-            state.record_densities = True
-            with torch.no_grad():
-                model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            state.record_densities = True  # the next forward records the realised density
+            if setting is None:  # the profiled forward (the breakdown leaves the statistics out)
+                parts = part_breakdown(model, ids)
+            else:
+                parts = {}
+                with torch.no_grad():
+                    model(input_ids=ids, use_cache=False, logits_to_keep=1)
             realised = state.mean_density()
             if args.profile and cuda:
                 print(profile_table(model, ids, args.profile))

@@ -35,7 +35,7 @@ else
   TESTS=(-m gpu tests/test_gate_kernels.py tests/test_select_kernels.py tests/test_policies.py
          tests/test_gpu_kernels.py::test_sparse_layer_path_has_no_host_sync)
   PREFILL="--seqlens 32768,131072 --densities 0.1,0.05 --warmup 1 --reps 2"
-  T_TESTS=110; T_PREFILL=230
+  T_TESTS=120; T_PREFILL=225
 fi
 git rev-parse HEAD > "$R/commit.txt" 2>/dev/null
 
