@@ -479,14 +479,6 @@ def mask_from_scores(
             f"{num_blocks(seq_len, block_size)}"
         )
     device = scores.device
-    causal = causal_block_mask(nq, device=device)
-    forced = torch.zeros(nq, nq, dtype=torch.bool, device=device)
-    if policy.keep_sink:
-        forced[:, 0] = True
-    if policy.keep_diagonal:
-        forced |= torch.eye(nq, dtype=torch.bool, device=device)
-    forced &= causal
-
     # The NaN check needs a host sync, which would stall the GPU once per layer of every sparse
     # forward; on CUDA it is left out (gate probabilities are NaN only when the model's own q/k are,
     # and then the attention output carries the NaN).
@@ -500,6 +492,14 @@ def mask_from_scores(
         from .ops.gate_ops import select_blocks  # the kernel's launcher imports triton on first use
 
         return select_blocks(scores, policy, seq_len, block_size)
+
+    causal = causal_block_mask(nq, device=device)
+    forced = torch.zeros(nq, nq, dtype=torch.bool, device=device)
+    if policy.keep_sink:
+        forced[:, 0] = True
+    if policy.keep_diagonal:
+        forced |= torch.eye(nq, dtype=torch.bool, device=device)
+    forced &= causal
     # fp64 scores stay fp64 so that threshold/top-p compare exactly; lower precisions go to fp32.
     s = scores.to(torch.promote_types(scores.dtype, torch.float32)).masked_fill(~causal, float("-inf"))
     if policy.kind == "dense":
