@@ -383,17 +383,19 @@ def test_cli_finetune_stop_resume_and_errors(tiny, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------- 2 processes
-def _ft_worker(rank: int, world: int, port: int, tiny: dict, root: str) -> None:
+def _ft_worker(rank: int, world: int, ports: list[int], tiny: dict, root: str) -> None:
     """One rank as torchrun would set it up: FSDP2 fine-tuning (weights sharded, gates replicated)."""
     import os
 
     from seerattn.train import finetune
 
     torch.set_num_threads(1)
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-    finetune(_ft_config(tiny, Path(root) / "fsdp", parallel="fsdp", steps=3))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
+    # each finetune() call creates (and destroys) its gloo group: a fresh port each time
+    runs = [("fsdp", {}), ("fsdp-resumed", {"stop_after": 4}), ("fsdp-resumed", {"resume": True})]
+    for (folder, kwargs), port in zip(runs, ports, strict=True):
+        os.environ["MASTER_PORT"] = str(port)
+        finetune(_ft_config(tiny, Path(root) / folder, parallel="fsdp", steps=3), **kwargs)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # see test_distill._worker: skip the gloo teardown race at interpreter exit
@@ -406,12 +408,15 @@ def test_two_processes_fsdp_match_single_process(tiny, tmp_path):
 
     finetune(_ft_config(tiny, tmp_path / "single", steps=3))
     sys.path.insert(0, str(Path(__file__).parent))
-    mp.spawn(_ft_worker, args=(2, _free_port(), tiny, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ft_worker, args=(2, [_free_port() for _ in range(3)], tiny, str(tmp_path)), nprocs=2, join=True)
     for folder in ("model", "adapter"):
         a, b = _safetensors(tmp_path / "single" / folder), _safetensors(tmp_path / "fsdp" / folder)
         assert a.keys() == b.keys(), folder
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=f"{folder}/{k}")
+        # killed after step 4 (checkpoint at step 3), resumed from the sharded checkpoint: the same result
+        c = _safetensors(tmp_path / "fsdp-resumed" / folder)
+        assert c.keys() == b.keys() and all(torch.equal(c[k], b[k]) for k in b), folder
     m1, m2 = _ft_metrics(tmp_path / "single"), _ft_metrics(tmp_path / "fsdp")
     for x, y in zip(m1, m2, strict=True):
         for key in ("ce", "kl", "grad_norm"):

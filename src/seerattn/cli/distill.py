@@ -30,7 +30,8 @@ def run_recipe(args, command: str, kind_name: str, train_name: str) -> int:
         logger.info("stopped after step %d; resume with --resume", result.steps_done)
     else:
         logger.info(
-            "done: %d steps; outputs %s; final %s",
+            "%s done: %d steps; outputs %s; final %s",
+            command,
             result.steps_done,
             {k: str(v) for k, v in result.outputs.items()},
             {k: round(v, 5) for k, v in result.final.items() if isinstance(v, float)},
