@@ -459,3 +459,25 @@ def test_train_step_benchmark_runs_in_its_cpu_smoke_configuration(tmp_path):
     rows = {r["method"]: r for r in record["results"]}
     assert set(rows) == {"sdpa", "seer@0.1"} and all(r["ms"] > 0 and r["seq_len"] == 192 for r in rows.values())
     assert 0.1 <= rows["seer@0.1"]["density"] < 1
+
+
+@pytest.mark.parametrize("mode", ["finetune", "sparse", "distill"])
+def test_autocast_with_fp32_master_weights(mode):
+    """fp32 weights under bf16 autocast (what the trainer runs): transformers applies RoPE in the residual
+    stream's fp32, so q/k arrive as fp32 beside a bf16 v; the attention casts them to the autocast dtype as SDPA
+    does (this failed on the H200 with 'q, k, v must share a dtype' before). The result matches the same model
+    evaluated in bf16 attention without autocast up to bf16 rounding, and gradients reach the weights."""
+    model = _finetune_model(mode=mode)
+    ids = input_ids(T, b=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=ids, labels=ids)
+    assert torch.isfinite(out.loss)
+    if mode == "finetune":
+        out.loss.backward()
+        q = model.model.layers[0].self_attn.q_proj.weight
+        assert q.grad is not None and q.grad.abs().sum() > 0
+    state = get_seer_state(model)
+    state.reset()
+    with torch.no_grad():
+        ref = model(input_ids=ids, labels=ids).loss  # fp32 end to end
+    assert abs(out.loss.item() - ref.item()) < 0.05 * abs(ref.item())

@@ -308,6 +308,18 @@ def group_scores(probs: torch.Tensor, hkv: int) -> torch.Tensor:
     return probs.view(b, hkv, hq // hkv, n, n).mean(2)
 
 
+
+def _autocast_inputs(query, key, value):
+    """q, k, v in one dtype. Under autocast with fp32 master weights, transformers hands us fp32 q/k (RoPE
+    applied in the residual stream's dtype) beside a bf16 v (autocast linear); SDPA casts them itself, our ops
+    require one dtype, so cast to the autocast dtype like SDPA would. Outside autocast a mismatch is the op's
+    error to report."""
+    device = query.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        return query.to(dtype), key.to(dtype), value.to(dtype)
+    return query, key, value
+
 def seer_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """The ``"seer"`` attention function (transformers' AttentionInterface signature).
 
@@ -334,6 +346,7 @@ def seer_attention_forward(module, query, key, value, attention_mask, dropout: f
         )
     if dropout:
         raise ValueError("seer attention does not implement attention dropout; set model.eval() or dropout=0")
+    query, key, value = _autocast_inputs(query, key, value)
     # Before the mask check: a sliding-window mask is not padding, and the error should say which it is.
     # The window is what the model hands this layer's attention function (Qwen2/3: per layer type,
     # None on full-attention layers; Mistral: the config's), not the config's value for all layers.
