@@ -499,3 +499,31 @@ def test_distillation_can_start_from_an_adapter(tiny, tmp_path):
     assert _metrics(tmp_path / "cont")[0]["kl"] < fresh
     with pytest.raises(ValueError, match="adapter gate config"):
         distill(_config(tiny, tmp_path / "bad", steps=2, gate={"block_size": 32}, init_gates=str(first.adapter)))
+
+
+def test_resume_falls_back_past_a_damaged_checkpoint_and_a_torn_metrics_line(tiny, tmp_path, caplog):
+    """Issue 14 items 4-5: the newest checkpoint truncated (a bad copy) and the last metrics line torn (a kill
+    during the write): --resume warns, continues from the previous checkpoint, and ends bitwise as an
+    uninterrupted run."""
+    from seerattn.train.checkpoint import STATE_FILE
+
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    distill(_config(tiny, whole))
+    distill(_config(tiny, broken), stop_after=9)  # checkpoints of steps 4 and 8, metrics of steps 1-9
+    damaged = broken / "checkpoints" / "step_0000008" / STATE_FILE
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    metrics = broken / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"step": 10, "loss": 1.2')  # torn mid-line
+    with caplog.at_level("WARNING"):
+        resumed = distill(_config(tiny, broken), resume=True)
+    assert resumed.start_step == 4 and resumed.steps_done == 12
+    assert "skipping checkpoint" in caplog.text and "step_0000008" in caplog.text
+    assert "dropping the torn last line 10" in caplog.text
+    a, b = _gates(whole / "adapter"), _gates(broken / "adapter")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _metrics(whole) == _metrics(broken)
+    # a finished run with a torn last line: nothing left to train, the last whole row is the final one
+    metrics.write_text(metrics.read_text() + '{"step": 13')
+    again = distill(_config(tiny, broken), resume=True)
+    assert again.start_step == 12 and again.final["step"] == 12
+    assert again.final["kl"] == _metrics(whole)[-1]["kl"]

@@ -21,7 +21,9 @@ Run folder (``output_dir``)::
 Resuming (``resume=True``) continues from the newest checkpoint and produces bitwise the same
 result as an uninterrupted run on the same hardware: the data order is a pure function of the
 seed and the step, and RNG, optimizer and scheduler state are restored (on CUDA as far as the
-kernels are deterministic).
+kernels are deterministic). A newer checkpoint that does not load (truncated, overwritten, lacking
+a key) is skipped with a warning (:func:`~.checkpoint.latest_valid_checkpoint`); ``metrics.jsonl`` is
+read with :func:`~seerattn.record.read_jsonl`, which drops a last line torn by a kill with a warning.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ import numpy as np
 import torch
 import yaml
 
-from ..record import environment, write_json_atomic, write_record
-from .checkpoint import capture_rng, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from ..record import environment, read_jsonl, write_json_atomic, write_record
+from .checkpoint import capture_rng, latest_checkpoint, latest_valid_checkpoint, restore_rng, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .data import PackedRows, RowOrder, prepare_tokens, sample_range
 from .distributed import DistContext, clip_grad_norm, init_distributed
@@ -53,6 +55,8 @@ logger = logging.getLogger(__name__)
 
 _TOKEN_WAIT_S = 24 * 3600.0  # how long other ranks wait for rank 0's token cache (torchrun stops them on failure)
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# what :meth:`_Run._save_checkpoint` writes; a checkpoint lacking one is damaged (``--resume`` falls back past it)
+_CHECKPOINT_KEYS = ("step", "samples_seen", "task", "scheduler", "rng", "config", "data", "world_size", "elapsed_s")
 
 
 @dataclass
@@ -233,11 +237,17 @@ def _check_tensorboard_available(config: TrainConfig) -> None:
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop metric lines of steps after ``last_step`` (logged by a run killed after its checkpoint)."""
+    """Drop metric rows of steps after ``last_step`` (logged by a run killed after its checkpoint).
+
+    Read with :func:`~seerattn.record.read_jsonl` (a line torn by the kill is dropped with a warning) and
+    rewritten through a temporary file and a rename, so a kill during the rewrite leaves the old file whole.
+    """
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = [row for row in read_jsonl(path) if row["step"] <= last_step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in keep))
+    tmp.replace(path)
 
 
 def _check_resume_config(config: TrainConfig, saved: dict) -> None:
@@ -315,18 +325,22 @@ class _Run:
 
     # ------------------------------------------------------------------------------- phases
     def _find_checkpoint(self, resume: bool) -> dict | None:
-        ckpt_dir = latest_checkpoint(self.ckpt_root)
-        if ckpt_dir is not None and not resume:
+        newest = latest_checkpoint(self.ckpt_root)
+        if newest is not None and not resume:
             raise FileExistsError(
-                f"{self.out} already holds checkpoints (newest {ckpt_dir.name}); pass --resume (resume=True) to "
+                f"{self.out} already holds checkpoints (newest {newest.name}); pass --resume (resume=True) to "
                 "continue that run, or choose another output_dir"
             )
-        if resume and ckpt_dir is None:
+        # the newest checkpoint that loads and holds every key we save; damaged newer ones are skipped with
+        # a warning (a kill cannot damage one: saves are atomic; a disk error or a bad copy can)
+        found = latest_valid_checkpoint(self.ckpt_root, required=_CHECKPOINT_KEYS) if resume else None
+        if resume and found is None:
             logger.info("resume requested but %s has no checkpoint: starting from step 0", self.ckpt_root)
-        ckpt = load_checkpoint(ckpt_dir) if ckpt_dir is not None else None
-        if ckpt is not None:
-            _check_resume_config(self.config, ckpt["config"])
-            logger.info("resuming from %s (step %d)", ckpt_dir, ckpt["step"])
+        if found is None:
+            return None
+        ckpt_dir, ckpt = found
+        _check_resume_config(self.config, ckpt["config"])
+        logger.info("resuming from %s (step %d)", ckpt_dir, ckpt["step"])
         return ckpt
 
     def _environment(self) -> dict:
@@ -451,8 +465,8 @@ class _Run:
         step_times: list[float] = []
         if start >= total:
             logger.info("the checkpoint is at the last step (%d): nothing left to train", start)
-            if metrics_path.is_file() and metrics_path.read_text().strip():
-                final = json.loads(metrics_path.read_text().strip().splitlines()[-1])
+            rows = read_jsonl(metrics_path) if metrics_path.is_file() else []
+            final = rows[-1] if rows else {}
         stopped = False
         t_launch = time.perf_counter()
         params = [p for _, p in task.trainable]
@@ -521,7 +535,7 @@ class _Run:
     def _save_checkpoint(self, done: int, optimizer, scheduler, data_info: dict, elapsed: float) -> None:
         state = self.task.checkpoint_state(optimizer, self.ctx)  # a collective under FSDP: every rank
         if self.ctx.is_main:
-            snapshot = {
+            snapshot = {  # the keys of _CHECKPOINT_KEYS
                 "step": done,
                 "samples_seen": done * self.config.batch_size,
                 "task": state,
