@@ -24,12 +24,14 @@ median over ``--reps`` after ``--warmup``:
   query head, so ``--mask-heads`` applies to ``seer`` only.
 
 Each ``seer`` row also has the per-part breakdown of one profiled forward (torch.profiler, the GPU
-time of the kernels launched inside the ranges ``seer.gate``, ``seer.policy``, ``seer.attention``;
-"rest" is the timed forward minus those): ``gate_ms``, ``policy_ms``, ``kernel_ms``, ``rest_ms`` and
-``overhead`` = (gate + policy) / kernel. ``--gate-impls triton,eager`` times the fused gate and the
-selection kernel (``triton``, what ``auto`` picks on CUDA) against the PyTorch gate and policies
-(``eager``, rows ``.../eager``): before and after in one run. Timed forwards skip the density statistics
-(``SeerState.record_densities``); the profiled forward records the realised density.
+time of the device activities inside the ranges ``seer.gate``, ``seer.policy``, ``seer.attention``,
+``seer.stats``; :func:`attribute_parts`): ``gate_ms``, ``policy_ms``, ``kernel_ms``, ``stats_ms``,
+``rest_ms`` (all other GPU work), ``busy_ms`` (their sum; the timed ``ms`` minus it is GPU idle time) and
+``overhead`` = (gate + policy) / kernel. A breakdown the profiler cannot give (a range that ran got no
+time) is not reported: the row gets ``breakdown_error`` instead. ``--gate-impls triton,eager`` times
+the fused gate and the selection kernel (``triton``, what ``auto`` picks on CUDA) against the PyTorch
+gate and policies (``eager``, rows ``.../eager``): before and after in one run. Timed forwards skip the
+density statistics (``SeerState.record_densities``); the profiled forward records the realised density.
 
 The whole model is timed, so the ratio is what the paper calls time-to-first-token speedup (it
 reports 1.3x at 32k / 70 % sparsity up to 2.7x at 128k / 95 %): MLPs and projections stay dense.
@@ -38,6 +40,7 @@ reports 1.3x at 32k / 70 % sparsity up to 2.7x at 128k / 95 %): MLPs and project
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import dataclasses
 import itertools
@@ -114,27 +117,83 @@ def profile_table(model, ids: torch.Tensor, rows: int) -> str:
 
 
 # torch.profiler range -> breakdown column (seerattn.hf.integration names the ranges)
-PARTS = {"seer.gate": "gate_ms", "seer.policy": "policy_ms", "seer.attention": "kernel_ms"}
+PARTS = {
+    "seer.gate": "gate_ms",
+    "seer.policy": "policy_ms",
+    "seer.attention": "kernel_ms",
+    "seer.stats": "stats_ms",
+}
 GATE_IMPLS = ("auto", "triton", "eager")
 
 
 def part_breakdown(model, ids: torch.Tensor) -> dict[str, float]:
-    """Milliseconds per part of one profiled forward: the GPU time of the kernels launched inside each
-    ``PARTS`` range (CPU time on the CPU, smoke runs), summed over layers."""
-    from torch.autograd import DeviceType
+    """Milliseconds per part of one profiled forward (:func:`attribute_parts`), and the forward's total."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = ids.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof, torch.no_grad():
+        t0 = time.perf_counter()
         model(input_ids=ids, use_cache=False, logits_to_keep=1)
         if cuda:
             torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t0) * 1e3
+    return attribute_parts(prof.events(), cuda, wall_ms)
+
+
+def attribute_parts(events, cuda: bool, wall_ms: float) -> dict[str, float]:
+    """Per-part milliseconds of one profiled forward from its ``torch.profiler`` events.
+
+    GPU: each device activity (kernel, memcpy, memset) belongs to the part whose device-side span of the
+    same name (the profiler's ``gpu_user_annotation`` of a ``record_function`` range: first to last
+    activity launched inside it) contains its start; ``rest_ms`` is every other device activity (the
+    dense projections, MLPs, norms) and ``busy_ms`` the sum of all: the GPU time of the forward, idle
+    gaps excluded. One stream (the model runs on the current stream). Not the CPU range's
+    ``device_time_total``: the profiler links a kernel to the innermost *operator* running when it was
+    launched, and the Triton kernels (pooling, scores, selection, block-sparse attention) are launched
+    from Python with no operator around them, so they were counted in no range (H200, commit 908f727:
+    ``kernel_ms`` 0.00, the attention kernel in ``rest``).
+
+    CPU (smoke runs): host time of each range (``cpu_time_total``); ``busy_ms`` is the forward's wall time.
+    """
+    from torch.autograd import DeviceType
+
     parts = dict.fromkeys(PARTS.values(), 0.0)
-    for evt in prof.events():
-        if evt.name in PARTS and evt.device_type == DeviceType.CPU:
-            parts[PARTS[evt.name]] += (evt.device_time_total if cuda else evt.cpu_time_total) / 1e3
+    if not cuda:
+        for evt in events:
+            if evt.name in PARTS and evt.device_type == DeviceType.CPU and not evt.is_async:
+                parts[PARTS[evt.name]] += evt.cpu_time_total / 1e3
+        busy = wall_ms
+    else:
+        device = [e for e in events if e.device_type == DeviceType.CUDA]
+        spans = sorted(
+            (e.time_range.start, e.time_range.end, PARTS[e.name])
+            for e in device
+            if e.is_user_annotation and e.name in PARTS
+        )
+        starts = [s[0] for s in spans]
+        busy = 0.0
+        for e in device:
+            if e.is_user_annotation:
+                continue
+            ms = (e.time_range.end - e.time_range.start) / 1e3
+            busy += ms
+            i = bisect.bisect_right(starts, e.time_range.start) - 1
+            if i >= 0 and e.time_range.start < spans[i][1]:
+                parts[spans[i][2]] += ms
+    parts["rest_ms"] = busy - sum(parts.values())
+    parts["busy_ms"] = busy
+    ran = {PARTS[e.name] for e in events if e.name in PARTS and e.device_type == DeviceType.CPU}
+    problems = [f"{col} is 0 although its range ran" for col in sorted(ran) if parts[col] <= 0]
+    if parts["rest_ms"] < -1e-6 * max(busy, 1.0):
+        problems.append(f"the parts ({busy - parts['rest_ms']:.3f} ms) exceed the total ({busy:.3f} ms)")
+    if problems:
+        raise BreakdownError("invalid per-part breakdown: " + "; ".join(problems))
     return parts
+
+
+class BreakdownError(RuntimeError):
+    """The profiler's events do not give a valid per-part breakdown (a part that ran got no time)."""
 
 
 def _settings(args) -> list[tuple[Setting | None, float, str, int, str | None]]:
@@ -235,10 +294,13 @@ def main(argv=None) -> int:
             ms = time_forward(model, ids, args.warmup, args.reps)
             peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
             state.record_densities = True  # the next forward records the realised density
-            if setting is None:  # the profiled forward (the breakdown leaves the statistics out)
-                parts = part_breakdown(model, ids)
+            parts, breakdown_error = {}, None
+            if setting is None:  # the profiled forward (statistics in their own part, stats_ms)
+                try:
+                    parts = part_breakdown(model, ids)
+                except BreakdownError as err:  # recorded in the row and printed: the timing stays valid
+                    breakdown_error = str(err)
             else:
-                parts = {}
                 with torch.no_grad():
                     model(input_ids=ids, use_cache=False, logits_to_keep=1)
             realised = state.mean_density()
@@ -250,17 +312,20 @@ def main(argv=None) -> int:
             remove_seer_attention(model)
             row = {"seq_len": t, "method": label, "block_size": bs, "budget": budget, "ms": ms, "density": realised}
             row["peak_gib"] = peak
+            if setting is None:
+                row["gate_impl"] = gate_impl
             if parts:
-                parts["rest_ms"] = ms - sum(parts.values())
-                parts["overhead"] = (parts["gate_ms"] + parts["policy_ms"]) / max(parts["kernel_ms"], 1e-9)
-                row.update(parts, gate_impl=gate_impl)
+                parts["overhead"] = (parts["gate_ms"] + parts["policy_ms"]) / parts["kernel_ms"]
+                row.update(parts)
+            if breakdown_error:
+                row["breakdown_error"] = breakdown_error
             rows.append({**row, "speedup": dense_ms / ms})
             line = f"T={t:>6} {label:<22} {ms:9.2f} ms  {dense_ms / ms:5.2f}x  density {realised:.3f}"
             if parts:
-                line += "  " + "  ".join(
-                    f"{k[:-3]} {parts[k]:.2f}" for k in ("gate_ms", "policy_ms", "kernel_ms", "rest_ms")
-                )
-                line += f"  (gate+policy)/kernel {parts['overhead']:.2f}"
+                line += "  " + "  ".join(f"{k[:-3]} {parts[k]:.2f}" for k in (*PARTS.values(), "rest_ms", "busy_ms"))
+                line += f"  (gate+policy)/kernel {parts['overhead']:.3f}"
+            if breakdown_error:
+                line += f"  no breakdown: {breakdown_error}"
             print(line, flush=True)
         del ids
         if cuda:

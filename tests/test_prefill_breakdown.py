@@ -1,0 +1,86 @@
+"""benchmarks/prefill.py's per-part breakdown (gate, policy, kernel, stats, rest) of one profiled forward.
+
+The H200 run of commit 908f727 reported ``kernel_ms`` 0.00 and the attention kernel inside ``rest``: the
+breakdown summed the CPU ranges' ``device_time_total``, which holds only kernels launched inside a PyTorch
+operator, and the Triton kernels are launched from Python with none around them. The GPU case is built
+here from the events the profiler gives for such a launch (no CUDA needed).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.autograd import DeviceType
+from torch.autograd.profiler_util import FunctionEvent
+
+from benchmarks import prefill
+
+
+def _cpu(name: str, start: float, end: float, eid: int) -> FunctionEvent:
+    return FunctionEvent(eid, name, thread=1, start_us=start, end_us=end, use_device="cuda", is_user_annotation=True)
+
+
+def _gpu(name: str, start: float, end: float, eid: int, annotation: bool = False) -> FunctionEvent:
+    return FunctionEvent(
+        eid, name, thread=7, start_us=start, end_us=end, use_device="cuda", device_type=DeviceType.CUDA,
+        is_user_annotation=annotation,
+    )  # fmt: skip
+
+
+def _triton_layer_events() -> list[FunctionEvent]:
+    """One sparse layer as the profiler reports it (times in us): the CPU ranges have no kernels of
+    their own (Triton launches are linked to no operator); each range has a device-side span from its
+    first to its last kernel; the dense matmuls around the layer are in no range."""
+    return [
+        _cpu("seer.gate", 0, 10, 1),
+        _cpu("seer.policy", 10, 12, 2),
+        _cpu("seer.attention", 12, 20, 3),
+        _cpu("seer.stats", 20, 22, 4),
+        _gpu("aten::mm kernel (q/k/v projections)", 90, 100, 10),
+        _gpu("seer.gate", 100, 130, 11, annotation=True),
+        _gpu("_pool_kernel", 100, 110, 12),
+        _gpu("_scores_kernel", 115, 130, 13),  # 5 us idle before it: not counted
+        _gpu("seer.policy", 130, 134, 14, annotation=True),
+        _gpu("_select_kernel", 130, 134, 15),
+        _gpu("seer.attention", 134, 184, 16, annotation=True),
+        _gpu("_sparse_fwd_kernel", 134, 184, 17),
+        _gpu("seer.stats", 184, 187, 18, annotation=True),
+        _gpu("reduce_kernel", 184, 187, 19),
+        _gpu("aten::mm kernel (o projection)", 190, 210, 20),
+    ]
+
+
+def test_breakdown_counts_the_triton_kernels_of_each_range():
+    events = _triton_layer_events()
+    # what the old breakdown summed: nothing for the kernel, whose time went to "rest"
+    assert (
+        sum(e.device_time_total for e in events if e.name == "seer.attention" and e.device_type == DeviceType.CPU) == 0
+    )
+    parts = prefill.attribute_parts(events, cuda=True, wall_ms=1.0)
+    want = {"gate_ms": 0.025, "policy_ms": 0.004, "kernel_ms": 0.050, "stats_ms": 0.003, "rest_ms": 0.030}
+    assert parts == pytest.approx({**want, "busy_ms": 0.112}, abs=1e-12)
+    assert sum(want.values()) == pytest.approx(parts["busy_ms"])
+
+
+def test_breakdown_refuses_a_range_that_got_no_device_time():
+    # the old failure: the attention range ran, but no device time is linked to it
+    events = [e for e in _triton_layer_events() if e.name != "seer.attention" or e.device_type == DeviceType.CPU]
+    with pytest.raises(prefill.BreakdownError, match="kernel_ms is 0 although its range ran"):
+        prefill.attribute_parts(events, cuda=True, wall_ms=1.0)
+
+
+def test_smoke_run_breakdown_is_complete(tmp_path):
+    """The CPU smoke model: every part ran and got time, the parts and rest add up to the profiled
+    forward's total, and the kernel's share is not 0."""
+    out = tmp_path / "prefill.json"
+    argv = ["--smoke", "--seqlens", "96", "--layers", "1", "--block-sizes", "32", "--gate-impls", "eager"]
+    assert prefill.main([*argv, "--json", str(out)]) == 0
+    (row,) = [r for r in json.loads(out.read_text())["results"] if r["method"] != "sdpa"]
+    assert "breakdown_error" not in row
+    parts = [row[c] for c in (*prefill.PARTS.values(), "rest_ms")]
+    assert min(parts[:-1]) > 0 and row["rest_ms"] >= 0
+    assert sum(parts) == pytest.approx(row["busy_ms"], rel=1e-9)
+    assert row["overhead"] == pytest.approx((row["gate_ms"] + row["policy_ms"]) / row["kernel_ms"])
+    assert torch.isfinite(torch.tensor(row["overhead"]))
