@@ -57,8 +57,10 @@ def test_quickstart_fast_runs_from_the_tracked_files_alone(clone):
     assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{proc.stderr[-4000:]}"
     assert f"package {clone / 'src' / 'seerattn' / '__init__.py'}" in out
     # the plan comes before any work, with its estimate
-    plan = re.search(r"1 window\(s\) and 3 passkey prompts of 512 tokens.* on cpu: about (\d+) s on a 2-core CPU", out)
-    assert plan and out.index(plan.group(0)) < out.index("perplexity") and 5 <= int(plan.group(1)) <= 60
+    plan = re.search(
+        r"1 window\(s\) and 3 passkey prompts of 512 tokens.* on cpu: about (\d+) s on 2 free CPU cores", out
+    )
+    assert plan and out.index(plan.group(0)) < out.index("perplexity") and 3 <= int(plan.group(1)) <= 60
     ppl = re.search(r"perplexity\s+([\d.]+)\s+([\d.]+)", out)
     passkey = re.search(r"passkey accuracy\s+([\d.]+)\s+([\d.]+)", out)
     density = re.search(r"block density \(realised\)\s+([\d.]+)\s+([\d.]+)", out)

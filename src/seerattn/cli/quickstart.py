@@ -21,15 +21,15 @@ from .eval import ALLOCATIONS, add_data_arguments, add_mask_heads_argument
 # Passkey needle depths (one prompt each) and the --fast window: a run of seconds on a CPU.
 DEPTHS = (0.25, 0.5, 0.75)
 FAST_CONTEXT = 512
-# CPU cost model of the estimate printed before a run: stage -> (seconds per unit at a 4096-token window,
-# growth exponent with the window length). Units: ppl = one window through dense and sparse, passkey = one
-# prompt through both, maps = the one analysed window. Fitted to `stage_cpu_seconds` in quickstart.json of
-# `seerattn quickstart` (4096 tokens, 2 windows: 0.6 / 59.7 / 84.2 / 31.0 s) and `seerattn quickstart --fast`
-# (512, 1 window; mean of two runs: 0.6 / 4.3 / 10.2 / 2.7 s) on the 2-core development CPU (torch 2.13, 2
-# threads, fp32 reference ops). CPU seconds of the process, not wall seconds: they hardly move with the
-# machine's load, and with two free cores the wall time was about the same (150 s wall for 169 CPU s).
-_CPU_STAGES = {"ppl": (29.9, 0.93), "passkey": (28.1, 1.02), "maps": (31.0, 1.17)}
-_CPU_LOAD_S = 0.6  # tokenizer, data, model and gates (the imports before the estimate is printed excluded)
+# CPU cost model of the estimate printed before a run: stage -> (wall seconds per unit at a 4096-token window
+# on two free cores, growth exponent with the window length). Units: ppl = one window through dense and
+# sparse, passkey = one prompt through both, maps = the one analysed window. Scale: `stage_seconds` of
+# `seerattn quickstart` on the idle 2-core development CPU (torch 2.13, 2 threads, fp32 reference ops): 0.4 /
+# 33.4 / 43.4 / 15.6 s, 97 s for the whole command. Exponents: `stage_cpu_seconds` (steadier than wall time on
+# a shared machine) of the default run against `seerattn quickstart --fast` (512 tokens, 1 window), mean of
+# two pairs. The same command took 150-180 s with the machine's load at 3-5, and 390-500 s at 10.
+_CPU_STAGES = {"ppl": (16.7, 1.0), "passkey": (14.5, 0.97), "maps": (15.6, 1.23)}
+_CPU_LOAD_S = 0.4  # tokenizer, data, model and gates (the imports before the estimate is printed excluded)
 
 
 def estimate_seconds(context: int, samples: int, device: str) -> float | None:
@@ -50,7 +50,7 @@ def _plan(context: int, samples: int, device: str) -> str:
     if est is None:
         return f"seerattn quickstart: {work}: seconds after loading on a recent GPU (an H200 took 3 s at 8192 tokens)"
     took = f"{est:.0f} s" if est < 100 else f"{est / 60:.1f} min"
-    return f"seerattn quickstart: {work}: about {took} on a 2-core CPU (longer on a busy machine)"
+    return f"seerattn quickstart: {work}: about {took} on 2 free CPU cores (longer on a busy machine)"
 
 
 def _run(args) -> int:
