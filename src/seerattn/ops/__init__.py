@@ -25,6 +25,7 @@ import torch
 
 from ..block_mask import BlockMask, check_block_size, num_blocks
 from . import reference
+from .decode import sparse_decode_attention
 from .gate_ops import gate_block_logits, select_blocks
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "gate_block_logits",
     "resolve_impl",
     "select_blocks",
+    "sparse_decode_attention",
 ]
 
 IMPLS = ("reference", "triton", "flex")

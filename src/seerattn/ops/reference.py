@@ -18,7 +18,14 @@ import torch
 
 from ..block_mask import BlockMask, num_blocks
 
-__all__ = ["attention_with_block_scores", "block_sparse_attention", "causal_attention"]
+__all__ = [
+    "attention_with_block_scores",
+    "block_sparse_attention",
+    "causal_attention",
+    "decode_block_scores",
+    "gather_paged_kv",
+    "sparse_decode_attention",
+]
 
 _ROW_CHUNK_TOKENS = 1024
 
@@ -168,3 +175,107 @@ def block_sparse_attention(
     out = torch.cat(outs, 2).to(q.dtype)
     lse = torch.cat(lses, 2)
     return (out, lse) if return_lse else out
+
+
+# ====================================================================== decode (one new token per sequence)
+def gather_paged_kv(pages: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """Contiguous copy of a paged cache: pages [P, page, Hkv, D], block_table int32 [B, max_pages] ->
+    [B, Hkv, max_pages * page, D] (token ``t`` of sequence ``b`` lives in page ``block_table[b, t // page]``)."""
+    b, n = block_table.shape
+    _, page, hkv, d = pages.shape
+    g = pages[block_table.long().clamp(min=0)]  # [B, max_pages, page, Hkv, D]
+    return g.reshape(b, n * page, hkv, d).transpose(1, 2)
+
+
+def _kept_tokens(block_indices: torch.Tensor, cache_seqlens: torch.Tensor, block_size: int, t: int) -> torch.Tensor:
+    """Bool [B, Hkv, T]: the key positions of the selected blocks that lie inside each sequence."""
+    b, hkv, _ = block_indices.shape
+    nb = num_blocks(t, block_size)
+    idx = block_indices.long()
+    idx = torch.where((idx >= 0) & (idx < nb), idx, nb)  # padding (and out-of-range) -> a spare column
+    blk = torch.zeros(b, hkv, nb + 1, dtype=torch.bool, device=idx.device).scatter_(-1, idx, True)[..., :nb]
+    pos = torch.arange(t, device=idx.device)
+    tok = blk.repeat_interleave(block_size, dim=-1)[..., :t]
+    return tok & (pos < cache_seqlens.to(idx.device).long().view(b, 1, 1))
+
+
+def sparse_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    block_indices: torch.Tensor,
+    block_size: int,
+    block_table: torch.Tensor | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+):
+    """Attention of one new query token per sequence over the selected key blocks of its cache.
+
+    Args:
+        q: [B, Hq, D], the token at position ``cache_seqlens[b] - 1`` (already in the cache).
+        k_cache, v_cache: contiguous [B, Hkv, Tmax, D], or paged [P, page, Hkv, D] with ``block_table``.
+        cache_seqlens: int32 [B], tokens in each sequence's cache (the new one included).
+        block_indices: int32 [B, Hkv, K], selected key blocks per (sequence, KV head), -1 = padding;
+            keys at or past ``cache_seqlens[b]`` are masked (the current, partial block).
+        block_size: tokens per key block.
+        block_table: int32 [B, max_pages] page ids of each sequence (paged layout only).
+        scale: softmax scale, default ``1 / sqrt(D)``.
+
+    Returns:
+        out [B, Hq, D] in q's dtype (zeros where nothing is selected), and lse [B, Hq] (fp32, fp64
+        for fp64 inputs; -inf where nothing is selected) if ``return_lse``.
+    """
+    if block_table is not None:
+        k_cache, v_cache = gather_paged_kv(k_cache, block_table), gather_paged_kv(v_cache, block_table)
+    b, hq, d = q.shape
+    t = k_cache.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    cdt = _compute_dtype(q)
+    keep = _kept_tokens(block_indices, cache_seqlens, block_size, t)  # [B, Hkv, T]
+    keep = _expand_kv(keep.unsqueeze(-2), hq)  # [B, Hq, 1, T]
+    kf, vf = _expand_kv(k_cache, hq).to(cdt), _expand_kv(v_cache, hq).to(cdt)
+    out, lse, _ = _attend(q.to(cdt).unsqueeze(2), kf, vf, scale, keep)
+    out = out.squeeze(2).to(q.dtype)
+    return (out, lse.squeeze(2)) if return_lse else out
+
+
+def decode_block_scores(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float | None = None) -> torch.Tensor:
+    """Distillation target of the decode gate, every token of a sequence taken as a decode query.
+
+    For the query at position ``t``: its causal softmax over the keys ``<= t``, max-pooled inside each
+    key block and over the query heads of each GQA group, restricted to the completed blocks
+    ``J < t // block_size`` (the current block is always kept, so the gate does not score it) and
+    renormalised to sum 1 over them.
+
+    Args:
+        q: [B, Hq, T, D]; k: [B, Hkv, T, D] (post-RoPE: the model's own attention).
+        block_size: tokens per key block.
+        scale: softmax scale, default ``1 / sqrt(D)``.
+
+    Returns:
+        [B, Hkv, T, NB] fp32 (fp64 for fp64 inputs), NB = ceil(T / block_size); zero on and past the
+        current block; rows of the first block (no completed block yet) are all zero.
+    """
+    b, hq, t, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    cdt = _compute_dtype(q)
+    qf, kf = q.to(cdt), _expand_kv(k, hq).to(cdt)
+    nb = num_blocks(t, block_size)
+    pad = nb * block_size - t
+    cols = torch.arange(t, device=q.device)
+    out = []
+    for r0 in range(0, t, _ROW_CHUNK_TOKENS):
+        r1 = min(r0 + _ROW_CHUNK_TOKENS, t)
+        rows = torch.arange(r0, r1, device=q.device)
+        logits = torch.matmul(qf[:, :, r0:r1], kf.transpose(-1, -2)) * scale
+        p = torch.softmax(logits.masked_fill(cols.view(1, -1) > rows.view(-1, 1), float("-inf")), dim=-1)
+        p = torch.nn.functional.pad(p, (0, pad)).view(b, hkv, g, r1 - r0, nb, block_size)
+        s = p.amax(dim=(2, 5))  # [B, Hkv, R, NB]: max over the block's keys and the group's heads
+        completed = torch.arange(nb, device=q.device).view(1, -1) < (rows // block_size).view(-1, 1)
+        s = s * completed
+        total = s.sum(-1, keepdim=True)
+        out.append(s / torch.where(total > 0, total, torch.ones_like(total)))
+    return torch.cat(out, dim=2)

@@ -1,0 +1,152 @@
+"""Sparse decode attention: the public, validated entry point (``impl`` dispatch as in :mod:`seerattn.ops`).
+
+Shape legend: B sequences, Hq query heads, Hkv key/value heads (Hq % Hkv == 0), D head dim, Tmax cache
+capacity in tokens, K selected key blocks per (sequence, KV head) (static: a token budget / block size),
+P pages, ``page`` tokens per page.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..block_mask import check_block_size, num_blocks
+from . import reference
+
+__all__ = ["sparse_decode_attention"]
+
+_OP = "sparse_decode_attention"
+
+
+def _check_tensor(x, name: str, dims: int, legend: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{_OP}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != dims:
+        raise ValueError(f"{_OP}: {name} must be {dims}-D {legend}, got shape {tuple(x.shape)}")
+
+
+def _check_int32(x, name: str, shape: tuple, legend: str, device: torch.device) -> None:
+    _check_tensor(x, name, len(shape), legend)
+    if x.dtype != torch.int32:
+        raise TypeError(f"{_OP}: {name} must be int32 {legend}, got {x.dtype}")
+    if tuple(x.shape[: len(shape)]) != tuple(s if s is not None else x.shape[i] for i, s in enumerate(shape)):
+        raise ValueError(f"{_OP}: {name} must be {legend}, got shape {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{_OP}: {name} is on {x.device} but q is on {device}")
+
+
+def _validate(q, k_cache, v_cache, cache_seqlens, block_indices, block_size, block_table) -> int:
+    """Every check that needs no device read (all of them on CPU tensors); returns the capacity in tokens."""
+    _check_tensor(q, "q", 3, "[B, Hq, D]")
+    paged = block_table is not None
+    legend = "[P, page, Hkv, D] (paged)" if paged else "[B, Hkv, Tmax, D]"
+    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_tensor(x, name, 4, legend)
+        if x.dtype != q.dtype or not x.is_floating_point():
+            raise TypeError(f"{_OP}: q, k_cache, v_cache must share one floating dtype, got {q.dtype}, {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{_OP}: {name} is on {x.device} but q is on {q.device}")
+    if not q.is_floating_point():
+        raise TypeError(f"{_OP}: q must be floating point, got {q.dtype}")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(
+            f"{_OP}: k_cache and v_cache differ in shape: {tuple(k_cache.shape)} vs {tuple(v_cache.shape)}"
+        )
+    try:
+        check_block_size(block_size)
+    except ValueError as e:
+        raise ValueError(f"{_OP}: {e}") from None
+    b, hq, d = q.shape
+    if paged:
+        _, page, hkv, dk = k_cache.shape
+        _check_int32(block_table, "block_table", (b, None), "[B, max_pages]", q.device)
+        if page % block_size:
+            raise ValueError(f"{_OP}: the page size ({page}) must be a multiple of block_size ({block_size})")
+        capacity = block_table.shape[1] * page
+    else:
+        bk, hkv, capacity, dk = k_cache.shape
+        if bk != b:
+            raise ValueError(f"{_OP}: k_cache batch {bk} != q batch {b}")
+    if dk != d:
+        raise ValueError(f"{_OP}: q and k_cache head dims differ: {d} vs {dk}")
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"{_OP}: query heads ({hq}) must be a multiple of key/value heads ({hkv}) for GQA")
+    _check_int32(cache_seqlens, "cache_seqlens", (b,), "[B]", q.device)
+    _check_int32(block_indices, "block_indices", (b, hkv, None), "[B, Hkv, K]", q.device)
+    if q.device.type == "cpu":  # data checks only where they cost no device sync
+        nb = num_blocks(capacity, block_size)
+        if bool(((cache_seqlens < 0) | (cache_seqlens > capacity)).any()):
+            raise ValueError(f"{_OP}: cache_seqlens must lie in [0, {capacity}], got {cache_seqlens.tolist()}")
+        idx = block_indices
+        if bool(((idx < -1) | (idx >= nb)).any()):
+            raise ValueError(f"{_OP}: block_indices must be -1 (padding) or in [0, {nb}) for a {capacity}-token cache")
+        srt = idx.sort(-1).values
+        if bool(((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)).any()):
+            raise ValueError(f"{_OP}: block_indices repeats a block in one (sequence, KV head) list")
+        if paged and bool(((block_table < 0) | (block_table >= k_cache.shape[0])).any()):
+            raise ValueError(f"{_OP}: block_table entries must be page ids in [0, {k_cache.shape[0]})")
+    return capacity
+
+
+def sparse_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    block_indices: torch.Tensor,
+    block_size: int,
+    block_table: torch.Tensor | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+    impl: str | None = None,
+):
+    """Attention of one new query token per sequence over the selected key blocks of the KV cache.
+
+    Args:
+        q: [B, Hq, D], the query of the token at position ``cache_seqlens[b] - 1`` (its K/V already
+            appended to the cache).
+        k_cache, v_cache: contiguous [B, Hkv, Tmax, D] (the layout of transformers' caches), or paged
+            [P, page, Hkv, D] together with ``block_table``.
+        cache_seqlens: int32 [B], tokens in each sequence's cache, the new one included (sequences
+            of different lengths in one batch).
+        block_indices: int32 [B, Hkv, K], the key blocks each (sequence, KV head) attends to, in any
+            order, without repeats, -1 for unused slots. Keys at or past ``cache_seqlens[b]`` are
+            masked: the current, partial block attends only to the tokens it has. K is static (a token
+            budget / block size), so shapes do not change from step to step.
+        block_size: tokens per key block (power of two; the Triton kernel takes 16..128).
+        block_table: int32 [B, max_pages] page ids (paged layout only; ``page % block_size == 0``).
+        scale: softmax scale, default ``1 / sqrt(D)``.
+        return_lse: also return lse [B, Hq] fp32 (-inf where nothing is selected).
+        impl: ``"reference"`` (eager, any device, fp64-capable), ``"triton"`` (split-KV kernel with an
+            LSE merge; no host syncs, CUDA-graph friendly) or None (``"triton"`` on CUDA, else
+            ``"reference"``). An explicit ``impl`` never falls back.
+
+    Returns:
+        out [B, Hq, D] in q's dtype (zeros where nothing is selected), and lse if ``return_lse``.
+        Not differentiable through ``impl="triton"`` (it raises when gradients are required).
+
+    On CPU tensors the contents of ``cache_seqlens``, ``block_indices`` and ``block_table`` are
+    checked too (range, repeats); on CUDA they are not read (no host synchronisation).
+    """
+    from . import resolve_impl
+
+    _validate(q, k_cache, v_cache, cache_seqlens, block_indices, block_size, block_table)
+    impl = resolve_impl(impl, q.device, _OP, allowed=("reference", "triton"))
+    if impl == "reference":
+        return reference.sparse_decode_attention(
+            q, k_cache, v_cache, cache_seqlens, block_indices, block_size,
+            block_table=block_table, scale=scale, return_lse=return_lse,
+        )  # fmt: skip
+    from ._triton import _check, _needs_grad, _scale
+    from ._triton.decode_fwd import sparse_decode_fwd
+
+    q, k_cache, v_cache = _check(q, k_cache, v_cache, block_size, _OP)
+    if _needs_grad(q, k_cache, v_cache):
+        raise NotImplementedError(
+            f"{_OP} (triton) has no backward: call it under torch.no_grad() (decode is inference) or use "
+            "impl='reference' for gradients"
+        )
+    out, lse = sparse_decode_fwd(
+        q, k_cache, v_cache, cache_seqlens, block_indices, block_size, _scale(q.shape[-1], scale),
+        block_table=block_table, return_lse=return_lse,
+    )  # fmt: skip
+    return (out, lse) if return_lse else out

@@ -1,0 +1,175 @@
+"""sparse_decode_attention: the Triton kernel (interpreter on CPU) and the reference against an fp64 oracle.
+
+Tolerance rule of the project: error vs the fp64 oracle <= 2x the error of the same attention computed
+in plain low-precision PyTorch (``kernel_helpers.lowp_attention``), plus a small epsilon.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from kernel_helpers import assert_within_lowp, lowp_attention, poisoned_outputs
+
+from seerattn.ops import sparse_decode_attention
+from seerattn.ops.reference import _kept_tokens, gather_paged_kv
+
+triton = pytest.importorskip("triton")
+from seerattn.ops._triton.decode_fwd import sparse_decode_fwd  # noqa: E402
+
+DTYPES = (torch.float32, torch.float16)
+
+
+def make_case(lens, hq, hkv, d, tmax, bs, k_slots, dtype, seed=0, empty_heads=()):
+    """q [B, Hq, D], k/v [B, Hkv, Tmax, D], cache_seqlens int32 [B], block_indices int32 [B, Hkv, K]: each
+    (sequence, KV head) selects a random, unsorted subset of the blocks covering its cache (sometimes a
+    block past its end), -1 padded; the (b, h) pairs in ``empty_heads`` select nothing."""
+    g = torch.Generator().manual_seed(seed)
+    b = len(lens)
+    q = torch.randn(b, hq, d, generator=g).to(dtype)
+    k = torch.randn(b, hkv, tmax, d, generator=g).to(dtype)
+    v = torch.randn(b, hkv, tmax, d, generator=g).to(dtype)
+    nb_cap = math.ceil(tmax / bs)
+    idx = torch.full((b, hkv, k_slots), -1, dtype=torch.int32)
+    for i, n in enumerate(lens):
+        nb = min(nb_cap, math.ceil(n / bs) + 1)  # one block past the end: masked by the length
+        for h in range(hkv):
+            if (i, h) in empty_heads:
+                continue
+            perm = torch.randperm(nb, generator=g)[: int(torch.randint(1, k_slots + 1, (1,), generator=g))]
+            slots = torch.randperm(k_slots, generator=g)[: len(perm)]  # padding anywhere in the list
+            idx[i, h, slots] = perm.to(torch.int32)
+    return q, k, v, torch.tensor(lens, dtype=torch.int32), idx
+
+
+def oracle_and_lowp(q, k, v, lens, idx, bs):
+    """(fp64 oracle out, lse), (low-precision PyTorch out, lse) via masked dense attention."""
+    keep = _kept_tokens(idx, lens, bs, k.shape[2])  # [B, Hkv, T]
+    keep = keep.repeat_interleave(q.shape[1] // k.shape[1], 1).unsqueeze(2)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    o64, l64, _ = lowp_attention(q.double().unsqueeze(2), k.double(), v.double(), keep, scale)
+    olp, llp, _ = lowp_attention(q.unsqueeze(2), k, v, keep, scale)
+    return (o64.squeeze(2), l64.squeeze(2)), (olp.squeeze(2), llp.squeeze(2))
+
+
+def check(out, lse, q, k, v, lens, idx, bs, name):
+    (o64, l64), (olp, llp) = oracle_and_lowp(q, k, v, lens, idx, bs)
+    assert not torch.isnan(out).any(), f"{name}: NaN in the output"
+    assert_within_lowp(f"{name} out", out, olp, o64, q.dtype, 2.0)
+    empty = torch.isinf(l64)
+    assert torch.equal(torch.isinf(lse), empty), f"{name}: lse -inf pattern differs"
+    assert (out[empty] == 0).all(), f"{name}: rows with nothing selected must be zeros"
+    assert_within_lowp(f"{name} lse", lse[~empty], llp[~empty], l64[~empty], q.dtype, 2.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("hq", "hkv"), [(2, 2), (4, 2), (4, 1), (8, 1)], ids=["g1", "g2", "g4", "g8"])
+def test_triton_matches_oracle_gqa_varlen_odd_lengths(dtype, hq, hkv):
+    lens = [1, 45, 100, 17]
+    q, k, v, sl, idx = make_case(lens, hq, hkv, 16, 112, 16, 5, dtype, seed=hq * 7 + hkv, empty_heads={(3, 0)})
+    with poisoned_outputs():
+        out, lse = sparse_decode_attention(q, k, v, sl, idx, 16, return_lse=True, impl="triton")
+    check(out, lse, q, k, v, sl, idx, 16, f"triton {dtype} g{hq // hkv}")
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 8])
+@pytest.mark.parametrize("bs", [16, 32, 64])
+def test_triton_splits_and_block_sizes(num_splits, bs):
+    """Forced split counts (LSE merge, splits with nothing kept) and block sizes (several key steps per block)."""
+    lens = [150, 33, 0]
+    q, k, v, sl, idx = make_case(lens, 4, 2, 16, 160, bs, 6, torch.float32, seed=bs + num_splits)
+    with poisoned_outputs():
+        out, lse = sparse_decode_fwd(q, k, v, sl, idx, bs, 0.25, num_splits=num_splits)
+    check(out, lse, q, k, v, sl, idx, bs, f"splits {num_splits} bs {bs}")
+    assert (out[2] == 0).all() and torch.isinf(lse[2]).all()  # empty cache
+
+
+def test_reference_matches_oracle():
+    q, k, v, sl, idx = make_case([7, 64, 99], 4, 2, 16, 128, 32, 3, torch.float16, seed=3)
+    out, lse = sparse_decode_attention(q, k, v, sl, idx, 32, return_lse=True, impl="reference")
+    check(out, lse, q, k, v, sl, idx, 32, "reference fp16")
+
+
+def test_empty_selection_gives_zeros_not_nan():
+    q, k, v, sl, _ = make_case([40, 3], 4, 2, 16, 64, 16, 3, torch.float32)
+    idx = torch.full((2, 2, 3), -1, dtype=torch.int32)
+    idx[1, 1, 0] = 2  # a block past the end of a 3-token cache: nothing visible either
+    for impl in ("triton", "reference"):
+        out, lse = sparse_decode_attention(q, k, v, sl, idx, 16, return_lse=True, impl=impl)
+        assert torch.equal(out, torch.zeros_like(out)), impl
+        assert torch.isinf(lse).all() and (lse < 0).all(), impl
+
+
+def paged_copy(k, v, page, seed=0):
+    """The contiguous cache k, v [B, Hkv, Tmax, D] as shuffled pages [P, page, Hkv, D] + block_table."""
+    b, hkv, t, d = k.shape
+    n = t // page
+    perm = torch.randperm(b * n, generator=torch.Generator().manual_seed(seed))
+    table = perm.view(b, n).to(torch.int32)
+    kp, vp = (torch.empty(b * n, page, hkv, d, dtype=k.dtype) for _ in range(2))
+    kp[perm] = k.transpose(1, 2).reshape(b * n, page, hkv, d)
+    vp[perm] = v.transpose(1, 2).reshape(b * n, page, hkv, d)
+    return kp, vp, table
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("page", [16, 64])
+def test_paged_equals_contiguous(dtype, page):
+    q, k, v, sl, idx = make_case([70, 128, 5], 8, 2, 16, 128, 16, 4, dtype, seed=page)
+    kp, vp, table = paged_copy(k, v, page)
+    assert torch.equal(gather_paged_kv(kp, table), k)
+    for impl in ("triton", "reference"):
+        want = sparse_decode_attention(q, k, v, sl, idx, 16, return_lse=True, impl=impl)
+        got = sparse_decode_attention(q, kp, vp, sl, idx, 16, block_table=table, return_lse=True, impl=impl)
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+        torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_all_blocks_selected_is_dense_decode_attention(dtype):
+    lens, tmax, bs = [97, 128, 1], 128, 32
+    q, k, v, sl, _ = make_case(lens, 8, 2, 32, tmax, bs, 1, dtype, seed=11)
+    idx = torch.arange(tmax // bs, dtype=torch.int32).flip(0).expand(3, 2, -1).contiguous()
+    out, lse = sparse_decode_attention(q, k, v, sl, idx, bs, return_lse=True, impl="triton")
+    keep = (torch.arange(tmax) < sl.view(-1, 1)).view(3, 1, 1, tmax)
+    scale = 1.0 / math.sqrt(32)
+    o64, l64, _ = lowp_attention(q.double().unsqueeze(2), k.double(), v.double(), keep, scale)
+    olp, _, _ = lowp_attention(q.unsqueeze(2), k, v, keep, scale)
+    assert_within_lowp("dense", out, olp.squeeze(2), o64.squeeze(2), dtype, 2.0)
+    torch.testing.assert_close(
+        lse.double(), l64.squeeze(2).double(), rtol=0, atol=1e-3 if dtype == torch.float16 else 1e-5
+    )
+
+
+def test_reference_fp64_and_gradients():
+    q, k, v, sl, idx = make_case([20, 50], 4, 2, 16, 64, 16, 3, torch.float64, seed=2)
+    q.requires_grad_(True)
+    out, lse = sparse_decode_attention(q, k, v, sl, idx, 16, return_lse=True, impl="reference")
+    assert out.dtype == lse.dtype == torch.float64
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all()
+    with pytest.raises(NotImplementedError, match="no backward"):
+        sparse_decode_attention(q.float(), k.float(), v.float(), sl, idx, 16, impl="triton")
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda a: a.update(q=a["q"][0]), "q must be 3-D"),
+        (lambda a: a.update(block_indices=a["block_indices"].long()), "block_indices must be int32"),
+        (lambda a: a.update(cache_seqlens=torch.tensor([9, 200], dtype=torch.int32)), "cache_seqlens must lie"),
+        (lambda a: a["block_indices"].__setitem__((0, 0, 0), 9), r"block_indices must be -1 \(padding\) or in"),
+        (lambda a: a["block_indices"].__setitem__((0, 0, slice(0, 2)), 1), "repeats a block"),
+        (lambda a: a.update(block_size=24), "power of two"),
+        (lambda a: a.update(v_cache=a["v_cache"].half()), "share one floating dtype"),
+        (lambda a: a.update(q=a["q"][:, :3]), "multiple of key/value heads"),
+        (lambda a: a.update(block_table=torch.zeros(2, 1, dtype=torch.int32)), "page size"),
+    ],
+)
+def test_bad_input_is_named(mutate, match):
+    q, k, v, sl, idx = make_case([9, 30], 4, 2, 16, 64, 16, 3, torch.float32)
+    args = dict(q=q, k_cache=k, v_cache=v, cache_seqlens=sl, block_indices=idx, block_size=16)
+    mutate(args)
+    with pytest.raises((ValueError, TypeError), match=match):
+        sparse_decode_attention(**args, impl="reference")
