@@ -17,7 +17,8 @@ checkpointing, as ``seerattn finetune`` runs it), bf16 weights and gradients, no
   runs. Untrained gates pick arbitrary blocks; the time depends on how many are kept, which the policy fixes.
 
 What the loss is: the decoder stack's output (after the final norm) through a fixed random projection to
-64 values, squared and averaged (plus 10 x the gate loss for seer). The LM head and its cross-entropy are
+64 values, squared and averaged (plus 10 x the gate loss for seer, whose gradient each layer takes in its
+forward, as the trainer does: ``SeerState.gate_grad_scale``). The LM head and its cross-entropy are
 left out of both: they cost the same for both and, at 64k tokens x 128k vocabulary, need a chunked loss
 to fit (the fine-tuning trainer computes transformers' full-logit loss, fine for the testbed's 14k vocabulary).
 """
@@ -48,12 +49,16 @@ GATE_LOSS_WEIGHT = 10.0
 
 def train_step(model, ids: torch.Tensor, probe: torch.Tensor) -> None:
     """Forward + backward of the decoder stack (module docstring: what the loss is); gradients accumulate."""
-    hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state  # [1, T, H]
-    loss = (hidden.float() @ probe).square().mean()
     state = getattr(model, "_seer_state", None)
-    if state is not None:
-        loss = loss + GATE_LOSS_WEIGHT * state.total_gate_loss()
-    loss.backward()  # the gate losses stay in the state until the next forward replaces them (graphs freed)
+    if state is not None:  # as the trainer: each layer backpropagates 10 x its gate loss in its forward
+        state.gate_grad_scale = GATE_LOSS_WEIGHT
+    try:
+        hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state  # [1, T, H]
+    finally:
+        if state is not None:
+            state.gate_grad_scale = None
+    loss = (hidden.float() @ probe).square().mean()
+    loss.backward()
 
 
 def time_step(model, ids: torch.Tensor, probe: torch.Tensor, warmup: int, reps: int) -> tuple[float, float]:

@@ -481,3 +481,114 @@ def test_autocast_with_fp32_master_weights(mode):
     with torch.no_grad():
         ref = model(input_ids=ids, labels=ids).loss  # fp32 end to end
     assert abs(out.loss.item() - ref.item()) < 0.05 * abs(ref.item())
+
+
+# ---------------------------------------------------------------------------------------- gate gradient in the layer
+def _micro_batches(model, mode: str, in_layer: bool, accum: int, amp: bool, weight: float = 10.0):
+    """``accum`` micro-batches of the trainer's objective (CE + weight x gate KL) / accum, gradients accumulated.
+
+    in_layer: each layer backpropagates its gate loss (``SeerState.gate_grad_scale``, what the trainer runs);
+    else the recorded losses keep their graphs and one backward per micro-batch covers everything (before).
+    Returns the per-layer losses of each micro-batch.
+    """
+    state = get_seer_state(model)
+    losses = []
+    for micro in range(accum):
+        ids = input_ids(T, b=2, seed=micro + 1)
+        state.reset()
+        state.gate_grad_scale = weight / accum if in_layer else None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            ce = model(input_ids=ids, labels=ids).loss
+        state.gate_grad_scale = None
+        if in_layer:
+            assert all(v.grad_fn is None for v in state.losses.values())
+            (ce / accum).backward()
+        else:
+            ((weight * state.total_gate_loss() + ce) / accum).backward()
+        losses.append(torch.stack([state.losses[i].detach() for i in sorted(state.losses)]))
+    return losses
+
+
+@pytest.mark.parametrize("mode", ["finetune", "distill"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("amp", [False, True])
+def test_gate_gradient_taken_in_the_layer_equals_the_backward_of_the_recorded_losses(mode, checkpointing, amp):
+    """The trainer's in-layer gate backward gives bitwise the gradients of every parameter (gates and weights)
+    of one backward of the whole objective, with and without gradient checkpointing (the recompute adds no
+    second gate gradient) and under bf16 autocast (the in-layer backward runs outside it, as the later one)."""
+    results = {}
+    for in_layer in (False, True):
+        model = _finetune_model(mode=mode)
+        model.train()
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        losses = _micro_batches(model, mode, in_layer, accum=2, amp=amp)
+        results[in_layer] = (losses, _grads(dict(model.named_parameters())))
+    (l0, g0), (l1, g1) = results[False], results[True]
+    assert all(torch.equal(a, b) for a, b in zip(l0, l1, strict=True))
+    gates = [n for n in g0 if "seer_gate" in n]
+    assert gates and all(g0[n] is not None and g0[n].abs().sum() > 0 for n in gates)
+    for n in g0:
+        assert (g0[n] is None) == (g1[n] is None), n
+        assert g0[n] is None or torch.equal(g0[n], g1[n]), n
+
+
+def test_gate_gradient_in_the_layer_with_an_inexact_scale_and_without_checkpointing_difference():
+    """accum = 3: weight / accum is not a float32 number, so the two paths round the scale differently (within
+    fp32 rounding); gradient checkpointing changes no gate gradient at all."""
+    grads = []
+    for in_layer, checkpointing in ((False, False), (True, False), (True, True)):
+        model = _finetune_model()
+        model.train()
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        _micro_batches(model, "finetune", in_layer, accum=3, amp=False)
+        grads.append({n: p.grad for n, p in _split(model)[1].items()})
+    eps = torch.finfo(torch.float32).eps
+    for n, ref in grads[0].items():
+        # each of the 3 terms is off by the scale's rounding (<= 1 ulp of it), the sum re-rounds: a few ulps of
+        # the largest entry (entries that cancel across micro-batches have a larger relative error)
+        err = (grads[1][n] - ref).abs().max().item()
+        assert err <= 3 * 4 * eps * ref.abs().max().item(), (n, err)
+        assert torch.equal(grads[2][n], grads[1][n]), n
+
+
+@pytest.mark.parametrize("mode", ["finetune", "distill"])
+def test_no_gate_graph_outlives_its_layer(monkeypatch, mode):
+    """What the gate's graph saves (window scores [B, Hq, NB, 4, NB] fp32 with q_subblock 4, logits...) is freed
+    before the layer returns when the gradient is taken in the layer; the recorded-loss path keeps it until the
+    step's backward (the extra memory measured on the H200)."""
+    import weakref
+
+    from seerattn.gate import GateConfig
+
+    gate = GateConfig(block_size=16, q_pooling=("avg", "max", "min"), q_subblock=4)
+    kept: dict[bool, list] = {}
+    for in_layer in (False, True):
+        saved = []
+
+        def pack(x, saved=saved):
+            if not isinstance(x, torch.nn.Parameter):
+                saved.append((weakref.ref(x), tuple(x.shape), x.numel() * x.element_size()))
+            return x
+
+        monkeypatch.setattr(integration, "_keep_saved", pack)
+        model = make_model("llama")
+        apply_seer_attention(model, SeerConfig(gate=gate, policy=POLICY, mode=mode, impl="reference"))
+        model.train()
+        enable_gradient_checkpointing(model)
+        state = get_seer_state(model)
+        state.gate_grad_scale = 1.0 if in_layer else None
+        ids = input_ids(T, b=2)
+        out = model(input_ids=ids, labels=ids)
+        alive = [(shape, size) for ref, shape, size in saved if ref() is not None]
+        kept[in_layer] = alive
+        assert len(state.losses) == 2 and saved
+        if in_layer:
+            assert all(p.grad is not None for n, p in model.named_parameters() if "seer_gate" in n)
+        del out
+    nb = -(-T // 16)
+    # the window scores [B, Hq, NB, 4 windows, NB] (padded to whole blocks) of both layers, and more
+    assert [s for s, _ in kept[False]].count((2, 4, nb, 4, nb)) == 2
+    assert sum(size for _, size in kept[False]) > 2 * (2 * 4 * nb * 4 * nb * 4)
+    assert kept[True] == []

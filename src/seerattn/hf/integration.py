@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -141,7 +141,15 @@ class SeerState:
         record_densities: compute the masked paths' densities in every forward (on by default: the
             evaluations report them). Off, a sparse forward spends nothing on statistics (the
             densities scan every mask: a few percent of a prefill at 128k).
-        losses: per layer, in ``distill`` and ``finetune`` modes: the gate loss (a tensor with grad).
+        losses: per layer, in ``distill`` and ``finetune`` modes: the gate loss (a tensor with grad; detached
+            when ``gate_grad_scale`` is set).
+        gate_grad_scale: None (default): the losses keep their graphs and the caller backpropagates them. A
+            float (set by the trainer: gate loss weight / accumulation steps): each layer backpropagates
+            ``gate_grad_scale * loss`` into its gate's ``.grad`` right where the loss is computed (the gate
+            reads detached inputs, so nothing else is reached) and records the detached loss: no gate graph
+            (window scores, logits, target: [B, Hq, NB, NB] and more per layer) outlives its layer. This
+            happens whatever the caller's grad mode, so the trainer may run a gate-only forward under
+            ``no_grad``.
         metrics: per layer, in ``distill`` and ``finetune`` modes: block and mass recall at ``metric_density``.
         mask_fn: the mask source of ``custom`` mode.
         capture: when True, ``captures[layer]`` keeps (q_pre, k_pre, q, k) of the last forward
@@ -155,6 +163,7 @@ class SeerState:
     capture: bool = False
     captures: dict[int, tuple] = field(default_factory=dict)
     record_densities: bool = True
+    gate_grad_scale: float | None = None
     # private: pre-RoPE tensors handed from the hooks to the attention function
     _pending: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
     _rotary: torch.nn.Module | None = field(default=None, repr=False)
@@ -369,13 +378,9 @@ def seer_attention_forward(module, query, key, value, attention_mask, dropout: f
                 query.detach(), key.detach(), value.detach(), block_size=bs, scale=scale, impl=cfg.impl
             )
         if not _in_backward():  # a checkpoint recompute needs the output only
-            # the gate's graph keeps its own saved tensors (see _finetune_attention)
-            with torch.autograd.graph.saved_tensors_hooks(lambda x: x, lambda x: x):
+            with _gate_graph(state):
                 logits = _gate_logits(module, state, pre, kwargs, b, tq, impl="eager")
-                nb = logits.shape[-1]
-                skip = min(int(cfg.skip_first_rows * nb), nb - 1)
-                state.losses[layer] = gate_loss(logits, target, skip_first_rows=skip)
-            state.metrics[layer] = gate_metrics(logits.detach().softmax(-1), target, cfg.metric_density, tq, bs)
+                _record_gate_loss(module, state, logits, target, tq)
             state._stats[layer] = {"path": "distill", "density": 1.0}
         return out.transpose(1, 2).contiguous(), None
 
@@ -422,6 +427,50 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+def _keep_saved(x: torch.Tensor) -> torch.Tensor:
+    """Pack and unpack hook of :func:`_gate_graph`: the tensor itself."""
+    return x
+
+
+def _gate_graph(state: SeerState):
+    """The context in which a layer builds its gate's graph (logits, loss).
+
+    - Pass-through saved-tensor hooks: under gradient checkpointing the gate's graph keeps its own saved
+      tensors instead of joining the layer's checkpoint, so a recompute does not have to reproduce them
+      (it rebuilds the mask only, see :func:`_finetune_attention`).
+    - Grad enabled when ``state.gate_grad_scale`` is set: :func:`_record_gate_loss` then backpropagates
+      the loss in the layer, also when the caller runs the forward under ``no_grad``.
+    """
+    hooks = torch.autograd.graph.saved_tensors_hooks(_keep_saved, _keep_saved)
+    if state.gate_grad_scale is None:
+        return hooks
+    stack = ExitStack()
+    stack.enter_context(hooks)
+    stack.enter_context(torch.enable_grad())
+    return stack
+
+
+def _record_gate_loss(module, state: SeerState, logits: torch.Tensor, target: torch.Tensor, t: int) -> None:
+    """Gate loss and metrics of one layer into ``state`` (inside :func:`_gate_graph`).
+
+    logits, target: [B, Hq, NB, NB]; t the sequence length. With ``state.gate_grad_scale`` set, the gradient
+    of ``gate_grad_scale * loss`` goes into the gate's ``.grad`` now (accumulating, as ``loss.backward()``
+    would) and the detached loss is recorded, so the gate's graph is freed when the layer returns. The
+    backward runs with autocast off, as a backward called after the autocast region would.
+    """
+    cfg, layer = state.config, module.layer_idx
+    nb = logits.shape[-1]
+    skip = min(int(cfg.skip_first_rows * nb), nb - 1)
+    loss = gate_loss(logits, target, skip_first_rows=skip)
+    if state.gate_grad_scale is not None and loss.requires_grad:
+        params = [p for p in module.seer_gate.parameters() if p.requires_grad]
+        with torch.autocast(loss.device.type, enabled=False):
+            torch.autograd.backward(state.gate_grad_scale * loss, inputs=params)
+        loss = loss.detach()
+    state.losses[layer] = loss
+    state.metrics[layer] = gate_metrics(logits.detach().softmax(-1), target, cfg.metric_density, t, cfg.gate.block_size)
+
+
 def _finetune_attention(module, state: SeerState, query, key, value, pre: dict, kwargs, policy, scale):
     """``finetune`` mode: block-sparse attention with gradients to q/k/v, gate loss recorded per layer.
 
@@ -429,17 +478,17 @@ def _finetune_attention(module, state: SeerState, query, key, value, pre: dict, 
 
     - The gate reads detached pre-RoPE q/k, so its loss trains the gate only; the mask is built from
       the gate's probabilities under ``no_grad``, so the LM loss does not reach the gate.
-    - The gate's graph and the loss are built under pass-through saved-tensor hooks: under gradient
-      checkpointing they keep their own (small, [B, Hq, NB, NB]) saved tensors instead of joining the
-      layer's checkpoint, so a recompute does not have to reproduce them, and the recompute (detected
-      by :func:`_in_backward`) rebuilds only the mask (same inputs, same mask) and skips the
-      ground-truth pass; the loss of the original forward stays in ``state.losses``.
+    - The gate's graph and the loss are built in :func:`_gate_graph` (their own saved tensors, outside
+      the layer's checkpoint); a gradient-checkpointing recompute (detected by :func:`_in_backward`)
+      rebuilds only the mask (same inputs, same mask) and skips the ground-truth pass and the loss: the
+      loss of the original forward stays in ``state.losses``, and its gradient, when taken in the layer
+      (``state.gate_grad_scale``), was taken once.
     """
     cfg = state.config
     b, hq, t, _ = query.shape
     bs = cfg.gate.block_size
     recompute = _in_backward()
-    with torch.autograd.graph.saved_tensors_hooks(lambda x: x, lambda x: x):
+    with _gate_graph(state):
         with torch.no_grad() if recompute else nullcontext(), record_function("seer.gate"):
             # eager also in the recompute (no grad there): the same logits, so the same mask
             logits = _gate_logits(module, state, pre, kwargs, b, t, impl="eager")
@@ -453,12 +502,9 @@ def _finetune_attention(module, state: SeerState, query, key, value, pre: dict, 
                 _, _, target = attention_with_block_scores(
                     query.detach(), key.detach(), value.detach(), block_size=bs, scale=scale, impl=cfg.impl
                 )
-            nb = logits.shape[-1]
-            skip = min(int(cfg.skip_first_rows * nb), nb - 1)
-            state.losses[module.layer_idx] = gate_loss(logits, target, skip_first_rows=skip)
-            state.metrics[module.layer_idx] = gate_metrics(
-                logits.detach().softmax(-1), target, cfg.metric_density, t, bs
-            )
+            with record_function("seer.gate_loss"):
+                _record_gate_loss(module, state, logits, target, t)
+        del logits  # with gate_grad_scale set, the last reference to the gate's graph
     with record_function("seer.attention"):
         out = block_sparse_attention(query, key, value, mask, scale=scale, impl=cfg.impl)
     if not recompute:

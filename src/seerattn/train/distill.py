@@ -8,7 +8,9 @@ ground truth is the target of that layer's gate. The loss is
     loss = loss_scale * sum over layers of KL(ground truth || softmax(gate logits))
 
 (per layer: mean over batch, heads and kept query-block rows; the first ``skip_first_rows`` of
-the rows are left out). Only gate parameters receive gradients: the base weights have
+the rows are left out). Each layer backpropagates its term into its gate as soon as it is computed
+(``SeerState.gate_grad_scale``), so the forward runs under ``no_grad`` and no gate graph outlives its
+layer. Only gate parameters receive gradients: the base weights have
 ``requires_grad=False``, the model is in eval mode, and the gates read detached pre-RoPE Q/K, so
 no autograd graph is built through the base model.
 
@@ -123,12 +125,17 @@ class DistillTask(Task):
     def micro_step(self, step: int, ids: torch.Tensor, accum: int) -> torch.Tensor:
         n = self.n_layers
         self.state.reset()
-        with autocast(self.config, ids.device):
-            self.base(input_ids=ids, use_cache=False)
+        # each layer backpropagates loss_scale / accum x its KL into its gate right away (SeerState.gate_grad_scale):
+        # no gate graph outlives its layer, and nothing else needs a graph
+        self.state.gate_grad_scale = self.config.loss_scale / accum
+        try:
+            with autocast(self.config, ids.device), torch.no_grad():
+                self.base(input_ids=ids, use_cache=False)
+        finally:
+            self.state.gate_grad_scale = None
         if len(self.state.losses) != n:
             raise RuntimeError(f"{len(self.state.losses)} of {n} layers recorded a gate loss")
         kl = torch.stack([self.state.losses[i] for i in range(n)])
-        (self.config.loss_scale * kl.sum() / accum).backward()
         metrics = self.state.metrics
         # per layer: KL, mass recall and block recall
         values = torch.cat(

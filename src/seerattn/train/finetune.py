@@ -15,8 +15,8 @@ A :class:`FinetuneTask` on the shared trainer skeleton (:mod:`.trainer`):
 4. model weights train in full or through LoRA (``peft``); gradient checkpointing per decoder layer;
    under ``torchrun`` replicated (``ddp``: gradients all-reduced) or FSDP2-sharded per decoder layer
    (``fsdp``: weight gradients reduce-scattered by FSDP; the gates stay replicated, their gradients
-   all-reduced, as in distillation: they are a few MB, and their loss graph is built outside the
-   layer's checkpointed forward, where FSDP's per-layer gradient hooks would not see it);
+   all-reduced, as in distillation: they are a few MB, and each layer takes its gate loss's gradient
+   inside its own forward (``SeerState.gate_grad_scale``), outside FSDP's per-layer gradient hooks);
 5. outputs: ``model/`` (``save_pretrained``: safetensors, LoRA merged, the scaled RoPE in its
    config, the tokenizer) and ``adapter/`` (the gates, :func:`seerattn.hf.save_gates`), so that
    ``seerattn eval ppl --model OUT/model --gates OUT/adapter`` runs on the result.
@@ -204,28 +204,37 @@ class FinetuneTask(Task):
             logger.info("step %d: %s phase (attention mode %s)", step + 1, phase, self.phase_mode[phase])
             state.set(mode=self.phase_mode[phase])
         state.reset()
-        with autocast(c, ids.device):
-            if phase == "distill":
-                # the LM head of one position only: the distillation loss needs the layers, not the logits
-                self.lm(input_ids=ids, use_cache=False, logits_to_keep=1)
-                ce = torch.zeros((), device=ids.device)
-            else:
-                ce = self.lm(input_ids=ids, labels=ids, use_cache=False).loss
-        if c.attention == "sparse":
+        sparse = c.attention == "sparse"
+        # each layer takes its gate loss's gradient itself (SeerState.gate_grad_scale): no gate graph outlives
+        # its layer; the scale is what (gate_loss_weight * sum of the losses / accum).backward() would give
+        state.gate_grad_scale = c.gate_loss_weight / accum if sparse else None
+        try:
+            with autocast(c, ids.device):
+                if phase == "distill":
+                    # no graph through the frozen model (the gates' gradients are taken in the layers), and the
+                    # LM head of one position only: the distillation loss needs the layers, not the logits
+                    with torch.no_grad():
+                        self.lm(input_ids=ids, use_cache=False, logits_to_keep=1)
+                    ce = torch.zeros((), device=ids.device)
+                else:
+                    ce = self.lm(input_ids=ids, labels=ids, use_cache=False).loss
+        finally:
+            state.gate_grad_scale = None
+        if phase == "joint":
+            (ce / accum).backward()
+        if sparse:
             if len(state.losses) != n:
                 raise RuntimeError(f"{len(state.losses)} of {n} layers recorded a gate loss")
             kl = torch.stack([state.losses[i] for i in range(n)])
-            loss = c.gate_loss_weight * kl.sum() + (ce if phase == "joint" else 0.0)
             mass = [state.metrics[i]["mass_recall"] for i in range(n)]
             density = [state.stats[i].get("density", 1.0) for i in range(n)]
         else:
             kl = torch.zeros(n, device=ids.device)
-            loss, mass, density = ce, [1.0] * n, [1.0] * n
-        (loss / accum).backward()
+            mass, density = [1.0] * n, [1.0] * n
         values = torch.cat(
             [
                 ce.detach().double().reshape(1),
-                kl.detach().double(),
+                kl.double(),
                 torch.tensor(mass + density, dtype=torch.float64, device=ids.device),
             ]
         )
