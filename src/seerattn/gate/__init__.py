@@ -1,6 +1,19 @@
 """AttnGate modules and their distillation loss (plain PyTorch; no transformers, no triton)."""
 
 from .attn_gate import POOLINGS, AttnGate, GateConfig, apply_rotary, pool_blocks
+from .decode_gate import DecodeGate, DecodeGateConfig
+from .kcache import GateKeyCache
 from .loss import gate_loss, gate_metrics
 
-__all__ = ["POOLINGS", "AttnGate", "GateConfig", "apply_rotary", "gate_loss", "gate_metrics", "pool_blocks"]
+__all__ = [
+    "POOLINGS",
+    "AttnGate",
+    "DecodeGate",
+    "DecodeGateConfig",
+    "GateConfig",
+    "GateKeyCache",
+    "apply_rotary",
+    "gate_loss",
+    "gate_metrics",
+    "pool_blocks",
+]

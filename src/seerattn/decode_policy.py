@@ -1,0 +1,135 @@
+"""Decode sparsity policies: decode-gate logits -> the key blocks each (sequence, KV head) attends to.
+
+The output is the ``block_indices`` input of :func:`seerattn.ops.sparse_decode_attention`: int32
+``[B, Hkv, K]``, -1 padded, no repeats, with a static K per policy (a token budget / block size), so a
+decode step has fixed shapes. The first block (attention sink) and the current, partial block (the
+query's own block, which the gate does not score) are always kept when the sequence has them; the
+decision is per KV group (one list per KV head, shared by its query heads).
+
+Kinds (``DecodePolicy.kind``):
+
+- ``"budget"``: ``value`` tokens, i.e. ``K = value // block_size`` blocks: first + current + the
+  highest-scoring completed blocks.
+- ``"threshold"``: the completed blocks whose gate probability (softmax over the completed blocks)
+  is ``>= value``, plus first + current.
+- ``"top_p"``: the fewest highest-probability completed blocks whose mass reaches ``value``, plus
+  first + current.
+- ``"dense"``: every block of the cache (baselines, tests).
+
+``threshold`` and ``top_p`` keep a data-dependent number of blocks: their K is ``max_blocks`` (a cap;
+default every block of the cache), and when more blocks pass, the highest-scoring ones are kept.
+Nothing is read on the host (no sync).
+
+Shape legend: B sequences, Hkv KV heads, NB key blocks covering the cache capacity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["DECODE_POLICY_KINDS", "DecodePolicy", "select_decode_blocks"]
+
+DECODE_POLICY_KINDS = ("budget", "threshold", "top_p", "dense")
+
+
+@dataclass(frozen=True)
+class DecodePolicy:
+    """How many key blocks a decode step keeps (see the module docstring).
+
+    Args:
+        kind: one of ``DECODE_POLICY_KINDS``.
+        value: tokens (budget), probability (threshold, in (0, 1]) or mass (top_p, in (0, 1]); unused by dense.
+        max_blocks: K for threshold / top_p (None: every block of the cache).
+    """
+
+    kind: str = "budget"
+    value: float = 4096
+    max_blocks: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in DECODE_POLICY_KINDS:
+            raise ValueError(f"DecodePolicy.kind must be one of {DECODE_POLICY_KINDS}, got {self.kind!r}")
+        if self.kind == "budget" and not (isinstance(self.value, int) or float(self.value).is_integer()):
+            raise ValueError(f"DecodePolicy budget must be a whole number of tokens, got {self.value!r}")
+        if self.kind in ("threshold", "top_p") and not 0 < self.value <= 1:
+            raise ValueError(f"DecodePolicy {self.kind} value must be in (0, 1], got {self.value!r}")
+        if self.max_blocks is not None and (self.kind not in ("threshold", "top_p") or self.max_blocks < 2):
+            raise ValueError("DecodePolicy.max_blocks is the cap of threshold / top_p policies and must be >= 2")
+
+    def num_slots(self, block_size: int, kv_blocks: int) -> int:
+        """K: list length for ``block_size``-token blocks over a cache of ``kv_blocks`` blocks."""
+        if self.kind == "budget":
+            k = int(self.value) // block_size
+            if k < 2:
+                raise ValueError(
+                    f"a {int(self.value)}-token budget holds {k} block(s) of {block_size}; the first and the current "
+                    f"block are always kept, so it needs >= {2 * block_size} tokens"
+                )
+            return k
+        if self.kind == "dense" or self.max_blocks is None:
+            return kv_blocks
+        return self.max_blocks
+
+
+def select_decode_blocks(
+    logits: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    policy: DecodePolicy,
+    block_size: int,
+    kv_blocks: int | None = None,
+) -> torch.Tensor:
+    """The key blocks each (sequence, KV head) attends to for its new token.
+
+    Args:
+        logits: [B, Hkv, NB] decode-gate logits (:meth:`seerattn.gate.DecodeGate.scores`); only the
+            completed blocks ``J < (cache_seqlens[b] - 1) // block_size`` are read.
+        cache_seqlens: int [B] tokens in each cache, the new token included.
+        policy: a :class:`DecodePolicy`.
+        block_size: tokens per key block.
+        kv_blocks: blocks covering the KV cache capacity (static); default NB. Must cover every
+            sequence's current block.
+
+    Returns:
+        int32 [B, Hkv, K] block indices, highest priority first (first and current block, then by
+        logit), -1 padded; K = ``policy.num_slots(block_size, kv_blocks)``.
+    """
+    if logits.dim() != 3 or cache_seqlens.shape != (logits.shape[0],):
+        raise ValueError(
+            f"select_decode_blocks needs logits [B, Hkv, NB] and cache_seqlens [B]; got {tuple(logits.shape)} and "
+            f"{tuple(cache_seqlens.shape)}"
+        )
+    b, hkv, nb = logits.shape
+    kv_blocks = nb if kv_blocks is None else kv_blocks
+    if kv_blocks < nb:
+        raise ValueError(f"kv_blocks ({kv_blocks}) must be >= the logits' {nb} blocks")
+    if cache_seqlens.device.type == "cpu" and bool((cache_seqlens > kv_blocks * block_size).any()):
+        raise ValueError(f"a sequence is longer than kv_blocks * block_size = {kv_blocks * block_size} tokens")
+    k = policy.num_slots(block_size, kv_blocks)
+    width = max(kv_blocks, k)
+    x = torch.nn.functional.pad(logits.float(), (0, width - nb), value=float("-inf"))
+    lens = cache_seqlens.to(logits.device).long().view(b, 1, 1)
+    cur = (lens - 1) // block_size  # the current block (-1 for an empty cache)
+    j = torch.arange(width, device=logits.device).view(1, 1, -1)
+    completed = j < cur
+    forced = ((j == 0) | (j == cur)) & (lens > 0)
+    if policy.kind == "dense":
+        x = -j.float().expand_as(x)  # every block, ascending
+        keep = completed
+    elif policy.kind == "budget":
+        keep = completed
+    else:
+        x = x.masked_fill(~completed, float("-inf"))
+        # Softmax over completed blocks only; a row without any (first block) stays all zero, not NaN.
+        probs = torch.softmax(x, -1).nan_to_num(0.0)
+        if policy.kind == "threshold":
+            keep = probs >= policy.value
+        else:
+            p_sorted, order = probs.sort(-1, descending=True)
+            before = p_sorted.cumsum(-1) - p_sorted  # mass of the strictly better blocks
+            keep = torch.zeros_like(completed).scatter(-1, order, before < policy.value)
+        keep = keep & completed
+    priority = torch.where(keep, x, float("-inf")).masked_fill(forced, float("inf"))
+    top, idx = priority.topk(k, dim=-1)
+    return torch.where(torch.isinf(top) & (top < 0), -1, idx).to(torch.int32)

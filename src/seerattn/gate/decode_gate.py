@@ -1,0 +1,256 @@
+"""The decode gate (SeerAttention-R): scores the completed key blocks of the cache for one new token.
+
+Per KV group: the group's query heads (pre-RoPE, after q-norm where the family has one) are
+concatenated and projected to one gate query; K is pooled per block (max/min/avg concatenated) and
+projected to one gate key per block; both go through RMSNorm and then RoPE, the key at its block's
+first position and the query at its own position; logits are ``qg . kg / sqrt(Dg)`` over the blocks
+completed before the query's block. The current (partial) block is not scored: the policies always
+keep it (:mod:`seerattn.decode_policy`).
+
+Gate keys depend on K only, so they are computed once per completed block and cached
+(:class:`~seerattn.gate.kcache.GateKeyCache`).
+
+Rotary convention: ``rotary(x, position_ids) -> (cos, sin)`` with ``position_ids`` [B, N] and cos, sin
+[B, N, Dg], the signature of transformers' shared ``model.model.rotary_emb`` (the model's own theta
+and scaling), applied rotate-half style (:func:`~seerattn.gate.attn_gate.apply_rotary`), as the prefill
+gate does. Positions are the sequence's own token positions (0 for its first token).
+
+Shape legend: B sequences, Hq / Hkv query / key-value heads, G = Hq / Hkv, D head dim, T tokens,
+NB = ceil(T / block_size) key blocks, Dg gate dim, Ck number of K poolings.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from ..block_mask import check_block_size
+from .attn_gate import POOLINGS, apply_rotary, pool_blocks
+
+__all__ = ["DecodeGate", "DecodeGateConfig", "Rotary"]
+
+Rotary = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class DecodeGateConfig:
+    """Configuration of a :class:`DecodeGate`.
+
+    Args:
+        block_size: tokens per key block (power of two; 64 in SeerAttention-R).
+        k_pooling: pooling functions for K, concatenated on channels (subset of ``POOLINGS``).
+        gate_dim: width Dg of the gate vectors; None means the head dim.
+        use_rope: rotate gate vectors with the model's RoPE (keys at block starts, the query at its position).
+        norm_eps: epsilon of the RMSNorms on gate q and k.
+    """
+
+    block_size: int = 64
+    k_pooling: tuple[str, ...] = ("max", "min", "avg")
+    gate_dim: int | None = None
+    use_rope: bool = True
+    norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        try:
+            check_block_size(self.block_size)
+        except ValueError as e:
+            raise ValueError(f"DecodeGateConfig.{e}") from None
+        pools = self.k_pooling
+        if isinstance(pools, list):  # lists from JSON/YAML; store a tuple (frozen, hashable)
+            pools = tuple(pools)
+            object.__setattr__(self, "k_pooling", pools)
+        if (
+            not isinstance(pools, tuple)
+            or not pools
+            or any(p not in POOLINGS for p in pools)
+            or len(set(pools)) != len(pools)
+        ):
+            raise ValueError(f"DecodeGateConfig.k_pooling must be distinct entries of {POOLINGS}, got {pools!r}")
+        if self.gate_dim is not None and (not isinstance(self.gate_dim, int) or self.gate_dim < 2 or self.gate_dim % 2):
+            raise ValueError(
+                f"DecodeGateConfig.gate_dim must be an even int >= 2 (RoPE pairs) or None, got {self.gate_dim!r}"
+            )
+        if not self.norm_eps > 0:
+            raise ValueError(f"DecodeGateConfig.norm_eps must be > 0, got {self.norm_eps!r}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["k_pooling"] = list(self.k_pooling)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DecodeGateConfig:
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(
+                f"unknown DecodeGateConfig fields {sorted(unknown)}; accepted: {sorted(cls.__dataclass_fields__)}"
+            )
+        return cls(**d)
+
+
+class DecodeGate(nn.Module):
+    """Scores completed key blocks for decode queries, one decision per KV group.
+
+    Parameters (no bias):
+        q_proj: [Hkv, G * D, Dg], the group's concatenated query heads -> one gate query.
+        k_proj: [Hkv, Ck * D, Dg], the pooled block -> one gate key.
+        q_norm, k_norm: RMSNorm over Dg (weights shared by the heads).
+
+    Initialisation: the gate query is the mean of the group's queries and the gate key the avg-pooled
+    block (when Dg == D), so an untrained gate scores a block by mean-query . mean-key after the norms.
+    """
+
+    def __init__(self, num_q_heads: int, num_kv_heads: int, head_dim: int, config: DecodeGateConfig | None = None):
+        super().__init__()
+        config = DecodeGateConfig() if config is None else config
+        if num_kv_heads < 1 or num_q_heads % num_kv_heads:
+            raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.config = config
+        self.num_q_heads, self.num_kv_heads, self.head_dim = num_q_heads, num_kv_heads, head_dim
+        self.group = num_q_heads // num_kv_heads
+        self.gate_dim = head_dim if config.gate_dim is None else config.gate_dim
+        self.q_proj = nn.Parameter(torch.empty(num_kv_heads, self.group * head_dim, self.gate_dim))
+        self.k_proj = nn.Parameter(torch.empty(num_kv_heads, len(config.k_pooling) * head_dim, self.gate_dim))
+        self.q_norm = nn.RMSNorm(self.gate_dim, eps=config.norm_eps)
+        self.k_norm = nn.RMSNorm(self.gate_dim, eps=config.norm_eps)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        d, dg = self.head_dim, self.gate_dim
+        with torch.no_grad():
+            if dg == d:
+                eye = torch.eye(d)
+                self.q_proj.copy_((eye / self.group).repeat(self.group, 1).expand_as(self.q_proj))
+                self.k_proj.zero_()
+                if "avg" in self.config.k_pooling:
+                    i = self.config.k_pooling.index("avg") * d
+                    self.k_proj[:, i : i + d] = eye
+                else:
+                    nn.init.normal_(self.k_proj, std=1.0 / math.sqrt(self.k_proj.shape[1]))
+            else:
+                nn.init.normal_(self.q_proj, std=1.0 / math.sqrt(self.q_proj.shape[1]))
+                nn.init.normal_(self.k_proj, std=1.0 / math.sqrt(self.k_proj.shape[1]))
+            self.q_norm.reset_parameters()
+            self.k_norm.reset_parameters()
+
+    # ------------------------------------------------------------------ pieces
+    def _rope(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary | None) -> torch.Tensor:
+        """x: [B, Hkv, N, Dg] rotated at positions [B, N] (identity without ``use_rope``)."""
+        if not self.config.use_rope:
+            return x
+        if rotary is None:
+            raise ValueError("DecodeGate with use_rope=True needs rotary(x, position_ids) -> (cos, sin)")
+        cos, sin = rotary(x, positions)
+        want = (x.shape[0], x.shape[2], self.gate_dim)
+        if tuple(cos.shape) != want or tuple(sin.shape) != want:
+            raise ValueError(f"rotary must return cos, sin of shape [B, N, Dg] = {list(want)}, got {tuple(cos.shape)}")
+        return apply_rotary(x, cos.to(x.dtype), sin.to(x.dtype))
+
+    def gate_query(self, q: torch.Tensor, positions: torch.Tensor, rotary: Rotary | None = None) -> torch.Tensor:
+        """q: [B, Hq, N, D] pre-RoPE queries at positions [B, N] -> gate queries [B, Hkv, N, Dg] (rotated)."""
+        b, hq, n, d = q.shape
+        if hq != self.num_q_heads or d != self.head_dim:
+            raise ValueError(f"DecodeGate built for Hq={self.num_q_heads}, D={self.head_dim}; got q {tuple(q.shape)}")
+        qc = q.to(self.q_proj.dtype).view(b, self.num_kv_heads, self.group, n, d).permute(0, 1, 3, 2, 4)
+        qg = torch.einsum("bhnc,hcg->bhng", qc.reshape(b, self.num_kv_heads, n, self.group * d), self.q_proj)
+        return self._rope(self.q_norm(qg), positions, rotary)
+
+    def gate_keys(
+        self, pooled: torch.Tensor, first_positions: torch.Tensor, rotary: Rotary | None = None
+    ) -> torch.Tensor:
+        """pooled: [B, Hkv, N, Ck * D] pooled blocks (``pool_blocks`` layout) whose first tokens sit at
+        first_positions [B, N] -> gate keys [B, Hkv, N, Dg] (projected, normed, rotated)."""
+        kg = torch.einsum("bhnc,hcg->bhng", pooled.to(self.k_proj.dtype), self.k_proj)
+        return self._rope(self.k_norm(kg), first_positions, rotary)
+
+    def block_keys(
+        self, k: torch.Tensor, rotary: Rotary | None = None, first_positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Gate keys of every *completed* block of k: [B, Hkv, T, D] pre-RoPE keys -> [B, Hkv, T // bs, Dg].
+        ``first_positions`` [B, T // bs]: the blocks' first-token positions (default ``J * block_size``)."""
+        b, hkv, t, d = k.shape
+        if hkv != self.num_kv_heads or d != self.head_dim:
+            raise ValueError(f"DecodeGate built for Hkv={self.num_kv_heads}, D={self.head_dim}; got k {tuple(k.shape)}")
+        bs = self.config.block_size
+        n = t // bs
+        if n == 0:  # no completed block yet (pool_blocks needs at least one token)
+            return k.new_zeros(b, hkv, 0, self.gate_dim, dtype=self.k_proj.dtype)
+        pooled = pool_blocks(k[:, :, : n * bs], bs, self.config.k_pooling, self.k_proj.dtype)
+        if first_positions is None:
+            first_positions = (torch.arange(n, device=k.device) * bs).expand(b, n)
+        return self.gate_keys(pooled, first_positions, rotary)
+
+    @staticmethod
+    def _logits(qg: torch.Tensor, kg: torch.Tensor, completed: torch.Tensor) -> torch.Tensor:
+        """qg [B, Hkv, N, Dg] . kg [B, Hkv, NB, Dg] / sqrt(Dg) in fp32 (fp64 for an fp64 gate), -inf where
+        ``completed`` ([B, 1, N, NB]) is False."""
+        dt = torch.promote_types(qg.dtype, torch.float32)
+        logits = torch.matmul(qg.to(dt), kg.to(dt).transpose(-1, -2)) / math.sqrt(qg.shape[-1])
+        return logits.masked_fill(~completed, float("-inf"))
+
+    # ------------------------------------------------------------------ use
+    def scores(
+        self, q: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, rotary: Rotary | None = None
+    ) -> torch.Tensor:
+        """Decode logits of one new token per sequence.
+
+        Args:
+            q: [B, Hq, D] pre-RoPE queries of the new tokens.
+            keys: [B, Hkv, NB, Dg] cached gate keys (:attr:`GateKeyCache.keys`); entries of blocks that
+                are not completed before the query's block are ignored.
+            positions: int [B], each new token's position (``cache_seqlens - 1``).
+
+        Returns:
+            logits [B, Hkv, NB] fp32 (fp64 for an fp64 gate); ``-inf`` for blocks
+            ``J >= positions // block_size`` (the current block and later ones).
+        """
+        if q.dim() != 3 or keys.dim() != 4 or positions.shape != (q.shape[0],):
+            raise ValueError(
+                f"DecodeGate.scores needs q [B, Hq, D], keys [B, Hkv, NB, Dg], positions [B]; got {tuple(q.shape)}, "
+                f"{tuple(keys.shape)}, {tuple(positions.shape)}"
+            )
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            qg = self.gate_query(q.unsqueeze(2), positions.view(-1, 1).long(), rotary)  # [B, Hkv, 1, Dg]
+            nb = keys.shape[2]
+            cur = positions.long().view(-1, 1, 1, 1) // self.config.block_size
+            completed = torch.arange(nb, device=q.device).view(1, 1, 1, -1) < cur
+            return self._logits(qg, keys, completed).squeeze(2)
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, rotary: Rotary | None = None, position_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Teacher-forced decode logits: every token of the sequences taken as a decode query (distillation).
+
+        Args:
+            q: [B, Hq, T, D] pre-RoPE queries; k: [B, Hkv, T, D] pre-RoPE keys.
+            position_ids: [B, T] or None (0..T-1); a gate key sits at its block's first position.
+
+        Returns:
+            logits [B, Hkv, T, NB] fp32 or fp64 as in :meth:`scores` (NB = ceil(T / block_size)), ``-inf``
+            for ``J >= t // block_size``; the layout of :func:`seerattn.ops.reference.decode_block_scores`
+            (the target).
+        """
+        b, _, t, _ = q.shape
+        bs = self.config.block_size
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            if position_ids is None:
+                position_ids = torch.arange(t, device=q.device).expand(b, t)
+            qg = self.gate_query(q, position_ids, rotary)
+            starts = position_ids[:, ::bs][:, : t // bs]
+            kg = self.block_keys(k, rotary, starts)  # completed blocks only: [B, Hkv, T // bs, Dg]
+            nb = -(-t // bs)
+            kg = nn.functional.pad(kg, (0, 0, 0, nb - kg.shape[2]))  # the partial last block is never scored
+            rows = torch.arange(t, device=q.device).view(-1, 1) // bs
+            completed = (torch.arange(nb, device=q.device).view(1, -1) < rows).view(1, 1, t, nb)
+            return self._logits(qg, kg, completed)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"Hq={self.num_q_heads}, Hkv={self.num_kv_heads}, D={self.head_dim}, Dg={self.gate_dim}, "
+            f"block={c.block_size}, k={c.k_pooling}, rope={c.use_rope}"
+        )

@@ -1,0 +1,159 @@
+"""The K-compression cache of one decoder layer: the decode gate's keys of every completed block.
+
+What is stored: the final gate keys (pooled, projected, RMS-normed and rotated at the block's first
+position), ``Dg`` values per block and KV head, 1/128 of the KV cache at 64-token blocks and Dg = D.
+They depend on K alone, so caching them keeps the gate exact: a decode step only computes its gate
+query and one matmul. (Storing pooled K instead would be 3x larger and redo the projection, norm and
+RoPE of every block at every step.) The weights are frozen at inference; training uses the bulk path
+(:meth:`DecodeGate.forward`), not this cache.
+
+Each sequence keeps its own block phase: beside the keys, the running max / min / sum of the K rows
+of its current, partial block, and how many rows that block has. :meth:`GateKeyCache.append` takes one
+new K row per sequence and, for the sequences whose block it completes, turns the running pools into
+a gate key; the others only update their pools. Nothing reads the device on the host (no sync): the
+capacity grows from a host-side upper bound on the lengths, so a decode step keeps static shapes as
+long as the capacity suffices (allocate ``max_tokens`` up front for CUDA graphs). The object is plain
+torch state beside any KV cache (transformers' ``DynamicCache`` or ``StaticCache``, or a paged one).
+
+Shape legend: B sequences, Hkv key/value heads, D head dim, Dg gate dim, NB capacity in blocks,
+Ck number of K poolings.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .decode_gate import DecodeGate, Rotary
+
+__all__ = ["GateKeyCache"]
+
+
+class GateKeyCache:
+    """Gate keys of completed blocks for B sequences of one layer.
+
+    Attributes:
+        keys: [B, Hkv, NB, Dg] gate keys; entry J of sequence b is valid for J < ``num_blocks[b]``.
+        num_blocks: int64 [B] completed blocks per sequence.
+        lengths: int64 [B] tokens seen per sequence (``num_blocks * block_size`` + rows of the partial block).
+    """
+
+    def __init__(self, gate: DecodeGate, batch: int, max_tokens: int = 0, device=None):
+        """An empty cache for ``gate`` (a :class:`DecodeGate`), ``batch`` sequences and room for
+        ``max_tokens`` tokens per sequence (it grows when needed)."""
+        self.gate = gate
+        p = gate.k_proj
+        device = p.device if device is None else torch.device(device)
+        self.block_size = gate.config.block_size
+        self.poolings = gate.config.k_pooling
+        cap = max(1, -(-max_tokens // self.block_size))
+        hkv, d = gate.num_kv_heads, gate.head_dim
+        self.keys = torch.zeros(batch, hkv, cap, gate.gate_dim, dtype=p.dtype, device=device)
+        self.num_blocks = torch.zeros(batch, dtype=torch.long, device=device)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        # Running pools of the partial block, in fp32 at least (sums), one slot per pooling.
+        self._pools = torch.zeros(
+            batch, hkv, len(self.poolings), d, dtype=torch.promote_types(p.dtype, torch.float32), device=device
+        )
+        self._max_len = 0  # host-side upper bound on ``lengths`` (decides growth without a sync)
+
+    @property
+    def capacity(self) -> int:
+        """Blocks that fit per sequence."""
+        return self.keys.shape[2]
+
+    def _reserve(self, max_len: int) -> None:
+        need = -(-max_len // self.block_size)
+        if need > self.capacity:
+            grow = max(need, 2 * self.capacity) - self.capacity
+            self.keys = torch.nn.functional.pad(self.keys, (0, 0, 0, grow))
+        self._max_len = max_len
+
+    def _identity(self) -> torch.Tensor:
+        """[Ck, 1] start values of the running pools: -inf for max, +inf for min, 0 for sums."""
+        start = {"max": float("-inf"), "min": float("inf"), "avg": 0.0}
+        return torch.tensor([start[p] for p in self.poolings], dtype=self._pools.dtype, device=self._pools.device).view(
+            -1, 1
+        )
+
+    def _combine(self, pools: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Fold rows [..., D] into pools [..., Ck, D]."""
+        out = []
+        for i, p in enumerate(self.poolings):
+            cur, new = pools[..., i, :], rows.to(pools.dtype)
+            out.append(torch.maximum(cur, new) if p == "max" else torch.minimum(cur, new) if p == "min" else cur + new)
+        return torch.stack(out, dim=-2)
+
+    def _finish(self, pools: torch.Tensor, count: int) -> torch.Tensor:
+        """Pooled vectors [..., Ck * D] (the ``pool_blocks`` layout) from running pools of ``count`` rows."""
+        parts = [pools[..., i, :] / count if p == "avg" else pools[..., i, :] for i, p in enumerate(self.poolings)]
+        return torch.cat(parts, dim=-1)
+
+    @torch.no_grad()
+    def prefill(self, k: torch.Tensor, cache_seqlens: torch.Tensor | None = None, rotary: Rotary | None = None) -> None:
+        """Rebuild the cache from the prompts' keys in bulk.
+
+        Args:
+            k: [B, Hkv, T, D] pre-RoPE keys; sequence b's tokens are ``k[b, :, :cache_seqlens[b]]``.
+            cache_seqlens: int [B] prompt lengths (default: T for every sequence).
+            rotary: the model's rotary callable (see :mod:`seerattn.gate.decode_gate`).
+        """
+        b, hkv, t, d = k.shape
+        if b != self.keys.shape[0] or hkv != self.gate.num_kv_heads or d != self.gate.head_dim:
+            raise ValueError(
+                f"GateKeyCache for B={self.keys.shape[0]}, Hkv={self.gate.num_kv_heads}, D={self.gate.head_dim} got k "
+                f"{tuple(k.shape)}"
+            )
+        if t == 0:
+            raise ValueError("GateKeyCache.prefill needs at least one token (T >= 1)")
+        bs = self.block_size
+        lens = torch.full((b,), t, device=k.device) if cache_seqlens is None else cache_seqlens.to(k.device).long()
+        self._reserve(t)
+        with torch.autocast(device_type=k.device.type, enabled=False):  # the gate runs in its own dtype
+            full = self.gate.block_keys(k, rotary)  # [B, Hkv, T // bs, Dg]
+        n = full.shape[2]
+        done = lens // bs
+        valid = (torch.arange(n, device=k.device).view(1, -1) < done.view(-1, 1)).view(b, 1, n, 1)
+        self.keys.zero_()
+        self.keys[:, :, :n] = torch.where(valid, full.to(self.keys.dtype), 0.0)
+        # The partial block of each sequence: rows [done * bs, lens), read in place of a loop over b.
+        offs = torch.arange(bs, device=k.device)
+        pos = done.view(-1, 1) * bs + offs  # [B, bs]
+        rows_ok = pos < lens.view(-1, 1)
+        gathered = k.gather(2, pos.clamp(max=t - 1).view(b, 1, bs, 1).expand(b, hkv, bs, d))  # [B, Hkv, bs, D]
+        pools = []
+        for p in self.poolings:
+            x = gathered.to(self._pools.dtype)
+            m = rows_ok.view(b, 1, bs, 1)
+            if p == "max":
+                pools.append(x.masked_fill(~m, float("-inf")).amax(2))
+            elif p == "min":
+                pools.append(x.masked_fill(~m, float("inf")).amin(2))
+            else:
+                pools.append(x.masked_fill(~m, 0.0).sum(2))
+        # In place: the tensors keep their addresses from step to step (CUDA graphs).
+        self._pools.copy_(torch.stack(pools, dim=2))
+        self.num_blocks.copy_(done)
+        self.lengths.copy_(lens)
+
+    @torch.no_grad()
+    def append(self, k_new: torch.Tensor, rotary: Rotary | None = None) -> None:
+        """Add one new pre-RoPE K row per sequence, k_new: [B, Hkv, D]; sequences whose block it
+        completes get the block's gate key at index ``num_blocks[b]`` (then ``num_blocks[b] += 1``)."""
+        b, hkv, d = self.keys.shape[0], self.gate.num_kv_heads, self.gate.head_dim
+        if tuple(k_new.shape) != (b, hkv, d):
+            raise ValueError(f"GateKeyCache.append needs k_new [B={b}, Hkv={hkv}, D={d}], got {tuple(k_new.shape)}")
+        bs = self.block_size
+        self._reserve(self._max_len + 1)
+        count = self.lengths % bs  # rows already in the partial block
+        fresh = (count == 0).view(b, 1, 1, 1)
+        pools = torch.where(fresh, self._identity(), self._pools)
+        self._pools.copy_(self._combine(pools, k_new))
+        done = count + 1 == bs  # [B]
+        start = (self.num_blocks * bs).view(b, 1)
+        with torch.autocast(device_type=k_new.device.type, enabled=False):
+            key = self.gate.gate_keys(self._finish(self._pools, bs).unsqueeze(2), start, rotary)  # [B, Hkv, 1, Dg]
+        slot = self.num_blocks.clamp(max=self.capacity - 1).view(b, 1, 1, 1).expand(b, hkv, 1, self.keys.shape[-1])
+        old = self.keys.gather(2, slot)
+        self.keys.scatter_(2, slot, torch.where(done.view(b, 1, 1, 1), key.to(self.keys.dtype), old))
+        self.num_blocks.add_(done)
+        self.lengths.add_(1)

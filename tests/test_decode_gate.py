@@ -1,0 +1,238 @@
+"""Decode gate, K-compression cache, decode policies and the decode distillation target.
+
+Brute-force oracles are written with explicit loops over sequences, heads and blocks, independent of
+the vectorised code they check.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from seerattn.decode_policy import DecodePolicy, select_decode_blocks
+from seerattn.gate import DecodeGate, DecodeGateConfig, GateKeyCache
+from seerattn.ops import sparse_decode_attention
+from seerattn.ops.reference import decode_block_scores
+
+BS = 16
+
+
+def rotary(x, position_ids, base=100.0):
+    """HF-style rotary callable: (cos, sin) [B, N, Dg] at position_ids [B, N]."""
+    dg = x.shape[-1]
+    inv = 1.0 / base ** (torch.arange(0, dg, 2, dtype=torch.float64) / dg)
+    f = position_ids.double().unsqueeze(-1) * inv
+    emb = torch.cat((f, f), -1)
+    return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+def make_gate(hq=4, hkv=2, d=8, dtype=torch.float64, seed=0, **cfg):
+    torch.manual_seed(seed)
+    gate = DecodeGate(hq, hkv, d, DecodeGateConfig(block_size=BS, **cfg)).to(dtype)
+    with torch.no_grad():  # away from the structured initialisation, so every weight matters
+        for p in gate.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return gate
+
+
+def brute_pool(gate, kb):
+    """One block's rows kb [n, D] pooled as the config says, concatenated."""
+    parts = {"max": kb.amax(0), "min": kb.amin(0), "avg": kb.mean(0)}
+    return torch.cat([parts[p] for p in gate.config.k_pooling])
+
+
+def rms(x, w, eps):
+    return x / torch.sqrt((x * x).mean() + eps) * w
+
+
+def rot(x, pos):
+    cos, sin = rotary(x.view(1, 1, -1), torch.tensor([[pos]]))
+    x1, x2 = x.chunk(2)
+    return x * cos.view(-1) + torch.cat((-x2, x1)) * sin.view(-1)
+
+
+def brute_scores(gate, q, k, lens):
+    """[B, Hkv, NBmax] logits: q [B, Hq, D] at positions lens - 1, k [B, Hkv, T, D]; -inf elsewhere."""
+    b, hq, d = q.shape
+    hkv, g = gate.num_kv_heads, gate.group
+    eps = gate.config.norm_eps
+    nbmax = k.shape[2] // BS + 1
+    out = torch.full((b, hkv, nbmax), float("-inf"), dtype=torch.float64)
+    for i in range(b):
+        pos = int(lens[i]) - 1
+        for h in range(hkv):
+            qc = torch.cat([q[i, h * g + j] for j in range(g)])
+            qg = rot(rms(qc @ gate.q_proj[h], gate.q_norm.weight, eps), pos)
+            for blk in range(pos // BS):
+                pooled = brute_pool(gate, k[i, h, blk * BS : (blk + 1) * BS])
+                kg = rot(rms(pooled @ gate.k_proj[h], gate.k_norm.weight, eps), blk * BS)
+                out[i, h, blk] = (qg @ kg) / math.sqrt(gate.gate_dim)
+    return out
+
+
+def test_cache_incremental_equals_bulk_per_sequence_phase():
+    """Three sequences with different prompt lengths (different block phases), then token-by-token appends;
+    also a cache grown from empty one token at a time. All equal the bulk build of the final lengths."""
+    gate = make_gate()
+    g = torch.Generator().manual_seed(1)
+    prompt, steps = [5, 16, 37], 29
+    t = max(prompt) + steps
+    k = torch.randn(3, 2, t, 8, generator=g, dtype=torch.float64)
+    inc = GateKeyCache(gate, 3, max_tokens=16)  # too small on purpose: it grows
+    inc.prefill(k[:, :, : max(prompt)], torch.tensor(prompt), rotary)
+    scratch = GateKeyCache(gate, 3)
+    for s in range(steps):
+        rows = torch.stack([k[i, :, prompt[i] + s] for i in range(3)])
+        inc.append(rows, rotary)
+    for s in range(prompt[0] + steps):
+        scratch.append(k[:, :, s], rotary)
+    final = [n + steps for n in prompt]
+    bulk = GateKeyCache(gate, 3, max_tokens=t)
+    bulk.prefill(k, torch.tensor(final), rotary)
+    assert bulk.num_blocks.tolist() == [n // BS for n in final] and bulk.lengths.tolist() == final
+    assert torch.equal(inc.num_blocks, bulk.num_blocks) and torch.equal(inc.lengths, bulk.lengths)
+    n = int(bulk.num_blocks.max())
+    valid = (torch.arange(n) < bulk.num_blocks.view(-1, 1)).view(3, 1, n, 1)
+    torch.testing.assert_close(inc.keys[:, :, :n] * valid, bulk.keys[:, :, :n], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(inc._pools, bulk._pools, rtol=1e-12, atol=1e-12)
+    # the cache grown from empty (each row holds its first final[0] tokens)
+    same = GateKeyCache(gate, 3, max_tokens=t)
+    same.prefill(k, torch.full((3,), final[0]), rotary)
+    assert scratch.num_blocks.tolist() == [final[0] // BS] * 3
+    torch.testing.assert_close(scratch.keys[:, :, :2], same.keys[:, :, :2], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(scratch._pools, same._pools, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("k_pooling", [("max", "min", "avg"), ("avg",)])
+def test_gate_scores_equal_brute_force(k_pooling):
+    gate = make_gate(k_pooling=k_pooling, seed=2)
+    g = torch.Generator().manual_seed(3)
+    lens = torch.tensor([1, 17, 48, 61])  # no completed block, one, 2 (+ a full current block), 3
+    k = torch.randn(4, 2, 64, 8, generator=g, dtype=torch.float64)
+    q = torch.randn(4, 4, 8, generator=g, dtype=torch.float64)
+    cache = GateKeyCache(gate, 4, max_tokens=64)
+    cache.prefill(k, lens, rotary)
+    with torch.no_grad():
+        got = gate.scores(q, cache.keys, lens - 1, rotary)
+    want = brute_scores(gate, q, k, lens)[..., : got.shape[-1]]
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    torch.testing.assert_close(got[~torch.isinf(got)].double(), want[~torch.isinf(want)], rtol=1e-5, atol=1e-5)
+
+
+def test_teacher_forced_forward_equals_decode_steps():
+    """Row t of the bulk forward (distillation) == the decode-time scores of the token at position t."""
+    gate = make_gate(seed=4)
+    g = torch.Generator().manual_seed(5)
+    t = 53
+    q = torch.randn(2, 4, t, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(2, 2, t, 8, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        bulk = gate(q, k, rotary)  # [B, Hkv, T, NB]
+        for pos in (0, 15, 16, 33, 52):
+            cache = GateKeyCache(gate, 2, max_tokens=t)
+            cache.prefill(k[:, :, : pos + 1], None, rotary)
+            step = gate.scores(q[:, :, pos], cache.keys, torch.full((2,), pos), rotary)
+            nb = step.shape[-1]
+            torch.testing.assert_close(bulk[:, :, pos, :nb], step.double(), rtol=1e-10, atol=1e-10)
+            assert torch.isinf(bulk[:, :, pos, nb:]).all()
+    # the training path is differentiable
+    q.requires_grad_(True)
+    out = gate(q, k, rotary)
+    out[torch.isfinite(out)].sum().backward()
+    assert gate.q_proj.grad is not None and torch.isfinite(q.grad).all()
+
+
+def _valid(idx):
+    return [sorted(x for x in row if x >= 0) for row in idx.reshape(-1, idx.shape[-1]).tolist()]
+
+
+def test_budget_policy_keeps_first_current_and_best():
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(3, 2, 10, generator=g)
+    lens = torch.tensor([160, 40, 0])  # current block 9, 2; an empty cache
+    idx = select_decode_blocks(logits, lens, DecodePolicy("budget", 4 * BS), BS)
+    assert idx.shape == (3, 2, 4) and idx.dtype == torch.int32
+    for h in range(2):
+        rows = _valid(idx[0, h : h + 1])[0]
+        best = logits[0, h, 1:9].topk(2).indices + 1
+        assert rows == sorted([0, 9, *best.tolist()])
+        assert _valid(idx[1, h : h + 1])[0] == [0, 1, 2]  # only 3 blocks exist
+    assert (idx[2] == -1).all()
+    with pytest.raises(ValueError, match="first and the current"):
+        DecodePolicy("budget", BS).num_slots(BS, 10)
+
+
+def test_threshold_and_top_p_policies():
+    logits = torch.log(torch.tensor([[[0.5, 0.1, 0.3, 0.05, 0.05, 9.0, 9.0]]]))  # completed: blocks 0..4
+    lens = torch.tensor([5 * BS + 3])  # current block 5
+    thr = select_decode_blocks(logits, lens, DecodePolicy("threshold", 0.2), BS, kv_blocks=8)
+    assert thr.shape == (1, 1, 8) and _valid(thr)[0] == [0, 2, 5]
+    top = select_decode_blocks(logits, lens, DecodePolicy("top_p", 0.85), BS)
+    assert _valid(top)[0] == [0, 1, 2, 5]  # 0.5 + 0.3 < 0.85 <= 0.5 + 0.3 + 0.1
+    capped = select_decode_blocks(logits, lens, DecodePolicy("top_p", 1.0, max_blocks=3), BS)
+    assert _valid(capped)[0] == [0, 2, 5]  # forced first/current, then the best
+    dense = select_decode_blocks(logits, lens, DecodePolicy("dense"), BS)
+    assert _valid(dense)[0] == [0, 1, 2, 3, 4, 5]
+    with pytest.raises(ValueError, match="kind must be one of"):
+        DecodePolicy("topk", 3)
+    with pytest.raises(ValueError, match=r"in \(0, 1\]"):
+        DecodePolicy("top_p", 1.5)
+
+
+def test_decode_block_scores_equals_brute_force():
+    g = torch.Generator().manual_seed(7)
+    t, hq, hkv = 45, 4, 2
+    q = torch.randn(1, hq, t, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(1, hkv, t, 8, generator=g, dtype=torch.float64)
+    got = decode_block_scores(q, k, BS)
+    assert got.shape == (1, hkv, t, 3)
+    p = torch.softmax((q @ k.repeat_interleave(2, 1).transpose(-1, -2) / math.sqrt(8)).masked_fill(
+        torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf")), -1)  # fmt: skip
+    for h in range(hkv):
+        for i in range(t):
+            cur = i // BS
+            want = torch.zeros(3, dtype=torch.float64)
+            for j in range(cur):
+                want[j] = max(p[0, hq_, i, j * BS : (j + 1) * BS].max() for hq_ in (2 * h, 2 * h + 1))
+            if cur:
+                want /= want.sum()
+            torch.testing.assert_close(got[0, h, i], want, rtol=1e-12, atol=1e-12)
+
+
+def test_gate_policy_kernel_pipeline_runs():
+    """gate scores -> budget policy -> sparse decode attention, one decode step of two sequences."""
+    gate = make_gate(dtype=torch.float32, seed=8)
+    g = torch.Generator().manual_seed(9)
+    k = torch.randn(2, 2, 96, 8, generator=g)
+    v = torch.randn(2, 2, 96, 8, generator=g)
+    q = torch.randn(2, 4, 8, generator=g)
+    lens = torch.tensor([96, 50], dtype=torch.int32)
+    cache = GateKeyCache(gate, 2, max_tokens=96)
+    cache.prefill(k, lens, rotary)
+    with torch.no_grad():
+        logits = gate.scores(q, cache.keys, lens - 1, rotary)
+    idx = select_decode_blocks(logits, lens, DecodePolicy("budget", 3 * BS), BS, kv_blocks=6)
+    out = sparse_decode_attention(q, k, v, lens, idx, BS, impl="reference")
+    assert out.shape == (2, 4, 8) and torch.isfinite(out).all()
+    # a step within capacity keeps every tensor in place (static addresses for CUDA graphs)
+    small = GateKeyCache(gate, 2, max_tokens=128)
+    small.prefill(k, lens, rotary)
+    ptrs = [x.data_ptr() for x in (small.keys, small.num_blocks, small.lengths, small._pools)]
+    small.append(torch.randn(2, 2, 8, generator=g), rotary)
+    assert ptrs == [x.data_ptr() for x in (small.keys, small.num_blocks, small.lengths, small._pools)]
+    assert small.lengths.tolist() == [97, 51]
+
+
+def test_config_validation_and_round_trip():
+    c = DecodeGateConfig(block_size=32, k_pooling=["max", "avg"], gate_dim=16)
+    assert DecodeGateConfig.from_dict(c.to_dict()) == c
+    with pytest.raises(ValueError, match="unknown DecodeGateConfig fields"):
+        DecodeGateConfig.from_dict({"blocksize": 64})
+    with pytest.raises(ValueError, match="k_pooling"):
+        DecodeGateConfig(k_pooling=("max", "max"))
+    with pytest.raises(ValueError, match="power of two"):
+        DecodeGateConfig(block_size=48)
+    with pytest.raises(ValueError, match="needs rotary"):
+        make_gate(dtype=torch.float32).scores(torch.zeros(1, 4, 8), torch.zeros(1, 2, 3, 8), torch.tensor([40]))
