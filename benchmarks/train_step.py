@@ -14,7 +14,11 @@ checkpointing, as ``seerattn finetune`` runs it), bf16 weights and gradients, no
   0.1 = 90 % sparsity): gate (with its gradient), policy, block-sparse attention forward and backward
   through the Triton kernels, and the ground-truth pass (``attention_with_block_scores`` under
   ``no_grad``, the gate's target) with the gate loss added to the loss, i.e. everything a joint step
-  runs. Untrained gates pick arbitrary blocks; the time depends on how many are kept, which the policy fixes.
+  runs. Untrained gates pick arbitrary blocks; the time depends on how many are kept, which the policy fixes;
+- with ``--target-every N`` (> 1, the recipe's ``gate_target_every``) also ``seer@d no-target``: a joint step
+  without the gate's target (mode ``sparse``: the gate for the mask only, no ground truth, no gate loss), and
+  ``seer@d every-N``: the mean step of a run with a target every N-th step, ``(target + (N - 1) x no-target) / N``
+  (peak memory: the larger of the two).
 
 What the loss is: the decoder stack's output (after the final norm) through a fixed random projection to
 64 values, squared and averaged (plus 10 x the gate loss for seer, whose gradient each layer takes in its
@@ -91,12 +95,20 @@ def main(argv=None) -> int:
     p.add_argument("--seqlens", help="comma list of sequence lengths (32768,65536; smoke: 256)")
     p.add_argument("--density", type=float, default=0.1, help="seer's block density (0.1 = 90 %% sparsity)")
     p.add_argument("--mask-heads", default="q", choices=["q", "kv"], help="one mask per query head or per group")
+    p.add_argument(
+        "--target-every",
+        type=int,
+        default=1,
+        help="also time a step without the gate's target and report the mean step of gate_target_every=N",
+    )
     p.add_argument("--layers", type=int, default=32, help="decoder layers (32 = the real depth, if it fits)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--smoke", action="store_true", help="a tiny model on the CPU, one rep (checks that it runs)")
     p.add_argument("--json", help="write the run record here")
     args = p.parse_args(argv)
+    if args.target_every < 1:
+        p.error(f"--target-every must be an int >= 1, got {args.target_every}")
     if args.smoke:
         device, shape = "cpu", {**LLAMA_31_8B, **SMOKE_SHAPE, "num_hidden_layers": min(args.layers, 2)}
         seqlens, dtype, impl, args.warmup, args.reps = args.seqlens or "256", torch.float32, "reference", 0, 1
@@ -120,29 +132,36 @@ def main(argv=None) -> int:
         dense = {"seq_len": t, "method": "sdpa", "ms": dense_ms, "tokens_per_s": t / dense_ms * 1e3}
         rows.append({**dense, "peak_gib": dense_gib, "speedup": 1.0, "density": 1.0})
         print(
-            f"T={t:>6} {'sdpa':<10} {dense_ms:9.1f} ms  {t / dense_ms * 1e3:9.0f} tok/s  {dense_gib:6.1f} GiB",
+            f"T={t:>6} {'sdpa':<18} {dense_ms:9.1f} ms  {t / dense_ms * 1e3:9.0f} tok/s  {dense_gib:6.1f} GiB",
             flush=True,
         )
         policy = SparsityPolicy("density", args.density)
         cfg = SeerConfig(gate=GATE, policy=policy, mode="finetune", impl=impl, mask_heads=args.mask_heads)
         apply_seer_attention(model, cfg)
-        ms, gib = time_step(model, ids, probe, args.warmup, args.reps)
-        realised = get_seer_state(model).mean_density()
-        remove_seer_attention(model)
         label = f"seer@{args.density:g}"
-        rows.append(
-            {
-                "seq_len": t,
-                "method": label,
-                "ms": ms,
-                "tokens_per_s": t / ms * 1e3,
-                "peak_gib": gib,
-                "speedup": dense_ms / ms,
-                "density": realised,
-            }
-        )
-        speed = f"{t / ms * 1e3:9.0f} tok/s  {gib:6.1f} GiB  {dense_ms / ms:5.2f}x  density {realised:.3f}"
-        print(f"T={t:>6} {label:<10} {ms:9.1f} ms  {speed}", flush=True)
+        state = get_seer_state(model)
+        timed = {label: time_step(model, ids, probe, args.warmup, args.reps) + (state.mean_density(),)}
+        if args.target_every > 1:
+            state.set(mode="sparse")  # what FinetuneTask runs on a joint step without the gate's target
+            timed[f"{label} no-target"] = time_step(model, ids, probe, args.warmup, args.reps) + (state.mean_density(),)
+            (ms1, gib1, d1), (ms0, gib0, _) = timed.values()
+            n = args.target_every
+            timed[f"{label} every-{n}"] = ((ms1 + (n - 1) * ms0) / n, max(gib1, gib0), d1)
+        remove_seer_attention(model)
+        for method, (ms, gib, realised) in timed.items():
+            rows.append(
+                {
+                    "seq_len": t,
+                    "method": method,
+                    "ms": ms,
+                    "tokens_per_s": t / ms * 1e3,
+                    "peak_gib": gib,
+                    "speedup": dense_ms / ms,
+                    "density": realised,
+                }
+            )
+            speed = f"{t / ms * 1e3:9.0f} tok/s  {gib:6.1f} GiB  {dense_ms / ms:5.2f}x  density {realised:.3f}"
+            print(f"T={t:>6} {method:<18} {ms:9.1f} ms  {speed}", flush=True)
         del ids
         if cuda:
             torch.cuda.empty_cache()

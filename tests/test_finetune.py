@@ -459,6 +459,13 @@ def test_train_step_benchmark_runs_in_its_cpu_smoke_configuration(tmp_path):
     rows = {r["method"]: r for r in record["results"]}
     assert set(rows) == {"sdpa", "seer@0.1"} and all(r["ms"] > 0 and r["seq_len"] == 192 for r in rows.values())
     assert 0.1 <= rows["seer@0.1"]["density"] < 1
+    assert (
+        train_step.main(["--smoke", "--seqlens", "128", "--target-every", "4", "--json", str(tmp_path / "n.json")]) == 0
+    )
+    rows = {r["method"]: r for r in read_record(tmp_path / "n.json")["results"]}
+    assert set(rows) == {"sdpa", "seer@0.1", "seer@0.1 no-target", "seer@0.1 every-4"}
+    every = (rows["seer@0.1"]["ms"] + 3 * rows["seer@0.1 no-target"]["ms"]) / 4
+    assert rows["seer@0.1 every-4"]["ms"] == pytest.approx(every)
 
 
 @pytest.mark.parametrize("mode", ["finetune", "sparse", "distill"])
@@ -592,3 +599,66 @@ def test_no_gate_graph_outlives_its_layer(monkeypatch, mode):
     assert [s for s, _ in kept[False]].count((2, 4, nb, 4, nb)) == 2
     assert sum(size for _, size in kept[False]) > 2 * (2 * 4 * nb * 4 * nb * 4)
     assert kept[True] == []
+
+
+# ---------------------------------------------------------------------------------------- gate_target_every
+def test_gate_target_every_skips_the_ground_truth_and_leaves_the_gates_alone(tiny, tmp_path, monkeypatch):
+    """gate_target_every: 2 after one distillation step: joint steps 1, 3 (0-based 0, 2) have a gate target, 2 and
+    4 do not. Those run no ground-truth pass, the gates get no gradient, and AdamW (here with weight decay) leaves
+    gates and moments untouched while the weights train; resuming between them is bitwise exact."""
+    from seerattn.train import finetune
+
+    calls = []
+    real = integration.attention_with_block_scores
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(integration, "attention_with_block_scores", counting)
+    kw = dict(steps=4, distill_steps=1, gate_target_every=2, weight_decay=0.1, save_every=1, keep_checkpoints=10)
+    whole = tmp_path / "whole"
+    finetune(_ft_config(tiny, whole, **kw))
+    # 2 layers x 2 micro-batches per step with a target (the distillation step and joint steps 1 and 3)
+    assert len(calls) == 3 * 2 * 2
+    metrics = _ft_metrics(whole)
+    assert [m["gate_target"] for m in metrics] == [True, True, False, True, False]
+    for m in metrics[1:]:
+        if m["gate_target"]:
+            assert m["kl"] > 0 and m["loss"] == pytest.approx(m["ce"] + 10 * m["kl"])
+        else:
+            assert m["kl"] is None and m["mass_recall"] is None and m["kl_layers"] is None and m["loss"] == m["ce"]
+        assert 0.5 <= m["density"] < 1
+    states = {s: torch.load(whole / "checkpoints" / f"step_{s:07d}" / "state.pt") for s in range(1, 6)}
+    gate_keys = [k for k in states[1]["task"]["model"] if k.startswith("layers.")]  # gate_named_parameters
+    weight_keys = [k for k in states[1]["task"]["model"] if k.startswith("model.")]
+    assert gate_keys and weight_keys
+
+    def same(a, b, keys):
+        return all(torch.equal(states[a]["task"]["model"][k], states[b]["task"]["model"][k]) for k in keys)
+
+    for before, after, trains_gates in ((2, 3, False), (3, 4, True), (4, 5, False)):
+        assert same(before, after, gate_keys) != trains_gates, (before, after)
+        assert not same(before, after, weight_keys), (before, after)
+    # Adam's per-parameter step counts: gates stepped on the 3 steps with a target, the weights on the 4 joint steps
+    opt = states[5]["task"]["optimizer"]
+    gate_ids, weight_ids = opt["param_groups"][1]["params"], opt["param_groups"][0]["params"]
+    assert {float(opt["state"][i]["step"]) for i in gate_ids} == {3.0}
+    assert {float(opt["state"][i]["step"]) for i in weight_ids} == {4.0}
+    # killed after step 4 (checkpoint 3): resumed, bitwise the uninterrupted run
+    broken = tmp_path / "broken"
+    finetune(_ft_config(tiny, broken, **kw), stop_after=4)
+    finetune(_ft_config(tiny, broken, **kw), resume=True)
+    for folder in ("model", "adapter"):
+        a, b = _safetensors(whole / folder), _safetensors(broken / folder)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), folder
+    assert _ft_metrics(whole) == _ft_metrics(broken)
+
+
+def test_gate_target_every_is_checked(tiny, tmp_path):
+    from seerattn.train import ConfigError
+
+    with pytest.raises(ConfigError, match="'gate_target_every' must be an int >= 1"):
+        _ft_config(tiny, tmp_path, gate_target_every=0)
+    with pytest.raises(ConfigError, match="'gate_target_every' must be 1 with attention: dense"):
+        _ft_config(tiny, tmp_path, attention="dense", distill_steps=0, gate_target_every=2)

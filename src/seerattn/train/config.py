@@ -307,6 +307,16 @@ class FinetuneConfig(TrainConfig):
             gates but not the model's (the model's warmup and decay run over the joint steps).
         gate_loss_weight: loss = LM cross-entropy + gate_loss_weight x sum over layers of the gate KL
             (paper: 10).
+        gate_target_every: the gate's target (the ground-truth pass, a dense attention forward per layer) and
+            its loss run on every ``gate_target_every``-th joint step only (the first joint step included;
+            1 = every step, the paper). The other joint steps run the gate for the mask only (attention mode
+            ``sparse``: no ground truth, no gate loss, no gate gradient); the gates then have no gradient, so
+            AdamW leaves them and their moments untouched (no weight decay, no step count; their LR schedule
+            still follows the global step) and ``grad_norm`` covers the weights only; ``kl`` and
+            ``mass_recall`` are logged as null and ``loss`` is the CE. A speed knob: the ground-truth pass
+            costs about one dense attention forward per layer and step; the trade-off is ``gate_target_every``
+            times fewer gate updates, so the gates follow the changing attention less closely (compare the
+            fine-tuned quality at the target density with a run at 1).
         gate_lr: learning rate of the gates (the model's is ``lr``). PAPER.md gives one rate (1e-5) for
             the joint run without saying whether it applied to the gates; the default is the
             distillation rate, at which the gates follow the changing attention.
@@ -333,6 +343,7 @@ class FinetuneConfig(TrainConfig):
     init_gates: str | None = None
     distill_steps: int = 0
     gate_loss_weight: float = 10.0
+    gate_target_every: int = 1
     gate_lr: float = 1e-3
     lora: dict = field(default_factory=dict)
     gradient_checkpointing: bool = True
@@ -350,6 +361,12 @@ class FinetuneConfig(TrainConfig):
             "a finite float > 0",
         )
         need(math.isfinite(self.gate_lr) and self.gate_lr > 0, "gate_lr", "a finite float > 0")
+        need(self.gate_target_every >= 1, "gate_target_every", "an int >= 1 (1 = a gate target every step)")
+        need(
+            self.attention == "sparse" or self.gate_target_every == 1,
+            "gate_target_every",
+            "1 with attention: dense (no gates train)",
+        )
         need(bool(self.max_shard_size), "max_shard_size", "a size such as '5GB'")
         if self.attention == "dense":
             need(

@@ -10,8 +10,11 @@ A :class:`FinetuneTask` on the shared trainer skeleton (:mod:`.trainer`):
    ``distill`` mode's output carries no gradient to the weights);
 3. joint steps run the model in ``finetune`` mode: block-sparse attention with the gates' mask in
    forward and backward, gate inputs detached, the gate's target from the ground-truth kernel under
-   ``no_grad``; ``loss = CE + gate_loss_weight * sum over layers of the gate KL``. With
-   ``attention: dense`` the same loop runs SDPA and trains the model alone (the dense baseline);
+   ``no_grad``; ``loss = CE + gate_loss_weight * sum over layers of the gate KL`` (each layer takes its
+   KL's gradient in its own forward: ``SeerState.gate_grad_scale``). With ``gate_target_every: N`` the
+   ground truth and the gate loss run on every N-th joint step only, the others in ``sparse`` mode (the
+   gate for the mask only). With ``attention: dense`` the same loop runs SDPA and trains the model alone
+   (the dense baseline);
 4. model weights train in full or through LoRA (``peft``); gradient checkpointing per decoder layer;
    under ``torchrun`` replicated (``ddp``: gradients all-reduced) or FSDP2-sharded per decoder layer
    (``fsdp``: weight gradients reduce-scattered by FSDP; the gates stay replicated, their gradients
@@ -27,6 +30,7 @@ Entry point: :func:`finetune` (the ``seerattn finetune`` command calls it).
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -123,11 +127,10 @@ class FinetuneTask(Task):
                     f"recipe field 'seq_len' ({config.seq_len}) must be a multiple of the adapter's block size "
                     f"({gate_cfg.block_size})"
                 )
-        self.phase_mode = {"distill": "distill", "joint": "finetune" if sparse else "dense"}
         seer_cfg = SeerConfig(
             gate=gate_cfg,
             policy=config.sparsity_policy() if sparse else SeerConfig().policy,
-            mode=self.phase_mode[self._phase(start)],
+            mode=self._mode(start),
             impl=config.impl,
             mask_heads=mask_heads,
             skip_first_rows=config.skip_first_rows,
@@ -173,6 +176,23 @@ class FinetuneTask(Task):
     def _phase(self, step: int) -> str:
         return "distill" if step < self.config.distill_steps else "joint"
 
+    def _gate_target(self, step: int) -> bool:
+        """Whether 0-based ``step`` trains the gates: each distillation step, every ``gate_target_every``-th joint
+        one (the first included)."""
+        c = self.config
+        return c.attention == "sparse" and (
+            step < c.distill_steps or (step - c.distill_steps) % c.gate_target_every == 0
+        )
+
+    def _mode(self, step: int) -> str:
+        """The attention mode of ``step``: ``distill``; ``finetune`` (with the gate's target) or ``sparse`` (the
+        gate for the mask only, under no_grad; same mask, attention differentiable the same way); ``dense``."""
+        if self.config.attention == "dense":
+            return "dense"
+        if self._phase(step) == "distill":
+            return "distill"
+        return "finetune" if self._gate_target(step) else "sparse"
+
     def data_parallel(self) -> str:
         return "ddp" if self.config.parallel == "auto" else self.config.parallel
 
@@ -199,15 +219,15 @@ class FinetuneTask(Task):
 
     def micro_step(self, step: int, ids: torch.Tensor, accum: int) -> torch.Tensor:
         c, state, n = self.config, self.state, self.n_layers
-        phase = self._phase(step)
-        if state.config.mode != self.phase_mode[phase]:
-            logger.info("step %d: %s phase (attention mode %s)", step + 1, phase, self.phase_mode[phase])
-            state.set(mode=self.phase_mode[phase])
+        phase, target, mode = self._phase(step), self._gate_target(step), self._mode(step)
+        if state.config.mode != mode:
+            if (state.config.mode == "distill") != (phase == "distill"):
+                logger.info("step %d: %s phase (attention mode %s)", step + 1, phase, mode)
+            state.set(mode=mode)
         state.reset()
-        sparse = c.attention == "sparse"
         # each layer takes its gate loss's gradient itself (SeerState.gate_grad_scale): no gate graph outlives
         # its layer; the scale is what (gate_loss_weight * sum of the losses / accum).backward() would give
-        state.gate_grad_scale = c.gate_loss_weight / accum if sparse else None
+        state.gate_grad_scale = c.gate_loss_weight / accum if target else None
         try:
             with autocast(c, ids.device):
                 if phase == "distill":
@@ -222,15 +242,16 @@ class FinetuneTask(Task):
             state.gate_grad_scale = None
         if phase == "joint":
             (ce / accum).backward()
-        if sparse:
-            if len(state.losses) != n:
-                raise RuntimeError(f"{len(state.losses)} of {n} layers recorded a gate loss")
+        if len(state.losses) != (n if target else 0):
+            raise RuntimeError(f"{len(state.losses)} of {n} layers recorded a gate loss at step {step + 1} ({mode})")
+        if target:
             kl = torch.stack([state.losses[i] for i in range(n)])
             mass = [state.metrics[i]["mass_recall"] for i in range(n)]
-            density = [state.stats[i].get("density", 1.0) for i in range(n)]
-        else:
-            kl = torch.zeros(n, device=ids.device)
-            mass, density = [1.0] * n, [1.0] * n
+        else:  # dense attention (0: no gate), or no gate target this step (NaN: logged as null)
+            nothing = 0.0 if c.attention == "dense" else math.nan
+            kl = torch.full((n,), nothing, device=ids.device)
+            mass = [1.0 if c.attention == "dense" else math.nan] * n
+        density = [state.stats[i].get("density", 1.0) for i in range(n)] if c.attention == "sparse" else [1.0] * n
         values = torch.cat(
             [
                 ce.detach().double().reshape(1),
@@ -242,7 +263,7 @@ class FinetuneTask(Task):
         return values
 
     def reduce_gradients(self, step: int, ctx: DistContext) -> None:
-        if self.config.attention == "sparse":
+        if self._gate_target(step):  # else the gates have no gradient (gate_target_every)
             average_gradients([p for _, p in self.gates], ctx)
         if not self.fsdp and self._phase(step) == "joint":  # FSDP reduce-scatters the weights' gradients itself
             average_gradients([p for _, p in self.weights], ctx)
@@ -250,29 +271,31 @@ class FinetuneTask(Task):
     def step_metrics(self, step: int, values: list[float]) -> dict:
         n, c = self.n_layers, self.config
         ce, kl, mass, density = values[0], values[1 : 1 + n], values[1 + n : 1 + 2 * n], values[1 + 2 * n :]
-        phase = self._phase(step)
+        phase, target = self._phase(step), self._gate_target(step) or c.attention == "dense"
         return {
             "phase": phase,
-            "loss": (ce if phase == "joint" else 0.0) + c.gate_loss_weight * sum(kl),
+            "gate_target": self._gate_target(step),
+            "loss": (ce if phase == "joint" else 0.0) + (c.gate_loss_weight * sum(kl) if target else 0.0),
             "ce": ce,
-            "kl": sum(kl),
-            "mass_recall": sum(mass) / n,
+            # null on joint steps without a gate target (gate_target_every): nothing was measured
+            "kl": sum(kl) if target else None,
+            "mass_recall": sum(mass) / n if target else None,
             "density": sum(density) / n,
-            "kl_layers": kl,
-            "mass_recall_layers": mass,
+            "kl_layers": kl if target else None,
+            "mass_recall_layers": mass if target else None,
         }
 
     def progress(self, metrics: dict) -> dict:
         return {
             "ce": f"{metrics['ce']:.3f}",
-            "kl": f"{metrics['kl']:.3f}",
+            "kl": "-" if metrics["kl"] is None else f"{metrics['kl']:.3f}",
             "density": f"{metrics['density']:.2f}",
         }
 
     def tensorboard_scalars(self, metrics: dict) -> dict[str, float]:
         keys = ("loss", "ce", "kl", "mass_recall", "density", "lr", "grad_norm", "tokens_per_s")
-        out = {f"train/{k}": metrics[k] for k in keys}
-        out.update({f"kl_layer/{i}": v for i, v in enumerate(metrics["kl_layers"])})
+        out = {f"train/{k}": metrics[k] for k in keys if metrics[k] is not None}
+        out.update({f"kl_layer/{i}": v for i, v in enumerate(metrics["kl_layers"] or [])})
         return out
 
     # ------------------------------------------------------------------------------ checkpoints
