@@ -173,3 +173,19 @@ def test_bad_input_is_named(mutate, match):
     mutate(args)
     with pytest.raises((ValueError, TypeError), match=match):
         sparse_decode_attention(**args, impl="reference")
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # the CPU peer is eager
+def test_decode_benchmark_runs_in_its_cpu_smoke_configuration(tmp_path):
+    from benchmarks import decode
+    from seerattn.record import read_record
+
+    args = ["--smoke", "--batches", "2", "--budgets", "32,64", "--reps", "1", "--json", str(tmp_path / "d.json")]
+    assert decode.main(args) == 0
+    record = read_record(tmp_path / "d.json")
+    assert record["kind"] == "bench-decode" and record["config"]["impl"] == "triton"  # the interpreter here
+    rows = {(r["provider"], r.get("budget")): r for r in record["results"]}
+    assert set(rows) == {("sdpa", None)} | {(p, b) for p in ("ours", "seer", "flex") for b in (32, 64)}
+    assert all("error" not in r and r["ms"] > 0 for r in rows.values())
+    assert rows[("ours", 64)]["kept_tokens"] == 64 and rows[("ours", 64)]["speedup_vs_sdpa"] > 0
+    assert rows[("flex", 32)]["max_abs_diff_vs_ours"] < 1e-5  # FlexAttention on the same selection agrees

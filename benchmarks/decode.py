@@ -1,0 +1,278 @@
+"""Per-step decode attention of one layer: sparse decode kernel vs SDPA decode vs FlexAttention decode (issue 17).
+
+    python3 -m benchmarks.decode --json runs/decode.json            # H200: batch 1/4/16, 8k/32k/128k, 2k/4k/8k
+    python3 -m benchmarks.decode --smoke --json /tmp/decode.json    # tiny shapes on the CPU: checks that it runs
+
+One new query token per sequence against a full KV cache of ``context`` tokens (Llama-3.1-8B attention
+shapes from ``benchmarks.shapes``: Hq 32, Hkv 8, D 128; bf16; 64-token blocks). The selection is the same
+for every provider: per (sequence, KV head) the first block, the current (last) block and random other
+blocks up to ``budget / block`` blocks (timing does not depend on which blocks). Providers, timed in one
+run so that their ratios are measured together:
+
+- ``sdpa``: ``scaled_dot_product_attention`` over the whole cache (flash backend, ``enable_gqa``): dense decode;
+- ``ours``: :func:`seerattn.ops.sparse_decode_attention` (Triton split-KV kernel + LSE merge) on the selection;
+- ``seer``: one full sparse decode step of a layer: :meth:`DecodeGate.scores` over the K-compression cache,
+  :func:`select_decode_blocks` (token budget), then ``ours`` (the cache append of a completed block, once per
+  64 steps, is left out);
+- ``flex``: compiled FlexAttention (decode path) with a block mask holding the same selection (heads repeated
+  over each group; the selected blocks are full blocks, so no ``mask_mod`` runs on the GPU).
+
+Each provider is timed with ``triton.testing.do_bench`` (median, L2 flushed between reps: at batch 1 and 8k the
+whole KV cache of a layer would otherwise sit in L2) and, with ``--cuda-graph``, replayed from a CUDA graph
+(launch overhead removed). Rows: ms, ms_graph, GB/s of K/V actually read, speedup over sdpa and over flex in
+the same run, and the largest difference of each output from ``ours`` (a cross-check). A provider that fails
+records its error in its row. The run record is written with :func:`seerattn.record.write_record`
+(kind ``bench-decode``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+
+import torch
+
+from benchmarks.shapes import ATTENTION
+from seerattn.decode_policy import DecodePolicy, select_decode_blocks
+from seerattn.gate import DecodeGate, DecodeGateConfig, GateKeyCache
+from seerattn.ops import sparse_decode_attention
+from seerattn.record import write_record
+
+logger = logging.getLogger("benchmarks.decode")
+
+PROVIDERS = ("sdpa", "ours", "seer", "flex")
+SMOKE = dict(shape=(4, 2, 16), batches="1,2", contexts="256", budgets="64,128", block=16)
+
+
+def rotary_fn(theta: float = 500000.0):
+    """An HF-style rotary callable ``(x, position_ids [B, N]) -> (cos, sin) [B, N, Dg]`` (speed only)."""
+
+    def rotary(x, position_ids):
+        dg = x.shape[-1]
+        inv = 1.0 / theta ** (torch.arange(0, dg, 2, device=x.device, dtype=torch.float32) / dg)
+        f = position_ids.float().unsqueeze(-1) * inv
+        emb = torch.cat((f, f), -1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+    return rotary
+
+
+def random_selection(b: int, hkv: int, context: int, block: int, slots: int, gen: torch.Generator) -> torch.Tensor:
+    """int32 [B, Hkv, K]: block 0, the last block and random others, K = min(slots, blocks)."""
+    nb = context // block
+    k = min(slots, nb)
+    middle = torch.rand(b, hkv, max(nb - 2, 0), generator=gen).argsort(-1)[..., : max(k - 2, 0)] + 1
+    ends = torch.tensor([0, nb - 1][: min(k, 2)]).expand(b, hkv, -1)
+    return torch.cat([ends, middle], -1).to(torch.int32)
+
+
+def time_ms(fn, cuda: bool, reps: int, graph: bool = False) -> float:
+    """Median ms of ``fn()``: do_bench on the GPU (optionally replaying a CUDA graph), perf_counter on the CPU."""
+    if not cuda:
+        fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+    from triton.testing import do_bench
+
+    if not graph:
+        return do_bench(fn, warmup=25, rep=reps, return_mode="median")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # warm-up (compilation, tuning) outside the capture
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return do_bench(g.replay, warmup=25, rep=reps, return_mode="median")
+
+
+def flex_decode(q, k, v, idx, block: int, cuda: bool):
+    """A FlexAttention decode call on the selection ``idx`` [B, Hkv, K] (returns a zero-argument callable)."""
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    b, hq, d = q.shape
+    hkv, t = k.shape[1], k.shape[2]
+    g = hq // hkv
+    sel = idx.long().sort(-1).values.repeat_interleave(g, 1).unsqueeze(2)  # [B, Hq, 1, K], ascending
+    nb = t // block
+    kv_idx = torch.nn.functional.pad(sel, (0, nb - sel.shape[-1])).to(torch.int32).contiguous()
+    num = torch.full((b, hq, 1), sel.shape[-1], dtype=torch.int32, device=q.device)
+    zero_num = torch.zeros_like(num)
+    if cuda:
+        # Selected blocks as *full* blocks: the kernel runs no mask_mod on them.
+        mask = BlockMask.from_kv_blocks(
+            zero_num, torch.zeros_like(kv_idx), num, kv_idx, BLOCK_SIZE=(128, block), seq_lengths=(1, t)
+        )
+        fn = torch.compile(flex_attention, dynamic=False)
+    else:
+        # The eager path ignores block lists and evaluates mask_mod everywhere: look the block up.
+        dense = torch.zeros(b, hq, nb, dtype=torch.bool, device=q.device).scatter_(-1, sel.squeeze(2), True)
+
+        def mask_mod(bi, h, q_idx, kv_idx_):
+            return dense[bi, h, kv_idx_ // block]
+
+        mask = BlockMask.from_kv_blocks(num, kv_idx, BLOCK_SIZE=(128, block), mask_mod=mask_mod, seq_lengths=(1, t))
+        fn = flex_attention
+    q4 = q.unsqueeze(2)
+    return lambda: fn(q4, k, v, block_mask=mask, enable_gqa=True).squeeze(2)
+
+
+def sdpa_decode(q, k, v, cuda: bool):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q4 = q.unsqueeze(2)
+    backend = SDPBackend.FLASH_ATTENTION if cuda else SDPBackend.MATH
+
+    def run():
+        with sdpa_kernel([backend]):
+            return torch.nn.functional.scaled_dot_product_attention(q4, k, v, enable_gqa=True).squeeze(2)
+
+    return run
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="llama3.1-8b", help=f"attention shape, one of {sorted(ATTENTION)}")
+    p.add_argument("--batches", help="comma list (default 1,4,16)")
+    p.add_argument("--contexts", help="comma list of cache lengths (default 8192,32768,131072)")
+    p.add_argument("--budgets", help="comma list of token budgets (default 2048,4096,8192)")
+    p.add_argument("--block-size", type=int, help="tokens per key block (default 64)")
+    p.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma list of {PROVIDERS}")
+    p.add_argument("--cuda-graph", action="store_true", help="also time each provider replayed from a CUDA graph")
+    p.add_argument("--reps", type=int, default=100, help="do_bench repetition time (ms); smoke: calls")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (checks that every provider runs)")
+    p.add_argument("--json", help="write the run record here")
+    args = p.parse_args(argv)
+    providers = args.providers.split(",")
+    unknown = set(providers) - set(PROVIDERS)
+    if unknown:
+        p.error(f"unknown providers {sorted(unknown)}; accepted: {PROVIDERS}")
+    if args.smoke:
+        device, dtype, (hq, hkv, d) = "cpu", torch.float32, SMOKE["shape"]
+        batches, contexts, budgets = args.batches or SMOKE["batches"], args.contexts or SMOKE["contexts"], args.budgets
+        budgets, block, args.reps = budgets or SMOKE["budgets"], args.block_size or SMOKE["block"], min(args.reps, 2)
+        # The Triton kernel runs on the CPU only in the interpreter; otherwise the smoke run times the reference.
+        from seerattn.ops._triton.config import interpreting
+
+        impl = "triton" if interpreting() else "reference"
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("benchmarks.decode needs a CUDA GPU (or --smoke)")
+        device, dtype, (hq, hkv, d) = "cuda", torch.bfloat16, ATTENTION[args.model]
+        batches, contexts, budgets = args.batches or "1,4,16", args.contexts or "8192,32768,131072", args.budgets
+        budgets, block, impl = budgets or "2048,4096,8192", args.block_size or 64, "triton"
+    cuda = device == "cuda"
+    gen = torch.Generator().manual_seed(0)
+    gate = DecodeGate(hq, hkv, d, DecodeGateConfig(block_size=block)).to(device)
+    rows = []
+    for ctx in (int(x) for x in contexts.split(",")):
+        for b in (int(x) for x in batches.split(",")):
+            shape = (b, ctx, hq, hkv, d, block)
+            rows += bench_case(
+                shape, [int(x) for x in budgets.split(",")], providers, gate, dtype, device, impl, gen, args
+            )
+            if cuda:
+                torch.cuda.empty_cache()
+    add_ratios(rows)
+    for r in rows:
+        logger.info("%s", r)
+        desc = f"B={r['batch']:>3} ctx={r['context']:>7} budget={r.get('budget', '-')!s:>5} {r['provider']:<5}"
+        print(desc, f"{r['ms']:.4f} ms" if "ms" in r else r.get("error"), flush=True)
+    if args.json:
+        extra = {"gpu": torch.cuda.get_device_name()} if cuda else {}
+        model = {"attention": args.model if not args.smoke else "smoke", "Hq": hq, "Hkv": hkv, "D": d}
+        write_record(args.json, "bench-decode", rows, {**vars(args), "device": device, "impl": impl}, model, extra)
+    return 0
+
+
+def bench_case(shape, budgets, providers, gate, dtype, device, impl, gen, args) -> list[dict]:
+    """Rows of one (batch, context): sdpa once, then ours / seer / flex for every budget."""
+    b, ctx, hq, hkv, d, block = shape
+    cuda = device == "cuda"
+    rotary = rotary_fn()
+    q = torch.randn(b, hq, d, generator=gen).to(device, dtype)
+    k = torch.randn(b, hkv, ctx, d, generator=gen).to(device, dtype)
+    v = torch.randn(b, hkv, ctx, d, generator=gen).to(device, dtype)
+    lens = torch.full((b,), ctx, dtype=torch.int32, device=device)
+    cache = GateKeyCache(gate, b, max_tokens=ctx)
+    cache.prefill(k, lens, rotary)
+    positions = (lens - 1).long()
+    base = {"batch": b, "context": ctx, "Hq": hq, "Hkv": hkv, "D": d, "block": block, "dtype": str(dtype)}
+    rows = []
+    if "sdpa" in providers:
+        dense_bytes = 2 * b * hkv * ctx * d * k.element_size()
+        rows.append(run_provider("sdpa", sdpa_decode(q, k, v, cuda), base, dense_bytes, cuda, args))
+    for budget in budgets:
+        idx = random_selection(b, hkv, ctx, block, budget // block, gen).to(device)
+        kept = idx.shape[-1] * block
+        row = {**base, "budget": budget, "kept_tokens": kept}
+        nbytes = 2 * b * hkv * kept * d * k.element_size()
+        policy = DecodePolicy("budget", budget)
+
+        def ours(idx=idx):
+            return sparse_decode_attention(q, k, v, lens, idx, block, impl=impl)
+
+        def seer(policy=policy):
+            logits = gate.scores(q, cache.keys, positions, rotary)
+            sel = select_decode_blocks(logits, lens, policy, block, ctx // block)
+            return sparse_decode_attention(q, k, v, lens, sel, block, impl=impl)
+
+        fns = {"ours": ours, "seer": seer}
+        if "flex" in providers:
+            try:
+                fns["flex"] = flex_decode(q, k, v, idx, block, cuda)
+            except (RuntimeError, NotImplementedError, ValueError) as err:
+                rows.append({**row, "provider": "flex", "error": f"{type(err).__name__}: {err}"})
+        with torch.no_grad():
+            ref = ours()
+        for name in [p for p in PROVIDERS if p in fns and p in providers]:
+            r = run_provider(name, fns[name], row, nbytes, cuda, args)
+            if name == "flex" and "error" not in r:
+                with torch.no_grad():
+                    r["max_abs_diff_vs_ours"] = (fns[name]().float() - ref.float()).abs().max().item()
+            rows.append(r)
+    return rows
+
+
+def run_provider(name: str, fn, row: dict, nbytes: int, cuda: bool, args) -> dict:
+    """Time one provider; a failure is recorded in its row (never hidden)."""
+    out = {**row, "provider": name, "kv_bytes": nbytes}
+    try:
+        with torch.no_grad():
+            out["ms"] = time_ms(fn, cuda, args.reps)
+            out["gb_per_s"] = nbytes / out["ms"] / 1e6
+            if args.cuda_graph and cuda:
+                out["ms_graph"] = time_ms(fn, cuda, args.reps, graph=True)
+    except (RuntimeError, NotImplementedError, ValueError) as err:
+        logger.warning("%s failed on %s: %s", name, row, err)
+        out["error"] = f"{type(err).__name__}: {err}"
+    return out
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """speedup_vs_sdpa / speedup_vs_flex (and the graph-replay versions) of each row, from the same run."""
+    by = {}
+    for r in rows:
+        by[(r["batch"], r["context"], r.get("budget"), r["provider"])] = r
+    for r in rows:
+        if "ms" not in r or r["provider"] == "sdpa":
+            continue
+        for peer, key in (("sdpa", None), ("flex", r.get("budget"))):
+            other = by.get((r["batch"], r["context"], key, peer))
+            if other is None or "ms" not in other or other is r:
+                continue
+            r[f"speedup_vs_{peer}"] = other["ms"] / r["ms"]
+            if "ms_graph" in r and "ms_graph" in other:
+                r[f"speedup_vs_{peer}_graph"] = other["ms_graph"] / r["ms_graph"]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
