@@ -126,16 +126,25 @@ def flex_decode(q, k, v, idx, block: int, cuda: bool):
 
 
 def sdpa_decode(q, k, v, cuda: bool):
+    """(callable, how GQA is run): SDPA over the whole cache, flash backend on the GPU. ``enable_gqa`` first;
+    should the flash backend refuse it, K/V repeated over the group (recorded in the row, not hidden)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     q4 = q.unsqueeze(2)
     backend = SDPBackend.FLASH_ATTENTION if cuda else SDPBackend.MATH
 
-    def run():
+    def call(kk, vv, gqa):
         with sdpa_kernel([backend]):
-            return torch.nn.functional.scaled_dot_product_attention(q4, k, v, enable_gqa=True).squeeze(2)
+            return torch.nn.functional.scaled_dot_product_attention(q4, kk, vv, enable_gqa=gqa).squeeze(2)
 
-    return run
+    try:
+        call(k, v, True)
+        return (lambda: call(k, v, True)), "enable_gqa"
+    except RuntimeError as err:
+        logger.warning("SDPA refused enable_gqa (%s): K/V repeated over the group", err)
+        g = q.shape[1] // k.shape[1]
+        kx, vx = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+        return (lambda: call(kx, vx, False)), f"repeated K/V ({type(err).__name__})"
 
 
 def main(argv=None) -> int:
@@ -198,9 +207,11 @@ def bench_case(shape, budgets, providers, gate, dtype, device, impl, gen, args) 
     b, ctx, hq, hkv, d, block = shape
     cuda = device == "cuda"
     rotary = rotary_fn()
-    q = torch.randn(b, hq, d, generator=gen).to(device, dtype)
-    k = torch.randn(b, hkv, ctx, d, generator=gen).to(device, dtype)
-    v = torch.randn(b, hkv, ctx, d, generator=gen).to(device, dtype)
+    dev_gen = torch.Generator(device=device).manual_seed(ctx * 1000 + b)  # 128k x 16 caches: drawn on the GPU
+    q, k, v = (
+        torch.randn(*s, generator=dev_gen, device=device, dtype=dtype)
+        for s in ((b, hq, d), (b, hkv, ctx, d), (b, hkv, ctx, d))
+    )
     lens = torch.full((b,), ctx, dtype=torch.int32, device=device)
     cache = GateKeyCache(gate, b, max_tokens=ctx)
     cache.prefill(k, lens, rotary)
@@ -209,7 +220,8 @@ def bench_case(shape, budgets, providers, gate, dtype, device, impl, gen, args) 
     rows = []
     if "sdpa" in providers:
         dense_bytes = 2 * b * hkv * ctx * d * k.element_size()
-        rows.append(run_provider("sdpa", sdpa_decode(q, k, v, cuda), base, dense_bytes, cuda, args))
+        fn, gqa = sdpa_decode(q, k, v, cuda)
+        rows.append({**run_provider("sdpa", fn, base, dense_bytes, cuda, args), "sdpa_gqa": gqa})
     for budget in budgets:
         idx = random_selection(b, hkv, ctx, block, budget // block, gen).to(device)
         kept = idx.shape[-1] * block

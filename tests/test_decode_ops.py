@@ -7,6 +7,7 @@ in plain low-precision PyTorch (``kernel_helpers.lowp_attention``), plus a small
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -189,3 +190,86 @@ def test_decode_benchmark_runs_in_its_cpu_smoke_configuration(tmp_path):
     assert all("error" not in r and r["ms"] > 0 for r in rows.values())
     assert rows[("ours", 64)]["kept_tokens"] == 64 and rows[("ours", 64)]["speedup_vs_sdpa"] > 0
     assert rows[("flex", 32)]["max_abs_diff_vs_ours"] < 1e-5  # FlexAttention on the same selection agrees
+
+
+# ---------------------------------------------------------------------- GPU (compiled kernels, bf16)
+def _on_gpu():
+    return torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+
+
+gpu = pytest.mark.skipif(not _on_gpu(), reason="needs a CUDA GPU and the compiled kernels (no TRITON_INTERPRET)")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_gpu_bf16_llama_shapes(paged):
+    """Llama-3.1-8B heads, bf16, 8k cache, varlen, 64-token blocks: error vs fp64 <= 2x bf16 PyTorch + eps."""
+    lens = [8192, 5001, 77, 1]
+    q, k, v, sl, idx = make_case(lens, 32, 8, 128, 8192, 64, 32, torch.float32, seed=1, empty_heads={(2, 3)})
+    q, k, v, sl, idx = (x.cuda() for x in (q, k, v, sl, idx))
+    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    if paged:
+        kp, vp, table = (x.cuda() for x in paged_copy(kb.cpu(), vb.cpu(), 256))
+        out, lse = sparse_decode_attention(qb, kp, vp, sl, idx, 64, block_table=table, return_lse=True)
+    else:
+        out, lse = sparse_decode_attention(qb, kb, vb, sl, idx, 64, return_lse=True)
+    (o64, l64), (olp, _) = oracle_and_lowp(qb, kb, vb, sl, idx, 64)
+    err, lp_err = (out - o64).double().norm() / o64.double().norm(), (olp - o64).double().norm() / o64.double().norm()
+    assert err <= 2 * lp_err + 1e-3, f"error {err:.3g} vs bf16 PyTorch {lp_err:.3g}"
+    empty = torch.isinf(l64)
+    assert torch.equal(torch.isinf(lse), empty) and (out[empty] == 0).all() and not torch.isnan(out).any()
+    torch.testing.assert_close(lse[~empty].double(), l64[~empty].double(), rtol=0, atol=2e-2)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_decode_step_has_no_host_sync_and_replays_in_a_cuda_graph():
+    """Gate scores -> budget policy -> kernel -> cache append: no synchronising call (after the first call
+    tuned the kernel), and a CUDA graph of the step replays to the eager result on new inputs."""
+    from seerattn.decode_policy import DecodePolicy, select_decode_blocks
+    from seerattn.gate import DecodeGate, DecodeGateConfig, GateKeyCache
+
+    def rotary(x, pos):
+        f = pos.float().unsqueeze(-1) / 10000 ** (torch.arange(0, 128, 2, device=x.device) / 128)
+        emb = torch.cat((f, f), -1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+    b, t = 4, 4096
+    gate = DecodeGate(32, 8, 128, DecodeGateConfig()).cuda()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    k = torch.randn(b, 8, t, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn_like(k)
+    q = torch.randn(b, 32, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    lens = torch.tensor([4000, 3000, 129, 64], dtype=torch.int32, device="cuda")
+    cache = GateKeyCache(gate, b, max_tokens=t)
+    cache.prefill(k, lens - 1, rotary)
+    policy = DecodePolicy("budget", 1024)
+
+    def step():
+        with torch.no_grad():
+            logits = gate.scores(q, cache.keys, (lens - 1).long(), rotary)
+            idx = select_decode_blocks(logits, lens, policy, 64, t // 64)
+            return sparse_decode_attention(q, k, v, lens, idx, 64), idx
+
+    step()  # first call: kernel tuning (timed, synchronising)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, idx = step()
+        cache.append(k[:, :, 0], rotary)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    want = sparse_decode_attention(q, k, v, lens, idx, 64, impl="reference")
+    torch.testing.assert_close(out.float(), want.float(), rtol=2e-2, atol=2e-2)
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph):
+        static_out, _ = step()
+    q.copy_(torch.randn(q.shape, device="cuda", generator=g))
+    graph.replay()
+    torch.testing.assert_close(static_out, step()[0], rtol=0, atol=0)

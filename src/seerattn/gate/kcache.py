@@ -55,6 +55,10 @@ class GateKeyCache:
             batch, hkv, len(self.poolings), d, dtype=torch.promote_types(p.dtype, torch.float32), device=device
         )
         self._max_len = 0  # host-side upper bound on ``lengths`` (decides growth without a sync)
+        # [Ck, 1] start values of the running pools (-inf for max, +inf for min, 0 for sums), made once:
+        # a host-to-device copy per step would be a synchronisation.
+        start = {"max": float("-inf"), "min": float("inf"), "avg": 0.0}
+        self._start = torch.tensor([start[p] for p in self.poolings], dtype=self._pools.dtype).view(-1, 1).to(device)
 
     @property
     def capacity(self) -> int:
@@ -67,13 +71,6 @@ class GateKeyCache:
             grow = max(need, 2 * self.capacity) - self.capacity
             self.keys = torch.nn.functional.pad(self.keys, (0, 0, 0, grow))
         self._max_len = max_len
-
-    def _identity(self) -> torch.Tensor:
-        """[Ck, 1] start values of the running pools: -inf for max, +inf for min, 0 for sums."""
-        start = {"max": float("-inf"), "min": float("inf"), "avg": 0.0}
-        return torch.tensor([start[p] for p in self.poolings], dtype=self._pools.dtype, device=self._pools.device).view(
-            -1, 1
-        )
 
     def _combine(self, pools: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Fold rows [..., D] into pools [..., Ck, D]."""
@@ -146,7 +143,7 @@ class GateKeyCache:
         self._reserve(self._max_len + 1)
         count = self.lengths % bs  # rows already in the partial block
         fresh = (count == 0).view(b, 1, 1, 1)
-        pools = torch.where(fresh, self._identity(), self._pools)
+        pools = torch.where(fresh, self._start, self._pools)
         self._pools.copy_(self._combine(pools, k_new))
         done = count + 1 == bs  # [B]
         start = (self.num_blocks * bs).view(b, 1)
