@@ -43,6 +43,17 @@ __all__ = ["decode_configs", "num_decode_splits", "sparse_decode_fwd"]
 
 
 @triton.jit
+def _page_of(table_row, blk, s, MAX_PAGES, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, KPB: tl.constexpr,
+             PAGE: tl.constexpr, PAGED: tl.constexpr):  # fmt: skip
+    """Page id holding step ``s``'s keys of block ``blk`` (0 for padding, or without paging)."""
+    if PAGED:
+        page_slot = (blk * BLOCK_SIZE + (s % KPB) * BLOCK_N) // PAGE
+        return tl.load(table_row + page_slot, mask=(blk >= 0) & (page_slot < MAX_PAGES), other=0)
+    else:
+        return blk * 0
+
+
+@triton.jit
 def _decode_split_kernel(
     Q, K, V, Out, Lse, OPart, LPart, Idx, SeqLens, Table,
     qk_scale,
@@ -90,14 +101,16 @@ def _decode_split_kernel(
     # addresses come from a loop-carried value and the pipeliner can keep copies in flight (an index
     # load feeding the copies of its own step cost ~0.6 us per step in the block-sparse forward).
     blk = tl.load(idx_ptr + slot0, mask=n_steps > 0, other=-1)
+    page = _page_of(Table + b * stride_tb, blk, 0, MAX_PAGES, BLOCK_SIZE, BLOCK_N, KPB, PAGE, PAGED)
     for s in range(0, n_steps):
         nxt = tl.load(idx_ptr + slot0 + (s + 1) // KPB, mask=s + 1 < n_steps, other=-1)
+        # the page of the next step too: a page id loaded in its own step made the paged loop wait for
+        # every copy at the top of each step (offline sm_90 TTGIR: async_wait num = 0)
+        nxt_page = _page_of(Table + b * stride_tb, nxt, s + 1, MAX_PAGES, BLOCK_SIZE, BLOCK_N, KPB, PAGE, PAGED)
         tok0 = blk * BLOCK_SIZE + (s % KPB) * BLOCK_N
         kpos = tok0 + offs_n
         col_ok = (blk >= 0) & (kpos < seqlen)
         if PAGED:
-            page_slot = tok0 // PAGE
-            page = tl.load(Table + b * stride_tb + page_slot, mask=(blk >= 0) & (page_slot < MAX_PAGES), other=0)
             in_page = tl.where(col_ok, tok0 % PAGE + offs_n, 0).to(tl.int64)
             k_rows = page.to(tl.int64) * stride_kb + in_page * stride_kt
             v_rows = page.to(tl.int64) * stride_vb + in_page * stride_vt
@@ -118,6 +131,7 @@ def _decode_split_kernel(
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
         blk = nxt
+        page = nxt_page
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
