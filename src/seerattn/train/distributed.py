@@ -28,9 +28,12 @@ Fine-tuning (:mod:`.finetune`) trains the model too: with ``ddp`` every trainabl
 is averaged the same way (one flat buffer: meant for models whose replicas fit, e.g. the testbed or
 LoRA); with ``fsdp`` the same ``fully_shard`` layout (the whole causal LM as the root unit) now
 reduce-scatters the weights' gradients during the backward, while the gates stay replicated and
-all-reduced as above: they are a few MB, and their loss graph is built apart from the layer's
-checkpointed forward. :func:`clip_grad_norm` clips the global norm over sharded and replicated
-gradients alike.
+all-reduced as above: they are a few MB, and each layer takes its gate loss's gradient inside its
+own forward (``SeerState.gate_grad_scale``; the gate reads detached inputs, so FSDP's hooks are not
+involved), accumulating into ``.grad`` over the micro-batches; the one all-reduce per optimizer step
+(:func:`average_gradients`, from the task's ``reduce_gradients``) follows the last micro-batch, as
+before. On a step without a gate target (``gate_target_every``) the gates have no gradient and are not
+all-reduced. :func:`clip_grad_norm` clips the global norm over sharded and replicated gradients alike.
 
 Shape legend: none (parameter lists only).
 """
