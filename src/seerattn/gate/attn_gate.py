@@ -203,8 +203,9 @@ class AttnGate(nn.Module):
                 ``block_size // q_step``-th entry, their blocks' starts. Required when ``config.use_rope``.
             impl: ``"eager"`` (this module's PyTorch code: differentiable, any device), ``"triton"`` (the
                 kernels of :func:`seerattn.ops.gate_block_logits`: inference only, fp32 whatever the
-                weights' dtype, no fp32 copy of the sequence and no window-by-block logits) or None: ``"triton"`` on CUDA when no
-                gradient is needed (under ``no_grad`` or with frozen weights and inputs), else ``"eager"``.
+                weights' dtype, no fp32 copy of the sequence and no window-by-block logits) or None:
+                ``"triton"`` on CUDA when no gradient is needed (under ``no_grad`` or with frozen weights and
+                inputs), else ``"eager"``.
 
         Returns:
             logits [B, Hq, NB, NB] in fp32, ``-inf`` above the block diagonal (diagonal kept);

@@ -317,7 +317,6 @@ def group_scores(probs: torch.Tensor, hkv: int) -> torch.Tensor:
     return probs.view(b, hkv, hq // hkv, n, n).mean(2)
 
 
-
 def _autocast_inputs(query, key, value):
     """q, k, v in one dtype. Under autocast with fp32 master weights, transformers hands us fp32 q/k (RoPE
     applied in the residual stream's dtype) beside a bf16 v (autocast linear); SDPA casts them itself, our ops
@@ -328,6 +327,7 @@ def _autocast_inputs(query, key, value):
         dtype = torch.get_autocast_dtype(device)
         return query.to(dtype), key.to(dtype), value.to(dtype)
     return query, key, value
+
 
 def seer_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """The ``"seer"`` attention function (transformers' AttentionInterface signature).
