@@ -394,6 +394,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawn_workers(fn, args: tuple, nprocs: int, timeout_s: float = 300.0) -> None:
+    """``torch.multiprocessing.spawn`` with a deadline: a rank stuck in process-group setup (a port taken by another
+    process between ``_free_port`` and the bind) fails the test instead of hanging the whole suite."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"{nprocs} worker processes did not finish within {timeout_s:.0f} s")
+
+
 def _worker(rank: int, world: int, ports: list[int], tiny: dict, root: str) -> None:
     """One rank, set up as torchrun would (environment only): a DDP-layout then an FSDP-layout run."""
     import os
@@ -420,12 +437,10 @@ def _worker(rank: int, world: int, ports: list[int], tiny: dict, root: str) -> N
 
 
 def test_two_processes_gloo_match_single_process(tiny, tmp_path):
-    import torch.multiprocessing as mp
-
     single = distill(_config(tiny, tmp_path / "single", steps=6))  # global batch 4 = 2 micro-batches of 2
     ref = _gates(single.adapter)
     sys.path.insert(0, str(Path(__file__).parent))  # the spawned workers import this module
-    mp.spawn(_worker, args=(2, [_free_port(), _free_port()], tiny, str(tmp_path)), nprocs=2, join=True)
+    spawn_workers(_worker, (2, [_free_port(), _free_port()], tiny, str(tmp_path)), nprocs=2)
     for parallel in ("ddp", "fsdp"):
         r0 = torch.load(tmp_path / f"{parallel}-rank0.pt")
         r1 = torch.load(tmp_path / f"{parallel}-rank1.pt")

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 from hf_models import GATE, input_ids, make_model
-from test_distill import _documents, _free_port, make_tiny
+from test_distill import _documents, _free_port, make_tiny, spawn_workers
 
 import seerattn.hf.integration as integration
 from seerattn import SparsityPolicy
@@ -402,13 +402,11 @@ def _ft_worker(rank: int, world: int, ports: list[int], tiny: dict, root: str) -
 
 
 def test_two_processes_fsdp_match_single_process(tiny, tmp_path):
-    import torch.multiprocessing as mp
-
     from seerattn.train import finetune
 
     finetune(_ft_config(tiny, tmp_path / "single", steps=3))
     sys.path.insert(0, str(Path(__file__).parent))
-    mp.spawn(_ft_worker, args=(2, [_free_port() for _ in range(3)], tiny, str(tmp_path)), nprocs=2, join=True)
+    spawn_workers(_ft_worker, (2, [_free_port() for _ in range(3)], tiny, str(tmp_path)), nprocs=2)
     for folder in ("model", "adapter"):
         a, b = _safetensors(tmp_path / "single" / folder), _safetensors(tmp_path / "fsdp" / folder)
         assert a.keys() == b.keys(), folder
