@@ -60,7 +60,7 @@ if [ -z "${SKIP_BENCH:-}" ]; then
   if [ "$DRY" = 1 ]; then
     step train-step 600 python3 -m benchmarks.train_step --smoke --json $R/train_step.json
   else
-    step train-step 130 python3 -m benchmarks.train_step --seqlens 32768,65536 --layers ${TS_LAYERS:-16} --reps 2 \
+    step train-step 130 python3 -m benchmarks.train_step --seqlens 32768,65536 --layers ${TS_LAYERS:-16} --reps 2 --target-every 4 \
       --json $R/train_step.json
   fi
 fi
