@@ -542,3 +542,21 @@ def test_resume_falls_back_past_a_damaged_checkpoint_and_a_torn_metrics_line(tin
     again = distill(_config(tiny, broken), resume=True)
     assert again.start_step == 12 and again.final["step"] == 12
     assert again.final["kl"] == _metrics(whole)[-1]["kl"]
+
+
+def test_cli_data_argument_replaces_the_recipes_data(tiny, tmp_path, capsys):
+    """``--data`` (distill and finetune) takes the same inputs as the recipe's ``data``; paths are used as given."""
+    from seerattn.cli import main
+
+    recipe = _write(tmp_path / "r.yaml", {**_config(tiny, tmp_path / "cli").to_dict(), "data": ["nowhere.txt"]})
+    # the recipe's data does not exist; --data points at the real corpus: the run trains
+    assert main(["distill", str(recipe), "--set", "steps=2", "--data", str(tiny["data"])]) == 0
+    assert (tmp_path / "cli" / "adapter" / "seer_gates.safetensors").is_file()
+    saved = yaml.safe_load((tmp_path / "cli" / "config.yaml").read_text())
+    assert saved["data"] == [str(tiny["data"])]
+    capsys.readouterr()
+    assert main(["finetune", str(recipe), "--data", "a.txt", "--set", "data=[b.txt]"]) == 2
+    assert "--data and --set data=... both set the training data" in capsys.readouterr().err
+    missing = tmp_path / "no such folder"
+    assert main(["distill", str(recipe), "--set", f"output_dir={tmp_path / 'other'}", "--data", str(missing)]) == 2
+    assert str(missing) in capsys.readouterr().err

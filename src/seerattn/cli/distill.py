@@ -19,8 +19,13 @@ def run_recipe(args, command: str, kind_name: str, train_name: str) -> int:
 
     if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, rank 0 alone reports progress
         logging.getLogger().setLevel(logging.WARNING)
-    overrides = [item for group in args.set or [] for item in group]
+    items = [item for group in args.set or [] for item in group]
     try:
+        overrides = train.parse_overrides(items)
+        if args.data is not None:
+            if "data" in overrides:
+                raise train.ConfigError("--data and --set data=... both set the training data; give one of them")
+            overrides["data"] = list(args.data)  # paths as given: no YAML parsing of the user's file names
         config = train.load_recipe(args.recipe, overrides, kind=getattr(train, kind_name))
         result = getattr(train, train_name)(config, resume=args.resume, stop_after=args.stop_after)
     except (train.ConfigError, FileNotFoundError, FileExistsError) as e:  # user errors: one line, no traceback
@@ -48,6 +53,14 @@ def add_recipe_arguments(p, config_class: str, example: str) -> None:
         action="append",
         metavar="KEY=VALUE",
         help=f"override recipe fields, e.g. --set {example}",
+    )
+    p.add_argument(
+        "--data",
+        nargs="+",
+        metavar="PATH",
+        default=None,
+        help="training data instead of the recipe's: folders of .txt/.txt.gz (MANIFEST.tsv: its train split; none: "
+        "every file), text files, or .jsonl/.parquet files or folders with a text column (the [data] extra)",
     )
     p.add_argument(
         "--resume",
