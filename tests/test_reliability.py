@@ -4,9 +4,12 @@ patched models, and one-line CLI errors. Each case names the file or field that 
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import logging
 import pickle
+import re
+import sys
 
 import pytest
 import torch
@@ -296,3 +299,302 @@ def test_apply_that_fails_on_a_later_layer_leaves_no_gate_or_hook():
     assert not hasattr(model.model.layers[0].self_attn, "seer_gate")
     assert not hasattr(model.model.layers[0].self_attn, "_seer_state")
     assert sum(len(m._forward_hooks) for m in model.modules()) == hooks
+
+
+# ------------------------------------------------------------------------------ NaN in, NaN out (every impl)
+def _kernel_device() -> str:
+    """Where the Triton impl runs: CPU under the interpreter (set by conftest without CUDA), else CUDA."""
+    pytest.importorskip("triton")
+    from seerattn.ops._triton.config import interpreting
+
+    if interpreting():
+        return "cpu"
+    if not torch.cuda.is_available():
+        pytest.skip("the Triton impl needs CUDA or TRITON_INTERPRET=1")
+    return "cuda"
+
+
+def _poison(x: torch.Tensor, g: torch.Generator, n: int = 2) -> torch.Tensor:
+    """A copy of ``x`` with NaN at ``n`` random elements."""
+    x = x.clone()
+    flat = x.view(-1)
+    flat[torch.randint(0, flat.numel(), (n,), generator=g)] = float("nan")
+    return x
+
+
+def _nan_rows(x: torch.Tensor) -> torch.Tensor:
+    return x.isnan().any(-1) if x.dim() == 4 else x.isnan()
+
+
+def _required_nan_rows(q, k, v, keep) -> torch.Tensor:
+    """[B, Hq, T]: rows whose computation reads a NaN (their own q row, or k/v of a key they attend to).
+    keep: bool [B, Hq, T, T] of attended (query, key) pairs."""
+    g = q.shape[1] // k.shape[1]
+    kv_nan = (k.isnan().any(-1) | v.isnan().any(-1)).repeat_interleave(g, 1)  # [B, Hq, T]
+    return q.isnan().any(-1) | (keep & kv_nan.unsqueeze(-2)).any(-1)
+
+
+def _assert_nan_out(name: str, got: torch.Tensor, required: torch.Tensor) -> None:
+    """NaN is never dropped: every row that reads a NaN is NaN."""
+    missing = required & ~_nan_rows(got)
+    assert not missing.any(), f"{name}: {int(missing.sum())} rows read a NaN but are finite"
+
+
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_nan_in_gives_nan_out_attention_with_block_scores(where, seed):
+    from kernel_helpers import rand_qkv
+
+    from seerattn.ops import attention_with_block_scores
+
+    dev = _kernel_device()
+    bs, t = 16, 45  # a partial last block
+    q, k, v = rand_qkv(1, 4, 2, t, 16, torch.float32, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (_poison(x, gen) if name == where else x for name, x in zip("qkv", (q, k, v), strict=True))
+    keep = torch.ones(t, t, dtype=torch.bool).tril().expand(1, 4, t, t)
+    required = _required_nan_rows(q, k, v, keep)
+    assert required.any()
+    res = {}
+    for impl in ("reference", "triton"):
+        out, lse, scores = attention_with_block_scores(*(x.to(dev) for x in (q, k, v)), block_size=bs, impl=impl)
+        out, lse, scores = out.cpu(), lse.cpu(), scores.cpu()
+        _assert_nan_out(f"{impl} out", out, required)
+        res[impl] = (lse.isnan(), scores.isnan())
+        # A query block with a NaN row has an all-NaN score row (its normalisation reads the NaN);
+        # the other rows stay finite and sum to 1.
+        nb = scores.shape[-1]
+        lse_nan = torch.nn.functional.pad(lse.isnan(), (0, nb * bs - t)).view(1, 4, nb, bs).any(-1)
+        assert torch.equal(scores.isnan().all(-1), lse_nan) and torch.equal(scores.isnan().any(-1), lse_nan), impl
+        fin = ~lse_nan
+        torch.testing.assert_close(scores.sum(-1)[fin], torch.ones(int(fin.sum())), atol=1e-5, rtol=0)
+        if where != "v":
+            _assert_nan_out(f"{impl} lse", lse, required)
+    # Both implementations put NaN in the same lse rows and block-score entries.
+    assert torch.equal(res["reference"][0], res["triton"][0])
+    assert torch.equal(res["reference"][1], res["triton"][1])
+
+
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("mask_heads", [4, 2], ids=["per-head-union-tiles", "per-group-packed"])
+def test_nan_in_gives_nan_out_block_sparse_forward_and_backward(where, mask_heads):
+    from kernel_helpers import rand_mask, rand_qkv, token_keep
+
+    from seerattn.ops import block_sparse_attention
+
+    dev = _kernel_device()
+    bs, t = 16, 75
+    q, k, v = rand_qkv(1, 4, 2, t, 16, torch.float32, seed=3)
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (_poison(x, gen) if name == where else x for name, x in zip("qkv", (q, k, v), strict=True))
+    mask = rand_mask(1, mask_heads, t, bs, density=0.4, seed=3)
+    required = _required_nan_rows(q, k, v, token_keep(mask, 4))
+    assert required.any() and not required.all()
+    dout = torch.randn(1, 4, t, 16, generator=gen)
+    any_nan = {}
+    for impl in ("reference", "triton"):
+        qq, kk, vv = (x.to(dev).requires_grad_() for x in (q, k, v))
+        out, lse = block_sparse_attention(qq, kk, vv, mask.to(dev), return_lse=True, impl=impl)
+        out.backward(dout.to(dev))
+        out, lse = out.detach().cpu(), lse.cpu()
+        _assert_nan_out(f"{impl} out", out, required)
+        if where != "v":
+            _assert_nan_out(f"{impl} lse", lse, required)
+        _assert_nan_out(f"{impl} dq", qq.grad.cpu(), required)  # dq_i reads out_i (through delta_i)
+        # dk reads dp = dout . v and ds * q; dv = p^T dout reads q and k only (through p).
+        assert kk.grad.isnan().any(), f"{impl}: a NaN vanished from dk"
+        assert vv.grad.isnan().any() == (where != "v"), f"{impl}: dv NaN-ness"
+        any_nan[impl] = [bool(x.isnan().any()) for x in (out, lse, qq.grad, kk.grad, vv.grad)]
+    assert any_nan["reference"] == any_nan["triton"]
+
+
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_nan_in_gives_nan_out_sparse_decode(where, num_splits):
+    from seerattn.ops import reference
+    from seerattn.ops._triton.decode_fwd import sparse_decode_fwd
+    from seerattn.ops.reference import _kept_tokens
+
+    dev = _kernel_device()
+    bs, tmax, lens = 16, 96, [90, 37, 64]
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(3, 4, 16, generator=gen)
+    k, v = torch.randn(3, 2, tmax, 16, generator=gen), torch.randn(3, 2, tmax, 16, generator=gen)
+    idx = torch.tensor([[[0, 3, 5, -1], [1, 2, -1, 4]], [[0, 1, 2, -1], [2, -1, -1, -1]], [[3, 1, -1, 0], [-1] * 4]])
+    idx, seqlens = idx.to(torch.int32), torch.tensor(lens, dtype=torch.int32)
+    if where == "q":
+        q[0, 1, 3] = q[2, 3, 0] = float("nan")
+    else:
+        x = k if where == "k" else v
+        x[0, 0, 50, 2] = x[1, 1, 40, 0] = x[2, 0, 70, 1] = float("nan")  # selected / selected / past the end
+    keep = _kept_tokens(idx, seqlens, bs, tmax).repeat_interleave(2, 1)  # [B, Hq, T]
+    kv_nan = (k.isnan().any(-1) | v.isnan().any(-1)).repeat_interleave(2, 1)
+    # A NaN query that selects nothing attends to nothing: its row is zeros (the documented empty row).
+    required = (q.isnan().any(-1) & keep.any(-1)) | (keep & kv_nan).any(-1)  # [B, Hq]
+    assert required.any() and not required.all()
+    ref_out, ref_lse = reference.sparse_decode_attention(q, k, v, seqlens, idx, bs, return_lse=True)
+    args = (x.to(dev) for x in (q, k, v, seqlens, idx))
+    out, lse = sparse_decode_fwd(*args, bs, 0.25, return_lse=True, num_splits=num_splits)
+    for name, o in (("reference", ref_out), ("triton", out.cpu())):
+        assert torch.equal(o.isnan().any(-1), required), name
+    for name, lse_ in (("reference", ref_lse), ("triton", lse.cpu())):
+        if where != "v":
+            assert torch.equal(lse_.isnan(), required), name
+
+
+# ------------------------------------------------------------------------------ empty axes, missing paths and extras
+def _z(*shape):
+    return torch.zeros(*shape)
+
+
+def _full_mask(b, h, t, bs=16):
+    from seerattn import BlockMask
+
+    nb = -(-t // bs)
+    return BlockMask.from_dense(torch.ones(b, h, nb, nb, dtype=torch.bool), bs, t)
+
+
+def _decode(q, kc, lens, idx):
+    from seerattn.ops import sparse_decode_attention
+
+    return sparse_decode_attention(q, kc, kc.clone(), torch.tensor(lens, dtype=torch.int32), idx, 16)
+
+
+EMPTY_AXES = [
+    ("awbs-B0", lambda: _awbs(_z(0, 2, 32, 8), _z(0, 2, 32, 8)), "q has batch B = 0"),
+    ("awbs-D0", lambda: _awbs(_z(1, 2, 32, 0), _z(1, 2, 32, 0)), "q has head dim D = 0"),
+    ("awbs-Hq0", lambda: _awbs(_z(1, 0, 32, 8), _z(1, 2, 32, 8)), "q has heads H = 0"),
+    ("awbs-Hkv0", lambda: _awbs(_z(1, 2, 32, 8), _z(1, 0, 32, 8)), "k has heads H = 0"),
+    ("bsa-B0", lambda: _bsa(_z(0, 2, 32, 8), _z(0, 2, 32, 8), _full_mask(1, 2, 32)), "q has batch B = 0"),
+    ("bsa-D0", lambda: _bsa(_z(1, 2, 32, 0), _z(1, 2, 32, 0), _full_mask(1, 2, 32)), "q has head dim D = 0"),
+    (
+        "decode-B0",
+        lambda: _decode(_z(0, 2, 8), _z(0, 2, 32, 8), [], torch.zeros(0, 2, 1, dtype=torch.int32)),
+        "q has batch B = 0",
+    ),
+    (
+        "decode-D0",
+        lambda: _decode(_z(1, 2, 0), _z(1, 2, 32, 0), [1], torch.zeros(1, 2, 1, dtype=torch.int32)),
+        "q has head dim D = 0",
+    ),
+    (
+        "decode-Hq0",
+        lambda: _decode(_z(1, 0, 8), _z(1, 2, 32, 8), [1], torch.zeros(1, 2, 1, dtype=torch.int32)),
+        "q has heads Hq = 0",
+    ),
+    (
+        "decode-paged-Hkv0",
+        lambda: __import__("seerattn.ops", fromlist=["x"]).sparse_decode_attention(
+            _z(1, 2, 8),
+            _z(2, 16, 0, 8),
+            _z(2, 16, 0, 8),
+            torch.ones(1, dtype=torch.int32),
+            torch.zeros(1, 0, 1, dtype=torch.int32),
+            16,
+            block_table=torch.zeros(1, 2, dtype=torch.int32),
+        ),  # fmt: skip
+        "k_cache has heads Hkv = 0",
+    ),
+]
+
+
+def _awbs(q, kv):
+    from seerattn import attention_with_block_scores
+
+    return attention_with_block_scores(q, kv, kv.clone(), block_size=16)
+
+
+def _bsa(q, kv, mask):
+    from seerattn import block_sparse_attention
+
+    return block_sparse_attention(q, kv, kv.clone(), mask)
+
+
+@pytest.mark.parametrize("call,phrase", [c[1:] for c in EMPTY_AXES], ids=[c[0] for c in EMPTY_AXES])
+def test_empty_batch_head_or_head_dim_is_a_clear_error(call, phrase):
+    with pytest.raises(ValueError, match=re.escape(phrase) + r".*must be >= 1"):
+        call()
+
+
+def _recipe(tmp_path, model, data_name="d.txt", data_text="some text " * 50, **extra):
+    import yaml
+
+    data = tmp_path / data_name
+    data.write_text(data_text)
+    recipe = tmp_path / "r.yaml"
+    fields = {"model": str(model), "data": [str(data)], "output_dir": str(tmp_path / "out"), **extra}
+    recipe.write_text(yaml.safe_dump(fields))
+    return recipe
+
+
+def _no_tokenising(monkeypatch):
+    from seerattn.train import trainer
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the data was tokenised (or the tokenizer loaded) before the model path was checked")
+
+    monkeypatch.setattr(trainer, "prepare_tokens", fail)
+    monkeypatch.setattr(trainer, "_load_tokenizer", fail)
+
+
+@pytest.mark.parametrize("command,extra", [("distill", {}), ("finetune", {"distill_steps": 2})])
+@pytest.mark.parametrize("model", ["missing-folder", "folder-without-config", "bad/hub/id"])
+def test_missing_model_fails_before_tokenising_in_one_line(tmp_path, capsys, monkeypatch, command, extra, model):
+    from seerattn.cli import main
+
+    monkeypatch.delenv("SEERATTN_DEBUG", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a hub id must not reach the network in tests
+    _no_tokenising(monkeypatch)
+    path = {"missing-folder": tmp_path / "no-such-model", "folder-without-config": tmp_path, "bad/hub/id": model}[model]
+    assert main([command, str(_recipe(tmp_path, path, **extra))]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"seerattn {command}: error: recipe field 'model': cannot load a model config from ")
+    assert str(path) in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()  # nothing written either
+
+
+def test_missing_datasets_extra_is_one_line_naming_the_extra(tmp_path, capsys, monkeypatch):
+    from hf_models import make_config
+
+    from seerattn.cli import main
+    from seerattn.train import trainer
+
+    monkeypatch.delenv("SEERATTN_DEBUG", raising=False)
+    make_config("llama").save_pretrained(tmp_path / "m")
+    # a stand-in with a vocabulary (the cache key) that never tokenises: reading the data fails first
+    attrs = {"get_vocab": lambda s: {"a": 0}, "__len__": lambda s: 1, "bos_token_id": 0, "eos_token_id": None}
+    tok = type("Tok", (), attrs)()
+    monkeypatch.setattr(trainer, "_load_tokenizer", lambda config: tok)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
+    recipe = _recipe(tmp_path, tmp_path / "m", data_name="d.jsonl", data_text='{"text": "hello"}\n')
+    assert main(["distill", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("seerattn distill: error: ") and "pip install 'seerattn[data]'" in err
+    assert "d.jsonl" in err and err.count("\n") == 1
+    with pytest.raises(ModuleNotFoundError):  # --debug: the traceback
+        main(["--debug", "distill", str(recipe)])
+
+
+@pytest.mark.parametrize(
+    "module,extra", [("peft", "lora"), ("matplotlib", "eval"), ("peft.tuners", "lora"), ("not_a_seerattn_extra", None)]
+)
+def test_missing_optional_package_in_any_command_names_its_extra(capsys, monkeypatch, module, extra):
+    from seerattn import train
+    from seerattn.cli import main
+
+    monkeypatch.delenv("SEERATTN_DEBUG", raising=False)
+    monkeypatch.setitem(sys.modules, module, None)
+
+    def finetune(config, **kwargs):  # the import the fine-tuning trainer makes for a recipe with lora
+        importlib.import_module(module)
+
+    monkeypatch.setattr(train, "finetune", finetune)
+    monkeypatch.setattr(train, "load_recipe", lambda *args, **kwargs: None)
+    if extra is None:  # any other missing module is a bug: its traceback is shown
+        with pytest.raises(ModuleNotFoundError):
+            main(["finetune", "r.yaml"])
+        return
+    assert main(["finetune", "r.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("seerattn finetune: error: ") and err.count("\n") == 1
+    assert f"the optional package {module.split('.')[0]!r} is not installed (pip install 'seerattn[{extra}]')" in err

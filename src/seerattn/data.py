@@ -169,7 +169,8 @@ def iter_table_texts(path: Path, text_field: str = "text") -> Iterator[str]:
     except ModuleNotFoundError as e:
         raise ModuleNotFoundError(
             f"reading {path} needs the `datasets` library, which is not installed: {DATA_EXTRA} "
-            f"(plain {'/'.join(TEXT_SUFFIXES)} files need nothing more)"
+            f"(plain {'/'.join(TEXT_SUFFIXES)} files need nothing more)",
+            name="datasets",  # the CLI reports a missing extra in one line by this name
         ) from e
     if path.stat().st_size == 0:
         raise ValueError(f"{path} is empty: expected one row per document with a {text_field!r} column (text_field)")

@@ -6,7 +6,9 @@ Modules are imported only when the CLI starts, never by ``import seerattn``.
 
 User errors (bad arguments, recipes, paths, files: ``ValueError`` -- which includes ``ConfigError`` --
 ``FileNotFoundError``, ``FileExistsError``) print one line and exit with status 2, as argparse's usage
-errors do; ``seerattn --debug ...`` or ``SEERATTN_DEBUG=1`` shows the traceback instead.
+errors do; ``seerattn --debug ...`` or ``SEERATTN_DEBUG=1`` shows the traceback instead. So does a
+missing optional package (``ModuleNotFoundError`` for one of :data:`OPTIONAL_EXTRAS`): the line names
+the extra that installs it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,18 @@ import sys
 COMMANDS = ("quickstart", "env", "convert", "distill", "finetune", "eval")
 # What a user can fix from the message alone: reported in one line (exit 2) unless debugging.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+# Optional packages -> the extra of pyproject.toml that installs them.
+OPTIONAL_EXTRAS = {"datasets": "data", "peft": "lora", "matplotlib": "eval", "transformers": "hf", "triton": "triton"}
+
+
+def _missing_extra(e: ModuleNotFoundError) -> str | None:
+    """The one-line message for a missing optional package, None for any other missing module (a bug)."""
+    top = (e.name or "").split(".")[0]
+    if top not in OPTIONAL_EXTRAS:
+        return None
+    hint = f"pip install 'seerattn[{OPTIONAL_EXTRAS[top]}]'"
+    message = " ".join(str(e).split())
+    return message if hint in message else f"{message}: the optional package {top!r} is not installed ({hint})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,8 +69,12 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         message = " ".join(str(e).split()) or type(e).__name__  # one line, even for multi-line messages
-        print(f"seerattn {args.command}: error: {message}", file=sys.stderr)
-        return 2
+    except ModuleNotFoundError as e:
+        message = _missing_extra(e)
+        if debug or message is None:
+            raise
+    print(f"seerattn {args.command}: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

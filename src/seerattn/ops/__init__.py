@@ -17,6 +17,12 @@ autograd; triton: the block-sparse backward kernels; flex: FlexAttention's backw
 returns is not differentiable (detached). ``attention_with_block_scores`` is differentiable only
 with ``impl="reference"``; the Triton kernel raises when gradients are required rather than
 returning a detached output.
+
+NaN: a NaN in q, k or v is never dropped. Every output row that reads it (its own query row, or
+k/v of a key it attends to) is NaN in every ``impl``, so is its lse (a NaN in q or k), and in
+``attention_with_block_scores`` so is the whole block-score row of its query block; rows that attend
+to nothing stay zeros. No host synchronisation checks for it. The kernels may spread a NaN in v
+further, to rows of the same tile that do not attend to its key (0 x NaN inside a tile product).
 """
 
 from __future__ import annotations
@@ -58,6 +64,9 @@ def _check_qkv(q, k, v, op: str, varlen: bool = False) -> None:
             raise ValueError(f"{op}: {name} must be 4-D [B, H, T, D], got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"{op}: {name} must be floating point, got {x.dtype}")
+        for axis, label in ((0, "batch B"), (1, "heads H"), (3, "head dim D")):  # T = 0 is refused below
+            if x.shape[axis] == 0:
+                raise ValueError(f"{op}: {name} has {label} = 0 (shape {tuple(x.shape)} [B, H, T, D]); it must be >= 1")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"{op}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
@@ -73,7 +82,7 @@ def _check_qkv(q, k, v, op: str, varlen: bool = False) -> None:
         )
     if dq != dk:
         raise ValueError(f"{op}: q and k head dims differ: {dq} vs {dk}")
-    if hk == 0 or hq % hk:
+    if hq % hk:
         raise ValueError(f"{op}: query heads ({hq}) must be a multiple of key/value heads ({hk}) for GQA")
     if tq == 0:
         raise ValueError(f"{op}: sequence length must be >= 1")

@@ -47,6 +47,14 @@ def _validate(q, k_cache, v_cache, cache_seqlens, block_indices, block_size, blo
             raise ValueError(f"{_OP}: {name} is on {x.device} but q is on {q.device}")
     if not q.is_floating_point():
         raise TypeError(f"{_OP}: q must be floating point, got {q.dtype}")
+    kv_axes = ((2, "heads Hkv"), (3, "head dim D")) if paged else ((0, "batch B"), (1, "heads Hkv"), (3, "head dim D"))
+    for name, x, lgd, axes in (
+        ("q", q, "[B, Hq, D]", ((0, "batch B"), (1, "heads Hq"), (2, "head dim D"))),
+        ("k_cache", k_cache, legend, kv_axes),
+    ):
+        for axis, label in axes:
+            if x.shape[axis] == 0:
+                raise ValueError(f"{_OP}: {name} has {label} = 0 (shape {tuple(x.shape)} {lgd}); it must be >= 1")
     if k_cache.shape != v_cache.shape:
         raise ValueError(
             f"{_OP}: k_cache and v_cache differ in shape: {tuple(k_cache.shape)} vs {tuple(v_cache.shape)}"
@@ -68,7 +76,7 @@ def _validate(q, k_cache, v_cache, cache_seqlens, block_indices, block_size, blo
             raise ValueError(f"{_OP}: k_cache batch {bk} != q batch {b}")
     if dk != d:
         raise ValueError(f"{_OP}: q and k_cache head dims differ: {d} vs {dk}")
-    if hkv == 0 or hq % hkv:
+    if hq % hkv:
         raise ValueError(f"{_OP}: query heads ({hq}) must be a multiple of key/value heads ({hkv}) for GQA")
     _check_int32(cache_seqlens, "cache_seqlens", (b,), "[B]", q.device)
     _check_int32(block_indices, "block_indices", (b, hkv, None), "[B, Hkv, K]", q.device)

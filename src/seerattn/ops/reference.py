@@ -51,6 +51,10 @@ def _attend(q, k, v, scale, keep):
     empty = torch.isinf(lse)
     # Empty rows: subtract 0 instead of -inf so exp gives 0, never NaN.
     p = torch.exp(logits - torch.where(empty, torch.zeros_like(lse), lse).unsqueeze(-1))
+    # Values no row of the chunk attends to (past a decode cache's end, unselected blocks) are zeroed:
+    # 0 x NaN in the matmul would otherwise spread a NaN (or the garbage of an uninitialised cache)
+    # into rows that never read it, empty rows included, which the kernels do not do.
+    v = v.masked_fill(~keep.expand(*p.shape).any(-2).unsqueeze(-1), 0.0)
     return torch.matmul(p, v), lse, logits
 
 

@@ -204,7 +204,29 @@ def load_model(config: TrainConfig, dtype: torch.dtype):
 def _load_tokenizer(config: TrainConfig):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(config.tokenizer or config.model)
+    field = "tokenizer" if config.tokenizer else "model"
+    path = config.tokenizer or config.model
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:  # a missing folder, a bad hub id (HFValidationError is a ValueError)
+        raise ConfigError(
+            f"recipe field {field!r}: cannot load a tokenizer from {path!r}: expected a local folder with the "
+            f"tokenizer files or a hub id this machine can reach ({type(e).__name__}: {' '.join(str(e).split())})"
+        ) from e
+
+
+def _check_model_source(config: TrainConfig) -> None:
+    """Fail in seconds, before the data is tokenised (minutes on a large corpus), when ``config.model``
+    cannot be read: its config is loaded here, the weights later by the task."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(config.model)
+    except (OSError, ValueError) as e:  # a missing folder, no config.json, a bad or unreachable hub id
+        raise ConfigError(
+            f"recipe field 'model': cannot load a model config from {config.model!r}: expected a local folder "
+            f"with config.json or a hub id this machine can reach ({type(e).__name__}: {' '.join(str(e).split())})"
+        ) from e
 
 
 def _tensorboard_writer(config: TrainConfig, logdir: Path, purge_step: int | None):
@@ -296,6 +318,8 @@ class _Run:
         self.accum = self.config.accumulation_steps(ctx.world_size)
 
     def train(self, resume: bool, stop_after: int | None) -> TrainResult:
+        if self.task.model is None:
+            _check_model_source(self.config)
         ckpt = self._find_checkpoint(resume)
         start = ckpt["step"] if ckpt is not None else 0
         self._write_run_folder(start)

@@ -195,6 +195,15 @@ def _attn_block_scores_kernel(
             s_base = Scores + b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh
             s_rows = s_base + qb.to(tl.int64)[None, :] * stride_sq  # [1, R]
             sums = tl.zeros([R], dtype=tl.float32)
+            # NaN in, NaN out: a row that read a NaN has l_i = NaN (exp2 of a NaN logit), but the max
+            # reductions below may drop NaN on the GPU (and tl.maximum in the key loop may too), so its
+            # query block's whole score row is set to NaN explicitly, as in the reference (whose
+            # normalisation reads the NaN). One flag per query block of the tile, no host sync.
+            row_nan = row_ok & (l_i != l_i)
+            qb_nan = tl.zeros([R], dtype=tl.int1)
+            for r in tl.static_range(R):
+                nan_r = tl.max(tl.where(row_nan & (sub == r), 1, 0), 0) > 0
+                qb_nan = qb_nan | ((offs_r == r) & nan_r)
             for j0 in range(0, n_end, JC):
                 jj = j0 + offs_j
                 vals = tl.load(
@@ -213,10 +222,10 @@ def _attn_block_scores_kernel(
             # Above the diagonal of the tile: zeros (the output is fully written).
             for j0 in range(tl.cdiv(n_end, JC) * JC, nb, JC):
                 jj = j0 + offs_j
-                tl.store(s_rows + jj[:, None], tl.zeros([JC, R], dtype=tl.float32),
-                         mask=(jj < nb)[:, None] & qb_ok[None, :])  # fmt: skip
+                zero = tl.where(qb_nan[None, :], float("nan"), tl.zeros([JC, R], dtype=tl.float32))
+                tl.store(s_rows + jj[:, None], zero, mask=(jj < nb)[:, None] & qb_ok[None, :])
             tl.debug_barrier()
-            inv_sum = 1.0 / tl.where(sums > 0.0, sums, 1.0)
+            inv_sum = tl.where(qb_nan, float("nan"), 1.0 / tl.where(sums > 0.0, sums, 1.0))
             for j0 in range(0, n_end, JC):
                 jj = j0 + offs_j
                 msk = (jj < nb)[:, None] & qb_ok[None, :]
