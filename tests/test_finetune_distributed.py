@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_distill import _free_port, make_tiny
+from test_distill import _free_port, make_tiny, spawn_workers
 from test_finetune import _ft_config, _ft_metrics, _safetensors
 
 from seerattn.train.data import sample_range
@@ -101,11 +101,9 @@ def _worker(rank: int, world: int, ports: list[int], tiny: dict, root: str, plan
 
 
 def _spawn(world: int, root: Path, tiny: dict, plan: list) -> None:
-    import torch.multiprocessing as mp
-
     sys.path.insert(0, str(Path(__file__).parent))  # the spawned workers import this module
     ports = [_free_port() for _ in plan]
-    mp.spawn(_worker, args=(world, ports, tiny, str(root), plan), nprocs=world, join=True)
+    spawn_workers(_worker, (world, ports, tiny, str(root), plan), nprocs=world)
 
 
 def _assert_same_curve_and_weights(single: dict, run: Path, base_model: str) -> None:
