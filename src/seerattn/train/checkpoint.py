@@ -116,7 +116,9 @@ def load_checkpoint(
             "truncated or overwritten?)"
         )
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        # mmap: tensors stay file-backed until copied into the model and optimizer, so N ranks resuming
+        # on one host share the page cache instead of each holding the whole state (96 GB for an 8B run).
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     except pickle.UnpicklingError:
         # ``from None``: torch's message suggests weights_only=False, i.e. running the file's code.
         raise ValueError(
