@@ -21,20 +21,6 @@ __all__ = ["gate_block_logits", "select_blocks"]
 _POOLINGS = ("avg", "max", "min")
 
 
-def _check_device(x: torch.Tensor, op: str, dtypes: tuple[torch.dtype, ...]) -> None:
-    from ._triton.config import interpreting
-
-    if interpreting():
-        if x.device.type != "cpu":
-            raise ValueError(f"{op} (triton): TRITON_INTERPRET=1 runs on CPU tensors, got {x.device}")
-        if x.dtype == torch.bfloat16:
-            raise TypeError(f"{op} (triton): bf16 is silently wrong in the Triton interpreter; use fp16 or fp32")
-    elif x.device.type != "cuda":
-        raise ValueError(f"{op}: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got {x.device}")
-    if x.dtype not in dtypes:
-        raise TypeError(f"{op} (triton): dtype must be one of {dtypes}, got {x.dtype}")
-
-
 def gate_block_logits(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -64,18 +50,21 @@ def gate_block_logits(
     Returns:
         logits [B, Hq, NB, NB] fp32, ``-inf`` above the block diagonal.
     """
+    from ._triton import SUPPORTED_HEAD_DIMS
+    from ._triton.config import check_device
+
     op = "gate_block_logits"
     float_types = (torch.float16, torch.bfloat16, torch.float32)
     for name, x in (("q", q), ("k", k)):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             raise ValueError(f"{op}: {name} must be a 4-D tensor [B, H, T, D]")
-        _check_device(x, op, float_types)
+        check_device(x, op, float_types)
     b, hq, t, d = q.shape
     hkv = k.shape[1]
     if k.shape[0] != b or k.shape[2] != t or k.shape[3] != d or hkv < 1 or hq % hkv:
         raise ValueError(f"{op}: k {tuple(k.shape)} does not match q {tuple(q.shape)} (same B, T, D; Hq % Hkv == 0)")
-    if d not in (16, 32, 64, 128) or t < 1:
-        raise ValueError(f"{op}: head dim must be one of 16, 32, 64, 128 and T >= 1, got D={d}, T={t}")
+    if d not in SUPPORTED_HEAD_DIMS or t < 1:
+        raise ValueError(f"{op}: head dim must be one of {SUPPORTED_HEAD_DIMS} and T >= 1, got D={d}, T={t}")
     if q_step < 1 or q_step & (q_step - 1) or block_size % q_step:
         raise ValueError(f"{op}: q_step must be a power of two dividing block_size={block_size}, got {q_step}")
     for name, pools in (("q_pooling", q_pooling), ("k_pooling", k_pooling)):
@@ -115,8 +104,10 @@ def select_blocks(scores: torch.Tensor, policy: SparsityPolicy, seq_len: int, bl
     fp64 in fp64). ``allocation="head"`` adds a radix select of each head's budget-th score (a few
     small launches before the selection kernel).
     """
+    from ._triton.config import check_device
+
     op = "select_blocks"
-    _check_device(scores, op, (torch.float16, torch.bfloat16, torch.float32, torch.float64))
+    check_device(scores, op, (torch.float16, torch.bfloat16, torch.float32, torch.float64))
     nq = scores.shape[-1]
     budget = head_total = None
     if policy.kind == "density" and policy.allocation == "head":

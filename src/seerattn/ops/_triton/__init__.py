@@ -24,7 +24,7 @@ from torch.autograd.function import once_differentiable
 
 from ...block_mask import BlockMask
 from .block_scores import attention_with_block_scores_fwd
-from .config import KernelConfig, interpreting
+from .config import KernelConfig, check_device
 from .sparse_bwd import block_sparse_attention_bwd
 from .sparse_fwd import block_sparse_attention_fwd
 
@@ -37,22 +37,7 @@ SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, op: str):
     """Device, dtype, head dim and block size checks specific to the kernels; returns q, k, v with a
     unit last stride (a copy only for inputs whose last dimension is strided)."""
-    if interpreting():
-        if q.device.type != "cpu":
-            raise ValueError(f"{op} (triton): TRITON_INTERPRET=1 runs on CPU tensors, got {q.device}")
-        if q.dtype not in (torch.float16, torch.float32):
-            raise TypeError(
-                f"{op} (triton): under TRITON_INTERPRET=1 only float16/float32 are exact (bf16 is silently "
-                f"wrong in the interpreter), got {q.dtype}"
-            )
-    else:
-        if q.device.type != "cuda":
-            raise ValueError(
-                f"{op}: impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got {q.device}; "
-                "use impl='reference' on CPU"
-            )
-        if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise TypeError(f"{op} (triton): dtype must be float16, bfloat16 or float32, got {q.dtype}")
+    check_device(q, op, (torch.float16, torch.bfloat16, torch.float32))
     d = q.shape[-1]
     if d not in SUPPORTED_HEAD_DIMS:
         raise NotImplementedError(f"{op} (triton): head dim {d} not supported; supported: {SUPPORTED_HEAD_DIMS}")

@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "KernelConfig",
     "autotune_enabled",
+    "check_device",
     "block_scores_configs",
     "dkdv_configs",
     "dq_configs",
@@ -58,6 +59,23 @@ _INTERP_BLOCK_N = 32
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_device(x: torch.Tensor, op: str, dtypes: tuple[torch.dtype, ...]) -> None:
+    """Where a Triton kernel can read ``x``: CUDA tensors, or CPU tensors under the interpreter, where bf16
+    is refused (the interpreter computes it silently wrong); ``x.dtype`` one of ``dtypes``."""
+    if interpreting():
+        if x.device.type != "cpu":
+            raise ValueError(f"{op} (triton): TRITON_INTERPRET=1 runs on CPU tensors, got {x.device}")
+        if x.dtype == torch.bfloat16:
+            raise TypeError(f"{op} (triton): bf16 is silently wrong in the Triton interpreter; use fp16 or fp32")
+    elif x.device.type != "cuda":
+        raise ValueError(
+            f"{op}: impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got {x.device}; "
+            "use the reference (eager) implementation on CPU"
+        )
+    if x.dtype not in dtypes:
+        raise TypeError(f"{op} (triton): dtype must be one of {dtypes}, got {x.dtype}")
 
 
 def autotune_enabled() -> bool:
