@@ -16,9 +16,9 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer
 
-from benchmarks.shapes import LLAMA_31_8B
+from benchmarks.shapes import LLAMA_31_8B, build_llama
 from seerattn.train import distill, load_recipe
 
 PAPER_TOKENS = 500 * 16 * 65536
@@ -34,10 +34,7 @@ def main() -> None:
     p.add_argument("--output", required=True)
     args = p.parse_args()
 
-    config = LlamaConfig(**{**LLAMA_31_8B, "num_hidden_layers": args.layers}, attn_implementation="sdpa")
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = build_llama({**LLAMA_31_8B, "num_hidden_layers": args.layers}, "cuda", torch.bfloat16)
     recipe = load_recipe(
         "recipes/testbed.yaml",
         [

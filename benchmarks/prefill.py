@@ -49,9 +49,8 @@ import time
 import warnings
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from benchmarks.shapes import LLAMA_31_8B
+from benchmarks.shapes import LLAMA_31_8B, SMOKE_SHAPE, build_llama
 from seerattn import SparsityPolicy
 from seerattn.block_mask import ALLOCATIONS
 from seerattn.eval.methods import Setting, configure, get_method
@@ -63,10 +62,6 @@ GATES = {
     "paper": GateConfig(),
     "windows": GateConfig(q_pooling=("avg", "max", "min"), q_subblock=16),
 }
-# --smoke: a tiny Llama on the CPU (every method runs, times mean nothing)
-SMOKE_SHAPE = dict(
-    vocab_size=512, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16
-)
 
 
 def time_forward(model, ids: torch.Tensor, warmup: int, reps: int) -> float:
@@ -260,10 +255,8 @@ def main(argv=None) -> int:
         seqlens, dtype = args.seqlens or "8192,32768", torch.bfloat16
     cuda = device == "cuda"
 
-    config = LlamaConfig(**shape, attn_implementation="sdpa")
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype).eval()
+    model = build_llama(shape, device, dtype).eval()
+    config = model.config
     rows = []
     for t in (int(x) for x in seqlens.split(",")):
         ids = torch.randint(0, config.vocab_size, (1, t), device=device)

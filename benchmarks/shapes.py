@@ -32,3 +32,20 @@ LLAMA_31_8B = dict(
         "original_max_position_embeddings": 8192,
     },
 )
+
+# --smoke runs of the whole-model benchmarks: a tiny Llama on the CPU (it runs; times mean nothing)
+SMOKE_SHAPE = dict(
+    vocab_size=512, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16
+)
+
+
+def build_llama(shape: dict, device: str, dtype):
+    """``LlamaForCausalLM`` of ``shape`` (``LlamaConfig`` fields) with random weights (seed 0) and SDPA
+    attention, built directly on ``device`` in ``dtype``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**shape, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with torch.device(device):
+        return LlamaForCausalLM(config).to(dtype)

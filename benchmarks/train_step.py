@@ -34,19 +34,14 @@ import statistics
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from benchmarks.shapes import LLAMA_31_8B
+from benchmarks.shapes import LLAMA_31_8B, SMOKE_SHAPE, build_llama
 from seerattn import SparsityPolicy
 from seerattn.gate import GateConfig
 from seerattn.hf import SeerConfig, apply_seer_attention, get_seer_state, remove_seer_attention
 from seerattn.record import write_record
 from seerattn.train.finetune import enable_gradient_checkpointing
 
-# --smoke: a tiny Llama on the CPU (it runs; times mean nothing)
-SMOKE_SHAPE = dict(
-    vocab_size=512, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16
-)
 GATE = GateConfig(q_pooling=("avg", "max", "min"), q_subblock=16)  # the testbed's gate (block 64)
 GATE_LOSS_WEIGHT = 10.0
 
@@ -118,10 +113,9 @@ def main(argv=None) -> int:
         device, shape = "cuda", {**LLAMA_31_8B, "num_hidden_layers": args.layers}
         seqlens, dtype, impl = args.seqlens or "32768,65536", torch.bfloat16, None
     cuda = device == "cuda"
-    config = LlamaConfig(**shape, attn_implementation="sdpa")
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype)
+    model = build_llama(shape, device, dtype)
+    config = model.config
+    with torch.device(device):  # drawn right after the weights, as before: same probe for the same seed
         probe = torch.randn(config.hidden_size, 64) / config.hidden_size**0.5
     model.train()  # transformers checkpoints only in training mode (attention dropout is 0)
     enable_gradient_checkpointing(model)
