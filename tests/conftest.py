@@ -9,6 +9,7 @@ with the interpreter work-around every module that runs a kernel needs
 import importlib.util
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -17,3 +18,17 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and importlib.util.f
     from kernel_helpers import patch_interpreter_index
 
     patch_interpreter_index()
+
+
+def _single_thread():
+    """Tiny matrices: one intra-op thread is faster than two (and much faster on a loaded CI box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# A module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``; ``one_thread_module`` also
+# covers the module's own module-scoped fixtures (models built once per module).
+one_thread = pytest.fixture(_single_thread, name="one_thread")
+one_thread_module = pytest.fixture(_single_thread, scope="module", name="one_thread_module")

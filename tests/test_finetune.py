@@ -26,12 +26,7 @@ T = 150  # 9 full blocks of 16 + a partial block
 POLICY = SparsityPolicy("density", 0.5)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _finetune_model(family: str = "llama", mode: str = "finetune", mask_heads: str = "q", seed: int = 0):

@@ -33,12 +33,7 @@ TOTAL = RUN["steps"] + RUN["distill_steps"]
 CURVE_KEYS = ("loss", "ce", "kl", "grad_norm", "mass_recall", "density")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

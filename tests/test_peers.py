@@ -33,12 +33,7 @@ if not (BOOKS / "MANIFEST.tsv").is_file():
     BOOKS = Path("/work/shared/data/books")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def _request(t: int, bs: int, b: int = 1, hq: int = 4, hkv: int = 2, d: int = 8, seed: int = 0, dtype=torch.float32):
