@@ -109,7 +109,9 @@ def _decode_split_kernel(
         nxt_page = _page_of(Table + b * stride_tb, nxt, s + 1, MAX_PAGES, BLOCK_SIZE, BLOCK_N, KPB, PAGE, PAGED)
         tok0 = blk * BLOCK_SIZE + (s % KPB) * BLOCK_N
         kpos = tok0 + offs_n
-        col_ok = (blk >= 0) & (kpos < seqlen)
+        # blk >= 0 <=> kpos >= 0 (padding slots hold -1); written as a comparison of the key positions so
+        # that both operands are tensors (a scalar & tensor mask comes out int32 in Triton 3.9's interpreter)
+        col_ok = (kpos >= 0) & (kpos < seqlen)
         if PAGED:
             in_page = tl.where(col_ok, tok0 % PAGE + offs_n, 0).to(tl.int64)
             k_rows = page.to(tl.int64) * stride_kb + in_page * stride_kt
