@@ -181,24 +181,36 @@ def test_threshold_and_top_p_policies():
         DecodePolicy("top_p", 1.5)
 
 
-def test_decode_block_scores_equals_brute_force():
-    g = torch.Generator().manual_seed(7)
-    t, hq, hkv = 45, 4, 2
-    q = torch.randn(1, hq, t, 8, generator=g, dtype=torch.float64)
-    k = torch.randn(1, hkv, t, 8, generator=g, dtype=torch.float64)
-    got = decode_block_scores(q, k, BS)
-    assert got.shape == (1, hkv, t, 3)
-    p = torch.softmax((q @ k.repeat_interleave(2, 1).transpose(-1, -2) / math.sqrt(8)).masked_fill(
-        torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf")), -1)  # fmt: skip
-    for h in range(hkv):
-        for i in range(t):
-            cur = i // BS
-            want = torch.zeros(3, dtype=torch.float64)
-            for j in range(cur):
-                want[j] = max(p[0, hq_, i, j * BS : (j + 1) * BS].max() for hq_ in (2 * h, 2 * h + 1))
-            if cur:
-                want /= want.sum()
-            torch.testing.assert_close(got[0, h, i], want, rtol=1e-12, atol=1e-12)
+@pytest.mark.parametrize(
+    ("hq", "hkv", "bs", "t", "row_chunk"),
+    [(2, 2, 16, 45, 1024), (4, 2, 16, 45, 7), (8, 2, 16, 53, 16), (4, 1, 64, 151, 50), (4, 4, 64, 129, 1)],
+)
+def test_decode_block_scores_equals_brute_force(hq, hkv, bs, t, row_chunk):
+    """GQA 1/2/4, odd T with a partial last block, blocks of 16 and 64, query chunks that do and do not
+    align with the blocks (row_chunk 1 .. > T), a non-default scale."""
+    g = torch.Generator().manual_seed(7 + hq + t)
+    d, scale = 8, 0.6
+    q = torch.randn(2, hq, t, d, generator=g, dtype=torch.float64)
+    k = torch.randn(2, hkv, t, d, generator=g, dtype=torch.float64)
+    got = decode_block_scores(q, k, bs, scale=scale, row_chunk=row_chunk)
+    nb = -(-t // bs)
+    assert got.shape == (2, hkv, t, nb) and got.dtype == torch.float64
+    group = hq // hkv
+    for b in range(2):
+        for hk in range(hkv):
+            for i in range(t):
+                want = torch.zeros(nb, dtype=torch.float64)
+                for h in range(hk * group, (hk + 1) * group):  # the group's heads, each its causal softmax row
+                    w = torch.softmax(q[b, h, i] @ k[b, hk, : i + 1].T * scale, -1)
+                    for j in range(i // bs):  # completed blocks only
+                        want[j] = max(want[j], w[j * bs : (j + 1) * bs].max())
+                if i >= bs:
+                    want /= want.sum()
+                torch.testing.assert_close(got[b, hk, i], want, rtol=1e-12, atol=1e-12)
+    assert (got[:, :, :bs] == 0).all()  # no completed block yet
+    torch.testing.assert_close(got[:, :, bs:].sum(-1), torch.ones(2, hkv, t - bs, dtype=torch.float64))
+    with pytest.raises(ValueError, match="row_chunk"):
+        decode_block_scores(q, k, bs, row_chunk=0)
 
 
 def test_gate_policy_kernel_pipeline_runs():

@@ -244,7 +244,13 @@ def sparse_decode_attention(
     return (out, lse.squeeze(2)) if return_lse else out
 
 
-def decode_block_scores(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float | None = None) -> torch.Tensor:
+def decode_block_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    block_size: int,
+    scale: float | None = None,
+    row_chunk: int = _ROW_CHUNK_TOKENS,
+) -> torch.Tensor:
     """Distillation target of the decode gate, every token of a sequence taken as a decode query.
 
     For the query at position ``t``: its causal softmax over the keys ``<= t``, max-pooled inside each
@@ -252,31 +258,46 @@ def decode_block_scores(q: torch.Tensor, k: torch.Tensor, block_size: int, scale
     ``J < t // block_size`` (the current block is always kept, so the gate does not score it) and
     renormalised to sum 1 over them.
 
+    Queries are taken ``row_chunk`` at a time against the keys they can see (``< r1``, the chunk's
+    end), so the largest temporary is ``[B, Hq, row_chunk, T]`` (O(row_chunk * T) per head), never a
+    ``T x T`` map of every head; K is not repeated over the groups.
+
     Args:
         q: [B, Hq, T, D]; k: [B, Hkv, T, D] (post-RoPE: the model's own attention).
         block_size: tokens per key block.
-        scale: softmax scale, default ``1 / sqrt(D)``.
+        scale: softmax scale, default ``1 / sqrt(D)`` (pass the model's, e.g. ``attn.scaling``).
+        row_chunk: query rows per chunk (>= 1); any value gives the same result.
 
     Returns:
         [B, Hkv, T, NB] fp32 (fp64 for fp64 inputs), NB = ceil(T / block_size); zero on and past the
         current block; rows of the first block (no completed block yet) are all zero.
     """
+    if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(
+            f"decode_block_scores needs q [B, Hq, T, D] and k [B, Hkv, T, D], got {tuple(q.shape)} and {tuple(k.shape)}"
+        )
     b, hq, t, d = q.shape
     hkv = k.shape[1]
+    if hkv < 1 or hq % hkv:
+        raise ValueError(f"decode_block_scores: Hq ({hq}) must be a multiple of Hkv ({hkv})")
+    if not isinstance(row_chunk, int) or row_chunk < 1:
+        raise ValueError(f"decode_block_scores: row_chunk must be an int >= 1, got {row_chunk!r}")
     g = hq // hkv
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     cdt = _compute_dtype(q)
-    qf, kf = q.to(cdt), _expand_kv(k, hq).to(cdt)
+    qf, kf = q.to(cdt).view(b, hkv, g, t, d), k.to(cdt)
     nb = num_blocks(t, block_size)
-    pad = nb * block_size - t
-    cols = torch.arange(t, device=q.device)
     out = []
-    for r0 in range(0, t, _ROW_CHUNK_TOKENS):
-        r1 = min(r0 + _ROW_CHUNK_TOKENS, t)
+    for r0 in range(0, t, row_chunk):
+        r1 = min(r0 + row_chunk, t)
+        r = r1 - r0
         rows = torch.arange(r0, r1, device=q.device)
-        logits = torch.matmul(qf[:, :, r0:r1], kf.transpose(-1, -2)) * scale
-        p = torch.softmax(logits.masked_fill(cols.view(1, -1) > rows.view(-1, 1), float("-inf")), dim=-1)
-        p = torch.nn.functional.pad(p, (0, pad)).view(b, hkv, g, r1 - r0, nb, block_size)
+        # the group's query rows against their shared keys: [B, Hkv, G * R, r1] (no repeated K)
+        logits = torch.matmul(qf[:, :, :, r0:r1].reshape(b, hkv, g * r, d), kf[:, :, :r1].transpose(-1, -2))
+        logits = (logits * scale).view(b, hkv, g, r, r1)
+        future = torch.arange(r1, device=q.device).view(1, -1) > rows.view(-1, 1)
+        p = torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
+        p = torch.nn.functional.pad(p, (0, nb * block_size - r1)).view(b, hkv, g, r, nb, block_size)
         s = p.amax(dim=(2, 5))  # [B, Hkv, R, NB]: max over the block's keys and the group's heads
         completed = torch.arange(nb, device=q.device).view(1, -1) < (rows // block_size).view(-1, 1)
         s = s * completed
