@@ -156,6 +156,79 @@ def test_gradient_checkpointing_gives_identical_gradients_and_one_ground_truth_p
         torch.testing.assert_close(g0[n], g1[n], rtol=1e-6, atol=1e-7, msg=n)
 
 
+@pytest.mark.parametrize("mode", ["finetune", "sparse"])
+def test_recompute_replays_the_masks_of_its_forward_whatever_the_order(monkeypatch, mode):
+    """Under enable_gradient_checkpointing (checkpoint_context_fn) a recompute runs neither the gate nor the
+    policy: it reuses its own forward's mask. Two forwards on different inputs and one backward of both
+    losses (the pairing is per checkpointed call, not per layer) give the gradients of a run without
+    checkpointing, and each attention call of the backward gets the mask object its forward built."""
+    gate_calls, attn_masks = [], []
+    real_gate, real_attn = integration._gate_logits, integration.block_sparse_attention
+
+    def gate(*args, **kwargs):
+        gate_calls.append(integration._in_backward())
+        return real_gate(*args, **kwargs)
+
+    def attention(q, k, v, mask, **kwargs):
+        attn_masks.append((integration._in_backward(), mask))
+        return real_attn(q, k, v, mask, **kwargs)
+
+    monkeypatch.setattr(integration, "_gate_logits", gate)
+    monkeypatch.setattr(integration, "block_sparse_attention", attention)
+    batches = [input_ids(T, b=1, seed=s) for s in (1, 2)]
+    grads = []
+    for checkpointing in (False, True):
+        model = _finetune_model(mode=mode)
+        model.train()
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        gate_calls.clear()
+        attn_masks.clear()
+        loss = sum(model(input_ids=ids, labels=ids).loss for ids in batches)
+        loss.backward()
+        assert gate_calls == [False] * 4, gate_calls  # 2 layers x 2 forwards, none in the backward
+        forward = [m for in_bw, m in attn_masks if not in_bw]
+        replayed = [m for in_bw, m in attn_masks if in_bw]
+        assert len(forward) == 4 and len(replayed) == (4 if checkpointing else 0)
+        # the backward ran the second forward's layers first (autograd order); every replayed mask is one of
+        # the forward's objects, each used once
+        assert sorted(map(id, replayed)) == (sorted(map(id, forward)) if checkpointing else [])
+        assert not torch.equal(forward[0].kv_indices, forward[2].kv_indices)  # the two inputs' masks differ
+        grads.append({n: p.grad.clone() for n, p in _split(model)[0].items()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_recompute_without_the_context_fn_rebuilds_the_same_mask(monkeypatch):
+    """Checkpointing enabled through transformers alone (no context_fn): the recompute runs the gate again
+    (no grad) and the gradients are still those of a run without checkpointing."""
+    gate_calls = []
+    real_gate = integration._gate_logits
+
+    def gate(*args, **kwargs):
+        gate_calls.append(integration._in_backward())
+        return real_gate(*args, **kwargs)
+
+    monkeypatch.setattr(integration, "_gate_logits", gate)
+    ids = input_ids(T, b=1, seed=3)
+    grads = []
+    for checkpointing in (False, True):
+        model = _finetune_model()
+        model.train()
+        if checkpointing:
+            kwargs = {"use_reentrant": False}
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        gate_calls.clear()
+        model(input_ids=ids, labels=ids).loss.backward()
+        assert gate_calls == ([False, False, True, True] if checkpointing else [False, False])
+        grads.append({n: p.grad.clone() for n, p in _split(model)[0].items()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-6, atol=1e-7, msg=n)
+
+
 # ---------------------------------------------------------------------------------------- YaRN
 def test_apply_rope_scaling_writes_the_config_and_the_gates_follow():
     from hf_models import family_module

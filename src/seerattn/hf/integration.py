@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -38,6 +38,7 @@ __all__ = [
     "SeerConfig",
     "SeerState",
     "apply_seer_attention",
+    "checkpoint_context_fn",
     "gate_logits",
     "get_seer_state",
     "group_scores",
@@ -171,6 +172,8 @@ class SeerState:
     _original_impl: str | None = field(default=None, repr=False)
     _attn_modules: list = field(default_factory=list, repr=False)
     _stats: dict[int, dict] = field(default_factory=dict, repr=False)
+    # ("record" | "replay", masks of one checkpointed call) while one runs: see checkpoint_context_fn
+    _masks: tuple[str, list] | None = field(default=None, repr=False)
 
     @property
     def stats(self) -> dict[int, dict]:
@@ -390,23 +393,29 @@ def seer_attention_forward(module, query, key, value, attention_mask, dropout: f
             raise RuntimeError(f"layer {layer}: pre-RoPE q/k were not captured (hooks missing?)")
         return _finetune_attention(module, state, query, key, value, pre, kwargs, policy, scale), None
     policy_impl = {None: None, "eager": "reference", "triton": "triton"}[cfg.gate_impl]
-    if cfg.mode == "custom":
-        if state.mask_fn is None:
-            raise RuntimeError("mode='custom' needs SeerState.mask_fn (a MaskRequest -> BlockMask function)")
-        mask = state.mask_fn(MaskRequest(layer, query, key, scale, bs, tq))
-    else:
-        if cfg.mode == "oracle":
-            with torch.no_grad():
-                _, _, scores = attention_with_block_scores(query, key, value, block_size=bs, scale=scale, impl=cfg.impl)
+    # a checkpoint recompute replays the mask of its forward (checkpoint_context_fn), else it is built
+    mask = _replayed_mask(state) if _in_backward() else None
+    if mask is None:
+        if cfg.mode == "custom":
+            if state.mask_fn is None:
+                raise RuntimeError("mode='custom' needs SeerState.mask_fn (a MaskRequest -> BlockMask function)")
+            mask = state.mask_fn(MaskRequest(layer, query, key, scale, bs, tq))
         else:
-            if pre is None:
-                raise RuntimeError(f"layer {layer}: pre-RoPE q/k were not captured (hooks missing?)")
-            with torch.no_grad(), record_function("seer.gate"):
-                scores = _gate_logits(module, state, pre, kwargs, b, tq, cfg.gate_impl).softmax(-1)
-        with record_function("seer.policy"):
-            if cfg.mask_heads == "kv":
-                scores = group_scores(scores, hkv)
-            mask = mask_from_scores(scores, policy, tq, bs, impl=policy_impl)
+            if cfg.mode == "oracle":
+                with torch.no_grad():
+                    _, _, scores = attention_with_block_scores(
+                        query, key, value, block_size=bs, scale=scale, impl=cfg.impl
+                    )
+            else:
+                if pre is None:
+                    raise RuntimeError(f"layer {layer}: pre-RoPE q/k were not captured (hooks missing?)")
+                with torch.no_grad(), record_function("seer.gate"):
+                    scores = _gate_logits(module, state, pre, kwargs, b, tq, cfg.gate_impl).softmax(-1)
+            with record_function("seer.policy"):
+                if cfg.mask_heads == "kv":
+                    scores = group_scores(scores, hkv)
+                mask = mask_from_scores(scores, policy, tq, bs, impl=policy_impl)
+        _record_mask(state, mask)
     # named ranges for torch.profiler (benchmarks/prefill.py --profile); free when no profiler runs
     with record_function("seer.attention"):
         out = block_sparse_attention(query, key, value, mask, scale=scale, impl=cfg.impl)
@@ -425,6 +434,61 @@ def _in_backward() -> bool:
     ``torch.utils.checkpoint``): it must rebuild the layer's activations, not record a new gate loss.
     """
     return torch._C._current_graph_task_id() != -1
+
+
+def checkpoint_context_fn(model: torch.nn.Module) -> Callable[[], tuple]:
+    """``context_fn`` for non-reentrant ``torch.utils.checkpoint``: a recompute reuses its forward's mask.
+
+    Without it, the recompute of a checkpointed decoder layer runs the gate and the policy again to
+    rebuild the same mask (in ``finetune`` mode the eager gate: a few ms a layer at 32k). With it, each
+    checkpointed call gets a list shared by its two contexts: the forward records the masks its
+    attention builds, the recompute replays them in order. The pairing is per call, so it holds for any
+    order of forwards and backwards (gradient accumulation, several losses). The masks stay alive
+    from the forward to the backward: for per-query-head masks ``B * Hq * NB^2`` int32 a layer
+    (32 MiB at 32k, 128 MiB at 64k with 32 heads). The state is looked up at each call, so gates may be
+    attached before or after checkpointing is enabled; without a state the contexts do nothing.
+
+    Pass it as ``gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": checkpoint_context_fn(model)}``
+    (``seerattn.train.finetune.enable_gradient_checkpointing`` does).
+    """
+
+    def context_fn() -> tuple:
+        state = getattr(model, "_seer_state", None)
+        if not isinstance(state, SeerState):
+            return nullcontext(), nullcontext()
+        masks: list[BlockMask] = []
+        return _mask_context(state, "record", masks), _mask_context(state, "replay", masks)
+
+    return context_fn
+
+
+@contextmanager
+def _mask_context(state: SeerState, how: str, masks: list):
+    previous = state._masks
+    state._masks = (how, masks if how == "record" else list(reversed(masks)))
+    try:
+        yield
+    finally:
+        state._masks = previous
+
+
+def _record_mask(state: SeerState, mask: BlockMask) -> None:
+    """In the forward of a checkpointed call (:func:`checkpoint_context_fn`): keep ``mask`` for its recompute."""
+    if state._masks is not None and state._masks[0] == "record":
+        state._masks[1].append(mask)
+
+
+def _replayed_mask(state: SeerState) -> BlockMask | None:
+    """In a recompute under :func:`checkpoint_context_fn`: the next mask its forward recorded; else None
+    (checkpointing enabled without it: the caller rebuilds the mask from the same inputs)."""
+    if state._masks is None or state._masks[0] != "replay":
+        return None
+    if not state._masks[1]:
+        raise RuntimeError(
+            "a checkpoint recompute asked for more block masks than its forward recorded; the layer's "
+            "forward must build the same masks in its recompute (same mode and inputs)"
+        )
+    return state._masks[1].pop()
 
 
 def _keep_saved(x: torch.Tensor) -> torch.Tensor:
@@ -480,7 +544,7 @@ def _finetune_attention(module, state: SeerState, query, key, value, pre: dict, 
       the gate's probabilities under ``no_grad``, so the LM loss does not reach the gate.
     - The gate's graph and the loss are built in :func:`_gate_graph` (their own saved tensors, outside
       the layer's checkpoint); a gradient-checkpointing recompute (detected by :func:`_in_backward`)
-      rebuilds only the mask (same inputs, same mask) and skips the ground-truth pass and the loss: the
+      reuses its forward's mask (:func:`checkpoint_context_fn`) or rebuilds it (same inputs, same mask) and skips the ground-truth pass and the loss: the
       loss of the original forward stays in ``state.losses``, and its gradient, when taken in the layer
       (``state.gate_grad_scale``), was taken once.
     """
@@ -488,15 +552,18 @@ def _finetune_attention(module, state: SeerState, query, key, value, pre: dict, 
     b, hq, t, _ = query.shape
     bs = cfg.gate.block_size
     recompute = _in_backward()
+    mask = _replayed_mask(state) if recompute else None
     with _gate_graph(state):
-        with torch.no_grad() if recompute else nullcontext(), record_function("seer.gate"):
-            # eager also in the recompute (no grad there): the same logits, so the same mask
-            logits = _gate_logits(module, state, pre, kwargs, b, t, impl="eager")
-        with torch.no_grad(), record_function("seer.policy"):
-            scores = logits.detach().softmax(-1)
-            if cfg.mask_heads == "kv":
-                scores = group_scores(scores, key.shape[1])
-            mask = mask_from_scores(scores, policy, t, bs)
+        if mask is None:
+            with torch.no_grad() if recompute else nullcontext(), record_function("seer.gate"):
+                # eager also in the recompute (no grad there): the same logits, so the same mask
+                logits = _gate_logits(module, state, pre, kwargs, b, t, impl="eager")
+            with torch.no_grad(), record_function("seer.policy"):
+                scores = logits.detach().softmax(-1)
+                if cfg.mask_heads == "kv":
+                    scores = group_scores(scores, key.shape[1])
+                mask = mask_from_scores(scores, policy, t, bs)
+        _record_mask(state, mask)
         if not recompute:
             with torch.no_grad(), record_function("seer.ground_truth"):
                 _, _, target = attention_with_block_scores(
@@ -504,7 +571,7 @@ def _finetune_attention(module, state: SeerState, query, key, value, pre: dict, 
                 )
             with record_function("seer.gate_loss"):
                 _record_gate_loss(module, state, logits, target, t)
-        del logits  # with gate_grad_scale set, the last reference to the gate's graph
+            del logits  # with gate_grad_scale set, the last reference to the gate's graph
     with record_function("seer.attention"):
         out = block_sparse_attention(query, key, value, mask, scale=scale, impl=cfg.impl)
     if not recompute:

@@ -51,9 +51,13 @@ def enable_gradient_checkpointing(model) -> None:
     """Recompute each decoder layer in the backward (transformers' non-reentrant ``torch.utils.checkpoint``).
 
     transformers 5.18+ calls it ``activation_checkpointing_enable``; older releases
-    ``gradient_checkpointing_enable`` (deprecated since).
+    ``gradient_checkpointing_enable`` (deprecated since). With seer attention attached (before or after
+    this call), a recompute reuses the block masks of its forward instead of running the gate and the
+    policy again (:func:`seerattn.hf.integration.checkpoint_context_fn`).
     """
-    kwargs = {"use_reentrant": False}
+    from ..hf.integration import checkpoint_context_fn
+
+    kwargs = {"use_reentrant": False, "context_fn": checkpoint_context_fn(model)}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
