@@ -136,8 +136,11 @@ def part_breakdown(model, ids: torch.Tensor) -> dict[str, float]:
     return attribute_parts(prof.events(), cuda, wall_ms)
 
 
-def attribute_parts(events, cuda: bool, wall_ms: float) -> dict[str, float]:
+def attribute_parts(events, cuda: bool, wall_ms: float, parts_of: dict[str, str] = PARTS) -> dict[str, float]:
     """Per-part milliseconds of one profiled forward from its ``torch.profiler`` events.
+
+    ``parts_of``: profiler range name -> column (default :data:`PARTS`; benchmarks/train_step.py adds the
+    training ranges).
 
     GPU: each device activity (kernel, memcpy, memset) belongs to the part whose device-side span of the
     same name (the profiler's ``gpu_user_annotation`` of a ``record_function`` range: first to last
@@ -153,18 +156,18 @@ def attribute_parts(events, cuda: bool, wall_ms: float) -> dict[str, float]:
     """
     from torch.autograd import DeviceType
 
-    parts = dict.fromkeys(PARTS.values(), 0.0)
+    parts = dict.fromkeys(parts_of.values(), 0.0)
     if not cuda:
         for evt in events:
-            if evt.name in PARTS and evt.device_type == DeviceType.CPU and not evt.is_async:
-                parts[PARTS[evt.name]] += evt.cpu_time_total / 1e3
+            if evt.name in parts_of and evt.device_type == DeviceType.CPU and not evt.is_async:
+                parts[parts_of[evt.name]] += evt.cpu_time_total / 1e3
         busy = wall_ms
     else:
         device = [e for e in events if e.device_type == DeviceType.CUDA]
         spans = sorted(
-            (e.time_range.start, e.time_range.end, PARTS[e.name])
+            (e.time_range.start, e.time_range.end, parts_of[e.name])
             for e in device
-            if e.is_user_annotation and e.name in PARTS
+            if e.is_user_annotation and e.name in parts_of
         )
         starts = [s[0] for s in spans]
         busy = 0.0
@@ -178,7 +181,7 @@ def attribute_parts(events, cuda: bool, wall_ms: float) -> dict[str, float]:
                 parts[spans[i][2]] += ms
     parts["rest_ms"] = busy - sum(parts.values())
     parts["busy_ms"] = busy
-    ran = {PARTS[e.name] for e in events if e.name in PARTS and e.device_type == DeviceType.CPU}
+    ran = {parts_of[e.name] for e in events if e.name in parts_of and e.device_type == DeviceType.CPU}
     problems = [f"{col} is 0 although its range ran" for col in sorted(ran) if parts[col] <= 0]
     if parts["rest_ms"] < -1e-6 * max(busy, 1.0):
         problems.append(f"the parts ({busy - parts['rest_ms']:.3f} ms) exceed the total ({busy:.3f} ms)")

@@ -20,6 +20,12 @@ checkpointing, as ``seerattn finetune`` runs it), bf16 weights and gradients, no
   ``seer@d every-N``: the mean step of a run with a target every N-th step, ``(target + (N - 1) x no-target) / N``
   (peak memory: the larger of the two).
 
+With ``--profile`` each seer row also gets the GPU milliseconds of one profiled step per part
+(``benchmarks.prefill.attribute_parts`` over the ranges the integration and the ops name: ``gate_ms``,
+``policy_ms``, ``ground_truth_ms``, ``gate_loss_ms`` (the gate's loss, metrics and in-layer backward),
+``kernel_ms`` (block-sparse forward, twice with checkpointing), ``transpose_ms`` (the mask's transposed
+lists), ``attention_bwd_ms``; ``rest_ms`` = everything else: projections, MLPs, norms and their backward).
+
 What the loss is: the decoder stack's output (after the final norm) through a fixed random projection to
 64 values, squared and averaged (plus 10 x the gate loss for seer, whose gradient each layer takes in its
 forward, as the trainer does: ``SeerState.gate_grad_scale``). The LM head and its cross-entropy are
@@ -35,6 +41,7 @@ import time
 
 import torch
 
+from benchmarks.prefill import PARTS, BreakdownError, attribute_parts
 from benchmarks.shapes import LLAMA_31_8B, SMOKE_SHAPE, build_llama
 from seerattn import SparsityPolicy
 from seerattn.gate import GateConfig
@@ -44,6 +51,13 @@ from seerattn.train.finetune import enable_gradient_checkpointing
 
 GATE = GateConfig(q_pooling=("avg", "max", "min"), q_subblock=16)  # the testbed's gate (block 64)
 GATE_LOSS_WEIGHT = 10.0
+TRAIN_PARTS = {
+    **PARTS,
+    "seer.ground_truth": "ground_truth_ms",
+    "seer.gate_loss": "gate_loss_ms",
+    "seer.mask_transpose": "transpose_ms",
+    "seer.attention_backward": "attention_bwd_ms",
+}
 
 
 def train_step(model, ids: torch.Tensor, probe: torch.Tensor) -> None:
@@ -85,6 +99,25 @@ def time_step(model, ids: torch.Tensor, probe: torch.Tensor, warmup: int, reps: 
     return statistics.median(times), peak
 
 
+def profile_step(model, ids: torch.Tensor, probe: torch.Tensor) -> dict:
+    """GPU ms per part of one profiled :func:`train_step` (module docstring), or ``breakdown_error``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = ids.device.type == "cuda"
+    model.zero_grad(set_to_none=True)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        t0 = time.perf_counter()
+        train_step(model, ids, probe)
+        if cuda:
+            torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t0) * 1e3
+    model.zero_grad(set_to_none=True)
+    try:
+        return attribute_parts(prof.events(), cuda, wall_ms, TRAIN_PARTS)
+    except BreakdownError as e:
+        return {"breakdown_error": str(e)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seqlens", help="comma list of sequence lengths (32768,65536; smoke: 256)")
@@ -99,6 +132,7 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=32, help="decoder layers (32 = the real depth, if it fits)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--profile", action="store_true", help="per-part GPU time of one more step of each seer row")
     p.add_argument("--smoke", action="store_true", help="a tiny model on the CPU, one rep (checks that it runs)")
     p.add_argument("--json", help="write the run record here")
     args = p.parse_args(argv)
@@ -135,9 +169,11 @@ def main(argv=None) -> int:
         label = f"seer@{args.density:g}"
         state = get_seer_state(model)
         timed = {label: time_step(model, ids, probe, args.warmup, args.reps) + (state.mean_density(),)}
+        parts = {label: profile_step(model, ids, probe) if args.profile else {}}
         if args.target_every > 1:
             state.set(mode="sparse")  # what FinetuneTask runs on a joint step without the gate's target
             timed[f"{label} no-target"] = time_step(model, ids, probe, args.warmup, args.reps) + (state.mean_density(),)
+            parts[f"{label} no-target"] = profile_step(model, ids, probe) if args.profile else {}
             (ms1, gib1, d1), (ms0, gib0, _) = timed.values()
             n = args.target_every
             timed[f"{label} every-{n}"] = ((ms1 + (n - 1) * ms0) / n, max(gib1, gib0), d1)
@@ -152,8 +188,13 @@ def main(argv=None) -> int:
                     "peak_gib": gib,
                     "speedup": dense_ms / ms,
                     "density": realised,
+                    **parts.get(method, {}),
                 }
             )
+            if parts.get(method):
+                print(f"T={t:>6} {method:<18} parts: " + ", ".join(
+                    f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in parts[method].items()
+                ), flush=True)
             speed = f"{t / ms * 1e3:9.0f} tok/s  {gib:6.1f} GiB  {dense_ms / ms:5.2f}x  density {realised:.3f}"
             print(f"T={t:>6} {method:<18} {ms:9.1f} ms  {speed}", flush=True)
         del ids

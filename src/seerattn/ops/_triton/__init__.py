@@ -21,6 +21,7 @@ import math
 
 import torch
 from torch.autograd.function import once_differentiable
+from torch.profiler import record_function
 
 from ...block_mask import BlockMask
 from .block_scores import attention_with_block_scores_fwd
@@ -95,10 +96,14 @@ class _BlockSparseAttention(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
         m = ctx.block_mask
-        dq, dk, dv = block_sparse_attention_bwd(
-            q, k, v, out, lse, dout, m.kv_num_blocks, m.kv_indices, m.q_num_blocks, m.q_indices,
-            m.block_size, ctx.scale, cu_seqlens=ctx.cu_seqlens, mask_source=m.source,
-        )  # fmt: skip
+        # named ranges for torch.profiler (benchmarks/train_step.py --profile); free when none runs
+        with record_function("seer.mask_transpose"):
+            q_num_blocks, q_indices = m.q_num_blocks, m.q_indices  # built once per mask, then cached
+        with record_function("seer.attention_backward"):
+            dq, dk, dv = block_sparse_attention_bwd(
+                q, k, v, out, lse, dout, m.kv_num_blocks, m.kv_indices, q_num_blocks, q_indices,
+                m.block_size, ctx.scale, cu_seqlens=ctx.cu_seqlens, mask_source=m.source,
+            )  # fmt: skip
         return dq, dk, dv, None, None, None
 
 
