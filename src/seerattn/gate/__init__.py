@@ -3,7 +3,7 @@
 from .attn_gate import POOLINGS, AttnGate, GateConfig, apply_rotary, pool_blocks
 from .decode_gate import DecodeGate, DecodeGateConfig
 from .kcache import GateKeyCache
-from .loss import gate_loss, gate_metrics
+from .loss import decode_gate_loss, decode_gate_metrics, gate_loss, gate_metrics
 
 __all__ = [
     "POOLINGS",
@@ -13,6 +13,8 @@ __all__ = [
     "GateConfig",
     "GateKeyCache",
     "apply_rotary",
+    "decode_gate_loss",
+    "decode_gate_metrics",
     "gate_loss",
     "gate_metrics",
     "pool_blocks",
