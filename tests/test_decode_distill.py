@@ -80,3 +80,143 @@ def test_decode_gate_metrics_equal_brute_force():
 
 def _read(path):
     return json.loads(path.read_text())
+
+
+# ---------------------------------------------------------------------------------------- the task
+def _decode_recipe(out, **overrides):
+    from seerattn.train import load_recipe
+
+    fields = dict(
+        model="unused",
+        data=["unused"],
+        output_dir=str(out),
+        seq_len=128,
+        batch_size=4,
+        micro_batch_size=2,
+        steps=12,
+        lr=1e-2,
+        warmup_steps=2,
+        gate_kind="decode",
+        decode_gate={"block_size": BS},
+        skip_first_rows=0.25,
+        metric_density=0.5,  # up to 3 of the 7 completed 16-token blocks of a 128-token row
+        save_every=4,
+        progress=False,
+        tensorboard=False,
+    )
+    fields.update(overrides)
+    return load_recipe(None, fields)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_task_loss_and_gradient_equal_an_independent_computation(tmp_path, family):
+    """The task's hooks (pre-RoPE q/k after q-norm, post-RoPE q/k rebuilt from position_embeddings, the
+    module's scaling) give the loss and gate gradient computed here from what the model's attention
+    function receives (seerattn.hf captures, dense mode)."""
+    from hf_models import make_model
+
+    from seerattn.hf import SeerConfig, apply_seer_attention
+    from seerattn.train.decode_distill import DecodeDistillTask
+    from seerattn.train.distributed import DistContext
+
+    model = make_model(family)
+    config = _decode_recipe(tmp_path, loss_scale=3.0)
+    task = DecodeDistillTask(config, model)
+    task.build(DistContext(0, 1, 0, torch.device("cpu")), torch.float32, 0)
+    state = apply_seer_attention(model, SeerConfig(mode="dense"))
+    state.capture = True
+    ids = torch.randint(0, 128, (2, 128), generator=torch.Generator().manual_seed(0))
+    values = task.micro_step(0, ids, accum=2)
+    rotary = model.model.rotary_emb
+    for i, attn in enumerate(state._attn_modules):
+        q_pre, k_pre, q, k = state.captures[i]
+        q_pre = q_pre.reshape(2, 128, 4, 16).transpose(1, 2)
+        k_pre = k_pre.reshape(2, 128, 2, 16).transpose(1, 2)
+        gate = task.gates[i]
+        params = list(gate.parameters())
+        grads = [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        target = decode_block_scores(q, k, BS, scale=attn.scaling)
+        loss = decode_gate_loss(gate(q_pre, k_pre, rotary), target, skip_rows=32)
+        (3.0 / 2 * loss).backward()
+        assert task.losses[i].item() == pytest.approx(loss.item(), rel=1e-5)
+        assert values[i].item() == pytest.approx(loss.item(), rel=1e-5)
+        for g_task, p in zip(grads, params, strict=True):
+            torch.testing.assert_close(g_task, p.grad, rtol=1e-4, atol=1e-7)
+        assert grads[0].abs().sum() > 0
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "seer_gate" not in n)  # base frozen
+
+
+def test_decode_distillation_trains_resumes_and_the_adapter_reloads(tmp_path):
+    from test_distill import make_tiny
+    from transformers import AutoModelForCausalLM
+
+    from seerattn.train import distill
+    from seerattn.train.decode_distill import load_decode_gates
+
+    tiny = make_tiny(tmp_path / "tiny")
+    fields = dict(model=tiny["model"], data=[tiny["data"]], data_cache_dir=str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    result = distill(_decode_recipe(out, **fields))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    first, last = rows[0]["kl"], sum(r["kl"] for r in rows[-3:]) / 3  # 1.30 -> 0.97 when written
+    assert last < 0.85 * first, (first, last)
+    assert sum(r["mass_recall"] for r in rows[-3:]) / 3 > rows[0]["mass_recall"]
+    assert all(0 < r["mass_recall"] <= r["oracle_mass_recall"] + 1e-6 <= 1 + 1e-6 for r in rows)
+    assert all(r["loss"] == pytest.approx(10 * r["kl"]) for r in rows)
+    record = _read(out / "summary.json")
+    assert record["kind"] == "distill" and record["config"]["gate_kind"] == "decode"
+    assert record["results"]["final"]["oracle_mass_recall"] == rows[-1]["oracle_mass_recall"]
+    # the adapter: a decode section, decode.* tensors, loadable into fresh gates
+    meta = _read(result.adapter / "seer_config.json")
+    assert meta["decode"]["gate"] == DecodeGateConfig(block_size=BS).to_dict() and "gate" not in meta
+    assert meta["decode"]["policy"]["kind"] == "budget" and meta["model"]["num_key_value_heads"] == 2
+    from safetensors.torch import load_file
+
+    saved = load_file(str(result.adapter / "seer_gates.safetensors"))
+    assert sorted(saved) == sorted(
+        f"decode.layers.{i}.{n}" for i in range(2) for n in ("q_proj", "k_proj", "q_norm.weight", "k_norm.weight")
+    )
+    model = AutoModelForCausalLM.from_pretrained(tiny["model"])
+    gates = torch.nn.ModuleList(DecodeGate(4, 2, 16, DecodeGateConfig(block_size=BS)) for _ in range(2))
+    assert not torch.equal(gates[1].k_proj, saved["decode.layers.1.k_proj"])
+    load_decode_gates(gates, model, result.adapter)
+    for i in range(2):
+        for n, p in gates[i].named_parameters():
+            assert torch.equal(p, saved[f"decode.layers.{i}.{n}"])
+    with pytest.raises(ValueError, match="decode gate config"):
+        load_decode_gates(
+            torch.nn.ModuleList(DecodeGate(4, 2, 16, DecodeGateConfig(block_size=32)) for _ in range(2)),
+            model,
+            result.adapter,
+        )
+    # killed after step 6 (newest checkpoint: step 4), resumed: bitwise the same gates
+    broken = tmp_path / "broken"
+    assert distill(_decode_recipe(broken, **fields), stop_after=6).stopped_early
+    distill(_decode_recipe(broken, **fields), resume=True)
+    again = load_file(str(broken / "adapter" / "seer_gates.safetensors"))
+    assert all(torch.equal(again[k], saved[k]) for k in saved)
+    # a run may start from the decode gates of an adapter
+    cont = distill(_decode_recipe(tmp_path / "cont", steps=1, warmup_steps=0, init_gates=str(result.adapter), **fields))
+    assert json.loads((cont.output_dir / "metrics.jsonl").read_text().splitlines()[0])["kl"] < rows[0]["kl"]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"gate_kind": "both"}, "'gate_kind' must be one of ('prefill', 'decode')"),
+        ({"gate": {"block_size": 16}}, "'gate' must be empty with gate_kind: decode"),
+        ({"decode_gate": {"block_size": 48}}, "'decode_gate' is invalid: DecodeGateConfig.block_size"),
+        ({"decode_gate": {"blocksize": 16}}, "unknown DecodeGateConfig fields ['blocksize']"),
+        ({"seq_len": 120}, "'seq_len' must be a multiple of decode_gate.block_size (16)"),
+        ({"gate_kind": "prefill"}, "'decode_gate' must be empty unless gate_kind is decode"),
+    ],
+)
+def test_bad_decode_recipes_give_clear_errors(tmp_path, change, message):
+    from seerattn.train import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        _decode_recipe(tmp_path, **change)
+    assert message in str(e.value)

@@ -149,7 +149,7 @@ def test_recipe_missing_field_and_bad_overrides(tmp_path):
     recipe = _write(tmp_path / "r.yaml", BASE)
     with pytest.raises(ConfigError, match="must look like KEY=VALUE"):
         load_recipe(recipe, ["lr"])
-    with pytest.raises(ConfigError, match="only 'gate.<field>' may be dotted"):
+    with pytest.raises(ConfigError, match="only 'gate.<field>' or 'decode_gate.<field>' may be dotted"):
         load_recipe(recipe, ["optim.lr=1"])
     with pytest.raises(ConfigError, match="unknown format '.json'"):
         load_recipe(_write(tmp_path / "r.json", BASE))

@@ -2,8 +2,9 @@
 
 Both share the fields of :class:`TrainConfig` (model, data, batch, optimizer, schedule, execution).
 A recipe is a flat mapping of the fields below; the nested mappings are ``gate`` (the fields of
-:class:`~seerattn.gate.GateConfig`) and, for fine-tuning, ``rope``, ``policy`` and ``lora``. Paths are
-relative to the working directory. Example::
+:class:`~seerattn.gate.GateConfig`), for distillation ``decode_gate`` (of
+:class:`~seerattn.gate.DecodeGateConfig`) and, for fine-tuning, ``rope``, ``policy`` and ``lora``. Paths
+are relative to the working directory. Example::
 
     model: testbed/model
     data: [data/books-sample]
@@ -42,7 +43,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ..gate import GateConfig
+from ..gate import DecodeGateConfig, GateConfig
 
 __all__ = ["ConfigError", "DistillConfig", "FinetuneConfig", "TrainConfig", "load_recipe", "parse_overrides"]
 
@@ -59,6 +60,7 @@ PARALLEL = ("auto", "ddp", "fsdp")
 SCHEDULES = ("cosine", "constant")
 TB = ("auto", True, False)
 ATTENTION = ("sparse", "dense")
+GATE_KINDS = ("prefill", "decode")
 ROPE_KEYS = ("rope_type", "factor", "original_max_position_embeddings")
 LORA_KEYS = ("r", "alpha", "target_modules", "dropout")
 
@@ -158,12 +160,16 @@ class TrainConfig:
             gate = self.gate_config()
         except (TypeError, ValueError) as e:
             raise ConfigError(f"recipe field 'gate' is invalid: {e}") from e
-        bs = gate.block_size
+        field_name, bs = self._row_blocks(gate)
         need(
             self.seq_len % bs == 0 and self.seq_len >= 2 * bs,
             "seq_len",
-            f"a multiple of gate.block_size ({bs}) and at least 2 blocks ({2 * bs} tokens)",
+            f"a multiple of {field_name} ({bs}) and at least 2 blocks ({2 * bs} tokens)",
         )
+
+    def _row_blocks(self, gate: GateConfig) -> tuple[str, int]:
+        """(field name, block size) of the gate that trains: packed rows are made of its whole blocks."""
+        return "gate.block_size", gate.block_size
 
     def gate_config(self) -> GateConfig:
         """The :class:`GateConfig` described by the ``gate`` mapping."""
@@ -256,7 +262,14 @@ class DistillConfig(TrainConfig):
             with YaRN; None = identity-initialised gates.
         skip_first_rows: fraction of leading query-block rows left out of the loss (paper: 0.25).
         metric_density: density at which block and attention-mass recall are reported.
-        gate: :class:`~seerattn.gate.GateConfig` fields (block size, poolings, ...).
+        gate: :class:`~seerattn.gate.GateConfig` fields (block size, poolings, ...) of the prefill gate.
+        gate_kind: which gate trains: ``prefill`` (the AttnGate of ``gate``, the default) or ``decode``
+            (the SeerAttention-R decode gate of ``decode_gate``, :mod:`seerattn.train.decode_distill`:
+            every token a decode query, target its attention over the completed blocks; ``gate`` must
+            then be empty, ``skip_first_rows`` is a fraction of the token rows and ``metric_density``
+            the token budget of the recall metric as a fraction of each row's context).
+        decode_gate: :class:`~seerattn.gate.DecodeGateConfig` fields (block size, K poolings, ...) when
+            ``gate_kind`` is ``decode``; must be empty otherwise.
         amp: autocast; ``auto`` = bf16 on CUDA, none on CPU.
         seed: seeds gate init, data order and every RNG.
 
@@ -276,11 +289,32 @@ class DistillConfig(TrainConfig):
 
     loss_scale: float = 10.0
     init_gates: str | None = None
+    gate_kind: str = "prefill"
+    decode_gate: dict = field(default_factory=dict)
 
     def _validate(self) -> None:
+        need = self._need
+        need(self.gate_kind in GATE_KINDS, "gate_kind", f"one of {GATE_KINDS}")
+        if self.gate_kind == "decode":
+            need(not self.gate, "gate", "empty with gate_kind: decode (the decode gate's fields go in decode_gate)")
+            try:
+                self.decode_gate_config()
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"recipe field 'decode_gate' is invalid: {e}") from e
+        else:
+            need(not self.decode_gate, "decode_gate", "empty unless gate_kind is decode")
         super()._validate()
-        self._need(math.isfinite(self.loss_scale) and self.loss_scale > 0, "loss_scale", "a finite float > 0")
-        self._need(self.init_gates != "", "init_gates", "an adapter folder or null")
+        need(math.isfinite(self.loss_scale) and self.loss_scale > 0, "loss_scale", "a finite float > 0")
+        need(self.init_gates != "", "init_gates", "an adapter folder or null")
+
+    def _row_blocks(self, gate: GateConfig) -> tuple[str, int]:
+        if self.gate_kind == "decode":
+            return "decode_gate.block_size", self.decode_gate_config().block_size
+        return super()._row_blocks(gate)
+
+    def decode_gate_config(self) -> DecodeGateConfig:
+        """The :class:`~seerattn.gate.DecodeGateConfig` described by the ``decode_gate`` mapping."""
+        return DecodeGateConfig.from_dict(self.decode_gate)
 
 
 @dataclass
@@ -324,6 +358,11 @@ class FinetuneConfig(TrainConfig):
             target_modules, dropout}`` (merged into the weights before saving).
         gradient_checkpointing: recompute each decoder layer in the backward (transformers'
             non-reentrant checkpointing); the gate loss and the ground truth are not recomputed.
+        loss_chunk_tokens: the LM loss runs the decoder stack for the final hidden states, then the LM head and
+            the cross-entropy over this many positions at a time, recomputing each chunk's logits in the backward
+            (:mod:`seerattn.train.lm_loss`), so no ``[B, T, V]`` logits tensor exists (47 GiB of fp32 logits and
+            gradients for Llama-3-8B at 32k); the extra memory is about ``10 x loss_chunk_tokens x V`` bytes (5 GiB
+            at 4096 x 128256). 0 or null = transformers' full-logit loss.
         max_shard_size: ``save_pretrained`` shard size of the fine-tuned model (e.g. ``"5GB"``).
 
     ``steps`` counts the joint steps; the run takes ``distill_steps + steps`` optimizer steps.
@@ -347,6 +386,7 @@ class FinetuneConfig(TrainConfig):
     gate_lr: float = 1e-3
     lora: dict = field(default_factory=dict)
     gradient_checkpointing: bool = True
+    loss_chunk_tokens: int | None = 4096
     max_shard_size: str = "5GB"
 
     def _validate(self) -> None:
@@ -366,6 +406,11 @@ class FinetuneConfig(TrainConfig):
             self.attention == "sparse" or self.gate_target_every == 1,
             "gate_target_every",
             "1 with attention: dense (no gates train)",
+        )
+        need(
+            self.loss_chunk_tokens is None or self.loss_chunk_tokens >= 0,
+            "loss_chunk_tokens",
+            "an int >= 1 (positions per chunk of the LM loss), or 0 / null (transformers' full-logit loss)",
         )
         need(bool(self.max_shard_size), "max_shard_size", "a size such as '5GB'")
         if self.attention == "dense":

@@ -207,6 +207,9 @@ def distill(
 ) -> TrainResult:
     """Train the gates of ``config.model`` as the recipe says; the adapter lands in ``output_dir/adapter``.
 
+    ``config.gate_kind`` picks the gate: the prefill AttnGates (this module) or the decode gates
+    (:mod:`.decode_distill`).
+
     Args:
         config: the recipe (:func:`~seerattn.train.config.load_recipe`).
         resume: continue from the newest checkpoint in ``output_dir`` (a fresh start, logged, when there
@@ -221,4 +224,10 @@ def distill(
     """
     if not isinstance(config, DistillConfig):
         raise TypeError(f"distill needs a DistillConfig, got {type(config).__name__} (load_recipe(..., kind=...))")
-    return run_training(DistillTask(config, model), resume=resume, tokenizer=tokenizer, stop_after=stop_after)
+    if config.gate_kind == "decode":
+        from .decode_distill import DecodeDistillTask
+
+        task = DecodeDistillTask(config, model)
+    else:
+        task = DistillTask(config, model)
+    return run_training(task, resume=resume, tokenizer=tokenizer, stop_after=stop_after)
