@@ -220,3 +220,14 @@ def test_bad_decode_recipes_give_clear_errors(tmp_path, change, message):
     with pytest.raises(ConfigError) as e:
         _decode_recipe(tmp_path, **change)
     assert message in str(e.value)
+
+
+def test_committed_decode_recipe_is_valid():
+    from pathlib import Path
+
+    from seerattn.train import load_recipe
+
+    cfg = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "testbed-decode-gates.yaml")
+    assert cfg.gate_kind == "decode" and cfg.gate == {} and cfg.model == "testbed/model"
+    assert cfg.decode_gate_config() == DecodeGateConfig(block_size=64, k_pooling=("max", "min", "avg"))
+    assert (cfg.seq_len, cfg.metric_density) == (8192, 0.125)
