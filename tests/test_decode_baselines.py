@@ -1,0 +1,105 @@
+"""StreamingLLM-style and Quest-style decode selections against brute-force loops over sequences, heads,
+blocks and channels (independent of the vectorised code)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seerattn.decode_baselines import (
+    quest_block_bounds,
+    quest_block_scores,
+    quest_decode_blocks,
+    streaming_decode_blocks,
+)
+from seerattn.decode_policy import DecodePolicy, select_decode_blocks
+
+LENS = [1, 16, 17, 40, 100, 161]  # empty past the first block, exact block ends, partial blocks, more blocks than slots
+
+
+def _lists(idx: torch.Tensor) -> list[list[list[int]]]:
+    """Valid entries of each (sequence, KV head) list, checked to be -1 padded at the end, without repeats."""
+    out = []
+    for seq in idx.tolist():
+        rows = []
+        for row in seq:
+            valid = [x for x in row if x >= 0]
+            assert row == valid + [-1] * (len(row) - len(valid)) and len(set(valid)) == len(valid)
+            rows.append(sorted(valid))
+        out.append(rows)
+    return out
+
+
+def _brute_select(scores: list[float], length: int, bs: int, slots: int) -> list[int]:
+    """First + current block, then the completed blocks 1.. of highest score (ties: lower index first)."""
+    cur = (length - 1) // bs
+    keep = {0, cur}
+    ranked = sorted(range(1, cur), key=lambda j: (-scores[j], j))
+    return sorted(keep | set(ranked[: max(slots - len(keep), 0)]))
+
+
+@pytest.mark.parametrize("bs", [16, 64])
+def test_streaming_keeps_sink_current_and_most_recent(bs):
+    lens = torch.tensor([n * bs // 16 for n in LENS], dtype=torch.int32)
+    kv_blocks = -(-int(lens.max()) // bs)
+    budget = 4 * bs
+    idx = streaming_decode_blocks(lens, 2, budget, bs, kv_blocks)
+    assert idx.shape == (len(LENS), 2, 4) and idx.dtype == torch.int32
+    for i, rows in enumerate(_lists(idx)):
+        cur = (int(lens[i]) - 1) // bs
+        want = sorted({0, cur} | set(range(max(cur - 2, 1), cur)))  # two recent completed blocks fill the budget
+        assert rows == [want, want], (int(lens[i]), rows)
+
+
+def _brute_quest_scores(q, k, bs):
+    b, hq, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    nb = -(-k.shape[2] // bs)
+    out = torch.full((b, hkv, nb), float("-inf"), dtype=torch.float64)
+    for i in range(b):
+        for h in range(hkv):
+            for j in range(nb):
+                rows = k[i, h, j * bs : (j + 1) * bs]
+                lo, hi = rows.min(0).values, rows.max(0).values
+                for head in range(h * g, (h + 1) * g):
+                    s = sum(max(float(q[i, head, c] * lo[c]), float(q[i, head, c] * hi[c])) for c in range(d))
+                    out[i, h, j] = max(out[i, h, j], s)
+    return out
+
+
+@pytest.mark.parametrize("hq, hkv", [(2, 2), (4, 2), (8, 2)])
+def test_quest_scores_and_selection_equal_brute_force(hq, hkv):
+    bs, d = 16, 8
+    g = torch.Generator().manual_seed(hq)
+    lens = torch.tensor(LENS, dtype=torch.int32)
+    t = 176  # capacity: 11 blocks; keys past each length are garbage that must not matter
+    q = torch.randn(len(LENS), hq, d, generator=g, dtype=torch.float64)
+    k = torch.randn(len(LENS), hkv, t, d, generator=g, dtype=torch.float64)
+    kmin, kmax = quest_block_bounds(k, bs)
+    scores = quest_block_scores(q, kmin, kmax)
+    want = _brute_quest_scores(q, k, bs)
+    torch.testing.assert_close(scores, want, rtol=1e-12, atol=1e-12)
+    # an upper bound of every key's q . k in the block, for every head of the group
+    qk = torch.einsum("bhd,bhtd->bht", q, k.repeat_interleave(hq // hkv, 1)).view(len(LENS), hkv, -1, 11, bs)
+    assert (qk.amax((2, 4)) <= scores + 1e-12).all()
+    garbage = k.clone()
+    for i, n in enumerate(LENS):
+        garbage[i, :, ((n - 1) // bs) * bs :] = 1e3  # the current block and everything after it
+    idx = quest_decode_blocks(q, k, lens, 5 * bs, bs)
+    assert idx.shape == (len(LENS), hkv, 5) and idx.dtype == torch.int32
+    assert torch.equal(idx, quest_decode_blocks(q, garbage, lens, 5 * bs, bs))
+    for i, rows in enumerate(_lists(idx)):
+        for h in range(hkv):
+            assert rows[h] == _brute_select(want[i, h].tolist(), LENS[i], bs, 5), (LENS[i], h)
+    # the same lists as the decode policy on these scores (one selection code for every method)
+    assert torch.equal(idx, select_decode_blocks(scores, lens, DecodePolicy("budget", 5 * bs), bs))
+
+
+def test_quest_errors():
+    with pytest.raises(ValueError, match=r"kmin, kmax \[B, Hkv, NB, D\]"):
+        quest_block_scores(torch.zeros(1, 4, 8), torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 4, 8))
+    with pytest.raises(ValueError, match="multiple of Hkv"):
+        quest_block_scores(torch.zeros(1, 3, 8), torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 3, 8))
+    with pytest.raises(ValueError, match="first and the current"):
+        quest_decode_blocks(torch.zeros(1, 4, 8), torch.zeros(1, 2, 32, 8), torch.tensor([20]), 16, 16)
