@@ -14,9 +14,11 @@
 # Needs (no network, no ../shared): the training corpus (train books joined by NUL, xz; see the recipe's header)
 # at TRAIN_DATA (default .carry/train.txt.xz, else .carry/finetune_train.txt.xz) and held-out books for eval at
 # EVAL_DATA (default: the first of data/books-sample, data/books, .carry/test that exists; a books folder).
-# Env: TS_LAYERS (decoder layers of the benchmark, 16), SKIP_BENCH=1,
+# Env: RUNS (which of a b90 b90floor b50 c d to train/evaluate; default "a b90 b50 c d"; b90floor = b90 with the
+# `floor` row allocation in training), ALLOCATIONS (row allocations of the seer evaluations, comma list, default
+# row), TS_LAYERS (decoder layers of the benchmark, 16), SKIP_BENCH=1,
 # BUDGET_S (seconds for all steps, 500: each step's timeout is cut to what is left, later steps are skipped).
-# $OUT gets (<= 6 files): results.md, results.json, train_step.json, b90-adapter.tgz (the 90 % gates), logs.tgz.
+# $OUT gets (<= 7 files): results.md, results.json, train_step.json, b90[floor]-adapter.tgz (the 90 % gates), logs.tgz.
 set -u
 DRY=${DRY:-0}
 if [ "$DRY" = 1 ]; then
@@ -42,7 +44,10 @@ if [ -z "${EVAL_DATA:-}" ]; then
 fi
 [ -f "$TRAIN_DATA" ] || { echo "no training corpus at $TRAIN_DATA (set TRAIN_DATA)"; exit 2; }
 [ -n "${EVAL_DATA:-}" ] || { echo "no eval books (data/books-sample, data/books, .carry/test; set EVAL_DATA)"; exit 2; }
-echo "train data $TRAIN_DATA, eval data $EVAL_DATA, runs in $R"
+RUNS=" ${RUNS:-a b90 b50 c d} "
+has() { [[ "$RUNS" == *" $1 "* ]]; }
+ALLOC=(--allocations "${ALLOCATIONS:-row}")
+echo "train data $TRAIN_DATA, eval data $EVAL_DATA, runs$RUNS in $R"
 COMMON=("data=[$TRAIN_DATA]" data_cache_dir=$R/cache progress=false)
 # Every step gets min(its cap, the time left before the deadline) and is skipped when too little is left, so
 # that the summary below always runs inside the call's limit (a killed call would bring nothing back).
@@ -60,17 +65,18 @@ if [ -z "${SKIP_BENCH:-}" ]; then
   if [ "$DRY" = 1 ]; then
     step train-step 600 python3 -m benchmarks.train_step --smoke --json $R/train_step.json
   else
-    step train-step 130 python3 -m benchmarks.train_step --seqlens 32768,65536 --layers ${TS_LAYERS:-16} --reps 2 --target-every 4 \
-      --json $R/train_step.json
+    step train-step 180 python3 -m benchmarks.train_step --seqlens 32768,65536 --layers ${TS_LAYERS:-16} --reps 2 --target-every 4 \
+      --profile --json $R/train_step.json
   fi
 fi
 
 # ---- training: (a), (b90), (b50), then (c) on (a)'s model
 F="python3 -m seerattn finetune recipes/testbed-yarn-32k.yaml --set"
-step train-a $T_TRAIN $F output_dir=$R/a attention=dense init_gates=null "${COMMON[@]}" "${SHRINK[@]}"
-step train-b90 $T_TRAIN $F output_dir=$R/b90 "${COMMON[@]}" "${SHRINK[@]}"
-step train-b50 $T_TRAIN $F output_dir=$R/b50 policy.value=0.5 "${COMMON[@]}" "${SHRINK[@]}"
-step train-c $T_TRAIN python3 -m seerattn distill recipes/testbed-yarn-32k-gates.yaml --set output_dir=$R/c \
+has a && step train-a $T_TRAIN $F output_dir=$R/a attention=dense init_gates=null "${COMMON[@]}" "${SHRINK[@]}"
+has b90 && step train-b90 $T_TRAIN $F output_dir=$R/b90 "${COMMON[@]}" "${SHRINK[@]}"
+has b90floor && step train-b90floor $T_TRAIN $F output_dir=$R/b90floor policy.allocation=floor "${COMMON[@]}" "${SHRINK[@]}"
+has b50 && step train-b50 $T_TRAIN $F output_dir=$R/b50 policy.value=0.5 "${COMMON[@]}" "${SHRINK[@]}"
+has c && step train-c $T_TRAIN python3 -m seerattn distill recipes/testbed-yarn-32k-gates.yaml --set output_dir=$R/c \
   model=$R/a/model tokenizer=$R/a/model "${COMMON[@]}" "${SHRINK_C[@]}"
 
 # ---- evaluation: one ppl and one passkey call per model
@@ -84,11 +90,12 @@ ev() {  # NAME MODEL GATES(or -) METHODS DENSITIES [extra args]
     --samples $PK_N "${PK_ARGS[@]}" "$@" -o $R/eval/$name/passkey
 }
 mkdir -p $R/eval
-ev b90 $R/b90/model $R/b90/adapter dense,seer 0.1
-ev a $R/a/model - dense,streaming,vertical_slash 0.1
-ev c $R/a/model $R/c/adapter seer 0.1
-ev b50 $R/b50/model $R/b50/adapter dense,seer 0.5
-ev d testbed/model testbed/gates dense,seer 0.1 --train-length $TRAIN_LEN
+has b90 && ev b90 $R/b90/model $R/b90/adapter dense,seer 0.1 "${ALLOC[@]}"
+has b90floor && ev b90floor $R/b90floor/model $R/b90floor/adapter dense,seer 0.1 "${ALLOC[@]}"
+has a && ev a $R/a/model - dense,streaming,vertical_slash 0.1 "${ALLOC[@]}"
+has c && ev c $R/a/model $R/c/adapter seer 0.1 "${ALLOC[@]}"
+has b50 && ev b50 $R/b50/model $R/b50/adapter dense,seer 0.5
+has d && ev d testbed/model testbed/gates dense,seer 0.1 --train-length $TRAIN_LEN
 
 # ---- results: table, JSON, the 90 % gates, logs
 python3 - "$R" "$OUT" $C8 $C16 $C32 <<'PY'
@@ -99,13 +106,13 @@ R, OUT = Path(sys.argv[1]), Path(sys.argv[2])
 C8, C16, C32 = (f"{int(c) // 1024}k" if int(c) >= 1024 else c for c in sys.argv[3:6])
 load = lambda p: json.loads(p.read_text()) if p.is_file() else None
 out = {"train": {}, "ppl": {}, "passkey": {}, "train_step": None}
-for run in ("a", "b50", "b90", "c"):
+for run in ("a", "b50", "b90", "b90floor", "c"):
     rec = load(R / run / "summary.json")
     if rec:
         out["train"][run] = {k: rec["results"].get(k) for k in ("steps", "tokens", "wall_time_s", "final")}
 lines = [f"| model | method | PPL @{C32} | tail PPL @{C32} | PPL @{C8} | tail PPL @{C8} | passkey {C8}/{C16}/{C32} |",
          "|---|---|---|---|---|---|---|"]
-for name in ("d", "a", "b50", "b90", "c"):
+for name in ("d", "a", "b50", "b90", "b90floor", "c"):
     ppl = load(R / "eval" / name / "ppl" / "ppl.json")
     pk = load(R / "eval" / name / "passkey" / "passkey.json")
     rows = {}
@@ -140,6 +147,7 @@ for run, t in out["train"].items():
 PY
 [ -f $R/train_step.json ] && cp $R/train_step.json $OUT/
 [ -d $R/b90/adapter ] && tar czf $OUT/b90-adapter.tgz -C $R/b90 adapter
+[ -d $R/b90floor/adapter ] && tar czf $OUT/b90floor-adapter.tgz -C $R/b90floor adapter
 tar czf $OUT/logs.tgz --exclude='*.safetensors' --exclude='*.bin' --exclude=checkpoints --exclude=cache \
   --exclude=tokenizer.json $R
 cat $R/times.txt
