@@ -11,7 +11,9 @@ A :class:`FinetuneTask` on the shared trainer skeleton (:mod:`.trainer`):
 3. joint steps run the model in ``finetune`` mode: block-sparse attention with the gates' mask in
    forward and backward, gate inputs detached, the gate's target from the ground-truth kernel under
    ``no_grad``; ``loss = CE + gate_loss_weight * sum over layers of the gate KL`` (each layer takes its
-   KL's gradient in its own forward: ``SeerState.gate_grad_scale``). With ``gate_target_every: N`` the
+   KL's gradient in its own forward: ``SeerState.gate_grad_scale``). The CE comes from the final hidden states
+   through the LM head over ``loss_chunk_tokens`` positions at a time (:mod:`.lm_loss`: no ``[B, T, V]`` logits;
+   0/null = transformers' full-logit loss). With ``gate_target_every: N`` the
    ground truth and the gate loss run on every N-th joint step only, the others in ``sparse`` mode (the
    gate for the mask only). With ``attention: dense`` the same loop runs SDPA and trains the model alone
    (the dense baseline);
@@ -38,6 +40,7 @@ import torch
 from .config import ConfigError, FinetuneConfig
 from .distill import _gates_state, _load_gates_state, gate_named_parameters
 from .distributed import DistContext, average_gradients, broadcast_parameters, check_replicas, shard_base_model
+from .lm_loss import causal_lm_loss
 from .trainer import Task, TrainResult, autocast, load_model, run_training, schedule_multiplier
 
 __all__ = ["FinetuneTask", "enable_gradient_checkpointing", "finetune"]
@@ -73,6 +76,7 @@ class FinetuneTask(Task):
     def build(self, ctx: DistContext, dtype: torch.dtype, start: int) -> None:
         from ..hf import SeerConfig, apply_seer_attention, get_seer_state, load_gates, read_adapter_config
         from ..hf.integration import _decoder_layers
+        from ..hf.lm_head import linear_lm_head
         from ..hf.rope import apply_rope_scaling
 
         config: FinetuneConfig = self.config
@@ -113,6 +117,16 @@ class FinetuneTask(Task):
         else:
             self.lm = self.model
             self.lm.requires_grad_(True)
+        self.head = None
+        if config.loss_chunk_tokens:
+            # checked here, after LoRA wraps its targets (lm_head among them would be refused) and before sharding
+            try:
+                self.head = linear_lm_head(self.lm)
+            except ValueError as e:
+                raise ConfigError(
+                    f"recipe field 'loss_chunk_tokens' ({config.loss_chunk_tokens}): {e}; set loss_chunk_tokens=null "
+                    "for transformers' full-logit loss"
+                ) from e
         sparse = config.attention == "sparse"
         gate_cfg, mask_heads = config.gate_config(), config.mask_heads or "q"
         if config.init_gates is not None:
@@ -241,7 +255,7 @@ class FinetuneTask(Task):
                         self.lm(input_ids=ids, use_cache=False, logits_to_keep=1)
                     ce = torch.zeros((), device=ids.device)
                 else:
-                    ce = self.lm(input_ids=ids, labels=ids, use_cache=False).loss
+                    ce = self._lm_loss(ids)
         finally:
             state.gate_grad_scale = None
         if phase == "joint":
@@ -265,6 +279,26 @@ class FinetuneTask(Task):
         )
         state.reset()
         return values
+
+    def _lm_loss(self, ids: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy of ``ids`` [b, T] (the labels are the ids: packed rows are scored across
+        document boundaries), chunked (``loss_chunk_tokens``) or transformers' full-logit loss."""
+        if self.head is None:
+            return self.lm(input_ids=ids, labels=ids, use_cache=False).loss
+        from torch.distributed.tensor import DTensor
+
+        from ..hf.lm_head import final_hidden_states
+
+        hidden = final_hidden_states(self.lm, ids)
+        # read after the forward: under FSDP2 the root unit (embeddings, norm, LM head) is gathered by its forward and
+        # stays gathered until its backward, so this is the whole weight
+        weight = self.head.weight
+        if isinstance(weight, DTensor):
+            raise RuntimeError(
+                "the LM head's weight is still sharded after the causal LM's forward (FSDP2 resharded "
+                "the root unit); the chunked LM loss needs the gathered weight"
+            )
+        return causal_lm_loss(hidden, weight, ids, self.config.loss_chunk_tokens)
 
     def reduce_gradients(self, step: int, ctx: DistContext) -> None:
         if self._gate_target(step):  # else the gates have no gradient (gate_target_every)
