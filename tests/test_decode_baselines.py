@@ -43,7 +43,8 @@ def test_streaming_keeps_sink_current_and_most_recent(bs):
     lens = torch.tensor([n * bs // 16 for n in LENS], dtype=torch.int32)
     kv_blocks = -(-int(lens.max()) // bs)
     budget = 4 * bs
-    idx = streaming_decode_blocks(lens, 2, budget, bs, kv_blocks)
+    k = torch.zeros(len(LENS), 2, kv_blocks * bs, 8)
+    idx = streaming_decode_blocks(torch.zeros(len(LENS), 4, 8), k, lens, budget, bs)
     assert idx.shape == (len(LENS), 2, 4) and idx.dtype == torch.int32
     for i, rows in enumerate(_lists(idx)):
         cur = (int(lens[i]) - 1) // bs
@@ -77,9 +78,9 @@ def test_quest_scores_and_selection_equal_brute_force(hq, hkv):
     q = torch.randn(len(LENS), hq, d, generator=g, dtype=torch.float64)
     k = torch.randn(len(LENS), hkv, t, d, generator=g, dtype=torch.float64)
     kmin, kmax = quest_block_bounds(k, bs)
-    scores = quest_block_scores(q, kmin, kmax)
+    scores = quest_block_scores(q.unsqueeze(2), kmin, kmax).squeeze(2)
     want = _brute_quest_scores(q, k, bs)
-    torch.testing.assert_close(scores, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(scores, want, rtol=1e-10, atol=1e-10)
     # an upper bound of every key's q . k in the block, for every head of the group
     qk = torch.einsum("bhd,bhtd->bht", q, k.repeat_interleave(hq // hkv, 1)).view(len(LENS), hkv, -1, 11, bs)
     assert (qk.amax((2, 4)) <= scores + 1e-12).all()
@@ -98,8 +99,26 @@ def test_quest_scores_and_selection_equal_brute_force(hq, hkv):
 
 def test_quest_errors():
     with pytest.raises(ValueError, match=r"kmin, kmax \[B, Hkv, NB, D\]"):
-        quest_block_scores(torch.zeros(1, 4, 8), torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 4, 8))
+        quest_block_scores(torch.zeros(1, 4, 1, 8), torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 4, 8))
     with pytest.raises(ValueError, match="multiple of Hkv"):
-        quest_block_scores(torch.zeros(1, 3, 8), torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 3, 8))
+        quest_block_scores(torch.zeros(1, 3, 1, 8), torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 3, 8))
+    with pytest.raises(ValueError, match=r"or q \[B, Hq, N, D\] with cache_seqlens \[B, N\]"):
+        quest_decode_blocks(torch.zeros(1, 4, 8), torch.zeros(1, 2, 32, 8), torch.tensor([[20]]), 32, 16)
     with pytest.raises(ValueError, match="first and the current"):
         quest_decode_blocks(torch.zeros(1, 4, 8), torch.zeros(1, 2, 32, 8), torch.tensor([20]), 16, 16)
+
+
+@pytest.mark.parametrize("select", [quest_decode_blocks, streaming_decode_blocks])
+def test_teacher_forced_rows_equal_decode_steps(select):
+    """N rows of a window at once (cache_seqlens [B, N]) == one decode-step call per row."""
+    bs, t = 16, 150
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(2, 4, t, 8, generator=g)
+    k = torch.randn(2, 2, t, 8, generator=g)
+    rows = torch.arange(90, t)
+    lens = (rows + 1).expand(2, -1).to(torch.int32)
+    idx = select(q[:, :, rows], k, lens, 4 * bs, bs)
+    assert idx.shape == (2, 2, len(rows), 4) and idx.dtype == torch.int32
+    for n, r in enumerate(rows.tolist()):
+        step = select(q[:, :, r], k, torch.full((2,), r + 1, dtype=torch.int32), 4 * bs, bs)
+        assert torch.equal(idx[:, :, n], step), r

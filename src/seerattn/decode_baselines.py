@@ -9,7 +9,7 @@ blocks; only *which* completed blocks differs.
 
 - StreamingLLM-style (Xiao et al. 2024, "Efficient Streaming Language Models with Attention Sinks"):
   the sink (first block) and the most recent blocks. Scores are the block indices (later = higher),
-  the same for every KV head.
+  the same for every KV head and query.
 - Quest-style (Tang et al. 2024, "Quest: Query-Aware Sparsity for Efficient Long-Context LLM
   Inference"): per block the element-wise min and max of its keys; a block's score is the upper bound
   ``sum_d max(q_d * kmin_d, q_d * kmax_d)`` of ``q . k`` over its keys, per query head, then the max
@@ -17,49 +17,78 @@ blocks; only *which* completed blocks differs.
   ones attention uses (post-RoPE, as Quest reads the KV cache). Quest keeps its first two layers dense;
   that is the caller's choice (a per-layer decision), not this function's.
 
-Shape legend: B sequences, Hq / Hkv query / KV heads, G = Hq / Hkv, D head dim, T cache tokens,
-NB = ceil(T / block_size) key blocks, K selected blocks.
+Both selections take one new token per sequence (a decode step: q ``[B, Hq, D]``, ``cache_seqlens``
+``[B]``, lists ``[B, Hkv, K]``) or N query rows per sequence (a teacher-forced evaluation, the rows of a
+window each selecting as a decode step at its position would: q ``[B, Hq, N, D]``, ``cache_seqlens``
+``[B, N]``, lists ``[B, Hkv, N, K]``).
+
+Shape legend: B sequences, Hq / Hkv query / KV heads, G = Hq / Hkv, N query rows per sequence, D head
+dim, T cache tokens, NB = ceil(T / block_size) key blocks, K selected blocks.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .block_mask import num_blocks
 from .decode_policy import DecodePolicy, select_decode_blocks
 from .gate import pool_blocks
 
-__all__ = [
-    "quest_block_bounds",
-    "quest_block_scores",
-    "quest_decode_blocks",
-    "streaming_block_scores",
-    "streaming_decode_blocks",
-]
+__all__ = ["quest_block_bounds", "quest_block_scores", "quest_decode_blocks", "streaming_decode_blocks"]
 
 
-def streaming_block_scores(batch: int, num_kv_heads: int, num_blocks: int, device=None) -> torch.Tensor:
-    """[B, Hkv, NB] fp32 scores ``J`` (the block index): the highest-scoring blocks are the most recent."""
-    j = torch.arange(num_blocks, device=device, dtype=torch.float32)
-    return j.expand(batch, num_kv_heads, num_blocks)
+def _select(scores: torch.Tensor, cache_seqlens: torch.Tensor, budget: int, block_size: int, kv_blocks: int):
+    """scores [B, Hkv, N, NB] and cache_seqlens [B, N] -> int32 [B, Hkv, N, K] (rows folded into the batch)."""
+    b, hkv, n, nb = scores.shape
+    if cache_seqlens.shape != (b, n):
+        raise ValueError(f"cache_seqlens must be [B, N] = [{b}, {n}] for these rows, got {tuple(cache_seqlens.shape)}")
+    flat = scores.permute(0, 2, 1, 3).reshape(b * n, hkv, nb)
+    idx = select_decode_blocks(
+        flat, cache_seqlens.reshape(b * n), DecodePolicy("budget", budget), block_size, kv_blocks
+    )
+    return idx.view(b, n, hkv, -1).permute(0, 2, 1, 3)
+
+
+def _rows(q: torch.Tensor, cache_seqlens: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """q, cache_seqlens as [B, Hq, N, D], [B, N]; whether they came as one decode step (N = 1 added)."""
+    if q.dim() == 3 and cache_seqlens.dim() == 1:
+        return q.unsqueeze(2), cache_seqlens.view(-1, 1), True
+    if q.dim() == 4 and cache_seqlens.dim() == 2:
+        return q, cache_seqlens, False
+    raise ValueError(
+        f"{what} needs q [B, Hq, D] with cache_seqlens [B] (a decode step) or q [B, Hq, N, D] with cache_seqlens "
+        f"[B, N] (N rows), got {tuple(q.shape)} and {tuple(cache_seqlens.shape)}"
+    )
 
 
 def streaming_decode_blocks(
-    cache_seqlens: torch.Tensor, num_kv_heads: int, budget: int, block_size: int, kv_blocks: int
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    budget: int,
+    block_size: int,
+    kv_blocks: int | None = None,
 ) -> torch.Tensor:
     """StreamingLLM-style selection: first block + current block + the most recent completed blocks.
 
     Args:
-        cache_seqlens: int [B] tokens in each cache, the new token included.
-        num_kv_heads: Hkv (every KV head gets the same list).
+        q: [B, Hq, D] or [B, Hq, N, D] (only its shape is read: the selection ignores the queries).
+        k_cache: [B, Hkv, Tmax, D] (only its shape is read).
+        cache_seqlens: int [B] or [B, N], keys visible to each row (its position + 1).
         budget: tokens (``DecodePolicy("budget", budget)``: ``budget // block_size`` blocks).
         block_size: tokens per key block.
-        kv_blocks: blocks covering the KV cache capacity (static; must cover each current block).
+        kv_blocks: blocks covering the cache capacity; default ``ceil(Tmax / block_size)``.
 
     Returns:
-        int32 [B, Hkv, K] as :func:`~seerattn.decode_policy.select_decode_blocks`.
+        int32 [B, Hkv, K] (or [B, Hkv, N, K]) as :func:`~seerattn.decode_policy.select_decode_blocks`; every
+        KV head gets the same list.
     """
-    scores = streaming_block_scores(cache_seqlens.shape[0], num_kv_heads, kv_blocks, cache_seqlens.device)
-    return select_decode_blocks(scores, cache_seqlens, DecodePolicy("budget", budget), block_size, kv_blocks)
+    q4, lens, step = _rows(q, cache_seqlens, "streaming_decode_blocks")
+    b, n = lens.shape
+    kv_blocks = num_blocks(k_cache.shape[2], block_size) if kv_blocks is None else kv_blocks
+    j = torch.arange(kv_blocks, device=q.device, dtype=torch.float32)  # later blocks score higher
+    idx = _select(j.expand(b, k_cache.shape[1], n, kv_blocks), lens, budget, block_size, kv_blocks)
+    return idx[:, :, 0] if step else idx
 
 
 def quest_block_bounds(k: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,26 +108,29 @@ def quest_block_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) 
     """Quest's upper bound of ``q . k`` per block, max over each KV group's query heads.
 
     Args:
-        q: [B, Hq, D] the new tokens' queries (post-RoPE).
+        q: [B, Hq, N, D] query rows (post-RoPE).
         kmin, kmax: [B, Hkv, NB, D] from :func:`quest_block_bounds`.
 
     Returns:
-        [B, Hkv, NB] fp32 (fp64 for fp64 inputs): ``max_h sum_d max(q_hd * kmin_d, q_hd * kmax_d)`` over the
-        group's heads h.
+        [B, Hkv, N, NB] fp32 (fp64 for fp64 inputs): ``max_h sum_d max(q_hd * kmin_d, q_hd * kmax_d)`` over the
+        group's heads h, computed as ``q . (kmin + kmax) / 2 + |q| . (kmax - kmin) / 2`` (equal, as kmax >= kmin:
+        two matmuls instead of a [.., N, NB, D] temporary).
     """
-    if q.dim() != 3 or kmin.dim() != 4 or kmin.shape != kmax.shape or q.shape[0] != kmin.shape[0]:
+    if q.dim() != 4 or kmin.dim() != 4 or kmin.shape != kmax.shape or q.shape[0] != kmin.shape[0]:
         raise ValueError(
-            f"quest_block_scores needs q [B, Hq, D] and kmin, kmax [B, Hkv, NB, D] of one shape, got "
+            f"quest_block_scores needs q [B, Hq, N, D] and kmin, kmax [B, Hkv, NB, D] of one shape, got "
             f"{tuple(q.shape)}, {tuple(kmin.shape)}, {tuple(kmax.shape)}"
         )
-    b, hq, d = q.shape
+    b, hq, n, d = q.shape
     hkv = kmin.shape[1]
     if hq % hkv or kmin.shape[-1] != d:
         raise ValueError(f"quest_block_scores: Hq ({hq}) must be a multiple of Hkv ({hkv}) and D must agree")
     dt = torch.promote_types(q.dtype, torch.float32)
-    qg = q.to(dt).view(b, hkv, hq // hkv, 1, d)
-    lo, hi = kmin.to(dt).unsqueeze(2), kmax.to(dt).unsqueeze(2)  # [B, Hkv, 1, NB, D]
-    return torch.maximum(qg * lo, qg * hi).sum(-1).amax(2)
+    qg = q.to(dt).reshape(b, hkv, hq // hkv * n, d)
+    lo, hi = kmin.to(dt), kmax.to(dt)
+    mid, half = ((lo + hi) / 2).transpose(-1, -2), ((hi - lo) / 2).transpose(-1, -2)
+    s = torch.matmul(qg, mid) + torch.matmul(qg.abs(), half)  # [B, Hkv, G * N, NB]
+    return s.view(b, hkv, hq // hkv, n, -1).amax(2)
 
 
 def quest_decode_blocks(
@@ -109,20 +141,22 @@ def quest_decode_blocks(
     block_size: int,
     kv_blocks: int | None = None,
 ) -> torch.Tensor:
-    """Quest-style selection for one decode step: first + current block + the blocks of highest bound.
+    """Quest-style selection: first + current block + the completed blocks of highest bound.
 
     Args:
-        q: [B, Hq, D] the new tokens' queries (post-RoPE).
-        k_cache: [B, Hkv, Tmax, D] post-RoPE keys; only the blocks completed before each sequence's
-            current block are scored, so keys at or past ``cache_seqlens`` do not matter.
-        cache_seqlens: int [B] tokens in each cache, the new token included.
+        q: [B, Hq, D] the new tokens' queries, or [B, Hq, N, D] query rows (post-RoPE).
+        k_cache: [B, Hkv, Tmax, D] post-RoPE keys; a row scores only the blocks completed before its current
+            block, so keys at or past its ``cache_seqlens`` do not matter.
+        cache_seqlens: int [B] or [B, N], keys visible to each row (its position + 1).
         budget: tokens (``budget // block_size`` blocks).
         block_size: tokens per key block.
         kv_blocks: blocks covering the cache capacity; default ``ceil(Tmax / block_size)``.
 
     Returns:
-        int32 [B, Hkv, K] as :func:`~seerattn.decode_policy.select_decode_blocks`.
+        int32 [B, Hkv, K] (or [B, Hkv, N, K]) as :func:`~seerattn.decode_policy.select_decode_blocks`.
     """
+    q4, lens, step = _rows(q, cache_seqlens, "quest_decode_blocks")
+    kv_blocks = num_blocks(k_cache.shape[2], block_size) if kv_blocks is None else kv_blocks
     kmin, kmax = quest_block_bounds(k_cache, block_size)
-    scores = quest_block_scores(q, kmin, kmax)
-    return select_decode_blocks(scores, cache_seqlens, DecodePolicy("budget", budget), block_size, kv_blocks)
+    idx = _select(quest_block_scores(q4, kmin, kmax), lens, budget, block_size, kv_blocks)
+    return idx[:, :, 0] if step else idx
