@@ -28,7 +28,9 @@ from test_finetune import _ft_config, _ft_metrics, _safetensors
 
 from seerattn.train.data import sample_range
 
-RUN = dict(steps=3, distill_steps=1, batch_size=6, micro_batch_size=1, save_every=2)  # checkpoints at 2 and 4
+# checkpoints at 2 and 4; the LM loss in 37-token chunks (4 per row): the chunked loss reads the LM head's weight that
+# FSDP2 gathered for the root unit's forward, and its gradient must reach the sharded weight
+RUN = dict(steps=3, distill_steps=1, batch_size=6, micro_batch_size=1, save_every=2, loss_chunk_tokens=37)
 TOTAL = RUN["steps"] + RUN["distill_steps"]
 CURVE_KEYS = ("loss", "ce", "kl", "grad_norm", "mass_recall", "density")
 
