@@ -29,8 +29,8 @@ lists), ``attention_bwd_ms``; ``rest_ms`` = everything else: projections, MLPs, 
 What the loss is: the decoder stack's output (after the final norm) through a fixed random projection to
 64 values, squared and averaged (plus 10 x the gate loss for seer, whose gradient each layer takes in its
 forward, as the trainer does: ``SeerState.gate_grad_scale``). The LM head and its cross-entropy are
-left out of both: they cost the same for both and, at 64k tokens x 128k vocabulary, need a chunked loss
-to fit (the fine-tuning trainer computes transformers' full-logit loss, fine for the testbed's 14k vocabulary).
+left out of both: they cost the same for both (the fine-tuning trainer's chunked loss, ``loss_chunk_tokens``, is
+timed on its own by ``benchmarks.lm_loss``).
 """
 
 from __future__ import annotations

@@ -277,3 +277,15 @@ def test_finetune_refuses_a_head_the_chunked_loss_cannot_take(tiny, tmp_path):
         finetune(_ft_config(tiny, tmp_path / "a", lora=lora))
     with pytest.raises(ConfigError, match="'loss_chunk_tokens' must be an int >= 1 .* or 0 / null"):
         _ft_config(tiny, tmp_path / "b", loss_chunk_tokens=-1)
+
+
+def test_benchmark_runs_in_its_cpu_smoke_configuration(tmp_path):
+    from benchmarks import lm_loss
+    from seerattn.record import read_record
+
+    assert lm_loss.main(["--smoke", "--json", str(tmp_path / "l.json")]) == 0
+    rows = read_record(tmp_path / "l.json")["results"]
+    assert [(r["seq_len"], r["loss_chunk_tokens"]) for r in rows] == [(300, 0), (300, 64), (300, 100)]
+    assert all(r["ms"] > 0 and not r["oom"] for r in rows)
+    for r in rows[1:]:  # fp32 on the CPU: the chunked loss is the full one within rounding
+        assert r["vs"] == "full" and max(r[k] for k in r if k.endswith("rel_diff")) < 1e-5, r
