@@ -6,6 +6,8 @@ import copy
 import json
 import math
 import shutil
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,19 +16,23 @@ from safetensors.torch import load_file, save_file
 
 import seerattn
 from seerattn import SparsityPolicy
-from seerattn.gate import GateConfig
+from seerattn.decode_policy import DecodePolicy
+from seerattn.gate import DecodeGateConfig, GateConfig
 from seerattn.hf import (
+    DecodeConfig,
     SeerConfig,
     apply_seer_attention,
     convert_official_checkpoint,
+    decode_gate_modules,
     from_pretrained,
     gate_modules,
     get_seer_state,
     load_gates,
     read_adapter_config,
     save_gates,
+    write_adapter,
 )
-from seerattn.hf.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from seerattn.hf.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, DECODE_PREFIX
 
 T = 150
 POLICY = SparsityPolicy("density", 0.3, layer_overrides={1: SparsityPolicy("top_p", 0.9)})
@@ -79,8 +85,8 @@ def test_save_then_from_pretrained_gives_identical_logits(saved):
 def test_adapter_files_content(saved):
     _, path, _ = saved
     meta = json.loads((path / ADAPTER_CONFIG).read_text())
-    assert meta["format_version"] == 1 and meta["library_version"] == seerattn.__version__
-    assert meta["base_model"] == "tiny-llama" and meta["mode"] == "sparse"
+    assert meta["format_version"] == 2 and meta["library_version"] == seerattn.__version__
+    assert meta["base_model"] == "tiny-llama" and meta["prefill"]["mode"] == "sparse" and "decode" not in meta
     assert meta["model"] == {
         "model_type": "llama",
         "num_hidden_layers": LAYERS,
@@ -88,7 +94,9 @@ def test_adapter_files_content(saved):
         "num_key_value_heads": 2,
         "head_dim": HEAD_DIM,
     }
-    assert GateConfig.from_dict(meta["gate"]) == GATE and SparsityPolicy.from_dict(meta["policy"]) == POLICY
+    prefill = meta["prefill"]
+    assert GateConfig.from_dict(prefill["gate"]) == GATE and SparsityPolicy.from_dict(prefill["policy"]) == POLICY
+    assert prefill["mask_heads"] == "kv"
     tensors = load_file(str(path / ADAPTER_WEIGHTS))
     assert sorted(tensors) == [f"layers.{i}.k_proj" for i in range(LAYERS)]  # no q projection by default
     assert all(tuple(t.shape) == (HQ, 3 * HEAD_DIM, HEAD_DIM) for t in tensors.values())
@@ -146,8 +154,11 @@ def test_corrupt_safetensors(saved):
         ("{not json", "not valid JSON"),
         ("42", "holds a JSON int"),
         ('{"format_version": 1, "model": {}}', r"lacks required fields \['gate', 'policy'\]"),
+        ('{"format_version": 2, "model": {}}', "neither a 'prefill' nor a 'decode' section"),
+        ('{"format_version": 2, "model": {}, "prefill": {"gate": {}}}', "'prefill' must be an object with 'gate' and"),
+        ('{"format_version": 2, "model": {}, "decode": {"gate": {}, "policy": {"kind": "x"}}}', "DecodePolicy.kind"),
     ],
-    ids=["syntax", "not-an-object", "missing-fields"],
+    ids=["syntax", "not-an-object", "missing-fields", "no-section", "prefill-fields", "decode-policy"],
 )
 def test_corrupt_json(saved, text, match):
     _, path, _ = saved
@@ -159,16 +170,16 @@ def test_corrupt_json(saved, text, match):
 def test_wrong_format_version(saved):
     base, path, _ = saved
     meta = json.loads((path / ADAPTER_CONFIG).read_text())
-    meta["format_version"] = 2
+    meta["format_version"] = 3
     (path / ADAPTER_CONFIG).write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="format_version 2; this seerattn reads 1"):
+    with pytest.raises(ValueError, match=r"format_version 3; this seerattn reads \[1, 2\]"):
         from_pretrained(copy.deepcopy(base), path)
 
 
 def test_unknown_policy_field(saved):
     base, path, _ = saved
     meta = json.loads((path / ADAPTER_CONFIG).read_text())
-    meta["policy"]["budget"] = 3
+    meta["prefill"]["policy"]["budget"] = 3
     (path / ADAPTER_CONFIG).write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="unknown SparsityPolicy fields"):
         from_pretrained(copy.deepcopy(base), path)
@@ -369,7 +380,7 @@ def test_convert_cli_reads_the_official_config_next_to_the_checkpoint(tmp_path, 
     (src / "config.json").write_text(json.dumps(_official_config("Qmax_Kmaxmin", model_type="qwen2")))
     argv = ["convert", str(src / "attn_gate_weights.pth"), "--base-model", str(tmp_path / "base")]
     assert main([*argv, "-o", str(tmp_path / "adapter")]) == 0
-    gate = GateConfig.from_dict(read_adapter_config(tmp_path / "adapter")["gate"])
+    gate = GateConfig.from_dict(read_adapter_config(tmp_path / "adapter")["prefill"]["gate"])
     assert gate.q_pooling == ("max",) and gate.k_pooling == ("max", "min") and gate.q_projection is False
     (src / "config.json").unlink()
     assert main([*argv, "-o", str(tmp_path / "adapter2")]) == 2
@@ -509,12 +520,13 @@ LOAD_FAULTS = [
     ),
     (
         "override-past-depth",
-        lambda p: _edit_meta(p, lambda m: m["policy"]["layer_overrides"].update({"5": {"kind": "dense"}})),
+        lambda p: _edit_meta(p, lambda m: m["prefill"]["policy"]["layer_overrides"].update({"5": {"kind": "dense"}})),
         r"layer_overrides has layer 5 but the model has 2 layers \(0..1\)",
     ),
-    ("policy-null", lambda p: _edit_meta(p, lambda m: m.update(policy=None)), "'policy' must be an object"),
-    ("gate-invalid", lambda p: _edit_meta(p, lambda m: m["gate"].update(block_size=48)), "power of two"),
-    ("mask-heads-invalid", lambda p: _edit_meta(p, lambda m: m.update(mask_heads="all")), "mask_heads"),
+    ("policy-null", lambda p: _edit_meta(p, lambda m: m["prefill"].update(policy=None)), "'policy' must be an object"),
+    ("gate-invalid", lambda p: _edit_meta(p, lambda m: m["prefill"]["gate"].update(block_size=48)), "power of two"),
+    ("mask-heads-invalid", lambda p: _edit_meta(p, lambda m: m["prefill"].update(mask_heads="all")), "mask_heads"),
+    ("unknown-field", lambda p: _edit_meta(p, lambda m: m.update(mask_heads="q")), r"unknown fields \['mask_heads'\]"),
 ]
 
 
@@ -563,3 +575,123 @@ def test_unknown_override_is_named(saved):
     with pytest.raises(ValueError, match=r"unknown SeerConfig field\(s\) \['polcy'\]; accepted: .*'policy'"):
         from_pretrained(model, path, polcy=SparsityPolicy("dense"))
     _assert_untouched(model, before)
+
+
+# ------------------------------------------------------------------------------ prefill + decode sections
+DECODE = DecodeConfig(DecodeGateConfig(block_size=16), DecodePolicy("budget", 48))
+
+
+def _decode_keys():
+    names = ("q_proj", "k_proj", "q_norm.weight", "k_norm.weight")
+    return sorted(f"{DECODE_PREFIX}layers.{i}.{n}" for i in range(LAYERS) for n in names)
+
+
+def _randomise_decode_gates(model, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in decode_gate_modules(model).values():
+            for p in gate.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def _params(gates: dict) -> list[torch.Tensor]:
+    return [p.detach().clone() for _, g in sorted(gates.items()) for p in g.parameters()]
+
+
+def _same(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_format_1_adapters_keep_loading(saved, tmp_path):
+    """A format-1 seer_config.json (top-level prefill fields) reads as a prefill section and loads the same gates."""
+    base, path, want = saved
+    meta = json.loads((path / ADAPTER_CONFIG).read_text())
+    old = {k: meta[k] for k in ("library_version", "base_model", "model")}
+    old.update(format_version=1, **meta["prefill"])
+    (path / ADAPTER_CONFIG).write_text(json.dumps(old))
+    read = read_adapter_config(path)
+    assert read["prefill"] == meta["prefill"] and read["decode"] is None and read["format_version"] == 1
+    model = from_pretrained(copy.deepcopy(base), path)
+    assert torch.equal(_logits(model, input_ids(T)), want)
+    # the committed testbed adapter (format 1) reads the same way
+    testbed = read_adapter_config(Path(__file__).parents[1] / "testbed" / "gates")
+    assert testbed["format_version"] == 1 and testbed["decode"] is None
+    assert GateConfig.from_dict(testbed["prefill"]["gate"]).block_size == 64 and testbed["prefill"]["mode"] == "sparse"
+
+
+@pytest.mark.parametrize("prefill", [False, True], ids=["decode-only", "prefill+decode"])
+def test_decode_sections_round_trip(tmp_path, prefill):
+    base = make_model("qwen2")
+    model = copy.deepcopy(base)
+    cfg = SeerConfig(gate=GATE if prefill else None, mode="sparse" if prefill else "dense", decode=DECODE)
+    apply_seer_attention(model, replace(cfg, policy=POLICY) if prefill else cfg)
+    _randomise_decode_gates(model)
+    if prefill:
+        _randomise_gates(model)
+    save_gates(model, tmp_path / "a")
+    meta = json.loads((tmp_path / "a" / ADAPTER_CONFIG).read_text())
+    assert ("prefill" in meta) == prefill and meta["decode"] == DECODE.to_dict()
+    assert meta["decode"] == {
+        "gate": {
+            "block_size": 16,
+            "k_pooling": ["max", "min", "avg"],
+            "gate_dim": None,
+            "use_rope": True,
+            "norm_eps": 1e-6,
+        },
+        "policy": {"kind": "budget", "value": 48, "max_blocks": None},
+        "enabled": True,
+    }
+    keys = sorted(load_file(str(tmp_path / "a" / ADAPTER_WEIGHTS)))
+    want_keys = _decode_keys() + ([f"layers.{i}.k_proj" for i in range(LAYERS)] if prefill else [])
+    assert keys == sorted(want_keys)
+
+    loaded = from_pretrained(copy.deepcopy(base), tmp_path / "a")
+    state = get_seer_state(loaded)
+    assert state.config.decode == DECODE and (state.config.gate is not None) == prefill
+    assert state.config.mode == ("sparse" if prefill else "dense")
+    assert _same(_params(decode_gate_modules(loaded)), _params(decode_gate_modules(model)))
+    assert _same(_params(gate_modules(loaded)), _params(gate_modules(model)))
+    ids = input_ids(40)
+    kw = dict(max_new_tokens=20, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    with torch.no_grad():
+        assert torch.equal(loaded.generate(ids, **kw), model.generate(ids, **kw))
+    assert {s["path"] for s in state.stats.values()} == {"sparse-decode"}
+
+    # decode=None leaves the decode gates off; an adapter without prefill gates cannot give them
+    if prefill:
+        only = get_seer_state(from_pretrained(copy.deepcopy(base), tmp_path / "a", decode=None))
+        assert only.config.decode is None and not any(hasattr(a, "seer_decode_gate") for a in only._attn_modules)
+    else:
+        with pytest.raises(ValueError, match="has no prefill gates"):
+            from_pretrained(copy.deepcopy(base), tmp_path / "a", gate=GATE, mode="sparse")
+
+    # load_gates loads what the model has attached: here the decode gates of a decode-only model
+    other = copy.deepcopy(base)
+    apply_seer_attention(other, SeerConfig(gate=None, mode="dense", decode=DECODE))
+    load_gates(other, tmp_path / "a")
+    assert _same(_params(decode_gate_modules(other)), _params(decode_gate_modules(model)))
+
+
+def test_write_adapter_from_gate_modules_and_section_errors(saved, tmp_path):
+    """write_adapter (gates held outside a model, e.g. by the decode distillation) writes what save_gates writes."""
+    base, path, _ = saved
+    model = copy.deepcopy(base)
+    apply_seer_attention(model, SeerConfig(gate=None, mode="dense", decode=DECODE, base_model="tiny"))
+    _randomise_decode_gates(model)
+    save_gates(model, tmp_path / "saved")
+    gates = torch.nn.ModuleList(copy.deepcopy(g) for _, g in sorted(decode_gate_modules(model).items()))
+    cfg = SeerConfig(gate=None, mode="dense", decode=DECODE, base_model="tiny")
+    write_adapter(tmp_path / "written", base, cfg, decode_gates=gates)
+    assert (tmp_path / "written" / ADAPTER_CONFIG).read_text() == (tmp_path / "saved" / ADAPTER_CONFIG).read_text()
+    a, b = (load_file(str(tmp_path / d / ADAPTER_WEIGHTS)) for d in ("saved", "written"))
+    assert sorted(a) == sorted(b) == _decode_keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="decode_gates missing"):
+        write_adapter(tmp_path / "x", base, cfg)
+    with pytest.raises(ValueError, match="must be 2 DecodeGate modules"):
+        write_adapter(tmp_path / "x", base, cfg, decode_gates=gates[:1])
+    # a prefill-only adapter has no decode gates to attach, and a prefill-only model takes its prefill gates only
+    with pytest.raises(ValueError, match="has no decode gates"):
+        from_pretrained(copy.deepcopy(base), path, decode=DECODE)
+    with pytest.raises(ValueError, match="adapter .* has no decode gates, but the model has decode gates attached"):
+        load_gates(model, path)

@@ -2,10 +2,13 @@
 
 from .integration import (
     FAMILIES,
+    DecodeConfig,
+    DecodeRequest,
     MaskRequest,
     SeerConfig,
     SeerState,
     apply_seer_attention,
+    decode_gate_modules,
     gate_logits,
     gate_modules,
     get_seer_state,
@@ -15,10 +18,13 @@ from .integration import (
 
 __all__ = [
     "FAMILIES",
+    "DecodeConfig",
+    "DecodeRequest",
     "MaskRequest",
     "SeerConfig",
     "SeerState",
     "apply_seer_attention",
+    "decode_gate_modules",
     "gate_logits",
     "gate_modules",
     "get_seer_state",
@@ -27,17 +33,21 @@ __all__ = [
 ]
 
 from .adapter import (  # noqa: E402
+    config_from_adapter,
     convert_official_checkpoint,
     from_pretrained,
     load_gates,
     read_adapter_config,
     save_gates,
+    write_adapter,
 )
 
 __all__ += [
+    "config_from_adapter",
     "convert_official_checkpoint",
     "from_pretrained",
     "load_gates",
     "read_adapter_config",
     "save_gates",
+    "write_adapter",
 ]

@@ -1,15 +1,38 @@
 """Gates-only adapters: save, load, attach to a base model, convert the official checkpoint.
 
-An adapter is a folder with
+An adapter is a folder with two files. ``seer_config.json`` (format 2)::
 
-- ``seer_config.json``: format and library version, base model id, model shape, gate config,
-  sparsity policy and default mode;
-- ``seer_gates.safetensors``: ``layers.{i}.k_proj`` ``[Hq, Ck*D, Dg]`` and, when the gate has
-  one, ``layers.{i}.q_proj`` ``[Hq, Cq*D, Dg]``.
+    {
+      "format_version": 2,
+      "library_version": "0.1.0",
+      "base_model": "meta-llama/Llama-3.1-8B",          # or null
+      "model": {"model_type", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim"},
+      "prefill": {                                       # absent / null: no prefill gates
+        "gate": {GateConfig fields}, "policy": {SparsityPolicy fields},
+        "mode": "sparse",                                # the mode from_pretrained attaches in by default
+        "mask_heads": "q"
+      },
+      "decode": {                                        # absent / null: no decode gates
+        "gate": {DecodeGateConfig fields}, "policy": {DecodePolicy fields},
+        "enabled": true                                  # optional, default true
+      }
+    }
 
-Loading is all-or-nothing: the config, the model shape, every key and every tensor shape are
-checked and the weights read before the model is touched, so a load that fails leaves the model
-exactly as it was (no gates, hooks or attention mode left behind).
+At least one of ``prefill`` and ``decode``. ``seer_gates.safetensors`` holds both gate sets:
+
+- prefill (:class:`~seerattn.gate.AttnGate`): ``layers.{i}.k_proj`` ``[Hq, Ck*D, Dg]`` and, when the gate
+  has one, ``layers.{i}.q_proj`` ``[Hq, Cq*D, Dg]``;
+- decode (:class:`~seerattn.gate.DecodeGate`), under ``DECODE_PREFIX``: ``decode.layers.{i}.q_proj``
+  ``[Hkv, G*D, Dg]``, ``decode.layers.{i}.k_proj`` ``[Hkv, Ck*D, Dg]``, ``decode.layers.{i}.q_norm.weight``
+  and ``decode.layers.{i}.k_norm.weight`` ``[Dg]`` (the gate's ``named_parameters``).
+
+Format 1 (prefill only: ``gate``, ``policy``, ``mode``, ``mask_heads`` at the top level, the same prefill
+keys) is still read: :func:`read_adapter_config` returns every adapter in the format-2 layout.
+
+Writers: :func:`save_gates` (the gates attached to a prepared model) and :func:`write_adapter` (gate
+modules held elsewhere, e.g. by a distillation task). Loading is all-or-nothing: the config, the model
+shape, every key and every tensor shape are checked and the weights read before the model is touched,
+so a load that fails leaves the model exactly as it was (no gates, hooks or attention mode left behind).
 """
 
 from __future__ import annotations
@@ -18,6 +41,7 @@ import copy
 import json
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -25,12 +49,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..block_mask import SparsityPolicy
-from ..gate import AttnGate, GateConfig
+from ..gate import AttnGate, DecodeGate, GateConfig
 from .integration import (
+    DecodeConfig,
     SeerConfig,
     _decoder_layers,
     _heads,
     apply_seer_attention,
+    decode_gate_modules,
     gate_modules,
     get_seer_state,
     remove_seer_attention,
@@ -39,21 +65,27 @@ from .integration import (
 __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
+    "DECODE_PREFIX",
     "FORMAT_VERSION",
     "OFFICIAL_CONFIG",
+    "config_from_adapter",
     "convert_official_checkpoint",
     "from_pretrained",
     "load_gates",
     "official_gate_config",
     "read_adapter_config",
     "save_gates",
+    "write_adapter",
 ]
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
 ADAPTER_CONFIG = "seer_config.json"
 ADAPTER_WEIGHTS = "seer_gates.safetensors"
+DECODE_PREFIX = "decode."
+SECTIONS = ("prefill", "decode")
 
 
 def _model_shape(model) -> dict:
@@ -68,40 +100,110 @@ def _model_shape(model) -> dict:
     }
 
 
-def save_gates(model, path: str | Path, mode: str = "sparse") -> Path:
-    """Write the gates of ``model`` (prepared by ``apply_seer_attention``) as an adapter folder.
-
-    ``mode`` is the mode :func:`from_pretrained` attaches the gates in by default (a model saved
-    while distilling is meant to be loaded for sparse inference).
-    """
-    from .. import __version__
-
-    state = get_seer_state(model)
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+def _prefill_tensors(gates: Sequence[AttnGate]) -> dict[str, torch.Tensor]:
     tensors = {}
-    for i, gate in gate_modules(model).items():
+    for i, gate in enumerate(gates):
         tensors[f"layers.{i}.k_proj"] = gate.k_proj.detach().contiguous().cpu()
         if gate.q_proj is not None:
             tensors[f"layers.{i}.q_proj"] = gate.q_proj.detach().contiguous().cpu()
-    cfg = state.config
+    return tensors
+
+
+def _decode_tensors(gates: Sequence[DecodeGate]) -> dict[str, torch.Tensor]:
+    return {
+        f"{DECODE_PREFIX}layers.{i}.{name}": p.detach().contiguous().cpu()
+        for i, gate in enumerate(gates)
+        for name, p in gate.named_parameters()
+    }
+
+
+def write_adapter(
+    path: str | Path,
+    model,
+    config: SeerConfig,
+    prefill_gates: Sequence[AttnGate] | None = None,
+    decode_gates: Sequence[DecodeGate] | None = None,
+    mode: str = "sparse",
+) -> Path:
+    """Write an adapter folder from gate modules (one per layer, in layer order).
+
+    Args:
+        path: the folder (created).
+        model: the base model (its shape is recorded; its gates are not read).
+        config: ``config.gate`` / ``policy`` / ``mask_heads`` describe ``prefill_gates`` (``config.gate`` None:
+            none), ``config.decode`` describes ``decode_gates`` (None: none); ``config.base_model`` (or the
+            model's ``_name_or_path``) is recorded.
+        prefill_gates, decode_gates: the gates, ``[AttnGate]`` / ``[DecodeGate]`` indexed by layer.
+        mode: the prefill mode :func:`from_pretrained` attaches in by default.
+
+    A decode-gate distillation writes its gates with ``write_adapter(out, model, SeerConfig(gate=None,
+    mode="dense", decode=DecodeConfig(gate_cfg)), decode_gates=gates)``.
+    """
+    from .. import __version__
+
+    n = _model_shape(model)["num_hidden_layers"]
+    for name, gates, section, kind in (
+        ("prefill_gates", prefill_gates, config.gate, AttnGate),
+        ("decode_gates", decode_gates, config.decode, DecodeGate),
+    ):
+        if (gates is None) != (section is None):
+            raise ValueError(
+                f"write_adapter: {name} {'missing' if gates is None else 'given'} but the config's "
+                f"{'gate' if kind is AttnGate else 'decode'} section is {'set' if section is not None else 'None'}"
+            )
+        if gates is not None and (len(gates) != n or not all(isinstance(g, kind) for g in gates)):
+            raise ValueError(f"write_adapter: {name} must be {n} {kind.__name__} modules (one per layer)")
+        if gates is not None:
+            want = section if kind is AttnGate else section.gate
+            if any(g.config != want for g in gates):
+                raise ValueError(f"write_adapter: the config of {name} differs from the section's {want}")
+    if config.gate is None and config.decode is None:
+        raise ValueError("write_adapter: nothing to write (no prefill and no decode gates)")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {}
     meta = {
         "format_version": FORMAT_VERSION,
         "library_version": __version__,
-        "base_model": cfg.base_model or getattr(model.config, "_name_or_path", None) or None,
+        "base_model": config.base_model or getattr(model.config, "_name_or_path", None) or None,
         "model": _model_shape(model),
-        "gate": cfg.gate.to_dict(),
-        "policy": cfg.policy.to_dict(),
-        "mode": mode,
-        "mask_heads": cfg.mask_heads,
     }
+    if prefill_gates is not None:
+        tensors.update(_prefill_tensors(prefill_gates))
+        meta["prefill"] = {
+            "gate": config.gate.to_dict(),
+            "policy": config.policy.to_dict(),
+            "mode": mode,
+            "mask_heads": config.mask_heads,
+        }
+    if decode_gates is not None:
+        tensors.update(_decode_tensors(decode_gates))
+        meta["decode"] = config.decode.to_dict()
     save_file(tensors, str(path / ADAPTER_WEIGHTS), metadata={"format": "seerattn", "version": str(FORMAT_VERSION)})
     (path / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
     return path
 
 
+def save_gates(model, path: str | Path, mode: str = "sparse") -> Path:
+    """Write the gates attached to ``model`` (prefill, decode or both; ``apply_seer_attention``) as an adapter.
+
+    ``mode`` is the prefill mode :func:`from_pretrained` attaches the gates in by default (a model saved
+    while distilling is meant to be loaded for sparse inference).
+    """
+    state = get_seer_state(model)
+    prefill = [g for _, g in sorted(gate_modules(model).items())] or None
+    decode = [g for _, g in sorted(decode_gate_modules(model).items())] or None
+    return write_adapter(path, model, state.config, prefill, decode, mode=mode)
+
+
 def read_adapter_config(path: str | Path) -> dict:
-    """The parsed ``seer_config.json`` of an adapter folder, validated."""
+    """The parsed ``seer_config.json`` of an adapter folder, validated, in the format-2 layout.
+
+    Returns ``{"format_version", "library_version", "base_model", "model", "prefill", "decode"}`` with
+    ``prefill`` ``{"gate", "policy", "mode", "mask_heads"}`` or None and ``decode`` ``{"gate", "policy",
+    "enabled"}`` or None (JSON values; :func:`config_from_adapter` builds the :class:`SeerConfig`). A
+    format-1 adapter comes back with its top-level prefill fields as the ``prefill`` section.
+    """
     path = Path(path)
     cfg_path = path / ADAPTER_CONFIG
     if not cfg_path.is_file():
@@ -110,45 +212,84 @@ def read_adapter_config(path: str | Path) -> dict:
         meta = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_path} is not valid JSON: {e}") from e
-    required = {"format_version", "model", "gate", "policy"}
     if not isinstance(meta, dict):
-        raise ValueError(
-            f"{cfg_path} holds a JSON {type(meta).__name__}, expected an object with fields {sorted(required)}"
-        )
-    if not required <= set(meta):
-        raise ValueError(f"{cfg_path} lacks required fields {sorted(required - set(meta))}")
-    if meta["format_version"] != FORMAT_VERSION:
-        raise ValueError(
-            f"{cfg_path} has format_version {meta['format_version']!r}; this seerattn reads {FORMAT_VERSION}"
-        )
-    for name, what in (
-        ("model", "the model shape"),
-        ("gate", "GateConfig fields"),
-        ("policy", "SparsityPolicy fields"),
-    ):
-        if not isinstance(meta[name], dict):
-            raise ValueError(f"{cfg_path}: {name!r} must be an object ({what}), got {json.dumps(meta[name])}")
+        raise ValueError(f"{cfg_path} holds a JSON {type(meta).__name__}, expected an object")
+    version = meta.get("format_version")
+    if version not in READ_VERSIONS:
+        raise ValueError(f"{cfg_path} has format_version {version!r}; this seerattn reads {list(READ_VERSIONS)}")
+    if version == 1:
+        required = {"model", "gate", "policy"}
+        if not required <= set(meta):
+            raise ValueError(f"{cfg_path} lacks required fields {sorted(required - set(meta))}")
+        prefill = {
+            "gate": meta["gate"],
+            "policy": meta["policy"],
+            "mode": meta.get("mode", "sparse"),
+            "mask_heads": meta.get("mask_heads", "q"),
+        }
+        decode = None
+    else:
+        if "model" not in meta:
+            raise ValueError(f"{cfg_path} lacks required field 'model'")
+        unknown = set(meta) - {"format_version", "library_version", "base_model", "model", *SECTIONS}
+        if unknown:
+            raise ValueError(f"{cfg_path}: unknown fields {sorted(unknown)}")
+        prefill, decode = meta.get("prefill"), meta.get("decode")
+        if prefill is None and decode is None:
+            raise ValueError(f"{cfg_path} has neither a 'prefill' nor a 'decode' section: no gates")
+        if prefill is not None:
+            if not isinstance(prefill, dict) or not {"gate", "policy"} <= set(prefill):
+                raise ValueError(f"{cfg_path}: 'prefill' must be an object with 'gate' and 'policy', got {prefill!r}")
+            if set(prefill) - {"gate", "policy", "mode", "mask_heads"}:
+                raise ValueError(f"{cfg_path}: unknown 'prefill' fields {sorted(set(prefill) - {'gate', 'policy'})}")
+            prefill = {"mode": "sparse", "mask_heads": "q", **prefill}
+        if decode is not None:
+            try:
+                decode = DecodeConfig.from_dict(decode).to_dict()
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{cfg_path}: 'decode' section: {e}") from None
+    if prefill is not None:
+        for name, what in (("gate", "GateConfig fields"), ("policy", "SparsityPolicy fields")):
+            if not isinstance(prefill[name], dict):
+                raise ValueError(f"{cfg_path}: {name!r} must be an object ({what}), got {json.dumps(prefill[name])}")
+    if not isinstance(meta["model"], dict):
+        raise ValueError(f"{cfg_path}: 'model' must be an object (the model shape), got {json.dumps(meta['model'])}")
     shape_keys = {"model_type", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim"}
     if set(meta["model"]) != shape_keys:
         raise ValueError(
             f"{cfg_path}: 'model' must have exactly the fields {sorted(shape_keys)}, got {sorted(meta['model'])}"
         )
-    return meta
+    return {
+        "format_version": version,
+        "library_version": meta.get("library_version"),
+        "base_model": meta.get("base_model"),
+        "model": meta["model"],
+        "prefill": prefill,
+        "decode": decode,
+    }
 
 
 def config_from_adapter(meta: dict, **overrides) -> SeerConfig:
-    """A :class:`SeerConfig` from an adapter's metadata, with field overrides (e.g. ``mode=``)."""
+    """A :class:`SeerConfig` from an adapter's metadata (:func:`read_adapter_config`), with field overrides.
+
+    Without a prefill section the config has ``gate=None`` and ``mode="dense"``; without a decode
+    section ``decode=None``. Overrides replace fields (``mode=``, ``policy=``, ``decode=None`` to leave
+    the decode gates off, ``decode=DecodeConfig(same gate, other policy)``...).
+    """
     accepted = set(SeerConfig.__dataclass_fields__)
     unknown = sorted(set(overrides) - accepted)
     if unknown:
         raise ValueError(f"unknown SeerConfig field(s) {unknown}; accepted: {sorted(accepted)}")
+    prefill, decode = meta["prefill"], meta["decode"]
     fields = {
-        "gate": GateConfig.from_dict(meta["gate"]),
-        "policy": SparsityPolicy.from_dict(meta["policy"]),
-        "mode": meta.get("mode", "sparse"),
-        "mask_heads": meta.get("mask_heads", "q"),
+        "gate": None if prefill is None else GateConfig.from_dict(prefill["gate"]),
+        "mode": "dense" if prefill is None else prefill["mode"],
+        "decode": None if decode is None else DecodeConfig.from_dict(decode),
         "base_model": meta.get("base_model"),
     }
+    if prefill is not None:
+        fields["policy"] = SparsityPolicy.from_dict(prefill["policy"])
+        fields["mask_heads"] = prefill["mask_heads"]
     fields.update(overrides)
     return SeerConfig(**fields)
 
@@ -160,17 +301,23 @@ def _check_model_shape(meta: dict, model, path: Path) -> None:
         raise ValueError(f"adapter {path} was made for another model shape; (adapter, model) differ in {diff}")
 
 
-def _gate_shapes(model, gate: GateConfig) -> dict[str, tuple[int, ...]]:
-    """Adapter key -> shape of the gate tensors that ``gate`` gives ``model`` (built on the meta
-    device: nothing is attached, no memory used)."""
+def _gate_shapes(model, config: SeerConfig) -> dict[str, tuple[int, ...]]:
+    """Adapter key -> shape of the gate tensors that ``config`` (its prefill gate and decode section) gives
+    ``model`` (built on the meta device: nothing is attached, no memory used)."""
     _, layers = _decoder_layers(model)
     shapes = {}
     for i, layer in enumerate(layers):
+        heads = _heads(layer.self_attn)
         with torch.device("meta"):
-            g = AttnGate(*_heads(layer.self_attn), gate)
-        shapes[f"layers.{i}.k_proj"] = tuple(g.k_proj.shape)
-        if g.q_proj is not None:
-            shapes[f"layers.{i}.q_proj"] = tuple(g.q_proj.shape)
+            if config.gate is not None:
+                g = AttnGate(*heads, config.gate)
+                shapes[f"layers.{i}.k_proj"] = tuple(g.k_proj.shape)
+                if g.q_proj is not None:
+                    shapes[f"layers.{i}.q_proj"] = tuple(g.q_proj.shape)
+            if config.decode is not None:
+                dg = DecodeGate(*heads, config.decode.gate)
+                for name, p in dg.named_parameters():
+                    shapes[f"{DECODE_PREFIX}layers.{i}.{name}"] = tuple(p.shape)
     return shapes
 
 
@@ -195,52 +342,91 @@ def _read_gate_tensors(path: Path, shapes: dict[str, tuple[int, ...]]) -> dict[s
     return tensors
 
 
-def _copy_into_gates(model, tensors: dict[str, torch.Tensor]) -> None:
+def _copy_into_gates(model, tensors: dict[str, torch.Tensor], sections: Sequence[str]) -> None:
+    """Copy the adapter tensors of ``sections`` (``"prefill"``, ``"decode"``) into the attached gates."""
     with torch.no_grad():
-        for i, gate in gate_modules(model).items():
-            gate.k_proj.copy_(tensors[f"layers.{i}.k_proj"])
-            if gate.q_proj is not None:
-                gate.q_proj.copy_(tensors[f"layers.{i}.q_proj"])
+        if "prefill" in sections:
+            for i, gate in gate_modules(model).items():
+                gate.k_proj.copy_(tensors[f"layers.{i}.k_proj"])
+                if gate.q_proj is not None:
+                    gate.q_proj.copy_(tensors[f"layers.{i}.q_proj"])
+        if "decode" in sections:
+            for i, gate in decode_gate_modules(model).items():
+                for name, p in gate.named_parameters():
+                    p.copy_(tensors[f"{DECODE_PREFIX}layers.{i}.{name}"])
+
+
+def _adapter_sections(meta: dict) -> tuple[str, ...]:
+    return tuple(s for s in SECTIONS if meta[s] is not None)
 
 
 def load_gates(model, path: str | Path) -> None:
-    """Load adapter weights into the gates of a prepared model (strict: keys, shapes, model shape).
+    """Load adapter weights into the gates attached to a prepared model (strict: keys, shapes, model shape).
 
-    Every check runs and the file is read before any gate changes: on an error the gates are as they were.
+    Every gate set the model has attached (prefill, decode) is loaded and must be in the adapter with
+    the same gate config; an adapter section the model has no gates for is not loaded (logged). The
+    whole weights file is checked against the adapter's config. Every check runs and the file is read
+    before any gate changes: on an error the gates are as they were.
     """
     path = Path(path)
     meta = read_adapter_config(path)
     _check_model_shape(meta, model, path)
     state = get_seer_state(model)
-    if GateConfig.from_dict(meta["gate"]) != state.config.gate:
-        raise ValueError(
-            f"adapter gate config {meta['gate']} differs from the attached gates' {state.config.gate.to_dict()}"
-        )
-    _copy_into_gates(model, _read_gate_tensors(path, _gate_shapes(model, state.config.gate)))
+    attached = {"prefill": state.config.gate, "decode": state.config.decode}
+    theirs = config_from_adapter(meta)
+    adapter = {"prefill": theirs.gate, "decode": theirs.decode}
+    sections = [s for s in SECTIONS if attached[s] is not None]
+    for s in sections:
+        if adapter[s] is None:
+            raise ValueError(f"adapter {path} has no {s} gates, but the model has {s} gates attached")
+        mine, other = (attached[s], adapter[s]) if s == "prefill" else (attached[s].gate, adapter[s].gate)
+        if mine != other:
+            raise ValueError(
+                f"adapter gate config {other.to_dict()} ({s}) differs from the attached {s} gates' {mine.to_dict()}"
+            )
+    skipped = [s for s in _adapter_sections(meta) if s not in sections]
+    if skipped:
+        logger.info("adapter %s: %s gates not loaded (the model has none attached)", path, ", ".join(skipped))
+    _copy_into_gates(model, _read_gate_tensors(path, _gate_shapes(model, theirs)), sections)
 
 
 def from_pretrained(base, gates: str | Path, **config_overrides):
     """Load a base model (a model object or a path/id for ``AutoModelForCausalLM``) and attach an adapter.
 
-    ``config_overrides`` replace :class:`SeerConfig` fields (``mode``, ``policy``, ``impl``...).
-    Returns the model (its state: :func:`~seerattn.hf.get_seer_state`).
+    ``config_overrides`` replace :class:`SeerConfig` fields (``mode``, ``policy``, ``impl``, ``decode``...;
+    see :func:`config_from_adapter`). Gate sets come from the adapter only: an override that attaches a
+    gate set the adapter lacks, or changes a gate's architecture, is refused; ``gate=None`` /
+    ``decode=None`` leave the adapter's prefill / decode gates off. Returns the model (its state:
+    :func:`~seerattn.hf.get_seer_state`).
 
     All-or-nothing: the adapter's config and weights are validated and read before the gates are
     attached; on any error a model passed in is left exactly as it was (a retry can follow).
     """
     gates = Path(gates)
     meta = read_adapter_config(gates)
+    theirs = config_from_adapter(meta)
     config = config_from_adapter(meta, **config_overrides)
     config.policy.check_num_layers(meta["model"]["num_hidden_layers"])
+    for s, mine, other in (
+        ("prefill", config.gate, theirs.gate),
+        ("decode", config.decode and config.decode.gate, theirs.decode and theirs.decode.gate),
+    ):
+        if mine is not None and mine != other:
+            have = f"no {s} gates" if other is None else f"{s} gates {other.to_dict()}"
+            raise ValueError(
+                f"adapter {gates} has {have}; the config asks for {s} gates {mine.to_dict()}. Gates come from "
+                "the adapter (attach untrained ones with apply_seer_attention)"
+            )
     if isinstance(base, (str, Path)):
         from transformers import AutoModelForCausalLM
 
         base = AutoModelForCausalLM.from_pretrained(str(base))
     _check_model_shape(meta, base, gates)
-    tensors = _read_gate_tensors(gates, _gate_shapes(base, config.gate))
+    tensors = _read_gate_tensors(gates, _gate_shapes(base, theirs))
     apply_seer_attention(base, config)
+    sections = [s for s, c in (("prefill", config.gate), ("decode", config.decode)) if c is not None]
     try:
-        _copy_into_gates(base, tensors)
+        _copy_into_gates(base, tensors, sections)
     except BaseException:  # not expected after the checks above; whatever it is, take the gates off again
         remove_seer_attention(base)
         raise

@@ -8,18 +8,26 @@ How it works (no copied modeling files, nothing in ``transformers.models.*`` is 
    for families with q/k-norm) capture the *pre-RoPE* queries and keys exactly;
 3. an attention function named ``"seer"`` is registered with transformers' ``AttentionInterface``
    (and ``sdpa``'s mask builder under the same name) and selected with
-   ``model.set_attn_implementation("seer")``; it reads the per-model :class:`SeerState`.
+   ``model.set_attn_implementation("seer")``; it reads the per-model :class:`SeerState`;
+4. with a decode section (:class:`DecodeConfig`), a :class:`~seerattn.gate.DecodeGate` per layer
+   (submodule ``seer_decode_gate``) and a forward pre-hook on the attention module that hands the
+   layer's KV cache object to the state: a generate step with one new token per sequence then runs
+   sparse decode (the decode gate's keys kept in a :class:`~seerattn.gate.GateKeyCache` per layer
+   beside transformers' cache, :func:`~seerattn.decode_policy.select_decode_blocks`, and
+   :func:`~seerattn.ops.sparse_decode_attention` over the cache's K/V tensors). ``docs/design.md``,
+   "Sparse decode", describes the wiring.
 
-Shape legend: B batch, Hq/Hkv heads, T tokens, D head dim, NB blocks.
+Shape legend: B batch, Hq/Hkv heads, T tokens, D head dim, NB blocks, K selected blocks per KV head.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import weakref
 from collections.abc import Callable
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -28,17 +36,21 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from ..block_mask import BlockMask, SparsityPolicy, mask_from_scores
-from ..gate import AttnGate, GateConfig, gate_loss, gate_metrics
-from ..ops import attention_with_block_scores, block_sparse_attention
+from ..block_mask import BlockMask, SparsityPolicy, mask_from_scores, num_blocks
+from ..decode_policy import DecodePolicy, select_decode_blocks
+from ..gate import AttnGate, DecodeGate, DecodeGateConfig, GateConfig, GateKeyCache, gate_loss, gate_metrics
+from ..ops import attention_with_block_scores, block_sparse_attention, sparse_decode_attention
 
 __all__ = [
     "FAMILIES",
+    "DecodeConfig",
+    "DecodeRequest",
     "MaskRequest",
     "SeerConfig",
     "SeerState",
     "apply_seer_attention",
     "checkpoint_context_fn",
+    "decode_gate_modules",
     "gate_logits",
     "get_seer_state",
     "group_scores",
@@ -48,8 +60,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 ATTN_NAME = "seer"
-MODES = ("dense", "sparse", "distill", "finetune", "oracle", "custom")
-Mode = Literal["dense", "sparse", "distill", "finetune", "oracle", "custom"]
+MODES = ("dense", "sparse", "distill", "finetune", "oracle", "custom", "decode_eval")
+Mode = Literal["dense", "sparse", "distill", "finetune", "oracle", "custom", "decode_eval"]
+# modes whose forward runs the prefill gate (AttnGate) or builds a block mask of its block size
+_PREFILL_GATE_MODES = ("sparse", "distill", "finetune", "oracle", "custom")
 
 # model_type -> names of the submodules whose outputs are the pre-RoPE q and k of a layer.
 FAMILIES: dict[str, tuple[str, str]] = {
@@ -60,20 +74,71 @@ FAMILIES: dict[str, tuple[str, str]] = {
 }
 
 
+@dataclass(frozen=True)
+class DecodeConfig:
+    """The decode section of a :class:`SeerConfig`: decode gates and how a decode step selects blocks.
+
+    Args:
+        gate: the decode gate architecture (a :class:`~seerattn.gate.DecodeGate` per layer).
+        policy: gate logits -> kept key blocks per (sequence, KV head) (:class:`~seerattn.decode_policy.DecodePolicy`).
+        enabled: run sparse decode in generate steps; False keeps the gates attached and decodes densely
+            (``state.set_decode(enabled=False)`` switches decode sparsity off, ``mode="dense"`` prefill sparsity).
+    """
+
+    gate: DecodeGateConfig = field(default_factory=DecodeGateConfig)
+    policy: DecodePolicy = field(default_factory=DecodePolicy)
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.gate, DecodeGateConfig) or not isinstance(self.policy, DecodePolicy):
+            raise TypeError("DecodeConfig.gate must be a DecodeGateConfig and DecodeConfig.policy a DecodePolicy")
+        if not isinstance(self.enabled, bool):
+            raise TypeError(f"DecodeConfig.enabled must be True or False, got {self.enabled!r}")
+        if self.policy.kind == "budget":  # the only kind whose slot count is known before a cache exists
+            self.policy.num_slots(self.gate.block_size, 1)
+
+    def to_dict(self) -> dict:
+        """The adapter's ``decode`` section (JSON types)."""
+        return {"gate": self.gate.to_dict(), "policy": asdict(self.policy), "enabled": self.enabled}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DecodeConfig:
+        accepted = {"gate", "policy", "enabled"}
+        if not isinstance(d, dict) or not {"gate", "policy"} <= set(d) or set(d) - accepted:
+            raise ValueError(
+                f"a decode section must be an object with fields 'gate', 'policy' and optionally 'enabled'; got {d!r}"
+            )
+        policy = d["policy"]
+        unknown = set(policy) - set(DecodePolicy.__dataclass_fields__) if isinstance(policy, dict) else {"<not a dict>"}
+        if unknown:
+            raise ValueError(
+                f"unknown DecodePolicy fields {sorted(unknown)}; accepted: {sorted(DecodePolicy.__dataclass_fields__)}"
+            )
+        return cls(DecodeGateConfig.from_dict(d["gate"]), DecodePolicy(**policy), d.get("enabled", True))
+
+
 @dataclass
 class SeerConfig:
     """What :func:`apply_seer_attention` attaches and how the attention runs.
 
     Args:
-        gate: the gate architecture.
+        gate: the prefill gate architecture; None attaches no prefill gate (a decode-only setup: then
+            ``mode`` must be ``"dense"`` or ``"decode_eval"``).
         policy: gate probabilities -> block mask (``sparse`` and ``oracle`` modes).
-        mode: ``"dense"`` (original attention, gate unused), ``"sparse"`` (gate -> mask ->
+        mode: how a forward over a whole prompt (a prefill: as many keys as queries) runs.
+            ``"dense"`` (original attention, prefill gate unused), ``"sparse"`` (gate -> mask ->
             block-sparse attention), ``"distill"`` (dense attention through the ground-truth kernel;
             gate loss and metrics recorded per layer), ``"finetune"`` (as ``sparse``, with gradients:
             the attention output is differentiable in q/k/v through the block-sparse op while the mask
             comes from the gate under ``no_grad``; the gate reads detached q/k and its loss against the
             ground truth is recorded per layer as in ``distill``), ``"oracle"`` (mask from the true ground truth:
-            the upper bound), ``"custom"`` (mask from ``SeerState.mask_fn``: baselines).
+            the upper bound), ``"custom"`` (mask from ``SeerState.mask_fn``: baselines), ``"decode_eval"``
+            (teacher-forced decode: rows before ``decode_start`` dense, each row from ``decode_start`` on
+            attends to the blocks a decode step would select for it; needs ``decode``). Decode steps are
+            governed by ``decode``, not by ``mode``.
+        decode: the decode section (:class:`DecodeConfig`); None attaches no decode gate and decode
+            steps run dense (transformers' SDPA).
+        decode_start: ``decode_eval`` mode: the first row (token position) that attends like decode.
         impl: op implementation (``None`` = Triton on CUDA, reference on CPU).
         gate_impl: how ``sparse`` and ``oracle`` modes compute the gate and the policy: ``"triton"``
             (fused gate kernels and the selection kernel), ``"eager"`` (the PyTorch gate and policies:
@@ -88,9 +153,11 @@ class SeerConfig:
         base_model: id or path of the base model (recorded in saved adapters).
     """
 
-    gate: GateConfig = field(default_factory=GateConfig)
+    gate: GateConfig | None = field(default_factory=GateConfig)
     policy: SparsityPolicy = field(default_factory=SparsityPolicy)
     mode: Mode = "sparse"
+    decode: DecodeConfig | None = None
+    decode_start: int | None = None
     impl: str | None = None
     gate_impl: Literal["eager", "triton"] | None = None
     mask_heads: Literal["q", "kv"] = "q"
@@ -109,8 +176,25 @@ class SeerConfig:
             raise ValueError(f"SeerConfig.skip_first_rows must be in [0, 1), got {self.skip_first_rows}")
         if not 0.0 < self.metric_density <= 1.0:
             raise ValueError(f"SeerConfig.metric_density must be in (0, 1], got {self.metric_density}")
-        if not isinstance(self.gate, GateConfig) or not isinstance(self.policy, SparsityPolicy):
-            raise TypeError("SeerConfig.gate must be a GateConfig and SeerConfig.policy a SparsityPolicy")
+        if not isinstance(self.gate, (GateConfig, type(None))) or not isinstance(self.policy, SparsityPolicy):
+            raise TypeError("SeerConfig.gate must be a GateConfig (or None) and SeerConfig.policy a SparsityPolicy")
+        if not isinstance(self.decode, (DecodeConfig, type(None))):
+            raise TypeError(f"SeerConfig.decode must be a DecodeConfig or None, got {type(self.decode).__name__}")
+        if self.gate is None and self.decode is None:
+            raise ValueError("SeerConfig needs a prefill gate (gate), a decode section (decode) or both; got neither")
+        if self.gate is None and self.mode in _PREFILL_GATE_MODES:
+            raise ValueError(
+                f"SeerConfig.mode={self.mode!r} needs the prefill gate (gate=GateConfig(...)); without one the "
+                "accepted modes are 'dense' and 'decode_eval'"
+            )
+        start = self.decode_start
+        if start is not None and (isinstance(start, bool) or not isinstance(start, int) or start < 0):
+            raise ValueError(f"SeerConfig.decode_start must be an int >= 0 or None, got {start!r}")
+        if self.mode == "decode_eval" and (self.decode is None or start is None):
+            raise ValueError(
+                "SeerConfig.mode='decode_eval' needs decode=DecodeConfig(...) (the decode gates and policy) and "
+                "decode_start (the first row that attends like decode)"
+            )
 
 
 @dataclass
@@ -127,6 +211,36 @@ class MaskRequest:
     scale: float
     block_size: int
     seq_len: int
+
+
+@dataclass
+class DecodeRequest:
+    """What ``SeerState.decode_select_fn`` sees for one layer: N query rows per sequence to select key blocks for.
+
+    A generate decode step has N = 1 (the new token); ``decode_eval`` mode passes a chunk of a window's rows.
+
+    Attributes:
+        layer_idx: the layer.
+        q: [B, Hq, N, D] post-RoPE queries (what attention uses).
+        k: [B, Hkv, Tcap, D] post-RoPE keys: the KV cache tensor (StaticCache: its capacity; DynamicCache
+            and ``decode_eval``: the tokens so far). Keys at or past a row's ``cache_seqlens`` are not its own.
+        cache_seqlens: int32 [B, N], keys visible to each row (its position + 1; the row's own key included).
+        scale: the softmax scale.
+        block_size: tokens per key block (the decode gate's).
+        num_slots: K of the configured decode policy for this cache (a selection may use another K).
+
+    The function returns int32 [B, Hkv, N, K] block indices per (sequence, KV head, row), -1 padded,
+    without repeats; the first and the row's current block must be in it for the decode semantics
+    (the kernel attends to exactly the listed blocks, up to ``cache_seqlens``).
+    """
+
+    layer_idx: int
+    q: torch.Tensor
+    k: torch.Tensor
+    cache_seqlens: torch.Tensor
+    scale: float
+    block_size: int
+    num_slots: int
 
 
 @dataclass
@@ -153,6 +267,9 @@ class SeerState:
             ``no_grad``.
         metrics: per layer, in ``distill`` and ``finetune`` modes: block and mass recall at ``metric_density``.
         mask_fn: the mask source of ``custom`` mode.
+        decode_select_fn: when set, decode steps and ``decode_eval`` rows take their key blocks from it
+            (a :class:`DecodeRequest` -> int32 [B, Hkv, N, K] function: baselines such as Quest or
+            StreamingLLM through the same kernel) instead of the decode gate and policy.
         capture: when True, ``captures[layer]`` keeps (q_pre, k_pre, q, k) of the last forward
             (for tests and debugging).
     """
@@ -161,6 +278,7 @@ class SeerState:
     losses: dict[int, torch.Tensor] = field(default_factory=dict)
     metrics: dict[int, dict] = field(default_factory=dict)
     mask_fn: Callable[[MaskRequest], BlockMask] | None = None
+    decode_select_fn: Callable[[DecodeRequest], torch.Tensor] | None = None
     capture: bool = False
     captures: dict[int, tuple] = field(default_factory=dict)
     record_densities: bool = True
@@ -174,6 +292,8 @@ class SeerState:
     _stats: dict[int, dict] = field(default_factory=dict, repr=False)
     # ("record" | "replay", masks of one checkpointed call) while one runs: see checkpoint_context_fn
     _masks: tuple[str, list] | None = field(default=None, repr=False)
+    # per layer: the decode-gate key cache kept beside one transformers cache object (see _DecodeCache)
+    _decode: dict[int, _DecodeCache] = field(default_factory=dict, repr=False)
 
     @property
     def stats(self) -> dict[int, dict]:
@@ -185,18 +305,42 @@ class SeerState:
         return self._stats
 
     def set(self, **changes) -> None:
-        """Replace config fields (e.g. ``state.set(mode="dense")`` or ``policy=...``), validated."""
+        """Replace config fields (e.g. ``state.set(mode="dense")`` or ``policy=...``), validated.
+
+        The gates are attached once: ``gate`` and the decode section's ``gate`` (and whether there is a
+        decode section) cannot change here; ``decode`` may change its policy and ``enabled``
+        (:meth:`set_decode`)."""
         config = replace(self.config, **changes)
         config.policy.check_num_layers(len(self._attn_modules))
+        if config.gate != self.config.gate:
+            raise ValueError(
+                f"SeerState.set cannot change the attached prefill gates ({self.config.gate} -> {config.gate}); "
+                "remove_seer_attention and apply_seer_attention with the new config"
+            )
+        old, new = self.config.decode, config.decode
+        if (old is None) != (new is None) or (old is not None and old.gate != new.gate):
+            raise ValueError(
+                "SeerState.set cannot attach, remove or change the decode gates (decode section "
+                f"{None if old is None else old.gate} -> {None if new is None else new.gate}); switch decode "
+                "sparsity with set_decode(enabled=...), or re-apply seer attention"
+            )
         self.config = config
 
+    def set_decode(self, **changes) -> None:
+        """Replace fields of the decode section (``enabled=False`` switches decode sparsity off,
+        ``policy=DecodePolicy(...)``), validated."""
+        if self.config.decode is None:
+            raise ValueError("this model has no decode section (SeerConfig.decode is None): no decode gates attached")
+        self.set(decode=replace(self.config.decode, **changes))
+
     def reset(self) -> None:
-        """Forget the statistics, losses and metrics of earlier forwards."""
+        """Forget the statistics, losses and metrics of earlier forwards, and the decode-gate key caches."""
         self._stats.clear()
         self.losses.clear()
         self.metrics.clear()
         self.captures.clear()
         self._pending.clear()
+        self._decode.clear()
 
     def total_gate_loss(self) -> torch.Tensor:
         """Sum over layers of the distillation losses of the last forward."""
@@ -214,8 +358,30 @@ class SeerState:
         return sum(s.get("density", 1.0) for s in self.stats.values()) / len(self.stats)
 
     @property
+    def decoding(self) -> bool:
+        """Whether decode steps run sparse (a decode section, enabled)."""
+        return self.config.decode is not None and self.config.decode.enabled
+
+    @property
     def needs_pre_rope(self) -> bool:
-        return self.capture or self.config.mode in ("sparse", "distill", "finetune")
+        # sparse decode reads the pre-RoPE q of each step and fills its gate keys from the pre-RoPE k
+        return self.capture or self.decoding or self.config.mode in ("sparse", "distill", "finetune", "decode_eval")
+
+
+@dataclass
+class _DecodeCache:
+    """One layer's decode-gate keys beside one transformers cache object.
+
+    ``owner`` is a weak reference to that cache object (``DynamicCache``, ``StaticCache``): a forward
+    with another cache object (a new ``generate()`` call) starts a fresh key cache. ``length`` counts
+    the tokens on the host (equal for every sequence: batches are unpadded), so a decode step reads
+    nothing from the device.
+    """
+
+    owner: weakref.ref
+    keys: GateKeyCache
+    length: int
+    capacity: int | None  # a static cache's size in tokens (the keys it hands over each step); None: it grows
 
 
 def get_seer_state(model: torch.nn.Module) -> SeerState:
@@ -263,7 +429,7 @@ def _window_rotary(state: SeerState, like: torch.Tensor, position_ids: torch.Ten
     return state._rotary(like, starts)
 
 
-def _check_causal_only(attention_mask, b: int, t: int) -> None:
+def _check_causal_only(attention_mask, b: int, t: int, what: str = "seer sparse/distill/oracle attention") -> None:
     """The masked paths compute causal attention; refuse padding or other custom masks."""
     if attention_mask is None:
         return
@@ -273,7 +439,7 @@ def _check_causal_only(attention_mask, b: int, t: int) -> None:
     causal = torch.ones(t, t, dtype=torch.bool, device=am.device).tril()
     if am.dim() != 4 or am.shape[-2:] != (t, t) or not torch.equal(am, causal.expand_as(am)):
         raise ValueError(
-            "seer sparse/distill/oracle attention supports causal prefill without padding only; got an "
+            f"{what} supports causal prefill without padding only; got an "
             "attention mask with padding or a custom pattern. Pass unpadded sequences (batch of equal "
             "lengths) or use mode='dense'. (generate() without an attention_mask infers padding wherever the "
             "prompt contains pad_token_id; pass attention_mask=torch.ones_like(input_ids) for an unpadded prompt)"
@@ -336,7 +502,12 @@ def seer_attention_forward(module, query, key, value, attention_mask, dropout: f
     """The ``"seer"`` attention function (transformers' AttentionInterface signature).
 
     query: [B, Hq, Tq, D], key/value: [B, Hkv, Tk, D] post-RoPE -> ([B, Tq, Hq, D], None).
-    Decode and chunked-prefill steps (Tq != Tk) and mode ``dense`` run transformers' SDPA path.
+
+    - A prefill (Tq == Tk, or a StaticCache's first forward: Tk its capacity) runs ``config.mode``;
+      with sparse decode on, it also fills the layer's decode-gate key cache.
+    - A decode step (Tq == 1 on a cache this state filled) runs sparse decode when the decode section
+      is enabled, else transformers' SDPA (path ``dense-decode``), as do chunked-prefill steps
+      (Tq > 1 continuing a cache; refused while sparse decode is on).
     """
     state: SeerState | None = getattr(module, "_seer_state", None)
     if state is None:
@@ -345,12 +516,38 @@ def seer_attention_forward(module, query, key, value, attention_mask, dropout: f
             "seerattn.hf.apply_seer_attention(model, config) rather than setting attn_implementation by hand"
         )
     layer = module.layer_idx
-    pre = state._pending.pop(layer, None)
+    pending = state._pending.pop(layer, {})
+    hf_cache = pending.pop("cache", None)  # the layer's transformers cache object (_cache_hook)
+    pre = pending or None
     cfg = state.config
     b, hq, tq, d = query.shape
     tk = key.shape[2]
     if state.capture and pre is not None:
         state.captures[layer] = (pre["q"], pre["k"], query, key)
+    scale = scaling if scaling is not None else d**-0.5
+    capacity = None  # a static cache's size, when this forward starts one
+    if hf_cache is not None and tq < tk:
+        entry = state._decode.get(layer)
+        if tq == 1 and state.decoding and entry is not None and entry.owner() is hf_cache:
+            if dropout:
+                raise ValueError("seer attention does not implement attention dropout; set model.eval() or dropout=0")
+            query, key, value = _autocast_inputs(query, key, value)
+            return _decode_step(module, state, entry, query, key, value, pre, scale, kwargs.get("sliding_window")), None
+        if (cfg.mode != "dense" or state.decoding) and _cache_start(hf_cache, layer, tq):
+            # A StaticCache's first forward: the cache hands over its whole capacity; the prompt is its first tq keys.
+            key, value = key[:, :, :tq], value[:, :, :tq]
+            if attention_mask is not None:
+                attention_mask = attention_mask[..., :tq]
+            capacity, tk = tk, tq
+        elif state.decoding:
+            raise ValueError(
+                f"layer {layer}: a forward of {tq} tokens continues a KV cache (chunked prefill, several tokens per "
+                "step, or a cache filled without seer's decode section); sparse decode supports a prefill from "
+                "an empty cache followed by one new token per step. Switch it off with "
+                "state.set_decode(enabled=False) for this use"
+            )
+    if state.decoding and hf_cache is not None and tq == tk:
+        _start_decode_cache(module, state, hf_cache, pre, attention_mask, b, tq, capacity)
     if cfg.mode == "dense" or tq != tk:
         state._stats[layer] = {"path": "dense" if tq == tk else "dense-decode", "density": 1.0}
         return sdpa_attention_forward(
@@ -369,7 +566,10 @@ def seer_attention_forward(module, query, key, value, attention_mask, dropout: f
             "implements full causal attention only. Set config.sliding_window=None or shorten the prompt"
         )
     _check_causal_only(attention_mask, b, tq)
-    scale = scaling if scaling is not None else d**-0.5
+    if cfg.mode == "decode_eval":
+        if pre is None:
+            raise RuntimeError(f"layer {layer}: pre-RoPE q/k were not captured (hooks missing?)")
+        return _decode_eval_attention(module, state, query, key, value, pre, scale), None
     bs = cfg.gate.block_size
     hkv = key.shape[1]
 
@@ -425,6 +625,188 @@ def seer_attention_forward(module, query, key, value, attention_mask, dropout: f
             density, token_density = mask.densities()
         state._stats[layer].update(density=density, token_density=token_density)
     return out.transpose(1, 2).contiguous(), None
+
+
+# ---------------------------------------------------------------------------------------- sparse decode
+# Elements of the largest fp32 temporary of a decode_eval chunk ([B, Hq, rows, T] scores): 2^26 = 256 MiB.
+_DECODE_EVAL_ELEMENTS = 1 << 26
+
+
+def _cache_start(hf_cache, layer: int, tq: int) -> bool:
+    """Whether the ``tq`` tokens of this forward are the first in ``hf_cache`` (whose length counts them already).
+
+    ``get_seq_length`` is a host int for ``DynamicCache`` and a device tensor for ``StaticCache``: one
+    read (a synchronisation) per layer at a prefill, never in a decode step.
+    """
+    return int(hf_cache.get_seq_length(layer)) == tq
+
+
+def _start_decode_cache(
+    module, state: SeerState, hf_cache, pre: dict | None, attention_mask, b: int, t: int, capacity: int | None
+) -> None:
+    """A prefill of ``t`` tokens into an empty ``hf_cache``: the layer's decode-gate key cache, filled in bulk
+    from the prompt's pre-RoPE K (completed blocks -> gate keys, the partial block -> running pools).
+    ``capacity``: the tokens a static cache holds (it hands over that many keys in every step), None for a
+    cache that grows."""
+    layer = module.layer_idx
+    if pre is None:
+        raise RuntimeError(f"layer {layer}: pre-RoPE q/k were not captured (hooks missing?)")
+    _check_causal_only(attention_mask, b, t, what="seer sparse decode")
+    gate: DecodeGate = module.seer_decode_gate
+    k_pre = pre["k"].reshape(b, t, gate.num_kv_heads, gate.head_dim).transpose(1, 2)
+    # room for the whole cache: a static cache's capacity (static shapes in every step), else the prompt (it grows)
+    keys = GateKeyCache(gate, b, max_tokens=capacity or t, device=k_pre.device)
+    keys.prefill(k_pre, rotary=state._rotary)
+    state._decode[layer] = _DecodeCache(weakref.ref(hf_cache), keys, t, capacity)
+
+
+def _decode_step(module, state: SeerState, entry: _DecodeCache, query, key, value, pre, scale: float, sliding):
+    """One sparse decode step of one layer.
+
+    query: [B, Hq, 1, D] post-RoPE, key/value: [B, Hkv, Tcap, D] the layer's KV cache (the new token's K/V
+    at position ``entry.length``) -> [B, 1, Hq, D]. No host synchronisation: lengths come from the host
+    counter (``entry.length``) and the device tensor ``GateKeyCache.lengths``.
+    """
+    layer, dec = module.layer_idx, state.config.decode
+    b, hq, _, d = query.shape
+    hkv, tcap = key.shape[1], key.shape[2]
+    if pre is None:
+        raise RuntimeError(f"layer {layer}: pre-RoPE q/k were not captured (hooks missing?)")
+    # A DynamicCache hands over exactly the tokens so far, a StaticCache its capacity: anything else means
+    # the cache changed behind our back (cropped, or tokens added by a forward without the decode path).
+    want = entry.length + 1 if entry.capacity is None else entry.capacity
+    if tcap != want or entry.length + 1 > tcap:
+        raise RuntimeError(
+            f"layer {layer}: the KV cache hands over {tcap} keys but the decode-gate key cache expects {want} "
+            f"({entry.length} tokens so far + the new one); the cache was changed outside seer's decode path "
+            "(cropped, extended, or full): start a new generate() or call state.reset()"
+        )
+    if sliding is not None and entry.length + 1 > sliding:
+        raise ValueError(
+            f"layer {layer} uses a sliding window of {sliding} tokens; seer sparse decode implements full causal "
+            "attention only. Set config.sliding_window=None or switch decode sparsity off"
+        )
+    bs = dec.gate.block_size
+    with torch.no_grad():
+        entry.keys.append(pre["k"].reshape(b, hkv, d), state._rotary)
+        entry.length += 1
+        seqlens = entry.keys.lengths.to(torch.int32)  # [B], the new token included
+        q_pre = pre["q"].reshape(b, hq, 1, d)
+        idx = _decode_selection(module, state, query, q_pre, key, seqlens.view(b, 1), entry.keys.keys, scale)
+        idx = idx[:, :, 0]  # [B, Hkv, K]
+        out = sparse_decode_attention(query[:, :, 0], key, value, seqlens, idx, bs, scale=scale, impl=state.config.impl)
+    state._stats[layer] = {"path": "sparse-decode"}
+    if state.record_densities:
+        state._stats[layer]["density"] = _decode_density(idx.unsqueeze(2), seqlens.view(b, 1), bs)
+    return out.unsqueeze(1)
+
+
+def _decode_selection(module, state: SeerState, query, q_pre, key, seqlens, gate_keys, scale: float) -> torch.Tensor:
+    """The key blocks of N query rows per sequence, as a decode step selects them.
+
+    query: [B, Hq, N, D] post-RoPE; q_pre: [B, Hq, N, D] pre-RoPE; key: [B, Hkv, Tcap, D] post-RoPE;
+    seqlens: int32 [B, N] keys visible to each row; gate_keys: [B, Hkv, NBc, Dg] the decode gate's keys
+    (valid for each row's completed blocks; None with ``decode_select_fn``) -> int32 [B, Hkv, N, K].
+    """
+    dec = state.config.decode
+    b, hq, n, d = query.shape
+    hkv, tcap = key.shape[1], key.shape[2]
+    bs = dec.gate.block_size
+    kv_blocks = num_blocks(tcap, bs)
+    if state.decode_select_fn is not None:
+        request = DecodeRequest(module.layer_idx, query, key, seqlens, scale, bs, dec.policy.num_slots(bs, kv_blocks))
+        idx = state.decode_select_fn(request)
+        ok = isinstance(idx, torch.Tensor) and idx.dtype == torch.int32 and idx.dim() == 4
+        if not ok or idx.shape[:3] != (b, hkv, n):
+            raise ValueError(
+                f"decode_select_fn must return int32 [B, Hkv, N, K] = [{b}, {hkv}, {n}, K] block indices, got "
+                f"{getattr(idx, 'dtype', type(idx).__name__)} {tuple(getattr(idx, 'shape', ()))}"
+            )
+        return idx
+    gate: DecodeGate = module.seer_decode_gate
+    gate_keys = gate_keys[:, :, :kv_blocks]
+    parts = []
+    # rows folded into the batch; per sequence, so the gate keys are an expanded view, never copied
+    for i in range(b) if n > 1 else (None,):
+        sl = slice(None) if i is None else slice(i, i + 1)
+        bb = b if i is None else 1
+        qf = q_pre[sl].permute(0, 2, 1, 3).reshape(bb * n, hq, d)
+        kf = gate_keys[sl].unsqueeze(1).expand(bb, n, *gate_keys.shape[1:]).reshape(bb * n, *gate_keys.shape[1:])
+        lens = seqlens[sl].reshape(bb * n)
+        logits = gate.scores(qf, kf, lens - 1, state._rotary)  # [bb * N, Hkv, NB]
+        sel = select_decode_blocks(logits, lens, dec.policy, bs, kv_blocks)  # [bb * N, Hkv, K]
+        parts.append(sel.view(bb, n, hkv, -1).permute(0, 2, 1, 3))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+
+
+def _kept_token_mask(idx: torch.Tensor, seqlens: torch.Tensor, block_size: int, t: int) -> torch.Tensor:
+    """idx: int32 [B, Hkv, N, K] selected blocks, seqlens: [B, N] -> bool [B, Hkv, N, T]: the keys each row attends."""
+    b, hkv, n, _ = idx.shape
+    nb = num_blocks(t, block_size)
+    i = idx.long()
+    i = torch.where((i >= 0) & (i < nb), i, nb)  # padding -> a spare column, dropped
+    blk = torch.zeros(b, hkv, n, nb + 1, dtype=torch.bool, device=idx.device).scatter_(-1, i, True)[..., :nb]
+    tok = blk.repeat_interleave(block_size, dim=-1)[..., :t]
+    return tok & (torch.arange(t, device=idx.device) < seqlens.to(idx.device).view(b, 1, n, 1))
+
+
+def _decode_density(idx: torch.Tensor, seqlens: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Kept fraction of the visible keys (a device scalar): idx int32 [B, Hkv, N, K], seqlens [B, N]."""
+    lens = seqlens.long().unsqueeze(1).unsqueeze(-1)  # [B, 1, N, 1]
+    kept = (lens - idx.long() * block_size).clamp(0, block_size) * (idx >= 0)
+    return kept.sum() / (lens.sum() * idx.shape[1]).clamp(min=1)
+
+
+def _decode_eval_attention(module, state: SeerState, query, key, value, pre: dict, scale: float) -> torch.Tensor:
+    """``decode_eval`` mode: a teacher-forced window in which rows from ``decode_start`` on attend as decode would.
+
+    query: [B, Hq, T, D], key/value: [B, Hkv, T, D] post-RoPE -> [B, T, Hq, D]. Rows before the start:
+    dense causal (SDPA). Row t from the start on: the blocks :func:`_decode_selection` picks for a decode
+    step at position t (the decode gate over the completed blocks J < t // block_size at the policy's
+    budget, plus first and current block; or ``decode_select_fn``), exact causal inside its block:
+    token-masked attention with a materialised softmax, rows in chunks (largest temporary
+    ``_DECODE_EVAL_ELEMENTS`` fp32 values).
+    """
+    cfg = state.config
+    bs = cfg.decode.gate.block_size
+    b, hq, t, d = query.shape
+    hkv = key.shape[1]
+    g = hq // hkv
+    start = min(cfg.decode_start, t)
+    out = query.new_empty(b, hq, t, d)
+    if start:
+        out[:, :, :start] = torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, :start], key[:, :, :start], value[:, :, :start], is_causal=True, scale=scale, enable_gqa=True
+        )
+    kept = visible = query.new_zeros((), dtype=torch.float32)
+    if start < t:
+        q_pre = pre["q"].reshape(b, t, hq, d).transpose(1, 2)
+        gate_keys = None
+        if state.decode_select_fn is None:
+            k_pre = pre["k"].reshape(b, t, hkv, d).transpose(1, 2)
+            with torch.no_grad():
+                gate_keys = module.seer_decode_gate.block_keys(k_pre, state._rotary)  # completed blocks
+        cdt = torch.promote_types(query.dtype, torch.float32)
+        kf, vf = key.to(cdt).unsqueeze(2), value.to(cdt).unsqueeze(2)  # [B, Hkv, 1, T, D]
+        rows = max(1, _DECODE_EVAL_ELEMENTS // (b * hq * t))
+        for r0 in range(start, t, rows):
+            r1 = min(t, r0 + rows)
+            n = r1 - r0
+            seqlens = torch.arange(r0 + 1, r1 + 1, device=query.device, dtype=torch.int32).expand(b, n)
+            with torch.no_grad():
+                rows_q, rows_q_pre = query[:, :, r0:r1], q_pre[:, :, r0:r1]
+                idx = _decode_selection(module, state, rows_q, rows_q_pre, key, seqlens, gate_keys, scale)
+                keep = _kept_token_mask(idx, seqlens, bs, t).unsqueeze(2)  # [B, Hkv, 1, N, T]
+            qc = query[:, :, r0:r1].to(cdt).view(b, hkv, g, n, d)
+            p = (torch.matmul(qc, kf.transpose(-1, -2)) * scale).masked_fill(~keep, float("-inf")).softmax(-1)
+            out[:, :, r0:r1] = torch.matmul(p, vf).view(b, hq, n, d).to(out.dtype)
+            if state.record_densities:
+                kept = kept + keep.sum()
+                visible = visible + hkv * b * (r0 + 1 + r1) * n / 2
+    state._stats[module.layer_idx] = {"path": "decode_eval"}
+    if state.record_densities and start < t:
+        state._stats[module.layer_idx]["density"] = kept / visible
+    return out.transpose(1, 2).contiguous()
 
 
 def _in_backward() -> bool:
@@ -596,12 +978,29 @@ def _capture_hook(state: SeerState, layer: int, which: str, _module, _inputs, ou
         state._pending.setdefault(layer, {})[which] = output
 
 
+def _cache_hook(state: SeerState, layer: int, _module, _args, kwargs) -> None:
+    """Forward pre-hook of an attention module (``with_kwargs``): hands the layer's KV cache object to the state.
+
+    transformers passes the cache to the attention module (``cache``; ``past_key_values`` or
+    ``past_key_value`` in older versions), not to the attention function; the decode-gate key cache is
+    kept per cache object (a new ``generate()`` starts fresh) and a StaticCache's first forward is
+    told from a later chunk by its length.
+    """
+    for name in ("cache", "past_key_values", "past_key_value"):
+        cache = kwargs.get(name)
+        if cache is not None:
+            state._pending.setdefault(layer, {})["cache"] = cache
+            return
+
+
 def apply_seer_attention(model: torch.nn.Module, config: SeerConfig | None = None) -> SeerState:
-    """Attach a gate to every attention layer of ``model`` and route attention through seerattn.
+    """Attach gates to every attention layer of ``model`` and route attention through seerattn.
 
     Args:
         model: a transformers causal LM of a supported family (see ``FAMILIES``).
-        config: gate, policy and mode; default :class:`SeerConfig`.
+        config: gate, policy and mode; default :class:`SeerConfig`. ``config.gate`` attaches an
+            :class:`~seerattn.gate.AttnGate` per layer (submodule ``seer_gate``), ``config.decode`` a
+            :class:`~seerattn.gate.DecodeGate` per layer (submodule ``seer_decode_gate``).
 
     Returns:
         The model's :class:`SeerState` (also reachable with :func:`get_seer_state`).
@@ -612,31 +1011,49 @@ def apply_seer_attention(model: torch.nn.Module, config: SeerConfig | None = Non
     _, (q_name, k_name) = _family(model)
     base, layers = _decoder_layers(model)
     rotary = getattr(base, "rotary_emb", None)
-    if rotary is None and config.gate.use_rope:
+    uses_rope = (config.gate is not None and config.gate.use_rope) or (
+        config.decode is not None and config.decode.gate.use_rope
+    )
+    if rotary is None and uses_rope:
         raise ValueError(f"{type(model).__name__} has no shared rotary embedding (`.model.rotary_emb`)")
     config.policy.check_num_layers(len(layers))
     state = SeerState(config=config, _rotary=rotary, _original_impl=model.config._attn_implementation)
     param = next(model.parameters())
     # Every check and every gate first, the model changed last: an error leaves it as it was.
-    gates = []
+    gates, decode_gates = [], []
     for i, layer in enumerate(layers):
         attn = layer.self_attn
         if getattr(attn, "layer_idx", i) != i:
             raise ValueError(f"layer {i} reports layer_idx={attn.layer_idx}; expected {i}")
         hq, hkv, d = _heads(attn)
-        gate_dim = config.gate.gate_dim or d
-        if config.gate.use_rope and rotary is not None and gate_dim != d:
-            raise ValueError(f"gate_dim ({gate_dim}) must equal the head dim ({d}) when the gate uses the model's RoPE")
-        gates.append(AttnGate(hq, hkv, d, config.gate).to(device=param.device))
-    for i, (layer, gate) in enumerate(zip(layers, gates, strict=True)):
+        if config.gate is not None:
+            gate_dim = config.gate.gate_dim or d
+            if config.gate.use_rope and rotary is not None and gate_dim != d:
+                raise ValueError(
+                    f"gate_dim ({gate_dim}) must equal the head dim ({d}) when the gate uses the model's RoPE"
+                )
+            gates.append(AttnGate(hq, hkv, d, config.gate).to(device=param.device))
+        if config.decode is not None:
+            dgate = config.decode.gate
+            if dgate.use_rope and (dgate.gate_dim or d) != d:
+                raise ValueError(
+                    f"decode gate_dim ({dgate.gate_dim}) must equal the head dim ({d}) when it uses the model's RoPE"
+                )
+            decode_gates.append(DecodeGate(hq, hkv, d, dgate).to(device=param.device))
+    for i, layer in enumerate(layers):
         attn = layer.self_attn
-        attn.seer_gate = gate
+        if gates:
+            attn.seer_gate = gates[i]
+        if decode_gates:
+            attn.seer_decode_gate = decode_gates[i]
         attn._seer_state = state
         state._attn_modules.append(attn)
         hook = functools.partial(_capture_hook, state, i, "q")
         state._hooks.append(getattr(attn, q_name).register_forward_hook(hook))
         hook = functools.partial(_capture_hook, state, i, "k")
         state._hooks.append(getattr(attn, k_name).register_forward_hook(hook))
+        hook = functools.partial(_cache_hook, state, i)
+        state._hooks.append(attn.register_forward_pre_hook(hook, with_kwargs=True))
     model._seer_state = state
     model.set_attn_implementation(ATTN_NAME)
     return state
@@ -648,13 +1065,26 @@ def remove_seer_attention(model: torch.nn.Module) -> None:
     for h in state._hooks:
         h.remove()
     for attn in state._attn_modules:
-        del attn.seer_gate
+        for name in ("seer_gate", "seer_decode_gate"):
+            if hasattr(attn, name):
+                delattr(attn, name)
         del attn._seer_state
+    state._decode.clear()
     model.set_attn_implementation(state._original_impl)
     del model._seer_state
 
 
 def gate_modules(model: torch.nn.Module) -> dict[int, AttnGate]:
-    """``{layer_index: AttnGate}`` of a prepared model."""
+    """``{layer_index: AttnGate}`` of a prepared model (empty without prefill gates)."""
     state = get_seer_state(model)
+    if state.config.gate is None:
+        return {}
     return {i: attn.seer_gate for i, attn in enumerate(state._attn_modules)}
+
+
+def decode_gate_modules(model: torch.nn.Module) -> dict[int, DecodeGate]:
+    """``{layer_index: DecodeGate}`` of a prepared model (empty without a decode section)."""
+    state = get_seer_state(model)
+    if state.config.decode is None:
+        return {}
+    return {i: attn.seer_decode_gate for i, attn in enumerate(state._attn_modules)}

@@ -1,0 +1,354 @@
+"""Sparse decode through seerattn.hf on tiny models (CPU, fp32, reference ops, no downloads).
+
+References: transformers' own ``sdpa`` generate (a budget that covers the cache must give the same tokens
+and logits), a token-masked dense attention written here from the recorded block selections (a small
+budget), and step-by-step generate for the teacher-forced ``decode_eval`` mode.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hf_models import GATE, HEAD_DIM, HKV, HQ, LAYERS, input_ids, make_model
+
+import seerattn.hf.integration as integration
+from seerattn import SparsityPolicy
+from seerattn.decode_policy import DecodePolicy
+from seerattn.gate import DecodeGateConfig
+from seerattn.hf import DecodeConfig, DecodeRequest, SeerConfig, apply_seer_attention, decode_gate_modules
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BS = 16  # decode block size: a 40-token prompt + 30 new tokens span 5 blocks
+DECODE = DecodeConfig(DecodeGateConfig(block_size=BS), DecodePolicy("budget", 48))  # K = 3 blocks
+WHOLE = DecodePolicy("budget", 512)  # more blocks than any cache here: dense
+PROMPT, NEW = 40, 30
+
+
+@pytest.fixture
+def decode_calls(monkeypatch):
+    """Every call of the decode kernel: (q, k_cache, v_cache, cache_seqlens, block_indices, block_size, out)."""
+    calls = []
+    real = integration.sparse_decode_attention
+
+    def spy(q, k, v, seqlens, idx, block_size, **kwargs):
+        out = real(q, k, v, seqlens, idx, block_size, **kwargs)
+        calls.append((q, k.clone(), v.clone(), seqlens.clone(), idx.clone(), block_size, out))
+        return out
+
+    monkeypatch.setattr(integration, "sparse_decode_attention", spy)
+    return calls
+
+
+@pytest.fixture
+def prefill_calls(monkeypatch):
+    calls = []
+    real = integration.block_sparse_attention
+
+    def spy(q, k, v, block_mask, **kwargs):
+        calls.append(q.shape[2])
+        return real(q, k, v, block_mask, **kwargs)
+
+    monkeypatch.setattr(integration, "block_sparse_attention", spy)
+    return calls
+
+
+def _randomise_decode_gates(model, seed=0):
+    """Trained-looking decode gates: selections that differ from the identity init's."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in decode_gate_modules(model).values():
+            gate.q_proj.add_(torch.randn(gate.q_proj.shape, generator=g) * 0.3)
+            gate.k_proj.add_(torch.randn(gate.k_proj.shape, generator=g) * 0.3)
+
+
+def _prepared(family="llama", mode="dense", decode=DECODE, **cfg):
+    model = make_model(family)
+    base = copy.deepcopy(model)
+    state = apply_seer_attention(model, SeerConfig(gate=GATE, mode=mode, decode=decode, **cfg))
+    _randomise_decode_gates(model)
+    return model, base, state
+
+
+def _generate(model, ids, cache=None, new=NEW):
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    if cache is not None:
+        kw["cache_implementation"] = cache
+    with torch.no_grad():
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), output_logits=True, return_dict_in_generate=True, **kw
+        )
+    return out.sequences, torch.stack(out.logits, 1)  # [B, T + new], [B, new, V]
+
+
+def _masked_decode_reference(q, k, v, seqlens, idx, block_size):
+    """Token-masked dense attention of one query per sequence: q [B, Hq, D], k/v [B, Hkv, T, D], idx [B, Hkv, K]."""
+    b, hq, d = q.shape
+    t = k.shape[2]
+    g = hq // k.shape[1]
+    keep = torch.zeros(b, k.shape[1], t, dtype=torch.bool)
+    for bi in range(b):
+        for h in range(k.shape[1]):
+            for j in idx[bi, h].tolist():
+                if j >= 0:
+                    keep[bi, h, j * block_size : (j + 1) * block_size] = True
+    keep &= torch.arange(t) < seqlens.view(b, 1, 1)
+    s = torch.einsum("bhd,bhtd->bht", q.double(), k.repeat_interleave(g, 1).double()) / d**0.5
+    p = s.masked_fill(~keep.repeat_interleave(g, 1), float("-inf")).softmax(-1)
+    return torch.einsum("bht,bhtd->bhd", p, v.repeat_interleave(g, 1).double()).float()
+
+
+# ------------------------------------------------------------------------------ (a) whole-cache budget == dense
+@pytest.mark.parametrize("cache", [None, "static"], ids=["dynamic", "static"])
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_budget_covering_the_cache_equals_dense_decode(family, cache, decode_calls):
+    model, base, state = _prepared(family, decode=DecodeConfig(DECODE.gate, WHOLE))
+    ids = input_ids(PROMPT, b=2)
+    seq, logits = _generate(model, ids, cache)
+    want_seq, want_logits = _generate(base, ids, cache)
+    assert torch.equal(seq, want_seq)
+    torch.testing.assert_close(logits, want_logits, atol=2e-5, rtol=1e-5)
+    assert len(decode_calls) == LAYERS * (NEW - 1)  # every step after the prefill, every layer
+    assert {s["path"] for s in state.stats.values()} == {"sparse-decode"}
+    assert all(s["density"] == pytest.approx(1.0) for s in state.stats.values())
+    # the cache tensors the kernel reads: a StaticCache's capacity, a DynamicCache's current length
+    assert decode_calls[0][1].shape[2] == (PROMPT + NEW - 1 if cache else PROMPT + 1)
+
+
+# ------------------------------------------------------------------------------ (b) small budget == masked reference
+@pytest.mark.parametrize("cache", [None, "static"], ids=["dynamic", "static"])
+def test_small_budget_step_equals_token_masked_reference(cache, decode_calls):
+    model, base, state = _prepared("qwen2")
+    seq, logits = _generate(model, input_ids(PROMPT, b=2, seed=5), cache)
+    assert len(decode_calls) == LAYERS * (NEW - 1)
+    sparse_steps = 0
+    for step, (q, k, v, seqlens, idx, bs, out) in enumerate(decode_calls):
+        length = PROMPT + 1 + step // LAYERS
+        assert bs == BS and seqlens.tolist() == [length, length] and idx.shape == (2, HKV, 3)
+        cur = (length - 1) // BS
+        for row in idx.reshape(-1, 3).tolist():  # first and current block always kept, no repeats
+            kept = [j for j in row if j >= 0]
+            assert 0 in kept and cur in kept and len(set(kept)) == len(kept) == min(3, cur + 1)
+        sparse_steps += cur + 1 > 3
+        torch.testing.assert_close(out, _masked_decode_reference(q, k, v, seqlens, idx, bs), atol=1e-5, rtol=1e-5)
+    assert sparse_steps > 0
+    # the densities the state reports: kept / visible keys
+    last = decode_calls[-1]
+    kept = sum(min(BS, int(last[3][0]) - j * BS) for j in last[4][0, 0].tolist() if j >= 0)
+    assert state.stats[LAYERS - 1]["density"] < 1.0 and kept < int(last[3][0])
+    # a small budget changes the logits (the test can fail)
+    _, dense_logits = _generate(base, input_ids(PROMPT, b=2, seed=5), cache)
+    assert not torch.allclose(logits, dense_logits, atol=1e-3)
+
+
+def test_static_and_dynamic_caches_select_the_same_blocks(decode_calls):
+    model, _, _ = _prepared("mistral")
+    ids = input_ids(PROMPT)
+    dyn = _generate(model, ids)
+    dyn_idx = [c[4] for c in decode_calls]
+    decode_calls.clear()
+    sta = _generate(model, ids, "static")
+    assert torch.equal(dyn[0], sta[0]) and len(dyn_idx) == len(decode_calls)
+    # the same blocks (in any order: the first and the current block tie, and the static list is wider)
+    assert all(torch.equal(a.sort(-1).values, c[4].sort(-1).values) for a, c in zip(dyn_idx, decode_calls))
+    torch.testing.assert_close(dyn[1], sta[1], atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------ (d) switches
+@pytest.mark.parametrize("cache", [None, "static"], ids=["dynamic", "static"])
+def test_prefill_and_decode_switch_independently(cache, decode_calls, prefill_calls):
+    model, base, state = _prepared("llama", mode="sparse", policy=SparsityPolicy("density", 0.5))
+    ids = input_ids(PROMPT)
+    runs = {}
+    for name, mode, enabled in (("both", "sparse", True), ("prefill", "sparse", False), ("decode", "dense", True)):
+        state.set(mode=mode)
+        state.set_decode(enabled=enabled)
+        decode_calls.clear()
+        prefill_calls.clear()
+        runs[name] = _generate(model, ids, cache)
+        assert prefill_calls == ([PROMPT] * LAYERS if mode == "sparse" else [])  # StaticCache too: sparse prefill
+        assert len(decode_calls) == (LAYERS * (NEW - 1) if enabled else 0)
+        paths = {s["path"] for s in state.stats.values()}
+        assert paths == ({"sparse-decode"} if enabled else {"dense-decode"})
+    # prefill sparse only: the first token differs from dense in general, decode-only keeps the dense first token
+    dense = _generate(base, ids, cache)
+    torch.testing.assert_close(runs["decode"][1][:, 0], dense[1][:, 0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(runs["prefill"][1][:, 0], runs["both"][1][:, 0], atol=0, rtol=0)
+    # switching both off gives transformers' generate
+    state.set(mode="dense")
+    state.set_decode(enabled=False)
+    off = _generate(model, ids, cache)
+    assert torch.equal(off[0], dense[0])
+    torch.testing.assert_close(off[1], dense[1], atol=1e-5, rtol=1e-5)
+
+
+def test_set_refuses_to_change_attached_gates():
+    _, _, state = _prepared()
+    with pytest.raises(ValueError, match="cannot attach, remove or change the decode gates"):
+        state.set(decode=None)
+    with pytest.raises(ValueError, match="cannot attach, remove or change the decode gates"):
+        state.set(decode=DecodeConfig(DecodeGateConfig(block_size=32)))
+    with pytest.raises(ValueError, match="cannot change the attached prefill gates"):
+        state.set(gate=None)
+    state.set_decode(policy=DecodePolicy("top_p", 0.9))
+    assert state.config.decode.policy.kind == "top_p"
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(gate=None, mode="sparse", decode=DECODE), "needs the prefill gate"),
+        (dict(gate=None, decode=None, mode="dense"), "neither"),
+        (dict(mode="decode_eval"), "needs decode=DecodeConfig"),
+        (dict(mode="decode_eval", decode=DECODE), "decode_start"),
+        (dict(decode_start=-1, decode=DECODE), "decode_start must be an int >= 0"),
+        (dict(decode="budget"), "must be a DecodeConfig"),
+    ],
+)
+def test_config_validation(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        SeerConfig(**kwargs)
+
+
+def test_decode_config_validation():
+    with pytest.raises(ValueError, match="needs >= 32 tokens"):
+        DecodeConfig(DecodeGateConfig(block_size=16), DecodePolicy("budget", 16))
+    with pytest.raises(ValueError, match="unknown DecodePolicy fields"):
+        DecodeConfig.from_dict({"gate": {}, "policy": {"kind": "budget", "tokens": 3}})
+    with pytest.raises(TypeError, match="enabled must be True or False"):
+        DecodeConfig(enabled=1)
+
+
+# ------------------------------------------------------------------------------ what sparse decode refuses
+def test_left_padding_is_refused_with_a_clear_error():
+    model, _, _ = _prepared("llama")
+    ids = input_ids(PROMPT, b=2)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    with pytest.raises(ValueError, match="seer sparse decode supports causal prefill without padding only"):
+        with torch.no_grad():
+            model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+
+
+def test_a_multi_token_step_on_a_filled_cache_is_refused():
+    from transformers import DynamicCache
+
+    model, _, _ = _prepared("llama")
+    cache = DynamicCache(config=model.config)
+    ids = input_ids(PROMPT + 4)
+    with torch.no_grad():
+        model(ids[:, :PROMPT], cache=cache)
+        with pytest.raises(ValueError, match="a forward of 4 tokens continues a KV cache"):
+            model(ids[:, PROMPT:], cache=cache)
+
+
+def test_a_cache_changed_outside_the_decode_path_is_refused():
+    from transformers import DynamicCache
+
+    model, _, state = _prepared("llama")
+    cache = DynamicCache(config=model.config)
+    ids = input_ids(PROMPT + 2)
+    with torch.no_grad():
+        model(ids[:, :PROMPT], cache=cache)
+        model(ids[:, PROMPT : PROMPT + 1], cache=cache)
+        cache.crop(-4)  # remove 4 tokens
+        with pytest.raises(RuntimeError, match="the cache was changed outside seer's decode path"):
+            model(ids[:, PROMPT + 1 :], cache=cache)
+        # a new cache object starts afresh
+        state.reset()
+        model(ids[:, :PROMPT], cache=DynamicCache(config=model.config))
+
+
+# ------------------------------------------------------------------------------ custom selections (baselines)
+def test_decode_select_fn_runs_through_the_same_kernel(decode_calls):
+    """A StreamingLLM-style selection (first block + the last two) replaces the gate and the policy."""
+    model, _, state = _prepared("qwen2")
+    requests = []
+
+    def sink_and_recent(req: DecodeRequest) -> torch.Tensor:
+        requests.append(req)
+        b, _, n, _ = req.q.shape
+        cur = (req.cache_seqlens.long() - 1) // req.block_size  # [B, N]
+        cols = torch.stack([torch.zeros_like(cur), cur - 1, cur], -1)  # [B, N, 3]
+        cols = torch.where((cols < 0) | ((cols == 0) & (torch.arange(3) > 0)), -1, cols)
+        return cols.unsqueeze(1).expand(b, HKV, n, 3).to(torch.int32).contiguous()
+
+    state.decode_select_fn = sink_and_recent
+    _generate(model, input_ids(PROMPT, b=2))
+    assert len(requests) == len(decode_calls) == LAYERS * (NEW - 1)
+    r = requests[-1]
+    assert r.q.shape == (2, HQ, 1, HEAD_DIM) and r.cache_seqlens.tolist() == [[PROMPT + NEW - 1]] * 2
+    assert r.num_slots == 3 and r.block_size == BS and r.k.shape == (2, HKV, PROMPT + NEW - 1, HEAD_DIM)
+    for q, k, v, seqlens, idx, bs, out in decode_calls:
+        cur = (int(seqlens[0]) - 1) // BS
+        assert sorted(j for j in idx[0, 0].tolist() if j >= 0) == sorted({0, max(cur - 1, 0), cur})
+        torch.testing.assert_close(out, _masked_decode_reference(q, k, v, seqlens, idx, bs), atol=1e-5, rtol=1e-5)
+
+    state.decode_select_fn = lambda req: torch.zeros(2, HKV, 3, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"decode_select_fn must return int32 \[B, Hkv, N, K\]"):
+        _generate(model, input_ids(PROMPT, b=2), new=2)
+
+
+# ------------------------------------------------------------------------------ teacher-forced decode mode
+@pytest.mark.parametrize("custom", [False, True], ids=["gate", "select_fn"])
+def test_decode_eval_equals_step_by_step_generate(custom, decode_calls, monkeypatch):
+    """One forward in decode_eval mode over prompt + generated tokens gives the logits generate gave at each
+    step: same selections, rows before the start dense (generate's prefill ran dense)."""
+    model, _, state = _prepared("qwen3")
+    if custom:
+        # a selection that depends on the query (top blocks by q . mean key): the rows must be the right ones
+        def by_mean_key(req: DecodeRequest) -> torch.Tensor:
+            b, hq, n, d = req.q.shape
+            t = req.k.shape[2]
+            nb = -(-t // req.block_size)
+            kb = torch.nn.functional.pad(req.k, (0, 0, 0, nb * req.block_size - t))
+            kb = kb.view(b, HKV, nb, req.block_size, d).mean(3)  # [B, Hkv, NB, D]
+            s = torch.einsum("bhgnd,bhjd->bhnj", req.q.view(b, HKV, hq // HKV, n, d), kb)
+            cur = ((req.cache_seqlens.long() - 1) // req.block_size).view(b, 1, n, 1)
+            j = torch.arange(nb).view(1, 1, 1, -1)
+            s = s.masked_fill(j > cur, float("-inf")).masked_fill((j == 0) | (j == cur), float("inf"))
+            top, idx = s.topk(min(3, nb), -1)
+            return torch.where(torch.isinf(top) & (top < 0), -1, idx).to(torch.int32)
+
+        state.decode_select_fn = by_mean_key
+    ids = input_ids(PROMPT, b=2, seed=7)
+    seq, logits = _generate(model, ids)
+    step_idx = [c[4] for c in decode_calls]
+    state.set(mode="decode_eval", decode_start=PROMPT)
+    forced = seq[:, :-1]  # the last generated token is never fed back
+    with torch.no_grad():
+        out = model(forced, use_cache=False).logits  # [B, PROMPT + NEW - 1, V]
+    assert {s["path"] for s in state.stats.values()} == {"decode_eval"}
+    torch.testing.assert_close(out[:, PROMPT - 1 :], logits, atol=2e-5, rtol=1e-5)
+    assert all(0 < s["density"] < 1 for s in state.stats.values())
+    # the selections of decode_eval's rows are the steps' (recorded through the shared selection function)
+    rows = []
+    real = integration._decode_selection
+
+    def spy(module, st, query, *args):
+        idx = real(module, st, query, *args)
+        rows.append((module.layer_idx, idx))
+        return idx
+
+    monkeypatch.setattr(integration, "_decode_selection", spy)
+    monkeypatch.setattr(integration, "_DECODE_EVAL_ELEMENTS", 2 * HQ * (PROMPT + NEW))  # 1-row chunks
+    with torch.no_grad():
+        chunked = model(forced, use_cache=False).logits
+    torch.testing.assert_close(chunked, out, atol=1e-5, rtol=1e-5)
+    for layer in range(LAYERS):
+        mine = [idx for li, idx in rows if li == layer]  # one row each, positions PROMPT ..
+        theirs = step_idx[layer::LAYERS]
+        assert len(mine) == NEW - 1 == len(theirs)
+        for a, b in zip(mine, theirs, strict=True):
+            k = b.shape[-1]
+            assert torch.equal(a[:, :, 0, :k].sort(-1).values, b.sort(-1).values)
+
+
+def test_decode_eval_start_past_the_window_is_dense():
+    model, base, state = _prepared("llama")
+    state.set(mode="decode_eval", decode_start=10_000)
+    ids = input_ids(PROMPT)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, base(ids).logits, atol=1e-5, rtol=1e-5)
