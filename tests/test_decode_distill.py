@@ -169,9 +169,9 @@ def test_decode_distillation_trains_resumes_and_the_adapter_reloads(tmp_path):
     record = _read(out / "summary.json")
     assert record["kind"] == "distill" and record["config"]["gate_kind"] == "decode"
     assert record["results"]["final"]["oracle_mass_recall"] == rows[-1]["oracle_mass_recall"]
-    # the adapter: a decode section, decode.* tensors, loadable into fresh gates
+    # the adapter: a decode section only, decode.* tensors, loadable into fresh gates and by seerattn.hf
     meta = _read(result.adapter / "seer_config.json")
-    assert meta["decode"]["gate"] == DecodeGateConfig(block_size=BS).to_dict() and "gate" not in meta
+    assert meta["decode"]["gate"] == DecodeGateConfig(block_size=BS).to_dict() and "prefill" not in meta
     assert meta["decode"]["policy"]["kind"] == "budget" and meta["model"]["num_key_value_heads"] == 2
     from safetensors.torch import load_file
 
@@ -185,6 +185,12 @@ def test_decode_distillation_trains_resumes_and_the_adapter_reloads(tmp_path):
     load_decode_gates(gates, model, result.adapter)
     for i in range(2):
         for n, p in gates[i].named_parameters():
+            assert torch.equal(p, saved[f"decode.layers.{i}.{n}"])
+    from seerattn.hf import decode_gate_modules, from_pretrained
+
+    attached = decode_gate_modules(from_pretrained(AutoModelForCausalLM.from_pretrained(tiny["model"]), result.adapter))
+    for i in range(2):
+        for n, p in attached[i].named_parameters():
             assert torch.equal(p, saved[f"decode.layers.{i}.{n}"])
     with pytest.raises(ValueError, match="decode gate config"):
         load_decode_gates(

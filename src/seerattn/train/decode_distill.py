@@ -23,8 +23,8 @@ attention sees: the captured pre-RoPE tensors rotated with the ``position_embedd
 its attention module, and the module's own ``scaling``.
 
 The gates are plain modules held by the task (one :class:`~seerattn.gate.DecodeGate` per layer, fp32),
-checkpointed and resumed by the shared skeleton (:mod:`.trainer`). Output ``adapter/``: see
-:func:`save_decode_adapter`.
+checkpointed and resumed by the shared skeleton (:mod:`.trainer`). Output ``adapter/``: an adapter
+with a ``decode`` section (:func:`save_decode_adapter`), which :func:`seerattn.hf.from_pretrained` loads.
 
 Shape legend: B rows, Hq / Hkv heads, T tokens (``seq_len``), D head dim, NB blocks per row.
 """
@@ -32,87 +32,59 @@ Shape legend: B rows, Hq / Hkv heads, T tokens (``seq_len``), D head dim, NB blo
 from __future__ import annotations
 
 import functools
-import json
 import logging
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from ..decode_policy import DecodePolicy
 from ..gate import DecodeGate, DecodeGateConfig, apply_rotary, decode_gate_loss, decode_gate_metrics
 from ..ops.reference import decode_block_scores
 from .distill import DistillTask, _load_gates_state
 from .distributed import DistContext, broadcast_parameters, check_replicas, shard_base_model
 from .trainer import autocast, load_model
 
-__all__ = ["DECODE_PREFIX", "DecodeDistillTask", "load_decode_gates", "save_decode_adapter"]
+__all__ = ["DecodeDistillTask", "load_decode_gates", "save_decode_adapter"]
 
 logger = logging.getLogger(__name__)
 
-#: key prefix of the decode gates in ``seer_gates.safetensors`` (then ``layers.{i}.<DecodeGate parameter>``)
-DECODE_PREFIX = "decode."
-
 
 def _decode_gate_named_parameters(gates: torch.nn.ModuleList) -> list[tuple[str, torch.nn.Parameter]]:
-    """``[("decode.layers.{i}.{name}", param)]``: the adapter's keys, also the checkpoint's."""
+    """``[("decode.layers.{i}.{name}", param)]``: the adapter's keys (:data:`seerattn.hf.adapter.DECODE_PREFIX`),
+    also the checkpoint's."""
+    from ..hf.adapter import DECODE_PREFIX
+
     return [(f"{DECODE_PREFIX}layers.{i}.{n}", p) for i, g in enumerate(gates) for n, p in g.named_parameters()]
 
 
 def save_decode_adapter(gates: torch.nn.ModuleList, model, path: str | Path, base_model: str | None) -> Path:
-    """Write decode gates as an adapter folder (the prefill gates' folder layout, a ``decode`` section).
+    """Write decode gates as an adapter folder with a ``decode`` section only (:func:`seerattn.hf.write_adapter`:
+    ``decode.layers.{i}.*`` tensors; the section holds the gate config and :class:`DecodePolicy`'s defaults)."""
+    from ..hf import DecodeConfig, SeerConfig, write_adapter
 
-    - ``seer_gates.safetensors``: ``decode.layers.{i}.q_proj`` [Hkv, G*D, Dg], ``decode.layers.{i}.k_proj``
-      [Hkv, Ck*D, Dg], ``decode.layers.{i}.q_norm.weight`` and ``.k_norm.weight`` [Dg];
-    - ``seer_config.json``: ``format_version``, ``library_version``, ``base_model``, ``model`` (the shape,
-      as prefill adapters record it) and ``decode``: ``{"gate": DecodeGateConfig fields, "policy":
-      DecodePolicy fields}`` (the policy a loader uses by default: :class:`DecodePolicy`'s defaults).
-      No ``gate``/``policy`` prefill fields: this adapter holds no prefill gates.
-    """
-    from safetensors.torch import save_file
-
-    from .. import __version__
-    from ..hf.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FORMAT_VERSION, _model_shape
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = {n: p.detach().contiguous().cpu() for n, p in _decode_gate_named_parameters(gates)}
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "library_version": __version__,
-        "base_model": base_model,
-        "model": _model_shape(model),
-        "decode": {"gate": gates[0].config.to_dict(), "policy": asdict(DecodePolicy())},
-    }
-    save_file(tensors, str(path / ADAPTER_WEIGHTS), metadata={"format": "seerattn", "version": str(FORMAT_VERSION)})
-    (path / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
-    return path
+    config = SeerConfig(gate=None, mode="dense", decode=DecodeConfig(gates[0].config), base_model=base_model)
+    return write_adapter(path, model, config, decode_gates=list(gates))
 
 
 def load_decode_gates(gates: torch.nn.ModuleList, model, path: str | Path) -> None:
-    """Copy the decode gates of adapter ``path`` into ``gates`` (strict: model shape, gate config, every key
-    and shape; nothing changes on an error). Other sections of the adapter (prefill gates) are left alone."""
+    """Copy the decode gates of adapter ``path`` into ``gates`` (strict: model shape, gate config, every
+    decode key and shape; nothing changes on an error). Other sections (prefill gates) are left alone."""
     from safetensors.torch import load_file
 
-    from ..hf.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, _model_shape
+    from ..hf.adapter import ADAPTER_WEIGHTS, DECODE_PREFIX, _check_model_shape, read_adapter_config
 
     path = Path(path)
-    cfg_path, w_path = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
-    if not cfg_path.is_file() or not w_path.is_file():
-        raise FileNotFoundError(f"{path} is not an adapter folder: it needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
-    meta = json.loads(cfg_path.read_text())
-    if not isinstance(meta, dict) or not isinstance(meta.get("decode"), dict) or "gate" not in meta["decode"]:
-        raise ValueError(f"{cfg_path} has no 'decode' section with a 'gate' (DecodeGateConfig): no decode gates there")
-    if meta.get("model") != _model_shape(model):
-        raise ValueError(f"adapter {path} was made for the model shape {meta.get('model')}, not {_model_shape(model)}")
+    meta = read_adapter_config(path)
+    if meta["decode"] is None:
+        raise ValueError(f"adapter {path} has no decode section: no decode gates to start from")
+    _check_model_shape(meta, model, path)
     theirs = DecodeGateConfig.from_dict(meta["decode"]["gate"])
     if theirs != gates[0].config:
         raise ValueError(f"adapter {path} decode gate config {theirs} differs from the recipe's {gates[0].config}")
-    saved = {k: v for k, v in load_file(str(w_path)).items() if k.startswith(DECODE_PREFIX)}
+    saved = {k: v for k, v in load_file(str(path / ADAPTER_WEIGHTS)).items() if k.startswith(DECODE_PREFIX)}
     named = _decode_gate_named_parameters(gates)
     bad = [n for n, p in named if n in saved and saved[n].shape != p.shape]
     if bad:
-        raise ValueError(f"{w_path}: decode gate tensors of the wrong shape: {bad[:5]}")
+        raise ValueError(f"{path / ADAPTER_WEIGHTS}: decode gate tensors of the wrong shape: {bad[:5]}")
     _load_gates_state(named, saved)  # checks the key set
 
 
@@ -124,8 +96,8 @@ def _capture(store: dict, layer: int, which: str, _module, _inputs, output) -> N
 class DecodeDistillTask(DistillTask):
     """Decode gates train against the frozen model's decode target (module docstring).
 
-    The prefill task's optimizer groups, schedule, gradient averaging, checkpoint state, logging and
-    summary apply unchanged to the decode gates (``trainable`` holds them).
+    The prefill task's optimizer groups, schedule, gradient averaging, checkpoint state and logging apply
+    unchanged to the decode gates (``trainable`` holds them); the metrics add the oracle's mass recall.
     """
 
     def build(self, ctx: DistContext, dtype: torch.dtype, start: int) -> None:
