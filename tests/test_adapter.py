@@ -221,7 +221,7 @@ def test_adapter_for_another_model_shape(saved):
 def test_gate_config_mismatch(saved):
     base, path, _ = saved
     model = _fresh(base, gate=GateConfig(block_size=32))
-    with pytest.raises(ValueError, match="differs from the attached gates"):
+    with pytest.raises(ValueError, match=r"adapter gate config .* \(prefill\) differs from the attached prefill gates"):
         load_gates(model, path)
 
 
