@@ -130,16 +130,21 @@ class FinetuneTask(Task):
         sparse = config.attention == "sparse"
         gate_cfg, mask_heads = config.gate_config(), config.mask_heads or "q"
         if config.init_gates is not None:
-            meta = read_adapter_config(config.init_gates)
+            prefill = read_adapter_config(config.init_gates)["prefill"]
+            if prefill is None:
+                raise ConfigError(
+                    f"init_gates ({config.init_gates}) holds no prefill gates (a decode-only adapter); fine-tuning "
+                    "starts from prefill gates"
+                )
             from ..gate import GateConfig
 
-            adapter_gate = GateConfig.from_dict(meta["gate"])
+            adapter_gate = GateConfig.from_dict(prefill["gate"])
             if config.gate and config.gate_config() != adapter_gate:
                 raise ConfigError(
                     f"recipe field 'gate' {config.gate} differs from the gates of init_gates ({config.init_gates}: "
-                    f"{meta['gate']}); leave 'gate' empty to take the adapter's"
+                    f"{prefill['gate']}); leave 'gate' empty to take the adapter's"
                 )
-            gate_cfg, mask_heads = adapter_gate, config.mask_heads or meta.get("mask_heads", "q")
+            gate_cfg, mask_heads = adapter_gate, config.mask_heads or prefill["mask_heads"]
             if config.seq_len % gate_cfg.block_size:
                 raise ConfigError(
                     f"recipe field 'seq_len' ({config.seq_len}) must be a multiple of the adapter's block size "
