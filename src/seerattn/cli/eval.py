@@ -1,4 +1,4 @@
-"""``seerattn eval ppl|passkey|masks|curves``: the evaluation harness on a local model folder, and
+"""``seerattn eval ppl|passkey|masks|decode|curves``: the evaluation harness on a local model folder, and
 the training curves of distillation runs.
 
 Each run writes into ``--output``: ``<kind>.json`` (config, model, environment, results),
@@ -264,6 +264,79 @@ def _read_metrics(run: Path) -> list[dict]:
     return rows
 
 
+DECODE_METHODS = "dense,seer,streaming,quest"  # seerattn.eval.decode.DECODE_METHODS (checked by a test)
+
+
+def _run_decode(args) -> int:
+    """``seerattn eval decode``: teacher-forced decode PPL and passkey by generation at one token budget."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..eval import TokenizedBooks
+    from ..eval.decode import evaluate_decode_passkey, evaluate_decode_ppl, prepare_decode_model
+    from ..eval.passkey import PasskeyTemplate
+    from ..eval.report import decode_markdown, write_text
+    from ..record import write_record
+
+    t0 = time.perf_counter()
+    unknown = sorted(set(args.measure) - {"ppl", "passkey"})
+    if unknown or not args.measure:
+        raise ValueError(f"--measure takes ppl, passkey or both, got {','.join(args.measure)}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    budget = args.budget if args.budget is not None else round(args.budget_fraction * args.context)
+    tail = args.tail if args.tail is not None else args.context // 4
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = _dtype(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    # the data before the model: a wrong --data fails in a second, not after loading weights
+    books = TokenizedBooks(args.data, tokenizer, split=args.split, max_books=args.max_books, text_field=args.text_field)
+    model = AutoModelForCausalLM.from_pretrained(str(args.model), dtype=dtype, attn_implementation="sdpa").to(device)
+    em = prepare_decode_model(model, args.gates, args.block_size, args.impl, args.train_length, name=str(args.model))
+    torch.manual_seed(args.seed)
+    common = dict(
+        rope_scaling=_rope(args),
+        seed=args.seed,
+        allow_untrained_gates=args.allow_untrained_gates,
+        progress=not args.no_progress,
+    )
+    ppl_rows, passkey_rows = [], []
+    if "ppl" in args.measure:
+        ppl_rows = evaluate_decode_ppl(
+            em, books, args.methods, args.context, args.samples, budget, tail, add_bos=args.add_bos,
+            resamples=args.resamples, **common,
+        )  # fmt: skip
+    if "passkey" in args.measure:
+        passkey_rows = evaluate_decode_passkey(
+            em, tokenizer, books, args.methods, args.context, args.depths, args.passkey_samples, budget,
+            template=_template(args, PasskeyTemplate), add_bos=not args.no_bos, **common,
+        )  # fmt: skip
+    out = Path(args.output)
+    cfg, dec = model.config, em.state.config.decode
+    meta = {
+        "path": str(args.model),
+        "gates": em.gates,
+        "model_type": cfg.model_type,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": getattr(cfg, "num_key_value_heads", None),
+        "train_length": em.train_length,
+        "decode_gate": dec.gate.to_dict(),
+        "dtype": str(next(model.parameters()).dtype),
+        "device": str(device),
+    }
+    config = {k: v for k, v in vars(args).items() if k != "func"} | {"budget": budget, "tail": tail}
+    results = {"ppl": ppl_rows, "passkey": passkey_rows}
+    files = [
+        write_record(out / "decode.json", "decode", results, config, meta),
+        write_text(out / "decode.md", decode_markdown(ppl_rows, passkey_rows)),
+    ]
+    logger.info("eval decode done in %.1f s", time.perf_counter() - t0)
+    for f in files:
+        print(f"wrote {f}")
+    return 0
+
+
 def _run_curves(args) -> int:
     from ..eval.plots import plot_distill_curves
 
@@ -390,6 +463,72 @@ def register(sub) -> None:
     pm.add_argument("--heads", type=_ints, default=[0, 1], help="query heads to draw per layer (0,1)")
     pm.add_argument("--add-bos", action="store_true", help="start the window with the BOS token")
     pm.set_defaults(func=_run_masks)
+
+    pd = esub.add_parser(
+        "decode",
+        help="sparse decode at one token budget: decode PPL of the last tokens of windows (teacher-forced) and "
+        "passkey by generation, for dense / seer (decode gates) / streaming / quest",
+    )
+    pd.add_argument("--model", required=True, help="local model folder (AutoModelForCausalLM.from_pretrained)")
+    pd.add_argument("--tokenizer", help="tokenizer folder (default: --model)")
+    pd.add_argument("--gates", help="seerattn adapter folder with a decode section (needed by the seer method)")
+    add_data_arguments(pd)
+    pd.add_argument("--split", default="test", help="MANIFEST.tsv split to evaluate on (%(default)s)")
+    pd.add_argument("--max-books", type=int, help="use only the first N books of the split")
+    pd.add_argument(
+        "--methods", type=_names, default=_names(DECODE_METHODS), help=f"comma-separated (default {DECODE_METHODS})"
+    )
+    pd.add_argument(
+        "--measure", type=_names, default=["ppl", "passkey"], help="what to measure: ppl, passkey or both (both)"
+    )
+    pd.add_argument("--context", type=int, default=8192, help="window / prompt length in tokens (%(default)s)")
+    pd.add_argument(
+        "--budget-fraction",
+        type=float,
+        default=0.125,
+        help="token budget of a decode step as a fraction of --context (%(default)s)",
+    )
+    pd.add_argument("--budget", type=int, help="token budget of a decode step (overrides --budget-fraction)")
+    pd.add_argument("--samples", type=int, default=8, help="PPL windows (%(default)s)")
+    pd.add_argument("--tail", type=int, help="last tokens of each window that decode (default: --context / 4)")
+    pd.add_argument("--add-bos", action="store_true", help="start each PPL window with the BOS token")
+    pd.add_argument(
+        "--resamples",
+        type=int,
+        default=2000,
+        help="bootstrap resamples of the 95 %% intervals against dense, paired over windows (%(default)s)",
+    )
+    pd.add_argument("--passkey-samples", type=int, default=10, help="passkey prompts per depth (%(default)s)")
+    pd.add_argument("--depths", type=_floats, default=[0.0, 0.25, 0.5, 0.75, 1.0], help="needle depths in [0, 1]")
+    pd.add_argument("--digits", type=int, default=5, help="digits of the pass key (%(default)s)")
+    pd.add_argument("--intro", help="text before the filler (default: the classic pass-key intro)")
+    pd.add_argument("--needle", help="needle text with {key} (default: the classic needle)")
+    pd.add_argument("--question", help="text after the filler (default: ' What is the pass key? The pass key is')")
+    pd.add_argument("--no-bos", action="store_true", help="do not start passkey prompts with the BOS token")
+    pd.add_argument("--output", "-o", required=True, help="output folder for decode.json and decode.md")
+    pd.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    pd.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="model dtype; auto = fp32 on CPU, bf16 on CUDA (%(default)s)",
+    )
+    pd.add_argument("--impl", choices=["reference", "triton"], help="op implementation (default: automatic)")
+    pd.add_argument("--block-size", type=int, default=64, help="decode block size without --gates (%(default)s)")
+    pd.add_argument("--train-length", type=int, help="training context (default: config.max_position_embeddings)")
+    pd.add_argument(
+        "--rope-scaling",
+        default="yarn",
+        choices=["yarn", "dynamic", "linear", "none"],
+        help="RoPE scaling beyond the training length (%(default)s)",
+    )
+    pd.add_argument("--seed", type=int, default=0, help="seed of the passkey keys")
+    pd.add_argument(
+        "--allow-untrained-gates", action="store_true", help="run the seer method without --gates (untrained prior)"
+    )
+    pd.add_argument("--threads", type=int, help="CPU threads for torch")
+    pd.add_argument("--no-progress", action="store_true", help="no progress bars")
+    pd.set_defaults(func=_run_decode)
 
     pc = esub.add_parser("curves", help="KL and mass-recall curves of distillation runs (from metrics.jsonl)")
     pc.add_argument("runs", nargs="+", help="`seerattn distill` output folders")

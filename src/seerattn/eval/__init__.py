@@ -7,10 +7,11 @@ Orchestration only (above :mod:`seerattn.hf`; never imports Triton). The pieces:
 - :mod:`.data`: held-out books from a folder with ``MANIFEST.tsv``, tokenised lazily;
 - :mod:`.model`: loading a model with seer attention attached, RoPE scaling beyond training length;
 - :mod:`.ppl`, :mod:`.passkey`, :mod:`.masks`: the evaluations;
+- :mod:`.decode`: sparse decode (decode gate, StreamingLLM- and Quest-style) at one token budget;
 - :mod:`.stats`: 95 % intervals (paired bootstrap for PPL differences from dense, Wilson for accuracies);
 - :mod:`.plots`, :mod:`.report`: PNGs, JSON and markdown tables.
 
-``seerattn eval ppl|passkey|masks`` (:mod:`seerattn.cli.eval`) wires them together.
+``seerattn eval ppl|passkey|masks|decode`` (:mod:`seerattn.cli.eval`) wires them together.
 """
 
 from .data import TokenizedBooks, read_manifest, segment_windows

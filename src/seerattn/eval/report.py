@@ -2,7 +2,8 @@
 
 A record's ``results`` is the list of rows the evaluation function returned (see
 :func:`~seerattn.eval.ppl.evaluate_ppl`, :func:`~seerattn.eval.passkey.evaluate_passkey`,
-:func:`~seerattn.eval.masks.block_maps`).
+:func:`~seerattn.eval.masks.block_maps`; for ``eval decode`` a mapping ``{"ppl": rows, "passkey": rows}`` of
+:mod:`seerattn.eval.decode`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = [
+    "decode_markdown",
     "format_accuracy",
     "format_rel_diff",
     "markdown_table",
@@ -128,3 +130,36 @@ def masks_markdown(rows: Sequence[dict]) -> str:
         "Block masks vs the ground truth (mass recall = ground-truth attention mass inside the kept blocks).\n\n"
         + markdown_table(["layer", "setting", "density", "mass recall", "block recall vs oracle"], body)
     )
+
+
+def decode_markdown(ppl_rows: Sequence[dict], passkey_rows: Sequence[dict]) -> str:
+    """Sparse decode at one budget (:mod:`seerattn.eval.decode`): one table, rows = methods, with the decode
+    PPL of the windows' last tokens (difference from dense, 95 % interval; realised density of the decode
+    rows) and the passkey accuracy by generation (Wilson interval; ratio to dense). Either list may be empty;
+    both, when given, hold the same methods."""
+    first = (list(ppl_rows) or list(passkey_rows))[0]
+    header, columns = ["method"], []
+    if ppl_rows:
+        header += [f"PPL last {first['tail']}", "vs dense", "density"]
+        by = {r["method"]: r for r in ppl_rows}
+        columns.append(
+            lambda m: [
+                f"{by[m]['ppl_tail']:.4f}",
+                _vs_dense(by[m], "ppl_tail_vs_dense").strip(),
+                f"{by[m]['density']:.3f}",
+            ]
+        )
+    if passkey_rows:
+        header += ["passkey", "vs dense"]
+        pk = {r["method"]: r for r in passkey_rows}
+        columns.append(
+            lambda m: [
+                format_accuracy(pk[m]["mean_accuracy"], pk[m]["mean_accuracy_ci"]),
+                "" if pk[m]["accuracy_vs_dense"] is None else f"{pk[m]['accuracy_vs_dense']:.3f}",
+            ]
+        )
+    methods = list(dict.fromkeys(r["method"] for r in [*ppl_rows, *passkey_rows]))
+    rows = [[m] + [cell for col in columns for cell in col(m)] for m in methods]
+    budget, context = first["budget"], first["context"]
+    title = f"Sparse decode at a budget of {budget} tokens ({budget / context:.3g} of the {context}-token context)\n\n"
+    return title + markdown_table(header, rows)
