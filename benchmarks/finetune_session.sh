@@ -16,7 +16,7 @@
 # EVAL_DATA (default: the first of data/books-sample, data/books, .carry/test that exists; a books folder).
 # Env: RUNS (which of a b90 b90floor b50 c d to train/evaluate; default "a b90 b50 c d"; b90floor = b90 with the
 # `floor` row allocation in training), ALLOCATIONS (row allocations of the seer evaluations, comma list, default
-# row), TS_LAYERS (decoder layers of the benchmark, 16), SKIP_BENCH=1,
+# row), EVALS (which runs to evaluate, default RUNS), TS_LAYERS (decoder layers of the benchmark, 16), SKIP_BENCH=1,
 # BUDGET_S (seconds for all steps, 500: each step's timeout is cut to what is left, later steps are skipped).
 # $OUT gets (<= 7 files): results.md, results.json, train_step.json, b90[floor]-adapter.tgz (the 90 % gates), logs.tgz.
 set -u
@@ -45,7 +45,9 @@ fi
 [ -f "$TRAIN_DATA" ] || { echo "no training corpus at $TRAIN_DATA (set TRAIN_DATA)"; exit 2; }
 [ -n "${EVAL_DATA:-}" ] || { echo "no eval books (data/books-sample, data/books, .carry/test; set EVAL_DATA)"; exit 2; }
 RUNS=" ${RUNS:-a b90 b50 c d} "
+EVALS=" ${EVALS:-$RUNS} "
 has() { [[ "$RUNS" == *" $1 "* ]]; }
+hasev() { [[ "$EVALS" == *" $1 "* ]]; }
 ALLOC=(--allocations "${ALLOCATIONS:-row}")
 echo "train data $TRAIN_DATA, eval data $EVAL_DATA, runs$RUNS in $R"
 COMMON=("data=[$TRAIN_DATA]" data_cache_dir=$R/cache progress=false)
@@ -90,12 +92,12 @@ ev() {  # NAME MODEL GATES(or -) METHODS DENSITIES [extra args]
     --samples $PK_N "${PK_ARGS[@]}" "$@" -o $R/eval/$name/passkey
 }
 mkdir -p $R/eval
-has b90 && ev b90 $R/b90/model $R/b90/adapter dense,seer 0.1 "${ALLOC[@]}"
-has b90floor && ev b90floor $R/b90floor/model $R/b90floor/adapter dense,seer 0.1 "${ALLOC[@]}"
-has a && ev a $R/a/model - dense,streaming,vertical_slash 0.1 "${ALLOC[@]}"
-has c && ev c $R/a/model $R/c/adapter seer 0.1 "${ALLOC[@]}"
-has b50 && ev b50 $R/b50/model $R/b50/adapter dense,seer 0.5
-has d && ev d testbed/model testbed/gates dense,seer 0.1 --train-length $TRAIN_LEN
+hasev b90 && ev b90 $R/b90/model $R/b90/adapter dense,seer 0.1 "${ALLOC[@]}"
+hasev b90floor && ev b90floor $R/b90floor/model $R/b90floor/adapter dense,seer 0.1 "${ALLOC[@]}"
+hasev a && ev a $R/a/model - dense,streaming,vertical_slash 0.1 "${ALLOC[@]}"
+hasev c && ev c $R/a/model $R/c/adapter seer 0.1 "${ALLOC[@]}"
+hasev b50 && ev b50 $R/b50/model $R/b50/adapter dense,seer 0.5
+hasev d && ev d testbed/model testbed/gates dense,seer 0.1 --train-length $TRAIN_LEN
 
 # ---- results: table, JSON, the 90 % gates, logs
 python3 - "$R" "$OUT" $C8 $C16 $C32 <<'PY'
