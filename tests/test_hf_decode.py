@@ -8,6 +8,7 @@ budget), and step-by-step generate for the teacher-forced ``decode_eval`` mode.
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -152,7 +153,7 @@ def test_static_and_dynamic_caches_select_the_same_blocks(decode_calls):
     sta = _generate(model, ids, "static")
     assert torch.equal(dyn[0], sta[0]) and len(dyn_idx) == len(decode_calls)
     # the same blocks (in any order: the first and the current block tie, and the static list is wider)
-    assert all(torch.equal(a.sort(-1).values, c[4].sort(-1).values) for a, c in zip(dyn_idx, decode_calls))
+    assert all(torch.equal(a.sort(-1).values, c[4].sort(-1).values) for a, c in zip(dyn_idx, decode_calls, strict=True))
     torch.testing.assert_close(dyn[1], sta[1], atol=1e-5, rtol=1e-5)
 
 
@@ -352,3 +353,52 @@ def test_decode_eval_start_past_the_window_is_dense():
     ids = input_ids(PROMPT)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, base(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------ the Triton kernel through generate
+def test_generate_through_the_triton_decode_kernel_equals_the_reference(decode_calls):
+    """impl="triton" (the interpreter here, the compiled kernel on a GPU) gives the reference's steps."""
+    model, _, state = _prepared("llama")
+    ids = input_ids(PROMPT, b=2)
+    ref = _generate(model, ids, "static", new=8)
+    ref_idx = [c[4] for c in decode_calls]
+    decode_calls.clear()
+    state.set(impl="triton")
+    tri = _generate(model, ids, "static", new=8)
+    assert torch.equal(tri[0], ref[0]) and all(torch.equal(a, c[4]) for a, c in zip(ref_idx, decode_calls, strict=True))
+    torch.testing.assert_close(tri[1], ref[1], atol=1e-4, rtol=1e-4)
+
+
+def _on_gpu():
+    return torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _on_gpu(), reason="needs a CUDA GPU and the compiled kernels (no TRITON_INTERPRET)")
+@pytest.mark.parametrize("cache", [None, "static"], ids=["dynamic", "static"])
+def test_gpu_generate_decode_steps_have_no_host_sync(cache, monkeypatch):
+    """fp16 on the GPU: every decode step of every layer (key-cache append, gate, policy, Triton kernel, stats)
+    runs under torch.cuda.set_sync_debug_mode("error"); the tokens' logits match the reference kernel's."""
+    model, _, state = _prepared("llama")
+    model.to("cuda", torch.float16)
+    ids = input_ids(PROMPT, b=2).cuda()
+    ref = _generate(model, ids, cache, new=12)  # impl None -> Triton on CUDA; first call tunes the kernel
+    real = integration._decode_step
+    steps = []
+
+    def checked(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = real(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        steps.append(1)
+        return out
+
+    monkeypatch.setattr(integration, "_decode_step", checked)
+    tri = _generate(model, ids, cache, new=12)
+    assert len(steps) == LAYERS * 11 and torch.equal(tri[0], ref[0])
+    state.set(impl="reference")
+    monkeypatch.setattr(integration, "_decode_step", real)
+    eager = _generate(model, ids, cache, new=12)
+    torch.testing.assert_close(tri[1].float(), eager[1].float(), atol=2e-2, rtol=2e-2)
