@@ -349,10 +349,11 @@ class SeerState:
         return torch.stack(list(self.losses.values())).sum()
 
     def mean_density(self) -> float:
-        """Mean over layers of the realised block density of the last forward (1.0 for dense paths)."""
+        """Mean over layers of the realised block density of the last forward (1.0 for dense paths; for
+        ``sparse-decode`` and ``decode_eval``: the kept fraction of the keys the decode rows could see)."""
         if not self.stats:
             raise RuntimeError("no statistics recorded: run a forward first")
-        masked = ("sparse", "finetune", "oracle", "custom")
+        masked = ("sparse", "finetune", "oracle", "custom", "sparse-decode", "decode_eval")
         if any(s["path"] in masked and "density" not in s for s in self.stats.values()):
             raise RuntimeError("densities were not recorded (SeerState.record_densities is off)")
         return sum(s.get("density", 1.0) for s in self.stats.values()) / len(self.stats)
@@ -804,8 +805,8 @@ def _decode_eval_attention(module, state: SeerState, query, key, value, pre: dic
                 kept = kept + keep.sum()
                 visible = visible + hkv * b * (r0 + 1 + r1) * n / 2
     state._stats[module.layer_idx] = {"path": "decode_eval"}
-    if state.record_densities and start < t:
-        state._stats[module.layer_idx]["density"] = kept / visible
+    if state.record_densities:  # a window without decode rows is all dense
+        state._stats[module.layer_idx]["density"] = kept / visible if start < t else 1.0
     return out.transpose(1, 2).contiguous()
 
 
