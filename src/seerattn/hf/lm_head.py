@@ -40,8 +40,10 @@ def linear_lm_head(model: torch.nn.Module) -> torch.nn.Linear:
         )
     head = getattr(model, "lm_head", None)
     if type(head) is not torch.nn.Linear or head.bias is not None:
-        what = "a torch.nn.Linear with a bias" if type(head) is torch.nn.Linear else type(head).__qualname__
-        what = what if type(head) is torch.nn.Linear else f"{type(head).__module__}.{what}"
+        if type(head) is torch.nn.Linear:
+            what = "a torch.nn.Linear with a bias"
+        else:
+            what = f"{type(head).__module__}.{type(head).__qualname__}"
         raise ValueError(
             f"{type(model).__name__}.lm_head is {what}; a loss from hidden @ lm_head.weight^T needs a plain bias-free "
             "torch.nn.Linear (not a LoRA-adapted or quantised head)"

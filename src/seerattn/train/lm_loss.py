@@ -79,7 +79,7 @@ def causal_lm_loss(
     valid = targets != ignore_index
     v = weight.shape[0]
     bad = valid & ((targets < 0) | (targets >= v))
-    if bad.any():  # F.cross_entropy refuses them too (on CUDA with a device-side assert)
+    if bad.any():  # one host sync; F.cross_entropy refuses them too (on CUDA with a device-side assert)
         raise ValueError(
             f"labels hold {int(bad.sum())} id(s) outside the vocabulary [0, {v}) (e.g. {int(targets[bad][0])}) "
             f"that are not ignore_index ({ignore_index})"
