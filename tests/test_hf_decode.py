@@ -263,6 +263,46 @@ def test_a_cache_changed_outside_the_decode_path_is_refused():
         model(ids[:, :PROMPT], cache=DynamicCache(config=model.config))
 
 
+# ------------------------------------------------------------------------------ beam search and batch operations
+@pytest.mark.parametrize("op", ["reorder_cache", "batch_select_indices", "batch_repeat_interleave"])
+def test_key_caches_follow_the_caches_batch_operations(op, decode_calls):
+    """After transformers reorders / selects / repeats a cache's sequences (beam and contrastive search), a
+    decode step gives what a prefill of the sequences in the new order gives: same selections, same logits."""
+    from transformers import DynamicCache
+
+    model, _, _ = _prepared("llama")
+    p = torch.cat([input_ids(150, seed=11), input_ids(150, seed=12)])  # [2, 150]: 9 full blocks
+    arg, order = {
+        "reorder_cache": (torch.tensor([1, 0]), [1, 0]),
+        "batch_select_indices": (torch.tensor([1]), [1]),
+        "batch_repeat_interleave": (2, [0, 0, 1, 1]),
+    }[op]
+    nxt = input_ids(1, seed=13).expand(len(order), 1)  # one token: selections differ by the gate keys only
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        model(p, cache=cache)
+        getattr(cache, op)(arg)
+        got = model(nxt, cache=cache).logits
+        got_idx = [c[4] for c in decode_calls]
+        decode_calls.clear()
+        want = model(nxt, cache=model(p[order], cache=DynamicCache(config=model.config)).cache).logits
+    want_idx = [c[4] for c in decode_calls]
+    assert all(torch.equal(a.sort(-1).values, c.sort(-1).values) for a, c in zip(got_idx, want_idx, strict=True))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    if op == "reorder_cache":  # the two sequences select differently: an unfollowed reorder would show
+        assert any(not torch.equal(i[0].sort(-1).values, i[1].sort(-1).values) for i in want_idx)
+
+
+def test_beam_search_with_a_budget_covering_the_cache_equals_dense():
+    model, base, _ = _prepared("qwen2", decode=DecodeConfig(DECODE.gate, WHOLE))
+    ids = input_ids(PROMPT, b=2)
+    kw = dict(max_new_tokens=12, num_beams=3, num_return_sequences=2, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+        want = base.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+    assert torch.equal(out, want)
+
+
 # ------------------------------------------------------------------------------ custom selections (baselines)
 def test_decode_select_fn_runs_through_the_same_kernel(decode_calls):
     """A StreamingLLM-style selection (first block + the last two) replaces the gate and the policy."""

@@ -133,6 +133,20 @@ class GateKeyCache:
         self.lengths.copy_(lens)
 
     @torch.no_grad()
+    def select(self, index: torch.Tensor) -> None:
+        """Keep, reorder or repeat sequences: sequence i becomes the old sequence ``index[i]`` (int [B']).
+
+        What transformers' caches do to their K/V for beam search (``reorder_cache``), contrastive search
+        (``batch_repeat_interleave``, ``batch_select_indices``). New tensors (new addresses): not for a
+        captured CUDA graph.
+        """
+        index = index.to(self.keys.device).long()
+        self.keys = self.keys.index_select(0, index)
+        self.num_blocks = self.num_blocks.index_select(0, index)
+        self.lengths = self.lengths.index_select(0, index)
+        self._pools = self._pools.index_select(0, index)
+
+    @torch.no_grad()
     def append(self, k_new: torch.Tensor, rotary: Rotary | None = None) -> None:
         """Add one new pre-RoPE K row per sequence, k_new: [B, Hkv, D]; sequences whose block it
         completes get the block's gate key at index ``num_blocks[b]`` (then ``num_blocks[b] += 1``)."""

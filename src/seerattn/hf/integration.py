@@ -659,6 +659,42 @@ def _start_decode_cache(
     keys = GateKeyCache(gate, b, max_tokens=capacity or t, device=k_pre.device)
     keys.prefill(k_pre, rotary=state._rotary)
     state._decode[layer] = _DecodeCache(weakref.ref(hf_cache), keys, t, capacity)
+    _follow_batch_ops(state, hf_cache)
+
+
+# transformers' cache methods that reorder, select or repeat the sequences of the batch (beam search,
+# contrastive search) -> the old sequence each new one is, given the method's argument and the old batch size
+_BATCH_OPS: dict[str, Callable[[object, int], torch.Tensor]] = {
+    "reorder_cache": lambda beam_idx, _: beam_idx,
+    "batch_select_indices": lambda indices, _: indices,
+    "batch_repeat_interleave": lambda repeats, b: torch.arange(b).repeat_interleave(repeats),
+}
+
+
+def _follow_batch_ops(state: SeerState, hf_cache) -> None:
+    """Make the decode-gate key caches follow the batch operations of ``hf_cache`` (once per cache object).
+
+    transformers reorders a cache's K/V for beam search by calling its ``reorder_cache``; the key caches,
+    kept beside it, must be reordered the same way, or each sequence would select blocks with another
+    sequence's gate keys. The cache object's own methods are wrapped (on the instance: the class and
+    other caches are untouched): each runs, then the layers' key caches owned by this cache take the
+    same sequences.
+    """
+    if hf_cache.__dict__.get("_seer_follows") is state:
+        return
+    for name, index_of in _BATCH_OPS.items():
+        method = getattr(hf_cache, name, None)
+        if method is not None:
+            setattr(hf_cache, name, functools.partial(_batch_op, state, method, index_of))
+    hf_cache._seer_follows = state
+
+
+def _batch_op(state: SeerState, method, index_of, arg) -> None:
+    """A wrapped batch operation of a transformers cache (:func:`_follow_batch_ops`)."""
+    method(arg)
+    for entry in state._decode.values():
+        if entry.owner() is method.__self__:
+            entry.keys.select(index_of(arg, entry.keys.lengths.shape[0]))
 
 
 def _decode_step(module, state: SeerState, entry: _DecodeCache, query, key, value, pre, scale: float, sliding):
