@@ -160,17 +160,22 @@ def test_static_and_dynamic_caches_select_the_same_blocks(decode_calls):
 
 # ------------------------------------------------------------------------------ (d) switches
 @pytest.mark.parametrize("cache", [None, "static"], ids=["dynamic", "static"])
-def test_prefill_and_decode_switch_independently(cache, decode_calls, prefill_calls):
+def test_prefill_and_decode_switch_independently(cache, decode_calls, prefill_calls, monkeypatch):
     model, base, state = _prepared("llama", mode="sparse", policy=SparsityPolicy("density", 0.5))
     ids = input_ids(PROMPT)
+    starts = []  # "is this the cache's first forward?" (a device read for a StaticCache): at prefills only
+    real_start = integration._cache_start
+    monkeypatch.setattr(integration, "_cache_start", lambda *a: starts.append(a[2]) or real_start(*a))
     runs = {}
     for name, mode, enabled in (("both", "sparse", True), ("prefill", "sparse", False), ("decode", "dense", True)):
         state.set(mode=mode)
         state.set_decode(enabled=enabled)
         decode_calls.clear()
         prefill_calls.clear()
+        starts.clear()
         runs[name] = _generate(model, ids, cache)
         assert prefill_calls == ([PROMPT] * LAYERS if mode == "sparse" else [])  # StaticCache too: sparse prefill
+        assert starts == ([PROMPT] * LAYERS if cache else [])  # DynamicCache: Tk == Tq tells, no question
         assert len(decode_calls) == (LAYERS * (NEW - 1) if enabled else 0)
         paths = {s["path"] for s in state.stats.values()}
         assert paths == ({"sparse-decode"} if enabled else {"dense-decode"})

@@ -534,7 +534,9 @@ def seer_attention_forward(module, query, key, value, attention_mask, dropout: f
                 raise ValueError("seer attention does not implement attention dropout; set model.eval() or dropout=0")
             query, key, value = _autocast_inputs(query, key, value)
             return _decode_step(module, state, entry, query, key, value, pre, scale, kwargs.get("sliding_window")), None
-        if (cfg.mode != "dense" or state.decoding) and _cache_start(hf_cache, layer, tq):
+        # Is this a cache's first forward? Asked (one device read for a StaticCache) only where the answer
+        # matters: a sparse prefill, or sparse decode meeting a cache it does not know; never in a dense step.
+        if ((tq > 1 and cfg.mode != "dense") or state.decoding) and _cache_start(hf_cache, layer, tq):
             # A StaticCache's first forward: the cache hands over its whole capacity; the prompt is its first tq keys.
             key, value = key[:, :, :tq], value[:, :, :tq]
             if attention_mask is not None:
