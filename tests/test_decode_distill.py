@@ -237,3 +237,30 @@ def test_committed_decode_recipe_is_valid():
     assert cfg.gate_kind == "decode" and cfg.gate == {} and cfg.model == "testbed/model"
     assert cfg.decode_gate_config() == DecodeGateConfig(block_size=64, k_pooling=("max", "min", "avg"))
     assert (cfg.seq_len, cfg.metric_density) == (8192, 0.125)
+
+
+def test_a_checkpoint_from_before_gate_kind_resumes(tmp_path):
+    """Checkpoints written before the decode fields existed hold no gate_kind / decode_gate: they ran with the
+    defaults and resume (a field they hold with another value still refuses)."""
+    from test_distill import make_tiny
+
+    from seerattn.train import ConfigError, distill, load_recipe
+    from seerattn.train.checkpoint import STATE_FILE, list_checkpoints
+
+    tiny = make_tiny(tmp_path / "tiny")
+    fields = dict(
+        model=tiny["model"], data=[tiny["data"]], output_dir=str(tmp_path / "run"), seq_len=128, batch_size=2,
+        micro_batch_size=2, steps=4, warmup_steps=1, gate={"block_size": BS}, save_every=2, progress=False,
+        tensorboard=False, data_cache_dir=str(tmp_path / "cache"),
+    )  # fmt: skip
+    assert distill(load_recipe(None, fields), stop_after=3).stopped_early
+    (_, ckpt), *_ = list_checkpoints(tmp_path / "run" / "checkpoints")
+    state = torch.load(ckpt / STATE_FILE, weights_only=False)
+    del state["config"]["gate_kind"], state["config"]["decode_gate"]
+    torch.save(state, ckpt / STATE_FILE)
+    with pytest.raises(ConfigError, match="cannot resume"):
+        distill(
+            load_recipe(None, {**fields, "gate_kind": "decode", "gate": {}, "decode_gate": {"block_size": BS}}),
+            resume=True,
+        )
+    assert distill(load_recipe(None, fields), resume=True).start_step == 2

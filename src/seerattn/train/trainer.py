@@ -36,7 +36,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -274,6 +274,14 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 
 def _check_resume_config(config: TrainConfig, saved: dict) -> None:
     now = config.to_dict()
+    # A field added to the recipes after the checkpoint was written (e.g. gate_kind) is absent from its
+    # config: that run used the field's default.
+    defaults = {
+        f.name: f.default if f.default is not MISSING else f.default_factory()
+        for f in fields(config)
+        if f.default is not MISSING or f.default_factory is not MISSING
+    }
+    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
     diff = {
         k: (saved.get(k), now.get(k))
         for k in set(now) | set(saved)
