@@ -259,8 +259,8 @@ def decode_block_scores(
     renormalised to sum 1 over them.
 
     Queries are taken ``row_chunk`` at a time against the keys they can see (``< r1``, the chunk's
-    end), so the largest temporary is ``[B, Hq, row_chunk, T]`` (O(row_chunk * T) per head), never a
-    ``T x T`` map of every head; K is not repeated over the groups.
+    end), so the temporaries are two ``[B, Hq, row_chunk, T]`` tensors (O(row_chunk * T) per head),
+    never a ``T x T`` map of every head; K is not repeated over the groups.
 
     Args:
         q: [B, Hq, T, D]; k: [B, Hkv, T, D] (post-RoPE: the model's own attention).
@@ -292,13 +292,18 @@ def decode_block_scores(
         r1 = min(r0 + row_chunk, t)
         r = r1 - r0
         rows = torch.arange(r0, r1, device=q.device)
-        # the group's query rows against their shared keys: [B, Hkv, G * R, r1] (no repeated K)
+        # the group's query rows against their shared keys: [B, Hkv, G * R, r1] (no repeated K); in place
+        # from here on, so the chunk holds two [B, Hq, R, r1] tensors at most (logits, probabilities)
         logits = torch.matmul(qf[:, :, :, r0:r1].reshape(b, hkv, g * r, d), kf[:, :, :r1].transpose(-1, -2))
-        logits = (logits * scale).view(b, hkv, g, r, r1)
+        logits = logits.mul_(scale).view(b, hkv, g, r, r1)
         future = torch.arange(r1, device=q.device).view(1, -1) > rows.view(-1, 1)
-        p = torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
-        p = torch.nn.functional.pad(p, (0, nb * block_size - r1)).view(b, hkv, g, r, nb, block_size)
-        s = p.amax(dim=(2, 5))  # [B, Hkv, R, NB]: max over the block's keys and the group's heads
+        p = torch.softmax(logits.masked_fill_(future, float("-inf")), dim=-1)
+        del logits
+        # rows < r1 score only blocks J < (r1 - 1) // block_size: the whole blocks inside [0, r1) cover them
+        full = r1 // block_size
+        s = p[..., : full * block_size].unflatten(-1, (full, block_size)).amax(dim=(2, 5))  # [B, Hkv, R, full]
+        del p
+        s = torch.nn.functional.pad(s, (0, nb - full))  # max over the block's keys and the group's heads
         completed = torch.arange(nb, device=q.device).view(1, -1) < (rows // block_size).view(-1, 1)
         s = s * completed
         total = s.sum(-1, keepdim=True)
