@@ -449,3 +449,16 @@ def test_gpu_generate_decode_steps_have_no_host_sync(cache, monkeypatch):
     monkeypatch.setattr(integration, "_decode_step", real)
     eager = _generate(model, ids, cache, new=12)
     torch.testing.assert_close(tri[1].float(), eager[1].float(), atol=2e-2, rtol=2e-2)
+
+
+def test_generate_benchmark_runs_in_its_cpu_smoke_configuration(tmp_path):
+    from benchmarks import generate
+    from seerattn.record import read_record
+
+    assert generate.main(["--smoke", "--json", str(tmp_path / "g.json")]) == 0
+    record = read_record(tmp_path / "g.json")
+    rows = {r["config"]: r for r in record["results"]}
+    assert record["kind"] == "bench-generate" and set(rows) == {"dense", "decode", "both"}
+    assert all(r["total_s"] > r["prefill_s"] > 0 and r["decode_tokens_per_s"] > 0 for r in rows.values())
+    assert rows["dense"]["decode_density"] == 1.0 and 0 < rows["decode"]["decode_density"] < 1
+    assert rows["decode"]["decode_density"] == rows["both"]["decode_density"]  # same gates, budget, tokens

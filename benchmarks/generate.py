@@ -1,0 +1,163 @@
+"""End-to-end ``model.generate`` throughput with sparse decode (issue 17): dense vs sparse decode vs both.
+
+    python3 -m benchmarks.generate --json runs/generate.json                 # H200: 8B shape, bf16, B 16, 32k + 1k
+    python3 -m benchmarks.generate --layers 16 --json runs/generate-16l.json # if 32 layers do not fit (see below)
+    python3 -m benchmarks.generate --smoke --json /tmp/generate.json         # tiny Llama on the CPU: it runs
+
+A Llama-3.1-8B-shaped model with random weights (``benchmarks.shapes``; speed only, untrained gates at
+their initialisation: the selection's cost, not its quality) generates ``--new`` tokens after a prompt
+of ``--prompt`` random tokens for ``--batch`` sequences, greedy, ``min_new_tokens`` = ``max_new_tokens``
+(no early stop), with a ``StaticCache`` (``--cache dynamic``: transformers' DynamicCache). Configurations,
+measured in one run:
+
+- ``dense``: prefill and decode steps through transformers' SDPA (``mode="dense"``, decode off);
+- ``decode``: dense prefill, sparse decode (decode gate + ``DecodePolicy("budget", --budget)`` + the
+  Triton decode kernel);
+- ``both``: sparse prefill (prefill gate + ``SparsityPolicy("density", --density)``) and sparse decode.
+
+Per configuration: ``prefill_s`` (a generate of one token: the prompt's forward), ``total_s`` (a
+generate of ``--new`` tokens), ``decode_tokens_per_s`` = B x (new - 1) / (total - prefill), the
+speedups over ``dense`` in the same run, the realised decode density, and the peak GPU memory. Each
+configuration runs once untimed first (kernel tuning, allocator warm-up).
+
+Memory: the prompt's forward holds the MLP temporaries of B x T tokens (about 4 x B x T x 14336 bf16
+values: 60 GB at B 16, 32k) next to the KV cache (32 layers x 2 x B x 8 x (T + new) x 128 bf16: 70 GB
+at B 16, 33k) and the weights (16 GB). If that does not fit on the GPU, ``--layers 16`` halves the cache
+and the weights; the per-layer attention costs, the ratios, do not change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+import torch
+
+from benchmarks.shapes import LLAMA_31_8B, SMOKE_SHAPE, build_llama
+from seerattn.block_mask import SparsityPolicy
+from seerattn.decode_policy import DecodePolicy
+from seerattn.gate import DecodeGateConfig, GateConfig
+from seerattn.hf import DecodeConfig, SeerConfig, apply_seer_attention
+from seerattn.record import write_record
+
+logger = logging.getLogger("benchmarks.generate")
+
+CONFIGS = ("dense", "decode", "both")
+SMOKE = dict(batch=2, prompt=96, new=8, budget=32, block=16, layers=2)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _generate(model, ids, new: int, cache: str, device: str) -> float:
+    """Seconds of one greedy ``generate`` of ``new`` tokens."""
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    if cache == "static":
+        kw["cache_implementation"] = "static"
+    _sync(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+    _sync(device)
+    if out.shape[1] != ids.shape[1] + new:
+        raise RuntimeError(f"generate returned {out.shape[1] - ids.shape[1]} new tokens, expected {new}")
+    return time.perf_counter() - t0
+
+
+def configure(state, name: str) -> None:
+    """``dense`` / ``decode`` / ``both`` (module docstring)."""
+    state.set(mode="sparse" if name == "both" else "dense")
+    state.set_decode(enabled=name != "dense")
+
+
+def run(model, state, ids, args, device: str) -> list[dict]:
+    rows = []
+    for name in args.configs.split(","):
+        configure(state, name)
+        _generate(model, ids, min(args.new, 4), args.cache, device)  # untimed: tuning, allocator
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        prefill = _generate(model, ids, 1, args.cache, device)
+        state.reset()
+        total = _generate(model, ids, args.new, args.cache, device)
+        density = state.mean_density() if name != "dense" else 1.0
+        row = {
+            "config": name,
+            "batch": ids.shape[0],
+            "prompt": ids.shape[1],
+            "new": args.new,
+            "budget": args.budget if name != "dense" else None,
+            "prefill_density": args.density if name == "both" else 1.0,
+            "prefill_s": prefill,
+            "total_s": total,
+            "decode_tokens_per_s": ids.shape[0] * (args.new - 1) / max(total - prefill, 1e-9),
+            "decode_density": density,
+        }
+        if device == "cuda":
+            row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            torch.cuda.empty_cache()
+        rows.append(row)
+        print(
+            f"{name:<7} prefill {prefill:8.3f} s  total {total:8.3f} s  decode {row['decode_tokens_per_s']:9.1f} tok/s"
+            f"  decode density {density:.3f}",
+            flush=True,
+        )
+    dense = next((r for r in rows if r["config"] == "dense"), None)
+    if dense is not None:
+        for r in rows:
+            r["decode_speedup_vs_dense"] = r["decode_tokens_per_s"] / dense["decode_tokens_per_s"]
+            r["total_speedup_vs_dense"] = dense["total_s"] / r["total_s"]
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--prompt", type=int, default=32768, help="prompt tokens")
+    p.add_argument("--new", type=int, default=1024, help="new tokens per sequence")
+    p.add_argument("--budget", type=int, default=4096, help="decode token budget")
+    p.add_argument("--density", type=float, default=0.1, help="prefill block density of 'both'")
+    p.add_argument("--block-size", type=int, default=64, help="tokens per block (prefill and decode gates)")
+    p.add_argument("--layers", type=int, default=32, help="decoder layers of the 8B-shaped model")
+    p.add_argument("--cache", choices=("static", "dynamic"), default="static")
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {CONFIGS}")
+    p.add_argument("--smoke", action="store_true", help="tiny Llama on the CPU (checks that every config runs)")
+    p.add_argument("--json", help="write the run record here")
+    args = p.parse_args(argv)
+    unknown = set(args.configs.split(",")) - set(CONFIGS)
+    if unknown:
+        p.error(f"unknown configs {sorted(unknown)}; accepted: {CONFIGS}")
+    if args.smoke:
+        device, dtype = "cpu", torch.float32
+        shape = {**SMOKE_SHAPE, "num_hidden_layers": SMOKE["layers"], "max_position_embeddings": 4096}
+        args.batch, args.prompt, args.new, args.budget = SMOKE["batch"], SMOKE["prompt"], SMOKE["new"], SMOKE["budget"]
+        args.block_size = SMOKE["block"]
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("benchmarks.generate needs a CUDA GPU (or --smoke)")
+        device, dtype = "cuda", torch.bfloat16
+        shape = {**LLAMA_31_8B, "num_hidden_layers": args.layers}
+    model = build_llama(shape, device, dtype).eval()
+    decode = DecodeConfig(DecodeGateConfig(block_size=args.block_size), DecodePolicy("budget", args.budget))
+    config = SeerConfig(
+        gate=GateConfig(block_size=args.block_size),
+        policy=SparsityPolicy("density", args.density),
+        mode="dense",
+        decode=decode,
+        mask_heads="kv",
+    )
+    state = apply_seer_attention(model, config)
+    model.to(dtype)  # the gates too
+    ids = torch.randint(1, shape["vocab_size"], (args.batch, args.prompt), generator=torch.Generator().manual_seed(0))
+    rows = run(model, state, ids.to(device), args, device)
+    if args.json:
+        extra = {"gpu": torch.cuda.get_device_name()} if device == "cuda" else {}
+        write_record(args.json, "bench-generate", rows, {**vars(args), "device": device}, shape, extra)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
