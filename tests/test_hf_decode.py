@@ -462,3 +462,18 @@ def test_generate_benchmark_runs_in_its_cpu_smoke_configuration(tmp_path):
     assert all(r["total_s"] > r["prefill_s"] > 0 and r["decode_tokens_per_s"] > 0 for r in rows.values())
     assert rows["dense"]["decode_density"] == 1.0 and 0 < rows["decode"]["decode_density"] < 1
     assert rows["decode"]["decode_density"] == rows["both"]["decode_density"]  # same gates, budget, tokens
+
+
+def test_a_decode_section_turns_generates_auto_compile_off_until_removed():
+    from seerattn.hf import remove_seer_attention
+
+    model = make_model("llama")
+    before = model.generation_config.disable_compile  # None: transformers' default
+    assert not before
+    apply_seer_attention(model, SeerConfig(gate=GATE, mode="dense"))  # prefill only: compile as before
+    assert model.generation_config.disable_compile is before
+    remove_seer_attention(model)
+    apply_seer_attention(model, SeerConfig(gate=GATE, mode="dense", decode=DECODE))
+    assert model.generation_config.disable_compile is True
+    remove_seer_attention(model)
+    assert model.generation_config.disable_compile is before

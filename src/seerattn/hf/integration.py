@@ -288,6 +288,8 @@ class SeerState:
     _rotary: torch.nn.Module | None = field(default=None, repr=False)
     _hooks: list = field(default_factory=list, repr=False)
     _original_impl: str | None = field(default=None, repr=False)
+    # (generation_config.disable_compile,) before apply_seer_attention set it (a decode section; restored by remove)
+    _original_disable_compile: tuple | None = field(default=None, repr=False)
     _attn_modules: list = field(default_factory=list, repr=False)
     _stats: dict[int, dict] = field(default_factory=dict, repr=False)
     # ("record" | "replay", masks of one checkpointed call) while one runs: see checkpoint_context_fn
@@ -699,12 +701,17 @@ def _batch_op(state: SeerState, method, index_of, arg) -> None:
             entry.keys.select(index_of(arg, entry.keys.lengths.shape[0]))
 
 
+@torch.compiler.disable
 def _decode_step(module, state: SeerState, entry: _DecodeCache, query, key, value, pre, scale: float, sliding):
     """One sparse decode step of one layer.
 
     query: [B, Hq, 1, D] post-RoPE, key/value: [B, Hkv, Tcap, D] the layer's KV cache (the new token's K/V
     at position ``entry.length``) -> [B, 1, Hq, D]. No host synchronisation: lengths come from the host
     counter (``entry.length``) and the device tensor ``GateKeyCache.lengths``.
+
+    Never traced by ``torch.compile`` (transformers' ``generate`` compiles the decode steps of a
+    StaticCache on CUDA): the host counters would be guards that change every step (a recompile per
+    step). The step runs eagerly between the compiled parts of the layer.
     """
     layer, dec = module.layer_idx, state.config.decode
     b, hq, _, d = query.shape
@@ -1095,6 +1102,13 @@ def apply_seer_attention(model: torch.nn.Module, config: SeerConfig | None = Non
         state._hooks.append(attn.register_forward_pre_hook(hook, with_kwargs=True))
     model._seer_state = state
     model.set_attn_implementation(ATTN_NAME)
+    gen = getattr(model, "generation_config", None)
+    if config.decode is not None and gen is not None:
+        # generate() compiles the decode steps of a StaticCache on CUDA; seer's step keeps host counters that
+        # torch.compile would guard on (a recompile per step and per layer), so it runs eagerly and generate
+        # is told not to compile (generate(..., disable_compile=False) still can: _decode_step stays eager)
+        state._original_disable_compile = (gen.disable_compile,)
+        gen.disable_compile = True
     return state
 
 
@@ -1110,6 +1124,8 @@ def remove_seer_attention(model: torch.nn.Module) -> None:
         del attn._seer_state
     state._decode.clear()
     model.set_attn_implementation(state._original_impl)
+    if state._original_disable_compile is not None:
+        model.generation_config.disable_compile = state._original_disable_compile[0]
     del model._seer_state
 
 
