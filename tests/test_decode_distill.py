@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -229,8 +230,6 @@ def test_bad_decode_recipes_give_clear_errors(tmp_path, change, message):
 
 
 def test_committed_decode_recipe_is_valid():
-    from pathlib import Path
-
     from seerattn.train import load_recipe
 
     cfg = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "testbed-decode-gates.yaml")
@@ -264,3 +263,46 @@ def test_a_checkpoint_from_before_gate_kind_resumes(tmp_path):
             resume=True,
         )
     assert distill(load_recipe(None, fields), resume=True).start_step == 2
+
+
+def _worker(rank: int, world: int, ports: list[int], tiny: dict, root: str) -> None:
+    """One rank, set up as torchrun would: a DDP-layout then an FSDP-layout decode distillation."""
+    import os
+    import sys
+
+    from seerattn.train import distill
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
+    for parallel, port in zip(("ddp", "fsdp"), ports, strict=True):
+        os.environ["MASTER_PORT"] = str(port)
+        fields = dict(model=tiny["model"], data=[tiny["data"]], data_cache_dir=str(Path(root) / "cache"))
+        distill(_decode_recipe(Path(root) / parallel, steps=4, parallel=parallel, **fields))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # as test_distill's workers: skip the gloo teardown race at interpreter exit
+
+
+@pytest.mark.slow  # ~13 s: two spawned gloo processes, two runs each
+def test_two_processes_ddp_and_fsdp_match_one(tmp_path):
+    """The decode gates live outside the model: replicated, averaged, and the same as one process's."""
+    import sys
+
+    from safetensors.torch import load_file
+    from test_distill import _free_port, make_tiny, spawn_workers
+
+    from seerattn.train import distill
+
+    tiny = make_tiny(tmp_path / "tiny")
+    fields = dict(model=tiny["model"], data=[tiny["data"]], data_cache_dir=str(tmp_path / "cache"))
+    single = load_file(
+        str(distill(_decode_recipe(tmp_path / "single", steps=4, **fields)).adapter / "seer_gates.safetensors")
+    )
+    sys.path.insert(0, str(Path(__file__).parent))  # the spawned workers import this module
+    spawn_workers(_worker, (2, [_free_port(), _free_port()], tiny, str(tmp_path)), nprocs=2)
+    for parallel in ("ddp", "fsdp"):
+        saved = load_file(str(tmp_path / parallel / "adapter" / "seer_gates.safetensors"))
+        assert saved.keys() == single.keys()
+        for k, v in single.items():
+            torch.testing.assert_close(saved[k], v, rtol=1e-5, atol=1e-6, msg=f"{parallel} {k}")
+        assert _read(tmp_path / parallel / "environment.json")["world_size"] == 2

@@ -138,7 +138,7 @@ class DecodeDistillTask(DistillTask):
         for p in params:
             p.requires_grad_(True)
         if self.data_parallel() == "fsdp" and ctx.distributed:
-            shard_base_model(self.base, layers, set(params), ctx)
+            shard_base_model(self.base, layers, set(), ctx)  # the gates are not in the model: nothing to leave out
         else:
             if self.data_parallel() == "fsdp":
                 logger.info("parallel=fsdp with a single process: nothing to shard, running unsharded")
