@@ -125,7 +125,8 @@ def decode_gate_metrics(logits: torch.Tensor, target: torch.Tensor, budget: floa
     Returns floats over the rows that score at least one block:
         ``mass_recall``: mean target mass inside the gate's kept blocks (1.0 = nothing lost);
         ``oracle_mass_recall``: the same for the target's own choice (the best any gate can do);
-        ``block_recall``: fraction of the oracle's kept blocks that the gate keeps too;
+        ``block_recall``: fraction of the oracle's kept blocks that the gate keeps too (the first block, which
+        both keep, included);
         ``budget``: the budget fraction.
     """
     _check_decode_shapes("decode_gate_metrics", logits, target)
