@@ -83,7 +83,7 @@ def streaming_decode_blocks(
         int32 [B, Hkv, K] (or [B, Hkv, N, K]) as :func:`~seerattn.decode_policy.select_decode_blocks`; every
         KV head gets the same list.
     """
-    q4, lens, step = _rows(q, cache_seqlens, "streaming_decode_blocks")
+    _, lens, step = _rows(q, cache_seqlens, "streaming_decode_blocks")
     b, n = lens.shape
     kv_blocks = num_blocks(k_cache.shape[2], block_size) if kv_blocks is None else kv_blocks
     j = torch.arange(kv_blocks, device=q.device, dtype=torch.float32)  # later blocks score higher
