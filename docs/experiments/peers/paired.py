@@ -91,7 +91,8 @@ def passkey_depth_table() -> list[str]:
         "|---|" + "---|" * len(contexts),
     ]
     for label, row in rows.items():
-        out.append(f"| {label} | " + " | ".join(" ".join(map(str, row["correct"][i])) for i in range(len(contexts))) + " |")
+        cells = (" ".join(map(str, per_depth)) for per_depth in row["correct"])  # one [depths] list per context
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
     return out
 
 
