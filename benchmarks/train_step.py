@@ -192,9 +192,13 @@ def main(argv=None) -> int:
                 }
             )
             if parts.get(method):
-                print(f"T={t:>6} {method:<18} parts: " + ", ".join(
-                    f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in parts[method].items()
-                ), flush=True)
+                print(
+                    f"T={t:>6} {method:<18} parts: "
+                    + ", ".join(
+                        f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in parts[method].items()
+                    ),
+                    flush=True,
+                )
             speed = f"{t / ms * 1e3:9.0f} tok/s  {gib:6.1f} GiB  {dense_ms / ms:5.2f}x  density {realised:.3f}"
             print(f"T={t:>6} {method:<18} {ms:9.1f} ms  {speed}", flush=True)
         del ids

@@ -500,7 +500,8 @@ def test_committed_finetune_recipes_are_valid():
     assert (paper.steps, paper.batch_size, paper.seq_len, paper.lr, paper.gate_loss_weight) == (400, 8, 32768, 1e-5, 10)
     assert paper.rope == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192}
     testbed = load_recipe(repo / "recipes" / "testbed-yarn-32k.yaml", kind=FinetuneConfig)
-    assert testbed.document_separator == "\x00" and testbed.policy == {"kind": "density", "value": 0.1, "allocation": "floor"}
+    assert testbed.document_separator == "\x00"
+    assert testbed.policy == {"kind": "density", "value": 0.1, "allocation": "floor"}
     gates = load_recipe(repo / "recipes" / "testbed-yarn-32k-gates.yaml", kind=DistillConfig)
     # (a), (b50), (b90) and (c) see the same token budget
     budget = testbed.total_steps * testbed.batch_size * testbed.seq_len

@@ -972,7 +972,8 @@ def _finetune_attention(module, state: SeerState, query, key, value, pre: dict, 
       the gate's probabilities under ``no_grad``, so the LM loss does not reach the gate.
     - The gate's graph and the loss are built in :func:`_gate_graph` (their own saved tensors, outside
       the layer's checkpoint); a gradient-checkpointing recompute (detected by :func:`_in_backward`)
-      reuses its forward's mask (:func:`checkpoint_context_fn`) or rebuilds it (same inputs, same mask) and skips the ground-truth pass and the loss: the
+      reuses its forward's mask (:func:`checkpoint_context_fn`) or rebuilds it (same inputs, same mask)
+      and skips the ground-truth pass and the loss: the
       loss of the original forward stays in ``state.losses``, and its gradient, when taken in the layer
       (``state.gate_grad_scale``), was taken once.
     """
