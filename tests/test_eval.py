@@ -721,3 +721,23 @@ def test_eval_package_never_imports_triton_itself():
     code = "import seerattn.eval, sys; print('seerattn.ops._triton' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_prefill_evaluations_leave_an_adapters_decode_gates_off_and_refuse_a_decode_only_adapter(plain_model, tmp_path):
+    """An adapter with prefill and decode gates: the prefill evaluation model has no decode section (its generation
+    stays dense); an adapter with decode gates only is refused with a message naming `seerattn eval decode`."""
+    from seerattn.decode_policy import DecodePolicy
+    from seerattn.gate import DecodeGateConfig, GateConfig
+    from seerattn.hf import DecodeConfig, SeerConfig, apply_seer_attention, remove_seer_attention, save_gates
+
+    decode = DecodeConfig(DecodeGateConfig(block_size=BS), DecodePolicy("budget", 4 * BS))
+    for name, gate in (("both", GateConfig(block_size=BS)), ("decode-only", None)):
+        model = copy.deepcopy(plain_model)
+        apply_seer_attention(model, SeerConfig(gate=gate, mode="dense", decode=decode))
+        save_gates(model, tmp_path / name)
+        remove_seer_attention(model)
+    em = prepare_eval_model(copy.deepcopy(plain_model), gates=tmp_path / "both")
+    assert em.state.config.decode is None and em.state.config.gate == GateConfig(block_size=BS)
+    assert em.block_size == BS
+    with pytest.raises(ValueError, match="no prefill section.*seerattn eval decode"):
+        prepare_eval_model(copy.deepcopy(plain_model), gates=tmp_path / "decode-only")

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..gate import GateConfig
-from ..hf import SeerConfig, SeerState, apply_seer_attention, from_pretrained, get_seer_state
+from ..hf import SeerConfig, SeerState, apply_seer_attention, from_pretrained, get_seer_state, read_adapter_config
 from ..hf.rope import ROPE_SCALINGS, rope_parameters, scaled_rope_config
 
 __all__ = [
@@ -84,7 +84,14 @@ def prepare_eval_model(
     """
     model.eval()
     if gates is not None:
-        from_pretrained(model, gates, mode="dense", impl=impl)
+        if read_adapter_config(gates).get("prefill") is None:
+            raise ValueError(
+                f"adapter {gates} has no prefill section (decode gates only); the prefill evaluations need "
+                "prefill gates (decode gates are evaluated by `seerattn eval decode`)"
+            )
+        # decode=None: the prefill evaluations measure prefill sparsity; an adapter's decode gates stay off, so
+        # no generation inside them (e.g. passkey answers) runs sparse decode behind their back
+        from_pretrained(model, gates, mode="dense", impl=impl, decode=None)
         state = get_seer_state(model)
     else:
         state = apply_seer_attention(model, SeerConfig(gate=GateConfig(block_size=block_size), mode="dense", impl=impl))
