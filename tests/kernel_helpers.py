@@ -5,6 +5,8 @@
   ``factor`` times the error of the same computation done in plain low-precision PyTorch (2 for
   outputs, 3 for gradients), plus a small epsilon (:func:`assert_within_lowp`);
 - NaN poisoning of every ``torch.empty`` made inside a block (unwritten elements then fail);
+- the backward's dQ mode: which kernels ran (:class:`BackwardLaunches`), PyTorch's determinism
+  switch turned on for a block (:func:`deterministic_algorithms`);
 - the Triton interpreter work-around for NumPy >= 2.4 (:func:`patch_interpreter_index`).
 """
 
@@ -54,6 +56,54 @@ def poisoned_outputs():
         yield
     finally:
         torch.empty = orig
+
+
+@contextlib.contextmanager
+def deterministic_algorithms():
+    """``torch.use_deterministic_algorithms(True)`` inside the block, the previous setting after."""
+    prev = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=warn_only)
+
+
+class BackwardLaunches:
+    """Records the launches of the backward's dK/dV and dQ kernels (installed with ``monkeypatch``):
+    ``runs`` lists ``"dkdv-split"``, ``"dkdv-atomic"`` and ``"dq"`` in launch order."""
+
+    def __init__(self, monkeypatch):
+        from seerattn.ops._triton import sparse_bwd
+
+        self.runs: list[str] = []
+        for attr, name in (("_dkdv_kernel", "dkdv"), ("_dq_kernel", "dq")):
+            monkeypatch.setattr(sparse_bwd, attr, self._wrap(getattr(sparse_bwd, attr), name))
+
+    def _wrap(self, kernel, name: str):
+        runs = self.runs
+
+        class Recorded:
+            def __getitem__(self, grid):
+                launch = kernel[grid]
+
+                def run(*args, **kwargs):
+                    if name == "dkdv":
+                        runs.append("dkdv-atomic" if kwargs["ATOMIC_DQ"] else "dkdv-split")
+                    else:
+                        runs.append(name)
+                    return launch(*args, **kwargs)
+
+                return run
+
+        return Recorded()
+
+    def take(self) -> list[str]:
+        """The launches recorded since the last call."""
+        out = list(self.runs)
+        self.runs.clear()
+        return out
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

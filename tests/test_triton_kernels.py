@@ -13,6 +13,7 @@ tests run the compiled kernels there.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -30,7 +31,9 @@ pytest.importorskip("triton")
 import numpy as np  # noqa: E402
 from kernel_helpers import (  # noqa: E402
     EPS,
+    BackwardLaunches,
     assert_within_lowp,
+    deterministic_algorithms,
     lowp_attention,
     poisoned_outputs,
     rand_mask,
@@ -331,6 +334,32 @@ def test_flex_varlen_not_implemented():
 
 
 # ---------------------------------------------------------------------------------------- backward
+def _atomic(cfg: KernelConfig) -> KernelConfig:
+    return dataclasses.replace(cfg, atomic_dq=True)
+
+
+@dataclasses.dataclass
+class DqMode:
+    name: str  # "split" or "atomic"
+    launches: BackwardLaunches
+
+    def assert_ran_once(self) -> None:
+        """One backward ran since the last check, in this mode."""
+        expected = ["dkdv-atomic"] if self.name == "atomic" else ["dkdv-split", "dq"]
+        assert self.launches.take() == expected
+
+
+@pytest.fixture(params=["split", "atomic"])
+def dq_mode(request, monkeypatch) -> DqMode:
+    """The backward's dQ mode, forced through the dK/dV candidate list (the interpreter's one
+    config, or its atomic twin)."""
+    from seerattn.ops._triton import config, sparse_bwd
+
+    if request.param == "atomic":
+        monkeypatch.setattr(sparse_bwd, "dkdv_configs", lambda *a: [_atomic(c) for c in config.dkdv_configs(*a)])
+    return DqMode(request.param, BackwardLaunches(monkeypatch))
+
+
 def grads(fn, q, k, v, dout, *args, **kwargs):
     """(out, dq, dk, dv) of ``fn(q, k, v, ...)`` for the upstream gradient ``dout``."""
     q, k, v = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
@@ -375,14 +404,16 @@ GRAD_CASES = [
     GRAD_CASES,
     ids=[f"T{c[0]}-g{c[1] // c[2]}-{c[3]}-bs{c[4]}-{c[5]}" for c in GRAD_CASES],
 )
-def test_sparse_grads_match_reference(t, hq, hkv, mh, bs, dtype):
-    """Includes empty rows (an empty list, a row keeping only a block above the diagonal)."""
+def test_sparse_grads_match_reference(t, hq, hkv, mh, bs, dtype, dq_mode):
+    """Includes empty rows (an empty list, a row keeping only a block above the diagonal); split
+    and atomic dQ."""
     q, k, v = rand_qkv(1, hq, hkv, t, 16 if t > 200 else 32, dtype, seed=t)
     mask = rand_mask(1, hq if mh == "hq" else hkv, t, bs, density=0.5, seed=t, empty_rows=True)
     check_sparse_grads(q, k, v, mask, seed=t)
+    dq_mode.assert_ran_once()
 
 
-def test_sparse_grads_empty_rows_are_zero():
+def test_sparse_grads_empty_rows_are_zero(dq_mode):
     """Rows with no kept key: zero output and zero dq; their dout does not reach dk/dv."""
     t, bs, hq, hkv = 64, 16, 2, 1
     q, k, v = rand_qkv(1, hq, hkv, t, 16, torch.float32, seed=4)
@@ -392,16 +423,18 @@ def test_sparse_grads_empty_rows_are_zero():
     out, dq, dk, dv = check_sparse_grads(q, k, v, mask)
     rows = slice(2 * bs, 3 * bs)
     assert (out[:, :, rows] == 0).all() and (dq[:, :, rows] == 0).all()
+    dq_mode.assert_ran_once()
 
 
 @pytest.mark.parametrize("mh,bs", [("hq", 16), ("hkv", 32)])
-def test_sparse_grads_varlen(mh, bs):
+def test_sparse_grads_varlen(mh, bs, dq_mode):
     """Packed sequences, one shorter than a block and one empty, T not a multiple of the block."""
     lens = [5, 40, 0, 71]
     hq, hkv = 4, 2
     mask, cu = varlen_mask(lens, hq if mh == "hq" else hkv, bs)
     q, k, v = rand_qkv(1, hq, hkv, int(cu[-1]), 16, torch.float16, seed=7)
     check_sparse_grads(q, k, v, mask, cu_seqlens=cu)
+    dq_mode.assert_ran_once()
 
 
 def _gpu_candidates(monkeypatch, fn, *args):
@@ -415,8 +448,8 @@ def _gpu_candidates(monkeypatch, fn, *args):
 
 @pytest.mark.parametrize("bs,mh", [(32, "hq"), (64, "hkv"), (128, "hq")])
 def test_every_tile_candidate_forward_and_backward(monkeypatch, bs, mh):
-    """Each GPU tile candidate of the forward, of the dK/dV pass and of the dQ pass runs here too:
-    the forward's output and lse and every gradient match the fp64 reference."""
+    """Each GPU tile candidate of the forward, of the dK/dV pass (split and atomic dQ) and of the dQ
+    pass runs here too: the forward's output and lse and every gradient match the fp64 reference."""
     from seerattn.ops._triton import config, sparse_bwd
 
     t, hq, hkv, d = bs + 37, 4, 2, 16
@@ -434,6 +467,7 @@ def test_every_tile_candidate_forward_and_backward(monkeypatch, bs, mh):
     lists = (mask.kv_num_blocks, mask.kv_indices, mask.q_num_blocks, mask.q_indices)
     dkdv_cands = _gpu_candidates(monkeypatch, config.dkdv_configs, bs, d)
     dq_cands = _gpu_candidates(monkeypatch, config.dq_configs, bs, hpm, d)
+    assert {c.atomic_dq for c in dkdv_cands} == {False, True}
     for i in range(max(len(dkdv_cands), len(dq_cands))):
         c1, c2 = dkdv_cands[i % len(dkdv_cands)], dq_cands[i % len(dq_cands)]
         with poisoned_outputs():
@@ -445,7 +479,8 @@ def test_every_tile_candidate_forward_and_backward(monkeypatch, bs, mh):
 
 
 def test_sparse_backward_is_deterministic():
-    """No atomics: two backward passes give bitwise equal gradients (GQA group 4, per-Hq masks)."""
+    """The untuned default is the split path (no atomics): two backward passes give bitwise equal
+    gradients (GQA group 4, per-Hq masks)."""
     q, k, v = rand_qkv(1, 4, 1, 50, 16, torch.float16, seed=5)
     mask = rand_mask(1, 4, 50, 16, density=0.6, seed=5)
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).half()
@@ -453,6 +488,94 @@ def test_sparse_backward_is_deterministic():
     b = grads(block_sparse_attention, q, k, v, dout, mask, impl="triton")
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y)
+
+
+def test_dkdv_candidates_are_split_then_atomic(monkeypatch):
+    """On the GPU every dK/dV tile is a candidate twice, split first (the untuned default is the
+    deterministic path), then with atomic dQ; the dQ pass refuses an atomic config."""
+    from seerattn.ops._triton import config, sparse_bwd
+
+    for bs in (32, 64, 128):
+        cands = _gpu_candidates(monkeypatch, config.dkdv_configs, bs, 128)
+        n = len(cands) // 2
+        assert n >= 3 and not any(c.atomic_dq for c in cands[:n]) and cands[n:] == [_atomic(c) for c in cands[:n]]
+    assert config.dkdv_configs(64, 16) == [c for c in config.dkdv_configs(64, 16) if not c.atomic_dq]  # interpreter
+    q, k, v = rand_qkv(1, 2, 1, 32, 16, torch.float32)
+    mask = rand_mask(1, 2, 32, 16)
+    out, lse = block_sparse_attention(q, k, v, mask, return_lse=True, impl="triton")
+    lists = (mask.kv_num_blocks, mask.kv_indices, mask.q_num_blocks, mask.q_indices)
+    with pytest.raises(ValueError, match="atomic_dq belongs to the dK/dV config"):
+        sparse_bwd.block_sparse_attention_bwd(
+            q, k, v, out, lse, torch.ones_like(q), *lists, 16, 0.25, dq_config=_atomic(KernelConfig(32, 16, 2, 4, 1))
+        )
+
+
+def _tune_split_vs_atomic(monkeypatch, atomic_ms: float):
+    """Tuning on, the interpreter's dK/dV tile as split and atomic candidates, a fake timer that
+    launches each candidate (recording which kernels it ran) and gives atomic ``atomic_ms``, split 1.0."""
+    from seerattn.ops._triton import config, sparse_bwd
+
+    def atomic_first(mask_block, head_dim):
+        split = config.dkdv_configs(mask_block, head_dim)[0]
+        return [_atomic(split), split]
+
+    monkeypatch.setenv("SEERATTN_TRITON_AUTOTUNE", "1")
+    monkeypatch.setattr(sparse_bwd, "dkdv_configs", atomic_first)
+    monkeypatch.setattr(config, "_TUNED", {})
+    launches = BackwardLaunches(monkeypatch)
+    timed: dict[str, list[str]] = {}
+
+    def bench(launch, cfg):
+        launches.take()
+        launch(cfg)
+        timed["atomic" if cfg.atomic_dq else "split"] = launches.take()
+        return atomic_ms if cfg.atomic_dq else 1.0
+
+    monkeypatch.setattr(config, "_bench", bench)
+    return launches, timed
+
+
+def test_tuner_picks_split_or_atomic_with_its_dq_work(monkeypatch):
+    """Split and atomic dK/dV candidates are timed with the dQ work each implies (the dQ pass, or
+    none); the faster one runs and its gradients match the reference."""
+    q, k, v = rand_qkv(1, 4, 2, 70, 16, torch.float32, seed=2)
+    mask = rand_mask(1, 2, 70, 32, density=0.6, seed=2, empty_rows=True)
+    for atomic_ms, mode in ((0.5, "dkdv-atomic"), (2.0, "dkdv-split")):
+        launches, timed = _tune_split_vs_atomic(monkeypatch, atomic_ms)
+        check_sparse_grads(q, k, v, mask)
+        assert timed == {"atomic": ["dkdv-atomic"], "split": ["dkdv-split", "dq"]}
+        assert launches.take()[0] == mode
+
+
+def test_deterministic_mode_runs_the_split_path(monkeypatch):
+    """With ``torch.use_deterministic_algorithms(True)`` the split path runs although the tuner
+    prefers atomic dQ (and the list puts it first), atomic candidates are not timed, two runs are
+    bitwise equal, and a forced atomic config is refused."""
+    from seerattn.ops._triton import sparse_bwd
+
+    q, k, v = rand_qkv(1, 4, 1, 50, 16, torch.float16, seed=5)
+    mask = rand_mask(1, 4, 50, 16, density=0.6, seed=5)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).half()
+    launches, timed = _tune_split_vs_atomic(monkeypatch, atomic_ms=0.5)
+    grads(block_sparse_attention, q, k, v, dout, mask, impl="triton")
+    assert launches.take() == ["dkdv-atomic"]  # what the tuner picks without the switch
+    timed.clear()
+    with deterministic_algorithms():
+        a = grads(block_sparse_attention, q, k, v, dout, mask, impl="triton")
+        b = grads(block_sparse_attention, q, k, v, dout, mask, impl="triton")
+        assert launches.take() == ["dkdv-split", "dq"] * 2
+        assert "atomic" not in timed
+        out, lse = block_sparse_attention(q, k, v, mask, return_lse=True, impl="triton")
+        lists = (mask.kv_num_blocks, mask.kv_indices, mask.q_num_blocks, mask.q_indices)
+        atomic = _atomic(KernelConfig(16, 16, 1, 4, 1))
+        with pytest.raises(RuntimeError, match="not deterministic"):
+            sparse_bwd.block_sparse_attention_bwd(q, k, v, out, lse, dout, *lists, 16, 0.25, dkdv_config=atomic)
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)
+    monkeypatch.setenv("SEERATTN_TRITON_AUTOTUNE", "0")  # untuned: the first candidate allowed, split here
+    with deterministic_algorithms():
+        grads(block_sparse_attention, q, k, v, dout, mask, impl="triton")
+    assert launches.take() == ["dkdv-split", "dq"]
 
 
 @pytest.mark.parametrize("impl", ["reference", "triton"])

@@ -23,11 +23,11 @@ Rules kept here:
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import logging
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
@@ -83,7 +83,7 @@ def autotune_enabled() -> bool:
     return os.environ.get("SEERATTN_TRITON_AUTOTUNE", "1") not in ("", "0")
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class KernelConfig:
     """One launch configuration.
 
@@ -92,6 +92,10 @@ class KernelConfig:
         block_n: keys per inner step.
         pack: query heads sharing one program (block-sparse kernel, per-group masks only).
         num_warps, num_stages: Triton launch options.
+        atomic_dq: the backward's dK/dV pass only (the other kernels do not read it): also
+            accumulate dQ there with fp32 atomic adds, so the dQ pass does not run (one pass of 5
+            matmuls per tile pair instead of two passes of 7 in all); not deterministic, so never
+            used while ``torch.are_deterministic_algorithms_enabled()``.
     """
 
     block_m: int
@@ -99,9 +103,11 @@ class KernelConfig:
     pack: int = 1
     num_warps: int = 4
     num_stages: int = 2
+    atomic_dq: bool = False
 
     def short(self) -> str:
-        return f"M{self.block_m}/N{self.block_n}/P{self.pack}/w{self.num_warps}/s{self.num_stages}"
+        atomic = "/atomic-dQ" if self.atomic_dq else ""
+        return f"M{self.block_m}/N{self.block_n}/P{self.pack}/w{self.num_warps}/s{self.num_stages}{atomic}"
 
 
 def _pow2_factor(n: int) -> int:
@@ -162,19 +168,24 @@ def dkdv_configs(mask_block: int, head_dim: int) -> list[KernelConfig]:
     Here ``block_m`` is the number of *keys* a program owns (it divides the mask block, so a
     program walks one transposed list) and ``block_n`` the query rows per inner step (it divides
     the mask block too); ``pack`` is 1 (the program loops over the GQA group's query heads).
+    Each tile comes twice: split (``atomic_dq=False``, the separate dQ pass runs after:
+    deterministic) and atomic (dQ accumulated in this pass); the split ones come first, so the
+    untuned default is deterministic. The tuner times a candidate with the dQ work it implies (the
+    tuned dQ pass, or the atomic accumulator's zeroing and conversion), so it picks split or
+    atomic per shape and mask kind.
     """
     if interpreting():
         return [KernelConfig(min(mask_block, _INTERP_TILE_M), min(mask_block, 16), 1, 4, 1)]
     keys = min(mask_block, 64)
     rows = min(mask_block, 64)
     # dK and dV accumulators are keys x D fp32 each: 64 keys x D 128 fit 4 warps; 128 keys need 8.
-    configs = [KernelConfig(keys, rows, 1, 4, 3), KernelConfig(keys, min(rows, 32), 1, 4, 3)]
+    split = [KernelConfig(keys, rows, 1, 4, 3), KernelConfig(keys, min(rows, 32), 1, 4, 3)]
     if mask_block >= 128:
-        configs.append(KernelConfig(128, 32, 1, 8, 3))
-        configs.append(KernelConfig(128, 64, 1, 8, 2))
+        split.append(KernelConfig(128, 32, 1, 8, 3))
+        split.append(KernelConfig(128, 64, 1, 8, 2))
     else:
-        configs.append(KernelConfig(keys, rows, 1, 8, 3))
-    return configs
+        split.append(KernelConfig(keys, rows, 1, 8, 3))
+    return split + [dataclasses.replace(c, atomic_dq=True) for c in split]
 
 
 def dq_configs(mask_block: int, heads_per_mask: int, head_dim: int) -> list[KernelConfig]:

@@ -14,14 +14,24 @@ FlashAttention-2 backward from the forward's saved ``lse`` (softmax in the log2 
    (the query blocks that keep ``J``: :attr:`seerattn.BlockMask.q_indices`; per query head masks
    give each head its own list, per KV-group masks one list for the group) in steps of ``ROWS``
    query rows, and accumulates dK and dV of the whole group in registers: GQA-native (no expanded
-   K/V) and no atomics. The ascending list's leading entries ``I <= J`` (the diagonal, blocks above
+   K/V) and no atomics for dK/dV. The ascending list's leading entries ``I <= J`` (the diagonal, blocks above
    it) run with the causal mask, the rest without;
 3. dQ, one program per (batch, query head(s), query tile inside one mask block), walking the
    forward list of its mask row exactly as the forward does (``PACK`` heads of one group share a
    program for per-group masks); entries left of the tile's diagonal run without masks.
 
-Every output element is written by exactly one program and no atomics are used, so the backward
-is **deterministic**: two runs on the same inputs give bitwise equal gradients.
+The two passes recompute ``Q K^T`` and ``dO V^T``: 7 matmuls per tile pair instead of 5. The other
+option, FlashAttention-2's, is **atomic dQ** (a dK/dV config with ``atomic_dq``, the ``ATOMIC_DQ``
+constexpr): step 2 also computes ``scale * dS K`` for its query rows and adds it with fp32 atomic
+adds into a zeroed ``[B, Hq, T, D]`` fp32 accumulator, converted to the input dtype after; step 3
+does not run. Which one is faster depends on the GPU, the shape and the mask, so both are tuning
+candidates of the dK/dV pass (:func:`.config.dkdv_configs`), each timed with its dQ work.
+
+In the split path every output element is written by exactly one program and no atomics are used,
+so it is **deterministic**: two runs on the same inputs give bitwise equal gradients. The atomic
+path is not (the order of the fp32 additions varies from run to run). PyTorch's switch decides:
+while ``torch.are_deterministic_algorithms_enabled()`` (``torch.use_deterministic_algorithms(True)``)
+the split path runs, whatever was tuned.
 
 The list entry of the next step is loaded one step ahead and carried through the loop (see
 ``sparse_fwd``: an index load that feeds the same step's K/V loads stalls the software pipeline).
@@ -30,7 +40,8 @@ Layouts
 -------
 q, out, dout ``[B, Hq, T, D]``, k/v ``[B, Hkv, T, D]`` (any strides with a unit last stride);
 lse ``[B, Hq, T]`` fp32 (natural log, -inf on empty rows); dq ``[B, Hq, T, D]``, dk/dv
-``[B, Hkv, T, D]`` contiguous in the input dtype. Lists: forward ``kv_num_blocks [Bm, Hm, NQ]``,
+``[B, Hkv, T, D]`` contiguous in the input dtype (atomic path: the dQ accumulator ``[B, Hq, T, D]``
+fp32 contiguous, dq itself for fp32 inputs). Lists: forward ``kv_num_blocks [Bm, Hm, NQ]``,
 ``kv_indices [Bm, Hm, NQ, NK]``; transposed ``q_num_blocks [Bm, Hm, NK]``, ``q_indices
 [Bm, Hm, NK, NQ]`` with Hm in (Hq, Hkv). Varlen: B == 1, ``cu_seqlens`` int32 ``[N + 1]``, Bm = N.
 Offsets are int64 (128k tokens x 32 heads x B).
@@ -92,11 +103,13 @@ def _bwd_preprocess_kernel(
 # ====================================================================== dK / dV
 @triton.jit
 def _dkdv_step(
-    dk, dv, k, v, entry, s, list_ptr, cnt, Q0, DO0, L0, D0, kpos, seqlen, s0, qk_scale,
+    dk, dv, k, v, entry, s, list_ptr, cnt, Q0, DO0, L0, D0, DQ0, kpos, seqlen, s0, qk_scale, sm_scale,
     stride_qt, stride_dot, offs_d,
-    MB: tl.constexpr, ROWS: tl.constexpr, KPB: tl.constexpr, MASKED: tl.constexpr,
+    MB: tl.constexpr, ROWS: tl.constexpr, KPB: tl.constexpr, MASKED: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
 ):  # fmt: skip
-    """One step of ROWS query rows (of query block ``entry``) against the program's keys."""
+    """One step of ROWS query rows (of query block ``entry``) against the program's keys; with
+    ``ATOMIC_DQ`` also adds these rows' share of dQ (``scale * dS K``) to the fp32 accumulator."""
     offs_r = tl.arange(0, ROWS)
     qpos = entry * MB + (s % KPB) * ROWS + offs_r
     next_entry = tl.load(list_ptr + (s + 1) // KPB, mask=(s + 1) // KPB < cnt, other=0)
@@ -114,12 +127,17 @@ def _dkdv_step(
     dp_t = tl.dot(v, tl.trans(do))
     ds_t = p_t * (dp_t - delta[None, :])
     dk = tl.dot(ds_t.to(q.dtype), q, dk)
+    if ATOMIC_DQ:
+        # Other key tiles add to the same rows; "relaxed": only the sum after the kernel is read.
+        dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k) * sm_scale  # [ROWS, D]
+        dq_ptrs = DQ0 + tok[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None], sem="relaxed")
     return dk, dv, next_entry
 
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, DO, DK, DV, Lse2, Delta, QNum, QIdx, CuSeq,
+    Q, K, V, DO, DK, DV, DQAcc, Lse2, Delta, QNum, QIdx, CuSeq,
     qk_scale, sm_scale,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
@@ -130,7 +148,7 @@ def _dkdv_kernel(
     stride_ib, stride_ih, stride_ij,
     seq_len, HKV, HQ, HEADS_PER_MASK, GROUP,
     MB: tl.constexpr, KEYS: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    VARLEN: tl.constexpr, TAIL: tl.constexpr = 4,
+    VARLEN: tl.constexpr, ATOMIC_DQ: tl.constexpr, TAIL: tl.constexpr = 4,
 ):  # fmt: skip
     KPB: tl.constexpr = MB // ROWS  # steps per query block
     bk = tl.program_id(0)
@@ -174,17 +192,18 @@ def _dkdv_kernel(
         DO0 = DO + tb64 * stride_dob + h.to(tl.int64) * stride_doh
         L0 = Lse2 + row0
         D0 = Delta + row0
+        DQ0 = DQAcc + row0 * HEAD_DIM  # the fp32 accumulator: contiguous [B, Hq, T, D]
         entry = tl.load(list_ptr)  # slot 0 always exists in memory
         masked_steps = n_masked * KPB
         for s in range(0, masked_steps):
             dk, dv, entry = _dkdv_step(
-                dk, dv, k, v, entry, s, list_ptr, cnt, Q0, DO0, L0, D0, kpos, seqlen, s0, qk_scale,
-                stride_qt, stride_dot, offs_d, MB, ROWS, KPB, True,
+                dk, dv, k, v, entry, s, list_ptr, cnt, Q0, DO0, L0, D0, DQ0, kpos, seqlen, s0, qk_scale, sm_scale,
+                stride_qt, stride_dot, offs_d, MB, ROWS, KPB, True, ATOMIC_DQ, HEAD_DIM,
             )  # fmt: skip
         for s in range(masked_steps, cnt * KPB):
             dk, dv, entry = _dkdv_step(
-                dk, dv, k, v, entry, s, list_ptr, cnt, Q0, DO0, L0, D0, kpos, seqlen, s0, qk_scale,
-                stride_qt, stride_dot, offs_d, MB, ROWS, KPB, False,
+                dk, dv, k, v, entry, s, list_ptr, cnt, Q0, DO0, L0, D0, DQ0, kpos, seqlen, s0, qk_scale, sm_scale,
+                stride_qt, stride_dot, offs_d, MB, ROWS, KPB, False, ATOMIC_DQ, HEAD_DIM,
             )  # fmt: skip
 
     # dK and dV share one layout (allocated together by the launcher).
@@ -314,6 +333,8 @@ def _check_dkdv_config(cfg: KernelConfig, mask_block: int) -> None:
 
 
 def _dq_rows(cfg: KernelConfig, mask_block: int, heads_per_mask: int) -> int:
+    if cfg.atomic_dq:
+        raise ValueError(f"dQ config {cfg.short()}: atomic_dq belongs to the dK/dV config, not the dQ pass")
     rows = cfg.block_m // cfg.pack
     if cfg.block_m % cfg.pack or heads_per_mask % cfg.pack:
         raise ValueError(f"dQ config {cfg.short()}: pack must divide the heads per mask ({heads_per_mask})")
@@ -348,6 +369,13 @@ def block_sparse_attention_bwd(
     lists ``q_num_blocks [Bm, Hm, NK]`` / ``q_indices [Bm, Hm, NK, NQ]``. The configs force a tile
     configuration (tests, benchmarks); ``mask_source`` (:attr:`seerattn.BlockMask.source`) keys the
     tuned choice with the mask's kind, as in the forward (:func:`.config.mask_key`).
+
+    Split or atomic dQ: the dK/dV config decides (:attr:`.config.KernelConfig.atomic_dq`; a forced
+    ``dq_config`` is not used when it is atomic). The tuner times each dK/dV candidate together with
+    the dQ work it implies and keeps the fastest per shape and mask kind. While
+    ``torch.are_deterministic_algorithms_enabled()`` (``torch.use_deterministic_algorithms(True)``)
+    only split candidates are considered, and a forced atomic config is refused: the split path is
+    bitwise reproducible, the atomic one is not (the order of the fp32 additions varies).
     Returns dq [B, Hq, T, D], dk, dv [B, Hkv, T, D].
     """
     b, hq, t, d = q.shape
@@ -377,11 +405,17 @@ def block_sparse_attention_bwd(
     dk = torch.empty((b, hkv, t, d), dtype=k.dtype, device=q.device)
     dv = torch.empty_like(dk)
 
+    @functools.cache
+    def dq_accumulator() -> torch.Tensor:
+        """fp32 [B, Hq, T, D] for the atomic path (dq itself when the inputs are fp32)."""
+        return dq if dq.dtype == torch.float32 else torch.empty((b, hq, t, d), dtype=torch.float32, device=q.device)
+
     def launch_dkdv(cfg: KernelConfig):
         _check_dkdv_config(cfg, mask_block)
+        dq_acc = dq_accumulator() if cfg.atomic_dq else delta  # dummy pointer when split
         grid = (bm * hkv, triton.cdiv(min(max_len, nq * mask_block), cfg.block_m))
         _dkdv_kernel[grid](
-            q, k, v, dout, dk, dv, lse2, delta, q_num_blocks, q_indices, cu,
+            q, k, v, dout, dk, dv, dq_acc, lse2, delta, q_num_blocks, q_indices, cu,
             qk_scale, scale,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
@@ -391,7 +425,7 @@ def block_sparse_attention_bwd(
             q_num_blocks.stride(0), q_num_blocks.stride(1),
             q_indices.stride(0), q_indices.stride(1), q_indices.stride(2),
             t, hkv, hq, heads_per_mask, group,
-            MB=mask_block, KEYS=cfg.block_m, ROWS=cfg.block_n, HEAD_DIM=d, VARLEN=varlen,
+            MB=mask_block, KEYS=cfg.block_m, ROWS=cfg.block_n, HEAD_DIM=d, VARLEN=varlen, ATOMIC_DQ=cfg.atomic_dq,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
 
@@ -416,10 +450,40 @@ def block_sparse_attention_bwd(
 
     key = (mask_block, heads_per_mask, group, d, q.dtype, varlen, max(t, 1).bit_length())
     kind = functools.cache(lambda: mask_key(mask_source, kv_num_blocks, kv_indices))  # one host read at most
+
+    @functools.cache
+    def tuned_dq() -> KernelConfig:
+        return pick_config(("dq", *key), dq_configs(mask_block, heads_per_mask, d), launch_dq, extra_key=kind)
+
+    def launch_passes(cfg: KernelConfig, dq_cfg: KernelConfig | None = None):
+        """The dK/dV pass of ``cfg`` and the dQ work it implies (what the tuner times)."""
+        if cfg.atomic_dq:
+            acc = dq_accumulator()
+            acc.zero_()
+            launch_dkdv(cfg)
+            if acc is not dq:
+                dq.copy_(acc)
+        else:
+            launch_dkdv(cfg)
+            launch_dq(dq_cfg if dq_cfg is not None else tuned_dq())
+
+    deterministic = torch.are_deterministic_algorithms_enabled()
     if dkdv_config is None:
-        dkdv_config = pick_config(("dkdv", *key), dkdv_configs(mask_block, d), launch_dkdv, extra_key=kind)
-    if dq_config is None:
-        dq_config = pick_config(("dq", *key), dq_configs(mask_block, heads_per_mask, d), launch_dq, extra_key=kind)
-    launch_dkdv(dkdv_config)
-    launch_dq(dq_config)
+        candidates = dkdv_configs(mask_block, d)
+        if deterministic:
+            candidates = [c for c in candidates if not c.atomic_dq]
+            if not candidates:
+                raise RuntimeError(
+                    "block_sparse_attention backward: torch.are_deterministic_algorithms_enabled() is True but "
+                    "every dK/dV candidate uses atomic dQ; the split (deterministic) configs are atomic_dq=False"
+                )
+        # Split and atomic candidates are timed with their dQ work (launch_passes), per determinism mode.
+        dkdv_config = pick_config(("dkdv", *key, deterministic), candidates, launch_passes, extra_key=kind)
+    elif dkdv_config.atomic_dq and deterministic:
+        raise RuntimeError(
+            f"block_sparse_attention backward: dK/dV config {dkdv_config.short()} accumulates dQ with atomic adds, "
+            "which is not deterministic, and torch.are_deterministic_algorithms_enabled() is True; force a split "
+            "config (atomic_dq=False) or call torch.use_deterministic_algorithms(False)"
+        )
+    launch_passes(dkdv_config, dq_config)
     return dq, dk, dv
