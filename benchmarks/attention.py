@@ -254,7 +254,9 @@ def _bwd_only(attn, q, k, v, dout):
 
 def sweep_backward(args, q, k, v, dout, mask, scale, common: dict) -> list[dict]:
     """Rows ``op="bwd"`` for every dK/dV candidate (dQ at its default) and every dQ candidate (dK/dV at
-    its default): one kernel forced at a time, so the rows show which candidate each pass prefers."""
+    its default): one kernel forced at a time, so the rows show which candidate each pass prefers. The
+    dK/dV candidates include the atomic-dQ ones (``.../atomic-dQ``: no dQ pass, so the dQ default is
+    not used): their rows are the whole backward too, comparable with the split rows."""
     from seerattn.ops._triton import config as kcfg
     from seerattn.ops._triton.sparse_bwd import block_sparse_attention_bwd
     from seerattn.ops._triton.sparse_fwd import block_sparse_attention_fwd

@@ -8,6 +8,7 @@ Run on the H200 with ``pytest -m gpu tests/test_gpu_kernels.py``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -21,6 +22,8 @@ pytestmark = [
         os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"), reason="GPU tests run the compiled kernels"
     ),
 ]
+
+from kernel_helpers import BackwardLaunches, deterministic_algorithms  # noqa: E402
 
 from seerattn import BlockMask, SparsityPolicy, mask_from_scores  # noqa: E402
 from seerattn.ops import attention_with_block_scores, block_sparse_attention, reference  # noqa: E402
@@ -259,16 +262,46 @@ def sparse_grads(q, k, v, dout, mask, impl, cu_seqlens=None, dtype=None):
     return torch.autograd.grad(out, xs, dout.to(out.dtype))
 
 
-def check_grads(q, k, v, mask, cu_seqlens=None, seed=0):
+def assert_grads_close(got, ref, lowp, label: str) -> None:
+    for name, x, r, lp in zip(("dq", "dk", "dv"), got, ref, lowp, strict=True):
+        assert not torch.isnan(x).any(), (label, name)
+        assert rel(x, r) <= 3 * lp + EPS, (label, name, rel(x, r), lp)
+
+
+@contextlib.contextmanager
+def atomic_dq_only(monkeypatch):
+    """Inside: the backward's dK/dV candidates are the atomic-dQ ones only (tuned among themselves)."""
+    from seerattn.ops._triton import config, sparse_bwd
+
+    with monkeypatch.context() as m:
+        m.setattr(sparse_bwd, "dkdv_configs", lambda *a: [c for c in config.dkdv_configs(*a) if c.atomic_dq])
+        m.setattr(config, "_TUNED", {})
+        yield
+
+
+def check_grads(q, k, v, mask, cu_seqlens=None, seed=0, monkeypatch=None):
+    """The tuned backward (split or atomic dQ) against the fp32 reference; with ``monkeypatch`` also
+    the atomic path (forced) and the split path (under ``torch.use_deterministic_algorithms``, twice:
+    bitwise equal)."""
     dout = torch.randn(
         q.shape, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(seed)
     )
     got = sparse_grads(q, k, v, dout, mask, "triton", cu_seqlens)
     ref = sparse_grads(q, k, v, dout, mask, "reference", cu_seqlens, torch.float32)
     lowp = sdpa_bf16_grad_errors(q, k, v, dout)
-    for name, x, r, lp in zip(("dq", "dk", "dv"), got, ref, lowp, strict=True):
-        assert not torch.isnan(x).any(), name
-        assert rel(x, r) <= 3 * lp + EPS, (name, rel(x, r), lp)
+    assert_grads_close(got, ref, lowp, "tuned")
+    if monkeypatch is not None:
+        launches = BackwardLaunches(monkeypatch)
+        with atomic_dq_only(monkeypatch):
+            atomic = sparse_grads(q, k, v, dout, mask, "triton", cu_seqlens)
+        assert launches.take()[-1] == "dkdv-atomic"
+        assert_grads_close(atomic, ref, lowp, "atomic")
+        with deterministic_algorithms():
+            split = sparse_grads(q, k, v, dout, mask, "triton", cu_seqlens)
+            again = sparse_grads(q, k, v, dout, mask, "triton", cu_seqlens)
+        assert launches.take()[-4:] == ["dkdv-split", "dq"] * 2
+        assert_grads_close(split, ref, lowp, "deterministic")
+        assert all(torch.equal(a, b) for a, b in zip(split, again, strict=True)), "split path must be deterministic"
     return got, dout
 
 
@@ -286,17 +319,16 @@ BWD_CASES = [
     "t,hq,hkv,d,bs,mh,density,random", BWD_CASES,
     ids=[f"T{c[0]}-{c[1]}x{c[2]}-D{c[3]}-bs{c[4]}-{c[5]}-{c[6]}{'r' if c[7] else 's'}" for c in BWD_CASES],
 )  # fmt: skip
-def test_sparse_backward_bf16(t, hq, hkv, d, bs, mh, density, random):
+def test_sparse_backward_bf16(t, hq, hkv, d, bs, mh, density, random, monkeypatch):
+    """Tuned, atomic-dQ and (deterministic) split backward against the reference."""
     q, k, v = make_qkv(1, hq, hkv, t, d, seed=t + bs + 1)
     mask = structured_mask(1, hq if mh == "hq" else hkv, t, bs, density, seed=t, random=random)
-    got, dout = check_grads(q, k, v, mask, seed=t)
-    again = sparse_grads(q, k, v, dout, mask, "triton")
-    assert all(torch.equal(a, b) for a, b in zip(got, again, strict=True)), "backward must be deterministic"
+    check_grads(q, k, v, mask, seed=t, monkeypatch=monkeypatch)
 
 
 @pytest.mark.parametrize("bs,mh", [(32, "hq"), (64, "hkv"), (64, "hq"), (128, "hkv")])
 def test_every_backward_config_matches_the_reference(bs, mh):
-    """Each dK/dV and dQ candidate the tuner may pick is correct."""
+    """Each dK/dV (split and atomic dQ) and dQ candidate the tuner may pick is correct."""
     from seerattn.ops._triton.config import dkdv_configs, dq_configs
     from seerattn.ops._triton.sparse_bwd import block_sparse_attention_bwd
 
@@ -316,17 +348,18 @@ def test_every_backward_config_matches_the_reference(bs, mh):
             assert rel(x, r) <= 3 * lp + EPS, (name, c1.short(), c2.short(), rel(x, r), lp)
 
 
-def test_sparse_backward_varlen_bf16():
+def test_sparse_backward_varlen_bf16(monkeypatch):
     lens = [100, 5000, 40, 3001]
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
     q, k, v = make_qkv(1, 16, 4, int(cu[-1]), 128, seed=4)
     mask = structured_mask(len(lens), 4, max(lens), 64, 0.2, seed=4)
-    check_grads(q, k, v, mask, cu_seqlens=cu)
+    check_grads(q, k, v, mask, cu_seqlens=cu, monkeypatch=monkeypatch)
 
 
-def test_backward_int64_offsets():
+def test_backward_int64_offsets(monkeypatch):
     """[9, 32, 65536, 128]: the last batch entry starts past 2**31 elements; its gradients equal those
-    of the same entry alone (bitwise: the backward is deterministic)."""
+    of the same entry alone: bitwise on the (deterministic) split path, within bf16 rounding of the
+    split ones on the atomic path (the order of its fp32 additions varies)."""
     b, hq, hkv, t, d = 9, 32, 8, 65536, 128
     assert (b - 1) * hq * t * d >= 2**31
     q, k, v = make_qkv(b, hq, hkv, t, d, seed=6)
@@ -335,10 +368,18 @@ def test_backward_int64_offsets():
         mask.kv_num_blocks.expand(b, -1, -1).contiguous(), mask.kv_indices.expand(b, -1, -1, -1).contiguous(), 64, t
     )
     dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(2))
-    whole = sparse_grads(q, k, v, dout, big, "triton")
-    alone = sparse_grads(q[-1:], k[-1:], v[-1:], dout[-1:].contiguous(), mask, "triton")
+    with deterministic_algorithms():
+        whole = sparse_grads(q, k, v, dout, big, "triton")
+        alone = sparse_grads(q[-1:], k[-1:], v[-1:], dout[-1:].contiguous(), mask, "triton")
     for a, w in zip(alone, whole, strict=True):
         assert torch.equal(w[-1:], a)
+    del whole
+    launches = BackwardLaunches(monkeypatch)
+    with atomic_dq_only(monkeypatch):
+        atomic = sparse_grads(q, k, v, dout, big, "triton")
+    assert launches.take()[-1] == "dkdv-atomic"
+    for name, a, w in zip(("dq", "dk", "dv"), alone, atomic, strict=True):
+        assert rel(w[-1:], a) < 1e-2, (name, rel(w[-1:], a))
 
 
 def test_flex_backward_needs_128_token_blocks_on_cuda():
