@@ -184,6 +184,11 @@ def block_sparse_attention(
     Returns:
         out [B, Hq, T, D] (zeros on rows with no kept key; differentiable in q, k, v), and the
         detached lse if ``return_lse``.
+
+    Determinism (``impl="triton"`` backward): the tuner may pick a dK/dV pass that accumulates dQ
+    with fp32 atomic adds (faster where it is, not bitwise reproducible); with
+    ``torch.use_deterministic_algorithms(True)`` the two-pass, atomic-free backward runs instead,
+    and two runs on the same inputs give bitwise equal gradients.
     """
     op = "block_sparse_attention"
     _check_qkv(q, k, v, op, varlen=cu_seqlens is not None)

@@ -121,7 +121,9 @@ def block_sparse_attention(
 
     q: [B, Hq, T, D]; k, v: [B, Hkv, T, D] (varlen: B == 1 and ``cu_seqlens`` int32 [N + 1]) ->
     out [B, Hq, T, D] (zeros on rows with no kept key), and lse [B, Hq, T] fp32 (-inf there) if
-    ``return_lse`` (lse is not differentiable).
+    ``return_lse`` (lse is not differentiable). The backward is split (deterministic) or atomic dQ,
+    whichever was tuned faster; split while ``torch.are_deterministic_algorithms_enabled()``
+    (:mod:`.sparse_bwd`).
     """
     q, k, v = _check(q, k, v, block_mask.block_size, "block_sparse_attention")
     if cu_seqlens is not None and cu_seqlens.device != q.device:
