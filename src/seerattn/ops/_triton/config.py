@@ -169,10 +169,10 @@ def dkdv_configs(mask_block: int, head_dim: int) -> list[KernelConfig]:
     program walks one transposed list) and ``block_n`` the query rows per inner step (it divides
     the mask block too); ``pack`` is 1 (the program loops over the GQA group's query heads).
     Each tile comes twice: split (``atomic_dq=False``, the separate dQ pass runs after:
-    deterministic) and atomic (dQ accumulated in this pass); the split ones come first, so the
-    untuned default is deterministic. The tuner times a candidate with the dQ work it implies (the
-    tuned dQ pass, or the atomic accumulator's zeroing and conversion), so it picks split or
-    atomic per shape and mask kind.
+    deterministic) and atomic (dQ accumulated in this pass), plus one 8-warp atomic tile; the split
+    ones come first, so the untuned default is deterministic. The tuner times a candidate with the
+    dQ work it implies (the tuned dQ pass, or the atomic accumulator's zeroing and conversion), so
+    it picks split or atomic per shape and mask kind.
     """
     if interpreting():
         return [KernelConfig(min(mask_block, _INTERP_TILE_M), min(mask_block, 16), 1, 4, 1)]
@@ -185,7 +185,11 @@ def dkdv_configs(mask_block: int, head_dim: int) -> list[KernelConfig]:
         split.append(KernelConfig(128, 64, 1, 8, 2))
     else:
         split.append(KernelConfig(keys, rows, 1, 8, 3))
-    return split + [dataclasses.replace(c, atomic_dq=True) for c in split]
+    atomic = [dataclasses.replace(c, atomic_dq=True) for c in split]
+    # The atomic pass also holds a rows x D fp32 dQ tile: offline sm_90 compile (bf16, D 128), 64 keys
+    # x 32 rows with 4 warps spill 80 B (split: 8 B); with 8 warps 224 registers and no spill.
+    atomic.append(KernelConfig(keys, min(rows, 32), 1, 8, 3, atomic_dq=True))
+    return list(dict.fromkeys(split + atomic))  # at 32-token blocks some tiles coincide
 
 
 def dq_configs(mask_block: int, heads_per_mask: int, head_dim: int) -> list[KernelConfig]:
