@@ -356,13 +356,44 @@ def _run_curves(args) -> int:
     return 0
 
 
-def _common(p: argparse.ArgumentParser, contexts: str | None, samples: int) -> None:
+def _model_and_data(p: argparse.ArgumentParser, gates_help: str) -> None:
+    """The model, adapter and held-out data arguments of every evaluation that loads a model."""
     p.add_argument("--model", required=True, help="local model folder (AutoModelForCausalLM.from_pretrained)")
     p.add_argument("--tokenizer", help="tokenizer folder (default: --model)")
-    p.add_argument("--gates", help="seerattn adapter folder with trained AttnGates (needed by seer* methods)")
+    p.add_argument("--gates", help=gates_help)
     add_data_arguments(p)
     p.add_argument("--split", default="test", help="MANIFEST.tsv split to evaluate on (%(default)s)")
     p.add_argument("--max-books", type=int, help="use only the first N books of the split")
+
+
+def _runtime(
+    p: argparse.ArgumentParser, impls: list[str], block_help: str, seed_help: str, untrained_help: str
+) -> None:
+    """Device, dtype, kernels, RoPE and the remaining run arguments of every evaluation that loads a model."""
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="model dtype; auto = fp32 on CPU, bf16 on CUDA (%(default)s)",
+    )
+    p.add_argument("--impl", choices=impls, help="op implementation (default: automatic)")
+    p.add_argument("--block-size", type=int, default=64, help=block_help)
+    p.add_argument("--train-length", type=int, help="training context (default: config.max_position_embeddings)")
+    p.add_argument(
+        "--rope-scaling",
+        default="yarn",
+        choices=["yarn", "dynamic", "linear", "none"],
+        help="RoPE scaling beyond the training length (%(default)s)",
+    )
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
+    p.add_argument("--allow-untrained-gates", action="store_true", help=untrained_help)
+    p.add_argument("--threads", type=int, help="CPU threads for torch (1 is fastest for tiny models on busy machines)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _common(p: argparse.ArgumentParser, contexts: str | None, samples: int) -> None:
+    _model_and_data(p, "seerattn adapter folder with trained AttnGates (needed by seer* methods)")
     p.add_argument(
         "--methods",
         type=_names,
@@ -389,31 +420,14 @@ def _common(p: argparse.ArgumentParser, contexts: str | None, samples: int) -> N
         p.add_argument("--contexts", type=_ints, default=_ints(contexts), help=f"context lengths ({contexts})")
     p.add_argument("--samples", type=int, default=samples, help="windows per context / prompts per cell (%(default)s)")
     p.add_argument("--output", "-o", required=True, help="output folder for JSON, markdown and PNGs")
-    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="model dtype; auto = fp32 on CPU, bf16 on CUDA (%(default)s)",
+    _runtime(
+        p,
+        ["reference", "triton", "flex"],
+        "block size when no --gates are given (%(default)s)",
+        "seed of the random method and of passkey keys",
+        "run seer* methods without --gates (measures the untrained, identity-initialised gate)",
     )
-    p.add_argument("--impl", choices=["reference", "triton", "flex"], help="op implementation (default: automatic)")
-    p.add_argument("--block-size", type=int, default=64, help="block size when no --gates are given (%(default)s)")
     add_mask_heads_argument(p)
-    p.add_argument("--train-length", type=int, help="training context (default: config.max_position_embeddings)")
-    p.add_argument(
-        "--rope-scaling",
-        default="yarn",
-        choices=["yarn", "dynamic", "linear", "none"],
-        help="RoPE scaling beyond the training length (%(default)s)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of the random method and of passkey keys")
-    p.add_argument(
-        "--allow-untrained-gates",
-        action="store_true",
-        help="run seer* methods without --gates (measures the untrained, identity-initialised gate)",
-    )
-    p.add_argument("--threads", type=int, help="CPU threads for torch (1 is fastest for tiny models on busy machines)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def register(sub) -> None:
@@ -469,12 +483,7 @@ def register(sub) -> None:
         help="sparse decode at one token budget: decode PPL of the last tokens of windows (teacher-forced) and "
         "passkey by generation, for dense / seer (decode gates) / streaming / quest",
     )
-    pd.add_argument("--model", required=True, help="local model folder (AutoModelForCausalLM.from_pretrained)")
-    pd.add_argument("--tokenizer", help="tokenizer folder (default: --model)")
-    pd.add_argument("--gates", help="seerattn adapter folder with a decode section (needed by the seer method)")
-    add_data_arguments(pd)
-    pd.add_argument("--split", default="test", help="MANIFEST.tsv split to evaluate on (%(default)s)")
-    pd.add_argument("--max-books", type=int, help="use only the first N books of the split")
+    _model_and_data(pd, "seerattn adapter folder with a decode section (needed by the seer method)")
     pd.add_argument(
         "--methods", type=_names, default=_names(DECODE_METHODS), help=f"comma-separated (default {DECODE_METHODS})"
     )
@@ -506,28 +515,13 @@ def register(sub) -> None:
     pd.add_argument("--question", help="text after the filler (default: ' What is the pass key? The pass key is')")
     pd.add_argument("--no-bos", action="store_true", help="do not start passkey prompts with the BOS token")
     pd.add_argument("--output", "-o", required=True, help="output folder for decode.json and decode.md")
-    pd.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    pd.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="model dtype; auto = fp32 on CPU, bf16 on CUDA (%(default)s)",
+    _runtime(
+        pd,
+        ["reference", "triton"],
+        "decode block size without --gates (%(default)s)",
+        "seed of the passkey keys",
+        "run the seer method without --gates (untrained prior)",
     )
-    pd.add_argument("--impl", choices=["reference", "triton"], help="op implementation (default: automatic)")
-    pd.add_argument("--block-size", type=int, default=64, help="decode block size without --gates (%(default)s)")
-    pd.add_argument("--train-length", type=int, help="training context (default: config.max_position_embeddings)")
-    pd.add_argument(
-        "--rope-scaling",
-        default="yarn",
-        choices=["yarn", "dynamic", "linear", "none"],
-        help="RoPE scaling beyond the training length (%(default)s)",
-    )
-    pd.add_argument("--seed", type=int, default=0, help="seed of the passkey keys")
-    pd.add_argument(
-        "--allow-untrained-gates", action="store_true", help="run the seer method without --gates (untrained prior)"
-    )
-    pd.add_argument("--threads", type=int, help="CPU threads for torch")
-    pd.add_argument("--no-progress", action="store_true", help="no progress bars")
     pd.set_defaults(func=_run_decode)
 
     pc = esub.add_parser("curves", help="KL and mass-recall curves of distillation runs (from metrics.jsonl)")
