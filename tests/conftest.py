@@ -32,3 +32,12 @@ def _single_thread():
 # covers the module's own module-scoped fixtures (models built once per module).
 one_thread = pytest.fixture(_single_thread, name="one_thread")
 one_thread_module = pytest.fixture(_single_thread, scope="module", name="one_thread_module")
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> dict:
+    """A saved tiny Llama + tokenizer + JSONL corpus (``hf_models.make_tiny``), built once for the trainers' tests
+    (distillation, fine-tuning, the chunked loss, torchrun); tests write their runs elsewhere."""
+    from hf_models import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny"))

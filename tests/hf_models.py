@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import copy
 import importlib
+import json
+import random
+from pathlib import Path
 
 import torch
 import transformers
@@ -130,3 +133,46 @@ def masked_reference(model, token_masks: dict[int, torch.Tensor]):
         layer.self_attn._test_token_mask = token_masks[i]
     ref.set_attn_implementation(MASKED_ATTN)
     return ref
+
+
+# ------------------------------------------------------------------ a saved tiny model + corpus for the trainers
+WORDS = "alpha beta gamma delta river stone light dark north south king queen code key door blue".split()
+
+
+def documents(n: int, seed: int) -> list[str]:
+    """``n`` random word documents (40-300 words of :data:`WORDS`), reproducible from ``seed``."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(40, 300))) for _ in range(n)]
+
+
+def make_tiny(root: Path) -> dict:
+    """A saved tiny Llama + tokenizer and a JSONL corpus under ``root``: ``{"model": path, "data": path, "root"}``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    docs = documents(60, seed=0)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(docs, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    model_dir = root / "model"
+    fast.save_pretrained(model_dir)
+    # the shared tiny Llama (peaked attention), with this tokenizer's vocabulary and special tokens
+    model = make_model(
+        "llama",
+        vocab_size=len(fast),
+        max_position_embeddings=512,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+    )
+    model.save_pretrained(model_dir)
+    data = root / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return {"model": str(model_dir), "data": str(data), "root": root}

@@ -149,14 +149,12 @@ def test_task_loss_and_gradient_equal_an_independent_computation(tmp_path, famil
     assert not any(p.requires_grad for n, p in model.named_parameters() if "seer_gate" not in n)  # base frozen
 
 
-def test_decode_distillation_trains_resumes_and_the_adapter_reloads(tmp_path):
-    from test_distill import make_tiny
+def test_decode_distillation_trains_resumes_and_the_adapter_reloads(tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from seerattn.train import distill
     from seerattn.train.decode_distill import load_decode_gates
 
-    tiny = make_tiny(tmp_path / "tiny")
     fields = dict(model=tiny["model"], data=[tiny["data"]], data_cache_dir=str(tmp_path / "cache"))
     out = tmp_path / "run"
     result = distill(_decode_recipe(out, **fields))
@@ -238,15 +236,12 @@ def test_committed_decode_recipe_is_valid():
     assert (cfg.seq_len, cfg.metric_density) == (8192, 0.125)
 
 
-def test_a_checkpoint_from_before_gate_kind_resumes(tmp_path):
+def test_a_checkpoint_from_before_gate_kind_resumes(tiny, tmp_path):
     """Checkpoints written before the decode fields existed hold no gate_kind / decode_gate: they ran with the
     defaults and resume (a field they hold with another value still refuses)."""
-    from test_distill import make_tiny
-
     from seerattn.train import ConfigError, distill, load_recipe
     from seerattn.train.checkpoint import STATE_FILE, list_checkpoints
 
-    tiny = make_tiny(tmp_path / "tiny")
     fields = dict(
         model=tiny["model"], data=[tiny["data"]], output_dir=str(tmp_path / "run"), seq_len=128, batch_size=2,
         micro_batch_size=2, steps=4, warmup_steps=1, gate={"block_size": BS}, save_every=2, progress=False,
@@ -284,16 +279,15 @@ def _worker(rank: int, world: int, ports: list[int], tiny: dict, root: str) -> N
 
 
 @pytest.mark.slow  # ~13 s: two spawned gloo processes, two runs each
-def test_two_processes_ddp_and_fsdp_match_one(tmp_path):
+def test_two_processes_ddp_and_fsdp_match_one(tiny, tmp_path):
     """The decode gates live outside the model: replicated, averaged, and the same as one process's."""
     import sys
 
     from safetensors.torch import load_file
-    from test_distill import _free_port, make_tiny, spawn_workers
+    from test_distill import _free_port, spawn_workers
 
     from seerattn.train import distill
 
-    tiny = make_tiny(tmp_path / "tiny")
     fields = dict(model=tiny["model"], data=[tiny["data"]], data_cache_dir=str(tmp_path / "cache"))
     single = load_file(
         str(distill(_decode_recipe(tmp_path / "single", steps=4, **fields)).adapter / "seer_gates.safetensors")
@@ -310,15 +304,13 @@ def test_two_processes_ddp_and_fsdp_match_one(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_bf16_decode_distillation_and_resume(tmp_path):
+def test_cuda_bf16_decode_distillation_and_resume(tiny, tmp_path):
     """On CUDA: bf16 weights and autocast (gates, target and loss in fp32), 64-token blocks at 1k, the KL falls,
     every logged value is finite, resume is exact."""
-    from test_distill import make_tiny
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from seerattn.train import distill
 
-    tiny = make_tiny(tmp_path / "tiny")
     tok = AutoTokenizer.from_pretrained(tiny["model"])
 
     def model():

@@ -10,7 +10,6 @@ from __future__ import annotations
 import gzip
 import importlib
 import json
-import random
 import socket
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from hf_models import documents
 from safetensors.torch import load_file
 
 from seerattn.train import ConfigError, DistillConfig, distill, load_recipe, lr_multiplier
@@ -25,55 +25,10 @@ from seerattn.train.checkpoint import list_checkpoints
 from seerattn.train.data import PackedRows, RowOrder, prepare_tokens, resolve_sources, sample_range
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = "alpha beta gamma delta river stone light dark north south king queen code key door blue".split()
 TIMING_KEYS = ("step_time_s", "tokens_per_s")
 
 
-def _documents(n: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(40, 300))) for _ in range(n)]
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory) -> dict:
-    return make_tiny(tmp_path_factory.mktemp("tiny"))
-
-
-def make_tiny(root: Path) -> dict:
-    """A saved tiny Llama + tokenizer and a JSONL corpus under ``root``: ``{"model": path, "data": path, "root"}``."""
-    from hf_models import make_model
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    docs = _documents(60, seed=0)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(docs, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
-    model_dir = root / "model"
-    fast.save_pretrained(model_dir)
-    # the shared tiny Llama (peaked attention), with this tokenizer's vocabulary and special tokens
-    model = make_model(
-        "llama",
-        vocab_size=len(fast),
-        max_position_embeddings=512,
-        bos_token_id=fast.bos_token_id,
-        eos_token_id=fast.eos_token_id,
-    )
-    model.save_pretrained(model_dir)
-    data = root / "docs.jsonl"
-    data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    return {"model": str(model_dir), "data": str(data), "root": root}
 
 
 def _config(tiny: dict, out: Path, **overrides) -> DistillConfig:
@@ -290,7 +245,7 @@ def _fixed_batch_kl(tiny: dict, adapter: Path | None) -> float:
     apply_seer_attention(model, SeerConfig(gate=GateConfig(block_size=16), mode="distill"))
     if adapter is not None:
         load_gates(model, adapter)
-    text = " ".join(_documents(4, seed=99))  # not in the training data
+    text = " ".join(documents(4, seed=99))  # not in the training data
     ids = tok(text, return_tensors="pt")["input_ids"][:, :256].reshape(2, 128)
     with torch.no_grad():
         model.model(input_ids=ids)

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hf_models import GATE, input_ids, make_model
-from test_distill import _documents, _free_port, make_tiny, spawn_workers
+from hf_models import GATE, documents, input_ids, make_model
+from test_distill import _free_port, spawn_workers
 
 import seerattn.hf.integration as integration
 from seerattn import SparsityPolicy
@@ -255,12 +255,6 @@ def test_apply_rope_scaling_writes_the_config_and_the_gates_follow():
 
 
 # ---------------------------------------------------------------------------------------- trainer
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict:
-    """The saved tiny Llama + tokenizer + JSONL corpus of the distillation tests."""
-    return make_tiny(tmp_path_factory.mktemp("tiny"))
-
-
 def _ft_config(tiny: dict, out, **overrides):
     from seerattn.train import FinetuneConfig, load_recipe
 
@@ -306,7 +300,7 @@ def _eval_books(root) -> Path:
     books = Path(root) / "books"
     books.mkdir(exist_ok=True)
     rows = ["file\tgutenberg_id\ttitle\tauthor\tchars\tsplit\tsource_repo"]
-    for i, text in enumerate(_documents(3, seed=7)):
+    for i, text in enumerate(documents(3, seed=7)):
         name = f"{i:05d}.txt"
         (books / name).write_text(" ".join([text] * 3))
         rows.append(f"{name}\t{i}\tT{i}\tA\t{len(text)}\ttest\trepo")

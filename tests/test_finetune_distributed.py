@@ -8,7 +8,7 @@
 - FSDP2 shards: after the run each rank holds its ``torch.chunk`` share (dim 0) of every weight, in storage of
   that size, and the gates stay whole (replicated) tensors.
 
-The tiny saved Llama of ``test_distill.make_tiny`` (2 layers, hidden 64, Hq 4, Hkv 2, head dim 16), rows of 128
+The tiny saved Llama of ``hf_models.make_tiny`` (2 layers, hidden 64, Hq 4, Hkv 2, head dim 16), rows of 128
 tokens, 16-token gate blocks, the trainer of ``seerattn finetune`` with ``parallel: fsdp``; one distillation
 step then 3 joint steps of a global batch of 6 rows (1 process x 6 micro-batches, 2 x 3, 3 x 2).
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_distill import _free_port, make_tiny, spawn_workers
+from test_distill import _free_port, spawn_workers
 from test_finetune import _ft_config, _ft_metrics, _safetensors
 
 from seerattn.train.data import sample_range
@@ -36,11 +36,6 @@ CURVE_KEYS = ("loss", "ce", "kl", "grad_norm", "mass_recall", "density")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict:
-    return make_tiny(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")

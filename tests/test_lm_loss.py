@@ -222,13 +222,6 @@ def test_bad_inputs_are_refused(change, message):
 
 
 # ---------------------------------------------------------------------------------------- the trainer
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict:
-    from test_distill import make_tiny
-
-    return make_tiny(tmp_path_factory.mktemp("tiny"))
-
-
 @pytest.mark.parametrize(
     "overrides",
     [
