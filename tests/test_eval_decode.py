@@ -126,3 +126,21 @@ def test_cli_eval_decode_writes_json_and_markdown(plain_model, tokenizer, books_
     assert "PPL last 64" in md and "| quest |" in md and "passkey" in md
     assert main([*args, "--methods", "seer", "--output", str(tmp_path / "x")]) == 2  # no decode gates
     assert main([*args, "--measure", "speed", "--output", str(tmp_path / "y")]) == 2
+
+
+def test_an_adapter_without_decode_gates_is_refused_before_anything_is_attached(plain_model, tmp_path):  # noqa: F811
+    """prepare_decode_model reads the adapter's sections first: a prefill-only adapter is refused with a message
+    naming the missing section, and the model keeps its own attention (no gates, no seer state)."""
+    from seerattn.gate import GateConfig
+    from seerattn.hf import SeerConfig, apply_seer_attention, remove_seer_attention, save_gates
+
+    shell = copy.deepcopy(plain_model)
+    apply_seer_attention(shell, SeerConfig(gate=GateConfig(block_size=BS), mode="dense"))
+    save_gates(shell, tmp_path / "prefill-only")
+    remove_seer_attention(shell)
+    model = copy.deepcopy(plain_model)
+    impl = model.config._attn_implementation
+    with pytest.raises(ValueError, match="has no decode section"):
+        prepare_decode_model(model, tmp_path / "prefill-only")
+    assert getattr(model, "_seer_state", None) is None and model.config._attn_implementation == impl
+    assert not any("seer_gate" in n for n, _ in model.named_parameters())

@@ -108,11 +108,11 @@ def _setup(args):
     return tokenizer, em, books, settings
 
 
-def _meta(args, em) -> tuple[dict, dict]:
-
-    config = {k: v for k, v in vars(args).items() if k != "func"}
+def _model_meta(args, em, **extra) -> dict:
+    """What every evaluation record says of its model (path, adapter, shape, training length, dtype, device),
+    with ``extra`` fields after the training length."""
     cfg = em.model.config
-    model = {
+    return {
         "path": str(args.model),
         "gates": em.gates,
         "model_type": cfg.model_type,
@@ -120,12 +120,15 @@ def _meta(args, em) -> tuple[dict, dict]:
         "num_attention_heads": cfg.num_attention_heads,
         "num_key_value_heads": getattr(cfg, "num_key_value_heads", None),
         "train_length": em.train_length,
-        "block_size": em.block_size,
-        "mask_heads": em.state.config.mask_heads,
+        **extra,
         "dtype": str(next(em.model.parameters()).dtype),
         "device": str(em.device),
     }
-    return config, model
+
+
+def _meta(args, em) -> tuple[dict, dict]:
+    config = {k: v for k, v in vars(args).items() if k != "func"}
+    return config, _model_meta(args, em, block_size=em.block_size, mask_heads=em.state.config.mask_heads)
 
 
 def _write_outputs(args, em, kind: str, results: list, markdown: str, plot, t0: float) -> int:
@@ -312,19 +315,7 @@ def _run_decode(args) -> int:
             template=_template(args, PasskeyTemplate), add_bos=not args.no_bos, **common,
         )  # fmt: skip
     out = Path(args.output)
-    cfg, dec = model.config, em.state.config.decode
-    meta = {
-        "path": str(args.model),
-        "gates": em.gates,
-        "model_type": cfg.model_type,
-        "num_hidden_layers": cfg.num_hidden_layers,
-        "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": getattr(cfg, "num_key_value_heads", None),
-        "train_length": em.train_length,
-        "decode_gate": dec.gate.to_dict(),
-        "dtype": str(next(model.parameters()).dtype),
-        "device": str(device),
-    }
+    meta = _model_meta(args, em, decode_gate=em.state.config.decode.gate.to_dict())
     config = {k: v for k, v in vars(args).items() if k != "func"} | {"budget": budget, "tail": tail}
     results = {"ppl": ppl_rows, "passkey": passkey_rows}
     files = [

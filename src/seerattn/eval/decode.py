@@ -37,10 +37,10 @@ from tqdm.auto import tqdm
 from ..decode_baselines import quest_decode_blocks, streaming_decode_blocks
 from ..decode_policy import DecodePolicy
 from ..gate import DecodeGateConfig
-from ..hf import DecodeConfig, SeerConfig, apply_seer_attention, from_pretrained, get_seer_state
+from ..hf import DecodeConfig, SeerConfig, apply_seer_attention, from_pretrained, get_seer_state, read_adapter_config
 from ..hf.integration import DecodeRequest
 from .data import TokenizedBooks, segment_windows
-from .model import EvalModel, scaled_rope, token_nll
+from .model import EvalModel, eval_model, scaled_rope, token_nll
 from .passkey import PasskeyTemplate, _first_digits, _prompts
 from .ppl import compare_with_dense
 from .stats import BOOTSTRAP_RESAMPLES, CI_LEVEL, wilson_interval
@@ -87,18 +87,16 @@ def prepare_decode_model(
     """
     model.eval()
     if gates is not None:
+        # checked before anything is attached: a refused adapter leaves the model as it was
+        if read_adapter_config(gates).get("decode") is None:
+            raise ValueError(f"adapter {gates} has no decode section: no decode gates to evaluate")
         from_pretrained(model, gates, mode="dense", impl=impl)
         state = get_seer_state(model)
-        if state.config.decode is None:
-            raise ValueError(f"adapter {gates} has no decode section: no decode gates to evaluate")
     else:
         decode = DecodeConfig(DecodeGateConfig(block_size=block_size))
         state = apply_seer_attention(model, SeerConfig(gate=None, mode="dense", decode=decode, impl=impl))
     state.set_decode(enabled=False)
-    train_length = train_length or getattr(model.config, "max_position_embeddings", None)
-    if not train_length:
-        raise ValueError("pass train_length: the model config has no max_position_embeddings")
-    return EvalModel(model, state, None if gates is None else str(gates), int(train_length), name)
+    return eval_model(model, state, gates, train_length, name)
 
 
 def configure_decode(em: EvalModel, method: str, budget: int, decode_start: int | None = None) -> None:

@@ -97,6 +97,12 @@ def prepare_eval_model(
         state = apply_seer_attention(model, SeerConfig(gate=GateConfig(block_size=block_size), mode="dense", impl=impl))
     if mask_heads is not None:
         state.set(mask_heads=mask_heads)  # validated by SeerConfig
+    return eval_model(model, state, gates, train_length, name)
+
+
+def eval_model(model, state: SeerState, gates, train_length: int | None, name: str) -> EvalModel:
+    """The :class:`EvalModel` of a prepared model; ``train_length`` defaults to the config's
+    ``max_position_embeddings`` (an error names the argument when the config has none)."""
     train_length = train_length or getattr(model.config, "max_position_embeddings", None)
     if not train_length:
         raise ValueError("pass train_length: the model config has no max_position_embeddings")
