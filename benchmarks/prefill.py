@@ -123,17 +123,27 @@ GATE_IMPLS = ("auto", "triton", "eager")
 
 def part_breakdown(model, ids: torch.Tensor) -> dict[str, float]:
     """Milliseconds per part of one profiled forward (:func:`attribute_parts`), and the forward's total."""
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
+    return profile_parts(forward, ids.device.type == "cuda")
+
+
+def profile_parts(run, cuda: bool, parts_of: dict[str, str] = PARTS) -> dict[str, float]:
+    """Milliseconds per part (:func:`attribute_parts`) of one call of ``run()`` under torch.profiler (CUDA
+    activities too when ``cuda``; the device is synchronised before the wall time is read)."""
     from torch.profiler import ProfilerActivity, profile
 
-    cuda = ids.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof, torch.no_grad():
+    with profile(activities=activities) as prof:
         t0 = time.perf_counter()
-        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        run()
         if cuda:
             torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - t0) * 1e3
-    return attribute_parts(prof.events(), cuda, wall_ms)
+    return attribute_parts(prof.events(), cuda, wall_ms, parts_of)
 
 
 def attribute_parts(events, cuda: bool, wall_ms: float, parts_of: dict[str, str] = PARTS) -> dict[str, float]:

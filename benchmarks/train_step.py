@@ -41,7 +41,7 @@ import time
 
 import torch
 
-from benchmarks.prefill import PARTS, BreakdownError, attribute_parts
+from benchmarks.prefill import PARTS, BreakdownError, profile_parts
 from benchmarks.shapes import LLAMA_31_8B, SMOKE_SHAPE, build_llama
 from seerattn import SparsityPolicy
 from seerattn.gate import GateConfig
@@ -101,21 +101,13 @@ def time_step(model, ids: torch.Tensor, probe: torch.Tensor, warmup: int, reps: 
 
 def profile_step(model, ids: torch.Tensor, probe: torch.Tensor) -> dict:
     """GPU ms per part of one profiled :func:`train_step` (module docstring), or ``breakdown_error``."""
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = ids.device.type == "cuda"
-    model.zero_grad(set_to_none=True)
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-        t0 = time.perf_counter()
-        train_step(model, ids, probe)
-        if cuda:
-            torch.cuda.synchronize()
-        wall_ms = (time.perf_counter() - t0) * 1e3
     model.zero_grad(set_to_none=True)
     try:
-        return attribute_parts(prof.events(), cuda, wall_ms, TRAIN_PARTS)
+        return profile_parts(lambda: train_step(model, ids, probe), ids.device.type == "cuda", TRAIN_PARTS)
     except BreakdownError as e:
         return {"breakdown_error": str(e)}
+    finally:
+        model.zero_grad(set_to_none=True)
 
 
 def main(argv=None) -> int:
