@@ -52,6 +52,23 @@ def _grads(params: dict) -> dict:
     return {n: (None if p.grad is None else p.grad.clone()) for n, p in params.items()}
 
 
+def _spy(monkeypatch, name: str, calls: list, record=lambda *args, **kwargs: 1) -> None:
+    """Replace ``integration.<name>`` by a wrapper that appends ``record(*args, **kwargs)`` to ``calls`` on each
+    call, then calls the original."""
+    real = getattr(integration, name)
+
+    def spy(*args, **kwargs):
+        calls.append(record(*args, **kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(integration, name, spy)
+
+
+def _in_backward_now(*args, **kwargs) -> bool:
+    """A :func:`_spy` record: whether the call ran inside a backward (a checkpoint recompute)."""
+    return integration._in_backward()
+
+
 @pytest.mark.parametrize("mask_heads", ["q", "kv"])
 def test_finetune_logits_equal_sparse_mode(mask_heads):
     model = _finetune_model(mask_heads=mask_heads)
@@ -113,13 +130,7 @@ def test_finetune_attention_gradient_matches_masked_dense_reference():
 
 def test_gradient_checkpointing_gives_identical_gradients_and_one_ground_truth_per_layer(monkeypatch):
     calls = []
-    real = integration.attention_with_block_scores
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(integration, "attention_with_block_scores", counting)
+    _spy(monkeypatch, "attention_with_block_scores", calls)
     recomputes = []
     real_in_backward = integration._in_backward
 
@@ -163,18 +174,13 @@ def test_recompute_replays_the_masks_of_its_forward_whatever_the_order(monkeypat
     losses (the pairing is per checkpointed call, not per layer) give the gradients of a run without
     checkpointing, and each attention call of the backward gets the mask object its forward built."""
     gate_calls, attn_masks = [], []
-    real_gate, real_attn = integration._gate_logits, integration.block_sparse_attention
-
-    def gate(*args, **kwargs):
-        gate_calls.append(integration._in_backward())
-        return real_gate(*args, **kwargs)
-
-    def attention(q, k, v, mask, **kwargs):
-        attn_masks.append((integration._in_backward(), mask))
-        return real_attn(q, k, v, mask, **kwargs)
-
-    monkeypatch.setattr(integration, "_gate_logits", gate)
-    monkeypatch.setattr(integration, "block_sparse_attention", attention)
+    _spy(monkeypatch, "_gate_logits", gate_calls, _in_backward_now)
+    _spy(
+        monkeypatch,
+        "block_sparse_attention",
+        attn_masks,
+        lambda q, k, v, mask, **kw: (integration._in_backward(), mask),
+    )
     batches = [input_ids(T, b=1, seed=s) for s in (1, 2)]
     grads = []
     for checkpointing in (False, True):
@@ -203,13 +209,7 @@ def test_recompute_without_the_context_fn_rebuilds_the_same_mask(monkeypatch):
     """Checkpointing enabled through transformers alone (no context_fn): the recompute runs the gate again
     (no grad) and the gradients are still those of a run without checkpointing."""
     gate_calls = []
-    real_gate = integration._gate_logits
-
-    def gate(*args, **kwargs):
-        gate_calls.append(integration._in_backward())
-        return real_gate(*args, **kwargs)
-
-    monkeypatch.setattr(integration, "_gate_logits", gate)
+    _spy(monkeypatch, "_gate_logits", gate_calls, _in_backward_now)
     ids = input_ids(T, b=1, seed=3)
     grads = []
     for checkpointing in (False, True):
@@ -670,13 +670,7 @@ def test_gate_target_every_skips_the_ground_truth_and_leaves_the_gates_alone(tin
     from seerattn.train import finetune
 
     calls = []
-    real = integration.attention_with_block_scores
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(integration, "attention_with_block_scores", counting)
+    _spy(monkeypatch, "attention_with_block_scores", calls)
     kw = dict(steps=4, distill_steps=1, gate_target_every=2, weight_decay=0.1, save_every=1, keep_checkpoints=10)
     whole = tmp_path / "whole"
     finetune(_ft_config(tiny, whole, **kw))
