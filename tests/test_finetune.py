@@ -205,6 +205,29 @@ def test_recompute_replays_the_masks_of_its_forward_whatever_the_order(monkeypat
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-6, atol=1e-7, msg=n)
 
 
+def test_a_second_backward_through_a_retained_graph_replays_the_masks_again(monkeypatch):
+    """backward(retain_graph=True) twice: each backward recomputes the checkpointed layers and each recompute
+    replays its forward's masks (no gate call in either backward); the gradients are twice those of one
+    backward without checkpointing."""
+    gate_calls = []
+    _spy(monkeypatch, "_gate_logits", gate_calls, _in_backward_now)
+    ids = input_ids(T, b=1, seed=4)
+    grads = []
+    for checkpointing in (False, True):
+        model = _finetune_model(mode="sparse")
+        model.train()
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        gate_calls.clear()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward(retain_graph=True)
+        loss.backward()
+        assert gate_calls == [False, False], gate_calls
+        grads.append({n: p.grad.clone() for n, p in _split(model)[0].items()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-6, atol=1e-7, msg=n)
+
+
 def test_recompute_without_the_context_fn_rebuilds_the_same_mask(monkeypatch):
     """Checkpointing enabled through transformers alone (no context_fn): the recompute runs the gate again
     (no grad) and the gradients are still those of a run without checkpointing."""

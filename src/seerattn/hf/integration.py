@@ -25,8 +25,8 @@ from __future__ import annotations
 import functools
 import logging
 import weakref
-from collections.abc import Callable
-from contextlib import ExitStack, contextmanager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
@@ -292,8 +292,9 @@ class SeerState:
     _original_disable_compile: tuple | None = field(default=None, repr=False)
     _attn_modules: list = field(default_factory=list, repr=False)
     _stats: dict[int, dict] = field(default_factory=dict, repr=False)
-    # ("record" | "replay", masks of one checkpointed call) while one runs: see checkpoint_context_fn
-    _masks: tuple[str, list] | None = field(default=None, repr=False)
+    # ("record", list) or ("replay", iterator over it): the masks of one checkpointed call while it runs, see
+    # checkpoint_context_fn
+    _masks: tuple[str, list | Iterator] | None = field(default=None, repr=False)
     # per layer: the decode-gate key cache kept beside one transformers cache object (see _DecodeCache)
     _decode: dict[int, _DecodeCache] = field(default_factory=dict, repr=False)
 
@@ -885,19 +886,25 @@ def checkpoint_context_fn(model: torch.nn.Module) -> Callable[[], tuple]:
         if not isinstance(state, SeerState):
             return nullcontext(), nullcontext()
         masks: list[BlockMask] = []
-        return _mask_context(state, "record", masks), _mask_context(state, "replay", masks)
+        return _MaskContext(state, "record", masks), _MaskContext(state, "replay", masks)
 
     return context_fn
 
 
-@contextmanager
-def _mask_context(state: SeerState, how: str, masks: list):
-    previous = state._masks
-    state._masks = (how, masks if how == "record" else list(reversed(masks)))
-    try:
-        yield
-    finally:
-        state._masks = previous
+class _MaskContext:
+    """One of the two contexts of a checkpointed call (:func:`checkpoint_context_fn`). A class, not a
+    ``@contextmanager``: a second backward through a retained graph enters the recompute context again,
+    which a generator context cannot do; each entry replays the recorded masks from the start."""
+
+    def __init__(self, state: SeerState, how: str, masks: list):
+        self.state, self.how, self.masks, self.previous = state, how, masks, []
+
+    def __enter__(self) -> None:
+        self.previous.append(self.state._masks)
+        self.state._masks = (self.how, self.masks if self.how == "record" else iter(self.masks))
+
+    def __exit__(self, *exc) -> None:
+        self.state._masks = self.previous.pop()
 
 
 def _record_mask(state: SeerState, mask: BlockMask) -> None:
@@ -911,12 +918,13 @@ def _replayed_mask(state: SeerState) -> BlockMask | None:
     (checkpointing enabled without it: the caller rebuilds the mask from the same inputs)."""
     if state._masks is None or state._masks[0] != "replay":
         return None
-    if not state._masks[1]:
+    mask = next(state._masks[1], None)
+    if mask is None:
         raise RuntimeError(
             "a checkpoint recompute asked for more block masks than its forward recorded; the layer's "
             "forward must build the same masks in its recompute (same mode and inputs)"
         )
-    return state._masks[1].pop()
+    return mask
 
 
 def _keep_saved(x: torch.Tensor) -> torch.Tensor:
