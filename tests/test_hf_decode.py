@@ -338,6 +338,28 @@ def test_decode_select_fn_runs_through_the_same_kernel(decode_calls):
         _generate(model, input_ids(PROMPT, b=2), new=2)
 
 
+def test_decode_observer_sees_every_steps_selection_and_nothing_when_off(decode_calls):
+    """The observer gets each layer's selection of each sparse step (the blocks the kernel read, its seqlens);
+    unset, or with decode sparsity off, it is not called."""
+    model, _, state = _prepared("llama")
+    seen = []
+    state.decode_observer = seen.append
+    ids = input_ids(PROMPT, b=2)
+    _generate(model, ids, new=6)  # the prefill gives the first token, then 5 decode steps
+    assert len(seen) == len(decode_calls) == LAYERS * 5
+    assert [s.layer_idx for s in seen] == list(range(LAYERS)) * 5 and {s.block_size for s in seen} == {BS}
+    for s, (_, _, _, seqlens, idx, _, _) in zip(seen, decode_calls, strict=True):
+        assert s.blocks.dtype == torch.int32 and s.blocks.shape == (2, HKV, 3) and torch.equal(s.blocks, idx)
+        assert torch.equal(s.cache_seqlens, seqlens)
+    assert [s.cache_seqlens.tolist() for s in seen[::LAYERS]] == [[PROMPT + i] * 2 for i in range(1, 6)]
+    state.set_decode(enabled=False)  # dense decode steps: no selection
+    _generate(model, ids, new=4)
+    state.set_decode(enabled=True)
+    state.decode_observer = None
+    _generate(model, ids, new=4)
+    assert len(seen) == LAYERS * 5 and len(decode_calls) == LAYERS * 8
+
+
 # ------------------------------------------------------------------------------ teacher-forced decode mode
 @pytest.mark.parametrize("custom", [False, True], ids=["gate", "select_fn"])
 def test_decode_eval_equals_step_by_step_generate(custom, decode_calls, monkeypatch):

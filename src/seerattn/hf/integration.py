@@ -45,6 +45,7 @@ __all__ = [
     "FAMILIES",
     "DecodeConfig",
     "DecodeRequest",
+    "DecodeSelection",
     "MaskRequest",
     "SeerConfig",
     "SeerState",
@@ -244,6 +245,24 @@ class DecodeRequest:
 
 
 @dataclass
+class DecodeSelection:
+    """What ``SeerState.decode_observer`` receives from one layer's sparse decode step: the blocks it attends to.
+
+    Attributes:
+        layer_idx: the layer.
+        blocks: int32 [B, Hkv, K] key-block indices per (sequence, KV head), -1 padded (the gate and policy's
+            or ``decode_select_fn``'s selection, exactly what the kernel reads). A device tensor, fresh each step.
+        cache_seqlens: int32 [B] keys visible to the step (the new token's position + 1), a device tensor.
+        block_size: tokens per key block.
+    """
+
+    layer_idx: int
+    blocks: torch.Tensor
+    cache_seqlens: torch.Tensor
+    block_size: int
+
+
+@dataclass
 class SeerState:
     """Per-model side channel between the attention function and the caller.
 
@@ -270,6 +289,10 @@ class SeerState:
         decode_select_fn: when set, decode steps and ``decode_eval`` rows take their key blocks from it
             (a :class:`DecodeRequest` -> int32 [B, Hkv, N, K] function: baselines such as Quest or
             StreamingLLM through the same kernel) instead of the decode gate and policy.
+        decode_observer: when set, called with a :class:`DecodeSelection` by every sparse decode step of every
+            layer (generate steps of one token; not ``decode_eval`` rows) once its blocks are selected: to
+            record selections (e.g. whether a far block was kept). It runs inside the step: anything it reads
+            to the host syncs there. None (default): the step does nothing more.
         capture: when True, ``captures[layer]`` keeps (q_pre, k_pre, q, k) of the last forward
             (for tests and debugging).
     """
@@ -279,6 +302,7 @@ class SeerState:
     metrics: dict[int, dict] = field(default_factory=dict)
     mask_fn: Callable[[MaskRequest], BlockMask] | None = None
     decode_select_fn: Callable[[DecodeRequest], torch.Tensor] | None = None
+    decode_observer: Callable[[DecodeSelection], None] | None = None
     capture: bool = False
     captures: dict[int, tuple] = field(default_factory=dict)
     record_densities: bool = True
@@ -741,6 +765,8 @@ def _decode_step(module, state: SeerState, entry: _DecodeCache, query, key, valu
         q_pre = pre["q"].reshape(b, hq, 1, d)
         idx = _decode_selection(module, state, query, q_pre, key, seqlens.view(b, 1), entry.keys.keys, scale)
         idx = idx[:, :, 0]  # [B, Hkv, K]
+        if state.decode_observer is not None:
+            state.decode_observer(DecodeSelection(layer, idx, seqlens, bs))
         out = sparse_decode_attention(query[:, :, 0], key, value, seqlens, idx, bs, scale=scale, impl=state.config.impl)
     state._stats[layer] = {"path": "sparse-decode"}
     if state.record_densities:
