@@ -312,7 +312,8 @@ def _run_decode(args) -> int:
     if "passkey" in args.measure:
         passkey_rows = evaluate_decode_passkey(
             em, tokenizer, books, args.methods, args.context, args.depths, args.passkey_samples, budget,
-            template=_template(args, PasskeyTemplate), add_bos=not args.no_bos, **common,
+            template=_template(args, PasskeyTemplate), add_bos=not args.no_bos,
+            needle_recall=not args.no_needle_recall, **common,
         )  # fmt: skip
     out = Path(args.output)
     meta = _model_meta(args, em, decode_gate=em.state.config.decode.gate.to_dict())
@@ -505,6 +506,12 @@ def register(sub) -> None:
     pd.add_argument("--needle", help="needle text with {key} (default: the classic needle)")
     pd.add_argument("--question", help="text after the filler (default: ' What is the pass key? The pass key is')")
     pd.add_argument("--no-bos", action="store_true", help="do not start passkey prompts with the BOS token")
+    pd.add_argument(
+        "--no-needle-recall",
+        action="store_true",
+        help="do not record which decode steps kept the blocks holding the pass key (recorded by default for the "
+        "sparse methods; needs a fast tokenizer)",
+    )
     pd.add_argument("--output", "-o", required=True, help="output folder for decode.json and decode.md")
     _runtime(
         pd,

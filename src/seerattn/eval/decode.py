@@ -13,13 +13,20 @@ Two measurements (issue 17), every method at the same budget (``budget // block_
   are decode steps through the method, so every answer token is predicted by sparse decode (with a
   prefill of the whole prompt the first answer token would come from the dense prefill).
 
+With the passkey, each sparse method also records its *needle recall*: at every decode step (step 0
+the last prompt token, step ``s`` the ``s``-th generated token) and layer, the share of KV heads whose
+selected blocks include a block holding a digit of the key (:func:`~seerattn.eval.passkey.key_token_positions`,
+both mentions; ``SeerState.decode_observer`` sees each step's selection). It tells a dropped needle
+from a kept one that the model did not use.
+
 Methods (:data:`DECODE_METHODS`): ``dense`` (decode steps dense, transformers' SDPA), ``seer`` (the
 decode gate and a :class:`~seerattn.decode_policy.DecodePolicy` ``"budget"``), ``streaming`` and
 ``quest`` (:mod:`seerattn.decode_baselines` through ``SeerState.decode_select_fn``, the same kernel
 and budget). Quest here recomputes its block bounds from the whole cache at every step (an
 evaluation, not a speed measurement; a serving path would cache them per block as the gate keys are).
 
-Shape legend: T tokens of a window, N rows selected at once, K blocks kept per KV head.
+Shape legend: T tokens of a window, N rows selected at once, K blocks kept per KV head, S decode steps of a
+prompt, L layers, Hkv KV heads.
 """
 
 from __future__ import annotations
@@ -38,25 +45,38 @@ from ..decode_baselines import quest_decode_blocks, streaming_decode_blocks
 from ..decode_policy import DecodePolicy
 from ..gate import DecodeGateConfig
 from ..hf import DecodeConfig, SeerConfig, apply_seer_attention, from_pretrained, get_seer_state, read_adapter_config
-from ..hf.integration import DecodeRequest
+from ..hf.integration import DecodeRequest, DecodeSelection
 from .data import TokenizedBooks, segment_windows
 from .model import EvalModel, eval_model, scaled_rope, token_nll
-from .passkey import PasskeyTemplate, _first_digits, _prompts
+from .passkey import PasskeyTemplate, _first_digits, _prompts, key_token_positions
 from .ppl import compare_with_dense
 from .stats import BOOTSTRAP_RESAMPLES, CI_LEVEL, wilson_interval
 
 __all__ = [
     "DECODE_METHODS",
+    "NEEDLE_FIELDS",
     "configure_decode",
     "decode_answer",
     "evaluate_decode_passkey",
     "evaluate_decode_ppl",
+    "needle_summary",
     "prepare_decode_model",
 ]
 
 logger = logging.getLogger(__name__)
 
 DECODE_METHODS = ("dense", "seer", "streaming", "quest")
+# the needle-recall fields of a passkey row (needle_summary; None where nothing was recorded)
+NEEDLE_FIELDS = (
+    "needle_blocks",
+    "needle_recall",
+    "needle_recall_by_step",
+    "needle_recall_by_step_right",
+    "needle_recall_by_step_wrong",
+    "needle_recall_by_layer",
+    "needle_recall_by_layer_head",
+    "needle_recall_by_depth",
+)
 
 
 def _streaming(budget: int, request: DecodeRequest) -> torch.Tensor:
@@ -137,6 +157,84 @@ def _reset(em: EvalModel) -> None:
     em.state.set(mode="dense", decode_start=None)
     em.state.set_decode(enabled=False)
     em.state.decode_select_fn = None
+    em.state.decode_observer = None
+
+
+class _NeedleRecorder:
+    """``SeerState.decode_observer`` for one prompt (batch 1): per decode step and layer, which KV heads kept a
+    needle block.
+
+    needle_blocks: int64 [M] the blocks holding the key's digits, on the model's device. Each call keeps a
+    device tensor (no host read in the step); :meth:`hits` reads them once, after the answer.
+    """
+
+    def __init__(self, needle_blocks: torch.Tensor):
+        self.needle_blocks = needle_blocks
+        self.layers: list[int] = []
+        self.kept: list[torch.Tensor] = []  # per call: bool [Hkv]
+
+    def __call__(self, sel: DecodeSelection) -> None:
+        if sel.blocks.shape[0] != 1:
+            raise ValueError(f"the needle recorder reads one prompt at a time, got a batch of {sel.blocks.shape[0]}")
+        self.layers.append(sel.layer_idx)
+        self.kept.append((sel.blocks[0].unsqueeze(-1) == self.needle_blocks).any(-1).any(-1))
+
+    def hits(self, steps: int) -> torch.Tensor:
+        """bool [S, L, Hkv] on the host: whether each KV head's selection held a needle block at each step and layer."""
+        n_layers = max(self.layers, default=-1) + 1
+        if n_layers == 0 or self.layers != list(range(n_layers)) * steps:
+            raise RuntimeError(
+                f"expected {steps} decode steps through every layer in order, the decode observer saw layers "
+                f"{self.layers[: 3 * max(n_layers, 1)]}... ({len(self.layers)} calls)"
+            )
+        return torch.stack(self.kept).view(steps, n_layers, -1).cpu()
+
+
+def needle_summary(
+    needle_blocks: Sequence[Sequence[torch.Tensor]],
+    hits: Sequence[Sequence[torch.Tensor]],
+    right: Sequence[Sequence[bool]],
+) -> dict:
+    """The needle-recall fields of a passkey row (:data:`NEEDLE_FIELDS`) from each prompt's hits.
+
+    Args:
+        needle_blocks: [depth][sample] int64 [M] the blocks holding the key's digits.
+        hits: [depth][sample] bool [S, L, Hkv] (:class:`_NeedleRecorder`); S may differ between prompts
+            (answers of different token lengths).
+        right: [depth][sample] whether the prompt was answered right.
+
+    Returns:
+        ``needle_blocks`` (as lists), ``needle_recall`` ([depth][sample][step][layer]: share of KV heads keeping
+        a needle block),
+        ``needle_recall_by_step`` (per step, mean over the prompts that have it and the layers),
+        ``needle_recall_by_step_right`` / ``_wrong`` (the same over the prompts answered right / wrong;
+        None where there is none), ``needle_recall_by_layer`` (per layer, mean over prompts and steps),
+        ``needle_recall_by_layer_head`` ([layer][KV head], mean over prompts and steps) and
+        ``needle_recall_by_depth`` (per depth, mean over prompts, steps and layers).
+    """
+    flat = [(h.float(), r) for hd, rd in zip(hits, right, strict=True) for h, r in zip(hd, rd, strict=True)]
+    steps = max(h.shape[0] for h, _ in flat)
+
+    def by_step(group: list[torch.Tensor]) -> list[float | None] | None:
+        if not group:
+            return None
+        out = []
+        for s in range(steps):
+            at = [h[s].mean() for h in group if h.shape[0] > s]
+            out.append(float(torch.stack(at).mean()) if at else None)
+        return out
+
+    all_steps = torch.cat([h for h, _ in flat])  # [sum of S, L, Hkv]
+    return {
+        "needle_blocks": [[b.tolist() for b in bd] for bd in needle_blocks],
+        "needle_recall": [[h.float().mean(-1).tolist() for h in hd] for hd in hits],
+        "needle_recall_by_step": by_step([h for h, _ in flat]),
+        "needle_recall_by_step_right": by_step([h for h, r in flat if r]),
+        "needle_recall_by_step_wrong": by_step([h for h, r in flat if not r]),
+        "needle_recall_by_layer": all_steps.mean((0, 2)).tolist(),
+        "needle_recall_by_layer_head": all_steps.mean(0).tolist(),
+        "needle_recall_by_depth": [float(torch.cat([h.float() for h in hd]).mean()) for hd in hits],
+    }
 
 
 def evaluate_decode_ppl(
@@ -251,42 +349,61 @@ def evaluate_decode_passkey(
     seed: int = 0,
     allow_untrained_gates: bool = False,
     progress: bool = True,
+    needle_recall: bool = True,
 ) -> list[dict]:
     """Pass keys answered by generation through each method's decode (:func:`decode_answer`).
 
     A sample is correct when the first run of digits generated (answer tokens + 1 steps) equals the key.
     ``template``: the prompt texts (default :class:`~seerattn.eval.passkey.PasskeyTemplate`).
+    ``needle_recall``: record which decode steps kept the needle's blocks (sparse methods; needs a fast
+    tokenizer for :func:`~seerattn.eval.passkey.key_token_positions`).
 
     Returns:
         one dict per method: ``method``, ``label``, ``budget``, ``budget_fraction``, ``context``, ``depths``,
         ``samples``, ``accuracy`` (per depth), ``correct`` (per depth), ``mean_accuracy`` with 95 % Wilson
         intervals (``accuracy_ci`` per depth, ``mean_accuracy_ci`` pooled), ``answers`` (per depth, the
-        digit strings), ``keys``, ``density`` (mean realised density of the decode steps), ``accuracy_vs_dense``
-        (``mean_accuracy / dense's``, None without a dense row or at dense accuracy 0).
+        digit strings), ``keys``, ``prompt_right`` ([depth][sample] the answer equals the key), ``density``
+        (mean realised density of the decode steps), ``accuracy_vs_dense`` (``mean_accuracy / dense's``, None
+        without a dense row or at dense accuracy 0) and the needle fields of :func:`needle_summary`
+        (:data:`NEEDLE_FIELDS`; None for ``dense``, which selects nothing, and with ``needle_recall`` off).
     """
     _check(em, methods, allow_untrained_gates)
     template = PasskeyTemplate() if template is None else template
     grid = _prompts(books, tokenizer, context, depths, samples, seed, template, add_bos)
+    needles = None
+    if needle_recall:
+        bs = em.state.config.decode.gate.block_size
+        needles = [[(key_token_positions(tokenizer, p, template) // bs).unique() for p in ps] for ps in grid]
+    device = next(em.model.parameters()).device
     rows = []
     try:
         with scaled_rope(em, context, rope_scaling) as rope:
             bar = tqdm(total=len(methods) * len(depths) * samples, desc="decode passkey", disable=not progress)
             for method in methods:
                 configure_decode(em, method, budget)
-                correct, answers, dens = [], [], []
-                for prompts in grid:
-                    hits, got_depth = 0, []
-                    for p in prompts:
+                record = needles is not None and method != "dense"
+                correct, answers, right, hits, dens = [], [], [], [], []
+                for di, prompts in enumerate(grid):
+                    got_depth, right_depth, hits_depth = [], [], []
+                    for si, p in enumerate(prompts):
                         em.state.reset()
-                        toks, density = decode_answer(em.model, p.ids, p.answer.numel() + 1)
+                        recorder = _NeedleRecorder(needles[di][si].to(device)) if record else None
+                        em.state.decode_observer = recorder
+                        steps = p.answer.numel() + 1
+                        toks, density = decode_answer(em.model, p.ids, steps)
                         got = _first_digits(tokenizer.decode(toks, skip_special_tokens=True))
-                        hits += got == p.key
                         got_depth.append(got)
+                        right_depth.append(got == p.key)
+                        if record:
+                            hits_depth.append(recorder.hits(steps))
                         dens.append(density)
                         bar.update(1)
-                    correct.append(hits)
+                    correct.append(sum(right_depth))
                     answers.append(got_depth)
+                    right.append(right_depth)
+                    hits.append(hits_depth)
                 total = sum(correct)
+                needle = needle_summary(needles, hits, right) if record else dict.fromkeys(NEEDLE_FIELDS)
                 rows.append(
                     {
                         "method": method,
@@ -304,8 +421,10 @@ def evaluate_decode_passkey(
                         "interval": {"kind": "Wilson score, prompts pooled per depth / overall", "level": CI_LEVEL},
                         "answers": answers,
                         "keys": [p.key for p in grid[0]],
+                        "prompt_right": right,
                         "density": sum(dens) / len(dens),
                         "rope_scaling": rope,
+                        **needle,
                     }
                 )
                 logger.info("decode passkey %s: %.3f", method, rows[-1]["mean_accuracy"])

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,6 +37,7 @@ __all__ = [
     "PasskeyTemplate",
     "evaluate_passkey",
     "forced_answer",
+    "key_token_positions",
     "make_passkey_prompt",
     "sentence_ends",
 ]
@@ -125,6 +127,43 @@ def make_passkey_prompt(
         len(bos) + len(intro) + a,
         depth,
     )
+
+
+def key_token_positions(
+    tokenizer, prompt: PasskeyPrompt, template: PasskeyTemplate = PasskeyTemplate()
+) -> torch.Tensor:
+    """int64 [M]: the positions in ``prompt.ids`` of the tokens holding the key's digits (both mentions in the needle).
+
+    :func:`make_passkey_prompt` tokenises the needle on its own and puts its tokens at ``prompt.needle_start``;
+    a needle token counts when its character span (the tokenizer's offsets, so a fast tokenizer) overlaps a
+    character of an inserted key. A digit run merged with neighbouring text into one token counts that token.
+    ``template`` must be the one the prompt was built with (checked: the needle's tokens must match the prompt's).
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(
+            f"key_token_positions needs a fast tokenizer (character offsets), got {type(tokenizer).__name__}; "
+            "load it with AutoTokenizer.from_pretrained(..., use_fast=True)"
+        )
+    spans, pos = [], 0  # character spans of the key in the formatted needle
+    for literal, field, spec, conversion in string.Formatter().parse(template.needle):
+        pos += len(literal)
+        if field is None:
+            continue
+        if field != "key" or spec or conversion:
+            raise ValueError(f"the needle template may hold only plain {{key}} fields, got {template.needle!r}")
+        spans.append((pos, pos + len(prompt.key)))
+        pos += len(prompt.key)
+    enc = tokenizer(template.needle.format(key=prompt.key), add_special_tokens=False, return_offsets_mapping=True)
+    ids, start = enc["input_ids"], prompt.needle_start
+    if prompt.ids[start : start + len(ids)].tolist() != ids:
+        raise ValueError(
+            f"the prompt's tokens at needle_start={start} are not this template's needle with key {prompt.key}: "
+            "pass the template and tokenizer the prompt was built with"
+        )
+    found = [start + i for i, (a, b) in enumerate(enc["offset_mapping"]) if any(a < e and s < b for s, e in spans)]
+    if not found:
+        raise ValueError(f"no token of the needle {template.needle!r} overlaps the key {prompt.key}")
+    return torch.tensor(found, dtype=torch.long)
 
 
 @torch.no_grad()

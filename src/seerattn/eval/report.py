@@ -17,6 +17,7 @@ __all__ = [
     "format_rel_diff",
     "markdown_table",
     "masks_markdown",
+    "needle_markdown",
     "passkey_markdown",
     "ppl_markdown",
     "write_text",
@@ -162,4 +163,42 @@ def decode_markdown(ppl_rows: Sequence[dict], passkey_rows: Sequence[dict]) -> s
     rows = [[m] + [cell for col in columns for cell in col(m)] for m in methods]
     budget, context = first["budget"], first["context"]
     title = f"Sparse decode at a budget of {budget} tokens ({budget / context:.3g} of the {context}-token context)\n\n"
-    return title + markdown_table(header, rows)
+    needle = needle_markdown(passkey_rows)
+    return title + markdown_table(header, rows) + (f"\n{needle}" if needle else "")
+
+
+def _share(x: float | None) -> str:
+    return "" if x is None else f"{x:.2f}"
+
+
+def needle_markdown(passkey_rows: Sequence[dict]) -> str:
+    """Needle recall of the decode passkey (:func:`~seerattn.eval.decode.evaluate_decode_passkey`): per answer step
+    (all prompts, those answered right, those answered wrong), per depth and per layer, for the rows that recorded
+    it; empty when none did."""
+    rows = [r for r in passkey_rows if r.get("needle_recall_by_step") is not None]
+    if not rows:
+        return ""
+    steps = max(len(r["needle_recall_by_step"]) for r in rows)
+    body = []
+    for r in rows:
+        total, right = sum(map(len, r["prompt_right"])), sum(map(sum, r["prompt_right"]))
+        for group, n in (("all", total), ("right", right), ("wrong", total - right)):
+            values = r["needle_recall_by_step" + ("" if group == "all" else f"_{group}")] or []
+            cells = [_share(values[s] if s < len(values) else None) for s in range(steps)]
+            body.append([r["label"], f"{group} ({n})", *cells])
+    text = (
+        "Needle recall: share of KV heads whose selected blocks hold a digit of the pass key (mean over layers and "
+        "prompts). Step 0 is the last prompt token (predicting the first answer token), step s the s-th generated "
+        "token.\n\n" + markdown_table(["method", "prompts (n)", *[f"step {s}" for s in range(steps)]], body)
+    )
+    depths = rows[0]["depths"]
+    text += "\nBy depth (mean over prompts, steps and layers).\n\n" + markdown_table(
+        ["method", *[f"depth {d:g}" for d in depths]],
+        [[r["label"], *map(_share, r["needle_recall_by_depth"])] for r in rows],
+    )
+    layers = len(rows[0]["needle_recall_by_layer"])
+    text += "\nBy layer (mean over prompts and steps).\n\n" + markdown_table(
+        ["layer", *[r["label"] for r in rows]],
+        [[str(i), *[_share(r["needle_recall_by_layer"][i]) for r in rows]] for i in range(layers)],
+    )
+    return text
