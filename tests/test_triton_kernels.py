@@ -491,7 +491,7 @@ def test_sparse_backward_is_deterministic():
 
 
 def test_dkdv_candidates_are_split_then_atomic(monkeypatch):
-    """On the GPU every two-loop dK/dV tile is a candidate twice, split first (the untuned default is the
+    """On the GPU every dK/dV tile is a candidate twice, split first (the untuned default is the
     deterministic path), then with atomic dQ; the dQ pass refuses an atomic config."""
     from seerattn.ops._triton import config, sparse_bwd
 
@@ -499,7 +499,7 @@ def test_dkdv_candidates_are_split_then_atomic(monkeypatch):
         cands = _gpu_candidates(monkeypatch, config.dkdv_configs, bs, 128)
         split = [c for c in cands if not c.atomic_dq]
         assert len(cands) == len(set(cands)) and cands[: len(split)] == split  # no repeats, split first
-        assert set(map(_atomic, [c for c in split if not c.flat])) <= set(cands[len(split) :])
+        assert set(map(_atomic, split)) <= set(cands[len(split) :])
     assert config.dkdv_configs(64, 16) == [c for c in config.dkdv_configs(64, 16) if not c.atomic_dq]  # interpreter
     q, k, v = rand_qkv(1, 2, 1, 32, 16, torch.float32)
     mask = rand_mask(1, 2, 32, 16)

@@ -96,10 +96,6 @@ class KernelConfig:
             accumulate dQ there with fp32 atomic adds, so the dQ pass does not run (one pass of 5
             matmuls per tile pair instead of two passes of 7 in all); not deterministic, so never
             used while ``torch.are_deterministic_algorithms_enabled()``.
-        flat: the backward's passes only: one loop over all of a program's steps (the dK/dV pass:
-            over every query head of the group too), each with the causal mask, instead of an
-            unmasked and a masked loop per head (each loop fills and drains the software pipeline;
-            at 10 % a dK/dV program walks ~50 steps per head).
     """
 
     block_m: int
@@ -108,11 +104,10 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 2
     atomic_dq: bool = False
-    flat: bool = False
 
     def short(self) -> str:
-        extra = ("/atomic-dQ" if self.atomic_dq else "") + ("/flat" if self.flat else "")
-        return f"M{self.block_m}/N{self.block_n}/P{self.pack}/w{self.num_warps}/s{self.num_stages}{extra}"
+        atomic = "/atomic-dQ" if self.atomic_dq else ""
+        return f"M{self.block_m}/N{self.block_n}/P{self.pack}/w{self.num_warps}/s{self.num_stages}{atomic}"
 
 
 def _pow2_factor(n: int) -> int:
@@ -180,7 +175,7 @@ def dkdv_configs(mask_block: int, head_dim: int) -> list[KernelConfig]:
     it picks split or atomic per shape and mask kind.
     """
     if interpreting():
-        return [KernelConfig(min(mask_block, _INTERP_TILE_M), min(mask_block, 16), 1, 4, 1, flat=True)]
+        return [KernelConfig(min(mask_block, _INTERP_TILE_M), min(mask_block, 16), 1, 4, 1)]
     keys = min(mask_block, 64)
     rows = min(mask_block, 64)
     # dK and dV accumulators are keys x D fp32 each: 64 keys x D 128 fit 4 warps; 128 keys need 8.
@@ -194,10 +189,7 @@ def dkdv_configs(mask_block: int, head_dim: int) -> list[KernelConfig]:
     # The atomic pass also holds a rows x D fp32 dQ tile: offline sm_90 compile (bf16, D 128), 64 keys
     # x 32 rows with 4 warps spill 80 B (split: 8 B); with 8 warps 224 registers and no spill.
     atomic.append(KernelConfig(keys, min(rows, 32), 1, 8, 3, atomic_dq=True))
-    # One pipelined loop per program (the 4-warp split tiles, and deeper pipelines for it).
-    flat = [dataclasses.replace(c, flat=True) for c in split if c.num_warps == 4]
-    flat += [KernelConfig(keys, min(rows, 32), 1, 4, st, flat=True) for st in (2, 4)]
-    return list(dict.fromkeys(split + flat + atomic))  # at 32-token blocks some tiles coincide
+    return list(dict.fromkeys(split + atomic))  # at 32-token blocks some tiles coincide
 
 
 def dq_configs(mask_block: int, heads_per_mask: int, head_dim: int) -> list[KernelConfig]:
@@ -208,7 +200,7 @@ def dq_configs(mask_block: int, heads_per_mask: int, head_dim: int) -> list[Kern
     if interpreting():
         pack = min(hp, max(1, _INTERP_TILE_M // mask_block))
         rows = min(mask_block, _INTERP_TILE_M // pack)
-        return [KernelConfig(pack * rows, min(mask_block, _INTERP_BLOCK_N), pack, 4, 1, flat=True)]
+        return [KernelConfig(pack * rows, min(mask_block, _INTERP_BLOCK_N), pack, 4, 1)]
     bn = min(64, mask_block)
     configs = []
     # Per-group masks: heads of the group share a program (one K/V load for all of them).
@@ -218,7 +210,6 @@ def dq_configs(mask_block: int, heads_per_mask: int, head_dim: int) -> list[Kern
         configs.append(KernelConfig(pack * rows, bn, pack, warps, 3))
     rows = min(mask_block, 64)
     configs.append(KernelConfig(rows, bn, 1, 4, 3))
-    configs += [dataclasses.replace(c, flat=True) for c in configs]  # one pipelined loop per program
     return list(dict.fromkeys(configs))
 
 

@@ -103,15 +103,16 @@ def _bwd_preprocess_kernel(
 # ====================================================================== dK / dV
 @triton.jit
 def _dkdv_step(
-    dk, dv, k, v, entry, sub, Q0, DO0, L0, D0, DQ0, kpos, seqlen, s0, qk_scale, sm_scale,
+    dk, dv, k, v, entry, s, list_ptr, cnt, Q0, DO0, L0, D0, DQ0, kpos, seqlen, s0, qk_scale, sm_scale,
     stride_qt, stride_dot, offs_d,
-    MB: tl.constexpr, ROWS: tl.constexpr, MASKED: tl.constexpr, ATOMIC_DQ: tl.constexpr, HEAD_DIM: tl.constexpr,
+    MB: tl.constexpr, ROWS: tl.constexpr, KPB: tl.constexpr, MASKED: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
 ):  # fmt: skip
-    """Step ``sub`` (ROWS query rows) of query block ``entry`` against the program's keys; with
-    ``ATOMIC_DQ`` also adds these rows' share of dQ (``scale * dS K``) to the fp32 accumulator.
-    The caller loads the next step's entry before calling (see the module docstring)."""
+    """One step of ROWS query rows (of query block ``entry``) against the program's keys; with
+    ``ATOMIC_DQ`` also adds these rows' share of dQ (``scale * dS K``) to the fp32 accumulator."""
     offs_r = tl.arange(0, ROWS)
-    qpos = entry * MB + sub * ROWS + offs_r
+    qpos = entry * MB + (s % KPB) * ROWS + offs_r
+    next_entry = tl.load(list_ptr + (s + 1) // KPB, mask=(s + 1) // KPB < cnt, other=0)
     row_ok = qpos < seqlen  # a partial last block, or (varlen) a block past this sequence's end
     tok = (s0 + qpos).to(tl.int64)
     q = tl.load(Q0 + tok[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
@@ -131,7 +132,7 @@ def _dkdv_step(
         dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k) * sm_scale  # [ROWS, D]
         dq_ptrs = DQ0 + tok[:, None] * HEAD_DIM + offs_d[None, :]
         tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None], sem="relaxed")
-    return dk, dv
+    return dk, dv, next_entry
 
 
 @triton.jit
@@ -147,8 +148,7 @@ def _dkdv_kernel(
     stride_ib, stride_ih, stride_ij,
     seq_len, HKV, HQ, HEADS_PER_MASK, GROUP,
     MB: tl.constexpr, KEYS: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    VARLEN: tl.constexpr, ATOMIC_DQ: tl.constexpr, FLAT: tl.constexpr, GROUP_P2: tl.constexpr,
-    TAIL: tl.constexpr = 4,
+    VARLEN: tl.constexpr, ATOMIC_DQ: tl.constexpr, TAIL: tl.constexpr = 4,
 ):  # fmt: skip
     KPB: tl.constexpr = MB // ROWS  # steps per query block
     bk = tl.program_id(0)
@@ -179,70 +179,32 @@ def _dkdv_kernel(
     v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
     dk = tl.zeros([KEYS, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([KEYS, HEAD_DIM], dtype=tl.float32)
-    lists = QIdx + b.to(tl.int64) * stride_ib + jb.to(tl.int64) * stride_ij  # + mask head * stride_ih
-    nums = QNum + b.to(tl.int64) * stride_nb + jb  # + mask head * stride_nh
-    row_b = tb64 * HQ  # lse2 / delta are contiguous [B, Hq, T]
 
-    if FLAT:
-        # One software-pipelined loop over every (query head of the group, list step), each step
-        # with the causal mask (exact everywhere: rows below the diagonal see all the tile's keys):
-        # no pipeline drain and refill per head and per masked / unmasked part. Step s belongs to
-        # head g = #{heads whose steps end at or before s}.
-        offs_g = tl.arange(0, GROUP_P2)
-        hm_g = (kvh * GROUP + offs_g) // HEADS_PER_MASK
-        steps_g = tl.load(nums + hm_g.to(tl.int64) * stride_nh, mask=offs_g < GROUP, other=0) * KPB
-        end_g = tl.cumsum(steps_g, 0)
-        total = tl.sum(steps_g, 0)
-        # Entry of step 0 (head 0 may have an empty list: find the first head with steps).
-        g = tl.sum((end_g <= 0).to(tl.int32), 0)
-        hm = (kvh * GROUP + g) // HEADS_PER_MASK
-        entry = tl.load(lists + hm.to(tl.int64) * stride_ih, mask=total > 0, other=0)
-        for s in range(0, total):
-            g = tl.sum((end_g <= s).to(tl.int32), 0)
-            i = s - tl.sum(tl.where(offs_g == g, end_g - steps_g, 0), 0)
-            g1 = tl.sum((end_g <= s + 1).to(tl.int32), 0)
-            i1 = s + 1 - tl.sum(tl.where(offs_g == g1, end_g - steps_g, 0), 0)
-            hm1 = (kvh * GROUP + g1) // HEADS_PER_MASK
-            next_entry = tl.load(lists + hm1.to(tl.int64) * stride_ih + i1 // KPB, mask=s + 1 < total, other=0)
-            h = (kvh * GROUP + g).to(tl.int64)
-            row0 = (row_b + h) * seq_len
-            dk, dv = _dkdv_step(
-                dk, dv, k, v, entry, i % KPB, Q + tb64 * stride_qb + h * stride_qh,
-                DO + tb64 * stride_dob + h * stride_doh, Lse2 + row0, Delta + row0, DQAcc + row0 * HEAD_DIM,
-                kpos, seqlen, s0, qk_scale, sm_scale, stride_qt, stride_dot, offs_d, MB, ROWS, True, ATOMIC_DQ,
-                HEAD_DIM,
+    for g in range(0, GROUP):
+        h = kvh * GROUP + g
+        hm = h // HEADS_PER_MASK
+        list_ptr = QIdx + b.to(tl.int64) * stride_ib + hm.to(tl.int64) * stride_ih + jb.to(tl.int64) * stride_ij
+        cnt = tl.load(QNum + b.to(tl.int64) * stride_nb + hm.to(tl.int64) * stride_nh + jb)
+        # Query blocks I <= J (the diagonal, blocks above it) lead the ascending list: masked.
+        n_masked = count_below_from_start(list_ptr, cnt, jb + 1, TAIL)
+        row0 = (tb64 * HQ + h) * seq_len  # lse2 / delta are contiguous [B, Hq, T]
+        Q0 = Q + tb64 * stride_qb + h.to(tl.int64) * stride_qh
+        DO0 = DO + tb64 * stride_dob + h.to(tl.int64) * stride_doh
+        L0 = Lse2 + row0
+        D0 = Delta + row0
+        DQ0 = DQAcc + row0 * HEAD_DIM  # the fp32 accumulator: contiguous [B, Hq, T, D]
+        entry = tl.load(list_ptr)  # slot 0 always exists in memory
+        masked_steps = n_masked * KPB
+        for s in range(0, masked_steps):
+            dk, dv, entry = _dkdv_step(
+                dk, dv, k, v, entry, s, list_ptr, cnt, Q0, DO0, L0, D0, DQ0, kpos, seqlen, s0, qk_scale, sm_scale,
+                stride_qt, stride_dot, offs_d, MB, ROWS, KPB, True, ATOMIC_DQ, HEAD_DIM,
             )  # fmt: skip
-            entry = next_entry
-    else:
-        for g in range(0, GROUP):
-            h = kvh * GROUP + g
-            hm = h // HEADS_PER_MASK
-            list_ptr = lists + hm.to(tl.int64) * stride_ih
-            cnt = tl.load(nums + hm.to(tl.int64) * stride_nh)
-            # Query blocks I <= J (the diagonal, blocks above it) lead the ascending list: masked.
-            n_masked = count_below_from_start(list_ptr, cnt, jb + 1, TAIL)
-            row0 = (row_b + h) * seq_len
-            Q0 = Q + tb64 * stride_qb + h.to(tl.int64) * stride_qh
-            DO0 = DO + tb64 * stride_dob + h.to(tl.int64) * stride_doh
-            L0 = Lse2 + row0
-            D0 = Delta + row0
-            DQ0 = DQAcc + row0 * HEAD_DIM  # the fp32 accumulator: contiguous [B, Hq, T, D]
-            entry = tl.load(list_ptr)  # slot 0 always exists in memory
-            masked_steps = n_masked * KPB
-            for s in range(0, masked_steps):
-                next_entry = tl.load(list_ptr + (s + 1) // KPB, mask=(s + 1) // KPB < cnt, other=0)
-                dk, dv = _dkdv_step(
-                    dk, dv, k, v, entry, s % KPB, Q0, DO0, L0, D0, DQ0, kpos, seqlen, s0, qk_scale, sm_scale,
-                    stride_qt, stride_dot, offs_d, MB, ROWS, True, ATOMIC_DQ, HEAD_DIM,
-                )  # fmt: skip
-                entry = next_entry
-            for s in range(masked_steps, cnt * KPB):
-                next_entry = tl.load(list_ptr + (s + 1) // KPB, mask=(s + 1) // KPB < cnt, other=0)
-                dk, dv = _dkdv_step(
-                    dk, dv, k, v, entry, s % KPB, Q0, DO0, L0, D0, DQ0, kpos, seqlen, s0, qk_scale, sm_scale,
-                    stride_qt, stride_dot, offs_d, MB, ROWS, False, ATOMIC_DQ, HEAD_DIM,
-                )  # fmt: skip
-                entry = next_entry
+        for s in range(masked_steps, cnt * KPB):
+            dk, dv, entry = _dkdv_step(
+                dk, dv, k, v, entry, s, list_ptr, cnt, Q0, DO0, L0, D0, DQ0, kpos, seqlen, s0, qk_scale, sm_scale,
+                stride_qt, stride_dot, offs_d, MB, ROWS, KPB, False, ATOMIC_DQ, HEAD_DIM,
+            )  # fmt: skip
 
     # dK and dV share one layout (allocated together by the launcher).
     out_off = tb64 * stride_dkb + kvh64 * stride_dkh + ktok[:, None] * stride_dkt + offs_d[None, :]
@@ -293,7 +255,7 @@ def _dq_kernel(
     stride_ib, stride_ih, stride_iq,
     seq_len, n_tiles, HQ, HM, HEADS_PER_MASK, GROUP,
     PACK: tl.constexpr, ROWS: tl.constexpr, MB: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, FLAT: tl.constexpr, TAIL: tl.constexpr = 4,
+    HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, TAIL: tl.constexpr = 4,
 ):  # fmt: skip
     BLOCK_M: tl.constexpr = PACK * ROWS
     KPB: tl.constexpr = MB // BLOCK_N
@@ -342,10 +304,7 @@ def _dq_kernel(
 
     list_ptr = LIdx + b.to(tl.int64) * stride_ib + hm.to(tl.int64) * stride_ih + list_row.to(tl.int64) * stride_iq
     cnt = tl.load(LNum + b.to(tl.int64) * stride_nb + hm.to(tl.int64) * stride_nh + list_row)
-    if FLAT:
-        n_full = 0  # one loop, every step masked (exact: the mask is all-true left of the diagonal)
-    else:
-        n_full = count_below_from_end(list_ptr, cnt, list_row, 0, TAIL)
+    n_full = count_below_from_end(list_ptr, cnt, list_row, 0, TAIL)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     entry = tl.load(list_ptr)  # slot 0 always exists in memory
@@ -467,7 +426,7 @@ def block_sparse_attention_bwd(
             q_indices.stride(0), q_indices.stride(1), q_indices.stride(2),
             t, hkv, hq, heads_per_mask, group,
             MB=mask_block, KEYS=cfg.block_m, ROWS=cfg.block_n, HEAD_DIM=d, VARLEN=varlen, ATOMIC_DQ=cfg.atomic_dq,
-            FLAT=cfg.flat, GROUP_P2=triton.next_power_of_2(group), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
 
     def launch_dq(cfg: KernelConfig):
@@ -485,7 +444,7 @@ def block_sparse_attention_bwd(
             kv_num_blocks.stride(0), kv_num_blocks.stride(1),
             kv_indices.stride(0), kv_indices.stride(1), kv_indices.stride(2),
             t, n_tiles, hq, hm, heads_per_mask, group,
-            PACK=cfg.pack, ROWS=rows, MB=mask_block, BLOCK_N=cfg.block_n, HEAD_DIM=d, VARLEN=varlen, FLAT=cfg.flat,
+            PACK=cfg.pack, ROWS=rows, MB=mask_block, BLOCK_N=cfg.block_n, HEAD_DIM=d, VARLEN=varlen,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
 
