@@ -243,7 +243,10 @@ def test_gpu_decode_step_has_no_host_sync_and_replays_in_a_cuda_graph():
     q = torch.randn(b, 32, 128, device="cuda", dtype=torch.bfloat16, generator=g)
     lens = torch.tensor([4000, 3000, 129, 64], dtype=torch.int32, device="cuda")
     cache = GateKeyCache(gate, b, max_tokens=t)
-    cache.prefill(k, lens - 1, rotary)
+    # Prefill from the longest prompt's keys only: the cache's host bound is then 4000 tokens, so the
+    # append below stays inside the t // 64 blocks the step's selection is sized for (a prefill of all
+    # t keys sets the bound to t and the append grew the cache to 2x: the GPU run of a59562e failed so).
+    cache.prefill(k[:, :, : int(lens.max())], lens - 1, rotary)
     policy = DecodePolicy("budget", 1024)
 
     def step():
@@ -260,6 +263,7 @@ def test_gpu_decode_step_has_no_host_sync_and_replays_in_a_cuda_graph():
         cache.append(k[:, :, 0], rotary)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    assert cache.capacity == t // 64
     want = sparse_decode_attention(q, k, v, lens, idx, 64, impl="reference")
     torch.testing.assert_close(out.float(), want.float(), rtol=2e-2, atol=2e-2)
     graph = torch.cuda.CUDAGraph()
