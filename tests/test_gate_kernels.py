@@ -205,3 +205,16 @@ def test_fused_gate_policy_and_kernel_run_without_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(out).all()
+
+
+@interpreter
+def test_scores_precision_is_checked():
+    """The scores kernel's dot precision is one of the listed ones; anything else is refused by name."""
+    from seerattn.ops._triton import gate_fwd
+
+    gate, q, k, cos, sin = _case(4, 2, 64, 16, GateConfig(block_size=32, q_subblock=16), torch.float32)
+    args = (q, k, gate.k_proj, gate.q_proj, cos.float(), sin.float(), 32, 16, ("avg",), ("max", "min", "avg"))
+    ref = gate_fwd.gate_logits_fwd(*args, precision="ieee")
+    assert torch.equal(gate_fwd.gate_logits_fwd(*args, precision="tf32x3"), ref)  # the interpreter: exact fp32
+    with pytest.raises(ValueError, match=r"one of \('ieee', 'tf32x3', 'tf32'\), got 'bf16'"):
+        gate_fwd.gate_logits_fwd(*args, precision="bf16")

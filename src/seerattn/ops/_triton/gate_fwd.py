@@ -19,7 +19,8 @@ Exactly :class:`seerattn.gate.AttnGate`'s forward, in fp32 whatever the input dt
    position, key blocks at their block's first window: the rotate-half as two half-width dots,
    ``q . k = q1 . k1 + q2 . k2`` with ``q1 = x1 cos1 - x2 sin1``, ``q2 = x2 cos2 + x1 sin2``), and for
    each of the block's ``R = block_size // q_step`` query windows computes ``qg . kg / sqrt(Dg)``
-   (IEEE fp32 dots) and folds it into a running log-sum-exp over windows (padding windows of a
+   (fp32 dots on tensor cores as 3xTF32 by default, or IEEE fp32: ``precision``) and folds it into a
+   running log-sum-exp over windows (padding windows of a
    partial last block are left out, which equals the eager gate's finite-floor padding after the
    log-sum-exp). Key tiles above the diagonal are written as ``-inf`` without any arithmetic;
    inside a tile, entries above the diagonal are ``-inf``.
@@ -49,8 +50,12 @@ from .config import interpreting
 __all__ = ["gate_logits_fwd"]
 
 _POOL_CODES = {"avg": 0, "max": 1, "min": 2}
-# exact fp32 products (no TF32): the gate's logits must match the eager fp32 gate's
-DOT_PRECISION = tl.constexpr("ieee")
+# Precision of the scores kernel's fp32 dots (``tl.dot(input_precision=...)``). "ieee" (exact fp32 products)
+# has no tensor-core path on Hopper: at 128k it made the scores kernel 13.5 ms of a layer's 15.4 ms gate
+# (H200, 6a58197, a profiled prefill). "tf32x3" splits each fp32 operand into two TF32 parts and runs three
+# tensor-core products (the small * small one dropped): products to ~2^-21 relative, fp32 accumulation.
+PRECISIONS = ("ieee", "tf32x3", "tf32")
+DEFAULT_PRECISION = "tf32x3"
 
 
 @triton.jit
@@ -136,6 +141,7 @@ def _gate_scores_kernel(
     stride_ob, stride_oh, stride_oi,
     NS, NB, HQ, HALF, n_row_tiles, sqrt_dg,
     R: tl.constexpr, HALF_P: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, ROPE: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
     b = bh // HQ
@@ -160,8 +166,8 @@ def _gate_scores_kernel(
             if R == 1:
                 q1, q2 = _load_rotated(q_base, Cos + c_base, Sin + c_base, rows, row_ok, rows, stride_qn, stride_cn,
                                        offs_j, HALF, ROPE)  # fmt: skip
-                x = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)
-                lse = tl.dot(q2, tl.trans(k2), x, input_precision=DOT_PRECISION) / sqrt_dg
+                x = tl.dot(q1, tl.trans(k1), input_precision=PRECISION)
+                lse = tl.dot(q2, tl.trans(k2), x, input_precision=PRECISION) / sqrt_dg
             else:
                 m = tl.full([BLOCK_I, BLOCK_J], float("-inf"), dtype=tl.float32)
                 acc = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
@@ -170,8 +176,8 @@ def _gate_scores_kernel(
                     w_ok = row_ok & (win < NS)  # a partial last block has fewer windows
                     q1, q2 = _load_rotated(q_base, Cos + c_base, Sin + c_base, win, w_ok, win, stride_qn, stride_cn,
                                            offs_j, HALF, ROPE)  # fmt: skip
-                    x = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)
-                    x = tl.dot(q2, tl.trans(k2), x, input_precision=DOT_PRECISION) / sqrt_dg
+                    x = tl.dot(q1, tl.trans(k1), input_precision=PRECISION)
+                    x = tl.dot(q2, tl.trans(k2), x, input_precision=PRECISION) / sqrt_dg
                     x = tl.where(w_ok[:, None], x, float("-inf"))
                     m_new = tl.maximum(m, x)
                     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -215,14 +221,18 @@ def gate_logits_fwd(
     q_step: int,
     q_pooling: tuple[str, ...],
     k_pooling: tuple[str, ...],
+    precision: str = DEFAULT_PRECISION,
 ) -> torch.Tensor:
     """Pool, project, score (inputs already validated by the caller).
 
     q: [B, Hq, T, D], k: [B, Hkv, T, D] (unit last stride); k_proj [Hq, Ck * D, Dg]; q_proj
     [Hq, Cq * D, Dg] or None (pooled Q used as is: one pooling, Dg == D); cos/sin [B or 1, NS, Dg]
-    with unit last stride, or None (no RoPE). Returns logits [B, Hq, NB, NB] fp32, ``-inf`` above
-    the block diagonal.
+    with unit last stride, or None (no RoPE). ``precision``: the scores kernel's dot precision, one of
+    :data:`PRECISIONS` (the interpreter computes every one in exact fp32). Returns logits [B, Hq, NB, NB]
+    fp32, ``-inf`` above the block diagonal.
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"gate scores precision must be one of {PRECISIONS}, got {precision!r}")
     b, hq, t, d = q.shape
     hkv = k.shape[1]
     rope = cos is not None
@@ -249,6 +259,6 @@ def gate_logits_fwd(
         out.stride(0), out.stride(1), out.stride(2),
         ns, nb, hq, dg // 2, n_row_tiles, math.sqrt(dg),
         R=r, HALF_P=max(16, triton.next_power_of_2(dg // 2)), BLOCK_I=block_i, BLOCK_J=block_j, ROPE=rope,
-        num_warps=4 if interpreting() else 8,  # 4 warps spill at Dg 128 (offline sm_90 compile)
+        PRECISION=precision, num_warps=4 if interpreting() else 8,  # 4 warps spill at Dg 128 (offline sm_90 compile)
     )  # fmt: skip
     return out
