@@ -8,6 +8,8 @@
   ``bench_decode.json`` (4k budget) and ``bench_decode_budgets.json`` (batch 16, 32k, 2k and 8k).
 - The whole seer step (gate + selection + kernel) against the kernel alone: the share of the step that is
   not the kernel.
+- The same for ``full-recipe/``: the kernel at batch 16 / 32 / 64 (``decode_b64.json``) and the quality of the
+  decode gates trained with the recipe's 400 steps (``eval_decode.json``).
 - Quality: seer against Quest- and StreamingLLM-style decode on the same windows (PPL of the last 2048
   tokens and of whole windows, ``PPL_seer / PPL_other - 1`` with the eval's paired bootstrap over the windows,
   :func:`seerattn.eval.stats.paired_bootstrap_ppl`, 2000 resamples, seed 0; negative: seer better) and on
@@ -38,9 +40,9 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def kernel_table() -> list[str]:
+def kernel_table(names=("bench_decode.json", "bench_decode_budgets.json")) -> list[str]:
     rows = []
-    for name in ("bench_decode.json", "bench_decode_budgets.json"):
+    for name in names:
         rows += json.loads((HERE / name).read_text())["results"]
     out = [
         "| batch | context | budget | provider | ms eager | ms graph | x SDPA eager | x SDPA graph "
@@ -66,9 +68,9 @@ def kernel_table() -> list[str]:
     return out
 
 
-def step_share_table() -> list[str]:
+def step_share_table(name: str = "bench_decode.json") -> list[str]:
     """Gate + selection = the seer step minus the kernel alone (same selection size, same run)."""
-    rows = json.loads((HERE / "bench_decode.json").read_text())["results"]
+    rows = json.loads((HERE / name).read_text())["results"]
     by = {(r["batch"], r["context"], r["provider"]): r for r in rows}
     out = [
         "| batch | context | kernel ms (graph) | seer step ms (graph) | gate + selection ms (graph) | share of step "
@@ -87,8 +89,8 @@ def step_share_table() -> list[str]:
     return out
 
 
-def quality_tables() -> list[str]:
-    res = json.loads((HERE / "eval_decode.json").read_text())["results"]
+def quality_tables(name: str = "eval_decode.json") -> list[str]:
+    res = json.loads((HERE / name).read_text())["results"]
     ppl = {r["method"]: r for r in res["ppl"]}
     out = [
         "| seer vs | PPL last 2048: ratio - 1 [95 %] | whole window [95 %] |",
@@ -120,4 +122,7 @@ def quality_tables() -> list[str]:
 
 
 if __name__ == "__main__":
-    print("\n".join(kernel_table() + [""] + step_share_table() + [""] + quality_tables()))
+    first = kernel_table() + [""] + step_share_table() + [""] + quality_tables()
+    full = ["# full-recipe/ (tree of 12b6520)", ""] + kernel_table(("full-recipe/decode_b64.json",)) + [""]
+    full += step_share_table("full-recipe/decode_b64.json") + [""] + quality_tables("full-recipe/eval_decode.json")
+    print("\n".join(first + ["", *full]))
