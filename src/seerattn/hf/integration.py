@@ -22,6 +22,7 @@ Shape legend: B batch, Hq/Hkv heads, T tokens, D head dim, NB blocks, K selected
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import weakref
@@ -706,24 +707,52 @@ def _follow_batch_ops(state: SeerState, hf_cache) -> None:
     transformers reorders a cache's K/V for beam search by calling its ``reorder_cache``; the key caches,
     kept beside it, must be reordered the same way, or each sequence would select blocks with another
     sequence's gate keys. The cache object's own methods are wrapped (on the instance: the class and
-    other caches are untouched): each runs, then the layers' key caches owned by this cache take the
-    same sequences.
+    other caches are untouched) by :class:`_FollowedBatchOp`: each runs, then the layers' key caches owned
+    by this cache take the same sequences.
+
+    Nothing put on the cache refers to it strongly: the wrappers hold it through a weak reference, and
+    ``_seer_follows`` is a weak reference to the state. A wrapper holding the bound method
+    (``hf_cache.reorder_cache``) would make a reference cycle cache -> wrapper -> cache, and the whole KV
+    cache (16 GiB at 8 layers, batch 16, 32k, Llama-3.1-8B shape) would outlive its ``generate()`` until
+    the garbage collector's next full pass: the +16 / +48 GiB peaks of the end-to-end benchmark
+    (docs/experiments/decode/README.md, section 5).
     """
-    if hf_cache.__dict__.get("_seer_follows") is state:
+    follows = hf_cache.__dict__.get("_seer_follows")
+    if follows is not None and follows() is state:
         return
-    for name, index_of in _BATCH_OPS.items():
-        method = getattr(hf_cache, name, None)
-        if method is not None:
-            setattr(hf_cache, name, functools.partial(_batch_op, state, method, index_of))
-    hf_cache._seer_follows = state
+    for name in _BATCH_OPS:
+        if getattr(hf_cache, name, None) is not None:
+            setattr(hf_cache, name, _FollowedBatchOp(state, hf_cache, name, hf_cache.__dict__.get(name)))
+    hf_cache._seer_follows = weakref.ref(state)
 
 
-def _batch_op(state: SeerState, method, index_of, arg) -> None:
-    """A wrapped batch operation of a transformers cache (:func:`_follow_batch_ops`)."""
-    method(arg)
-    for entry in state._decode.values():
-        if entry.owner() is method.__self__:
-            entry.keys.select(index_of(arg, entry.keys.lengths.shape[0]))
+class _FollowedBatchOp:
+    """A batch operation ``name`` of a transformers cache wrapped by :func:`_follow_batch_ops`: the class's
+    method on the cache (or ``inner``, an earlier wrapper: another state following the same cache), then the
+    same sequences in ``state``'s key caches owned by that cache. Holds the cache weakly (no reference cycle);
+    a deep copy of the cache (transformers' prompt-reuse recipe) gets wrappers of the copy, following the
+    same state (whose key caches belong to the original: the copy's operations select none of them)."""
+
+    def __init__(self, state: SeerState, cache, name: str, inner: _FollowedBatchOp | None):
+        self.state, self.owner, self.name, self.inner = state, weakref.ref(cache), name, inner
+
+    def __call__(self, arg) -> None:
+        cache = self.owner()
+        if self.inner is None:
+            getattr(type(cache), self.name)(cache, arg)
+        else:
+            self.inner(arg)
+        for entry in self.state._decode.values():
+            if entry.owner() is cache:
+                entry.keys.select(_BATCH_OPS[self.name](arg, entry.keys.lengths.shape[0]))
+
+    def __deepcopy__(self, memo: dict) -> _FollowedBatchOp:
+        cache = memo.get(id(self.owner()))  # the copy of the cache, made before its attributes are copied
+        if cache is None:
+            raise TypeError(
+                "a wrapped batch operation of a KV cache is copied with its cache only (copy.deepcopy(cache))"
+            )
+        return _FollowedBatchOp(self.state, cache, self.name, copy.deepcopy(self.inner, memo))
 
 
 @torch.compiler.disable
