@@ -127,6 +127,90 @@ def test_paged_equals_contiguous(dtype, page):
         torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
 
 
+def paged_pool(k, v, lens, page, seed=0, spare=3):
+    """The contiguous cache k, v [B, Hkv, Tmax, D] as an engine's page pool [P, page, Hkv, D] + block_table int32
+    [B, Tmax / page]: sequence b owns ceil(lens[b] / page) pages (its last one partial when page does not divide
+    lens[b]) at random places in a pool with ``spare`` more pages; the pages nobody owns are NaN and the table's
+    entries past a sequence's own pages point at them or at other sequences' pages (an engine's stale entries).
+    Returns kp, vp, table and the [B, Hkv, Tmax, D] view through the table (NaN or foreign past each length)."""
+    b, hkv, t, d = k.shape
+    assert t % page == 0
+    g = torch.Generator().manual_seed(seed)
+    owned = [-(-int(n) // page) for n in lens]
+    total = sum(owned) + spare
+    ids = torch.randperm(total, generator=g)
+    kp, vp = (torch.full((total, page, hkv, d), float("nan"), dtype=k.dtype) for _ in range(2))
+    table = torch.randint(0, total, (b, t // page), generator=g, dtype=torch.int32)
+    start = 0
+    for i, n in enumerate(owned):
+        mine = ids[start : start + n]
+        start += n
+        table[i, :n] = mine.to(torch.int32)
+        kp[mine] = k[i, :, : n * page].transpose(0, 1).reshape(n, page, hkv, d)
+        vp[mine] = v[i, :, : n * page].transpose(0, 1).reshape(n, page, hkv, d)
+    return kp, vp, table, gather_paged_kv(kp, table), gather_paged_kv(vp, table)
+
+
+# 224 tokens of capacity: 3.5 blocks of 64 (the capacity's last block is partial), 14 / 7 / 224 pages of 16 / 32 / 1.
+# Lengths: one token, partial last page and block (45 = 2 pages of 16 + 13, 1 page of 32 + 13), a full cache, a
+# block boundary, a partial page in the capacity's partial block (201).
+PAGED_LENS = [1, 45, 224, 128, 201]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("page", "block_n"), [(1, 32), (1, 64), (16, 16), (16, 64), (32, 32), (32, 64)])
+def test_paged_pages_smaller_than_a_block(page, block_n, dtype):
+    """64-token blocks over 1-, 16- and 32-token pages in a shuffled pool (a block spans 64 / page pages): every
+    key step of BLOCK_N keys with one page id (page >= BLOCK_N) or one per key row (page < BLOCK_N), forced;
+    GQA group 4, one (sequence, head) with nothing selected, -1 padding, split and unsplit. The kernel on the pages
+    == the kernel on the contiguous cache, bit for bit (the same config); both within the fp64-oracle tolerance;
+    the reference on the pages == the reference on the contiguous cache."""
+    from seerattn.ops._triton.config import KernelConfig
+
+    seed = page * 10 + block_n
+    q, k, v, sl, idx = make_case(PAGED_LENS, 8, 2, 16, 224, 64, 3, dtype, seed=seed, empty_heads={(1, 1)})
+    kp, vp, table, kg, _ = paged_pool(k, v, sl.tolist(), page, seed=page + block_n)
+    cfg = KernelConfig(16, block_n, 1, num_warps=4, num_stages=1)
+    for num_splits in (1, 2):
+        with poisoned_outputs():
+            got = sparse_decode_fwd(q, kp, vp, sl, idx, 64, 0.25, block_table=table, num_splits=num_splits, config=cfg)
+        want = sparse_decode_fwd(q, k, v, sl, idx, 64, 0.25, num_splits=num_splits, config=cfg)
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+        torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+        check(got[0], got[1], q, k, v, sl, idx, 64, f"paged {page} block_n {block_n} splits {num_splits}")
+    ref = sparse_decode_attention(q, kp, vp, sl, idx, 64, block_table=table, return_lse=True, impl="reference")
+    ref_contig = sparse_decode_attention(q, k, v, sl, idx, 64, return_lse=True, impl="reference")
+    torch.testing.assert_close(ref[0], ref_contig[0], rtol=0, atol=0)
+    torch.testing.assert_close(ref[1], ref_contig[1], rtol=0, atol=0)
+    # past each sequence's own pages the table shows NaN or foreign keys: the equalities above show they are not read
+    own = -(-sl // page) * page
+    assert all(not torch.equal(kg[i, :, own[i] :], k[i, :, own[i] :]) for i in range(len(PAGED_LENS)) if own[i] < 224)
+
+
+@pytest.mark.parametrize("page", [1, 16])
+def test_paged_small_pages_public_entry_point_gqa(page):
+    """Through ``sparse_decode_attention`` (validation, default config and split count), group sizes 1 and 8:
+    triton on the pages == reference on the pages within the oracle tolerance, and == triton contiguous."""
+    for hq, hkv in ((2, 2), (8, 1)):
+        q, k, v, sl, idx = make_case(PAGED_LENS, hq, hkv, 16, 224, 64, 4, torch.float16, seed=hq + page)
+        kp, vp, table, _, _ = paged_pool(k, v, sl.tolist(), page, seed=hq)
+        out, lse = sparse_decode_attention(q, kp, vp, sl, idx, 64, block_table=table, return_lse=True, impl="triton")
+        check(out, lse, q, k, v, sl, idx, 64, f"page {page} g{hq // hkv}")
+        want = sparse_decode_attention(q, k, v, sl, idx, 64, impl="triton")
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+def test_paged_small_pages_all_empty_selection():
+    q, k, v, sl, _ = make_case([40, 3], 4, 2, 16, 128, 64, 3, torch.float32)
+    kp, vp, table, _, _ = paged_pool(k, v, sl.tolist(), 16)
+    idx = torch.full((2, 2, 3), -1, dtype=torch.int32)
+    idx[1, 1, 0] = 1  # a block past the end of a 3-token cache, whose table entries point at NaN or foreign pages
+    for impl in ("triton", "reference"):
+        out, lse = sparse_decode_attention(q, kp, vp, sl, idx, 64, block_table=table, return_lse=True, impl=impl)
+        assert torch.equal(out, torch.zeros_like(out)), impl
+        assert torch.isinf(lse).all() and (lse < 0).all(), impl
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_all_blocks_selected_is_dense_decode_attention(dtype):
     lens, tmax, bs = [97, 128, 1], 128, 32
@@ -165,7 +249,23 @@ def test_reference_fp64_and_gradients():
         (lambda a: a.update(block_size=24), "power of two"),
         (lambda a: a.update(v_cache=a["v_cache"].half()), "share one floating dtype"),
         (lambda a: a.update(q=a["q"][:, :3]), "multiple of key/value heads"),
-        (lambda a: a.update(block_table=torch.zeros(2, 1, dtype=torch.int32)), "page size"),
+        (
+            lambda a: a.update(
+                k_cache=torch.zeros(4, 24, 2, 16),
+                v_cache=torch.zeros(4, 24, 2, 16),
+                block_table=torch.zeros(2, 3, dtype=torch.int32),
+            ),
+            r"page size \(24 tokens\) must be a multiple of block_size \(16\) or divide it",
+        ),
+        (
+            lambda a: a.update(
+                k_cache=torch.zeros(4, 48, 2, 16),
+                v_cache=torch.zeros(4, 48, 2, 16),
+                block_table=torch.zeros(2, 2, dtype=torch.int32),
+                block_size=32,
+            ),
+            r"a power of two from 1 to 32",
+        ),
     ],
 )
 def test_bad_input_is_named(mutate, match):

@@ -67,8 +67,14 @@ def _validate(q, k_cache, v_cache, cache_seqlens, block_indices, block_size, blo
     if paged:
         _, page, hkv, dk = k_cache.shape
         _check_int32(block_table, "block_table", (b, None), "[B, max_pages]", q.device)
-        if page % block_size:
-            raise ValueError(f"{_OP}: the page size ({page}) must be a multiple of block_size ({block_size})")
+        # A page either holds whole key blocks or a whole number of pages fills a block (block_size is a
+        # power of two, so the second case is a power-of-two page from 1 token up); anything else would
+        # put a page boundary at a different offset in every block.
+        if page % block_size and block_size % page:
+            raise ValueError(
+                f"{_OP}: the page size ({page} tokens) must be a multiple of block_size ({block_size}) or divide "
+                f"it (a power of two from 1 to {block_size})"
+            )
         capacity = block_table.shape[1] * page
     else:
         bk, hkv, capacity, dk = k_cache.shape
@@ -121,7 +127,9 @@ def sparse_decode_attention(
             masked: the current, partial block attends only to the tokens it has. K is static (a token
             budget / block size), so shapes do not change from step to step.
         block_size: tokens per key block (power of two; the Triton kernel takes 16..128).
-        block_table: int32 [B, max_pages] page ids (paged layout only; ``page % block_size == 0``).
+        block_table: int32 [B, max_pages] page ids (paged layout only). The page size is a multiple
+            of ``block_size`` or divides it (1, 2, ..., ``block_size`` tokens: vLLM's 16, SGLang's 1), so
+            a key block may span several pages.
         scale: softmax scale, default ``1 / sqrt(D)``.
         return_lse: also return lse [B, Hq] fp32 (-inf where nothing is selected).
         impl: ``"reference"`` (eager, any device, fp64-capable), ``"triton"`` (split-KV kernel with an

@@ -20,14 +20,22 @@ Layouts
 -------
 q ``[B, Hq, D]`` (unit last stride); contiguous cache ``[B, Hkv, Tmax, D]``, or paged cache
 ``[P, page, Hkv, D]`` with ``block_table`` int32 ``[B, max_pages]`` (token ``t`` of sequence ``b`` in
-page ``block_table[b, t // page]``; ``page % BLOCK_SIZE == 0`` so a key block never straddles pages);
+page ``block_table[b, t // page]``). The page is a multiple of ``BLOCK_SIZE`` or divides it (a power of
+two from 1 token: vLLM's default page is 16, SGLang's 1), so one of ``page`` and ``BLOCK_N`` (a power of
+two dividing ``BLOCK_SIZE``) divides the other: with ``page >= BLOCK_N`` a step's keys lie in one page
+and the step loads one page id; with ``page < BLOCK_N`` the step spans ``BLOCK_N / page`` pages and loads
+one page id per key row (gathered from the block table, ``BLOCK_N`` int32 per step, one step ahead like
+the single id). The per-row ids are a compile-time branch: the contiguous and ``page >= BLOCK_N`` kernels
+are the code they were before it (same sm_90 PTX, compared offline);
 ``cache_seqlens`` int32 ``[B]``; ``block_indices`` int32 ``[B, Hkv, K]``, -1 padded, no duplicates.
 Out ``[B, Hq, D]`` in q's dtype, lse ``[B, Hq]`` fp32 natural log. Offsets into q, K/V, the outputs
 and the scratch are int64.
 
 Supported: fp16, bf16, fp32 (tf32 dots on the GPU; exact under the interpreter); head dims 16..128
 (powers of two); block sizes 16, 32, 64, 128. Limitations: forward only (inference); one query token
-per sequence (no speculative multi-token decode yet); not yet measured or tuned on a GPU.
+per sequence (no speculative multi-token decode yet). Measured on an H200 (contiguous cache, tree of
+commit 3fc8061: docs/experiments/decode/README.md), not tuned beyond ``decode_configs``; the paged
+layout has not been timed.
 """
 
 from __future__ import annotations
@@ -45,10 +53,19 @@ __all__ = ["decode_configs", "num_decode_splits", "sparse_decode_fwd"]
 @triton.jit
 def _page_of(table_row, blk, s, MAX_PAGES, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, KPB: tl.constexpr,
              PAGE: tl.constexpr, PAGED: tl.constexpr):  # fmt: skip
-    """Page id holding step ``s``'s keys of block ``blk`` (0 for padding, or without paging)."""
+    """Page id(s) holding step ``s``'s keys of block ``blk`` (0 for padding, or without paging): one
+    scalar when the step lies inside one page (``PAGE >= BLOCK_N``), else one per key row, ``[BLOCK_N]``
+    (the step spans ``BLOCK_N // PAGE`` pages)."""
     if PAGED:
-        page_slot = (blk * BLOCK_SIZE + (s % KPB) * BLOCK_N) // PAGE
-        return tl.load(table_row + page_slot, mask=(blk >= 0) & (page_slot < MAX_PAGES), other=0)
+        tok0 = blk * BLOCK_SIZE + (s % KPB) * BLOCK_N
+        if PAGE >= BLOCK_N:
+            page_slot = tok0 // PAGE
+            return tl.load(table_row + page_slot, mask=(blk >= 0) & (page_slot < MAX_PAGES), other=0)
+        else:
+            tok = tok0 + tl.arange(0, BLOCK_N)
+            # tok >= 0 <=> blk >= 0 (padding); a tensor comparison, not a scalar & tensor mask (see below)
+            row_ok = (tok >= 0) & (tok < MAX_PAGES * PAGE)
+            return tl.load(table_row + tl.where(row_ok, tok // PAGE, 0), mask=row_ok, other=0)
     else:
         return blk * 0
 
@@ -104,8 +121,9 @@ def _decode_split_kernel(
     page = _page_of(Table + b * stride_tb, blk, 0, MAX_PAGES, BLOCK_SIZE, BLOCK_N, KPB, PAGE, PAGED)
     for s in range(0, n_steps):
         nxt = tl.load(idx_ptr + slot0 + (s + 1) // KPB, mask=s + 1 < n_steps, other=-1)
-        # the page of the next step too: a page id loaded in its own step made the paged loop wait for
-        # every copy at the top of each step (offline sm_90 TTGIR: async_wait num = 0)
+        # the page of the next step too (one id, or one per key row when the step spans pages): a page id
+        # loaded in its own step made the paged loop wait for every copy at the top of each step (offline
+        # sm_90 TTGIR: async_wait num = 0)
         nxt_page = _page_of(Table + b * stride_tb, nxt, s + 1, MAX_PAGES, BLOCK_SIZE, BLOCK_N, KPB, PAGE, PAGED)
         tok0 = blk * BLOCK_SIZE + (s % KPB) * BLOCK_N
         kpos = tok0 + offs_n
@@ -113,7 +131,10 @@ def _decode_split_kernel(
         # that both operands are tensors (a scalar & tensor mask comes out int32 in Triton 3.9's interpreter)
         col_ok = (kpos >= 0) & (kpos < seqlen)
         if PAGED:
-            in_page = tl.where(col_ok, tok0 % PAGE + offs_n, 0).to(tl.int64)
+            if PAGE >= BLOCK_N:  # ``page`` is one id; the step's rows are consecutive inside it
+                in_page = tl.where(col_ok, tok0 % PAGE + offs_n, 0).to(tl.int64)
+            else:  # ``page`` holds each row's own page id
+                in_page = tl.where(col_ok, kpos % PAGE, 0).to(tl.int64)
             k_rows = page.to(tl.int64) * stride_kb + in_page * stride_kt
             v_rows = page.to(tl.int64) * stride_vb + in_page * stride_vt
         else:
