@@ -324,6 +324,29 @@ def test_gpu_bf16_llama_shapes(paged):
 
 @pytest.mark.gpu
 @gpu
+def test_gpu_bf16_16_token_pages_32k():
+    """vLLM's default 16-token pages under 64-token blocks (a block spans 4 pages: per-row page ids in the kernel),
+    bf16, Llama-3.1-8B heads, 32k cache, varlen (partial last pages), a 4096-token budget, a shuffled pool with NaN
+    pages nobody owns: error vs fp64 <= 2x bf16 PyTorch + eps, and the contiguous kernel's result."""
+    lens = [32768, 20001, 77, 1]
+    q, k, v, sl, idx = make_case(lens, 32, 8, 128, 32768, 64, 64, torch.float32, seed=5, empty_heads={(1, 2)})
+    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    kp, vp, table, _, _ = paged_pool(kb, vb, lens, 16, seed=5)
+    qb, kb, vb, kp, vp, table, sl, idx = (x.cuda() for x in (qb, kb, vb, kp, vp, table, sl, idx))
+    out, lse = sparse_decode_attention(qb, kp, vp, sl, idx, 64, block_table=table, return_lse=True)
+    (o64, l64), (olp, _) = oracle_and_lowp(qb, kb, vb, sl, idx, 64)
+    err, lp_err = (out - o64).double().norm() / o64.double().norm(), (olp - o64).double().norm() / o64.double().norm()
+    assert err <= 2 * lp_err + 1e-3, f"error {err:.3g} vs bf16 PyTorch {lp_err:.3g}"
+    empty = torch.isinf(l64)
+    assert torch.equal(torch.isinf(lse), empty) and (out[empty] == 0).all() and not torch.isnan(out).any()
+    torch.testing.assert_close(lse[~empty].double(), l64[~empty].double(), rtol=0, atol=2e-2)
+    out_c, lse_c = sparse_decode_attention(qb, kb, vb, sl, idx, 64, return_lse=True)
+    torch.testing.assert_close(out.float(), out_c.float(), rtol=0, atol=2e-2)  # configs may differ (autotuned)
+    torch.testing.assert_close(lse, lse_c, rtol=0, atol=1e-3)
+
+
+@pytest.mark.gpu
+@gpu
 def test_gpu_decode_step_has_no_host_sync_and_replays_in_a_cuda_graph():
     """Gate scores -> budget policy -> kernel -> cache append: no synchronising call (after the first call
     tuned the kernel), and a CUDA graph of the step replays to the eager result on new inputs."""
