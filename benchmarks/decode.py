@@ -1,6 +1,7 @@
 """Per-step decode attention of one layer: sparse decode kernel vs SDPA decode vs FlexAttention decode (issue 17).
 
     python3 -m benchmarks.decode --json runs/decode.json            # H200: batch 1/4/16, 8k/32k/128k, 2k/4k/8k
+    python3 -m benchmarks.decode --page 16 --json runs/decode_p16.json  # ours / seer on a paged cache of 16-token pages
     python3 -m benchmarks.decode --smoke --json /tmp/decode.json    # tiny shapes on the CPU: checks that it runs
 
 One new query token per sequence against a full KV cache of ``context`` tokens (Llama-3.1-8B attention
@@ -11,11 +12,21 @@ run so that their ratios are measured together:
 
 - ``sdpa``: ``scaled_dot_product_attention`` over the whole cache (flash backend, ``enable_gqa``): dense decode;
 - ``ours``: :func:`seerattn.ops.sparse_decode_attention` (Triton split-KV kernel + LSE merge) on the selection;
-- ``seer``: one full sparse decode step of a layer: :meth:`DecodeGate.scores` over the K-compression cache,
-  :func:`select_decode_blocks` (token budget), then ``ours`` (the cache append of a completed block, once per
-  64 steps, is left out);
+- ``seer``: the sparse attention of one decode step of a layer: :meth:`DecodeGate.scores` (the gate query:
+  projection, norm, RoPE; its logits against the K-compression cache), :func:`select_decode_blocks` (token
+  budget), then ``ours``. Left out: :meth:`GateKeyCache.append`, which a decode step runs every step (it folds
+  the new K row into the partial block's running pools and computes a gate key for every sequence, kept only
+  where the row completes a block; timing it would grow the cache between repetitions), the model's Q/K/V
+  projections and RoPE, and the KV-cache write;
 - ``flex``: compiled FlexAttention (decode path) with a block mask holding the same selection (heads repeated
   over each group; the selected blocks are full blocks, so no ``mask_mod`` runs on the GPU).
+
+With ``--page N``, ``ours`` and ``seer`` read K/V from a paged cache ``[P, N, Hkv, D]`` through a block table
+(each sequence's pages at random places in the pool, as in an engine after some churn; N a power of two that
+divides the block size or a multiple of it, as :func:`sparse_decode_attention` accepts; ``context`` a multiple of
+N), and the ``ours`` row records ``max_abs_diff_vs_contiguous``, its output's largest difference from the same
+call on the contiguous cache (a cross-check). ``sdpa`` and ``flex`` always read the contiguous cache (the same
+values): their rows are the same dense and FlexAttention baselines as without ``--page``. Default: contiguous.
 
 Each provider is timed with ``triton.testing.do_bench`` (median, L2 flushed between reps: at batch 1 and 8k the
 whole KV cache of a layer would otherwise sit in L2) and, with ``--cuda-graph``, replayed from a CUDA graph
@@ -66,6 +77,20 @@ def random_selection(b: int, hkv: int, context: int, block: int, slots: int, gen
     middle = torch.rand(b, hkv, max(nb - 2, 0), generator=gen).argsort(-1)[..., : max(k - 2, 0)] + 1
     ends = torch.tensor([0, nb - 1][: min(k, 2)]).expand(b, hkv, -1)
     return torch.cat([ends, middle], -1).to(torch.int32)
+
+
+def paged_cache(k: torch.Tensor, v: torch.Tensor, page: int, gen: torch.Generator):
+    """k, v [B, Hkv, T, D] (T % page == 0) copied into a pool of pages [B * T / page, page, Hkv, D], each page at a
+    random place, and the block_table int32 [B, T / page] that finds them."""
+    b, hkv, t, d = k.shape
+    n = t // page
+    perm = torch.randperm(b * n, generator=gen, device=k.device)
+    pools = []
+    for x in (k, v):
+        pool = torch.empty(b * n, page, hkv, d, dtype=x.dtype, device=x.device)
+        pool[perm] = x.transpose(1, 2).reshape(b * n, page, hkv, d)
+        pools.append(pool)
+    return pools[0], pools[1], perm.view(b, n).to(torch.int32)
 
 
 def time_ms(fn, cuda: bool, reps: int, graph: bool = False) -> float:
@@ -158,12 +183,15 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", help="comma list of token budgets (default 2048,4096,8192)")
     p.add_argument("--block-size", type=int, help="tokens per key block (default 64)")
     p.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma list of {PROVIDERS}")
+    p.add_argument("--page", type=int, help="tokens per page: ours / seer on a paged cache (default: contiguous)")
     p.add_argument("--cuda-graph", action="store_true", help="also time each provider replayed from a CUDA graph")
     p.add_argument("--reps", type=int, default=100, help="do_bench repetition time (ms); smoke: calls")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (checks that every provider runs)")
     p.add_argument("--json", help="write the run record here")
     args = p.parse_args(argv)
     providers = args.providers.split(",")
+    if args.page is not None and args.page < 1:
+        p.error(f"--page must be a positive number of tokens, got {args.page}")
     unknown = set(providers) - set(PROVIDERS)
     if unknown:
         p.error(f"unknown providers {sorted(unknown)}; accepted: {PROVIDERS}")
@@ -182,6 +210,8 @@ def main(argv=None) -> int:
         batches, contexts, budgets = args.batches or "1,4,16", args.contexts or "8192,32768,131072", args.budgets
         budgets, block, impl = budgets or "2048,4096,8192", args.block_size or 64, "triton"
     cuda = device == "cuda"
+    if args.page is not None and any(int(c) % args.page for c in contexts.split(",")):
+        p.error(f"--page {args.page} must divide every context ({contexts}): the paged copy fills whole pages")
     gen = torch.Generator().manual_seed(0)
     gate = DecodeGate(hq, hkv, d, DecodeGateConfig(block_size=block)).to(device)
     rows = []
@@ -219,7 +249,10 @@ def bench_case(shape, budgets, providers, gate, dtype, device, impl, gen, args) 
     cache = GateKeyCache(gate, b, max_tokens=ctx)
     cache.prefill(k, lens, rotary)
     positions = (lens - 1).long()
+    # ours / seer read these: the contiguous cache, or its paged copy (--page; None: contiguous)
+    kc, vc, table = (k, v, None) if args.page is None else paged_cache(k, v, args.page, dev_gen)
     base = {"batch": b, "context": ctx, "Hq": hq, "Hkv": hkv, "D": d, "block": block, "dtype": str(dtype)}
+    base["page"] = args.page
     rows = []
     if "sdpa" in providers:
         dense_bytes = 2 * b * hkv * ctx * d * k.element_size()
@@ -233,12 +266,12 @@ def bench_case(shape, budgets, providers, gate, dtype, device, impl, gen, args) 
         policy = DecodePolicy("budget", budget)
 
         def ours(idx=idx):
-            return sparse_decode_attention(q, k, v, lens, idx, block, impl=impl)
+            return sparse_decode_attention(q, kc, vc, lens, idx, block, block_table=table, impl=impl)
 
         def seer(policy=policy):
             logits = gate.scores(q, cache.keys, positions, rotary)
             sel = select_decode_blocks(logits, lens, policy, block, ctx // block)
-            return sparse_decode_attention(q, k, v, lens, sel, block, impl=impl)
+            return sparse_decode_attention(q, kc, vc, lens, sel, block, block_table=table, impl=impl)
 
         fns = {"ours": ours, "seer": seer}
         if "flex" in providers:
@@ -253,6 +286,10 @@ def bench_case(shape, budgets, providers, gate, dtype, device, impl, gen, args) 
             if name == "flex" and "error" not in r:
                 with torch.no_grad():
                     r["max_abs_diff_vs_ours"] = (fns[name]().float() - ref.float()).abs().max().item()
+            if name == "ours" and table is not None and "error" not in r:
+                with torch.no_grad():
+                    contiguous = sparse_decode_attention(q, k, v, lens, idx, block, impl=impl)
+                r["max_abs_diff_vs_contiguous"] = (ref.float() - contiguous.float()).abs().max().item()
             rows.append(r)
     return rows
 
