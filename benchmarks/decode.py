@@ -26,7 +26,8 @@ With ``--page N``, ``ours`` and ``seer`` read K/V from a paged cache ``[P, N, Hk
 divides the block size or a multiple of it, as :func:`sparse_decode_attention` accepts; ``context`` a multiple of
 N), and the ``ours`` row records ``max_abs_diff_vs_contiguous``, its output's largest difference from the same
 call on the contiguous cache (a cross-check). ``sdpa`` and ``flex`` always read the contiguous cache (the same
-values): their rows are the same dense and FlexAttention baselines as without ``--page``. Default: contiguous.
+values): their rows are the same dense and FlexAttention baselines as without ``--page``. The paged copy doubles the
+K/V memory of a case (batch 64 at 128k: 2 x 34 GB, plus one 17 GB transpose while copying). Default: contiguous.
 
 Each provider is timed with ``triton.testing.do_bench`` (median, L2 flushed between reps: at batch 1 and 8k the
 whole KV cache of a layer would otherwise sit in L2) and, with ``--cuda-graph``, replayed from a CUDA graph

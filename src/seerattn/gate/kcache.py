@@ -1,7 +1,9 @@
 """The K-compression cache of one decoder layer: the decode gate's keys of every completed block.
 
 What is stored: the final gate keys (pooled, projected, RMS-normed and rotated at the block's first
-position), ``Dg`` values per block and KV head, 1/128 of the KV cache at 64-token blocks and Dg = D.
+position), ``Dg`` values per block and KV head in the gate's dtype, against 2 x 64 x D values of K/V: at
+64-token blocks and Dg = D, 1/128 of the KV cache's bytes when the keys share its dtype, 1/64 with fp32
+gates (as :func:`seerattn.hf.apply_seer_attention` attaches them) against a bf16 or fp16 cache.
 They depend on K alone, so caching them keeps the gate exact: a decode step only computes its gate
 query and one matmul. (Storing pooled K instead would be 3x larger and redo the projection, norm and
 RoPE of every block at every step.) The weights are frozen at inference; training uses the bulk path
