@@ -347,6 +347,45 @@ def test_a_generates_kv_cache_dies_with_its_last_reference(cache, mode, no_gc):
     assert all(entry.owner() is None for entry in state._decode.values())
 
 
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+def test_prefill_captures_only_what_it_reads_and_frees_them_before_the_kernel(mode, monkeypatch):
+    """A dense prefill with sparse decode on captures the pre-RoPE k (the gate keys) but no q (4 GiB a layer at
+    batch 16 x 32k, 8B shape); a sparse one q and k; decode steps both. No capture is alive when the attention
+    kernel runs (weak references to the captured tensors are dead there)."""
+    model, _, state = _prepared("llama", mode=mode)
+    prefill_pre, step_pre, alive_in_kernel = [], [], []
+    real_start, real_step = integration._start_decode_cache, integration._decode_step
+
+    def start(module, state, hf_cache, pre, *args):
+        prefill_pre.append({k: weakref.ref(v) for k, v in pre.items()})
+        return real_start(module, state, hf_cache, pre, *args)
+
+    def step(module, state, entry, query, key, value, pre, *args):
+        step_pre.append(sorted(pre))
+        return real_step(module, state, entry, query, key, value, pre, *args)
+
+    def kernel(real):
+        def run(*args, **kwargs):
+            if prefill_pre and len(step_pre) == 0:  # the prefill's kernel of the layer just started
+                alive_in_kernel.append([k for k, ref in prefill_pre[-1].items() if ref() is not None])
+            return real(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(integration, "_start_decode_cache", start)
+    monkeypatch.setattr(integration, "_decode_step", step)
+    monkeypatch.setattr(integration, "sdpa_attention_forward", kernel(integration.sdpa_attention_forward))
+    monkeypatch.setattr(integration, "block_sparse_attention", kernel(integration.block_sparse_attention))
+    ids = input_ids(PROMPT, b=2)
+    with torch.no_grad():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    want = ["k"] if mode == "dense" else ["k", "q"]
+    assert [sorted(p) for p in prefill_pre] == [want] * LAYERS
+    assert alive_in_kernel == [[]] * LAYERS
+    assert step_pre == [["k", "q"]] * (LAYERS * 2)
+    assert state._pending == {}
+
+
 def test_a_deep_copy_of_a_followed_cache_reorders_itself_and_shares_the_state():
     """copy.deepcopy of a cache (transformers' prompt-reuse recipe) gives wrappers of the copy: its reorder moves
     the copy's K/V, not the original's, and the model behind the state is not copied."""

@@ -391,10 +391,15 @@ class SeerState:
         """Whether decode steps run sparse (a decode section, enabled)."""
         return self.config.decode is not None and self.config.decode.enabled
 
-    @property
-    def needs_pre_rope(self) -> bool:
-        # sparse decode reads the pre-RoPE q of each step and fills its gate keys from the pre-RoPE k
-        return self.capture or self.decoding or self.config.mode in ("sparse", "distill", "finetune", "decode_eval")
+    def needs_pre_rope(self, which: str, tokens: int) -> bool:
+        """Whether a forward of ``tokens`` tokens per sequence hands its pre-RoPE ``which`` ("q" or "k") to the
+        attention function. The prefill gate (sparse, distill, finetune) and ``decode_eval`` read both; sparse
+        decode fills its gate keys from the pre-RoPE k of the prompt and of each step, and reads the pre-RoPE q
+        of its one-token steps only: a capture keeps the tensor alive until the layer's attention returns
+        ([B, T, Hq * D]: 4 GiB at batch 16 x 32k, Llama-3.1-8B shape), so a dense prefill takes no q."""
+        if self.capture or self.config.mode in ("sparse", "distill", "finetune", "decode_eval"):
+            return True
+        return self.decoding and (which == "k" or tokens == 1)
 
 
 @dataclass
@@ -580,6 +585,7 @@ def seer_attention_forward(module, query, key, value, attention_mask, dropout: f
     if state.decoding and hf_cache is not None and tq == tk:
         _start_decode_cache(module, state, hf_cache, pre, attention_mask, b, tq, capacity)
     if cfg.mode == "dense" or tq != tk:
+        pre = pending = None  # the captures' last references (with state.capture off): freed before the kernel
         state._stats[layer] = {"path": "dense" if tq == tk else "dense-decode", "density": 1.0}
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
@@ -647,6 +653,7 @@ def seer_attention_forward(module, query, key, value, attention_mask, dropout: f
                     scores = group_scores(scores, hkv)
                 mask = mask_from_scores(scores, policy, tq, bs, impl=policy_impl)
         _record_mask(state, mask)
+    pre = pending = None  # the captures' last references (with state.capture off): freed before the kernel
     # named ranges for torch.profiler (benchmarks/prefill.py --profile); free when no profiler runs
     with record_function("seer.attention"):
         out = block_sparse_attention(query, key, value, mask, scale=scale, impl=cfg.impl)
@@ -1084,7 +1091,7 @@ def _capture_hook(state: SeerState, layer: int, which: str, _module, _inputs, ou
     A partial rather than a closure: ``copy.deepcopy`` of a prepared model copies a partial's
     arguments, so the copy's hooks feed the copy's state (a closure would keep feeding the original's).
     """
-    if state.needs_pre_rope:
+    if state.needs_pre_rope(which, output.shape[1]):  # output [B, T, ...]
         state._pending.setdefault(layer, {})[which] = output
 
 
