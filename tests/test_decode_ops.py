@@ -315,6 +315,16 @@ def _on_gpu():
 gpu = pytest.mark.skipif(not _on_gpu(), reason="needs a CUDA GPU and the compiled kernels (no TRITON_INTERPRET)")
 
 
+def _check_bf16_against_oracle(out, lse, qb, kb, vb, sl, idx) -> None:
+    """bf16 kernel output / lse against the fp64 oracle: error <= 2x bf16 PyTorch's + eps, empty rows exact."""
+    (o64, l64), (olp, _) = oracle_and_lowp(qb, kb, vb, sl, idx, 64)
+    err, lp_err = (out - o64).double().norm() / o64.double().norm(), (olp - o64).double().norm() / o64.double().norm()
+    assert err <= 2 * lp_err + 1e-3, f"error {err:.3g} vs bf16 PyTorch {lp_err:.3g}"
+    empty = torch.isinf(l64)
+    assert torch.equal(torch.isinf(lse), empty) and (out[empty] == 0).all() and not torch.isnan(out).any()
+    torch.testing.assert_close(lse[~empty].double(), l64[~empty].double(), rtol=0, atol=2e-2)
+
+
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
@@ -329,12 +339,7 @@ def test_gpu_bf16_llama_shapes(paged):
         out, lse = sparse_decode_attention(qb, kp, vp, sl, idx, 64, block_table=table, return_lse=True)
     else:
         out, lse = sparse_decode_attention(qb, kb, vb, sl, idx, 64, return_lse=True)
-    (o64, l64), (olp, _) = oracle_and_lowp(qb, kb, vb, sl, idx, 64)
-    err, lp_err = (out - o64).double().norm() / o64.double().norm(), (olp - o64).double().norm() / o64.double().norm()
-    assert err <= 2 * lp_err + 1e-3, f"error {err:.3g} vs bf16 PyTorch {lp_err:.3g}"
-    empty = torch.isinf(l64)
-    assert torch.equal(torch.isinf(lse), empty) and (out[empty] == 0).all() and not torch.isnan(out).any()
-    torch.testing.assert_close(lse[~empty].double(), l64[~empty].double(), rtol=0, atol=2e-2)
+    _check_bf16_against_oracle(out, lse, qb, kb, vb, sl, idx)
 
 
 @pytest.mark.gpu
@@ -349,12 +354,7 @@ def test_gpu_bf16_16_token_pages_32k():
     kp, vp, table, _, _ = paged_pool(kb, vb, lens, 16, seed=5)
     qb, kb, vb, kp, vp, table, sl, idx = (x.cuda() for x in (qb, kb, vb, kp, vp, table, sl, idx))
     out, lse = sparse_decode_attention(qb, kp, vp, sl, idx, 64, block_table=table, return_lse=True)
-    (o64, l64), (olp, _) = oracle_and_lowp(qb, kb, vb, sl, idx, 64)
-    err, lp_err = (out - o64).double().norm() / o64.double().norm(), (olp - o64).double().norm() / o64.double().norm()
-    assert err <= 2 * lp_err + 1e-3, f"error {err:.3g} vs bf16 PyTorch {lp_err:.3g}"
-    empty = torch.isinf(l64)
-    assert torch.equal(torch.isinf(lse), empty) and (out[empty] == 0).all() and not torch.isnan(out).any()
-    torch.testing.assert_close(lse[~empty].double(), l64[~empty].double(), rtol=0, atol=2e-2)
+    _check_bf16_against_oracle(out, lse, qb, kb, vb, sl, idx)
     out_c, lse_c = sparse_decode_attention(qb, kb, vb, sl, idx, 64, return_lse=True)
     torch.testing.assert_close(out.float(), out_c.float(), rtol=0, atol=2e-2)  # configs may differ (autotuned)
     torch.testing.assert_close(lse, lse_c, rtol=0, atol=1e-3)
