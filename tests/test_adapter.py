@@ -639,12 +639,9 @@ def test_decode_sections_round_trip(tmp_path, prefill):
             "use_rope": True,
             "norm_eps": 1e-6,
         },
-        "policy": {"kind": "budget", "value": 48, "max_blocks": None, "recent_blocks": 1},
+        "policy": {"kind": "budget", "value": 48, "max_blocks": None},
         "enabled": True,
     }
-    # a section written before recent_blocks existed reads as recent_blocks = 1
-    older = {**meta["decode"], "policy": {"kind": "budget", "value": 48, "max_blocks": None}}
-    assert type(DECODE).from_dict(older) == DECODE
     keys = sorted(load_file(str(tmp_path / "a" / ADAPTER_WEIGHTS)))
     want_keys = _decode_keys() + ([f"layers.{i}.k_proj" for i in range(LAYERS)] if prefill else [])
     assert keys == sorted(want_keys)

@@ -160,28 +160,8 @@ def test_budget_policy_keeps_first_current_and_best():
         assert rows == sorted([0, 9, *best.tolist()])
         assert _valid(idx[1, h : h + 1])[0] == [0, 1, 2]  # only 3 blocks exist
     assert (idx[2] == -1).all()
-    with pytest.raises(ValueError, match="first block and recent_blocks = 1 are always kept"):
+    with pytest.raises(ValueError, match="first and the current"):
         DecodePolicy("budget", BS).num_slots(BS, 10)
-
-
-def test_recent_blocks_are_forced_within_the_budget():
-    """recent_blocks = 3: first, current and the two blocks before the current one are kept whatever their
-    logits, and the rest of the K slots go to the best others; too small a budget or cap is refused."""
-    logits = torch.arange(10, 0, -1, dtype=torch.float32).view(1, 1, 10)  # block 0 best, block 9 worst
-    lens = torch.tensor([8 * BS + 5])  # current block 8
-    idx = select_decode_blocks(logits, lens, DecodePolicy("budget", 5 * BS, recent_blocks=3), BS)
-    assert _valid(idx)[0] == [0, 1, 6, 7, 8]  # forced 0, 6, 7, 8; the best other completed block is 1
-    one = select_decode_blocks(logits, lens, DecodePolicy("budget", 5 * BS), BS)
-    assert _valid(one)[0] == [0, 1, 2, 3, 8]
-    early = select_decode_blocks(logits, torch.tensor([BS + 1]), DecodePolicy("budget", 5 * BS, recent_blocks=3), BS)
-    assert _valid(early)[0] == [0, 1]  # only two blocks exist
-    with pytest.raises(ValueError, match="needs >= 64 tokens"):
-        DecodePolicy("budget", 3 * BS, recent_blocks=3).num_slots(BS, 10)
-    with pytest.raises(ValueError, match="must be >= 4"):
-        DecodePolicy("top_p", 0.9, max_blocks=3, recent_blocks=3)
-    for bad in (0, 1.5, True):
-        with pytest.raises(ValueError, match="recent_blocks must be an int >= 1"):
-            DecodePolicy("budget", 4 * BS, recent_blocks=bad)
 
 
 def test_threshold_and_top_p_policies():

@@ -37,20 +37,14 @@ from .gate import pool_blocks
 __all__ = ["quest_block_bounds", "quest_block_scores", "quest_decode_blocks", "streaming_decode_blocks"]
 
 
-def _select(
-    scores: torch.Tensor, cache_seqlens: torch.Tensor, budget: int, block_size: int, kv_blocks: int, recent_blocks: int
-):
+def _select(scores: torch.Tensor, cache_seqlens: torch.Tensor, budget: int, block_size: int, kv_blocks: int):
     """scores [B, Hkv, N, NB] and cache_seqlens [B, N] -> int32 [B, Hkv, N, K] (rows folded into the batch)."""
     b, hkv, n, nb = scores.shape
     if cache_seqlens.shape != (b, n):
         raise ValueError(f"cache_seqlens must be [B, N] = [{b}, {n}] for these rows, got {tuple(cache_seqlens.shape)}")
     flat = scores.permute(0, 2, 1, 3).reshape(b * n, hkv, nb)
     idx = select_decode_blocks(
-        flat,
-        cache_seqlens.reshape(b * n),
-        DecodePolicy("budget", budget, recent_blocks=recent_blocks),
-        block_size,
-        kv_blocks,
+        flat, cache_seqlens.reshape(b * n), DecodePolicy("budget", budget), block_size, kv_blocks
     )
     return idx.view(b, n, hkv, -1).permute(0, 2, 1, 3)
 
@@ -74,7 +68,6 @@ def streaming_decode_blocks(
     budget: int,
     block_size: int,
     kv_blocks: int | None = None,
-    recent_blocks: int = 1,
 ) -> torch.Tensor:
     """StreamingLLM-style selection: first block + current block + the most recent completed blocks.
 
@@ -85,7 +78,6 @@ def streaming_decode_blocks(
         budget: tokens (``DecodePolicy("budget", budget)``: ``budget // block_size`` blocks).
         block_size: tokens per key block.
         kv_blocks: blocks covering the cache capacity; default ``ceil(Tmax / block_size)``.
-        recent_blocks: :attr:`~seerattn.decode_policy.DecodePolicy.recent_blocks` (forced recent blocks).
 
     Returns:
         int32 [B, Hkv, K] (or [B, Hkv, N, K]) as :func:`~seerattn.decode_policy.select_decode_blocks`; every
@@ -95,7 +87,7 @@ def streaming_decode_blocks(
     b, n = lens.shape
     kv_blocks = num_blocks(k_cache.shape[2], block_size) if kv_blocks is None else kv_blocks
     j = torch.arange(kv_blocks, device=q.device, dtype=torch.float32)  # later blocks score higher
-    idx = _select(j.expand(b, k_cache.shape[1], n, kv_blocks), lens, budget, block_size, kv_blocks, recent_blocks)
+    idx = _select(j.expand(b, k_cache.shape[1], n, kv_blocks), lens, budget, block_size, kv_blocks)
     return idx[:, :, 0] if step else idx
 
 
@@ -148,7 +140,6 @@ def quest_decode_blocks(
     budget: int,
     block_size: int,
     kv_blocks: int | None = None,
-    recent_blocks: int = 1,
 ) -> torch.Tensor:
     """Quest-style selection: first + current block + the completed blocks of highest bound.
 
@@ -160,7 +151,6 @@ def quest_decode_blocks(
         budget: tokens (``budget // block_size`` blocks).
         block_size: tokens per key block.
         kv_blocks: blocks covering the cache capacity; default ``ceil(Tmax / block_size)``.
-        recent_blocks: :attr:`~seerattn.decode_policy.DecodePolicy.recent_blocks` (forced recent blocks).
 
     Returns:
         int32 [B, Hkv, K] (or [B, Hkv, N, K]) as :func:`~seerattn.decode_policy.select_decode_blocks`.
@@ -168,5 +158,5 @@ def quest_decode_blocks(
     q4, lens, step = _rows(q, cache_seqlens, "quest_decode_blocks")
     kv_blocks = num_blocks(k_cache.shape[2], block_size) if kv_blocks is None else kv_blocks
     kmin, kmax = quest_block_bounds(k_cache, block_size)
-    idx = _select(quest_block_scores(q4, kmin, kmax), lens, budget, block_size, kv_blocks, recent_blocks)
+    idx = _select(quest_block_scores(q4, kmin, kmax), lens, budget, block_size, kv_blocks)
     return idx[:, :, 0] if step else idx

@@ -4,10 +4,7 @@ The output is the ``block_indices`` input of :func:`seerattn.ops.sparse_decode_a
 ``[B, Hkv, K]``, -1 padded, no repeats, with a static K per policy (a token budget / block size), so a
 decode step has fixed shapes. The first block (attention sink) and the current, partial block (the
 query's own block, which the gate does not score) are always kept when the sequence has them; the
-decision is per KV group (one list per KV head, shared by its query heads). ``recent_blocks`` > 1 also
-forces the ``recent_blocks - 1`` completed blocks before the current one (a local window of at least
-``(recent_blocks - 1) * block_size`` tokens, whatever the query's offset in its block); they count
-against the budget like the others.
+decision is per KV group (one list per KV head, shared by its query heads).
 
 Kinds (``DecodePolicy.kind``):
 
@@ -45,14 +42,11 @@ class DecodePolicy:
         kind: one of ``DECODE_POLICY_KINDS``.
         value: tokens (budget), probability (threshold, in (0, 1]) or mass (top_p, in (0, 1]); unused by dense.
         max_blocks: K for threshold / top_p (None: every block of the cache).
-        recent_blocks: the current block and the ``recent_blocks - 1`` blocks before it are always kept
-            (1: the current block only).
     """
 
     kind: str = "budget"
     value: float = 4096
     max_blocks: int | None = None
-    recent_blocks: int = 1
 
     def __post_init__(self) -> None:
         if self.kind not in DECODE_POLICY_KINDS:
@@ -61,24 +55,17 @@ class DecodePolicy:
             raise ValueError(f"DecodePolicy budget must be a whole number of tokens, got {self.value!r}")
         if self.kind in ("threshold", "top_p") and not 0 < self.value <= 1:
             raise ValueError(f"DecodePolicy {self.kind} value must be in (0, 1], got {self.value!r}")
-        if not isinstance(self.recent_blocks, int) or isinstance(self.recent_blocks, bool) or self.recent_blocks < 1:
-            raise ValueError(f"DecodePolicy.recent_blocks must be an int >= 1, got {self.recent_blocks!r}")
-        forced = 1 + self.recent_blocks  # the first block and the recent ones
-        if self.max_blocks is not None and (self.kind not in ("threshold", "top_p") or self.max_blocks < forced):
-            raise ValueError(
-                f"DecodePolicy.max_blocks is the cap of threshold / top_p policies and must be >= {forced} (the first "
-                f"block and recent_blocks = {self.recent_blocks}), got {self.max_blocks!r}"
-            )
+        if self.max_blocks is not None and (self.kind not in ("threshold", "top_p") or self.max_blocks < 2):
+            raise ValueError("DecodePolicy.max_blocks is the cap of threshold / top_p policies and must be >= 2")
 
     def num_slots(self, block_size: int, kv_blocks: int) -> int:
         """K: list length for ``block_size``-token blocks over a cache of ``kv_blocks`` blocks."""
         if self.kind == "budget":
             k = int(self.value) // block_size
-            forced = 1 + self.recent_blocks
-            if k < forced:
+            if k < 2:
                 raise ValueError(
-                    f"a {int(self.value)}-token budget holds {k} block(s) of {block_size}; the first block and "
-                    f"recent_blocks = {self.recent_blocks} are always kept, so it needs >= {forced * block_size} tokens"
+                    f"a {int(self.value)}-token budget holds {k} block(s) of {block_size}; the first and the current "
+                    f"block are always kept, so it needs >= {2 * block_size} tokens"
                 )
             return k
         if self.kind == "dense" or self.max_blocks is None:
@@ -126,7 +113,7 @@ def select_decode_blocks(
     cur = (lens - 1) // block_size  # the current block (-1 for an empty cache)
     j = torch.arange(width, device=logits.device).view(1, 1, -1)
     completed = j < cur
-    forced = ((j == 0) | ((j <= cur) & (j > cur - policy.recent_blocks))) & (lens > 0)
+    forced = ((j == 0) | (j == cur)) & (lens > 0)
     if policy.kind == "dense":
         x = -j.float().expand_as(x)  # every block, ascending
         keep = completed

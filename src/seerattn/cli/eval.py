@@ -302,7 +302,6 @@ def _run_decode(args) -> int:
         seed=args.seed,
         allow_untrained_gates=args.allow_untrained_gates,
         progress=not args.no_progress,
-        recent_blocks=args.recent_blocks,
     )
     ppl_rows, passkey_rows = [], []
     if "ppl" in args.measure:
@@ -491,12 +490,6 @@ def register(sub) -> None:
         help="token budget of a decode step as a fraction of --context (%(default)s)",
     )
     pd.add_argument("--budget", type=int, help="token budget of a decode step (overrides --budget-fraction)")
-    pd.add_argument(
-        "--recent-blocks",
-        type=int,
-        default=1,
-        help="the current block and the N-1 blocks before it are always kept, in the budget (%(default)s)",
-    )
     pd.add_argument("--samples", type=int, default=8, help="PPL windows (%(default)s)")
     pd.add_argument("--tail", type=int, help="last tokens of each window that decode (default: --context / 4)")
     pd.add_argument("--add-bos", action="store_true", help="start each PPL window with the BOS token")

@@ -79,14 +79,12 @@ NEEDLE_FIELDS = (
 )
 
 
-def _streaming(budget: int, recent_blocks: int, request: DecodeRequest) -> torch.Tensor:
-    r = request
-    return streaming_decode_blocks(r.q, r.k, r.cache_seqlens, budget, r.block_size, recent_blocks=recent_blocks)
+def _streaming(budget: int, request: DecodeRequest) -> torch.Tensor:
+    return streaming_decode_blocks(request.q, request.k, request.cache_seqlens, budget, request.block_size)
 
 
-def _quest(budget: int, recent_blocks: int, request: DecodeRequest) -> torch.Tensor:
-    r = request
-    return quest_decode_blocks(r.q, r.k, r.cache_seqlens, budget, r.block_size, recent_blocks=recent_blocks)
+def _quest(budget: int, request: DecodeRequest) -> torch.Tensor:
+    return quest_decode_blocks(request.q, request.k, request.cache_seqlens, budget, request.block_size)
 
 
 _SELECT = {"streaming": _streaming, "quest": _quest}
@@ -121,11 +119,8 @@ def prepare_decode_model(
     return eval_model(model, state, gates, train_length, name)
 
 
-def configure_decode(
-    em: EvalModel, method: str, budget: int, decode_start: int | None = None, recent_blocks: int = 1
-) -> None:
-    """Put ``em`` in ``method``'s decode configuration at ``budget`` tokens, the current block and the
-    ``recent_blocks - 1`` before it always kept (:class:`~seerattn.decode_policy.DecodePolicy`).
+def configure_decode(em: EvalModel, method: str, budget: int, decode_start: int | None = None) -> None:
+    """Put ``em`` in ``method``'s decode configuration at ``budget`` tokens.
 
     ``decode_start`` set: teacher-forced forwards run ``decode_eval`` from that row on (dense for
     ``dense``); None: prefills dense, one-token steps on a cache through the method.
@@ -138,9 +133,9 @@ def configure_decode(
         state.set(mode="dense", decode_start=None)
         state.set_decode(enabled=False)
         return
-    state.set_decode(enabled=True, policy=DecodePolicy("budget", budget, recent_blocks=recent_blocks))
+    state.set_decode(enabled=True, policy=DecodePolicy("budget", budget))
     if method in _SELECT:
-        state.decode_select_fn = functools.partial(_SELECT[method], budget, recent_blocks)
+        state.decode_select_fn = functools.partial(_SELECT[method], budget)
     if decode_start is None:
         state.set(mode="dense", decode_start=None)
     else:
@@ -250,7 +245,6 @@ def evaluate_decode_ppl(
     samples: int,
     budget: int,
     tail: int,
-    recent_blocks: int = 1,
     add_bos: bool = False,
     rope_scaling: str | None = "yarn",
     seed: int = 0,
@@ -262,7 +256,6 @@ def evaluate_decode_ppl(
 
     Returns:
         one dict per method: ``method``, ``label``, ``budget`` (tokens), ``budget_fraction`` (of the context),
-        ``recent_blocks``,
         ``context``, ``tail``, ``windows``, ``nll_tail``, ``ppl_tail``, ``ppl`` (whole window), ``density``
         (kept fraction of the keys the decode rows could see, mean over layers and windows; 1.0 for
         dense), ``window_nll`` / ``window_nll_tail`` / ``window_tokens``, and the comparison with dense
@@ -277,7 +270,7 @@ def evaluate_decode_ppl(
         with scaled_rope(em, context, rope_scaling) as rope:
             bar = tqdm(total=len(methods) * len(windows), desc=f"decode ppl @{context}", disable=not progress)
             for method in methods:
-                configure_decode(em, method, budget, decode_start=context - tail, recent_blocks=recent_blocks)
+                configure_decode(em, method, budget, decode_start=context - tail)
                 w_nll, w_tail, w_tokens, dens = [], [], [], []
                 for w in windows:
                     em.state.reset()
@@ -294,7 +287,6 @@ def evaluate_decode_ppl(
                         "label": method,
                         "budget": budget,
                         "budget_fraction": budget / context,
-                        "recent_blocks": recent_blocks,
                         "context": context,
                         "tail": tail,
                         "windows": len(windows),
@@ -352,7 +344,6 @@ def evaluate_decode_passkey(
     samples: int,
     budget: int,
     template: PasskeyTemplate | None = None,
-    recent_blocks: int = 1,
     add_bos: bool = True,
     rope_scaling: str | None = "yarn",
     seed: int = 0,
@@ -368,8 +359,7 @@ def evaluate_decode_passkey(
     tokenizer for :func:`~seerattn.eval.passkey.key_token_positions`).
 
     Returns:
-        one dict per method: ``method``, ``label``, ``budget``, ``budget_fraction``, ``recent_blocks``, ``context``,
-        ``depths``,
+        one dict per method: ``method``, ``label``, ``budget``, ``budget_fraction``, ``context``, ``depths``,
         ``samples``, ``accuracy`` (per depth), ``correct`` (per depth), ``mean_accuracy`` with 95 % Wilson
         intervals (``accuracy_ci`` per depth, ``mean_accuracy_ci`` pooled), ``answers`` (per depth, the
         digit strings), ``keys``, ``prompt_right`` ([depth][sample] the answer equals the key), ``density``
@@ -390,7 +380,7 @@ def evaluate_decode_passkey(
         with scaled_rope(em, context, rope_scaling) as rope:
             bar = tqdm(total=len(methods) * len(depths) * samples, desc="decode passkey", disable=not progress)
             for method in methods:
-                configure_decode(em, method, budget, recent_blocks=recent_blocks)
+                configure_decode(em, method, budget)
                 record = needles is not None and method != "dense"
                 correct, answers, right, hits, dens = [], [], [], [], []
                 for di, prompts in enumerate(grid):
@@ -420,7 +410,6 @@ def evaluate_decode_passkey(
                         "label": method,
                         "budget": budget,
                         "budget_fraction": budget / context,
-                        "recent_blocks": recent_blocks,
                         "context": context,
                         "depths": list(depths),
                         "samples": samples,
