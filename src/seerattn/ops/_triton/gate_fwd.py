@@ -14,16 +14,19 @@ Exactly :class:`seerattn.gate.AttnGate`'s forward, in fp32 whatever the input dt
 2. The per-head projection is one batched fp32 matmul (cuBLAS, as the eager gate's einsum); K is
    pooled once per KV head and projected for each query head of its group by broadcasting (no
    repeated copy). A gate without a Q projection uses the pooled Q as is.
-3. ``_gate_scores_kernel``: a program owns ``BLOCK_I`` query blocks of one head and walks the key
-   tiles left to right. It applies RoPE while loading the gate vectors (query windows at their first
-   position, key blocks at their block's first window: the rotate-half as two half-width dots,
-   ``q . k = q1 . k1 + q2 . k2`` with ``q1 = x1 cos1 - x2 sin1``, ``q2 = x2 cos2 + x1 sin2``), and for
-   each of the block's ``R = block_size // q_step`` query windows computes ``qg . kg / sqrt(Dg)``
-   (fp32 dots on tensor cores as 3xTF32 by default, or IEEE fp32: ``precision``) and folds it into a
-   running log-sum-exp over windows (padding windows of a
-   partial last block are left out, which equals the eager gate's finite-floor padding after the
-   log-sum-exp). Key tiles above the diagonal are written as ``-inf`` without any arithmetic;
-   inside a tile, entries above the diagonal are ``-inf``.
+3. ``_gate_scores_kernel``: a program owns ``BLOCK_I`` query blocks of one head, that is their
+   ``BLOCK_I * R`` query windows (``R = block_size // q_step``; window ``block * R + w``, consecutive),
+   and walks the key tiles left to right. It applies RoPE while loading the gate vectors (query windows
+   at their first position, key blocks at their block's first window: the rotate-half as two
+   half-width dots, ``q . k = q1 . k1 + q2 . k2`` with ``q1 = x1 cos1 - x2 sin1``,
+   ``q2 = x2 cos2 + x1 sin2``). The windows are loaded and rotated once, before the key loop; each key
+   tile is one ``[BLOCK_I * R, Dg / 2] x [Dg / 2, BLOCK_J]`` dot per half, ``qg . kg / sqrt(Dg)`` for
+   every window at once (fp32 dots on tensor cores as 3xTF32 by default, or IEEE fp32:
+   ``precision``), then the log-sum-exp over each block's ``R`` windows (the scores seen as
+   ``[BLOCK_I, R, BLOCK_J]``, reduced over axis 1; padding windows of a partial last block are left
+   out, which equals the eager gate's finite-floor padding after the log-sum-exp). Key tiles above
+   the diagonal are written as ``-inf`` without any arithmetic (a second loop); inside a tile,
+   entries above the diagonal are ``-inf``.
 
 Layouts: q ``[B, Hq, T, D]``, k ``[B, Hkv, T, D]`` (views allowed); weights ``[Hq, C * D, Dg]``; cos/sin
 ``[B or 1, NS, Dg]`` (one entry per query window; key blocks use every ``R``-th); logits
@@ -56,6 +59,15 @@ _POOL_CODES = {"avg": 0, "max": 1, "min": 2}
 # tensor-core products (the small * small one dropped): products to ~2^-21 relative, fp32 accumulation.
 PRECISIONS = ("ieee", "tf32x3", "tf32")
 DEFAULT_PRECISION = "tf32x3"
+# The scores kernel's tile on the GPU: (query windows per program, key blocks per tile, warps, pipeline stages).
+# The windows are BLOCK_I blocks' R windows each (BLOCK_I = windows // R): the M of one dot per half and key tile.
+# Chosen from the offline sm_90 compile (triton 3.6, Dg 128, R 4, tf32x3; not yet timed on the GPU): every stage
+# buffers the key tile's six loads (k, cos, sin: two halves each) and the hoisted windows' TF32 parts sit in
+# shared memory, so (128, 64, 8, 3) needs 352 KiB and (128, 64, 8, 2) 256 KiB, over Hopper's 227 KiB a block;
+# (128, 32, 8, 2) needs 192 KiB, 222 registers, no spills (ieee: 255 registers, 228 bytes spilled).
+SCORES_TILE = (128, 32, 8, 2)
+# Under the interpreter: 16 windows, so that R = 2 and 4 put several blocks in a program and R = 1 sixteen.
+_INTERP_SCORES_TILE = (16, 16, 4, 1)
 
 
 @triton.jit
@@ -143,51 +155,54 @@ def _gate_scores_kernel(
     R: tl.constexpr, HALF_P: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, ROPE: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
+    """Logits of ``BLOCK_I`` query blocks of one head against every key block (see the module docstring).
+
+    The program's ``BLOCK_I * R`` query windows (window ``block * R + w``, consecutive) are one
+    ``[BLOCK_I * R, HALF_P]`` tile per half, loaded and rotated once; each key tile costs one dot per
+    half and a log-sum-exp over each block's ``R`` windows.
+    """
     bh = tl.program_id(0)
     b = bh // HQ
     h = bh % HQ
     it = n_row_tiles - 1 - tl.program_id(1)  # long (late) rows first
     rows = it * BLOCK_I + tl.arange(0, BLOCK_I)  # query blocks
     row_ok = rows < NB
+    wins = it * (BLOCK_I * R) + tl.arange(0, BLOCK_I * R)  # their query windows
+    win_ok = wins < NS  # a partial last block has fewer windows
     offs_j = tl.arange(0, HALF_P)
     q_base = QG + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     k_base = KG + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     c_base = b.to(tl.int64) * stride_cb
     o_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + rows.to(tl.int64)[:, None] * stride_oi
-    last_row = it * BLOCK_I + BLOCK_I - 1
-    for j0 in range(0, NB, BLOCK_J):
+    # query windows rotate at their own position; the same for every key tile
+    q1, q2 = _load_rotated(q_base, Cos + c_base, Sin + c_base, wins, win_ok, wins, stride_qn, stride_cn,
+                           offs_j, HALF, ROPE)  # fmt: skip
+    # key tiles up to the one holding the last row's diagonal; a loop without a branch, which the
+    # compiler can pipeline
+    n_live = tl.minimum(it * BLOCK_I + BLOCK_I, NB)
+    for j0 in range(0, n_live, BLOCK_J):
         cols = j0 + tl.arange(0, BLOCK_J)
         col_ok = cols < NB
-        smask = row_ok[:, None] & col_ok[None, :]
-        if j0 <= last_row:
-            # key blocks rotate at their first window's position
-            k1, k2 = _load_rotated(k_base, Cos + c_base, Sin + c_base, cols, col_ok, cols * R, stride_kn, stride_cn,
-                                   offs_j, HALF, ROPE)  # fmt: skip
-            if R == 1:
-                q1, q2 = _load_rotated(q_base, Cos + c_base, Sin + c_base, rows, row_ok, rows, stride_qn, stride_cn,
-                                       offs_j, HALF, ROPE)  # fmt: skip
-                x = tl.dot(q1, tl.trans(k1), input_precision=PRECISION)
-                lse = tl.dot(q2, tl.trans(k2), x, input_precision=PRECISION) / sqrt_dg
-            else:
-                m = tl.full([BLOCK_I, BLOCK_J], float("-inf"), dtype=tl.float32)
-                acc = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
-                for w in range(R):
-                    win = rows * R + w
-                    w_ok = row_ok & (win < NS)  # a partial last block has fewer windows
-                    q1, q2 = _load_rotated(q_base, Cos + c_base, Sin + c_base, win, w_ok, win, stride_qn, stride_cn,
-                                           offs_j, HALF, ROPE)  # fmt: skip
-                    x = tl.dot(q1, tl.trans(k1), input_precision=PRECISION)
-                    x = tl.dot(q2, tl.trans(k2), x, input_precision=PRECISION) / sqrt_dg
-                    x = tl.where(w_ok[:, None], x, float("-inf"))
-                    m_new = tl.maximum(m, x)
-                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                    acc = acc * tl.exp(m - m_safe) + tl.exp(x - m_safe)
-                    m = m_new
-                lse = m + tl.log(tl.where(acc > 0.0, acc, 1.0))  # acc is 0 only on rows past NB
-            lse = tl.where(cols[None, :] <= rows[:, None], lse, float("-inf"))
-            tl.store(o_base + cols[None, :], lse, mask=smask)
+        # key blocks rotate at their first window's position
+        k1, k2 = _load_rotated(k_base, Cos + c_base, Sin + c_base, cols, col_ok, cols * R, stride_kn, stride_cn,
+                               offs_j, HALF, ROPE)  # fmt: skip
+        x = tl.dot(q1, tl.trans(k1), input_precision=PRECISION)
+        x = tl.dot(q2, tl.trans(k2), x, input_precision=PRECISION) / sqrt_dg  # [BLOCK_I * R, BLOCK_J]
+        if R == 1:
+            lse = x
         else:
-            tl.store(o_base + cols[None, :], tl.full([BLOCK_I, BLOCK_J], float("-inf"), tl.float32), mask=smask)
+            x = tl.reshape(tl.where(win_ok[:, None], x, float("-inf")), [BLOCK_I, R, BLOCK_J])
+            m = tl.max(x, axis=1)
+            m_safe = tl.where(m == float("-inf"), 0.0, m)  # every window masked: rows past NB
+            acc = tl.sum(tl.exp(x - m_safe[:, None, :]), axis=1)
+            lse = m + tl.log(tl.where(acc > 0.0, acc, 1.0))  # acc is 0 only on rows past NB
+        lse = tl.where(cols[None, :] <= rows[:, None], lse, float("-inf"))
+        tl.store(o_base + cols[None, :], lse, mask=row_ok[:, None] & col_ok[None, :])
+    # key tiles wholly above the diagonal: -inf without arithmetic
+    for j0 in range(tl.cdiv(n_live, BLOCK_J) * BLOCK_J, NB, BLOCK_J):
+        cols = j0 + tl.arange(0, BLOCK_J)
+        smask = row_ok[:, None] & (cols < NB)[None, :]
+        tl.store(o_base + cols[None, :], tl.full([BLOCK_I, BLOCK_J], float("-inf"), tl.float32), mask=smask)
 
 
 def _pool(x: torch.Tensor, step: int, poolings: tuple[str, ...]) -> torch.Tensor:
@@ -246,7 +261,8 @@ def gate_logits_fwd(
     kg = torch.matmul(kp.unsqueeze(2), k_proj.float().reshape(hkv, hq // hkv, -1, dg)).view(b, hq, -1, dg)
     ns, nb = qg.shape[2], kg.shape[2]
     out = torch.empty(b, hq, nb, nb, dtype=torch.float32, device=q.device)
-    block_i, block_j = (16, 16) if interpreting() else (32, 64)
+    windows, block_j, num_warps, num_stages = _INTERP_SCORES_TILE if interpreting() else SCORES_TILE
+    block_i = max(1, windows // r)  # a block's R windows never split between programs
     n_row_tiles = triton.cdiv(nb, block_i)
     cos_arg, sin_arg = (cos, sin) if rope else (out, out)
     stride_cb = cos.stride(0) if rope and cos.shape[0] > 1 else 0
@@ -259,6 +275,6 @@ def gate_logits_fwd(
         out.stride(0), out.stride(1), out.stride(2),
         ns, nb, hq, dg // 2, n_row_tiles, math.sqrt(dg),
         R=r, HALF_P=max(16, triton.next_power_of_2(dg // 2)), BLOCK_I=block_i, BLOCK_J=block_j, ROPE=rope,
-        PRECISION=precision, num_warps=4 if interpreting() else 8,  # 4 warps spill at Dg 128 (offline sm_90 compile)
+        PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
