@@ -82,6 +82,7 @@ CASES = [
     (4, 4, 70, 16, GateConfig(block_size=32, q_pooling=("max",), k_pooling=("min", "max"), gate_dim=8, use_rope=False)),
     (2, 1, 50, 16, GateConfig(block_size=32, q_subblock=16, q_pooling=("max",), q_projection=False)),
     (4, 2, 1, 16, GateConfig(block_size=32, q_subblock=16)),  # one token
+    (2, 1, 70, 16, GateConfig(block_size=32, q_subblock=16, gate_dim=6)),  # RoPE on Dg 6: halves of 3 in 4 lanes
     # several row and key tiles of the scores kernel (interpreter tile: 16 windows, 16 key blocks)
     (2, 1, 557, 16, GateConfig(block_size=32, q_subblock=8, q_pooling=("avg", "max", "min"))),  # R 4, 18 blocks,
     # the last with 2 of its 4 windows

@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python3 docs/experiments/prefill-gate-policy/gate_precision.py --json runs/gate_precision.json
     PYTHONPATH=src python3 docs/experiments/prefill-gate-policy/gate_precision.py --json runs/gate_tiles.json \
-        --tiles 128,32,8,2 128,64,8,1 64,64,8,2 64,32,4,3
+        --tiles 128,64,8,2 128,32,8,3 128,32,8,2 64,64,8,2 64,64,4,3
 
 ``--tiles``: each row once per scores-kernel tile ``windows,key_blocks,warps,stages`` (``gate_fwd.SCORES_TILE``,
 trees from the window-tiled kernel on); a tile that does not fit the GPU's shared memory is recorded with the

@@ -2,11 +2,30 @@
 per tile and precision, the figures behind ``gate_fwd.SCORES_TILE``.
 
     PYTHONPATH=src python3 docs/experiments/prefill-gate-policy/scores_compile.py \\
-        --tiles 128,32,8,2 128,64,8,1 64,64,8,2 --precisions tf32x3 ieee --r 4
+        --tiles 128,64,8,2 128,64,8,3 128,32,8,2 128,32,8,3 64,64,8,2 64,64,4,2 64,64,4,3 128,64,4,2 --r 4
 
-Llama-3.1-8B's windowed gate: Dg 128 (HALF_P 64), RoPE, ``R = block_size // q_step`` windows per block; pointers
-and strides declared 16-divisible as the launch's are. ptxas (Triton's own) reports registers and spills; Hopper
-allows 227 KiB (232448 bytes) of shared memory per block, so a tile over it fails at launch.
+Llama-3.1-8B's windowed gate: Dg 128 (gate vectors rotated before the kernel), ``R = block_size // q_step``
+windows per block; pointers and strides declared 16-divisible as the launch's are. ptxas (Triton's own) reports
+registers and spills; Hopper allows 227 KiB (232448 bytes) of shared memory per block, so a tile over it fails at
+launch.
+
+With the gate vectors rotated before the kernel (one full-width dot per key tile, no cos/sin), triton 3.6, R 4:
+registers (spill stores / loads in bytes where ptxas reported any) and shared KiB, tf32x3 / tf32 / ieee.
+
+    tile (windows, keys, warps, stages)   tf32x3              tf32           ieee
+    128, 64, 8, 2                          196 r, 224 KiB      111 r, 136     32 r + 7856/20088 spill, 96
+    128, 64, 8, 3                          200 r, 256 (over)   106 r, 168     32 r + 7792/20436 spill, 128
+    128, 32, 8, 2                          194 r, 176          63 r, 100      40 r + 5700/7572 spill, 80
+    128, 32, 8, 3                          189 r, 192          60 r, 116      32 r + 7052/9224 spill, 96
+    64, 64, 8, 2                           136 r, 160          48 r, 100      48 r + 3872/5680 spill, 64
+    64, 64, 4, 2                           196 r, 160          102 r, 100     32 r + 8420/20620 spill, 64
+    64, 64, 4, 3                           200 r, 192          102 r, 132     32 r + 8220/20796 spill, 96
+    128, 64, 4, 2                          255 r + 184/184 spill, 224   226 r, 136   32 r + 15124/43692 spill, 96
+
+``gate_fwd.SCORES_TILE`` is (128, 64, 8, 2): the largest that fits without spills at tf32x3 and tf32 (224 of
+227 KiB). The same tile at R 1 (the paper's gate): tf32x3 249 registers, 224 KiB; tf32 124, 160 KiB; at R 16:
+189 / 64 registers; no spills. Before (rotation inside the kernel, two half-width dots), (128, 64, 8, 2) needed
+256 KiB and the default was (128, 32, 8, 2) at 192 KiB, 222 registers.
 """
 
 from __future__ import annotations
@@ -23,13 +42,13 @@ from triton.compiler import ASTSource
 from seerattn.ops._triton import gate_fwd
 
 HOPPER_SHARED = 232448
-POINTERS = ("QG", "KG", "Cos", "Sin", "Out")
-NOT_DIVISIBLE = ("stride_cb", "HQ", "n_row_tiles")  # batch stride 0, head count, tile count: any value
+POINTERS = ("QG", "KG", "Out")
+NOT_DIVISIBLE = ("HQ", "n_row_tiles")  # head count, tile count: any value
 
 
 def compile_stats(windows: int, block_j: int, warps: int, stages: int, precision: str, r: int) -> dict:
     fn = gate_fwd._gate_scores_kernel
-    consts = dict(R=r, HALF_P=64, BLOCK_I=max(1, windows // r), BLOCK_J=block_j, ROPE=True, PRECISION=precision)
+    consts = dict(R=r, DG_P=128, BLOCK_I=max(1, windows // r), BLOCK_J=block_j, PRECISION=precision)
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:
