@@ -196,3 +196,22 @@ def test_fa4_op_checks_before_converting(monkeypatch):
     with pytest.raises(NotImplementedError, match="refused"):
         block_sparse_attention(q, k, v, rand_mask(1, 2, 64, 32), impl="fa4")
     assert seen == [(q.device, 32, 16, torch.float16, False, False)]
+
+
+# ---------------------------------------------------------------------------------------- prefill benchmark
+def test_prefill_benchmark_records_the_attention_impl_and_why_fa4_did_not_run(tmp_path):
+    """benchmarks.prefill --attn-impls auto,fa4 on the CPU smoke model: the auto row records the impl that
+    ran; the fa4 row is kept, with no time and the reason (CPU tensors)."""
+    import json
+
+    from benchmarks import prefill
+
+    out = tmp_path / "p.json"
+    argv = ["--smoke", "--seqlens", "96", "--layers", "1", "--block-sizes", "32", "--gate-impls", "eager"]
+    assert prefill.main([*argv, "--attn-impls", "auto,fa4", "--json", str(out)]) == 0
+    rows = {r["method"]: r for r in json.loads(out.read_text())["results"]}
+    assert rows["seer@0.1/b32/eager"]["attn_impl"] == "reference" and rows["seer@0.1/b32/eager"]["ms"] > 0
+    fa4_row = rows["seer@0.1/b32/eager/fa4"]
+    assert fa4_row["attn_impl"] == "fa4" and fa4_row["ms"] is None and "CUDA tensors only" in fa4_row["error"]
+    with pytest.raises(ValueError, match="--attn-impls"):
+        prefill.main([*argv, "--attn-impls", "fa5"])
