@@ -62,12 +62,15 @@ PRECISIONS = ("ieee", "tf32x3", "tf32")
 DEFAULT_PRECISION = "tf32x3"
 # The scores kernel's tile on the GPU: (query windows per program, key blocks per tile, warps, pipeline stages).
 # The windows are BLOCK_I blocks' R windows each (BLOCK_I = windows // R): the M of the one dot per key tile.
-# Chosen from the offline sm_90 compile (scores_compile.py: triton 3.6, Dg 128, R 4; not yet timed on the GPU):
-# with the gate vectors rotated before the kernel a stage buffers only the key tile, and the largest tile that
-# fits Hopper's 227 KiB (232448 bytes) without spills at tf32x3 and tf32 is (128, 64, 8, 2): 224 KiB, 196 / 111
-# registers. (128, 64, 8, 3) needs 256 KiB at tf32x3; (128, 32, 8, 3) 192 KiB, 189 registers; (64, 64, 8, 2)
-# 160 KiB, 136 registers. IEEE fp32 (FMA dots over the full Dg 128) spills on every tile compiled (3.8-15 KB).
+# From the offline sm_90 compile (scores_compile.py: triton 3.6, Dg 128, R 4) and timed on the H200 (session 8,
+# docs/experiments/prefill-gate-policy/README.md, "tiles"): with the gate vectors rotated before the kernel a
+# stage buffers only the key tile, and the largest tile that fits Hopper's 227 KiB without spills at tf32x3 and
+# tf32 is (128, 64, 8, 2) (224 KiB); it was the fastest of five timed at tf32x3: gate 3.16 ms a layer at 128k
+# (6.38 before the change), 0.585 at 32k (0.79). IEEE fp32 (FMA dots over the full Dg 128) spills on every tile
+# compiled; its fastest timed tile is (64, 64, 8, 2) (29.5 ms at 128k, against 12.3 ms for the kernel before this
+# change, which rotated in the kernel and used half-width dots): "ieee" is a reference precision, not a fast path.
 SCORES_TILE = (128, 64, 8, 2)
+IEEE_SCORES_TILE = (64, 64, 8, 2)
 # Under the interpreter: 16 windows, so that R = 2 and 4 put several blocks in a program and R = 1 sixteen.
 _INTERP_SCORES_TILE = (16, 16, 4, 1)
 
@@ -284,7 +287,11 @@ def gate_logits_fwd(
         _rope_(qg, cos, sin, 1)  # query windows at their first position
         _rope_(kg, cos, sin, r)  # key blocks at their first window's
     out = torch.empty(b, hq, nb, nb, dtype=torch.float32, device=q.device)
-    windows, block_j, num_warps, num_stages = _INTERP_SCORES_TILE if interpreting() else SCORES_TILE
+    if interpreting():
+        tile = _INTERP_SCORES_TILE
+    else:
+        tile = IEEE_SCORES_TILE if precision == "ieee" else SCORES_TILE
+    windows, block_j, num_warps, num_stages = tile
     block_i = max(1, windows // r)  # a block's R windows never split between programs
     n_row_tiles = triton.cdiv(nb, block_i)
     _gate_scores_kernel[(b * hq, n_row_tiles)](
