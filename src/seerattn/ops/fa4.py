@@ -15,8 +15,8 @@ What it takes (:func:`unsupported` says why a case is refused; nothing falls bac
   block grid per batch entry, as ``"flex"``);
 - mask blocks whose size FA4's tiles match, forward and backward separately (:data:`FA4_BLOCKS`);
 - a PyTorch whose FlexAttention has the FLASH backend (and, for gradients, its FLASH backward);
-- for gradients on sm_90: ``torch.use_deterministic_algorithms`` off (FA4's deterministic block-sparse
-  backward needs sm_100; ``impl="triton"`` has a deterministic backward at any block size).
+- for gradients: ``torch.use_deterministic_algorithms`` off (FA4's deterministic block-sparse backward
+  needs sm_100 and dQ write-order metadata; ``impl="triton"`` has a deterministic backward at any block).
 
 Shape legend: B batch, Hq/Hkv query/key-value heads, T tokens, D head dim.
 Nothing here imports ``flash_attn`` or ``torch._inductor`` at import time (CPU installs and CI never
@@ -33,7 +33,7 @@ import torch
 
 from ..block_mask import BlockMask
 
-__all__ = ["FA4_BLOCKS", "PACKAGE", "block_sparse_attention", "installed", "unsupported", "version"]
+__all__ = ["FA4_BLOCKS", "PACKAGE", "block_sparse_attention", "check", "installed", "unsupported", "version"]
 
 PACKAGE = "flash-attn-4"
 INSTALL_HINT = (
@@ -110,54 +110,77 @@ def unsupported(
     The first reason found, in the order: device, package, PyTorch, GPU, dtype, head dim, varlen, forward
     block size, then (with ``grad``) the backward's PyTorch support, block size and determinism.
     """
+    found = _refusal(device, block_size, head_dim, dtype, grad, varlen)
+    return None if found is None else found[1]
+
+
+def check(
+    device: torch.device,
+    block_size: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    grad: bool = False,
+    varlen: bool = False,
+) -> None:
+    """Raise with :func:`unsupported`'s reason: ``ImportError`` when FA4 is not installed,
+    ``NotImplementedError`` for a case it does not take."""
+    found = _refusal(device, block_size, head_dim, dtype, grad, varlen)
+    if found is not None:
+        raise found[0](f"block_sparse_attention: {found[1]}")
+
+
+def _refusal(device, block_size, head_dim, dtype, grad, varlen) -> tuple[type[Exception], str] | None:
+    """(exception type, reason) of the first check that fails, or None (see :func:`unsupported`)."""
+    no = NotImplementedError
     if device.type != "cuda":
-        return f"impl='fa4' runs on CUDA tensors only (FlashAttention-4 kernels), got tensors on {device}"
+        return no, f"impl='fa4' runs on CUDA tensors only (FlashAttention-4 kernels), got tensors on {device}"
     if not installed():
-        return (
+        return ImportError, (
             f"impl='fa4' needs the optional package {PACKAGE} (module flash_attn.cute), not installed; {INSTALL_HINT}"
         )
     if not _flex_has_flash_backend():
-        return (
+        return no, (
             f"impl='fa4' runs through FlexAttention's FLASH backend, which torch {torch.__version__} does not have "
             "(kernel_options BACKEND); upgrade PyTorch"
         )
     major, minor = _capability(device)
     if major not in FA4_BLOCKS:
-        return (
+        return no, (
             f"impl='fa4': FlashAttention-4's block-sparse kernels run on sm_90 / sm_100 GPUs "
             f"(compute capability {sorted(FA4_BLOCKS)}.x), this GPU is sm_{major}{minor}"
         )
     if dtype not in DTYPES:
-        return f"impl='fa4' takes float16 or bfloat16 q, k, v, got {dtype}"
+        return no, f"impl='fa4' takes float16 or bfloat16 q, k, v, got {dtype}"
     if not (8 <= head_dim <= MAX_HEAD_DIM and head_dim % 8 == 0):
-        return f"impl='fa4' takes head dims 8..{MAX_HEAD_DIM} that are multiples of 8, got D={head_dim}"
+        return no, f"impl='fa4' takes head dims 8..{MAX_HEAD_DIM} that are multiples of 8, got D={head_dim}"
     if varlen:
-        return (
+        return no, (
             "impl='fa4' does not support cu_seqlens: packed sequences do not start on block boundaries, so their "
             "masks do not share one block grid; use impl='triton' or impl='reference' for varlen"
         )
     fwd_blocks, bwd_blocks = FA4_BLOCKS[major]
     if block_size not in fwd_blocks:
-        return (
+        return no, (
             f"impl='fa4' on sm_{major}x: FlashAttention-4's forward takes mask blocks of {list(fwd_blocks)} tokens, "
             f"got {block_size}; use impl='triton' (any power-of-two block)"
         )
     if not grad:
         return None
     if not _flex_has_flash_backward():
-        return (
+        return no, (
             f"impl='fa4' with gradients: torch {torch.__version__}'s FLASH backend has no backward; run without "
             "gradients or use impl='triton'"
         )
     if block_size not in bwd_blocks:
-        return (
+        return no, (
             f"impl='fa4' with gradients on sm_{major}x: FlashAttention-4's backward takes mask blocks of "
             f"{list(bwd_blocks)} tokens, got {block_size}; use impl='triton' (any block) or run without gradients"
         )
-    if major == 9 and torch.are_deterministic_algorithms_enabled():
-        return (
+    if torch.are_deterministic_algorithms_enabled():
+        return no, (
             "impl='fa4' with gradients under torch.use_deterministic_algorithms(True): FlashAttention-4's "
-            "deterministic block-sparse backward needs sm_100; impl='triton' has a deterministic backward"
+            "deterministic block-sparse backward needs sm_100 and dQ write-order metadata that seerattn's masks "
+            "do not carry; impl='triton' has a deterministic backward"
         )
     return None
 
@@ -174,15 +197,11 @@ def block_sparse_attention(
     """Same contract as :func:`seerattn.ops.reference.block_sparse_attention` (no varlen).
 
     q: [B, Hq, T, D]; k, v: [B, Hkv, T, D] -> out [B, Hq, T, D] (and lse [B, Hq, T] fp32).
-    Raises (``ImportError`` when FA4 is not installed, ``NotImplementedError`` for a case it does not
-    take) with the reason of :func:`unsupported`; never runs another implementation instead.
+    Raises (:func:`check`: ``ImportError`` when FA4 is not installed, ``NotImplementedError`` for a case
+    it does not take) with the reason of :func:`unsupported`; never runs another implementation instead.
     """
     from .flex import block_sparse_attention as flex_attention
 
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    reason = unsupported(q.device, block_mask.block_size, q.shape[-1], q.dtype, grad, cu_seqlens is not None)
-    if reason is not None:
-        raise (ImportError if q.is_cuda and not installed() else NotImplementedError)(
-            f"block_sparse_attention: {reason}"
-        )
+    check(q.device, block_mask.block_size, q.shape[-1], q.dtype, grad, cu_seqlens is not None)
     return flex_attention(q, k, v, block_mask, scale=scale, return_lse=return_lse, backend="FLASH")
