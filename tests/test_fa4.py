@@ -102,6 +102,17 @@ def test_flex_call_refuses_an_unknown_backend():
         flex.flex_attention_call(q, k, v, fm, 0.25, False, backend="flash")
 
 
+def test_compiled_flex_calls_raise_past_the_recompile_limit_instead_of_running_eagerly():
+    """On CUDA the FlexAttention call runs with dynamo's fail-on-limit switch and a limit of at least
+    RECOMPILE_LIMIT entries (one per length / block / backend); both are restored after the call."""
+    config = torch._dynamo.config
+    before = (config.fail_on_recompile_limit_hit, config.recompile_limit)
+    with flex._no_eager_fallback(CUDA):
+        assert config.fail_on_recompile_limit_hit is True
+        assert config.recompile_limit >= flex.RECOMPILE_LIMIT == 64
+    assert (config.fail_on_recompile_limit_hit, config.recompile_limit) == before
+
+
 # ---------------------------------------------------------------------------------------- automatic choice
 def test_rule_table_values():
     assert set(AUTO_IMPL.values()) <= {"triton", "fa4"}

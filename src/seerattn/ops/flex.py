@@ -98,13 +98,24 @@ def _flex_fn(device: torch.device):
 BACKENDS = ("TRITON", "FLASH")
 
 
+# Compiled entries of the FlexAttention call (compiled with dynamic=False: one per sequence length, mask
+# block size, backend and grad mode a process meets; an eval over many prompt lengths meets dozens). Past
+# it a call raises (below); dynamo's default of 8 would stop an eval run at its ninth prompt length.
+RECOMPILE_LIMIT = 64
+
+
 def _no_eager_fallback(device: torch.device):
-    """On CUDA: a compiled call past dynamo's recompile limit raises instead of running FlexAttention's
-    eager path (the whole T x T score matrix, and no FLASH backend: a silent change of implementation).
-    PyTorch versions without the switch keep their behaviour; the CPU runs the eager path anyway."""
-    if device.type != "cuda" or not hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
+    """On CUDA: a compiled call past the recompile limit raises instead of running FlexAttention's eager
+    path (the whole T x T score matrix, and no FLASH backend: a silent change of implementation); the
+    limit is raised to :data:`RECOMPILE_LIMIT`. PyTorch versions without these switches keep their
+    behaviour; the CPU runs the eager path anyway."""
+    config = torch._dynamo.config
+    if device.type != "cuda" or not hasattr(config, "fail_on_recompile_limit_hit"):
         return contextlib.nullcontext()
-    return torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
+    limit = (
+        {"recompile_limit": max(config.recompile_limit, RECOMPILE_LIMIT)} if hasattr(config, "recompile_limit") else {}
+    )
+    return config.patch(fail_on_recompile_limit_hit=True, **limit)
 
 
 def flex_attention_call(q, k, v, flex_mask, scale: float, return_lse: bool, backend: str = "TRITON"):
