@@ -20,6 +20,9 @@ Kinds (``DecodePolicy.kind``):
 default every block of the cache), and when more blocks pass, the highest-scoring ones are kept.
 Nothing is read on the host (no sync).
 
+:func:`select_decode_blocks_fused` computes the gate logits and the ``"budget"`` selection in one
+Triton launch (:func:`seerattn.ops.budget_decode_blocks`), the same blocks in ascending order.
+
 Shape legend: B sequences, Hkv KV heads, NB key blocks covering the cache capacity.
 """
 
@@ -29,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DECODE_POLICY_KINDS", "DecodePolicy", "select_decode_blocks"]
+__all__ = ["DECODE_POLICY_KINDS", "DecodePolicy", "select_decode_blocks", "select_decode_blocks_fused"]
 
 DECODE_POLICY_KINDS = ("budget", "threshold", "top_p", "dense")
 
@@ -133,3 +136,32 @@ def select_decode_blocks(
     priority = torch.where(keep, x, float("-inf")).masked_fill(forced, float("inf"))
     top, idx = priority.topk(k, dim=-1)
     return torch.where(torch.isinf(top) & (top < 0), -1, idx).to(torch.int32)
+
+
+def select_decode_blocks_fused(
+    qg: torch.Tensor, keys: torch.Tensor, cache_seqlens: torch.Tensor, policy: DecodePolicy, block_size: int
+) -> torch.Tensor:
+    """:func:`select_decode_blocks` on :meth:`seerattn.gate.DecodeGate.scores`' logits, fused into one
+    Triton kernel with the logits (``"budget"`` policies only).
+
+    Args:
+        qg: [B, Hkv, Dg] gate queries (:meth:`DecodeGate.gate_query` at ``cache_seqlens - 1``, N squeezed).
+        keys: [B, Hkv, NB, Dg] cached gate keys (:attr:`GateKeyCache.keys`); NB covers the cache capacity.
+        cache_seqlens: int [B] tokens in each cache, the new token included.
+        policy: a ``"budget"`` :class:`DecodePolicy`.
+        block_size: tokens per key block.
+
+    Returns:
+        int32 [B, Hkv, K] (K = ``policy.num_slots(block_size, NB)``): the blocks :func:`select_decode_blocks`
+        keeps, in ascending block order (not by priority), -1 padded; equal logits go to the lower block
+        index (the eager top-K leaves their order unspecified).
+    """
+    if policy.kind != "budget":
+        raise ValueError(
+            f"select_decode_blocks_fused supports the 'budget' policy kind only, got {policy.kind!r}; use "
+            "select_decode_blocks for the others"
+        )
+    from .ops import budget_decode_blocks
+
+    k = policy.num_slots(block_size, kv_blocks=0)  # a budget's K does not depend on the cache capacity
+    return budget_decode_blocks(qg, keys, cache_seqlens, k, block_size)
