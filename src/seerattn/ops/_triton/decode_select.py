@@ -76,8 +76,12 @@ def _decode_budget_select_kernel(
         qv = tl.load(q_row + d * stride_qd, mask=d_ok, other=0.0).to(acc_dt)
         kv = tl.load(k_rows + d[None, :] * stride_kd, mask=completed[:, None] & d_ok[None, :], other=0.0)
         acc += tl.sum(kv.to(acc_dt) * qv[None, :], 1)
-    # correctly rounded, as torch's matmul(...) / sqrt(Dg) (the default GPU '/' and sqrt are approximate)
-    logits = tl.math.div_rn(acc, tl.math.sqrt_rn(tl.full([], DG, acc_dt)))
+    # correctly rounded, as torch's matmul(...) / sqrt(Dg): fp32 '/' and sqrt are approximate on the GPU
+    # (div_rn / sqrt_rn take fp32 only; fp64 '/' and sqrt are IEEE already)
+    if KEY64:
+        logits = acc / tl.sqrt(tl.full([], DG, acc_dt))
+    else:
+        logits = tl.math.div_rn(acc, tl.math.sqrt_rn(tl.full([], DG, acc_dt)))
 
     forced = ((cols == 0) | (cols == cur)) & (cols < NB) & (n > 0)
     cand = forced | (completed & (logits != float("-inf")))
