@@ -43,9 +43,14 @@ def gate_case(lens, hq, hkv, d, nb, bs, seed=0, device="cpu"):
     cache = GateKeyCache(gate, b, max_tokens=nb * bs)
     with torch.no_grad():
         cache.prefill(k, lens_t, rotary)
-        qg = gate.gate_query(q.unsqueeze(2), (lens_t - 1).long().view(-1, 1), rotary).squeeze(2)
     assert cache.keys.shape[2] == nb
-    return gate, q, cache.keys, qg, lens_t
+    return gate, q, cache.keys, gate_query(gate, q, lens_t), lens_t
+
+
+def gate_query(gate, q, lens):
+    """qg [B, Hkv, Dg]: the gate query of each new token, as ``DecodeGate.scores`` computes it."""
+    with torch.no_grad():
+        return gate.gate_query(q.unsqueeze(2), (lens - 1).long().view(-1, 1), rotary).squeeze(2)
 
 
 def eager(gate, q, keys, lens, policy, bs):
@@ -92,8 +97,10 @@ def test_fused_in_the_gate_dtypes(dtype):
     """fp16 gate queries / keys (fp32 products, as ``DecodeGate._logits`` promotes) and an fp64 gate (fp64
     products and an fp64 search key), against the eager path on the same tensors."""
     bs = 16
-    gate, q, keys, qg, lens = gate_case([200, 77, 33], 4, 2, 16, 13, bs, seed=3)
-    gate, q, keys, qg = gate.to(dtype), q.to(dtype), keys.to(dtype), qg.to(dtype)
+    gate, q, keys, _, lens = gate_case([200, 77, 33], 4, 2, 16, 13, bs, seed=3)
+    gate, q, keys = gate.to(dtype), q.to(dtype), keys.to(dtype)
+    qg = gate_query(gate, q, lens)
+    assert qg.dtype == dtype
     policy = DecodePolicy("budget", 6 * bs)
     want, _ = eager(gate, q, keys, lens, policy, bs)
     assert_same_sets(select_decode_blocks_fused(qg, keys, lens, policy, bs), want)
@@ -172,8 +179,9 @@ def test_gpu_32k_batch_16_matches_eager_and_captures_in_a_graph(dtype):
     which agree to a fraction of a logit's rounding. No host sync; a CUDA graph of the call replays."""
     bs, nb = 64, 512
     lens = [32768, 32767, 32705, 32704, 20001, 8192, 4097, 4096, 1000, 200, 129, 128, 65, 64, 1, 0]
-    gate, q, keys, qg, lens_t = gate_case(lens, 32, 8, 128, nb, bs, seed=7, device="cuda")
-    gate, q, keys, qg = gate.to(dtype), q.to(dtype), keys.to(dtype), qg.to(dtype)
+    gate, q, keys, _, lens_t = gate_case(lens, 32, 8, 128, nb, bs, seed=7, device="cuda")
+    gate, q, keys = gate.to(dtype), q.to(dtype), keys.to(dtype)
+    qg = gate_query(gate, q, lens_t)
     for budget in (2048, 4096):
         policy = DecodePolicy("budget", budget)
         want, logits = eager(gate, q, keys, lens_t, policy, bs)
