@@ -30,7 +30,8 @@ synchronisation, no data-dependent shapes: a decode step stays capturable in a C
 
 NaN logits are not detected (a NaN key compares as the largest or the smallest key, by its sign bit).
 Supported: qg / keys in fp16, bf16, fp32 or fp64 (bf16 not under the interpreter), any gate dim,
-any strides.
+any strides. Offline sm_90a compile (Triton 3.6, Dg 128, 64-token blocks): 64 registers at NB 2048 (8 warps),
+128 at NB 512 (4 warps), no spills; not yet run or timed on a GPU.
 """
 
 from __future__ import annotations
@@ -69,12 +70,15 @@ def _decode_budget_select_kernel(
     acc_dt = tl.float64 if KEY64 else tl.float32
     acc = tl.zeros([NBP], dtype=acc_dt)
     q_row = QG + b * stride_qb + h * stride_qh
-    k_rows = KG + b * stride_kb + h * stride_kh + cols.to(tl.int64)[:, None] * stride_kn
-    for d0 in tl.static_range(0, DG, DC):
+    # int32 offsets within one (sequence, head) row of keys (NB * Dg elements), int64 base: fewer registers
+    k_row = KG + b * stride_kb + h * stride_kh
+    # a rolled loop: unrolled, every chunk's loads were in flight at once (255 registers and spills, sm_90)
+    for d0 in tl.range(0, DG, DC, loop_unroll_factor=1):
         d = d0 + tl.arange(0, DC)
         d_ok = d < DG
         qv = tl.load(q_row + d * stride_qd, mask=d_ok, other=0.0).to(acc_dt)
-        kv = tl.load(k_rows + d[None, :] * stride_kd, mask=completed[:, None] & d_ok[None, :], other=0.0)
+        k_off = cols[:, None] * stride_kn + d[None, :] * stride_kd
+        kv = tl.load(k_row + k_off, mask=completed[:, None] & d_ok[None, :], other=0.0)
         acc += tl.sum(kv.to(acc_dt) * qv[None, :], 1)
     # correctly rounded, as torch's matmul(...) / sqrt(Dg): fp32 '/' and sqrt are approximate on the GPU
     # (div_rn / sqrt_rn take fp32 only; fp64 '/' and sqrt are IEEE already)
