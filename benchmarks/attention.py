@@ -1,5 +1,5 @@
 """Attention benchmark: our Triton kernels vs SDPA (FlashAttention-2 and cuDNN backends) vs
-FlexAttention on the same block mask.
+FlexAttention and FlashAttention-4 on the same block mask.
 
     PYTHONPATH=src python -m benchmarks.attention --models llama3.1-8b --seqlens 32768 \
         --densities 1.0,0.1 --masks structured,random --block-sizes 64,128 --mask-heads hkv,hq \
@@ -16,13 +16,22 @@ vertical columns per head first, then the local band by distance, so at 10 % a r
 verticals + a local window (the shape SeerAttention's gates produce); ``random`` = uniform scores.
 Sink and diagonal are always kept.
 
+Provider ``fa4`` (FlashAttention-4, the optional ``flash-attn-4`` package): dense causal attention
+(``flash_attn.cute.flash_attn_func``, K/V with Hkv heads, inputs in its [B, T, H, D] layout made
+outside the timed region; row ``op=dense``, provider ``fa4``) and block-sparse attention on the same
+mask (``impl="fa4"``: the FlexAttention mask of the ``flex`` row with the FLASH backend, converted
+outside the timed region). ``vs_fa4`` is FA4's time on the same mask (or dense) over the row's. Where
+FA4 is not installed or does not take the case (``seerattn.ops.fa4.unsupported``: block sizes, and
+for the backward 128 only on sm_90), the row records why in ``error`` with no time: never dropped.
+
 ``--backward`` times forward + backward instead (``out = attn(q, k, v); out.backward(dout)``, inputs
 requiring grad, the mask and FlexAttention's block mask built outside the timed region), against
-SDPA-FA2 and SDPA-cuDNN dense causal forward + backward and FlexAttention forward + backward on the
-same mask (where FlexAttention's backward does not compile, the row records the error type instead
-of a time); it also times the backward alone (``autograd.grad`` on a kept graph) of our kernel at
-100 % against SDPA-FA2's. The backward counts 2.5x the forward's FLOPs (5 matmuls to the forward's
-2): ``10 * D * Hq * pairs`` alone, ``14 * D * Hq * pairs`` forward + backward.
+SDPA-FA2 and SDPA-cuDNN dense causal forward + backward, FA4 dense causal forward + backward, and
+FlexAttention and FA4 forward + backward on the same mask (where FlexAttention's backward does not
+compile, the row records the error type instead of a time); it also times the backward alone
+(``autograd.grad`` on a kept graph) of our kernel at 100 % against SDPA-FA2's. The backward counts
+2.5x the forward's FLOPs (5 matmuls to the forward's 2): ``10 * D * Hq * pairs`` alone,
+``14 * D * Hq * pairs`` forward + backward.
 
 The JSON is a run record (:func:`seerattn.record.write_record`, kind ``bench-attention``) holding the
 environment, arguments, every row and the chosen kernel configs; the table is printed last.
@@ -121,6 +130,43 @@ def sdpa_dense(q, k, v, backend):
     return run
 
 
+def fa4_refusal(bs: int | None, d: int, grad: bool) -> str | None:
+    """Why the fa4 provider cannot run (block-sparse at block ``bs``, dense with ``bs`` None), or None."""
+    from seerattn.ops import fa4
+
+    if bs is None:  # dense causal: the package and the GPU family are all that matter here
+        return None if fa4.installed() else fa4.unsupported(torch.device("cuda"), 128, d, torch.bfloat16)
+    return fa4.unsupported(torch.device("cuda"), bs, d, torch.bfloat16, grad=grad)
+
+
+def fa4_dense(q, k, v):
+    """FA4's dense causal attention on [B, T, H, D] tensors (its layout), K/V with Hkv heads: the output."""
+    from flash_attn.cute import flash_attn_func
+
+    res = flash_attn_func(q, k, v, causal=True)
+    return res[0] if isinstance(res, tuple) else res  # (out, lse) in 4.0.0b36
+
+
+def bench_fa4(fn, what: str, warmup=25, rep=100) -> tuple[float, str | None]:
+    """Median ms of ``fn`` of the optional FA4 provider, or (NaN, the error): its compile or launch
+    failure (any exception type, CuTe DSL's included) is a result to record, not the end of the run."""
+    from triton.testing import do_bench
+
+    try:
+        return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median")), None
+    except Exception as err:  # noqa: BLE001  (see the docstring)
+        msg = f"{type(err).__name__}: {str(err)[:300]}"
+        logger.error("fa4 %s: %s", what, msg)
+        FAILURES.append(f"fa4 {what}: {msg}")
+        torch._dynamo.reset()
+        return math.nan, msg
+
+
+def to_bthd(*xs, grad: bool = False):
+    """[B, H, T, D] -> contiguous [B, T, H, D] copies (leaves requiring grad with ``grad``)."""
+    return [x.detach().transpose(1, 2).contiguous().requires_grad_(grad) for x in xs]
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="llama3.1-8b", help=f"comma list of {sorted(MODELS)}")
@@ -129,7 +175,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--masks", default="structured", help="structured,random")
     p.add_argument("--block-sizes", default="64")
     p.add_argument("--mask-heads", default="hkv", help="hkv (one decision per GQA group), hq (per query head)")
-    p.add_argument("--providers", default="ours,fa2,cudnn,flex")
+    p.add_argument("--providers", default="ours,fa2,cudnn,flex,fa4", help="comma list of %(default)s")
     p.add_argument("--scores", action="store_true", help="also time attention_with_block_scores")
     p.add_argument(
         "--sweep", action="store_true", help="also time every candidate kernel config (with --backward: of each pass)"
@@ -161,11 +207,13 @@ def run_shape(args, model: str, t: int, record) -> None:
     base = dict(model=model, hq=hq, hkv=hkv, d=d, t=t)
     dense_ms: dict[str, float] = {}
 
-    def ratios(row: dict, flex_ms: float = math.nan) -> dict:
+    def ratios(row: dict, flex_ms: float = math.nan, fa4_ms: float = math.nan) -> dict:
         row["vs_fa2"] = dense_ms.get("fa2", math.nan) / row["ms"]
         row["vs_cudnn"] = dense_ms.get("cudnn", math.nan) / row["ms"]
         if row["provider"] != "flex":
             row["vs_flex"] = flex_ms / row["ms"]
+        if row["provider"] != "fa4":
+            row["vs_fa4"] = fa4_ms / row["ms"]
         return row
 
     for be in ("fa2", "cudnn"):
@@ -174,6 +222,16 @@ def run_shape(args, model: str, t: int, record) -> None:
         dense_ms[be] = bench(sdpa_dense(q, k, v, be), rep=args.rep)
         record(**base, op="dense", provider=f"sdpa-{be}", ms=dense_ms[be],
                tflops=4 * d * dense_pairs / dense_ms[be] / 1e9, density=1.0)  # fmt: skip
+    if "fa4" in providers:
+        why = fa4_refusal(None, d, grad=False)
+        dense_ms["fa4"] = math.nan
+        if why is None:
+            qt, kt, vt = to_bthd(q, k, v)
+            dense_ms["fa4"], why = bench_fa4(functools.partial(fa4_dense, qt, kt, vt), f"dense T={t}", rep=args.rep)
+            del qt, kt, vt
+        row = dict(**base, op="dense", provider="fa4", ms=dense_ms["fa4"],
+                   tflops=4 * d * dense_pairs / dense_ms["fa4"] / 1e9, density=1.0)  # fmt: skip
+        record(**row, **({"error": why} if why else {}))
 
     if args.scores and "ours" in providers:
         for bs in _csv(args.block_sizes, int):
@@ -193,7 +251,8 @@ def run_shape(args, model: str, t: int, record) -> None:
                     name = "ours" if cfg is None else f"ours[{cfg.short()}]"
                     op = "scores" if store else "dense-ours"
                     tflops = 4 * d * dense_pairs / ms / 1e9
-                    record(**ratios(dict(**base, op=op, bs=bs, provider=name, ms=ms, tflops=tflops, density=1.0)))
+                    row = dict(**base, op=op, bs=bs, provider=name, ms=ms, tflops=tflops, density=1.0)
+                    record(**ratios(row, fa4_ms=dense_ms.get("fa4", math.nan)))
 
     for bs in _csv(args.block_sizes, int):
         for mh in _csv(args.mask_heads):
@@ -209,11 +268,21 @@ def run_shape(args, model: str, t: int, record) -> None:
                         density=mask.density(), pair_fraction=pairs / dense_pairs,
                     )  # fmt: skip
                     found: list[dict] = []
-                    flex_ms = math.nan
+                    flex_ms = fa4_ms = math.nan
+                    fm = to_flex_block_mask(mask, hq) if {"flex", "fa4"} & set(providers) else None  # untimed
                     if "flex" in providers:
-                        fm = to_flex_block_mask(mask, hq)  # conversion outside the timed region
                         flex_ms = bench(functools.partial(flex_attention_call, q, k, v, fm, scale, False), rep=args.rep)
                         found.append(dict(**common, provider="flex", ms=flex_ms, tflops=4 * d * pairs / flex_ms / 1e9))
+                    if "fa4" in providers:
+                        why = fa4_refusal(bs, d, grad=False)
+                        if why is None:
+                            fa4_ms, why = bench_fa4(
+                                functools.partial(flex_attention_call, q, k, v, fm, scale, False, "FLASH"),
+                                f"sparse T={t} bs={bs}",
+                                rep=args.rep,
+                            )
+                        row = dict(**common, provider="fa4", ms=fa4_ms, tflops=4 * d * pairs / fa4_ms / 1e9)
+                        found.append(row | ({"error": why} if why else {}))
                     if "ours" in providers:
                         cands: list = [None]
                         if args.sweep:
@@ -232,7 +301,7 @@ def run_shape(args, model: str, t: int, record) -> None:
                             name = "ours" if cfg is None else f"ours[{cfg.short()}]"
                             found.append(dict(**common, provider=name, ms=ms, tflops=4 * d * pairs / ms / 1e9))
                     for row in found:
-                        record(**ratios(row, flex_ms))
+                        record(**ratios(row, flex_ms, fa4_ms))
 
 
 def _fwd_bwd(attn, q, k, v, dout):
@@ -341,13 +410,24 @@ def run_shape_backward(args, model: str, t: int, record) -> None:
             dense_ms[be] = bench(_fwd_bwd(sdpa(be), q, kx, vx, dout), rep=args.rep)
             record(**base, op="fwd+bwd", provider=f"sdpa-{be}", ms=dense_ms[be],
                    tflops=tflops(dense_pairs, dense_ms[be], "fwd+bwd"), density=1.0)  # fmt: skip
+    if "fa4" in providers:
+        why = fa4_refusal(None, d, grad=True)
+        dense_ms["fa4"] = math.nan
+        if why is None:  # FA4's own layout, leaves outside the timed region (K/V with Hkv heads)
+            qt, kt, vt, dt = to_bthd(q, k, v, dout, grad=True)
+            dense_ms["fa4"], why = bench_fa4(_fwd_bwd(fa4_dense, qt, kt, vt, dt.detach()), f"dense fwd+bwd T={t}",
+                                             rep=args.rep)  # fmt: skip
+            del qt, kt, vt, dt
+        row = dict(**base, op="fwd+bwd", provider="fa4", ms=dense_ms["fa4"],
+                   tflops=tflops(dense_pairs, dense_ms["fa4"], "fwd+bwd"), density=1.0)  # fmt: skip
+        record(**row, **({"error": why} if why else {}))
     fa2_bwd = math.nan
     if "fa2" in providers:
         fa2_bwd = bench(_bwd_only(sdpa("fa2"), q, kx, vx, dout), rep=args.rep)
         record(**base, op="bwd", provider="sdpa-fa2", ms=fa2_bwd, tflops=tflops(dense_pairs, fa2_bwd, "bwd"),
                density=1.0)  # fmt: skip
 
-    def ratios(row: dict, flex_ms: float = math.nan) -> dict:
+    def ratios(row: dict, flex_ms: float = math.nan, fa4_ms: float = math.nan) -> dict:
         if row["op"] == "bwd":  # the backward alone is compared with SDPA-FA2's backward alone
             row["vs_fa2"] = fa2_bwd / row["ms"]
             return row
@@ -355,6 +435,8 @@ def run_shape_backward(args, model: str, t: int, record) -> None:
         row["vs_cudnn"] = dense_ms.get("cudnn", math.nan) / row["ms"]
         if row["provider"] != "flex":
             row["vs_flex"] = flex_ms / row["ms"]
+        if row["provider"] != "fa4":
+            row["vs_fa4"] = fa4_ms / row["ms"]
         return row
 
     flex_failed: dict[int, str] = {}
@@ -396,6 +478,16 @@ def run_shape_backward(args, model: str, t: int, record) -> None:
                             rows.append(dict(**common, provider="flex", ms=math.nan, tflops=math.nan, error=msg))
                             flex_failed[bs] = msg
                             torch._dynamo.reset()
+                    fa4_ms = math.nan
+                    if "fa4" in providers:
+                        why = fa4_refusal(bs, d, grad=True)
+                        if why is None:
+                            fm4 = to_flex_block_mask(mask, hq, for_backward=True)
+                            fa4 = lambda q, k, v, fm=fm4: flex_attention_call(q, k, v, fm, scale, False, "FLASH")[0]
+                            what = f"fwd+bwd T={t} bs={bs}"
+                            fa4_ms, why = bench_fa4(_fwd_bwd(fa4, q, k, v, dout), what, rep=args.rep)
+                        row = dict(**common, provider="fa4", ms=fa4_ms, tflops=tflops(pairs, fa4_ms, "fwd+bwd"))
+                        rows.append(row | ({"error": why} if why else {}))
                     if "ours" in providers:
                         ours = lambda q, k, v, mask=mask: block_sparse_attention(q, k, v, mask, impl="triton")
                         ms = bench(_fwd_bwd(ours, q, k, v, dout), rep=args.rep)
@@ -408,7 +500,7 @@ def run_shape_backward(args, model: str, t: int, record) -> None:
                                 common | dict(op="bwd", provider="ours", ms=ms_b, tflops=tflops(pairs, ms_b, "bwd"))
                             )
                     for row in rows:
-                        record(**ratios(row, flex_ms))
+                        record(**ratios(row, flex_ms, fa4_ms))
 
 
 def main(argv=None) -> int:
@@ -454,14 +546,14 @@ def print_table(rows: list[dict], env: dict) -> None:
     print(f"\n# {env['gpu']} | torch {torch.__version__} | triton {env['triton']} | commit {git_commit()}")
     print(
         f"{'model':12} {'T':>6} {'op':10} {'bs':>3} {'mh':>3} {'mask':10} {'dens':>5} {'provider':30} "
-        f"{'ms':>8} {'TF/s':>6} {'xFA2':>6} {'xcuDNN':>6} {'xflex':>6}"
+        f"{'ms':>8} {'TF/s':>6} {'xFA2':>6} {'xcuDNN':>6} {'xflex':>6} {'xFA4':>6}"
     )
     for r in rows:
         print(
             f"{r['model']:12} {r['t']:>6} {r['op']:10} {r.get('bs', '-')!s:>3} {r.get('mask_heads', '-'):>3} "
             f"{r.get('mask', '-'):10} {r['density']:5.3f} {r['provider']:30} {r['ms']:8.3f} "
             f"{r['tflops']:6.0f} "
-            f"{_fmt(r, 'vs_fa2')} {_fmt(r, 'vs_cudnn')} {_fmt(r, 'vs_flex')}"
+            f"{_fmt(r, 'vs_fa2')} {_fmt(r, 'vs_cudnn')} {_fmt(r, 'vs_flex')} {_fmt(r, 'vs_fa4')}"
             + (f"  {r['error']}" if r.get("error") else "")
         )
     sys.stdout.flush()

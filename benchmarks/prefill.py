@@ -4,6 +4,7 @@
     python3 -m benchmarks.prefill --seqlens 32768 --methods seer,xattention,flexprefill,xattention_top_p \
         --json runs/prefill_peers.json
     python3 -m benchmarks.prefill --seqlens 32768,131072 --densities 0.1,0.05 --gate-impls triton,eager
+    python3 -m benchmarks.prefill --seqlens 32768,131072 --block-sizes 64,128 --attn-impls auto,triton,fa4
     python3 -m benchmarks.prefill --smoke   # a tiny model on the CPU: checks that every method runs
 
 Builds ``LlamaForCausalLM`` with Llama-3.1-8B's shape (random bf16 weights: speed only; the shape is
@@ -33,6 +34,13 @@ the fused gate and the selection kernel (``triton``, what ``auto`` picks on CUDA
 gate and policies (``eager``, rows ``.../eager``): before and after in one run. Timed forwards skip the
 density statistics (``SeerState.record_densities``); the profiled forward records the realised density.
 
+``--attn-impls`` picks the block-sparse attention of the sparse rows (``SeerConfig.impl``): ``auto``
+(``impl=None``: :func:`seerattn.ops.auto_impl`'s measured rule, e.g. FlashAttention-4 at block 128 where
+it is installed), ``triton``, ``fa4``, ``flex``; non-auto rows are labelled ``.../<impl>``. Every row
+records ``attn_impl``, the implementation that ran (:func:`seerattn.ops.resolve_impl` on the row's
+block size, head dim and dtype). An impl that cannot run a row (FA4 not installed, a block size it does
+not take) gives a row with its reason in ``error`` and no time, not a missing row.
+
 The whole model is timed, so the ratio is what the paper calls time-to-first-token speedup (it
 reports 1.3x at 32k / 70 % sparsity up to 2.7x at 128k / 95 %): MLPs and projections stay dense.
 """
@@ -56,6 +64,7 @@ from seerattn.block_mask import ALLOCATIONS
 from seerattn.eval.methods import Setting, configure, get_method
 from seerattn.gate import GateConfig
 from seerattn.hf import SeerConfig, apply_seer_attention, get_seer_state, remove_seer_attention
+from seerattn.ops import AttentionCase, fa4, resolve_impl
 from seerattn.record import write_record
 
 GATES = {
@@ -119,6 +128,7 @@ PARTS = {
     "seer.stats": "stats_ms",
 }
 GATE_IMPLS = ("auto", "triton", "eager")
+ATTN_IMPLS = ("auto", "triton", "fa4", "flex")
 
 
 def part_breakdown(model, ids: torch.Tensor) -> dict[str, float]:
@@ -249,6 +259,12 @@ def main(argv=None) -> int:
         help="comma list from auto (triton on CUDA, eager on the CPU), triton (fused gate + selection kernel), "
         "eager (PyTorch gate and policies: the 'before'); seer rows only (%(default)s)",
     )
+    p.add_argument(
+        "--attn-impls",
+        default="auto",
+        help=f"comma list from {ATTN_IMPLS}: the block-sparse attention of the sparse rows; auto = impl=None "
+        "(seerattn.ops.auto_impl's rule); each row records attn_impl, the one that ran (%(default)s)",
+    )
     p.add_argument("--layers", type=int, default=32, help="decoder layers (32 = the real depth)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=5)
@@ -258,6 +274,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the run record here")
     args = p.parse_args(argv)
     settings = _settings(args)  # bad method names fail before the model is built
+    attn_impls = [x for x in args.attn_impls.split(",") if x]
+    if not attn_impls or any(a not in ATTN_IMPLS for a in attn_impls):
+        raise ValueError(f"--attn-impls takes a comma list from {ATTN_IMPLS}, got {args.attn_impls!r}")
     if args.smoke:
         device, shape = "cpu", {**LLAMA_31_8B, **SMOKE_SHAPE, "num_hidden_layers": min(args.layers, 2)}
         seqlens, dtype, args.warmup, args.reps = args.seqlens or "256", torch.float32, 0, 1
@@ -270,6 +289,7 @@ def main(argv=None) -> int:
 
     model = build_llama(shape, device, dtype).eval()
     config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     rows = []
     for t in (int(x) for x in seqlens.split(",")):
         ids = torch.randint(0, config.vocab_size, (1, t), device=device)
@@ -281,18 +301,36 @@ def main(argv=None) -> int:
         print(f"T={t:>6} {'sdpa':<22} {dense_ms:9.2f} ms", flush=True)
         if args.profile and cuda:
             print(profile_table(model, ids, args.profile))
-        for setting, budget, heads, bs, gate_impl in settings:
+        for (setting, budget, heads, bs, gate_impl), attn in itertools.product(settings, attn_impls):
             gate = dataclasses.replace(GATES[args.gate], block_size=bs)
+            impl = None if attn == "auto" else attn
             if setting is None:
                 policy = SparsityPolicy("density", budget, allocation=args.allocation)
-                cfg = SeerConfig(gate=gate, policy=policy, mode="sparse", mask_heads=heads, gate_impl=gate_impl)  # type: ignore[arg-type]
-                apply_seer_attention(model, cfg)
+                cfg = SeerConfig(
+                    gate=gate,
+                    policy=policy,
+                    mode="sparse",
+                    mask_heads=heads,  # type: ignore[arg-type]
+                    gate_impl=gate_impl,  # type: ignore[arg-type]
+                    impl=impl,
+                )
                 label = f"seer@{budget:g}" + ("" if heads == "q" else f"/{heads}")
             else:
-                apply_seer_attention(model, SeerConfig(gate=gate, mode="custom"))
-                configure(get_seer_state(model), setting)
+                cfg = SeerConfig(gate=gate, mode="custom", impl=impl)
                 label = setting.label
             label += ("" if bs == 64 else f"/b{bs}") + ("/eager" if gate_impl == "eager" else "")
+            label += "" if impl is None else f"/{impl}"
+            case = AttentionCase(bs, head_dim, dtype)
+            ran = resolve_impl(impl, torch.device(device), "block_sparse_attention", case=case)
+            why = fa4.unsupported(torch.device(device), bs, head_dim, dtype) if ran == "fa4" else None
+            if why is not None:  # an explicit fa4 that cannot run here: a row that says why
+                rows.append({"seq_len": t, "method": label, "block_size": bs, "budget": budget, "ms": float("nan"),
+                             "attn_impl": ran, "error": why})  # fmt: skip
+                print(f"T={t:>6} {label:<22} not run: {why}", flush=True)
+                continue
+            apply_seer_attention(model, cfg)
+            if setting is not None:
+                configure(get_seer_state(model), setting)
             state = get_seer_state(model)
             state.record_densities = False  # timed forwards: no statistics
             if cuda:
@@ -318,6 +356,7 @@ def main(argv=None) -> int:
             remove_seer_attention(model)
             row = {"seq_len": t, "method": label, "block_size": bs, "budget": budget, "ms": ms, "density": realised}
             row["peak_gib"] = peak
+            row["attn_impl"] = ran
             if setting is None:
                 row["gate_impl"] = gate_impl
             if parts:
@@ -326,7 +365,7 @@ def main(argv=None) -> int:
             if breakdown_error:
                 row["breakdown_error"] = breakdown_error
             rows.append({**row, "speedup": dense_ms / ms})
-            line = f"T={t:>6} {label:<22} {ms:9.2f} ms  {dense_ms / ms:5.2f}x  density {realised:.3f}"
+            line = f"T={t:>6} {label:<22} {ms:9.2f} ms  {dense_ms / ms:5.2f}x  density {realised:.3f}  {ran}"
             if parts:
                 line += "  " + "  ".join(f"{k[:-3]} {parts[k]:.2f}" for k in (*PARTS.values(), "rest_ms", "busy_ms"))
                 line += f"  (gate+policy)/kernel {parts['overhead']:.3f}"

@@ -21,6 +21,7 @@ ENV_KEYS = {
     "torch",
     "triton",
     "transformers",
+    "flash_attn_4",
     "cuda",
     "gpus",
     "triton_interpret",
@@ -64,7 +65,7 @@ def test_env_json_in_a_fresh_process():
     assert info["seerattn"] == seerattn.__version__ and info["torch"] == torch.__version__
     assert info["python"] == ".".join(map(str, sys.version_info[:3]))
     assert info["triton_interpret"] is True
-    assert info["impls"]["reference"] is True and set(info["impls"]) == {"reference", "triton", "flex"}
+    assert info["impls"]["reference"] is True and set(info["impls"]) == {"reference", "triton", "flex", "fa4"}
     if info["triton"] is not None:
         assert "interpreter" in info["impls"]["triton"]
     if not torch.cuda.is_available():

@@ -2,7 +2,8 @@
 the eager AttnGate: the same logits within the project's data-derived tolerance (error against an
 fp64 run of the eager gate <= 2x the eager fp32 gate's error, plus epsilon), the same ``-inf``
 pattern, on tiny shapes under the interpreter (odd T, partial last blocks and windows, GQA,
-``q_subblock`` None/16, blocks 32/64, with and without a Q projection and RoPE)."""
+``q_subblock`` None/1/8/16, blocks 16/32/64, several row and key tiles of the scores kernel, with and
+without a Q projection and RoPE)."""
 
 from __future__ import annotations
 
@@ -81,6 +82,12 @@ CASES = [
     (4, 4, 70, 16, GateConfig(block_size=32, q_pooling=("max",), k_pooling=("min", "max"), gate_dim=8, use_rope=False)),
     (2, 1, 50, 16, GateConfig(block_size=32, q_subblock=16, q_pooling=("max",), q_projection=False)),
     (4, 2, 1, 16, GateConfig(block_size=32, q_subblock=16)),  # one token
+    (2, 1, 70, 16, GateConfig(block_size=32, q_subblock=16, gate_dim=6)),  # RoPE on Dg 6: halves of 3 in 4 lanes
+    # several row and key tiles of the scores kernel (interpreter tile: 16 windows, 16 key blocks)
+    (2, 1, 557, 16, GateConfig(block_size=32, q_subblock=8, q_pooling=("avg", "max", "min"))),  # R 4, 18 blocks,
+    # the last with 2 of its 4 windows
+    (2, 2, 300, 16, GateConfig(block_size=16)),  # R 1, 19 blocks
+    (2, 1, 100, 16, GateConfig(block_size=32, q_subblock=1)),  # R 32: one block per program, 32 windows
 ]
 
 

@@ -141,7 +141,10 @@ class SeerConfig:
         decode: the decode section (:class:`DecodeConfig`); None attaches no decode gate and decode
             steps run dense (transformers' SDPA).
         decode_start: ``decode_eval`` mode: the first row (token position) that attends like decode.
-        impl: op implementation (``None`` = Triton on CUDA, reference on CPU).
+        impl: op implementation: ``None`` (automatic: reference on CPU; on CUDA Triton, except the block-sparse
+            attention, which follows :func:`seerattn.ops.auto_impl`'s measured rule, e.g. FlashAttention-4 at
+            128-token blocks where it is installed), ``"reference"``, ``"triton"``, or ``"flex"`` / ``"fa4"``
+            (block-sparse attention only: ``distill`` / ``oracle`` modes and sparse decode raise with them).
         gate_impl: how ``sparse`` and ``oracle`` modes compute the gate and the policy: ``"triton"``
             (fused gate kernels and the selection kernel), ``"eager"`` (the PyTorch gate and policies:
             the reference, and the "before" of benchmarks/prefill.py) or None (Triton on CUDA, eager

@@ -8,12 +8,19 @@ NB = ceil(T / block_size). Layout ``[B, H, T, D]``.
 - ``"reference"``: eager PyTorch (:mod:`seerattn.ops.reference`), any device, fp64-capable.
 - ``"triton"``: the Triton kernels (:mod:`seerattn.ops._triton`, imported on first use).
 - ``"flex"``: PyTorch FlexAttention with the same block mask (``block_sparse_attention`` only).
-- ``None`` (default): ``"triton"`` for CUDA tensors, ``"reference"`` otherwise.
+- ``"fa4"``: FlashAttention-4's block-sparse kernels through FlexAttention's FLASH backend
+  (``block_sparse_attention`` only; the optional ``flash-attn-4`` package, sm_90 / sm_100 GPUs, the
+  block sizes of :data:`seerattn.ops.fa4.FA4_BLOCKS`; :mod:`seerattn.ops.fa4`).
+- ``None`` (default): ``"reference"`` off CUDA; on CUDA ``"triton"``, except in
+  ``block_sparse_attention`` where :func:`auto_impl` applies the measured rule :data:`AUTO_IMPL`
+  (``"fa4"`` for the cases listed there, where FA4 is installed and takes the case).
+  :func:`resolve_impl` returns the choice without running anything (benchmarks record it).
 
 An explicit ``impl`` never falls back to another one: if it cannot run, it raises.
 
 Gradients: ``block_sparse_attention`` is differentiable in q, k, v for every ``impl`` (reference:
-autograd; triton: the block-sparse backward kernels; flex: FlexAttention's backward). The ``lse`` it
+autograd; triton: the block-sparse backward kernels; flex, fa4: FlexAttention's backward with its Triton
+or FLASH kernels). The ``lse`` it
 returns is not differentiable (detached). ``attention_with_block_scores`` is differentiable only
 with ``impl="reference"``; the Triton kernel raises when gradients are required rather than
 returning a detached output.
@@ -27,16 +34,21 @@ further, to rows of the same tile that do not attend to its key (0 x NaN inside 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..block_mask import BlockMask, check_block_size, num_blocks
-from . import reference
+from . import fa4, reference
 from .decode import budget_decode_blocks, sparse_decode_attention
 from .gate_ops import gate_block_logits, select_blocks
 
 __all__ = [
+    "AUTO_IMPL",
     "IMPLS",
+    "AttentionCase",
     "attention_with_block_scores",
+    "auto_impl",
     "block_sparse_attention",
     "budget_decode_blocks",
     "gate_block_logits",
@@ -45,13 +57,65 @@ __all__ = [
     "sparse_decode_attention",
 ]
 
-IMPLS = ("reference", "triton", "flex")
+IMPLS = ("reference", "triton", "flex", "fa4")
+
+# The automatic choice of block_sparse_attention on CUDA (impl=None): (mask block size, gradients) -> impl.
+# A listed "fa4" applies where FlashAttention-4 can run the case (installed, a GPU, block size, head dim,
+# dtype it takes: seerattn.ops.fa4.unsupported); every other case runs "triton". The entries follow the
+# measurements of docs/experiments/fa4/README.md (ours vs FA4 on the same masks, forward and forward +
+# backward, in one run): flip an entry here with the numbers there. Values: "triton" or "fa4".
+AUTO_IMPL: dict[tuple[int, bool], str] = {
+    (128, False): "fa4",  # issue 16: FA4 1.50 ms vs ours 2.29 ms at 32k / 10 % (H200, Llama-3.1-8B shapes)
+    (128, True): "fa4",  # issue 13: FA4 fwd+bwd 7.10 ms vs ours 9.6 ms at 32k / 10 %
+}
 
 
-def resolve_impl(impl: str | None, device: torch.device, op: str, allowed: tuple[str, ...] = IMPLS) -> str:
-    """The implementation to use for ``op`` on ``device`` (see the module docstring)."""
+@dataclass(frozen=True)
+class AttentionCase:
+    """What the automatic choice of ``block_sparse_attention`` looks at besides the device.
+
+    block_size: mask block (tokens); head_dim: D; dtype: of q, k, v; grad: gradients are required
+    (a backward will run); varlen: ``cu_seqlens`` is given.
+    """
+
+    block_size: int
+    head_dim: int
+    dtype: torch.dtype
+    grad: bool = False
+    varlen: bool = False
+
+
+def auto_impl(device: torch.device, case: AttentionCase | None = None) -> str:
+    """``impl=None``'s choice: ``"reference"`` off CUDA; on CUDA :data:`AUTO_IMPL`'s entry for ``case``
+    where that impl can run it, else ``"triton"`` (``case`` None: an op other than block_sparse_attention)."""
+    if device.type != "cuda":
+        return "reference"
+    if case is None:
+        return "triton"
+    choice = AUTO_IMPL.get((case.block_size, case.grad), "triton")
+    if (
+        choice == "fa4"
+        and fa4.unsupported(device, case.block_size, case.head_dim, case.dtype, case.grad, case.varlen) is not None
+    ):
+        return "triton"
+    return choice
+
+
+def resolve_impl(
+    impl: str | None,
+    device: torch.device,
+    op: str,
+    allowed: tuple[str, ...] = IMPLS,
+    case: AttentionCase | None = None,
+) -> str:
+    """The implementation ``op`` runs on ``device``: ``impl`` when given (checked against ``allowed``),
+    else :func:`auto_impl` (``case``: the block-sparse attention call's parameters, for its measured rule).
+
+    E.g. ``resolve_impl(None, torch.device("cuda"), "block_sparse_attention", case=AttentionCase(128, 128,
+    torch.bfloat16))`` is ``"fa4"`` where FA4 is installed on an H200, ``"triton"`` without it.
+    """
     if impl is None:
-        impl = "triton" if device.type == "cuda" else "reference"
+        impl = auto_impl(device, case)
     if impl not in allowed:
         raise ValueError(f"{op}: impl must be one of {allowed} (or None for automatic), got {impl!r}")
     return impl
@@ -180,7 +244,8 @@ def block_sparse_attention(
         return_lse: also return lse [B, Hq, T] fp32 (-inf on rows with no kept key); not
             differentiable (no gradient flows through it).
         cu_seqlens: int32 [N + 1] boundaries of packed sequences (varlen).
-        impl: ``"reference"``, ``"triton"``, ``"flex"`` or None (automatic).
+        impl: ``"reference"``, ``"triton"``, ``"flex"``, ``"fa4"`` or None (automatic: :func:`auto_impl`,
+            which on CUDA may pick ``"fa4"`` by block size and gradients; :func:`resolve_impl` tells which).
 
     Returns:
         out [B, Hq, T, D] (zeros on rows with no kept key; differentiable in q, k, v), and the
@@ -194,11 +259,15 @@ def block_sparse_attention(
     op = "block_sparse_attention"
     _check_qkv(q, k, v, op, varlen=cu_seqlens is not None)
     _check_mask(block_mask, q, k, op, cu_seqlens)
-    impl = resolve_impl(impl, q.device, op)
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    case = AttentionCase(block_mask.block_size, q.shape[-1], q.dtype, grad, cu_seqlens is not None)
+    impl = resolve_impl(impl, q.device, op, case=case)
     if impl == "reference":
         fn = reference.block_sparse_attention
     elif impl == "flex":
         from .flex import block_sparse_attention as fn
+    elif impl == "fa4":
+        fn = fa4.block_sparse_attention
     else:
         from ._triton import block_sparse_attention as fn
     res = fn(q, k, v, block_mask, scale=scale, return_lse=return_lse, cu_seqlens=cu_seqlens)

@@ -1,5 +1,8 @@
 """``impl="flex"``: block-sparse attention through PyTorch FlexAttention on the same block mask.
 
+Also the path of ``impl="fa4"`` (:mod:`seerattn.ops.fa4`): the same mask and call with FlexAttention's
+FLASH backend (``backend="FLASH"``: FlashAttention-4's CuTe kernels) instead of its Triton kernels.
+
 Used as a cross-check of the Triton kernels on the GPU and as a benchmark peer. The seerattn
 :class:`~seerattn.BlockMask` is converted to FlexAttention's ``BlockMask`` with the kept blocks split
 into *full* blocks (strictly below the block diagonal: FlexAttention skips the ``mask_mod`` there) and
@@ -19,6 +22,7 @@ when gradients are required.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 
@@ -91,27 +95,50 @@ def _flex_fn(device: torch.device):
     return _COMPILED
 
 
-def flex_attention_call(q, k, v, flex_mask, scale: float, return_lse: bool):
-    """One FlexAttention call on a prepared mask; returns (out, lse or None)."""
+BACKENDS = ("TRITON", "FLASH")
+
+
+def _no_eager_fallback(device: torch.device):
+    """On CUDA: a compiled call past dynamo's recompile limit raises instead of running FlexAttention's
+    eager path (the whole T x T score matrix, and no FLASH backend: a silent change of implementation).
+    PyTorch versions without the switch keep their behaviour; the CPU runs the eager path anyway."""
+    if device.type != "cuda" or not hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
+        return contextlib.nullcontext()
+    return torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
+
+
+def flex_attention_call(q, k, v, flex_mask, scale: float, return_lse: bool, backend: str = "TRITON"):
+    """One FlexAttention call on a prepared mask; returns (out, lse or None).
+
+    ``backend``: ``"TRITON"`` (FlexAttention's default choice of kernel: its Triton kernels on CUDA, no
+    ``BACKEND`` option passed, so PyTorch versions without that option work) or ``"FLASH"``
+    (FlashAttention-4 through ``kernel_options={"BACKEND": "FLASH"}``; CUDA only, see
+    :mod:`seerattn.ops.fa4` for what it takes).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"flex_attention_call: backend must be one of {BACKENDS}, got {backend!r}")
     fn = _flex_fn(q.device)
     gqa = q.shape[1] != k.shape[1]
     kwargs = {}
     q_block, kv_block = flex_mask.BLOCK_SIZE
-    if q.is_cuda and min(q_block, kv_block) < 128:
+    if backend == "FLASH":
+        kwargs["kernel_options"] = {"BACKEND": "FLASH"}  # FA4 picks its own tiles from the mask's block size
+    elif q.is_cuda and min(q_block, kv_block) < 128:
         # The compiled kernel's default tile (128 x 64 on Hopper) must divide the mask blocks.
         kwargs["kernel_options"] = {"BLOCK_M": min(q_block, 128), "BLOCK_N": min(kv_block, 64)}
     try:
         from torch.nn.attention.flex_attention import AuxRequest
     except ImportError:  # torch < 2.9: the older return_lse flag
         AuxRequest = None
-    if not return_lse:
-        return fn(q, k, v, block_mask=flex_mask, scale=scale, enable_gqa=gqa, **kwargs), None
-    if AuxRequest is not None:
-        aux_req = AuxRequest(lse=True)
-        out, aux = fn(q, k, v, block_mask=flex_mask, scale=scale, enable_gqa=gqa, return_aux=aux_req, **kwargs)
-        return out, aux.lse
-    out, lse = fn(q, k, v, block_mask=flex_mask, scale=scale, enable_gqa=gqa, return_lse=True, **kwargs)
-    return out, lse
+    with _no_eager_fallback(q.device):
+        if not return_lse:
+            return fn(q, k, v, block_mask=flex_mask, scale=scale, enable_gqa=gqa, **kwargs), None
+        if AuxRequest is not None:
+            aux_req = AuxRequest(lse=True)
+            out, aux = fn(q, k, v, block_mask=flex_mask, scale=scale, enable_gqa=gqa, return_aux=aux_req, **kwargs)
+            return out, aux.lse
+        out, lse = fn(q, k, v, block_mask=flex_mask, scale=scale, enable_gqa=gqa, return_lse=True, **kwargs)
+        return out, lse
 
 
 def block_sparse_attention(
@@ -122,12 +149,15 @@ def block_sparse_attention(
     scale: float | None = None,
     return_lse: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    backend: str = "TRITON",
 ):
     """Same contract as :func:`seerattn.ops.reference.block_sparse_attention` (no varlen).
 
     q: [B, Hq, T, D]; k, v: [B, Hkv, T, D] -> out [B, Hq, T, D] (and lse [B, Hq, T] fp32).
     Rows with no kept key give zeros and lse = -inf. Differentiable in q, k, v (see the module
-    docstring for the block sizes the CUDA backward accepts).
+    docstring for the block sizes the CUDA backward accepts). ``backend`` as in
+    :func:`flex_attention_call`; ``"FLASH"`` is ``impl="fa4"``, whose checks
+    (:func:`seerattn.ops.fa4.block_sparse_attention`) run before this is called.
     """
     if cu_seqlens is not None:
         raise NotImplementedError(
@@ -137,14 +167,14 @@ def block_sparse_attention(
         )
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    if grad and q.is_cuda and block_mask.block_size < BACKWARD_MIN_BLOCK:
+    if backend == "TRITON" and grad and q.is_cuda and block_mask.block_size < BACKWARD_MIN_BLOCK:
         raise NotImplementedError(
             f"block_sparse_attention(impl='flex') with gradients: FlexAttention's compiled backward supports "
             f"mask blocks of >= {BACKWARD_MIN_BLOCK} tokens, got {block_mask.block_size}; use impl='triton' "
             "(any block size) or run without gradients"
         )
     flex_mask = to_flex_block_mask(block_mask, q.shape[1], exact_mask_mod=q.device.type != "cuda", for_backward=grad)
-    out, lse = flex_attention_call(q, k, v, flex_mask, scale, return_lse)
+    out, lse = flex_attention_call(q, k, v, flex_mask, scale, return_lse, backend)
     if not return_lse:
         return out
     return out, lse.float()  # FlexAttention already gives zeros and lse = -inf on empty rows

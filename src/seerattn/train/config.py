@@ -275,7 +275,10 @@ class DistillConfig(TrainConfig):
 
     Execution and outputs:
         device: ``auto`` = CUDA when available (the local rank's GPU under torchrun), else CPU.
-        impl: ground-truth op implementation; None = Triton on CUDA, reference on CPU.
+        impl: op implementation (the ground-truth kernel, and the block-sparse attention of fine-tuning);
+            None = reference on CPU; on CUDA Triton, except the block-sparse attention, which follows
+            :func:`seerattn.ops.auto_impl`'s measured rule (FlashAttention-4's forward and backward at
+            128-token blocks where it is installed; environment.json records whether it is).
         parallel: with several processes (torchrun): ``ddp`` (base replicated, gate gradients
             all-reduced) or ``fsdp`` (base sharded per decoder layer, gates replicated); ``auto`` = ddp.
         output_dir: run folder (config, environment, metrics, checkpoints, adapter).

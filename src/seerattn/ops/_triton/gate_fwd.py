@@ -14,23 +14,27 @@ Exactly :class:`seerattn.gate.AttnGate`'s forward, in fp32 whatever the input dt
 2. The per-head projection is one batched fp32 matmul (cuBLAS, as the eager gate's einsum); K is
    pooled once per KV head and projected for each query head of its group by broadcasting (no
    repeated copy). A gate without a Q projection uses the pooled Q as is.
-3. ``_gate_scores_kernel``: a program owns ``BLOCK_I`` query blocks of one head and walks the key
-   tiles left to right. It applies RoPE while loading the gate vectors (query windows at their first
-   position, key blocks at their block's first window: the rotate-half as two half-width dots,
-   ``q . k = q1 . k1 + q2 . k2`` with ``q1 = x1 cos1 - x2 sin1``, ``q2 = x2 cos2 + x1 sin2``), and for
-   each of the block's ``R = block_size // q_step`` query windows computes ``qg . kg / sqrt(Dg)``
-   (fp32 dots on tensor cores as 3xTF32 by default, or IEEE fp32: ``precision``) and folds it into a
-   running log-sum-exp over windows (padding windows of a
-   partial last block are left out, which equals the eager gate's finite-floor padding after the
-   log-sum-exp). Key tiles above the diagonal are written as ``-inf`` without any arithmetic;
-   inside a tile, entries above the diagonal are ``-inf``.
+3. ``_rope_kernel`` (with RoPE): the gate vectors rotated once, in place, in fp32 (rotate-half, the eager
+   gate's :func:`seerattn.gate.apply_rotary`): query windows at their first position, key blocks at their
+   first window's. One read and one write of ``[B, Hq, NS + NB, Dg]`` fp32 (168 MB at 128k, Llama-3.1-8B's
+   windowed gate), where rotating inside the scores kernel redid it on every key tile of every row tile and
+   buffered cos/sin halves beside each key tile in shared memory.
+4. ``_gate_scores_kernel``: a program owns ``BLOCK_I`` query blocks of one head, that is their
+   ``BLOCK_I * R`` query windows (``R = block_size // q_step``; window ``block * R + w``, consecutive),
+   and walks the key tiles left to right. The windows are loaded once, before the key loop; each key
+   tile is one ``[BLOCK_I * R, Dg] x [Dg, BLOCK_J]`` dot, ``qg . kg / sqrt(Dg)`` for every window at once
+   (fp32 dots on tensor cores as 3xTF32 by default, or IEEE fp32: ``precision``), then the log-sum-exp
+   over each block's ``R`` windows (the scores seen as ``[BLOCK_I, R, BLOCK_J]``, reduced over axis 1;
+   padding windows of a partial last block are left out, which equals the eager gate's finite-floor
+   padding after the log-sum-exp). Key tiles above the diagonal are written as ``-inf`` without any
+   arithmetic (a second loop); inside a tile, entries above the diagonal are ``-inf``.
 
 Layouts: q ``[B, Hq, T, D]``, k ``[B, Hkv, T, D]`` (views allowed); weights ``[Hq, C * D, Dg]``; cos/sin
-``[B or 1, NS, Dg]`` (one entry per query window; key blocks use every ``R``-th); logits
+``[B or 1, NS, Dg]`` (one entry per query window; key blocks use every ``R``-th), any float dtype; logits
 ``[B, Hq, NB, NB]`` fp32 contiguous.
 
-Supported: head dims 16..128 (powers of two), any even ``Dg >= 2`` (each half padded to a power of
-two >= 16 inside), pooling ``avg``/``max``/``min`` in any order, ``q_step`` any power of two up to
+Supported: head dims 16..128 (powers of two), any even ``Dg >= 2`` (padded to a power of two >= 16 in
+the scores kernel), pooling ``avg``/``max``/``min`` in any order, ``q_step`` any power of two up to
 the block size. Limitations: forward only (training keeps the eager gate, which has a backward).
 A fused projection (``tl.dot`` on the pooled tile in registers) spilled heavily in the offline sm_90
 compile (three [32, 128] fp32 accumulators plus IEEE-dot operands), hence the matmul between the
@@ -56,6 +60,19 @@ _POOL_CODES = {"avg": 0, "max": 1, "min": 2}
 # tensor-core products (the small * small one dropped): products to ~2^-21 relative, fp32 accumulation.
 PRECISIONS = ("ieee", "tf32x3", "tf32")
 DEFAULT_PRECISION = "tf32x3"
+# The scores kernel's tile on the GPU: (query windows per program, key blocks per tile, warps, pipeline stages).
+# The windows are BLOCK_I blocks' R windows each (BLOCK_I = windows // R): the M of the one dot per key tile.
+# From the offline sm_90 compile (scores_compile.py: triton 3.6, Dg 128, R 4) and timed on the H200 (session 8,
+# docs/experiments/prefill-gate-policy/README.md, "tiles"): with the gate vectors rotated before the kernel a
+# stage buffers only the key tile, and the largest tile that fits Hopper's 227 KiB without spills at tf32x3 and
+# tf32 is (128, 64, 8, 2) (224 KiB); it was the fastest of five timed at tf32x3: gate 3.16 ms a layer at 128k
+# (6.38 before the change), 0.585 at 32k (0.79). IEEE fp32 (FMA dots over the full Dg 128) spills on every tile
+# compiled; its fastest timed tile is (64, 64, 8, 2) (29.5 ms at 128k, against 12.3 ms for the kernel before this
+# change, which rotated in the kernel and used half-width dots): "ieee" is a reference precision, not a fast path.
+SCORES_TILE = (128, 64, 8, 2)
+IEEE_SCORES_TILE = (64, 64, 8, 2)
+# Under the interpreter: 16 windows, so that R = 2 and 4 put several blocks in a program and R = 1 sixteen.
+_INTERP_SCORES_TILE = (16, 16, 4, 1)
 
 
 @triton.jit
@@ -114,80 +131,101 @@ def _pool_kernel(
 
 
 @triton.jit
-def _load_rotated(G, C, S, n, n_ok, c_idx, stride_gn, stride_cn, offs_j, HALF, ROPE: tl.constexpr):
-    """Rows ``n`` of gate vectors G (fp32 [*, Dg]) as rotated halves ([len(n), HALF_P] each, columns
-    past HALF zero), RoPE from the cos/sin rows ``c_idx``."""
-    m = n_ok[:, None] & (offs_j < HALF)[None, :]
-    g_ptr = G + n.to(tl.int64)[:, None] * stride_gn + offs_j[None, :]
-    x1 = tl.load(g_ptr, mask=m, other=0.0)
-    x2 = tl.load(g_ptr + HALF, mask=m, other=0.0)
-    if ROPE:
-        c_ptr = c_idx.to(tl.int64)[:, None] * stride_cn + offs_j[None, :]
-        cos1 = tl.load(C + c_ptr, mask=m, other=0.0).to(tl.float32)
-        cos2 = tl.load(C + c_ptr + HALF, mask=m, other=0.0).to(tl.float32)
-        sin1 = tl.load(S + c_ptr, mask=m, other=0.0).to(tl.float32)
-        sin2 = tl.load(S + c_ptr + HALF, mask=m, other=0.0).to(tl.float32)
-        return x1 * cos1 - x2 * sin1, x2 * cos2 + x1 * sin2
-    else:
-        return x1, x2
+def _rope_kernel(
+    X, C, S,
+    stride_xb, stride_xh, stride_xn,
+    stride_cb, stride_cn,
+    N, H, HALF,
+    C_STEP: tl.constexpr, HALF_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Rotates ``BLOCK_N`` gate vectors of one head in place (rotate-half, fp32): row ``n`` with the cos/sin
+    row ``n * C_STEP`` (1 for query windows, ``R`` for key blocks: their first window)."""
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_j = tl.arange(0, HALF_P)
+    m = (n < N)[:, None] & (offs_j < HALF)[None, :]
+    x_ptr = X + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh + n.to(tl.int64)[:, None] * stride_xn
+    x_ptr += offs_j[None, :]
+    c_off = b.to(tl.int64) * stride_cb + (n * C_STEP).to(tl.int64)[:, None] * stride_cn + offs_j[None, :]
+    x1 = tl.load(x_ptr, mask=m, other=0.0)
+    x2 = tl.load(x_ptr + HALF, mask=m, other=0.0)
+    cos1 = tl.load(C + c_off, mask=m, other=0.0).to(tl.float32)
+    cos2 = tl.load(C + c_off + HALF, mask=m, other=0.0).to(tl.float32)
+    sin1 = tl.load(S + c_off, mask=m, other=0.0).to(tl.float32)
+    sin2 = tl.load(S + c_off + HALF, mask=m, other=0.0).to(tl.float32)
+    tl.store(x_ptr, x1 * cos1 - x2 * sin1, mask=m)
+    tl.store(x_ptr + HALF, x2 * cos2 + x1 * sin2, mask=m)
 
 
 @triton.jit
 def _gate_scores_kernel(
-    QG, KG, Cos, Sin, Out,
+    QG, KG, Out,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
-    stride_cb, stride_cn,
     stride_ob, stride_oh, stride_oi,
-    NS, NB, HQ, HALF, n_row_tiles, sqrt_dg,
-    R: tl.constexpr, HALF_P: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, ROPE: tl.constexpr,
-    PRECISION: tl.constexpr,
+    NS, NB, HQ, DG, n_row_tiles, sqrt_dg,
+    R: tl.constexpr, DG_P: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
+    """Logits of ``BLOCK_I`` query blocks of one head against every key block (see the module docstring).
+
+    The program's ``BLOCK_I * R`` query windows (window ``block * R + w``, consecutive; already rotated) are one
+    ``[BLOCK_I * R, DG_P]`` tile, loaded once; each key tile costs one dot and a log-sum-exp over each block's
+    ``R`` windows.
+    """
     bh = tl.program_id(0)
     b = bh // HQ
     h = bh % HQ
     it = n_row_tiles - 1 - tl.program_id(1)  # long (late) rows first
     rows = it * BLOCK_I + tl.arange(0, BLOCK_I)  # query blocks
     row_ok = rows < NB
-    offs_j = tl.arange(0, HALF_P)
+    wins = it * (BLOCK_I * R) + tl.arange(0, BLOCK_I * R)  # their query windows
+    win_ok = wins < NS  # a partial last block has fewer windows
+    offs_d = tl.arange(0, DG_P)
+    d_ok = offs_d < DG
     q_base = QG + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     k_base = KG + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    c_base = b.to(tl.int64) * stride_cb
     o_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + rows.to(tl.int64)[:, None] * stride_oi
-    last_row = it * BLOCK_I + BLOCK_I - 1
-    for j0 in range(0, NB, BLOCK_J):
+    q = tl.load(q_base + wins.to(tl.int64)[:, None] * stride_qn + offs_d[None, :],
+                mask=win_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+    # key tiles up to the one holding the last row's diagonal; a loop without a branch, which the
+    # compiler can pipeline
+    n_live = tl.minimum(it * BLOCK_I + BLOCK_I, NB)
+    for j0 in range(0, n_live, BLOCK_J):
         cols = j0 + tl.arange(0, BLOCK_J)
         col_ok = cols < NB
-        smask = row_ok[:, None] & col_ok[None, :]
-        if j0 <= last_row:
-            # key blocks rotate at their first window's position
-            k1, k2 = _load_rotated(k_base, Cos + c_base, Sin + c_base, cols, col_ok, cols * R, stride_kn, stride_cn,
-                                   offs_j, HALF, ROPE)  # fmt: skip
-            if R == 1:
-                q1, q2 = _load_rotated(q_base, Cos + c_base, Sin + c_base, rows, row_ok, rows, stride_qn, stride_cn,
-                                       offs_j, HALF, ROPE)  # fmt: skip
-                x = tl.dot(q1, tl.trans(k1), input_precision=PRECISION)
-                lse = tl.dot(q2, tl.trans(k2), x, input_precision=PRECISION) / sqrt_dg
-            else:
-                m = tl.full([BLOCK_I, BLOCK_J], float("-inf"), dtype=tl.float32)
-                acc = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
-                for w in range(R):
-                    win = rows * R + w
-                    w_ok = row_ok & (win < NS)  # a partial last block has fewer windows
-                    q1, q2 = _load_rotated(q_base, Cos + c_base, Sin + c_base, win, w_ok, win, stride_qn, stride_cn,
-                                           offs_j, HALF, ROPE)  # fmt: skip
-                    x = tl.dot(q1, tl.trans(k1), input_precision=PRECISION)
-                    x = tl.dot(q2, tl.trans(k2), x, input_precision=PRECISION) / sqrt_dg
-                    x = tl.where(w_ok[:, None], x, float("-inf"))
-                    m_new = tl.maximum(m, x)
-                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                    acc = acc * tl.exp(m - m_safe) + tl.exp(x - m_safe)
-                    m = m_new
-                lse = m + tl.log(tl.where(acc > 0.0, acc, 1.0))  # acc is 0 only on rows past NB
-            lse = tl.where(cols[None, :] <= rows[:, None], lse, float("-inf"))
-            tl.store(o_base + cols[None, :], lse, mask=smask)
+        k = tl.load(k_base + cols.to(tl.int64)[:, None] * stride_kn + offs_d[None, :],
+                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+        x = tl.dot(q, tl.trans(k), input_precision=PRECISION) / sqrt_dg  # [BLOCK_I * R, BLOCK_J]
+        if R == 1:
+            lse = x
         else:
-            tl.store(o_base + cols[None, :], tl.full([BLOCK_I, BLOCK_J], float("-inf"), tl.float32), mask=smask)
+            x = tl.reshape(tl.where(win_ok[:, None], x, float("-inf")), [BLOCK_I, R, BLOCK_J])
+            m = tl.max(x, axis=1)
+            m_safe = tl.where(m == float("-inf"), 0.0, m)  # every window masked: rows past NB
+            acc = tl.sum(tl.exp(x - m_safe[:, None, :]), axis=1)
+            lse = m + tl.log(tl.where(acc > 0.0, acc, 1.0))  # acc is 0 only on rows past NB
+        lse = tl.where(cols[None, :] <= rows[:, None], lse, float("-inf"))
+        tl.store(o_base + cols[None, :], lse, mask=row_ok[:, None] & col_ok[None, :])
+    # key tiles wholly above the diagonal: -inf without arithmetic
+    for j0 in range(tl.cdiv(n_live, BLOCK_J) * BLOCK_J, NB, BLOCK_J):
+        cols = j0 + tl.arange(0, BLOCK_J)
+        smask = row_ok[:, None] & (cols < NB)[None, :]
+        tl.store(o_base + cols[None, :], tl.full([BLOCK_I, BLOCK_J], float("-inf"), tl.float32), mask=smask)
+
+
+def _rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, c_step: int) -> None:
+    """Rotates gate vectors x [B, H, N, Dg] fp32 in place: row n with cos/sin [B or 1, *, Dg] row ``n * c_step``."""
+    b, h, n, dg = x.shape
+    block_n = 32
+    _rope_kernel[(b * h, triton.cdiv(n, block_n))](
+        x, cos, sin,
+        x.stride(0), x.stride(1), x.stride(2),
+        cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1),
+        n, h, dg // 2,
+        C_STEP=c_step, HALF_P=triton.next_power_of_2(dg // 2), BLOCK_N=block_n, num_warps=4,
+    )  # fmt: skip
 
 
 def _pool(x: torch.Tensor, step: int, poolings: tuple[str, ...]) -> torch.Tensor:
@@ -235,7 +273,6 @@ def gate_logits_fwd(
         raise ValueError(f"gate scores precision must be one of {PRECISIONS}, got {precision!r}")
     b, hq, t, d = q.shape
     hkv = k.shape[1]
-    rope = cos is not None
     r = block_size // q_step
     qg = _pool(q, q_step, q_pooling)  # [B, Hq, NS, Cq * D]
     if q_proj is not None:
@@ -245,20 +282,25 @@ def gate_logits_fwd(
     # [B, Hkv, 1, NB, C] @ [Hkv, G, C, Dg] -> [B, Hkv, G, NB, Dg]: query head h = kv head * G + g
     kg = torch.matmul(kp.unsqueeze(2), k_proj.float().reshape(hkv, hq // hkv, -1, dg)).view(b, hq, -1, dg)
     ns, nb = qg.shape[2], kg.shape[2]
+    if cos is not None:
+        # once per gate vector, here rather than on every key tile of every row tile in the scores kernel
+        _rope_(qg, cos, sin, 1)  # query windows at their first position
+        _rope_(kg, cos, sin, r)  # key blocks at their first window's
     out = torch.empty(b, hq, nb, nb, dtype=torch.float32, device=q.device)
-    block_i, block_j = (16, 16) if interpreting() else (32, 64)
+    if interpreting():
+        tile = _INTERP_SCORES_TILE
+    else:
+        tile = IEEE_SCORES_TILE if precision == "ieee" else SCORES_TILE
+    windows, block_j, num_warps, num_stages = tile
+    block_i = max(1, windows // r)  # a block's R windows never split between programs
     n_row_tiles = triton.cdiv(nb, block_i)
-    cos_arg, sin_arg = (cos, sin) if rope else (out, out)
-    stride_cb = cos.stride(0) if rope and cos.shape[0] > 1 else 0
-    stride_cn = cos.stride(1) if rope else 0
     _gate_scores_kernel[(b * hq, n_row_tiles)](
-        qg, kg, cos_arg, sin_arg, out,
+        qg, kg, out,
         qg.stride(0), qg.stride(1), qg.stride(2),
         kg.stride(0), kg.stride(1), kg.stride(2),
-        stride_cb, stride_cn,
         out.stride(0), out.stride(1), out.stride(2),
-        ns, nb, hq, dg // 2, n_row_tiles, math.sqrt(dg),
-        R=r, HALF_P=max(16, triton.next_power_of_2(dg // 2)), BLOCK_I=block_i, BLOCK_J=block_j, ROPE=rope,
-        PRECISION=precision, num_warps=4 if interpreting() else 8,  # 4 warps spill at Dg 128 (offline sm_90 compile)
+        ns, nb, hq, dg, n_row_tiles, math.sqrt(dg),
+        R=r, DG_P=max(16, triton.next_power_of_2(dg)), BLOCK_I=block_i, BLOCK_J=block_j, PRECISION=precision,
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
