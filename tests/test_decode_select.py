@@ -13,7 +13,12 @@ import os
 import pytest
 import torch
 
-from seerattn.decode_policy import DecodePolicy, select_decode_blocks, select_decode_blocks_fused
+from seerattn.decode_policy import (
+    DecodePolicy,
+    resolve_decode_select,
+    select_decode_blocks,
+    select_decode_blocks_fused,
+)
 from seerattn.gate import DecodeGate, DecodeGateConfig, GateKeyCache
 from seerattn.ops import budget_decode_blocks
 
@@ -120,6 +125,44 @@ def test_gate_dim_not_a_power_of_two_and_strided_inputs():
     policy = DecodePolicy("budget", 4 * bs)
     want = select_decode_blocks(logits, lens, policy, bs)
     assert_same_sets(select_decode_blocks_fused(qg, keys, lens, policy, bs), want)
+
+
+def test_expanded_lengths_and_keys_as_decode_eval_passes_them():
+    """The call ``_decode_selection`` makes for N rows of one sequence in decode_eval mode: the sequence's gate
+    keys expanded over the rows (stride 0) and lengths expanded from one row (stride 0, read per row)."""
+    bs, nb = 16, 9
+    gate, q, keys, _, _ = gate_case([nb * bs], 4, 2, 16, nb, bs, seed=11)
+    n = 4
+    lens = torch.arange(5 * bs + 3, 5 * bs + 3 + n, dtype=torch.int32)  # rows crossing no boundary
+    q = q.expand(n, -1, -1)
+    kf = keys.expand(n, -1, -1, -1)
+    policy = DecodePolicy("budget", 4 * bs)
+    want, _ = eager(gate, q, kf, lens, policy, bs)
+    assert_same_sets(select_decode_blocks_fused(gate_query(gate, q, lens), kf, lens, policy, bs), want)
+    # one length for every row of a batch (n = 1 rows of B sequences), an expanded view
+    same = torch.tensor([7 * bs + 1], dtype=torch.int32).expand(n)
+    assert same.stride() == (0,)
+    want, _ = eager(gate, q, kf, same.contiguous(), policy, bs)
+    assert_same_sets(select_decode_blocks_fused(gate_query(gate, q, same), kf, same, policy, bs), want)
+
+
+def test_the_rule_picking_fused_or_unfused():
+    """resolve_decode_select: None is fused exactly for a budget policy on CUDA; explicit choices are kept;
+    fused with a policy that needs the probabilities, or an unknown value, raises."""
+    budget = DecodePolicy("budget", 4096)
+    assert resolve_decode_select(None, budget, "cuda") == "fused"
+    assert resolve_decode_select(None, budget, torch.device("cuda", 1)) == "fused"
+    assert resolve_decode_select(None, budget, "cpu") == "unfused"
+    for kind, value in (("threshold", 0.1), ("top_p", 0.9), ("dense", 0)):
+        policy = DecodePolicy(kind, value)
+        assert resolve_decode_select(None, policy, "cuda") == "unfused"
+        assert resolve_decode_select("unfused", policy, "cuda") == "unfused"
+        with pytest.raises(ValueError, match="'budget' policy kind only"):
+            resolve_decode_select("fused", policy, "cuda")
+    assert resolve_decode_select("fused", budget, "cpu") == "fused"  # taken as given (the interpreter runs it)
+    assert resolve_decode_select("unfused", budget, "cuda") == "unfused"
+    with pytest.raises(ValueError, match="must be one of"):
+        resolve_decode_select("triton", budget, "cuda")
 
 
 def test_ties_go_to_the_lower_block_index():

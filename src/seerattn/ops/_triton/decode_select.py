@@ -121,6 +121,7 @@ def decode_budget_select_fwd(
     nbp = triton.next_power_of_2(nb)
     dc = max(1, min(triton.next_power_of_2(dg), _TILE // nbp))
     idx = torch.empty(b, hkv, num_slots, dtype=torch.int32, device=keys.device)
+    cache_seqlens = cache_seqlens.contiguous()  # the kernel reads Lens[b] unstrided (an expanded view has stride 0)
     _decode_budget_select_kernel[(b * hkv,)](
         qg, keys, cache_seqlens, idx,
         qg.stride(0), qg.stride(1), qg.stride(2),
