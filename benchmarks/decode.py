@@ -278,9 +278,8 @@ def bench_case(shape, budgets, providers, gate, dtype, device, impl, gen, args) 
             sel = select_decode_blocks(logits, lens, policy, block, ctx // block)
             return sparse_decode_attention(q, kc, vc, lens, sel, block, block_table=table, impl=impl)
 
-        def seer_fused(policy=policy):
-            with torch.autocast(device_type=q.device.type, enabled=False):  # as DecodeGate.scores runs it
-                qg = gate.gate_query(q.unsqueeze(2), positions.view(-1, 1), rotary).squeeze(2)
+        def seer_fused(policy=policy):  # what the HF decode step runs (seerattn.hf.integration._decode_selection)
+            qg = gate.decode_query(q, positions, rotary)
             sel = select_decode_blocks_fused(qg, cache.keys, lens, policy, block)
             return sparse_decode_attention(q, kc, vc, lens, sel, block, block_table=table, impl=impl)
 
