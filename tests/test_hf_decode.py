@@ -660,10 +660,14 @@ def test_generate_benchmark_runs_in_its_cpu_smoke_configuration(tmp_path):
     from benchmarks import generate
     from seerattn.record import read_record
 
-    assert generate.main(["--smoke", "--json", str(tmp_path / "g.json")]) == 0
+    configs = "dense,decode,both,decode-unfused"
+    assert generate.main(["--smoke", "--configs", configs, "--json", str(tmp_path / "g.json")]) == 0
     record = read_record(tmp_path / "g.json")
     rows = {r["config"]: r for r in record["results"]}
-    assert record["kind"] == "bench-generate" and set(rows) == {"dense", "decode", "both"}
+    assert record["kind"] == "bench-generate" and set(rows) == {"dense", "decode", "both", "decode-unfused"}
+    # the selection that ran: automatic on the CPU is unfused, as decode-unfused forces it
+    assert [rows[c]["decode_select"] for c in ("dense", "decode", "decode-unfused")] == [None, "unfused", "unfused"]
+    assert rows["decode-unfused"]["decode_density"] == rows["decode"]["decode_density"]
     assert all(r["total_s"] > r["prefill_s"] > 0 and r["decode_tokens_per_s"] > 0 for r in rows.values())
     assert rows["dense"]["decode_density"] == 1.0 and 0 < rows["decode"]["decode_density"] < 1
     assert rows["decode"]["decode_density"] == rows["both"]["decode_density"]  # same gates, budget, tokens
