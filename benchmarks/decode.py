@@ -18,6 +18,10 @@ run so that their ratios are measured together:
   the new K row into the partial block's running pools and computes a gate key for every sequence, kept only
   where the row completes a block; timing it would grow the cache between repetitions), the model's Q/K/V
   projections and RoPE, and the KV-cache write;
+- ``seer-fused``: ``seer`` with the gate logits and the budget selection fused into one Triton launch
+  (:func:`select_decode_blocks_fused`; the gate query stays eager), then ``ours``; its row records
+  ``max_abs_diff_vs_seer``, its output's largest difference from ``seer``'s (the same blocks, listed in another
+  order);
 - ``flex``: compiled FlexAttention (decode path) with a block mask holding the same selection (heads repeated
   over each group; the selected blocks are full blocks, so no ``mask_mod`` runs on the GPU).
 
@@ -47,14 +51,14 @@ import time
 import torch
 
 from benchmarks.shapes import ATTENTION
-from seerattn.decode_policy import DecodePolicy, select_decode_blocks
+from seerattn.decode_policy import DecodePolicy, select_decode_blocks, select_decode_blocks_fused
 from seerattn.gate import DecodeGate, DecodeGateConfig, GateKeyCache
 from seerattn.ops import sparse_decode_attention
 from seerattn.record import write_record
 
 logger = logging.getLogger("benchmarks.decode")
 
-PROVIDERS = ("sdpa", "ours", "seer", "flex")
+PROVIDERS = ("sdpa", "ours", "seer", "seer-fused", "flex")
 SMOKE = dict(shape=(4, 2, 16), batches="1,2", contexts="256", budgets="64,128", block=16)
 
 
@@ -227,7 +231,7 @@ def main(argv=None) -> int:
     add_ratios(rows)
     for r in rows:
         logger.info("%s", r)
-        desc = f"B={r['batch']:>3} ctx={r['context']:>7} budget={r.get('budget', '-')!s:>5} {r['provider']:<5}"
+        desc = f"B={r['batch']:>3} ctx={r['context']:>7} budget={r.get('budget', '-')!s:>5} {r['provider']:<10}"
         print(desc, f"{r['ms']:.4f} ms" if "ms" in r else r.get("error"), flush=True)
     if args.json:
         extra = {"gpu": torch.cuda.get_device_name()} if cuda else {}
@@ -274,7 +278,12 @@ def bench_case(shape, budgets, providers, gate, dtype, device, impl, gen, args) 
             sel = select_decode_blocks(logits, lens, policy, block, ctx // block)
             return sparse_decode_attention(q, kc, vc, lens, sel, block, block_table=table, impl=impl)
 
-        fns = {"ours": ours, "seer": seer}
+        def seer_fused(policy=policy):  # what the HF decode step runs (seerattn.hf.integration._decode_selection)
+            qg = gate.decode_query(q, positions, rotary)
+            sel = select_decode_blocks_fused(qg, cache.keys, lens, policy, block)
+            return sparse_decode_attention(q, kc, vc, lens, sel, block, block_table=table, impl=impl)
+
+        fns = {"ours": ours, "seer": seer, "seer-fused": seer_fused}
         if "flex" in providers:
             try:
                 fns["flex"] = flex_decode(q, k, v, idx, block, cuda)
@@ -287,6 +296,9 @@ def bench_case(shape, budgets, providers, gate, dtype, device, impl, gen, args) 
             if name == "flex" and "error" not in r:
                 with torch.no_grad():
                     r["max_abs_diff_vs_ours"] = (fns[name]().float() - ref.float()).abs().max().item()
+            if name == "seer-fused" and "error" not in r:
+                with torch.no_grad():
+                    r["max_abs_diff_vs_seer"] = (seer_fused().float() - seer().float()).abs().max().item()
             if name == "ours" and table is not None and "error" not in r:
                 with torch.no_grad():
                     contiguous = sparse_decode_attention(q, k, v, lens, idx, block, impl=impl)

@@ -13,7 +13,10 @@ measured in one run:
 - ``dense``: prefill and decode steps through transformers' SDPA (``mode="dense"``, decode off);
 - ``decode``: dense prefill, sparse decode (decode gate + ``DecodePolicy("budget", --budget)`` + the
   Triton decode kernel);
-- ``both``: sparse prefill (prefill gate + ``SparsityPolicy("density", --density)``) and sparse decode.
+- ``both``: sparse prefill (prefill gate + ``SparsityPolicy("density", --density)``) and sparse decode;
+- ``decode-unfused`` (only when named in ``--configs``): ``decode`` with ``SeerConfig.decode_select="unfused"``
+  (the gate logits and the budget selection as separate torch ops), against ``decode``'s automatic choice
+  (the fused Triton selection on CUDA); each row records the selection that ran (``decode_select``).
 
 Per configuration, from one timed ``generate`` of ``--new`` tokens: ``total_s``, ``prefill_s`` (until the
 first token: a stopping criterion that never stops reads the clock, after a device sync, when generate
@@ -39,14 +42,15 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from benchmarks.shapes import LLAMA_31_8B, SMOKE_SHAPE, build_llama
 from seerattn.block_mask import SparsityPolicy
-from seerattn.decode_policy import DecodePolicy
+from seerattn.decode_policy import DecodePolicy, resolve_decode_select
 from seerattn.gate import DecodeGateConfig, GateConfig
 from seerattn.hf import DecodeConfig, SeerConfig, apply_seer_attention
 from seerattn.record import write_record
 
 logger = logging.getLogger("benchmarks.generate")
 
-CONFIGS = ("dense", "decode", "both")
+CONFIGS = ("dense", "decode", "both", "decode-unfused")
+DEFAULT_CONFIGS = ("dense", "decode", "both")
 SMOKE = dict(batch=2, prompt=96, new=8, budget=32, block=16, layers=2)
 
 
@@ -87,8 +91,10 @@ def _generate(model, ids, new: int, cache: str, device: str) -> tuple[float, flo
 
 
 def configure(state, name: str) -> None:
-    """``dense`` / ``decode`` / ``both`` (module docstring)."""
-    state.set(mode="sparse" if name == "both" else "dense")
+    """``dense`` / ``decode`` / ``both`` / ``decode-unfused`` (module docstring)."""
+    state.set(
+        mode="sparse" if name == "both" else "dense", decode_select="unfused" if name == "decode-unfused" else None
+    )
     state.set_decode(enabled=name != "dense")
 
 
@@ -113,6 +119,9 @@ def run(model, state, ids, args, device: str) -> list[dict]:
             "total_s": total,
             "decode_tokens_per_s": ids.shape[0] * (args.new - 1) / max(total - prefill, 1e-9),
             "decode_density": density,
+            "decode_select": None
+            if name == "dense"
+            else resolve_decode_select(state.config.decode_select, state.config.decode.policy, device),
         }
         if device == "cuda":
             row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
@@ -141,7 +150,7 @@ def main(argv=None) -> int:
     p.add_argument("--block-size", type=int, default=64, help="tokens per block (prefill and decode gates)")
     p.add_argument("--layers", type=int, default=32, help="decoder layers of the 8B-shaped model")
     p.add_argument("--cache", choices=("static", "dynamic"), default="static")
-    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {CONFIGS}")
+    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"comma list of {CONFIGS}")
     p.add_argument("--smoke", action="store_true", help="tiny Llama on the CPU (checks that every config runs)")
     p.add_argument("--json", help="write the run record here")
     args = p.parse_args(argv)

@@ -534,6 +534,90 @@ def test_generate_through_the_triton_decode_kernel_equals_the_reference(decode_c
     torch.testing.assert_close(tri[1], ref[1], atol=1e-4, rtol=1e-4)
 
 
+# ------------------------------------------------------------------------------ fused / unfused selection
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Every call of the fused selection from the HF path: (qg, keys, cache_seqlens, policy, block_size)."""
+    calls = []
+    real = integration.select_decode_blocks_fused
+
+    def spy(qg, keys, lens, policy, block_size):
+        calls.append((qg, keys, lens, policy, block_size))
+        return real(qg, keys, lens, policy, block_size)
+
+    monkeypatch.setattr(integration, "select_decode_blocks_fused", spy)
+    return calls
+
+
+@pytest.mark.parametrize("cache", [None, "static"], ids=["dynamic", "static"])
+def test_fused_selection_gives_the_unfused_steps(cache, decode_calls, fused_calls):
+    """decode_select="fused" (the Triton kernel, the interpreter here) against "unfused" through generate: the
+    same blocks at every step and layer (fused ascending), tokens, logits, densities and observed selections.
+    On the CPU the automatic choice is unfused."""
+    model, _, state = _prepared("qwen2")
+    ids = input_ids(PROMPT, b=2, seed=5)
+    seen = []
+    state.decode_observer = seen.append
+    runs = {}
+    for select in ("unfused", "fused", None):
+        decode_calls.clear()
+        fused_calls.clear()
+        state.set(decode_select=select)
+        seq, logits = _generate(model, ids, cache, new=8)
+        runs[select] = (seq, logits, [c[4] for c in decode_calls], state.mean_density())
+        assert len(fused_calls) == (LAYERS * 7 if select == "fused" else 0), select
+    (seq_u, log_u, idx_u, dens_u), (seq_f, log_f, idx_f, dens_f) = runs["unfused"], runs["fused"]
+    assert torch.equal(seq_f, seq_u) and torch.equal(runs[None][0], seq_u)
+    torch.testing.assert_close(log_f, log_u, atol=1e-5, rtol=1e-5)
+    assert dens_f == pytest.approx(dens_u) and all(torch.equal(a, b) for a, b in zip(runs[None][2], idx_u, strict=True))
+    assert len(idx_f) == len(idx_u) == LAYERS * 7
+    reordered = 0
+    for f, u in zip(idx_f, idx_u, strict=True):
+        assert torch.equal(f, _ascending(u)), (f, u)
+        reordered += not torch.equal(f, u)
+    assert reordered > 0  # steps where the unfused order is not ascending: the two paths did run
+    # the observer saw what the kernel read, in each run
+    assert all(torch.equal(s.blocks, i) for s, i in zip(seen[LAYERS * 7 : 2 * LAYERS * 7], idx_f, strict=True))
+
+
+def _ascending(idx: torch.Tensor) -> torch.Tensor:
+    """Kept blocks ascending, then the -1 padding (the fused layout of an unfused selection)."""
+    big = torch.iinfo(torch.int32).max
+    s = torch.where(idx < 0, big, idx).sort(-1).values
+    return torch.where(s == big, -1, s)
+
+
+def test_decode_eval_with_the_fused_selection_equals_unfused(fused_calls):
+    """decode_eval rows through the fused kernel (gate keys of the completed blocks padded to the window's
+    blocks: 69 tokens, a partial last block; rows 60..68 cross a block boundary) give the unfused logits and
+    density."""
+    model, _, state = _prepared("llama")
+    ids = input_ids(PROMPT + NEW - 1, b=1, seed=3)
+    state.set(mode="decode_eval", decode_start=PROMPT + 20)
+    out = {}
+    for select in ("unfused", "fused"):
+        state.set(decode_select=select)
+        with torch.no_grad():
+            out[select] = (model(ids, use_cache=False).logits, state.mean_density())
+    assert len(fused_calls) == LAYERS  # one chunk of rows per layer
+    torch.testing.assert_close(out["fused"][0], out["unfused"][0], atol=1e-5, rtol=1e-5)
+    assert out["fused"][1] == pytest.approx(out["unfused"][1]) and 0 < out["fused"][1] < 1
+
+
+def test_decode_select_validation():
+    _, _, state = _prepared()
+    state.set(decode_select="fused")
+    with pytest.raises(ValueError, match="'budget' policy kind only"):
+        state.set_decode(policy=DecodePolicy("top_p", 0.9))
+    assert state.config.decode.policy.kind == "budget"  # the refused change left the config as it was
+    with pytest.raises(ValueError, match="must be one of"):
+        SeerConfig(gate=GATE, decode=DECODE, decode_select="triton")
+    with pytest.raises(ValueError, match="needs a decode section"):
+        SeerConfig(gate=GATE, decode_select="fused")
+    state.set(decode_select=None)
+    state.set_decode(policy=DecodePolicy("top_p", 0.9))  # the automatic choice takes any policy
+
+
 def _on_gpu():
     return torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
 
@@ -541,9 +625,11 @@ def _on_gpu():
 @pytest.mark.gpu
 @pytest.mark.skipif(not _on_gpu(), reason="needs a CUDA GPU and the compiled kernels (no TRITON_INTERPRET)")
 @pytest.mark.parametrize("cache", [None, "static"], ids=["dynamic", "static"])
-def test_gpu_generate_decode_steps_have_no_host_sync(cache, monkeypatch):
-    """fp16 on the GPU: every decode step of every layer (key-cache append, gate, policy, Triton kernel, stats)
-    runs under torch.cuda.set_sync_debug_mode("error"); the tokens' logits match the reference kernel's."""
+def test_gpu_generate_decode_steps_have_no_host_sync(cache, fused_calls, monkeypatch):
+    """fp16 on the GPU: every decode step of every layer (key-cache append, gate query, the fused gate logits
+    and budget selection chosen automatically on CUDA, Triton kernel, stats) runs under
+    torch.cuda.set_sync_debug_mode("error"); the tokens' logits match the reference kernel's after the
+    unfused selection."""
     model, _, state = _prepared("llama")
     model.to("cuda", torch.float16)
     ids = input_ids(PROMPT, b=2).cuda()
@@ -563,7 +649,8 @@ def test_gpu_generate_decode_steps_have_no_host_sync(cache, monkeypatch):
     monkeypatch.setattr(integration, "_decode_step", checked)
     tri = _generate(model, ids, cache, new=12)
     assert len(steps) == LAYERS * 11 and torch.equal(tri[0], ref[0])
-    state.set(impl="reference")
+    assert len(fused_calls) == 2 * LAYERS * 11  # both runs took the fused selection (decode_select None)
+    state.set(impl="reference", decode_select="unfused")
     monkeypatch.setattr(integration, "_decode_step", real)
     eager = _generate(model, ids, cache, new=12)
     torch.testing.assert_close(tri[1].float(), eager[1].float(), atol=2e-2, rtol=2e-2)
@@ -573,10 +660,14 @@ def test_generate_benchmark_runs_in_its_cpu_smoke_configuration(tmp_path):
     from benchmarks import generate
     from seerattn.record import read_record
 
-    assert generate.main(["--smoke", "--json", str(tmp_path / "g.json")]) == 0
+    configs = "dense,decode,both,decode-unfused"
+    assert generate.main(["--smoke", "--configs", configs, "--json", str(tmp_path / "g.json")]) == 0
     record = read_record(tmp_path / "g.json")
     rows = {r["config"]: r for r in record["results"]}
-    assert record["kind"] == "bench-generate" and set(rows) == {"dense", "decode", "both"}
+    assert record["kind"] == "bench-generate" and set(rows) == {"dense", "decode", "both", "decode-unfused"}
+    # the selection that ran: automatic on the CPU is unfused, as decode-unfused forces it
+    assert [rows[c]["decode_select"] for c in ("dense", "decode", "decode-unfused")] == [None, "unfused", "unfused"]
+    assert rows["decode-unfused"]["decode_density"] == rows["decode"]["decode_density"]
     assert all(r["total_s"] > r["prefill_s"] > 0 and r["decode_tokens_per_s"] > 0 for r in rows.values())
     assert rows["dense"]["decode_density"] == 1.0 and 0 < rows["decode"]["decode_density"] < 1
     assert rows["decode"]["decode_density"] == rows["both"]["decode_density"]  # same gates, budget, tokens

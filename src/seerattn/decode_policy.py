@@ -20,6 +20,10 @@ Kinds (``DecodePolicy.kind``):
 default every block of the cache), and when more blocks pass, the highest-scoring ones are kept.
 Nothing is read on the host (no sync).
 
+:func:`select_decode_blocks_fused` computes the gate logits and the ``"budget"`` selection in one
+Triton launch (:func:`seerattn.ops.budget_decode_blocks`), the same blocks in ascending order.
+:func:`resolve_decode_select` is the rule that picks one or the other for a sparse decode step.
+
 Shape legend: B sequences, Hkv KV heads, NB key blocks covering the cache capacity.
 """
 
@@ -29,9 +33,17 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DECODE_POLICY_KINDS", "DecodePolicy", "select_decode_blocks"]
+__all__ = [
+    "DECODE_POLICY_KINDS",
+    "DECODE_SELECTS",
+    "DecodePolicy",
+    "resolve_decode_select",
+    "select_decode_blocks",
+    "select_decode_blocks_fused",
+]
 
 DECODE_POLICY_KINDS = ("budget", "threshold", "top_p", "dense")
+DECODE_SELECTS = ("fused", "unfused")
 
 
 @dataclass(frozen=True)
@@ -133,3 +145,69 @@ def select_decode_blocks(
     priority = torch.where(keep, x, float("-inf")).masked_fill(forced, float("inf"))
     top, idx = priority.topk(k, dim=-1)
     return torch.where(torch.isinf(top) & (top < 0), -1, idx).to(torch.int32)
+
+
+def select_decode_blocks_fused(
+    qg: torch.Tensor, keys: torch.Tensor, cache_seqlens: torch.Tensor, policy: DecodePolicy, block_size: int
+) -> torch.Tensor:
+    """:func:`select_decode_blocks` on :meth:`seerattn.gate.DecodeGate.scores`' logits, fused into one
+    Triton kernel with the logits (``"budget"`` policies only).
+
+    Args:
+        qg: [B, Hkv, Dg] gate queries (:meth:`DecodeGate.gate_query` at ``cache_seqlens - 1``, N squeezed).
+        keys: [B, Hkv, NB, Dg] cached gate keys (:attr:`GateKeyCache.keys`); NB covers the cache capacity.
+        cache_seqlens: int [B] tokens in each cache, the new token included.
+        policy: a ``"budget"`` :class:`DecodePolicy`.
+        block_size: tokens per key block.
+
+    Returns:
+        int32 [B, Hkv, K] (K = ``policy.num_slots(block_size, NB)``): the blocks :func:`select_decode_blocks`
+        keeps, in ascending block order (not by priority), -1 padded; equal logits go to the lower block
+        index (the eager top-K leaves their order unspecified).
+    """
+    if policy.kind != "budget":
+        raise ValueError(
+            f"select_decode_blocks_fused supports the 'budget' policy kind only, got {policy.kind!r}; use "
+            "select_decode_blocks for the others"
+        )
+    from .ops import budget_decode_blocks
+
+    k = policy.num_slots(block_size, kv_blocks=0)  # a budget's K does not depend on the cache capacity
+    return budget_decode_blocks(qg, keys, cache_seqlens, k, block_size)
+
+
+def resolve_decode_select(select: str | None, policy: DecodePolicy, device: torch.device | str) -> str:
+    """Which selection a sparse decode step runs on ``device``: ``"fused"`` (:func:`select_decode_blocks_fused`:
+    gate query eager, then the gate logits and the budget top-K in one Triton launch) or ``"unfused"``
+    (:meth:`seerattn.gate.DecodeGate.scores`, then :func:`select_decode_blocks`). Both keep the same blocks
+    (fused lists them ascending, unfused by priority; equal logits may go to another block).
+
+    Args:
+        select: ``"fused"``, ``"unfused"`` (taken as given; ``"fused"`` with a policy other than ``"budget"``
+            raises, and on a CPU tensor without ``TRITON_INTERPRET=1`` the kernel raises: never a fallback),
+            or None: the automatic rule, fused for a ``"budget"`` policy on CUDA, unfused otherwise.
+        policy: the decode policy (``threshold`` / ``top_p`` need the softmax over the whole row: unfused;
+            ``dense`` lists every block: unfused).
+        device: where the step runs (on the CPU the unfused path is the reference; Triton runs there only
+            under the interpreter).
+
+    The automatic rule, measured on an H200 (tree fa6dfe5, Llama-3.1-8B layer shape, bf16, 4096-token budget,
+    64-token blocks; ``python3 -m benchmarks.decode --providers sdpa,ours,seer,seer-fused --batches 16,64
+    --contexts 32768,131072 --budgets 4096 --cuda-graph``; docs/experiments/decode/README.md, session 8): one
+    layer's decode step (gate query + selection + kernel), ms, eager / CUDA-graph replay, unfused -> fused:
+    B 16 x 32k 1.174 -> 1.161 / 0.210 -> 0.165; B 64 x 32k 1.195 -> 0.630 / 0.436 -> 0.375; B 16 x 128k
+    1.101 -> 1.006 / 0.261 -> 0.216; B 64 x 128k 1.632 -> 1.105 / 0.717 -> 1.084. Fused is faster eagerly
+    everywhere, and the HF decode step runs eagerly (:func:`seerattn.hf.integration._decode_step`); under CUDA
+    graphs it loses at B 64 x 128k (2048 blocks a row: one long program per sequence and KV head), a case
+    for ``select="unfused"`` when replaying graphs.
+    """
+    if select not in (None, *DECODE_SELECTS):
+        raise ValueError(f"decode select must be one of {DECODE_SELECTS} or None (automatic), got {select!r}")
+    if select == "fused" and policy.kind != "budget":
+        raise ValueError(
+            f"the fused decode selection supports the 'budget' policy kind only, got {policy.kind!r}; use "
+            "select='unfused' or None (automatic) for it"
+        )
+    if select is not None:
+        return select
+    return "fused" if policy.kind == "budget" and torch.device(device).type == "cuda" else "unfused"

@@ -213,12 +213,21 @@ class DecodeGate(nn.Module):
                 f"DecodeGate.scores needs q [B, Hq, D], keys [B, Hkv, NB, Dg], positions [B]; got {tuple(q.shape)}, "
                 f"{tuple(keys.shape)}, {tuple(positions.shape)}"
             )
+        qg = self.decode_query(q, positions, rotary).unsqueeze(2)  # [B, Hkv, 1, Dg]
+        nb = keys.shape[2]
+        cur = positions.long().view(-1, 1, 1, 1) // self.config.block_size
+        completed = torch.arange(nb, device=q.device).view(1, 1, 1, -1) < cur
         with torch.autocast(device_type=q.device.type, enabled=False):
-            qg = self.gate_query(q.unsqueeze(2), positions.view(-1, 1).long(), rotary)  # [B, Hkv, 1, Dg]
-            nb = keys.shape[2]
-            cur = positions.long().view(-1, 1, 1, 1) // self.config.block_size
-            completed = torch.arange(nb, device=q.device).view(1, 1, 1, -1) < cur
             return self._logits(qg, keys, completed).squeeze(2)
+
+    def decode_query(self, q: torch.Tensor, positions: torch.Tensor, rotary: Rotary | None = None) -> torch.Tensor:
+        """Gate queries of one new token per sequence, in the gate's dtype whatever the autocast state: what
+        :meth:`scores` multiplies with the keys, and the input of the fused selection
+        (:func:`seerattn.decode_policy.select_decode_blocks_fused`).
+
+        q: [B, Hq, D] pre-RoPE queries at positions int [B] -> [B, Hkv, Dg] (rotated)."""
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            return self.gate_query(q.unsqueeze(2), positions.view(-1, 1).long(), rotary).squeeze(2)
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, rotary: Rotary | None = None, position_ids: torch.Tensor | None = None

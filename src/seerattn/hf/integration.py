@@ -13,7 +13,8 @@ How it works (no copied modeling files, nothing in ``transformers.models.*`` is 
    (submodule ``seer_decode_gate``) and a forward pre-hook on the attention module that hands the
    layer's KV cache object to the state: a generate step with one new token per sequence then runs
    sparse decode (the decode gate's keys kept in a :class:`~seerattn.gate.GateKeyCache` per layer
-   beside transformers' cache, :func:`~seerattn.decode_policy.select_decode_blocks`, and
+   beside transformers' cache, the block selection (:func:`~seerattn.decode_policy.select_decode_blocks`
+   or its fused kernel, by :func:`~seerattn.decode_policy.resolve_decode_select`), and
    :func:`~seerattn.ops.sparse_decode_attention` over the cache's K/V tensors). ``docs/design.md``,
    "Sparse decode", describes the wiring.
 
@@ -38,7 +39,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from ..block_mask import BlockMask, SparsityPolicy, mask_from_scores, num_blocks
-from ..decode_policy import DecodePolicy, select_decode_blocks
+from ..decode_policy import DecodePolicy, resolve_decode_select, select_decode_blocks, select_decode_blocks_fused
 from ..gate import AttnGate, DecodeGate, DecodeGateConfig, GateConfig, GateKeyCache, gate_loss, gate_metrics
 from ..ops import attention_with_block_scores, block_sparse_attention, sparse_decode_attention
 
@@ -151,6 +152,11 @@ class SeerConfig:
             on the CPU). Training modes (``distill``,
             ``finetune``) always run the eager gate, which has a backward and gives the recompute of a
             checkpointed layer the same mask.
+        decode_select: how sparse decode steps and ``decode_eval`` rows compute the gate logits and the block
+            selection: ``"fused"`` (one Triton kernel for the logits and the top-K; ``"budget"`` policies only),
+            ``"unfused"`` (:meth:`DecodeGate.scores` and :func:`~seerattn.decode_policy.select_decode_blocks`)
+            or None: :func:`~seerattn.decode_policy.resolve_decode_select`'s rule (fused for a budget policy on
+            CUDA, where it was measured faster; unfused otherwise). A runtime choice, not saved in adapters.
         mask_heads: ``"q"`` one decision per query head; ``"kv"`` one per GQA group (gate
             probabilities averaged over the group), which lets the kernel load K/V once per group.
         skip_first_rows: fraction of leading query-block rows left out of the distillation loss.
@@ -165,6 +171,7 @@ class SeerConfig:
     decode_start: int | None = None
     impl: str | None = None
     gate_impl: Literal["eager", "triton"] | None = None
+    decode_select: Literal["fused", "unfused"] | None = None
     mask_heads: Literal["q", "kv"] = "q"
     skip_first_rows: float = 0.25
     metric_density: float = 0.1
@@ -192,6 +199,10 @@ class SeerConfig:
                 f"SeerConfig.mode={self.mode!r} needs the prefill gate (gate=GateConfig(...)); without one the "
                 "accepted modes are 'dense' and 'decode_eval'"
             )
+        if self.decode is not None:  # the rule's checks (values, fused with a budget policy), device aside
+            resolve_decode_select(self.decode_select, self.decode.policy, "cpu")
+        elif self.decode_select is not None:
+            raise ValueError(f"SeerConfig.decode_select={self.decode_select!r} needs a decode section (decode)")
         start = self.decode_start
         if start is not None and (isinstance(start, bool) or not isinstance(start, int) or start < 0):
             raise ValueError(f"SeerConfig.decode_start must be an int >= 0 or None, got {start!r}")
@@ -255,7 +266,9 @@ class DecodeSelection:
     Attributes:
         layer_idx: the layer.
         blocks: int32 [B, Hkv, K] key-block indices per (sequence, KV head), -1 padded (the gate and policy's
-            or ``decode_select_fn``'s selection, exactly what the kernel reads). A device tensor, fresh each step.
+            or ``decode_select_fn``'s selection, exactly what the kernel reads: by priority from the unfused
+            selection, ascending from the fused one, ``SeerConfig.decode_select``). A device tensor, fresh each
+            step.
         cache_seqlens: int32 [B] keys visible to the step (the new token's position + 1), a device tensor.
         block_size: tokens per key block.
     """
@@ -819,6 +832,7 @@ def _decode_selection(module, state: SeerState, query, q_pre, key, seqlens, gate
     query: [B, Hq, N, D] post-RoPE; q_pre: [B, Hq, N, D] pre-RoPE; key: [B, Hkv, Tcap, D] post-RoPE;
     seqlens: int32 [B, N] keys visible to each row; gate_keys: [B, Hkv, NBc, Dg] the decode gate's keys
     (valid for each row's completed blocks; None with ``decode_select_fn``) -> int32 [B, Hkv, N, K].
+    Fused or unfused selection by :func:`~seerattn.decode_policy.resolve_decode_select` (``SeerConfig.decode_select``).
     """
     dec = state.config.decode
     b, hq, n, d = query.shape
@@ -837,6 +851,11 @@ def _decode_selection(module, state: SeerState, query, q_pre, key, seqlens, gate
         return idx
     gate: DecodeGate = module.seer_decode_gate
     gate_keys = gate_keys[:, :, :kv_blocks]
+    fused = resolve_decode_select(state.config.decode_select, dec.policy, query.device) == "fused"
+    if fused and gate_keys.shape[2] < kv_blocks:
+        # decode_eval's keys cover the completed blocks only; the kernel keeps a current block only where the
+        # keys cover it (the unfused policy pads its logits to kv_blocks instead). Never in a generate step.
+        gate_keys = torch.nn.functional.pad(gate_keys, (0, 0, 0, kv_blocks - gate_keys.shape[2]))
     parts = []
     # rows folded into the batch; per sequence, so the gate keys are an expanded view, never copied
     for i in range(b) if n > 1 else (None,):
@@ -845,8 +864,12 @@ def _decode_selection(module, state: SeerState, query, q_pre, key, seqlens, gate
         qf = q_pre[sl].permute(0, 2, 1, 3).reshape(bb * n, hq, d)
         kf = gate_keys[sl].unsqueeze(1).expand(bb, n, *gate_keys.shape[1:]).reshape(bb * n, *gate_keys.shape[1:])
         lens = seqlens[sl].reshape(bb * n)
-        logits = gate.scores(qf, kf, lens - 1, state._rotary)  # [bb * N, Hkv, NB]
-        sel = select_decode_blocks(logits, lens, dec.policy, bs, kv_blocks)  # [bb * N, Hkv, K]
+        if fused:  # the gate query eager, then the logits and the budget top-K in one launch
+            qg = gate.decode_query(qf, lens - 1, state._rotary)  # [bb * N, Hkv, Dg]
+            sel = select_decode_blocks_fused(qg, kf, lens, dec.policy, bs)  # [bb * N, Hkv, K], ascending
+        else:
+            logits = gate.scores(qf, kf, lens - 1, state._rotary)  # [bb * N, Hkv, NB]
+            sel = select_decode_blocks(logits, lens, dec.policy, bs, kv_blocks)  # [bb * N, Hkv, K]
         parts.append(sel.view(bb, n, hkv, -1).permute(0, 2, 1, 3))
     return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
 

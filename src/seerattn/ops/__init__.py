@@ -40,7 +40,7 @@ import torch
 
 from ..block_mask import BlockMask, check_block_size, num_blocks
 from . import fa4, reference
-from .decode import sparse_decode_attention
+from .decode import budget_decode_blocks, sparse_decode_attention
 from .gate_ops import gate_block_logits, select_blocks
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "attention_with_block_scores",
     "auto_impl",
     "block_sparse_attention",
+    "budget_decode_blocks",
     "gate_block_logits",
     "resolve_impl",
     "select_blocks",

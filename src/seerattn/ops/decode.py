@@ -1,8 +1,9 @@
-"""Sparse decode attention: the public, validated entry point (``impl`` dispatch as in :mod:`seerattn.ops`).
+"""Sparse decode attention: the public, validated entry point (``impl`` dispatch as in :mod:`seerattn.ops`),
+and the fused decode-gate scores + token-budget block selection that feeds it (:func:`budget_decode_blocks`).
 
 Shape legend: B sequences, Hq query heads, Hkv key/value heads (Hq % Hkv == 0), D head dim, Tmax cache
 capacity in tokens, K selected key blocks per (sequence, KV head) (static: a token budget / block size),
-P pages, ``page`` tokens per page.
+P pages, ``page`` tokens per page, NB gate-key blocks of the cache capacity, Dg gate dim.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 from ..block_mask import check_block_size, num_blocks
 from . import reference
 
-__all__ = ["sparse_decode_attention"]
+__all__ = ["budget_decode_blocks", "sparse_decode_attention"]
 
 _OP = "sparse_decode_attention"
 
@@ -166,3 +167,69 @@ def sparse_decode_attention(
         block_table=block_table, return_lse=return_lse,
     )  # fmt: skip
     return (out, lse) if return_lse else out
+
+
+def budget_decode_blocks(
+    qg: torch.Tensor, keys: torch.Tensor, cache_seqlens: torch.Tensor, num_slots: int, block_size: int
+) -> torch.Tensor:
+    """Decode-gate logits and the token-budget block lists of one decode step, in one Triton launch.
+
+    The same blocks as ``select_decode_blocks(logits, cache_seqlens, DecodePolicy("budget", K * block_size),
+    block_size)`` on the logits of :meth:`seerattn.gate.DecodeGate.scores` (``qg . kg / sqrt(Dg)`` over the
+    completed blocks ``J < (cache_seqlens[b] - 1) // block_size``): the first and the current block when
+    the cache has tokens, then the highest-logit completed blocks, K in all. Only the order differs:
+    ascending block index here (:mod:`seerattn.ops._triton.decode_select`). Ties go to the lower block index.
+    The policy-level entry is :func:`seerattn.decode_policy.select_decode_blocks_fused`.
+
+    Args:
+        qg: [B, Hkv, Dg] gate queries of the new tokens (:meth:`DecodeGate.gate_query`, rotated at
+            ``cache_seqlens - 1``).
+        keys: [B, Hkv, NB, Dg] cached gate keys (:attr:`GateKeyCache.keys`); rows of blocks that are not
+            completed are not read.
+        cache_seqlens: int32 / int64 [B], tokens in each cache, the new one included; at most
+            ``NB * block_size``.
+        num_slots: K >= 1 (a token budget / block size).
+        block_size: tokens per key block (power of two).
+
+    Returns:
+        int32 [B, Hkv, K]: kept blocks in ascending order, then -1 padding.
+
+    Triton only (CUDA, or CPU under ``TRITON_INTERPRET=1``); no host synchronisation on CUDA, where the
+    contents of ``cache_seqlens`` are not checked. Not differentiable (indices).
+    """
+    op = "budget_decode_blocks"
+    for name, x, dims, legend in (("qg", qg, 3, "[B, Hkv, Dg]"), ("keys", keys, 4, "[B, Hkv, NB, Dg]")):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != dims or 0 in x.shape:
+            raise ValueError(f"{op}: {name} must be a non-empty {dims}-D {legend}, got shape {tuple(x.shape)}")
+    b, hkv, nb, dg = keys.shape
+    if tuple(qg.shape) != (b, hkv, dg):
+        raise ValueError(
+            f"{op}: qg must be [B, Hkv, Dg] = {[b, hkv, dg]} for keys {tuple(keys.shape)}, got {tuple(qg.shape)}"
+        )
+    if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: cache_seqlens must be an int32 or int64 tensor [B]")
+    if tuple(cache_seqlens.shape) != (b,):
+        raise ValueError(f"{op}: cache_seqlens must be [B] = [{b}], got {tuple(cache_seqlens.shape)}")
+    for name, x in (("qg", qg), ("cache_seqlens", cache_seqlens)):
+        if x.device != keys.device:
+            raise ValueError(f"{op}: {name} is on {x.device} but keys are on {keys.device}")
+    if isinstance(num_slots, bool) or not isinstance(num_slots, int) or num_slots < 1:
+        raise ValueError(f"{op}: num_slots must be an int >= 1, got {num_slots!r}")
+    try:
+        check_block_size(block_size)
+    except ValueError as e:
+        raise ValueError(f"{op}: {e}") from None
+    from ._triton.config import check_device
+
+    floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    check_device(qg, op, floats)
+    check_device(keys, op, floats)
+    if keys.device.type == "cpu" and bool(((cache_seqlens < 0) | (cache_seqlens > nb * block_size)).any()):
+        raise ValueError(
+            f"{op}: cache_seqlens must lie in [0, NB * block_size = {nb * block_size}], got {cache_seqlens.tolist()}"
+        )
+    from ._triton.decode_select import decode_budget_select_fwd
+
+    return decode_budget_select_fwd(qg, keys, cache_seqlens, num_slots, block_size)

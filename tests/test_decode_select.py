@@ -1,0 +1,250 @@
+"""Fused decode-gate logits + budget selection (``select_decode_blocks_fused``, one Triton kernel) against the
+eager path it replaces: ``DecodeGate.scores`` then ``select_decode_blocks`` (interpreter on CPU, compiled on GPU).
+
+The fused kernel lists the kept blocks in ascending order and the eager path by priority, so rows are compared
+as sets; equal logits go to the lower block index in the kernel (tested on its own: the eager top-K leaves
+their order unspecified).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from seerattn.decode_policy import (
+    DecodePolicy,
+    resolve_decode_select,
+    select_decode_blocks,
+    select_decode_blocks_fused,
+)
+from seerattn.gate import DecodeGate, DecodeGateConfig, GateKeyCache
+from seerattn.ops import budget_decode_blocks
+
+pytest.importorskip("triton")
+
+
+def rotary(x, pos):
+    dg = x.shape[-1]
+    f = pos.float().unsqueeze(-1) / 10000 ** (torch.arange(0, dg, 2, device=x.device) / dg)
+    emb = torch.cat((f, f), -1)
+    return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+def gate_case(lens, hq, hkv, d, nb, bs, seed=0, device="cpu"):
+    """A random decode gate, its gate keys of a random cache of ``nb`` blocks, and the gate queries of a new
+    token per sequence: (gate, q [B, Hq, D], keys [B, Hkv, NB, Dg], qg [B, Hkv, Dg], lens int32 [B])."""
+    g = torch.Generator().manual_seed(seed)
+    gate = DecodeGate(hq, hkv, d, DecodeGateConfig(block_size=bs))
+    with torch.no_grad():  # away from the identity init: query heads and pools mixed
+        gate.q_proj.normal_(0, 0.3, generator=g)
+        gate.k_proj.normal_(0, 0.3, generator=g)
+    gate = gate.to(device)
+    b = len(lens)
+    k = torch.randn(b, hkv, nb * bs, d, generator=g).to(device)
+    q = torch.randn(b, hq, d, generator=g).to(device)
+    lens_t = torch.tensor(lens, dtype=torch.int32, device=device)
+    cache = GateKeyCache(gate, b, max_tokens=nb * bs)
+    with torch.no_grad():
+        cache.prefill(k, lens_t, rotary)
+    assert cache.keys.shape[2] == nb
+    return gate, q, cache.keys, gate_query(gate, q, lens_t), lens_t
+
+
+def gate_query(gate, q, lens):
+    """qg [B, Hkv, Dg]: the gate query of each new token, as ``DecodeGate.scores`` computes it."""
+    with torch.no_grad():
+        return gate.gate_query(q.unsqueeze(2), (lens - 1).long().view(-1, 1), rotary).squeeze(2)
+
+
+def eager(gate, q, keys, lens, policy, bs):
+    with torch.no_grad():
+        logits = gate.scores(q, keys, (lens - 1).long(), rotary)
+    return select_decode_blocks(logits, lens, policy, bs, keys.shape[2]), logits
+
+
+def assert_same_sets(got, want):
+    """Row by row the same kept blocks; got ascending, then -1 padding."""
+    assert got.dtype == torch.int32 and got.shape == want.shape
+    for row_g, row_w in zip(got.flatten(0, 1).tolist(), want.flatten(0, 1).tolist(), strict=True):
+        kept = sorted(j for j in row_w if j >= 0)
+        assert row_g == kept + [-1] * (len(row_g) - len(kept)), (row_g, row_w)
+
+
+# lengths: empty cache, one token, exactly at block boundaries, partial blocks, the full capacity
+LENS = [0, 1, 16, 17, 64, 65, 100, 13 * 16]
+
+
+@pytest.mark.parametrize("budget_blocks", [2, 5, 16])  # 16 > the 12 completed blocks of a full cache: padding
+@pytest.mark.parametrize("hq,hkv", [(4, 2), (3, 3)])
+def test_fused_matches_eager_gate_scores_and_budget_policy(budget_blocks, hq, hkv):
+    """GQA and MHA, NB = 13 blocks (not a power of two), varlen batch, K from 2 (only first + current) to
+    more than the completed blocks: the fused kernel keeps each row's eager set."""
+    bs = 16
+    gate, q, keys, qg, lens = gate_case(LENS, hq, hkv, 16, 13, bs, seed=budget_blocks)
+    policy = DecodePolicy("budget", budget_blocks * bs)
+    want, _ = eager(gate, q, keys, lens, policy, bs)
+    got = select_decode_blocks_fused(qg, keys, lens, policy, bs)
+    assert_same_sets(got, want)
+    # the rows the lengths pin down: empty cache keeps nothing, one token (or a 16-token cache) only block 0,
+    # a cache of 17 tokens blocks 0 and 1 (the current one; block 0 is completed but forced anyway)
+    assert (got[0] == -1).all() and (got[1, :, 0] == 0).all() and (got[1, :, 1:] == -1).all()
+    assert (got[2, :, 0] == 0).all() and (got[2, :, 1:] == -1).all()
+    assert (got[3, :, :2] == torch.tensor([0, 1], dtype=torch.int32)).all()
+    full = got[-1]
+    assert ((full == 0).sum(-1) == 1).all() and ((full == 12).sum(-1) == 1).all()  # first and current block
+    assert ((full >= 0).sum(-1) == min(budget_blocks, 13)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_fused_in_the_gate_dtypes(dtype):
+    """fp16 gate queries / keys (fp32 products, as ``DecodeGate._logits`` promotes) and an fp64 gate (fp64
+    products and an fp64 search key), against the eager path on the same tensors."""
+    bs = 16
+    gate, q, keys, _, lens = gate_case([200, 77, 33], 4, 2, 16, 13, bs, seed=3)
+    gate, q, keys = gate.to(dtype), q.to(dtype), keys.to(dtype)
+    qg = gate_query(gate, q, lens)
+    assert qg.dtype == dtype
+    policy = DecodePolicy("budget", 6 * bs)
+    want, _ = eager(gate, q, keys, lens, policy, bs)
+    assert_same_sets(select_decode_blocks_fused(qg, keys, lens, policy, bs), want)
+
+
+def test_gate_dim_not_a_power_of_two_and_strided_inputs():
+    """Dg = 24 (masked lanes of the gate-dim loop), keys a strided view of a wider cache, int64 lengths."""
+    bs, nb = 16, 9
+    g = torch.Generator().manual_seed(5)
+    wide = torch.randn(2, 3, nb + 4, 24, generator=g)
+    keys = wide[:, :, 2 : nb + 2]
+    qg = torch.randn(3, 2, 24, generator=g).transpose(0, 1)  # [B=2, Hkv=3, 24], not contiguous
+    lens = torch.tensor([nb * bs, 5 * bs + 3])
+    cur = (lens - 1).div(bs, rounding_mode="floor").view(-1, 1, 1, 1)
+    completed = torch.arange(nb).view(1, 1, 1, -1) < cur
+    logits = DecodeGate._logits(qg.unsqueeze(2), keys, completed).squeeze(2)
+    policy = DecodePolicy("budget", 4 * bs)
+    want = select_decode_blocks(logits, lens, policy, bs)
+    assert_same_sets(select_decode_blocks_fused(qg, keys, lens, policy, bs), want)
+
+
+def test_expanded_lengths_and_keys_as_decode_eval_passes_them():
+    """The call ``_decode_selection`` makes for N rows of one sequence in decode_eval mode: the sequence's gate
+    keys expanded over the rows (stride 0) and lengths expanded from one row (stride 0, read per row)."""
+    bs, nb = 16, 9
+    gate, q, keys, _, _ = gate_case([nb * bs], 4, 2, 16, nb, bs, seed=11)
+    n = 4
+    lens = torch.arange(5 * bs + 3, 5 * bs + 3 + n, dtype=torch.int32)  # rows crossing no boundary
+    q = q.expand(n, -1, -1)
+    kf = keys.expand(n, -1, -1, -1)
+    policy = DecodePolicy("budget", 4 * bs)
+    want, _ = eager(gate, q, kf, lens, policy, bs)
+    assert_same_sets(select_decode_blocks_fused(gate_query(gate, q, lens), kf, lens, policy, bs), want)
+    # one length for every row of a batch (n = 1 rows of B sequences), an expanded view
+    same = torch.tensor([7 * bs + 1], dtype=torch.int32).expand(n)
+    assert same.stride() == (0,)
+    want, _ = eager(gate, q, kf, same.contiguous(), policy, bs)
+    assert_same_sets(select_decode_blocks_fused(gate_query(gate, q, same), kf, same, policy, bs), want)
+
+
+def test_the_rule_picking_fused_or_unfused():
+    """resolve_decode_select: None is fused exactly for a budget policy on CUDA; explicit choices are kept;
+    fused with a policy that needs the probabilities, or an unknown value, raises."""
+    budget = DecodePolicy("budget", 4096)
+    assert resolve_decode_select(None, budget, "cuda") == "fused"
+    assert resolve_decode_select(None, budget, torch.device("cuda", 1)) == "fused"
+    assert resolve_decode_select(None, budget, "cpu") == "unfused"
+    for kind, value in (("threshold", 0.1), ("top_p", 0.9), ("dense", 0)):
+        policy = DecodePolicy(kind, value)
+        assert resolve_decode_select(None, policy, "cuda") == "unfused"
+        assert resolve_decode_select("unfused", policy, "cuda") == "unfused"
+        with pytest.raises(ValueError, match="'budget' policy kind only"):
+            resolve_decode_select("fused", policy, "cuda")
+    assert resolve_decode_select("fused", budget, "cpu") == "fused"  # taken as given (the interpreter runs it)
+    assert resolve_decode_select("unfused", budget, "cuda") == "unfused"
+    with pytest.raises(ValueError, match="must be one of"):
+        resolve_decode_select("triton", budget, "cuda")
+
+
+def test_ties_go_to_the_lower_block_index():
+    """Equal logits (identical gate keys) are kept from the lowest block index up, after the strictly better
+    ones: a row of 10 completed blocks where blocks 7 and 8 score highest and every other block ties."""
+    bs, nb = 16, 12
+    keys = torch.zeros(1, 2, nb, 4)
+    keys[..., 0] = 1.0  # every block: logit 0.5 (qg . kg / sqrt(4) with qg = [1, 0, 0, 0])
+    keys[0, :, 7, 0] = keys[0, :, 8, 0] = 3.0
+    keys[0, 1, 8, 0] = 2.0  # head 1: block 7 above block 8
+    qg = torch.zeros(1, 2, 4)
+    qg[..., 0] = 1.0
+    lens = torch.tensor([11 * bs + 5])  # current block 11, completed 0..10
+    got = select_decode_blocks_fused(qg, keys, lens, DecodePolicy("budget", 6 * bs), bs)
+    # first (0) + current (11) + 7, 8 + the two lowest tied blocks after block 0: 1, 2
+    assert got.tolist() == [[[0, 1, 2, 7, 8, 11], [0, 1, 2, 7, 8, 11]]]
+    # all completed blocks tied: the lowest ones
+    got = select_decode_blocks_fused(qg, torch.ones_like(keys), lens, DecodePolicy("budget", 5 * bs), bs)
+    assert got.tolist() == [[[0, 1, 2, 3, 11]] * 2]
+
+
+def test_non_budget_policies_and_bad_inputs_are_refused():
+    bs = 16
+    qg, keys, lens = torch.randn(2, 2, 8), torch.randn(2, 2, 4, 8), torch.tensor([40, 64], dtype=torch.int32)
+    for kind, value in (("threshold", 0.1), ("top_p", 0.9), ("dense", 0)):
+        with pytest.raises(ValueError, match="'budget' policy kind only"):
+            select_decode_blocks_fused(qg, keys, lens, DecodePolicy(kind, value), bs)
+    with pytest.raises(ValueError, match=r"qg must be \[B, Hkv, Dg\]"):
+        budget_decode_blocks(qg[:, :1], keys, lens, 2, bs)
+    with pytest.raises(ValueError, match="keys must be a non-empty 4-D"):
+        budget_decode_blocks(qg, keys[0], lens, 2, bs)
+    with pytest.raises(TypeError, match="cache_seqlens must be an int32 or int64"):
+        budget_decode_blocks(qg, keys, lens.float(), 2, bs)
+    with pytest.raises(ValueError, match=r"cache_seqlens must lie in \[0, NB \* block_size = 64\]"):
+        budget_decode_blocks(qg, keys, torch.tensor([40, 65]), 2, bs)
+    with pytest.raises(ValueError, match="num_slots must be an int >= 1"):
+        budget_decode_blocks(qg, keys, lens, 0, bs)
+    with pytest.raises(ValueError, match="power of two"):
+        budget_decode_blocks(qg, keys, lens, 2, 24)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        with pytest.raises(TypeError, match="bf16 is silently wrong"):
+            budget_decode_blocks(qg.bfloat16(), keys.bfloat16(), lens, 2, bs)
+
+
+# ---------------------------------------------------------------------- GPU (compiled kernel, bf16)
+def _on_gpu():
+    return torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _on_gpu(), reason="needs a CUDA GPU and the compiled kernel (no TRITON_INTERPRET)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_32k_batch_16_matches_eager_and_captures_in_a_graph(dtype):
+    """Llama-3.1-8B gate shapes (Hq 32, Hkv 8, D = Dg 128), a 32k cache (512 blocks of 64), batch 16 of
+    varied lengths, budgets 2k and 4k. Summation order differs from the eager matmul, so a near tie at the
+    budget's edge may swap two blocks: rows are compared by the eager logits of their kept blocks (sorted),
+    which agree to a fraction of a logit's rounding. No host sync; a CUDA graph of the call replays."""
+    bs, nb = 64, 512
+    lens = [32768, 32767, 32705, 32704, 20001, 8192, 4097, 4096, 1000, 200, 129, 128, 65, 64, 1, 0]
+    gate, q, keys, _, lens_t = gate_case(lens, 32, 8, 128, nb, bs, seed=7, device="cuda")
+    gate, q, keys = gate.to(dtype), q.to(dtype), keys.to(dtype)
+    qg = gate_query(gate, q, lens_t)
+    for budget in (2048, 4096):
+        policy = DecodePolicy("budget", budget)
+        want, logits = eager(gate, q, keys, lens_t, policy, bs)
+        got = select_decode_blocks_fused(qg, keys, lens_t, policy, bs)
+        torch.cuda.synchronize()
+        assert ((got >= 0).sum(-1) == (want >= 0).sum(-1)).all()
+        forced = torch.where(torch.isinf(logits), float("inf"), logits)  # first / current blocks: kept by both
+        gl = forced.gather(-1, got.long().clamp(min=0)).masked_fill(got < 0, 0.0).sort(-1).values
+        wl = forced.gather(-1, want.long().clamp(min=0)).masked_fill(want < 0, 0.0).sort(-1).values
+        torch.testing.assert_close(gl, wl, rtol=0, atol=1e-5)
+        sorted_got = got.masked_fill(got < 0, nb).sort(-1).values
+        assert torch.equal(sorted_got, got.masked_fill(got < 0, nb)), "kept blocks must be ascending, then -1"
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = select_decode_blocks_fused(qg, keys, lens_t, policy, bs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = select_decode_blocks_fused(qg, keys, lens_t, policy, bs)
+    qg.copy_(torch.randn_like(qg))
+    graph.replay()
+    assert torch.equal(static, select_decode_blocks_fused(qg, keys, lens_t, policy, bs))
