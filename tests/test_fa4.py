@@ -7,6 +7,8 @@ compute capability and PyTorch's FLASH support are monkeypatched.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from kernel_helpers import rand_mask, rand_qkv, rel
@@ -58,8 +60,9 @@ def test_a_supported_case_passes(h200):
         ({"head_dim": 256}, "head dims 8..128"),
         ({"head_dim": 100}, "multiples of 8, got D=100"),
         ({"varlen": True}, "cu_seqlens"),
+        ({"grad": True, "return_lse": True}, "does not differentiate through the LSE"),
     ],
-    ids=["fwd-block-32", "fwd-block-256", "bwd-block-64", "fp32", "D256", "D100", "varlen"],
+    ids=["fwd-block-32", "fwd-block-256", "bwd-block-64", "fp32", "D256", "D100", "varlen", "grad-lse"],
 )
 def test_cases_fa4_does_not_take(h200, kwargs, match):
     args = {"block_size": 128, "head_dim": 128, "dtype": BF16, "grad": False, "varlen": False} | kwargs
@@ -130,6 +133,8 @@ def test_rule_table_values():
         (AttentionCase(128, 128, torch.float32), "triton"),  # listed, but FA4 does not take fp32
         (AttentionCase(128, 256, BF16), "triton"),
         (AttentionCase(128, 128, BF16, varlen=True), "triton"),
+        (AttentionCase(128, 128, BF16, return_lse=True), "fa4"),
+        (AttentionCase(128, 128, BF16, grad=True, return_lse=True), "triton"),  # FA4's backward: no dLSE
     ],
 )
 def test_auto_choice_on_an_h200_with_fa4(h200, case, expected):
@@ -194,6 +199,32 @@ def test_fa4_op_is_the_flex_path_with_the_flash_backend(monkeypatch, mh):
     assert (lse[fin] - ref_lse[fin]).abs().max() < 1e-5
 
 
+def test_fa4_lse_is_divided_back_where_pytorch_scales_it_by_ln2(monkeypatch):
+    """A PyTorch whose flex_attention multiplies every backend's LSE by ln 2 (torch 2.11 on the H200: the
+    FLASH backend's LSE came back as ln 2 times the reference's) gets it divided back; outputs untouched."""
+    original = flex.flex_attention_call
+
+    def scaled(q, k, v, flex_mask, scale, return_lse, backend="TRITON"):
+        out, lse = original(q, k, v, flex_mask, scale, return_lse)
+        return out, lse * math.log(2.0)
+
+    monkeypatch.setattr(fa4, "check", lambda *args: None)
+    monkeypatch.setattr(fa4, "_lse_scaled_by_ln2", lambda: True)
+    monkeypatch.setattr(flex, "flex_attention_call", scaled)
+    q, k, v = rand_qkv(1, 4, 2, 64, 16, torch.float32, seed=5)
+    mask = rand_mask(1, 2, 64, 16, density=0.6, seed=5)
+    out, lse = block_sparse_attention(q, k, v, mask, return_lse=True, impl="fa4")
+    ref_out, ref_lse = reference.block_sparse_attention(q, k, v, mask, return_lse=True)
+    fin = ~torch.isinf(ref_lse)
+    assert rel(out, ref_out) < 1e-5 and (lse[fin] - ref_lse[fin]).abs().max() < 1e-5
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+
+
+def test_the_ln2_probe_on_this_pytorch():
+    # torch 2.13 (the pinned CPU wheel) converts the LSE per backend (stats_are_log2): nothing to undo
+    assert fa4._lse_scaled_by_ln2() is False
+
+
 def test_fa4_op_checks_before_converting(monkeypatch):
     """The op asks check() with the call's block size, head dim, dtype, gradients and varlen flag."""
     seen = []
@@ -206,7 +237,7 @@ def test_fa4_op_checks_before_converting(monkeypatch):
     q, k, v = rand_qkv(1, 4, 2, 64, 16, torch.float16)
     with pytest.raises(NotImplementedError, match="refused"):
         block_sparse_attention(q, k, v, rand_mask(1, 2, 64, 32), impl="fa4")
-    assert seen == [(q.device, 32, 16, torch.float16, False, False)]
+    assert seen == [(q.device, 32, 16, torch.float16, False, False, False)]
 
 
 # ---------------------------------------------------------------------------------------- prefill benchmark

@@ -94,9 +94,8 @@ def test_fa4_gradients_bf16(mh):
         assert not torch.isnan(x).any(), name
         assert rel(x, r) <= 3 * lp + EPS, (name, rel(x, r), lp)
     assert (got[0][0, 0, row : row + bs] == 0).all()  # no key, no gradient for the empty row's queries
-    with_lse = grads("fa4", return_lse=True)  # the detached lse does not reach FA4's backward (no dLSE)
-    for a, b in zip(got, with_lse, strict=True):
-        assert rel(a, b) < 1e-3
+    with pytest.raises(NotImplementedError, match="does not differentiate through the LSE"):
+        grads("fa4", return_lse=True)  # FlexAttention's FLASH backward has no dLSE (seen on torch 2.11)
 
 
 def test_fa4_backward_refuses_64_token_blocks():

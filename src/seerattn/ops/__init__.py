@@ -75,7 +75,7 @@ class AttentionCase:
     """What the automatic choice of ``block_sparse_attention`` looks at besides the device.
 
     block_size: mask block (tokens); head_dim: D; dtype: of q, k, v; grad: gradients are required
-    (a backward will run); varlen: ``cu_seqlens`` is given.
+    (a backward will run); varlen: ``cu_seqlens`` is given; return_lse: the LSE is returned.
     """
 
     block_size: int
@@ -83,6 +83,7 @@ class AttentionCase:
     dtype: torch.dtype
     grad: bool = False
     varlen: bool = False
+    return_lse: bool = False
 
 
 def auto_impl(device: torch.device, case: AttentionCase | None = None) -> str:
@@ -95,7 +96,8 @@ def auto_impl(device: torch.device, case: AttentionCase | None = None) -> str:
     choice = AUTO_IMPL.get((case.block_size, case.grad), "triton")
     if (
         choice == "fa4"
-        and fa4.unsupported(device, case.block_size, case.head_dim, case.dtype, case.grad, case.varlen) is not None
+        and fa4.unsupported(device, case.block_size, case.head_dim, case.dtype, case.grad, case.varlen, case.return_lse)
+        is not None
     ):
         return "triton"
     return choice
@@ -260,7 +262,7 @@ def block_sparse_attention(
     _check_qkv(q, k, v, op, varlen=cu_seqlens is not None)
     _check_mask(block_mask, q, k, op, cu_seqlens)
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    case = AttentionCase(block_mask.block_size, q.shape[-1], q.dtype, grad, cu_seqlens is not None)
+    case = AttentionCase(block_mask.block_size, q.shape[-1], q.dtype, grad, cu_seqlens is not None, return_lse)
     impl = resolve_impl(impl, q.device, op, case=case)
     if impl == "reference":
         fn = reference.block_sparse_attention

@@ -28,6 +28,8 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import importlib.util
+import inspect
+import math
 
 import torch
 
@@ -75,6 +77,24 @@ def installed() -> bool:
         return False
 
 
+LOG2_E = 1.0 / math.log(2.0)
+
+
+@functools.cache
+def _lse_scaled_by_ln2() -> bool:
+    """Whether this PyTorch multiplies the FLASH backend's LSE by ln 2 on the way out.
+
+    FlexAttention's Triton kernels keep their statistics in base 2 and the public ``flex_attention``
+    converts them with a factor ln 2; FlashAttention-4's LSE is already natural. PyTorch versions whose
+    ``flex_attention`` predates the per-backend switch (``stats_are_log2``) apply the factor to FA4's LSE
+    too: measured on the H200 with torch 2.11, the LSE came back as ln 2 times the reference's (outputs
+    exact), so it is divided back here.
+    """
+    from torch.nn.attention import flex_attention as flex_module
+
+    return "stats_are_log2" not in inspect.getsource(flex_module)
+
+
 @functools.lru_cache(maxsize=1)
 def _flex_has_flash_backend() -> bool:
     """This PyTorch's FlexAttention accepts ``kernel_options={"BACKEND": "FLASH"}``."""
@@ -104,13 +124,15 @@ def unsupported(
     dtype: torch.dtype,
     grad: bool = False,
     varlen: bool = False,
+    return_lse: bool = False,
 ) -> str | None:
     """Why ``impl="fa4"`` cannot run this case, or None when it can (see the module docstring).
 
     The first reason found, in the order: device, package, PyTorch, GPU, dtype, head dim, varlen, forward
-    block size, then (with ``grad``) the backward's PyTorch support, block size and determinism.
+    block size, then (with ``grad``) the backward's PyTorch support, block size, determinism and
+    ``return_lse``.
     """
-    found = _refusal(device, block_size, head_dim, dtype, grad, varlen)
+    found = _refusal(device, block_size, head_dim, dtype, grad, varlen, return_lse)
     return None if found is None else found[1]
 
 
@@ -121,15 +143,16 @@ def check(
     dtype: torch.dtype,
     grad: bool = False,
     varlen: bool = False,
+    return_lse: bool = False,
 ) -> None:
     """Raise with :func:`unsupported`'s reason: ``ImportError`` when FA4 is not installed,
     ``NotImplementedError`` for a case it does not take."""
-    found = _refusal(device, block_size, head_dim, dtype, grad, varlen)
+    found = _refusal(device, block_size, head_dim, dtype, grad, varlen, return_lse)
     if found is not None:
         raise found[0](f"block_sparse_attention: {found[1]}")
 
 
-def _refusal(device, block_size, head_dim, dtype, grad, varlen) -> tuple[type[Exception], str] | None:
+def _refusal(device, block_size, head_dim, dtype, grad, varlen, return_lse) -> tuple[type[Exception], str] | None:
     """(exception type, reason) of the first check that fails, or None (see :func:`unsupported`)."""
     no = NotImplementedError
     if device.type != "cuda":
@@ -182,6 +205,13 @@ def _refusal(device, block_size, head_dim, dtype, grad, varlen) -> tuple[type[Ex
             "deterministic block-sparse backward needs sm_100 and dQ write-order metadata that seerattn's masks "
             "do not carry; impl='triton' has a deterministic backward"
         )
+    if return_lse:
+        # Seen on the H200 (torch 2.11): the compiled backward refuses any graph that returns the LSE
+        # ("FLASH backend backward does not support differentiating through logsumexp"), used or not.
+        return no, (
+            "impl='fa4' with gradients and return_lse=True: FlexAttention's FLASH backward does not "
+            "differentiate through the LSE; call with return_lse=False or use impl='triton'"
+        )
     return None
 
 
@@ -203,5 +233,9 @@ def block_sparse_attention(
     from .flex import block_sparse_attention as flex_attention
 
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    check(q.device, block_mask.block_size, q.shape[-1], q.dtype, grad, cu_seqlens is not None)
-    return flex_attention(q, k, v, block_mask, scale=scale, return_lse=return_lse, backend="FLASH")
+    check(q.device, block_mask.block_size, q.shape[-1], q.dtype, grad, cu_seqlens is not None, return_lse)
+    result = flex_attention(q, k, v, block_mask, scale=scale, return_lse=return_lse, backend="FLASH")
+    if not return_lse or not _lse_scaled_by_ln2():
+        return result
+    out, lse = result
+    return out, lse * LOG2_E  # undo the extra ln 2 (see _lse_scaled_by_ln2)
