@@ -296,6 +296,7 @@ def run_shape(args, model: str, t: int, record) -> None:
                             fn = functools.partial(
                                 spk.block_sparse_attention_fwd,
                                 q, k, v, mask.kv_num_blocks, mask.kv_indices, bs, scale, None, False, cfg,
+                                mask_source=mask.source, mask_memo=mask.memo,  # as block_sparse_attention
                             )  # fmt: skip
                             ms = bench(fn, rep=args.rep)
                             name = "ours" if cfg is None else f"ours[{cfg.short()}]"

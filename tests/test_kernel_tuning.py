@@ -111,3 +111,29 @@ def test_no_key_is_computed_without_tuning(monkeypatch):
         raise AssertionError("the mask key was computed with tuning off")
 
     assert kcfg.pick_config(("k",), [WIDE, NARROW], lambda c: None, extra_key=never) is WIDE
+
+
+def test_a_measured_mask_is_read_once_per_mask_not_per_call(fake_tuning, monkeypatch):
+    """With tuning on, every call asks for the mask's kind; a mask without a policy source is measured
+    on its device (a reduction and a host sync), so the key is kept on the mask (BlockMask.memo): three
+    calls with one mask measure it once, a second mask with the same lists is measured again."""
+    current, chosen, _ = fake_tuning
+    reads = []
+    real = kcfg.mask_key
+
+    def counting(source, kv_num_blocks, kv_indices):
+        reads.append(kv_indices.data_ptr())
+        return real(source, kv_num_blocks, kv_indices)
+
+    monkeypatch.setattr(kcfg, "mask_key", counting)
+    mask = _scattered_mask()
+    for _ in range(3):
+        _run(current, "scattered", mask)
+    assert len(reads) == 1 and len(chosen) == 3
+    assert mask.memo == {"tuning_key": real(None, mask.kv_num_blocks, mask.kv_indices)}
+    _run(current, "scattered", _scattered_mask())
+    assert len(reads) == 2
+    # without a memo (direct kernel calls that pass none) the key is measured every time
+    kcfg.memo_mask_key(None, None, mask.kv_num_blocks, mask.kv_indices)
+    kcfg.memo_mask_key(None, None, mask.kv_num_blocks, mask.kv_indices)
+    assert len(reads) == 4

@@ -162,6 +162,13 @@ class BlockMask:
         t = BlockMask.from_dense(self.to_dense().transpose(-1, -2), self.block_size, self.seq_len)
         return t.kv_num_blocks, t.kv_indices
 
+    @functools.cached_property
+    def memo(self) -> dict:
+        """Per-mask store for what other layers derive from the (immutable) lists, e.g. the kernels'
+        tuning key (:func:`seerattn.ops._triton.config.mask_key`): computed once per mask instead of
+        once per call (a measured key costs a reduction and a host sync)."""
+        return {}
+
     @property
     def q_num_blocks(self) -> torch.Tensor:
         """int32 ``[B, H, NK]``: how many query blocks keep key block ``J`` (built once, cached)."""

@@ -84,7 +84,7 @@ class _BlockSparseAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, block_mask: BlockMask, scale: float, cu_seqlens):
         out, lse = block_sparse_attention_fwd(
             q, k, v, block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.block_size, scale,
-            cu_seqlens=cu_seqlens, return_lse=True, mask_source=block_mask.source,
+            cu_seqlens=cu_seqlens, return_lse=True, mask_source=block_mask.source, mask_memo=block_mask.memo,
         )  # fmt: skip
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.block_mask, ctx.scale, ctx.cu_seqlens = block_mask, scale, cu_seqlens
@@ -102,7 +102,7 @@ class _BlockSparseAttention(torch.autograd.Function):
         with record_function("seer.attention_backward"):
             dq, dk, dv = block_sparse_attention_bwd(
                 q, k, v, out, lse, dout, m.kv_num_blocks, m.kv_indices, q_num_blocks, q_indices,
-                m.block_size, ctx.scale, cu_seqlens=ctx.cu_seqlens, mask_source=m.source,
+                m.block_size, ctx.scale, cu_seqlens=ctx.cu_seqlens, mask_source=m.source, mask_memo=m.memo,
             )  # fmt: skip
         return dq, dk, dv, None, None, None
 
@@ -134,6 +134,6 @@ def block_sparse_attention(
     else:
         out, lse = block_sparse_attention_fwd(
             q, k, v, block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.block_size, scale,
-            cu_seqlens=cu_seqlens, return_lse=return_lse, mask_source=block_mask.source,
+            cu_seqlens=cu_seqlens, return_lse=return_lse, mask_source=block_mask.source, mask_memo=block_mask.memo,
         )  # fmt: skip
     return (out, lse) if return_lse else out

@@ -42,6 +42,7 @@ __all__ = [
     "dq_configs",
     "interpreting",
     "mask_key",
+    "memo_mask_key",
     "num_sms",
     "pick_config",
     "sparse_configs",
@@ -236,6 +237,18 @@ def num_sms(device: torch.device) -> int:
 # near 0: scattered masks, where one-row tiles win).
 DENSITY_BUCKETS = (0.03, 0.07, 0.15, 0.3, 0.6)
 OVERLAP_BUCKETS = (0.25, 0.5, 0.75)
+
+
+def memo_mask_key(
+    memo: dict | None, source: tuple | None, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor
+) -> tuple:
+    """:func:`mask_key`, kept in ``memo`` (:attr:`seerattn.BlockMask.memo`) when one is given, so that a
+    mask measured on its device is read once, not on every call with it."""
+    if memo is None:
+        return mask_key(source, kv_num_blocks, kv_indices)
+    if "tuning_key" not in memo:
+        memo["tuning_key"] = mask_key(source, kv_num_blocks, kv_indices)
+    return memo["tuning_key"]
 
 
 def mask_key(source: tuple | None, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor) -> tuple:

@@ -60,7 +60,7 @@ import triton
 import triton.language as tl
 
 from .common import LOG2E, count_below_from_end, count_below_from_start
-from .config import KernelConfig, dkdv_configs, dq_configs, mask_key, pick_config
+from .config import KernelConfig, dkdv_configs, dq_configs, memo_mask_key, pick_config
 
 __all__ = ["block_sparse_attention_bwd"]
 
@@ -361,6 +361,7 @@ def block_sparse_attention_bwd(
     dkdv_config: KernelConfig | None = None,
     dq_config: KernelConfig | None = None,
     mask_source: tuple | None = None,
+    mask_memo: dict | None = None,
 ):
     """Gradients of the block-sparse forward (inputs already validated by the caller).
 
@@ -368,7 +369,8 @@ def block_sparse_attention_bwd(
     forward lists ``kv_num_blocks [Bm, Hm, NQ]`` / ``kv_indices [Bm, Hm, NQ, NK]`` and transposed
     lists ``q_num_blocks [Bm, Hm, NK]`` / ``q_indices [Bm, Hm, NK, NQ]``. The configs force a tile
     configuration (tests, benchmarks); ``mask_source`` (:attr:`seerattn.BlockMask.source`) keys the
-    tuned choice with the mask's kind, as in the forward (:func:`.config.mask_key`).
+    tuned choice with the mask's kind, as in the forward (:func:`.config.mask_key`; ``mask_memo``: kept
+    with the mask, :attr:`seerattn.BlockMask.memo`).
 
     Split or atomic dQ: the dK/dV config decides (:attr:`.config.KernelConfig.atomic_dq`; a forced
     ``dq_config`` is not used when it is atomic). The tuner times each dK/dV candidate together with
@@ -449,7 +451,7 @@ def block_sparse_attention_bwd(
         )  # fmt: skip
 
     key = (mask_block, heads_per_mask, group, d, q.dtype, varlen, max(t, 1).bit_length())
-    kind = functools.cache(lambda: mask_key(mask_source, kv_num_blocks, kv_indices))  # one host read at most
+    kind = functools.cache(lambda: memo_mask_key(mask_memo, mask_source, kv_num_blocks, kv_indices))
 
     @functools.cache
     def tuned_dq() -> KernelConfig:

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from .common import LN2, LOG2E, count_below_from_end
-from .config import KernelConfig, mask_key, pick_config, sparse_configs
+from .config import KernelConfig, memo_mask_key, pick_config, sparse_configs
 
 __all__ = ["block_sparse_attention_fwd", "build_union_lists"]
 
@@ -346,13 +346,15 @@ def block_sparse_attention_fwd(
     return_lse: bool = True,
     config: KernelConfig | None = None,
     mask_source: tuple | None = None,
+    mask_memo: dict | None = None,
 ):
     """Launch the block-sparse forward (inputs already validated by the caller).
 
     q: [B, Hq, T, D]; k, v: [B, Hkv, T, D]; kv_num_blocks int32 [Bm, Hm, NQ]; kv_indices int32
     [Bm, Hm, NQ, NK] with Hm in (Hq, Hkv). ``config`` forces a configuration (benchmarks, tests).
     ``mask_source`` (:attr:`seerattn.BlockMask.source`) keys the tuned choice with the mask's kind
-    (:func:`.config.mask_key`).
+    (:func:`.config.mask_key`); ``mask_memo`` (:attr:`seerattn.BlockMask.memo`) keeps that key with the
+    mask, so a mask without a policy source is measured once, not on every call.
     Returns out [B, Hq, T, D] and lse [B, Hq, T] fp32 (None when not ``return_lse``).
     """
     b, hq, t, d = q.shape
@@ -399,7 +401,7 @@ def block_sparse_attention_fwd(
         candidates = sparse_configs(mask_block, heads_per_mask, d)
         key = ("sparse", mask_block, heads_per_mask, group, d, q.dtype, varlen, max(t, 1).bit_length())
         config = pick_config(
-            key, candidates, launch, extra_key=lambda: mask_key(mask_source, kv_num_blocks, kv_indices)
+            key, candidates, launch, extra_key=lambda: memo_mask_key(mask_memo, mask_source, kv_num_blocks, kv_indices)
         )
     launch(config)
     return out, lse
