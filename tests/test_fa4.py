@@ -257,3 +257,27 @@ def test_prefill_benchmark_records_the_attention_impl_and_why_fa4_did_not_run(tm
     assert fa4_row["attn_impl"] == "fa4" and fa4_row["ms"] is None and "CUDA tensors only" in fa4_row["error"]
     with pytest.raises(ValueError, match="--attn-impls"):
         prefill.main([*argv, "--attn-impls", "fa5"])
+
+
+def test_auto_choice_compiles_fa4_for_a_bounded_number_of_shapes(h200, caplog):
+    """Each new call shape compiles FA4 once: the automatic choice takes FA4 for AUTO_FA4_SHAPES distinct
+    shapes, then runs ours for new ones (one warning), and keeps FA4 for the shapes it compiled."""
+    import seerattn.ops as ops
+
+    h200.setattr(ops, "AUTO_FA4_SHAPES", 2)
+    h200.setattr(ops, "_auto_fa4_shapes", set())
+    h200.setattr(ops, "_auto_fa4_warned", [False])
+
+    def case(t):
+        return AttentionCase(128, 128, BF16, shape=((1, 32, t, 128), (1, 8, t, 128), 128, BF16, False, False))
+
+    for t in (1000, 2000, 1000):
+        assert auto_impl(CUDA, case(t)) == "fa4"
+        ops._note_auto_fa4("fa4", case(t))
+    with caplog.at_level("WARNING", logger="seerattn.ops"):
+        for t in (3000, 4000):
+            assert auto_impl(CUDA, case(t)) == "triton"
+            ops._note_auto_fa4("triton", case(t))
+    assert [r.message.count("new shapes run seerattn's Triton kernel") for r in caplog.records] == [1]
+    assert auto_impl(CUDA, case(2000)) == "fa4" and auto_impl(CUDA, AttentionCase(128, 128, BF16)) == "fa4"
+    assert resolve_impl("fa4", CUDA, "block_sparse_attention", case=case(5000)) == "fa4"  # explicit: not limited

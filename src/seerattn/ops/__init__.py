@@ -34,6 +34,7 @@ further, to rows of the same tile that do not attend to its key (0 x NaN inside 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +45,7 @@ from .decode import budget_decode_blocks, sparse_decode_attention
 from .gate_ops import gate_block_logits, select_blocks
 
 __all__ = [
+    "AUTO_FA4_SHAPES",
     "AUTO_IMPL",
     "IMPLS",
     "AttentionCase",
@@ -72,13 +74,25 @@ AUTO_IMPL: dict[tuple[int, bool], str] = {
     (128, True): "fa4",
 }
 
+# FA4 runs under torch.compile with static shapes: every new (shape, block, dtype, grad) compiles once
+# (dynamo + Inductor, seconds), which our Triton kernels never pay. The automatic choice therefore takes FA4
+# for at most this many distinct call shapes per process (training and a fixed-length eval use one or a
+# few); a new shape past them runs ours, with one warning. An explicit impl="fa4" is not limited by this
+# (it raises past flex.RECOMPILE_LIMIT compiled entries instead).
+AUTO_FA4_SHAPES = 8
+_auto_fa4_shapes: set[tuple] = set()  # the shapes the automatic choice sent to FA4 in this process
+_auto_fa4_warned: list[bool] = [False]
+_logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class AttentionCase:
     """What the automatic choice of ``block_sparse_attention`` looks at besides the device.
 
     block_size: mask block (tokens); head_dim: D; dtype: of q, k, v; grad: gradients are required
-    (a backward will run); varlen: ``cu_seqlens`` is given; return_lse: the LSE is returned.
+    (a backward will run); varlen: ``cu_seqlens`` is given; return_lse: the LSE is returned; shape: what
+    a compiled FA4 call is specialised on (q's and k's shapes with the fields above), or None when
+    unknown (then :data:`AUTO_FA4_SHAPES` is not consulted).
     """
 
     block_size: int
@@ -87,23 +101,41 @@ class AttentionCase:
     grad: bool = False
     varlen: bool = False
     return_lse: bool = False
+    shape: tuple | None = None
 
 
 def auto_impl(device: torch.device, case: AttentionCase | None = None) -> str:
     """``impl=None``'s choice: ``"reference"`` off CUDA; on CUDA :data:`AUTO_IMPL`'s entry for ``case``
-    where that impl can run it, else ``"triton"`` (``case`` None: an op other than block_sparse_attention)."""
+    where that impl can run it, else ``"triton"`` (``case`` None: an op other than block_sparse_attention).
+    An ``"fa4"`` entry also needs ``case.shape`` to be one FA4 already ran for in this process, or room
+    for a new one under :data:`AUTO_FA4_SHAPES` (each new shape compiles)."""
     if device.type != "cuda":
         return "reference"
     if case is None:
         return "triton"
     choice = AUTO_IMPL.get((case.block_size, case.grad), "triton")
-    if (
-        choice == "fa4"
-        and fa4.unsupported(device, case.block_size, case.head_dim, case.dtype, case.grad, case.varlen, case.return_lse)
-        is not None
-    ):
+    if choice != "fa4":
+        return choice
+    if fa4.unsupported(device, case.block_size, case.head_dim, case.dtype, case.grad, case.varlen, case.return_lse):
         return "triton"
-    return choice
+    if case.shape is not None and case.shape not in _auto_fa4_shapes and len(_auto_fa4_shapes) >= AUTO_FA4_SHAPES:
+        return "triton"  # the compile budget of the automatic choice is spent (see AUTO_FA4_SHAPES)
+    return "fa4"
+
+
+def _note_auto_fa4(impl: str, case: AttentionCase) -> None:
+    """Count a shape the automatic choice sent to FA4; warn once when a new shape had to run ours because
+    :data:`AUTO_FA4_SHAPES` shapes are compiled already."""
+    if impl == "fa4":
+        _auto_fa4_shapes.add(case.shape)
+    elif len(_auto_fa4_shapes) >= AUTO_FA4_SHAPES and not _auto_fa4_warned[0]:
+        _auto_fa4_warned[0] = True
+        _logger.warning(
+            "block_sparse_attention: the automatic choice ran FlashAttention-4 for %d call shapes (each compiles "
+            "once); new shapes run seerattn's Triton kernel from now on. Pass impl='fa4' to keep FA4 (it compiles "
+            "every new shape) or raise seerattn.ops.AUTO_FA4_SHAPES.",
+            AUTO_FA4_SHAPES,
+        )
 
 
 def resolve_impl(
@@ -265,8 +297,12 @@ def block_sparse_attention(
     _check_qkv(q, k, v, op, varlen=cu_seqlens is not None)
     _check_mask(block_mask, q, k, op, cu_seqlens)
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    case = AttentionCase(block_mask.block_size, q.shape[-1], q.dtype, grad, cu_seqlens is not None, return_lse)
+    shape = (tuple(q.shape), tuple(k.shape), block_mask.block_size, q.dtype, grad, return_lse)
+    case = AttentionCase(block_mask.block_size, q.shape[-1], q.dtype, grad, cu_seqlens is not None, return_lse, shape)
+    automatic = impl is None
     impl = resolve_impl(impl, q.device, op, case=case)
+    if automatic and AUTO_IMPL.get((case.block_size, grad)) == "fa4" and q.is_cuda:
+        _note_auto_fa4(impl, case)
     if impl == "reference":
         fn = reference.block_sparse_attention
     elif impl == "flex":
