@@ -143,7 +143,11 @@ def test_quickstart_main_job_on_the_testbed(tmp_path, capsys, monkeypatch, extra
     assert len(summary["density_per_layer"]) == 6
     assert 0.0 < summary["mass_recall"] <= 1.0
     assert (out / "gate_vs_truth.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "seer gate" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "seer gate" in printed
+    blocks = 512 // (32 if extra else 64)  # sink + diagonal of the causal blocks: 15 of 36 at 64-token blocks
+    assert f"hold {blocks} blocks" in printed and f"{(2 * blocks - 1) / (blocks * (blocks + 1) / 2):.0%}" in printed
+    assert "smoke check" in printed
 
 
 def test_quickstart_missing_model_is_a_clear_error(tmp_path):
