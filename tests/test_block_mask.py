@@ -168,6 +168,14 @@ def test_flex_block_mask_to_dense_equals_to_dense(case):
     assert tuple(fm.BLOCK_SIZE) == (bs, bs)
     assert torch.equal(fm.to_dense().bool(), m.to_dense())
     assert torch.equal(fm.kv_num_blocks + fm.full_kv_num_blocks, m.kv_num_blocks)
+    # full blocks strictly below the block diagonal (no mask_mod there), partial ones on or above it
+    nb = dense.shape[-1]
+    rows = torch.arange(nb).view(nb, 1)
+    slots = torch.arange(nb)
+    full = slots < fm.full_kv_num_blocks.unsqueeze(-1)
+    part = slots < fm.kv_num_blocks.unsqueeze(-1)
+    assert bool((fm.full_kv_indices < rows)[full].all()) and bool((fm.kv_indices >= rows)[part].all())
+    assert torch.equal(fm.full_kv_num_blocks, (m.to_dense() & torch.ones(nb, nb, dtype=torch.bool).tril(-1)).sum(-1))
 
 
 @pytest.mark.skipif(not _flex_available(), reason="torch without FlexAttention")

@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from ..block_mask import BlockMask, causal_block_mask
+from ..block_mask import BlockMask
 
 __all__ = ["block_sparse_attention", "to_flex_block_mask"]
 
@@ -57,14 +57,22 @@ def to_flex_block_mask(
     from torch.nn.attention.flex_attention import BlockMask as FlexBlockMask
 
     m = block_mask.expand_heads(num_q_heads)
-    dense = m.to_dense()  # [B, Hq, NQ, NK]
-    nq = dense.shape[-1]
-    strictly_lower = causal_block_mask(nq, device=dense.device).tril(-1)
-    full = BlockMask.from_dense(dense & strictly_lower, m.block_size, m.seq_len)
-    partial = BlockMask.from_dense(dense & ~strictly_lower, m.block_size, m.seq_len)
+    num, idx = m.kv_num_blocks, m.kv_indices  # [B, Hq, NQ], [B, Hq, NQ, NK]
+    nq, nk = idx.shape[-2:]
+    slot = torch.arange(nk, device=idx.device)
+    # Straight from the lists (no [B, Hq, NQ, NK] dense pass: this runs per layer and call): a row's list is
+    # ascending, so its blocks strictly left of the diagonal (full) are a prefix, and the rest (the diagonal and
+    # anything above it: partial) follow; the partial list is that tail moved to the front.
+    below = (slot < num.unsqueeze(-1)) & (idx < torch.arange(nq, device=idx.device).unsqueeze(-1))
+    full_num = below.sum(-1, dtype=torch.int32)
+    partial_num = num - full_num
+    tail = torch.gather(idx, -1, (slot + full_num.unsqueeze(-1)).clamp(max=nk - 1).long())
+    partial_idx = torch.where(slot < partial_num.unsqueeze(-1), tail, 0).to(torch.int32)
+    full_idx = torch.where(below, idx, 0).to(torch.int32)
     mask_mod = _causal
     if exact_mask_mod:
         bs = m.block_size
+        dense = m.to_dense()  # [B, Hq, NQ, NK]
 
         def mask_mod(b, h, q_idx, kv_idx):
             return (q_idx >= kv_idx) & dense[b, h, q_idx // bs, kv_idx // bs]
@@ -73,10 +81,10 @@ def to_flex_block_mask(
     if "compute_q_blocks" in inspect.signature(FlexBlockMask.from_kv_blocks).parameters:
         kwargs["compute_q_blocks"] = for_backward  # the transposed index only serves the backward
     return FlexBlockMask.from_kv_blocks(
-        partial.kv_num_blocks,
-        partial.kv_indices,
-        full.kv_num_blocks,
-        full.kv_indices,
+        partial_num.contiguous(),
+        partial_idx.contiguous(),
+        full_num.contiguous(),
+        full_idx.contiguous(),
         BLOCK_SIZE=m.block_size,
         mask_mod=mask_mod,
         seq_lengths=(m.seq_len, m.seq_len),
