@@ -27,8 +27,10 @@ configuration runs once untimed first (kernel tuning, allocator warm-up).
 
 Memory: the prompt's forward holds the MLP temporaries of B x T tokens (about 4 x B x T x 14336 bf16
 values: 60 GB at B 16, 32k) next to the KV cache (32 layers x 2 x B x 8 x (T + new) x 128 bf16: 70 GB
-at B 16, 33k) and the weights (16 GB). If that does not fit on the GPU, ``--layers 16`` halves the cache
-and the weights; the per-layer attention costs, the ratios, do not change.
+at B 16, 33k) and the weights (16 GB). If that does not fit on the GPU, ``--prefill-chunk 4096`` runs the
+prompt in forwards of 4096 tokens (transformers' ``prefill_chunk_size``; the decode-gate key cache grows chunk
+by chunk, dense prefills only: not with ``both``), which cuts the temporaries by T / 4096; or ``--layers 16``
+halves the cache and the weights; the per-layer attention costs, the ratios, do not change.
 """
 
 from __future__ import annotations
@@ -72,10 +74,13 @@ class _FirstToken(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def _generate(model, ids, new: int, cache: str, device: str) -> tuple[float, float]:
-    """Seconds of one greedy ``generate`` of ``new`` tokens, and of its first token (the prefill) inside it."""
+def _generate(model, ids, new: int, cache: str, device: str, chunk: int | None = None) -> tuple[float, float]:
+    """Seconds of one greedy ``generate`` of ``new`` tokens, and of its first token (the prefill) inside it;
+    ``chunk``: transformers' ``prefill_chunk_size`` (the prompt's forwards of at most that many tokens)."""
     first = _FirstToken(device)
     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    if chunk is not None:
+        kw["prefill_chunk_size"] = chunk
     kw["stopping_criteria"] = StoppingCriteriaList([first])
     if cache == "static":
         kw["cache_implementation"] = "static"
@@ -102,11 +107,11 @@ def run(model, state, ids, args, device: str) -> list[dict]:
     rows = []
     for name in args.configs.split(","):
         configure(state, name)
-        _generate(model, ids, min(args.new, 4), args.cache, device)  # untimed: tuning, allocator
+        _generate(model, ids, min(args.new, 4), args.cache, device, args.prefill_chunk)  # untimed: tuning, allocator
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         state.reset()
-        total, prefill = _generate(model, ids, args.new, args.cache, device)
+        total, prefill = _generate(model, ids, args.new, args.cache, device, args.prefill_chunk)
         density = state.mean_density() if name != "dense" else 1.0
         row = {
             "config": name,
@@ -115,6 +120,7 @@ def run(model, state, ids, args, device: str) -> list[dict]:
             "new": args.new,
             "budget": args.budget if name != "dense" else None,
             "prefill_density": args.density if name == "both" else 1.0,
+            "prefill_chunk": args.prefill_chunk,
             "prefill_s": prefill,
             "total_s": total,
             "decode_tokens_per_s": ids.shape[0] * (args.new - 1) / max(total - prefill, 1e-9),
@@ -151,12 +157,20 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=32, help="decoder layers of the 8B-shaped model")
     p.add_argument("--cache", choices=("static", "dynamic"), default="static")
     p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"comma list of {CONFIGS}")
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        help="transformers' prefill_chunk_size: the prompt in forwards of at most this many tokens (the MLP "
+        "temporaries shrink with it); dense prefills only, so not with 'both'",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny Llama on the CPU (checks that every config runs)")
     p.add_argument("--json", help="write the run record here")
     args = p.parse_args(argv)
     unknown = set(args.configs.split(",")) - set(CONFIGS)
     if unknown:
         p.error(f"unknown configs {sorted(unknown)}; accepted: {CONFIGS}")
+    if args.prefill_chunk is not None and "both" in args.configs.split(","):
+        p.error("--prefill-chunk needs a dense prefill: the sparse prefill of 'both' runs the prompt in one forward")
     if args.smoke:
         device, dtype = "cpu", torch.float32
         shape = {**SMOKE_SHAPE, "num_hidden_layers": SMOKE["layers"], "max_position_embeddings": 4096}

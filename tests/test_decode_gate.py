@@ -105,6 +105,37 @@ def test_cache_incremental_equals_bulk_per_sequence_phase():
     torch.testing.assert_close(scratch._pools, same._pools, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("k_pooling", [("max", "min", "avg"), ("avg",), ("max",)])
+@pytest.mark.parametrize("chunks", [[1], [3, 40], [13, 16, 2], [16, 16], [70]])
+def test_cache_extend_equals_row_by_row_appends(chunks, k_pooling):
+    """extend(k chunk) = one append per row: sequences at different block phases (prompts 5, 16, 37), chunks
+    inside the partial block, across several blocks, ending on a block boundary; a cache that must grow."""
+    gate = make_gate(k_pooling=k_pooling)
+    g = torch.Generator().manual_seed(2)
+    prompt = [5, 16, 37]
+    t = max(prompt) + sum(chunks)
+    k = torch.randn(3, 2, t, 8, generator=g, dtype=torch.float64)
+    bulk, rows = GateKeyCache(gate, 3, max_tokens=16), GateKeyCache(gate, 3, max_tokens=16)
+    for c in (bulk, rows):
+        c.prefill(k[:, :, : max(prompt)], torch.tensor(prompt), rotary)
+    done = 0
+    for n in chunks:
+        chunk = torch.stack([k[i, :, prompt[i] + done : prompt[i] + done + n] for i in range(3)])  # [B, Hkv, n, D]
+        bulk.extend(chunk, rotary)
+        for s in range(n):
+            rows.append(chunk[:, :, s], rotary)
+        done += n
+    assert torch.equal(bulk.num_blocks, rows.num_blocks) and torch.equal(bulk.lengths, rows.lengths)
+    assert bulk.lengths.tolist() == [p + done for p in prompt]
+    n = int(rows.num_blocks.max())
+    valid = (torch.arange(n) < rows.num_blocks.view(-1, 1)).view(3, 1, n, 1)
+    torch.testing.assert_close(bulk.keys[:, :, :n] * valid, rows.keys[:, :, :n] * valid, rtol=1e-12, atol=1e-12)
+    partial = rows.lengths % BS > 0  # an empty partial block's pools are never read (the next row starts afresh)
+    torch.testing.assert_close(bulk._pools[partial], rows._pools[partial], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="T >= 1"):
+        bulk.extend(k[:, :, :0], rotary)
+
+
 @pytest.mark.parametrize("k_pooling", [("max", "min", "avg"), ("avg",)])
 def test_gate_scores_equal_brute_force(k_pooling):
     gate = make_gate(k_pooling=k_pooling, seed=2)

@@ -241,16 +241,39 @@ def test_left_padding_is_refused_with_a_clear_error():
             model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
 
 
-def test_a_multi_token_step_on_a_filled_cache_is_refused():
+def test_a_multi_token_step_on_a_filled_cache_is_refused_with_a_sparse_prefill():
     from transformers import DynamicCache
 
-    model, _, _ = _prepared("llama")
+    model, _, _ = _prepared("llama", mode="sparse")
     cache = DynamicCache(config=model.config)
     ids = input_ids(PROMPT + 4)
     with torch.no_grad():
         model(ids[:, :PROMPT], cache=cache)
         with pytest.raises(ValueError, match="a forward of 4 tokens continues a KV cache"):
             model(ids[:, PROMPT:], cache=cache)
+
+
+@pytest.mark.parametrize("cache", [None, "static"], ids=["dynamic", "static"])
+def test_chunked_dense_prefill_then_sparse_decode_equals_one_prefill(cache, decode_calls):
+    """transformers' prefill_chunk_size (prompt forwards of 16, 16, 8 tokens into one cache): the decode-gate
+    key cache grows chunk by chunk (GateKeyCache.extend), so decode selects the same blocks and generates the
+    same tokens as after a one-forward prefill."""
+    model, _, state = _prepared("llama")
+    ids = input_ids(PROMPT)
+    whole = _generate(model, ids, cache)
+    whole_idx = [c[4] for c in decode_calls]
+    keys = {layer: e.keys.keys[:, :, : int(e.keys.num_blocks.max())].clone() for layer, e in state._decode.items()}
+    decode_calls.clear()
+    model.generation_config.prefill_chunk_size = 16
+    try:
+        chunked = _generate(model, ids, cache)
+    finally:
+        model.generation_config.prefill_chunk_size = None
+    assert torch.equal(whole[0], chunked[0]) and len(whole_idx) == len(decode_calls) == len(state._decode) * (NEW - 1)
+    assert all(torch.equal(a, c[4]) for a, c in zip(whole_idx, decode_calls, strict=True))
+    torch.testing.assert_close(whole[1], chunked[1], atol=1e-5, rtol=1e-5)
+    for layer, e in state._decode.items():  # the completed blocks' gate keys (capacities may differ: they grow)
+        torch.testing.assert_close(e.keys.keys[:, :, : keys[layer].shape[2]], keys[layer], atol=1e-6, rtol=1e-6)
 
 
 def test_a_cache_changed_outside_the_decode_path_is_refused():
@@ -671,6 +694,21 @@ def test_generate_benchmark_runs_in_its_cpu_smoke_configuration(tmp_path):
     assert all(r["total_s"] > r["prefill_s"] > 0 and r["decode_tokens_per_s"] > 0 for r in rows.values())
     assert rows["dense"]["decode_density"] == 1.0 and 0 < rows["decode"]["decode_density"] < 1
     assert rows["decode"]["decode_density"] == rows["both"]["decode_density"]  # same gates, budget, tokens
+
+
+def test_generate_benchmark_chunked_prefill(tmp_path, capsys):
+    """--prefill-chunk: dense prefills in chunks (the smoke prompt of 96 tokens in forwards of 32), the same
+    decode density as one forward; refused with the sparse prefill of 'both'."""
+    from benchmarks import generate
+    from seerattn.record import read_record
+
+    out = tmp_path / "g.json"
+    assert generate.main(["--smoke", "--configs", "dense,decode", "--prefill-chunk", "32", "--json", str(out)]) == 0
+    rows = {r["config"]: r for r in read_record(out)["results"]}
+    assert rows["decode"]["prefill_chunk"] == 32 and 0 < rows["decode"]["decode_density"] < 1
+    with pytest.raises(SystemExit):
+        generate.main(["--smoke", "--configs", "decode,both", "--prefill-chunk", "32"])
+    assert "needs a dense prefill" in capsys.readouterr().err
 
 
 def test_a_decode_section_turns_generates_auto_compile_off_until_removed():

@@ -135,6 +135,59 @@ class GateKeyCache:
         self.lengths.copy_(lens)
 
     @torch.no_grad()
+    def extend(self, k: torch.Tensor, rotary: Rotary | None = None) -> None:
+        """Add T new pre-RoPE K rows to every sequence at once, k: [B, Hkv, T, D] (a prefill chunk that
+        continues the cache): the same keys, pools and lengths as T calls of :meth:`append`.
+
+        The rows of sequence b fill its partial block first, then whole blocks, then a new partial block;
+        each sequence keeps its own phase. Every row is pooled into its block by one scatter-reduce per
+        pooling, the first block also with the running pools of the rows it already had.
+        """
+        b, hkv, t, d = k.shape
+        if (b, hkv, d) != (self.keys.shape[0], self.gate.num_kv_heads, self.gate.head_dim) or t == 0:
+            raise ValueError(
+                f"GateKeyCache.extend needs k [B={self.keys.shape[0]}, Hkv={self.gate.num_kv_heads}, T >= 1, "
+                f"D={self.gate.head_dim}], got {tuple(k.shape)}"
+            )
+        bs = self.block_size
+        self._reserve(self._max_len + t)
+        count = self.lengths % bs  # [B] rows already in each sequence's partial block
+        nblk = (bs - 1 + t) // bs + 1  # blocks a chunk of t rows can touch, from the partial one on
+        rel = ((count.view(b, 1) + torch.arange(t, device=k.device)) // bs).view(b, 1, t, 1)  # [B, 1, T, 1]
+        index = rel.expand(b, hkv, t, d)
+        x = k.to(self._pools.dtype)
+        pools = []
+        for i, p in enumerate(self.poolings):
+            init = self._start[i].expand(b, hkv, nblk, d).clone()  # empty blocks keep the start value
+            reduce = {"max": "amax", "min": "amin", "avg": "sum"}[p]
+            pools.append(init.scatter_reduce(2, index, x, reduce=reduce, include_self=True))
+        pools = torch.stack(pools, dim=3)  # [B, Hkv, nblk, Ck, D]
+        old = torch.where((count > 0).view(b, 1, 1, 1), self._pools, self._start)  # [B, Hkv, Ck, D]
+        first = pools[:, :, 0]
+        folded = []
+        for i, p in enumerate(self.poolings):
+            a, c = old[..., i, :], first[..., i, :]
+            folded.append(torch.maximum(a, c) if p == "max" else torch.minimum(a, c) if p == "min" else a + c)
+        pools = torch.cat([torch.stack(folded, dim=-2).unsqueeze(2), pools[:, :, 1:]], dim=2)
+        total = count + t  # rows from the partial block's start
+        done = total // bs  # [B] blocks completed by this chunk (the partial one included)
+        j = torch.arange(nblk, device=k.device)
+        start = (self.num_blocks.view(b, 1) + j) * bs  # [B, nblk] first positions
+        with torch.autocast(device_type=k.device.type, enabled=False):
+            keys = self.gate.gate_keys(self._finish(pools, bs), start, rotary)  # [B, Hkv, nblk, Dg]
+        # cache slot s of sequence b takes block s - num_blocks[b] of this chunk where that block is complete
+        # (a where over the slots rather than a scatter: slots past the capacity never collide with real ones)
+        rel_slot = torch.arange(self.capacity, device=k.device).view(1, -1) - self.num_blocks.view(b, 1)  # [B, NB]
+        take = ((rel_slot >= 0) & (rel_slot < done.view(b, 1))).view(b, 1, -1, 1)
+        src = rel_slot.clamp(0, nblk - 1).view(b, 1, -1, 1).expand(b, hkv, self.capacity, self.keys.shape[-1])
+        self.keys.copy_(torch.where(take, keys.to(self.keys.dtype).gather(2, src), self.keys))
+        # the new partial block's pools (block ``done``; unused when it is empty: the next row starts afresh)
+        tail = done.clamp(max=nblk - 1).view(b, 1, 1, 1, 1).expand(b, hkv, 1, *pools.shape[3:])
+        self._pools.copy_(pools.gather(2, tail).squeeze(2))
+        self.num_blocks.add_(done)
+        self.lengths.add_(t)
+
+    @torch.no_grad()
     def select(self, index: torch.Tensor) -> None:
         """Keep, reorder or repeat sequences: sequence i becomes the old sequence ``index[i]`` (int [B']).
 

@@ -592,12 +592,15 @@ def seer_attention_forward(module, query, key, value, attention_mask, dropout: f
                 attention_mask = attention_mask[..., :tq]
             capacity, tk = tk, tq
         elif state.decoding:
-            raise ValueError(
-                f"layer {layer}: a forward of {tq} tokens continues a KV cache (chunked prefill, several tokens per "
-                "step, or a cache filled without seer's decode section); sparse decode supports a prefill from "
-                "an empty cache followed by one new token per step. Switch it off with "
-                "state.set_decode(enabled=False) for this use"
-            )
+            entry = state._decode.get(layer)
+            if cfg.mode != "dense" or entry is None or entry.owner() is not hf_cache:
+                raise ValueError(
+                    f"layer {layer}: a forward of {tq} tokens continues a KV cache (chunked prefill, several tokens "
+                    "per step, or a cache filled without seer's decode section); sparse decode supports a prefill "
+                    "from an empty cache, in chunks only with a dense prefill (mode='dense'), followed by one new "
+                    "token per step. Switch it off with state.set_decode(enabled=False) for this use"
+                )
+            _extend_decode_cache(module, state, entry, pre, b, tq, tk)
     if state.decoding and hf_cache is not None and tq == tk:
         _start_decode_cache(module, state, hf_cache, pre, attention_mask, b, tq, capacity)
     if cfg.mode == "dense" or tq != tk:
@@ -713,6 +716,26 @@ def _start_decode_cache(
     keys.prefill(k_pre, rotary=state._rotary)
     state._decode[layer] = _DecodeCache(weakref.ref(hf_cache), keys, t, capacity)
     _follow_batch_ops(state, hf_cache)
+
+
+def _extend_decode_cache(module, state: SeerState, entry: _DecodeCache, pre: dict | None, b: int, tq: int, tk: int):
+    """A dense prefill chunk of ``tq`` tokens continuing ``entry``'s cache (transformers' ``prefill_chunk_size``):
+    its pre-RoPE K rows go into the decode-gate key cache in bulk (:meth:`GateKeyCache.extend`); the chunk's
+    attention itself is the model's dense one."""
+    layer = module.layer_idx
+    if pre is None:
+        raise RuntimeError(f"layer {layer}: pre-RoPE q/k were not captured (hooks missing?)")
+    want = entry.length + tq if entry.capacity is None else entry.capacity
+    if tk != want:
+        raise RuntimeError(
+            f"layer {layer}: the KV cache hands over {tk} keys but the decode-gate key cache expects {want} "
+            f"({entry.length} tokens so far + {tq} new); the cache was changed outside seer's decode path: start a "
+            "new generate() or call state.reset()"
+        )
+    gate: DecodeGate = module.seer_decode_gate
+    k_pre = pre["k"].reshape(b, tq, gate.num_kv_heads, gate.head_dim).transpose(1, 2)
+    entry.keys.extend(k_pre, rotary=state._rotary)
+    entry.length += tq
 
 
 # transformers' cache methods that reorder, select or repeat the sequences of the batch (beam search,
