@@ -557,7 +557,9 @@ def seer_attention_forward(module, query, key, value, attention_mask, dropout: f
       with sparse decode on, it also fills the layer's decode-gate key cache.
     - A decode step (Tq == 1 on a cache this state filled) runs sparse decode when the decode section
       is enabled, else transformers' SDPA (path ``dense-decode``), as do chunked-prefill steps
-      (Tq > 1 continuing a cache; refused while sparse decode is on).
+      (Tq > 1 continuing a cache: dense in every mode, since a sparse prefill runs only on a whole prompt;
+      the stats say ``dense-decode``). With sparse decode on, such a chunk is taken only after a dense
+      prefill (``mode="dense"``: its K rows extend the decode-gate key cache) and refused otherwise.
     """
     state: SeerState | None = getattr(module, "_seer_state", None)
     if state is None:
