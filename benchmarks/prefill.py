@@ -8,7 +8,7 @@
     python3 -m benchmarks.prefill --smoke   # a tiny model on the CPU: checks that every method runs
 
 Builds ``LlamaForCausalLM`` with Llama-3.1-8B's shape (random bf16 weights: speed only; the shape is
-``benchmarks.shapes.LLAMA_31_8B``) and times one forward of a batch-1 prompt
+``benchmarks.shapes.LLAMA_31_8B``) and times one forward of a batch of ``--batch`` prompts (default 1) of one length
 (``logits_to_keep=1``: only the last position's logits, as a generation's prefill), with CUDA events,
 median over ``--reps`` after ``--warmup``:
 
@@ -265,6 +265,13 @@ def main(argv=None) -> int:
         help=f"comma list from {ATTN_IMPLS}: the block-sparse attention of the sparse rows; auto = impl=None "
         "(seerattn.ops.auto_impl's rule); each row records attn_impl, the one that ran (%(default)s)",
     )
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        help="prompts per forward, all of the seq len (padded and packed batches: not supported by the sparse "
+        "prefill, which refuses a padding mask)",
+    )
     p.add_argument("--layers", type=int, default=32, help="decoder layers (32 = the real depth)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=5)
@@ -292,12 +299,15 @@ def main(argv=None) -> int:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     rows = []
     for t in (int(x) for x in seqlens.split(",")):
-        ids = torch.randint(0, config.vocab_size, (1, t), device=device)
+        ids = torch.randint(0, config.vocab_size, (args.batch, t), device=device)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         dense_ms = time_forward(model, ids, args.warmup, args.reps)
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-        rows.append({"seq_len": t, "method": "sdpa", "ms": dense_ms, "speedup": 1.0, "density": 1.0, "peak_gib": peak})
+        rows.append(
+            {"seq_len": t, "batch": args.batch, "method": "sdpa", "ms": dense_ms, "speedup": 1.0, "density": 1.0,
+             "peak_gib": peak}
+        )  # fmt: skip
         print(f"T={t:>6} {'sdpa':<22} {dense_ms:9.2f} ms", flush=True)
         if args.profile and cuda:
             print(profile_table(model, ids, args.profile))
@@ -324,7 +334,8 @@ def main(argv=None) -> int:
             ran = resolve_impl(impl, torch.device(device), "block_sparse_attention", case=case)
             why = fa4.unsupported(torch.device(device), bs, head_dim, dtype) if ran == "fa4" else None
             if why is not None:  # an explicit fa4 that cannot run here: a row that says why
-                rows.append({"seq_len": t, "method": label, "block_size": bs, "budget": budget, "ms": float("nan"),
+                rows.append({"seq_len": t, "batch": args.batch, "method": label, "block_size": bs, "budget": budget,
+                             "ms": float("nan"),
                              "attn_impl": ran, "error": why})  # fmt: skip
                 print(f"T={t:>6} {label:<22} not run: {why}", flush=True)
                 continue
@@ -354,7 +365,8 @@ def main(argv=None) -> int:
                 for where, n in sync_report(model, ids).items():
                     print(f"  host sync x{n}: {where}")
             remove_seer_attention(model)
-            row = {"seq_len": t, "method": label, "block_size": bs, "budget": budget, "ms": ms, "density": realised}
+            row = {"seq_len": t, "batch": args.batch, "method": label, "block_size": bs, "budget": budget, "ms": ms,
+                   "density": realised}  # fmt: skip
             row["peak_gib"] = peak
             row["attn_impl"] = ran
             if setting is None:

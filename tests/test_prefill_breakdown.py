@@ -84,3 +84,13 @@ def test_smoke_run_breakdown_is_complete(tmp_path):
     assert sum(parts) == pytest.approx(row["busy_ms"], rel=1e-9)
     assert row["overhead"] == pytest.approx((row["gate_ms"] + row["policy_ms"]) / row["kernel_ms"])
     assert torch.isfinite(torch.tensor(row["overhead"]))
+
+
+def test_smoke_run_with_a_batch_of_two_prompts(tmp_path):
+    """--batch 2: two prompts of the seq len in one forward, every row records the batch."""
+    out = tmp_path / "prefill.json"
+    argv = ["--smoke", "--seqlens", "96", "--layers", "1", "--block-sizes", "32", "--batch", "2"]
+    assert prefill.main([*argv, "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert {r["batch"] for r in rows} == {2} and {r["method"] for r in rows} >= {"sdpa"} and len(rows) >= 2
+    assert all(r["ms"] > 0 for r in rows)
