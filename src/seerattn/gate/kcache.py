@@ -75,10 +75,11 @@ class GateKeyCache:
         self._max_len = max_len
 
     def _combine(self, pools: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Fold rows [..., D] into pools [..., Ck, D]."""
+        """Fold into pools [..., Ck, D] either one row [..., D] (into every pooling) or other pools [..., Ck, D]."""
         out = []
         for i, p in enumerate(self.poolings):
-            cur, new = pools[..., i, :], rows.to(pools.dtype)
+            cur = pools[..., i, :]
+            new = (rows[..., i, :] if rows.dim() == pools.dim() else rows).to(pools.dtype)
             out.append(torch.maximum(cur, new) if p == "max" else torch.minimum(cur, new) if p == "min" else cur + new)
         return torch.stack(out, dim=-2)
 
@@ -163,12 +164,7 @@ class GateKeyCache:
             pools.append(init.scatter_reduce(2, index, x, reduce=reduce, include_self=True))
         pools = torch.stack(pools, dim=3)  # [B, Hkv, nblk, Ck, D]
         old = torch.where((count > 0).view(b, 1, 1, 1), self._pools, self._start)  # [B, Hkv, Ck, D]
-        first = pools[:, :, 0]
-        folded = []
-        for i, p in enumerate(self.poolings):
-            a, c = old[..., i, :], first[..., i, :]
-            folded.append(torch.maximum(a, c) if p == "max" else torch.minimum(a, c) if p == "min" else a + c)
-        pools = torch.cat([torch.stack(folded, dim=-2).unsqueeze(2), pools[:, :, 1:]], dim=2)
+        pools = torch.cat([self._combine(old, pools[:, :, 0]).unsqueeze(2), pools[:, :, 1:]], dim=2)
         total = count + t  # rows from the partial block's start
         done = total // bs  # [B] blocks completed by this chunk (the partial one included)
         j = torch.arange(nblk, device=k.device)

@@ -720,6 +720,19 @@ def _start_decode_cache(
     _follow_batch_ops(state, hf_cache)
 
 
+def _check_handover(layer: int, entry: _DecodeCache, tk: int, new: int) -> None:
+    """The KV cache hands this forward of ``new`` tokens ``tk`` keys: a DynamicCache exactly the tokens so
+    far, a StaticCache its capacity (with room for them). Anything else means the cache changed behind our
+    back (cropped, or tokens added by a forward without the decode path)."""
+    want = entry.length + new if entry.capacity is None else entry.capacity
+    if tk != want or entry.length + new > tk:
+        raise RuntimeError(
+            f"layer {layer}: the KV cache hands over {tk} keys but the decode-gate key cache expects {want} "
+            f"({entry.length} tokens so far + {new} new); the cache was changed outside seer's decode path "
+            "(cropped, extended, or full): start a new generate() or call state.reset()"
+        )
+
+
 def _extend_decode_cache(module, state: SeerState, entry: _DecodeCache, pre: dict | None, b: int, tq: int, tk: int):
     """A dense prefill chunk of ``tq`` tokens continuing ``entry``'s cache (transformers' ``prefill_chunk_size``):
     its pre-RoPE K rows go into the decode-gate key cache in bulk (:meth:`GateKeyCache.extend`); the chunk's
@@ -727,13 +740,7 @@ def _extend_decode_cache(module, state: SeerState, entry: _DecodeCache, pre: dic
     layer = module.layer_idx
     if pre is None:
         raise RuntimeError(f"layer {layer}: pre-RoPE q/k were not captured (hooks missing?)")
-    want = entry.length + tq if entry.capacity is None else entry.capacity
-    if tk != want:
-        raise RuntimeError(
-            f"layer {layer}: the KV cache hands over {tk} keys but the decode-gate key cache expects {want} "
-            f"({entry.length} tokens so far + {tq} new); the cache was changed outside seer's decode path: start a "
-            "new generate() or call state.reset()"
-        )
+    _check_handover(layer, entry, tk, tq)
     gate: DecodeGate = module.seer_decode_gate
     k_pre = pre["k"].reshape(b, tq, gate.num_kv_heads, gate.head_dim).transpose(1, 2)
     entry.keys.extend(k_pre, rotary=state._rotary)
@@ -820,15 +827,7 @@ def _decode_step(module, state: SeerState, entry: _DecodeCache, query, key, valu
     hkv, tcap = key.shape[1], key.shape[2]
     if pre is None:
         raise RuntimeError(f"layer {layer}: pre-RoPE q/k were not captured (hooks missing?)")
-    # A DynamicCache hands over exactly the tokens so far, a StaticCache its capacity: anything else means
-    # the cache changed behind our back (cropped, or tokens added by a forward without the decode path).
-    want = entry.length + 1 if entry.capacity is None else entry.capacity
-    if tcap != want or entry.length + 1 > tcap:
-        raise RuntimeError(
-            f"layer {layer}: the KV cache hands over {tcap} keys but the decode-gate key cache expects {want} "
-            f"({entry.length} tokens so far + the new one); the cache was changed outside seer's decode path "
-            "(cropped, extended, or full): start a new generate() or call state.reset()"
-        )
+    _check_handover(layer, entry, tcap, 1)
     if sliding is not None and entry.length + 1 > sliding:
         raise ValueError(
             f"layer {layer} uses a sliding window of {sliding} tokens; seer sparse decode implements full causal "
