@@ -80,7 +80,7 @@ AUTO_IMPL: dict[tuple[int, bool], str] = {
 # few); a new shape past them runs ours, with one warning. An explicit impl="fa4" is not limited by this
 # (it raises past flex.RECOMPILE_LIMIT compiled entries instead).
 AUTO_FA4_SHAPES = 8
-_auto_fa4_shapes: set[tuple] = set()  # the shapes the automatic choice sent to FA4 in this process
+_auto_fa4_shapes: set[AttentionCase] = set()  # the cases (with their shapes) the automatic choice sent to FA4
 _auto_fa4_warned: list[bool] = [False]
 _logger = logging.getLogger(__name__)
 
@@ -90,9 +90,9 @@ class AttentionCase:
     """What the automatic choice of ``block_sparse_attention`` looks at besides the device.
 
     block_size: mask block (tokens); head_dim: D; dtype: of q, k, v; grad: gradients are required
-    (a backward will run); varlen: ``cu_seqlens`` is given; return_lse: the LSE is returned; shape: what
-    a compiled FA4 call is specialised on (q's and k's shapes with the fields above), or None when
-    unknown (then :data:`AUTO_FA4_SHAPES` is not consulted).
+    (a backward will run); varlen: ``cu_seqlens`` is given; return_lse: the LSE is returned; shape: q's and
+    k's shapes (with the fields above, what a compiled FA4 call is specialised on), or None when unknown
+    (then :data:`AUTO_FA4_SHAPES` is not consulted).
     """
 
     block_size: int
@@ -118,7 +118,7 @@ def auto_impl(device: torch.device, case: AttentionCase | None = None) -> str:
         return choice
     if fa4.unsupported(device, case.block_size, case.head_dim, case.dtype, case.grad, case.varlen, case.return_lse):
         return "triton"
-    if case.shape is not None and case.shape not in _auto_fa4_shapes and len(_auto_fa4_shapes) >= AUTO_FA4_SHAPES:
+    if case.shape is not None and case not in _auto_fa4_shapes and len(_auto_fa4_shapes) >= AUTO_FA4_SHAPES:
         return "triton"  # the compile budget of the automatic choice is spent (see AUTO_FA4_SHAPES)
     return "fa4"
 
@@ -127,7 +127,7 @@ def _note_auto_fa4(impl: str, case: AttentionCase) -> None:
     """Count a shape the automatic choice sent to FA4; warn once when a new shape had to run ours because
     :data:`AUTO_FA4_SHAPES` shapes are compiled already."""
     if impl == "fa4":
-        _auto_fa4_shapes.add(case.shape)
+        _auto_fa4_shapes.add(case)
     elif len(_auto_fa4_shapes) >= AUTO_FA4_SHAPES and not _auto_fa4_warned[0]:
         _auto_fa4_warned[0] = True
         _logger.warning(
@@ -297,7 +297,7 @@ def block_sparse_attention(
     _check_qkv(q, k, v, op, varlen=cu_seqlens is not None)
     _check_mask(block_mask, q, k, op, cu_seqlens)
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    shape = (tuple(q.shape), tuple(k.shape), block_mask.block_size, q.dtype, grad, return_lse)
+    shape = (tuple(q.shape), tuple(k.shape))
     case = AttentionCase(block_mask.block_size, q.shape[-1], q.dtype, grad, cu_seqlens is not None, return_lse, shape)
     automatic = impl is None
     impl = resolve_impl(impl, q.device, op, case=case)
