@@ -366,12 +366,14 @@ def test_unknown_family_is_refused():
         apply_seer_attention(model, SeerConfig(gate=GATE))
 
 
-def test_padded_attention_mask_is_refused_in_sparse_mode():
-    model, _, _ = _seer("llama")
+@pytest.mark.parametrize("mode", ["distill", "finetune"])
+def test_padded_attention_mask_is_refused_in_training_modes(mode):
+    # The sparse prefill modes take padded batches (tests/test_hf_padding.py); the training modes do not.
+    model, _, _ = _seer("llama", mode=mode)
     ids = input_ids(40, b=2)
     am = torch.ones(2, 40, dtype=torch.long)
     am[1, :5] = 0  # left padding
-    with pytest.raises(ValueError, match="without padding"):
+    with pytest.raises(ValueError, match=f"mode '{mode}' supports causal prefill without padding or packing only"):
         _logits(model, ids, attention_mask=am)
     # An all-ones mask is plain causal prefill and is accepted.
     _logits(model, ids, attention_mask=torch.ones(2, 40, dtype=torch.long))

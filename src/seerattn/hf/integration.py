@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import logging
 import weakref
 from collections.abc import Callable, Iterator
@@ -338,6 +339,9 @@ class SeerState:
     _masks: tuple[str, list | Iterator] | None = field(default=None, repr=False)
     # per layer: the decode-gate key cache kept beside one transformers cache object (see _DecodeCache)
     _decode: dict[int, _DecodeCache] = field(default_factory=dict, repr=False)
+    # (weak reference to the attention mask or cu_seq_lens_q tensor of the forward, (B, T), its _Layout or None):
+    # every layer of a forward gets the same tensor, so its padding / packing is read and checked once
+    _layout: tuple[weakref.ref, tuple[int, int], _Layout | None] | None = field(default=None, repr=False)
 
     @property
     def stats(self) -> dict[int, dict]:
@@ -385,6 +389,7 @@ class SeerState:
         self.captures.clear()
         self._pending.clear()
         self._decode.clear()
+        self._layout = None
 
     def total_gate_loss(self) -> torch.Tensor:
         """Sum over layers of the distillation losses of the last forward."""
@@ -479,21 +484,224 @@ def _window_rotary(state: SeerState, like: torch.Tensor, position_ids: torch.Ten
     return state._rotary(like, starts)
 
 
-def _check_causal_only(attention_mask, b: int, t: int, what: str = "seer sparse/distill/oracle attention") -> None:
-    """The masked paths compute causal attention; refuse padding or other custom masks."""
-    if attention_mask is None:
-        return
-    am = attention_mask
-    if am.dtype != torch.bool:
-        am = am == 0  # additive float mask: 0 = attend
-    causal = torch.ones(t, t, dtype=torch.bool, device=am.device).tril()
-    if am.dim() != 4 or am.shape[-2:] != (t, t) or not torch.equal(am, causal.expand_as(am)):
+# ---------------------------------------------------------------------------------------- padded and packed prefill
+# Elements of the largest bool temporary while a padding / packing mask is checked ([B, rows, T]): 2^26 = 64 MiB.
+_LAYOUT_CHECK_ELEMENTS = 1 << 26
+_LAYOUT_MODES = ("sparse", "oracle", "custom")  # the prefill modes that take padded and packed batches
+
+
+@dataclass(frozen=True)
+class _Group:
+    """The sequences of one length of a :class:`_Layout`: their gate and policy run as one batch of G.
+
+    length: L tokens; seqs: int64 [G] their numbers in the layout (device); tokens: int64 [G, L] the flat index
+    ``b * T + t`` of each one's tokens in the forward's [B, T] (device)."""
+
+    length: int
+    seqs: torch.Tensor
+    tokens: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """The real tokens of a padded or packed prefill of B x T tokens as N sequences, packed back to back (varlen).
+
+    A sequence is the real span of a padded row or a document of a packed row, in row-major order. ``lengths``
+    (host) and ``cu_seqlens`` (int32 [N + 1], device) delimit them; ``index`` (int64 [Ttot], device) is the flat
+    index ``b * T + t`` of the packed tokens; ``groups`` gather the sequences by length; ``identity``: B == 1
+    and the packed tokens are all T tokens in order (documents without padding: nothing to gather or scatter).
+    """
+
+    batch: int
+    seq_len: int
+    lengths: tuple[int, ...]
+    index: torch.Tensor
+    cu_seqlens: torch.Tensor
+    groups: tuple[_Group, ...]
+    identity: bool
+
+
+def _prefill_layout(state: SeerState, mask_in, attention_mask, kwargs, b: int, t: int) -> _Layout | None:
+    """The padding / packing of a prefill of B x T tokens, from what transformers hands the attention function.
+
+    - ``attention_mask``: transformers 5 builds it with ``sdpa_mask`` (registered for "seer"): None for a
+      plain causal batch (``is_causal`` skip), else bool [B, 1, T, T] = causal & the 2-D padding mask
+      (pad queries of a left-padded row attend nothing, those of a right-padded row every earlier real
+      key), or, for packed documents (position_ids restarting at 0, only when the forward has no cache:
+      ``use_cache=False``, as in training), causal & same-document. Each row's real tokens must be one
+      contiguous span; any other pattern is refused.
+    - ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``):
+      the documents of a packed row (B == 1); with a mask as well, both must agree.
+
+    Returns None for a plain causal batch (B rows of T real tokens, one sequence each). Computed once per
+    forward (cached on the state by the identity of ``mask_in``, the mask as the model handed it, or of
+    ``cu_seq_lens_q``): one host synchronisation and one O(B T^2) pass over the mask per forward, none per layer.
+    """
+    cu = kwargs.get("cu_seq_lens_q")
+    key = mask_in if mask_in is not None else cu
+    if key is None:
+        return None
+    cached = state._layout
+    if cached is not None and cached[0]() is key and cached[1] == (b, t):
+        return cached[2]
+    spans = None if attention_mask is None else _mask_spans(attention_mask, b, t)
+    if cu is not None:
+        cu_spans = _cu_spans(cu, kwargs.get("cu_seq_lens_k"), b, t)
+        if spans is not None and spans != cu_spans:
+            raise ValueError(
+                f"cu_seq_lens_q gives the documents {cu_spans} (start, length) but the attention mask {spans}; "
+                "pass one packing (the collator's position_ids and cu_seq_lens come from the same documents)"
+            )
+        spans = cu_spans
+    layout = _make_layout(spans, b, t, key.device)
+    state._layout = (weakref.ref(key), (b, t), layout)
+    return layout
+
+
+def _mask_spans(attention_mask: torch.Tensor, b: int, t: int) -> list[tuple[int, int]]:
+    """(flat start ``b * T + t``, length) of each sequence of a padding / packing mask [B, 1, T, T] (bool, or
+    additive float with 0 = attend), in row-major order; raises for any other pattern (see :func:`_prefill_layout`).
+
+    A token is real iff it attends to itself; a real token starts a sequence unless it attends to the token
+    before it. The mask must then be exactly causal within each sequence for real queries, and for pad queries
+    either nothing or causal over the real keys (transformers' right padding); checked on the device in
+    chunks of query rows, one host read at the end."""
+    am = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+    if am.dim() != 4 or am.shape[0] != b or am.shape[1] != 1 or tuple(am.shape[-2:]) != (t, t):
         raise ValueError(
-            f"{what} supports causal prefill without padding only; got an "
-            "attention mask with padding or a custom pattern. Pass unpadded sequences (batch of equal "
-            "lengths) or use mode='dense'. (generate() without an attention_mask infers padding wherever the "
-            "prompt contains pad_token_id; pass attention_mask=torch.ones_like(input_ids) for an unpadded prompt)"
+            f"seer attention takes an attention mask of shape [B, 1, T, T] = [{b}, 1, {t}, {t}] (transformers' "
+            f"causal mask with padding or packed documents), got {tuple(am.shape)}"
         )
+    m = am[:, 0]
+    real = m.diagonal(dim1=-2, dim2=-1)  # [B, T]
+    link = torch.zeros_like(real)
+    link[:, 1:] = m.diagonal(offset=-1, dim1=-2, dim2=-1) & real[:, :-1]
+    start = real & ~link
+    seg = torch.where(real, start.flatten().cumsum(0).view(b, t) - 1, -1)  # sequence number per token, -1 pad
+    runs = (real & ~torch.nn.functional.pad(real, (1, 0))[:, :-1]).sum(-1)  # [B] spans of real tokens per row
+    cols = torch.arange(t, device=m.device)
+    bad = torch.zeros((), dtype=torch.bool, device=m.device)
+    rows = max(1, _LAYOUT_CHECK_ELEMENTS // (b * t))
+    for r0 in range(0, t, rows):
+        r1 = min(t, r0 + rows)
+        got = m[:, r0:r1]  # [B, R, T]
+        causal = cols.view(1, 1, t) <= torch.arange(r0, r1, device=m.device).view(1, -1, 1)
+        qseg = seg[:, r0:r1].unsqueeze(-1)
+        real_ok = (got == (causal & (qseg == seg.unsqueeze(1)))).all(-1)
+        pad_ok = ~got.any(-1) | (got == (causal & real.unsqueeze(1))).all(-1)
+        bad |= ~torch.where(qseg.squeeze(-1) >= 0, real_ok, pad_ok).all()
+    flat_starts = start.flatten().nonzero().squeeze(1)
+    lengths = torch.bincount(seg[real], minlength=flat_starts.numel())
+    # the host reads of the forward's layout (nonzero and the boolean index above read sizes too)
+    head = torch.stack([bad.long(), runs.max()]).tolist()
+    if head[1] > 1:
+        row = int(runs.argmax())
+        raise ValueError(
+            f"seer attention takes padded batches whose real tokens are one contiguous span per row (padding on "
+            f"the left or the right); row {row} of the attention mask has {head[1]} separate spans. (generate() "
+            "without an attention_mask infers padding wherever the prompt contains pad_token_id; pass "
+            "attention_mask=torch.ones_like(input_ids) for an unpadded prompt)"
+        )
+    if head[0]:
+        raise ValueError(
+            "seer sparse/oracle/custom attention takes a causal attention mask with padding (left or right) or "
+            "with packed documents (causal within each); got another pattern (a sliding window, bidirectional "
+            "or custom mask). Use mode='dense' for it"
+        )
+    return list(zip(flat_starts.tolist(), lengths.tolist(), strict=True))
+
+
+def _cu_spans(cu_q: torch.Tensor, cu_k, b: int, t: int) -> list[tuple[int, int]]:
+    """(start, length) of the packed documents of ``cu_seq_lens_q`` (int [N + 1], from 0 to T, non-decreasing;
+    empty documents dropped); ``cu_seq_lens_k`` must be the same boundaries (a prefill attends to itself)."""
+    if b != 1:
+        raise ValueError(f"cu_seq_lens_q describes documents packed in one row (batch 1), got batch {b}")
+    if cu_k is not None and cu_k is not cu_q and not torch.equal(cu_k.to(cu_q.device), cu_q):
+        raise ValueError("cu_seq_lens_k must equal cu_seq_lens_q in a prefill (each document attends to itself)")
+    bounds = cu_q.tolist()
+    if cu_q.dim() != 1 or len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != t or bounds != sorted(bounds):
+        raise ValueError(f"cu_seq_lens_q must be 1-D [N + 1] boundaries from 0 to T={t}, non-decreasing; got {bounds}")
+    return [(s0, s1 - s0) for s0, s1 in itertools.pairwise(bounds) if s1 > s0]
+
+
+def _make_layout(spans: list[tuple[int, int]], b: int, t: int, device) -> _Layout | None:
+    """The :class:`_Layout` of ``spans`` (flat start, length); None when they are B whole rows (a plain batch)."""
+    if len(spans) == b and all(n == t for _, n in spans):
+        return None
+    if not spans:
+        raise ValueError("the attention mask leaves no real token in the batch (every row is padding)")
+    lengths = tuple(n for _, n in spans)
+    by_length: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        by_length.setdefault(n, []).append(i)
+    groups = tuple(
+        _Group(
+            n,
+            torch.tensor(seqs, device=device),
+            torch.stack([torch.arange(spans[i][0], spans[i][0] + n) for i in seqs]).to(device),
+        )
+        for n, seqs in by_length.items()
+    )
+    index = torch.cat([torch.arange(s, s + n) for s, n in spans]).to(device)
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+    return _Layout(b, t, lengths, index, cu, groups, identity=b == 1 and sum(lengths) == t)
+
+
+def _pack(layout: _Layout, x: torch.Tensor) -> torch.Tensor:
+    """[B, H, T, D] -> [1, H, Ttot, D]: the layout's real tokens packed back to back."""
+    if layout.identity:
+        return x
+    return x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3])[layout.index].transpose(0, 1).unsqueeze(0)
+
+
+def _unpack(layout: _Layout, out: torch.Tensor) -> torch.Tensor:
+    """[1, Hq, Ttot, D] -> [B, T, Hq, D] (transformers' output layout), zeros at pad positions."""
+    tokens = out[0].transpose(0, 1)  # [Ttot, Hq, D]
+    if layout.identity:
+        return tokens.unsqueeze(0).contiguous()
+    full = tokens.new_zeros(layout.batch * layout.seq_len, *tokens.shape[1:])
+    return full.index_copy(0, layout.index, tokens).view(layout.batch, layout.seq_len, *tokens.shape[1:])
+
+
+def _gather_group(group: _Group, x: torch.Tensor, heads: int) -> torch.Tensor:
+    """x: [B, T, H, D] or [B, T, H * D] (a hook's pre-RoPE capture, or post-RoPE q/k/v transposed) -> the
+    group's sequences [G, H, L, D]."""
+    return x.reshape(x.shape[0] * x.shape[1], heads, -1)[group.tokens].transpose(1, 2)
+
+
+def _combine_masks(layout: _Layout, masks: list[BlockMask]) -> BlockMask:
+    """The per-group masks ([G, H, NB_L, NB_L]) of ``layout`` as one varlen mask [N, H, NB, NB] (NB of the
+    longest sequence; each sequence in the top-left corner of its entry, rows past its blocks empty)."""
+    if len(masks) == 1:  # one length: the group is every sequence, in order
+        return masks[0]
+    heads = {m.num_heads for m in masks}
+    if len(heads) != 1:
+        raise ValueError(f"the masks of one layer's sequences have different head counts {sorted(heads)}")
+    h, bs, longest = heads.pop(), masks[0].block_size, max(layout.lengths)
+    nb = num_blocks(longest, bs)
+    device = masks[0].device
+    counts = torch.zeros(len(layout.lengths), h, nb, dtype=torch.int32, device=device)
+    indices = torch.zeros(len(layout.lengths), h, nb, nb, dtype=torch.int32, device=device)
+    for group, m in zip(layout.groups, masks, strict=True):
+        n = m.shape[2]
+        counts[group.seqs, :, :n] = m.kv_num_blocks
+        indices[group.seqs, :, :n, :n] = m.kv_indices
+    sources = {m.source for m in masks}
+    return BlockMask(counts, indices, bs, longest, source=sources.pop() if len(sources) == 1 else None)
+
+
+def _layout_densities(layout: _Layout, mask: BlockMask) -> tuple[torch.Tensor, torch.Tensor]:
+    """(density, token_density) of a varlen mask over its sequences' own causal triangles (device scalars)."""
+    bs = mask.block_size
+    blocks = tokens = block_total = token_total = 0.0
+    for group in layout.groups:
+        n, g = num_blocks(group.length, bs), group.seqs.numel()
+        sub = BlockMask(mask.kv_num_blocks[group.seqs, :, :n], mask.kv_indices[group.seqs, :, :n, :n], bs, group.length)
+        d, td = sub.densities()
+        wb, wt = g * n * (n + 1) / 2, g * group.length * (group.length + 1) / 2
+        blocks, tokens = blocks + d * wb, tokens + td * wt
+        block_total, token_total = block_total + wb, token_total + wt
+    return blocks / block_total, tokens / token_total
 
 
 def _gate_forward(gate: AttnGate, state: SeerState, q_pre, k_pre, position_ids, impl=None) -> torch.Tensor:
@@ -571,6 +779,7 @@ def seer_attention_forward(module, query, key, value, attention_mask, dropout: f
     pending = state._pending.pop(layer, {})
     hf_cache = pending.pop("cache", None)  # the layer's transformers cache object (_cache_hook)
     pre = pending or None
+    mask_in = attention_mask  # as the model hands it to every layer: the key of the forward's cached _Layout
     cfg = state.config
     b, hq, tq, d = query.shape
     tk = key.shape[2]
@@ -604,7 +813,13 @@ def seer_attention_forward(module, query, key, value, attention_mask, dropout: f
                 )
             _extend_decode_cache(module, state, entry, pre, b, tq, tk)
     if state.decoding and hf_cache is not None and tq == tk:
-        _start_decode_cache(module, state, hf_cache, pre, attention_mask, b, tq, capacity)
+        if _prefill_layout(state, mask_in, attention_mask, kwargs, b, tq) is not None:
+            raise ValueError(
+                "seer sparse decode supports causal prefill without padding only: its key caches and steps keep "
+                "one length for every sequence. The sparse prefill modes take padded and packed batches; decode "
+                "them densely with state.set_decode(enabled=False), or pass unpadded prompts of equal length"
+            )
+        _start_decode_cache(module, state, hf_cache, pre, b, tq, capacity)
     if cfg.mode == "dense" or tq != tk:
         pre = pending = None  # the captures' last references (with state.capture off): freed before the kernel
         state._stats[layer] = {"path": "dense" if tq == tk else "dense-decode", "density": 1.0}
@@ -623,14 +838,18 @@ def seer_attention_forward(module, query, key, value, attention_mask, dropout: f
             f"layer {layer} uses a sliding window of {sliding} tokens but the prompt has {tq}; seer attention "
             "implements full causal attention only. Set config.sliding_window=None or shorten the prompt"
         )
-    _check_causal_only(attention_mask, b, tq)
+    layout = _prefill_layout(state, mask_in, attention_mask, kwargs, b, tq)  # None: an unpadded batch
+    if layout is not None and cfg.mode not in _LAYOUT_MODES:
+        raise ValueError(
+            f"seer attention mode {cfg.mode!r} supports causal prefill without padding or packing only; modes "
+            f"{_LAYOUT_MODES} take padded and packed batches. Pass unpadded sequences of equal length or use "
+            "mode='dense'"
+        )
     if cfg.mode == "decode_eval":
         if pre is None:
             raise RuntimeError(f"layer {layer}: pre-RoPE q/k were not captured (hooks missing?)")
         return _decode_eval_attention(module, state, query, key, value, pre, scale), None
     bs = cfg.gate.block_size
-    hkv = key.shape[1]
-
     if cfg.mode == "distill":
         if pre is None:
             raise RuntimeError(f"layer {layer}: pre-RoPE q/k were not captured (hooks missing?)")
@@ -650,40 +869,87 @@ def seer_attention_forward(module, query, key, value, attention_mask, dropout: f
         if pre is None:
             raise RuntimeError(f"layer {layer}: pre-RoPE q/k were not captured (hooks missing?)")
         return _finetune_attention(module, state, query, key, value, pre, kwargs, policy, scale), None
-    policy_impl = {None: None, "eager": "reference", "triton": "triton"}[cfg.gate_impl]
     # a checkpoint recompute replays the mask of its forward (checkpoint_context_fn), else it is built
     mask = _replayed_mask(state) if _in_backward() else None
     if mask is None:
-        if cfg.mode == "custom":
-            if state.mask_fn is None:
-                raise RuntimeError("mode='custom' needs SeerState.mask_fn (a MaskRequest -> BlockMask function)")
-            mask = state.mask_fn(MaskRequest(layer, query, key, scale, bs, tq))
-        else:
-            if cfg.mode == "oracle":
-                with torch.no_grad():
-                    _, _, scores = attention_with_block_scores(
-                        query, key, value, block_size=bs, scale=scale, impl=cfg.impl
-                    )
-            else:
-                if pre is None:
-                    raise RuntimeError(f"layer {layer}: pre-RoPE q/k were not captured (hooks missing?)")
-                with torch.no_grad(), record_function("seer.gate"):
-                    scores = _gate_logits(module, state, pre, kwargs, b, tq, cfg.gate_impl).softmax(-1)
-            with record_function("seer.policy"):
-                if cfg.mask_heads == "kv":
-                    scores = group_scores(scores, hkv)
-                mask = mask_from_scores(scores, policy, tq, bs, impl=policy_impl)
+        if cfg.mode == "custom" and state.mask_fn is None:
+            raise RuntimeError("mode='custom' needs SeerState.mask_fn (a MaskRequest -> BlockMask function)")
+        if cfg.mode == "sparse" and pre is None:
+            raise RuntimeError(f"layer {layer}: pre-RoPE q/k were not captured (hooks missing?)")
+        mask = _layer_mask(module, state, layout, query, key, value, pre, kwargs.get("position_ids"), policy, scale)
         _record_mask(state, mask)
     pre = pending = None  # the captures' last references (with state.capture off): freed before the kernel
     # named ranges for torch.profiler (benchmarks/prefill.py --profile); free when no profiler runs
     with record_function("seer.attention"):
-        out = block_sparse_attention(query, key, value, mask, scale=scale, impl=cfg.impl)
+        if layout is None:
+            out = block_sparse_attention(query, key, value, mask, scale=scale, impl=cfg.impl)
+        else:  # the real tokens packed back to back, one varlen call, scattered back (pad positions: zeros)
+            packed = [_pack(layout, x) for x in (query, key, value)]
+            out = block_sparse_attention(*packed, mask, scale=scale, cu_seqlens=layout.cu_seqlens, impl=cfg.impl)
+            del packed
     state._stats[layer] = {"path": cfg.mode}
     if state.record_densities:
         with record_function("seer.stats"):
-            density, token_density = mask.densities()
+            density, token_density = mask.densities() if layout is None else _layout_densities(layout, mask)
         state._stats[layer].update(density=density, token_density=token_density)
-    return out.transpose(1, 2).contiguous(), None
+    return (out.transpose(1, 2).contiguous() if layout is None else _unpack(layout, out)), None
+
+
+def _layer_mask(module, state: SeerState, layout: _Layout | None, query, key, value, pre, position_ids, policy, scale):
+    """The block mask of one layer's ``sparse`` / ``oracle`` / ``custom`` prefill: over the batch
+    (``layout`` None), else one :func:`_prefill_mask` per sequence length of the layout, combined into one varlen
+    mask. query: [B, Hq, T, D], key/value: [B, Hkv, T, D] post-RoPE; pre: the hooks' pre-RoPE captures or None.
+    A function of its own so that its views and gathered copies of the captures die before the kernel runs."""
+    b, hq, t, d = query.shape
+    hkv = key.shape[1]
+    if layout is None:
+        q_pre = k_pre = None
+        if pre is not None:
+            q_pre = pre["q"].reshape(b, t, hq, d).transpose(1, 2)
+            k_pre = pre["k"].reshape(b, t, hkv, d).transpose(1, 2)
+        return _prefill_mask(module, state, query, key, value, q_pre, k_pre, position_ids, policy, scale)
+    # one gate and policy call per sequence length (a packed row of equal documents: one call)
+    masks = []
+    flat_pos = None if position_ids is None else position_ids.expand(b, t).reshape(-1)
+    for group in layout.groups:
+        qkv = [_gather_group(group, x.transpose(1, 2), x.shape[1]) for x in (query, key, value)]
+        pre_g = [None, None]
+        if pre is not None:
+            pre_g = [_gather_group(group, pre["q"], hq), _gather_group(group, pre["k"], hkv)]
+        pos = None if flat_pos is None else flat_pos[group.tokens]
+        masks.append(_prefill_mask(module, state, *qkv, *pre_g, pos, policy, scale))
+    return _combine_masks(layout, masks)
+
+
+def _prefill_mask(module, state: SeerState, query, key, value, q_pre, k_pre, position_ids, policy, scale) -> BlockMask:
+    """The block mask of a ``sparse`` / ``oracle`` / ``custom`` prefill of B sequences of T tokens each: an
+    unpadded batch, or the sequences of one length of a padded or packed batch (:class:`_Layout`).
+
+    query: [B, Hq, T, D], key/value: [B, Hkv, T, D] post-RoPE; q_pre [B, Hq, T, D], k_pre [B, Hkv, T, D] pre-RoPE
+    (``sparse`` mode; else None); position_ids: [B or 1, T] (the gate's RoPE at window starts) or None (0..T-1).
+    """
+    cfg = state.config
+    b, _, t, _ = query.shape
+    bs = cfg.gate.block_size
+    if cfg.mode == "custom":
+        mask = state.mask_fn(MaskRequest(module.layer_idx, query, key, scale, bs, t))
+        if not isinstance(mask, BlockMask) or mask.shape[0] != b or mask.seq_len != t or mask.block_size != bs:
+            raise ValueError(
+                f"SeerState.mask_fn must return a BlockMask of batch {b}, seq_len {t} and block_size {bs} (the "
+                f"MaskRequest's sequences); got {mask!r:.200}"
+            )
+        return mask
+    if cfg.mode == "oracle":
+        with torch.no_grad():
+            _, _, scores = attention_with_block_scores(query, key, value, block_size=bs, scale=scale, impl=cfg.impl)
+    else:
+        with torch.no_grad(), record_function("seer.gate"):
+            scores = _gate_forward(module.seer_gate, state, q_pre, k_pre, position_ids, cfg.gate_impl).softmax(-1)
+    with record_function("seer.policy"):
+        if cfg.mask_heads == "kv":
+            scores = group_scores(scores, key.shape[1])
+        policy_impl = {None: None, "eager": "reference", "triton": "triton"}[cfg.gate_impl]
+        return mask_from_scores(scores, policy, t, bs, impl=policy_impl)
 
 
 # ---------------------------------------------------------------------------------------- sparse decode
@@ -700,17 +966,15 @@ def _cache_start(hf_cache, layer: int, tq: int) -> bool:
     return int(hf_cache.get_seq_length(layer)) == tq
 
 
-def _start_decode_cache(
-    module, state: SeerState, hf_cache, pre: dict | None, attention_mask, b: int, t: int, capacity: int | None
-) -> None:
+def _start_decode_cache(module, state: SeerState, hf_cache, pre: dict | None, b: int, t: int, capacity: int | None):
     """A prefill of ``t`` tokens into an empty ``hf_cache``: the layer's decode-gate key cache, filled in bulk
     from the prompt's pre-RoPE K (completed blocks -> gate keys, the partial block -> running pools).
     ``capacity``: the tokens a static cache holds (it hands over that many keys in every step), None for a
-    cache that grows."""
+    cache that grows. Unpadded prompts only (the caller refuses a padded or packed batch): the key cache and the
+    decode steps keep one length for all sequences (a host counter, so that a step reads nothing from the device)."""
     layer = module.layer_idx
     if pre is None:
         raise RuntimeError(f"layer {layer}: pre-RoPE q/k were not captured (hooks missing?)")
-    _check_causal_only(attention_mask, b, t, what="seer sparse decode")
     gate: DecodeGate = module.seer_decode_gate
     k_pre = pre["k"].reshape(b, t, gate.num_kv_heads, gate.head_dim).transpose(1, 2)
     # room for the whole cache: a static cache's capacity (static shapes in every step), else the prompt (it grows)
