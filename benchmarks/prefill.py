@@ -10,7 +10,16 @@
 Builds ``LlamaForCausalLM`` with Llama-3.1-8B's shape (random bf16 weights: speed only; the shape is
 ``benchmarks.shapes.LLAMA_31_8B``) and times one forward of a batch of ``--batch`` prompts (default 1) of one length
 (``logits_to_keep=1``: only the last position's logits, as a generation's prefill), with CUDA events,
-median over ``--reps`` after ``--warmup``:
+median over ``--reps`` after ``--warmup``. Two other inputs (:func:`prompt_inputs`), each row recording which:
+
+- ``--batch N --pad left|right``: a padded batch, row r with ``T - r * T // (2N)`` real tokens (T down to about
+  T/2), padded on that side, with the 2-D attention mask and the position_ids generate() would derive from it.
+  ``sdpa`` gets the same input (transformers' SDPA with the [B, 1, T, T] padding mask it builds); seer packs the
+  real tokens into one varlen call;
+- ``--packed N``: one row of N documents of T/N tokens with the collator's ``cu_seq_lens_q/k``
+  (``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``; no position_ids, so transformers builds no
+  [T, T] mask). transformers' SDPA does not separate the documents from these kwargs, so the ``sdpa`` row runs
+  the same documents as a batch of N unpadded rows (exactly the per-document attention, at its best speed).
 
 - ``sdpa``: the unmodified model (PyTorch SDPA, its default backend choice);
 - ``seer@d``: the same weights with fresh AttnGates (fp32, as adapters load) (:func:`seerattn.hf.apply_seer_attention`),
@@ -73,10 +82,32 @@ GATES = {
 }
 
 
-def time_forward(model, ids: torch.Tensor, warmup: int, reps: int) -> float:
-    """Median ms of ``model(ids)`` (no grad, no cache, last logits only): CUDA events on the GPU,
+def prompt_inputs(
+    t: int, batch: int, pad: str, packed: int, vocab: int, device
+) -> tuple[dict[str, torch.Tensor | int], dict[str, torch.Tensor], dict]:
+    """(the seer rows' forward inputs, the sdpa row's, the fields every row records) for prompts of ``t`` tokens:
+    ``batch`` unpadded rows, a padded batch (``pad`` 'left' / 'right') or ``packed`` documents in one row."""
+    if packed:
+        doc = t // packed
+        ids = torch.randint(0, vocab, (1, doc * packed), device=device)
+        cu = torch.arange(0, doc * packed + 1, doc, device=device, dtype=torch.int32)
+        seer = {"input_ids": ids, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": doc, "max_length_k": doc}
+        return seer, {"input_ids": ids.view(packed, doc)}, {"packed": packed, "doc_len": doc, "tokens": doc * packed}
+    ids = torch.randint(0, vocab, (batch, t), device=device)
+    if pad == "none":
+        return {"input_ids": ids}, {"input_ids": ids}, {"tokens": batch * t}
+    lengths = [t - r * t // (2 * batch) for r in range(batch)]
+    mask = torch.zeros(batch, t, dtype=torch.long, device=device)
+    for r, n in enumerate(lengths):
+        (mask[r, t - n :] if pad == "left" else mask[r, :n]).fill_(1)
+    inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+    return inputs, inputs, {"pad": pad, "lengths": lengths, "tokens": sum(lengths)}
+
+
+def time_forward(model, inputs: dict, warmup: int, reps: int) -> float:
+    """Median ms of ``model(**inputs)`` (no grad, no cache, last logits only): CUDA events on the GPU,
     perf_counter on the CPU (smoke runs)."""
-    cuda = ids.device.type == "cuda"
+    cuda = inputs["input_ids"].device.type == "cuda"
     times = []
     with torch.no_grad():
         for i in range(warmup + reps):
@@ -84,7 +115,7 @@ def time_forward(model, ids: torch.Tensor, warmup: int, reps: int) -> float:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
             t0 = time.perf_counter()
-            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            model(**inputs, use_cache=False, logits_to_keep=1)
             if cuda:
                 end.record()
                 torch.cuda.synchronize()
@@ -94,28 +125,28 @@ def time_forward(model, ids: torch.Tensor, warmup: int, reps: int) -> float:
     return statistics.median(times)
 
 
-def sync_report(model, ids: torch.Tensor) -> dict[str, int]:
+def sync_report(model, inputs: dict) -> dict[str, int]:
     """Where one forward synchronises the host with the GPU: ``{"file:line": count}`` from
     ``torch.cuda.set_sync_debug_mode("warn")`` (a sync per layer stalls the GPU once per layer)."""
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            model(**inputs, use_cache=False, logits_to_keep=1)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     where = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
     return dict(collections.Counter(where).most_common())
 
 
-def profile_table(model, ids: torch.Tensor, rows: int) -> str:
+def profile_table(model, inputs: dict, rows: int) -> str:
     """The ``rows`` ops of one forward with the most GPU time (torch.profiler), to see what the
     sparse path spends beside the attention kernel (its parts are the ranges ``seer.gate``,
     ``seer.policy``, ``seer.attention`` and ``seer.stats``)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof, torch.no_grad():
-        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        model(**inputs, use_cache=False, logits_to_keep=1)
         torch.cuda.synchronize()
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows)
 
@@ -131,14 +162,14 @@ GATE_IMPLS = ("auto", "triton", "eager")
 ATTN_IMPLS = ("auto", "triton", "fa4", "flex")
 
 
-def part_breakdown(model, ids: torch.Tensor) -> dict[str, float]:
+def part_breakdown(model, inputs: dict) -> dict[str, float]:
     """Milliseconds per part of one profiled forward (:func:`attribute_parts`), and the forward's total."""
 
     def forward() -> None:
         with torch.no_grad():
-            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            model(**inputs, use_cache=False, logits_to_keep=1)
 
-    return profile_parts(forward, ids.device.type == "cuda")
+    return profile_parts(forward, inputs["input_ids"].device.type == "cuda")
 
 
 def profile_parts(run, cuda: bool, parts_of: dict[str, str] = PARTS) -> dict[str, float]:
@@ -269,8 +300,23 @@ def main(argv=None) -> int:
         "--batch",
         type=int,
         default=1,
-        help="prompts per forward, all of the seq len (padded and packed batches: not supported by the sparse "
-        "prefill, which refuses a padding mask)",
+        help="prompts per forward: all of the seq len, or with --pad a padded batch of lengths from the seq len "
+        "down to about half of it (%(default)s)",
+    )
+    p.add_argument(
+        "--pad",
+        default="none",
+        choices=("none", "left", "right"),
+        help="pad the --batch rows on this side (row r keeps T - r * T // (2 * batch) tokens); sdpa and seer get "
+        "the same padding mask (%(default)s)",
+    )
+    p.add_argument(
+        "--packed",
+        type=int,
+        default=0,
+        metavar="N",
+        help="one row of N documents of seq len / N tokens (cu_seq_lens_q/k as DataCollatorWithFlattening hands "
+        "them); the sdpa row runs the documents as a batch of N (0: off)",
     )
     p.add_argument("--layers", type=int, default=32, help="decoder layers (32 = the real depth)")
     p.add_argument("--warmup", type=int, default=2)
@@ -280,6 +326,13 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="a tiny model on the CPU, one rep (checks that it runs)")
     p.add_argument("--json", help="write the run record here")
     args = p.parse_args(argv)
+    if args.packed < 0 or (args.packed and (args.batch != 1 or args.pad != "none")):
+        raise ValueError(
+            "--packed N (N >= 1) puts N documents in one row, without --batch or --pad; got "
+            f"--packed {args.packed} --batch {args.batch} --pad {args.pad}"
+        )
+    if args.pad != "none" and args.batch < 2:
+        raise ValueError(f"--pad needs --batch >= 2 (row 0 keeps every token, the others fewer), got {args.batch}")
     settings = _settings(args)  # bad method names fail before the model is built
     attn_impls = [x for x in args.attn_impls.split(",") if x]
     if not attn_impls or any(a not in ATTN_IMPLS for a in attn_impls):
@@ -299,18 +352,20 @@ def main(argv=None) -> int:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     rows = []
     for t in (int(x) for x in seqlens.split(",")):
-        ids = torch.randint(0, config.vocab_size, (args.batch, t), device=device)
+        inputs, sdpa_inputs, shape_fields = prompt_inputs(
+            t, args.batch, args.pad, args.packed, config.vocab_size, device
+        )
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        dense_ms = time_forward(model, ids, args.warmup, args.reps)
+        dense_ms = time_forward(model, sdpa_inputs, args.warmup, args.reps)
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
         rows.append(
-            {"seq_len": t, "batch": args.batch, "method": "sdpa", "ms": dense_ms, "speedup": 1.0, "density": 1.0,
-             "peak_gib": peak}
+            {"seq_len": t, "batch": args.batch, **shape_fields, "method": "sdpa", "ms": dense_ms, "speedup": 1.0,
+             "density": 1.0, "peak_gib": peak}
         )  # fmt: skip
         print(f"T={t:>6} {'sdpa':<22} {dense_ms:9.2f} ms", flush=True)
         if args.profile and cuda:
-            print(profile_table(model, ids, args.profile))
+            print(profile_table(model, sdpa_inputs, args.profile))
         for (setting, budget, heads, bs, gate_impl), attn in itertools.product(settings, attn_impls):
             gate = dataclasses.replace(GATES[args.gate], block_size=bs)
             impl = None if attn == "auto" else attn
@@ -334,7 +389,8 @@ def main(argv=None) -> int:
             ran = resolve_impl(impl, torch.device(device), "block_sparse_attention", case=case)
             why = fa4.unsupported(torch.device(device), bs, head_dim, dtype) if ran == "fa4" else None
             if why is not None:  # an explicit fa4 that cannot run here: a row that says why
-                rows.append({"seq_len": t, "batch": args.batch, "method": label, "block_size": bs, "budget": budget,
+                rows.append({"seq_len": t, "batch": args.batch, **shape_fields, "method": label, "block_size": bs,
+                             "budget": budget,
                              "ms": float("nan"),
                              "attn_impl": ran, "error": why})  # fmt: skip
                 print(f"T={t:>6} {label:<22} not run: {why}", flush=True)
@@ -346,27 +402,27 @@ def main(argv=None) -> int:
             state.record_densities = False  # timed forwards: no statistics
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
-            ms = time_forward(model, ids, args.warmup, args.reps)
+            ms = time_forward(model, inputs, args.warmup, args.reps)
             peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
             state.record_densities = True  # the next forward records the realised density
             parts, breakdown_error = {}, None
             if setting is None:  # the profiled forward (statistics in their own part, stats_ms)
                 try:
-                    parts = part_breakdown(model, ids)
+                    parts = part_breakdown(model, inputs)
                 except BreakdownError as err:  # recorded in the row and printed: the timing stays valid
                     breakdown_error = str(err)
             else:
                 with torch.no_grad():
-                    model(input_ids=ids, use_cache=False, logits_to_keep=1)
+                    model(**inputs, use_cache=False, logits_to_keep=1)
             realised = state.mean_density()
             if args.profile and cuda:
-                print(profile_table(model, ids, args.profile))
+                print(profile_table(model, inputs, args.profile))
             if args.sync_report and cuda:
-                for where, n in sync_report(model, ids).items():
+                for where, n in sync_report(model, inputs).items():
                     print(f"  host sync x{n}: {where}")
             remove_seer_attention(model)
-            row = {"seq_len": t, "batch": args.batch, "method": label, "block_size": bs, "budget": budget, "ms": ms,
-                   "density": realised}  # fmt: skip
+            row = {"seq_len": t, "batch": args.batch, **shape_fields, "method": label, "block_size": bs,
+                   "budget": budget, "ms": ms, "density": realised}  # fmt: skip
             row["peak_gib"] = peak
             row["attn_impl"] = ran
             if setting is None:
@@ -384,7 +440,7 @@ def main(argv=None) -> int:
             if breakdown_error:
                 line += f"  no breakdown: {breakdown_error}"
             print(line, flush=True)
-        del ids
+        del inputs, sdpa_inputs
         if cuda:
             torch.cuda.empty_cache()
     if args.json:

@@ -94,3 +94,31 @@ def test_smoke_run_with_a_batch_of_two_prompts(tmp_path):
     rows = json.loads(out.read_text())["results"]
     assert {r["batch"] for r in rows} == {2} and {r["method"] for r in rows} >= {"sdpa"} and len(rows) >= 2
     assert all(r["ms"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize(
+    "extra, fields",
+    [
+        (["--batch", "3", "--pad", "left"], {"pad": "left", "lengths": [96, 80, 64], "tokens": 240}),
+        (["--batch", "2", "--pad", "right"], {"pad": "right", "lengths": [96, 72], "tokens": 168}),
+        (["--packed", "3"], {"packed": 3, "doc_len": 32, "tokens": 96}),
+    ],
+    ids=["left", "right", "packed"],
+)
+def test_smoke_run_with_padded_and_packed_prompts(tmp_path, extra, fields):
+    """--pad: a padded batch (the same padding mask for sdpa and seer); --packed: documents in one row (seer with
+    cu_seq_lens, sdpa on the documents as a batch). Every row records the input; the seer row ran the sparse path."""
+    out = tmp_path / "prefill.json"
+    argv = ["--smoke", "--seqlens", "96", "--layers", "1", "--block-sizes", "32", *extra]
+    assert prefill.main([*argv, "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["method"] for r in rows] == ["sdpa", "seer@0.1/b32"]
+    assert all({k: r[k] for k in fields} == fields and r["ms"] > 0 for r in rows)
+    assert 0 < rows[1]["density"] <= 1 and "breakdown_error" not in rows[1]
+
+
+def test_padded_and_packed_options_are_checked():
+    with pytest.raises(ValueError, match="--pad needs --batch >= 2"):
+        prefill.main(["--smoke", "--pad", "left"])
+    with pytest.raises(ValueError, match="without --batch or --pad; got --packed 2 --batch 2"):
+        prefill.main(["--smoke", "--packed", "2", "--batch", "2"])
