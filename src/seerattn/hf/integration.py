@@ -219,7 +219,9 @@ class MaskRequest:
     """What a ``custom``-mode mask function sees for one layer's prefill.
 
     q: [B, Hq, T, D] and k: [B, Hkv, T, D] post-RoPE (what attention uses); ``scale`` the softmax
-    scale; the returned :class:`BlockMask` must cover ``seq_len`` tokens in blocks of ``block_size``.
+    scale; the returned :class:`BlockMask` must have batch B and cover ``seq_len`` tokens in blocks of
+    ``block_size``. A padded or packed batch asks once per sequence length: B is the number of its sequences
+    of that length, T = ``seq_len`` their length (padding removed).
     """
 
     layer_idx: int
@@ -763,6 +765,11 @@ def seer_attention_forward(module, query, key, value, attention_mask, dropout: f
 
     - A prefill (Tq == Tk, or a StaticCache's first forward: Tk its capacity) runs ``config.mode``;
       with sparse decode on, it also fills the layer's decode-gate key cache.
+    - A padded batch or packed documents (``attention_mask`` causal & padding or causal & same document, or
+      ``cu_seq_lens_q``; :func:`_prefill_layout`) run in ``sparse``, ``oracle`` and ``custom`` modes as N
+      sequences packed back to back: their gate and policy per sequence length, one varlen mask and kernel
+      call, zeros at pad positions; each real token gets what its sequence alone would. The other masked
+      modes and sparse decode refuse them.
     - A decode step (Tq == 1 on a cache this state filled) runs sparse decode when the decode section
       is enabled, else transformers' SDPA (path ``dense-decode``), as do chunked-prefill steps
       (Tq > 1 continuing a cache: dense in every mode, since a sparse prefill runs only on a whole prompt;
@@ -883,7 +890,10 @@ def seer_attention_forward(module, query, key, value, attention_mask, dropout: f
     with record_function("seer.attention"):
         if layout is None:
             out = block_sparse_attention(query, key, value, mask, scale=scale, impl=cfg.impl)
-        else:  # the real tokens packed back to back, one varlen call, scattered back (pad positions: zeros)
+        else:  # the real tokens packed back to back, one varlen call, scattered back (pad positions: zeros).
+            # A host sync per layer remains here: block_sparse_attention validates cu_seqlens by reading it (start,
+            # end, the longest sequence), which the op does for every caller; the layout knows those values on the
+            # host, so a host-side max_seqlen argument (as flash-attn's varlen API takes) would remove it.
             packed = [_pack(layout, x) for x in (query, key, value)]
             out = block_sparse_attention(*packed, mask, scale=scale, cu_seqlens=layout.cu_seqlens, impl=cfg.impl)
             del packed
