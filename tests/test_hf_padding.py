@@ -305,3 +305,11 @@ def test_other_mask_patterns_and_inconsistent_packing_are_refused():
         _logits(model, input_ids(t, b=2), cu_seq_lens_q=cu, cu_seq_lens_k=cu)
     with pytest.raises(ValueError, match="every row is padding"):
         _logits(model, input_ids(t, b=2), attention_mask=torch.zeros(2, t, dtype=torch.long))
+
+
+def test_a_custom_mask_of_the_wrong_batch_is_refused():
+    """A padded batch asks mask_fn once per sequence length; a mask for the whole batch is an error that says so."""
+    model, state = _seer(mode="custom")
+    state.mask_fn = lambda req: BlockMask.from_dense(torch.ones(3, HQ, 3, 3, dtype=torch.bool).tril(), 16, 40)
+    with pytest.raises(ValueError, match=r"mask_fn must return a BlockMask of batch 1, seq_len 40 and block_size 16"):
+        _logits(model, input_ids(40, b=3), attention_mask=_padding((40, 30, 20), 40, "right"))

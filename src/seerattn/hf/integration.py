@@ -537,7 +537,7 @@ def _prefill_layout(state: SeerState, mask_in, attention_mask, kwargs, b: int, t
 
     Returns None for a plain causal batch (B rows of T real tokens, one sequence each). Computed once per
     forward (cached on the state by the identity of ``mask_in``, the mask as the model handed it, or of
-    ``cu_seq_lens_q``): one host synchronisation and one O(B T^2) pass over the mask per forward, none per layer.
+    ``cu_seq_lens_q``): a few host reads and one O(B T^2) pass over the mask per forward, none per layer.
     """
     cu = kwargs.get("cu_seq_lens_q")
     key = mask_in if mask_in is not None else cu
@@ -567,7 +567,7 @@ def _mask_spans(attention_mask: torch.Tensor, b: int, t: int) -> list[tuple[int,
     A token is real iff it attends to itself; a real token starts a sequence unless it attends to the token
     before it. The mask must then be exactly causal within each sequence for real queries, and for pad queries
     either nothing or causal over the real keys (transformers' right padding); checked on the device in
-    chunks of query rows, one host read at the end."""
+    chunks of query rows, read by the host at the end."""
     am = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
     if am.dim() != 4 or am.shape[0] != b or am.shape[1] != 1 or tuple(am.shape[-2:]) != (t, t):
         raise ValueError(
@@ -922,7 +922,9 @@ def _layer_mask(module, state: SeerState, layout: _Layout | None, query, key, va
     masks = []
     flat_pos = None if position_ids is None else position_ids.expand(b, t).reshape(-1)
     for group in layout.groups:
-        qkv = [_gather_group(group, x.transpose(1, 2), x.shape[1]) for x in (query, key, value)]
+        # only what the mode reads: oracle q, k, v; custom q, k; sparse the pre-RoPE q, k
+        post = {"oracle": (query, key, value), "custom": (query, key)}.get(state.config.mode, ())
+        qkv = [_gather_group(group, x.transpose(1, 2), x.shape[1]) for x in post] + [None] * (3 - len(post))
         pre_g = [None, None]
         if pre is not None:
             pre_g = [_gather_group(group, pre["q"], hq), _gather_group(group, pre["k"], hkv)]
@@ -935,18 +937,20 @@ def _prefill_mask(module, state: SeerState, query, key, value, q_pre, k_pre, pos
     """The block mask of a ``sparse`` / ``oracle`` / ``custom`` prefill of B sequences of T tokens each: an
     unpadded batch, or the sequences of one length of a padded or packed batch (:class:`_Layout`).
 
-    query: [B, Hq, T, D], key/value: [B, Hkv, T, D] post-RoPE; q_pre [B, Hq, T, D], k_pre [B, Hkv, T, D] pre-RoPE
-    (``sparse`` mode; else None); position_ids: [B or 1, T] (the gate's RoPE at window starts) or None (0..T-1).
+    query: [B, Hq, T, D], key/value: [B, Hkv, T, D] post-RoPE (None where the mode does not read them: ``sparse``
+    reads none, ``custom`` q and k); q_pre [B, Hq, T, D], k_pre [B, Hkv, T, D] pre-RoPE (``sparse`` mode; else
+    None); position_ids: [B or 1, T] (the gate's RoPE at window starts) or None (0..T-1).
     """
     cfg = state.config
-    b, _, t, _ = query.shape
+    b, _, t, _ = (query if query is not None else q_pre).shape
     bs = cfg.gate.block_size
     if cfg.mode == "custom":
         mask = state.mask_fn(MaskRequest(module.layer_idx, query, key, scale, bs, t))
         if not isinstance(mask, BlockMask) or mask.shape[0] != b or mask.seq_len != t or mask.block_size != bs:
+            got = f"{mask.shape}, {mask.seq_len}, {mask.block_size}" if isinstance(mask, BlockMask) else mask
             raise ValueError(
                 f"SeerState.mask_fn must return a BlockMask of batch {b}, seq_len {t} and block_size {bs} (the "
-                f"MaskRequest's sequences); got {mask!r:.200}"
+                f"MaskRequest's sequences); got {got!r:.200} (shape, seq_len, block_size)"
             )
         return mask
     if cfg.mode == "oracle":
@@ -957,7 +961,7 @@ def _prefill_mask(module, state: SeerState, query, key, value, q_pre, k_pre, pos
             scores = _gate_forward(module.seer_gate, state, q_pre, k_pre, position_ids, cfg.gate_impl).softmax(-1)
     with record_function("seer.policy"):
         if cfg.mask_heads == "kv":
-            scores = group_scores(scores, key.shape[1])
+            scores = group_scores(scores, (key if key is not None else k_pre).shape[1])
         policy_impl = {None: None, "eager": "reference", "triton": "triton"}[cfg.gate_impl]
         return mask_from_scores(scores, policy, t, bs, impl=policy_impl)
 
