@@ -145,16 +145,22 @@ def test_left_padding_keeps_the_models_positions_in_the_gate(rec):
             assert torch.equal(gates[layer * 2 + n], want_gate[layer])
 
 
-def test_generate_with_left_padding_equals_each_prompt_alone():
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_generate_with_left_padding_equals_each_prompt_alone(cache, rec):
     """generate() left-pads and derives position_ids from the mask: the sparse prefill of the padded batch
-    and the dense decode steps give each prompt the tokens it gets alone."""
+    and the dense decode steps give each prompt the tokens it gets alone (a StaticCache hands the first forward
+    a mask over its whole capacity)."""
     model, state = _seer("qwen2")
     lens, t = (70, 45, 12), 70
     ids = input_ids(t, b=3, seed=5)
     am = _padding(lens, t, "left")
     kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=am, **kw)
+        out = model.generate(
+            ids, attention_mask=am, **kw, **({"cache_implementation": "static"} if cache == "static" else {})
+        )
+        # the prefill ran the varlen path: the three prompts packed
+        assert [c.tolist() for c in rec.cu] == [[0, 70, 115, 127]] * LAYERS
         for r, n in enumerate(lens):
             prompt = ids[r : r + 1, t - n :]
             alone = model.generate(prompt, attention_mask=torch.ones_like(prompt), **kw)
