@@ -174,7 +174,7 @@ def test_recompute_replays_the_masks_of_its_forward_whatever_the_order(monkeypat
     losses (the pairing is per checkpointed call, not per layer) give the gradients of a run without
     checkpointing, and each attention call of the backward gets the mask object its forward built."""
     gate_calls, attn_masks = [], []
-    _spy(monkeypatch, "_gate_logits", gate_calls, _in_backward_now)
+    _spy(monkeypatch, "_gate_forward", gate_calls, _in_backward_now)
     _spy(
         monkeypatch,
         "block_sparse_attention",
@@ -210,7 +210,7 @@ def test_a_second_backward_through_a_retained_graph_replays_the_masks_again(monk
     replays its forward's masks (no gate call in either backward); the gradients are twice those of one
     backward without checkpointing."""
     gate_calls = []
-    _spy(monkeypatch, "_gate_logits", gate_calls, _in_backward_now)
+    _spy(monkeypatch, "_gate_forward", gate_calls, _in_backward_now)
     ids = input_ids(T, b=1, seed=4)
     grads = []
     for checkpointing in (False, True):
@@ -232,7 +232,7 @@ def test_recompute_without_the_context_fn_rebuilds_the_same_mask(monkeypatch):
     """Checkpointing enabled through transformers alone (no context_fn): the recompute runs the gate again
     (no grad) and the gradients are still those of a run without checkpointing."""
     gate_calls = []
-    _spy(monkeypatch, "_gate_logits", gate_calls, _in_backward_now)
+    _spy(monkeypatch, "_gate_forward", gate_calls, _in_backward_now)
     ids = input_ids(T, b=1, seed=3)
     grads = []
     for checkpointing in (False, True):
