@@ -366,3 +366,25 @@ def test_good_inputs_pass_validation():
     assert out.shape == Q.shape
     assert packed(i32(0, 20, 40)).shape == (1, 4, 40, 8)
     assert awbs(block_size=16)[2].shape == (1, 4, 2, 2)
+
+
+def test_cu_seqlens_read_once_per_tensor_version(monkeypatch):
+    """One cu_seqlens tensor handed to every layer is read by the host once; an in-place change is checked again."""
+    import seerattn.ops as ops
+
+    reads = []
+    diff = torch.Tensor.diff
+    monkeypatch.setattr(torch.Tensor, "diff", lambda self, *a, **k: reads.append(1) or diff(self, *a, **k))
+    cu = i32(0, 20, 40)
+    for _ in range(3):
+        assert packed(cu).shape == (1, 4, 40, 8)
+    assert len(reads) == 1
+    assert packed(i32(0, 20, 40)).shape == (1, 4, 40, 8)  # another tensor: read again
+    assert len(reads) == 2
+    cu[1] = 41  # in place: its version moves, so it is checked again (and now refused)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        packed(cu)
+    key = id(cu)
+    assert key in ops._CU_SEQLENS_CHECKED
+    del cu
+    assert key not in ops._CU_SEQLENS_CHECKED  # the entry dies with its tensor

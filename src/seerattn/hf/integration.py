@@ -891,9 +891,7 @@ def seer_attention_forward(module, query, key, value, attention_mask, dropout: f
         if layout is None:
             out = block_sparse_attention(query, key, value, mask, scale=scale, impl=cfg.impl)
         else:  # the real tokens packed back to back, one varlen call, scattered back (pad positions: zeros).
-            # A host sync per layer remains here: block_sparse_attention validates cu_seqlens by reading it (start,
-            # end, the longest sequence), which the op does for every caller; the layout knows those values on the
-            # host, so a host-side max_seqlen argument (as flash-attn's varlen API takes) would remove it.
+            # The layout's one cu_seqlens tensor serves every layer: the op reads and checks it on the first only.
             packed = [_pack(layout, x) for x in (query, key, value)]
             out = block_sparse_attention(*packed, mask, scale=scale, cu_seqlens=layout.cu_seqlens, impl=cfg.impl)
             del packed

@@ -35,6 +35,7 @@ further, to rows of the same tile that do not attend to its key (0 x NaN inside 
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -251,14 +252,35 @@ def _check_mask(block_mask, q, k, op: str, cu_seqlens) -> None:
         raise TypeError(f"{op}: cu_seqlens must be a 1-D int32 tensor [N + 1]")
     if cu_seqlens.numel() < 2 or cu_seqlens.numel() - 1 != mb:
         raise ValueError(f"{op}: cu_seqlens describes {cu_seqlens.numel() - 1} sequences but block_mask has batch {mb}")
-    lens = cu_seqlens.diff()
-    if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != t or bool((lens < 0).any()):
-        raise ValueError(f"{op}: cu_seqlens must start at 0, be non-decreasing and end at T={t}")
-    if num_blocks(int(lens.max()), block_mask.block_size) > block_mask.shape[2]:
+    longest = _cu_seqlens_longest(cu_seqlens, t, op)
+    if num_blocks(longest, block_mask.block_size) > block_mask.shape[2]:
         raise ValueError(
-            f"{op}: the longest sequence ({int(lens.max())} tokens) needs more blocks than block_mask has "
+            f"{op}: the longest sequence ({longest} tokens) needs more blocks than block_mask has "
             f"({block_mask.shape[2]})"
         )
+
+
+# cu_seqlens tensors already validated: id -> (weak reference, tensor version, T, longest sequence). A padded or
+# packed prefill hands one cu_seqlens tensor to every layer of a forward; its contents are read by the host (a
+# synchronisation on CUDA) on the first layer only. An in-place change bumps the tensor's version: checked again.
+_CU_SEQLENS_CHECKED: dict[int, tuple] = {}
+
+
+def _cu_seqlens_longest(cu_seqlens: torch.Tensor, t: int, op: str) -> int:
+    """The longest sequence of ``cu_seqlens`` (int32 [N + 1]) after checking that it starts at 0, is
+    non-decreasing and ends at ``t``; reads the device once per tensor version (see ``_CU_SEQLENS_CHECKED``)."""
+    key = id(cu_seqlens)
+    hit = _CU_SEQLENS_CHECKED.get(key)
+    if hit is not None and hit[0]() is cu_seqlens and hit[1:3] == (cu_seqlens._version, t):
+        return hit[3]
+    lens = cu_seqlens.diff()
+    facts = torch.stack([cu_seqlens[0], cu_seqlens[-1], (lens < 0).any().int(), lens.max()])
+    first, last, negative, longest = facts.tolist()  # one host read
+    if first != 0 or last != t or negative:
+        raise ValueError(f"{op}: cu_seqlens must start at 0, be non-decreasing and end at T={t}")
+    ref = weakref.ref(cu_seqlens, lambda _, k=key: _CU_SEQLENS_CHECKED.pop(k, None))
+    _CU_SEQLENS_CHECKED[key] = (ref, cu_seqlens._version, t, longest)
+    return longest
 
 
 def block_sparse_attention(
