@@ -71,6 +71,7 @@ class _FirstToken(StoppingCriteria):
         if self.at is None:
             _sync(self.device)  # once per generate: the step's work is done when the clock is read
             self.at = time.perf_counter()
+            logger.info("first token (prefill) done")
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
@@ -107,7 +108,10 @@ def run(model, state, ids, args, device: str) -> list[dict]:
     rows = []
     for name in args.configs.split(","):
         configure(state, name)
+        t0 = time.perf_counter()
         _generate(model, ids, min(args.new, 4), args.cache, device, args.prefill_chunk)  # untimed: tuning, allocator
+        # progress on stderr as it happens: a run killed at a time limit still says how far it got
+        logger.info("%s: warm-up generate (%d tokens) %.1f s", name, min(args.new, 4), time.perf_counter() - t0)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         state.reset()
@@ -181,6 +185,8 @@ def main(argv=None) -> int:
             raise SystemExit("benchmarks.generate needs a CUDA GPU (or --smoke)")
         device, dtype = "cuda", torch.bfloat16
         shape = {**LLAMA_31_8B, "num_hidden_layers": args.layers}
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    t0 = time.perf_counter()
     model = build_llama(shape, device, dtype).eval()
     decode = DecodeConfig(DecodeGateConfig(block_size=args.block_size), DecodePolicy("budget", args.budget))
     config = SeerConfig(
@@ -193,6 +199,7 @@ def main(argv=None) -> int:
     state = apply_seer_attention(model, config)
     model.to(dtype)  # the gates too
     ids = torch.randint(1, shape["vocab_size"], (args.batch, args.prompt), generator=torch.Generator().manual_seed(0))
+    logger.info("model of %d layers with gates built in %.1f s", shape["num_hidden_layers"], time.perf_counter() - t0)
     rows = run(model, state, ids.to(device), args, device)
     if args.json:
         extra = {"gpu": torch.cuda.get_device_name()} if device == "cuda" else {}
