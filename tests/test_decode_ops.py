@@ -102,6 +102,55 @@ def test_empty_selection_gives_zeros_not_nan():
         assert torch.isinf(lse).all() and (lse < 0).all(), impl
 
 
+# ------------------------------------------------------------------------------ per-sequence starts (left padding)
+def padded_rows(k, v, lens, starts, capacity):
+    """The sequences of k, v [B, Hkv, Tmax, D] (sequence b: its first lens[b] tokens) placed at token starts[b] of
+    rows of ``capacity`` tokens, every other token NaN (pad keys and values the kernel must never read)."""
+    kp, vp = (torch.full((k.shape[0], k.shape[1], capacity, k.shape[3]), float("nan"), dtype=k.dtype) for _ in "kv")
+    for i, (n, s) in enumerate(zip(lens, starts, strict=True)):
+        kp[i, :, s : s + n], vp[i, :, s : s + n] = k[i, :, :n], v[i, :, :n]
+    return kp, vp
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("hq", "hkv"), [(2, 2), (4, 2), (8, 1)], ids=["g1", "g2", "g8"])
+def test_cache_starts_give_each_sequence_from_its_start(impl, dtype, hq, hkv):
+    """Sequences of odd lengths starting at tokens 0, mid-block, on a block boundary and near the row's end
+    (NaN pad keys before and after them), one selecting nothing: each gets what it gets at the start of its row
+    (blocks counted from its first token), and the fp64 oracle's result."""
+    lens, starts = [1, 45, 30, 17, 9], [0, 7, 16, 40, 63]
+    q, k, v, sl, idx = make_case(lens, hq, hkv, 16, 48, 16, 4, dtype, seed=hq * 3 + hkv, empty_heads={(2, 1)})
+    kp, vp = padded_rows(k, v, lens, starts, 72)
+    st = torch.tensor(starts, dtype=torch.int32)
+    with poisoned_outputs():
+        out, lse = sparse_decode_attention(q, kp, vp, sl, idx, 16, return_lse=True, impl=impl, cache_starts=st)
+    alone = padded_rows(k, v, lens, [0] * len(lens), 72)
+    want, want_lse = sparse_decode_attention(q, *alone, sl, idx, 16, return_lse=True, impl=impl)
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
+    torch.testing.assert_close(lse, want_lse, atol=0, rtol=0)
+    k0, v0 = (torch.nan_to_num(x) for x in alone)
+    check(out, lse, q, k0, v0, sl, idx, 16, f"{impl} starts {dtype} g{hq // hkv}")
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("bs", [16, 64])
+def test_cache_starts_with_splits_and_block_sizes(num_splits, bs):
+    """The launcher with forced splits (LSE merge) and blocks of several key steps: starts give the shifted rows."""
+    lens, starts = [150, 33, 0], [10, 100, 160]
+    q, k, v, sl, idx = make_case(lens, 4, 2, 16, 150, bs, 6, torch.float32, seed=bs + num_splits)
+    kp, vp = padded_rows(k, v, lens, starts, 192)
+    with poisoned_outputs():
+        out, lse = sparse_decode_fwd(
+            q, kp, vp, sl, idx, bs, 0.25, num_splits=num_splits, cache_starts=torch.tensor(starts, dtype=torch.int32)
+        )
+    k0, v0 = (torch.nan_to_num(x) for x in padded_rows(k, v, lens, [0, 0, 0], 192))
+    want, want_lse = sparse_decode_fwd(q, k0, v0, sl, idx, bs, 0.25, num_splits=num_splits)
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
+    torch.testing.assert_close(lse, want_lse, atol=0, rtol=0)
+    assert (out[2] == 0).all() and torch.isinf(lse[2]).all()  # an empty sequence at the row's end
+
+
 def paged_copy(k, v, page, seed=0):
     """The contiguous cache k, v [B, Hkv, Tmax, D] as shuffled pages [P, page, Hkv, D] + block_table."""
     b, hkv, t, d = k.shape
@@ -249,6 +298,22 @@ def test_reference_fp64_and_gradients():
         (lambda a: a.update(block_size=24), "power of two"),
         (lambda a: a.update(v_cache=a["v_cache"].half()), "share one floating dtype"),
         (lambda a: a.update(q=a["q"][:, :3]), "multiple of key/value heads"),
+        (lambda a: a.update(cache_starts=torch.tensor([0, 1])), "cache_starts must be int32"),
+        (lambda a: a.update(cache_starts=torch.tensor([0], dtype=torch.int32)), r"cache_starts must be \[B\]"),
+        (
+            lambda a: a.update(cache_starts=torch.tensor([56, 0], dtype=torch.int32)),
+            r"cache_starts \+ cache_seqlens <= 64, got cache_starts \[56, 0\]",
+        ),
+        (lambda a: a.update(cache_starts=torch.tensor([-1, 0], dtype=torch.int32)), "0 <= cache_starts"),
+        (
+            lambda a: a.update(
+                k_cache=torch.zeros(4, 32, 2, 16),
+                v_cache=torch.zeros(4, 32, 2, 16),
+                block_table=torch.zeros(2, 2, dtype=torch.int32),
+                cache_starts=torch.zeros(2, dtype=torch.int32),
+            ),
+            "cache_starts take a contiguous cache only",
+        ),
         (
             lambda a: a.update(
                 k_cache=torch.zeros(4, 24, 2, 16),
@@ -342,6 +407,26 @@ def test_gpu_bf16_llama_shapes(paged):
     else:
         out, lse = sparse_decode_attention(qb, kb, vb, sl, idx, 64, return_lse=True)
     _check_bf16_against_oracle(out, lse, qb, kb, vb, sl, idx)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_bf16_cache_starts_left_padded_8k():
+    """A left-padded batch (Llama-3.1-8B heads, bf16, 8k rows, 64-token blocks, NaN pad keys): every sequence ends
+    at the row's end and starts at its own token; error vs fp64 <= 2x bf16 PyTorch + eps, and bit-equal to the
+    kernel on each sequence moved to the start of its row (same shapes: the same tuned config)."""
+    lens = [8192, 5001, 77, 1]
+    starts = [8192 - n for n in lens]
+    q, k, v, sl, idx = make_case(lens, 32, 8, 128, 8192, 64, 32, torch.float32, seed=2, empty_heads={(2, 3)})
+    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    kp, vp = padded_rows(kb, vb, lens, starts, 8192)
+    st = torch.tensor(starts, dtype=torch.int32)
+    qb, kb, vb, kp, vp, sl, idx, st = (x.cuda() for x in (qb, kb, vb, kp, vp, sl, idx, st))
+    out, lse = sparse_decode_attention(qb, kp, vp, sl, idx, 64, return_lse=True, cache_starts=st)
+    _check_bf16_against_oracle(out, lse, qb, kb, vb, sl, idx)
+    zero = torch.zeros_like(st)
+    out0, lse0 = sparse_decode_attention(qb, kb, vb, sl, idx, 64, return_lse=True, cache_starts=zero)
+    assert torch.equal(out, out0) and torch.equal(lse, lse0)
 
 
 @pytest.mark.gpu

@@ -35,7 +35,7 @@ def _check_int32(x, name: str, shape: tuple, legend: str, device: torch.device) 
         raise ValueError(f"{_OP}: {name} is on {x.device} but q is on {device}")
 
 
-def _validate(q, k_cache, v_cache, cache_seqlens, block_indices, block_size, block_table) -> int:
+def _validate(q, k_cache, v_cache, cache_seqlens, block_indices, block_size, block_table, cache_starts) -> int:
     """Every check that needs no device read (all of them on CPU tensors); returns the capacity in tokens."""
     _check_tensor(q, "q", 3, "[B, Hq, D]")
     paged = block_table is not None
@@ -87,10 +87,22 @@ def _validate(q, k_cache, v_cache, cache_seqlens, block_indices, block_size, blo
         raise ValueError(f"{_OP}: query heads ({hq}) must be a multiple of key/value heads ({hkv}) for GQA")
     _check_int32(cache_seqlens, "cache_seqlens", (b,), "[B]", q.device)
     _check_int32(block_indices, "block_indices", (b, hkv, None), "[B, Hkv, K]", q.device)
+    if cache_starts is not None:
+        if paged:
+            raise ValueError(
+                f"{_OP}: cache_starts take a contiguous cache only; a paged cache starts each sequence at its first "
+                "page (block_table), so pass block_table without cache_starts"
+            )
+        _check_int32(cache_starts, "cache_starts", (b,), "[B]", q.device)
     if q.device.type == "cpu":  # data checks only where they cost no device sync
         nb = num_blocks(capacity, block_size)
         if bool(((cache_seqlens < 0) | (cache_seqlens > capacity)).any()):
             raise ValueError(f"{_OP}: cache_seqlens must lie in [0, {capacity}], got {cache_seqlens.tolist()}")
+        if cache_starts is not None and bool(((cache_starts < 0) | (cache_starts + cache_seqlens > capacity)).any()):
+            raise ValueError(
+                f"{_OP}: each sequence must lie in its cache row: 0 <= cache_starts and cache_starts + cache_seqlens "
+                f"<= {capacity}, got cache_starts {cache_starts.tolist()} and cache_seqlens {cache_seqlens.tolist()}"
+            )
         idx = block_indices
         if bool(((idx < -1) | (idx >= nb)).any()):
             raise ValueError(f"{_OP}: block_indices must be -1 (padding) or in [0, {nb}) for a {capacity}-token cache")
@@ -113,12 +125,13 @@ def sparse_decode_attention(
     scale: float | None = None,
     return_lse: bool = False,
     impl: str | None = None,
+    cache_starts: torch.Tensor | None = None,
 ):
     """Attention of one new query token per sequence over the selected key blocks of the KV cache.
 
     Args:
-        q: [B, Hq, D], the query of the token at position ``cache_seqlens[b] - 1`` (its K/V already
-            appended to the cache).
+        q: [B, Hq, D], the query of the token at position ``cache_seqlens[b] - 1`` of its sequence (its K/V
+            already appended to the cache).
         k_cache, v_cache: contiguous [B, Hkv, Tmax, D] (the layout of transformers' caches), or paged
             [P, page, Hkv, D] together with ``block_table``.
         cache_seqlens: int32 [B], tokens in each sequence's cache, the new one included (sequences
@@ -136,22 +149,28 @@ def sparse_decode_attention(
         impl: ``"reference"`` (eager, any device, fp64-capable), ``"triton"`` (split-KV kernel with an
             LSE merge; no host syncs, CUDA-graph friendly) or None (``"triton"`` on CUDA, else
             ``"reference"``). An explicit ``impl`` never falls back.
+        cache_starts: int32 [B] or None (contiguous cache only): sequence b begins at token
+            ``cache_starts[b]`` of its cache row (a left-padded batch keeps pad keys before it). Its tokens
+            are ``k_cache[b, :, cache_starts[b] : cache_starts[b] + cache_seqlens[b]]``, and key block J of
+            ``block_indices`` covers its tokens ``[J * block_size, (J + 1) * block_size)`` counted from that
+            start: each sequence keeps the block phase it has alone. None: every sequence starts at token 0
+            (the kernel compiled without the offset, so it costs nothing).
 
     Returns:
         out [B, Hq, D] in q's dtype (zeros where nothing is selected), and lse if ``return_lse``.
         Not differentiable through ``impl="triton"`` (it raises when gradients are required).
 
-    On CPU tensors the contents of ``cache_seqlens``, ``block_indices`` and ``block_table`` are
-    checked too (range, repeats); on CUDA they are not read (no host synchronisation).
+    On CPU tensors the contents of ``cache_seqlens``, ``block_indices``, ``block_table`` and ``cache_starts``
+    are checked too (range, repeats); on CUDA they are not read (no host synchronisation).
     """
     from . import resolve_impl
 
-    _validate(q, k_cache, v_cache, cache_seqlens, block_indices, block_size, block_table)
+    _validate(q, k_cache, v_cache, cache_seqlens, block_indices, block_size, block_table, cache_starts)
     impl = resolve_impl(impl, q.device, _OP, allowed=("reference", "triton"))
     if impl == "reference":
         return reference.sparse_decode_attention(
             q, k_cache, v_cache, cache_seqlens, block_indices, block_size,
-            block_table=block_table, scale=scale, return_lse=return_lse,
+            block_table=block_table, scale=scale, return_lse=return_lse, cache_starts=cache_starts,
         )  # fmt: skip
     from ._triton import _check, _needs_grad, _scale
     from ._triton.decode_fwd import sparse_decode_fwd
@@ -164,7 +183,7 @@ def sparse_decode_attention(
         )
     out, lse = sparse_decode_fwd(
         q, k_cache, v_cache, cache_seqlens, block_indices, block_size, _scale(q.shape[-1], scale),
-        block_table=block_table, return_lse=return_lse,
+        block_table=block_table, return_lse=return_lse, cache_starts=cache_starts,
     )  # fmt: skip
     return (out, lse) if return_lse else out
 

@@ -213,11 +213,12 @@ def sparse_decode_attention(
     block_table: torch.Tensor | None = None,
     scale: float | None = None,
     return_lse: bool = False,
+    cache_starts: torch.Tensor | None = None,
 ):
     """Attention of one new query token per sequence over the selected key blocks of its cache.
 
     Args:
-        q: [B, Hq, D], the token at position ``cache_seqlens[b] - 1`` (already in the cache).
+        q: [B, Hq, D], the token at position ``cache_seqlens[b] - 1`` of its sequence (already in the cache).
         k_cache, v_cache: contiguous [B, Hkv, Tmax, D], or paged [P, page, Hkv, D] with ``block_table``.
         cache_seqlens: int32 [B], tokens in each sequence's cache (the new one included).
         block_indices: int32 [B, Hkv, K], selected key blocks per (sequence, KV head), -1 = padding;
@@ -225,6 +226,8 @@ def sparse_decode_attention(
         block_size: tokens per key block.
         block_table: int32 [B, max_pages] page ids of each sequence (paged layout only).
         scale: softmax scale, default ``1 / sqrt(D)``.
+        cache_starts: int32 [B] or None (contiguous cache): sequence b's tokens begin at token
+            ``cache_starts[b]`` of its row; positions and blocks count from there.
 
     Returns:
         out [B, Hq, D] in q's dtype (zeros where nothing is selected), and lse [B, Hq] (fp32, fp64
@@ -234,6 +237,12 @@ def sparse_decode_attention(
         k_cache, v_cache = gather_paged_kv(k_cache, block_table), gather_paged_kv(v_cache, block_table)
     b, hq, d = q.shape
     t = k_cache.shape[2]
+    if cache_starts is not None:  # each row shifted to begin at its sequence (the tail past the row: masked)
+        rows = (cache_starts.to(k_cache.device).long().view(b, 1) + torch.arange(t, device=k_cache.device)).clamp(
+            max=t - 1
+        )
+        index = rows.view(b, 1, t, 1).expand(b, k_cache.shape[1], t, d)
+        k_cache, v_cache = k_cache.gather(2, index), v_cache.gather(2, index)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     cdt = _compute_dtype(q)
     keep = _kept_tokens(block_indices, cache_seqlens, block_size, t)  # [B, Hkv, T]

@@ -28,6 +28,11 @@ one page id per key row (gathered from the block table, ``BLOCK_N`` int32 per st
 the single id). The per-row ids are a compile-time branch: the contiguous and ``page >= BLOCK_N`` kernels
 are the code they were before it (same sm_90 PTX, compared offline);
 ``cache_seqlens`` int32 ``[B]``; ``block_indices`` int32 ``[B, Hkv, K]``, -1 padded, no duplicates.
+Optional ``cache_starts`` int32 ``[B]`` (contiguous cache only): sequence ``b`` begins at token
+``cache_starts[b]`` of its cache row (a left-padded batch: pad keys before it), and its blocks and
+lengths count from there, as if the row began at that token. It offsets the row's token index by one
+scalar loaded per program; ``HAS_STARTS`` is a compile-time flag, so without starts the kernel is the
+code it was before.
 Out ``[B, Hq, D]`` in q's dtype, lse ``[B, Hq]`` fp32 natural log. Offsets into q, K/V, the outputs
 and the scratch are int64.
 
@@ -72,7 +77,7 @@ def _page_of(table_row, blk, s, MAX_PAGES, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, Out, Lse, OPart, LPart, Idx, SeqLens, Table,
+    Q, K, V, Out, Lse, OPart, LPart, Idx, SeqLens, Starts, Table,
     qk_scale,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_kt,
@@ -86,17 +91,22 @@ def _decode_split_kernel(
     HKV, K_SLOTS, SLOTS, MAX_PAGES,
     GROUP: tl.constexpr, G_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, PAGED: tl.constexpr, SPLIT: tl.constexpr,
-    STORE_LSE: tl.constexpr,
+    STORE_LSE: tl.constexpr, HAS_STARTS: tl.constexpr,
 ):  # fmt: skip
     """One (sequence, KV head, split). Contiguous cache: ``stride_kb`` is the batch stride and
     ``stride_kt`` the token stride; paged: ``stride_kb`` is the page stride, ``stride_kt`` the stride
-    of a token inside a page."""
+    of a token inside a page. ``HAS_STARTS`` (contiguous only): key position ``kpos`` of sequence b is
+    token ``Starts[b] + kpos`` of its row."""
     KPB: tl.constexpr = BLOCK_SIZE // BLOCK_N  # steps per key block
     bh = tl.program_id(0)
     sp = tl.program_id(1)
     b = (bh // HKV).to(tl.int64)
     h = (bh % HKV).to(tl.int64)
     seqlen = tl.load(SeqLens + b)
+    if HAS_STARTS:
+        start = tl.load(Starts + b).to(tl.int64)
+    else:
+        start = 0
 
     offs_g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -138,7 +148,7 @@ def _decode_split_kernel(
             k_rows = page.to(tl.int64) * stride_kb + in_page * stride_kt
             v_rows = page.to(tl.int64) * stride_vb + in_page * stride_vt
         else:
-            tok = tl.where(col_ok, kpos, 0).to(tl.int64)
+            tok = tl.where(col_ok, kpos + start, 0).to(tl.int64)
             k_rows = b * stride_kb + tok * stride_kt
             v_rows = b * stride_vb + tok * stride_vt
         k = tl.load(KH + k_rows[:, None] + offs_d[None, :], mask=col_ok[:, None], other=0.0)
@@ -240,11 +250,13 @@ def sparse_decode_fwd(
     return_lse: bool = True,
     num_splits: int | None = None,
     config: KernelConfig | None = None,
+    cache_starts: torch.Tensor | None = None,
 ):
     """Launch the decode kernels (inputs already validated by :func:`seerattn.ops.sparse_decode_attention`).
 
     q: [B, Hq, D]; k_cache, v_cache: [B, Hkv, Tmax, D] or paged [P, page, Hkv, D] with ``block_table``
-    int32 [B, max_pages]; cache_seqlens int32 [B]; block_indices int32 [B, Hkv, K]. ``num_splits`` and
+    int32 [B, max_pages]; cache_seqlens int32 [B]; block_indices int32 [B, Hkv, K]; cache_starts int32 [B]
+    or None (contiguous cache only: each sequence's first token in its row). ``num_splits`` and
     ``config`` force a choice (tests, benchmarks). Returns out [B, Hq, D] and lse [B, Hq] fp32 (None
     unless ``return_lse``).
     """
@@ -255,6 +267,10 @@ def sparse_decode_fwd(
     slots = block_indices.shape[-1]
     block_indices = block_indices.contiguous()
     cache_seqlens = cache_seqlens.contiguous()
+    has_starts = cache_starts is not None
+    if has_starts and paged:
+        raise ValueError("sparse_decode_fwd: cache_starts apply to a contiguous cache only (paged: the block table)")
+    starts = cache_starts.contiguous() if has_starts else cache_seqlens  # dummy pointer, never read without starts
     nsplit = num_decode_splits(b, hkv, slots, q.device) if num_splits is None else int(num_splits)
     nsplit = max(1, min(nsplit, max(slots, 1)))
     per_split = -(-slots // nsplit) if slots else 0
@@ -284,7 +300,7 @@ def sparse_decode_fwd(
 
     def launch(cfg: KernelConfig):
         _decode_split_kernel[(b * hkv, nsplit)](
-            q, k_cache, v_cache, out, lse_arg, opart, lpart, block_indices, cache_seqlens, table,
+            q, k_cache, v_cache, out, lse_arg, opart, lpart, block_indices, cache_seqlens, starts, table,
             scale * LOG2E,
             q.stride(0), q.stride(1),
             *ks, *vs,
@@ -296,7 +312,7 @@ def sparse_decode_fwd(
             table.stride(0),
             hkv, slots, per_split, max_pages,
             GROUP=group, G_PAD=g_pad, BLOCK_SIZE=block_size, BLOCK_N=cfg.block_n, HEAD_DIM=d,
-            PAGE=page, PAGED=paged, SPLIT=split, STORE_LSE=return_lse,
+            PAGE=page, PAGED=paged, SPLIT=split, STORE_LSE=return_lse, HAS_STARTS=has_starts,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
         if split:
@@ -312,7 +328,7 @@ def sparse_decode_fwd(
             )  # fmt: skip
 
     if config is None:
-        key = ("decode", block_size, group, d, q.dtype, paged, page, slots, nsplit, b * hkv)
+        key = ("decode", block_size, group, d, q.dtype, paged, page, slots, nsplit, b * hkv, has_starts)
         config = pick_config(key, decode_configs(block_size), launch)
     launch(config)
     return out, lse
