@@ -105,6 +105,46 @@ def test_cache_incremental_equals_bulk_per_sequence_phase():
     torch.testing.assert_close(scratch._pools, same._pools, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("k_pooling", [("max", "min", "avg"), ("avg",)])
+def test_cache_prefill_from_starts_equals_each_sequence_alone(k_pooling):
+    """A left-padded batch (prompts of 5, 16, 37, 40 and 0 tokens ending at the row's end, NaN pad keys before
+    them; starts mid-block, on a block boundary, at 0 and at T): each sequence's gate keys, pools, lengths and
+    blocks are those of the prompt prefilled alone, and stay so through appends at their own phases."""
+    gate = make_gate(k_pooling=k_pooling)
+    g = torch.Generator().manual_seed(3)
+    prompt, t, steps = [5, 16, 37, 40, 0], 40, 20
+    k = torch.randn(5, 2, t + steps, 8, generator=g, dtype=torch.float64)
+    padded = k[:, :, :t].clone()
+    for i, n in enumerate(prompt):
+        padded[i, :, : t - n] = float("nan")
+    cache = GateKeyCache(gate, 5, max_tokens=16)
+    cache.prefill(padded, rotary=rotary, starts=torch.tensor([t - n for n in prompt]))  # lengths: to the end
+    alone = []
+    for i, n in enumerate(prompt):
+        c = GateKeyCache(gate, 1, max_tokens=16)
+        if n:
+            c.prefill(k[i : i + 1, :, t - n : t], rotary=rotary)
+        alone.append(c)
+
+    def same(step):
+        assert cache.lengths.tolist() == [n + step for n in prompt]
+        for i, c in enumerate(alone):
+            nb = int(c.num_blocks)
+            assert int(cache.num_blocks[i]) == nb and int(cache.lengths[i]) == int(c.lengths)
+            assert not cache.keys[i, :, :nb].isnan().any()
+            torch.testing.assert_close(cache.keys[i, :, :nb], c.keys[0, :, :nb], rtol=1e-12, atol=1e-12)
+            if int(c.lengths) % BS:  # an empty partial block's pools are never read
+                torch.testing.assert_close(cache._pools[i], c._pools[0], rtol=1e-12, atol=1e-12)
+
+    same(0)
+    for s in range(steps):
+        cache.append(k[:, :, t + s], rotary)
+        for i, c in enumerate(alone):
+            c.append(k[i : i + 1, :, t + s], rotary)
+    same(steps)
+    assert cache.num_blocks.tolist() == [(n + steps) // BS for n in prompt] and cache.num_blocks.tolist() != [3] * 5
+
+
 @pytest.mark.parametrize("k_pooling", [("max", "min", "avg"), ("avg",), ("max",)])
 @pytest.mark.parametrize("chunks", [[1], [3, 40], [13, 16, 2], [16, 16], [70]])
 def test_cache_extend_equals_row_by_row_appends(chunks, k_pooling):

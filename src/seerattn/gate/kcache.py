@@ -89,13 +89,24 @@ class GateKeyCache:
         return torch.cat(parts, dim=-1)
 
     @torch.no_grad()
-    def prefill(self, k: torch.Tensor, cache_seqlens: torch.Tensor | None = None, rotary: Rotary | None = None) -> None:
+    def prefill(
+        self,
+        k: torch.Tensor,
+        cache_seqlens: torch.Tensor | None = None,
+        rotary: Rotary | None = None,
+        starts: torch.Tensor | None = None,
+    ) -> None:
         """Rebuild the cache from the prompts' keys in bulk.
 
         Args:
-            k: [B, Hkv, T, D] pre-RoPE keys; sequence b's tokens are ``k[b, :, :cache_seqlens[b]]``.
-            cache_seqlens: int [B] prompt lengths (default: T for every sequence).
+            k: [B, Hkv, T, D] pre-RoPE keys; sequence b's tokens are ``k[b, :, starts[b] : starts[b] +
+                cache_seqlens[b]]``.
+            cache_seqlens: int [B] prompt lengths (default: from the start to T for every sequence).
             rotary: the model's rotary callable (see :mod:`seerattn.gate.decode_gate`).
+            starts: int [B] each prompt's first token in its row (a left-padded batch: the pad keys before it are
+                not read), default 0. Blocks, lengths and gate-key positions count from there, as for the prompt
+                alone; only the prompts' rows are kept, so later :meth:`append` / :meth:`extend` calls continue
+                each sequence at its own length (the cache holds no record of the starts).
         """
         b, hkv, t, d = k.shape
         if b != self.keys.shape[0] or hkv != self.gate.num_kv_heads or d != self.gate.head_dim:
@@ -106,7 +117,11 @@ class GateKeyCache:
         if t == 0:
             raise ValueError("GateKeyCache.prefill needs at least one token (T >= 1)")
         bs = self.block_size
-        lens = torch.full((b,), t, device=k.device) if cache_seqlens is None else cache_seqlens.to(k.device).long()
+        first = torch.zeros(b, dtype=torch.long, device=k.device) if starts is None else starts.to(k.device).long()
+        lens = t - first if cache_seqlens is None else cache_seqlens.to(k.device).long()
+        if starts is not None:  # each row moved to begin at its prompt (positions past the row: the last token, unread)
+            rows = (first.view(b, 1) + torch.arange(t, device=k.device)).clamp(max=t - 1)
+            k = k.gather(2, rows.view(b, 1, t, 1).expand(b, hkv, t, d))
         self._reserve(t)
         with torch.autocast(device_type=k.device.type, enabled=False):  # the gate runs in its own dtype
             full = self.gate.block_keys(k, rotary)  # [B, Hkv, T // bs, Dg]
