@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# FlashAttention-4 for the GPU machine, which has no package index and takes 64 MiB a call (the repository is ~65 MB
+# FlashAttention-4 for the GPU machine, which has no package index and takes 64 MiB a call (the repository is ~66 MB
 # of it). Two halves of the payload, each under .gpu/ (ignored by .gitignore, so a warm machine keeps it between
 # calls; a folder ignored only by .git/info/exclude is deleted there before the next call):
 #
@@ -16,6 +16,7 @@
 HOLD=/tmp/seerattn-fa4-hold.tar
 WEIGHTS=(testbed/model/model-0000{1,2,3}-of-00003.safetensors testbed/gates/seer_gates.safetensors
   testbed/gates-yarn32k-b90/seer_gates.safetensors testbed/gates-b32/seer_gates.safetensors
+  testbed/gates-decode/seer_gates.safetensors
   testbed/tokenizer/tokenizer.json testbed/model/tokenizer.json)
 case "${1:-}" in
 build) (

@@ -155,3 +155,28 @@ def test_committed_gates_run_sparse_prefill(model, tok, folder, block):
     want = budget.sum().item() / (nq * (nq + 1) / 2)
     assert all(s["density"] == pytest.approx(want) for s in state.stats.values())
     assert math.isfinite(sparse_loss) and sparse_loss != dense_loss
+
+
+def test_committed_decode_gates_run_sparse_decode(model, tok):
+    """The committed decode adapter (the recipe's 400-step decode gates) loads onto the testbed and drives
+    sparse decode in ``generate``: a prompt longer than the token budget decodes at a density below 1 and
+    answers the pass key (quality is measured by `seerattn eval decode`)."""
+    import copy
+
+    from seerattn.decode_policy import DecodePolicy
+    from seerattn.hf import from_pretrained, get_seer_state
+
+    sparse = from_pretrained(copy.deepcopy(model), MODEL.parent / "gates-decode")
+    state = get_seer_state(sparse)
+    assert state.config.gate is None and state.config.decode.policy == DecodePolicy("budget", 4096)
+    state.set_decode(policy=DecodePolicy("budget", 512))
+    before = " ".join([GRASS] * 60)
+    needle = "The pass key is 20946. Remember it. 20946 is the pass key."
+    prompt = f"{INTRO} {before} {needle} {before} What is the pass key? The pass key is"
+    ids = torch.tensor([tok(prompt).input_ids])
+    assert ids.shape[1] > 1024
+    with torch.no_grad():
+        out = sparse.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+    assert all(s["path"] == "sparse-decode" for s in state.stats.values())
+    assert 0.0 < state.mean_density() < 0.25  # 512 of ~2950 tokens (first and current blocks forced)
+    assert tok.decode(out[0, ids.shape[1] :]).strip().startswith("20946")
