@@ -20,7 +20,14 @@ import seerattn.hf.integration as integration
 from seerattn import SparsityPolicy
 from seerattn.decode_policy import DecodePolicy
 from seerattn.gate import DecodeGateConfig
-from seerattn.hf import DecodeConfig, DecodeRequest, SeerConfig, apply_seer_attention, decode_gate_modules
+from seerattn.hf import (
+    DecodeConfig,
+    DecodeRequest,
+    SeerConfig,
+    apply_seer_attention,
+    decode_gate_modules,
+    get_seer_state,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -231,14 +238,151 @@ def test_decode_config_validation():
 
 
 # ------------------------------------------------------------------------------ what sparse decode refuses
-def test_left_padding_is_refused_with_a_clear_error():
+def _left_padded(lens, t, seed=5):
+    """input_ids [B, T] and attention_mask [B, T]: row r's lens[r] real tokens at its end (left padding)."""
+    ids = input_ids(t, b=len(lens), seed=seed)
+    mask = torch.zeros_like(ids)
+    for r, n in enumerate(lens):
+        mask[r, t - n :] = 1
+    return ids, mask
+
+
+def _generate_padded(model, ids, mask, cache=None, new=NEW, **kw):
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, **kw)
+    if cache is not None:
+        kw["cache_implementation"] = cache
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, output_logits=True, return_dict_in_generate=True, **kw)
+    return out.sequences, torch.stack(out.logits, 1)
+
+
+def _observed(state):
+    """Set a decode observer; returns the list it fills with (layer, blocks sorted per list, cache_seqlens, starts)."""
+    seen = []
+
+    def observe(sel):
+        blocks = torch.where(sel.blocks < 0, 1 << 30, sel.blocks).sort(-1).values  # kept blocks ascending, pad last
+        starts = None if sel.cache_starts is None else sel.cache_starts.clone()
+        seen.append((sel.layer_idx, blocks, sel.cache_seqlens.clone(), starts))
+
+    state.decode_observer = observe
+    return seen
+
+
+def _check_each_prompt_alone(model, state, ids, mask, lens, seq, logits, seen, cache=None):
+    """Each left-padded row of a padded generate against its prompt generated alone: the same tokens, close
+    logits, and at every decode step and layer the same blocks (counted from its first token) and length."""
+    t = ids.shape[1]
+    steps = len(seen)
+    assert steps == LAYERS * (logits.shape[1] - 1)
+    assert all(torch.equal(s[3], torch.tensor([t - n for n in lens], dtype=torch.int32)) for s in seen)
+    for r, n in enumerate(lens):
+        seen_alone = _observed(state)
+        prompt = ids[r : r + 1, t - n :]
+        want_seq, want_logits = _generate_padded(model, prompt, torch.ones_like(prompt), cache, new=logits.shape[1])
+        assert torch.equal(seq[r : r + 1, t - n :], want_seq), f"row {r}"
+        torch.testing.assert_close(logits[r : r + 1], want_logits, atol=2e-5, rtol=1e-5)
+        assert len(seen_alone) == steps
+        for (layer, blocks, lens_, _), (layer_a, blocks_a, lens_a, starts_a) in zip(seen, seen_alone, strict=True):
+            assert layer == layer_a and starts_a is None
+            assert torch.equal(lens_[r : r + 1], lens_a)
+            assert torch.equal(blocks[r : r + 1], blocks_a), f"row {r} layer {layer}"
+
+
+@pytest.mark.parametrize("cache", [None, "static"], ids=["dynamic", "static"])
+def test_left_padded_generate_equals_each_prompt_alone(cache, decode_calls):
+    """generate() on left-padded prompts of 70, 45 and 12 tokens (starts 0, 25 and 58: on a block boundary's
+    other side, mid-block) with a 3-block budget: every sequence gets the tokens, logits and per-step block
+    selections it gets alone; the kernel is handed each sequence's start."""
+    model, _, state = _prepared("qwen2")
+    lens, t = (70, 45, 12), 70
+    ids, mask = _left_padded(lens, t)
+    seen = _observed(state)
+    seq, logits = _generate_padded(model, ids, mask, cache)
+    assert {s["path"] for s in state.stats.values()} == {"sparse-decode"}
+    assert all(c[3].tolist() == [70 + i // LAYERS + 1 - (t - n) for n in lens] for i, c in enumerate(decode_calls))
+    assert all((((s[2].long() - 1) // BS + 1)[:2] > 3).all() for s in seen[-LAYERS:])  # more blocks than K = 3
+    _check_each_prompt_alone(model, state, ids, mask, lens, seq, logits, seen, cache)
+
+
+def test_left_padded_sparse_prefill_then_sparse_decode_equals_each_prompt_alone(prefill_calls):
+    """Both sections on: the sparse prefill runs the padded batch as varlen, the decode-gate key caches are filled
+    from each prompt's real tokens, and each sequence decodes as it does alone (which prefills sparsely too)."""
+    model, _, state = _prepared("llama", mode="sparse", policy=SparsityPolicy("density", 0.5))
+    lens, t = (64, 37, 50), 64
+    ids, mask = _left_padded(lens, t, seed=9)
+    seen = _observed(state)
+    seq, logits = _generate_padded(model, ids, mask)
+    assert prefill_calls == [sum(lens)] * LAYERS  # the real tokens packed back to back
+    _check_each_prompt_alone(model, state, ids, mask, lens, seq, logits, seen)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's discarded branches
+def test_left_padded_generate_through_the_triton_kernel_and_fused_selection(decode_calls):
+    """impl='triton' with the fused selection (the interpreter here) gives the reference kernel's and the unfused
+    selection's steps on a left-padded batch: the kernel's starts and the selection's per-sequence lengths."""
+    model, _, state = _prepared("llama")
+    ids, mask = _left_padded((40, 23), 40, seed=3)
+    seen = _observed(state)
+    ref = _generate_padded(model, ids, mask, "static", new=12)
+    ref_seen = list(seen)
+    seen.clear()
+    state.set(impl="triton", decode_select="fused")
+    tri = _generate_padded(model, ids, mask, "static", new=12)
+    assert torch.equal(tri[0], ref[0]) and len(seen) == len(ref_seen) == LAYERS * 11
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(seen, ref_seen, strict=True))
+    torch.testing.assert_close(tri[1], ref[1], atol=1e-4, rtol=1e-4)
+
+
+def test_left_padded_beam_search_with_a_budget_covering_the_cache_equals_dense():
+    """Beam search reorders and repeats the sequences: the starts follow the key caches (a row reading another
+    row's start would attend to pad keys or miss prompt tokens)."""
+    model, base, _ = _prepared("qwen2", decode=DecodeConfig(DECODE.gate, WHOLE))
+    ids, mask = _left_padded((40, 19), 40, seed=4)
+    kw = dict(max_new_tokens=12, num_beams=3, num_return_sequences=2, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, **kw)
+        want = base.generate(ids, attention_mask=mask, **kw)
+    assert torch.equal(out, want)
+
+
+def test_right_padding_and_packed_documents_are_refused_in_sparse_decode():
+    from transformers import DynamicCache
+
     model, _, _ = _prepared("llama")
     ids = input_ids(PROMPT, b=2)
     mask = torch.ones_like(ids)
-    mask[0, :5] = 0
-    with pytest.raises(ValueError, match="seer sparse decode supports causal prefill without padding only"):
+    mask[0, -5:] = 0
+    with pytest.raises(ValueError, match=r"left-padded prompts .* row 0 ends 5 pad token\(s\) before the row's end"):
         with torch.no_grad():
             model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    cu = torch.tensor([0, 15, PROMPT], dtype=torch.int32)
+    pos = torch.cat([torch.arange(15), torch.arange(PROMPT - 15)]).unsqueeze(0)
+    with pytest.raises(ValueError, match="one sequence per row; row 0 of the prefill holds 2"):
+        with torch.no_grad():
+            model(input_ids(PROMPT), position_ids=pos, cache=DynamicCache(config=model.config), cu_seq_lens_q=cu,
+                  cu_seq_lens_k=cu, max_length_q=25, max_length_k=25)  # fmt: skip
+    # sparse decode off: the same packed forward runs (dense)
+    get_seer_state(model).set_decode(enabled=False)
+    with torch.no_grad():
+        model(input_ids(PROMPT), position_ids=pos, cache=DynamicCache(config=model.config), cu_seq_lens_q=cu,
+              cu_seq_lens_k=cu, max_length_q=25, max_length_k=25)  # fmt: skip
+
+
+def test_left_padding_refuses_a_chunked_prefill_and_a_custom_selection():
+    model, _, state = _prepared("llama")
+    ids, mask = _left_padded((PROMPT, 30), PROMPT)
+    model.generation_config.prefill_chunk_size = 16
+    try:
+        with pytest.raises(ValueError, match="a chunked prefill .* of a left-padded batch is not supported"):
+            _generate_padded(model, ids, mask, new=3)
+    finally:
+        model.generation_config.prefill_chunk_size = None
+    state.decode_select_fn = lambda req: pytest.fail("never called")
+    with pytest.raises(ValueError, match="decode_select_fn takes unpadded batches only"):
+        _generate_padded(model, ids, mask, new=3)
+    state.decode_select_fn = None
+    _generate_padded(model, ids, mask, new=3)
 
 
 def test_a_multi_token_step_on_a_filled_cache_is_refused_with_a_sparse_prefill():
@@ -321,6 +465,34 @@ def test_key_caches_follow_the_caches_batch_operations(op, decode_calls):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     if op == "reorder_cache":  # the two sequences select differently: an unfollowed reorder would show
         assert any(not torch.equal(i[0].sort(-1).values, i[1].sort(-1).values) for i in want_idx)
+
+
+def test_starts_follow_a_reorder_of_a_left_padded_cache(decode_calls):
+    """A left-padded cache (prompts of 150 and 100 tokens) reordered: the step after it gives what a prefill of
+    the reordered padded batch gives (each row's start moved with its K/V and gate keys)."""
+    from transformers import DynamicCache
+
+    model, _, state = _prepared("llama")
+    ids, mask = _left_padded((150, 100), 150, seed=11)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    order = [1, 0]
+    nxt = input_ids(1, seed=13).expand(2, 1)
+    step = dict(attention_mask=torch.cat([mask[order], torch.ones(2, 1, dtype=mask.dtype)], 1))
+    step["position_ids"] = pos[order, -1:] + 1
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        model(ids, attention_mask=mask, position_ids=pos, cache=cache)
+        cache.reorder_cache(torch.tensor(order))
+        assert state._decode[0].starts.tolist() == [50, 0]
+        got = model(nxt, cache=cache, **step).logits
+        got_idx = [c[4] for c in decode_calls]
+        decode_calls.clear()
+        fresh = model(
+            ids[order], attention_mask=mask[order], position_ids=pos[order], cache=DynamicCache(config=model.config)
+        )
+        want = model(nxt, cache=fresh.cache, **step).logits
+    assert all(torch.equal(a.sort(-1).values, c[4].sort(-1).values) for a, c in zip(got_idx, decode_calls, strict=True))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_beam_search_with_a_budget_covering_the_cache_equals_dense():

@@ -274,12 +274,17 @@ class DecodeSelection:
             step.
         cache_seqlens: int32 [B] keys visible to the step (the new token's position + 1), a device tensor.
         block_size: tokens per key block.
+        cache_starts: int32 [B] where each sequence's first token sits in its KV cache row (a left-padded batch),
+            a device tensor; None for an unpadded batch (every sequence starts at token 0). Blocks and
+            ``cache_seqlens`` count from each sequence's first token: block J of sequence b covers cache tokens
+            ``cache_starts[b] + [J * block_size, (J + 1) * block_size)``.
     """
 
     layer_idx: int
     blocks: torch.Tensor
     cache_seqlens: torch.Tensor
     block_size: int
+    cache_starts: torch.Tensor | None = None
 
 
 @dataclass
@@ -431,14 +436,18 @@ class _DecodeCache:
 
     ``owner`` is a weak reference to that cache object (``DynamicCache``, ``StaticCache``): a forward
     with another cache object (a new ``generate()`` call) starts a fresh key cache. ``length`` counts
-    the tokens on the host (equal for every sequence: batches are unpadded), so a decode step reads
-    nothing from the device.
+    the tokens of every KV cache row on the host (pad tokens of a left-padded prompt included: transformers
+    appends each step's token at the same position in every row), so a decode step reads nothing from the
+    device. ``starts``: int32 [B] (device) where each sequence's first real token sits in its row, for a
+    left-padded prompt (each sequence's own length is ``keys.lengths``, ``length - starts``); None when the
+    prompt was unpadded.
     """
 
     owner: weakref.ref
     keys: GateKeyCache
     length: int
     capacity: int | None  # a static cache's size in tokens (the keys it hands over each step); None: it grows
+    starts: torch.Tensor | None = None
 
 
 def get_seer_state(model: torch.nn.Module) -> SeerState:
@@ -509,14 +518,16 @@ class _Layout:
     """The real tokens of a padded or packed prefill of B x T tokens as N sequences, packed back to back (varlen).
 
     A sequence is the real span of a padded row or a document of a packed row, in row-major order. ``lengths``
-    (host) and ``cu_seqlens`` (int32 [N + 1], device) delimit them; ``index`` (int64 [Ttot], device) is the flat
-    index ``b * T + t`` of the packed tokens; ``groups`` gather the sequences by length; ``identity``: B == 1
-    and the packed tokens are all T tokens in order (documents without padding: nothing to gather or scatter).
+    (host) and ``cu_seqlens`` (int32 [N + 1], device) delimit them; ``starts`` (host) is the flat index
+    ``b * T + t`` of each one's first token; ``index`` (int64 [Ttot], device) is the flat index of the packed
+    tokens; ``groups`` gather the sequences by length; ``identity``: B == 1 and the packed tokens are all T tokens
+    in order (documents without padding: nothing to gather or scatter).
     """
 
     batch: int
     seq_len: int
     lengths: tuple[int, ...]
+    starts: tuple[int, ...]
     index: torch.Tensor
     cu_seqlens: torch.Tensor
     groups: tuple[_Group, ...]
@@ -646,7 +657,8 @@ def _make_layout(spans: list[tuple[int, int]], b: int, t: int, device) -> _Layou
     )
     index = torch.cat([torch.arange(s, s + n) for s, n in spans]).to(device)
     cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
-    return _Layout(b, t, lengths, index, cu, groups, identity=b == 1 and sum(lengths) == t)
+    starts = tuple(s for s, _ in spans)
+    return _Layout(b, t, lengths, starts, index, cu, groups, identity=b == 1 and sum(lengths) == t)
 
 
 def _pack(layout: _Layout, x: torch.Tensor) -> torch.Tensor:
@@ -769,7 +781,9 @@ def seer_attention_forward(module, query, key, value, attention_mask, dropout: f
       ``cu_seq_lens_q``; :func:`_prefill_layout`) run in ``sparse``, ``oracle`` and ``custom`` modes as N
       sequences packed back to back: their gate and policy per sequence length, one varlen mask and kernel
       call, zeros at pad positions; each real token gets what its sequence alone would. The other masked
-      modes and sparse decode refuse them.
+      modes refuse them. Sparse decode takes left-padded prompts (what ``generate()`` gets from a tokenizer
+      with ``padding_side="left"``): each sequence keeps its start in the KV cache row
+      (:func:`_decode_starts`) and decodes as it would alone; right padding and packed documents are refused.
     - A decode step (Tq == 1 on a cache this state filled) runs sparse decode when the decode section
       is enabled, else transformers' SDPA (path ``dense-decode``), as do chunked-prefill steps
       (Tq > 1 continuing a cache: dense in every mode, since a sparse prefill runs only on a whole prompt;
@@ -820,13 +834,8 @@ def seer_attention_forward(module, query, key, value, attention_mask, dropout: f
                 )
             _extend_decode_cache(module, state, entry, pre, b, tq, tk)
     if state.decoding and hf_cache is not None and tq == tk:
-        if _prefill_layout(state, mask_in, attention_mask, kwargs, b, tq) is not None:
-            raise ValueError(
-                "seer sparse decode supports causal prefill without padding only: its key caches and steps keep "
-                "one length for every sequence. The sparse prefill modes take padded and packed batches; decode "
-                "them densely with state.set_decode(enabled=False), or pass unpadded prompts of equal length"
-            )
-        _start_decode_cache(module, state, hf_cache, pre, b, tq, capacity)
+        starts = _decode_starts(_prefill_layout(state, mask_in, attention_mask, kwargs, b, tq), query.device)
+        _start_decode_cache(module, state, hf_cache, pre, b, tq, capacity, starts)
     if cfg.mode == "dense" or tq != tk:
         pre = pending = None  # the captures' last references (with state.capture off): freed before the kernel
         state._stats[layer] = {"path": "dense" if tq == tk else "dense-decode", "density": 1.0}
@@ -978,12 +987,50 @@ def _cache_start(hf_cache, layer: int, tq: int) -> bool:
     return int(hf_cache.get_seq_length(layer)) == tq
 
 
-def _start_decode_cache(module, state: SeerState, hf_cache, pre: dict | None, b: int, t: int, capacity: int | None):
+def _decode_starts(layout: _Layout | None, device) -> torch.Tensor | None:
+    """Where each prompt of a prefill starts in its KV cache row, for sparse decode: int32 [B] on ``device``, or
+    None for an unpadded batch (``layout`` None).
+
+    Sparse decode takes left padding: each row holds at most one sequence, ending at the row's end (the pad tokens
+    before it; a row of padding only starts at T and has no token yet). Its decode steps append each new token at
+    the same position in every row, right after its prompt. Right padding would leave the pad tokens between the
+    prompt and its generated tokens, and packed documents several sequences in one row: both are refused.
+    """
+    if layout is None:
+        return None
+    b, t = layout.batch, layout.seq_len
+    rows = [flat // t for flat in layout.starts]
+    if len(set(rows)) != len(rows):
+        row = next(r for r in rows if rows.count(r) > 1)
+        raise ValueError(
+            f"seer sparse decode takes one sequence per row; row {row} of the prefill holds {rows.count(row)} (packed "
+            "documents). Decode them as separate rows, or switch decode sparsity off with "
+            "state.set_decode(enabled=False)"
+        )
+    starts = [t] * b
+    for row, flat, n in zip(rows, layout.starts, layout.lengths, strict=True):
+        start = flat % t
+        if start + n != t:
+            raise ValueError(
+                f"seer sparse decode takes left-padded prompts (a tokenizer with padding_side='left', as generate() "
+                f"expects); row {row} ends {t - start - n} pad token(s) before the row's end (right padding), so its "
+                "generated tokens would not follow its prompt in the KV cache. Pad on the left, or switch decode "
+                "sparsity off with state.set_decode(enabled=False)"
+            )
+        starts[row] = start
+    return torch.tensor(starts, dtype=torch.int32, device=device)
+
+
+def _start_decode_cache(
+    module, state: SeerState, hf_cache, pre: dict | None, b: int, t: int, capacity: int | None, starts
+):
     """A prefill of ``t`` tokens into an empty ``hf_cache``: the layer's decode-gate key cache, filled in bulk
     from the prompt's pre-RoPE K (completed blocks -> gate keys, the partial block -> running pools).
     ``capacity``: the tokens a static cache holds (it hands over that many keys in every step), None for a
-    cache that grows. Unpadded prompts only (the caller refuses a padded or packed batch): the key cache and the
-    decode steps keep one length for all sequences (a host counter, so that a step reads nothing from the device)."""
+    cache that grows. ``starts``: int32 [B] each prompt's first real token in a left-padded batch
+    (:func:`_decode_starts`; each prompt pooled from there), None for an unpadded one. The KV cache rows keep one
+    length (a host counter, so that a step reads nothing from the device); each sequence's own length is kept on
+    the device by the key cache."""
     layer = module.layer_idx
     if pre is None:
         raise RuntimeError(f"layer {layer}: pre-RoPE q/k were not captured (hooks missing?)")
@@ -991,8 +1038,8 @@ def _start_decode_cache(module, state: SeerState, hf_cache, pre: dict | None, b:
     k_pre = pre["k"].reshape(b, t, gate.num_kv_heads, gate.head_dim).transpose(1, 2)
     # room for the whole cache: a static cache's capacity (static shapes in every step), else the prompt (it grows)
     keys = GateKeyCache(gate, b, max_tokens=capacity or t, device=k_pre.device)
-    keys.prefill(k_pre, rotary=state._rotary)
-    state._decode[layer] = _DecodeCache(weakref.ref(hf_cache), keys, t, capacity)
+    keys.prefill(k_pre, rotary=state._rotary, starts=starts)
+    state._decode[layer] = _DecodeCache(weakref.ref(hf_cache), keys, t, capacity, starts)
     _follow_batch_ops(state, hf_cache)
 
 
@@ -1016,6 +1063,12 @@ def _extend_decode_cache(module, state: SeerState, entry: _DecodeCache, pre: dic
     layer = module.layer_idx
     if pre is None:
         raise RuntimeError(f"layer {layer}: pre-RoPE q/k were not captured (hooks missing?)")
+    if entry.starts is not None:
+        raise ValueError(
+            f"layer {layer}: a chunked prefill (prefill_chunk_size) of a left-padded batch is not supported with "
+            "sparse decode: the padding of the later chunks is not read. Prefill the padded prompts in one forward "
+            "(prefill_chunk_size=None), or switch decode sparsity off with state.set_decode(enabled=False)"
+        )
     _check_handover(layer, entry, tk, tq)
     gate: DecodeGate = module.seer_decode_gate
     k_pre = pre["k"].reshape(b, tq, gate.num_kv_heads, gate.head_dim).transpose(1, 2)
@@ -1075,7 +1128,10 @@ class _FollowedBatchOp:
             self.inner(arg)
         for entry in self.state._decode.values():
             if entry.owner() is cache:
-                entry.keys.select(_BATCH_OPS[self.name](arg, entry.keys.lengths.shape[0]))
+                index = _BATCH_OPS[self.name](arg, entry.keys.lengths.shape[0])
+                entry.keys.select(index)
+                if entry.starts is not None:
+                    entry.starts = entry.starts.index_select(0, index.to(entry.starts.device).long())
 
     def __deepcopy__(self, memo: dict) -> _FollowedBatchOp:
         cache = memo.get(id(self.owner()))  # the copy of the cache, made before its attributes are copied
@@ -1092,7 +1148,9 @@ def _decode_step(module, state: SeerState, entry: _DecodeCache, query, key, valu
 
     query: [B, Hq, 1, D] post-RoPE, key/value: [B, Hkv, Tcap, D] the layer's KV cache (the new token's K/V
     at position ``entry.length``) -> [B, 1, Hq, D]. No host synchronisation: lengths come from the host
-    counter (``entry.length``) and the device tensor ``GateKeyCache.lengths``.
+    counter (``entry.length``) and the device tensor ``GateKeyCache.lengths``. A left-padded batch: each
+    sequence's length, blocks and selection count from its first real token (``entry.starts``, handed to the
+    kernel as ``cache_starts``), so it decodes as it would alone.
 
     Never traced by ``torch.compile`` (transformers' ``generate`` compiles the decode steps of a
     StaticCache on CUDA): the host counters would be guards that change every step (a recompile per
@@ -1109,17 +1167,25 @@ def _decode_step(module, state: SeerState, entry: _DecodeCache, query, key, valu
             f"layer {layer} uses a sliding window of {sliding} tokens; seer sparse decode implements full causal "
             "attention only. Set config.sliding_window=None or switch decode sparsity off"
         )
+    if entry.starts is not None and state.decode_select_fn is not None:
+        raise ValueError(
+            f"layer {layer}: SeerState.decode_select_fn takes unpadded batches only (its DecodeRequest hands the KV "
+            "cache rows, where a left-padded sequence does not start at token 0); pass prompts of equal length "
+            "without padding, or unset decode_select_fn"
+        )
     bs = dec.gate.block_size
     with torch.no_grad():
         entry.keys.append(pre["k"].reshape(b, hkv, d), state._rotary)
         entry.length += 1
-        seqlens = entry.keys.lengths.to(torch.int32)  # [B], the new token included
+        seqlens = entry.keys.lengths.to(torch.int32)  # [B], the new token included (from each sequence's start)
         q_pre = pre["q"].reshape(b, hq, 1, d)
         idx = _decode_selection(module, state, query, q_pre, key, seqlens.view(b, 1), entry.keys.keys, scale)
         idx = idx[:, :, 0]  # [B, Hkv, K]
         if state.decode_observer is not None:
-            state.decode_observer(DecodeSelection(layer, idx, seqlens, bs))
-        out = sparse_decode_attention(query[:, :, 0], key, value, seqlens, idx, bs, scale=scale, impl=state.config.impl)
+            state.decode_observer(DecodeSelection(layer, idx, seqlens, bs, entry.starts))
+        out = sparse_decode_attention(
+            query[:, :, 0], key, value, seqlens, idx, bs, scale=scale, impl=state.config.impl, cache_starts=entry.starts
+        )
     state._stats[layer] = {"path": "sparse-decode"}
     if state.record_densities:
         state._stats[layer]["density"] = _decode_density(idx.unsqueeze(2), seqlens.view(b, 1), bs)
