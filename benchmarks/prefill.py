@@ -15,7 +15,9 @@ median over ``--reps`` after ``--warmup``. Two other inputs (:func:`prompt_input
 - ``--batch N --pad left|right``: a padded batch, row r with ``T - r * T // (2N)`` real tokens (T down to about
   T/2), padded on that side, with the 2-D attention mask and the position_ids generate() would derive from it.
   ``sdpa`` gets the same input (transformers' SDPA with the [B, 1, T, T] padding mask it builds); seer packs the
-  real tokens into one varlen call;
+  real tokens into one varlen call. With an arbitrary mask SDPA leaves its flash / cuDNN kernels, so a second
+  baseline, ``sdpa-rows``, runs each row's real tokens alone (B 1, no mask: SDPA's fastest causal kernel), its time
+  the sum over rows; seer rows record ``speedup_vs_rows`` against it;
 - ``--packed N``: one row of N documents of T/N tokens with the collator's ``cu_seq_lens_q/k``
   (``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``; no position_ids, so transformers builds no
   [T, T] mask). transformers' SDPA does not separate the documents from these kwargs, so the ``sdpa`` row runs
@@ -364,6 +366,18 @@ def main(argv=None) -> int:
              "density": 1.0, "peak_gib": peak}
         )  # fmt: skip
         print(f"T={t:>6} {'sdpa':<22} {dense_ms:9.2f} ms", flush=True)
+        rows_ms = None
+        if args.pad != "none":  # each row's real tokens alone, unpadded: the dense baseline without a mask
+            real = sdpa_inputs["attention_mask"].bool()
+            rows_ms = sum(
+                time_forward(
+                    model, {"input_ids": sdpa_inputs["input_ids"][r][real[r]].unsqueeze(0)}, args.warmup, args.reps
+                )
+                for r in range(real.shape[0])
+            )
+            rows.append({"seq_len": t, "batch": args.batch, **shape_fields, "method": "sdpa-rows", "ms": rows_ms,
+                         "speedup": dense_ms / rows_ms, "density": 1.0})  # fmt: skip
+            print(f"T={t:>6} {'sdpa-rows':<22} {rows_ms:9.2f} ms", flush=True)
         if args.profile and cuda:
             print(profile_table(model, sdpa_inputs, args.profile))
         for (setting, budget, heads, bs, gate_impl), attn in itertools.product(settings, attn_impls):
@@ -432,8 +446,12 @@ def main(argv=None) -> int:
                 row.update(parts)
             if breakdown_error:
                 row["breakdown_error"] = breakdown_error
-            rows.append({**row, "speedup": dense_ms / ms})
+            rows.append(
+                {**row, "speedup": dense_ms / ms, **({} if rows_ms is None else {"speedup_vs_rows": rows_ms / ms})}
+            )
             line = f"T={t:>6} {label:<22} {ms:9.2f} ms  {dense_ms / ms:5.2f}x  density {realised:.3f}  {ran}"
+            if rows_ms is not None:
+                line += f"  {rows_ms / ms:.2f}x sdpa-rows"
             if parts:
                 line += "  " + "  ".join(f"{k[:-3]} {parts[k]:.2f}" for k in (*PARTS.values(), "rest_ms", "busy_ms"))
                 line += f"  (gate+policy)/kernel {parts['overhead']:.3f}"

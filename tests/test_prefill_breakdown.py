@@ -112,9 +112,15 @@ def test_smoke_run_with_padded_and_packed_prompts(tmp_path, extra, fields):
     argv = ["--smoke", "--seqlens", "96", "--layers", "1", "--block-sizes", "32", *extra]
     assert prefill.main([*argv, "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["results"]
-    assert [r["method"] for r in rows] == ["sdpa", "seer@0.1/b32"]
+    padded = "pad" in fields
+    assert [r["method"] for r in rows] == ["sdpa", *(["sdpa-rows"] if padded else []), "seer@0.1/b32"]
     assert all({k: r[k] for k in fields} == fields and r["ms"] > 0 for r in rows)
-    assert 0 < rows[1]["density"] <= 1 and "breakdown_error" not in rows[1]
+    seer = rows[-1]
+    assert 0 < seer["density"] <= 1 and "breakdown_error" not in seer
+    if padded:  # the unpadded per-row baseline, and seer's ratio to it
+        assert seer["speedup_vs_rows"] == pytest.approx(rows[1]["ms"] / seer["ms"])
+    else:
+        assert "speedup_vs_rows" not in seer
 
 
 def test_padded_and_packed_options_are_checked():
