@@ -12,6 +12,11 @@ run so that their ratios are measured together:
 
 - ``sdpa``: ``scaled_dot_product_attention`` over the whole cache (flash backend, ``enable_gqa``): dense decode;
 - ``ours``: :func:`seerattn.ops.sparse_decode_attention` (Triton split-KV kernel + LSE merge) on the selection;
+- ``ours-starts``: ``ours`` on a left-padded batch: ``cache_starts`` put sequence b's first token at
+  ``(7 * b) % block`` of its row (mid-block starts; ``cache_seqlens`` shortened to match, so at most ``block - 1``
+  fewer keys a sequence), the kernel compiled with the per-sequence offset (what the HF step runs for
+  left-padded prompts); its ratio to ``ours`` in the same run is the cost of the starts (contiguous cache only:
+  refused with ``--page``);
 - ``seer``: the sparse attention of one decode step of a layer: :meth:`DecodeGate.scores` (the gate query:
   projection, norm, RoPE; its logits against the K-compression cache), :func:`select_decode_blocks` (token
   budget), then ``ours``. Left out: :meth:`GateKeyCache.append`, which a decode step runs every step (it folds
@@ -58,7 +63,7 @@ from seerattn.record import write_record
 
 logger = logging.getLogger("benchmarks.decode")
 
-PROVIDERS = ("sdpa", "ours", "seer", "seer-fused", "flex")
+PROVIDERS = ("sdpa", "ours", "ours-starts", "seer", "seer-fused", "flex")
 SMOKE = dict(shape=(4, 2, 16), batches="1,2", contexts="256", budgets="64,128", block=16)
 
 
@@ -187,16 +192,19 @@ def main(argv=None) -> int:
     p.add_argument("--contexts", help="comma list of cache lengths (default 8192,32768,131072)")
     p.add_argument("--budgets", help="comma list of token budgets (default 2048,4096,8192)")
     p.add_argument("--block-size", type=int, help="tokens per key block (default 64)")
-    p.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma list of {PROVIDERS}")
+    p.add_argument("--providers", help=f"comma list of {PROVIDERS} (default: all; with --page all but ours-starts)")
     p.add_argument("--page", type=int, help="tokens per page: ours / seer on a paged cache (default: contiguous)")
     p.add_argument("--cuda-graph", action="store_true", help="also time each provider replayed from a CUDA graph")
     p.add_argument("--reps", type=int, default=100, help="do_bench repetition time (ms); smoke: calls")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (checks that every provider runs)")
     p.add_argument("--json", help="write the run record here")
     args = p.parse_args(argv)
-    providers = args.providers.split(",")
     if args.page is not None and args.page < 1:
         p.error(f"--page must be a positive number of tokens, got {args.page}")
+    paged_default = [x for x in PROVIDERS if x != "ours-starts"]
+    providers = args.providers.split(",") if args.providers else list(PROVIDERS if args.page is None else paged_default)
+    if args.page is not None and "ours-starts" in providers:
+        p.error("ours-starts runs on a contiguous cache only (cache_starts); leave it out with --page")
     unknown = set(providers) - set(PROVIDERS)
     if unknown:
         p.error(f"unknown providers {sorted(unknown)}; accepted: {PROVIDERS}")
@@ -254,6 +262,7 @@ def bench_case(shape, budgets, providers, gate, dtype, device, impl, gen, args) 
     cache = GateKeyCache(gate, b, max_tokens=ctx)
     cache.prefill(k, lens, rotary)
     positions = (lens - 1).long()
+    starts = ((7 * torch.arange(b, device=device)) % block).to(torch.int32)  # ours-starts: mid-block first tokens
     # ours / seer read these: the contiguous cache, or its paged copy (--page; None: contiguous)
     kc, vc, table = (k, v, None) if args.page is None else paged_cache(k, v, args.page, dev_gen)
     base = {"batch": b, "context": ctx, "Hq": hq, "Hkv": hkv, "D": d, "block": block, "dtype": str(dtype)}
@@ -273,6 +282,9 @@ def bench_case(shape, budgets, providers, gate, dtype, device, impl, gen, args) 
         def ours(idx=idx):
             return sparse_decode_attention(q, kc, vc, lens, idx, block, block_table=table, impl=impl)
 
+        def ours_starts(idx=idx):
+            return sparse_decode_attention(q, k, v, lens - starts, idx, block, impl=impl, cache_starts=starts)
+
         def seer(policy=policy):
             logits = gate.scores(q, cache.keys, positions, rotary)
             sel = select_decode_blocks(logits, lens, policy, block, ctx // block)
@@ -283,7 +295,7 @@ def bench_case(shape, budgets, providers, gate, dtype, device, impl, gen, args) 
             sel = select_decode_blocks_fused(qg, cache.keys, lens, policy, block)
             return sparse_decode_attention(q, kc, vc, lens, sel, block, block_table=table, impl=impl)
 
-        fns = {"ours": ours, "seer": seer, "seer-fused": seer_fused}
+        fns = {"ours": ours, "ours-starts": ours_starts, "seer": seer, "seer-fused": seer_fused}
         if "flex" in providers:
             try:
                 fns["flex"] = flex_decode(q, k, v, idx, block, cuda)
@@ -323,14 +335,18 @@ def run_provider(name: str, fn, row: dict, nbytes: int, cuda: bool, args) -> dic
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """speedup_vs_sdpa / speedup_vs_flex (and the graph-replay versions) of each row, from the same run."""
+    """speedup_vs_sdpa / speedup_vs_flex (and the graph-replay versions) of each row, from the same run; the
+    ``ours-starts`` rows also speedup_vs_ours."""
     by = {}
     for r in rows:
         by[(r["batch"], r["context"], r.get("budget"), r["provider"])] = r
     for r in rows:
         if "ms" not in r or r["provider"] == "sdpa":
             continue
-        for peer, key in (("sdpa", None), ("flex", r.get("budget"))):
+        peers = (("sdpa", None), ("flex", r.get("budget")))
+        if r["provider"] == "ours-starts":  # the cost of the per-sequence starts: ~1.0 when they are free
+            peers += (("ours", r.get("budget")),)
+        for peer, key in peers:
             other = by.get((r["batch"], r["context"], key, peer))
             if other is None or "ms" not in other or other is r:
                 continue

@@ -351,8 +351,10 @@ def test_decode_benchmark_runs_in_its_cpu_smoke_configuration(tmp_path):
     record = read_record(tmp_path / "d.json")
     assert record["kind"] == "bench-decode" and record["config"]["impl"] == "triton"  # the interpreter here
     rows = {(r["provider"], r.get("budget")): r for r in record["results"]}
-    assert set(rows) == {("sdpa", None)} | {(p, b) for p in ("ours", "seer", "seer-fused", "flex") for b in (32, 64)}
+    providers = ("ours", "ours-starts", "seer", "seer-fused", "flex")
+    assert set(rows) == {("sdpa", None)} | {(p, b) for p in providers for b in (32, 64)}
     assert all("error" not in r and r["ms"] > 0 for r in rows.values())
+    assert rows[("ours-starts", 64)]["speedup_vs_ours"] > 0  # the cost of the starts, in the same run
     assert rows[("ours", 64)]["kept_tokens"] == 64 and rows[("ours", 64)]["speedup_vs_sdpa"] > 0
     assert rows[("flex", 32)]["max_abs_diff_vs_ours"] < 1e-5  # FlexAttention on the same selection agrees
     # the fused gate scores + selection keep the blocks the eager seer step keeps
@@ -372,6 +374,8 @@ def test_decode_benchmark_smoke_on_a_paged_cache(tmp_path):
     assert rows["ours"]["max_abs_diff_vs_contiguous"] == 0.0
     with pytest.raises(SystemExit):  # 256-token contexts: a 48-token page does not divide them
         decode.main([*args, "48"])
+    with pytest.raises(SystemExit):  # cache_starts take a contiguous cache only
+        decode.main(["--smoke", "--providers", "ours-starts", "--page", "4"])
 
 
 # ---------------------------------------------------------------------- GPU (compiled kernels, bf16)
