@@ -305,16 +305,27 @@ def test_left_padded_generate_equals_each_prompt_alone(cache, decode_calls):
     _check_each_prompt_alone(model, state, ids, mask, lens, seq, logits, seen, cache)
 
 
-def test_left_padded_sparse_prefill_then_sparse_decode_equals_each_prompt_alone(prefill_calls):
+@pytest.mark.parametrize("cache", [None, "static"], ids=["dynamic", "static"])
+def test_left_padded_sparse_prefill_then_sparse_decode_equals_each_prompt_alone(cache, prefill_calls):
     """Both sections on: the sparse prefill runs the padded batch as varlen, the decode-gate key caches are filled
     from each prompt's real tokens, and each sequence decodes as it does alone (which prefills sparsely too)."""
     model, _, state = _prepared("llama", mode="sparse", policy=SparsityPolicy("density", 0.5))
     lens, t = (64, 37, 50), 64
     ids, mask = _left_padded(lens, t, seed=9)
     seen = _observed(state)
-    seq, logits = _generate_padded(model, ids, mask)
+    seq, logits = _generate_padded(model, ids, mask, cache)
     assert prefill_calls == [sum(lens)] * LAYERS  # the real tokens packed back to back
-    _check_each_prompt_alone(model, state, ids, mask, lens, seq, logits, seen)
+    _check_each_prompt_alone(model, state, ids, mask, lens, seq, logits, seen, cache)
+
+
+def test_a_row_of_padding_only_starts_at_the_rows_end():
+    """A prompt row without a real token (start T, length 0): generate runs, and with a budget covering the cache
+    it gives transformers' tokens for both rows."""
+    model, base, state = _prepared("llama", decode=DecodeConfig(DECODE.gate, WHOLE))
+    ids, mask = _left_padded((PROMPT, 0), PROMPT)
+    seq, logits = _generate_padded(model, ids, mask, new=5)
+    assert state._decode[0].starts.tolist() == [0, PROMPT] and torch.isfinite(logits).all()
+    assert torch.equal(seq, _generate_padded(base, ids, mask, new=5)[0])
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's discarded branches
@@ -819,16 +830,20 @@ def _on_gpu():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _on_gpu(), reason="needs a CUDA GPU and the compiled kernels (no TRITON_INTERPRET)")
+@pytest.mark.parametrize("padded", [False, True], ids=["equal", "left-padded"])
 @pytest.mark.parametrize("cache", [None, "static"], ids=["dynamic", "static"])
-def test_gpu_generate_decode_steps_have_no_host_sync(cache, fused_calls, monkeypatch):
+def test_gpu_generate_decode_steps_have_no_host_sync(cache, padded, fused_calls, monkeypatch):
     """fp16 on the GPU: every decode step of every layer (key-cache append, gate query, the fused gate logits
-    and budget selection chosen automatically on CUDA, Triton kernel, stats) runs under
-    torch.cuda.set_sync_debug_mode("error"); the tokens' logits match the reference kernel's after the
-    unfused selection."""
+    and budget selection chosen automatically on CUDA, Triton kernel with the starts of a left-padded batch,
+    stats) runs under torch.cuda.set_sync_debug_mode("error"); the tokens' logits match the reference kernel's
+    after the unfused selection."""
     model, _, state = _prepared("llama")
     model.to("cuda", torch.float16)
     ids = input_ids(PROMPT, b=2).cuda()
-    ref = _generate(model, ids, cache, new=12)  # impl None -> Triton on CUDA; first call tunes the kernel
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :13] = 0
+    ref = _generate_padded(model, ids, mask, cache, new=12)  # impl None -> Triton on CUDA; first call tunes the kernel
     real = integration._decode_step
     steps = []
 
@@ -842,12 +857,12 @@ def test_gpu_generate_decode_steps_have_no_host_sync(cache, fused_calls, monkeyp
         return out
 
     monkeypatch.setattr(integration, "_decode_step", checked)
-    tri = _generate(model, ids, cache, new=12)
+    tri = _generate_padded(model, ids, mask, cache, new=12)
     assert len(steps) == LAYERS * 11 and torch.equal(tri[0], ref[0])
     assert len(fused_calls) == 2 * LAYERS * 11  # both runs took the fused selection (decode_select None)
     state.set(impl="reference", decode_select="unfused")
     monkeypatch.setattr(integration, "_decode_step", real)
-    eager = _generate(model, ids, cache, new=12)
+    eager = _generate_padded(model, ids, mask, cache, new=12)
     torch.testing.assert_close(tri[1].float(), eager[1].float(), atol=2e-2, rtol=2e-2)
 
 

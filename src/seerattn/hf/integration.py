@@ -313,7 +313,8 @@ class SeerState:
         mask_fn: the mask source of ``custom`` mode.
         decode_select_fn: when set, decode steps and ``decode_eval`` rows take their key blocks from it
             (a :class:`DecodeRequest` -> int32 [B, Hkv, N, K] function: baselines such as Quest or
-            StreamingLLM through the same kernel) instead of the decode gate and policy.
+            StreamingLLM through the same kernel) instead of the decode gate and policy. Generate steps of a
+            left-padded batch refuse it (the request hands the raw cache rows, where a sequence may not start at 0).
         decode_observer: when set, called with a :class:`DecodeSelection` by every sparse decode step of every
             layer (generate steps of one token; not ``decode_eval`` rows) once its blocks are selected: to
             record selections (e.g. whether a far block was kept). It runs inside the step: anything it reads
