@@ -898,6 +898,26 @@ def test_generate_benchmark_chunked_prefill(tmp_path, capsys):
     assert "needs a dense prefill" in capsys.readouterr().err
 
 
+def test_generate_benchmark_short_warmup(tmp_path, capsys, caplog):
+    """--warmup-prompt: the untimed warm-up reads only the first N prompt tokens (recorded per row); the timed
+    run is the same (its decode density equals a full warm-up's); out-of-range values are refused."""
+    from benchmarks import generate
+    from seerattn.record import read_record
+
+    caplog.set_level("INFO", logger="benchmarks.generate")
+    rows = {}
+    for extra in ([], ["--warmup-prompt", "64"]):
+        out = tmp_path / f"g{len(extra)}.json"
+        assert generate.main(["--smoke", "--configs", "decode", *extra, "--json", str(out)]) == 0
+        rows[len(extra)] = read_record(out)["results"][0]
+    assert rows[0]["warmup_prompt"] == 96 and rows[2]["warmup_prompt"] == 64
+    assert rows[0]["decode_density"] == rows[2]["decode_density"]
+    assert "decode: warm-up generate (64-token prompt, 4 new)" in caplog.text
+    with pytest.raises(SystemExit):
+        generate.main(["--smoke", "--warmup-prompt", "0"])
+    assert "--warmup-prompt must be in [1" in capsys.readouterr().err
+
+
 def test_a_decode_section_turns_generates_auto_compile_off_until_removed():
     from seerattn.hf import remove_seer_attention
 
