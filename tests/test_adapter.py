@@ -695,3 +695,48 @@ def test_write_adapter_from_gate_modules_and_section_errors(saved, tmp_path):
         from_pretrained(copy.deepcopy(base), path, decode=DECODE)
     with pytest.raises(ValueError, match="adapter .* has no decode gates, but the model has decode gates attached"):
         load_gates(model, path)
+
+
+def test_merge_adapters_gives_one_adapter_with_both_gate_sets(saved, tmp_path, capsys):
+    """A prefill adapter and a decode adapter of one model shape -> one adapter: both sections, both tensor sets
+    as they were, and from_pretrained attaches both (sparse prefill then sparse decode in generate). The CLI does
+    the same; inputs without the section asked for, other shapes and writing into an input are refused."""
+    from seerattn.cli import main as cli
+    from seerattn.hf import merge_adapters
+
+    base, pre, _ = saved
+    model = copy.deepcopy(base)
+    apply_seer_attention(model, SeerConfig(gate=None, mode="dense", decode=DECODE))
+    _randomise_decode_gates(model)
+    dec = save_gates(model, tmp_path / "dec")
+    out = merge_adapters(tmp_path / "both", prefill=pre, decode=dec)
+    meta = read_adapter_config(out)
+    assert meta["prefill"] == read_adapter_config(pre)["prefill"] and meta["decode"] == DECODE.to_dict()
+    assert meta["base_model"] == "tiny-llama"
+    got = load_file(str(out / ADAPTER_WEIGHTS))
+    want = load_file(str(pre / ADAPTER_WEIGHTS)) | load_file(str(dec / ADAPTER_WEIGHTS))
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in got)
+
+    loaded = from_pretrained(copy.deepcopy(base), out)
+    state = get_seer_state(loaded)
+    assert state.config.mode == "sparse" and state.config.decode == DECODE
+    assert _same(_params(decode_gate_modules(loaded)), _params(decode_gate_modules(model)))
+    ids = input_ids(T)
+    with torch.no_grad():
+        loaded.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    assert {s["path"] for s in state.stats.values()} == {"sparse-decode"}
+
+    assert cli(["merge", "--prefill", str(pre), "--decode", str(dec), "-o", str(tmp_path / "cli")]) == 0
+    assert "wrote adapter" in capsys.readouterr().out
+    assert (tmp_path / "cli" / ADAPTER_CONFIG).read_text() == (out / ADAPTER_CONFIG).read_text()
+    with pytest.raises(ValueError, match="has no decode gates"):
+        merge_adapters(tmp_path / "x", prefill=pre, decode=pre)
+    with pytest.raises(ValueError, match="has no prefill gates"):
+        merge_adapters(tmp_path / "x", prefill=dec, decode=dec)
+    with pytest.raises(ValueError, match="not into an input"):
+        merge_adapters(dec, prefill=pre, decode=dec)
+    other = json.loads((dec / ADAPTER_CONFIG).read_text())
+    other["model"]["num_hidden_layers"] += 1
+    (dec / ADAPTER_CONFIG).write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="different model shapes: {'num_hidden_layers'"):
+        merge_adapters(tmp_path / "x", prefill=pre, decode=dec)

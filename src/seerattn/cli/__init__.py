@@ -20,7 +20,7 @@ import os
 import sys
 
 # Subcommand modules, in the order ``--help`` lists them.
-COMMANDS = ("quickstart", "env", "convert", "distill", "finetune", "eval")
+COMMANDS = ("quickstart", "env", "convert", "merge", "distill", "finetune", "eval")
 # What a user can fix from the message alone: reported in one line (exit 2) unless debugging.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
 # Optional packages -> the extra of pyproject.toml that installs them.

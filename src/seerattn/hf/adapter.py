@@ -72,6 +72,7 @@ __all__ = [
     "convert_official_checkpoint",
     "from_pretrained",
     "load_gates",
+    "merge_adapters",
     "official_gate_config",
     "read_adapter_config",
     "save_gates",
@@ -194,6 +195,57 @@ def save_gates(model, path: str | Path, mode: str = "sparse") -> Path:
     prefill = [g for _, g in sorted(gate_modules(model).items())] or None
     decode = [g for _, g in sorted(decode_gate_modules(model).items())] or None
     return write_adapter(path, model, state.config, prefill, decode, mode=mode)
+
+
+def merge_adapters(out: str | Path, prefill: str | Path, decode: str | Path) -> Path:
+    """Write one adapter with the prefill gates (and prefill section) of ``prefill`` and the decode gates (and
+    decode section) of ``decode``, two adapter folders of the same base model shape, e.g. a ``seerattn distill``
+    run of each gate kind. The tensors are copied as they are; :func:`from_pretrained` checks them against the
+    model when it loads the result. ``out`` must be a third folder. Returns ``out``.
+    """
+    from .. import __version__
+
+    srcs = {"prefill": Path(prefill), "decode": Path(decode)}
+    metas = {name: read_adapter_config(path) for name, path in srcs.items()}
+    for name, path in srcs.items():
+        if metas[name][name] is None:
+            raise ValueError(
+                f"merge_adapters: {path} has no {name} gates (its sections: {_adapter_sections(metas[name])})"
+            )
+    a, b = metas["prefill"], metas["decode"]
+    if a["model"] != b["model"]:
+        diff = {k: (a["model"][k], b["model"][k]) for k in a["model"] if a["model"][k] != b["model"][k]}
+        raise ValueError(
+            f"merge_adapters: {srcs['prefill']} and {srcs['decode']} are for different model shapes: {diff}"
+        )
+    if a["base_model"] and b["base_model"] and a["base_model"] != b["base_model"]:
+        raise ValueError(
+            f"merge_adapters: {srcs['prefill']} is for {a['base_model']!r} but {srcs['decode']} for {b['base_model']!r}"
+        )
+    out = Path(out)
+    if any(out.resolve() == path.resolve() for path in srcs.values()):
+        raise ValueError(f"merge_adapters: write to a new folder, not into an input ({out})")
+    tensors = {}
+    for name, path in srcs.items():
+        weights = path / ADAPTER_WEIGHTS
+        if not weights.is_file():
+            raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {path}")
+        mine = {k: v for k, v in load_file(str(weights)).items() if k.startswith(DECODE_PREFIX) == (name == "decode")}
+        if not mine:
+            raise ValueError(f"merge_adapters: {weights} holds no {name} tensors")
+        tensors.update(mine)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "library_version": __version__,
+        "base_model": a["base_model"] or b["base_model"],
+        "model": a["model"],
+        "prefill": a["prefill"],
+        "decode": b["decode"],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "seerattn", "version": str(FORMAT_VERSION)})
+    (out / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+    return out
 
 
 def read_adapter_config(path: str | Path) -> dict:
