@@ -388,3 +388,12 @@ def test_cu_seqlens_read_once_per_tensor_version(monkeypatch):
     assert key in ops._CU_SEQLENS_CHECKED
     del cu
     assert key not in ops._CU_SEQLENS_CHECKED  # the entry dies with its tensor
+    with torch.inference_mode():  # no version counter: checked on every call, never cached
+        cu = i32(0, 20, 40)
+        reads.clear()
+        for _ in range(2):
+            assert packed(cu).shape == (1, 4, 40, 8)
+        assert len(reads) == 2 and id(cu) not in ops._CU_SEQLENS_CHECKED
+        cu[1] = 41
+        with pytest.raises(ValueError, match="non-decreasing"):
+            packed(cu)

@@ -269,8 +269,11 @@ _CU_SEQLENS_CHECKED: dict[int, tuple] = {}
 def _cu_seqlens_longest(cu_seqlens: torch.Tensor, t: int, op: str) -> int:
     """The longest sequence of ``cu_seqlens`` (int32 [N + 1]) after checking that it starts at 0, is
     non-decreasing and ends at ``t``; reads the device once per tensor version (see ``_CU_SEQLENS_CHECKED``)."""
+    # an inference tensor (made under torch.inference_mode) has no version counter to notice an in-place change
+    # by: checked on every call
+    cache = not cu_seqlens.is_inference()
     key = id(cu_seqlens)
-    hit = _CU_SEQLENS_CHECKED.get(key)
+    hit = _CU_SEQLENS_CHECKED.get(key) if cache else None
     if hit is not None and hit[0]() is cu_seqlens and hit[1:3] == (cu_seqlens._version, t):
         return hit[3]
     lens = cu_seqlens.diff()
@@ -278,8 +281,9 @@ def _cu_seqlens_longest(cu_seqlens: torch.Tensor, t: int, op: str) -> int:
     first, last, negative, longest = facts.tolist()  # one host read
     if first != 0 or last != t or negative:
         raise ValueError(f"{op}: cu_seqlens must start at 0, be non-decreasing and end at T={t}")
-    ref = weakref.ref(cu_seqlens, lambda _, k=key: _CU_SEQLENS_CHECKED.pop(k, None))
-    _CU_SEQLENS_CHECKED[key] = (ref, cu_seqlens._version, t, longest)
+    if cache:
+        ref = weakref.ref(cu_seqlens, lambda _, k=key: _CU_SEQLENS_CHECKED.pop(k, None))
+        _CU_SEQLENS_CHECKED[key] = (ref, cu_seqlens._version, t, longest)
     return longest
 
 
