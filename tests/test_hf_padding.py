@@ -319,3 +319,19 @@ def test_a_custom_mask_of_the_wrong_batch_is_refused():
     state.mask_fn = lambda req: BlockMask.from_dense(torch.ones(3, HQ, 3, 3, dtype=torch.bool).tril(), 16, 40)
     with pytest.raises(ValueError, match=r"mask_fn must return a BlockMask of batch 1, seq_len 40 and block_size 16"):
         _logits(model, input_ids(40, b=3), attention_mask=_padding((40, 30, 20), 40, "right"))
+
+
+def test_padded_and_packed_prefill_under_inference_mode():
+    """torch.inference_mode (inference tensors: no version counters) gives what no_grad gives, padded and packed."""
+    model, _ = _seer()
+    t = 150
+    ids = input_ids(t, b=2)
+    am = _padding([150, 97], t, "left")
+    kw = dict(attention_mask=am, position_ids=(am.cumsum(-1) - 1).clamp(min=0))
+    cu = torch.tensor([0, 60, 150], dtype=torch.int32)
+    packed = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=90, max_length_k=90)
+    for ids_, kwargs in ((ids, kw), (ids[:1], packed)):
+        want = _logits(model, ids_, **kwargs)
+        with torch.inference_mode():
+            got = model(ids_, **kwargs).logits
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
