@@ -396,6 +396,22 @@ def test_left_padding_refuses_a_chunked_prefill_and_a_custom_selection():
     _generate_padded(model, ids, mask, new=3)
 
 
+def test_padding_in_a_later_chunk_of_a_chunked_prefill_is_refused():
+    """Right padding with prefill_chunk_size: the first chunk is unpadded (no layout, no starts), the last holds the
+    pads; sparse decode would take their keys as real, so the chunk is refused. Unpadded chunks still run."""
+    model, _, _ = _prepared("llama")
+    ids = input_ids(PROMPT, b=2)
+    mask = torch.ones_like(ids)
+    mask[0, -5:] = 0  # pads at positions 35..39: in the third chunk of 16
+    model.generation_config.prefill_chunk_size = 16
+    try:
+        with pytest.raises(ValueError, match=r"a chunk of a chunked prefill .* holds padding .* cache position 32"):
+            _generate_padded(model, ids, mask, new=3)
+        _generate_padded(model, ids, torch.ones_like(ids), new=3)
+    finally:
+        model.generation_config.prefill_chunk_size = None
+
+
 def test_a_multi_token_step_on_a_filled_cache_is_refused_with_a_sparse_prefill():
     from transformers import DynamicCache
 

@@ -350,6 +350,8 @@ class SeerState:
     # (weak reference to the attention mask or cu_seq_lens_q tensor of the forward, (B, T), its _Layout or None):
     # every layer of a forward gets the same tensor, so its padding / packing is read and checked once
     _layout: tuple[weakref.ref, tuple[int, int], _Layout | None] | None = field(default=None, repr=False)
+    # the last chunk mask of a chunked prefill found free of padding (_check_chunk_unpadded): one read per forward
+    _chunk_mask: weakref.ref | None = field(default=None, repr=False)
 
     @property
     def stats(self) -> dict[int, dict]:
@@ -398,6 +400,7 @@ class SeerState:
         self._pending.clear()
         self._decode.clear()
         self._layout = None
+        self._chunk_mask = None
 
     def total_gate_loss(self) -> torch.Tensor:
         """Sum over layers of the distillation losses of the last forward."""
@@ -833,6 +836,7 @@ def seer_attention_forward(module, query, key, value, attention_mask, dropout: f
                     "from an empty cache, in chunks only with a dense prefill (mode='dense'), followed by one new "
                     "token per step. Switch it off with state.set_decode(enabled=False) for this use"
                 )
+            _check_chunk_unpadded(state, attention_mask, entry.length, tq, layer)
             _extend_decode_cache(module, state, entry, pre, b, tq, tk)
     if state.decoding and hf_cache is not None and tq == tk:
         starts = _decode_starts(_prefill_layout(state, mask_in, attention_mask, kwargs, b, tq), query.device)
@@ -1055,6 +1059,28 @@ def _check_handover(layer: int, entry: _DecodeCache, tk: int, new: int) -> None:
             f"({entry.length} tokens so far + {new} new); the cache was changed outside seer's decode path "
             "(cropped, extended, or full): start a new generate() or call state.reset()"
         )
+
+
+def _check_chunk_unpadded(state: SeerState, attention_mask, past: int, tq: int, layer: int) -> None:
+    """Refuse a chunk of a chunked prefill that holds padding: sparse decode's key cache takes the chunk's K rows as
+    real tokens. attention_mask: what transformers hands the layer ([B, 1 or H, tq, Tk], bool or additive float;
+    None: nothing masked beyond causality); query i of the chunk sits at cache position ``past + i`` and a real token
+    attends to itself, a pad token does not. Read once per forward (the mask is the same object in every layer)."""
+    if attention_mask is None:
+        return
+    seen = state._chunk_mask
+    if seen is not None and seen() is attention_mask:
+        return
+    am = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+    rows = torch.arange(tq, device=am.device)
+    if not bool(am[..., rows, past + rows].all()):  # one host read per chunk forward
+        raise ValueError(
+            f"layer {layer}: a chunk of a chunked prefill (prefill_chunk_size) holds padding (a pad token at or after "
+            f"cache position {past}); sparse decode would read its keys as real tokens. Prefill padded prompts in one "
+            "forward (prefill_chunk_size=None) with left padding, or switch decode sparsity off with "
+            "state.set_decode(enabled=False)"
+        )
+    state._chunk_mask = weakref.ref(attention_mask)
 
 
 def _extend_decode_cache(module, state: SeerState, entry: _DecodeCache, pre: dict | None, b: int, tq: int, tk: int):
