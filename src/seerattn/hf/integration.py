@@ -351,7 +351,7 @@ class SeerState:
     # every layer of a forward gets the same tensor, so its padding / packing is read and checked once
     _layout: tuple[weakref.ref, tuple[int, int], _Layout | None] | None = field(default=None, repr=False)
     # the last chunk mask of a chunked prefill found free of padding (_check_chunk_unpadded): one read per forward
-    _chunk_mask: weakref.ref | None = field(default=None, repr=False)
+    _chunk_mask: tuple[weakref.ref, int] | None = field(default=None, repr=False)
 
     @property
     def stats(self) -> dict[int, dict]:
@@ -1065,11 +1065,12 @@ def _check_chunk_unpadded(state: SeerState, attention_mask, past: int, tq: int, 
     """Refuse a chunk of a chunked prefill that holds padding: sparse decode's key cache takes the chunk's K rows as
     real tokens. attention_mask: what transformers hands the layer ([B, 1 or H, tq, Tk], bool or additive float;
     None: nothing masked beyond causality); query i of the chunk sits at cache position ``past + i`` and a real token
-    attends to itself, a pad token does not. Read once per forward (the mask is the same object in every layer)."""
+    attends to itself, a pad token does not. Read once per forward (the mask is the same object in every layer; the
+    cache keys on it and on ``past``)."""
     if attention_mask is None:
         return
     seen = state._chunk_mask
-    if seen is not None and seen() is attention_mask:
+    if seen is not None and seen[0]() is attention_mask and seen[1] == past:
         return
     am = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
     rows = torch.arange(tq, device=am.device)
@@ -1080,7 +1081,7 @@ def _check_chunk_unpadded(state: SeerState, attention_mask, past: int, tq: int, 
             "forward (prefill_chunk_size=None) with left padding, or switch decode sparsity off with "
             "state.set_decode(enabled=False)"
         )
-    state._chunk_mask = weakref.ref(attention_mask)
+    state._chunk_mask = (weakref.ref(attention_mask), past)
 
 
 def _extend_decode_cache(module, state: SeerState, entry: _DecodeCache, pre: dict | None, b: int, tq: int, tk: int):
