@@ -335,3 +335,22 @@ def test_padded_and_packed_prefill_under_inference_mode():
         with torch.inference_mode():
             got = model(ids_, **kwargs).logits
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_a_mask_object_changed_in_place_between_forwards_is_read_again():
+    """A caller's 4-D mask reaches the attention function as the same object every forward; the layout cached for
+    it is keyed on its version, so an in-place change (more padding) is read again, not served stale."""
+    model, _ = _seer()
+    t = 150
+    ids = input_ids(t, b=2)
+    am = torch.ones(2, t, dtype=torch.bool)
+    am[1, :50] = False
+    causal = torch.ones(t, t, dtype=torch.bool).tril()[None, None]
+    m4 = causal & am[:, None, None, :]
+    first = _logits(model, ids, attention_mask=m4)
+    am[1, :90] = False
+    m4 &= am[:, None, None, :]  # in place: same object, new padding; the next forward meets the cached layout
+    got = _logits(model, ids, attention_mask=m4)
+    want = _logits(model, ids, attention_mask=(causal & am[:, None, None, :]).clone())
+    torch.testing.assert_close(got[1, 90:], want[1, 90:], rtol=0, atol=0)
+    assert not torch.equal(got[1, 90:], first[1, 90:])

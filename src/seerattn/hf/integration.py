@@ -347,9 +347,9 @@ class SeerState:
     _masks: tuple[str, list | Iterator] | None = field(default=None, repr=False)
     # per layer: the decode-gate key cache kept beside one transformers cache object (see _DecodeCache)
     _decode: dict[int, _DecodeCache] = field(default_factory=dict, repr=False)
-    # (weak reference to the attention mask or cu_seq_lens_q tensor of the forward, (B, T), its _Layout or None):
-    # every layer of a forward gets the same tensor, so its padding / packing is read and checked once
-    _layout: tuple[weakref.ref, tuple[int, int], _Layout | None] | None = field(default=None, repr=False)
+    # (weak reference to the attention mask or cu_seq_lens_q tensor of the forward, (B, T, its version), its _Layout
+    # or None): every layer of a forward gets the same tensor, so its padding / packing is read and checked once
+    _layout: tuple[weakref.ref, tuple[int, int, int | None], _Layout | None] | None = field(default=None, repr=False)
     # the last chunk mask of a chunked prefill found free of padding (_check_chunk_unpadded): one read per forward
     _chunk_mask: tuple[weakref.ref, int] | None = field(default=None, repr=False)
 
@@ -558,8 +558,12 @@ def _prefill_layout(state: SeerState, mask_in, attention_mask, kwargs, b: int, t
     key = mask_in if mask_in is not None else cu
     if key is None:
         return None
+    # keyed on the tensor and its version (an in-place change of a mask object a caller hands in again is read
+    # again); an inference tensor has no version counter: there, identity alone (transformers builds a new mask
+    # object every forward)
+    version = None if key.is_inference() else key._version
     cached = state._layout
-    if cached is not None and cached[0]() is key and cached[1] == (b, t):
+    if cached is not None and cached[0]() is key and cached[1] == (b, t, version):
         return cached[2]
     spans = None if attention_mask is None else _mask_spans(attention_mask, b, t)
     if cu is not None:
@@ -571,7 +575,7 @@ def _prefill_layout(state: SeerState, mask_in, attention_mask, kwargs, b: int, t
             )
         spans = cu_spans
     layout = _make_layout(spans, b, t, key.device)
-    state._layout = (weakref.ref(key), (b, t), layout)
+    state._layout = (weakref.ref(key), (b, t, version), layout)
     return layout
 
 
