@@ -209,3 +209,18 @@ def test_transposed_lists_are_the_lists_of_the_transposed_mask(case):
     assert torch.equal(BlockMask(m.q_num_blocks, m.q_indices, bs, seq_len).to_dense(), t)
     assert m.q_indices is m.q_indices  # cached on the mask
     assert m.expand_heads(m.num_heads).q_indices is m.q_indices
+
+
+@HYP
+@given(dense_masks())
+def test_policy_masks_count_densities_from_their_lists_exactly(case):
+    """A policy's mask (causal by construction) takes the O(B H NQ) count from kv_num_blocks and each row's last
+    index: exactly the general path's numbers, rows with and without the diagonal, empty rows, a partial last block."""
+    from dataclasses import replace
+
+    from seerattn.block_mask import SparsityPolicy, policy_source
+
+    dense, bs, seq_len = case
+    general = BlockMask.from_dense(dense & causal_block_mask(dense.shape[-1]), bs, seq_len)
+    policy = replace(general, source=policy_source(SparsityPolicy("density", 0.1)))
+    assert all(torch.equal(a, b) for a, b in zip(policy.densities(), general.densities(), strict=True))

@@ -718,7 +718,10 @@ def _layout_densities(layout: _Layout, mask: BlockMask) -> tuple[torch.Tensor, t
     blocks = tokens = block_total = token_total = 0.0
     for group in layout.groups:
         n, g = num_blocks(group.length, bs), group.seqs.numel()
-        sub = BlockMask(mask.kv_num_blocks[group.seqs, :, :n], mask.kv_indices[group.seqs, :, :n, :n], bs, group.length)
+        sub = BlockMask(
+            mask.kv_num_blocks[group.seqs, :, :n], mask.kv_indices[group.seqs, :, :n, :n], bs, group.length,
+            source=mask.source,  # a policy's: counted from the lists (BlockMask.densities)
+        )  # fmt: skip
         d, td = sub.densities()
         wb, wt = g * n * (n + 1) / 2, g * group.length * (group.length + 1) / 2
         blocks, tokens = blocks + d * wb, tokens + td * wt
