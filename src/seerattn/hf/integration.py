@@ -1079,6 +1079,11 @@ def _check_chunk_unpadded(state: SeerState, attention_mask, past: int, tq: int, 
     seen = state._chunk_mask
     if seen is not None and seen[0]() is attention_mask and seen[1] == past:
         return
+    if attention_mask.dim() != 4 or attention_mask.shape[-2] != tq or attention_mask.shape[-1] < past + tq:
+        raise ValueError(
+            f"layer {layer}: a prefill chunk of {tq} tokens after {past} takes an attention mask [B, 1, {tq}, >= "
+            f"{past + tq}] (transformers' causal mask), got {tuple(attention_mask.shape)}"
+        )
     am = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
     rows = torch.arange(tq, device=am.device)
     if not bool(am[..., rows, past + rows].all()):  # one host read per chunk forward
