@@ -412,6 +412,23 @@ def test_padding_in_a_later_chunk_of_a_chunked_prefill_is_refused():
         model.generation_config.prefill_chunk_size = None
 
 
+def test_chunk_padding_check_reads_the_diagonal_and_refuses_other_shapes():
+    """_check_chunk_unpadded: a chunk's query i at cache position past + i must attend to itself (bool or additive
+    masks); a mask of another layout is refused by name."""
+    from seerattn.hf.integration import SeerState, _check_chunk_unpadded
+
+    state = SeerState(SeerConfig(gate=GATE))
+    past, tq, tk = 8, 4, 12
+    ok = torch.ones(tk, tk, dtype=torch.bool).tril()[past:].expand(2, 1, tq, tk).clone()
+    _check_chunk_unpadded(state, ok, past, tq, layer=0)
+    additive = torch.where(ok, 0.0, float("-inf"))
+    additive[1, 0, 2, past + 2] = float("-inf")  # a pad query: not attending to itself
+    with pytest.raises(ValueError, match="holds padding"):
+        _check_chunk_unpadded(state, additive, past, tq, layer=0)
+    with pytest.raises(ValueError, match=r"takes an attention mask \[B, 1, 4, >= 12\]"):
+        _check_chunk_unpadded(state, ok[:, 0, 0], past, tq, layer=0)
+
+
 def test_a_multi_token_step_on_a_filled_cache_is_refused_with_a_sparse_prefill():
     from transformers import DynamicCache
 
