@@ -261,7 +261,7 @@ class BlockMask:
         nb, bs, t = num.shape[-1], self.block_size, self.seq_len
         heads = num.shape[0] * num.shape[1]
         rows = torch.arange(nb, device=num.device)
-        last = self.kv_indices.gather(-1, (num - 1).clamp(min=0).unsqueeze(-1).to(self.kv_indices.dtype)).squeeze(-1)
+        last = self.kv_indices.gather(-1, (num - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1)  # int64 index
         diag = ((num > 0) & (last == rows)).to(torch.float64)
         below = num.to(torch.float64) - diag
         sizes = (t - bs * rows.to(torch.float64)).clamp(max=bs)  # tokens of query block I, the last one partial

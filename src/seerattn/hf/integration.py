@@ -579,6 +579,11 @@ def _prefill_layout(state: SeerState, mask_in, attention_mask, kwargs, b: int, t
     return layout
 
 
+def _attends(mask: torch.Tensor) -> torch.Tensor:
+    """Where a transformers attention mask (bool, or additive float: 0 = attend) lets a query attend, as bool."""
+    return mask if mask.dtype == torch.bool else mask == 0
+
+
 def _mask_spans(attention_mask: torch.Tensor, b: int, t: int) -> list[tuple[int, int]]:
     """(flat start ``b * T + t``, length) of each sequence of a padding / packing mask [B, 1, T, T] (bool, or
     additive float with 0 = attend), in row-major order; raises for any other pattern (see :func:`_prefill_layout`).
@@ -587,7 +592,7 @@ def _mask_spans(attention_mask: torch.Tensor, b: int, t: int) -> list[tuple[int,
     before it. The mask must then be exactly causal within each sequence for real queries, and for pad queries
     either nothing or causal over the real keys (transformers' right padding); checked on the device in
     chunks of query rows, read by the host at the end."""
-    am = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+    am = _attends(attention_mask)
     if am.dim() != 4 or am.shape[0] != b or am.shape[1] != 1 or tuple(am.shape[-2:]) != (t, t):
         raise ValueError(
             f"seer attention takes an attention mask of shape [B, 1, T, T] = [{b}, 1, {t}, {t}] (transformers' "
@@ -1084,9 +1089,8 @@ def _check_chunk_unpadded(state: SeerState, attention_mask, past: int, tq: int, 
             f"layer {layer}: a prefill chunk of {tq} tokens after {past} takes an attention mask [B, 1, {tq}, >= "
             f"{past + tq}] (transformers' causal mask), got {tuple(attention_mask.shape)}"
         )
-    am = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-    rows = torch.arange(tq, device=am.device)
-    if not bool(am[..., rows, past + rows].all()):  # one host read per chunk forward
+    # entries (i, past + i): converted alone, not the whole [B, 1, tq, Tk] mask
+    if not bool(_attends(attention_mask.diagonal(offset=past, dim1=-2, dim2=-1)).all()):  # one host read a forward
         raise ValueError(
             f"layer {layer}: a chunk of a chunked prefill (prefill_chunk_size) holds padding (a pad token at or after "
             f"cache position {past}); sparse decode would read its keys as real tokens. Prefill padded prompts in one "
