@@ -88,7 +88,9 @@ def _decode_budget_select_kernel(
     else:
         logits = tl.math.div_rn(acc, tl.math.sqrt_rn(tl.full([], DG, acc_dt)))
 
-    forced = ((cols == 0) | (cols == cur)) & (cols < NB) & (n > 0)
+    # first and current block, none for an empty cache (cur = -1): 'cols <= cur' rather than '& (n > 0)', a scalar
+    # bool that triton 3.9's interpreter broadcasts to an int32 tensor (which tl.store then refuses as a mask)
+    forced = ((cols == 0) | (cols == cur)) & (cols <= cur) & (cols < NB)
     cand = forced | (completed & (logits != float("-inf")))
     key = _order_key(tl.where(forced, float("inf"), logits), KEY64)
     theta = tl.zeros([], dtype=tl.int32).to(key.dtype)
