@@ -8,15 +8,18 @@ registers and writes the row's kept-block list (ascending) and count directly:
 - ``dense``: every causal block; ``threshold``: ``score >= value``;
 - ``density`` (row budgets ``k_I`` from :func:`seerattn.block_mask.density_row_budget`): the ``k_I``
   best blocks, forced blocks (sink, diagonal) ranking first. Instead of sorting, the ``k``-th
-  largest score is found exactly by a bitwise search on an order-preserving integer key of the
-  float (32 or 64 passes of a masked count over the row): ``theta`` is the largest key with at least
-  ``k`` keys ``>= theta``. Blocks above ``theta`` are kept, and of the blocks equal to ``theta`` the
+  largest score is found exactly by a search on an order-preserving integer key of the float:
+  ``theta`` is the largest key with at least ``k`` keys ``>= theta``, built two bits a pass (the
+  counts at the three candidates packed into one reduction), stopping early once exactly ``k`` keys
+  are ``>= theta``. Blocks above ``theta`` are kept, and of the blocks equal to ``theta`` the
   lowest columns, as many as the budget has left: exactly what a stable descending sort keeps
-  (equal scores by lower column; ``-0.0`` counts as ``0.0``, as in the sort);
-- ``top_p``: the same search on the mass: ``theta`` is the largest key whose blocks at or above it
-  hold at least ``value`` times the row's mass. Blocks above it are kept, and blocks equal to it by
-  lower column while the mass before them is below the target: the minimal prefix of the stable
-  descending sort.
+  (equal scores by lower column; ``-0.0`` counts as ``0.0``, as in the sort). This kind has its own
+  kernel (:func:`_density_kernel`), launched once per width class of rows (``W/2 <= I < W``), so a
+  row is read and ranked over its causal part (at most twice it), not the full ``NQ``;
+- ``top_p``: a bitwise search (32 or 64 passes of a masked sum over the row) on the mass: ``theta``
+  is the largest key whose blocks at or above it hold at least ``value`` times the row's mass.
+  Blocks above it are kept, and blocks equal to it by lower column while the mass before them is
+  below the target: the minimal prefix of the stable descending sort.
 
 Then the forced blocks, ``dense_last_rows``, and a row's best block when nothing else was kept
 (first column on a tie, like ``argmax``), as :func:`seerattn.block_mask.mask_from_scores` does.
@@ -43,9 +46,13 @@ from .config import interpreting
 __all__ = ["KINDS", "select_fwd"]
 
 KINDS = {"dense": 0, "threshold": 1, "density": 2, "top_p": 3, "head": 4}
-# _density_kernel's launch: scores per program, warps, and the narrowest width class
+# _density_kernel's launch (the offline sm_90 compile, docs/experiments/prefill-gate-policy/select_compile.py):
+# up to DENSITY_TILE scores and DENSITY_ROWS rows a program (more rows replicate each row's reduced values
+# in every thread: 200+ registers at 8 rows), DENSITY_PER_THREAD scores a thread (63-94 registers, no
+# spills, from 1 warp at width 64 to 8 at 2048), width classes down to MIN_WIDTH
 DENSITY_TILE = 2048
-DENSITY_WARPS = 4
+DENSITY_ROWS = 4
+DENSITY_PER_THREAD = 8
 MIN_WIDTH = 64
 
 
@@ -154,7 +161,7 @@ def _head_ties_kernel(
 
 @triton.jit
 def _select_kernel(
-    S, Budget, Value, Num, Idx, Theta, Need, TiesBefore,
+    S, Value, Num, Idx, Theta, Need, TiesBefore,
     stride_sb, stride_sh, stride_si,
     stride_nb, stride_nh,
     stride_ib, stride_ih, stride_ii,
@@ -179,18 +186,6 @@ def _select_kernel(
     elif KIND == 1:
         value = tl.load(Value)
         keep = (s >= value) & causal
-    elif KIND == 2:
-        k = tl.minimum(tl.load(Budget + i, mask=r_ok, other=1), i + 1)[:, None]
-        key = _order_key(tl.where(forced, float("inf"), s), KEY64)
-        theta = tl.zeros([BLOCK_R, 1], dtype=tl.int32).to(key.dtype)
-        for bit in tl.static_range(BITS - 1, -1, -1):
-            cand = theta | (_unit(KEY64) << bit)
-            n = tl.sum(((key >= cand) & causal).to(tl.int32), 1, keep_dims=True)
-            theta = tl.where(n >= k, cand, theta)
-        above = causal & (key > theta)
-        tied = causal & (key == theta)
-        need = k - tl.sum(above.to(tl.int32), 1, keep_dims=True)
-        keep = above | (tied & (tl.cumsum(tied.to(tl.int32), 1) <= need))
     elif KIND == 4:
         # head allocation: the head's threshold key and quota of ties were found by the radix passes;
         # ties are kept in row-major order, so a row's quota starts after the earlier rows' ties
@@ -341,11 +336,12 @@ def _density_launch(scores, budget, num, idx, keep_sink, keep_diagonal, dense_la
     b, h, nq, _ = scores.shape
     # rows per program: a tile of about TILE scores on the GPU; under the interpreter every row of a
     # class at once (its cost is per program and per op, not per element)
-    tile = 1 << 16 if interpreting() else DENSITY_TILE
+    tile, rows = (1 << 16, 1 << 16) if interpreting() else (DENSITY_TILE, DENSITY_ROWS)
     width, hi = triton.next_power_of_2(nq), nq
     while hi > 0:
         lo = width // 2 if width > MIN_WIDTH else 0
-        block_r = max(1, min(triton.next_power_of_2((hi - lo) * b * h), tile // width))
+        block_r = max(1, min(triton.next_power_of_2((hi - lo) * b * h), tile // width, rows))
+        warps = max(1, min(8, block_r * width // (32 * DENSITY_PER_THREAD)))
         _density_kernel[(triton.cdiv((hi - lo) * b * h, block_r),)](
             scores, budget, num, idx,
             scores.stride(0), scores.stride(1), scores.stride(2),
@@ -353,7 +349,7 @@ def _density_launch(scores, budget, num, idx, keep_sink, keep_diagonal, dense_la
             idx.stride(0), idx.stride(1), idx.stride(2),
             nq, h, b * h, lo, hi, nq - dense_last_rows if dense_last_rows else nq,
             SINK=keep_sink, DIAG=keep_diagonal, W=width, BLOCK_R=block_r, KEY64=key64, BITS=64 if key64 else 32,
-            num_warps=DENSITY_WARPS,
+            num_warps=warps,
         )  # fmt: skip
         width, hi = width // 2, lo
 
@@ -382,7 +378,6 @@ def select_fwd(
     idx = torch.empty(b, h, nq, nq, dtype=torch.int32, device=scores.device)
     # the value as a one-element tensor: a Python float argument would reach the kernel as fp32
     value_t = torch.full((1,), float(value), dtype=cdt, device=scores.device)
-    budget_arg = budget if budget is not None else num
     nkp = triton.next_power_of_2(nq)
     theta = need = ties_before = num  # dummy pointers unless the head allocation runs
     if head_total is not None:
@@ -398,7 +393,7 @@ def select_fwd(
     block_r = max(1, min(triton.next_power_of_2(n_rows), cap // nkp))
     warps = 4 if block_r * nkp <= 2048 else 8
     _select_kernel[(triton.cdiv(n_rows, block_r),)](
-        scores, budget_arg, value_t, num, idx, theta, need, ties_before,
+        scores, value_t, num, idx, theta, need, ties_before,
         scores.stride(0), scores.stride(1), scores.stride(2),
         num.stride(0), num.stride(1),
         idx.stride(0), idx.stride(1), idx.stride(2),
