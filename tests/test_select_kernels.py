@@ -206,3 +206,19 @@ def test_cuda_kernel_equals_pytorch_policies_at_32k(heads):
         else:
             same_rows = (got.to_dense() == want.to_dense()).all(-1)
             assert same_rows.float().mean() > 0.999
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_density_classes_equal_pytorch_policies_at_128k():
+    """128k tokens, block 64 (NQ = 2048: width classes 2048 down to 64), 4 heads, gate-like fp32 rows and rows
+    with many ties (logits rounded to 0.5): the density lists are identical to the sort's."""
+    nq = 2048
+    logits = torch.randn(1, 4, nq, nq, device="cuda") * 3
+    causal = torch.ones(nq, nq, dtype=torch.bool, device="cuda").tril()
+    for x in (logits, (logits * 2).round() / 2):
+        s = x.masked_fill(~causal, float("-inf")).softmax(-1)
+        for policy in DENSITY_ROWS:
+            want = mask_from_scores(s, policy, nq * 64, 64, impl="reference")
+            got = mask_from_scores(s, policy, nq * 64, 64, impl="triton")
+            assert torch.equal(got.kv_num_blocks, want.kv_num_blocks) and torch.equal(got.kv_indices, want.kv_indices)

@@ -46,10 +46,10 @@ from .config import interpreting
 __all__ = ["KINDS", "select_fwd"]
 
 KINDS = {"dense": 0, "threshold": 1, "density": 2, "top_p": 3, "head": 4}
-# _density_kernel's launch (the offline sm_90 compile, docs/experiments/prefill-gate-policy/select_compile.py):
-# up to DENSITY_TILE scores and DENSITY_ROWS rows a program (more rows replicate each row's reduced values
-# in every thread: 200+ registers at 8 rows), DENSITY_PER_THREAD scores a thread (63-94 registers, no
-# spills, from 1 warp at width 64 to 8 at 2048), width classes down to MIN_WIDTH
+# _density_kernel's launch, from the offline sm_90 build (docs/experiments/prefill-gate-policy/select_bench.py
+# with --compile): up to DENSITY_TILE scores and DENSITY_ROWS rows a program (more rows replicate each row's
+# reduced values in every thread: 200+ registers at 8 rows), DENSITY_PER_THREAD scores a thread (62-80
+# registers, no spills, from 1 warp at width 64 to 8 at 2048), width classes down to MIN_WIDTH
 DENSITY_TILE = 2048
 DENSITY_ROWS = 4
 DENSITY_PER_THREAD = 8
