@@ -29,7 +29,7 @@ else
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$R/gpu.txt"
   TESTS=(-m gpu tests/test_gate_kernels.py tests/test_select_kernels.py tests/test_policies.py)
   PREFILL="--seqlens 32768,131072 --densities 0.1,0.05 --warmup 1 --reps 2"
-  T_TESTS=150; T_SELECT=90; T_GATE=90; T_PREFILL=200
+  T_TESTS=${T_TESTS:-150}; T_SELECT=${T_SELECT:-90}; T_GATE=${T_GATE:-90}; T_PREFILL=${T_PREFILL:-200}
 fi
 git rev-parse HEAD > "$R/commit.txt" 2>/dev/null
 
