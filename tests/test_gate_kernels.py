@@ -225,3 +225,29 @@ def test_scores_precision_is_checked():
     assert torch.equal(gate_fwd.gate_logits_fwd(*args, precision="tf32x3"), ref)  # the interpreter: exact fp32
     with pytest.raises(ValueError, match=r"one of \('ieee', 'tf32x3', 'tf32'\), got 'bf16'"):
         gate_fwd.gate_logits_fwd(*args, precision="bf16")
+
+
+@interpreter
+@pytest.mark.parametrize(
+    "hq,hx,n,c,dg,rope", [(4, 2, 37, 48, 6, True), (2, 2, 16, 16, 32, True), (4, 1, 70, 40, 8, False)]
+)
+def test_projection_kernel_equals_matmul_then_rotary(hq, hx, n, c, dg, rope):
+    """``_project``: pooled rows [B, Hx, N, C] x W [Hq, C, Dg] (query head h reads input head h // G), then
+    rotate-half at cos/sin row n * c_step — against torch's matmul and the eager gate's apply_rotary, on ragged
+    tiles (N, C not multiples of the tile; Dg / 2 odd) and per-batch tables."""
+    from seerattn.gate import apply_rotary
+    from seerattn.ops._triton import gate_fwd
+
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(2, hx, n, c, generator=g)
+    w = torch.randn(hq, c, dg, generator=g)
+    step = 3
+    cos = sin = None
+    if rope:
+        ang = torch.rand(2, n * step, dg // 2, generator=g) * 6
+        cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)
+    got = gate_fwd._project(x, w, cos, sin, step, "ieee")
+    want = torch.matmul(x.repeat_interleave(hq // hx, 1), w)
+    if rope:
+        want = apply_rotary(want, cos[:, ::step], sin[:, ::step])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

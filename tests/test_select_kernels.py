@@ -9,9 +9,12 @@ import os
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from seerattn import SparsityPolicy, mask_from_scores
 from seerattn.ops import select_blocks
+from seerattn.ops._triton import select as select_mod
 
 # The interpreter tests run on CPU tensors: on a CUDA machine only with TRITON_INTERPRET=1 set by hand
 # (the conftest turns the interpreter on only where there is no GPU); the GPU tests run there instead.
@@ -86,6 +89,91 @@ def test_signed_zero_and_infinities_keep_the_sort_order():
         _same(s, policy)
 
 
+DENSITY_ROWS = [  # the row allocations, with and without forced blocks and dense last rows
+    SparsityPolicy("density", 0.1),
+    SparsityPolicy("density", 0.05, keep_sink=False, keep_diagonal=False),
+    SparsityPolicy("density", 0.3, "uniform", keep_sink=False),
+    SparsityPolicy("density", 0.15, "floor", keep_diagonal=False, dense_last_rows=3),
+    SparsityPolicy("density", 0.97, "uniform"),  # budgets of whole rows: the search stops at once
+]
+
+
+def _with_ties_and_zeros(scores, seed):
+    """A copy of ``scores`` with some rows of few values (ties across the budget), zeros of both signs
+    and -inf entries, so that one program holds rows that stop the search early and rows that run it
+    to the end."""
+    g = torch.Generator().manual_seed(seed)
+    s = scores.clone()
+    nq = s.shape[-1]
+    causal = torch.ones(nq, nq, dtype=torch.bool).tril()
+    few = torch.randint(0, 3, s.shape, generator=g).float() / 4
+    rows = torch.rand(s.shape[:-1], generator=g) < 0.4
+    s = torch.where(rows[..., None] & causal, few, s)
+    signed = torch.rand(s.shape, generator=g)
+    s = torch.where(causal & (signed < 0.1), torch.tensor(-0.0), s)
+    s = torch.where(causal & (signed > 0.97), torch.tensor(float("-inf")), s)
+    return s
+
+
+@interpreter
+@pytest.mark.parametrize("nq", [1, 2, 63, 64, 65, 200])
+@pytest.mark.parametrize("policy", DENSITY_ROWS, ids=lambda p: f"{p.allocation}-{p.value}")
+def test_density_width_classes_every_row_length(nq, policy):
+    """Rows of every length 1..NQ across the width classes (NQ = 200: widths 256, 128 and 64 with the
+    rows under 64), NQ a power of two or not, ties across the budget, -0.0 and -inf."""
+    _same(_with_ties_and_zeros(_probs(1, 3, nq, seed=nq), seed=nq), policy)
+
+
+@interpreter
+def test_density_every_width_class_down_to_one(monkeypatch):
+    """With the narrowest class at width 1 every class runs (1, 2, 4, ..., 64 for NQ = 100), in fp32
+    and fp64 (64-bit keys, 32 passes of two bits)."""
+    monkeypatch.setattr(select_mod, "MIN_WIDTH", 1)
+    s = _with_ties_and_zeros(_probs(1, 2, 100, seed=5), seed=6)
+    for policy in DENSITY_ROWS[::2]:
+        _same(s, policy)
+    _same(s.double(), DENSITY_ROWS[0])
+
+
+@interpreter
+def test_density_gpu_tiles(monkeypatch):
+    """The GPU's launch (at most DENSITY_ROWS rows a program, many programs a class) run by the
+    interpreter: rows of one program belong to different heads, and the last program of a class is
+    partly past its end."""
+    monkeypatch.setattr(select_mod, "interpreting", lambda: False)
+    s = _with_ties_and_zeros(_probs(1, 2, 70, seed=7), seed=8)
+    for policy in DENSITY_ROWS[:2]:
+        _same(s, policy)
+
+
+@interpreter
+@pytest.mark.slow
+def test_density_2048_wide_rows():
+    """NQ = 2048 (128k tokens at block 64) at one head: the widest class holds the rows 1024..2047,
+    some of them ties across the budget."""
+    s = _with_ties_and_zeros(_probs(1, 1, 2048, seed=9), seed=10)
+    _same(s, SparsityPolicy("density", 0.05), bs=64)
+
+
+@interpreter
+@settings(max_examples=25, deadline=None)
+@given(
+    nq=st.integers(1, 90),
+    heads=st.integers(1, 3),
+    levels=st.sampled_from([None, 2, 5]),
+    density=st.floats(0.01, 1.0),
+    allocation=st.sampled_from(["row", "uniform", "floor"]),
+    sink=st.booleans(),
+    diag=st.booleans(),
+    dense_last=st.integers(0, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_density_property_equals_the_sort(nq, heads, levels, density, allocation, sink, diag, dense_last, seed):
+    policy = SparsityPolicy("density", density, allocation, keep_sink=sink, keep_diagonal=diag,
+                            dense_last_rows=dense_last)  # fmt: skip
+    _same(_probs(1, heads, nq, seed=seed, levels=levels), policy)
+
+
 @interpreter
 def test_dispatch_rules():
     s = _probs(1, 1, 4, seed=0)
@@ -118,3 +206,19 @@ def test_cuda_kernel_equals_pytorch_policies_at_32k(heads):
         else:
             same_rows = (got.to_dense() == want.to_dense()).all(-1)
             assert same_rows.float().mean() > 0.999
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_density_classes_equal_pytorch_policies_at_128k():
+    """128k tokens, block 64 (NQ = 2048: width classes 2048 down to 64), 4 heads, gate-like fp32 rows and rows
+    with many ties (logits rounded to 0.5): the density lists are identical to the sort's."""
+    nq = 2048
+    logits = torch.randn(1, 4, nq, nq, device="cuda") * 3
+    causal = torch.ones(nq, nq, dtype=torch.bool, device="cuda").tril()
+    for x in (logits, (logits * 2).round() / 2):
+        s = x.masked_fill(~causal, float("-inf")).softmax(-1)
+        for policy in DENSITY_ROWS:
+            want = mask_from_scores(s, policy, nq * 64, 64, impl="reference")
+            got = mask_from_scores(s, policy, nq * 64, 64, impl="triton")
+            assert torch.equal(got.kv_num_blocks, want.kv_num_blocks) and torch.equal(got.kv_indices, want.kv_indices)

@@ -35,8 +35,8 @@ def gate_block_logits(
     k_pooling: tuple[str, ...],
 ) -> torch.Tensor:
     """The AttnGate's block logits without the eager gate's intermediates (a Triton pooling kernel
-    per input, the projection as one batched fp32 matmul, RoPE applied once to the gate vectors, a Triton
-    scores kernel with the log-sum-exp over query windows and the causal block mask), computed in fp32.
+    per input, a Triton projection kernel per input that applies RoPE to the gate vectors as it writes them,
+    a Triton scores kernel with the log-sum-exp over query windows and the causal block mask), computed in fp32.
 
     Args:
         q: [B, Hq, T, D] pre-RoPE queries; k: [B, Hkv, T, D] pre-RoPE keys (views are read in place).

@@ -11,14 +11,16 @@ Exactly :class:`seerattn.gate.AttnGate`'s forward, in fp32 whatever the input dt
    channels ``[B, H, N, C * D]`` (N = ceil(T / window)); the sum is divided by the window's real
    token count (a partial last window uses the tokens it has). That is ``C * D / window`` floats per
    token and head (Q: 384 / 16 with the windowed gate), smaller than the sequence itself.
-2. The per-head projection is one batched fp32 matmul (cuBLAS, as the eager gate's einsum); K is
-   pooled once per KV head and projected for each query head of its group by broadcasting (no
-   repeated copy). A gate without a Q projection uses the pooled Q as is.
-3. ``_rope_kernel`` (with RoPE): the gate vectors rotated once, in place, in fp32 (rotate-half, the eager
-   gate's :func:`seerattn.gate.apply_rotary`): query windows at their first position, key blocks at their
-   first window's. One read and one write of ``[B, Hq, NS + NB, Dg]`` fp32 (168 MB at 128k, Llama-3.1-8B's
-   windowed gate), where rotating inside the scores kernel redid it on every key tile of every row tile and
-   buffered cos/sin halves beside each key tile in shared memory.
+2. ``_project_kernel`` (once for Q, once for K): a program owns ``BLOCK_M`` pooled rows of one query head
+   and multiplies them by the head's weights ``[C * D, Dg]`` in steps of ``BLOCK_K`` channels on tensor cores
+   (``precision``, 3xTF32 by default, as the scores), into two ``[BLOCK_M, Dg / 2]`` accumulators, one per
+   half of the gate dimension; with RoPE it rotates them in registers (rotate-half: channel ``j`` with
+   ``j + Dg / 2``, the eager gate's :func:`seerattn.gate.apply_rotary`) at row ``n``'s cos/sin row
+   ``n * C_STEP`` (1 for query windows, ``R`` for key blocks: their first window) and writes the gate
+   vectors ``[B, Hq, N, Dg]`` fp32 once. K is pooled once per KV head; each query head of its group reads it.
+   It replaces (branch wip/gate-proj, not yet timed) an fp32 cuBLAS matmul (SIMT: 0.18 ms a layer at 32k for Q
+   on the H200, session 9 profile) and a RoPE pass that read and wrote the gate vectors again.
+3. ``_rope_kernel``: only for a gate without a Q projection (the pooled Q is the gate query), in place.
 4. ``_gate_scores_kernel``: a program owns ``BLOCK_I`` query blocks of one head, that is their
    ``BLOCK_I * R`` query windows (``R = block_size // q_step``; window ``block * R + w``, consecutive),
    and walks the key tiles left to right. The windows are loaded once, before the key loop; each key
@@ -36,9 +38,9 @@ Layouts: q ``[B, Hq, T, D]``, k ``[B, Hkv, T, D]`` (views allowed); weights ``[H
 Supported: head dims 16..128 (powers of two), any even ``Dg >= 2`` (padded to a power of two >= 16 in
 the scores kernel), pooling ``avg``/``max``/``min`` in any order, ``q_step`` any power of two up to
 the block size. Limitations: forward only (training keeps the eager gate, which has a backward).
-A fused projection (``tl.dot`` on the pooled tile in registers) spilled heavily in the offline sm_90
-compile (three [32, 128] fp32 accumulators plus IEEE-dot operands), hence the matmul between the
-kernels.
+The projection is not fused into the pooling kernel: a fused projection (``tl.dot`` on the pooled tile in
+registers) spilled heavily in the offline sm_90 compile (three [32, 128] fp32 accumulators plus IEEE-dot
+operands).
 """
 
 from __future__ import annotations
@@ -73,6 +75,11 @@ SCORES_TILE = (128, 64, 8, 2)
 IEEE_SCORES_TILE = (64, 64, 8, 2)
 # Under the interpreter: 16 windows, so that R = 2 and 4 put several blocks in a program and R = 1 sixteen.
 _INTERP_SCORES_TILE = (16, 16, 4, 1)
+# The projection kernel's tile on the GPU: (gate vectors per program, channels per step, warps, stages); two
+# [BLOCK_M, Dg / 2] fp32 accumulators. Not yet timed (branch wip/gate-proj): chosen to fit sm_90 without spills
+# at Dg 128 in the offline compile (docs/experiments/prefill-gate-policy/proj_compile.py).
+PROJ_TILE = (128, 32, 8, 3)
+_INTERP_PROJ_TILE = (16, 16, 4, 1)
 
 
 @triton.jit
@@ -160,6 +167,60 @@ def _rope_kernel(
 
 
 @triton.jit
+def _project_kernel(
+    X, W, C, S, Out,
+    stride_xb, stride_xh, stride_xn,
+    stride_wh, stride_wc,
+    stride_cb, stride_cn,
+    stride_ob, stride_oh, stride_on,
+    N, HQ, G, CDIM, HALF,
+    C_STEP: tl.constexpr, ROPE: tl.constexpr, HALF_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``BLOCK_M`` gate vectors of query head ``h``: pooled rows of input head ``h // G`` times ``W[h]``, then
+    (``ROPE``) rotate-half with the cos/sin row ``n * C_STEP``. The two halves of the gate dimension are two
+    accumulators, so the rotation pairs channel ``j`` with ``j + HALF`` in registers (no second pass)."""
+    bh = tl.program_id(0)
+    b = bh // HQ
+    h = bh % HQ
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    offs_j = tl.arange(0, HALF_P)
+    j_ok = offs_j < HALF
+    x_base = X + b.to(tl.int64) * stride_xb + (h // G).to(tl.int64) * stride_xh + rows.to(tl.int64)[:, None] * stride_xn
+    w_base = W + h.to(tl.int64) * stride_wh
+    acc1 = tl.zeros([BLOCK_M, HALF_P], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_M, HALF_P], dtype=tl.float32)
+    for k0 in range(0, CDIM, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < CDIM
+        a = tl.load(x_base + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w_ptr = w_base + ks.to(tl.int64)[:, None] * stride_wc + offs_j[None, :]
+        w_mask = k_ok[:, None] & j_ok[None, :]
+        w1 = tl.load(w_ptr, mask=w_mask, other=0.0).to(tl.float32)
+        w2 = tl.load(w_ptr + HALF, mask=w_mask, other=0.0).to(tl.float32)
+        acc1 = tl.dot(a, w1, acc1, input_precision=PRECISION)
+        acc2 = tl.dot(a, w2, acc2, input_precision=PRECISION)
+    if ROPE:
+        m = row_ok[:, None] & j_ok[None, :]
+        c_off = b.to(tl.int64) * stride_cb + (rows * C_STEP).to(tl.int64)[:, None] * stride_cn + offs_j[None, :]
+        cos1 = tl.load(C + c_off, mask=m, other=0.0).to(tl.float32)
+        cos2 = tl.load(C + c_off + HALF, mask=m, other=0.0).to(tl.float32)
+        sin1 = tl.load(S + c_off, mask=m, other=0.0).to(tl.float32)
+        sin2 = tl.load(S + c_off + HALF, mask=m, other=0.0).to(tl.float32)
+        out1 = acc1 * cos1 - acc2 * sin1
+        out2 = acc2 * cos2 + acc1 * sin2
+    else:
+        out1 = acc1
+        out2 = acc2
+    o_ptr = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + rows.to(tl.int64)[:, None] * stride_on
+    o_ptr += offs_j[None, :]
+    smask = row_ok[:, None] & j_ok[None, :]
+    tl.store(o_ptr, out1, mask=smask)
+    tl.store(o_ptr + HALF, out2, mask=smask)
+
+
+@triton.jit
 def _gate_scores_kernel(
     QG, KG, Out,
     stride_qb, stride_qh, stride_qn,
@@ -228,6 +289,31 @@ def _rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, c_step: int) -
     )  # fmt: skip
 
 
+def _project(
+    x: torch.Tensor, w: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, c_step: int, precision: str
+) -> torch.Tensor:
+    """Pooled channels x [B, Hx, N, C] fp32 times w [Hq, C, Dg] (query head h reads input head h // (Hq / Hx)),
+    rotated with cos/sin [B or 1, *, Dg] row ``n * c_step`` when given -> gate vectors [B, Hq, N, Dg] fp32."""
+    b, hx, n, c = x.shape
+    hq, _, dg = w.shape
+    out = torch.empty(b, hq, n, dg, dtype=torch.float32, device=x.device)
+    block_m, block_k, num_warps, num_stages = _INTERP_PROJ_TILE if interpreting() else PROJ_TILE
+    rope = cos is not None
+    c_ref, s_ref = (cos, sin) if rope else (out, out)  # dummy pointers without RoPE
+    _project_kernel[(b * hq, triton.cdiv(n, block_m))](
+        x, w, c_ref, s_ref, out,
+        x.stride(0), x.stride(1), x.stride(2),
+        w.stride(0), w.stride(1),
+        (cos.stride(0) if cos.shape[0] > 1 else 0) if rope else 0, cos.stride(1) if rope else 0,
+        out.stride(0), out.stride(1), out.stride(2),
+        n, hq, hq // hx, c, dg // 2,
+        C_STEP=c_step, ROPE=rope, HALF_P=max(16, triton.next_power_of_2(dg // 2)), BLOCK_M=block_m,
+        BLOCK_K=min(block_k, max(16, triton.next_power_of_2(c))), PRECISION=precision,
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    return out
+
+
 def _pool(x: torch.Tensor, step: int, poolings: tuple[str, ...]) -> torch.Tensor:
     """x [B, H, T, D] -> pooled channels [B, H, ceil(T / step), len(poolings) * D] fp32."""
     b, h, t, d = x.shape
@@ -272,20 +358,18 @@ def gate_logits_fwd(
     if precision not in PRECISIONS:
         raise ValueError(f"gate scores precision must be one of {PRECISIONS}, got {precision!r}")
     b, hq, t, d = q.shape
-    hkv = k.shape[1]
     r = block_size // q_step
+    # the projections and RoPE in one kernel each, once per gate vector (not on every key tile of the scores
+    # kernel): query windows at their first position, key blocks at their first window's (cos/sin row n * R);
+    # K is pooled once per KV head and read by each query head of its group
     qg = _pool(q, q_step, q_pooling)  # [B, Hq, NS, Cq * D]
     if q_proj is not None:
-        qg = torch.matmul(qg, q_proj.float())  # [B, Hq, NS, Dg]
-    kp = _pool(k, block_size, k_pooling)  # [B, Hkv, NB, Ck * D]
+        qg = _project(qg, q_proj, cos, sin, 1, precision)  # [B, Hq, NS, Dg]
+    elif cos is not None:
+        _rope_(qg, cos, sin, 1)  # the pooled Q is the gate query
+    kg = _project(_pool(k, block_size, k_pooling), k_proj, cos, sin, r, precision)  # [B, Hq, NB, Dg]
     dg = k_proj.shape[-1]
-    # [B, Hkv, 1, NB, C] @ [Hkv, G, C, Dg] -> [B, Hkv, G, NB, Dg]: query head h = kv head * G + g
-    kg = torch.matmul(kp.unsqueeze(2), k_proj.float().reshape(hkv, hq // hkv, -1, dg)).view(b, hq, -1, dg)
     ns, nb = qg.shape[2], kg.shape[2]
-    if cos is not None:
-        # once per gate vector, here rather than on every key tile of every row tile in the scores kernel
-        _rope_(qg, cos, sin, 1)  # query windows at their first position
-        _rope_(kg, cos, sin, r)  # key blocks at their first window's
     out = torch.empty(b, hq, nb, nb, dtype=torch.float32, device=q.device)
     if interpreting():
         tile = _INTERP_SCORES_TILE

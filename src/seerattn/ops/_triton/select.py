@@ -8,15 +8,18 @@ registers and writes the row's kept-block list (ascending) and count directly:
 - ``dense``: every causal block; ``threshold``: ``score >= value``;
 - ``density`` (row budgets ``k_I`` from :func:`seerattn.block_mask.density_row_budget`): the ``k_I``
   best blocks, forced blocks (sink, diagonal) ranking first. Instead of sorting, the ``k``-th
-  largest score is found exactly by a bitwise search on an order-preserving integer key of the
-  float (32 or 64 passes of a masked count over the row): ``theta`` is the largest key with at least
-  ``k`` keys ``>= theta``. Blocks above ``theta`` are kept, and of the blocks equal to ``theta`` the
+  largest score is found exactly by a search on an order-preserving integer key of the float:
+  ``theta`` is the largest key with at least ``k`` keys ``>= theta``, built two bits a pass (the
+  counts at the three candidates packed into one reduction), stopping early once exactly ``k`` keys
+  are ``>= theta``. Blocks above ``theta`` are kept, and of the blocks equal to ``theta`` the
   lowest columns, as many as the budget has left: exactly what a stable descending sort keeps
-  (equal scores by lower column; ``-0.0`` counts as ``0.0``, as in the sort);
-- ``top_p``: the same search on the mass: ``theta`` is the largest key whose blocks at or above it
-  hold at least ``value`` times the row's mass. Blocks above it are kept, and blocks equal to it by
-  lower column while the mass before them is below the target: the minimal prefix of the stable
-  descending sort.
+  (equal scores by lower column; ``-0.0`` counts as ``0.0``, as in the sort). This kind has its own
+  kernel (:func:`_density_kernel`), launched once per width class of rows (``W/2 <= I < W``), so a
+  row is read and ranked over its causal part (at most twice it), not the full ``NQ``;
+- ``top_p``: a bitwise search (32 or 64 passes of a masked sum over the row) on the mass: ``theta``
+  is the largest key whose blocks at or above it hold at least ``value`` times the row's mass.
+  Blocks above it are kept, and blocks equal to it by lower column while the mass before them is
+  below the target: the minimal prefix of the stable descending sort.
 
 Then the forced blocks, ``dense_last_rows``, and a row's best block when nothing else was kept
 (first column on a tie, like ``argmax``), as :func:`seerattn.block_mask.mask_from_scores` does.
@@ -43,6 +46,14 @@ from .config import interpreting
 __all__ = ["KINDS", "select_fwd"]
 
 KINDS = {"dense": 0, "threshold": 1, "density": 2, "top_p": 3, "head": 4}
+# _density_kernel's launch, from the offline sm_90 build (docs/experiments/prefill-gate-policy/select_bench.py
+# with --compile): up to DENSITY_TILE scores and DENSITY_ROWS rows a program (more rows replicate each row's
+# reduced values in every thread: 200+ registers at 8 rows), DENSITY_PER_THREAD scores a thread (62-80
+# registers, no spills, from 1 warp at width 64 to 8 at 2048), width classes down to MIN_WIDTH
+DENSITY_TILE = 2048
+DENSITY_ROWS = 4
+DENSITY_PER_THREAD = 8
+MIN_WIDTH = 64
 
 
 @triton.jit
@@ -150,7 +161,7 @@ def _head_ties_kernel(
 
 @triton.jit
 def _select_kernel(
-    S, Budget, Value, Num, Idx, Theta, Need, TiesBefore,
+    S, Value, Num, Idx, Theta, Need, TiesBefore,
     stride_sb, stride_sh, stride_si,
     stride_nb, stride_nh,
     stride_ib, stride_ih, stride_ii,
@@ -175,18 +186,6 @@ def _select_kernel(
     elif KIND == 1:
         value = tl.load(Value)
         keep = (s >= value) & causal
-    elif KIND == 2:
-        k = tl.minimum(tl.load(Budget + i, mask=r_ok, other=1), i + 1)[:, None]
-        key = _order_key(tl.where(forced, float("inf"), s), KEY64)
-        theta = tl.zeros([BLOCK_R, 1], dtype=tl.int32).to(key.dtype)
-        for bit in tl.static_range(BITS - 1, -1, -1):
-            cand = theta | (_unit(KEY64) << bit)
-            n = tl.sum(((key >= cand) & causal).to(tl.int32), 1, keep_dims=True)
-            theta = tl.where(n >= k, cand, theta)
-        above = causal & (key > theta)
-        tied = causal & (key == theta)
-        need = k - tl.sum(above.to(tl.int32), 1, keep_dims=True)
-        keep = above | (tied & (tl.cumsum(tied.to(tl.int32), 1) <= need))
     elif KIND == 4:
         # head allocation: the head's threshold key and quota of ties were found by the radix passes;
         # ties are kept in row-major order, so a row's quota starts after the earlier rows' ties
@@ -231,6 +230,76 @@ def _select_kernel(
     tl.store(Num + b * stride_nb + h * stride_nh + i, cnt, mask=r_ok)
 
 
+@triton.jit
+def _density_kernel(
+    S, Budget, Num, Idx,
+    stride_sb, stride_sh, stride_si,
+    stride_nb, stride_nh,
+    stride_ib, stride_ih, stride_ii,
+    NQ, H, BH, ROW_LO, ROW_HI, DENSE_FROM,
+    SINK: tl.constexpr, DIAG: tl.constexpr, W: tl.constexpr, BLOCK_R: tl.constexpr, KEY64: tl.constexpr,
+    BITS: tl.constexpr,
+):  # fmt: skip
+    """``density`` with row budgets (every budget >= 1) for the query-block rows ``ROW_LO <= I < ROW_HI``
+    of all ``BH`` (batch, head) pairs, every one of them shorter than ``W``: rows are loaded and ranked
+    ``W`` columns wide (their causal part), not ``NQ``.
+
+    The budget-th key is searched two bits a pass: the counts of keys at or above the three candidates
+    for the next two bits are packed 21 bits apart into one int64 and summed by one reduction (16
+    reductions for fp32 keys, not 32), and the search stops once every row of the program has a
+    threshold with exactly its budget at or above it (no tie across the budget; rows whose budget is
+    their whole length stop at once). Ties at the threshold are ranked by column (a scan) only when
+    some row of the program keeps part of them."""
+    # rows longest first, as in _select_kernel: r -> (I = ROW_HI - 1 - r // BH, b*H + h = r % BH)
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = r < (ROW_HI - ROW_LO) * BH
+    i = tl.where(r_ok, ROW_HI - 1 - r // BH, 0)
+    bh = r % BH
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    cols, causal, s, forced = _load_rows(S, b, h, i, r_ok, stride_sb, stride_sh, stride_si, SINK, DIAG, W, KEY64)
+    k = tl.minimum(tl.load(Budget + i, mask=r_ok, other=1), i + 1).to(tl.int64)[:, None]
+    # key 0 off the causal part: every causal key is larger (-inf maps to 0x007F...), so the counts
+    # below need no causal mask (the search's candidates are never 0)
+    key = tl.where(causal, _order_key(tl.where(forced, float("inf"), s), KEY64), 0)
+    theta = tl.zeros([BLOCK_R, 1], dtype=tl.int32).to(key.dtype)
+    # keys >= theta; rows past the end count as done (their budget 1 is "met")
+    n_ge = tl.where(r_ok, i + 1, 1).to(tl.int64)[:, None]
+    lane: tl.constexpr = (1 << 21) - 1
+    bit = tl.full([], BITS - 2, tl.int32)
+    while bit >= 0:
+        c1 = theta | (_unit(KEY64) << bit.to(key.dtype))
+        c2 = theta | (_unit(KEY64) << (bit + 1).to(key.dtype))
+        c3 = c1 | c2
+        packed = (key >= c1).to(tl.int64) + ((key >= c2).to(tl.int64) << 21) + ((key >= c3).to(tl.int64) << 42)
+        tot = tl.sum(packed, 1, keep_dims=True)
+        n1 = tot & lane
+        n2 = (tot >> 21) & lane
+        n3 = tot >> 42
+        theta = tl.where(n3 >= k, c3, tl.where(n2 >= k, c2, tl.where(n1 >= k, c1, theta)))
+        n_ge = tl.where(n3 >= k, n3, tl.where(n2 >= k, n2, tl.where(n1 >= k, n1, n_ge)))
+        bit = tl.where(tl.max(n_ge - k) == 0, -1, bit - 2)
+    above = key > theta
+    tied = causal & (key == theta)
+    need = k - tl.sum(above.to(tl.int64), 1, keep_dims=True)
+    keep = above | tied
+    if tl.max(n_ge - k) > 0:  # a tie across some row's budget: its lowest columns first
+        keep = above | (tied & (tl.cumsum(tied.to(tl.int32), 1) <= need))
+    keep = keep | forced
+    keep = tl.where((i >= DENSE_FROM)[:, None], causal, keep)
+
+    cnt = tl.sum(keep.to(tl.int32), 1)
+    pos = tl.cumsum(keep.to(tl.int32), 1) - 1
+    i_ptr = Idx + b * stride_ib + h * stride_ih + i.to(tl.int64) * stride_ii
+    tl.store(i_ptr[:, None] + pos, tl.zeros([BLOCK_R, W], dtype=tl.int32) + cols[None, :], mask=keep)
+    pad = (cols[None, :] >= cnt[:, None]) & (cols[None, :] < NQ) & r_ok[:, None]
+    tl.store(i_ptr[:, None] + cols[None, :], tl.zeros([BLOCK_R, W], dtype=tl.int32), mask=pad)
+    for c in range(W, NQ, W):  # the slots past the width: padding
+        pad = (c + cols[None, :] < NQ) & r_ok[:, None]
+        tl.store(i_ptr[:, None] + c + cols[None, :], tl.zeros([BLOCK_R, W], dtype=tl.int32), mask=pad)
+    tl.store(Num + b * stride_nb + h * stride_nh + i, cnt, mask=r_ok)
+
+
 def _head_threshold(scores, total, keep_sink, keep_diagonal, key64, nkp):
     """``head`` allocation: per (batch, head) the ``total``-th largest key of the head's map (radix
     select, 8 bits a pass), the number of entries equal to it that the budget keeps, and per row the
@@ -260,6 +329,31 @@ def _head_threshold(scores, total, keep_sink, keep_diagonal, key64, nkp):
     return prefix, rem, ties_before
 
 
+def _density_launch(scores, budget, num, idx, keep_sink, keep_diagonal, dense_last_rows, key64):
+    """``density`` with row budgets: one :func:`_density_kernel` launch per width class, the rows
+    ``W/2 <= I < W`` for ``W`` = next power of two of NQ, halved down to ``MIN_WIDTH`` (whose launch also
+    takes the shorter rows), so a row is ranked at most twice its causal length wide."""
+    b, h, nq, _ = scores.shape
+    # rows per program: a tile of about TILE scores on the GPU; under the interpreter every row of a
+    # class at once (its cost is per program and per op, not per element)
+    tile, rows = (1 << 16, 1 << 16) if interpreting() else (DENSITY_TILE, DENSITY_ROWS)
+    width, hi = triton.next_power_of_2(nq), nq
+    while hi > 0:
+        lo = width // 2 if width > MIN_WIDTH else 0
+        block_r = max(1, min(triton.next_power_of_2((hi - lo) * b * h), tile // width, rows))
+        warps = max(1, min(8, block_r * width // (32 * DENSITY_PER_THREAD)))
+        _density_kernel[(triton.cdiv((hi - lo) * b * h, block_r),)](
+            scores, budget, num, idx,
+            scores.stride(0), scores.stride(1), scores.stride(2),
+            num.stride(0), num.stride(1),
+            idx.stride(0), idx.stride(1), idx.stride(2),
+            nq, h, b * h, lo, hi, nq - dense_last_rows if dense_last_rows else nq,
+            SINK=keep_sink, DIAG=keep_diagonal, W=width, BLOCK_R=block_r, KEY64=key64, BITS=64 if key64 else 32,
+            num_warps=warps,
+        )  # fmt: skip
+        width, hi = width // 2, lo
+
+
 def select_fwd(
     scores: torch.Tensor,
     kind: str,
@@ -284,12 +378,14 @@ def select_fwd(
     idx = torch.empty(b, h, nq, nq, dtype=torch.int32, device=scores.device)
     # the value as a one-element tensor: a Python float argument would reach the kernel as fp32
     value_t = torch.full((1,), float(value), dtype=cdt, device=scores.device)
-    budget_arg = budget if budget is not None else num
     nkp = triton.next_power_of_2(nq)
     theta = need = ties_before = num  # dummy pointers unless the head allocation runs
     if head_total is not None:
         kind = "head"
         theta, need, ties_before = _head_threshold(scores, head_total, keep_sink, keep_diagonal, key64, nkp)
+    if kind == "density" and head_total is None:
+        _density_launch(scores, budget, num, idx, keep_sink, keep_diagonal, dense_last_rows, key64)
+        return num, idx
     n_rows = b * h * nq
     # rows per program: a tile of about 4096 scores on the GPU (several short rows share a program);
     # under the interpreter every row at once (its cost is per program and per op, not per element)
@@ -297,7 +393,7 @@ def select_fwd(
     block_r = max(1, min(triton.next_power_of_2(n_rows), cap // nkp))
     warps = 4 if block_r * nkp <= 2048 else 8
     _select_kernel[(triton.cdiv(n_rows, block_r),)](
-        scores, budget_arg, value_t, num, idx, theta, need, ties_before,
+        scores, value_t, num, idx, theta, need, ties_before,
         scores.stride(0), scores.stride(1), scores.stride(2),
         num.stride(0), num.stride(1),
         idx.stride(0), idx.stride(1), idx.stride(2),

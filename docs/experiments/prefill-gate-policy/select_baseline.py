@@ -1,0 +1,312 @@
+# main's selection kernel at 907419d (src/seerattn/ops/_triton/select.py, unchanged on main since), the baseline
+# of select_bench.py: its density kind runs a 32-pass bitwise search over full-width rows. Kept as a copy (the
+# benchmark runs where there is no git history); only the relative import of interpreting is made absolute.
+"""Sparsity-policy selection in one Triton kernel: scores -> ``BlockMask`` lists, no sort.
+
+Algorithm
+---------
+A program holds ``BLOCK_R`` rows (batch, mask head, query-block row ``I``) of causal scores in
+registers and writes the row's kept-block list (ascending) and count directly:
+
+- ``dense``: every causal block; ``threshold``: ``score >= value``;
+- ``density`` (row budgets ``k_I`` from :func:`seerattn.block_mask.density_row_budget`): the ``k_I``
+  best blocks, forced blocks (sink, diagonal) ranking first. Instead of sorting, the ``k``-th
+  largest score is found exactly by a bitwise search on an order-preserving integer key of the
+  float (32 or 64 passes of a masked count over the row): ``theta`` is the largest key with at least
+  ``k`` keys ``>= theta``. Blocks above ``theta`` are kept, and of the blocks equal to ``theta`` the
+  lowest columns, as many as the budget has left: exactly what a stable descending sort keeps
+  (equal scores by lower column; ``-0.0`` counts as ``0.0``, as in the sort);
+- ``top_p``: the same search on the mass: ``theta`` is the largest key whose blocks at or above it
+  hold at least ``value`` times the row's mass. Blocks above it are kept, and blocks equal to it by
+  lower column while the mass before them is below the target: the minimal prefix of the stable
+  descending sort.
+
+Then the forced blocks, ``dense_last_rows``, and a row's best block when nothing else was kept
+(first column on a tie, like ``argmax``), as :func:`seerattn.block_mask.mask_from_scores` does.
+
+- ``density`` with the ``head`` allocation (one budget over a head's whole map, ranked in row-major
+  order like the sort of the flattened map): the head's budget-th key comes from a radix select
+  (8 bits a pass: a histogram kernel over the head's rows, atomically summed, then a one-program
+  digit kernel), one more pass counts each row's entries equal to it, and the selection kernel
+  keeps the keys above it and, in row-major order, as many equal ones as the budget has left.
+
+Layouts: scores ``[B, H, NQ, NQ]`` (any strides with a unit last stride; fp16/bf16/fp32 are ranked
+in fp32, fp64 in fp64); outputs int32 ``kv_num_blocks [B, H, NQ]``, ``kv_indices [B, H, NQ, NQ]``
+(padding slots 0). NaN scores are not detected (the caller checks CPU scores).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from seerattn.ops._triton.config import interpreting
+
+__all__ = ["KINDS", "select_fwd"]
+
+KINDS = {"dense": 0, "threshold": 1, "density": 2, "top_p": 3, "head": 4}
+
+
+@triton.jit
+def _order_key(x, KEY64: tl.constexpr):
+    """Unsigned integer key with the order of the float ``x`` (-0.0 mapped to +0.0 first)."""
+    x = tl.where(x == 0.0, 0.0, x)
+    if KEY64:
+        bits = x.to(tl.uint64, bitcast=True)
+        sign = (bits >> 63) != 0
+        return tl.where(sign, bits ^ 0xFFFFFFFFFFFFFFFF, bits | 0x8000000000000000)
+    else:
+        bits = x.to(tl.uint32, bitcast=True)
+        sign = (bits >> 31) != 0
+        return tl.where(sign, bits ^ 0xFFFFFFFF, bits | 0x80000000)
+
+
+@triton.jit
+def _unit(KEY64: tl.constexpr):
+    """1 in the key's unsigned type."""
+    if KEY64:
+        return tl.full([], 1, tl.uint64)
+    else:
+        return tl.full([], 1, tl.uint32)
+
+
+@triton.jit
+def _load_rows(S, b, h, i, r_ok, stride_sb, stride_sh, stride_si, SINK: tl.constexpr, DIAG: tl.constexpr,
+               NKP: tl.constexpr, KEY64: tl.constexpr):  # fmt: skip
+    """Rows ``i`` (with batch ``b``, head ``h``, per row) of the scores: (cols, causal, s, forced);
+    ``s`` is ``-inf`` off the causal part (and on rows past the end)."""
+    cols = tl.arange(0, NKP)
+    causal = (cols[None, :] <= i[:, None]) & r_ok[:, None]
+    s_ptr = S + b * stride_sb + h * stride_sh + i.to(tl.int64) * stride_si
+    if KEY64:
+        s = tl.load(s_ptr[:, None] + cols[None, :], mask=causal, other=float("-inf")).to(tl.float64)
+    else:
+        s = tl.load(s_ptr[:, None] + cols[None, :], mask=causal, other=float("-inf")).to(tl.float32)
+    forced = causal & (cols[None, :] < 0)
+    if SINK:
+        forced = forced | (causal & (cols[None, :] == 0))
+    if DIAG:
+        forced = forced | (causal & (cols[None, :] == i[:, None]))
+    return cols, causal, s, forced
+
+
+@triton.jit
+def _head_hist_kernel(
+    S, Prefix, Hist, stride_sb, stride_sh, stride_si, NQ, H,
+    SHIFT: tl.constexpr, SINK: tl.constexpr, DIAG: tl.constexpr, NKP: tl.constexpr, BLOCK_R: tl.constexpr,
+    KEY64: tl.constexpr,
+):  # fmt: skip
+    """``head`` allocation, one radix pass: histogram (256 bins, atomically added per head) of the
+    key digit at ``SHIFT`` of the head's entries whose higher digits equal the prefix found so far.
+    Every entry of the head's [NQ, NQ] map counts (above the diagonal as -inf), as in the sort."""
+    bh = tl.program_id(0)
+    i = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = i < NQ
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    cols, causal, s, forced = _load_rows(S, b, h, i, r_ok, stride_sb, stride_sh, stride_si, SINK, DIAG, NKP, KEY64)
+    key = _order_key(tl.where(forced, float("inf"), s), KEY64)
+    inb = r_ok[:, None] & (cols[None, :] < NQ)
+    prefix = tl.load(Prefix + bh)
+    high = (key >> (SHIFT + 8)) << (SHIFT + 8) if SHIFT + 8 < (64 if KEY64 else 32) else key * 0
+    phigh = (prefix >> (SHIFT + 8)) << (SHIFT + 8) if SHIFT + 8 < (64 if KEY64 else 32) else prefix * 0
+    match = inb & (high == phigh)
+    digit = ((key >> SHIFT) & 255).to(tl.int32)
+    hist = tl.histogram(tl.reshape(digit, [BLOCK_R * NKP]), 256, mask=tl.reshape(match, [BLOCK_R * NKP]))
+    tl.atomic_add(Hist + bh * 256 + tl.arange(0, 256), hist, sem="relaxed")
+
+
+@triton.jit
+def _head_digit_kernel(Hist, Prefix, Rem, SHIFT: tl.constexpr):
+    """Per head: the digit at ``SHIFT`` of the ``Rem``-th largest key among those matching the prefix;
+    appends it to the prefix and leaves in ``Rem`` how many keys equal to the final prefix to keep."""
+    bh = tl.program_id(0)
+    d = tl.arange(0, 256)
+    hist = tl.load(Hist + bh * 256 + d)
+    rem = tl.load(Rem + bh)
+    at_least = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # keys with digit >= d
+    best = tl.max(tl.where(at_least >= rem, d, -1), 0)
+    above = tl.sum(tl.where(d > best, hist, 0), 0)
+    prefix = tl.load(Prefix + bh)
+    tl.store(Prefix + bh, prefix | (best.to(prefix.dtype) << SHIFT))
+    tl.store(Rem + bh, rem - above)
+
+
+@triton.jit
+def _head_ties_kernel(
+    S, Prefix, Ties, stride_sb, stride_sh, stride_si, NQ, H,
+    SINK: tl.constexpr, DIAG: tl.constexpr, NKP: tl.constexpr, BLOCK_R: tl.constexpr, KEY64: tl.constexpr,
+):  # fmt: skip
+    """``head`` allocation: per row, how many entries equal the head's threshold key."""
+    bh = tl.program_id(0)
+    i = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = i < NQ
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    cols, causal, s, forced = _load_rows(S, b, h, i, r_ok, stride_sb, stride_sh, stride_si, SINK, DIAG, NKP, KEY64)
+    key = _order_key(tl.where(forced, float("inf"), s), KEY64)
+    inb = r_ok[:, None] & (cols[None, :] < NQ)
+    tied = inb & (key == tl.load(Prefix + bh))
+    tl.store(Ties + bh * NQ + i, tl.sum(tied.to(tl.int32), 1), mask=r_ok)
+
+
+@triton.jit
+def _select_kernel(
+    S, Budget, Value, Num, Idx, Theta, Need, TiesBefore,
+    stride_sb, stride_sh, stride_si,
+    stride_nb, stride_nh,
+    stride_ib, stride_ih, stride_ii,
+    NQ, H, N_ROWS, DENSE_FROM,
+    KIND: tl.constexpr, SINK: tl.constexpr, DIAG: tl.constexpr, NKP: tl.constexpr, BLOCK_R: tl.constexpr,
+    KEY64: tl.constexpr, BITS: tl.constexpr,
+):  # fmt: skip
+    # Rows are numbered longest first: r -> (query-block row i = NQ - 1 - r // (B*H), b*H + h = r % (B*H)),
+    # so the first programs take the longest rows and short rows fill the tail.
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = r < N_ROWS
+    bhs = N_ROWS // NQ
+    i = NQ - 1 - r // bhs
+    bh = r % bhs
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    i = tl.where(r_ok, i, 0)
+    cols, causal, s, forced = _load_rows(S, b, h, i, r_ok, stride_sb, stride_sh, stride_si, SINK, DIAG, NKP, KEY64)
+
+    if KIND == 0:
+        keep = causal
+    elif KIND == 1:
+        value = tl.load(Value)
+        keep = (s >= value) & causal
+    elif KIND == 2:
+        k = tl.minimum(tl.load(Budget + i, mask=r_ok, other=1), i + 1)[:, None]
+        key = _order_key(tl.where(forced, float("inf"), s), KEY64)
+        theta = tl.zeros([BLOCK_R, 1], dtype=tl.int32).to(key.dtype)
+        for bit in tl.static_range(BITS - 1, -1, -1):
+            cand = theta | (_unit(KEY64) << bit)
+            n = tl.sum(((key >= cand) & causal).to(tl.int32), 1, keep_dims=True)
+            theta = tl.where(n >= k, cand, theta)
+        above = causal & (key > theta)
+        tied = causal & (key == theta)
+        need = k - tl.sum(above.to(tl.int32), 1, keep_dims=True)
+        keep = above | (tied & (tl.cumsum(tied.to(tl.int32), 1) <= need))
+    elif KIND == 4:
+        # head allocation: the head's threshold key and quota of ties were found by the radix passes;
+        # ties are kept in row-major order, so a row's quota starts after the earlier rows' ties
+        key = _order_key(tl.where(forced, float("inf"), s), KEY64)
+        theta = tl.load(Theta + bh)[:, None]
+        inb = r_ok[:, None] & (cols[None, :] < NQ)
+        tied = inb & (key == theta)
+        rank = tl.load(TiesBefore + bh * NQ + i, mask=r_ok, other=0)[:, None] + tl.cumsum(tied.to(tl.int32), 1)
+        keep = causal & ((key > theta) | (tied & (rank <= tl.load(Need + bh, mask=r_ok, other=0)[:, None])))
+    else:
+        value = tl.load(Value)
+        p = tl.where(causal, tl.maximum(s, 0.0), 0.0)
+        p = tl.where(p != p, 0.0, p)  # nan_to_num: NaN -> 0, +inf -> the largest finite value
+        if KEY64:
+            p = tl.where(p == float("inf"), tl.full([], 1.7976931348623157e308, tl.float64), p)
+        else:
+            p = tl.where(p == float("inf"), 3.4028234663852886e38, p)
+        target = value * tl.sum(p, 1, keep_dims=True)
+        key = _order_key(p, KEY64)
+        theta = tl.zeros([BLOCK_R, 1], dtype=tl.int32).to(key.dtype)
+        for bit in tl.static_range(BITS - 1, -1, -1):
+            cand = theta | (_unit(KEY64) << bit)
+            mass = tl.sum(tl.where(causal & (key >= cand), p, 0.0), 1, keep_dims=True)
+            theta = tl.where(mass >= target, cand, theta)
+        above = causal & (key > theta)
+        tied = causal & (key == theta)
+        before = tl.sum(tl.where(above, p, 0.0), 1, keep_dims=True) + tl.cumsum(tl.where(tied, p, 0.0), 1) - p
+        keep = above | (tied & (before < target))
+    keep = keep | forced
+    keep = tl.where((i >= DENSE_FROM)[:, None], causal, keep)
+    # no empty row: the best causal block (first on a tie, like argmax)
+    best = tl.argmax(s, 1, tie_break_left=True)
+    empty = tl.sum(keep.to(tl.int32), 1) == 0
+    keep = keep | (causal & empty[:, None] & (cols[None, :] == best[:, None]))
+
+    cnt = tl.sum(keep.to(tl.int32), 1)
+    pos = tl.cumsum(keep.to(tl.int32), 1) - 1
+    i_ptr = Idx + b * stride_ib + h * stride_ih + i.to(tl.int64) * stride_ii
+    tl.store(i_ptr[:, None] + pos, tl.zeros([BLOCK_R, NKP], dtype=tl.int32) + cols[None, :], mask=keep)
+    pad = (cols[None, :] >= cnt[:, None]) & (cols[None, :] < NQ) & r_ok[:, None]
+    tl.store(i_ptr[:, None] + cols[None, :], tl.zeros([BLOCK_R, NKP], dtype=tl.int32), mask=pad)
+    tl.store(Num + b * stride_nb + h * stride_nh + i, cnt, mask=r_ok)
+
+
+def _head_threshold(scores, total, keep_sink, keep_diagonal, key64, nkp):
+    """``head`` allocation: per (batch, head) the ``total``-th largest key of the head's map (radix
+    select, 8 bits a pass), the number of entries equal to it that the budget keeps, and per row the
+    number of such entries in earlier rows. Returns (theta [B*H], need [B*H], ties_before [B*H, NQ])."""
+    b, h, nq, _ = scores.shape
+    dev = scores.device
+    bits = 64 if key64 else 32
+    prefix = torch.zeros(b * h, dtype=torch.int64 if key64 else torch.int32, device=dev)
+    prefix = prefix.view(torch.uint64 if key64 else torch.uint32)
+    rem = torch.full((b * h,), min(total, nq * nq), dtype=torch.int32, device=dev)
+    hist = torch.zeros(bits // 8, b * h, 256, dtype=torch.int32, device=dev)
+    block_r = max(1, min(triton.next_power_of_2(nq), (1 << 16 if interpreting() else 4096) // nkp))
+    grid = (b * h, triton.cdiv(nq, block_r))
+    strides = (scores.stride(0), scores.stride(1), scores.stride(2))
+    for n, shift in enumerate(range(bits - 8, -1, -8)):
+        _head_hist_kernel[grid](
+            scores, prefix, hist[n], *strides, nq, h,
+            SHIFT=shift, SINK=keep_sink, DIAG=keep_diagonal, NKP=nkp, BLOCK_R=block_r, KEY64=key64,
+        )  # fmt: skip
+        _head_digit_kernel[(b * h,)](hist[n], prefix, rem, SHIFT=shift)
+    ties = torch.empty(b * h, nq, dtype=torch.int32, device=dev)
+    _head_ties_kernel[grid](
+        scores, prefix, ties, *strides, nq, h,
+        SINK=keep_sink, DIAG=keep_diagonal, NKP=nkp, BLOCK_R=block_r, KEY64=key64,
+    )  # fmt: skip
+    ties_before = (ties.cumsum(-1, dtype=torch.int32) - ties).contiguous()
+    return prefix, rem, ties_before
+
+
+def select_fwd(
+    scores: torch.Tensor,
+    kind: str,
+    value: float,
+    budget: torch.Tensor | None,
+    keep_sink: bool,
+    keep_diagonal: bool,
+    dense_last_rows: int,
+    head_total: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the selection kernel (inputs already validated by the caller).
+
+    scores: [B, H, NQ, NQ] with a unit last stride; budget: int64/int32 [NQ] row budgets
+    (``density`` with a row allocation), else None; ``head_total``: blocks per (batch, head) of the
+    ``head`` allocation (``kind="density"``, ``budget=None``). Returns (kv_num_blocks int32 [B, H, NQ],
+    kv_indices int32 [B, H, NQ, NQ]).
+    """
+    b, h, nq, _ = scores.shape
+    key64 = scores.dtype == torch.float64
+    cdt = torch.float64 if key64 else torch.float32
+    num = torch.empty(b, h, nq, dtype=torch.int32, device=scores.device)
+    idx = torch.empty(b, h, nq, nq, dtype=torch.int32, device=scores.device)
+    # the value as a one-element tensor: a Python float argument would reach the kernel as fp32
+    value_t = torch.full((1,), float(value), dtype=cdt, device=scores.device)
+    budget_arg = budget if budget is not None else num
+    nkp = triton.next_power_of_2(nq)
+    theta = need = ties_before = num  # dummy pointers unless the head allocation runs
+    if head_total is not None:
+        kind = "head"
+        theta, need, ties_before = _head_threshold(scores, head_total, keep_sink, keep_diagonal, key64, nkp)
+    n_rows = b * h * nq
+    # rows per program: a tile of about 4096 scores on the GPU (several short rows share a program);
+    # under the interpreter every row at once (its cost is per program and per op, not per element)
+    cap = 1 << 16 if interpreting() else 4096
+    block_r = max(1, min(triton.next_power_of_2(n_rows), cap // nkp))
+    warps = 4 if block_r * nkp <= 2048 else 8
+    _select_kernel[(triton.cdiv(n_rows, block_r),)](
+        scores, budget_arg, value_t, num, idx, theta, need, ties_before,
+        scores.stride(0), scores.stride(1), scores.stride(2),
+        num.stride(0), num.stride(1),
+        idx.stride(0), idx.stride(1), idx.stride(2),
+        nq, h, n_rows, nq - dense_last_rows if dense_last_rows else nq,
+        KIND=KINDS[kind], SINK=keep_sink, DIAG=keep_diagonal, NKP=nkp, BLOCK_R=block_r,
+        KEY64=key64, BITS=64 if key64 else 32,
+        num_warps=warps,
+    )  # fmt: skip
+    return num, idx
