@@ -46,13 +46,14 @@ from .config import interpreting
 __all__ = ["KINDS", "select_fwd"]
 
 KINDS = {"dense": 0, "threshold": 1, "density": 2, "top_p": 3, "head": 4}
-# _density_kernel's launch, from the offline sm_90 build (docs/experiments/prefill-gate-policy/select_bench.py
-# with --compile): up to DENSITY_TILE scores and DENSITY_ROWS rows a program (more rows replicate each row's
-# reduced values in every thread: 200+ registers at 8 rows), DENSITY_PER_THREAD scores a thread (62-80
-# registers, no spills, from 1 warp at width 64 to 8 at 2048), width classes down to MIN_WIDTH
+# _density_kernel's launch: up to DENSITY_TILE scores and DENSITY_ROWS rows a program, DENSITY_PER_THREAD scores a
+# thread (1 to 4 warps), width classes down to MIN_WIDTH. From the H200 sweep of select_bench.py --sweep (session 10,
+# docs/experiments/prefill-gate-policy/session10): (1, 16, 64) was the fastest of 11 launches on all four NQ 2048
+# cases (gate-like scores 0.87 / 0.85 ms against 1.14 / 1.11 for the offline choice (4, 8, 64)); at NQ 512 the
+# launches are within 0.1 ms of each other. Offline sm_90 build at 16 scores a thread: 80-151 registers, no spills.
 DENSITY_TILE = 2048
-DENSITY_ROWS = 4
-DENSITY_PER_THREAD = 8
+DENSITY_ROWS = 1
+DENSITY_PER_THREAD = 16
 MIN_WIDTH = 64
 
 
