@@ -439,6 +439,39 @@ def test_gate_logits_rejects_a_bad_layer():
         gate_logits(model, LAYERS, q, k)
 
 
+# ------------------------------------------------------------------------------ output layout
+# The interpreter evaluates both branches of tl.where, so inf - inf in a discarded branch warns.
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("mode", ["sparse", "distill"])
+def test_triton_output_reaches_o_proj_without_a_copy(mode, monkeypatch):
+    """The Triton kernels write [B, T, Hq, D] memory, so the seer attention function's
+    ``out.transpose(1, 2).contiguous()`` and the model's reshape are views: o_proj reads the kernel's
+    own output buffer (SDPA's flash backends pay no copy there either)."""
+    import os
+
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("the Triton impl runs here under the interpreter only (CPU tensors)")
+    pytest.importorskip("triton")
+    model, _, _ = _seer("llama", policy=SparsityPolicy("density", 0.3), mode=mode, impl="triton")
+    op = "block_sparse_attention" if mode == "sparse" else "attention_with_block_scores"
+    kernel_outs, o_proj_ins = [], []
+    real = getattr(integration, op)
+
+    def spy(*args, **kwargs):
+        res = real(*args, **kwargs)
+        kernel_outs.append(res[0] if isinstance(res, tuple) else res)
+        return res
+
+    monkeypatch.setattr(integration, op, spy)
+    for layer in model.model.layers:
+        layer.self_attn.o_proj.register_forward_pre_hook(lambda _, args: o_proj_ins.append(args[0]))
+    _logits(model, input_ids(40))
+    assert len(kernel_outs) == len(o_proj_ins) == LAYERS
+    for out, o_in in zip(kernel_outs, o_proj_ins, strict=True):
+        assert out.transpose(1, 2).is_contiguous()
+        assert o_in.data_ptr() == out.data_ptr() and o_in.numel() == out.numel()
+
+
 # ------------------------------------------------------------------------------ gradients
 # The interpreter evaluates both branches of tl.where, so inf - inf in a discarded branch warns.
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")

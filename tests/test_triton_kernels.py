@@ -57,6 +57,14 @@ pytestmark = [
 ]
 
 
+def assert_bthd_memory(out: torch.Tensor) -> None:
+    """out is [B, H, T, D] shaped and [B, T, H, D] in memory (SDPA's flash layout): transformers'
+    ``out.transpose(1, 2).contiguous()`` is then free."""
+    b, h, t, d = out.shape
+    assert out.stride() == (t * h * d, d, h * d, 1), out.stride()
+    assert out.transpose(1, 2).is_contiguous()
+
+
 def check_sparse(q, k, v, mask, cu_seqlens=None, config=None):
     """Run the kernel (poisoned outputs) and compare out and lse with the fp64 reference."""
     scale = 1.0 / math.sqrt(q.shape[-1])
@@ -71,6 +79,7 @@ def check_sparse(q, k, v, mask, cu_seqlens=None, config=None):
         q.double(), k.double(), v.double(), mask, return_lse=True, cu_seqlens=cu_seqlens
     )
     assert out.dtype == q.dtype and out.shape == q.shape
+    assert_bthd_memory(out)
     assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
     keep = token_keep(mask, q.shape[1], cu_seqlens, q.shape[2])
@@ -254,6 +263,7 @@ def test_block_scores_match_reference(t, hq, hkv, bs, dtype):
     )
     nb = math.ceil(t / bs)
     assert scores.shape == (1, hq, nb, nb) and scores.dtype == torch.float32
+    assert_bthd_memory(out)
     for x in (out, lse, scores):
         assert not torch.isnan(x).any()
     # Plain PyTorch in the input dtype: softmax map, block max, row normalisation.
@@ -476,6 +486,22 @@ def test_every_tile_candidate_forward_and_backward(monkeypatch, bs, mh):
             )
         for name, x, ref in zip(("dq", "dk", "dv"), got, oracle, strict=True):
             assert rel(x, ref) < 1e-5, (name, c1.short(), c2.short(), rel(x, ref))
+
+
+def test_sparse_backward_takes_dout_in_either_layout():
+    """The HF path hands the backward a dout in the forward output's [B, T, Hq, D] memory (the gradient
+    of ``out.transpose(1, 2)``); the tests above a [B, Hq, T, D]-contiguous one. The same values in
+    either layout give bitwise equal gradients (split path: no atomics)."""
+    q, k, v = rand_qkv(2, 4, 2, 40, 16, torch.float32, seed=6)
+    mask = rand_mask(2, 2, 40, 16, density=0.6, seed=6)
+    dout_bthd = torch.randn(2, 40, 4, 16, generator=torch.Generator().manual_seed(6)).transpose(1, 2)
+    with deterministic_algorithms():
+        a = grads(block_sparse_attention, q, k, v, dout_bthd, mask, impl="triton")
+        b = grads(block_sparse_attention, q, k, v, dout_bthd.contiguous(), mask, impl="triton")
+    assert_bthd_memory(a[0])
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)
+    assert a[1].abs().sum() > 0
 
 
 def test_sparse_backward_is_deterministic():

@@ -312,7 +312,10 @@ def block_sparse_attention(
 
     Returns:
         out [B, Hq, T, D] (zeros on rows with no kept key; differentiable in q, k, v), and the
-        detached lse if ``return_lse``.
+        detached lse if ``return_lse``. Memory layout: with ``impl="triton"`` out is [B, Hq, T, D] shaped,
+        [B, T, Hq, D] in memory, like SDPA's flash backends (``out.transpose(1, 2)`` is contiguous, so
+        transformers' ``[B, T, Hq, D]`` output costs no copy); the other impls return the layout their
+        backend produces (no copy is added to change it), so callers must not assume either.
 
     Determinism (``impl="triton"`` backward): the tuner may pick a dK/dV pass that accumulates dQ
     with fp32 atomic adds (faster where it is, not bitwise reproducible); with

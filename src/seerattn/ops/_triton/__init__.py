@@ -58,7 +58,7 @@ def attention_with_block_scores(
 ):
     """Causal attention plus SeerAttention's ground truth, in one FlashAttention pass.
 
-    q: [B, Hq, T, D]; k, v: [B, Hkv, T, D] -> (out [B, Hq, T, D], lse [B, Hq, T] fp32,
+    q: [B, Hq, T, D]; k, v: [B, Hkv, T, D] -> (out [B, Hq, T, D] ([B, T, Hq, D] in memory), lse [B, Hq, T] fp32,
     block_scores [B, Hq, NB, NB] fp32: block max of the causal softmax map, rows summing to 1,
     zero above the diagonal).
     """
@@ -120,7 +120,8 @@ def block_sparse_attention(
     in q, k, v (the backward walks the mask's transposed lists, built once and cached on it).
 
     q: [B, Hq, T, D]; k, v: [B, Hkv, T, D] (varlen: B == 1 and ``cu_seqlens`` int32 [N + 1]) ->
-    out [B, Hq, T, D] (zeros on rows with no kept key), and lse [B, Hq, T] fp32 (-inf there) if
+    out [B, Hq, T, D] ([B, T, Hq, D] in memory, like SDPA's flash backends; zeros on rows with no kept
+    key), and lse [B, Hq, T] fp32 (-inf there) if
     ``return_lse`` (lse is not differentiable). The backward is split (deterministic) or atomic dQ,
     whichever was tuned faster; split while ``torch.are_deterministic_algorithms_enabled()``
     (:mod:`.sparse_bwd`).

@@ -22,8 +22,9 @@ tiles heaviest first (last query tiles first), round robin, which also balances 
 Layouts
 -------
 q ``[B, Hq, T, D]``, k/v ``[B, Hkv, T, D]`` (unit last stride; GQA by index, K/V never copied);
-out ``[B, Hq, T, D]``; lse ``[B, Hq, T]`` fp32 (natural log); block_scores ``[B, Hq, NB, NB]`` fp32,
-zero above the diagonal, rows summing to 1.
+out ``[B, Hq, T, D]`` shaped, ``[B, T, Hq, D]`` in memory, like SDPA's flash backends (the distill
+path's ``out.transpose(1, 2).contiguous()`` is then free); lse ``[B, Hq, T]`` fp32 (natural log);
+block_scores ``[B, Hq, NB, NB]`` fp32, zero above the diagonal, rows summing to 1.
 
 Supported: fp16, bf16 (fp32 with tf32 dots on the GPU, exact under the interpreter); head dims 16,
 32, 64, 128; block sizes 16, 32, 64, 128; any T >= 1. ``STORE_SCORES=False`` gives the plain
@@ -246,13 +247,13 @@ def attention_with_block_scores_fwd(
 ):
     """Launch the forward (inputs already validated).
 
-    q: [B, Hq, T, D]; k, v: [B, Hkv, T, D] -> out [B, Hq, T, D], lse [B, Hq, T] fp32,
-    block_scores [B, Hq, NB, NB] fp32 (None when ``store_scores`` is False).
+    q: [B, Hq, T, D]; k, v: [B, Hkv, T, D] -> out [B, Hq, T, D] shaped, [B, T, Hq, D] in memory,
+    lse [B, Hq, T] fp32, block_scores [B, Hq, NB, NB] fp32 (None when ``store_scores`` is False).
     """
     b, hq, t, d = q.shape
     group = hq // k.shape[1]
     nb = triton.cdiv(t, block_size)
-    out = torch.empty((b, hq, t, d), dtype=q.dtype, device=q.device)
+    out = torch.empty((b, t, hq, d), dtype=q.dtype, device=q.device).transpose(1, 2)  # see Layouts
     lse = torch.empty((b, hq, t), dtype=torch.float32, device=q.device)
     scores = torch.empty((b, hq, nb, nb), dtype=torch.float32, device=q.device) if store_scores else None
     s_arg = scores if scores is not None else lse

@@ -29,7 +29,10 @@ order) and the short ones fill the tail.
 Layouts
 -------
 q ``[B, Hq, T, D]``, k/v ``[B, Hkv, T, D]`` (any strides with a unit last stride); out
-``[B, Hq, T, D]`` contiguous; lse ``[B, Hq, T]`` fp32 natural-log, -inf on rows with no kept key.
+``[B, Hq, T, D]`` shaped, ``[B, T, Hq, D]`` in memory, like SDPA's flash backends (strides
+``(T*Hq*D, D, Hq*D, 1)``: the ``out.transpose(1, 2).contiguous()`` of transformers' attention
+functions is then free instead of a copy of the whole output); lse ``[B, Hq, T]`` fp32 natural-log,
+-inf on rows with no kept key.
 Varlen: B == 1, sequences packed along T, ``cu_seqlens`` int32 ``[N + 1]``, mask batch = N; each
 sequence uses the top-left corner of its mask. Offsets are int64 (128k tokens x 32 heads x B).
 
@@ -355,7 +358,8 @@ def block_sparse_attention_fwd(
     ``mask_source`` (:attr:`seerattn.BlockMask.source`) keys the tuned choice with the mask's kind
     (:func:`.config.mask_key`); ``mask_memo`` (:attr:`seerattn.BlockMask.memo`) keeps that key with the
     mask, so a mask without a policy source is measured once, not on every call.
-    Returns out [B, Hq, T, D] and lse [B, Hq, T] fp32 (None when not ``return_lse``).
+    Returns out [B, Hq, T, D] shaped, [B, T, Hq, D] in memory (``out.transpose(1, 2)`` is contiguous),
+    and lse [B, Hq, T] fp32 (None when not ``return_lse``).
     """
     b, hq, t, d = q.shape
     hkv = k.shape[1]
@@ -364,7 +368,8 @@ def block_sparse_attention_fwd(
     heads_per_mask = hq // hm
     kv_num_blocks = kv_num_blocks.contiguous()
     kv_indices = kv_indices.contiguous()
-    out = torch.empty((b, hq, t, d), dtype=q.dtype, device=q.device)
+    # [B, T, Hq, D] memory (see Layouts): the kernel writes through the strides of the [B, Hq, T, D] view
+    out = torch.empty((b, t, hq, d), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty((b, hq, t), dtype=torch.float32, device=q.device) if return_lse else None
     lse_arg = lse if lse is not None else out  # never written when STORE_LSE is False
     qk_scale = scale * LOG2E
