@@ -52,6 +52,10 @@ from .config import KernelConfig, memo_mask_key, pick_config, sparse_configs
 
 __all__ = ["block_sparse_attention_fwd", "build_union_lists"]
 
+# Program order (candidate, session 10): True = KV-head-major 1-D grid (see the kernel); False = every head of a
+# query-tile position together (the order before). An A/B switch for the GPU benchmark until one is chosen.
+KV_MAJOR = True
+
 
 # ====================================================================== union lists
 @triton.jit
@@ -216,18 +220,27 @@ def _sparse_fwd_kernel(
     stride_lb, stride_lh,
     stride_nb, stride_nh,
     stride_ib, stride_ih, stride_iq,
-    seq_len, n_tiles, HM, HEADS_PER_MASK, GROUP,
+    seq_len, n_tiles, HM, HEADS_PER_MASK, GROUP, KV_PROGRAMS,
     PACK: tl.constexpr, ROWS: tl.constexpr, U: tl.constexpr,
     MB: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    VARLEN: tl.constexpr, STORE_LSE: tl.constexpr, TAIL: tl.constexpr = 4,
+    VARLEN: tl.constexpr, STORE_LSE: tl.constexpr, KV_MAJOR: tl.constexpr, TAIL: tl.constexpr = 4,
 ):  # fmt: skip
     BLOCK_M: tl.constexpr = PACK * ROWS
     PACKS = HEADS_PER_MASK // PACK
     BPS: tl.constexpr = BLOCK_N // MB if BLOCK_N > MB else 1  # mask blocks per step
     KPB: tl.constexpr = MB // BLOCK_N if BLOCK_N < MB else 1  # steps per mask block
 
-    pid0 = tl.program_id(0)  # (batch, mask head, head pack): fastest, so one tile row runs together
-    tile = n_tiles - 1 - tl.program_id(1)  # heaviest (last) query tiles first
+    if KV_MAJOR:
+        # One 1-D grid: (batch, KV head) slowest, then the query tiles heaviest first, then the KV_PROGRAMS
+        # programs of that KV head (its query heads / packs) fastest. The programs resident at once then read
+        # one KV head's K/V (16 MB at 32k, Llama-8B) instead of every head's (all 8: 128 MB, more than L2).
+        pid = tl.program_id(0)
+        r = pid // KV_PROGRAMS
+        pid0 = (r // n_tiles) * KV_PROGRAMS + pid % KV_PROGRAMS
+        tile = n_tiles - 1 - r % n_tiles
+    else:
+        pid0 = tl.program_id(0)  # (batch, mask head, head pack): fastest, so one tile row runs together
+        tile = n_tiles - 1 - tl.program_id(1)  # heaviest (last) query tiles first
     pk = pid0 % PACKS
     bh = pid0 // PACKS
     b = bh // HM
@@ -384,7 +397,10 @@ def block_sparse_attention_fwd(
         else:
             lnum, lidx = kv_num_blocks, kv_indices
         n_tiles = triton.cdiv(min(max_len, nq * mask_block), rows)
-        grid = (bm * hm * (heads_per_mask // cfg.pack), n_tiles)
+        programs = bm * hm * (heads_per_mask // cfg.pack)  # per query tile: (batch, mask head, head pack)
+        # programs that read one KV head: consecutive in (batch, mask head, pack) order
+        kv_programs = group // cfg.pack if group % cfg.pack == 0 else 1
+        grid = (programs * n_tiles,) if KV_MAJOR else (programs, n_tiles)
         _sparse_fwd_kernel[grid](
             q, k, v, out, lse_arg, lnum, lidx, cu,
             qk_scale,
@@ -395,10 +411,10 @@ def block_sparse_attention_fwd(
             lse_arg.stride(0), lse_arg.stride(1),
             lnum.stride(0), lnum.stride(1),
             lidx.stride(0), lidx.stride(1), lidx.stride(2),
-            t, n_tiles, hm, heads_per_mask, group,
+            t, n_tiles, hm, heads_per_mask, group, kv_programs,
             PACK=cfg.pack, ROWS=rows, U=u,
             MB=mask_block, BLOCK_N=cfg.block_n, HEAD_DIM=d,
-            VARLEN=varlen, STORE_LSE=return_lse,
+            VARLEN=varlen, STORE_LSE=return_lse, KV_MAJOR=KV_MAJOR,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
 
