@@ -22,9 +22,14 @@ Key blocks strictly left of the tile's first row (the ascending prefix of the li
 last block) run with the causal and length masks. ``BLOCK_N`` may split a mask block into several
 steps (``BLOCK_N < MB``) or gather two mask blocks per step (``BLOCK_N == 2 * MB``, non-union only).
 
-Programs are ordered heaviest first (last query tiles first, all heads of one tile position
-together), so the hardware scheduler runs the long causal rows first (longest-processing-time
-order) and the short ones fill the tail.
+Program order (one 1-D grid): (batch, KV head) slowest, then the query tiles heaviest first (last
+tiles first: the hardware scheduler runs the long causal rows first, longest-processing-time order,
+and the short ones fill the tail), then the programs of that KV head (its query heads or head packs)
+fastest. The programs in flight then read one KV head's K/V (16 MB at 32k for Llama-8B shapes) rather
+than every head's (128 MB, more than the H200's L2): at 10 % the kernel is bound by its K/V block
+loads (32 KB per kept block and query tile), so this order was 1.09x / 1.21x faster than "all heads
+of one tile position together" on per-query-head random masks at 32k / 128k and 1.11x on structured
+ones at 128k, level elsewhere (H200, docs/experiments/prefill/README.md, session 10).
 
 Layouts
 -------
@@ -51,10 +56,6 @@ from .common import LN2, LOG2E, count_below_from_end
 from .config import KernelConfig, memo_mask_key, pick_config, sparse_configs
 
 __all__ = ["block_sparse_attention_fwd", "build_union_lists"]
-
-# Program order (candidate, session 10): True = KV-head-major 1-D grid (see the kernel); False = every head of a
-# query-tile position together (the order before). An A/B switch for the GPU benchmark until one is chosen.
-KV_MAJOR = True
 
 
 # ====================================================================== union lists
@@ -223,24 +224,18 @@ def _sparse_fwd_kernel(
     seq_len, n_tiles, HM, HEADS_PER_MASK, GROUP, KV_PROGRAMS,
     PACK: tl.constexpr, ROWS: tl.constexpr, U: tl.constexpr,
     MB: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    VARLEN: tl.constexpr, STORE_LSE: tl.constexpr, KV_MAJOR: tl.constexpr, TAIL: tl.constexpr = 4,
+    VARLEN: tl.constexpr, STORE_LSE: tl.constexpr, TAIL: tl.constexpr = 4,
 ):  # fmt: skip
     BLOCK_M: tl.constexpr = PACK * ROWS
     PACKS = HEADS_PER_MASK // PACK
     BPS: tl.constexpr = BLOCK_N // MB if BLOCK_N > MB else 1  # mask blocks per step
     KPB: tl.constexpr = MB // BLOCK_N if BLOCK_N < MB else 1  # steps per mask block
 
-    if KV_MAJOR:
-        # One 1-D grid: (batch, KV head) slowest, then the query tiles heaviest first, then the KV_PROGRAMS
-        # programs of that KV head (its query heads / packs) fastest. The programs resident at once then read
-        # one KV head's K/V (16 MB at 32k, Llama-8B) instead of every head's (all 8: 128 MB, more than L2).
-        pid = tl.program_id(0)
-        r = pid // KV_PROGRAMS
-        pid0 = (r // n_tiles) * KV_PROGRAMS + pid % KV_PROGRAMS
-        tile = n_tiles - 1 - r % n_tiles
-    else:
-        pid0 = tl.program_id(0)  # (batch, mask head, head pack): fastest, so one tile row runs together
-        tile = n_tiles - 1 - tl.program_id(1)  # heaviest (last) query tiles first
+    # (batch, KV head) slowest, query tiles heaviest first, the KV head's KV_PROGRAMS programs fastest (module doc)
+    pid = tl.program_id(0)
+    r = pid // KV_PROGRAMS
+    pid0 = (r // n_tiles) * KV_PROGRAMS + pid % KV_PROGRAMS  # (batch, mask head, head pack)
+    tile = n_tiles - 1 - r % n_tiles
     pk = pid0 % PACKS
     bh = pid0 // PACKS
     b = bh // HM
@@ -400,7 +395,7 @@ def block_sparse_attention_fwd(
         programs = bm * hm * (heads_per_mask // cfg.pack)  # per query tile: (batch, mask head, head pack)
         # programs that read one KV head: consecutive in (batch, mask head, pack) order
         kv_programs = group // cfg.pack if group % cfg.pack == 0 else 1
-        grid = (programs * n_tiles,) if KV_MAJOR else (programs, n_tiles)
+        grid = (programs * n_tiles,)
         _sparse_fwd_kernel[grid](
             q, k, v, out, lse_arg, lnum, lidx, cu,
             qk_scale,
@@ -414,7 +409,7 @@ def block_sparse_attention_fwd(
             t, n_tiles, hm, heads_per_mask, group, kv_programs,
             PACK=cfg.pack, ROWS=rows, U=u,
             MB=mask_block, BLOCK_N=cfg.block_n, HEAD_DIM=d,
-            VARLEN=varlen, STORE_LSE=return_lse, KV_MAJOR=KV_MAJOR,
+            VARLEN=varlen, STORE_LSE=return_lse,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
 

@@ -1,6 +1,7 @@
 """The block-sparse forward's program order on the GPU: every head of a query-tile position together (the order
 before session 10) against a KV-head-major order (``sparse_fwd.KV_MAJOR``), same masks, same inputs.
 
+    git checkout a5aa9a3   # the tree it ran on: sparse_fwd.KV_MAJOR, the A/B switch, was removed once KV-major won
     PYTHONPATH=src:. python3 docs/experiments/prefill/program_order.py --json program_order.json
 
 Why: at 10 % the forward in the 8B-shaped model runs at the HBM rate of its K/V block loads (each kept
