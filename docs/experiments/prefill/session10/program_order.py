@@ -1,8 +1,9 @@
 """The block-sparse forward's program order on the GPU: every head of a query-tile position together (the order
 before session 10) against a KV-head-major order (``sparse_fwd.KV_MAJOR``), same masks, same inputs.
 
-    git checkout a5aa9a3   # the tree it ran on: sparse_fwd.KV_MAJOR, the A/B switch, was removed once KV-major won
-    PYTHONPATH=src:. python3 docs/experiments/prefill/program_order.py --json program_order.json
+    # on the tree it ran on, a5aa9a3 (one folder up there): sparse_fwd.KV_MAJOR, the A/B switch, was removed
+    # once KV-major won, so it does not run on later trees
+    git checkout a5aa9a3 && PYTHONPATH=src:. python3 "$(git ls-files '*/program_order.py')" --json program_order.json
 
 Why: at 10 % the forward in the 8B-shaped model runs at the HBM rate of its K/V block loads (each kept
 (query tile, key block) pair of a query head loads a 32 KB K+V tile; at 128k that is ~215 GB a layer, ~45 ms at
