@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# One H200 call for the issue-16 gate/policy candidates of branch wip/gate-policy-candidates (the Q/K projections
-# with RoPE fused, wip/gate-proj; the density selection by width class, wip/select-radix), run from the repo root
-# with $OUT set:
+# One H200 call for the gate and policy kernels (issue 16): the Q/K projections with RoPE fused and the density
+# selection by width class, candidates until session 10, which ran this script (4.2 min; results under
+# docs/experiments/prefill-gate-policy/session10) and merged both. Run from the repo root with $OUT set:
 #   1. GPU correctness: the fused gate vs the eager gate (bf16, 32k), the selection kernels vs the PyTorch
 #      policies, the policies on CUDA vs CPU;
-#   2. the selection alone, main's kernel (a copy) against the candidate, outputs asserted equal first
+#   2. the selection alone, the pre-session-10 kernel (a copy) against today's, outputs asserted equal first
 #      (select_bench.py --sweep);
 #   3. the gate alone: time, error against fp64 and the (head, row) pairs whose selection differs from the eager
 #      fp32 gate (gate_precision.py; session 8's numbers for main's gate are on the prefill-gate-policy page);
