@@ -18,8 +18,9 @@ Exactly :class:`seerattn.gate.AttnGate`'s forward, in fp32 whatever the input dt
    ``j + Dg / 2``, the eager gate's :func:`seerattn.gate.apply_rotary`) at row ``n``'s cos/sin row
    ``n * C_STEP`` (1 for query windows, ``R`` for key blocks: their first window) and writes the gate
    vectors ``[B, Hq, N, Dg]`` fp32 once. K is pooled once per KV head; each query head of its group reads it.
-   It replaces (branch wip/gate-proj, not yet timed) an fp32 cuBLAS matmul (SIMT: 0.18 ms a layer at 32k for Q
-   on the H200, session 9 profile) and a RoPE pass that read and wrote the gate vectors again.
+   It replaced an fp32 cuBLAS matmul (SIMT: 0.18 ms a layer at 32k for Q on the H200, session 9 profile) and a
+   RoPE pass that read and wrote the gate vectors again: the whole gate 0.540 vs 0.580 ms at 32k, 3.097 vs
+   3.152 ms at 128k (H200, session 10, docs/experiments/prefill-gate-policy/session10).
 3. ``_rope_kernel``: only for a gate without a Q projection (the pooled Q is the gate query), in place.
 4. ``_gate_scores_kernel``: a program owns ``BLOCK_I`` query blocks of one head, that is their
    ``BLOCK_I * R`` query windows (``R = block_size // q_step``; window ``block * R + w``, consecutive),
@@ -76,8 +77,8 @@ IEEE_SCORES_TILE = (64, 64, 8, 2)
 # Under the interpreter: 16 windows, so that R = 2 and 4 put several blocks in a program and R = 1 sixteen.
 _INTERP_SCORES_TILE = (16, 16, 4, 1)
 # The projection kernel's tile on the GPU: (gate vectors per program, channels per step, warps, stages); two
-# [BLOCK_M, Dg / 2] fp32 accumulators. Not yet timed (branch wip/gate-proj): chosen to fit sm_90 without spills
-# at Dg 128 in the offline compile (docs/experiments/prefill-gate-policy/proj_compile.py).
+# [BLOCK_M, Dg / 2] fp32 accumulators. Chosen to fit sm_90 without spills at Dg 128 in the offline compile
+# (docs/experiments/prefill-gate-policy/proj_compile.py); no other tile was timed on the GPU.
 PROJ_TILE = (128, 32, 8, 3)
 _INTERP_PROJ_TILE = (16, 16, 4, 1)
 
@@ -201,8 +202,8 @@ def _project_kernel(
         w2 = tl.load(w_ptr + HALF, mask=w_mask, other=0.0).to(tl.float32)
         acc1 = tl.dot(a, w1, acc1, input_precision=PRECISION)
         acc2 = tl.dot(a, w2, acc2, input_precision=PRECISION)
+    m = row_ok[:, None] & j_ok[None, :]  # the tile's valid (row, gate channel) pairs: cos/sin loads and the store
     if ROPE:
-        m = row_ok[:, None] & j_ok[None, :]
         c_off = b.to(tl.int64) * stride_cb + (rows * C_STEP).to(tl.int64)[:, None] * stride_cn + offs_j[None, :]
         cos1 = tl.load(C + c_off, mask=m, other=0.0).to(tl.float32)
         cos2 = tl.load(C + c_off + HALF, mask=m, other=0.0).to(tl.float32)
@@ -215,9 +216,8 @@ def _project_kernel(
         out2 = acc2
     o_ptr = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + rows.to(tl.int64)[:, None] * stride_on
     o_ptr += offs_j[None, :]
-    smask = row_ok[:, None] & j_ok[None, :]
-    tl.store(o_ptr, out1, mask=smask)
-    tl.store(o_ptr + HALF, out2, mask=smask)
+    tl.store(o_ptr, out1, mask=m)
+    tl.store(o_ptr + HALF, out2, mask=m)
 
 
 @triton.jit
