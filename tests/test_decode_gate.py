@@ -252,34 +252,6 @@ def test_threshold_and_top_p_policies():
         DecodePolicy("top_p", 1.5)
 
 
-def test_budget_policy_with_neighbors_keeps_the_spans_of_strong_blocks():
-    """neighbors='next' ranks block j by logaddexp(logit j, logit j - 1) (the span ending at j), 'both' by the
-    span j - 1 .. j + 1: the block after the strongest one is kept instead of a weaker isolated block. The first
-    block's logit does not lift block 1, blocks at or past the current one do not lift completed ones, and each
-    option is refused where it does not apply."""
-    # completed blocks 0..7, current 8 (9 is past it); block 4 strongest, block 6 second, the rest weak
-    x = [9.0, 0.0, 0.1, 0.2, 5.0, 0.3, 3.0, 0.4, 9.0, 9.0]
-    logits, lens = torch.tensor([[x]]), torch.tensor([8 * BS + 3])
-
-    def keep(neighbors):
-        return _valid(select_decode_blocks(logits, lens, DecodePolicy("budget", 5 * BS, neighbors=neighbors), BS))[0]
-
-    def brute(span):  # the 3 best completed blocks 1..7 by the log-mass of their span (block 0 and 8+ left out)
-        mass = {j: math.log(sum(math.exp(x[i]) for i in span(j) if 1 <= i <= 7)) for j in range(1, 8)}
-        return sorted([0, 8, *sorted(mass, key=lambda j: -mass[j])[:3]])
-
-    assert keep("none") == [0, 4, 6, 7, 8] == brute(lambda j: [j])
-    # next: 5 = lse(0.3, 5.0) and 4 = lse(5.0, 0.2) lead, then 7 = lse(0.4, 3.0) just above 6 = lse(3.0, 0.3)
-    assert keep("next") == [0, 4, 5, 7, 8] == brute(lambda j: [j - 1, j])
-    assert keep("both") == brute(lambda j: [j - 1, j, j + 1]) == [0, 3, 4, 5, 8]
-    # the sink's 9.0 would lift block 1 to the top, the current block's 9.0 block 7
-    assert 1 not in keep("next") and 1 not in keep("both") and 7 not in keep("both")
-    with pytest.raises(ValueError, match="neighbors must be one of"):
-        DecodePolicy("budget", 4 * BS, neighbors="left")
-    with pytest.raises(ValueError, match="needs kind='budget'"):
-        DecodePolicy("top_p", 0.9, neighbors="next")
-
-
 @pytest.mark.parametrize(
     ("hq", "hkv", "bs", "t", "row_chunk"),
     [(2, 2, 16, 45, 1024), (4, 2, 16, 45, 7), (8, 2, 16, 53, 16), (4, 1, 64, 151, 50), (4, 4, 64, 129, 1)],

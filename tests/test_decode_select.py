@@ -147,8 +147,8 @@ def test_expanded_lengths_and_keys_as_decode_eval_passes_them():
 
 
 def test_the_rule_picking_fused_or_unfused():
-    """resolve_decode_select: None is fused exactly for a budget policy without neighbours on CUDA; explicit
-    choices are kept; fused with a policy that needs the probabilities or ranks spans, or an unknown value, raises."""
+    """resolve_decode_select: None is fused exactly for a budget policy on CUDA; explicit choices are kept;
+    fused with a policy that needs the probabilities, or an unknown value, raises."""
     budget = DecodePolicy("budget", 4096)
     assert resolve_decode_select(None, budget, "cuda") == "fused"
     assert resolve_decode_select(None, budget, torch.device("cuda", 1)) == "fused"
@@ -157,12 +157,7 @@ def test_the_rule_picking_fused_or_unfused():
         policy = DecodePolicy(kind, value)
         assert resolve_decode_select(None, policy, "cuda") == "unfused"
         assert resolve_decode_select("unfused", policy, "cuda") == "unfused"
-        with pytest.raises(ValueError, match="'budget' policies with neighbors='none' only"):
-            resolve_decode_select("fused", policy, "cuda")
-    for neighbors in ("next", "both"):  # ranking by spans is the unfused path's
-        policy = DecodePolicy("budget", 4096, neighbors=neighbors)
-        assert resolve_decode_select(None, policy, "cuda") == "unfused"
-        with pytest.raises(ValueError, match=f"neighbors='{neighbors}'"):
+        with pytest.raises(ValueError, match="'budget' policy kind only"):
             resolve_decode_select("fused", policy, "cuda")
     assert resolve_decode_select("fused", budget, "cpu") == "fused"  # taken as given (the interpreter runs it)
     assert resolve_decode_select("unfused", budget, "cuda") == "unfused"
@@ -192,10 +187,9 @@ def test_ties_go_to_the_lower_block_index():
 def test_non_budget_policies_and_bad_inputs_are_refused():
     bs = 16
     qg, keys, lens = torch.randn(2, 2, 8), torch.randn(2, 2, 4, 8), torch.tensor([40, 64], dtype=torch.int32)
-    for policy in (DecodePolicy("threshold", 0.1), DecodePolicy("top_p", 0.9), DecodePolicy("dense", 0),
-                   DecodePolicy("budget", 2 * bs, neighbors="next")):  # fmt: skip
-        with pytest.raises(ValueError, match="rank blocks by their own logit only"):
-            select_decode_blocks_fused(qg, keys, lens, policy, bs)
+    for kind, value in (("threshold", 0.1), ("top_p", 0.9), ("dense", 0)):
+        with pytest.raises(ValueError, match="'budget' policy kind only"):
+            select_decode_blocks_fused(qg, keys, lens, DecodePolicy(kind, value), bs)
     with pytest.raises(ValueError, match=r"qg must be \[B, Hkv, Dg\]"):
         budget_decode_blocks(qg[:, :1], keys, lens, 2, bs)
     with pytest.raises(ValueError, match="keys must be a non-empty 4-D"):

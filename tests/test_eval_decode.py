@@ -13,7 +13,6 @@ pytest.importorskip("tokenizers")
 
 from test_eval import BS, books, books_dir, plain_model, tokenizer  # noqa: E402, F401  (module fixtures)
 
-from seerattn.decode_policy import DecodePolicy  # noqa: E402
 from seerattn.eval import segment_windows, token_nll  # noqa: E402
 from seerattn.eval.decode import (  # noqa: E402
     DECODE_METHODS,
@@ -82,10 +81,6 @@ def test_decode_answer_is_greedy_decoding_and_sparse_steps_read_the_budget(dem, 
         dem.state.reset()
         _, density = decode_answer(dem.model, p.ids, 6)
         assert 0.25 < density < 0.35, (method, density)  # 4 blocks of a 13-14 block cache
-    configure_decode(dem, "seer", 4 * BS, neighbors="next")  # seer's policy ranks spans, the baselines keep theirs
-    assert dem.state.config.decode.policy == DecodePolicy("budget", 4 * BS, neighbors="next")
-    configure_decode(dem, "quest", 4 * BS, neighbors="next")
-    assert dem.state.config.decode.policy.neighbors == "none"
 
 
 def test_decode_passkey_rows(dem, tokenizer, books, monkeypatch):  # noqa: F811
@@ -113,12 +108,10 @@ def test_decode_passkey_rows(dem, tokenizer, books, monkeypatch):  # noqa: F811
 def test_cli_eval_decode_writes_json_and_markdown(plain_model, tokenizer, books_dir, tmp_path):  # noqa: F811
     from seerattn.cli import eval as cli_eval
     from seerattn.cli import main
-    from seerattn.decode_policy import DECODE_NEIGHBORS
     from seerattn.eval.decode import DECODE_METHODS as methods
     from seerattn.record import read_record
 
     assert cli_eval.DECODE_METHODS == ",".join(methods)  # the parser's default names the registry
-    assert cli_eval.DECODE_NEIGHBORS == DECODE_NEIGHBORS
     model = tmp_path / "model"
     plain_model.save_pretrained(model)
     tokenizer.save_pretrained(model)

@@ -16,12 +16,6 @@ Kinds (``DecodePolicy.kind``):
   first + current.
 - ``"dense"``: every block of the cache (baselines, tests).
 
-``neighbors`` (budget policies): ``"none"`` ranks each completed block by its own gate logit; ``"next"`` by the
-gate mass of the two-block span ending at it (``logaddexp`` of its logit and its left neighbour's), so the block
-after a strongly selected one ranks as high as that one: text that runs across a block boundary (a number split
-over two blocks, the words that follow a retrieved line) is kept whole; ``"both"`` by the three-block span
-centred on it. The first block's logit is left out of its neighbour's span (it is kept anyway, as the sink).
-
 ``threshold`` and ``top_p`` keep a data-dependent number of blocks: their K is ``max_blocks`` (a cap;
 default every block of the cache), and when more blocks pass, the highest-scoring ones are kept.
 Nothing is read on the host (no sync).
@@ -40,7 +34,6 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
-    "DECODE_NEIGHBORS",
     "DECODE_POLICY_KINDS",
     "DECODE_SELECTS",
     "DecodePolicy",
@@ -51,7 +44,6 @@ __all__ = [
 
 DECODE_POLICY_KINDS = ("budget", "threshold", "top_p", "dense")
 DECODE_SELECTS = ("fused", "unfused")
-DECODE_NEIGHBORS = ("none", "next", "both")
 
 
 @dataclass(frozen=True)
@@ -62,14 +54,11 @@ class DecodePolicy:
         kind: one of ``DECODE_POLICY_KINDS``.
         value: tokens (budget), probability (threshold, in (0, 1]) or mass (top_p, in (0, 1]); unused by dense.
         max_blocks: K for threshold / top_p (None: every block of the cache).
-        neighbors: one of ``DECODE_NEIGHBORS``, budget policies only: what a completed block is ranked by
-            (its own logit, or the gate mass of the span with its neighbours; see the module docstring).
     """
 
     kind: str = "budget"
     value: float = 4096
     max_blocks: int | None = None
-    neighbors: str = "none"
 
     def __post_init__(self) -> None:
         if self.kind not in DECODE_POLICY_KINDS:
@@ -80,13 +69,6 @@ class DecodePolicy:
             raise ValueError(f"DecodePolicy {self.kind} value must be in (0, 1], got {self.value!r}")
         if self.max_blocks is not None and (self.kind not in ("threshold", "top_p") or self.max_blocks < 2):
             raise ValueError("DecodePolicy.max_blocks is the cap of threshold / top_p policies and must be >= 2")
-        if self.neighbors not in DECODE_NEIGHBORS:
-            raise ValueError(f"DecodePolicy.neighbors must be one of {DECODE_NEIGHBORS}, got {self.neighbors!r}")
-        if self.neighbors != "none" and self.kind != "budget":
-            raise ValueError(
-                f"DecodePolicy.neighbors={self.neighbors!r} ranks blocks for a token budget; it needs kind='budget', "
-                f"got {self.kind!r}"
-            )
 
     def num_slots(self, block_size: int, kv_blocks: int) -> int:
         """K: list length for ``block_size``-token blocks over a cache of ``kv_blocks`` blocks."""
@@ -149,8 +131,6 @@ def select_decode_blocks(
         keep = completed
     elif policy.kind == "budget":
         keep = completed
-        if policy.neighbors != "none":
-            x = _span_logits(x.masked_fill(~completed | (j == 0), float("-inf")), policy.neighbors)
     else:
         x = x.masked_fill(~completed, float("-inf"))
         # Softmax over completed blocks only; a row without any (first block) stays all zero, not NaN.
@@ -165,17 +145,6 @@ def select_decode_blocks(
     priority = torch.where(keep, x, float("-inf")).masked_fill(forced, float("inf"))
     top, idx = priority.topk(k, dim=-1)
     return torch.where(torch.isinf(top) & (top < 0), -1, idx).to(torch.int32)
-
-
-def _span_logits(x: torch.Tensor, neighbors: str) -> torch.Tensor:
-    """x [..., W] logits (-inf where a block does not count) -> the log-mass of each block's span: blocks j-1..j
-    (``"next"``) or j-1..j+1 (``"both"``)."""
-    ninf = torch.full_like(x[..., :1], float("-inf"))
-    left = torch.cat([ninf, x[..., :-1]], -1)
-    out = torch.logaddexp(x, left)
-    if neighbors == "both":
-        out = torch.logaddexp(out, torch.cat([x[..., 1:], ninf], -1))
-    return out
 
 
 def select_decode_blocks_fused(
@@ -196,10 +165,9 @@ def select_decode_blocks_fused(
         keeps, in ascending block order (not by priority), -1 padded; equal logits go to the lower block
         index (the eager top-K leaves their order unspecified).
     """
-    if policy.kind != "budget" or policy.neighbors != "none":
+    if policy.kind != "budget":
         raise ValueError(
-            "select_decode_blocks_fused supports 'budget' policies that rank blocks by their own logit only "
-            f"(neighbors='none'), got kind={policy.kind!r}, neighbors={policy.neighbors!r}; use "
+            f"select_decode_blocks_fused supports the 'budget' policy kind only, got {policy.kind!r}; use "
             "select_decode_blocks for the others"
         )
     from .ops import budget_decode_blocks
@@ -217,7 +185,7 @@ def resolve_decode_select(select: str | None, policy: DecodePolicy, device: torc
     Args:
         select: ``"fused"``, ``"unfused"`` (taken as given; ``"fused"`` with a policy other than ``"budget"``
             raises, and on a CPU tensor without ``TRITON_INTERPRET=1`` the kernel raises: never a fallback),
-            or None: the automatic rule, fused for a ``"budget"`` policy without neighbours on CUDA, unfused otherwise.
+            or None: the automatic rule, fused for a ``"budget"`` policy on CUDA, unfused otherwise.
         policy: the decode policy (``threshold`` / ``top_p`` need the softmax over the whole row: unfused;
             ``dense`` lists every block: unfused).
         device: where the step runs (on the CPU the unfused path is the reference; Triton runs there only
@@ -235,12 +203,11 @@ def resolve_decode_select(select: str | None, policy: DecodePolicy, device: torc
     """
     if select not in (None, *DECODE_SELECTS):
         raise ValueError(f"decode select must be one of {DECODE_SELECTS} or None (automatic), got {select!r}")
-    fusable = policy.kind == "budget" and policy.neighbors == "none"
-    if select == "fused" and not fusable:
+    if select == "fused" and policy.kind != "budget":
         raise ValueError(
-            "the fused decode selection supports 'budget' policies with neighbors='none' only, got "
-            f"kind={policy.kind!r}, neighbors={policy.neighbors!r}; use select='unfused' or None (automatic) for it"
+            f"the fused decode selection supports the 'budget' policy kind only, got {policy.kind!r}; use "
+            "select='unfused' or None (automatic) for it"
         )
     if select is not None:
         return select
-    return "fused" if fusable and torch.device(device).type == "cuda" else "unfused"
+    return "fused" if policy.kind == "budget" and torch.device(device).type == "cuda" else "unfused"

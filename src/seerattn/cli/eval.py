@@ -268,7 +268,6 @@ def _read_metrics(run: Path) -> list[dict]:
 
 
 DECODE_METHODS = "dense,seer,streaming,quest"  # seerattn.eval.decode.DECODE_METHODS (checked by a test)
-DECODE_NEIGHBORS = ("none", "next", "both")  # seerattn.decode_policy.DECODE_NEIGHBORS (checked by a test)
 
 
 def _run_decode(args) -> int:
@@ -303,7 +302,6 @@ def _run_decode(args) -> int:
         seed=args.seed,
         allow_untrained_gates=args.allow_untrained_gates,
         progress=not args.no_progress,
-        neighbors=args.neighbors,
     )
     ppl_rows, passkey_rows = [], []
     if "ppl" in args.measure:
@@ -492,13 +490,6 @@ def register(sub) -> None:
         help="token budget of a decode step as a fraction of --context (%(default)s)",
     )
     pd.add_argument("--budget", type=int, help="token budget of a decode step (overrides --budget-fraction)")
-    pd.add_argument(
-        "--neighbors",
-        choices=DECODE_NEIGHBORS,
-        default="none",
-        help="what the seer method ranks a block by: its own gate logit (none), or the gate mass of the span with "
-        "its left neighbour (next) or both neighbours (both) (%(default)s)",
-    )
     pd.add_argument("--samples", type=int, default=8, help="PPL windows (%(default)s)")
     pd.add_argument("--tail", type=int, help="last tokens of each window that decode (default: --context / 4)")
     pd.add_argument("--add-bos", action="store_true", help="start each PPL window with the BOS token")

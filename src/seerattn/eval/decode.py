@@ -119,13 +119,8 @@ def prepare_decode_model(
     return eval_model(model, state, gates, train_length, name)
 
 
-def configure_decode(
-    em: EvalModel, method: str, budget: int, decode_start: int | None = None, neighbors: str = "none"
-) -> None:
+def configure_decode(em: EvalModel, method: str, budget: int, decode_start: int | None = None) -> None:
     """Put ``em`` in ``method``'s decode configuration at ``budget`` tokens.
-
-    ``neighbors``: how ``seer`` ranks blocks (:class:`~seerattn.decode_policy.DecodePolicy`'s ``neighbors``);
-    the baselines keep their own rule.
 
     ``decode_start`` set: teacher-forced forwards run ``decode_eval`` from that row on (dense for
     ``dense``); None: prefills dense, one-token steps on a cache through the method.
@@ -138,9 +133,7 @@ def configure_decode(
         state.set(mode="dense", decode_start=None)
         state.set_decode(enabled=False)
         return
-    state.set_decode(
-        enabled=True, policy=DecodePolicy("budget", budget, neighbors=neighbors if method == "seer" else "none")
-    )
+    state.set_decode(enabled=True, policy=DecodePolicy("budget", budget))
     if method in _SELECT:
         state.decode_select_fn = functools.partial(_SELECT[method], budget)
     if decode_start is None:
@@ -256,7 +249,6 @@ def evaluate_decode_ppl(
     rope_scaling: str | None = "yarn",
     seed: int = 0,
     allow_untrained_gates: bool = False,
-    neighbors: str = "none",
     progress: bool = True,
     resamples: int = BOOTSTRAP_RESAMPLES,
 ) -> list[dict]:
@@ -278,7 +270,7 @@ def evaluate_decode_ppl(
         with scaled_rope(em, context, rope_scaling) as rope:
             bar = tqdm(total=len(methods) * len(windows), desc=f"decode ppl @{context}", disable=not progress)
             for method in methods:
-                configure_decode(em, method, budget, decode_start=context - tail, neighbors=neighbors)
+                configure_decode(em, method, budget, decode_start=context - tail)
                 w_nll, w_tail, w_tokens, dens = [], [], [], []
                 for w in windows:
                     em.state.reset()
@@ -356,7 +348,6 @@ def evaluate_decode_passkey(
     rope_scaling: str | None = "yarn",
     seed: int = 0,
     allow_untrained_gates: bool = False,
-    neighbors: str = "none",
     progress: bool = True,
     needle_recall: bool = True,
 ) -> list[dict]:
@@ -389,7 +380,7 @@ def evaluate_decode_passkey(
         with scaled_rope(em, context, rope_scaling) as rope:
             bar = tqdm(total=len(methods) * len(depths) * samples, desc="decode passkey", disable=not progress)
             for method in methods:
-                configure_decode(em, method, budget, neighbors=neighbors)
+                configure_decode(em, method, budget)
                 record = needles is not None and method != "dense"
                 correct, answers, right, hits, dens = [], [], [], [], []
                 for di, prompts in enumerate(grid):
