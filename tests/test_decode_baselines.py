@@ -1,5 +1,5 @@
-"""StreamingLLM-style and Quest-style decode selections against brute-force loops over sequences, heads,
-blocks and channels (independent of the vectorised code)."""
+"""StreamingLLM-style, Quest-style and attention-oracle decode selections against brute-force loops over
+sequences, heads, blocks and channels (independent of the vectorised code)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,15 @@ import pytest
 import torch
 
 from seerattn.decode_baselines import (
+    oracle_block_scores,
+    oracle_decode_blocks,
     quest_block_bounds,
     quest_block_scores,
     quest_decode_blocks,
     streaming_decode_blocks,
 )
 from seerattn.decode_policy import DecodePolicy, select_decode_blocks
+from seerattn.ops.reference import decode_block_scores
 
 LENS = [1, 16, 17, 40, 100, 161]  # empty past the first block, exact block ends, partial blocks, more blocks than slots
 
@@ -108,7 +111,53 @@ def test_quest_errors():
         quest_decode_blocks(torch.zeros(1, 4, 8), torch.zeros(1, 2, 32, 8), torch.tensor([20]), 16, 16)
 
 
-@pytest.mark.parametrize("select", [quest_decode_blocks, streaming_decode_blocks])
+@pytest.mark.parametrize(("hq", "hkv"), [(4, 4), (4, 2), (6, 2)])
+def test_oracle_scores_and_selection_equal_brute_force(hq, hkv):
+    """Per row: softmax over the visible keys, max over each block's keys and the group's heads (brute force
+    per sequence, head and key); keys past a row's length change nothing; the lists are the decode policy's on
+    these scores; on a full sequence the scores of completed blocks rank as the decode gate's distillation
+    target (decode_block_scores: the same values before its renormalisation)."""
+    bs, d, t, scale = 16, 8, 176, 0.7
+    g = torch.Generator().manual_seed(20 + hq)
+    lens = torch.tensor(LENS, dtype=torch.int32)
+    q = torch.randn(len(LENS), hq, d, generator=g, dtype=torch.float64)
+    k = torch.randn(len(LENS), hkv, t, d, generator=g, dtype=torch.float64)
+    scores = oracle_block_scores(q.unsqueeze(2), k, lens.view(-1, 1), bs, scale).squeeze(2)
+    want = torch.zeros(len(LENS), hkv, 11, dtype=torch.float64)
+    for i, n in enumerate(LENS):
+        for h in range(hq):
+            p = torch.softmax(k[i, h // (hq // hkv), :n] @ q[i, h] * scale, -1)
+            for j in range(-(-n // bs)):
+                want[i, h // (hq // hkv), j] = max(want[i, h // (hq // hkv), j], p[j * bs : (j + 1) * bs].max())
+    torch.testing.assert_close(scores, want, rtol=1e-12, atol=1e-12)
+    garbage = k.clone()
+    for i, n in enumerate(LENS):
+        garbage[i, :, n:] = 1e3
+    idx = oracle_decode_blocks(q, k, lens, 5 * bs, bs, scale)
+    assert torch.equal(idx, oracle_decode_blocks(q, garbage, lens, 5 * bs, bs, scale))
+    assert torch.equal(idx, select_decode_blocks(scores, lens, DecodePolicy("budget", 5 * bs), bs))
+    for i, rows in enumerate(_lists(idx)):
+        for h in range(hkv):
+            assert rows[h] == _brute_select(want[i, h].tolist(), LENS[i], bs, 5), (LENS[i], h)
+    # every row of one sequence against decode_block_scores (completed blocks, renormalised: the same order)
+    qs = torch.randn(1, hq, t, d, generator=g, dtype=torch.float64)
+    rows_all = oracle_block_scores(qs, k[:1], torch.arange(1, t + 1).view(1, -1), bs, scale)
+    target = decode_block_scores(qs, k[:1], bs, scale=scale)
+    for r in range(bs, t, 7):
+        done = r // bs  # blocks completed before row r's own
+        got = rows_all[0, :, r, :done]
+        torch.testing.assert_close(got / got.sum(-1, keepdim=True), target[0, :, r, :done], rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match=r"cache_seqlens must be \[B, N\]"):
+        oracle_block_scores(q.unsqueeze(2), k, lens, bs, scale)
+    with pytest.raises(ValueError, match="multiple of Hkv"):
+        oracle_block_scores(torch.zeros(1, 3, 1, 8), torch.zeros(1, 2, 32, 8), torch.tensor([[20]]), bs, scale)
+
+
+@pytest.mark.parametrize(
+    "select",
+    [quest_decode_blocks, streaming_decode_blocks, lambda *a: oracle_decode_blocks(*a, scale=0.4)],
+    ids=["quest", "streaming", "oracle"],
+)
 def test_teacher_forced_rows_equal_decode_steps(select):
     """N rows of a window at once (cache_seqlens [B, N]) == one decode-step call per row."""
     bs, t = 16, 150

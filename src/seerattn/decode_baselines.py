@@ -1,4 +1,4 @@
-"""Training-free decode baselines at the decode gate's token budget: StreamingLLM-style and Quest-style.
+"""Decode baselines at the decode gate's token budget: StreamingLLM-style, Quest-style and the attention oracle.
 
 Each baseline scores the key blocks of every (sequence, KV head) and hands the scores to
 :func:`~seerattn.decode_policy.select_decode_blocks` with a :class:`~seerattn.decode_policy.DecodePolicy`
@@ -16,6 +16,11 @@ blocks; only *which* completed blocks differs.
   over the KV group's query heads (one list per group, as the decode gate). Queries and keys are the
   ones attention uses (post-RoPE, as Quest reads the KV cache). Quest keeps its first two layers dense;
   that is the caller's choice (a per-layer decision), not this function's.
+- Oracle (an upper bound, not a method: it computes the dense attention it would save): per block the
+  query's true attention probability, max-pooled over the block's keys and over the KV group's query
+  heads, the decode gate's distillation target (:func:`seerattn.ops.reference.decode_block_scores`) at the
+  row's own position. It tells a gate's misses (the oracle keeps the right blocks) from the budget's (no
+  selection of this size does).
 
 Both selections take one new token per sequence (a decode step: q ``[B, Hq, D]``, ``cache_seqlens``
 ``[B]``, lists ``[B, Hkv, K]``) or N query rows per sequence (a teacher-forced evaluation, the rows of a
@@ -34,7 +39,14 @@ from .block_mask import num_blocks
 from .decode_policy import DecodePolicy, select_decode_blocks
 from .gate import pool_blocks
 
-__all__ = ["quest_block_bounds", "quest_block_scores", "quest_decode_blocks", "streaming_decode_blocks"]
+__all__ = [
+    "oracle_block_scores",
+    "oracle_decode_blocks",
+    "quest_block_bounds",
+    "quest_block_scores",
+    "quest_decode_blocks",
+    "streaming_decode_blocks",
+]
 
 
 def _select(scores: torch.Tensor, cache_seqlens: torch.Tensor, budget: int, block_size: int, kv_blocks: int):
@@ -159,4 +171,74 @@ def quest_decode_blocks(
     kv_blocks = num_blocks(k_cache.shape[2], block_size) if kv_blocks is None else kv_blocks
     kmin, kmax = quest_block_bounds(k_cache, block_size)
     idx = _select(quest_block_scores(q4, kmin, kmax), lens, budget, block_size, kv_blocks)
+    return idx[:, :, 0] if step else idx
+
+
+def oracle_block_scores(
+    q: torch.Tensor, k_cache: torch.Tensor, cache_seqlens: torch.Tensor, block_size: int, scale: float
+) -> torch.Tensor:
+    """Each row's attention probability over its visible keys, max-pooled per key block and over the KV group.
+
+    Args:
+        q: [B, Hq, N, D] query rows (post-RoPE, as attention reads them).
+        k_cache: [B, Hkv, Tmax, D] post-RoPE keys.
+        cache_seqlens: int [B, N], keys visible to each row (its position + 1).
+        block_size: tokens per key block.
+        scale: the attention's softmax scale.
+
+    Returns:
+        [B, Hkv, N, NB] fp32 (fp64 for fp64 inputs), NB = ceil(Tmax / block_size): for row n, the largest
+        probability any of the group's heads puts on a key of block J (0 for keys at or past ``cache_seqlens``).
+        Temporaries: [B, Hq, N, Tmax] (the caller chunks its rows).
+    """
+    if q.dim() != 4 or k_cache.dim() != 4 or q.shape[0] != k_cache.shape[0] or q.shape[-1] != k_cache.shape[-1]:
+        raise ValueError(
+            f"oracle_block_scores needs q [B, Hq, N, D] and k_cache [B, Hkv, Tmax, D], got {tuple(q.shape)} and "
+            f"{tuple(k_cache.shape)}"
+        )
+    b, hq, n, d = q.shape
+    hkv, tmax = k_cache.shape[1], k_cache.shape[2]
+    if hq % hkv:
+        raise ValueError(f"oracle_block_scores: Hq ({hq}) must be a multiple of Hkv ({hkv})")
+    if cache_seqlens.shape != (b, n):
+        raise ValueError(f"cache_seqlens must be [B, N] = [{b}, {n}], got {tuple(cache_seqlens.shape)}")
+    dt = torch.promote_types(q.dtype, torch.float32)
+    g = hq // hkv
+    logits = torch.matmul(q.to(dt).reshape(b, hkv, g * n, d), k_cache.to(dt).transpose(-1, -2)) * scale
+    logits = logits.view(b, hkv, g, n, tmax)
+    unseen = torch.arange(tmax, device=q.device).view(1, 1, -1) >= cache_seqlens.to(q.device).view(b, n, 1)
+    p = torch.softmax(logits.masked_fill_(unseen.view(b, 1, 1, n, tmax), float("-inf")), dim=-1)
+    nb = num_blocks(tmax, block_size)
+    p = torch.nn.functional.pad(p, (0, nb * block_size - tmax))
+    return p.unflatten(-1, (nb, block_size)).amax(dim=(2, 5))  # [B, Hkv, N, NB]
+
+
+def oracle_decode_blocks(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    budget: int,
+    block_size: int,
+    scale: float,
+    kv_blocks: int | None = None,
+) -> torch.Tensor:
+    """Attention-oracle selection: first + current block + the completed blocks of highest true attention
+    (:func:`oracle_block_scores`; an upper bound for a gate at this budget, see the module docstring).
+
+    Args:
+        q: [B, Hq, D] the new tokens' queries, or [B, Hq, N, D] query rows (post-RoPE).
+        k_cache: [B, Hkv, Tmax, D] post-RoPE keys.
+        cache_seqlens: int [B] or [B, N], keys visible to each row (its position + 1).
+        budget: tokens (``budget // block_size`` blocks).
+        block_size: tokens per key block.
+        scale: the attention's softmax scale.
+        kv_blocks: blocks covering the cache capacity; default ``ceil(Tmax / block_size)``.
+
+    Returns:
+        int32 [B, Hkv, K] (or [B, Hkv, N, K]) as :func:`~seerattn.decode_policy.select_decode_blocks`.
+    """
+    q4, lens, step = _rows(q, cache_seqlens, "oracle_decode_blocks")
+    kv_blocks = num_blocks(k_cache.shape[2], block_size) if kv_blocks is None else kv_blocks
+    scores = oracle_block_scores(q4, k_cache, lens, block_size, scale)
+    idx = _select(scores, lens, budget, block_size, kv_blocks)
     return idx[:, :, 0] if step else idx

@@ -267,7 +267,7 @@ def _read_metrics(run: Path) -> list[dict]:
     return rows
 
 
-DECODE_METHODS = "dense,seer,streaming,quest"  # seerattn.eval.decode.DECODE_METHODS (checked by a test)
+DECODE_METHODS = "dense,seer,streaming,quest,oracle"  # seerattn.eval.decode.DECODE_METHODS (checked by a test)
 
 
 def _run_decode(args) -> int:
@@ -473,7 +473,8 @@ def register(sub) -> None:
     pd = esub.add_parser(
         "decode",
         help="sparse decode at one token budget: decode PPL of the last tokens of windows (teacher-forced) and "
-        "passkey by generation, for dense / seer (decode gates) / streaming / quest",
+        "passkey by generation, for dense / seer (decode gates) / streaming / quest / oracle (true attention: an "
+        "upper bound)",
     )
     _model_and_data(pd, "seerattn adapter folder with a decode section (needed by the seer method)")
     pd.add_argument(

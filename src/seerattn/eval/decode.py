@@ -24,6 +24,9 @@ decode gate and a :class:`~seerattn.decode_policy.DecodePolicy` ``"budget"``), `
 ``quest`` (:mod:`seerattn.decode_baselines` through ``SeerState.decode_select_fn``, the same kernel
 and budget). Quest here recomputes its block bounds from the whole cache at every step (an
 evaluation, not a speed measurement; a serving path would cache them per block as the gate keys are).
+``oracle`` keeps the blocks of highest true attention (the decode gate's distillation target at each
+row's position; it computes the dense attention it would save: an upper bound of what any gate keeps at
+the budget, which tells the gate's misses from the budget's).
 
 Shape legend: T tokens of a window, N rows selected at once, K blocks kept per KV head, S decode steps of a
 prompt, L layers, Hkv KV heads.
@@ -41,7 +44,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..decode_baselines import quest_decode_blocks, streaming_decode_blocks
+from ..decode_baselines import oracle_decode_blocks, quest_decode_blocks, streaming_decode_blocks
 from ..decode_policy import DecodePolicy
 from ..gate import DecodeGateConfig
 from ..hf import DecodeConfig, SeerConfig, apply_seer_attention, from_pretrained, get_seer_state, read_adapter_config
@@ -65,7 +68,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DECODE_METHODS = ("dense", "seer", "streaming", "quest")
+DECODE_METHODS = ("dense", "seer", "streaming", "quest", "oracle")
 # the needle-recall fields of a passkey row (needle_summary; None where nothing was recorded)
 NEEDLE_FIELDS = (
     "needle_blocks",
@@ -87,7 +90,11 @@ def _quest(budget: int, request: DecodeRequest) -> torch.Tensor:
     return quest_decode_blocks(request.q, request.k, request.cache_seqlens, budget, request.block_size)
 
 
-_SELECT = {"streaming": _streaming, "quest": _quest}
+def _oracle(budget: int, request: DecodeRequest) -> torch.Tensor:
+    return oracle_decode_blocks(request.q, request.k, request.cache_seqlens, budget, request.block_size, request.scale)
+
+
+_SELECT = {"streaming": _streaming, "quest": _quest, "oracle": _oracle}
 
 
 def prepare_decode_model(
