@@ -307,6 +307,38 @@ def test_query_window_gate_gets_the_models_rope_at_window_starts():
     assert torch.isfinite(out).all() and all(s["path"] == "sparse" for s in state.stats.values())
 
 
+def test_window_rope_table_is_computed_once_per_forward_and_follows_the_positions():
+    """The prefill gate's RoPE table at window starts is the same in every layer of a forward: computed for the
+    first and reused (one rotary call a forward, not one a layer); new position_ids, or the same tensor changed
+    in place, compute it again, and the logits equal those of a forward that starts from an empty cache."""
+    model = make_model("llama", rope=YARN)
+    gate_cfg = GateConfig(block_size=16, q_subblock=4)
+    state = apply_seer_attention(model, SeerConfig(gate=gate_cfg, mode="sparse", policy=SparsityPolicy("density", 0.5)))
+    assert model.config.num_hidden_layers >= 2
+    calls = []
+    rotary = state._rotary
+
+    def counting(x, positions):
+        calls.append(positions.shape)
+        return rotary(x, positions)
+
+    state._rotary = counting
+    t = 70
+    ids = input_ids(t, b=2)
+    _logits(model, ids)
+    assert calls == [(1, 18)]  # one table of the 18 window starts ([1, T] positions), for every layer
+    _logits(model, ids)
+    assert len(calls) == 2  # a new forward hands new position_ids
+    pos = torch.arange(3, 3 + t).unsqueeze(0).expand(2, t).clone()
+    first = _logits(model, ids, position_ids=pos)
+    pos.add_(5)  # the same tensor, other positions: its version changed
+    moved = _logits(model, ids, position_ids=pos)
+    assert len(calls) == 4 and not torch.equal(first, moved)
+    state._window_table = None
+    torch.testing.assert_close(_logits(model, ids, position_ids=pos.clone()), moved, atol=0, rtol=0)
+    assert len(calls) == 5
+
+
 # ------------------------------------------------------------------------------ generate
 def test_generate_sparse_greedy_and_decode_path():
     model, base, state = _seer("qwen2", policy=SparsityPolicy("dense"))

@@ -352,6 +352,10 @@ class SeerState:
     _layout: tuple[weakref.ref, tuple[int, int, int | None], _Layout | None] | None = field(default=None, repr=False)
     # the last chunk mask of a chunked prefill found free of padding (_check_chunk_unpadded): one read per forward
     _chunk_mask: tuple[weakref.ref, int] | None = field(default=None, repr=False)
+    # (weak reference to the forward's position_ids, (window, T, dtype, device, its version, rotary), (cos, sin)): the
+    # prefill gate's RoPE table at window starts, the same in every layer of a forward, computed once (it was ~8
+    # small launches a layer)
+    _window_table: tuple[weakref.ref, tuple, tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)
 
     @property
     def stats(self) -> dict[int, dict]:
@@ -401,6 +405,7 @@ class SeerState:
         self._decode.clear()
         self._layout = None
         self._chunk_mask = None
+        self._window_table = None
 
     def total_gate_loss(self) -> torch.Tensor:
         """Sum over layers of the distillation losses of the last forward."""
@@ -492,11 +497,22 @@ def _heads(module) -> tuple[int, int, int]:
 
 
 def _window_rotary(state: SeerState, like: torch.Tensor, position_ids: torch.Tensor | None, step: int, t: int):
-    """cos, sin [B, ceil(T / step), D] of the model's own RoPE at the first position of each ``step``-token window."""
+    """cos, sin [B, ceil(T / step), D] of the model's own RoPE at the first position of each ``step``-token window.
+
+    transformers hands every layer of a forward the same ``position_ids`` tensor, so the table is computed for the
+    first layer and reused by the others (keyed on that tensor, its version, the window, T, dtype, device and the
+    rotary module); without ``position_ids`` it is computed each time."""
     if position_ids is None:
-        position_ids = torch.arange(t, device=like.device).unsqueeze(0).expand(like.shape[0], t)
-    starts = position_ids[:, ::step]
-    return state._rotary(like, starts)
+        positions = torch.arange(t, device=like.device).unsqueeze(0).expand(like.shape[0], t)
+        return state._rotary(like, positions[:, ::step])
+    version = None if position_ids.is_inference() else position_ids._version
+    key = (step, t, like.dtype, like.device, version, id(state._rotary))
+    cached = state._window_table
+    if cached is not None and cached[0]() is position_ids and cached[1] == key:
+        return cached[2]
+    table = state._rotary(like, position_ids[:, ::step])
+    state._window_table = (weakref.ref(position_ids), key, table)
+    return table
 
 
 # ---------------------------------------------------------------------------------------- padded and packed prefill
