@@ -22,7 +22,7 @@ blocks; only *which* completed blocks differs.
   row's own position. It tells a gate's misses (the oracle keeps the right blocks) from the budget's (no
   selection of this size does).
 
-Both selections take one new token per sequence (a decode step: q ``[B, Hq, D]``, ``cache_seqlens``
+Every selection takes one new token per sequence (a decode step: q ``[B, Hq, D]``, ``cache_seqlens``
 ``[B]``, lists ``[B, Hkv, K]``) or N query rows per sequence (a teacher-forced evaluation, the rows of a
 window each selecting as a decode step at its position would: q ``[B, Hq, N, D]``, ``cache_seqlens``
 ``[B, N]``, lists ``[B, Hkv, N, K]``).
