@@ -931,9 +931,10 @@ def test_generate_benchmark_chunked_prefill(tmp_path, capsys):
     assert "needs a dense prefill" in capsys.readouterr().err
 
 
-def test_generate_benchmark_short_warmup(tmp_path, capsys, caplog):
+def test_generate_benchmark_short_warmup(tmp_path, capsys, caplog, monkeypatch):
     """--warmup-prompt: the untimed warm-up reads only the first N prompt tokens (recorded per row); the timed
-    run is the same (its decode density equals a full warm-up's); out-of-range values are refused."""
+    run is the same (its decode density equals a full warm-up's); 'both' adds one untimed forward of the whole
+    prompt (its sparse prefill is tuned per length); out-of-range values are refused."""
     from benchmarks import generate
     from seerattn.record import read_record
 
@@ -946,6 +947,25 @@ def test_generate_benchmark_short_warmup(tmp_path, capsys, caplog):
     assert rows[0]["warmup_prompt"] == 96 and rows[2]["warmup_prompt"] == 64
     assert rows[0]["decode_density"] == rows[2]["decode_density"]
     assert "decode: warm-up generate (64-token prompt, 4 new)" in caplog.text
+    # 'both' also runs the whole prompt once without a cache (untimed), so that its sparse prefill is tuned for
+    # that length; 'decode' (dense prefill) does not
+    calls = {}
+    build = generate.build_llama
+
+    def spied(*a, **k):
+        model = build(*a, **k)
+
+        def record(_module, args, kwargs):
+            ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+            calls.setdefault(config, []).append((ids.shape[1], kwargs.get("use_cache")))
+
+        model.register_forward_pre_hook(record, with_kwargs=True)
+        return model
+
+    monkeypatch.setattr(generate, "build_llama", spied)
+    for config in ("decode", "both"):
+        assert generate.main(["--smoke", "--configs", config, "--warmup-prompt", "64"]) == 0
+    assert (96, False) in calls["both"] and (96, False) not in calls["decode"]
     with pytest.raises(SystemExit):
         generate.main(["--smoke", "--warmup-prompt", "0"])
     assert "--warmup-prompt must be in [1" in capsys.readouterr().err
