@@ -12,54 +12,19 @@ Llama-3.1-8B's windowed gate: Dg 128 (two [BLOCK_M, 64] accumulators), RoPE on; 
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import tempfile
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from sm90_compile import compile_sm90
 
 from seerattn.ops._triton import gate_fwd
 
-HOPPER_SHARED = 232448
 POINTERS = ("X", "W", "C", "S", "Out")
 NOT_DIVISIBLE = ("N", "HQ", "G", "HALF")
 
 
 def compile_stats(block_m: int, block_k: int, warps: int, stages: int, precision: str, rope: bool = True) -> dict:
-    fn = gate_fwd._project_kernel
     consts = dict(C_STEP=1, ROPE=rope, HALF_P=64, BLOCK_M=block_m, BLOCK_K=block_k, PRECISION=precision)
-    sig, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in consts:
-            sig[name] = "constexpr"
-        else:
-            sig[name] = "*fp32" if name in POINTERS else "i32"
-            if name not in NOT_DIVISIBLE:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    kernel = triton.compile(
-        ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-        target=GPUTarget("cuda", 90, 64),
-        options={"num_warps": warps, "num_stages": stages},
-    )
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    with tempfile.TemporaryDirectory() as d:
-        ptx = os.path.join(d, "k.ptx")
-        with open(ptx, "w") as f:
-            f.write(kernel.asm["ptx"])
-        out = subprocess.run(
-            [ptxas, "-arch=sm_90a", "-v", ptx, "-o", os.path.join(d, "k.cubin")],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-    info = " ".join(
-        line.split(":", 1)[-1].strip() for line in out.stderr.splitlines() if "registers" in line or "spill" in line
-    )
-    shared = kernel.metadata.shared
-    return {"tile": [block_m, block_k, warps, stages], "precision": precision, "ptxas": info, "shared": shared,
-            "fits": shared <= HOPPER_SHARED, "mma": kernel.asm["ptx"].count("wgmma.mma_async")}  # fmt: skip
+    stats = compile_sm90(gate_fwd._project_kernel, consts, POINTERS, NOT_DIVISIBLE, warps, stages)
+    return {"tile": [block_m, block_k, warps, stages], "precision": precision, **stats}
 
 
 def main() -> None:

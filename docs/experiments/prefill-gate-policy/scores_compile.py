@@ -31,56 +31,19 @@ registers (spill stores / loads in bytes where ptxas reported any) and shared Ki
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import tempfile
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from sm90_compile import compile_sm90
 
 from seerattn.ops._triton import gate_fwd
 
-HOPPER_SHARED = 232448
 POINTERS = ("QG", "KG", "Out")
 NOT_DIVISIBLE = ("HQ", "n_row_tiles")  # head count, tile count: any value
 
 
 def compile_stats(windows: int, block_j: int, warps: int, stages: int, precision: str, r: int) -> dict:
-    fn = gate_fwd._gate_scores_kernel
     consts = dict(R=r, DG_P=128, BLOCK_I=max(1, windows // r), BLOCK_J=block_j, PRECISION=precision)
-    sig, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name == "sqrt_dg":
-            sig[name] = "fp32"
-        else:
-            sig[name] = "*fp32" if name in POINTERS else "i32"
-            if name not in NOT_DIVISIBLE:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    kernel = triton.compile(
-        ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-        target=GPUTarget("cuda", 90, 64),
-        options={"num_warps": warps, "num_stages": stages},
-    )
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    with tempfile.TemporaryDirectory() as d:
-        ptx = os.path.join(d, "k.ptx")
-        with open(ptx, "w") as f:
-            f.write(kernel.asm["ptx"])
-        out = subprocess.run(
-            [ptxas, "-arch=sm_90a", "-v", ptx, "-o", os.path.join(d, "k.cubin")],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-    info = " ".join(
-        line.split(":", 1)[-1].strip() for line in out.stderr.splitlines() if "registers" in line or "spill" in line
-    )
-    shared = kernel.metadata.shared
-    return {"tile": [windows, block_j, warps, stages], "precision": precision, "R": r, "ptxas": info,
-            "shared": shared, "fits": shared <= HOPPER_SHARED}  # fmt: skip
+    stats = compile_sm90(gate_fwd._gate_scores_kernel, consts, POINTERS, NOT_DIVISIBLE, warps, stages, ("sqrt_dg",))
+    return {"tile": [windows, block_j, warps, stages], "precision": precision, "R": r, **stats}
 
 
 def main() -> None:
