@@ -38,6 +38,7 @@ import torch
 from .block_mask import num_blocks
 from .decode_policy import DecodePolicy, select_decode_blocks
 from .gate import pool_blocks
+from .ops.reference import decode_block_max
 
 __all__ = [
     "oracle_block_scores",
@@ -196,21 +197,13 @@ def oracle_block_scores(
             f"oracle_block_scores needs q [B, Hq, N, D] and k_cache [B, Hkv, Tmax, D], got {tuple(q.shape)} and "
             f"{tuple(k_cache.shape)}"
         )
-    b, hq, n, d = q.shape
-    hkv, tmax = k_cache.shape[1], k_cache.shape[2]
+    b, hq, n, _ = q.shape
+    hkv = k_cache.shape[1]
     if hq % hkv:
         raise ValueError(f"oracle_block_scores: Hq ({hq}) must be a multiple of Hkv ({hkv})")
     if cache_seqlens.shape != (b, n):
         raise ValueError(f"cache_seqlens must be [B, N] = [{b}, {n}], got {tuple(cache_seqlens.shape)}")
-    dt = torch.promote_types(q.dtype, torch.float32)
-    g = hq // hkv
-    logits = torch.matmul(q.to(dt).reshape(b, hkv, g * n, d), k_cache.to(dt).transpose(-1, -2)) * scale
-    logits = logits.view(b, hkv, g, n, tmax)
-    unseen = torch.arange(tmax, device=q.device).view(1, 1, -1) >= cache_seqlens.to(q.device).view(b, n, 1)
-    p = torch.softmax(logits.masked_fill_(unseen.view(b, 1, 1, n, tmax), float("-inf")), dim=-1)
-    nb = num_blocks(tmax, block_size)
-    p = torch.nn.functional.pad(p, (0, nb * block_size - tmax))
-    return p.unflatten(-1, (nb, block_size)).amax(dim=(2, 5))  # [B, Hkv, N, NB]
+    return decode_block_max(q, k_cache, cache_seqlens, block_size, scale)  # the decode target's pooling
 
 
 def oracle_decode_blocks(

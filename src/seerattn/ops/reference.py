@@ -22,6 +22,7 @@ __all__ = [
     "attention_with_block_scores",
     "block_sparse_attention",
     "causal_attention",
+    "decode_block_max",
     "decode_block_scores",
     "gather_paged_kv",
     "sparse_decode_attention",
@@ -253,6 +254,40 @@ def sparse_decode_attention(
     return (out, lse.squeeze(2)) if return_lse else out
 
 
+def decode_block_max(
+    q: torch.Tensor, k: torch.Tensor, visible: torch.Tensor, block_size: int, scale: float
+) -> torch.Tensor:
+    """Each query row's softmax over the keys it sees, max-pooled inside each key block and over the query heads
+    of each GQA group: the values of the decode gate's target (:func:`decode_block_scores`) and of the attention
+    oracle (:func:`seerattn.decode_baselines.oracle_block_scores`), before either keeps or renormalises blocks.
+
+    Args:
+        q: [B, Hq, R, D] query rows; k: [B, Hkv, Tk, D] keys (post-RoPE: the model's attention), shapes
+            already checked by the caller (Hq a multiple of Hkv, one D).
+        visible: int [B or 1, R], how many leading keys each row sees (its position + 1); keys past it get 0.
+        block_size: tokens per key block; scale: the softmax scale.
+
+    Returns:
+        [B, Hkv, R, ceil(Tk / block_size)] fp32 (fp64 for fp64 inputs); a partial last block pools the keys it
+        has. Temporaries: the [B, Hq, R, Tk] logits, turned into probabilities (in place where possible) and
+        pooled; K is not repeated over the groups.
+    """
+    b, hq, r, d = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    cdt = _compute_dtype(q)
+    logits = torch.matmul(q.to(cdt).reshape(b, hkv, g * r, d), k.to(cdt).transpose(-1, -2))
+    logits = logits.mul_(scale).view(b, hkv, g, r, tk)
+    unseen = torch.arange(tk, device=q.device).view(1, 1, -1) >= visible.to(q.device).view(-1, r, 1)
+    p = torch.softmax(logits.masked_fill_(unseen.view(-1, 1, 1, r, tk), float("-inf")), dim=-1)
+    del logits
+    full = tk // block_size
+    s = p[..., : full * block_size].unflatten(-1, (full, block_size)).amax(dim=(2, 5))  # [B, Hkv, R, full]
+    if tk % block_size:  # the partial last block
+        s = torch.cat([s, p[..., full * block_size :].amax(dim=(2, 4)).unsqueeze(-1)], dim=-1)
+    return s
+
+
 def decode_block_scores(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -291,28 +326,15 @@ def decode_block_scores(
         raise ValueError(f"decode_block_scores: Hq ({hq}) must be a multiple of Hkv ({hkv})")
     if not isinstance(row_chunk, int) or row_chunk < 1:
         raise ValueError(f"decode_block_scores: row_chunk must be an int >= 1, got {row_chunk!r}")
-    g = hq // hkv
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    cdt = _compute_dtype(q)
-    qf, kf = q.to(cdt).view(b, hkv, g, t, d), k.to(cdt)
     nb = num_blocks(t, block_size)
     out = []
     for r0 in range(0, t, row_chunk):
         r1 = min(r0 + row_chunk, t)
-        r = r1 - r0
         rows = torch.arange(r0, r1, device=q.device)
-        # the group's query rows against their shared keys: [B, Hkv, G * R, r1] (no repeated K); in place
-        # from here on, so the chunk holds two [B, Hq, R, r1] tensors at most (logits, probabilities)
-        logits = torch.matmul(qf[:, :, :, r0:r1].reshape(b, hkv, g * r, d), kf[:, :, :r1].transpose(-1, -2))
-        logits = logits.mul_(scale).view(b, hkv, g, r, r1)
-        future = torch.arange(r1, device=q.device).view(1, -1) > rows.view(-1, 1)
-        p = torch.softmax(logits.masked_fill_(future, float("-inf")), dim=-1)
-        del logits
-        # rows < r1 score only blocks J < (r1 - 1) // block_size: the whole blocks inside [0, r1) cover them
-        full = r1 // block_size
-        s = p[..., : full * block_size].unflatten(-1, (full, block_size)).amax(dim=(2, 5))  # [B, Hkv, R, full]
-        del p
-        s = torch.nn.functional.pad(s, (0, nb - full))  # max over the block's keys and the group's heads
+        # the chunk's rows against the keys they can see (< r1): two [B, Hq, R, r1] temporaries at most
+        s = decode_block_max(q[:, :, r0:r1], k[:, :, :r1], (rows + 1).view(1, -1), block_size, scale)
+        s = torch.nn.functional.pad(s, (0, nb - s.shape[-1]))
         completed = torch.arange(nb, device=q.device).view(1, -1) < (rows // block_size).view(-1, 1)
         s = s * completed
         total = s.sum(-1, keepdim=True)
