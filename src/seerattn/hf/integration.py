@@ -496,6 +496,14 @@ def _heads(module) -> tuple[int, int, int]:
     return hq, hkv, module.head_dim
 
 
+def _tensor_version(x: torch.Tensor) -> int | None:
+    """What, beside its identity, keys a value computed once per forward from a tensor the model hands every layer
+    (the padding mask, position_ids): its version counter, so that an in-place change of a tensor a caller hands in
+    again is read again. An inference tensor has none: there, identity alone (transformers builds new ones every
+    forward)."""
+    return None if x.is_inference() else x._version
+
+
 def _window_rotary(state: SeerState, like: torch.Tensor, position_ids: torch.Tensor | None, step: int, t: int):
     """cos, sin [B, ceil(T / step), D] of the model's own RoPE at the first position of each ``step``-token window.
 
@@ -505,8 +513,7 @@ def _window_rotary(state: SeerState, like: torch.Tensor, position_ids: torch.Ten
     if position_ids is None:
         positions = torch.arange(t, device=like.device).unsqueeze(0).expand(like.shape[0], t)
         return state._rotary(like, positions[:, ::step])
-    version = None if position_ids.is_inference() else position_ids._version
-    key = (step, t, like.dtype, like.device, version, id(state._rotary))
+    key = (step, t, like.dtype, like.device, _tensor_version(position_ids), id(state._rotary))
     cached = state._window_table
     if cached is not None and cached[0]() is position_ids and cached[1] == key:
         return cached[2]
@@ -574,10 +581,7 @@ def _prefill_layout(state: SeerState, mask_in, attention_mask, kwargs, b: int, t
     key = mask_in if mask_in is not None else cu
     if key is None:
         return None
-    # keyed on the tensor and its version (an in-place change of a mask object a caller hands in again is read
-    # again); an inference tensor has no version counter: there, identity alone (transformers builds a new mask
-    # object every forward)
-    version = None if key.is_inference() else key._version
+    version = _tensor_version(key)
     cached = state._layout
     if cached is not None and cached[0]() is key and cached[1] == (b, t, version):
         return cached[2]
