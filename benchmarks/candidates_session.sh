@@ -11,14 +11,7 @@
 #   4. time to first token at 32k and 128k, densities 0.1 and 0.05, with the per-part breakdown.
 # Planned for < 9 minutes (each step has its own timeout; every step prints as it goes).
 # DRY=1: on the CPU (Triton interpreter, tiny shapes) the same steps' smoke versions.
-set -u
-export PYTHONUNBUFFERED=1 PYTHONPATH=src:.
-OUT=${OUT:?set OUT to the folder whose files come back}
-R=runs/candidates_session
-rm -rf "$R"
-mkdir -p "$R" "$OUT"
-S=$(date +%s)
-step() { echo "$1 rc=$2 $(( $(date +%s) - S ))s" | tee -a "$R/steps.txt"; }
+. benchmarks/session.sh candidates_session
 D=docs/experiments/prefill-gate-policy
 if [ -n "${DRY:-}" ]; then
   export TRITON_INTERPRET=1
@@ -50,5 +43,4 @@ step prefill $?
     [ -f "$R/$f.log" ] && { echo; echo "## $f"; echo; echo '```'; tail -30 "$R/$f.log"; echo '```'; }
   done
 } > "$OUT/summary.md"
-tar czf "$OUT/candidates_session.tgz" "$R"
-cat "$R/steps.txt"
+finish

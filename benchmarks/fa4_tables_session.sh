@@ -4,15 +4,8 @@
 # (ours, SDPA's FA2 and cuDNN, FlexAttention, FA4; 32k, Llama-3.1-8B heads, bf16) and an 8-layer profile of a 32k
 # prefill (the gate's and the policy's kernels against the block-sparse kernel's, for the 32k share target).
 # Run from the repo root with $OUT set; every step has its own timeout and prints as it goes (< 8 minutes).
-set -u
-export PYTHONUNBUFFERED=1 PYTHONPATH=src:.
-OUT=${OUT:?set OUT to the folder whose files come back}
+. benchmarks/session.sh fa4_tables_session
 . benchmarks/fa4_payload.sh install
-R=runs/fa4_tables_session
-rm -rf "$R"
-mkdir -p "$R" "$OUT"
-S=$(date +%s)
-step() { echo "$1 rc=$2 $(( $(date +%s) - S ))s" | tee -a "$R/steps.txt"; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$R/gpu.txt"
 # per-group masks at blocks 64 and 128 (the FA4 targets), then per-query-head random masks at block 64 (the
 # FlexAttention target), each in its own process so that one provider's failure does not hide the others
@@ -26,5 +19,4 @@ step attention_hq $?
 timeout 150 python3 -m benchmarks.prefill --seqlens 32768 --densities 0.1 --layers 8 --warmup 1 --reps 1 --profile 45 \
   --json "$R/profile32k.json" > "$R/profile32k.log" 2>&1
 step profile32k $?
-tar czf "$OUT/fa4_tables_session.tgz" "$R"
-cat "$R/steps.txt"
+finish

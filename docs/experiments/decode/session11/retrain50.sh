@@ -4,15 +4,8 @@
 # .gpu/dmix/decode_mix50.txt.xz`, carried), then evaluated as the committed gates were: the corpus' 22 test books
 # (.gpu/books-test), context 8192, budget 1/8, passkey by generation and decode PPL, dense and seer.
 # Run from the repo root with $OUT set (< 9 minutes).
-set -u
-export PYTHONUNBUFFERED=1 PYTHONPATH=src:.
-OUT=${OUT:?set OUT to the folder whose files come back}
+. benchmarks/session.sh retrain50
 DATA=${DATA:-.gpu/books-test}
-R=runs/retrain50
-rm -rf "$R"
-mkdir -p "$R" "$OUT"
-S=$(date +%s)
-step() { echo "$1 rc=$2 $(( $(date +%s) - S ))s" | tee -a "$R/steps.txt"; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$R/gpu.txt"
 timeout 330 python3 -m seerattn distill recipes/testbed-decode-gates.yaml \
   --set "data=[.gpu/dmix/decode_mix50.txt.xz]" 'document_separator="\x00"' output_dir=$R/dgates50 save_every=1000 \
@@ -23,5 +16,4 @@ timeout 170 python3 -m seerattn eval decode --model testbed/model --gates $R/dga
   --methods dense,seer --output "$R/eval50" > "$R/eval50.log" 2>&1
 step eval $?
 rm -rf "$R"/dgates50/checkpoints "$R"/dgates50/data_cache  # the adapter and the metrics come back
-tar czf "$OUT/retrain50.tgz" "$R"
-cat "$R/steps.txt"
+finish
