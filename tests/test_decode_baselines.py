@@ -15,7 +15,7 @@ from seerattn.decode_baselines import (
     streaming_decode_blocks,
 )
 from seerattn.decode_policy import DecodePolicy, select_decode_blocks
-from seerattn.ops.reference import decode_block_scores
+from seerattn.ops.reference import decode_block_max, decode_block_scores
 
 LENS = [1, 16, 17, 40, 100, 161]  # empty past the first block, exact block ends, partial blocks, more blocks than slots
 
@@ -151,6 +151,10 @@ def test_oracle_scores_and_selection_equal_brute_force(hq, hkv):
         oracle_block_scores(q.unsqueeze(2), k, lens, bs, scale)
     with pytest.raises(ValueError, match="multiple of Hkv"):
         oracle_block_scores(torch.zeros(1, 3, 1, 8), torch.zeros(1, 2, 32, 8), torch.tensor([[20]]), bs, scale)
+    with pytest.raises(ValueError, match=r"visible must be \[B or 1, R\]"):
+        decode_block_max(q.unsqueeze(2), k, lens, bs, scale)
+    with pytest.raises(ValueError, match=r"needs q \[B, Hq, R, D\]"):
+        decode_block_max(q, k, lens.view(-1, 1), bs, scale)
 
 
 @pytest.mark.parametrize(

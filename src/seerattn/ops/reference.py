@@ -262,8 +262,8 @@ def decode_block_max(
     oracle (:func:`seerattn.decode_baselines.oracle_block_scores`), before either keeps or renormalises blocks.
 
     Args:
-        q: [B, Hq, R, D] query rows; k: [B, Hkv, Tk, D] keys (post-RoPE: the model's attention), shapes
-            already checked by the caller (Hq a multiple of Hkv, one D).
+        q: [B, Hq, R, D] query rows; k: [B, Hkv, Tk, D] keys (post-RoPE: the model's attention); Hq a multiple of
+            Hkv.
         visible: int [B or 1, R], how many leading keys each row sees (its position + 1); keys past it get 0.
         block_size: tokens per key block; scale: the softmax scale.
 
@@ -272,8 +272,16 @@ def decode_block_max(
         has. Temporaries: the [B, Hq, R, Tk] logits, turned into probabilities (in place where possible) and
         pooled; K is not repeated over the groups.
     """
+    if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"decode_block_max needs q [B, Hq, R, D] and k [B, Hkv, Tk, D], got {tuple(q.shape)} and {tuple(k.shape)}"
+        )
     b, hq, r, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
+    if hkv < 1 or hq % hkv:
+        raise ValueError(f"decode_block_max: Hq ({hq}) must be a multiple of Hkv ({hkv})")
+    if visible.shape not in ((b, r), (1, r)):
+        raise ValueError(f"decode_block_max: visible must be [B or 1, R] = [{b} or 1, {r}], got {tuple(visible.shape)}")
     g = hq // hkv
     cdt = _compute_dtype(q)
     logits = torch.matmul(q.to(cdt).reshape(b, hkv, g * r, d), k.to(cdt).transpose(-1, -2))
