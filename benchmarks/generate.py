@@ -16,7 +16,11 @@ measured in one run:
 - ``both``: sparse prefill (prefill gate + ``SparsityPolicy("density", --density)``) and sparse decode;
 - ``decode-unfused`` (only when named in ``--configs``): ``decode`` with ``SeerConfig.decode_select="unfused"``
   (the gate logits and the budget selection as separate torch ops), against ``decode``'s automatic choice
-  (the fused Triton selection on CUDA); each row records the selection that ran (``decode_select``).
+  (the fused Triton selection on CUDA); each row records the selection that ran (``decode_select``);
+- ``dense-graph``, ``decode-graph``, ``both-graph`` (when named): the same with ``SeerState.cuda_graphs`` on,
+  the decode steps replayed from a CUDA graph (``seerattn.hf.graphs``; StaticCache on CUDA only). Each row's
+  speed-ups are against the dense row of the same kind (``dense`` for eager rows, ``dense-graph`` for graph
+  rows) when that row ran.
 
 Per configuration, from one timed ``generate`` of ``--new`` tokens: ``total_s``, ``prefill_s`` (until the
 first token: a stopping criterion that never stops reads the clock, after a device sync, when generate
@@ -51,7 +55,7 @@ from seerattn.record import write_record
 
 logger = logging.getLogger("benchmarks.generate")
 
-CONFIGS = ("dense", "decode", "both", "decode-unfused")
+CONFIGS = ("dense", "decode", "both", "decode-unfused", "dense-graph", "decode-graph", "both-graph")
 DEFAULT_CONFIGS = ("dense", "decode", "both")
 SMOKE = dict(batch=2, prompt=96, new=8, budget=32, block=16, layers=2)
 
@@ -97,11 +101,13 @@ def _generate(model, ids, new: int, cache: str, device: str, chunk: int | None =
 
 
 def configure(state, name: str) -> None:
-    """``dense`` / ``decode`` / ``both`` / ``decode-unfused`` (module docstring)."""
+    """``dense`` / ``decode`` / ``both`` / ``decode-unfused``, each ``-graph`` variant (module docstring)."""
+    base = name.removesuffix("-graph")
     state.set(
-        mode="sparse" if name == "both" else "dense", decode_select="unfused" if name == "decode-unfused" else None
+        mode="sparse" if base == "both" else "dense", decode_select="unfused" if base == "decode-unfused" else None
     )
-    state.set_decode(enabled=name != "dense")
+    state.set_decode(enabled=base != "dense")
+    state.cuda_graphs = name.endswith("-graph")
 
 
 def run(model, state, ids, args, device: str) -> list[dict]:
@@ -111,7 +117,8 @@ def run(model, state, ids, args, device: str) -> list[dict]:
         t0 = time.perf_counter()
         warm = ids[:, : args.warmup_prompt] if args.warmup_prompt else ids
         _generate(model, warm, min(args.new, 4), args.cache, device, args.prefill_chunk)  # untimed: compile, tuning
-        if name == "both" and warm.shape[1] < ids.shape[1]:
+        base = name.removesuffix("-graph")
+        if base == "both" and warm.shape[1] < ids.shape[1]:
             # the block-sparse kernel is tuned per prompt length: one untimed forward of the whole prompt (last
             # position's logits only), or the tuning would run inside the timed prefill
             with torch.no_grad():
@@ -125,14 +132,15 @@ def run(model, state, ids, args, device: str) -> list[dict]:
             torch.cuda.reset_peak_memory_stats()
         state.reset()
         total, prefill = _generate(model, ids, args.new, args.cache, device, args.prefill_chunk)
-        density = state.mean_density() if name != "dense" else 1.0
+        density = state.mean_density() if base != "dense" else 1.0
         row = {
             "config": name,
+            "cuda_graphs": state.cuda_graphs,
             "batch": ids.shape[0],
             "prompt": ids.shape[1],
             "new": args.new,
-            "budget": args.budget if name != "dense" else None,
-            "prefill_density": args.density if name == "both" else 1.0,
+            "budget": args.budget if base != "dense" else None,
+            "prefill_density": args.density if base == "both" else 1.0,
             "prefill_chunk": args.prefill_chunk,
             "warmup_prompt": warm.shape[1],
             "prefill_s": prefill,
@@ -140,7 +148,7 @@ def run(model, state, ids, args, device: str) -> list[dict]:
             "decode_tokens_per_s": ids.shape[0] * (args.new - 1) / max(total - prefill, 1e-9),
             "decode_density": density,
             "decode_select": None
-            if name == "dense"
+            if base == "dense"
             else resolve_decode_select(state.config.decode_select, state.config.decode.policy, device),
         }
         if device == "cuda":
@@ -148,13 +156,13 @@ def run(model, state, ids, args, device: str) -> list[dict]:
             torch.cuda.empty_cache()
         rows.append(row)
         print(
-            f"{name:<7} prefill {prefill:8.3f} s  total {total:8.3f} s  decode {row['decode_tokens_per_s']:9.1f} tok/s"
+            f"{name:<12} prefill {prefill:8.3f} s  total {total:8.3f} s  decode {row['decode_tokens_per_s']:9.1f} tok/s"
             f"  decode density {density:.3f}",
             flush=True,
         )
-    dense = next((r for r in rows if r["config"] == "dense"), None)
-    if dense is not None:
-        for r in rows:
+    for r in rows:  # against the dense row of the same kind (eager or replayed steps)
+        dense = next((d for d in rows if d["config"] == ("dense-graph" if r["cuda_graphs"] else "dense")), None)
+        if dense is not None:
             r["decode_speedup_vs_dense"] = r["decode_tokens_per_s"] / dense["decode_tokens_per_s"]
             r["total_speedup_vs_dense"] = dense["total_s"] / r["total_s"]
     return rows
@@ -194,8 +202,12 @@ def main(argv=None) -> int:
     unknown = set(args.configs.split(",")) - set(CONFIGS)
     if unknown:
         p.error(f"unknown configs {sorted(unknown)}; accepted: {CONFIGS}")
-    if args.prefill_chunk is not None and "both" in args.configs.split(","):
+    names = args.configs.split(",")
+    if args.prefill_chunk is not None and {"both", "both-graph"} & set(names):
         p.error("--prefill-chunk needs a dense prefill: the sparse prefill of 'both' runs the prompt in one forward")
+    graphs = [n for n in names if n.endswith("-graph")]
+    if graphs and (args.smoke or args.cache != "static"):
+        p.error(f"{graphs} replay decode steps from a CUDA graph: a GPU run (not --smoke) with --cache static")
     if args.smoke:
         device, dtype = "cpu", torch.float32
         shape = {**SMOKE_SHAPE, "num_hidden_layers": SMOKE["layers"], "max_position_embeddings": 4096}

@@ -212,6 +212,16 @@ class GateKeyCache:
         self.lengths = self.lengths.index_select(0, index)
         self._pools = self._pools.index_select(0, index)
 
+    def count_replayed_append(self) -> None:
+        """The host side of :meth:`append` for a step whose kernels ran from a CUDA graph (the device tensors the
+        replay updated): the host bound on the lengths. The capacity must already hold the step (no growth in a
+        replay: a static KV cache's capacity is reserved when the prompt fills the cache)."""
+        if self._max_len + 1 > self.capacity * self.block_size:
+            raise RuntimeError(
+                f"GateKeyCache: a replayed append past the capacity ({self.capacity} blocks of {self.block_size})"
+            )
+        self._max_len += 1
+
     @torch.no_grad()
     def append(self, k_new: torch.Tensor, rotary: Rotary | None = None) -> None:
         """Add one new pre-RoPE K row per sequence, k_new: [B, Hkv, D]; sequences whose block it

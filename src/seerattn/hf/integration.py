@@ -43,6 +43,7 @@ from ..block_mask import BlockMask, SparsityPolicy, mask_from_scores, num_blocks
 from ..decode_policy import DecodePolicy, resolve_decode_select, select_decode_blocks, select_decode_blocks_fused
 from ..gate import AttnGate, DecodeGate, DecodeGateConfig, GateConfig, GateKeyCache, gate_loss, gate_metrics
 from ..ops import attention_with_block_scores, block_sparse_attention, sparse_decode_attention
+from .graphs import DecodeGraphs
 
 __all__ = [
     "FAMILIES",
@@ -321,6 +322,11 @@ class SeerState:
             to the host syncs there. None (default): the step does nothing more.
         capture: when True, ``captures[layer]`` keeps (q_pre, k_pre, q, k) of the last forward
             (for tests and debugging).
+        cuda_graphs: replay ``generate``'s decode steps from a CUDA graph (off by default): on CUDA, with a
+            ``StaticCache`` (``generate(..., cache_implementation="static")``), a model with a decode section
+            runs each batch shape's first step eagerly, captures the second and replays the rest, sparse or
+            dense decode (:mod:`seerattn.hf.graphs`). A step it cannot capture (CPU, a ``DynamicCache``,
+            ``decode_observer`` / ``decode_select_fn`` / ``capture`` set) raises; prompts run as always.
     """
 
     config: SeerConfig
@@ -333,6 +339,7 @@ class SeerState:
     captures: dict[int, tuple] = field(default_factory=dict)
     record_densities: bool = True
     gate_grad_scale: float | None = None
+    cuda_graphs: bool = False
     # private: pre-RoPE tensors handed from the hooks to the attention function
     _pending: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
     _rotary: torch.nn.Module | None = field(default=None, repr=False)
@@ -340,6 +347,9 @@ class SeerState:
     _original_impl: str | None = field(default=None, repr=False)
     # (generation_config.disable_compile,) before apply_seer_attention set it (a decode section; restored by remove)
     _original_disable_compile: tuple | None = field(default=None, repr=False)
+    # (the model's own instance attribute ``forward`` or None,) before apply_seer_attention installed DecodeGraphs
+    # (a decode section; restored by remove)
+    _original_forward: tuple | None = field(default=None, repr=False)
     _attn_modules: list = field(default_factory=list, repr=False)
     _stats: dict[int, dict] = field(default_factory=dict, repr=False)
     # ("record", list) or ("replay", iterator over it): the masks of one checkpointed call while it runs, see
@@ -1636,6 +1646,10 @@ def apply_seer_attention(model: torch.nn.Module, config: SeerConfig | None = Non
         # is told not to compile (generate(..., disable_compile=False) still can: _decode_step stays eager)
         state._original_disable_compile = (gen.disable_compile,)
         gen.disable_compile = True
+    if config.decode is not None:
+        # an instance attribute (accelerate's device-map hooks set one too): what remove_seer_attention puts back
+        state._original_forward = (model.__dict__.get("forward"),)
+        model.forward = DecodeGraphs(model.forward, state)
     return state
 
 
@@ -1653,6 +1667,11 @@ def remove_seer_attention(model: torch.nn.Module) -> None:
     model.set_attn_implementation(state._original_impl)
     if state._original_disable_compile is not None:
         model.generation_config.disable_compile = state._original_disable_compile[0]
+    if state._original_forward is not None:
+        if state._original_forward[0] is None:
+            del model.forward
+        else:
+            model.forward = state._original_forward[0]
     del model._seer_state
 
 

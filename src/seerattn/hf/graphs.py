@@ -1,0 +1,270 @@
+"""Decode steps of ``model.generate()`` replayed from a CUDA graph (``SeerState.cuda_graphs``).
+
+An eager sparse decode step is bound by the host: per layer, the decode gate, the key-cache update, the
+selection and the kernel are ~40 small launches, and transformers' layer around them as many again (116 ms
+a step for 32 layers at batch 16, of which a replayed seer step is 0.2 ms a layer). Engines capture their
+decode step once and replay it; this module does that for transformers' ``generate``.
+
+How (one :class:`DecodeGraphs` per model, installed as the model's ``forward`` by
+:func:`~seerattn.hf.apply_seer_attention` when the config has a decode section):
+
+- A *step* is a forward of one token per sequence that continues a cache with fixed shapes (transformers'
+  ``StaticCache``: ``cache.is_compileable``); with sparse decode on, every layer's decode-gate key cache must
+  belong to that cache (the prompt's forward made them). Every other forward (the prompt, chunks, anything
+  on a ``DynamicCache``) runs the model's own forward, unchanged.
+- The first step of a *shape* (the key below) runs eagerly, on the stream the graph will use (kernel tuning,
+  Triton compilation, cuBLAS workspaces happen here); the second is captured and replayed; every later step
+  copies its input tensors (input ids, positions, the 4-D mask transformers builds for a static cache) into
+  the graph's buffers and replays.
+- The key: the cache object, the tensors' shapes / dtypes, the other arguments, the addresses of the KV
+  cache's and the key caches' tensors (a beam reorder or a new generate gives new ones) and the
+  :class:`~seerattn.hf.SeerConfig` object (``state.set`` replaces it). A new key drops the old graph (its
+  memory pool) and starts again with an eager step.
+- What a replay cannot do, the host does around it: before, check that the cache has room (as the eager
+  step's ``_check_handover`` would); after, advance the host counters a step advances (the layers' token
+  counts), and give ``state.stats`` the captured step's per-layer entries again (the device scalars a replay
+  rewrites; reading ``stats`` turns them into numbers).
+
+Requirements of a captured step, checked where it is cheap and otherwise reported by the capture: no host
+synchronisation anywhere in the model's forward (dynamic NTK RoPE reads positions to the host: refused at
+capture with the capture's error), no ``decode_observer`` / ``decode_select_fn`` / ``capture`` on the state
+(Python called per step would run once, at capture), the model's parameters where they were at capture.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from .integration import SeerState, _DecodeCache
+
+__all__ = ["DecodeGraphs"]
+
+_CACHE_ARGS = ("past_key_values", "cache")
+# argument values a key may hold as they are (hashable, compared by value)
+_PLAIN = (bool, int, float, str, type(None))
+
+
+@dataclass
+class _Captured:
+    key: tuple
+    cache: weakref.ref
+    config: object  # the SeerConfig the step was captured with (compared by identity)
+    graph: torch.cuda.CUDAGraph
+    inputs: dict[str, torch.Tensor]  # the graph's input buffers, by flattened argument name
+    output: type  # the forward's ModelOutput class
+    fields: dict[str, Any]  # its fields (tensors in the graph's pool), the cache left out (held weakly above)
+    cache_fields: tuple[str, ...]  # the fields that held the cache
+    entries: list  # the layers' _DecodeCache entries the step advances (empty when decode is off)
+    stats: dict[int, dict]  # state._stats as the captured step left it
+
+
+def _flatten(kwargs: dict) -> tuple[dict[str, torch.Tensor], tuple]:
+    """The step's tensor arguments by name (a dict argument, e.g. a hybrid model's masks by layer type,
+    flattened to ``name.key``), and the other arguments as a hashable tuple of (name, value)."""
+    tensors, plain = {}, []
+    for name, value in sorted(kwargs.items()):
+        if name in _CACHE_ARGS:
+            continue
+        items = value.items() if isinstance(value, dict) else [(None, value)]
+        for sub, v in items:
+            full = name if sub is None else f"{name}.{sub}"
+            if isinstance(v, torch.Tensor):
+                tensors[full] = v
+            elif isinstance(v, _PLAIN):
+                plain.append((full, v))
+            else:
+                raise TypeError(
+                    f"SeerState.cuda_graphs: the decode step's argument {full!r} is a {type(v).__name__}; a captured "
+                    "step takes tensors (copied into the graph's buffers each step) and plain values (bool, int, "
+                    "float, str, None; part of the graph's key). Set cuda_graphs=False for this call"
+                )
+    return tensors, tuple(plain)
+
+
+def _unflatten(kwargs: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    """``kwargs`` with its tensors replaced by ``tensors`` (named as :func:`_flatten` names them)."""
+    out = dict(kwargs)
+    for full, t in tensors.items():
+        name, _, sub = full.partition(".")
+        if not sub:
+            out[name] = t
+            continue
+        if out[name] is kwargs[name]:
+            out[name] = dict(kwargs[name])  # the caller's dict is not changed
+        out[name][sub] = t
+    return out
+
+
+class DecodeGraphs:
+    """The model's ``forward`` with decode steps replayed from a CUDA graph (module docstring).
+
+    Attributes:
+        captures: graphs captured so far (one per generate and batch shape).
+        replays: steps replayed so far.
+    """
+
+    def __init__(self, forward: Callable, state: SeerState):
+        self._forward = forward
+        self._signature = inspect.signature(forward)
+        # transformers reads the forward's parameters (logits_to_keep, position_ids, ...) to decide what to pass
+        functools.update_wrapper(self, forward)
+        self._state = weakref.ref(state)  # the state holds this object: no cycle through it
+        self._captured: _Captured | None = None
+        self._warm: tuple | None = None  # the key of the last eager step (the next one with it is captured)
+        self._stream: torch.cuda.Stream | None = None
+        self.captures = 0
+        self.replays = 0
+
+    def __deepcopy__(self, memo: dict) -> DecodeGraphs:
+        # a copied model's forward: its own bound forward and state (the weak reference alone would still name ours)
+        return DecodeGraphs(copy.deepcopy(self._forward, memo), copy.deepcopy(self._state(), memo))
+
+    def __call__(self, *args, **kwargs):
+        state = self._state()
+        if state is None or not state.cuda_graphs:
+            return self._forward(*args, **kwargs)
+        kwargs = dict(self._signature.bind(*args, **kwargs).arguments)
+        kwargs.update(kwargs.pop("kwargs", {}))  # the forward's **kwargs, as passed
+        cache = next((kwargs[n] for n in _CACHE_ARGS if kwargs.get(n) is not None), None)
+        ids = kwargs.get("input_ids")
+        ids = kwargs.get("inputs_embeds") if ids is None else ids
+        if cache is None or ids is None or ids.dim() < 2 or ids.shape[1] != 1:
+            return self._forward(**kwargs)  # not a decode step: the prompt, a chunk, or no cache
+        entries = self._entries(state, cache)
+        if entries is None:  # a prompt forward of one token (an empty cache), or a cache without the prompt's keys
+            return self._forward(**kwargs)
+        self._check(state, cache, ids)
+        tensors, plain = _flatten(kwargs)
+        key = self._key(state, cache, tensors, plain, entries)
+        cap = self._captured
+        if cap is not None and cap.key == key and cap.cache() is cache and cap.config is state.config:
+            return self._replay(state, cap, tensors, cache)
+        self._captured = None  # a new shape: the old graph and its memory pool go
+        if self._warm != key:
+            self._warm = key
+            return self._eager(kwargs)
+        return self._capture(state, key, cache, kwargs, tensors, entries)
+
+    # ------------------------------------------------------------------------------------- what a step is
+    @staticmethod
+    def _entries(state: SeerState, cache) -> list[_DecodeCache] | None:
+        """The layers' decode-gate key caches this step advances ([] with sparse decode off), or None when
+        ``cache`` is not one the state's sparse decode follows (its prompt forward has not run)."""
+        if not state.decoding:
+            return []
+        entries = [state._decode.get(i) for i in range(len(state._attn_modules))]
+        if any(e is None or e.owner() is not cache for e in entries):
+            return None
+        return entries
+
+    @staticmethod
+    def _check(state: SeerState, cache, ids: torch.Tensor) -> None:
+        if ids.device.type != "cuda":
+            raise ValueError(
+                f"SeerState.cuda_graphs captures decode steps on CUDA; this step runs on {ids.device.type}. "
+                "Set cuda_graphs=False"
+            )
+        if not getattr(cache, "is_compileable", False):
+            raise ValueError(
+                f"SeerState.cuda_graphs captures decode steps of a cache with fixed shapes; this step's cache is a "
+                f"{type(cache).__name__}, whose tensors grow every step. Use generate(..., "
+                "cache_implementation='static') or set cuda_graphs=False"
+            )
+        python_per_step = [n for n in ("decode_observer", "decode_select_fn") if getattr(state, n) is not None]
+        if state.capture:
+            python_per_step.append("capture")
+        if python_per_step:
+            raise ValueError(
+                f"SeerState.cuda_graphs: {', '.join(python_per_step)} is set; a replayed step runs kernels only, so "
+                "Python called in the step would run once, at capture. Unset it or set cuda_graphs=False"
+            )
+
+    @staticmethod
+    def _key(state: SeerState, cache, tensors: dict, plain: tuple, entries: list) -> tuple:
+        shapes = tuple((n, tuple(t.shape), t.dtype, t.device) for n, t in tensors.items())
+        kv = tuple((layer.keys.data_ptr(), layer.values.data_ptr()) for layer in getattr(cache, "layers", ()))
+        seer = tuple(
+            (e.keys.keys.data_ptr(), e.keys.lengths.data_ptr(), e.keys.num_blocks.data_ptr(), e.keys._pools.data_ptr())
+            + (None if e.starts is None else e.starts.data_ptr(),)
+            for e in entries
+        )
+        return (id(cache), id(state.config), state.record_densities, shapes, plain, kv, seer)
+
+    # ------------------------------------------------------------------------------------- running it
+    def _side_stream(self) -> torch.cuda.Stream:
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        return self._stream
+
+    def _eager(self, kwargs: dict):
+        """The shape's first step, eagerly on the capture's stream (what a capture needs is set up there)."""
+        stream, current = self._side_stream(), torch.cuda.current_stream()
+        stream.wait_stream(current)
+        with torch.cuda.stream(stream):
+            out = self._forward(**kwargs)
+        current.wait_stream(stream)
+        return out
+
+    def _capture(self, state: SeerState, key: tuple, cache, kwargs: dict, tensors: dict, entries: list):
+        inputs = {n: t.clone() for n, t in tensors.items()}
+        graph = torch.cuda.CUDAGraph()
+        stream = self._side_stream()
+        try:
+            with torch.cuda.graph(graph, stream=stream):
+                output = self._forward(**_unflatten(kwargs, inputs))
+        except RuntimeError as e:
+            raise RuntimeError(
+                "SeerState.cuda_graphs: capturing the decode step failed, most likely on a host synchronisation in "
+                "the model's forward (e.g. dynamic NTK RoPE, which reads the positions to the host). The step's "
+                "state is undefined now: start a new generate() with cuda_graphs=False"
+            ) from e
+        stats = {layer: dict(entry) for layer, entry in state._stats.items()}
+        fields = {k: v for k, v in output.items() if v is not cache}
+        cache_fields = tuple(k for k, v in output.items() if v is cache)
+        cap = _Captured(
+            key, weakref.ref(cache), state.config, graph, inputs, type(output), fields, cache_fields, entries, stats
+        )
+        self._captured = cap
+        self.captures += 1
+        # The capture ran the step's host side (each layer's token count +1) but no kernel: this replay does the
+        # step's work, and its host side is not counted again.
+        graph.replay()
+        state._stats = {layer: dict(entry) for layer, entry in stats.items()}
+        return self._result(cap, cache)
+
+    def _replay(self, state: SeerState, cap: _Captured, tensors: dict, cache):
+        for e in cap.entries:
+            if e.capacity is not None and e.length + 1 > e.capacity:
+                raise RuntimeError(
+                    f"the KV cache is full ({e.capacity} tokens): a static cache holds the prompt and the new tokens; "
+                    "allocate it with room for them (generate's max_new_tokens sizes it)"
+                )
+        for name, buf in cap.inputs.items():
+            buf.copy_(tensors[name])
+        cap.graph.replay()
+        for e in cap.entries:  # what the eager step's host side does (_decode_step, GateKeyCache.append)
+            e.length += 1
+            e.keys.count_replayed_append()
+        state._stats = {layer: dict(entry) for layer, entry in cap.stats.items()}
+        self.replays += 1
+        return self._result(cap, cache)
+
+    @staticmethod
+    def _result(cap: _Captured, cache):
+        """The step's output: the graph's tensors copied (the next replay overwrites them), the cache as is."""
+        fields = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in cap.fields.items()}
+        return cap.output(**fields, **dict.fromkeys(cap.cache_fields, cache))
+
+    def release(self) -> None:
+        """Drop the captured graph (its memory pool) and the warm-up record: the next step starts afresh."""
+        self._captured = None
+        self._warm = None

@@ -1,0 +1,175 @@
+"""Decode steps replayed from a CUDA graph (``SeerState.cuda_graphs``, :mod:`seerattn.hf.graphs`).
+
+On the CPU: the model's forward is wrapped only with a decode section and put back by remove (signature
+kept: transformers reads it to decide what to pass), what a step may take, and the refusals. On the GPU
+(``-m gpu``): generate with the steps replayed equals eager generate, sparse and dense decode, equal and
+left-padded prompts; one capture per generate, every later step a replay; the state's statistics follow.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+
+import pytest
+import torch
+from hf_models import GATE, LAYERS, input_ids, make_model
+
+from seerattn.decode_policy import DecodePolicy
+from seerattn.gate import DecodeGateConfig, GateKeyCache
+from seerattn.hf import DecodeConfig, SeerConfig, apply_seer_attention, decode_gate_modules, remove_seer_attention
+from seerattn.hf.graphs import DecodeGraphs, _flatten, _unflatten
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BS = 16
+DECODE = DecodeConfig(DecodeGateConfig(block_size=BS), DecodePolicy("budget", 48))  # K = 3 blocks
+PROMPT, NEW = 70, 24
+
+
+def _prepared(decode=DECODE, **cfg):
+    model = make_model("llama")
+    state = apply_seer_attention(model, SeerConfig(gate=GATE, mode="dense", decode=decode, **cfg))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # trained-looking gates: selections that differ from the identity init's
+        for gate in decode_gate_modules(model).values():
+            gate.q_proj.add_(torch.randn(gate.q_proj.shape, generator=g) * 0.3)
+            gate.k_proj.add_(torch.randn(gate.k_proj.shape, generator=g) * 0.3)
+    return model, state
+
+
+def _generate(model, ids, mask, cache="static", new=NEW):
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    if cache is not None:
+        kw["cache_implementation"] = cache
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, output_logits=True, return_dict_in_generate=True, **kw)
+    return out.sequences, torch.stack(out.logits, 1)
+
+
+def test_the_forward_is_wrapped_with_a_decode_section_only_and_restored():
+    model = make_model("llama")
+    own = inspect.signature(model.forward)
+    apply_seer_attention(model, SeerConfig(gate=GATE))
+    assert "forward" not in model.__dict__  # prefill only: nothing to capture
+    remove_seer_attention(model)
+    state = apply_seer_attention(model, SeerConfig(gate=GATE, decode=DECODE))
+    assert isinstance(model.forward, DecodeGraphs)
+    # transformers decides from these whether to pass logits_to_keep, position_ids, ... (a wrapper that hid them
+    # would make generate compute the prompt's logits at every position)
+    assert inspect.signature(model.forward) == own and model._supports_logits_to_keep()
+    twin = copy.deepcopy(model)  # a copy's forward runs the copy with the copy's state
+    assert twin.forward._forward.__self__ is twin and twin.forward._state() is twin._seer_state is not state
+    remove_seer_attention(model)
+    assert "forward" not in model.__dict__ and inspect.signature(model.forward) == own
+
+    def mine(*args, **kwargs):  # an instance forward of the model's own (accelerate's device-map hooks set one)
+        return type(model).forward(model, *args, **kwargs)
+
+    model.forward = mine
+    apply_seer_attention(model, SeerConfig(gate=GATE, decode=DECODE))
+    assert model.forward._forward is mine
+    remove_seer_attention(model)
+    assert model.forward is mine
+
+
+def test_graphs_off_by_default_and_refused_on_the_cpu():
+    model, state = _prepared()
+    ids = input_ids(PROMPT, b=2)
+    mask = torch.ones_like(ids)
+    assert state.cuda_graphs is False
+    eager = _generate(model, ids, mask, new=4)
+    state.cuda_graphs = True
+    with pytest.raises(ValueError, match="captures decode steps on CUDA; this step runs on cpu"):
+        _generate(model, ids, mask, new=4)
+    state.cuda_graphs = False
+    state.reset()
+    again = _generate(model, ids, mask, new=4)  # the refused call changed nothing that a new generate reads
+    assert torch.equal(again[0], eager[0])
+
+
+def test_flattened_step_arguments():
+    mask = {"full_attention": torch.ones(2, 1, 1, 8), "sliding_attention": None}
+    kwargs = {"input_ids": torch.ones(2, 1, dtype=torch.long), "attention_mask": mask, "use_cache": True}
+    kwargs["past_key_values"] = object()  # never a graph input
+    tensors, plain = _flatten(kwargs)
+    assert list(tensors) == ["attention_mask.full_attention", "input_ids"]
+    assert plain == (("attention_mask.sliding_attention", None), ("use_cache", True))
+    buffers = {n: t.clone() for n, t in tensors.items()}
+    rebuilt = _unflatten(kwargs, buffers)
+    assert rebuilt["attention_mask"]["full_attention"] is buffers["attention_mask.full_attention"]
+    assert rebuilt["input_ids"] is buffers["input_ids"] and rebuilt["past_key_values"] is kwargs["past_key_values"]
+    assert kwargs["attention_mask"] is mask and mask["full_attention"] is not buffers["attention_mask.full_attention"]
+    with pytest.raises(TypeError, match="argument 'extra' is a list"):
+        _flatten({"extra": [1]})
+
+
+def test_a_replayed_append_past_the_capacity_is_refused():
+    model, _ = _prepared()
+    gate = decode_gate_modules(model)[0]
+    keys = GateKeyCache(gate, batch=1, max_tokens=2 * BS)
+    keys.prefill(torch.randn(1, gate.num_kv_heads, 2 * BS - 1, gate.head_dim), rotary=model.model.rotary_emb)
+    keys.count_replayed_append()  # the last token that fits
+    with pytest.raises(RuntimeError, match="past the capacity"):
+        keys.count_replayed_append()
+
+
+def _on_gpu():
+    return torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+
+
+needs_gpu = pytest.mark.skipif(not _on_gpu(), reason="needs a CUDA GPU and the compiled kernels (no TRITON_INTERPRET)")
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("padded", [False, True], ids=["equal", "left-padded"])
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse-decode", "dense-decode"])
+def test_gpu_replayed_steps_equal_eager_generate(sparse, padded):
+    model, state = _prepared()
+    model.to("cuda", torch.float16)
+    state.set_decode(enabled=sparse)
+    ids = input_ids(PROMPT, b=3).cuda()
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :13] = 0
+        mask[2, :40] = 0
+    eager = _generate(model, ids, mask)
+    density = state.mean_density()
+    state.cuda_graphs = True
+    graphs: DecodeGraphs = model.forward
+    replayed = _generate(model, ids, mask)
+    # one capture; steps 1 .. NEW - 1 are forwards: the first eager, the second captured, the rest replayed
+    assert (graphs.captures, graphs.replays) == (1, NEW - 3)
+    assert torch.equal(replayed[0], eager[0])
+    torch.testing.assert_close(replayed[1], eager[1], atol=0, rtol=0)
+    assert state.mean_density() == pytest.approx(density)  # the last step's statistics, from the replay
+    assert all(s["path"] == ("sparse-decode" if sparse else "dense-decode") for s in state.stats.values())
+    assert len(state.stats) == LAYERS
+    again = _generate(model, ids, mask)  # a new generate: a new cache, a new capture
+    assert (graphs.captures, graphs.replays) == (2, 2 * (NEW - 3)) and torch.equal(again[0], eager[0])
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_graphs_refuse_a_growing_cache_and_python_in_the_step():
+    model, state = _prepared()
+    model.to("cuda", torch.float16)
+    ids = input_ids(PROMPT, b=2).cuda()
+    state.cuda_graphs = True
+    with pytest.raises(ValueError, match="DynamicCache, whose tensors grow"):
+        _generate(model, ids, torch.ones_like(ids), cache=None, new=4)
+    state.reset()
+    state.decode_observer = lambda selection: None
+    with pytest.raises(ValueError, match="decode_observer is set"):
+        _generate(model, ids, torch.ones_like(ids), new=4)
+
+
+def test_generate_benchmark_refuses_graph_configs_without_a_static_cache_on_the_gpu(capsys):
+    from benchmarks import generate
+
+    for argv in (["--smoke", "--configs", "decode,decode-graph"], ["--configs", "dense-graph", "--cache", "dynamic"]):
+        with pytest.raises(SystemExit):
+            generate.main(argv)
+        assert "['" in (err := capsys.readouterr().err) and "a GPU run (not --smoke) with --cache static" in err
