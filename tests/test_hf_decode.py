@@ -872,6 +872,7 @@ def test_gpu_generate_decode_steps_have_no_host_sync(cache, padded, fused_calls,
     after the unfused selection."""
     model, _, state = _prepared("llama")
     model.to("cuda", torch.float16)
+    state.cuda_graphs = False  # the eager step (tests/test_hf_graphs.py replays it from a CUDA graph)
     ids = input_ids(PROMPT, b=2).cuda()
     mask = torch.ones_like(ids)
     if padded:

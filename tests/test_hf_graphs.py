@@ -74,35 +74,34 @@ def test_the_forward_is_wrapped_with_a_decode_section_only_and_restored():
     assert model.forward is mine
 
 
-def test_graphs_off_by_default_and_refused_on_the_cpu():
+def test_graphs_automatic_by_default_eager_on_the_cpu_and_refused_when_required():
     model, state = _prepared()
     ids = input_ids(PROMPT, b=2)
     mask = torch.ones_like(ids)
-    assert state.cuda_graphs is False
-    eager = _generate(model, ids, mask, new=4)
+    assert state.cuda_graphs is None
+    auto = _generate(model, ids, mask, new=4)  # the CPU: every step eager
+    assert (model.forward.captures, model.forward.replays) == (0, 0)
     state.cuda_graphs = True
-    with pytest.raises(ValueError, match="captures decode steps on CUDA; this step runs on cpu"):
+    with pytest.raises(ValueError, match="cuda_graphs=True but .* the step runs on cpu, not CUDA"):
         _generate(model, ids, mask, new=4)
     state.cuda_graphs = False
     state.reset()
-    again = _generate(model, ids, mask, new=4)  # the refused call changed nothing that a new generate reads
-    assert torch.equal(again[0], eager[0])
+    off = _generate(model, ids, mask, new=4)  # the refused call changed nothing that a new generate reads
+    assert torch.equal(off[0], auto[0]) and torch.equal(off[1], auto[1])
 
 
 def test_flattened_step_arguments():
     mask = {"full_attention": torch.ones(2, 1, 1, 8), "sliding_attention": None}
     kwargs = {"input_ids": torch.ones(2, 1, dtype=torch.long), "attention_mask": mask, "use_cache": True}
     kwargs["past_key_values"] = object()  # never a graph input
-    tensors, plain = _flatten(kwargs)
-    assert list(tensors) == ["attention_mask.full_attention", "input_ids"]
+    tensors, plain, odd = _flatten({**kwargs, "extra": [1]})
+    assert list(tensors) == ["attention_mask.full_attention", "input_ids"] and odd == ["extra (list)"]
     assert plain == (("attention_mask.sliding_attention", None), ("use_cache", True))
     buffers = {n: t.clone() for n, t in tensors.items()}
     rebuilt = _unflatten(kwargs, buffers)
     assert rebuilt["attention_mask"]["full_attention"] is buffers["attention_mask.full_attention"]
     assert rebuilt["input_ids"] is buffers["input_ids"] and rebuilt["past_key_values"] is kwargs["past_key_values"]
     assert kwargs["attention_mask"] is mask and mask["full_attention"] is not buffers["attention_mask.full_attention"]
-    with pytest.raises(TypeError, match="argument 'extra' is a list"):
-        _flatten({"extra": [1]})
 
 
 def test_a_replayed_append_past_the_capacity_is_refused():
@@ -135,9 +134,10 @@ def test_gpu_replayed_steps_equal_eager_generate(sparse, padded):
     if padded:
         mask[1, :13] = 0
         mask[2, :40] = 0
+    state.cuda_graphs = False
     eager = _generate(model, ids, mask)
     density = state.mean_density()
-    state.cuda_graphs = True
+    state.cuda_graphs = None  # the default: captured where it can be
     graphs: DecodeGraphs = model.forward
     replayed = _generate(model, ids, mask)
     # one capture; steps 1 .. NEW - 1 are forwards: the first eager, the second captured, the rest replayed
@@ -153,17 +153,24 @@ def test_gpu_replayed_steps_equal_eager_generate(sparse, padded):
 
 @pytest.mark.gpu
 @needs_gpu
-def test_gpu_graphs_refuse_a_growing_cache_and_python_in_the_step():
+def test_gpu_steps_that_cannot_be_captured_run_eagerly_by_default_and_raise_when_required():
     model, state = _prepared()
     model.to("cuda", torch.float16)
     ids = input_ids(PROMPT, b=2).cuda()
+    mask = torch.ones_like(ids)
+    graphs: DecodeGraphs = model.forward
+    dynamic = _generate(model, ids, mask, cache=None, new=6)  # a growing cache: eager
+    seen = []
+    state.decode_observer = seen.append  # Python in every step: eager, and it sees every step
+    observed = _generate(model, ids, mask, new=6)
+    assert graphs.captures == 0 and len(seen) == LAYERS * 5 and torch.equal(observed[0], dynamic[0])
     state.cuda_graphs = True
-    with pytest.raises(ValueError, match="DynamicCache, whose tensors grow"):
-        _generate(model, ids, torch.ones_like(ids), cache=None, new=4)
-    state.reset()
-    state.decode_observer = lambda selection: None
     with pytest.raises(ValueError, match="decode_observer is set"):
-        _generate(model, ids, torch.ones_like(ids), new=4)
+        _generate(model, ids, mask, new=6)
+    state.decode_observer = None
+    state.reset()
+    with pytest.raises(ValueError, match="DynamicCache, whose tensors grow"):
+        _generate(model, ids, mask, cache=None, new=6)
 
 
 def test_generate_benchmark_refuses_graph_configs_without_a_static_cache_on_the_gpu(capsys):

@@ -8,6 +8,8 @@ decode step once and replay it; this module does that for transformers' ``genera
 How (one :class:`DecodeGraphs` per model, installed as the model's ``forward`` by
 :func:`~seerattn.hf.apply_seer_attention` when the config has a decode section):
 
+- ``SeerState.cuda_graphs``: None (default) captures the steps that can be (below) and runs the others
+  eagerly, True raises on a step that cannot be, False never captures.
 - A *step* is a forward of one token per sequence that continues a cache with fixed shapes (transformers'
   ``StaticCache``: ``cache.is_compileable``); with sparse decode on, every layer's decode-gate key cache must
   belong to that cache (the prompt's forward made them). Every other forward (the prompt, chunks, anything
@@ -25,10 +27,12 @@ How (one :class:`DecodeGraphs` per model, installed as the model's ``forward`` b
   counts), and give ``state.stats`` the captured step's per-layer entries again (the device scalars a replay
   rewrites; reading ``stats`` turns them into numbers).
 
-Requirements of a captured step, checked where it is cheap and otherwise reported by the capture: no host
-synchronisation anywhere in the model's forward (dynamic NTK RoPE reads positions to the host: refused at
-capture with the capture's error), no ``decode_observer`` / ``decode_select_fn`` / ``capture`` on the state
-(Python called per step would run once, at capture), the model's parameters where they were at capture.
+What a captured step needs (``_obstacles``; ``cuda_graphs=None``, the default, runs a step that lacks one
+eagerly, ``True`` raises and says which): CUDA, a cache of fixed shapes, no host synchronisation in the model's
+forward (dynamic-NTK and LongRoPE rotary embeddings read the positions to the host: those models run eagerly),
+no ``decode_observer`` / ``decode_select_fn`` / ``capture`` on the state (Python called per step would run once,
+at capture), arguments that are tensors or plain values. Not checked: the model's parameters must stay where
+they were at capture during one generate (no ``.to()`` between its steps).
 """
 
 from __future__ import annotations
@@ -67,10 +71,11 @@ class _Captured:
     stats: dict[int, dict]  # state._stats as the captured step left it
 
 
-def _flatten(kwargs: dict) -> tuple[dict[str, torch.Tensor], tuple]:
+def _flatten(kwargs: dict) -> tuple[dict[str, torch.Tensor], tuple, list[str]]:
     """The step's tensor arguments by name (a dict argument, e.g. a hybrid model's masks by layer type,
-    flattened to ``name.key``), and the other arguments as a hashable tuple of (name, value)."""
-    tensors, plain = {}, []
+    flattened to ``name.key``), the other arguments as a hashable tuple of (name, value), and the names of
+    arguments a captured step cannot take (neither a tensor nor a plain bool / int / float / str / None)."""
+    tensors, plain, odd = {}, [], []
     for name, value in sorted(kwargs.items()):
         if name in _CACHE_ARGS:
             continue
@@ -82,12 +87,8 @@ def _flatten(kwargs: dict) -> tuple[dict[str, torch.Tensor], tuple]:
             elif isinstance(v, _PLAIN):
                 plain.append((full, v))
             else:
-                raise TypeError(
-                    f"SeerState.cuda_graphs: the decode step's argument {full!r} is a {type(v).__name__}; a captured "
-                    "step takes tensors (copied into the graph's buffers each step) and plain values (bool, int, "
-                    "float, str, None; part of the graph's key). Set cuda_graphs=False for this call"
-                )
-    return tensors, tuple(plain)
+                odd.append(f"{full} ({type(v).__name__})")
+    return tensors, tuple(plain), odd
 
 
 def _unflatten(kwargs: dict, tensors: dict[str, torch.Tensor]) -> dict:
@@ -130,7 +131,7 @@ class DecodeGraphs:
 
     def __call__(self, *args, **kwargs):
         state = self._state()
-        if state is None or not state.cuda_graphs:
+        if state is None or state.cuda_graphs is False:
             return self._forward(*args, **kwargs)
         kwargs = dict(self._signature.bind(*args, **kwargs).arguments)
         kwargs.update(kwargs.pop("kwargs", {}))  # the forward's **kwargs, as passed
@@ -142,8 +143,17 @@ class DecodeGraphs:
         entries = self._entries(state, cache)
         if entries is None:  # a prompt forward of one token (an empty cache), or a cache without the prompt's keys
             return self._forward(**kwargs)
-        self._check(state, cache, ids)
-        tensors, plain = _flatten(kwargs)
+        tensors, plain, odd = _flatten(kwargs)
+        why = self._obstacles(state, cache, ids)
+        if odd:
+            why.append(f"arguments neither tensors nor plain values: {', '.join(odd)}")
+        if why and state.cuda_graphs is None:  # automatic: the steps that can be captured are
+            return self._forward(**kwargs)
+        if why:
+            raise ValueError(
+                "SeerState.cuda_graphs=True but this decode step cannot be replayed from a CUDA graph: "
+                f"{'; '.join(why)}. Set cuda_graphs=None (capture where possible) or False"
+            )
         key = self._key(state, cache, tensors, plain, entries)
         cap = self._captured
         if cap is not None and cap.key == key and cap.cache() is cache and cap.config is state.config:
@@ -167,26 +177,27 @@ class DecodeGraphs:
         return entries
 
     @staticmethod
-    def _check(state: SeerState, cache, ids: torch.Tensor) -> None:
+    def _obstacles(state: SeerState, cache, ids: torch.Tensor) -> list[str]:
+        """Why this decode step cannot be captured (empty: it can)."""
+        why = []
         if ids.device.type != "cuda":
-            raise ValueError(
-                f"SeerState.cuda_graphs captures decode steps on CUDA; this step runs on {ids.device.type}. "
-                "Set cuda_graphs=False"
-            )
+            why.append(f"the step runs on {ids.device.type}, not CUDA")
         if not getattr(cache, "is_compileable", False):
-            raise ValueError(
-                f"SeerState.cuda_graphs captures decode steps of a cache with fixed shapes; this step's cache is a "
-                f"{type(cache).__name__}, whose tensors grow every step. Use generate(..., "
-                "cache_implementation='static') or set cuda_graphs=False"
+            why.append(
+                f"the cache is a {type(cache).__name__}, whose tensors grow every step (generate(..., "
+                "cache_implementation='static') has fixed shapes)"
             )
-        python_per_step = [n for n in ("decode_observer", "decode_select_fn") if getattr(state, n) is not None]
-        if state.capture:
-            python_per_step.append("capture")
-        if python_per_step:
-            raise ValueError(
-                f"SeerState.cuda_graphs: {', '.join(python_per_step)} is set; a replayed step runs kernels only, so "
-                "Python called in the step would run once, at capture. Unset it or set cuda_graphs=False"
+        rope = str(getattr(state._rotary, "rope_type", "default"))
+        if "dynamic" in rope or rope == "longrope":
+            why.append(f"the model's RoPE ({rope!r}) reads the positions to the host in every step")
+        hooks = [n for n in ("decode_observer", "decode_select_fn") if getattr(state, n) is not None]
+        hooks += ["capture"] if state.capture else []
+        if hooks:
+            why.append(
+                f"{', '.join(hooks)} is set (Python called in the step would run once, at capture: a replay runs "
+                "kernels only)"
             )
+        return why
 
     @staticmethod
     def _key(state: SeerState, cache, tensors: dict, plain: tuple, entries: list) -> tuple:

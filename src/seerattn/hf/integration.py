@@ -322,11 +322,13 @@ class SeerState:
             to the host syncs there. None (default): the step does nothing more.
         capture: when True, ``captures[layer]`` keeps (q_pre, k_pre, q, k) of the last forward
             (for tests and debugging).
-        cuda_graphs: replay ``generate``'s decode steps from a CUDA graph (off by default): on CUDA, with a
-            ``StaticCache`` (``generate(..., cache_implementation="static")``), a model with a decode section
-            runs each batch shape's first step eagerly, captures the second and replays the rest, sparse or
-            dense decode (:mod:`seerattn.hf.graphs`). A step it cannot capture (CPU, a ``DynamicCache``,
-            ``decode_observer`` / ``decode_select_fn`` / ``capture`` set) raises; prompts run as always.
+        cuda_graphs: replay ``generate``'s decode steps from a CUDA graph (:mod:`seerattn.hf.graphs`), sparse or
+            dense decode, for a model with a decode section: each batch shape's first step eager, the second
+            captured, the rest replayed. None (default): every step that can be captured is (on CUDA, with a
+            ``StaticCache``: ``generate(..., cache_implementation="static")``; not with a ``DynamicCache``, a
+            dynamic-NTK or LongRoPE model, or ``decode_observer`` / ``decode_select_fn`` / ``capture`` set),
+            the others run eagerly. True: a step that cannot be captured raises (it says why). False: never.
+            Prompts run as always.
     """
 
     config: SeerConfig
@@ -339,7 +341,7 @@ class SeerState:
     captures: dict[int, tuple] = field(default_factory=dict)
     record_densities: bool = True
     gate_grad_scale: float | None = None
-    cuda_graphs: bool = False
+    cuda_graphs: bool | None = None
     # private: pre-RoPE tensors handed from the hooks to the attention function
     _pending: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
     _rotary: torch.nn.Module | None = field(default=None, repr=False)
