@@ -180,3 +180,12 @@ def test_generate_benchmark_refuses_graph_configs_without_a_static_cache_on_the_
         with pytest.raises(SystemExit):
             generate.main(argv)
         assert "['" in (err := capsys.readouterr().err) and "a GPU run (not --smoke) with --cache static" in err
+
+
+def test_a_replayed_steps_output_is_copied_inside_tuples():
+    from seerattn.hf.graphs import _copied
+
+    a, b = torch.ones(2), torch.zeros(3)
+    out = _copied((a, [b, 1], None))
+    assert isinstance(out, tuple) and isinstance(out[1], list) and out[1][1] == 1 and out[2] is None
+    assert torch.equal(out[0], a) and out[0].data_ptr() != a.data_ptr() and out[1][0].data_ptr() != b.data_ptr()

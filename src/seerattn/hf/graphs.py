@@ -105,6 +105,15 @@ def _unflatten(kwargs: dict, tensors: dict[str, torch.Tensor]) -> dict:
     return out
 
 
+def _copied(value):
+    """A copy of a step output's tensors (tensors, and tuples / lists of them), other values as they are."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_copied(v) for v in value)
+    return value
+
+
 class DecodeGraphs:
     """The model's ``forward`` with decode steps replayed from a CUDA graph (module docstring).
 
@@ -133,22 +142,16 @@ class DecodeGraphs:
         state = self._state()
         if state is None or state.cuda_graphs is False:
             return self._forward(*args, **kwargs)
-        kwargs = dict(self._signature.bind(*args, **kwargs).arguments)
-        kwargs.update(kwargs.pop("kwargs", {}))  # the forward's **kwargs, as passed
-        cache = next((kwargs[n] for n in _CACHE_ARGS if kwargs.get(n) is not None), None)
-        ids = kwargs.get("input_ids")
-        ids = kwargs.get("inputs_embeds") if ids is None else ids
-        if cache is None or ids is None or ids.dim() < 2 or ids.shape[1] != 1:
-            return self._forward(**kwargs)  # not a decode step: the prompt, a chunk, or no cache
-        entries = self._entries(state, cache)
-        if entries is None:  # a prompt forward of one token (an empty cache), or a cache without the prompt's keys
-            return self._forward(**kwargs)
-        tensors, plain, odd = _flatten(kwargs)
+        step = self._step_arguments(state, args, kwargs)
+        if step is None:  # not a decode step: the prompt, a chunk, no cache, a cache the state does not follow
+            return self._forward(*args, **kwargs)
+        named, cache, ids, entries = step
+        tensors, plain, odd = _flatten(named)
         why = self._obstacles(state, cache, ids)
         if odd:
             why.append(f"arguments neither tensors nor plain values: {', '.join(odd)}")
         if why and state.cuda_graphs is None:  # automatic: the steps that can be captured are
-            return self._forward(**kwargs)
+            return self._forward(*args, **kwargs)
         if why:
             raise ValueError(
                 "SeerState.cuda_graphs=True but this decode step cannot be replayed from a CUDA graph: "
@@ -161,10 +164,34 @@ class DecodeGraphs:
         self._captured = None  # a new shape: the old graph and its memory pool go
         if self._warm != key:
             self._warm = key
-            return self._eager(kwargs)
-        return self._capture(state, key, cache, kwargs, tensors, entries)
+            return self._eager(named)
+        return self._capture(state, key, cache, named, tensors, entries)
 
     # ------------------------------------------------------------------------------------- what a step is
+    def _step_arguments(self, state: SeerState, args: tuple, kwargs: dict) -> tuple | None:
+        """For a decode step: its arguments by name, the cache, the input ids (or embeddings) and the layers'
+        key-cache entries; None for any other forward."""
+        bound = self._signature.bind(*args, **kwargs).arguments
+        named = {}
+        for name, value in bound.items():
+            kind = self._signature.parameters[name].kind
+            if kind is inspect.Parameter.VAR_POSITIONAL:
+                if value:
+                    return None  # extra positional arguments: nothing a generate step passes
+            elif kind is inspect.Parameter.VAR_KEYWORD:
+                named.update(value)
+            else:
+                named[name] = value
+        cache = next((named[n] for n in _CACHE_ARGS if named.get(n) is not None), None)
+        ids = named.get("input_ids")
+        ids = named.get("inputs_embeds") if ids is None else ids
+        if cache is None or not isinstance(ids, torch.Tensor) or ids.dim() < 2 or ids.shape[1] != 1:
+            return None
+        entries = self._entries(state, cache)
+        if entries is None:  # a prompt forward of one token (an empty cache), or a cache without the prompt's keys
+            return None
+        return named, cache, ids, entries
+
     @staticmethod
     def _entries(state: SeerState, cache) -> list[_DecodeCache] | None:
         """The layers' decode-gate key caches this step advances ([] with sparse decode off), or None when
@@ -271,8 +298,9 @@ class DecodeGraphs:
 
     @staticmethod
     def _result(cap: _Captured, cache):
-        """The step's output: the graph's tensors copied (the next replay overwrites them), the cache as is."""
-        fields = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in cap.fields.items()}
+        """The step's output: the graph's tensors copied (the next replay overwrites them; inside tuples too, e.g.
+        hidden states), the cache as is."""
+        fields = {k: _copied(v) for k, v in cap.fields.items()}
         return cap.output(**fields, **dict.fromkeys(cap.cache_fields, cache))
 
     def release(self) -> None:
