@@ -47,8 +47,9 @@ class GateKeyCache:
 
         ``impl`` chooses how :meth:`append` runs: ``"triton"`` (:func:`seerattn.ops.gate_key_append`, two
         launches besides the model's rotary; CUDA tensors, or CPU ones under ``TRITON_INTERPRET=1``: it raises
-        elsewhere, never falls back), ``"eager"`` (the torch reference, any device, about 31 launches a step) or
-        None: Triton on CUDA, eager otherwise. :meth:`prefill`, :meth:`extend` and :meth:`select` are torch.
+        elsewhere, never falls back), ``"eager"`` (the torch reference, any device and dtype, ~38 ops a step besides
+        the rotary) or None: :meth:`append_impl`'s rule. :meth:`prefill`, :meth:`extend` and :meth:`select` are
+        torch.
         """
         if impl not in APPEND_IMPLS:
             raise ValueError(f"GateKeyCache: impl must be one of {APPEND_IMPLS[1:]} or None (automatic), got {impl!r}")
@@ -233,12 +234,15 @@ class GateKeyCache:
             )
         self._max_len += 1
 
-    def append_impl(self, device: torch.device) -> str:
-        """What :meth:`append` runs for tensors on ``device``: ``impl`` when given, else ``"triton"`` on CUDA
-        and ``"eager"`` elsewhere."""
+    def append_impl(self, device: torch.device, dtype: torch.dtype) -> str:
+        """What :meth:`append` runs for K rows on ``device`` in ``dtype``: ``impl`` when given, else ``"triton"``
+        on CUDA where the kernel takes the dtypes (rows and gate in fp16, bf16 or fp32) and ``"eager"`` otherwise
+        (the CPU, fp64 gates or rows)."""
         if self.impl is not None:
             return self.impl
-        return "triton" if torch.device(device).type == "cuda" else "eager"
+        kernel_dtypes = (torch.float16, torch.bfloat16, torch.float32)
+        cuda = torch.device(device).type == "cuda"
+        return "triton" if cuda and dtype in kernel_dtypes and self.keys.dtype in kernel_dtypes else "eager"
 
     @torch.no_grad()
     def append(self, k_new: torch.Tensor, rotary: Rotary | None = None) -> None:
@@ -250,7 +254,7 @@ class GateKeyCache:
             raise ValueError(f"GateKeyCache.append needs k_new [B={b}, Hkv={hkv}, D={d}], got {tuple(k_new.shape)}")
         bs = self.block_size
         self._reserve(self._max_len + 1)
-        if self.append_impl(k_new.device) == "triton":
+        if self.append_impl(k_new.device, k_new.dtype) == "triton":
             self._append_triton(k_new, rotary)
             return
         count = self.lengths % bs  # rows already in the partial block
