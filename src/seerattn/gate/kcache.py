@@ -252,11 +252,16 @@ class GateKeyCache:
         b, hkv, d = self.keys.shape[0], self.gate.num_kv_heads, self.gate.head_dim
         if tuple(k_new.shape) != (b, hkv, d):
             raise ValueError(f"GateKeyCache.append needs k_new [B={b}, Hkv={hkv}, D={d}], got {tuple(k_new.shape)}")
-        bs = self.block_size
         self._reserve(self._max_len + 1)
         if self.append_impl(k_new.device, k_new.dtype) == "triton":
             self._append_triton(k_new, rotary)
-            return
+        else:
+            self._append_eager(k_new, rotary)
+
+    def _append_eager(self, k_new: torch.Tensor, rotary: Rotary | None) -> None:
+        """:meth:`append` in torch (the reference; the capacity already reserved): every sequence's gate key is
+        computed, and kept where the row completes its block."""
+        b, hkv, bs = k_new.shape[0], k_new.shape[1], self.block_size
         count = self.lengths % bs  # rows already in the partial block
         fresh = (count == 0).view(b, 1, 1, 1)
         pools = torch.where(fresh, self._start, self._pools)
