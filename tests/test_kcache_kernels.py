@@ -235,3 +235,47 @@ def test_append_replayed_from_cuda_graph():
         graph.replay()
     assert triton_.lengths.tolist() == [300, 153, 214, 250]
     assert_same(eager, triton_, atol=1e-5, rtol=1e-5)
+
+
+def test_hf_generate_with_the_triton_append_equals_the_eager_append(monkeypatch):
+    """Sparse decode through seerattn.hf (a tiny Llama, 40-token prompts + 30 tokens over 16-token blocks, a
+    StaticCache) with every layer's key cache appending through Triton (the interpreter here): the eager
+    append's tokens, logits and per-step block selections."""
+    import functools
+
+    from hf_models import GATE, input_ids, make_model
+
+    import seerattn.hf.integration as integration
+    import seerattn.ops.kcache as kcache_ops
+    from seerattn.decode_policy import DecodePolicy
+    from seerattn.hf import DecodeConfig, SeerConfig, apply_seer_attention, decode_gate_modules
+
+    model = make_model("llama")
+    decode = DecodeConfig(DecodeGateConfig(block_size=16), DecodePolicy("budget", 48))
+    state = apply_seer_attention(model, SeerConfig(gate=GATE, mode="dense", decode=decode))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for gate in decode_gate_modules(model).values():
+            gate.k_proj.add_(torch.randn(gate.k_proj.shape, generator=g) * 0.3)
+    ids = input_ids(40, b=2)
+    launches = []
+    real = kcache_ops.gate_key_append
+    monkeypatch.setattr(kcache_ops, "gate_key_append", lambda *a, **kw: launches.append(1) or real(*a, **kw))
+    runs = {}
+    for impl in ("eager", "triton"):
+        monkeypatch.setattr(integration, "GateKeyCache", functools.partial(GateKeyCache, impl=impl))
+        seen = []
+        state.decode_observer = seen.append
+        with torch.no_grad():
+            out = model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=30, min_new_tokens=30, do_sample=False,
+                pad_token_id=0, cache_implementation="static", output_logits=True, return_dict_in_generate=True,
+            )  # fmt: skip
+        runs[impl] = (out.sequences, torch.stack(out.logits, 1), [s.blocks.clone() for s in seen])
+        if impl == "eager":
+            assert not launches
+    assert len(launches) == len(runs["triton"][2]) >= 29  # one Triton append per layer and decode step
+    assert torch.equal(runs["triton"][0], runs["eager"][0])
+    torch.testing.assert_close(runs["triton"][1], runs["eager"][1], atol=1e-5, rtol=1e-5)
+    for a, b in zip(runs["triton"][2], runs["eager"][2], strict=True):
+        assert torch.equal(a, b)
