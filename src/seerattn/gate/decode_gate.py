@@ -138,16 +138,24 @@ class DecodeGate(nn.Module):
             self.k_norm.reset_parameters()
 
     # ------------------------------------------------------------------ pieces
-    def _rope(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary | None) -> torch.Tensor:
-        """x: [B, Hkv, N, Dg] rotated at positions [B, N] (identity without ``use_rope``)."""
-        if not self.config.use_rope:
-            return x
+    def rope_tables(
+        self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's cos, sin [B, N, Dg] for gate vectors x: [B, Hkv, N, Dg] at positions [B, N] (``use_rope``
+        gates only; x gives the dtype and device, as to transformers' rotary), checked for shape."""
         if rotary is None:
             raise ValueError("DecodeGate with use_rope=True needs rotary(x, position_ids) -> (cos, sin)")
         cos, sin = rotary(x, positions)
         want = (x.shape[0], x.shape[2], self.gate_dim)
         if tuple(cos.shape) != want or tuple(sin.shape) != want:
             raise ValueError(f"rotary must return cos, sin of shape [B, N, Dg] = {list(want)}, got {tuple(cos.shape)}")
+        return cos, sin
+
+    def _rope(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary | None) -> torch.Tensor:
+        """x: [B, Hkv, N, Dg] rotated at positions [B, N] (identity without ``use_rope``)."""
+        if not self.config.use_rope:
+            return x
+        cos, sin = self.rope_tables(x, positions, rotary)
         return apply_rotary(x, cos.to(x.dtype), sin.to(x.dtype))
 
     def gate_query(self, q: torch.Tensor, positions: torch.Tensor, rotary: Rotary | None = None) -> torch.Tensor:

@@ -27,7 +27,9 @@ import torch
 
 from .decode_gate import DecodeGate, Rotary
 
-__all__ = ["GateKeyCache"]
+__all__ = ["APPEND_IMPLS", "GateKeyCache"]
+
+APPEND_IMPLS = (None, "eager", "triton")
 
 
 class GateKeyCache:
@@ -39,10 +41,20 @@ class GateKeyCache:
         lengths: int64 [B] tokens seen per sequence (``num_blocks * block_size`` + rows of the partial block).
     """
 
-    def __init__(self, gate: DecodeGate, batch: int, max_tokens: int = 0, device=None):
+    def __init__(self, gate: DecodeGate, batch: int, max_tokens: int = 0, device=None, impl: str | None = None):
         """An empty cache for ``gate`` (a :class:`DecodeGate`), ``batch`` sequences and room for
-        ``max_tokens`` tokens per sequence (it grows when needed)."""
+        ``max_tokens`` tokens per sequence (it grows when needed).
+
+        ``impl`` chooses how :meth:`append` runs: ``"triton"`` (:func:`seerattn.ops.gate_key_append`, two
+        launches besides the model's rotary; CUDA tensors, or CPU ones under ``TRITON_INTERPRET=1``: it raises
+        elsewhere, never falls back), ``"eager"`` (the torch reference, any device and dtype, ~38 ops a step besides
+        the rotary) or None: :meth:`append_impl`'s rule. :meth:`prefill`, :meth:`extend` and :meth:`select` are
+        torch.
+        """
+        if impl not in APPEND_IMPLS:
+            raise ValueError(f"GateKeyCache: impl must be one of {APPEND_IMPLS[1:]} or None (automatic), got {impl!r}")
         self.gate = gate
+        self.impl = impl
         p = gate.k_proj
         device = p.device if device is None else torch.device(device)
         self.block_size = gate.config.block_size
@@ -222,15 +234,34 @@ class GateKeyCache:
             )
         self._max_len += 1
 
+    def append_impl(self, device: torch.device, dtype: torch.dtype) -> str:
+        """What :meth:`append` runs for K rows on ``device`` in ``dtype``: ``impl`` when given, else ``"triton"``
+        on CUDA where the kernel takes the dtypes (rows and gate in fp16, bf16 or fp32) and ``"eager"`` otherwise
+        (the CPU, fp64 gates or rows)."""
+        if self.impl is not None:
+            return self.impl
+        kernel_dtypes = (torch.float16, torch.bfloat16, torch.float32)
+        cuda = torch.device(device).type == "cuda"
+        return "triton" if cuda and dtype in kernel_dtypes and self.keys.dtype in kernel_dtypes else "eager"
+
     @torch.no_grad()
     def append(self, k_new: torch.Tensor, rotary: Rotary | None = None) -> None:
         """Add one new pre-RoPE K row per sequence, k_new: [B, Hkv, D]; sequences whose block it
-        completes get the block's gate key at index ``num_blocks[b]`` (then ``num_blocks[b] += 1``)."""
+        completes get the block's gate key at index ``num_blocks[b]`` (then ``num_blocks[b] += 1``).
+        Runs :meth:`append_impl`'s choice; both keep the tensors' addresses (CUDA graphs)."""
         b, hkv, d = self.keys.shape[0], self.gate.num_kv_heads, self.gate.head_dim
         if tuple(k_new.shape) != (b, hkv, d):
             raise ValueError(f"GateKeyCache.append needs k_new [B={b}, Hkv={hkv}, D={d}], got {tuple(k_new.shape)}")
-        bs = self.block_size
         self._reserve(self._max_len + 1)
+        if self.append_impl(k_new.device, k_new.dtype) == "triton":
+            self._append_triton(k_new, rotary)
+        else:
+            self._append_eager(k_new, rotary)
+
+    def _append_eager(self, k_new: torch.Tensor, rotary: Rotary | None) -> None:
+        """:meth:`append` in torch (the reference; the capacity already reserved): every sequence's gate key is
+        computed, and kept where the row completes its block."""
+        b, hkv, bs = k_new.shape[0], k_new.shape[1], self.block_size
         count = self.lengths % bs  # rows already in the partial block
         fresh = (count == 0).view(b, 1, 1, 1)
         pools = torch.where(fresh, self._start, self._pools)
@@ -244,3 +275,20 @@ class GateKeyCache:
         self.keys.scatter_(2, slot, torch.where(done.view(b, 1, 1, 1), key.to(self.keys.dtype), old))
         self.num_blocks.add_(done)
         self.lengths.add_(1)
+
+    def _append_triton(self, k_new: torch.Tensor, rotary: Rotary | None) -> None:
+        """:meth:`append` as :func:`seerattn.ops.gate_key_append` (the capacity already reserved): the model's
+        rotary for every sequence's partial-block start, then the two kernels."""
+        from ..ops.kcache import gate_key_append
+
+        gate = self.gate
+        cos = sin = None
+        if gate.config.use_rope:
+            start = (self.num_blocks * self.block_size).view(-1, 1)  # [B, 1]
+            with torch.autocast(device_type=k_new.device.type, enabled=False):
+                # a [B, Hkv, 1, Dg] view in the gate's dtype: what DecodeGate._rope hands the rotary
+                cos, sin = gate.rope_tables(self.keys[:, :, :1], start, rotary)
+        gate_key_append(
+            k_new, self._pools, self.keys, self.lengths, self.num_blocks, gate.k_proj, gate.k_norm.weight,
+            gate.k_norm.eps, cos, sin, block_size=self.block_size, poolings=self.poolings,
+        )  # fmt: skip

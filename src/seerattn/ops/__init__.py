@@ -44,6 +44,7 @@ from ..block_mask import BlockMask, check_block_size, num_blocks
 from . import fa4, reference
 from .decode import budget_decode_blocks, sparse_decode_attention
 from .gate_ops import gate_block_logits, select_blocks
+from .kcache import gate_key_append
 
 __all__ = [
     "AUTO_FA4_SHAPES",
@@ -55,6 +56,7 @@ __all__ = [
     "block_sparse_attention",
     "budget_decode_blocks",
     "gate_block_logits",
+    "gate_key_append",
     "resolve_impl",
     "select_blocks",
     "sparse_decode_attention",

@@ -1,0 +1,130 @@
+"""The decode-gate key cache's per-step append as one validated op (:func:`gate_key_append`).
+
+Its eager reference is :meth:`seerattn.gate.GateKeyCache.append` with ``impl="eager"``, which calls this op for
+``impl="triton"`` (the default on CUDA). Shape legend: B sequences, Hkv key/value heads, D head dim, Dg gate dim,
+NB cache capacity in blocks, Ck number of K poolings.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..block_mask import check_block_size
+
+__all__ = ["gate_key_append"]
+
+_POOLINGS = ("avg", "max", "min")
+
+
+def gate_key_append(
+    k_new: torch.Tensor,
+    pools: torch.Tensor,
+    keys: torch.Tensor,
+    lengths: torch.Tensor,
+    num_blocks: torch.Tensor,
+    k_proj: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    *,
+    block_size: int,
+    poolings: tuple[str, ...],
+) -> None:
+    """Add one pre-RoPE K row per sequence to a decode-gate key cache, in place, in two Triton launches
+    (:mod:`seerattn.ops._triton.kcache_append`): the same pools, keys and counters as the eager
+    :meth:`~seerattn.gate.GateKeyCache.append`.
+
+    Each sequence b folds ``k_new[b]`` into the running pools of its partial block (``lengths[b] % block_size``
+    rows so far; none: the pools start afresh); where the row completes the block, the block's gate key (pooled,
+    projected by ``k_proj``, RMS-normed, rotated with ``cos``/``sin``) goes to ``keys[b, :, min(num_blocks[b],
+    NB - 1)]`` and ``num_blocks[b]`` grows by one; ``lengths[b]`` grows by one.
+
+    Args:
+        k_new: [B, Hkv, D] fp16 / bf16 / fp32 pre-RoPE K rows.
+        pools: fp32 [B, Hkv, Ck, D] running max / min / sum of each partial block, in ``poolings`` order.
+        keys: [B, Hkv, NB, Dg] gate keys, in the gate's dtype (``k_proj``'s).
+        lengths, num_blocks: int64 [B] tokens and completed blocks per sequence (contiguous).
+        k_proj: [Hkv, Ck * D, Dg] the gate's key projection (fp16 / bf16 / fp32).
+        norm_weight: [Dg] the key RMSNorm's weight, in the gate's dtype; eps: its epsilon (> 0).
+        cos, sin: [B, 1, Dg] the rotary tables at each sequence's partial-block start (``num_blocks * block_size``),
+            or both None for a gate without RoPE.
+        block_size: tokens per block (power of two); poolings: 1-3 distinct of ``avg``/``max``/``min``.
+
+    Triton only (CUDA, or CPU under ``TRITON_INTERPRET=1``); no host synchronisation (capturable in a CUDA graph).
+    Dg must be even (the kernel works on the two halves of the gate dimension, RoPE's rotate-half pairs).
+    """
+    op = "gate_key_append"
+    from ._triton.config import check_device
+
+    tensors = {"k_new": k_new, "pools": pools, "keys": keys, "lengths": lengths, "num_blocks": num_blocks,
+               "k_proj": k_proj, "norm_weight": norm_weight}  # fmt: skip
+    for name, x in tensors.items():
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if (cos is None) != (sin is None):
+        raise ValueError(f"{op}: give both cos and sin (RoPE) or neither")
+    if not isinstance(poolings, tuple) or not 1 <= len(poolings) <= 3 or any(p not in _POOLINGS for p in poolings):
+        raise ValueError(f"{op}: poolings must be a tuple of 1-3 of {_POOLINGS}, got {poolings!r}")
+    if len(set(poolings)) != len(poolings):
+        raise ValueError(f"{op}: poolings must be distinct, got {poolings!r}")
+    try:
+        check_block_size(block_size)
+    except ValueError as e:
+        raise ValueError(f"{op}: {e}") from None
+    if keys.dim() != 4 or 0 in keys.shape:
+        raise ValueError(f"{op}: keys must be a non-empty [B, Hkv, NB, Dg], got shape {tuple(keys.shape)}")
+    b, hkv, _, dg = keys.shape
+    if k_new.dim() != 3 or tuple(k_new.shape[:2]) != (b, hkv) or k_new.shape[2] == 0:
+        raise ValueError(f"{op}: k_new must be [B={b}, Hkv={hkv}, D >= 1] like keys, got {tuple(k_new.shape)}")
+    d, ck = k_new.shape[2], len(poolings)
+    if dg % 2:
+        raise ValueError(f"{op}: the gate dim Dg must be even (two halves: RoPE pairs), got {dg}")
+    shapes = {
+        "pools": (pools, (b, hkv, ck, d), "[B, Hkv, Ck, D]"),
+        "k_proj": (k_proj, (hkv, ck * d, dg), "[Hkv, Ck * D, Dg]"),
+        "norm_weight": (norm_weight, (dg,), "[Dg]"),
+        "lengths": (lengths, (b,), "[B]"),
+        "num_blocks": (num_blocks, (b,), "[B]"),
+    }
+    if cos is not None:
+        shapes["cos"] = (cos, (b, 1, dg), "[B, 1, Dg]")
+        shapes["sin"] = (sin, (b, 1, dg), "[B, 1, Dg]")
+    for name, (x, want, legend) in shapes.items():
+        if not isinstance(x, torch.Tensor) or tuple(x.shape) != want:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{op}: {name} must be {legend} = {list(want)}, got {got}")
+    if cos is not None:
+        tensors.update(cos=cos, sin=sin)
+    for name, x in tensors.items():
+        if x.device != keys.device:
+            raise ValueError(f"{op}: {name} is on {x.device} but keys are on {keys.device}")
+    floats = (torch.float16, torch.bfloat16, torch.float32)
+    for name in ("k_new", "keys", "k_proj"):
+        check_device(tensors[name], op, floats)
+    check_device(pools, op, (torch.float32,))
+    for name in ("keys", "norm_weight"):
+        if tensors[name].dtype != k_proj.dtype:
+            raise TypeError(f"{op}: {name} must be in the gate's dtype (k_proj's, {k_proj.dtype}), got "
+                            f"{tensors[name].dtype}")  # fmt: skip
+    if cos is not None and not (cos.is_floating_point() and sin.is_floating_point()):
+        raise TypeError(f"{op}: cos and sin must be floating point, got {cos.dtype}, {sin.dtype}")
+    for name in ("lengths", "num_blocks"):
+        x = tensors[name]
+        if x.dtype != torch.int64 or not x.is_contiguous():
+            raise TypeError(f"{op}: {name} must be a contiguous int64 tensor [B] (updated in place), got {x.dtype}")
+    if not isinstance(eps, float) or not eps > 0:
+        raise ValueError(f"{op}: eps must be a float > 0 (the RMSNorm's epsilon), got {eps!r}")
+    # the kernels update pools, keys and the counters in place: a copy would drop the update
+    for name in ("pools", "keys"):
+        if tensors[name].stride(-1) != 1:
+            raise ValueError(f"{op}: {name} must have a unit last stride (it is updated in place)")
+    from ._triton.kcache_append import gate_key_append_fwd
+
+    k_new, k_proj = (x if x.stride(-1) == 1 else x.contiguous() for x in (k_new, k_proj))
+    norm_weight = norm_weight.contiguous()
+    if cos is not None:
+        cos, sin = (x if x.stride(-1) == 1 else x.contiguous() for x in (cos, sin))
+    gate_key_append_fwd(
+        k_new, pools, keys, lengths, num_blocks, k_proj, norm_weight, eps, cos, sin, block_size, poolings
+    )
