@@ -34,7 +34,9 @@ others = {
     "seer, neighbors='next'": rows("neighbors/next/decode.json")["seer"],
     "seer, neighbors='both'": rows("neighbors/both/decode.json")["seer"],
     "seer, gates distilled on 50 books": rows("retrain50/decode.json")["seer"],
-    "seer, gates distilled on the target at temperature 0.5 (session 12)": rows("../session12/sharpen/decode.json")["seer"],
+    "seer, gates distilled on the target at temperature 0.5 (session 12)": rows("../session12/sharpen/decode.json")[
+        "seer"
+    ],
     "Quest-style": base["quest"],
     "StreamingLLM-style": base["streaming"],
 }
