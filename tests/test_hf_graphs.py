@@ -189,3 +189,21 @@ def test_a_replayed_steps_output_is_copied_inside_tuples():
     out = _copied((a, [b, 1], None))
     assert isinstance(out, tuple) and isinstance(out[1], list) and out[1][1] == 1 and out[2] is None
     assert torch.equal(out[0], a) and out[0].data_ptr() != a.data_ptr() and out[1][0].data_ptr() != b.data_ptr()
+
+
+def test_a_decode_steps_density_is_computed_when_read():
+    """A sparse decode step records its density's inputs, not the density (no reductions in every generate step):
+    the value read equals the density of the blocks the step's kernel read."""
+    import seerattn.hf.integration as integration
+
+    model, state = _prepared()
+    seen = []
+    state.decode_observer = seen.append
+    ids = input_ids(PROMPT, b=2)
+    _generate(model, ids, torch.ones_like(ids), cache=None, new=3)
+    raw = state._stats[0]["density"]
+    assert not isinstance(raw, (float, torch.Tensor)) and callable(raw)
+    last = seen[-LAYERS]  # layer 0 of the last step
+    want = integration._decode_density(last.blocks.unsqueeze(2), last.cache_seqlens.view(-1, 1), last.block_size)
+    assert state.stats[0]["density"] == pytest.approx(want.item()) and 0 < want.item() < 1
+    assert isinstance(state._stats[0]["density"], float)  # computed once, kept as a number

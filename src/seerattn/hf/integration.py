@@ -300,7 +300,8 @@ class SeerState:
             layer); reading ``stats`` turns them into floats.
         record_densities: compute the masked paths' densities in every forward (on by default: the
             evaluations report them). Off, a sparse forward spends nothing on statistics (the
-            densities scan every mask: a few percent of a prefill at 128k).
+            densities scan every mask: a few percent of a prefill at 128k). A sparse decode step keeps only
+            the density's inputs (its selection and lengths) and computes it when ``stats`` is read.
         losses: per layer, in ``distill`` and ``finetune`` modes: the gate loss (a tensor with grad; detached
             when ``gate_grad_scale`` is set).
         gate_grad_scale: None (default): the losses keep their graphs and the caller backpropagates them. A
@@ -374,6 +375,8 @@ class SeerState:
         """Per-layer statistics of the last forward (see the class docstring), as Python numbers."""
         for entry in self._stats.values():
             for key, value in entry.items():
+                if isinstance(value, functools.partial):  # recorded as its inputs, computed when first read
+                    value = value()
                 if isinstance(value, torch.Tensor):
                     entry[key] = value.item()
         return self._stats
@@ -1264,7 +1267,9 @@ def _decode_step(module, state: SeerState, entry: _DecodeCache, query, key, valu
         )
     state._stats[layer] = {"path": "sparse-decode"}
     if state.record_densities:
-        state._stats[layer]["density"] = _decode_density(idx.unsqueeze(2), seqlens.view(b, 1), bs)
+        # its inputs only (small): the ~8 reductions run when stats are read, not in each of generate's steps; a
+        # step replayed from a CUDA graph rewrites these tensors, so a read computes the last step's density
+        state._stats[layer]["density"] = functools.partial(_decode_density, idx.unsqueeze(2), seqlens.view(b, 1), bs)
     return out.unsqueeze(1)
 
 
