@@ -207,3 +207,47 @@ def test_a_decode_steps_density_is_computed_when_read():
     want = integration._decode_density(last.blocks.unsqueeze(2), last.cache_seqlens.view(-1, 1), last.block_size)
     assert state.stats[0]["density"] == pytest.approx(want.item()) and 0 < want.item() < 1
     assert isinstance(state._stats[0]["density"], float)  # computed once, kept as a number
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [None, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0}],
+    ids=["default", "yarn"],
+)
+def test_rotary_table_rows_equal_the_models_rotary(rope):
+    from seerattn.gate.decode_gate import RotaryTable
+
+    rotary = make_model("llama", rope=rope).model.rotary_emb
+    table = RotaryTable(rotary, 300, 16, torch.float32, torch.device("cpu"))
+    positions = torch.tensor([[0, 7, 299], [64, 63, 128]])
+    x = torch.empty(2, 3, 3, 16)
+    cos, sin = rotary(x, positions)
+    got = table(x, positions)
+    assert torch.equal(got[0], cos) and torch.equal(got[1], sin)  # bit for bit: each position computed alone
+    with pytest.raises(ValueError, match="made for torch.float32"):
+        table(x.double(), positions)
+    dynamic = make_model("llama", rope={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}).model.rotary_emb
+    with pytest.raises(ValueError, match="does not depend on the length|do not depend on the length"):
+        RotaryTable(dynamic, 300, 16, torch.float32, torch.device("cpu"))
+
+
+def test_static_cache_steps_rotate_with_one_shared_table_bit_for_bit(monkeypatch):
+    """A static cache's steps take the gate's RoPE from one table over its positions (all layers share it); the
+    same generate with the model's rotary called in every step gives the same logits bit for bit; a DynamicCache's
+    steps call the model's rotary."""
+    import seerattn.hf.integration as integration
+    from seerattn.gate.decode_gate import RotaryTable
+
+    model, state = _prepared()
+    ids = input_ids(PROMPT, b=2)
+    mask = torch.ones_like(ids)
+    table = _generate(model, ids, mask, cache="static")
+    assert len({id(e.rotary) for e in state._decode.values()}) == 1
+    assert isinstance(state._decode[0].rotary, RotaryTable)
+    monkeypatch.setattr(integration, "_step_rotary", lambda *args: None)
+    called = _generate(model, ids, mask, cache="static")
+    assert all(e.rotary is None for e in state._decode.values())
+    assert torch.equal(table[0], called[0]) and torch.equal(table[1], called[1])
+    monkeypatch.undo()
+    _generate(model, ids, mask, cache=None, new=3)
+    assert all(e.rotary is None for e in state._decode.values())

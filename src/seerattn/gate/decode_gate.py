@@ -31,9 +31,48 @@ from torch import nn
 from ..block_mask import check_block_size
 from .attn_gate import POOLINGS, apply_rotary, pool_blocks
 
-__all__ = ["DecodeGate", "DecodeGateConfig", "Rotary"]
+__all__ = ["DecodeGate", "DecodeGateConfig", "Rotary", "RotaryTable", "length_free_rotary"]
 
 Rotary = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def length_free_rotary(rotary) -> bool:
+    """Whether ``rotary``'s cos, sin at a position do not depend on the sequence's length: not dynamic NTK or
+    LongRoPE (transformers' ``rope_type``), whose frequencies change with the longest position seen."""
+    rope = str(getattr(rotary, "rope_type", "default"))
+    return "dynamic" not in rope and rope != "longrope"
+
+
+class RotaryTable:
+    """A :data:`Rotary` answered from tables: ``rotary``'s cos, sin at positions 0 .. capacity - 1, computed once.
+
+    A decode step then gathers its rows (two index launches) instead of running the model's rotary (~8 launches:
+    frequency product, concatenation, cos, sin, scaling, casts) twice a layer (gate query and key-cache append).
+    The values are the rotary's own: it computes every position independently (one product of the frequency and
+    the position, then elementwise ops), so a table row equals what a call at that position returns. Only for a
+    ``length_free_rotary`` and a cache of known capacity (a static one); positions must lie in [0, capacity).
+
+    Args:
+        rotary: the model's rotary callable. capacity: positions covered. dim: the rotary's width (Dg).
+        dtype, device: of the gate vectors it will rotate (the tables are made for them, as the rotary would).
+    """
+
+    def __init__(self, rotary: Rotary, capacity: int, dim: int, dtype: torch.dtype, device: torch.device):
+        if not length_free_rotary(rotary):
+            raise ValueError(
+                f"RotaryTable needs a rotary whose frequencies do not depend on the length; {rotary.rope_type!r} does"
+            )
+        like = torch.empty(1, 1, capacity, dim, dtype=dtype, device=device)
+        cos, sin = rotary(like, torch.arange(capacity, device=device).view(1, -1))
+        self.cos, self.sin = cos[0], sin[0]  # [capacity, Dg]
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, Hkv, N, Dg] (dtype and device only), positions int [B, N] -> cos, sin [B, N, Dg]."""
+        if x.dtype != self.cos.dtype or x.device != self.cos.device:
+            raise ValueError(
+                f"RotaryTable made for {self.cos.dtype} on {self.cos.device}, asked for {x.dtype} on {x.device}"
+            )
+        return self.cos[positions], self.sin[positions]
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..gate.decode_gate import length_free_rotary
+
 if TYPE_CHECKING:
     from .integration import SeerState, _DecodeCache
 
@@ -214,9 +216,8 @@ class DecodeGraphs:
                 f"the cache is a {type(cache).__name__}, whose tensors grow every step (generate(..., "
                 "cache_implementation='static') has fixed shapes)"
             )
-        rope = str(getattr(state._rotary, "rope_type", "default"))
-        if "dynamic" in rope or rope == "longrope":
-            why.append(f"the model's RoPE ({rope!r}) reads the positions to the host in every step")
+        if state._rotary is not None and not length_free_rotary(state._rotary):
+            why.append(f"the model's RoPE ({state._rotary.rope_type!r}) reads the positions to the host in every step")
         hooks = [n for n in ("decode_observer", "decode_select_fn") if getattr(state, n) is not None]
         hooks += ["capture"] if state.capture else []
         if hooks:

@@ -42,6 +42,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from ..block_mask import BlockMask, SparsityPolicy, mask_from_scores, num_blocks
 from ..decode_policy import DecodePolicy, resolve_decode_select, select_decode_blocks, select_decode_blocks_fused
 from ..gate import AttnGate, DecodeGate, DecodeGateConfig, GateConfig, GateKeyCache, gate_loss, gate_metrics
+from ..gate.decode_gate import RotaryTable, length_free_rotary
 from ..ops import attention_with_block_scores, block_sparse_attention, sparse_decode_attention
 from .graphs import DecodeGraphs
 
@@ -464,7 +465,8 @@ class _DecodeCache:
     appends each step's token at the same position in every row), so a decode step reads nothing from the
     device. ``starts``: int32 [B] (device) where each sequence's first real token sits in its row, for a
     left-padded prompt (each sequence's own length is ``keys.lengths``, ``length - starts``); None when the
-    prompt was unpadded.
+    prompt was unpadded. ``rotary``: what the steps rotate the gate's vectors with, a :class:`RotaryTable` over a
+    static cache's positions (shared by the layers) where the model's rotary allows it, else None (the model's).
     """
 
     owner: weakref.ref
@@ -472,6 +474,7 @@ class _DecodeCache:
     length: int
     capacity: int | None  # a static cache's size in tokens (the keys it hands over each step); None: it grows
     starts: torch.Tensor | None = None
+    rotary: RotaryTable | None = None
 
 
 def get_seer_state(model: torch.nn.Module) -> SeerState:
@@ -1091,8 +1094,24 @@ def _start_decode_cache(
     # room for the whole cache: a static cache's capacity (static shapes in every step), else the prompt (it grows)
     keys = GateKeyCache(gate, b, max_tokens=capacity or t, device=k_pre.device)
     keys.prefill(k_pre, rotary=state._rotary, starts=starts)
-    state._decode[layer] = _DecodeCache(weakref.ref(hf_cache), keys, t, capacity, starts)
+    state._decode[layer] = _DecodeCache(
+        weakref.ref(hf_cache), keys, t, capacity, starts, _step_rotary(state, gate, hf_cache, capacity, k_pre.device)
+    )
     _follow_batch_ops(state, hf_cache)
+
+
+def _step_rotary(state: SeerState, gate: DecodeGate, hf_cache, capacity: int | None, device) -> RotaryTable | None:
+    """The rotary of a static cache's decode steps: one :class:`RotaryTable` over its positions, shared by the
+    layers (the first layer's prompt forward makes it); None (the model's rotary) for a cache that grows, a gate
+    without RoPE or a rotary whose frequencies depend on the length."""
+    if capacity is None or not gate.config.use_rope or state._rotary is None or not length_free_rotary(state._rotary):
+        return None
+    dtype = gate.k_proj.dtype
+    for entry in state._decode.values():
+        table = entry.rotary
+        if entry.owner() is hf_cache and table is not None and (table.cos.dtype, table.cos.device) == (dtype, device):
+            return table
+    return RotaryTable(state._rotary, capacity, gate.gate_dim, dtype, device)
 
 
 def _check_handover(layer: int, entry: _DecodeCache, tk: int, new: int) -> None:
@@ -1254,11 +1273,12 @@ def _decode_step(module, state: SeerState, entry: _DecodeCache, query, key, valu
         )
     bs = dec.gate.block_size
     with torch.no_grad():
-        entry.keys.append(pre["k"].reshape(b, hkv, d), state._rotary)
+        rotary = state._rotary if entry.rotary is None else entry.rotary
+        entry.keys.append(pre["k"].reshape(b, hkv, d), rotary)
         entry.length += 1
         seqlens = entry.keys.lengths.to(torch.int32)  # [B], the new token included (from each sequence's start)
         q_pre = pre["q"].reshape(b, hq, 1, d)
-        idx = _decode_selection(module, state, query, q_pre, key, seqlens.view(b, 1), entry.keys.keys, scale)
+        idx = _decode_selection(module, state, query, q_pre, key, seqlens.view(b, 1), entry.keys.keys, scale, rotary)
         idx = idx[:, :, 0]  # [B, Hkv, K]
         if state.decode_observer is not None:
             state.decode_observer(DecodeSelection(layer, idx, seqlens, bs, entry.starts))
@@ -1273,8 +1293,11 @@ def _decode_step(module, state: SeerState, entry: _DecodeCache, query, key, valu
     return out.unsqueeze(1)
 
 
-def _decode_selection(module, state: SeerState, query, q_pre, key, seqlens, gate_keys, scale: float) -> torch.Tensor:
-    """The key blocks of N query rows per sequence, as a decode step selects them.
+def _decode_selection(
+    module, state: SeerState, query, q_pre, key, seqlens, gate_keys, scale: float, rotary=None
+) -> torch.Tensor:
+    """The key blocks of N query rows per sequence, as a decode step selects them (``rotary``: the gate query's,
+    default the model's).
 
     query: [B, Hq, N, D] post-RoPE; q_pre: [B, Hq, N, D] pre-RoPE; key: [B, Hkv, Tcap, D] post-RoPE;
     seqlens: int32 [B, N] keys visible to each row; gate_keys: [B, Hkv, NBc, Dg] the decode gate's keys
@@ -1312,10 +1335,10 @@ def _decode_selection(module, state: SeerState, query, q_pre, key, seqlens, gate
         kf = gate_keys[sl].unsqueeze(1).expand(bb, n, *gate_keys.shape[1:]).reshape(bb * n, *gate_keys.shape[1:])
         lens = seqlens[sl].reshape(bb * n)
         if fused:  # the gate query eager, then the logits and the budget top-K in one launch
-            qg = gate.decode_query(qf, lens - 1, state._rotary)  # [bb * N, Hkv, Dg]
+            qg = gate.decode_query(qf, lens - 1, rotary or state._rotary)  # [bb * N, Hkv, Dg]
             sel = select_decode_blocks_fused(qg, kf, lens, dec.policy, bs)  # [bb * N, Hkv, K], ascending
         else:
-            logits = gate.scores(qf, kf, lens - 1, state._rotary)  # [bb * N, Hkv, NB]
+            logits = gate.scores(qf, kf, lens - 1, rotary or state._rotary)  # [bb * N, Hkv, NB]
             sel = select_decode_blocks(logits, lens, dec.policy, bs, kv_blocks)  # [bb * N, Hkv, K]
         parts.append(sel.view(bb, n, hkv, -1).permute(0, 2, 1, 3))
     return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
