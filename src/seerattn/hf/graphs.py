@@ -22,8 +22,8 @@ How (one :class:`DecodeGraphs` per model, installed as the model's ``forward`` b
   cache's and the key caches' tensors (a beam reorder or a new generate gives new ones) and the
   :class:`~seerattn.hf.SeerConfig` object (``state.set`` replaces it). A new key drops the old graph (its
   memory pool) and starts again with an eager step.
-- What a replay cannot do, the host does around it: before, check that the cache has room (as the eager
-  step's ``_check_handover`` would); after, advance the host counters a step advances (the layers' token
+- What a replay cannot do, the host does around it: before, check that the cache has room (the eager step's
+  ``_DecodeCache.check_handover``); after, advance the host counters a step advances (the layers' token
   counts), and give ``state.stats`` the captured step's per-layer entries again (the device scalars a replay
   rewrites; reading ``stats`` turns them into numbers).
 
@@ -276,17 +276,12 @@ class DecodeGraphs:
         self.captures += 1
         # The capture ran the step's host side (each layer's token count +1) but no kernel: this replay does the
         # step's work, and its host side is not counted again.
-        graph.replay()
-        state._stats = {layer: dict(entry) for layer, entry in stats.items()}
+        graph.replay()  # state._stats holds the captured step's entries, ``stats`` copies of them
         return self._result(cap, cache)
 
     def _replay(self, state: SeerState, cap: _Captured, tensors: dict, cache):
-        for e in cap.entries:
-            if e.capacity is not None and e.length + 1 > e.capacity:
-                raise RuntimeError(
-                    f"the KV cache is full ({e.capacity} tokens): a static cache holds the prompt and the new tokens; "
-                    "allocate it with room for them (generate's max_new_tokens sizes it)"
-                )
+        for layer, e in enumerate(cap.entries):  # the eager step's check: a static cache hands over its capacity
+            e.check_handover(layer, e.capacity, 1)
         for name, buf in cap.inputs.items():
             buf.copy_(tensors[name])
         cap.graph.replay()
@@ -303,8 +298,3 @@ class DecodeGraphs:
         hidden states), the cache as is."""
         fields = {k: _copied(v) for k, v in cap.fields.items()}
         return cap.output(**fields, **dict.fromkeys(cap.cache_fields, cache))
-
-    def release(self) -> None:
-        """Drop the captured graph (its memory pool) and the warm-up record: the next step starts afresh."""
-        self._captured = None
-        self._warm = None

@@ -476,6 +476,18 @@ class _DecodeCache:
     starts: torch.Tensor | None = None
     rotary: RotaryTable | None = None
 
+    def check_handover(self, layer: int, tk: int, new: int) -> None:
+        """The KV cache hands this forward of ``new`` tokens ``tk`` keys: a DynamicCache exactly the tokens so
+        far, a StaticCache its capacity (with room for them). Anything else means the cache changed behind our
+        back (cropped, or tokens added by a forward without the decode path)."""
+        want = self.length + new if self.capacity is None else self.capacity
+        if tk != want or self.length + new > tk:
+            raise RuntimeError(
+                f"layer {layer}: the KV cache hands over {tk} keys but the decode-gate key cache expects {want} "
+                f"({self.length} tokens so far + {new} new); the cache was changed outside seer's decode path "
+                "(cropped, extended, or full): start a new generate() or call state.reset()"
+            )
+
 
 def get_seer_state(model: torch.nn.Module) -> SeerState:
     """The :class:`SeerState` of a model prepared by :func:`apply_seer_attention`."""
@@ -1114,19 +1126,6 @@ def _step_rotary(state: SeerState, gate: DecodeGate, hf_cache, capacity: int | N
     return RotaryTable(state._rotary, capacity, gate.gate_dim, dtype, device)
 
 
-def _check_handover(layer: int, entry: _DecodeCache, tk: int, new: int) -> None:
-    """The KV cache hands this forward of ``new`` tokens ``tk`` keys: a DynamicCache exactly the tokens so
-    far, a StaticCache its capacity (with room for them). Anything else means the cache changed behind our
-    back (cropped, or tokens added by a forward without the decode path)."""
-    want = entry.length + new if entry.capacity is None else entry.capacity
-    if tk != want or entry.length + new > tk:
-        raise RuntimeError(
-            f"layer {layer}: the KV cache hands over {tk} keys but the decode-gate key cache expects {want} "
-            f"({entry.length} tokens so far + {new} new); the cache was changed outside seer's decode path "
-            "(cropped, extended, or full): start a new generate() or call state.reset()"
-        )
-
-
 def _check_chunk_unpadded(state: SeerState, attention_mask, past: int, tq: int, layer: int) -> None:
     """Refuse a chunk of a chunked prefill that holds padding: sparse decode's key cache takes the chunk's K rows as
     real tokens. attention_mask: what transformers hands the layer ([B, 1 or H, tq, Tk], bool or additive float;
@@ -1167,7 +1166,7 @@ def _extend_decode_cache(module, state: SeerState, entry: _DecodeCache, pre: dic
             "sparse decode: the padding of the later chunks is not read. Prefill the padded prompts in one forward "
             "(prefill_chunk_size=None), or switch decode sparsity off with state.set_decode(enabled=False)"
         )
-    _check_handover(layer, entry, tk, tq)
+    entry.check_handover(layer, tk, tq)
     gate: DecodeGate = module.seer_decode_gate
     k_pre = pre["k"].reshape(b, tq, gate.num_kv_heads, gate.head_dim).transpose(1, 2)
     entry.keys.extend(k_pre, rotary=state._rotary)
@@ -1259,7 +1258,7 @@ def _decode_step(module, state: SeerState, entry: _DecodeCache, query, key, valu
     hkv, tcap = key.shape[1], key.shape[2]
     if pre is None:
         raise RuntimeError(f"layer {layer}: pre-RoPE q/k were not captured (hooks missing?)")
-    _check_handover(layer, entry, tcap, 1)
+    entry.check_handover(layer, tcap, 1)
     if sliding is not None and entry.length + 1 > sliding:
         raise ValueError(
             f"layer {layer} uses a sliding window of {sliding} tokens; seer sparse decode implements full causal "
@@ -1274,7 +1273,7 @@ def _decode_step(module, state: SeerState, entry: _DecodeCache, query, key, valu
     bs = dec.gate.block_size
     with torch.no_grad():
         rotary = state._rotary if entry.rotary is None else entry.rotary
-        entry.keys.append(pre["k"].reshape(b, hkv, d), rotary)
+        entry.keys.append(pre["k"].reshape(b, hkv, d), rotary)  # the same rotary for the gate query below
         entry.length += 1
         seqlens = entry.keys.lengths.to(torch.int32)  # [B], the new token included (from each sequence's start)
         q_pre = pre["q"].reshape(b, hq, 1, d)
@@ -1305,6 +1304,7 @@ def _decode_selection(
     Fused or unfused selection by :func:`~seerattn.decode_policy.resolve_decode_select` (``SeerConfig.decode_select``).
     """
     dec = state.config.decode
+    rotary = state._rotary if rotary is None else rotary
     b, hq, n, d = query.shape
     hkv, tcap = key.shape[1], key.shape[2]
     bs = dec.gate.block_size
@@ -1335,10 +1335,10 @@ def _decode_selection(
         kf = gate_keys[sl].unsqueeze(1).expand(bb, n, *gate_keys.shape[1:]).reshape(bb * n, *gate_keys.shape[1:])
         lens = seqlens[sl].reshape(bb * n)
         if fused:  # the gate query eager, then the logits and the budget top-K in one launch
-            qg = gate.decode_query(qf, lens - 1, rotary or state._rotary)  # [bb * N, Hkv, Dg]
+            qg = gate.decode_query(qf, lens - 1, rotary)  # [bb * N, Hkv, Dg]
             sel = select_decode_blocks_fused(qg, kf, lens, dec.policy, bs)  # [bb * N, Hkv, K], ascending
         else:
-            logits = gate.scores(qf, kf, lens - 1, rotary or state._rotary)  # [bb * N, Hkv, NB]
+            logits = gate.scores(qf, kf, lens - 1, rotary)  # [bb * N, Hkv, NB]
             sel = select_decode_blocks(logits, lens, dec.policy, bs, kv_blocks)  # [bb * N, Hkv, K]
         parts.append(sel.view(bb, n, hkv, -1).permute(0, 2, 1, 3))
     return parts[0] if len(parts) == 1 else torch.cat(parts, 0)

@@ -10,10 +10,9 @@ from __future__ import annotations
 import torch
 
 from ..block_mask import check_block_size
+from .gate_ops import _POOLINGS
 
 __all__ = ["gate_key_append"]
-
-_POOLINGS = ("avg", "max", "min")
 
 
 def gate_key_append(
