@@ -76,6 +76,23 @@ def test_append_matches_eager(poolings, use_rope, k_dtype):
     assert eager.keys.abs().amax(-1).gt(0).sum().item() == hkv * eager.num_blocks.sum().item()  # real keys compared
 
 
+@pytest.mark.parametrize("use_rope", [True, False])
+def test_append_matches_eager_at_a_head_dim_that_is_not_a_power_of_two(use_rope):
+    """D = Dg = 24 (the kernel's rows padded to 32, masked; RoPE halves of 12): 3 sequences in different phases,
+    20 steps across a block boundary."""
+    bs, b, hkv, d, t = 16, 3, 2, 24, 30
+    gate = make_gate(("max", "min", "avg"), use_rope, hkv=hkv, d=d, bs=bs)
+    g = torch.Generator().manual_seed(2)
+    k = torch.randn(b, hkv, t, d, generator=g)
+    eager, triton_ = twin_caches(gate, k, torch.tensor([30, 9, 15]), torch.tensor([0, 4, 15]), max_tokens=t + 20)
+    for _ in range(20):
+        k_new = torch.randn(b, hkv, d, generator=g)
+        eager.append(k_new, rotary)
+        triton_.append(k_new, rotary)
+        assert_same(eager, triton_, atol=2e-6)
+    assert eager.num_blocks.tolist() == [3, 1, 2]
+
+
 def test_append_grows_capacity():
     """A cache allocated for the prompt only: the Triton append writes into the grown keys tensor."""
     gate = make_gate(("max", "min", "avg"), True)
