@@ -146,7 +146,9 @@ def documents(n: int, seed: int) -> list[str]:
 
 
 def make_tiny(root: Path) -> dict:
-    """A saved tiny Llama + tokenizer and a JSONL corpus under ``root``: ``{"model": path, "data": path, "root"}``."""
+    """A saved tiny Llama + tokenizer and its corpus under ``root``: ``{"model": path, "data": path, "text": path,
+    "root"}``; ``data`` is the corpus as JSONL (read through ``datasets``), ``text`` the same documents as one plain
+    text file (no ``datasets`` needed: the GPU machine does not have it)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -175,4 +177,6 @@ def make_tiny(root: Path) -> dict:
     model.save_pretrained(model_dir)
     data = root / "docs.jsonl"
     data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    return {"model": str(model_dir), "data": str(data), "root": root}
+    text = root / "docs.txt"
+    text.write_text("\n\n".join(docs) + "\n")
+    return {"model": str(model_dir), "data": str(data), "text": str(text), "root": root}

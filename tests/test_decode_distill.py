@@ -326,8 +326,8 @@ def test_cuda_bf16_decode_distillation_and_resume(tiny, tmp_path):
                     proj.weight.normal_(0.0, 0.15)
         return m.to(torch.bfloat16)
 
-    kw = dict(
-        model=tiny["model"], data=[tiny["data"]], data_cache_dir=str(tmp_path / "cache"), seq_len=1024,
+    kw = dict(  # the plain-text corpus: the GPU machine has no `datasets` to read the JSONL one
+        model=tiny["model"], data=[tiny["text"]], data_cache_dir=str(tmp_path / "cache"), seq_len=1024,
         decode_gate={"block_size": 64}, steps=10, save_every=4, device="cuda", lr=1e-3, metric_density=0.25,
     )  # fmt: skip
     whole = distill(_decode_recipe(tmp_path / "whole", **kw), model=model(), tokenizer=tok)

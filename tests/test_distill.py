@@ -440,7 +440,8 @@ def test_cuda_bf16_triton_distillation_and_resume(tiny, tmp_path):
     # The paper's lr: the identity-initialised gate starts near its optimum on this random model
     # (KL ~0.2), and the CPU tests' lr=1e-2 overshoots from there (KL 0.2 -> 6.8 -> 1.5 in 10 steps,
     # on CPU in fp32 as well as on the GPU).
-    kw = dict(seq_len=512, gate={"block_size": 64}, steps=10, save_every=4, device="cuda", lr=1e-3)
+    # the plain-text corpus: the GPU machine has no `datasets` to read the JSONL one
+    kw = dict(seq_len=512, gate={"block_size": 64}, steps=10, save_every=4, device="cuda", lr=1e-3, data=[tiny["text"]])
     whole = distill(_config(tiny, tmp_path / "whole", **kw), model=model(), tokenizer=tok)
     env = json.loads((tmp_path / "whole" / "environment.json").read_text())
     assert env["device"].startswith("cuda") and env["impls"]["triton"] is True
