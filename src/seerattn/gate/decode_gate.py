@@ -205,17 +205,19 @@ class DecodeGate(nn.Module):
             )
         self._query_impl = impl
 
-    def decode_query_impl(self, q: torch.Tensor) -> str:
-        """What :meth:`decode_query` runs for queries ``q``: :attr:`query_impl` when given, else ``"triton"`` on
-        CUDA where the kernel takes the dtypes (q and the gate in fp16, bf16 or fp32) and no gradient is needed,
-        ``"eager"`` otherwise (the CPU, fp64 gates or queries, training: the kernel has no backward)."""
+    def decode_query_impl(self, device: torch.device, dtype: torch.dtype, requires_grad: bool = False) -> str:
+        """What :meth:`decode_query` runs for queries on ``device`` in ``dtype`` (``requires_grad``: theirs):
+        :attr:`query_impl` when given, else ``"triton"`` on CUDA where the kernel takes the dtypes (queries and
+        gate in fp16, bf16 or fp32) and no gradient is needed, ``"eager"`` otherwise (the CPU, fp64 gates or
+        queries, training: the kernel has no backward)."""
         if self.query_impl is not None:
             return self.query_impl
         kernel_dtypes = (torch.float16, torch.bfloat16, torch.float32)
-        if q.device.type != "cuda" or q.dtype not in kernel_dtypes or self.q_proj.dtype not in kernel_dtypes:
+        cuda = torch.device(device).type == "cuda"
+        if not cuda or dtype not in kernel_dtypes or self.q_proj.dtype not in kernel_dtypes:
             return "eager"
         weights = (self.q_proj, self.q_norm.weight)
-        needs_grad = torch.is_grad_enabled() and (q.requires_grad or any(w.requires_grad for w in weights))
+        needs_grad = torch.is_grad_enabled() and (requires_grad or any(w.requires_grad for w in weights))
         return "eager" if needs_grad else "triton"
 
     # ------------------------------------------------------------------ pieces
@@ -319,7 +321,7 @@ class DecodeGate(nn.Module):
         :func:`seerattn.ops.gate_decode_query` (one Triton launch after the rotary's cos / sin rows)."""
         positions = positions.view(-1, 1).long()
         with torch.autocast(device_type=q.device.type, enabled=False):
-            if self.decode_query_impl(q) == "eager":
+            if self.decode_query_impl(q.device, q.dtype, q.requires_grad) == "eager":
                 return self.gate_query(q.unsqueeze(2), positions, rotary).squeeze(2)
             return self._decode_query_triton(q, positions, rotary)
 
