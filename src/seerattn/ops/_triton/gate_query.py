@@ -24,7 +24,9 @@ Supported: q in fp16, bf16 or fp32 (bf16 not under the interpreter), any strides
 so an fp32 gate matches the eager query to rounding (the projection's summation order); a bf16 / fp16 gate rounds
 at the eager path's main steps but not at every one of its ops. The weights are read once per (sequence, head):
 at batch B, ``B * Hkv * G * D * Dg`` weight elements come from L2 (the tile is not tuned; a program per (head,
-batch tile) with ``tl.dot`` would read them once per tile). Not compiled nor timed on a GPU yet.
+batch tile) with ``tl.dot`` would read them once per tile). Offline sm_90a compile (Triton 3.6, G 4, D = Dg = 128,
+4 warps; docs/experiments/decode/session12/gate_query_compile.py): 48 registers (fp32 gate) / 56 (bf16, RoPE), no
+spills. Not run nor timed on a GPU yet.
 """
 
 from __future__ import annotations
