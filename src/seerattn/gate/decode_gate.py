@@ -31,9 +31,11 @@ from torch import nn
 from ..block_mask import check_block_size
 from .attn_gate import POOLINGS, apply_rotary, pool_blocks
 
-__all__ = ["DecodeGate", "DecodeGateConfig", "Rotary", "RotaryTable", "length_free_rotary"]
+__all__ = ["QUERY_IMPLS", "DecodeGate", "DecodeGateConfig", "Rotary", "RotaryTable", "length_free_rotary"]
 
 Rotary = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+QUERY_IMPLS = (None, "eager", "triton")  # DecodeGate.query_impl: None = automatic (DecodeGate.decode_query_impl)
 
 
 def length_free_rotary(rotary) -> bool:
@@ -141,14 +143,28 @@ class DecodeGate(nn.Module):
 
     Initialisation: the gate query is the mean of the group's queries and the gate key the avg-pooled
     block (when Dg == D), so an untrained gate scores a block by mean-query . mean-key after the norms.
+
+    ``query_impl`` (an attribute, settable after construction; not part of the state dict) chooses how
+    :meth:`decode_query` runs: ``"triton"`` (:func:`seerattn.ops.gate_decode_query`, one launch besides the rotary;
+    CUDA tensors, or CPU ones under ``TRITON_INTERPRET=1``, no gradients: it raises otherwise, never falls back),
+    ``"eager"`` (the torch reference, any device and dtype, differentiable) or None: :meth:`decode_query_impl`'s
+    rule. The bulk :meth:`gate_query` (training, :meth:`forward`) is always torch.
     """
 
-    def __init__(self, num_q_heads: int, num_kv_heads: int, head_dim: int, config: DecodeGateConfig | None = None):
+    def __init__(
+        self,
+        num_q_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        config: DecodeGateConfig | None = None,
+        query_impl: str | None = None,
+    ):
         super().__init__()
         config = DecodeGateConfig() if config is None else config
         if num_kv_heads < 1 or num_q_heads % num_kv_heads:
             raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         self.config = config
+        self.query_impl = query_impl
         self.num_q_heads, self.num_kv_heads, self.head_dim = num_q_heads, num_kv_heads, head_dim
         self.group = num_q_heads // num_kv_heads
         self.gate_dim = head_dim if config.gate_dim is None else config.gate_dim
@@ -175,6 +191,34 @@ class DecodeGate(nn.Module):
                 nn.init.normal_(self.k_proj, std=1.0 / math.sqrt(self.k_proj.shape[1]))
             self.q_norm.reset_parameters()
             self.k_norm.reset_parameters()
+
+    @property
+    def query_impl(self) -> str | None:
+        """How :meth:`decode_query` runs: ``"eager"``, ``"triton"`` or None (automatic, see the class docstring)."""
+        return self._query_impl
+
+    @query_impl.setter
+    def query_impl(self, impl: str | None) -> None:
+        if impl not in QUERY_IMPLS:
+            raise ValueError(
+                f"DecodeGate: query_impl must be one of {QUERY_IMPLS[1:]} or None (automatic), got {impl!r}"
+            )
+        self._query_impl = impl
+
+    def decode_query_impl(self, device: torch.device, dtype: torch.dtype, requires_grad: bool = False) -> str:
+        """What :meth:`decode_query` runs for queries on ``device`` in ``dtype`` (``requires_grad``: theirs):
+        :attr:`query_impl` when given, else ``"triton"`` on CUDA where the kernel takes the dtypes (queries and
+        gate in fp16, bf16 or fp32) and no gradient is needed, ``"eager"`` otherwise (the CPU, fp64 gates or
+        queries, training: the kernel has no backward)."""
+        if self.query_impl is not None:
+            return self.query_impl
+        kernel_dtypes = (torch.float16, torch.bfloat16, torch.float32)
+        cuda = torch.device(device).type == "cuda"
+        if not cuda or dtype not in kernel_dtypes or self.q_proj.dtype not in kernel_dtypes:
+            return "eager"
+        weights = (self.q_proj, self.q_norm.weight)
+        needs_grad = torch.is_grad_enabled() and (requires_grad or any(w.requires_grad for w in weights))
+        return "eager" if needs_grad else "triton"
 
     # ------------------------------------------------------------------ pieces
     def rope_tables(
@@ -272,9 +316,29 @@ class DecodeGate(nn.Module):
         :meth:`scores` multiplies with the keys, and the input of the fused selection
         (:func:`seerattn.decode_policy.select_decode_blocks_fused`).
 
-        q: [B, Hq, D] pre-RoPE queries at positions int [B] -> [B, Hkv, Dg] (rotated)."""
+        q: [B, Hq, D] pre-RoPE queries at positions int [B] -> [B, Hkv, Dg] (rotated). Runs
+        :meth:`decode_query_impl`'s choice: the eager :meth:`gate_query` (the reference) or
+        :func:`seerattn.ops.gate_decode_query` (one Triton launch after the rotary's cos / sin rows)."""
+        positions = positions.view(-1, 1).long()
         with torch.autocast(device_type=q.device.type, enabled=False):
-            return self.gate_query(q.unsqueeze(2), positions.view(-1, 1).long(), rotary).squeeze(2)
+            if self.decode_query_impl(q.device, q.dtype, q.requires_grad) == "eager":
+                return self.gate_query(q.unsqueeze(2), positions, rotary).squeeze(2)
+            return self._decode_query_triton(q, positions, rotary)
+
+    def _decode_query_triton(self, q: torch.Tensor, positions: torch.Tensor, rotary: Rotary | None) -> torch.Tensor:
+        """:meth:`decode_query` as :func:`seerattn.ops.gate_decode_query` (under autocast disabled, positions
+        int64 [B, 1]): the rotary's cos / sin rows at the positions, then the kernel."""
+        from ..ops.gate_query import gate_decode_query
+
+        b, hq, d = q.shape
+        if hq != self.num_q_heads or d != self.head_dim:
+            raise ValueError(f"DecodeGate built for Hq={self.num_q_heads}, D={self.head_dim}; got q {tuple(q.shape)}")
+        cos = sin = None
+        if self.config.use_rope:
+            # an uninitialised [B, Hkv, 1, Dg] in the gate's dtype (no launch): what _rope hands the rotary
+            like = q.new_empty(b, self.num_kv_heads, 1, self.gate_dim, dtype=self.q_proj.dtype)
+            cos, sin = self.rope_tables(like, positions, rotary)
+        return gate_decode_query(q, self.q_proj, self.q_norm.weight, self.q_norm.eps, cos, sin)
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, rotary: Rotary | None = None, position_ids: torch.Tensor | None = None

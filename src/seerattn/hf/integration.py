@@ -1334,7 +1334,7 @@ def _decode_selection(
         qf = q_pre[sl].permute(0, 2, 1, 3).reshape(bb * n, hq, d)
         kf = gate_keys[sl].unsqueeze(1).expand(bb, n, *gate_keys.shape[1:]).reshape(bb * n, *gate_keys.shape[1:])
         lens = seqlens[sl].reshape(bb * n)
-        if fused:  # the gate query eager, then the logits and the budget top-K in one launch
+        if fused:  # the gate query (DecodeGate.decode_query_impl), then the logits and the budget top-K in one launch
             qg = gate.decode_query(qf, lens - 1, rotary)  # [bb * N, Hkv, Dg]
             sel = select_decode_blocks_fused(qg, kf, lens, dec.policy, bs)  # [bb * N, Hkv, K], ascending
         else:

@@ -44,6 +44,7 @@ from ..block_mask import BlockMask, check_block_size, num_blocks
 from . import fa4, reference
 from .decode import budget_decode_blocks, sparse_decode_attention
 from .gate_ops import gate_block_logits, select_blocks
+from .gate_query import gate_decode_query
 from .kcache import gate_key_append
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "block_sparse_attention",
     "budget_decode_blocks",
     "gate_block_logits",
+    "gate_decode_query",
     "gate_key_append",
     "resolve_impl",
     "select_blocks",

@@ -22,7 +22,8 @@ Algorithm
    rounded to the gate's dtype (the einsum's output); RMSNorm over Dg
    (``x * rsqrt(mean(x^2) + eps) * weight``, torch.nn.RMSNorm) rounded again; with ``ROPE`` rotate-half
    (:func:`seerattn.gate.attn_gate.apply_rotary`) with the cos/sin row of the block's first position, both cast
-   to the gate's dtype first (``DecodeGate._rope``). The key is written at slot ``min(num_blocks[b],
+   to the gate's dtype first (``DecodeGate._rope``); this epilogue is :func:`.gate_epilogue.norm_rope_halves`,
+   shared with the gate query's kernel (:mod:`.gate_query`). The key is written at slot ``min(num_blocks[b],
    capacity - 1)``, the eager append's clamp.
 
 ``_count_kernel``: ``num_blocks[b] += (lengths[b] % BLOCK_SIZE == BLOCK_SIZE - 1)``, ``lengths[b] += 1``. A
@@ -46,6 +47,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .gate_epilogue import norm_rope_halves
 
 __all__ = ["gate_key_append_fwd"]
 
@@ -145,27 +148,7 @@ def _append_kernel(
                 acc1, acc2, P2, p_base + 2 * stride_pc, w_base + 2 * D * stride_wc, stride_wc, D, BLOCK_C, HALF,
                 HALF_P, BLOCK_SIZE,
             )  # fmt: skip
-        acc1 = acc1.to(wdt).to(tl.float32)  # the einsum's output dtype
-        acc2 = acc2.to(wdt).to(tl.float32)
-        ms = (tl.sum(acc1 * acc1, 0) + tl.sum(acc2 * acc2, 0)) / (2 * HALF)
-        # correctly rounded, as torch's rsqrt on the CPU (fp32 sqrt and '/' are approximate on the GPU)
-        r = tl.math.div_rn(1.0, tl.math.sqrt_rn(ms + eps))
-        nw1 = tl.load(NormW + offs_j, mask=j_ok, other=0.0).to(tl.float32)
-        nw2 = tl.load(NormW + HALF + offs_j, mask=j_ok, other=0.0).to(tl.float32)
-        y1 = ((acc1 * r).to(wdt).to(tl.float32) * nw1).to(wdt).to(tl.float32)
-        y2 = ((acc2 * r).to(wdt).to(tl.float32) * nw2).to(wdt).to(tl.float32)
-        if ROPE:
-            c_ptr = Cos + b * stride_cb + offs_j
-            s_ptr = Sin + b * stride_sb + offs_j
-            cos1 = tl.load(c_ptr, mask=j_ok, other=0.0).to(wdt).to(tl.float32)
-            cos2 = tl.load(c_ptr + HALF, mask=j_ok, other=0.0).to(wdt).to(tl.float32)
-            sin1 = tl.load(s_ptr, mask=j_ok, other=0.0).to(wdt).to(tl.float32)
-            sin2 = tl.load(s_ptr + HALF, mask=j_ok, other=0.0).to(wdt).to(tl.float32)
-            o1 = y1 * cos1 - y2 * sin1
-            o2 = y2 * cos2 + y1 * sin2
-        else:
-            o1 = y1
-            o2 = y2
+        o1, o2 = norm_rope_halves(acc1, acc2, NormW, Cos + b * stride_cb, Sin + b * stride_sb, eps, HALF, HALF_P, ROPE)
         slot = tl.minimum(tl.load(NBlk + b), CAP - 1)
         y_base = Keys + b * stride_yb + h * stride_yh + slot * stride_yn + offs_j
         tl.store(y_base, o1.to(wdt), mask=j_ok)
