@@ -176,6 +176,67 @@ def test_cache_extend_equals_row_by_row_appends(chunks, k_pooling):
         bulk.extend(k[:, :, :0], rotary)
 
 
+def _shifted_want(gate, k: torch.Tensor, lens: list[int]) -> tuple[torch.Tensor, list[int]]:
+    """The half-shifted windows' gate keys of each sequence's first lens[i] tokens, from block_keys on the rows
+    after the offset (first positions offset + J * BS), and how many windows each has."""
+    o = BS // 2
+    n = (k.shape[2] - o) // BS
+    first = (torch.arange(n) * BS + o).expand(k.shape[0], n)
+    return gate.block_keys(k[:, :, o : o + n * BS], rotary, first), [max(0, (x - o) // BS) for x in lens]
+
+
+@pytest.mark.parametrize("chunks", [[], [1, 2, 3], [7, 30], [70]])
+def test_shifted_cache_holds_the_half_shifted_windows(chunks):
+    """GateKeyCache(shifted=True): its ``shifted`` cache holds the gate keys of the windows [o + J * bs, o + (J + 1)
+    * bs), o = bs / 2, rotated at their first position, for prompts shorter than the offset (3), inside the first
+    window (12), on and past block boundaries (16, 37), through prefill, extend (chunked prefill) and appends; the
+    aligned keys are those of a cache without it."""
+    gate = make_gate(seed=6)
+    g = torch.Generator().manual_seed(7)
+    prompt, steps = [3, 12, 16, 37], 21
+    t = max(prompt) + sum(chunks) + steps
+    k = torch.randn(4, 2, t, 8, generator=g, dtype=torch.float64)
+    cache, plain = GateKeyCache(gate, 4, max_tokens=16, shifted=True), GateKeyCache(gate, 4, max_tokens=16)
+    assert cache.shifted.offset == BS // 2 and cache.shifted.shifted is None and plain.shifted is None
+    for c in (cache, plain):
+        c.prefill(k[:, :, : max(prompt)], torch.tensor(prompt), rotary)
+    done = 0
+    for n in chunks:
+        chunk = torch.stack([k[i, :, prompt[i] + done : prompt[i] + done + n] for i in range(4)])
+        for c in (cache, plain):
+            c.extend(chunk, rotary)
+        done += n
+    for s in range(steps):
+        rows = torch.stack([k[i, :, prompt[i] + done + s] for i in range(4)])
+        for c in (cache, plain):
+            c.append(rows, rotary)
+    final = [x + done + steps for x in prompt]
+    sh = cache.shifted
+    assert sh.lengths.tolist() == final == cache.lengths.tolist()
+    for i, x in enumerate(final):
+        seq = torch.stack([k[i, :, j] for j in list(range(prompt[i])) + [prompt[i] + r for r in range(done + steps)]], 1)
+        want, nwin = _shifted_want(gate, seq.unsqueeze(0), [x])
+        assert int(sh.num_blocks[i]) == nwin[0] and nwin[0] >= 1
+        torch.testing.assert_close(sh.keys[i, :, : nwin[0]], want[0, :, : nwin[0]], rtol=1e-12, atol=1e-12)
+        nb = int(plain.num_blocks[i])
+        assert torch.equal(cache.keys[i, :, :nb], plain.keys[i, :, :nb])
+    assert torch.equal(cache.num_blocks, plain.num_blocks)
+    # reordering the batch reorders both
+    cache.select(torch.tensor([2, 0]))
+    assert cache.shifted.lengths.tolist() == [final[2], final[0]]
+
+
+def test_shifted_cache_refuses_the_triton_append_with_an_offset():
+    gate = make_gate()
+    with pytest.raises(ValueError, match="offset 0"):
+        GateKeyCache(gate, 1, impl="triton", offset=4)
+    with pytest.raises(ValueError, match="offset must be in"):
+        GateKeyCache(gate, 1, offset=BS)
+    forced = GateKeyCache(gate, 1, impl="triton", shifted=True)  # the aligned cache's kernel; the windows eager
+    assert forced.shifted.impl == "eager" and forced.shifted.append_impl(torch.device("cuda"), torch.float32) == "eager"
+    assert GateKeyCache(gate, 1, offset=4).append_impl(torch.device("cuda"), torch.float32) == "eager"
+
+
 @pytest.mark.parametrize("k_pooling", [("max", "min", "avg"), ("avg",)])
 def test_gate_scores_equal_brute_force(k_pooling):
     gate = make_gate(k_pooling=k_pooling, seed=2)

@@ -17,6 +17,11 @@ capacity grows from a host-side upper bound on the lengths, so a decode step kee
 long as the capacity suffices (allocate ``max_tokens`` up front for CUDA graphs). The object is plain
 torch state beside any KV cache (transformers' ``DynamicCache`` or ``StaticCache``, or a paged one).
 
+Half-block-shifted windows (``DecodePolicy.half_shift``): a cache built with ``shifted=True`` also keeps, in
+:attr:`GateKeyCache.shifted` (a second cache with ``offset = block_size // 2``), the gate keys of the windows
+``[J * bs + bs/2, (J + 1) * bs + bs/2)``, pooled, projected and rotated at their first position by the same gate.
+A needle that a block boundary splits lies whole in one of them (:meth:`DecodeGate.scores` with ``shifted``).
+
 Shape legend: B sequences, Hkv key/value heads, D head dim, Dg gate dim, NB capacity in blocks,
 Ck number of K poolings.
 """
@@ -38,12 +43,27 @@ class GateKeyCache:
     Attributes:
         keys: [B, Hkv, NB, Dg] gate keys; entry J of sequence b is valid for J < ``num_blocks[b]``.
         num_blocks: int64 [B] completed blocks per sequence.
-        lengths: int64 [B] tokens seen per sequence (``num_blocks * block_size`` + rows of the partial block).
+        lengths: int64 [B] tokens seen per sequence (``offset + num_blocks * block_size`` + rows of the partial
+            block, once past the offset).
+        offset: the first ``offset`` tokens of each sequence belong to no block: block J covers tokens
+            ``[offset + J * bs, offset + (J + 1) * bs)`` and its key is rotated at ``offset + J * bs``.
+        shifted: the cache of the half-block-shifted windows (``offset = block_size // 2``), or None; it takes
+            every row this one takes (:meth:`prefill`, :meth:`extend`, :meth:`append`, :meth:`select`).
     """
 
-    def __init__(self, gate: DecodeGate, batch: int, max_tokens: int = 0, device=None, impl: str | None = None):
+    def __init__(
+        self,
+        gate: DecodeGate,
+        batch: int,
+        max_tokens: int = 0,
+        device=None,
+        impl: str | None = None,
+        offset: int = 0,
+        shifted: bool = False,
+    ):
         """An empty cache for ``gate`` (a :class:`DecodeGate`), ``batch`` sequences and room for
-        ``max_tokens`` tokens per sequence (it grows when needed).
+        ``max_tokens`` tokens per sequence (it grows when needed); ``offset`` tokens before the first block
+        (``0 <= offset < block_size``); ``shifted``: also keep the half-block-shifted windows' keys.
 
         ``impl`` chooses how :meth:`append` runs: ``"triton"`` (:func:`seerattn.ops.gate_key_append`, two
         launches besides the model's rotary; CUDA tensors, or CPU ones under ``TRITON_INTERPRET=1``: it raises
@@ -53,11 +73,21 @@ class GateKeyCache:
         """
         if impl not in APPEND_IMPLS:
             raise ValueError(f"GateKeyCache: impl must be one of {APPEND_IMPLS[1:]} or None (automatic), got {impl!r}")
+        self.block_size = gate.config.block_size
+        if not 0 <= offset < self.block_size:
+            raise ValueError(f"GateKeyCache: offset must be in [0, block_size = {self.block_size}), got {offset}")
+        if offset and impl == "triton":
+            raise ValueError("GateKeyCache: the Triton append takes block-aligned caches only (offset 0); use 'eager'")
         self.gate = gate
         self.impl = impl
+        self.offset = offset
         p = gate.k_proj
         device = p.device if device is None else torch.device(device)
-        self.block_size = gate.config.block_size
+        self.shifted = (
+            GateKeyCache(gate, batch, max_tokens, device, "eager" if impl == "triton" else impl, self.block_size // 2)
+            if shifted
+            else None
+        )
         self.poolings = gate.config.k_pooling
         cap = max(1, -(-max_tokens // self.block_size))
         hkv, d = gate.num_kv_heads, gate.head_dim
@@ -128,25 +158,30 @@ class GateKeyCache:
             )
         if t == 0:
             raise ValueError("GateKeyCache.prefill needs at least one token (T >= 1)")
-        bs = self.block_size
+        if self.shifted is not None:
+            self.shifted.prefill(k, cache_seqlens, rotary, starts)
+        bs, o = self.block_size, self.offset
         first = torch.zeros(b, dtype=torch.long, device=k.device) if starts is None else starts.to(k.device).long()
         lens = t - first if cache_seqlens is None else cache_seqlens.to(k.device).long()
         if starts is not None:  # each row moved to begin at its prompt (positions past the row: the last token, unread)
             rows = (first.view(b, 1) + torch.arange(t, device=k.device)).clamp(max=t - 1)
             k = k.gather(2, rows.view(b, 1, t, 1).expand(b, hkv, t, d))
         self._reserve(t)
+        kw = k[:, :, o:] if t > o else k[:, :, :1]  # the rows from the offset on (one unread row if there are none)
+        lens_w = (lens - o).clamp(min=0)  # rows of each sequence in blocks
         with torch.autocast(device_type=k.device.type, enabled=False):  # the gate runs in its own dtype
-            full = self.gate.block_keys(k, rotary)  # [B, Hkv, T // bs, Dg]
-        n = full.shape[2]
-        done = lens // bs
+            n = (t - o) // bs if t > o else 0
+            first_pos = (torch.arange(n, device=k.device) * bs + o).expand(b, n)
+            full = self.gate.block_keys(kw[:, :, : n * bs], rotary, first_pos)  # [B, Hkv, n, Dg]
+        done = lens_w // bs
         valid = (torch.arange(n, device=k.device).view(1, -1) < done.view(-1, 1)).view(b, 1, n, 1)
         self.keys.zero_()
         self.keys[:, :, :n] = torch.where(valid, full.to(self.keys.dtype), 0.0)
-        # The partial block of each sequence: rows [done * bs, lens), read in place of a loop over b.
+        # The partial block of each sequence: rows [done * bs, lens_w), read in place of a loop over b.
         offs = torch.arange(bs, device=k.device)
         pos = done.view(-1, 1) * bs + offs  # [B, bs]
-        rows_ok = pos < lens.view(-1, 1)
-        gathered = k.gather(2, pos.clamp(max=t - 1).view(b, 1, bs, 1).expand(b, hkv, bs, d))  # [B, Hkv, bs, D]
+        rows_ok = pos < lens_w.view(-1, 1)
+        gathered = kw.gather(2, pos.clamp(max=kw.shape[2] - 1).view(b, 1, bs, 1).expand(b, hkv, bs, d))
         pools = []
         for p in self.poolings:
             x = gathered.to(self._pools.dtype)
@@ -177,25 +212,29 @@ class GateKeyCache:
                 f"GateKeyCache.extend needs k [B={self.keys.shape[0]}, Hkv={self.gate.num_kv_heads}, T >= 1, "
                 f"D={self.gate.head_dim}], got {tuple(k.shape)}"
             )
+        if self.shifted is not None:
+            self.shifted.extend(k, rotary)
         bs = self.block_size
         self._reserve(self._max_len + t)
-        count = self.lengths % bs  # [B] rows already in each sequence's partial block
+        eff = self.lengths - self.offset  # [B] rows past the offset so far (negative: rows still to skip)
+        count = torch.where(eff >= 0, eff % bs, eff)  # rows already in the partial block (negative: to skip)
         nblk = (bs - 1 + t) // bs + 1  # blocks a chunk of t rows can touch, from the partial one on
-        rel = ((count.view(b, 1) + torch.arange(t, device=k.device)) // bs).view(b, 1, t, 1)  # [B, 1, T, 1]
+        rel = torch.div(count.view(b, 1) + torch.arange(t, device=k.device), bs, rounding_mode="floor")
+        rel = torch.where(rel >= 0, rel, nblk).view(b, 1, t, 1)  # [B, 1, T, 1]; rows before the offset: a spare slot
         index = rel.expand(b, hkv, t, d)
         x = k.to(self._pools.dtype)
         pools = []
         for i, p in enumerate(self.poolings):
-            init = self._start[i].expand(b, hkv, nblk, d).clone()  # empty blocks keep the start value
+            init = self._start[i].expand(b, hkv, nblk + 1, d).clone()  # empty blocks keep the start value
             reduce = {"max": "amax", "min": "amin", "avg": "sum"}[p]
-            pools.append(init.scatter_reduce(2, index, x, reduce=reduce, include_self=True))
+            pools.append(init.scatter_reduce(2, index, x, reduce=reduce, include_self=True)[:, :, :nblk])
         pools = torch.stack(pools, dim=3)  # [B, Hkv, nblk, Ck, D]
         old = torch.where((count > 0).view(b, 1, 1, 1), self._pools, self._start)  # [B, Hkv, Ck, D]
         pools = torch.cat([self._combine(old, pools[:, :, 0]).unsqueeze(2), pools[:, :, 1:]], dim=2)
         total = count + t  # rows from the partial block's start
-        done = total // bs  # [B] blocks completed by this chunk (the partial one included)
+        done = torch.div(total, bs, rounding_mode="floor").clamp(min=0)  # [B] blocks completed by this chunk
         j = torch.arange(nblk, device=k.device)
-        start = (self.num_blocks.view(b, 1) + j) * bs  # [B, nblk] first positions
+        start = (self.num_blocks.view(b, 1) + j) * bs + self.offset  # [B, nblk] first positions
         with torch.autocast(device_type=k.device.type, enabled=False):
             keys = self.gate.gate_keys(self._finish(pools, bs), start, rotary)  # [B, Hkv, nblk, Dg]
         # cache slot s of sequence b takes block s - num_blocks[b] of this chunk where that block is complete
@@ -218,6 +257,8 @@ class GateKeyCache:
         (``batch_repeat_interleave``, ``batch_select_indices``). New tensors (new addresses): not for a
         captured CUDA graph.
         """
+        if self.shifted is not None:
+            self.shifted.select(index)
         index = index.to(self.keys.device).long()
         self.keys = self.keys.index_select(0, index)
         self.num_blocks = self.num_blocks.index_select(0, index)
@@ -233,13 +274,17 @@ class GateKeyCache:
                 f"GateKeyCache: a replayed append past the capacity ({self.capacity} blocks of {self.block_size})"
             )
         self._max_len += 1
+        if self.shifted is not None:
+            self.shifted.count_replayed_append()
 
     def append_impl(self, device: torch.device, dtype: torch.dtype) -> str:
         """What :meth:`append` runs for K rows on ``device`` in ``dtype``: ``impl`` when given, else ``"triton"``
         on CUDA where the kernel takes the dtypes (rows and gate in fp16, bf16 or fp32) and ``"eager"`` otherwise
-        (the CPU, fp64 gates or rows)."""
+        (the CPU, fp64 gates or rows, a cache with an offset)."""
         if self.impl is not None:
             return self.impl
+        if self.offset:  # the kernel pools block-aligned caches only
+            return "eager"
         kernel_dtypes = (torch.float16, torch.bfloat16, torch.float32)
         cuda = torch.device(device).type == "cuda"
         return "triton" if cuda and dtype in kernel_dtypes and self.keys.dtype in kernel_dtypes else "eager"
@@ -252,6 +297,8 @@ class GateKeyCache:
         b, hkv, d = self.keys.shape[0], self.gate.num_kv_heads, self.gate.head_dim
         if tuple(k_new.shape) != (b, hkv, d):
             raise ValueError(f"GateKeyCache.append needs k_new [B={b}, Hkv={hkv}, D={d}], got {tuple(k_new.shape)}")
+        if self.shifted is not None:
+            self.shifted.append(k_new, rotary)
         self._reserve(self._max_len + 1)
         if self.append_impl(k_new.device, k_new.dtype) == "triton":
             self._append_triton(k_new, rotary)
@@ -262,12 +309,14 @@ class GateKeyCache:
         """:meth:`append` in torch (the reference; the capacity already reserved): every sequence's gate key is
         computed, and kept where the row completes its block."""
         b, hkv, bs = k_new.shape[0], k_new.shape[1], self.block_size
-        count = self.lengths % bs  # rows already in the partial block
+        eff = self.lengths - self.offset  # rows past the offset so far; this row is pooled where it is >= 0
+        pooled = (eff >= 0).view(b, 1, 1, 1)
+        count = eff.clamp(min=0) % bs  # rows already in the partial block
         fresh = (count == 0).view(b, 1, 1, 1)
         pools = torch.where(fresh, self._start, self._pools)
-        self._pools.copy_(self._combine(pools, k_new))
-        done = count + 1 == bs  # [B]
-        start = (self.num_blocks * bs).view(b, 1)
+        self._pools.copy_(torch.where(pooled, self._combine(pools, k_new), self._pools))
+        done = (count + 1 == bs) & (eff >= 0)  # [B]
+        start = (self.num_blocks * bs + self.offset).view(b, 1)
         with torch.autocast(device_type=k_new.device.type, enabled=False):
             key = self.gate.gate_keys(self._finish(self._pools, bs).unsqueeze(2), start, rotary)  # [B, Hkv, 1, Dg]
         slot = self.num_blocks.clamp(max=self.capacity - 1).view(b, 1, 1, 1).expand(b, hkv, 1, self.keys.shape[-1])
