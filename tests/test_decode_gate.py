@@ -214,7 +214,9 @@ def test_shifted_cache_holds_the_half_shifted_windows(chunks):
     sh = cache.shifted
     assert sh.lengths.tolist() == final == cache.lengths.tolist()
     for i, x in enumerate(final):
-        seq = torch.stack([k[i, :, j] for j in list(range(prompt[i])) + [prompt[i] + r for r in range(done + steps)]], 1)
+        seq = torch.stack(
+            [k[i, :, j] for j in list(range(prompt[i])) + [prompt[i] + r for r in range(done + steps)]], 1
+        )
         want, nwin = _shifted_want(gate, seq.unsqueeze(0), [x])
         assert int(sh.num_blocks[i]) == nwin[0] and nwin[0] >= 1
         torch.testing.assert_close(sh.keys[i, :, : nwin[0]], want[0, :, : nwin[0]], rtol=1e-12, atol=1e-12)
@@ -235,6 +237,69 @@ def test_shifted_cache_refuses_the_triton_append_with_an_offset():
     forced = GateKeyCache(gate, 1, impl="triton", shifted=True)  # the aligned cache's kernel; the windows eager
     assert forced.shifted.impl == "eager" and forced.shifted.append_impl(torch.device("cuda"), torch.float32) == "eager"
     assert GateKeyCache(gate, 1, offset=4).append_impl(torch.device("cuda"), torch.float32) == "eager"
+
+
+def test_straddle_logits_lends_a_window_to_both_blocks_only_where_it_beats_them():
+    from seerattn.gate import straddle_logits
+
+    inf = float("inf")
+    blocks = torch.tensor([0.0, 1.0, 2.0, 0.0, -inf])
+    windows = torch.tensor([0.5, 3.0, 1.5, -inf, -inf])  # window 1 beats blocks 1 and 2; 0 and 2 do not
+    out = straddle_logits(blocks, windows)
+    below = torch.nextafter(torch.tensor(3.0), torch.tensor(-inf))
+    # block 2 (own 2.0) gets the window's 3.0, block 1 (own 1.0) the float below it: no tie for a top-K
+    assert out.tolist() == [0.0, below.item(), 3.0, 0.0, -inf]
+    assert torch.equal(straddle_logits(blocks, torch.full_like(blocks, -inf)), blocks)
+    # a window that beats one of its two blocks only does not count; -inf blocks stay -inf
+    assert torch.equal(straddle_logits(torch.tensor([1.0, 5.0]), torch.tensor([3.0, -inf])), torch.tensor([1.0, 5.0]))
+    assert straddle_logits(torch.tensor([-inf, 0.0]), torch.tensor([9.0, -inf])).tolist() == [-inf, 9.0]
+
+
+def test_gate_scores_with_the_shifted_windows_equal_brute_force():
+    """scores(..., shifted=cache.shifted.keys) == straddle_logits of the brute-force block logits and of the
+    windows' logits (pooled by hand), windows reaching into the query's block left out."""
+    from seerattn.gate import straddle_logits
+
+    gate = make_gate(seed=8)
+    g = torch.Generator().manual_seed(9)
+    lens = torch.tensor([1, 20, 33, 64])
+    k = torch.randn(4, 2, 64, 8, generator=g, dtype=torch.float64)
+    q = torch.randn(4, 4, 8, generator=g, dtype=torch.float64)
+    cache = GateKeyCache(gate, 4, max_tokens=64, shifted=True)
+    cache.prefill(k, lens, rotary)
+    with torch.no_grad():
+        got = gate.scores(q, cache.keys, lens - 1, rotary, shifted=cache.shifted.keys)
+        blocks = gate.scores(q, cache.keys, lens - 1, rotary)
+        o = BS // 2
+        windows = torch.full_like(blocks, float("-inf"))
+        for i, n in enumerate(lens.tolist()):
+            pos, cur = n - 1, (n - 1) // BS
+            qg = gate.gate_query(q[i : i + 1].unsqueeze(2), torch.tensor([[pos]]), rotary)[0, :, 0]  # [Hkv, Dg]
+            for j in range(max(0, cur - 1)):  # window j straddles blocks j and j + 1 < cur
+                kw = gate.block_keys(
+                    k[i : i + 1, :, o + j * BS : o + (j + 1) * BS], rotary, torch.tensor([[o + j * BS]])
+                )
+                windows[i, :, j] = (qg * kw[0, :, 0]).sum(-1) / math.sqrt(gate.gate_dim)
+    want = straddle_logits(blocks.unsqueeze(2), windows.unsqueeze(2)).squeeze(2)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert not torch.equal(got, blocks)  # some window counted (the test can fail)
+
+
+def test_half_shift_policy_validation_and_selection_rule():
+    from seerattn.decode_policy import resolve_decode_select, select_decode_blocks_fused
+
+    shift = DecodePolicy("budget", 64, half_shift=True)
+    with pytest.raises(ValueError, match="False for the 'dense' kind"):
+        DecodePolicy("dense", half_shift=True)
+    with pytest.raises(ValueError, match="True or False"):
+        DecodePolicy("budget", 64, half_shift=1)
+    assert resolve_decode_select(None, shift, "cuda") == "unfused"
+    assert resolve_decode_select(None, DecodePolicy("budget", 64), "cuda") == "fused"
+    with pytest.raises(ValueError, match="without half_shift"):
+        resolve_decode_select("fused", shift, "cuda")
+    with pytest.raises(ValueError, match="without half_shift"):
+        select_decode_blocks_fused(torch.zeros(1, 1, 4), torch.zeros(1, 1, 2, 4), torch.tensor([40]), shift, BS)
+    assert DecodePolicy("top_p", 0.9, half_shift=True).half_shift
 
 
 @pytest.mark.parametrize("k_pooling", [("max", "min", "avg"), ("avg",)])

@@ -157,7 +157,7 @@ def test_the_rule_picking_fused_or_unfused():
         policy = DecodePolicy(kind, value)
         assert resolve_decode_select(None, policy, "cuda") == "unfused"
         assert resolve_decode_select("unfused", policy, "cuda") == "unfused"
-        with pytest.raises(ValueError, match="'budget' policy kind only"):
+        with pytest.raises(ValueError, match="'budget' policy kind without half_shift only"):
             resolve_decode_select("fused", policy, "cuda")
     assert resolve_decode_select("fused", budget, "cpu") == "fused"  # taken as given (the interpreter runs it)
     assert resolve_decode_select("unfused", budget, "cuda") == "unfused"
@@ -188,7 +188,7 @@ def test_non_budget_policies_and_bad_inputs_are_refused():
     bs = 16
     qg, keys, lens = torch.randn(2, 2, 8), torch.randn(2, 2, 4, 8), torch.tensor([40, 64], dtype=torch.int32)
     for kind, value in (("threshold", 0.1), ("top_p", 0.9), ("dense", 0)):
-        with pytest.raises(ValueError, match="'budget' policy kind only"):
+        with pytest.raises(ValueError, match="'budget' policy kind without half_shift only"):
             select_decode_blocks_fused(qg, keys, lens, DecodePolicy(kind, value), bs)
     with pytest.raises(ValueError, match=r"qg must be \[B, Hkv, Dg\]"):
         budget_decode_blocks(qg[:, :1], keys, lens, 2, bs)

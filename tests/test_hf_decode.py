@@ -696,12 +696,15 @@ def test_decode_observer_sees_every_steps_selection_and_nothing_when_off(decode_
 
 
 # ------------------------------------------------------------------------------ teacher-forced decode mode
-@pytest.mark.parametrize("custom", [False, True], ids=["gate", "select_fn"])
+@pytest.mark.parametrize("custom", ["gate", "select_fn", "half_shift"])
 def test_decode_eval_equals_step_by_step_generate(custom, decode_calls, monkeypatch):
     """One forward in decode_eval mode over prompt + generated tokens gives the logits generate gave at each
-    step: same selections, rows before the start dense (generate's prefill ran dense)."""
+    step: same selections, rows before the start dense (generate's prefill ran dense). ``half_shift``: the
+    shifted windows' keys from the step cache and from decode_eval's bulk pooling rank alike."""
     model, _, state = _prepared("qwen3")
-    if custom:
+    if custom == "half_shift":
+        state.set_decode(policy=DecodePolicy("budget", 48, half_shift=True))
+    if custom == "select_fn":
         # a selection that depends on the query (top blocks by q . mean key): the rows must be the right ones
         def by_mean_key(req: DecodeRequest) -> torch.Tensor:
             b, hq, n, d = req.q.shape
@@ -748,6 +751,45 @@ def test_decode_eval_equals_step_by_step_generate(custom, decode_calls, monkeypa
         for a, b in zip(mine, theirs, strict=True):
             k = b.shape[-1]
             assert torch.equal(a[:, :, 0, :k].sort(-1).values, b.sort(-1).values)
+
+
+@pytest.mark.parametrize("cache", [None, "static"], ids=["dynamic", "static"])
+def test_half_shift_changes_the_selection_and_matches_across_caches(cache, decode_calls):
+    """DecodePolicy.half_shift: some steps keep other blocks than the plain policy (first and current block still
+    kept, no repeats, the same budget), the step's output is attention over the kept blocks; the shifted windows'
+    keys the step cache holds are block_keys on the sequence's rows after the offset."""
+    model, _, state = _prepared("llama")
+    ids = input_ids(PROMPT, b=2, seed=11)
+    _generate(model, ids, cache)
+    plain = [c[4].sort(-1).values for c in decode_calls]
+    decode_calls.clear()
+    state.set_decode(policy=DecodePolicy("budget", 48, half_shift=True))
+    _generate(model, ids, cache)
+    assert len(decode_calls) == len(plain) == LAYERS * (NEW - 1)
+    assert sum(not torch.equal(a, c[4].sort(-1).values) for a, c in zip(plain, decode_calls, strict=True)) > 0
+    for step, (q, k, v, seqlens, idx, bs, out) in enumerate(decode_calls):
+        cur = (PROMPT + step // LAYERS) // BS
+        for row in idx.reshape(-1, idx.shape[-1]).tolist():
+            kept = [j for j in row if j >= 0]
+            assert 0 in kept and cur in kept and len(set(kept)) == len(kept) == min(3, cur + 1)
+        torch.testing.assert_close(out, _masked_decode_reference(q, k, v, seqlens, idx, bs), atol=1e-5, rtol=1e-5)
+    for entry in state._decode.values():  # the last generate's key caches: the windows' keys
+        sh = entry.keys.shifted
+        assert sh is not None and sh.offset == BS // 2
+        assert sh.num_blocks.tolist() == [(PROMPT + NEW - 1 - BS // 2) // BS] * 2
+
+
+def test_half_shift_switched_on_during_a_generate_is_refused():
+    from transformers import DynamicCache
+
+    model, _, state = _prepared("llama")
+    ids = input_ids(PROMPT + 1, seed=2)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids[:, :PROMPT], cache=cache)
+        state.set_decode(policy=DecodePolicy("budget", 48, half_shift=True))
+        with pytest.raises(RuntimeError, match="without the shifted windows"):
+            model(ids[:, PROMPT:], cache=cache)
 
 
 def test_decode_eval_start_past_the_window_is_dense():
@@ -846,7 +888,7 @@ def test_decode_eval_with_the_fused_selection_equals_unfused(fused_calls):
 def test_decode_select_validation():
     _, _, state = _prepared()
     state.set(decode_select="fused")
-    with pytest.raises(ValueError, match="'budget' policy kind only"):
+    with pytest.raises(ValueError, match="'budget' policy kind without half_shift only"):
         state.set_decode(policy=DecodePolicy("top_p", 0.9))
     assert state.config.decode.policy.kind == "budget"  # the refused change left the config as it was
     with pytest.raises(ValueError, match="must be one of"):

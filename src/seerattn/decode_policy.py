@@ -20,6 +20,12 @@ Kinds (``DecodePolicy.kind``):
 default every block of the cache), and when more blocks pass, the highest-scoring ones are kept.
 Nothing is read on the host (no sync).
 
+``half_shift=True`` ranks blocks by logits that also see the windows shifted by half a block (the same gate
+over ``[J * bs + bs/2, (J + 1) * bs + bs/2)``, :meth:`seerattn.gate.DecodeGate.scores` with ``shifted``): a
+window that outscores both blocks it straddles lends its logit to both, so a needle that a block boundary splits
+(a pass key across two blocks) ranks as it would whole. The gate is not retrained; the key cache keeps the
+windows' keys too (:class:`seerattn.gate.GateKeyCache` ``shifted``), and the selection runs unfused.
+
 :func:`select_decode_blocks_fused` computes the gate logits and the ``"budget"`` selection in one
 Triton launch (:func:`seerattn.ops.budget_decode_blocks`), the same blocks in ascending order.
 :func:`resolve_decode_select` is the rule that picks one or the other for a sparse decode step.
@@ -54,11 +60,14 @@ class DecodePolicy:
         kind: one of ``DECODE_POLICY_KINDS``.
         value: tokens (budget), probability (threshold, in (0, 1]) or mass (top_p, in (0, 1]); unused by dense.
         max_blocks: K for threshold / top_p (None: every block of the cache).
+        half_shift: rank by the gate logits of the blocks and of the half-block-shifted windows (module
+            docstring); not with ``dense``.
     """
 
     kind: str = "budget"
     value: float = 4096
     max_blocks: int | None = None
+    half_shift: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in DECODE_POLICY_KINDS:
@@ -69,6 +78,11 @@ class DecodePolicy:
             raise ValueError(f"DecodePolicy {self.kind} value must be in (0, 1], got {self.value!r}")
         if self.max_blocks is not None and (self.kind not in ("threshold", "top_p") or self.max_blocks < 2):
             raise ValueError("DecodePolicy.max_blocks is the cap of threshold / top_p policies and must be >= 2")
+        if not isinstance(self.half_shift, bool) or (self.half_shift and self.kind == "dense"):
+            raise ValueError(
+                f"DecodePolicy.half_shift must be True or False, and False for the 'dense' kind (it ranks nothing); "
+                f"got {self.half_shift!r} with {self.kind!r}"
+            )
 
     def num_slots(self, block_size: int, kv_blocks: int) -> int:
         """K: list length for ``block_size``-token blocks over a cache of ``kv_blocks`` blocks."""
@@ -165,10 +179,10 @@ def select_decode_blocks_fused(
         keeps, in ascending block order (not by priority), -1 padded; equal logits go to the lower block
         index (the eager top-K leaves their order unspecified).
     """
-    if policy.kind != "budget":
+    if policy.kind != "budget" or policy.half_shift:
         raise ValueError(
-            f"select_decode_blocks_fused supports the 'budget' policy kind only, got {policy.kind!r}; use "
-            "select_decode_blocks for the others"
+            f"select_decode_blocks_fused supports the 'budget' policy kind without half_shift only, got "
+            f"{policy.kind!r} (half_shift={policy.half_shift}); use select_decode_blocks for the others"
         )
     from .ops import budget_decode_blocks
 
@@ -187,7 +201,7 @@ def resolve_decode_select(select: str | None, policy: DecodePolicy, device: torc
             raises, and on a CPU tensor without ``TRITON_INTERPRET=1`` the kernel raises: never a fallback),
             or None: the automatic rule, fused for a ``"budget"`` policy on CUDA, unfused otherwise.
         policy: the decode policy (``threshold`` / ``top_p`` need the softmax over the whole row: unfused;
-            ``dense`` lists every block: unfused).
+            ``dense`` lists every block: unfused; ``half_shift`` combines two logit rows: unfused).
         device: where the step runs (on the CPU the unfused path is the reference; Triton runs there only
             under the interpreter).
 
@@ -203,11 +217,12 @@ def resolve_decode_select(select: str | None, policy: DecodePolicy, device: torc
     """
     if select not in (None, *DECODE_SELECTS):
         raise ValueError(f"decode select must be one of {DECODE_SELECTS} or None (automatic), got {select!r}")
-    if select == "fused" and policy.kind != "budget":
+    if select == "fused" and (policy.kind != "budget" or policy.half_shift):
         raise ValueError(
-            f"the fused decode selection supports the 'budget' policy kind only, got {policy.kind!r}; use "
-            "select='unfused' or None (automatic) for it"
+            f"the fused decode selection supports the 'budget' policy kind without half_shift only, got "
+            f"{policy.kind!r} (half_shift={policy.half_shift}); use select='unfused' or None (automatic) for it"
         )
     if select is not None:
         return select
-    return "fused" if policy.kind == "budget" and torch.device(device).type == "cuda" else "unfused"
+    fused = policy.kind == "budget" and not policy.half_shift and torch.device(device).type == "cuda"
+    return "fused" if fused else "unfused"

@@ -267,7 +267,8 @@ def _read_metrics(run: Path) -> list[dict]:
     return rows
 
 
-DECODE_METHODS = "dense,seer,streaming,quest,oracle"  # seerattn.eval.decode.DECODE_METHODS (checked by a test)
+# seerattn.eval.decode.DECODE_METHODS (checked by a test)
+DECODE_METHODS = "dense,seer,seer_shift,streaming,quest,oracle"
 
 
 def _run_decode(args) -> int:

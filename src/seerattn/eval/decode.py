@@ -20,7 +20,8 @@ both mentions; ``SeerState.decode_observer`` sees each step's selection). It tel
 from a kept one that the model did not use.
 
 Methods (:data:`DECODE_METHODS`): ``dense`` (decode steps dense, transformers' SDPA), ``seer`` (the
-decode gate and a :class:`~seerattn.decode_policy.DecodePolicy` ``"budget"``), ``streaming`` and
+decode gate and a :class:`~seerattn.decode_policy.DecodePolicy` ``"budget"``), ``seer_shift`` (the same gate
+and budget, ranking with the half-block-shifted windows too: ``DecodePolicy.half_shift``), ``streaming`` and
 ``quest`` (:mod:`seerattn.decode_baselines` through ``SeerState.decode_select_fn``, the same kernel
 and budget). Quest here recomputes its block bounds from the whole cache at every step (an
 evaluation, not a speed measurement; a serving path would cache them per block as the gate keys are).
@@ -68,7 +69,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DECODE_METHODS = ("dense", "seer", "streaming", "quest", "oracle")
+DECODE_METHODS = ("dense", "seer", "seer_shift", "streaming", "quest", "oracle")
+_GATED = ("seer", "seer_shift")  # the methods that read the decode gates
 # the needle-recall fields of a passkey row (needle_summary; None where nothing was recorded)
 NEEDLE_FIELDS = (
     "needle_blocks",
@@ -140,7 +142,7 @@ def configure_decode(em: EvalModel, method: str, budget: int, decode_start: int 
         state.set(mode="dense", decode_start=None)
         state.set_decode(enabled=False)
         return
-    state.set_decode(enabled=True, policy=DecodePolicy("budget", budget))
+    state.set_decode(enabled=True, policy=DecodePolicy("budget", budget, half_shift=method == "seer_shift"))
     if method in _SELECT:
         state.decode_select_fn = functools.partial(_SELECT[method], budget)
     if decode_start is None:
@@ -153,9 +155,10 @@ def _check(em: EvalModel, methods: Sequence[str], allow_untrained_gates: bool) -
     unknown = [m for m in methods if m not in DECODE_METHODS]
     if unknown:
         raise ValueError(f"unknown decode methods {unknown}; accepted: {DECODE_METHODS}")
-    if "seer" in methods and em.gates is None and not allow_untrained_gates:
+    gated = [m for m in methods if m in _GATED]
+    if gated and em.gates is None and not allow_untrained_gates:
         raise ValueError(
-            "method 'seer' uses the decode gates but none were loaded; pass an adapter with a decode section "
+            f"methods {gated} use the decode gates but none were loaded; pass an adapter with a decode section "
             "(--gates) or allow_untrained_gates=True to measure the untrained prior"
         )
 

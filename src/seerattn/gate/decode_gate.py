@@ -31,7 +31,15 @@ from torch import nn
 from ..block_mask import check_block_size
 from .attn_gate import POOLINGS, apply_rotary, pool_blocks
 
-__all__ = ["QUERY_IMPLS", "DecodeGate", "DecodeGateConfig", "Rotary", "RotaryTable", "length_free_rotary"]
+__all__ = [
+    "QUERY_IMPLS",
+    "DecodeGate",
+    "DecodeGateConfig",
+    "Rotary",
+    "RotaryTable",
+    "length_free_rotary",
+    "straddle_logits",
+]
 
 Rotary = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -131,6 +139,26 @@ class DecodeGateConfig:
                 f"unknown DecodeGateConfig fields {sorted(unknown)}; accepted: {sorted(cls.__dataclass_fields__)}"
             )
         return cls(**d)
+
+
+def straddle_logits(blocks: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+    """Block logits [..., NB] that also see the half-block-shifted windows [..., NB] (window J straddles blocks J
+    and J + 1; -inf where it does not exist): a window counts only where it exceeds both blocks it straddles
+    (something centred on their boundary, not half of one strong block), and then lends its logit to both (to the
+    one of the two with the lower own logit the next float below it: no tie); block J's logit becomes the
+    largest of its own and those lent by the counted windows J - 1 and J. -inf blocks stay -inf."""
+    ninf = torch.full_like(blocks[..., :1], float("-inf"))
+    nxt = torch.cat((blocks[..., 1:], ninf), -1)  # block J + 1
+    counted = windows.masked_fill(windows <= torch.maximum(blocks, nxt), float("-inf"))
+    # The two blocks of a window would tie on its logit, and a top-K would then choose between them in no defined
+    # order; the one with the lower own logit gets the next float below, so a budget with room for one keeps the
+    # other, the same in every path (steps, decode_eval rows).
+    below = torch.nextafter(counted, torch.full_like(counted, float("-inf")))
+    to_left = torch.where(blocks >= nxt, counted, below)  # window J's value for block J
+    to_right = torch.where(nxt > blocks, counted, below)  # ... and for block J + 1
+    from_left = torch.cat((ninf, to_right[..., :-1]), -1)  # window J - 1's value for block J
+    out = torch.maximum(blocks, torch.maximum(to_left, from_left))
+    return out.masked_fill(torch.isneginf(blocks), float("-inf"))
 
 
 class DecodeGate(nn.Module):
@@ -285,7 +313,12 @@ class DecodeGate(nn.Module):
 
     # ------------------------------------------------------------------ use
     def scores(
-        self, q: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, rotary: Rotary | None = None
+        self,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: Rotary | None = None,
+        shifted: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Decode logits of one new token per sequence.
 
@@ -294,6 +327,10 @@ class DecodeGate(nn.Module):
             keys: [B, Hkv, NB, Dg] cached gate keys (:attr:`GateKeyCache.keys`); entries of blocks that
                 are not completed before the query's block are ignored.
             positions: int [B], each new token's position (``cache_seqlens - 1``).
+            shifted: [B, Hkv, NB', Dg] the gate keys of the half-block-shifted windows (:attr:`GateKeyCache.shifted`;
+                window J covers the second half of block J and the first of block J + 1; windows reaching into
+                the query's block are ignored), or None. Given: block J's logit is the largest of its own and
+                those of the windows J - 1 and J that exceed both blocks they straddle (``DecodePolicy.half_shift``).
 
         Returns:
             logits [B, Hkv, NB] fp32 (fp64 for an fp64 gate); ``-inf`` for blocks
@@ -304,12 +341,23 @@ class DecodeGate(nn.Module):
                 f"DecodeGate.scores needs q [B, Hq, D], keys [B, Hkv, NB, Dg], positions [B]; got {tuple(q.shape)}, "
                 f"{tuple(keys.shape)}, {tuple(positions.shape)}"
             )
+        if shifted is not None and (shifted.dim() != 4 or shifted.shape[:2] != keys.shape[:2]):
+            raise ValueError(
+                f"DecodeGate.scores: shifted keys must be [B, Hkv, NB', Dg] like keys {tuple(keys.shape)}, got "
+                f"{tuple(shifted.shape)}"
+            )
         qg = self.decode_query(q, positions, rotary).unsqueeze(2)  # [B, Hkv, 1, Dg]
         nb = keys.shape[2]
         cur = positions.long().view(-1, 1, 1, 1) // self.config.block_size
-        completed = torch.arange(nb, device=q.device).view(1, 1, 1, -1) < cur
+        j = torch.arange(nb, device=q.device).view(1, 1, 1, -1)
         with torch.autocast(device_type=q.device.type, enabled=False):
-            return self._logits(qg, keys, completed).squeeze(2)
+            logits = self._logits(qg, keys, j < cur)
+            if shifted is not None:
+                ns = min(shifted.shape[2], nb)
+                windows = self._logits(qg, shifted[:, :, :ns], j[..., :ns] + 1 < cur)
+                windows = torch.nn.functional.pad(windows, (0, nb - ns), value=float("-inf"))
+                logits = straddle_logits(logits, windows)
+            return logits.squeeze(2)
 
     def decode_query(self, q: torch.Tensor, positions: torch.Tensor, rotary: Rotary | None = None) -> torch.Tensor:
         """Gate queries of one new token per sequence, in the gate's dtype whatever the autocast state: what

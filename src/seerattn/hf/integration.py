@@ -1104,7 +1104,8 @@ def _start_decode_cache(
     gate: DecodeGate = module.seer_decode_gate
     k_pre = pre["k"].reshape(b, t, gate.num_kv_heads, gate.head_dim).transpose(1, 2)
     # room for the whole cache: a static cache's capacity (static shapes in every step), else the prompt (it grows)
-    keys = GateKeyCache(gate, b, max_tokens=capacity or t, device=k_pre.device)
+    half_shift = state.config.decode.policy.half_shift  # the shifted windows' keys kept beside the blocks'
+    keys = GateKeyCache(gate, b, max_tokens=capacity or t, device=k_pre.device, shifted=half_shift)
     keys.prefill(k_pre, rotary=state._rotary, starts=starts)
     state._decode[layer] = _DecodeCache(
         weakref.ref(hf_cache), keys, t, capacity, starts, _step_rotary(state, gate, hf_cache, capacity, k_pre.device)
@@ -1277,7 +1278,10 @@ def _decode_step(module, state: SeerState, entry: _DecodeCache, query, key, valu
         entry.length += 1
         seqlens = entry.keys.lengths.to(torch.int32)  # [B], the new token included (from each sequence's start)
         q_pre = pre["q"].reshape(b, hq, 1, d)
-        idx = _decode_selection(module, state, query, q_pre, key, seqlens.view(b, 1), entry.keys.keys, scale, rotary)
+        shifted = None if entry.keys.shifted is None else entry.keys.shifted.keys
+        idx = _decode_selection(
+            module, state, query, q_pre, key, seqlens.view(b, 1), entry.keys.keys, scale, rotary, shifted
+        )
         idx = idx[:, :, 0]  # [B, Hkv, K]
         if state.decode_observer is not None:
             state.decode_observer(DecodeSelection(layer, idx, seqlens, bs, entry.starts))
@@ -1293,14 +1297,15 @@ def _decode_step(module, state: SeerState, entry: _DecodeCache, query, key, valu
 
 
 def _decode_selection(
-    module, state: SeerState, query, q_pre, key, seqlens, gate_keys, scale: float, rotary=None
+    module, state: SeerState, query, q_pre, key, seqlens, gate_keys, scale: float, rotary=None, shifted=None
 ) -> torch.Tensor:
     """The key blocks of N query rows per sequence, as a decode step selects them (``rotary``: the gate query's,
     default the model's).
 
     query: [B, Hq, N, D] post-RoPE; q_pre: [B, Hq, N, D] pre-RoPE; key: [B, Hkv, Tcap, D] post-RoPE;
     seqlens: int32 [B, N] keys visible to each row; gate_keys: [B, Hkv, NBc, Dg] the decode gate's keys
-    (valid for each row's completed blocks; None with ``decode_select_fn``) -> int32 [B, Hkv, N, K].
+    (valid for each row's completed blocks; None with ``decode_select_fn``); shifted: [B, Hkv, NBs, Dg] the
+    half-block-shifted windows' keys (``DecodePolicy.half_shift``; None otherwise) -> int32 [B, Hkv, N, K].
     Fused or unfused selection by :func:`~seerattn.decode_policy.resolve_decode_select` (``SeerConfig.decode_select``).
     """
     dec = state.config.decode
@@ -1320,6 +1325,13 @@ def _decode_selection(
             )
         return idx
     gate: DecodeGate = module.seer_decode_gate
+    if dec.policy.half_shift and shifted is None:
+        raise RuntimeError(
+            f"layer {module.layer_idx}: DecodePolicy.half_shift is on but the decode-gate key cache was built without "
+            "the shifted windows (the policy changed during a generate?): start a new generate() or call state.reset()"
+        )
+    if not dec.policy.half_shift:
+        shifted = None
     gate_keys = gate_keys[:, :, :kv_blocks]
     fused = resolve_decode_select(state.config.decode_select, dec.policy, query.device) == "fused"
     if fused and gate_keys.shape[2] < kv_blocks:
@@ -1338,7 +1350,10 @@ def _decode_selection(
             qg = gate.decode_query(qf, lens - 1, rotary)  # [bb * N, Hkv, Dg]
             sel = select_decode_blocks_fused(qg, kf, lens, dec.policy, bs)  # [bb * N, Hkv, K], ascending
         else:
-            logits = gate.scores(qf, kf, lens - 1, rotary)  # [bb * N, Hkv, NB]
+            sf = None
+            if shifted is not None:
+                sf = shifted[sl].unsqueeze(1).expand(bb, n, *shifted.shape[1:]).reshape(bb * n, *shifted.shape[1:])
+            logits = gate.scores(qf, kf, lens - 1, rotary, sf)  # [bb * N, Hkv, NB]
             sel = select_decode_blocks(logits, lens, dec.policy, bs, kv_blocks)  # [bb * N, Hkv, K]
         parts.append(sel.view(bb, n, hkv, -1).permute(0, 2, 1, 3))
     return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
@@ -1386,21 +1401,28 @@ def _decode_eval_attention(module, state: SeerState, query, key, value, pre: dic
     kept = visible = query.new_zeros((), dtype=torch.float32)
     if start < t:
         q_pre = pre["q"].reshape(b, t, hq, d).transpose(1, 2)
-        gate_keys = None
+        gate_keys = shifted = None
         if state.decode_select_fn is None:
             k_pre = pre["k"].reshape(b, t, hkv, d).transpose(1, 2)
+            gate = module.seer_decode_gate
             with torch.no_grad():
-                gate_keys = module.seer_decode_gate.block_keys(k_pre, state._rotary)  # completed blocks
+                gate_keys = gate.block_keys(k_pre, state._rotary)  # completed blocks
+                if cfg.decode.policy.half_shift:  # the completed half-block-shifted windows
+                    o = bs // 2
+                    nw = max(0, (t - o) // bs)
+                    first = (torch.arange(nw, device=k_pre.device) * bs + o).expand(b, nw)
+                    shifted = gate.block_keys(k_pre[:, :, o : o + nw * bs], state._rotary, first)
         cdt = torch.promote_types(query.dtype, torch.float32)
         kf, vf = key.to(cdt).unsqueeze(2), value.to(cdt).unsqueeze(2)  # [B, Hkv, 1, T, D]
         rows = max(1, _DECODE_EVAL_ELEMENTS // (b * hq * t))
+        sel = functools.partial(_decode_selection, module, state)
         for r0 in range(start, t, rows):
             r1 = min(t, r0 + rows)
             n = r1 - r0
             seqlens = torch.arange(r0 + 1, r1 + 1, device=query.device, dtype=torch.int32).expand(b, n)
             with torch.no_grad():
                 rows_q, rows_q_pre = query[:, :, r0:r1], q_pre[:, :, r0:r1]
-                idx = _decode_selection(module, state, rows_q, rows_q_pre, key, seqlens, gate_keys, scale)
+                idx = sel(rows_q, rows_q_pre, key, seqlens, gate_keys, scale, None, shifted)
                 keep = _kept_token_mask(idx, seqlens, bs, t).unsqueeze(2)  # [B, Hkv, 1, N, T]
             qc = query[:, :, r0:r1].to(cdt).view(b, hkv, g, n, d)
             p = (torch.matmul(qc, kf.transpose(-1, -2)) * scale).masked_fill(~keep, float("-inf")).softmax(-1)
