@@ -124,11 +124,16 @@ needs_gpu = pytest.mark.skipif(not _on_gpu(), reason="needs a CUDA GPU and the c
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("padded", [False, True], ids=["equal", "left-padded"])
-@pytest.mark.parametrize("sparse", [True, False], ids=["sparse-decode", "dense-decode"])
-def test_gpu_replayed_steps_equal_eager_generate(sparse, padded):
+@pytest.mark.parametrize(
+    "decode", ["sparse", "dense", "half_shift"], ids=["sparse-decode", "dense-decode", "half-shift"]
+)
+def test_gpu_replayed_steps_equal_eager_generate(decode, padded):
     model, state = _prepared()
     model.to("cuda", torch.float16)
+    sparse = decode != "dense"
     state.set_decode(enabled=sparse)
+    if decode == "half_shift":  # the shifted windows' eager append and the unfused selection, replayed
+        state.set_decode(policy=DecodePolicy("budget", DECODE.policy.value, half_shift=True))
     ids = input_ids(PROMPT, b=3).cuda()
     mask = torch.ones_like(ids)
     if padded:
