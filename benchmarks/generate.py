@@ -17,10 +17,12 @@ measured in one run:
 - ``decode-unfused`` (only when named in ``--configs``): ``decode`` with ``SeerConfig.decode_select="unfused"``
   (the gate logits and the budget selection as separate torch ops), against ``decode``'s automatic choice
   (the fused Triton selection on CUDA); each row records the selection that ran (``decode_select``);
-- ``dense-graph``, ``decode-graph``, ``both-graph`` (when named): the same with ``SeerState.cuda_graphs`` on,
-  the decode steps replayed from a CUDA graph (``seerattn.hf.graphs``; StaticCache on CUDA only). Each row's
-  speed-ups are against the dense row of the same kind (``dense`` for eager rows, ``dense-graph`` for graph
-  rows) when that row ran.
+- ``decode-shift`` (when named): ``decode`` with ``DecodePolicy.half_shift`` (the half-block-shifted windows'
+  keys kept and ranked too; the selection runs unfused);
+- ``dense-graph``, ``decode-graph``, ``both-graph``, ``decode-shift-graph`` (when named): the same with
+  ``SeerState.cuda_graphs`` on, the decode steps replayed from a CUDA graph (``seerattn.hf.graphs``; StaticCache
+  on CUDA only). Each row's speed-ups are against the dense row of the same kind (``dense`` for eager rows,
+  ``dense-graph`` for graph rows) when that row ran.
 
 Per configuration, from one timed ``generate`` of ``--new`` tokens: ``total_s``, ``prefill_s`` (until the
 first token: a stopping criterion that never stops reads the clock, after a device sync, when generate
@@ -55,7 +57,17 @@ from seerattn.record import write_record
 
 logger = logging.getLogger("benchmarks.generate")
 
-CONFIGS = ("dense", "decode", "both", "decode-unfused", "dense-graph", "decode-graph", "both-graph")
+CONFIGS = (
+    "dense",
+    "decode",
+    "both",
+    "decode-unfused",
+    "decode-shift",
+    "dense-graph",
+    "decode-graph",
+    "both-graph",
+    "decode-shift-graph",
+)
 DEFAULT_CONFIGS = ("dense", "decode", "both")
 SMOKE = dict(batch=2, prompt=96, new=8, budget=32, block=16, layers=2)
 
@@ -101,12 +113,14 @@ def _generate(model, ids, new: int, cache: str, device: str, chunk: int | None =
 
 
 def configure(state, name: str) -> None:
-    """``dense`` / ``decode`` / ``both`` / ``decode-unfused``, each ``-graph`` variant (module docstring)."""
+    """``dense`` / ``decode`` / ``both`` / ``decode-unfused`` / ``decode-shift``, each ``-graph`` variant (module
+    docstring)."""
     base = name.removesuffix("-graph")
     state.set(
         mode="sparse" if base == "both" else "dense", decode_select="unfused" if base == "decode-unfused" else None
     )
-    state.set_decode(enabled=base != "dense")
+    budget = state.config.decode.policy.value
+    state.set_decode(enabled=base != "dense", policy=DecodePolicy("budget", budget, half_shift=base == "decode-shift"))
     state.cuda_graphs = name.endswith("-graph")
 
 
