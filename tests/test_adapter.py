@@ -639,9 +639,14 @@ def test_decode_sections_round_trip(tmp_path, prefill):
             "use_rope": True,
             "norm_eps": 1e-6,
         },
-        "policy": {"kind": "budget", "value": 48, "max_blocks": None},
+        "policy": {"kind": "budget", "value": 48, "max_blocks": None, "half_shift": False},
         "enabled": True,
     }
+    # an adapter written before DecodePolicy.half_shift existed reads as half_shift=False; True round-trips
+    older = {**meta["decode"], "policy": {"kind": "budget", "value": 48, "max_blocks": None}}
+    assert DecodeConfig.from_dict(older) == DECODE
+    shifted = replace(DECODE, policy=replace(DECODE.policy, half_shift=True))
+    assert DecodeConfig.from_dict(json.loads(json.dumps(shifted.to_dict()))) == shifted
     keys = sorted(load_file(str(tmp_path / "a" / ADAPTER_WEIGHTS)))
     want_keys = _decode_keys() + ([f"layers.{i}.k_proj" for i in range(LAYERS)] if prefill else [])
     assert keys == sorted(want_keys)
