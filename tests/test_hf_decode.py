@@ -289,12 +289,16 @@ def _check_each_prompt_alone(model, state, ids, mask, lens, seq, logits, seen, c
             assert torch.equal(blocks[r : r + 1], blocks_a), f"row {r} layer {layer}"
 
 
+@pytest.mark.parametrize("half_shift", [False, True], ids=["blocks", "half-shift"])
 @pytest.mark.parametrize("cache", [None, "static"], ids=["dynamic", "static"])
-def test_left_padded_generate_equals_each_prompt_alone(cache, decode_calls):
+def test_left_padded_generate_equals_each_prompt_alone(cache, half_shift, decode_calls):
     """generate() on left-padded prompts of 70, 45 and 12 tokens (starts 0, 25 and 58: on a block boundary's
     other side, mid-block) with a 3-block budget: every sequence gets the tokens, logits and per-step block
-    selections it gets alone; the kernel is handed each sequence's start."""
+    selections it gets alone; the kernel is handed each sequence's start. With ``half_shift`` the windows' cache
+    counts from each sequence's start too."""
     model, _, state = _prepared("qwen2")
+    if half_shift:
+        state.set_decode(policy=DecodePolicy("budget", 48, half_shift=True))
     lens, t = (70, 45, 12), 70
     ids, mask = _left_padded(lens, t)
     seen = _observed(state)
