@@ -7,7 +7,9 @@ projected by the same gate, RoPE at the window's first position) and an aligned 
 - ``aligned``: its own logit (the committed selection, recomputed here: a check of this script);
 - ``max``: the max of its own logit and the two shifted windows overlapping it;
 - ``win``: as ``max``, but a shifted window counts only where it beats both aligned blocks it overlaps (something
-  centred on the boundary, not half of a strong block).
+  centred on the boundary, not half of a strong block);
+- ``win2``: the library's rule (``gate.straddle_logits``, ``DecodePolicy.half_shift``, whose tie-break ``win``
+  lacks) with the window's logit less ln 2 (its mass per budget slot: a pair takes two).
 
 The budget, the first and current block and the selection (``select_decode_blocks``) are the library's; the hook is a
 ``SeerState.decode_select_fn``, so the same decode kernel attends to the chosen blocks. Queries and keys reach the hook
@@ -40,6 +42,7 @@ from seerattn.eval.decode import configure_decode, decode_answer, prepare_decode
 from seerattn.eval.model import scaled_rope, token_nll
 from seerattn.eval.passkey import PasskeyTemplate, _first_digits, _prompts
 from seerattn.eval.stats import paired_bootstrap_ppl
+from seerattn.gate import straddle_logits
 
 DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
 
@@ -83,11 +86,13 @@ def shifted_logits(gate, rotary, q: torch.Tensor, k: torch.Tensor, lens: torch.T
     s_sh[..., :m] = torch.matmul(qg, sh.transpose(-1, -2)) * scale
     # window j covers blocks j and j + 1; it must be completed before the row's current block: j + 1 < cur
     s_sh = s_sh.masked_fill(idx + 1 >= cur, float("-inf"))
+    if mode == "win2":  # the library's rule (straddle_logits, its tie-break included) at the window's mass per slot
+        return straddle_logits(s_al, s_sh - math.log(2.0)).masked_fill(idx >= cur, float("-inf"))
     if mode == "win":
         nxt = torch.cat((s_al[..., 1:], torch.full_like(s_al[..., :1], float("-inf"))), -1)
         s_sh = s_sh.masked_fill(s_sh <= torch.maximum(s_al, nxt), float("-inf"))
     elif mode != "max":
-        raise ValueError(f"mode must be aligned, max or win, got {mode!r}")
+        raise ValueError(f"mode must be aligned, max, win or win2, got {mode!r}")
     prev = torch.cat((torch.full_like(s_sh[..., :1], float("-inf")), s_sh[..., :-1]), -1)  # window j - 1
     return torch.maximum(s_al, torch.maximum(s_sh, prev)).masked_fill(idx >= cur, float("-inf"))
 
