@@ -42,7 +42,7 @@ def gate_decode_query(
     the gate dimension, RoPE's rotate-half pairs).
     """
     op = "gate_decode_query"
-    from ._triton.config import check_device
+    from ._triton.config import check_device, check_shapes_and_devices
 
     tensors = {"q": q, "q_proj": q_proj, "norm_weight": norm_weight}
     for name, x in tensors.items():
@@ -64,18 +64,7 @@ def gate_decode_query(
     if dg % 2:
         raise ValueError(f"{op}: the gate dim Dg must be even (two halves: RoPE pairs), got {dg}")
     shapes = {"norm_weight": (norm_weight, (dg,), "[Dg]")}
-    if cos is not None:
-        shapes["cos"] = (cos, (b, 1, dg), "[B, 1, Dg]")
-        shapes["sin"] = (sin, (b, 1, dg), "[B, 1, Dg]")
-    for name, (x, want, legend) in shapes.items():
-        if not isinstance(x, torch.Tensor) or tuple(x.shape) != want:
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"{op}: {name} must be {legend} = {list(want)}, got {got}")
-    if cos is not None:
-        tensors.update(cos=cos, sin=sin)
-    for name, x in tensors.items():
-        if x.device != q.device:
-            raise ValueError(f"{op}: {name} is on {x.device} but q is on {q.device}")
+    check_shapes_and_devices(op, shapes, tensors, "q", "q is", cos, sin, b, dg)
     floats = (torch.float16, torch.bfloat16, torch.float32)
     for name in ("q", "q_proj"):
         check_device(tensors[name], op, floats)

@@ -54,7 +54,7 @@ def gate_key_append(
     Dg must be even (the kernel works on the two halves of the gate dimension, RoPE's rotate-half pairs).
     """
     op = "gate_key_append"
-    from ._triton.config import check_device
+    from ._triton.config import check_device, check_shapes_and_devices
 
     tensors = {"k_new": k_new, "pools": pools, "keys": keys, "lengths": lengths, "num_blocks": num_blocks,
                "k_proj": k_proj, "norm_weight": norm_weight}  # fmt: skip
@@ -86,18 +86,7 @@ def gate_key_append(
         "lengths": (lengths, (b,), "[B]"),
         "num_blocks": (num_blocks, (b,), "[B]"),
     }
-    if cos is not None:
-        shapes["cos"] = (cos, (b, 1, dg), "[B, 1, Dg]")
-        shapes["sin"] = (sin, (b, 1, dg), "[B, 1, Dg]")
-    for name, (x, want, legend) in shapes.items():
-        if not isinstance(x, torch.Tensor) or tuple(x.shape) != want:
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"{op}: {name} must be {legend} = {list(want)}, got {got}")
-    if cos is not None:
-        tensors.update(cos=cos, sin=sin)
-    for name, x in tensors.items():
-        if x.device != keys.device:
-            raise ValueError(f"{op}: {name} is on {x.device} but keys are on {keys.device}")
+    check_shapes_and_devices(op, shapes, tensors, "keys", "keys are", cos, sin, b, dg)
     floats = (torch.float16, torch.bfloat16, torch.float32)
     for name in ("k_new", "keys", "k_proj"):
         check_device(tensors[name], op, floats)

@@ -62,6 +62,26 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def check_shapes_and_devices(
+    op: str, shapes: dict, tensors: dict, ref: str, ref_text: str, cos=None, sin=None, b: int = 0, dg: int = 0
+) -> None:
+    """The checks the gate-query and key-cache-append ops share: ``shapes[name] = (x, want, legend)``, each x a
+    tensor of shape ``want`` (and the RoPE tables ``cos`` / ``sin``, when given, ``[B, 1, Dg]``), then every tensor
+    of ``tensors`` on the device of ``tensors[ref]`` (``ref_text`` names it in the error, e.g. "q is"); cos / sin,
+    when given, are added to ``tensors`` (the caller's later checks read them there too)."""
+    if cos is not None:
+        shapes = {**shapes, "cos": (cos, (b, 1, dg), "[B, 1, Dg]"), "sin": (sin, (b, 1, dg), "[B, 1, Dg]")}
+        tensors.update(cos=cos, sin=sin)
+    for name, (x, want, legend) in shapes.items():
+        if not isinstance(x, torch.Tensor) or tuple(x.shape) != want:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{op}: {name} must be {legend} = {list(want)}, got {got}")
+    device = tensors[ref].device
+    for name, x in tensors.items():
+        if x.device != device:
+            raise ValueError(f"{op}: {name} is on {x.device} but {ref_text} on {device}")
+
+
 def check_device(x: torch.Tensor, op: str, dtypes: tuple[torch.dtype, ...]) -> None:
     """Where a Triton kernel can read ``x``: CUDA tensors, or CPU tensors under the interpreter, where bf16
     is refused (the interpreter computes it silently wrong); ``x.dtype`` one of ``dtypes``."""
