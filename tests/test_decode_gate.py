@@ -185,6 +185,19 @@ def _shifted_want(gate, k: torch.Tensor, lens: list[int]) -> tuple[torch.Tensor,
     return gate.block_keys(k[:, :, o : o + n * BS], rotary, first), [max(0, (x - o) // BS) for x in lens]
 
 
+def test_block_keys_with_an_offset_are_the_blocks_of_the_rows_after_it():
+    gate = make_gate(seed=10)
+    k = torch.randn(2, 2, 45, 8, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    for o in (0, 3, BS // 2):
+        n = (45 - o) // BS
+        want = gate.block_keys(k[:, :, o : o + n * BS], rotary, (torch.arange(n) * BS + o).expand(2, n))
+        got = gate.block_keys(k, rotary, offset=o)
+        assert got.shape[2] == n and torch.equal(got, want)
+    assert gate.block_keys(k[:, :, :BS], rotary, offset=1).shape[2] == 0  # the rows after the offset hold no block
+    with pytest.raises(ValueError, match="offset must be in"):
+        gate.block_keys(k, rotary, offset=BS)
+
+
 @pytest.mark.parametrize("chunks", [[], [1, 2, 3], [7, 30], [70]])
 def test_shifted_cache_holds_the_half_shifted_windows(chunks):
     """GateKeyCache(shifted=True): its ``shifted`` cache holds the gate keys of the windows [o + J * bs, o + (J + 1)

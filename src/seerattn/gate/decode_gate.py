@@ -287,20 +287,28 @@ class DecodeGate(nn.Module):
         return self._rope(self.k_norm(kg), first_positions, rotary)
 
     def block_keys(
-        self, k: torch.Tensor, rotary: Rotary | None = None, first_positions: torch.Tensor | None = None
+        self,
+        k: torch.Tensor,
+        rotary: Rotary | None = None,
+        first_positions: torch.Tensor | None = None,
+        offset: int = 0,
     ) -> torch.Tensor:
-        """Gate keys of every *completed* block of k: [B, Hkv, T, D] pre-RoPE keys -> [B, Hkv, T // bs, Dg].
-        ``first_positions`` [B, T // bs]: the blocks' first-token positions (default ``J * block_size``)."""
+        """Gate keys of every *completed* block of k: [B, Hkv, T, D] pre-RoPE keys -> [B, Hkv, (T - offset) // bs,
+        Dg]; block J covers tokens ``[offset + J * bs, offset + (J + 1) * bs)`` (``offset`` > 0: the
+        half-block-shifted windows of ``DecodePolicy.half_shift``). ``first_positions`` [B, N]: the blocks'
+        first-token positions (default ``offset + J * block_size``)."""
         b, hkv, t, d = k.shape
         if hkv != self.num_kv_heads or d != self.head_dim:
             raise ValueError(f"DecodeGate built for Hkv={self.num_kv_heads}, D={self.head_dim}; got k {tuple(k.shape)}")
         bs = self.config.block_size
-        n = t // bs
+        if not 0 <= offset < bs:
+            raise ValueError(f"DecodeGate.block_keys: offset must be in [0, block_size = {bs}), got {offset}")
+        n = max(0, t - offset) // bs
         if n == 0:  # no completed block yet (pool_blocks needs at least one token)
             return k.new_zeros(b, hkv, 0, self.gate_dim, dtype=self.k_proj.dtype)
-        pooled = pool_blocks(k[:, :, : n * bs], bs, self.config.k_pooling, self.k_proj.dtype)
+        pooled = pool_blocks(k[:, :, offset : offset + n * bs], bs, self.config.k_pooling, self.k_proj.dtype)
         if first_positions is None:
-            first_positions = (torch.arange(n, device=k.device) * bs).expand(b, n)
+            first_positions = (torch.arange(n, device=k.device) * bs + offset).expand(b, n)
         return self.gate_keys(pooled, first_positions, rotary)
 
     @staticmethod

@@ -170,9 +170,8 @@ class GateKeyCache:
         kw = k[:, :, o:] if t > o else k[:, :, :1]  # the rows from the offset on (one unread row if there are none)
         lens_w = (lens - o).clamp(min=0)  # rows of each sequence in blocks
         with torch.autocast(device_type=k.device.type, enabled=False):  # the gate runs in its own dtype
-            n = (t - o) // bs if t > o else 0
-            first_pos = (torch.arange(n, device=k.device) * bs + o).expand(b, n)
-            full = self.gate.block_keys(kw[:, :, : n * bs], rotary, first_pos)  # [B, Hkv, n, Dg]
+            full = self.gate.block_keys(k, rotary, offset=o)  # [B, Hkv, n, Dg]
+        n = full.shape[2]
         done = lens_w // bs
         valid = (torch.arange(n, device=k.device).view(1, -1) < done.view(-1, 1)).view(b, 1, n, 1)
         self.keys.zero_()

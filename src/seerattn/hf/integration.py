@@ -1408,10 +1408,7 @@ def _decode_eval_attention(module, state: SeerState, query, key, value, pre: dic
             with torch.no_grad():
                 gate_keys = gate.block_keys(k_pre, state._rotary)  # completed blocks
                 if cfg.decode.policy.half_shift:  # the completed half-block-shifted windows
-                    o = bs // 2
-                    nw = max(0, (t - o) // bs)
-                    first = (torch.arange(nw, device=k_pre.device) * bs + o).expand(b, nw)
-                    shifted = gate.block_keys(k_pre[:, :, o : o + nw * bs], state._rotary, first)
+                    shifted = gate.block_keys(k_pre, state._rotary, offset=bs // 2)
         cdt = torch.promote_types(query.dtype, torch.float32)
         kf, vf = key.to(cdt).unsqueeze(2), value.to(cdt).unsqueeze(2)  # [B, Hkv, 1, T, D]
         rows = max(1, _DECODE_EVAL_ELEMENTS // (b * hq * t))
