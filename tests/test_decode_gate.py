@@ -266,6 +266,10 @@ def test_straddle_logits_lends_a_window_to_both_blocks_only_where_it_beats_them(
     # a window that beats one of its two blocks only does not count; -inf blocks stay -inf
     assert torch.equal(straddle_logits(torch.tensor([1.0, 5.0]), torch.tensor([3.0, -inf])), torch.tensor([1.0, 5.0]))
     assert straddle_logits(torch.tensor([-inf, 0.0]), torch.tensor([9.0, -inf])).tolist() == [-inf, 9.0]
+    with pytest.raises(ValueError, match="one shape"):
+        straddle_logits(blocks, windows[:-1])
+    with pytest.raises(ValueError, match="one floating dtype"):
+        straddle_logits(blocks, windows.double())
 
 
 def test_gate_scores_with_the_shifted_windows_equal_brute_force():

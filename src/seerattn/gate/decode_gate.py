@@ -147,6 +147,13 @@ def straddle_logits(blocks: torch.Tensor, windows: torch.Tensor) -> torch.Tensor
     (something centred on their boundary, not half of one strong block), and then lends its logit to both (to the
     one of the two with the lower own logit the next float below it: no tie); block J's logit becomes the
     largest of its own and those lent by the counted windows J - 1 and J. -inf blocks stay -inf."""
+    if not isinstance(blocks, torch.Tensor) or not isinstance(windows, torch.Tensor) or blocks.dim() == 0:
+        raise TypeError("straddle_logits takes two tensors [..., NB] of block and window logits")
+    if blocks.shape != windows.shape or not blocks.is_floating_point() or windows.dtype != blocks.dtype:
+        raise ValueError(
+            f"straddle_logits needs block and window logits of one shape [..., NB] and one floating dtype, got "
+            f"{tuple(blocks.shape)} {blocks.dtype} and {tuple(windows.shape)} {windows.dtype}"
+        )
     ninf = torch.full_like(blocks[..., :1], float("-inf"))
     nxt = torch.cat((blocks[..., 1:], ninf), -1)  # block J + 1
     counted = windows.masked_fill(windows <= torch.maximum(blocks, nxt), float("-inf"))
