@@ -29,6 +29,7 @@ The PPL measure is session 10's (32 windows of 8192 tokens, the last 2048 in dec
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import time
@@ -62,7 +63,8 @@ def shifted_logits(gate, rotary, q: torch.Tensor, k: torch.Tensor, lens: torch.T
     half = bs // 2
     b, _, n, _ = q.shape
     t = k.shape[2]
-    pos_k = torch.arange(t).expand(b, t)
+    dev = k.device
+    pos_k = torch.arange(t, device=dev).expand(b, t)
     ck, sk = rotary(k, pos_k)
     k_pre = unrope(k.float(), ck.float(), sk.float())
     pos_q = (lens - 1).long()
@@ -72,18 +74,18 @@ def shifted_logits(gate, rotary, q: torch.Tensor, k: torch.Tensor, lens: torch.T
     aligned = gate.block_keys(k_pre[:, :, : (t // bs) * bs], rotary)  # [B, Hkv, t // bs, Dg]
     qg = gate.gate_query(q_pre, pos_q, rotary)  # [B, Hkv, N, Dg]
     scale = 1.0 / math.sqrt(qg.shape[-1])
-    s_al = torch.full((b, gate.num_kv_heads, n, nb), float("-inf"))
-    s_al[..., : aligned.shape[2]] = torch.matmul(qg, aligned.transpose(-1, -2)) * scale
+    s_al = torch.full((b, gate.num_kv_heads, n, nb), float("-inf"), device=dev)
+    s_al[..., : aligned.shape[2]] = torch.matmul(qg.float(), aligned.float().transpose(-1, -2)) * scale
     cur = (pos_q // bs).view(b, 1, n, 1)  # the row's current block; completed blocks J < cur
-    idx = torch.arange(nb).view(1, 1, 1, -1)
+    idx = torch.arange(nb, device=dev).view(1, 1, 1, -1)
     s_al = s_al.masked_fill(idx >= cur, float("-inf"))
     if mode == "aligned" or t < bs + half:
         return s_al
     m = (t - half) // bs  # shifted windows with all their tokens in the cache
-    first = (torch.arange(m) * bs + half).expand(b, m)
+    first = (torch.arange(m, device=dev) * bs + half).expand(b, m)
     sh = gate.block_keys(k_pre[:, :, half : half + m * bs], rotary, first_positions=first)  # [B, Hkv, m, Dg]
-    s_sh = torch.full((b, gate.num_kv_heads, n, nb), float("-inf"))
-    s_sh[..., :m] = torch.matmul(qg, sh.transpose(-1, -2)) * scale
+    s_sh = torch.full((b, gate.num_kv_heads, n, nb), float("-inf"), device=dev)
+    s_sh[..., :m] = torch.matmul(qg.float(), sh.float().transpose(-1, -2)) * scale
     # window j covers blocks j and j + 1; it must be completed before the row's current block: j + 1 < cur
     s_sh = s_sh.masked_fill(idx + 1 >= cur, float("-inf"))
     if mode == "win2":  # the library's rule (straddle_logits, its tie-break included) at the window's mass per slot
@@ -97,12 +99,14 @@ def shifted_logits(gate, rotary, q: torch.Tensor, k: torch.Tensor, lens: torch.T
     return torch.maximum(s_al, torch.maximum(s_sh, prev)).masked_fill(idx >= cur, float("-inf"))
 
 
-def make_select(model, state, budget: int, mode: str):
+def select_with(model, state, budget: int, logits_fn):
+    """A ``SeerState.decode_select_fn``: ``logits_fn(gate, rotary, q, k, lens)`` ranks each row's blocks, the
+    library's ``select_decode_blocks`` keeps the budget (first and current block forced)."""
     layers = model.model.layers
 
     def select(request) -> torch.Tensor:
         gate = layers[request.layer_idx].self_attn.seer_decode_gate
-        logits = shifted_logits(gate, state._rotary, request.q, request.k, request.cache_seqlens, mode)
+        logits = logits_fn(gate, state._rotary, request.q, request.k, request.cache_seqlens)
         b, hkv, n, nb = logits.shape
         flat = logits.permute(0, 2, 1, 3).reshape(b * n, hkv, nb)
         idx = select_decode_blocks(
@@ -113,31 +117,65 @@ def make_select(model, state, budget: int, mode: str):
     return select
 
 
-def ppl(em, books, args) -> None:
-    """Teacher-forced decode-mode NLL of each window's last ``tail`` tokens: dense, then each mode."""
-    windows = segment_windows(books, 8192, args.windows)
+def make_select(model, state, budget: int, mode: str):
+    return select_with(model, state, budget, functools.partial(shifted_logits, mode=mode))
+
+
+def ppl_runs(em, books, modes: list[str], hook, budget: int, windows: int, tail: int, refs: tuple[str, ...]) -> dict:
+    """Teacher-forced decode-mode NLL of each window's last ``tail`` tokens: dense, then each mode (``hook(mode)``:
+    its ``decode_select_fn``, None for the library's own selection), with paired bootstrap intervals against each
+    of ``refs`` that ran."""
+    segments = segment_windows(books, 8192, windows)
     tails = {}
     with scaled_rope(em, 8192, "yarn"):
-        for mode in ["dense", *args.modes.split(",")]:
-            configure_decode(em, "dense" if mode == "dense" else "seer", args.budget, decode_start=8192 - args.tail)
-            if mode not in ("dense", "seer"):
-                em.state.decode_select_fn = make_select(em.model, em.state, args.budget, mode)
+        for mode in ["dense", *modes]:
+            configure_decode(em, "dense" if mode == "dense" else "seer", budget, decode_start=8192 - tail)
+            if mode != "dense":
+                em.state.decode_select_fn = hook(mode)
             t0, tails[mode] = time.time(), []
-            for w in windows:
+            for w in segments:
                 em.state.reset()
-                tails[mode].append(token_nll(em.model, w)[-args.tail :].sum().item())
-            n = args.tail * len(windows)
-            print(f"{mode}: PPL last {args.tail} {math.exp(sum(tails[mode]) / n):.3f} ({time.time() - t0:.0f} s)")
+                tails[mode].append(token_nll(em.model, w)[-tail:].sum().item())
+            n = tail * len(segments)
+            print(f"{mode}: PPL last {tail} {math.exp(sum(tails[mode]) / n):.3f} ({time.time() - t0:.0f} s)")
     em.state.decode_select_fn = None
-    tokens = [args.tail] * len(windows)
+    tokens = [tail] * len(segments)
     for mode in tails:
-        for ref in ("dense", "seer"):
-            if mode != ref and ref in tails and not (mode == "dense"):
+        for ref in refs:
+            if mode not in ("dense", ref) and ref in tails:
                 d, lo, hi = paired_bootstrap_ppl(tails[ref], tails[mode], tokens)
                 print(f"{mode} vs {ref}: {100 * d:+.2f} % [{100 * lo:+.2f}, {100 * hi:+.2f}]")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"windows": len(windows), "tail": args.tail, "window_nll_tail": tails}, f, indent=1)
+    return {"windows": len(segments), "tail": tail, "window_nll_tail": tails}
+
+
+def passkey_runs(em, tok, grid, specs, modes: list[str], hook, budget: int, show_all: bool) -> list[dict]:
+    """Each mode's greedy answers to the prompts ``specs`` ((depth, sample) of ``grid``) with ``hook(mode)`` as the
+    ``decode_select_fn``; prints the wrong answers (every answer with ``show_all``) and each mode's count."""
+    rows = []
+    with scaled_rope(em, 8192, "yarn"):
+        for mode in modes:
+            configure_decode(em, "seer", budget)
+            em.state.decode_select_fn = hook(mode)
+            right, t0 = 0, time.time()
+            for depth, sample in specs:
+                prompt = grid[DEPTHS.index(depth)][sample]
+                em.state.reset()
+                out, _ = decode_answer(em.model, prompt.ids, prompt.answer.numel() + 1)
+                got = _first_digits(tok.decode(out, skip_special_tokens=True))
+                right += got == prompt.key
+                rows.append(dict(mode=mode, depth=depth, sample=sample, key=prompt.key, answer=got))
+                if got != prompt.key or show_all:
+                    print(f"{mode:7s} depth {depth} sample {sample:2d} key {prompt.key} answer {got}", flush=True)
+            print(f"{mode}: {right} / {len(specs)} right ({time.time() - t0:.0f} s)", flush=True)
+    em.state.decode_select_fn = None
+    return rows
+
+
+def prompt_specs(prompts: str, samples: int) -> list[tuple[float, int]]:
+    """``all`` (every depth, ``samples`` each) or ``depth:sample,...``."""
+    if prompts == "all":
+        return [(d, s) for d in DEPTHS for s in range(samples)]
+    return [(float(x.split(":")[0]), int(x.split(":")[1])) for x in prompts.split(",")]
 
 
 def main() -> None:
@@ -160,31 +198,22 @@ def main() -> None:
     books = TokenizedBooks(args.data, tok, split="test")
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa")
     em = prepare_decode_model(model, args.gates, name=args.model)
-    grid = _prompts(books, tok, 8192, DEPTHS, args.samples, 0, PasskeyTemplate(), True)
-    if args.prompts == "all":
-        specs = [(d, s) for d in DEPTHS for s in range(args.samples)]
-    else:
-        specs = [(float(x.split(":")[0]), int(x.split(":")[1])) for x in args.prompts.split(",")]
-    rows = []
     if args.measure == "ppl":
-        ppl(em, books, args)
+
+        def hook(mode: str):  # "seer": the library's own selection, no hook
+            return None if mode == "seer" else make_select(em.model, em.state, args.budget, mode)
+
+        modes = args.modes.split(",")
+        result = ppl_runs(em, books, modes, hook, args.budget, args.windows, args.tail, ("dense", "seer"))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
         return
-    with scaled_rope(em, 8192, "yarn"):
-        for mode in args.modes.split(","):
-            configure_decode(em, "seer", args.budget)
-            em.state.decode_select_fn = make_select(em.model, em.state, args.budget, mode)
-            right, t0 = 0, time.time()
-            for depth, sample in specs:
-                prompt = grid[DEPTHS.index(depth)][sample]
-                em.state.reset()
-                out, _ = decode_answer(em.model, prompt.ids, prompt.answer.numel() + 1)
-                got = _first_digits(tok.decode(out, skip_special_tokens=True))
-                right += got == prompt.key
-                rows.append(dict(mode=mode, depth=depth, sample=sample, key=prompt.key, answer=got))
-                if got != prompt.key or args.prompts != "all":
-                    print(f"{mode:7s} depth {depth} sample {sample:2d} key {prompt.key} answer {got}", flush=True)
-            print(f"{mode}: {right} / {len(specs)} right ({time.time() - t0:.0f} s)", flush=True)
-    em.state.decode_select_fn = None
+    grid = _prompts(books, tok, 8192, DEPTHS, args.samples, 0, PasskeyTemplate(), True)
+    rows = passkey_runs(
+        em, tok, grid, prompt_specs(args.prompts, args.samples), args.modes.split(","),
+        lambda mode: make_select(em.model, em.state, args.budget, mode), args.budget, args.prompts != "all",
+    )  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
