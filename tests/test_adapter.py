@@ -639,14 +639,15 @@ def test_decode_sections_round_trip(tmp_path, prefill):
             "use_rope": True,
             "norm_eps": 1e-6,
         },
-        "policy": {"kind": "budget", "value": 48, "max_blocks": None, "half_shift": False},
+        "policy": {"kind": "budget", "value": 48, "max_blocks": None, "half_shift": False, "bound_slots": 0},
         "enabled": True,
     }
-    # an adapter written before DecodePolicy.half_shift existed reads as half_shift=False; True round-trips
+    # an adapter written before DecodePolicy.half_shift / bound_slots existed reads as False / 0; others round-trip
     older = {**meta["decode"], "policy": {"kind": "budget", "value": 48, "max_blocks": None}}
     assert DecodeConfig.from_dict(older) == DECODE
-    shifted = replace(DECODE, policy=replace(DECODE.policy, half_shift=True))
-    assert DecodeConfig.from_dict(json.loads(json.dumps(shifted.to_dict()))) == shifted
+    for change in ({"half_shift": True}, {"bound_slots": 1}):
+        other = replace(DECODE, policy=replace(DECODE.policy, **change))
+        assert DecodeConfig.from_dict(json.loads(json.dumps(other.to_dict()))) == other
     keys = sorted(load_file(str(tmp_path / "a" / ADAPTER_WEIGHTS)))
     want_keys = _decode_keys() + ([f"layers.{i}.k_proj" for i in range(LAYERS)] if prefill else [])
     assert keys == sorted(want_keys)

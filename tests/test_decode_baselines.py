@@ -14,7 +14,7 @@ from seerattn.decode_baselines import (
     quest_decode_blocks,
     streaming_decode_blocks,
 )
-from seerattn.decode_policy import DecodePolicy, select_decode_blocks
+from seerattn.decode_policy import DecodePolicy, bound_block_picks, select_decode_blocks
 from seerattn.ops.reference import decode_block_max, decode_block_scores
 
 LENS = [1, 16, 17, 40, 100, 161]  # empty past the first block, exact block ends, partial blocks, more blocks than slots
@@ -175,3 +175,70 @@ def test_teacher_forced_rows_equal_decode_steps(select):
     for n, r in enumerate(rows.tolist()):
         step = select(q[:, :, r], k, torch.full((2,), r + 1, dtype=torch.int32), 4 * bs, bs)
         assert torch.equal(idx[:, :, n], step), r
+
+
+@pytest.mark.parametrize("hq, hkv", [(4, 2), (3, 3)])
+def test_bound_block_picks_are_the_best_completed_blocks_by_brute_force(hq, hkv):
+    """DecodePolicy.bound_slots' picks: per row the M completed blocks of highest brute-force Quest bound, the first
+    block never (it is kept anyway), -1 where a row has fewer; keys at and past the current block do not matter."""
+    bs, d, m = 16, 8, 3
+    g = torch.Generator().manual_seed(hq + 10 * hkv)
+    lens = torch.tensor(LENS, dtype=torch.int32)
+    q = torch.randn(len(LENS), hq, d, generator=g, dtype=torch.float64)
+    k = torch.randn(len(LENS), hkv, 176, d, generator=g, dtype=torch.float64)
+    want = _brute_quest_scores(q, k, bs)
+    picks = bound_block_picks(q.unsqueeze(2), *quest_block_bounds(k, bs), lens.view(-1, 1), m, bs)
+    assert picks.shape == (len(LENS), hkv, 1, m) and picks.dtype == torch.int32
+    garbage = k.clone()
+    for i, n in enumerate(LENS):
+        garbage[i, :, ((n - 1) // bs) * bs :] = 1e3
+    assert torch.equal(
+        picks, bound_block_picks(q.unsqueeze(2), *quest_block_bounds(garbage, bs), lens.view(-1, 1), m, bs)
+    )
+    for i, n in enumerate(LENS):
+        eligible = list(range(1, max(0, (n - 1) // bs)))
+        for h in range(hkv):
+            best = sorted(eligible, key=lambda j: -want[i, h, j].item())[:m]
+            assert picks[i, h, 0].tolist() == best + [-1] * (m - len(best)), (n, h)
+    with pytest.raises(ValueError, match="slots must be an int >= 1"):
+        bound_block_picks(q.unsqueeze(2), *quest_block_bounds(k, bs), lens.view(-1, 1), 0, bs)
+    with pytest.raises(ValueError, match=r"cache_seqlens \[B, N\]"):
+        bound_block_picks(q.unsqueeze(2), *quest_block_bounds(k, bs), lens, m, bs)
+
+
+def test_bound_blocks_are_kept_before_the_logits_rank_the_rest():
+    """select_decode_blocks with bound_blocks: the picks that are completed blocks are kept like the first and the
+    current block (a pick outside them, -1 or a repeat costs no slot), the rest of the budget goes by logit."""
+    bs, k = 16, 5
+    policy = DecodePolicy("budget", k * bs, bound_slots=2)
+    logits = torch.arange(12, dtype=torch.float32).expand(1, 1, 12).clone()  # later blocks score higher
+    lens = torch.tensor([10 * bs + 3])  # completed 0..9, current 10
+    cases = {
+        (2, 4): {0, 10, 2, 4, 9},  # two picks, then the best logit left (9)
+        (4, -1): {0, 10, 4, 9, 8},  # one pick
+        (3, 3): {0, 10, 3, 9, 8},  # a repeat
+        (0, 10): {0, 10, 9, 8, 7},  # first and current are kept anyway
+        (11, -1): {0, 10, 9, 8, 7},  # past the current block: not a completed block, ignored
+    }
+    for picks, want in cases.items():
+        bound = torch.tensor(picks, dtype=torch.int32).view(1, 1, 2)
+        got = select_decode_blocks(logits, lens, policy, bs, bound_blocks=bound)
+        assert set(got[0, 0].tolist()) == want, picks
+        assert set(got[0, 0, :4].tolist()) >= {0, 10} | {p for p in picks if 0 <= p < 10}  # forced first
+    with pytest.raises(ValueError, match="needs bound_blocks"):
+        select_decode_blocks(logits, lens, policy, bs)
+    with pytest.raises(ValueError, match="bound_slots=0"):
+        select_decode_blocks(logits, lens, DecodePolicy("budget", k * bs), bs, bound_blocks=bound)
+    with pytest.raises(ValueError, match=r"needs bound_blocks, int32 / int64 \[1, 1, 2\]"):
+        select_decode_blocks(logits, lens, policy, bs, bound_blocks=bound[..., :1])
+
+
+def test_bound_slots_policy_validation():
+    assert DecodePolicy("budget", 64, bound_slots=2).num_slots(16, 100) == 4
+    with pytest.raises(ValueError, match="need >= 80 tokens"):
+        DecodePolicy("budget", 64, bound_slots=3).num_slots(16, 100)
+    for bad in (-1, True, 1.0):
+        with pytest.raises(ValueError, match="bound_slots must be an int >= 0"):
+            DecodePolicy("budget", 64, bound_slots=bad)
+    with pytest.raises(ValueError, match="0 for kinds other than 'budget'"):
+        DecodePolicy("top_p", 0.9, bound_slots=1)

@@ -462,3 +462,37 @@ def test_config_validation_and_round_trip():
         DecodeGateConfig(block_size=48)
     with pytest.raises(ValueError, match="needs rotary"):
         make_gate(dtype=torch.float32).scores(torch.zeros(1, 4, 8), torch.zeros(1, 2, 3, 8), torch.tensor([40]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_bounds_follow_the_cache_step_by_step(dtype):
+    """BlockBounds: a prompt's refresh, then one update per decode step (sequences of other lengths and starts, a
+    left-padded batch), gives every completed block the exact min / max of its rows, as quest_block_bounds over
+    each sequence alone; the capacity grows; select reorders."""
+    from seerattn.decode_baselines import quest_block_bounds
+    from seerattn.gate import BlockBounds
+
+    bs, hkv, d, t, steps = 8, 2, 4, 21, 30
+    g = torch.Generator().manual_seed(4)
+    key = torch.randn(3, hkv, t + steps, d, generator=g).to(dtype)  # the KV cache rows the steps fill
+    starts = torch.tensor([0, 5, 20])  # prompts of 21, 16 and 1 tokens
+    bounds = BlockBounds(key[:, :, :t], bs, t)
+    bounds.refresh(key[:, :, :t], starts)
+    assert bounds.kmin.dtype == dtype and bounds.kmin.shape == (3, hkv, 3, d)
+    for step in range(steps + 1):
+        lens = t + step - starts
+        for i in range(3):
+            alone = key[i : i + 1, :, starts[i] : t + step]
+            lo, hi = quest_block_bounds(alone, bs)
+            done = (int(lens[i]) - 1) // bs  # completed blocks, as a decode step at this length sees them
+            assert torch.equal(bounds.kmin[i, :, :done], lo[0, :, :done]), (step, i)
+            assert torch.equal(bounds.kmax[i, :, :done], hi[0, :, :done]), (step, i)
+        if step < steps:
+            bounds.reserve(t + step + 1)
+            bounds.update(key[:, :, : t + step + 1], lens + 1, starts)
+    assert bounds.kmin.shape[2] >= -(-(t + steps) // bs)
+    before = bounds.kmax.clone()
+    bounds.select(torch.tensor([2, 2, 0]))
+    assert torch.equal(bounds.kmax, before[[2, 2, 0]])
+    with pytest.raises(ValueError, match="BlockBounds.refresh needs key"):
+        bounds.refresh(key[:, :1])

@@ -184,6 +184,36 @@ def test_ties_go_to_the_lower_block_index():
     assert got.tolist() == [[[0, 1, 2, 3, 11]] * 2]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_keeps_the_bound_picks_as_eager_does(dtype):
+    """DecodePolicy.bound_slots through the fused kernel: the listed blocks (random: completed ones, -1, repeats,
+    the first or current block, blocks past the current) are kept where completed, the rest by logit, the same
+    sets as the eager selection; varlen, GQA, NB = 13."""
+    bs, m = 16, 3
+    gate, q, keys, qg, lens = gate_case(LENS, 4, 2, 16, 13, bs, seed=3)
+    gate, q, keys, qg = gate.to(dtype), q.to(dtype), keys.to(dtype), qg.to(dtype)
+    g = torch.Generator().manual_seed(5)
+    for budget_blocks in (5, 16):
+        policy = DecodePolicy("budget", budget_blocks * bs, bound_slots=m)
+        picks = torch.randint(-1, 14, (len(LENS), 2, m), generator=g, dtype=torch.int32)
+        picks[-1, 0] = torch.tensor([3, 3, -1])  # a repeat and a missing pick in a full cache
+        with torch.no_grad():
+            logits = gate.scores(q, keys, (lens - 1).long(), rotary)
+        want = select_decode_blocks(logits, lens, policy, bs, keys.shape[2], bound_blocks=picks)
+        got = select_decode_blocks_fused(qg, keys, lens, policy, bs, bound_blocks=picks)
+        assert_same_sets(got, want)
+        plain = select_decode_blocks_fused(qg, keys, lens, DecodePolicy("budget", budget_blocks * bs), bs)
+        if budget_blocks == 5:  # the picks moved blocks into the budget
+            assert not torch.equal(got, plain)
+        for i, n in enumerate(LENS):  # every completed pick is kept
+            cur = max(0, (n - 1) // bs) if n else -1
+            for h in range(2):
+                done = {p for p in picks[i, h].tolist() if 0 <= p < cur}
+                assert done <= set(got[i, h].tolist()), (n, h)
+    with pytest.raises(ValueError, match=r"forced must be an int32 / int64 \[B, Hkv, M\]"):
+        budget_decode_blocks(qg, keys, lens, 4, bs, forced=picks.float())
+
+
 def test_non_budget_policies_and_bad_inputs_are_refused():
     bs = 16
     qg, keys, lens = torch.randn(2, 2, 8), torch.randn(2, 2, 4, 8), torch.tensor([40, 64], dtype=torch.int32)
@@ -255,3 +285,33 @@ def test_gpu_32k_batch_16_matches_eager_and_captures_in_a_graph(dtype):
     qg.copy_(torch.randn_like(qg))
     graph.replay()
     assert torch.equal(static, select_decode_blocks_fused(qg, keys, lens_t, policy, bs))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _on_gpu(), reason="needs a CUDA GPU and the compiled kernel (no TRITON_INTERPRET)")
+def test_gpu_bound_picks_at_32k_match_eager_and_replay_in_a_graph():
+    """The compiled kernel with DecodePolicy.bound_slots (M = 2, fp32, Llama-3.1-8B gate shapes, a 32k cache of
+    64-token blocks, batch 16 of varied lengths): the eager sets, in a CUDA graph too."""
+    bs, nb = 64, 512
+    lens = [32768, 32705, 20001, 8192, 4097, 4096, 1000, 200, 129, 128, 65, 64, 1, 0, 30000, 12345]
+    gate, q, keys, qg, lens_t = gate_case(lens, 32, 8, 128, nb, bs, seed=9, device="cuda")
+    policy = DecodePolicy("budget", 4096, bound_slots=2)
+    picks = torch.randint(-1, nb, (len(lens), 8, 2), device="cuda", dtype=torch.int32)
+    with torch.no_grad():
+        logits = gate.scores(q, keys, (lens_t - 1).long(), rotary)
+    want = select_decode_blocks(logits, lens_t, policy, bs, nb, bound_blocks=picks)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = select_decode_blocks_fused(qg, keys, lens_t, policy, bs, bound_blocks=picks)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert ((static >= 0).sum(-1) == (want >= 0).sum(-1)).all()
+    # by the eager logits of the kept blocks, the picks and the first / current block as +inf (kept by both); a near
+    # tie at the budget's edge may swap two blocks a fraction of a logit's rounding apart
+    j = torch.arange(nb, device="cuda")
+    done = j < ((lens_t.long() - 1) // bs).view(-1, 1, 1)
+    picked = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, picks.long().clamp(min=0), picks >= 0) & done
+    prio = torch.where(torch.isinf(logits) | picked, float("inf"), logits)
+    gl = prio.gather(-1, static.long().clamp(min=0)).masked_fill(static < 0, 0.0).sort(-1).values
+    wl = prio.gather(-1, want.long().clamp(min=0)).masked_fill(want < 0, 0.0).sort(-1).values
+    torch.testing.assert_close(gl, wl, rtol=0.0, atol=1e-5)

@@ -289,16 +289,18 @@ def _check_each_prompt_alone(model, state, ids, mask, lens, seq, logits, seen, c
             assert torch.equal(blocks[r : r + 1], blocks_a), f"row {r} layer {layer}"
 
 
-@pytest.mark.parametrize("half_shift", [False, True], ids=["blocks", "half-shift"])
+@pytest.mark.parametrize("policy", [None, "half_shift", "bound"], ids=["blocks", "half-shift", "bound"])
 @pytest.mark.parametrize("cache", [None, "static"], ids=["dynamic", "static"])
-def test_left_padded_generate_equals_each_prompt_alone(cache, half_shift, decode_calls):
+def test_left_padded_generate_equals_each_prompt_alone(cache, policy, decode_calls):
     """generate() on left-padded prompts of 70, 45 and 12 tokens (starts 0, 25 and 58: on a block boundary's
     other side, mid-block) with a 3-block budget: every sequence gets the tokens, logits and per-step block
     selections it gets alone; the kernel is handed each sequence's start. With ``half_shift`` the windows' cache
-    counts from each sequence's start too."""
+    counts from each sequence's start too, with ``bound_slots`` the blocks' key bounds."""
     model, _, state = _prepared("qwen2")
-    if half_shift:
+    if policy == "half_shift":
         state.set_decode(policy=DecodePolicy("budget", 48, half_shift=True))
+    if policy == "bound":
+        state.set_decode(policy=DecodePolicy("budget", 48, bound_slots=1))
     lens, t = (70, 45, 12), 70
     ids, mask = _left_padded(lens, t)
     seen = _observed(state)
@@ -700,14 +702,17 @@ def test_decode_observer_sees_every_steps_selection_and_nothing_when_off(decode_
 
 
 # ------------------------------------------------------------------------------ teacher-forced decode mode
-@pytest.mark.parametrize("custom", ["gate", "select_fn", "half_shift"])
+@pytest.mark.parametrize("custom", ["gate", "select_fn", "half_shift", "bound"])
 def test_decode_eval_equals_step_by_step_generate(custom, decode_calls, monkeypatch):
     """One forward in decode_eval mode over prompt + generated tokens gives the logits generate gave at each
     step: same selections, rows before the start dense (generate's prefill ran dense). ``half_shift``: the
-    shifted windows' keys from the step cache and from decode_eval's bulk pooling rank alike."""
+    shifted windows' keys from the step cache and from decode_eval's bulk pooling rank alike; ``bound``: the key
+    bounds the steps keep and those decode_eval computes from the window pick alike."""
     model, _, state = _prepared("qwen3")
     if custom == "half_shift":
         state.set_decode(policy=DecodePolicy("budget", 48, half_shift=True))
+    if custom == "bound":
+        state.set_decode(policy=DecodePolicy("budget", 64, bound_slots=1))
     if custom == "select_fn":
         # a selection that depends on the query (top blocks by q . mean key): the rows must be the right ones
         def by_mean_key(req: DecodeRequest) -> torch.Tensor:
@@ -783,6 +788,56 @@ def test_half_shift_changes_the_selection_and_matches_across_caches(cache, decod
         assert sh.num_blocks.tolist() == [(PROMPT + NEW - 1 - BS // 2) // BS] * 2
 
 
+@pytest.mark.parametrize("cache", [None, "static"], ids=["dynamic", "static"])
+def test_bound_slots_keep_the_blocks_of_highest_key_bound(cache, decode_calls):
+    """DecodePolicy.bound_slots = 1 with a 4-block budget: every step keeps the first and the current block, the
+    completed block of highest Quest bound over the keys the kernel reads (recomputed here from them), and one block
+    by the gate; some steps differ from the plain policy; the output is attention over the kept blocks; the fused
+    selection (the interpreter) keeps the same sets."""
+    from seerattn.decode_baselines import quest_block_bounds
+    from seerattn.decode_policy import bound_block_picks
+
+    model, _, state = _prepared("llama")
+    ids = input_ids(PROMPT, b=2, seed=11)
+    state.set_decode(policy=DecodePolicy("budget", 64))
+    seq_plain, _ = _generate(model, ids, cache)
+    plain = [c[4].sort(-1).values for c in decode_calls]
+    decode_calls.clear()
+    state.set_decode(policy=DecodePolicy("budget", 64, bound_slots=1))
+    seq, logits = _generate(model, ids, cache)
+    assert len(decode_calls) == len(plain) == LAYERS * (NEW - 1)
+    assert sum(not torch.equal(a, c[4].sort(-1).values) for a, c in zip(plain, decode_calls, strict=True)) > 0
+    for step, (q, k, v, seqlens, idx, bs, out) in enumerate(decode_calls):
+        length = PROMPT + 1 + step // LAYERS
+        cur = (length - 1) // BS
+        want = bound_block_picks(q.unsqueeze(2), *quest_block_bounds(k[:, :, :length], BS), seqlens.view(-1, 1), 1, BS)
+        for row, pick in zip(idx.reshape(-1, idx.shape[-1]).tolist(), want.reshape(-1).tolist(), strict=True):
+            kept = [j for j in row if j >= 0]
+            assert 0 in kept and cur in kept and len(set(kept)) == len(kept) == min(4, cur + 1)
+            assert pick < 0 or pick in kept, (step, row, pick)
+        torch.testing.assert_close(out, _masked_decode_reference(q, k, v, seqlens, idx, bs), atol=1e-5, rtol=1e-5)
+    unfused = [c[4].sort(-1).values for c in decode_calls]
+    decode_calls.clear()
+    state.set(decode_select="fused")
+    seq_f, logits_f = _generate(model, ids, cache)
+    assert torch.equal(seq_f, seq)
+    torch.testing.assert_close(logits_f, logits, atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(_ascending(u), _ascending(c[4])) for u, c in zip(unfused, decode_calls, strict=True))
+
+
+def test_bound_slots_switched_on_during_a_generate_is_refused():
+    from transformers import DynamicCache
+
+    model, _, state = _prepared("llama")
+    ids = input_ids(PROMPT + 1, seed=2)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids[:, :PROMPT], cache=cache)
+        state.set_decode(policy=DecodePolicy("budget", 48, bound_slots=1))
+        with pytest.raises(RuntimeError, match="keeps no key bounds"):
+            model(ids[:, PROMPT:], cache=cache)
+
+
 def test_half_shift_switched_on_during_a_generate_is_refused():
     from transformers import DynamicCache
 
@@ -822,13 +877,13 @@ def test_generate_through_the_triton_decode_kernel_equals_the_reference(decode_c
 # ------------------------------------------------------------------------------ fused / unfused selection
 @pytest.fixture
 def fused_calls(monkeypatch):
-    """Every call of the fused selection from the HF path: (qg, keys, cache_seqlens, policy, block_size)."""
+    """Every call of the fused selection from the HF path: (qg, keys, lengths, policy, block_size, bound_blocks)."""
     calls = []
     real = integration.select_decode_blocks_fused
 
-    def spy(qg, keys, lens, policy, block_size):
-        calls.append((qg, keys, lens, policy, block_size))
-        return real(qg, keys, lens, policy, block_size)
+    def spy(qg, keys, lens, policy, block_size, bound_blocks=None):
+        calls.append((qg, keys, lens, policy, block_size, bound_blocks))
+        return real(qg, keys, lens, policy, block_size, bound_blocks)
 
     monkeypatch.setattr(integration, "select_decode_blocks_fused", spy)
     return calls
@@ -909,14 +964,17 @@ def _on_gpu():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _on_gpu(), reason="needs a CUDA GPU and the compiled kernels (no TRITON_INTERPRET)")
+@pytest.mark.parametrize("bound", [0, 1], ids=["plain", "bound"])
 @pytest.mark.parametrize("padded", [False, True], ids=["equal", "left-padded"])
 @pytest.mark.parametrize("cache", [None, "static"], ids=["dynamic", "static"])
-def test_gpu_generate_decode_steps_have_no_host_sync(cache, padded, fused_calls, monkeypatch):
+def test_gpu_generate_decode_steps_have_no_host_sync(cache, padded, bound, fused_calls, monkeypatch):
     """fp16 on the GPU: every decode step of every layer (key-cache append, gate query, the fused gate logits
     and budget selection chosen automatically on CUDA, Triton kernel with the starts of a left-padded batch,
-    stats) runs under torch.cuda.set_sync_debug_mode("error"); the tokens' logits match the reference kernel's
-    after the unfused selection."""
+    stats; with ``bound_slots`` the key bounds' update and picks) runs under torch.cuda.set_sync_debug_mode("error");
+    the tokens' logits match the reference kernel's after the unfused selection."""
     model, _, state = _prepared("llama")
+    if bound:
+        state.set_decode(policy=DecodePolicy("budget", 64, bound_slots=bound))
     model.to("cuda", torch.float16)
     state.cuda_graphs = False  # the eager step (tests/test_hf_graphs.py replays it from a CUDA graph)
     ids = input_ids(PROMPT, b=2).cuda()

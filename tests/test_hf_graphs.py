@@ -125,7 +125,7 @@ needs_gpu = pytest.mark.skipif(not _on_gpu(), reason="needs a CUDA GPU and the c
 @needs_gpu
 @pytest.mark.parametrize("padded", [False, True], ids=["equal", "left-padded"])
 @pytest.mark.parametrize(
-    "decode", ["sparse", "dense", "half_shift"], ids=["sparse-decode", "dense-decode", "half-shift"]
+    "decode", ["sparse", "dense", "half_shift", "bound"], ids=["sparse-decode", "dense-decode", "half-shift", "bound"]
 )
 def test_gpu_replayed_steps_equal_eager_generate(decode, padded):
     model, state = _prepared()
@@ -134,6 +134,8 @@ def test_gpu_replayed_steps_equal_eager_generate(decode, padded):
     state.set_decode(enabled=sparse)
     if decode == "half_shift":  # the shifted windows' eager append and the unfused selection, replayed
         state.set_decode(policy=DecodePolicy("budget", DECODE.policy.value, half_shift=True))
+    if decode == "bound":  # the key bounds' update and picks beside the fused selection, replayed
+        state.set_decode(policy=DecodePolicy("budget", DECODE.policy.value, bound_slots=1))
     ids = input_ids(PROMPT, b=3).cuda()
     mask = torch.ones_like(ids)
     if padded:

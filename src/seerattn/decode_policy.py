@@ -26,6 +26,13 @@ window that outscores both blocks it straddles lends its logit to both, so a nee
 (a pass key across two blocks) ranks as it would whole. The gate is not retrained; the key cache keeps the
 windows' keys too (:class:`seerattn.gate.GateKeyCache` ``shifted``), and the selection runs unfused.
 
+``bound_slots=M`` (``"budget"`` only) gives M of the budget's slots to the completed blocks (first block aside) of
+highest Quest bound on ``q . k`` (per block the element-wise min / max of its post-RoPE keys, ``max_h sum_d max(q_hd
+kmin_d, q_hd kmax_d)`` over the group's query heads: :func:`bound_block_picks`); they are kept like the first and the
+current block, and the gate ranks the rest. The bound keeps a block that holds one strongly matching key (a pass key),
+which the gate's pooled block keys can miss (docs/design.md, "A few budget slots to Quest's bound"). The caller keeps
+the bounds (:class:`seerattn.gate.BlockBounds`, 2 x D values per block and KV head beside the KV cache's 2 x 64 x D).
+
 :func:`select_decode_blocks_fused` computes the gate logits and the ``"budget"`` selection in one
 Triton launch (:func:`seerattn.ops.budget_decode_blocks`), the same blocks in ascending order.
 :func:`resolve_decode_select` is the rule that picks one or the other for a sparse decode step.
@@ -43,6 +50,7 @@ __all__ = [
     "DECODE_POLICY_KINDS",
     "DECODE_SELECTS",
     "DecodePolicy",
+    "bound_block_picks",
     "resolve_decode_select",
     "select_decode_blocks",
     "select_decode_blocks_fused",
@@ -62,12 +70,15 @@ class DecodePolicy:
         max_blocks: K for threshold / top_p (None: every block of the cache).
         half_shift: rank by the gate logits of the blocks and of the half-block-shifted windows (module
             docstring); not with ``dense``.
+        bound_slots: slots kept by the Quest bound before the gate ranks the rest (module docstring); ``"budget"``
+            only, and at most K - 2 (the first and the current block take two).
     """
 
     kind: str = "budget"
     value: float = 4096
     max_blocks: int | None = None
     half_shift: bool = False
+    bound_slots: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in DECODE_POLICY_KINDS:
@@ -83,6 +94,12 @@ class DecodePolicy:
                 f"DecodePolicy.half_shift must be True or False, and False for the 'dense' kind (it ranks nothing); "
                 f"got {self.half_shift!r} with {self.kind!r}"
             )
+        slots = self.bound_slots
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 0 or (slots and self.kind != "budget"):
+            raise ValueError(
+                f"DecodePolicy.bound_slots must be an int >= 0, and 0 for kinds other than 'budget'; got {slots!r} "
+                f"with {self.kind!r}"
+            )
 
     def num_slots(self, block_size: int, kv_blocks: int) -> int:
         """K: list length for ``block_size``-token blocks over a cache of ``kv_blocks`` blocks."""
@@ -92,6 +109,11 @@ class DecodePolicy:
                 raise ValueError(
                     f"a {int(self.value)}-token budget holds {k} block(s) of {block_size}; the first and the current "
                     f"block are always kept, so it needs >= {2 * block_size} tokens"
+                )
+            if k < 2 + self.bound_slots:
+                raise ValueError(
+                    f"a {int(self.value)}-token budget holds {k} blocks of {block_size}: the first and the current "
+                    f"block and bound_slots={self.bound_slots} need >= {(2 + self.bound_slots) * block_size} tokens"
                 )
             return k
         if self.kind == "dense" or self.max_blocks is None:
@@ -105,6 +127,7 @@ def select_decode_blocks(
     policy: DecodePolicy,
     block_size: int,
     kv_blocks: int | None = None,
+    bound_blocks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The key blocks each (sequence, KV head) attends to for its new token.
 
@@ -116,10 +139,12 @@ def select_decode_blocks(
         block_size: tokens per key block.
         kv_blocks: blocks covering the KV cache capacity (static); default NB. Must cover every
             sequence's current block.
+        bound_blocks: int [B, Hkv, ``policy.bound_slots``] the Quest bound's picks (:func:`bound_block_picks`,
+            -1: none), kept like the first and the current block; given exactly when ``policy.bound_slots > 0``.
 
     Returns:
-        int32 [B, Hkv, K] block indices, highest priority first (first and current block, then by
-        logit), -1 padded; K = ``policy.num_slots(block_size, kv_blocks)``.
+        int32 [B, Hkv, K] block indices, highest priority first (first and current block and the bound's picks,
+        then by logit), -1 padded; K = ``policy.num_slots(block_size, kv_blocks)``.
     """
     if logits.dim() != 3 or cache_seqlens.shape != (logits.shape[0],):
         raise ValueError(
@@ -127,6 +152,7 @@ def select_decode_blocks(
             f"{tuple(cache_seqlens.shape)}"
         )
     b, hkv, nb = logits.shape
+    _check_bound_blocks("select_decode_blocks", bound_blocks, policy, (b, hkv))
     kv_blocks = nb if kv_blocks is None else kv_blocks
     if kv_blocks < nb:
         raise ValueError(f"kv_blocks ({kv_blocks}) must be >= the logits' {nb} blocks")
@@ -140,6 +166,11 @@ def select_decode_blocks(
     j = torch.arange(width, device=logits.device).view(1, 1, -1)
     completed = j < cur
     forced = ((j == 0) | (j == cur)) & (lens > 0)
+    if bound_blocks is not None:  # the bound's picks (-1: none) -> a spare column, dropped
+        picks = bound_blocks.to(logits.device).long()
+        picks = torch.where((picks >= 0) & (picks < width), picks, width)
+        chosen = torch.zeros(b, hkv, width + 1, dtype=torch.bool, device=logits.device).scatter_(-1, picks, True)
+        forced = forced | (chosen[..., :width] & completed)
     if policy.kind == "dense":
         x = -j.float().expand_as(x)  # every block, ascending
         keep = completed
@@ -161,8 +192,68 @@ def select_decode_blocks(
     return torch.where(torch.isinf(top) & (top < 0), -1, idx).to(torch.int32)
 
 
+def _check_bound_blocks(op: str, bound_blocks: torch.Tensor | None, policy: DecodePolicy, lead: tuple) -> None:
+    """bound_blocks must be int [*lead, policy.bound_slots] when the policy has bound slots, and None otherwise."""
+    if policy.bound_slots == 0:
+        if bound_blocks is not None:
+            raise ValueError(f"{op}: bound_blocks given but the policy has bound_slots=0 (nothing would read them)")
+        return
+    want = (*lead, policy.bound_slots)
+    ok = isinstance(bound_blocks, torch.Tensor) and bound_blocks.dtype in (torch.int32, torch.int64)
+    if not ok or tuple(bound_blocks.shape) != want:
+        got = "None" if bound_blocks is None else f"{bound_blocks.dtype} {tuple(bound_blocks.shape)}"
+        raise ValueError(
+            f"{op}: a policy with bound_slots={policy.bound_slots} needs bound_blocks, int32 / int64 {list(want)} "
+            f"(bound_block_picks), got {got}"
+        )
+
+
+def bound_block_picks(
+    q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, cache_seqlens: torch.Tensor, slots: int, block_size: int
+) -> torch.Tensor:
+    """The ``slots`` completed blocks of highest Quest bound per (sequence, KV head, row), first block aside.
+
+    Args:
+        q: [B, Hq, N, D] query rows (post-RoPE).
+        kmin, kmax: [B, Hkv, NB, D] element-wise min / max of each block's post-RoPE keys
+            (:func:`seerattn.decode_baselines.quest_block_bounds`, :class:`seerattn.gate.BlockBounds`); only the
+            blocks ``1 <= J < (cache_seqlens - 1) // block_size`` are read (completed, not the first, which is kept
+            anyway).
+        cache_seqlens: int [B, N] keys visible to each row (its position + 1).
+        slots: M >= 1 picks per row.
+        block_size: tokens per key block.
+
+    Returns:
+        int32 [B, Hkv, N, M]: the picks by descending bound (:func:`seerattn.decode_baselines.quest_block_scores`,
+        fp32), -1 where a row has fewer than M such blocks.
+    """
+    from .decode_baselines import quest_block_scores  # that module builds on this one
+
+    if q.dim() != 4 or tuple(cache_seqlens.shape) != (q.shape[0], q.shape[2]):
+        raise ValueError(
+            f"bound_block_picks needs q [B, Hq, N, D] and cache_seqlens [B, N], got {tuple(q.shape)} and "
+            f"{tuple(cache_seqlens.shape)}"
+        )
+    if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+        raise ValueError(f"bound_block_picks: slots must be an int >= 1, got {slots!r}")
+    s = quest_block_scores(q, kmin, kmax)  # [B, Hkv, N, NB]
+    b, hkv, n, nb = s.shape
+    cur = (cache_seqlens.to(s.device).long().view(b, 1, n, 1) - 1) // block_size
+    j = torch.arange(nb, device=s.device)
+    s = s.masked_fill(~((j >= 1) & (j < cur)), float("-inf"))
+    if nb < slots:
+        s = torch.nn.functional.pad(s, (0, slots - nb), value=float("-inf"))
+    top, idx = s.topk(slots, dim=-1)
+    return torch.where(torch.isinf(top) & (top < 0), -1, idx).to(torch.int32)
+
+
 def select_decode_blocks_fused(
-    qg: torch.Tensor, keys: torch.Tensor, cache_seqlens: torch.Tensor, policy: DecodePolicy, block_size: int
+    qg: torch.Tensor,
+    keys: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    policy: DecodePolicy,
+    block_size: int,
+    bound_blocks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`select_decode_blocks` on :meth:`seerattn.gate.DecodeGate.scores`' logits, fused into one
     Triton kernel with the logits (``"budget"`` policies only).
@@ -173,6 +264,7 @@ def select_decode_blocks_fused(
         cache_seqlens: int [B] tokens in each cache, the new token included.
         policy: a ``"budget"`` :class:`DecodePolicy`.
         block_size: tokens per key block.
+        bound_blocks: int [B, Hkv, ``policy.bound_slots``] as :func:`select_decode_blocks` takes them.
 
     Returns:
         int32 [B, Hkv, K] (K = ``policy.num_slots(block_size, NB)``): the blocks :func:`select_decode_blocks`
@@ -186,8 +278,9 @@ def select_decode_blocks_fused(
         )
     from .ops import budget_decode_blocks
 
+    _check_bound_blocks("select_decode_blocks_fused", bound_blocks, policy, tuple(qg.shape[:2]))
     k = policy.num_slots(block_size, kv_blocks=0)  # a budget's K does not depend on the cache capacity
-    return budget_decode_blocks(qg, keys, cache_seqlens, k, block_size)
+    return budget_decode_blocks(qg, keys, cache_seqlens, k, block_size, forced=bound_blocks)
 
 
 def resolve_decode_select(select: str | None, policy: DecodePolicy, device: torch.device | str) -> str:

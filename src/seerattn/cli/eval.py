@@ -268,7 +268,7 @@ def _read_metrics(run: Path) -> list[dict]:
 
 
 # seerattn.eval.decode.DECODE_METHODS (checked by a test)
-DECODE_METHODS = "dense,seer,seer_shift,streaming,quest,oracle"
+DECODE_METHODS = "dense,seer,seer_shift,seer_bound,streaming,quest,oracle"
 
 
 def _run_decode(args) -> int:

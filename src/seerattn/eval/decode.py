@@ -21,7 +21,9 @@ from a kept one that the model did not use.
 
 Methods (:data:`DECODE_METHODS`): ``dense`` (decode steps dense, transformers' SDPA), ``seer`` (the
 decode gate and a :class:`~seerattn.decode_policy.DecodePolicy` ``"budget"``), ``seer_shift`` (the same gate
-and budget, ranking with the half-block-shifted windows too: ``DecodePolicy.half_shift``), ``streaming`` and
+and budget, ranking with the half-block-shifted windows too: ``DecodePolicy.half_shift``), ``seer_bound`` (the same
+gate and budget, :data:`SEER_BOUND_SLOTS` of the slots to the blocks of highest Quest bound on ``q . k``:
+``DecodePolicy.bound_slots``, bounds cached per block as a serving path keeps them), ``streaming`` and
 ``quest`` (:mod:`seerattn.decode_baselines` through ``SeerState.decode_select_fn``, the same kernel
 and budget). Quest here recomputes its block bounds from the whole cache at every step (an
 evaluation, not a speed measurement; a serving path would cache them per block as the gate keys are).
@@ -69,8 +71,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DECODE_METHODS = ("dense", "seer", "seer_shift", "streaming", "quest", "oracle")
-_GATED = ("seer", "seer_shift")  # the methods that read the decode gates
+DECODE_METHODS = ("dense", "seer", "seer_shift", "seer_bound", "streaming", "quest", "oracle")
+_GATED = ("seer", "seer_shift", "seer_bound")  # the methods that read the decode gates
+# ``seer_bound``'s slots for the Quest bound: what session 14's hybrid hook measured with passkeys (2 of a 16-block
+# budget, docs/experiments/decode/session14; 4 slots only for PPL, level with 2)
+SEER_BOUND_SLOTS = 2
 # the needle-recall fields of a passkey row (needle_summary; None where nothing was recorded)
 NEEDLE_FIELDS = (
     "needle_blocks",
@@ -142,7 +147,10 @@ def configure_decode(em: EvalModel, method: str, budget: int, decode_start: int 
         state.set(mode="dense", decode_start=None)
         state.set_decode(enabled=False)
         return
-    state.set_decode(enabled=True, policy=DecodePolicy("budget", budget, half_shift=method == "seer_shift"))
+    bound = SEER_BOUND_SLOTS if method == "seer_bound" else 0
+    state.set_decode(
+        enabled=True, policy=DecodePolicy("budget", budget, half_shift=method == "seer_shift", bound_slots=bound)
+    )
     if method in _SELECT:
         state.decode_select_fn = functools.partial(_SELECT[method], budget)
     if decode_start is None:

@@ -22,6 +22,9 @@ Half-block-shifted windows (``DecodePolicy.half_shift``): a cache built with ``s
 ``[J * bs + bs/2, (J + 1) * bs + bs/2)``, pooled, projected and rotated at their first position by the same gate.
 A needle that a block boundary splits lies whole in one of them (:meth:`DecodeGate.scores` with ``shifted``).
 
+:class:`BlockBounds` keeps beside them the element-wise min / max of each block's post-RoPE keys
+(``DecodePolicy.bound_slots``): what the attention reads, not what the gate pools, so it is filled from the KV cache.
+
 Shape legend: B sequences, Hkv key/value heads, D head dim, Dg gate dim, NB capacity in blocks,
 Ck number of K poolings.
 """
@@ -30,9 +33,10 @@ from __future__ import annotations
 
 import torch
 
+from .attn_gate import pool_blocks
 from .decode_gate import DecodeGate, Rotary
 
-__all__ = ["APPEND_IMPLS", "GateKeyCache"]
+__all__ = ["APPEND_IMPLS", "BlockBounds", "GateKeyCache"]
 
 APPEND_IMPLS = (None, "eager", "triton")
 
@@ -340,3 +344,80 @@ class GateKeyCache:
             k_new, self._pools, self.keys, self.lengths, self.num_blocks, gate.k_proj, gate.k_norm.weight,
             gate.k_norm.eps, cos, sin, block_size=self.block_size, poolings=self.poolings,
         )  # fmt: skip
+
+
+class BlockBounds:
+    """Element-wise min and max of each key block's post-RoPE keys, for B sequences of one layer: the bounds that
+    :func:`seerattn.decode_policy.bound_block_picks` ranks blocks by (``DecodePolicy.bound_slots``).
+
+    2 x D values per block and KV head in the KV cache's dtype, beside its 2 x ``block_size`` x D: 1/64 of its bytes at
+    64-token blocks. Exact (min and max of the cached values). Block J of sequence b covers its KV cache rows
+    ``[starts[b] + J * bs, starts[b] + (J + 1) * bs)`` (``starts``: a left-padded batch's first real tokens, else 0),
+    as the decode kernel reads them. A block's bounds are valid once it is completed: :meth:`refresh` writes every
+    block from the cache's rows (a prompt, a prefill chunk), :meth:`update` after each decode step the last completed
+    block of each sequence (static shapes, no host synchronisation: capturable in a CUDA graph).
+
+    Attributes:
+        kmin, kmax: [B, Hkv, NB, D] the bounds; NB grows with :meth:`reserve`.
+    """
+
+    def __init__(self, key: torch.Tensor, block_size: int, max_tokens: int):
+        """Room for ``max_tokens`` tokens of B sequences shaped like ``key`` [B, Hkv, T, D] (its dtype and device)."""
+        b, hkv, _, d = key.shape
+        self.block_size = block_size
+        cap = max(1, -(-max_tokens // block_size))
+        self.kmin = key.new_zeros(b, hkv, cap, d)
+        self.kmax = key.new_zeros(b, hkv, cap, d)
+
+    def reserve(self, tokens: int) -> None:
+        """Room for ``tokens`` per sequence (host-side: the caller knows the cache's size); grows by doubling."""
+        need = -(-tokens // self.block_size)
+        cap = self.kmin.shape[2]
+        if need > cap:
+            grow = max(need, 2 * cap) - cap
+            self.kmin = torch.nn.functional.pad(self.kmin, (0, 0, 0, grow))
+            self.kmax = torch.nn.functional.pad(self.kmax, (0, 0, 0, grow))
+
+    @torch.no_grad()
+    def refresh(self, key: torch.Tensor, starts: torch.Tensor | None = None) -> None:
+        """Every block's bounds from the cache's rows so far, key: [B, Hkv, T, D] post-RoPE; ``starts``: int [B]
+        each sequence's first row (default 0). Blocks past a sequence's rows are bounded over what the rows hold."""
+        b, hkv, t, d = key.shape
+        if (b, hkv, d) != (self.kmin.shape[0], self.kmin.shape[1], self.kmin.shape[3]) or t == 0:
+            raise ValueError(
+                f"BlockBounds.refresh needs key [B={self.kmin.shape[0]}, Hkv={self.kmin.shape[1]}, T >= 1, "
+                f"D={self.kmin.shape[3]}], got {tuple(key.shape)}"
+            )
+        if starts is not None:  # each row moved to begin at its sequence's first token
+            rows = (starts.to(key.device).long().view(b, 1) + torch.arange(t, device=key.device)).clamp(max=t - 1)
+            key = key.gather(2, rows.view(b, 1, t, 1).expand(b, hkv, t, d))
+        self.reserve(t)
+        lo, hi = pool_blocks(key, self.block_size, ("min", "max")).chunk(2, dim=-1)
+        n = lo.shape[2]
+        self.kmin[:, :, :n].copy_(lo)  # in place: the tensors keep their addresses (CUDA graphs)
+        self.kmax[:, :, :n].copy_(hi)
+
+    @torch.no_grad()
+    def update(self, key: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor | None = None) -> None:
+        """After a decode step: the bounds of each sequence's last completed block, read from the cache.
+
+        key: [B, Hkv, Tcap, D] the KV cache's post-RoPE keys (the step's token written); lengths: int [B] tokens of
+        each sequence, the step's included; starts: int [B] each sequence's first row (default 0). A block completed
+        by an earlier step is rewritten with the same values: one 64-row read per sequence and step, no branch.
+        """
+        b, hkv, tcap, d = key.shape
+        bs = self.block_size
+        last = (lengths.to(key.device).long() - 1) // bs - 1  # [B] the last completed block (-1: none)
+        first = last.clamp(min=0) * bs + (0 if starts is None else starts.to(key.device).long())
+        rows = (first.view(b, 1) + torch.arange(bs, device=key.device)).clamp(max=tcap - 1)  # [B, bs]
+        block = key.gather(2, rows.view(b, 1, bs, 1).expand(b, hkv, bs, d))  # [B, Hkv, bs, D]
+        slot = last.clamp(0, self.kmin.shape[2] - 1).view(b, 1, 1, 1).expand(b, hkv, 1, d)
+        done = (last >= 0).view(b, 1, 1, 1)
+        for bound, new in ((self.kmin, block.amin(2, keepdim=True)), (self.kmax, block.amax(2, keepdim=True))):
+            bound.scatter_(2, slot, torch.where(done, new.to(bound.dtype), bound.gather(2, slot)))
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep, reorder or repeat sequences as :meth:`GateKeyCache.select` (new tensors: not in a captured graph)."""
+        index = index.to(self.kmin.device).long()
+        self.kmin = self.kmin.index_select(0, index)
+        self.kmax = self.kmax.index_select(0, index)

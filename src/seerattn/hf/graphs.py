@@ -234,6 +234,7 @@ class DecodeGraphs:
         seer = tuple(
             (e.keys.keys.data_ptr(), e.keys.lengths.data_ptr(), e.keys.num_blocks.data_ptr(), e.keys._pools.data_ptr())
             + (None if e.starts is None else e.starts.data_ptr(),)
+            + (None if e.bounds is None else (e.bounds.kmin.data_ptr(), e.bounds.kmax.data_ptr()),)
             for e in entries
         )
         return (id(cache), id(state.config), state.record_densities, shapes, plain, kv, seer)

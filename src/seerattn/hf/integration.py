@@ -40,8 +40,24 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from ..block_mask import BlockMask, SparsityPolicy, mask_from_scores, num_blocks
-from ..decode_policy import DecodePolicy, resolve_decode_select, select_decode_blocks, select_decode_blocks_fused
-from ..gate import AttnGate, DecodeGate, DecodeGateConfig, GateConfig, GateKeyCache, gate_loss, gate_metrics
+from ..decode_baselines import quest_block_bounds
+from ..decode_policy import (
+    DecodePolicy,
+    bound_block_picks,
+    resolve_decode_select,
+    select_decode_blocks,
+    select_decode_blocks_fused,
+)
+from ..gate import (
+    AttnGate,
+    BlockBounds,
+    DecodeGate,
+    DecodeGateConfig,
+    GateConfig,
+    GateKeyCache,
+    gate_loss,
+    gate_metrics,
+)
 from ..gate.decode_gate import RotaryTable, length_free_rotary
 from ..ops import attention_with_block_scores, block_sparse_attention, sparse_decode_attention
 from .graphs import DecodeGraphs
@@ -467,6 +483,7 @@ class _DecodeCache:
     left-padded prompt (each sequence's own length is ``keys.lengths``, ``length - starts``); None when the
     prompt was unpadded. ``rotary``: what the steps rotate the gate's vectors with, a :class:`RotaryTable` over a
     static cache's positions (shared by the layers) where the model's rotary allows it, else None (the model's).
+    ``bounds``: the min / max of each block's keys (``DecodePolicy.bound_slots > 0``), else None.
     """
 
     owner: weakref.ref
@@ -475,6 +492,7 @@ class _DecodeCache:
     capacity: int | None  # a static cache's size in tokens (the keys it hands over each step); None: it grows
     starts: torch.Tensor | None = None
     rotary: RotaryTable | None = None
+    bounds: BlockBounds | None = None
 
     def check_handover(self, layer: int, tk: int, new: int) -> None:
         """The KV cache hands this forward of ``new`` tokens ``tk`` keys: a DynamicCache exactly the tokens so
@@ -899,10 +917,10 @@ def seer_attention_forward(module, query, key, value, attention_mask, dropout: f
                     "token per step. Switch it off with state.set_decode(enabled=False) for this use"
                 )
             _check_chunk_unpadded(state, attention_mask, entry.length, tq, layer)
-            _extend_decode_cache(module, state, entry, pre, b, tq, tk)
+            _extend_decode_cache(module, state, entry, pre, key, tq)
     if state.decoding and hf_cache is not None and tq == tk:
         starts = _decode_starts(_prefill_layout(state, mask_in, attention_mask, kwargs, b, tq), query.device)
-        _start_decode_cache(module, state, hf_cache, pre, b, tq, capacity, starts)
+        _start_decode_cache(module, state, hf_cache, pre, key, capacity, starts)
     if cfg.mode == "dense" or tq != tk:
         pre = pending = None  # the captures' last references (with state.capture off): freed before the kernel
         state._stats[layer] = {"path": "dense" if tq == tk else "dense-decode", "density": 1.0}
@@ -1089,10 +1107,11 @@ def _decode_starts(layout: _Layout | None, device) -> torch.Tensor | None:
 
 
 def _start_decode_cache(
-    module, state: SeerState, hf_cache, pre: dict | None, b: int, t: int, capacity: int | None, starts
+    module, state: SeerState, hf_cache, pre: dict | None, key: torch.Tensor, capacity: int | None, starts
 ):
-    """A prefill of ``t`` tokens into an empty ``hf_cache``: the layer's decode-gate key cache, filled in bulk
-    from the prompt's pre-RoPE K (completed blocks -> gate keys, the partial block -> running pools).
+    """A prefill of a prompt (``key``: its post-RoPE keys [B, Hkv, T, D]) into an empty ``hf_cache``: the layer's
+    decode-gate key cache, filled in bulk from the prompt's pre-RoPE K (completed blocks -> gate keys, the partial
+    block -> running pools), and the blocks' key bounds for a policy with ``bound_slots``.
     ``capacity``: the tokens a static cache holds (it hands over that many keys in every step), None for a
     cache that grows. ``starts``: int32 [B] each prompt's first real token in a left-padded batch
     (:func:`_decode_starts`; each prompt pooled from there), None for an unpadded one. The KV cache rows keep one
@@ -1102,14 +1121,18 @@ def _start_decode_cache(
     if pre is None:
         raise RuntimeError(f"layer {layer}: pre-RoPE q/k were not captured (hooks missing?)")
     gate: DecodeGate = module.seer_decode_gate
+    b, t = key.shape[0], key.shape[2]
     k_pre = pre["k"].reshape(b, t, gate.num_kv_heads, gate.head_dim).transpose(1, 2)
     # room for the whole cache: a static cache's capacity (static shapes in every step), else the prompt (it grows)
-    half_shift = state.config.decode.policy.half_shift  # the shifted windows' keys kept beside the blocks'
-    keys = GateKeyCache(gate, b, max_tokens=capacity or t, device=k_pre.device, shifted=half_shift)
+    policy = state.config.decode.policy
+    keys = GateKeyCache(gate, b, max_tokens=capacity or t, device=k_pre.device, shifted=policy.half_shift)
     keys.prefill(k_pre, rotary=state._rotary, starts=starts)
-    state._decode[layer] = _DecodeCache(
-        weakref.ref(hf_cache), keys, t, capacity, starts, _step_rotary(state, gate, hf_cache, capacity, k_pre.device)
-    )
+    bounds = None
+    if policy.bound_slots:
+        bounds = BlockBounds(key, gate.config.block_size, capacity or t)
+        bounds.refresh(key, starts)
+    rotary = _step_rotary(state, gate, hf_cache, capacity, k_pre.device)
+    state._decode[layer] = _DecodeCache(weakref.ref(hf_cache), keys, t, capacity, starts, rotary, bounds)
     _follow_batch_ops(state, hf_cache)
 
 
@@ -1154,10 +1177,11 @@ def _check_chunk_unpadded(state: SeerState, attention_mask, past: int, tq: int, 
     state._chunk_mask = (weakref.ref(attention_mask), past)
 
 
-def _extend_decode_cache(module, state: SeerState, entry: _DecodeCache, pre: dict | None, b: int, tq: int, tk: int):
-    """A dense prefill chunk of ``tq`` tokens continuing ``entry``'s cache (transformers' ``prefill_chunk_size``):
-    its pre-RoPE K rows go into the decode-gate key cache in bulk (:meth:`GateKeyCache.extend`); the chunk's
-    attention itself is the model's dense one."""
+def _extend_decode_cache(module, state: SeerState, entry: _DecodeCache, pre: dict | None, key: torch.Tensor, tq: int):
+    """A dense prefill chunk of ``tq`` tokens continuing ``entry``'s cache (transformers' ``prefill_chunk_size``;
+    ``key``: the KV cache's post-RoPE keys [B, Hkv, Tk, D], the chunk's included): its pre-RoPE K rows go into the
+    decode-gate key cache in bulk (:meth:`GateKeyCache.extend`), the blocks' key bounds are refreshed from ``key``;
+    the chunk's attention itself is the model's dense one."""
     layer = module.layer_idx
     if pre is None:
         raise RuntimeError(f"layer {layer}: pre-RoPE q/k were not captured (hooks missing?)")
@@ -1167,11 +1191,14 @@ def _extend_decode_cache(module, state: SeerState, entry: _DecodeCache, pre: dic
             "sparse decode: the padding of the later chunks is not read. Prefill the padded prompts in one forward "
             "(prefill_chunk_size=None), or switch decode sparsity off with state.set_decode(enabled=False)"
         )
+    b, tk = key.shape[0], key.shape[2]
     entry.check_handover(layer, tk, tq)
     gate: DecodeGate = module.seer_decode_gate
     k_pre = pre["k"].reshape(b, tq, gate.num_kv_heads, gate.head_dim).transpose(1, 2)
     entry.keys.extend(k_pre, rotary=state._rotary)
     entry.length += tq
+    if entry.bounds is not None:
+        entry.bounds.refresh(key[:, :, : entry.length])
 
 
 # transformers' cache methods that reorder, select or repeat the sequences of the batch (beam search,
@@ -1228,6 +1255,8 @@ class _FollowedBatchOp:
             if entry.owner() is cache:
                 index = _BATCH_OPS[self.name](arg, entry.keys.lengths.shape[0])
                 entry.keys.select(index)
+                if entry.bounds is not None:
+                    entry.bounds.select(index)
                 if entry.starts is not None:
                     entry.starts = entry.starts.index_select(0, index.to(entry.starts.device).long())
 
@@ -1277,10 +1306,15 @@ def _decode_step(module, state: SeerState, entry: _DecodeCache, query, key, valu
         entry.keys.append(pre["k"].reshape(b, hkv, d), rotary)  # the same rotary for the gate query below
         entry.length += 1
         seqlens = entry.keys.lengths.to(torch.int32)  # [B], the new token included (from each sequence's start)
+        bounds = None
+        if entry.bounds is not None:
+            entry.bounds.reserve(tcap)
+            entry.bounds.update(key, entry.keys.lengths, entry.starts)
+            bounds = (entry.bounds.kmin, entry.bounds.kmax)
         q_pre = pre["q"].reshape(b, hq, 1, d)
         shifted = None if entry.keys.shifted is None else entry.keys.shifted.keys
         idx = _decode_selection(
-            module, state, query, q_pre, key, seqlens.view(b, 1), entry.keys.keys, scale, rotary, shifted
+            module, state, query, q_pre, key, seqlens.view(b, 1), entry.keys.keys, scale, rotary, shifted, bounds
         )
         idx = idx[:, :, 0]  # [B, Hkv, K]
         if state.decode_observer is not None:
@@ -1297,7 +1331,17 @@ def _decode_step(module, state: SeerState, entry: _DecodeCache, query, key, valu
 
 
 def _decode_selection(
-    module, state: SeerState, query, q_pre, key, seqlens, gate_keys, scale: float, rotary=None, shifted=None
+    module,
+    state: SeerState,
+    query,
+    q_pre,
+    key,
+    seqlens,
+    gate_keys,
+    scale: float,
+    rotary=None,
+    shifted=None,
+    bounds=None,
 ) -> torch.Tensor:
     """The key blocks of N query rows per sequence, as a decode step selects them (``rotary``: the gate query's,
     default the model's).
@@ -1305,7 +1349,8 @@ def _decode_selection(
     query: [B, Hq, N, D] post-RoPE; q_pre: [B, Hq, N, D] pre-RoPE; key: [B, Hkv, Tcap, D] post-RoPE;
     seqlens: int32 [B, N] keys visible to each row; gate_keys: [B, Hkv, NBc, Dg] the decode gate's keys
     (valid for each row's completed blocks; None with ``decode_select_fn``); shifted: [B, Hkv, NBs, Dg] the
-    half-block-shifted windows' keys (``DecodePolicy.half_shift``; None otherwise) -> int32 [B, Hkv, N, K].
+    half-block-shifted windows' keys (``DecodePolicy.half_shift``; None otherwise); bounds: (kmin, kmax), each
+    [B, Hkv, NBb, D], the blocks' key bounds (``DecodePolicy.bound_slots``; None otherwise) -> int32 [B, Hkv, N, K].
     Fused or unfused selection by :func:`~seerattn.decode_policy.resolve_decode_select` (``SeerConfig.decode_select``).
     """
     dec = state.config.decode
@@ -1332,6 +1377,14 @@ def _decode_selection(
         )
     if not dec.policy.half_shift:
         shifted = None
+    picks = None
+    if dec.policy.bound_slots:
+        if bounds is None:
+            raise RuntimeError(
+                f"layer {module.layer_idx}: DecodePolicy.bound_slots is set but the decode cache keeps no key bounds "
+                "(the policy changed during a generate?): start a new generate() or call state.reset()"
+            )
+        picks = bound_block_picks(query, *bounds, seqlens, dec.policy.bound_slots, bs)  # [B, Hkv, N, M]
     gate_keys = gate_keys[:, :, :kv_blocks]
     fused = resolve_decode_select(state.config.decode_select, dec.policy, query.device) == "fused"
     if fused and gate_keys.shape[2] < kv_blocks:
@@ -1346,15 +1399,16 @@ def _decode_selection(
         qf = q_pre[sl].permute(0, 2, 1, 3).reshape(bb * n, hq, d)
         kf = gate_keys[sl].unsqueeze(1).expand(bb, n, *gate_keys.shape[1:]).reshape(bb * n, *gate_keys.shape[1:])
         lens = seqlens[sl].reshape(bb * n)
+        pf = None if picks is None else picks[sl].permute(0, 2, 1, 3).reshape(bb * n, hkv, -1)
         if fused:  # the gate query (DecodeGate.decode_query_impl), then the logits and the budget top-K in one launch
             qg = gate.decode_query(qf, lens - 1, rotary)  # [bb * N, Hkv, Dg]
-            sel = select_decode_blocks_fused(qg, kf, lens, dec.policy, bs)  # [bb * N, Hkv, K], ascending
+            sel = select_decode_blocks_fused(qg, kf, lens, dec.policy, bs, pf)  # [bb * N, Hkv, K], ascending
         else:
             sf = None
             if shifted is not None:
                 sf = shifted[sl].unsqueeze(1).expand(bb, n, *shifted.shape[1:]).reshape(bb * n, *shifted.shape[1:])
             logits = gate.scores(qf, kf, lens - 1, rotary, sf)  # [bb * N, Hkv, NB]
-            sel = select_decode_blocks(logits, lens, dec.policy, bs, kv_blocks)  # [bb * N, Hkv, K]
+            sel = select_decode_blocks(logits, lens, dec.policy, bs, kv_blocks, pf)  # [bb * N, Hkv, K]
         parts.append(sel.view(bb, n, hkv, -1).permute(0, 2, 1, 3))
     return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
 
@@ -1409,6 +1463,7 @@ def _decode_eval_attention(module, state: SeerState, query, key, value, pre: dic
                 gate_keys = gate.block_keys(k_pre, state._rotary)  # completed blocks
                 if cfg.decode.policy.half_shift:  # the completed half-block-shifted windows
                     shifted = gate.block_keys(k_pre, state._rotary, offset=bs // 2)
+        bounds = quest_block_bounds(key, bs) if cfg.decode.policy.bound_slots else None
         cdt = torch.promote_types(query.dtype, torch.float32)
         kf, vf = key.to(cdt).unsqueeze(2), value.to(cdt).unsqueeze(2)  # [B, Hkv, 1, T, D]
         rows = max(1, _DECODE_EVAL_ELEMENTS // (b * hq * t))
@@ -1419,7 +1474,7 @@ def _decode_eval_attention(module, state: SeerState, query, key, value, pre: dic
             seqlens = torch.arange(r0 + 1, r1 + 1, device=query.device, dtype=torch.int32).expand(b, n)
             with torch.no_grad():
                 rows_q, rows_q_pre = query[:, :, r0:r1], q_pre[:, :, r0:r1]
-                idx = sel(rows_q, rows_q_pre, key, seqlens, gate_keys, scale, None, shifted)
+                idx = sel(rows_q, rows_q_pre, key, seqlens, gate_keys, scale, None, shifted, bounds)
                 keep = _kept_token_mask(idx, seqlens, bs, t).unsqueeze(2)  # [B, Hkv, 1, N, T]
             qc = query[:, :, r0:r1].to(cdt).view(b, hkv, g, n, d)
             p = (torch.matmul(qc, kf.transpose(-1, -2)) * scale).masked_fill(~keep, float("-inf")).softmax(-1)

@@ -189,14 +189,20 @@ def sparse_decode_attention(
 
 
 def budget_decode_blocks(
-    qg: torch.Tensor, keys: torch.Tensor, cache_seqlens: torch.Tensor, num_slots: int, block_size: int
+    qg: torch.Tensor,
+    keys: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    num_slots: int,
+    block_size: int,
+    forced: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode-gate logits and the token-budget block lists of one decode step, in one Triton launch.
 
     The same blocks as ``select_decode_blocks(logits, cache_seqlens, DecodePolicy("budget", K * block_size),
     block_size)`` on the logits of :meth:`seerattn.gate.DecodeGate.scores` (``qg . kg / sqrt(Dg)`` over the
     completed blocks ``J < (cache_seqlens[b] - 1) // block_size``): the first and the current block when
-    the cache has tokens, then the highest-logit completed blocks, K in all. Only the order differs:
+    the cache has tokens (and the completed blocks listed in ``forced``), then the highest-logit completed blocks,
+    K in all. Only the order differs:
     ascending block index here (:mod:`seerattn.ops._triton.decode_select`). Ties go to the lower block index.
     The policy-level entry is :func:`seerattn.decode_policy.select_decode_blocks_fused`.
 
@@ -209,6 +215,8 @@ def budget_decode_blocks(
             ``NB * block_size``.
         num_slots: K >= 1 (a token budget / block size).
         block_size: tokens per key block (power of two).
+        forced: int32 / int64 [B, Hkv, M] (M <= 16) more blocks kept like the first and the current one where they are
+            completed (``DecodePolicy.bound_slots``' picks); -1 or any other index outside them: none. None: M = 0.
 
     Returns:
         int32 [B, Hkv, K]: kept blocks in ascending order, then -1 padding.
@@ -249,6 +257,15 @@ def budget_decode_blocks(
         raise ValueError(
             f"{op}: cache_seqlens must lie in [0, NB * block_size = {nb * block_size}], got {cache_seqlens.tolist()}"
         )
+    if forced is not None:
+        ok = isinstance(forced, torch.Tensor) and forced.dtype in (torch.int32, torch.int64)
+        if not ok or forced.dim() != 3 or tuple(forced.shape[:2]) != (b, hkv) or not 1 <= forced.shape[2] <= 16:
+            raise ValueError(
+                f"{op}: forced must be an int32 / int64 [B, Hkv, M] = [{b}, {hkv}, 1..16] tensor, got "
+                f"{getattr(forced, 'dtype', type(forced).__name__)} {tuple(getattr(forced, 'shape', ()))}"
+            )
+        if forced.device != keys.device:
+            raise ValueError(f"{op}: forced is on {forced.device} but keys are on {keys.device}")
     from ._triton.decode_select import decode_budget_select_fwd
 
-    return decode_budget_select_fwd(qg, keys, cache_seqlens, num_slots, block_size)
+    return decode_budget_select_fwd(qg, keys, cache_seqlens, num_slots, block_size, forced)

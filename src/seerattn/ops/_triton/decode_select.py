@@ -15,7 +15,8 @@ loads are skipped. Products are summed in fp32 (fp64 when either input is fp64),
 promotes, then divided by ``sqrt(Dg)``.
 
 Selection, without a sort: the priority of a block is ``+inf`` for the forced blocks (the first block
-and the current, partial block, when the cache has tokens), its logit for a completed block, and the
+and the current, partial block, when the cache has tokens, and the completed blocks of the optional
+``forced`` lists, ``M`` per program: ``DecodePolicy.bound_slots``), its logit for a completed block, and the
 block takes no part otherwise (nor does a completed block whose logit is ``-inf``, which the eager
 top-K drops too). The ``K``-th largest priority is found exactly by a bitwise search on an
 order-preserving integer key of the float (32 or 64 passes of a masked count over the row;
@@ -51,13 +52,14 @@ _TILE = 8192
 
 @triton.jit
 def _decode_budget_select_kernel(
-    QG, KG, Lens, Idx,
+    QG, KG, Lens, Idx, Forced,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_ib, stride_ih,
+    stride_fb, stride_fh, stride_fm,
     H, NB, K,
     DG: tl.constexpr, DC: tl.constexpr, NBP: tl.constexpr, KP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    KEY64: tl.constexpr,
+    KEY64: tl.constexpr, M: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     b = (pid // H).to(tl.int64)
@@ -91,6 +93,9 @@ def _decode_budget_select_kernel(
     # first and current block, none for an empty cache (cur = -1): 'cols <= cur' rather than '& (n > 0)', a scalar
     # bool that triton 3.9's interpreter broadcasts to an int32 tensor (which tl.store then refuses as a mask)
     forced = ((cols == 0) | (cols == cur)) & (cols <= cur) & (cols < NB)
+    f_row = Forced + b * stride_fb + h * stride_fh
+    for m in tl.static_range(M):  # the listed blocks, where completed (-1: none)
+        forced = forced | ((cols == tl.load(f_row + m * stride_fm).to(tl.int32)) & completed)
     cand = forced | (completed & (logits != float("-inf")))
     key = _order_key(tl.where(forced, float("inf"), logits), KEY64)
     theta = tl.zeros([], dtype=tl.int32).to(key.dtype)
@@ -112,12 +117,18 @@ def _decode_budget_select_kernel(
 
 
 def decode_budget_select_fwd(
-    qg: torch.Tensor, keys: torch.Tensor, cache_seqlens: torch.Tensor, num_slots: int, block_size: int
+    qg: torch.Tensor,
+    keys: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    num_slots: int,
+    block_size: int,
+    forced: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch the kernel (inputs already validated by the caller).
 
     qg: [B, Hkv, Dg] gate queries; keys: [B, Hkv, NB, Dg] cached gate keys; cache_seqlens: int [B]
-    (the new token included); num_slots: K; block_size: tokens per block. Returns int32 [B, Hkv, K].
+    (the new token included); num_slots: K; block_size: tokens per block; forced: int [B, Hkv, M] blocks kept
+    where completed, or None. Returns int32 [B, Hkv, K].
     """
     b, hkv, nb, dg = keys.shape
     key64 = torch.float64 in (qg.dtype, keys.dtype)
@@ -125,13 +136,16 @@ def decode_budget_select_fwd(
     dc = max(1, min(triton.next_power_of_2(dg), _TILE // nbp))
     idx = torch.empty(b, hkv, num_slots, dtype=torch.int32, device=keys.device)
     cache_seqlens = cache_seqlens.contiguous()  # the kernel reads Lens[b] unstrided (an expanded view has stride 0)
+    m = 0 if forced is None else forced.shape[2]
+    f = idx if forced is None else forced  # never read when M = 0
     _decode_budget_select_kernel[(b * hkv,)](
-        qg, keys, cache_seqlens, idx,
+        qg, keys, cache_seqlens, idx, f,
         qg.stride(0), qg.stride(1), qg.stride(2),
         keys.stride(0), keys.stride(1), keys.stride(2), keys.stride(3),
         idx.stride(0), idx.stride(1),
+        f.stride(0), f.stride(1), f.stride(2),
         hkv, nb, num_slots,
-        DG=dg, DC=dc, NBP=nbp, KP=triton.next_power_of_2(num_slots), BLOCK_SIZE=block_size, KEY64=key64,
+        DG=dg, DC=dc, NBP=nbp, KP=triton.next_power_of_2(num_slots), BLOCK_SIZE=block_size, KEY64=key64, M=m,
         num_warps=8 if nbp >= 1024 else 4,
     )  # fmt: skip
     return idx
