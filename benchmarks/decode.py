@@ -27,6 +27,10 @@ run so that their ratios are measured together:
   (:func:`select_decode_blocks_fused`; the gate query stays eager), then ``ours``; its row records
   ``max_abs_diff_vs_seer``, its output's largest difference from ``seer``'s (the same blocks, listed in another
   order);
+- ``seer-bound``: ``seer-fused`` with ``DecodePolicy(bound_slots=2)`` (two of the budget's slots to the blocks of
+  highest Quest bound): the step's :meth:`BlockBounds.update` (one block of K rows read per sequence), the bound
+  over every completed block (:func:`bound_block_picks`) and the fused selection with the picks forced; its ratio
+  to ``seer-fused`` in the same run is the bound's cost;
 - ``flex``: compiled FlexAttention (decode path) with a block mask holding the same selection (heads repeated
   over each group; the selected blocks are full blocks, so no ``mask_mod`` runs on the GPU).
 
@@ -56,14 +60,14 @@ import time
 import torch
 
 from benchmarks.shapes import ATTENTION
-from seerattn.decode_policy import DecodePolicy, select_decode_blocks, select_decode_blocks_fused
-from seerattn.gate import DecodeGate, DecodeGateConfig, GateKeyCache
+from seerattn.decode_policy import DecodePolicy, bound_block_picks, select_decode_blocks, select_decode_blocks_fused
+from seerattn.gate import BlockBounds, DecodeGate, DecodeGateConfig, GateKeyCache
 from seerattn.ops import sparse_decode_attention
 from seerattn.record import write_record
 
 logger = logging.getLogger("benchmarks.decode")
 
-PROVIDERS = ("sdpa", "ours", "ours-starts", "seer", "seer-fused", "flex")
+PROVIDERS = ("sdpa", "ours", "ours-starts", "seer", "seer-fused", "seer-bound", "flex")
 SMOKE = dict(shape=(4, 2, 16), batches="1,2", contexts="256", budgets="64,128", block=16)
 
 
@@ -261,6 +265,8 @@ def bench_case(shape, budgets, providers, gate, dtype, device, impl, gen, args) 
     lens = torch.full((b,), ctx, dtype=torch.int32, device=device)
     cache = GateKeyCache(gate, b, max_tokens=ctx)
     cache.prefill(k, lens, rotary)
+    bounds = BlockBounds(k, block, ctx)  # seer-bound: the min / max of each block's keys
+    bounds.refresh(k)
     positions = (lens - 1).long()
     starts = ((7 * torch.arange(b, device=device)) % block).to(torch.int32)  # ours-starts: mid-block first tokens
     # ours / seer read these: the contiguous cache, or its paged copy (--page; None: contiguous)
@@ -278,6 +284,7 @@ def bench_case(shape, budgets, providers, gate, dtype, device, impl, gen, args) 
         row = {**base, "budget": budget, "kept_tokens": kept}
         nbytes = 2 * b * hkv * kept * d * k.element_size()
         policy = DecodePolicy("budget", budget)
+        bound_policy = DecodePolicy("budget", budget, bound_slots=2)
 
         def ours(idx=idx):
             return sparse_decode_attention(q, kc, vc, lens, idx, block, block_table=table, impl=impl)
@@ -295,7 +302,20 @@ def bench_case(shape, budgets, providers, gate, dtype, device, impl, gen, args) 
             sel = select_decode_blocks_fused(qg, cache.keys, lens, policy, block)
             return sparse_decode_attention(q, kc, vc, lens, sel, block, block_table=table, impl=impl)
 
-        fns = {"ours": ours, "ours-starts": ours_starts, "seer": seer, "seer-fused": seer_fused}
+        def seer_bound(policy=bound_policy):
+            bounds.update(k, lens)  # rewrites each sequence's last completed block (static: the same values)
+            picks = bound_block_picks(q.unsqueeze(2), bounds.kmin, bounds.kmax, lens.view(-1, 1), 2, block)
+            qg = gate.decode_query(q, positions, rotary)
+            sel = select_decode_blocks_fused(qg, cache.keys, lens, policy, block, picks[:, :, 0])
+            return sparse_decode_attention(q, kc, vc, lens, sel, block, block_table=table, impl=impl)
+
+        fns = {
+            "ours": ours,
+            "ours-starts": ours_starts,
+            "seer": seer,
+            "seer-fused": seer_fused,
+            "seer-bound": seer_bound,
+        }
         if "flex" in providers:
             try:
                 fns["flex"] = flex_decode(q, k, v, idx, block, cuda)
