@@ -29,7 +29,8 @@ run so that their ratios are measured together:
   order);
 - ``seer-bound``: ``seer-fused`` with ``DecodePolicy(bound_slots=2)`` (two of the budget's slots to the blocks of
   highest Quest bound): the step's :meth:`BlockBounds.update` (one block of K rows read per sequence), the bound
-  over every completed block (:func:`bound_block_picks`) and the fused selection with the picks forced; its ratio
+  over every completed block (:func:`bound_block_picks`, its Triton kernel as the HF step runs it beside the fused
+  selection) and the fused selection with the picks forced; its ratio
   to ``seer-fused`` in the same run is the bound's cost;
 - ``flex``: compiled FlexAttention (decode path) with a block mask holding the same selection (heads repeated
   over each group; the selected blocks are full blocks, so no ``mask_mod`` runs on the GPU).
@@ -304,7 +305,7 @@ def bench_case(shape, budgets, providers, gate, dtype, device, impl, gen, args) 
 
         def seer_bound(policy=bound_policy):
             bounds.update(k, lens)  # rewrites each sequence's last completed block (static: the same values)
-            picks = bound_block_picks(q.unsqueeze(2), bounds.kmin, bounds.kmax, lens.view(-1, 1), 2, block)
+            picks = bound_block_picks(q.unsqueeze(2), bounds.kmin, bounds.kmax, lens.view(-1, 1), 2, block, "triton")
             qg = gate.decode_query(q, positions, rotary)
             sel = select_decode_blocks_fused(qg, cache.keys, lens, policy, block, picks[:, :, 0])
             return sparse_decode_attention(q, kc, vc, lens, sel, block, block_table=table, impl=impl)

@@ -19,10 +19,12 @@ measured in one run:
   (the fused Triton selection on CUDA); each row records the selection that ran (``decode_select``);
 - ``decode-shift`` (when named): ``decode`` with ``DecodePolicy.half_shift`` (the half-block-shifted windows'
   keys kept and ranked too; the selection runs unfused);
-- ``dense-graph``, ``decode-graph``, ``both-graph``, ``decode-shift-graph`` (when named): the same with
-  ``SeerState.cuda_graphs`` on, the decode steps replayed from a CUDA graph (``seerattn.hf.graphs``; StaticCache
-  on CUDA only). Each row's speed-ups are against the dense row of the same kind (``dense`` for eager rows,
-  ``dense-graph`` for graph rows) when that row ran.
+- ``decode-bound`` (when named): ``decode`` with ``DecodePolicy.bound_slots=2`` (two of the budget's slots to the
+  blocks of highest Quest bound: the key bounds' update and the bound kernel in every step);
+- ``dense-graph``, ``decode-graph``, ``both-graph``, ``decode-shift-graph``, ``decode-bound-graph`` (when named): the
+  same with ``SeerState.cuda_graphs`` on, the decode steps replayed from a CUDA graph (``seerattn.hf.graphs``;
+  StaticCache on CUDA only). Each row's speed-ups are against the dense row of the same kind (``dense`` for eager
+  rows, ``dense-graph`` for graph rows) when that row ran.
 
 Per configuration, from one timed ``generate`` of ``--new`` tokens: ``total_s``, ``prefill_s`` (until the
 first token: a stopping criterion that never stops reads the clock, after a device sync, when generate
@@ -63,10 +65,12 @@ CONFIGS = (
     "both",
     "decode-unfused",
     "decode-shift",
+    "decode-bound",
     "dense-graph",
     "decode-graph",
     "both-graph",
     "decode-shift-graph",
+    "decode-bound-graph",
 )
 DEFAULT_CONFIGS = ("dense", "decode", "both")
 SMOKE = dict(batch=2, prompt=96, new=8, budget=32, block=16, layers=2)
@@ -113,14 +117,17 @@ def _generate(model, ids, new: int, cache: str, device: str, chunk: int | None =
 
 
 def configure(state, name: str) -> None:
-    """``dense`` / ``decode`` / ``both`` / ``decode-unfused`` / ``decode-shift``, each ``-graph`` variant (module
-    docstring)."""
+    """``dense`` / ``decode`` / ``both`` / ``decode-unfused`` / ``decode-shift`` / ``decode-bound``, each ``-graph``
+    variant (module docstring)."""
     base = name.removesuffix("-graph")
     state.set(
         mode="sparse" if base == "both" else "dense", decode_select="unfused" if base == "decode-unfused" else None
     )
     budget = state.config.decode.policy.value
-    state.set_decode(enabled=base != "dense", policy=DecodePolicy("budget", budget, half_shift=base == "decode-shift"))
+    policy = DecodePolicy(
+        "budget", budget, half_shift=base == "decode-shift", bound_slots=2 if base == "decode-bound" else 0
+    )
+    state.set_decode(enabled=base != "dense", policy=policy)
     state.cuda_graphs = name.endswith("-graph")
 
 

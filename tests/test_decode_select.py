@@ -13,14 +13,16 @@ import os
 import pytest
 import torch
 
+from seerattn.decode_baselines import quest_block_bounds, quest_block_scores
 from seerattn.decode_policy import (
     DecodePolicy,
+    bound_block_picks,
     resolve_decode_select,
     select_decode_blocks,
     select_decode_blocks_fused,
 )
 from seerattn.gate import DecodeGate, DecodeGateConfig, GateKeyCache
-from seerattn.ops import budget_decode_blocks
+from seerattn.ops import budget_decode_blocks, quest_bound_scores
 
 pytest.importorskip("triton")
 
@@ -214,6 +216,34 @@ def test_fused_keeps_the_bound_picks_as_eager_does(dtype):
         budget_decode_blocks(qg, keys, lens, 4, bs, forced=picks.float())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("hq,hkv", [(6, 2), (4, 4)])
+def test_bound_scores_kernel_matches_the_reference(dtype, hq, hkv):
+    """quest_bound_scores (Triton) against quest_block_scores (two fp32 matmuls): the same bounds up to fp32
+    rounding on each row's ranked blocks (completed, not the first), -inf elsewhere; N rows per sequence at their
+    own lengths (empty, one token, block edges), D not a power of two, NB 13, strided rows; the same picks."""
+    bs, d, nb = 8, 24, 13
+    g = torch.Generator().manual_seed(hq)
+    lens = torch.tensor([[0, 1, 9], [16, 17, 50], [104, 100, 97]])
+    q = torch.randn(3, 3, hq, d, generator=g).to(dtype).transpose(1, 2)  # [B, Hq, N, D], rows not contiguous
+    kmin, kmax = quest_block_bounds(torch.randn(3, hkv, nb * bs, d, generator=g).to(dtype), bs)
+    got = quest_bound_scores(q, kmin, kmax, lens, bs)
+    want = quest_block_scores(q, kmin, kmax)
+    j = torch.arange(nb)
+    ranked = (j >= 1) & (j < ((lens - 1) // bs).view(3, 1, 3, 1))
+    assert got.dtype == torch.float32 and got.shape == (3, hkv, 3, nb)
+    assert torch.equal(torch.isfinite(got), ranked.expand_as(got))
+    torch.testing.assert_close(got[ranked.expand_as(got)], want[ranked.expand_as(want)], rtol=1e-5, atol=1e-4)
+    torch_picks = bound_block_picks(q, kmin, kmax, lens, 3, bs, "torch")
+    assert torch.equal(bound_block_picks(q, kmin, kmax, lens, 3, bs, "triton"), torch_picks)
+    with pytest.raises(ValueError, match=r"cache_seqlens must be an int32 / int64 \[B, N\]"):
+        quest_bound_scores(q, kmin, kmax, lens[:, 0], bs)
+    with pytest.raises(ValueError, match="kmax must match kmin"):
+        quest_bound_scores(q, kmin, kmax.contiguous().to(torch.float64), lens, bs)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        bound_block_picks(q, kmin, kmax, lens, 3, bs, "cuda")
+
+
 def test_non_budget_policies_and_bad_inputs_are_refused():
     bs = 16
     qg, keys, lens = torch.randn(2, 2, 8), torch.randn(2, 2, 4, 8), torch.tensor([40, 64], dtype=torch.int32)
@@ -315,3 +345,40 @@ def test_gpu_bound_picks_at_32k_match_eager_and_replay_in_a_graph():
     gl = prio.gather(-1, static.long().clamp(min=0)).masked_fill(static < 0, 0.0).sort(-1).values
     wl = prio.gather(-1, want.long().clamp(min=0)).masked_fill(want < 0, 0.0).sort(-1).values
     torch.testing.assert_close(gl, wl, rtol=0.0, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _on_gpu(), reason="needs a CUDA GPU and the compiled kernel (no TRITON_INTERPRET)")
+def test_gpu_bound_scores_at_128k_batch_16_bf16_without_sync():
+    """The bound kernel at Llama-3.1-8B shapes (Hq 32, Hkv 8, D 128), bf16 bounds of a 128k cache (2048 blocks of
+    64), batch 16 of varied lengths: the reference's values to fp32 rounding, the same picks' bounds, no host sync,
+    replayed from a CUDA graph."""
+    bs, nb = 64, 2048
+    g = torch.Generator(device="cuda").manual_seed(3)
+    lens = torch.tensor([131072, 131071, 65537, 65536, 32768, 8192, 4097, 129, 128, 65, 64, 1, 0, 100000, 7, 70000])
+    lens = lens.cuda().view(-1, 1)
+    q = torch.randn(16, 32, 1, 128, generator=g, device="cuda", dtype=torch.bfloat16)
+    kmin = torch.randn(16, 8, nb, 128, generator=g, device="cuda", dtype=torch.bfloat16)
+    kmax = kmin + torch.rand(16, 8, nb, 128, generator=g, device="cuda", dtype=torch.bfloat16)
+    want = quest_block_scores(q, kmin, kmax)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = quest_bound_scores(q, kmin, kmax, lens, bs)
+        picks = bound_block_picks(q, kmin, kmax, lens, 2, bs, "triton")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    ranked = torch.isfinite(got)
+    j = torch.arange(nb, device="cuda")
+    assert torch.equal(ranked, ((j >= 1) & (j < ((lens - 1) // bs).view(16, 1, 1, 1))).expand_as(got))
+    torch.testing.assert_close(got[ranked], want[ranked], rtol=1e-4, atol=1e-3)
+    ref = bound_block_picks(q, kmin, kmax, lens, 2, bs, "torch")
+    assert torch.equal(picks >= 0, ref >= 0)
+    pick_bound = want.gather(-1, picks.long().clamp(min=0)).masked_fill(picks < 0, 0.0)
+    ref_bound = want.gather(-1, ref.long().clamp(min=0)).masked_fill(ref < 0, 0.0)
+    torch.testing.assert_close(pick_bound, ref_bound, rtol=1e-4, atol=1e-3)  # near ties may swap
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = quest_bound_scores(q, kmin, kmax, lens, bs)
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    assert torch.equal(static, quest_bound_scores(q, kmin, kmax, lens, bs))

@@ -49,6 +49,7 @@ import torch
 __all__ = [
     "DECODE_POLICY_KINDS",
     "DECODE_SELECTS",
+    "BOUND_IMPLS",
     "DecodePolicy",
     "bound_block_picks",
     "resolve_decode_select",
@@ -208,8 +209,17 @@ def _check_bound_blocks(op: str, bound_blocks: torch.Tensor | None, policy: Deco
         )
 
 
+BOUND_IMPLS = ("torch", "triton")
+
+
 def bound_block_picks(
-    q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, cache_seqlens: torch.Tensor, slots: int, block_size: int
+    q: torch.Tensor,
+    kmin: torch.Tensor,
+    kmax: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    slots: int,
+    block_size: int,
+    impl: str = "torch",
 ) -> torch.Tensor:
     """The ``slots`` completed blocks of highest Quest bound per (sequence, KV head, row), first block aside.
 
@@ -222,12 +232,15 @@ def bound_block_picks(
         cache_seqlens: int [B, N] keys visible to each row (its position + 1).
         slots: M >= 1 picks per row.
         block_size: tokens per key block.
+        impl: how the bounds are scored: ``"torch"`` (:func:`seerattn.decode_baselines.quest_block_scores`, two fp32
+            matmuls: the reference) or ``"triton"`` (:func:`seerattn.ops.quest_bound_scores`, one launch reading the
+            bounds in their dtype; CUDA, or CPU under ``TRITON_INTERPRET=1``). The same values up to fp32 rounding.
 
     Returns:
-        int32 [B, Hkv, N, M]: the picks by descending bound (:func:`seerattn.decode_baselines.quest_block_scores`,
-        fp32), -1 where a row has fewer than M such blocks.
+        int32 [B, Hkv, N, M]: the picks by descending bound (fp32), -1 where a row has fewer than M such blocks.
     """
     from .decode_baselines import quest_block_scores  # that module builds on this one
+    from .ops import quest_bound_scores
 
     if q.dim() != 4 or tuple(cache_seqlens.shape) != (q.shape[0], q.shape[2]):
         raise ValueError(
@@ -236,11 +249,17 @@ def bound_block_picks(
         )
     if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
         raise ValueError(f"bound_block_picks: slots must be an int >= 1, got {slots!r}")
-    s = quest_block_scores(q, kmin, kmax)  # [B, Hkv, N, NB]
-    b, hkv, n, nb = s.shape
-    cur = (cache_seqlens.to(s.device).long().view(b, 1, n, 1) - 1) // block_size
-    j = torch.arange(nb, device=s.device)
-    s = s.masked_fill(~((j >= 1) & (j < cur)), float("-inf"))
+    if impl not in BOUND_IMPLS:
+        raise ValueError(f"bound_block_picks: impl must be one of {BOUND_IMPLS}, got {impl!r}")
+    if impl == "triton":
+        s = quest_bound_scores(q, kmin, kmax, cache_seqlens.to(kmin.device), block_size)  # -inf where not ranked
+    else:
+        s = quest_block_scores(q, kmin, kmax)  # [B, Hkv, N, NB]
+        b, n, nb = s.shape[0], s.shape[2], s.shape[3]
+        cur = (cache_seqlens.to(s.device).long().view(b, 1, n, 1) - 1) // block_size
+        j = torch.arange(nb, device=s.device)
+        s = s.masked_fill(~((j >= 1) & (j < cur)), float("-inf"))
+    nb = s.shape[-1]
     if nb < slots:
         s = torch.nn.functional.pad(s, (0, slots - nb), value=float("-inf"))
     top, idx = s.topk(slots, dim=-1)

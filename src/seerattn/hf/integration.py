@@ -1378,15 +1378,16 @@ def _decode_selection(
     if not dec.policy.half_shift:
         shifted = None
     picks = None
-    if dec.policy.bound_slots:
-        if bounds is None:
-            raise RuntimeError(
-                f"layer {module.layer_idx}: DecodePolicy.bound_slots is set but the decode cache keeps no key bounds "
-                "(the policy changed during a generate?): start a new generate() or call state.reset()"
-            )
-        picks = bound_block_picks(query, *bounds, seqlens, dec.policy.bound_slots, bs)  # [B, Hkv, N, M]
+    if dec.policy.bound_slots and bounds is None:
+        raise RuntimeError(
+            f"layer {module.layer_idx}: DecodePolicy.bound_slots is set but the decode cache keeps no key bounds "
+            "(the policy changed during a generate?): start a new generate() or call state.reset()"
+        )
     gate_keys = gate_keys[:, :, :kv_blocks]
     fused = resolve_decode_select(state.config.decode_select, dec.policy, query.device) == "fused"
+    if dec.policy.bound_slots:  # the bound's kernel beside the fused selection, its reference beside the unfused
+        impl = "triton" if fused else "torch"
+        picks = bound_block_picks(query, *bounds, seqlens, dec.policy.bound_slots, bs, impl)  # [B, Hkv, N, M]
     if fused and gate_keys.shape[2] < kv_blocks:
         # decode_eval's keys cover the completed blocks only; the kernel keeps a current block only where the
         # keys cover it (the unfused policy pads its logits to kv_blocks instead). Never in a generate step.

@@ -42,7 +42,7 @@ import torch
 
 from ..block_mask import BlockMask, check_block_size, num_blocks
 from . import fa4, reference
-from .decode import budget_decode_blocks, sparse_decode_attention
+from .decode import budget_decode_blocks, quest_bound_scores, sparse_decode_attention
 from .gate_ops import gate_block_logits, select_blocks
 from .gate_query import gate_decode_query
 from .kcache import gate_key_append
@@ -59,6 +59,7 @@ __all__ = [
     "gate_block_logits",
     "gate_decode_query",
     "gate_key_append",
+    "quest_bound_scores",
     "resolve_impl",
     "select_blocks",
     "sparse_decode_attention",

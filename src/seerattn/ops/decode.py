@@ -1,5 +1,6 @@
 """Sparse decode attention: the public, validated entry point (``impl`` dispatch as in :mod:`seerattn.ops`),
-and the fused decode-gate scores + token-budget block selection that feeds it (:func:`budget_decode_blocks`).
+the fused decode-gate scores + token-budget block selection that feeds it (:func:`budget_decode_blocks`), and the
+blocks' Quest bound of ``DecodePolicy.bound_slots`` (:func:`quest_bound_scores`).
 
 Shape legend: B sequences, Hq query heads, Hkv key/value heads (Hq % Hkv == 0), D head dim, Tmax cache
 capacity in tokens, K selected key blocks per (sequence, KV head) (static: a token budget / block size),
@@ -13,7 +14,7 @@ import torch
 from ..block_mask import check_block_size, num_blocks
 from . import reference
 
-__all__ = ["budget_decode_blocks", "sparse_decode_attention"]
+__all__ = ["budget_decode_blocks", "quest_bound_scores", "sparse_decode_attention"]
 
 _OP = "sparse_decode_attention"
 
@@ -269,3 +270,62 @@ def budget_decode_blocks(
     from ._triton.decode_select import decode_budget_select_fwd
 
     return decode_budget_select_fwd(qg, keys, cache_seqlens, num_slots, block_size, forced)
+
+
+def quest_bound_scores(
+    q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, cache_seqlens: torch.Tensor, block_size: int
+) -> torch.Tensor:
+    """Quest's bound of ``q . k`` per key block, max over each KV group's query heads, in one Triton launch: the
+    scores ``DecodePolicy.bound_slots`` ranks (:func:`seerattn.decode_policy.bound_block_picks`).
+
+    Its eager reference is :func:`seerattn.decode_baselines.quest_block_scores` (``q . mid + |q| . half``, two
+    matmuls); here ``sum_d max(q_d * kmin_d, q_d * kmax_d)`` in fp32 (the same value up to rounding), reading the
+    bounds of the rows' ranked blocks only, without fp32 copies of them.
+
+    Args:
+        q: [B, Hq, N, D] fp16 / bf16 / fp32 query rows (post-RoPE); Hq a multiple of Hkv.
+        kmin, kmax: [B, Hkv, NB, D] each block's element-wise key min / max (:class:`seerattn.gate.BlockBounds`),
+            one dtype and one stride layout.
+        cache_seqlens: int32 / int64 [B, N] keys visible to each row (its position + 1).
+        block_size: tokens per key block (power of two).
+
+    Returns:
+        fp32 [B, Hkv, N, NB]: the bound of the completed blocks ``1 <= J < (cache_seqlens - 1) // block_size``, -inf
+        elsewhere (the first block is always kept, the current one is not ranked).
+
+    Triton only (CUDA, or CPU under ``TRITON_INTERPRET=1``); no host synchronisation on CUDA.
+    """
+    op = "quest_bound_scores"
+    for name, x in (("q", q), ("kmin", kmin), ("kmax", kmax), ("cache_seqlens", cache_seqlens)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if q.dim() != 4 or kmin.dim() != 4 or 0 in q.shape or 0 in kmin.shape:
+        raise ValueError(
+            f"{op}: q must be a non-empty [B, Hq, N, D] and kmin [B, Hkv, NB, D], got {tuple(q.shape)}, "
+            f"{tuple(kmin.shape)}"
+        )
+    b, hq, n, d = q.shape
+    hkv = kmin.shape[1]
+    if kmin.shape[0] != b or kmin.shape[3] != d or hq % hkv:
+        raise ValueError(f"{op}: kmin {tuple(kmin.shape)} must be [B={b}, Hkv, NB, D={d}] with Hkv dividing Hq={hq}")
+    if kmax.shape != kmin.shape or kmax.stride() != kmin.stride() or kmax.dtype != kmin.dtype:
+        raise ValueError(f"{op}: kmax must match kmin in shape, strides and dtype")
+    if cache_seqlens.dtype not in (torch.int32, torch.int64) or tuple(cache_seqlens.shape) != (b, n):
+        raise ValueError(
+            f"{op}: cache_seqlens must be an int32 / int64 [B, N] = [{b}, {n}] tensor, got {cache_seqlens.dtype} "
+            f"{tuple(cache_seqlens.shape)}"
+        )
+    for name, x in (("q", q), ("kmax", kmax), ("cache_seqlens", cache_seqlens)):
+        if x.device != kmin.device:
+            raise ValueError(f"{op}: {name} is on {x.device} but kmin is on {kmin.device}")
+    try:
+        check_block_size(block_size)
+    except ValueError as e:
+        raise ValueError(f"{op}: {e}") from None
+    from ._triton.config import check_device
+    from ._triton.decode_select import bound_scores_fwd
+
+    floats = (torch.float16, torch.bfloat16, torch.float32)
+    check_device(q, op, floats)
+    check_device(kmin, op, floats)
+    return bound_scores_fwd(q, kmin, kmax, cache_seqlens, block_size)

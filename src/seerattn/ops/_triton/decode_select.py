@@ -1,4 +1,5 @@
-"""Decode-gate logits and the token-budget block selection of a decode step in one Triton kernel.
+"""Decode-gate logits and the token-budget block selection of a decode step in one Triton kernel; and the Quest
+bound of each block for ``DecodePolicy.bound_slots`` (:func:`bound_scores_fwd`, at the end).
 
 What it replaces: :meth:`seerattn.gate.DecodeGate.scores`' logits (``qg . kg / sqrt(Dg)`` over the
 completed blocks, ``DecodeGate._logits``) followed by
@@ -44,7 +45,7 @@ import triton.language as tl
 
 from .select import _order_key, _unit
 
-__all__ = ["decode_budget_select_fwd"]
+__all__ = ["bound_scores_fwd", "decode_budget_select_fwd"]
 
 # Elements of the [NBP, DC] key tile a program multiplies per step of the gate-dim loop.
 _TILE = 8192
@@ -149,3 +150,57 @@ def decode_budget_select_fwd(
         num_warps=8 if nbp >= 1024 else 4,
     )  # fmt: skip
     return idx
+
+
+@triton.jit
+def _bound_scores_kernel(
+    Q, KMIN, KMAX, Lens, S,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_lb, stride_ln,
+    stride_sb, stride_sh, stride_sn,
+    H, N, NB,
+    G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, CH: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+):  # fmt: skip
+    # one program per (sequence, row, KV head) and chunk of CH blocks
+    pid = tl.program_id(0)
+    h = (pid % H).to(tl.int64)
+    n = ((pid // H) % N).to(tl.int64)
+    b = (pid // (H * N)).to(tl.int64)
+    length = tl.load(Lens + b * stride_lb + n * stride_ln).to(tl.int32)
+    cur = tl.where(length > 0, (length - 1) // BLOCK_SIZE, -1)
+    j = tl.program_id(1) * CH + tl.arange(0, CH)
+    ok = (j >= 1) & (j < cur) & (j < NB)  # completed blocks but the first: the rows the bound ranks
+    d = tl.arange(0, DP)
+    d_ok = d < D
+    k_off = b * stride_kb + h * stride_kh + j[:, None] * stride_kn + d[None, :] * stride_kd
+    m = ok[:, None] & d_ok[None, :]
+    lo = tl.load(KMIN + k_off, mask=m, other=0.0).to(tl.float32)
+    hi = tl.load(KMAX + k_off, mask=m, other=0.0).to(tl.float32)
+    best = tl.full([CH], float("-inf"), tl.float32)
+    q_row = Q + b * stride_qb + n * stride_qn + d * stride_qd
+    for g in tl.static_range(G):  # the group's query heads: the bound of each, then their max
+        qv = tl.load(q_row + (h * G + g) * stride_qh, mask=d_ok, other=0.0).to(tl.float32)
+        best = tl.maximum(best, tl.sum(tl.maximum(qv[None, :] * lo, qv[None, :] * hi), 1))
+    tl.store(S + b * stride_sb + h * stride_sh + n * stride_sn + j, tl.where(ok, best, float("-inf")), mask=j < NB)
+
+
+def bound_scores_fwd(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, lens: torch.Tensor, block_size: int):
+    """Launch the bound kernel (inputs validated by the caller): q [B, Hq, N, D], kmin / kmax [B, Hkv, NB, D] of
+    one stride layout, lens int [B, N] -> fp32 [B, Hkv, N, NB], -inf outside each row's completed blocks but the
+    first."""
+    b, hq, n, d = q.shape
+    hkv, nb = kmin.shape[1], kmin.shape[2]
+    dp = triton.next_power_of_2(d)
+    ch = max(1, min(64, _TILE // dp, triton.next_power_of_2(nb)))
+    s = torch.empty(b, hkv, n, nb, dtype=torch.float32, device=q.device)
+    _bound_scores_kernel[(b * n * hkv, triton.cdiv(nb, ch))](
+        q, kmin, kmax, lens, s,
+        q.stride(0), q.stride(1), q.stride(2), q.stride(3),
+        kmin.stride(0), kmin.stride(1), kmin.stride(2), kmin.stride(3),
+        lens.stride(0), lens.stride(1),
+        s.stride(0), s.stride(1), s.stride(2),
+        hkv, n, nb,
+        G=hq // hkv, D=d, DP=dp, CH=ch, BLOCK_SIZE=block_size,
+    )  # fmt: skip
+    return s
