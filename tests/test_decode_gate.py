@@ -464,21 +464,28 @@ def test_config_validation_and_round_trip():
         make_gate(dtype=torch.float32).scores(torch.zeros(1, 4, 8), torch.zeros(1, 2, 3, 8), torch.tensor([40]))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_block_bounds_follow_the_cache_step_by_step(dtype):
+@pytest.mark.parametrize(
+    "dtype,impl",
+    [(torch.float32, "eager"), (torch.bfloat16, "eager"), (torch.float32, "triton"), (torch.float16, "triton")],
+)
+def test_block_bounds_follow_the_cache_step_by_step(dtype, impl):
     """BlockBounds: a prompt's refresh, then one update per decode step (sequences of other lengths and starts, a
     left-padded batch), gives every completed block the exact min / max of its rows, as quest_block_bounds over
-    each sequence alone; the capacity grows; select reorders."""
+    each sequence alone, in torch and in the Triton kernel (the interpreter here); the capacity grows; select
+    reorders."""
     from seerattn.decode_baselines import quest_block_bounds
     from seerattn.gate import BlockBounds
+
+    if impl == "triton":
+        pytest.importorskip("triton")
 
     bs, hkv, d, t, steps = 8, 2, 4, 21, 30
     g = torch.Generator().manual_seed(4)
     key = torch.randn(3, hkv, t + steps, d, generator=g).to(dtype)  # the KV cache rows the steps fill
     starts = torch.tensor([0, 5, 20])  # prompts of 21, 16 and 1 tokens
-    bounds = BlockBounds(key[:, :, :t], bs, t)
+    bounds = BlockBounds(key[:, :, :t], bs, t, impl=impl)
     bounds.refresh(key[:, :, :t], starts)
-    assert bounds.kmin.dtype == dtype and bounds.kmin.shape == (3, hkv, 3, d)
+    assert bounds.kmin.dtype == dtype and bounds.kmin.shape == (3, hkv, 3, d) and bounds.impl == impl
     for step in range(steps + 1):
         lens = t + step - starts
         for i in range(3):
@@ -496,3 +503,12 @@ def test_block_bounds_follow_the_cache_step_by_step(dtype):
     assert torch.equal(bounds.kmax, before[[2, 2, 0]])
     with pytest.raises(ValueError, match="BlockBounds.refresh needs key"):
         bounds.refresh(key[:, :1])
+    with pytest.raises(ValueError, match="impl must be one of"):
+        BlockBounds(key, bs, t, impl="cuda")
+    if impl == "triton":
+        from seerattn.ops import block_bounds_update
+
+        with pytest.raises(ValueError, match="share shape, strides and key's dtype"):
+            block_bounds_update(key, bounds.kmin, bounds.kmax.double(), torch.tensor([9, 9, 9]), None, bs)
+        with pytest.raises(ValueError, match=r"lengths must be an int32 / int64 tensor \[B=3\]"):
+            block_bounds_update(key, bounds.kmin, bounds.kmax, torch.tensor([9, 9]), None, bs)

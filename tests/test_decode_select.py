@@ -22,7 +22,7 @@ from seerattn.decode_policy import (
     select_decode_blocks_fused,
 )
 from seerattn.gate import DecodeGate, DecodeGateConfig, GateKeyCache
-from seerattn.ops import budget_decode_blocks, quest_bound_scores
+from seerattn.ops import budget_decode_blocks, quest_bound_scores, top_block_indices
 
 pytest.importorskip("triton")
 
@@ -242,6 +242,30 @@ def test_bound_scores_kernel_matches_the_reference(dtype, hq, hkv):
         quest_bound_scores(q, kmin, kmax.contiguous().to(torch.float64), lens, bs)
     with pytest.raises(ValueError, match="impl must be one of"):
         bound_block_picks(q, kmin, kmax, lens, 3, bs, "cuda")
+
+
+def test_top_block_indices_are_topk_with_ties_to_the_lower_index():
+    """top_block_indices (Triton) against torch.topk: the same values in the same order, -1 for -inf slots, equal
+    values by ascending index; NB not a power of two, rows of -inf only, +inf entries."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.randint(-3, 4, (5, 2, 37), generator=g).float()  # many ties
+    s[0] = float("-inf")
+    s[1, 0, 5:] = float("-inf")  # 5 finite entries
+    s[2, 1, 30] = float("inf")
+    for m in (1, 4, 16):
+        got = top_block_indices(s, m)
+        top = s.topk(m, dim=-1)
+        assert got.dtype == torch.int32 and got.shape == (5, 2, m)
+        vals = s.gather(-1, got.long().clamp(min=0)).masked_fill(got < 0, float("-inf"))
+        assert torch.equal(vals, top.values)
+        assert ((got < 0) == torch.isneginf(top.values)).all()
+        for row, v in zip(got.view(-1, m).tolist(), vals.view(-1, m).tolist(), strict=True):  # ties ascending
+            pairs = [(x, i) for x, i in zip(v, row, strict=True) if i >= 0]
+            assert pairs == sorted(pairs, key=lambda p: (-p[0], p[1]))
+    with pytest.raises(ValueError, match=r"slots must be an int in \[1, 16\]"):
+        top_block_indices(s, 17)
+    with pytest.raises(ValueError, match="non-empty fp32"):
+        top_block_indices(s.double(), 2)
 
 
 def test_non_budget_policies_and_bad_inputs_are_refused():

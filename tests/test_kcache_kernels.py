@@ -296,3 +296,30 @@ def test_hf_generate_with_the_triton_append_equals_the_eager_append(monkeypatch)
     torch.testing.assert_close(runs["triton"][1], runs["eager"][1], atol=1e-5, rtol=1e-5)
     for a, b in zip(runs["triton"][2], runs["eager"][2], strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _on_gpu(), reason="needs a CUDA GPU and the compiled kernel (no TRITON_INTERPRET)")
+def test_block_bounds_update_matches_eager_gpu():
+    """BlockBounds.update's kernel against its torch path on a bf16 cache of Llama-3.1-8B's layer shape (Hkv 8,
+    D 128, 64-token blocks), B = 5 with left-padding starts, 150 steps, each step under set_sync_debug_mode("error"):
+    the bounds are equal bit for bit (min / max of the same values)."""
+    from seerattn.gate import BlockBounds
+
+    bs, b, hkv, d, t, steps = 64, 5, 8, 128, 300, 150
+    g = torch.Generator().manual_seed(6)
+    key = torch.randn(b, hkv, t + steps, d, generator=g).to("cuda", torch.bfloat16)
+    starts = torch.tensor([0, 299, 236, 100, 1], device="cuda")
+    twins = [BlockBounds(key[:, :, :t], bs, t, impl=impl) for impl in ("eager", "triton")]
+    for bounds in twins:
+        bounds.refresh(key[:, :, :t], starts)
+    for step in range(steps):
+        lens = t + step + 1 - starts
+        for bounds in twins:
+            bounds.reserve(t + step + 1)
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                bounds.update(key[:, :, : t + step + 1], lens, starts)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(twins[0].kmin, twins[1].kmin) and torch.equal(twins[0].kmax, twins[1].kmax)

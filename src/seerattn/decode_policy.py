@@ -230,17 +230,19 @@ def bound_block_picks(
             blocks ``1 <= J < (cache_seqlens - 1) // block_size`` are read (completed, not the first, which is kept
             anyway).
         cache_seqlens: int [B, N] keys visible to each row (its position + 1).
-        slots: M >= 1 picks per row.
+        slots: M >= 1 picks per row (at most 16 with ``impl="triton"``).
         block_size: tokens per key block.
-        impl: how the bounds are scored: ``"torch"`` (:func:`seerattn.decode_baselines.quest_block_scores`, two fp32
-            matmuls: the reference) or ``"triton"`` (:func:`seerattn.ops.quest_bound_scores`, one launch reading the
-            bounds in their dtype; CUDA, or CPU under ``TRITON_INTERPRET=1``). The same values up to fp32 rounding.
+        impl: how the bounds are scored and ranked: ``"torch"`` (:func:`seerattn.decode_baselines.quest_block_scores`,
+            two fp32 matmuls, then ``topk``: the reference) or ``"triton"`` (:func:`seerattn.ops.quest_bound_scores`
+            reading the bounds in their dtype, then :func:`seerattn.ops.top_block_indices`: two launches; CUDA, or CPU
+            under ``TRITON_INTERPRET=1``). The same values up to fp32 rounding; equal bounds go to the lower block
+            there.
 
     Returns:
         int32 [B, Hkv, N, M]: the picks by descending bound (fp32), -1 where a row has fewer than M such blocks.
     """
     from .decode_baselines import quest_block_scores  # that module builds on this one
-    from .ops import quest_bound_scores
+    from .ops import quest_bound_scores, top_block_indices
 
     if q.dim() != 4 or tuple(cache_seqlens.shape) != (q.shape[0], q.shape[2]):
         raise ValueError(
@@ -251,15 +253,13 @@ def bound_block_picks(
         raise ValueError(f"bound_block_picks: slots must be an int >= 1, got {slots!r}")
     if impl not in BOUND_IMPLS:
         raise ValueError(f"bound_block_picks: impl must be one of {BOUND_IMPLS}, got {impl!r}")
-    if impl == "triton":
-        s = quest_bound_scores(q, kmin, kmax, cache_seqlens.to(kmin.device), block_size)  # -inf where not ranked
-    else:
-        s = quest_block_scores(q, kmin, kmax)  # [B, Hkv, N, NB]
-        b, n, nb = s.shape[0], s.shape[2], s.shape[3]
-        cur = (cache_seqlens.to(s.device).long().view(b, 1, n, 1) - 1) // block_size
-        j = torch.arange(nb, device=s.device)
-        s = s.masked_fill(~((j >= 1) & (j < cur)), float("-inf"))
-    nb = s.shape[-1]
+    if impl == "triton":  # two launches: the bounds (-inf where not ranked), then the M best of each row
+        return top_block_indices(quest_bound_scores(q, kmin, kmax, cache_seqlens.to(kmin.device), block_size), slots)
+    s = quest_block_scores(q, kmin, kmax)  # [B, Hkv, N, NB]
+    b, n, nb = s.shape[0], s.shape[2], s.shape[3]
+    cur = (cache_seqlens.to(s.device).long().view(b, 1, n, 1) - 1) // block_size
+    j = torch.arange(nb, device=s.device)
+    s = s.masked_fill(~((j >= 1) & (j < cur)), float("-inf"))
     if nb < slots:
         s = torch.nn.functional.pad(s, (0, slots - nb), value=float("-inf"))
     top, idx = s.topk(slots, dim=-1)

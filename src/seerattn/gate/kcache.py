@@ -361,9 +361,17 @@ class BlockBounds:
         kmin, kmax: [B, Hkv, NB, D] the bounds; NB grows with :meth:`reserve`.
     """
 
-    def __init__(self, key: torch.Tensor, block_size: int, max_tokens: int):
-        """Room for ``max_tokens`` tokens of B sequences shaped like ``key`` [B, Hkv, T, D] (its dtype and device)."""
+    def __init__(self, key: torch.Tensor, block_size: int, max_tokens: int, impl: str | None = None):
+        """Room for ``max_tokens`` tokens of B sequences shaped like ``key`` [B, Hkv, T, D] (its dtype and device).
+
+        ``impl`` chooses how :meth:`update` runs: ``"triton"`` (:func:`seerattn.ops.block_bounds_update`, one launch;
+        CUDA, or CPU under ``TRITON_INTERPRET=1``: it raises elsewhere), ``"eager"`` (torch, ~15 ops) or None:
+        ``"triton"`` for CUDA tensors in fp16 / bf16 / fp32, ``"eager"`` otherwise."""
+        if impl not in APPEND_IMPLS:
+            raise ValueError(f"BlockBounds: impl must be one of {APPEND_IMPLS[1:]} or None (automatic), got {impl!r}")
         b, hkv, _, d = key.shape
+        kernel_dtype = key.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        self.impl = impl or ("triton" if key.device.type == "cuda" and kernel_dtype else "eager")
         self.block_size = block_size
         cap = max(1, -(-max_tokens // block_size))
         self.kmin = key.new_zeros(b, hkv, cap, d)
@@ -404,7 +412,13 @@ class BlockBounds:
         key: [B, Hkv, Tcap, D] the KV cache's post-RoPE keys (the step's token written); lengths: int [B] tokens of
         each sequence, the step's included; starts: int [B] each sequence's first row (default 0). A block completed
         by an earlier step is rewritten with the same values: one 64-row read per sequence and step, no branch.
+        Runs ``impl`` (the constructor's).
         """
+        if self.impl == "triton":
+            from ..ops.kcache import block_bounds_update
+
+            block_bounds_update(key, self.kmin, self.kmax, lengths, starts, self.block_size)
+            return
         b, hkv, tcap, d = key.shape
         bs = self.block_size
         last = (lengths.to(key.device).long() - 1) // bs - 1  # [B] the last completed block (-1: none)

@@ -1128,8 +1128,9 @@ def _start_decode_cache(
     keys = GateKeyCache(gate, b, max_tokens=capacity or t, device=k_pre.device, shifted=policy.half_shift)
     keys.prefill(k_pre, rotary=state._rotary, starts=starts)
     bounds = None
-    if policy.bound_slots:
-        bounds = BlockBounds(key, gate.config.block_size, capacity or t)
+    if policy.bound_slots:  # updated by its kernel where the selection is fused (CUDA by default), else as chosen
+        fused = resolve_decode_select(state.config.decode_select, policy, key.device) == "fused"
+        bounds = BlockBounds(key, gate.config.block_size, capacity or t, impl="triton" if fused else None)
         bounds.refresh(key, starts)
     rotary = _step_rotary(state, gate, hf_cache, capacity, k_pre.device)
     state._decode[layer] = _DecodeCache(weakref.ref(hf_cache), keys, t, capacity, starts, rotary, bounds)

@@ -42,10 +42,10 @@ import torch
 
 from ..block_mask import BlockMask, check_block_size, num_blocks
 from . import fa4, reference
-from .decode import budget_decode_blocks, quest_bound_scores, sparse_decode_attention
+from .decode import budget_decode_blocks, quest_bound_scores, sparse_decode_attention, top_block_indices
 from .gate_ops import gate_block_logits, select_blocks
 from .gate_query import gate_decode_query
-from .kcache import gate_key_append
+from .kcache import block_bounds_update, gate_key_append
 
 __all__ = [
     "AUTO_FA4_SHAPES",
@@ -55,6 +55,7 @@ __all__ = [
     "attention_with_block_scores",
     "auto_impl",
     "block_sparse_attention",
+    "block_bounds_update",
     "budget_decode_blocks",
     "gate_block_logits",
     "gate_decode_query",
@@ -63,6 +64,7 @@ __all__ = [
     "resolve_impl",
     "select_blocks",
     "sparse_decode_attention",
+    "top_block_indices",
 ]
 
 IMPLS = ("reference", "triton", "flex", "fa4")

@@ -1,6 +1,7 @@
 """Sparse decode attention: the public, validated entry point (``impl`` dispatch as in :mod:`seerattn.ops`),
 the fused decode-gate scores + token-budget block selection that feeds it (:func:`budget_decode_blocks`), and the
-blocks' Quest bound of ``DecodePolicy.bound_slots`` (:func:`quest_bound_scores`).
+blocks' Quest bound of ``DecodePolicy.bound_slots`` and its picks (:func:`quest_bound_scores`,
+:func:`top_block_indices`).
 
 Shape legend: B sequences, Hq query heads, Hkv key/value heads (Hq % Hkv == 0), D head dim, Tmax cache
 capacity in tokens, K selected key blocks per (sequence, KV head) (static: a token budget / block size),
@@ -14,7 +15,7 @@ import torch
 from ..block_mask import check_block_size, num_blocks
 from . import reference
 
-__all__ = ["budget_decode_blocks", "quest_bound_scores", "sparse_decode_attention"]
+__all__ = ["budget_decode_blocks", "quest_bound_scores", "sparse_decode_attention", "top_block_indices"]
 
 _OP = "sparse_decode_attention"
 
@@ -329,3 +330,31 @@ def quest_bound_scores(
     check_device(q, op, floats)
     check_device(kmin, op, floats)
     return bound_scores_fwd(q, kmin, kmax, cache_seqlens, block_size)
+
+
+def top_block_indices(scores: torch.Tensor, slots: int) -> torch.Tensor:
+    """The ``slots`` highest finite entries of each row, in one Triton launch: what ``scores.topk(slots)`` picks, -1
+    where a row has fewer finite-or-+inf entries above -inf; equal values go to the lower index (``topk`` leaves
+    their order unspecified). With :func:`quest_bound_scores`, the picks of ``DecodePolicy.bound_slots``.
+
+    Args:
+        scores: fp32 [..., NB] (NB >= 1; NaN not detected).
+        slots: M, 1 <= M <= 16.
+
+    Returns:
+        int32 [..., M]: indices by descending score, then -1.
+
+    Triton only (CUDA, or CPU under ``TRITON_INTERPRET=1``); no host synchronisation on CUDA.
+    """
+    op = "top_block_indices"
+    if not isinstance(scores, torch.Tensor) or scores.dtype != torch.float32 or scores.dim() < 1 or 0 in scores.shape:
+        raise ValueError(
+            f"{op}: scores must be a non-empty fp32 tensor [..., NB], got {getattr(scores, 'dtype', scores)}"
+        )
+    if isinstance(slots, bool) or not isinstance(slots, int) or not 1 <= slots <= 16:
+        raise ValueError(f"{op}: slots must be an int in [1, 16], got {slots!r}")
+    from ._triton.config import check_device
+    from ._triton.decode_select import top_fwd
+
+    check_device(scores, op, (torch.float32,))
+    return top_fwd(scores.contiguous(), slots)

@@ -1,4 +1,5 @@
-"""The decode-gate key cache's per-step append as one validated op (:func:`gate_key_append`).
+"""The decode-gate key cache's per-step append as one validated op (:func:`gate_key_append`), and the per-step
+update of the blocks' key bounds (:func:`block_bounds_update`, ``DecodePolicy.bound_slots``).
 
 Its eager reference is :meth:`seerattn.gate.GateKeyCache.append` with ``impl="eager"``, which calls this op for
 ``impl="triton"`` (the default on CUDA). Shape legend: B sequences, Hkv key/value heads, D head dim, Dg gate dim,
@@ -12,7 +13,7 @@ import torch
 from ..block_mask import check_block_size
 from .gate_ops import _POOLINGS
 
-__all__ = ["gate_key_append"]
+__all__ = ["block_bounds_update", "gate_key_append"]
 
 
 def gate_key_append(
@@ -116,3 +117,60 @@ def gate_key_append(
     gate_key_append_fwd(
         k_new, pools, keys, lengths, num_blocks, k_proj, norm_weight, eps, cos, sin, block_size, poolings
     )
+
+
+def block_bounds_update(
+    key: torch.Tensor,
+    kmin: torch.Tensor,
+    kmax: torch.Tensor,
+    lengths: torch.Tensor,
+    starts: torch.Tensor | None,
+    block_size: int,
+) -> None:
+    """Write each sequence's last completed block's element-wise key min / max into ``kmin`` / ``kmax``, in place, in
+    one Triton launch: :meth:`seerattn.gate.BlockBounds.update` (its eager reference, ``impl="eager"``).
+
+    Block ``J = (lengths[b] - 1) // block_size - 1`` of sequence b (none where it is negative) covers the cache rows
+    ``[starts[b] + J * block_size, + block_size)``; its bounds go to slot ``min(J, NB - 1)``.
+
+    Args:
+        key: [B, Hkv, T, D] fp16 / bf16 / fp32 post-RoPE keys of the KV cache.
+        kmin, kmax: [B, Hkv, NB, D] in ``key``'s dtype, one stride layout.
+        lengths: int32 / int64 [B] each sequence's tokens, this step's included.
+        starts: int32 / int64 [B] each sequence's first row, or None (0).
+        block_size: tokens per block (power of two).
+
+    Triton only (CUDA, or CPU under ``TRITON_INTERPRET=1``); no host synchronisation (capturable in a CUDA graph).
+    """
+    op = "block_bounds_update"
+    for name, x in (("key", key), ("kmin", kmin), ("kmax", kmax), ("lengths", lengths)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if key.dim() != 4 or kmin.dim() != 4 or 0 in key.shape or 0 in kmin.shape:
+        raise ValueError(
+            f"{op}: key [B, Hkv, T, D] and kmin [B, Hkv, NB, D], got {tuple(key.shape)}, {tuple(kmin.shape)}"
+        )
+    b, hkv, _, d = key.shape
+    if (kmin.shape[0], kmin.shape[1], kmin.shape[3]) != (b, hkv, d):
+        raise ValueError(f"{op}: kmin {tuple(kmin.shape)} must be [B={b}, Hkv={hkv}, NB, D={d}] like key")
+    if kmax.shape != kmin.shape or kmax.stride() != kmin.stride() or {kmin.dtype, kmax.dtype} != {key.dtype}:
+        raise ValueError(f"{op}: kmin and kmax must share shape, strides and key's dtype ({key.dtype})")
+    for name, x in (("lengths", lengths), ("starts", starts)):
+        if x is None:
+            continue
+        if not isinstance(x, torch.Tensor) or x.dtype not in (torch.int32, torch.int64) or tuple(x.shape) != (b,):
+            raise ValueError(f"{op}: {name} must be an int32 / int64 tensor [B={b}]")
+        if x.device != key.device:
+            raise ValueError(f"{op}: {name} is on {x.device} but key is on {key.device}")
+    try:
+        check_block_size(block_size)
+    except ValueError as e:
+        raise ValueError(f"{op}: {e}") from None
+    from ._triton.config import check_device
+    from ._triton.kcache_append import block_bounds_update_fwd
+
+    check_device(key, op, (torch.float16, torch.bfloat16, torch.float32))
+    check_device(kmin, op, (torch.float16, torch.bfloat16, torch.float32))
+    lengths = lengths.contiguous()
+    starts = None if starts is None else starts.contiguous()
+    block_bounds_update_fwd(key, kmin, kmax, lengths, starts, block_size)

@@ -1,5 +1,6 @@
-"""Decode-gate logits and the token-budget block selection of a decode step in one Triton kernel; and the Quest
-bound of each block for ``DecodePolicy.bound_slots`` (:func:`bound_scores_fwd`, at the end).
+"""Decode-gate logits and the token-budget block selection of a decode step in one Triton kernel; and, at the end,
+the Quest bound of each block for ``DecodePolicy.bound_slots`` (:func:`bound_scores_fwd`) and the M best of each row
+of scores (:func:`top_fwd`).
 
 What it replaces: :meth:`seerattn.gate.DecodeGate.scores`' logits (``qg . kg / sqrt(Dg)`` over the
 completed blocks, ``DecodeGate._logits``) followed by
@@ -45,7 +46,7 @@ import triton.language as tl
 
 from .select import _order_key, _unit
 
-__all__ = ["bound_scores_fwd", "decode_budget_select_fwd"]
+__all__ = ["bound_scores_fwd", "decode_budget_select_fwd", "top_fwd"]
 
 # Elements of the [NBP, DC] key tile a program multiplies per step of the gate-dim loop.
 _TILE = 8192
@@ -204,3 +205,26 @@ def bound_scores_fwd(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, le
         G=hq // hkv, D=d, DP=dp, CH=ch, BLOCK_SIZE=block_size,
     )  # fmt: skip
     return s
+
+
+@triton.jit
+def _top_kernel(S, Out, NB, NBP: tl.constexpr, M: tl.constexpr):
+    # one program per contiguous row of NB scores: M times the first largest finite entry, then masked out
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, NBP)
+    s = tl.load(S + row * NB + cols, mask=cols < NB, other=float("-inf"))
+    for m in tl.static_range(M):
+        best = tl.max(s, 0)
+        at = tl.min(tl.where(s == best, cols, NBP), 0)  # the lowest index of the largest value
+        tl.store(Out + row * M + m, tl.where(best == float("-inf"), -1, at))
+        s = tl.where(cols == at, float("-inf"), s)
+
+
+def top_fwd(scores: torch.Tensor, slots: int) -> torch.Tensor:
+    """Launch the top-M kernel: scores fp32 [..., NB] contiguous -> int32 [..., M]."""
+    nb = scores.shape[-1]
+    out = torch.empty(*scores.shape[:-1], slots, dtype=torch.int32, device=scores.device)
+    rows = out.numel() // slots
+    if rows:
+        _top_kernel[(rows,)](scores, out, nb, NBP=triton.next_power_of_2(nb), M=slots, num_warps=8 if nb >= 1024 else 4)
+    return out

@@ -1,5 +1,6 @@
 """One decode step's append to the decode-gate key cache (:meth:`seerattn.gate.GateKeyCache.append`) in two
-Triton launches.
+Triton launches; and, at the end, one step's update of the blocks' key bounds (:meth:`seerattn.gate.BlockBounds.update`,
+``DecodePolicy.bound_slots``) in one: each sequence's last completed block, re-read from the KV cache.
 
 What it replaces: the eager append updates the running max / min / sum pools of every sequence's partial block
 and, in every step, computes a gate key for every sequence (pool finish, projection einsum, RMSNorm, RoPE) only
@@ -50,7 +51,7 @@ import triton.language as tl
 
 from .gate_epilogue import norm_rope_halves
 
-__all__ = ["gate_key_append_fwd"]
+__all__ = ["block_bounds_update_fwd", "gate_key_append_fwd"]
 
 _POOL_CODES = {"avg": 0, "max": 1, "min": 2}
 _COUNT_BLOCK = 128  # sequences per program of the counter kernel
@@ -205,3 +206,56 @@ def gate_key_append_fwd(
         num_warps=4,
     )  # fmt: skip
     _count_kernel[(triton.cdiv(b, _COUNT_BLOCK),)](lengths, num_blocks, b, BLOCK_SIZE=block_size, BLOCK_B=_COUNT_BLOCK)
+
+
+@triton.jit
+def _bounds_kernel(
+    K, KMIN, KMAX, Lens, Starts,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_bb, stride_bh, stride_bn, stride_bd,
+    H, T, NB,
+    D: tl.constexpr, D_P: tl.constexpr, BLOCK_SIZE: tl.constexpr, HAS_STARTS: tl.constexpr,
+):  # fmt: skip
+    # one program per (sequence, KV head): the min / max of the sequence's last completed block, from the cache
+    pid = tl.program_id(0)
+    b = (pid // H).to(tl.int64)
+    h = (pid % H).to(tl.int64)
+    n = tl.load(Lens + b)
+    last = (n - 1) // BLOCK_SIZE - 1  # -1 (or below, for an empty sequence): no completed block yet
+    if last >= 0:
+        first = last * BLOCK_SIZE
+        if HAS_STARTS:
+            first += tl.load(Starts + b)
+        rows = tl.minimum(first + tl.arange(0, BLOCK_SIZE), T - 1).to(tl.int64)
+        d = tl.arange(0, D_P)
+        d_ok = d < D
+        x = tl.load(
+            K + b * stride_kb + h * stride_kh + rows[:, None] * stride_kt + d[None, :] * stride_kd,
+            mask=d_ok[None, :],
+            other=0.0,
+        )
+        slot = tl.minimum(last, NB - 1).to(tl.int64)
+        out = b * stride_bb + h * stride_bh + slot * stride_bn + d * stride_bd
+        tl.store(KMIN + out, tl.min(x, 0).to(KMIN.dtype.element_ty), mask=d_ok)
+        tl.store(KMAX + out, tl.max(x, 0).to(KMAX.dtype.element_ty), mask=d_ok)
+
+
+def block_bounds_update_fwd(
+    key: torch.Tensor,
+    kmin: torch.Tensor,
+    kmax: torch.Tensor,
+    lengths: torch.Tensor,
+    starts: torch.Tensor | None,
+    block_size: int,
+) -> None:
+    """Launch the bounds kernel (inputs validated by the caller: :func:`seerattn.ops.block_bounds_update`): key
+    [B, Hkv, T, D]; kmin, kmax [B, Hkv, NB, D] of one stride layout, updated in place; lengths int [B] (contiguous);
+    starts int [B] (contiguous) or None."""
+    b, hkv, t, d = key.shape
+    _bounds_kernel[(b * hkv,)](
+        key, kmin, kmax, lengths, lengths if starts is None else starts,
+        key.stride(0), key.stride(1), key.stride(2), key.stride(3),
+        kmin.stride(0), kmin.stride(1), kmin.stride(2), kmin.stride(3),
+        hkv, t, kmin.shape[2],
+        D=d, D_P=triton.next_power_of_2(d), BLOCK_SIZE=block_size, HAS_STARTS=starts is not None,
+    )  # fmt: skip
