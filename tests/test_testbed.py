@@ -168,8 +168,8 @@ def test_committed_decode_gates_run_sparse_decode(model, tok):
 
     sparse = from_pretrained(copy.deepcopy(model), MODEL.parent / "gates-decode")
     state = get_seer_state(sparse)
-    assert state.config.gate is None and state.config.decode.policy == DecodePolicy("budget", 4096)
-    state.set_decode(policy=DecodePolicy("budget", 512))
+    assert state.config.gate is None and state.config.decode.policy == DecodePolicy("budget", 4096, bound_slots=2)
+    state.set_decode(policy=DecodePolicy("budget", 512, bound_slots=2))
     before = " ".join([GRASS] * 60)
     needle = "The pass key is 20946. Remember it. 20946 is the pass key."
     prompt = f"{INTRO} {before} {needle} {before} What is the pass key? The pass key is"
