@@ -66,6 +66,11 @@ def eager(gate, q, keys, lens, policy, bs):
     return select_decode_blocks(logits, lens, policy, bs, keys.shape[2]), logits
 
 
+def values_at(values, idx, fill=0.0):
+    """values [..., NB] at the block indices idx [..., K] (-1 padding: ``fill``)."""
+    return values.gather(-1, idx.long().clamp(min=0)).masked_fill(idx < 0, fill)
+
+
 def assert_same_sets(got, want):
     """Row by row the same kept blocks; got ascending, then -1 padding."""
     assert got.dtype == torch.int32 and got.shape == want.shape
@@ -256,7 +261,7 @@ def test_top_block_indices_are_topk_with_ties_to_the_lower_index():
         got = top_block_indices(s, m)
         top = s.topk(m, dim=-1)
         assert got.dtype == torch.int32 and got.shape == (5, 2, m)
-        vals = s.gather(-1, got.long().clamp(min=0)).masked_fill(got < 0, float("-inf"))
+        vals = values_at(s, got, float("-inf"))
         assert torch.equal(vals, top.values)
         assert ((got < 0) == torch.isneginf(top.values)).all()
         for row, v in zip(got.view(-1, m).tolist(), vals.view(-1, m).tolist(), strict=True):  # ties ascending
@@ -317,8 +322,7 @@ def test_gpu_32k_batch_16_matches_eager_and_captures_in_a_graph(dtype):
         torch.cuda.synchronize()
         assert ((got >= 0).sum(-1) == (want >= 0).sum(-1)).all()
         forced = torch.where(torch.isinf(logits), float("inf"), logits)  # first / current blocks: kept by both
-        gl = forced.gather(-1, got.long().clamp(min=0)).masked_fill(got < 0, 0.0).sort(-1).values
-        wl = forced.gather(-1, want.long().clamp(min=0)).masked_fill(want < 0, 0.0).sort(-1).values
+        gl, wl = values_at(forced, got).sort(-1).values, values_at(forced, want).sort(-1).values
         # fp32: a fraction of a logit's rounding. bf16: the eager gate rounds its intermediates and logits to bf16
         # (8-bit significand) and the kernel's fp32 sums do not, so a near tie at the edge may swap blocks a few
         # bf16 steps of the logits' scale apart (H200, session 14: 4 of 4096 kept logits, up to 1.8e-3 apart at
@@ -366,8 +370,7 @@ def test_gpu_bound_picks_at_32k_match_eager_and_replay_in_a_graph():
     done = j < ((lens_t.long() - 1) // bs).view(-1, 1, 1)
     picked = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, picks.long().clamp(min=0), picks >= 0) & done
     prio = torch.where(torch.isinf(logits) | picked, float("inf"), logits)
-    gl = prio.gather(-1, static.long().clamp(min=0)).masked_fill(static < 0, 0.0).sort(-1).values
-    wl = prio.gather(-1, want.long().clamp(min=0)).masked_fill(want < 0, 0.0).sort(-1).values
+    gl, wl = values_at(prio, static).sort(-1).values, values_at(prio, want).sort(-1).values
     torch.testing.assert_close(gl, wl, rtol=0.0, atol=1e-5)
 
 
@@ -397,9 +400,8 @@ def test_gpu_bound_scores_at_128k_batch_16_bf16_without_sync():
     torch.testing.assert_close(got[ranked], want[ranked], rtol=1e-4, atol=1e-3)
     ref = bound_block_picks(q, kmin, kmax, lens, 2, bs, "torch")
     assert torch.equal(picks >= 0, ref >= 0)
-    pick_bound = want.gather(-1, picks.long().clamp(min=0)).masked_fill(picks < 0, 0.0)
-    ref_bound = want.gather(-1, ref.long().clamp(min=0)).masked_fill(ref < 0, 0.0)
-    torch.testing.assert_close(pick_bound, ref_bound, rtol=1e-4, atol=1e-3)  # near ties may swap
+    # near ties may swap
+    torch.testing.assert_close(values_at(want, picks), values_at(want, ref), rtol=1e-4, atol=1e-3)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         static = quest_bound_scores(q, kmin, kmax, lens, bs)

@@ -825,7 +825,12 @@ def test_bound_slots_keep_the_blocks_of_highest_key_bound(cache, decode_calls):
     assert all(torch.equal(_ascending(u), _ascending(c[4])) for u, c in zip(unfused, decode_calls, strict=True))
 
 
-def test_bound_slots_switched_on_during_a_generate_is_refused():
+@pytest.mark.parametrize(
+    "change, match",
+    [({"half_shift": True}, "without the shifted windows"), ({"bound_slots": 1}, "keeps no key bounds")],
+    ids=["half_shift", "bound_slots"],
+)
+def test_a_policy_needing_more_cache_switched_on_during_a_generate_is_refused(change, match):
     from transformers import DynamicCache
 
     model, _, state = _prepared("llama")
@@ -833,21 +838,8 @@ def test_bound_slots_switched_on_during_a_generate_is_refused():
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         model(ids[:, :PROMPT], cache=cache)
-        state.set_decode(policy=DecodePolicy("budget", 48, bound_slots=1))
-        with pytest.raises(RuntimeError, match="keeps no key bounds"):
-            model(ids[:, PROMPT:], cache=cache)
-
-
-def test_half_shift_switched_on_during_a_generate_is_refused():
-    from transformers import DynamicCache
-
-    model, _, state = _prepared("llama")
-    ids = input_ids(PROMPT + 1, seed=2)
-    cache = DynamicCache(config=model.config)
-    with torch.no_grad():
-        model(ids[:, :PROMPT], cache=cache)
-        state.set_decode(policy=DecodePolicy("budget", 48, half_shift=True))
-        with pytest.raises(RuntimeError, match="without the shifted windows"):
+        state.set_decode(policy=DecodePolicy("budget", 48, **change))
+        with pytest.raises(RuntimeError, match=match):
             model(ids[:, PROMPT:], cache=cache)
 
 
