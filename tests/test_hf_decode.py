@@ -488,13 +488,17 @@ def test_a_cache_changed_outside_the_decode_path_is_refused():
 
 
 # ------------------------------------------------------------------------------ beam search and batch operations
+@pytest.mark.parametrize("bound", [0, 1], ids=["plain", "bound"])
 @pytest.mark.parametrize("op", ["reorder_cache", "batch_select_indices", "batch_repeat_interleave"])
-def test_key_caches_follow_the_caches_batch_operations(op, decode_calls):
+def test_key_caches_follow_the_caches_batch_operations(op, bound, decode_calls):
     """After transformers reorders / selects / repeats a cache's sequences (beam and contrastive search), a
-    decode step gives what a prefill of the sequences in the new order gives: same selections, same logits."""
+    decode step gives what a prefill of the sequences in the new order gives: same selections, same logits (with
+    ``bound_slots``, the key bounds follow too)."""
     from transformers import DynamicCache
 
-    model, _, _ = _prepared("llama")
+    model, _, state = _prepared("llama")
+    if bound:
+        state.set_decode(policy=DecodePolicy("budget", 64, bound_slots=bound))
     p = torch.cat([input_ids(150, seed=11), input_ids(150, seed=12)])  # [2, 150]: 9 full blocks
     arg, order = {
         "reorder_cache": (torch.tensor([1, 0]), [1, 0]),
@@ -517,12 +521,15 @@ def test_key_caches_follow_the_caches_batch_operations(op, decode_calls):
         assert any(not torch.equal(i[0].sort(-1).values, i[1].sort(-1).values) for i in want_idx)
 
 
-def test_starts_follow_a_reorder_of_a_left_padded_cache(decode_calls):
+@pytest.mark.parametrize("bound", [0, 1], ids=["plain", "bound"])
+def test_starts_follow_a_reorder_of_a_left_padded_cache(bound, decode_calls):
     """A left-padded cache (prompts of 150 and 100 tokens) reordered: the step after it gives what a prefill of
-    the reordered padded batch gives (each row's start moved with its K/V and gate keys)."""
+    the reordered padded batch gives (each row's start moved with its K/V, gate keys and key bounds)."""
     from transformers import DynamicCache
 
     model, _, state = _prepared("llama")
+    if bound:
+        state.set_decode(policy=DecodePolicy("budget", 64, bound_slots=bound))
     ids, mask = _left_padded((150, 100), 150, seed=11)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     order = [1, 0]
