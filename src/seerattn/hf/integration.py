@@ -114,7 +114,7 @@ class DecodeConfig:
 
     gate: DecodeGateConfig = field(default_factory=DecodeGateConfig)
     # A 4096-token budget with two of its slots to the blocks of highest Quest bound: on the testbed (8k, budget
-    # 1/8, three 240-prompt passkey grids) 0.983-0.992 of dense against 0.971-0.987 without, PPL level, +9-27 % on
+    # 1/8, four 240-prompt passkey grids) 0.983-1.004 of dense against 0.971-0.987 without, PPL level, +9-27 % on
     # a replayed decode-attention step (docs/experiments/decode/session15). DecodePolicy() alone keeps 0 bound slots.
     policy: DecodePolicy = field(default_factory=lambda: DecodePolicy(bound_slots=DEFAULT_BOUND_SLOTS))
     enabled: bool = True
