@@ -26,7 +26,9 @@ measured in one run:
   StaticCache on CUDA only). Each row's speed-ups are against the dense row of the same kind (``dense`` for eager
   rows, ``dense-graph`` for graph rows) when that row ran.
 
-Per configuration, from one timed ``generate`` of ``--new`` tokens: ``total_s``, ``prefill_s`` (until the
+Per configuration, from one timed ``generate`` of ``--new`` tokens (the median of ``--rounds`` of them, the rounds
+in alternating order; session 15 saw the configuration run second gain 9-53 % in a single round, so a difference
+of a few percent needs rounds): ``total_s``, ``prefill_s`` (until the
 first token: a stopping criterion that never stops reads the clock, after a device sync, when generate
 first calls it; a separate one-token generate measured it before, and the difference of two calls
 mixed their variations into the decode rate), ``decode_tokens_per_s`` = B x (new - 1) / (total - prefill), the
@@ -45,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import statistics
 import time
 
 import torch
@@ -131,62 +134,85 @@ def configure(state, name: str) -> None:
     state.cuda_graphs = name.endswith("-graph")
 
 
+def _warm_up(model, ids, args, device: str, name: str) -> int:
+    """The untimed warm-up generate of configuration ``name`` (compile, tuning); returns the warm-up's prompt length."""
+    t0 = time.perf_counter()
+    warm = ids[:, : args.warmup_prompt] if args.warmup_prompt else ids
+    _generate(model, warm, min(args.new, 4), args.cache, device, args.prefill_chunk)
+    if name.removesuffix("-graph") == "both" and warm.shape[1] < ids.shape[1]:
+        # the block-sparse kernel is tuned per prompt length: one untimed forward of the whole prompt (last
+        # position's logits only), or the tuning would run inside the timed prefill
+        with torch.no_grad():
+            model(ids, use_cache=False, logits_to_keep=1)
+    # progress on stderr as it happens: a run killed at a time limit still says how far it got
+    logger.info(
+        "%s: warm-up generate (%d-token prompt, %d new) %.1f s",
+        name, warm.shape[1], min(args.new, 4), time.perf_counter() - t0,
+    )  # fmt: skip
+    return warm.shape[1]
+
+
 def run(model, state, ids, args, device: str) -> list[dict]:
-    rows = []
-    for name in args.configs.split(","):
-        configure(state, name)
-        t0 = time.perf_counter()
-        warm = ids[:, : args.warmup_prompt] if args.warmup_prompt else ids
-        _generate(model, warm, min(args.new, 4), args.cache, device, args.prefill_chunk)  # untimed: compile, tuning
-        base = name.removesuffix("-graph")
-        if base == "both" and warm.shape[1] < ids.shape[1]:
-            # the block-sparse kernel is tuned per prompt length: one untimed forward of the whole prompt (last
-            # position's logits only), or the tuning would run inside the timed prefill
-            with torch.no_grad():
-                model(ids, use_cache=False, logits_to_keep=1)
-        # progress on stderr as it happens: a run killed at a time limit still says how far it got
-        logger.info(
-            "%s: warm-up generate (%d-token prompt, %d new) %.1f s",
-            name, warm.shape[1], min(args.new, 4), time.perf_counter() - t0,
-        )  # fmt: skip
+    """One row per configuration. With ``--rounds R`` every configuration is timed R times, the rounds visiting
+    them in alternating order (forward, backward, forward, ...: a configuration is not always the one that runs
+    after the same other), each warmed up once at its first visit; a row's times are the medians of its rounds,
+    which it lists (``rounds``) with their position in the round's order."""
+    names = args.configs.split(",")
+    rows: dict[str, dict] = {}
+    for r in range(args.rounds):
+        for position, name in enumerate(names if r % 2 == 0 else names[::-1]):
+            configure(state, name)
+            base = name.removesuffix("-graph")
+            warmup_prompt = _warm_up(model, ids, args, device, name) if name not in rows else None
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            state.reset()
+            total, prefill = _generate(model, ids, args.new, args.cache, device, args.prefill_chunk)
+            rate = ids.shape[0] * (args.new - 1) / max(total - prefill, 1e-9)
+            row = rows.setdefault(
+                name,
+                {
+                    "config": name,
+                    "cuda_graphs": state.cuda_graphs,
+                    "batch": ids.shape[0],
+                    "prompt": ids.shape[1],
+                    "new": args.new,
+                    "budget": args.budget if base != "dense" else None,
+                    "prefill_density": args.density if base == "both" else 1.0,
+                    "prefill_chunk": args.prefill_chunk,
+                    "warmup_prompt": warmup_prompt,
+                    "decode_density": state.mean_density() if base != "dense" else 1.0,
+                    "decode_select": None
+                    if base == "dense"
+                    else resolve_decode_select(state.config.decode_select, state.config.decode.policy, device),
+                    "rounds": [],
+                },
+            )
+            measured = {"round": r, "position": position, "prefill_s": prefill, "total_s": total}
+            measured["decode_tokens_per_s"] = rate
+            if device == "cuda":
+                measured["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                torch.cuda.empty_cache()
+            row["rounds"].append(measured)
+            print(
+                f"{name:<12} round {r} prefill {prefill:8.3f} s  total {total:8.3f} s  decode {rate:9.1f} tok/s"
+                f"  decode density {row['decode_density']:.3f}",
+                flush=True,
+            )
+    for row in rows.values():
+        for key in ("prefill_s", "total_s", "decode_tokens_per_s"):
+            row[key] = statistics.median(m[key] for m in row["rounds"])
+        rates = [m["decode_tokens_per_s"] for m in row["rounds"]]
+        row["decode_tokens_per_s_range"] = [min(rates), max(rates)]
         if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        state.reset()
-        total, prefill = _generate(model, ids, args.new, args.cache, device, args.prefill_chunk)
-        density = state.mean_density() if base != "dense" else 1.0
-        row = {
-            "config": name,
-            "cuda_graphs": state.cuda_graphs,
-            "batch": ids.shape[0],
-            "prompt": ids.shape[1],
-            "new": args.new,
-            "budget": args.budget if base != "dense" else None,
-            "prefill_density": args.density if base == "both" else 1.0,
-            "prefill_chunk": args.prefill_chunk,
-            "warmup_prompt": warm.shape[1],
-            "prefill_s": prefill,
-            "total_s": total,
-            "decode_tokens_per_s": ids.shape[0] * (args.new - 1) / max(total - prefill, 1e-9),
-            "decode_density": density,
-            "decode_select": None
-            if base == "dense"
-            else resolve_decode_select(state.config.decode_select, state.config.decode.policy, device),
-        }
-        if device == "cuda":
-            row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-            torch.cuda.empty_cache()
-        rows.append(row)
-        print(
-            f"{name:<12} prefill {prefill:8.3f} s  total {total:8.3f} s  decode {row['decode_tokens_per_s']:9.1f} tok/s"
-            f"  decode density {density:.3f}",
-            flush=True,
-        )
-    for r in rows:  # against the dense row of the same kind (eager or replayed steps)
-        dense = next((d for d in rows if d["config"] == ("dense-graph" if r["cuda_graphs"] else "dense")), None)
+            row["peak_memory_gb"] = max(m["peak_memory_gb"] for m in row["rounds"])
+    out = list(rows.values())
+    for r in out:  # against the dense row of the same kind (eager or replayed steps)
+        dense = rows.get("dense-graph" if r["cuda_graphs"] else "dense")
         if dense is not None:
             r["decode_speedup_vs_dense"] = r["decode_tokens_per_s"] / dense["decode_tokens_per_s"]
             r["total_speedup_vs_dense"] = dense["total_s"] / r["total_s"]
-    return rows
+    return out
 
 
 def main(argv=None) -> int:
@@ -215,9 +241,18 @@ def main(argv=None) -> int:
         "still runs one untimed forward of the whole prompt: the sparse prefill's kernel is tuned per length). "
         "Keep it above --budget so that the warm-up selects blocks",
     )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="timed generates per configuration, the rounds in alternating order (a row reports the medians and "
+        "lists every round): one timed run per configuration also measures which ran first (default %(default)s)",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny Llama on the CPU (checks that every config runs)")
     p.add_argument("--json", help="write the run record here")
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error(f"--rounds must be >= 1, got {args.rounds}")
     if args.warmup_prompt is not None and not 0 < args.warmup_prompt <= args.prompt:
         p.error(f"--warmup-prompt must be in [1, --prompt={args.prompt}], got {args.warmup_prompt}")
     unknown = set(args.configs.split(",")) - set(CONFIGS)

@@ -1020,6 +1020,30 @@ def test_generate_benchmark_runs_in_its_cpu_smoke_configuration(tmp_path):
     assert rows["decode"]["decode_density"] == rows["both"]["decode_density"]  # same gates, budget, tokens
 
 
+def test_generate_benchmark_rounds_alternate_the_order(tmp_path, caplog):
+    """--rounds 3: every configuration timed three times, the rounds in alternating order (positions 0 1 0 and
+    1 0 1), warmed up once; a row's times are the medians of its rounds; --rounds 0 is refused."""
+    from benchmarks import generate
+    from seerattn.record import read_record
+
+    caplog.set_level("INFO", logger="benchmarks.generate")
+    out = tmp_path / "g.json"
+    assert generate.main(["--smoke", "--configs", "dense,decode", "--rounds", "3", "--json", str(out)]) == 0
+    rows = {r["config"]: r for r in read_record(out)["results"]}
+    assert caplog.text.count("warm-up generate") == 2  # once per configuration
+    assert [m["position"] for m in rows["dense"]["rounds"]] == [0, 1, 0]
+    assert [m["position"] for m in rows["decode"]["rounds"]] == [1, 0, 1]
+    for row in rows.values():
+        rates = sorted(m["decode_tokens_per_s"] for m in row["rounds"])
+        assert [m["round"] for m in row["rounds"]] == [0, 1, 2] and row["decode_tokens_per_s"] == rates[1]
+        assert row["decode_tokens_per_s_range"] == [rates[0], rates[-1]]
+    assert rows["decode"]["decode_speedup_vs_dense"] == pytest.approx(
+        rows["decode"]["decode_tokens_per_s"] / rows["dense"]["decode_tokens_per_s"]
+    )
+    with pytest.raises(SystemExit):
+        generate.main(["--smoke", "--rounds", "0"])
+
+
 def test_generate_benchmark_chunked_prefill(tmp_path, capsys):
     """--prefill-chunk: dense prefills in chunks (the smoke prompt of 96 tokens in forwards of 32), the same
     decode density as one forward; refused with the sparse prefill of 'both'."""
