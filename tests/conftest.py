@@ -3,7 +3,8 @@
 On machines without CUDA the Triton kernels run through Triton's interpreter; the flag must be
 set before triton is first imported (transformers imports it early), so it is set here, together
 with the interpreter work-around every module that runs a kernel needs
-(:func:`kernel_helpers.patch_interpreter_index`).
+(:func:`seerattn.ops._triton.config.patch_interpreter_index`, which that module also applies when it is imported
+under the interpreter).
 """
 
 import importlib.util
@@ -15,7 +16,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and importlib.util.find_spec("triton") is not None:
-    from kernel_helpers import patch_interpreter_index
+    from seerattn.ops._triton.config import patch_interpreter_index
 
     patch_interpreter_index()
 

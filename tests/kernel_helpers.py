@@ -6,8 +6,7 @@
   outputs, 3 for gradients), plus a small epsilon (:func:`assert_within_lowp`);
 - NaN poisoning of every ``torch.empty`` made inside a block (unwritten elements then fail);
 - the backward's dQ mode: which kernels ran (:class:`BackwardLaunches`), PyTorch's determinism
-  switch turned on for a block (:func:`deterministic_algorithms`);
-- the Triton interpreter work-around for NumPy >= 2.4 (:func:`patch_interpreter_index`).
+  switch turned on for a block (:func:`deterministic_algorithms`).
 """
 
 from __future__ import annotations
@@ -21,24 +20,6 @@ import torch
 from seerattn import BlockMask
 
 EPS = {torch.float32: 1e-6, torch.float16: 1e-4, torch.float64: 1e-12}
-
-
-def patch_interpreter_index() -> None:
-    """Work around triton-lang/triton#9171 (fixed upstream by PR #9172): with NumPy >= 2.4 the
-    interpreter's ``int()`` of a scalar held as a 1-element array raises, which breaks every
-    ``range()`` with tensor bounds. Applies the upstream fix (squeeze before ``int``)."""
-    from triton.runtime import interpreter
-
-    orig = interpreter._patch_lang_tensor
-    if getattr(orig, "_seerattn_fixed", False):
-        return
-
-    def patched(tensor, scope):
-        orig(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
-
-    patched._seerattn_fixed = True
-    interpreter._patch_lang_tensor = patched
 
 
 @contextlib.contextmanager

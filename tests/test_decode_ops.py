@@ -361,6 +361,31 @@ def test_decode_benchmark_runs_in_its_cpu_smoke_configuration(tmp_path):
     assert all(rows[("seer-fused", b)]["max_abs_diff_vs_seer"] < 1e-5 for b in (64, 128))
 
 
+def test_triton_kernels_run_under_the_interpreter_outside_the_test_suite(tmp_path):
+    """A fresh process under TRITON_INTERPRET=1 (without this suite's conftest): the decode kernel's tensor-bounded
+    loops run, because importing the kernels' config applies the interpreter work-around (triton#9171 with NumPy
+    >= 2.4; without it the decode kernel raised 'only 0-dimensional arrays can be converted')."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        "import torch\n"
+        "from seerattn.ops import sparse_decode_attention\n"
+        "q, k, v = torch.randn(1, 4, 16), torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16)\n"
+        "idx = torch.tensor([[[0, 2], [1, -1]]], dtype=torch.int32)\n"
+        "lens = torch.tensor([50], dtype=torch.int32)\n"
+        "a = sparse_decode_attention(q, k, v, lens, idx, 16, impl='triton')\n"
+        "b = sparse_decode_attention(q, k, v, lens, idx, 16, impl='reference')\n"
+        "print(float((a - b).abs().max()))\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root / "src")}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert float(run.stdout.strip().splitlines()[-1]) < 1e-5
+
+
 def test_decode_benchmark_smoke_on_a_paged_cache(tmp_path):
     """``--page 4`` under 16-token blocks (a block spans 4 pages): ours / seer run on the paged copy and agree with
     the contiguous cache bit for bit (the same config in the interpreter)."""

@@ -8,7 +8,8 @@ can force a config to compare them.
 
 Rules kept here:
 
-- Nothing queries the Triton driver or CUDA at import time.
+- Nothing queries the Triton driver or CUDA at import time; under the interpreter, importing this module
+  applies :func:`patch_interpreter_index` (an upstream interpreter bug with NumPy >= 2.4).
 - Under ``TRITON_INTERPRET=1`` every candidate list has exactly one config (multi-config tuning
   needs a GPU), with small tiles so the interpreter stays fast.
 - ``SEERATTN_TRITON_AUTOTUNE=0`` skips tuning and uses the first (heuristic) candidate; tests use it
@@ -44,6 +45,7 @@ __all__ = [
     "mask_key",
     "memo_mask_key",
     "num_sms",
+    "patch_interpreter_index",
     "pick_config",
     "sparse_configs",
 ]
@@ -60,6 +62,32 @@ _INTERP_BLOCK_N = 32
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def patch_interpreter_index() -> None:
+    """Work around triton-lang/triton#9171 (fixed upstream by PR #9172): with NumPy >= 2.4 Triton 3.6's
+    interpreter takes ``int()`` of a scalar held as a 1-element array, which raises, so every kernel with a
+    ``range()`` over tensor bounds (the decode kernel's steps, the selection's loops) fails on the CPU. Applies the
+    upstream fix (flatten before ``int``) to the interpreter's tensor patching; idempotent. Run when this module is
+    imported under the interpreter, before any kernel: the interpreter path of every ``impl="triton"`` op works
+    outside the test suite too (a benchmark's ``--smoke``, a CPU run of the CLI)."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    orig = getattr(interpreter, "_patch_lang_tensor", None)
+    if orig is None or getattr(orig, "_seerattn_fixed", False):
+        return  # a Triton whose interpreter is laid out otherwise has no such hook to fix, or it is fixed already
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+    patched._seerattn_fixed = True
+    interpreter._patch_lang_tensor = patched
+
+
+if interpreting():
+    patch_interpreter_index()
 
 
 def check_shapes_and_devices(
