@@ -172,6 +172,7 @@ def test_decode_distillation_trains_resumes_and_the_adapter_reloads(tiny, tmp_pa
     meta = _read(result.adapter / "seer_config.json")
     assert meta["decode"]["gate"] == DecodeGateConfig(block_size=BS).to_dict() and "prefill" not in meta
     assert meta["decode"]["policy"]["kind"] == "budget" and meta["model"]["num_key_value_heads"] == 2
+    assert meta["decode"]["policy"]["bound_slots"] == 2  # DecodeConfig's default policy, written with the gates
     from safetensors.torch import load_file
 
     saved = load_file(str(result.adapter / "seer_gates.safetensors"))
