@@ -57,15 +57,17 @@ def causal_block_mask(nq: int, nk: int | None = None, device: torch.device | str
     return cols <= rows
 
 
-def check_block_size(block_size: int) -> None:
-    """Raise unless ``block_size`` is a positive power of two."""
+def check_block_size(block_size: int, op: str | None = None) -> None:
+    """Raise unless ``block_size`` is a positive power of two; ``op``, when given, starts the message (the op whose
+    argument it is)."""
     if (
         not isinstance(block_size, int)
         or isinstance(block_size, bool)
         or block_size < 1
         or block_size & (block_size - 1)
     ):
-        raise ValueError(f"block_size must be a positive power of two (e.g. 64 or 128), got {block_size!r}")
+        where = "" if op is None else f"{op}: "
+        raise ValueError(f"{where}block_size must be a positive power of two (e.g. 64 or 128), got {block_size!r}")
 
 
 @dataclass(frozen=True)

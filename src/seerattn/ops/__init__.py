@@ -223,10 +223,7 @@ def attention_with_block_scores(
     """
     op = "attention_with_block_scores"
     _check_qkv(q, k, v, op)
-    try:
-        check_block_size(block_size)
-    except ValueError as e:
-        raise ValueError(f"{op}: {e}") from None
+    check_block_size(block_size, op)
     impl = resolve_impl(impl, q.device, op, allowed=("reference", "triton"))
     if impl == "reference":
         return reference.attention_with_block_scores(q, k, v, block_size=block_size, scale=scale)

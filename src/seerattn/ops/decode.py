@@ -62,10 +62,7 @@ def _validate(q, k_cache, v_cache, cache_seqlens, block_indices, block_size, blo
         raise ValueError(
             f"{_OP}: k_cache and v_cache differ in shape: {tuple(k_cache.shape)} vs {tuple(v_cache.shape)}"
         )
-    try:
-        check_block_size(block_size)
-    except ValueError as e:
-        raise ValueError(f"{_OP}: {e}") from None
+    check_block_size(block_size, _OP)
     b, hq, d = q.shape
     if paged:
         _, page, hkv, dk = k_cache.shape
@@ -246,10 +243,7 @@ def budget_decode_blocks(
             raise ValueError(f"{op}: {name} is on {x.device} but keys are on {keys.device}")
     if isinstance(num_slots, bool) or not isinstance(num_slots, int) or num_slots < 1:
         raise ValueError(f"{op}: num_slots must be an int >= 1, got {num_slots!r}")
-    try:
-        check_block_size(block_size)
-    except ValueError as e:
-        raise ValueError(f"{op}: {e}") from None
+    check_block_size(block_size, op)
     from ._triton.config import check_device
 
     floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -319,10 +313,7 @@ def quest_bound_scores(
     for name, x in (("q", q), ("kmax", kmax), ("cache_seqlens", cache_seqlens)):
         if x.device != kmin.device:
             raise ValueError(f"{op}: {name} is on {x.device} but kmin is on {kmin.device}")
-    try:
-        check_block_size(block_size)
-    except ValueError as e:
-        raise ValueError(f"{op}: {e}") from None
+    check_block_size(block_size, op)
     from ._triton.config import check_device
     from ._triton.decode_select import bound_scores_fwd
 

@@ -68,10 +68,7 @@ def gate_key_append(
         raise ValueError(f"{op}: poolings must be a tuple of 1-3 of {_POOLINGS}, got {poolings!r}")
     if len(set(poolings)) != len(poolings):
         raise ValueError(f"{op}: poolings must be distinct, got {poolings!r}")
-    try:
-        check_block_size(block_size)
-    except ValueError as e:
-        raise ValueError(f"{op}: {e}") from None
+    check_block_size(block_size, op)
     if keys.dim() != 4 or 0 in keys.shape:
         raise ValueError(f"{op}: keys must be a non-empty [B, Hkv, NB, Dg], got shape {tuple(keys.shape)}")
     b, hkv, _, dg = keys.shape
@@ -162,10 +159,7 @@ def block_bounds_update(
             raise ValueError(f"{op}: {name} must be an int32 / int64 tensor [B={b}]")
         if x.device != key.device:
             raise ValueError(f"{op}: {name} is on {x.device} but key is on {key.device}")
-    try:
-        check_block_size(block_size)
-    except ValueError as e:
-        raise ValueError(f"{op}: {e}") from None
+    check_block_size(block_size, op)
     from ._triton.config import check_device
     from ._triton.kcache_append import block_bounds_update_fwd
 
