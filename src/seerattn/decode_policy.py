@@ -189,7 +189,15 @@ def select_decode_blocks(
             keep = torch.zeros_like(completed).scatter(-1, order, before < policy.value)
         keep = keep & completed
     priority = torch.where(keep, x, float("-inf")).masked_fill(forced, float("inf"))
-    top, idx = priority.topk(k, dim=-1)
+    return _top_indices(priority, k)
+
+
+def _top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """int32 [..., k]: the indices of the k highest entries of scores [..., NB] by descending score, -1 for
+    entries at -inf and for the slots past NB."""
+    if scores.shape[-1] < k:
+        scores = torch.nn.functional.pad(scores, (0, k - scores.shape[-1]), value=float("-inf"))
+    top, idx = scores.topk(k, dim=-1)
     return torch.where(torch.isinf(top) & (top < 0), -1, idx).to(torch.int32)
 
 
@@ -259,11 +267,7 @@ def bound_block_picks(
     b, n, nb = s.shape[0], s.shape[2], s.shape[3]
     cur = (cache_seqlens.to(s.device).long().view(b, 1, n, 1) - 1) // block_size
     j = torch.arange(nb, device=s.device)
-    s = s.masked_fill(~((j >= 1) & (j < cur)), float("-inf"))
-    if nb < slots:
-        s = torch.nn.functional.pad(s, (0, slots - nb), value=float("-inf"))
-    top, idx = s.topk(slots, dim=-1)
-    return torch.where(torch.isinf(top) & (top < 0), -1, idx).to(torch.int32)
+    return _top_indices(s.masked_fill(~((j >= 1) & (j < cur)), float("-inf")), slots)
 
 
 def select_decode_blocks_fused(

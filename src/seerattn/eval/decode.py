@@ -22,8 +22,8 @@ from a kept one that the model did not use.
 Methods (:data:`DECODE_METHODS`): ``dense`` (decode steps dense, transformers' SDPA), ``seer`` (the
 decode gate and a :class:`~seerattn.decode_policy.DecodePolicy` ``"budget"``), ``seer_shift`` (the same gate
 and budget, ranking with the half-block-shifted windows too: ``DecodePolicy.half_shift``), ``seer_bound`` (the same
-gate and budget, :data:`SEER_BOUND_SLOTS` of the slots to the blocks of highest Quest bound on ``q . k``:
-``DecodePolicy.bound_slots``, bounds cached per block as a serving path keeps them), ``streaming`` and
+gate and budget with ``DecodeConfig``'s default ``DecodePolicy.bound_slots``, ``DEFAULT_BOUND_SLOTS`` of the slots to
+the blocks of highest Quest bound on ``q . k``, bounds cached per block as a serving path keeps them), ``streaming`` and
 ``quest`` (:mod:`seerattn.decode_baselines` through ``SeerState.decode_select_fn``, the same kernel
 and budget). Quest here recomputes its block bounds from the whole cache at every step (an
 evaluation, not a speed measurement; a serving path would cache them per block as the gate keys are).
@@ -51,7 +51,7 @@ from ..decode_baselines import oracle_decode_blocks, quest_decode_blocks, stream
 from ..decode_policy import DecodePolicy
 from ..gate import DecodeGateConfig
 from ..hf import DecodeConfig, SeerConfig, apply_seer_attention, from_pretrained, get_seer_state, read_adapter_config
-from ..hf.integration import DecodeRequest, DecodeSelection
+from ..hf.integration import DEFAULT_BOUND_SLOTS, DecodeRequest, DecodeSelection
 from .data import TokenizedBooks, segment_windows
 from .model import EvalModel, eval_model, scaled_rope, token_nll
 from .passkey import PasskeyTemplate, _first_digits, _prompts, key_token_positions
@@ -73,9 +73,6 @@ logger = logging.getLogger(__name__)
 
 DECODE_METHODS = ("dense", "seer", "seer_shift", "seer_bound", "streaming", "quest", "oracle")
 _GATED = ("seer", "seer_shift", "seer_bound")  # the methods that read the decode gates
-# ``seer_bound``'s slots for the Quest bound: what session 14's hybrid hook measured with passkeys (2 of a 16-block
-# budget, docs/experiments/decode/session14; 4 slots only for PPL, level with 2)
-SEER_BOUND_SLOTS = 2
 # the needle-recall fields of a passkey row (needle_summary; None where nothing was recorded)
 NEEDLE_FIELDS = (
     "needle_blocks",
@@ -147,7 +144,7 @@ def configure_decode(em: EvalModel, method: str, budget: int, decode_start: int 
         state.set(mode="dense", decode_start=None)
         state.set_decode(enabled=False)
         return
-    bound = SEER_BOUND_SLOTS if method == "seer_bound" else 0
+    bound = DEFAULT_BOUND_SLOTS if method == "seer_bound" else 0
     state.set_decode(
         enabled=True, policy=DecodePolicy("budget", budget, half_shift=method == "seer_shift", bound_slots=bound)
     )
