@@ -41,6 +41,21 @@ __all__ = ["APPEND_IMPLS", "BlockBounds", "GateKeyCache"]
 APPEND_IMPLS = (None, "eager", "triton")
 
 
+def _from_starts(k: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """k [B, Hkv, T, D] with row b moved to begin at ``starts[b]`` (a left-padded batch's first real tokens); the
+    positions past a row's end repeat its last token (never read as a block's rows)."""
+    b, hkv, t, d = k.shape
+    rows = (starts.to(k.device).long().view(b, 1) + torch.arange(t, device=k.device)).clamp(max=t - 1)
+    return k.gather(2, rows.view(b, 1, t, 1).expand(b, hkv, t, d))
+
+
+def _grown(x: torch.Tensor, blocks: int) -> torch.Tensor:
+    """x [B, Hkv, NB, C] with room for ``blocks`` blocks on dim 2: itself when it has it, else padded to the larger
+    of ``blocks`` and twice NB (growth by doubling: few reallocations while a cache grows step by step)."""
+    nb = x.shape[2]
+    return x if blocks <= nb else torch.nn.functional.pad(x, (0, 0, 0, max(blocks, 2 * nb) - nb))
+
+
 class GateKeyCache:
     """Gate keys of completed blocks for B sequences of one layer.
 
@@ -114,10 +129,7 @@ class GateKeyCache:
         return self.keys.shape[2]
 
     def _reserve(self, max_len: int) -> None:
-        need = -(-max_len // self.block_size)
-        if need > self.capacity:
-            grow = max(need, 2 * self.capacity) - self.capacity
-            self.keys = torch.nn.functional.pad(self.keys, (0, 0, 0, grow))
+        self.keys = _grown(self.keys, -(-max_len // self.block_size))
         self._max_len = max_len
 
     def _combine(self, pools: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -167,9 +179,8 @@ class GateKeyCache:
         bs, o = self.block_size, self.offset
         first = torch.zeros(b, dtype=torch.long, device=k.device) if starts is None else starts.to(k.device).long()
         lens = t - first if cache_seqlens is None else cache_seqlens.to(k.device).long()
-        if starts is not None:  # each row moved to begin at its prompt (positions past the row: the last token, unread)
-            rows = (first.view(b, 1) + torch.arange(t, device=k.device)).clamp(max=t - 1)
-            k = k.gather(2, rows.view(b, 1, t, 1).expand(b, hkv, t, d))
+        if starts is not None:  # each row moved to begin at its prompt
+            k = _from_starts(k, first)
         self._reserve(t)
         kw = k[:, :, o:] if t > o else k[:, :, :1]  # the rows from the offset on (one unread row if there are none)
         lens_w = (lens - o).clamp(min=0)  # rows of each sequence in blocks
@@ -380,11 +391,7 @@ class BlockBounds:
     def reserve(self, tokens: int) -> None:
         """Room for ``tokens`` per sequence (host-side: the caller knows the cache's size); grows by doubling."""
         need = -(-tokens // self.block_size)
-        cap = self.kmin.shape[2]
-        if need > cap:
-            grow = max(need, 2 * cap) - cap
-            self.kmin = torch.nn.functional.pad(self.kmin, (0, 0, 0, grow))
-            self.kmax = torch.nn.functional.pad(self.kmax, (0, 0, 0, grow))
+        self.kmin, self.kmax = _grown(self.kmin, need), _grown(self.kmax, need)
 
     @torch.no_grad()
     def refresh(self, key: torch.Tensor, starts: torch.Tensor | None = None) -> None:
@@ -397,8 +404,7 @@ class BlockBounds:
                 f"D={self.kmin.shape[3]}], got {tuple(key.shape)}"
             )
         if starts is not None:  # each row moved to begin at its sequence's first token
-            rows = (starts.to(key.device).long().view(b, 1) + torch.arange(t, device=key.device)).clamp(max=t - 1)
-            key = key.gather(2, rows.view(b, 1, t, 1).expand(b, hkv, t, d))
+            key = _from_starts(key, starts)
         self.reserve(t)
         lo, hi = pool_blocks(key, self.block_size, ("min", "max")).chunk(2, dim=-1)
         n = lo.shape[2]
