@@ -204,6 +204,8 @@ def test_bound_block_picks_are_the_best_completed_blocks_by_brute_force(hq, hkv)
         bound_block_picks(q.unsqueeze(2), *quest_block_bounds(k, bs), lens.view(-1, 1), 0, bs)
     with pytest.raises(ValueError, match=r"cache_seqlens \[B, N\]"):
         bound_block_picks(q.unsqueeze(2), *quest_block_bounds(k, bs), lens, m, bs)
+    with pytest.raises(ValueError, match="bound_block_picks: block_size must be a positive power of two"):
+        bound_block_picks(q.unsqueeze(2), *quest_block_bounds(k, bs), lens.view(-1, 1), m, 24)
 
 
 def test_bound_blocks_are_kept_before_the_logits_rank_the_rest():

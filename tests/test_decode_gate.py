@@ -505,6 +505,15 @@ def test_block_bounds_follow_the_cache_step_by_step(dtype, impl):
         bounds.refresh(key[:, :1])
     with pytest.raises(ValueError, match="impl must be one of"):
         BlockBounds(key, bs, t, impl="cuda")
+    with pytest.raises(ValueError, match="BlockBounds: block_size must be a positive power of two"):
+        BlockBounds(key, 12, t)
+    if impl == "eager":  # the kernel's op checks its own inputs (below)
+        before = (bounds.kmin.clone(), bounds.kmax.clone())
+        with pytest.raises(ValueError, match=r"BlockBounds.update needs key \[B=3, Hkv=2, T >= 1, D=4\]"):
+            bounds.update(key[:, :1], torch.tensor([9, 9, 9]))
+        with pytest.raises(ValueError, match=r"BlockBounds.update needs lengths \[B=3\]"):
+            bounds.update(key, torch.tensor([9, 9]))
+        assert torch.equal(bounds.kmin, before[0]) and torch.equal(bounds.kmax, before[1])  # nothing written
     if impl == "triton":
         from seerattn.ops import block_bounds_update
 

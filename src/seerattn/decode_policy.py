@@ -46,6 +46,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .block_mask import check_block_size
+
 __all__ = [
     "DECODE_POLICY_KINDS",
     "DECODE_SELECTS",
@@ -261,6 +263,7 @@ def bound_block_picks(
         raise ValueError(f"bound_block_picks: slots must be an int >= 1, got {slots!r}")
     if impl not in BOUND_IMPLS:
         raise ValueError(f"bound_block_picks: impl must be one of {BOUND_IMPLS}, got {impl!r}")
+    check_block_size(block_size, "bound_block_picks")
     if impl == "triton":  # two launches: the bounds (-inf where not ranked), then the M best of each row
         return top_block_indices(quest_bound_scores(q, kmin, kmax, cache_seqlens.to(kmin.device), block_size), slots)
     s = quest_block_scores(q, kmin, kmax)  # [B, Hkv, N, NB]

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import torch
 
+from ..block_mask import check_block_size
 from .attn_gate import pool_blocks
 from .decode_gate import DecodeGate, Rotary
 
@@ -380,6 +381,11 @@ class BlockBounds:
         ``"triton"`` for CUDA tensors in fp16 / bf16 / fp32, ``"eager"`` otherwise."""
         if impl not in APPEND_IMPLS:
             raise ValueError(f"BlockBounds: impl must be one of {APPEND_IMPLS[1:]} or None (automatic), got {impl!r}")
+        check_block_size(block_size, "BlockBounds")
+        if key.dim() != 4:
+            raise ValueError(
+                f"BlockBounds needs key [B, Hkv, T, D] (its shape, dtype and device), got {tuple(key.shape)}"
+            )
         b, hkv, _, d = key.shape
         kernel_dtype = key.dtype in (torch.float16, torch.bfloat16, torch.float32)
         self.impl = impl or ("triton" if key.device.type == "cuda" and kernel_dtype else "eager")
@@ -420,12 +426,18 @@ class BlockBounds:
         by an earlier step is rewritten with the same values: one 64-row read per sequence and step, no branch.
         Runs ``impl`` (the constructor's).
         """
-        if self.impl == "triton":
+        if self.impl == "triton":  # the op validates its inputs
             from ..ops.kcache import block_bounds_update
 
             block_bounds_update(key, self.kmin, self.kmax, lengths, starts, self.block_size)
             return
-        b, hkv, tcap, d = key.shape
+        b, hkv, _, d = self.kmin.shape
+        if key.dim() != 4 or (key.shape[0], key.shape[1], key.shape[3]) != (b, hkv, d) or key.shape[2] == 0:
+            raise ValueError(f"BlockBounds.update needs key [B={b}, Hkv={hkv}, T >= 1, D={d}], got {tuple(key.shape)}")
+        tcap = key.shape[2]
+        for name, x in (("lengths", lengths), ("starts", starts)):
+            if x is not None and tuple(x.shape) != (b,):
+                raise ValueError(f"BlockBounds.update needs {name} [B={b}], got {tuple(x.shape)}")
         bs = self.block_size
         last = (lengths.to(key.device).long() - 1) // bs - 1  # [B] the last completed block (-1: none)
         first = last.clamp(min=0) * bs + (0 if starts is None else starts.to(key.device).long())
