@@ -525,3 +525,39 @@ def test_cuda_masks_equal_cpu_masks(kind, value, allocation):
     cpu = seerattn.mask_from_scores(scores, pol, 128 * 64, 64).to_dense()
     gpu = mask_from_scores(scores.cuda(), pol, 128 * 64, 64).to_dense().cpu()
     assert torch.equal(cpu, gpu)
+
+
+# ===================================================================== ranking on logits
+
+
+def test_ranks_within_rows_names_the_row_ranked_policies():
+    want = {("dense", "row"): True, ("threshold", "row"): False, ("top_p", "row"): False}
+    want |= {("density", a): a != "head" for a in ALLOCATIONS}
+    for (kind, allocation), ranked in want.items():
+        assert SparsityPolicy(kind, 0.5, allocation).ranks_within_rows is ranked, (kind, allocation)
+
+
+@HYP
+@given(
+    nq=st.integers(1, 24),
+    rho=st.floats(0.01, 1.0),
+    seed=st.integers(0, 10_000),
+    allocation=st.sampled_from([a for a in ALLOCATIONS if SparsityPolicy("density", 0.1, a).ranks_within_rows]),
+)
+def test_row_ranked_policies_keep_the_same_blocks_from_logits_as_from_probabilities(nq, rho, seed, allocation):
+    # the sparse prefill skips the softmax for these policies (seerattn.hf.integration._prefill_mask)
+    g = torch.Generator().manual_seed(seed)
+    causal = torch.ones(nq, nq, dtype=torch.bool).tril()
+    # rows on different scales, as gate logits are
+    logits = torch.randn(2, 3, nq, nq, generator=g) * torch.linspace(0.5, 8.0, nq)[:, None]
+    logits = logits.masked_fill(~causal, float("-inf"))
+    pol = SparsityPolicy("density", rho, allocation)
+    assert torch.equal(_kept(logits, pol), _kept(logits.softmax(-1), pol))
+
+
+def test_head_allocation_ranks_across_rows_so_logits_differ():
+    # row 1's logits are shifted up by 10: the same probabilities as row 0's pattern, far larger logits
+    logits = torch.tensor([[0.0, float("-inf"), float("-inf")], [10.0, 11.0, float("-inf")], [0.0, 0.5, 3.0]])
+    pol = SparsityPolicy("density", 0.5, "head", keep_sink=False, keep_diagonal=False)
+    assert not pol.ranks_within_rows
+    assert not torch.equal(_kept(logits[None, None], pol), _kept(logits.softmax(-1)[None, None], pol))

@@ -373,6 +373,13 @@ class SparsityPolicy:
                     "so set overrides on the top-level policy only"
                 )
 
+    @property
+    def ranks_within_rows(self) -> bool:
+        """True when a row's kept blocks depend only on the order of that row's scores (``dense``, and ``density``
+        with a per-row allocation): then any strictly increasing map of each row, such as the softmax of gate
+        logits, keeps the same blocks."""
+        return self.kind == "dense" or (self.kind == "density" and self.allocation != "head")
+
     def check_num_layers(self, num_layers: int) -> None:
         """Raise if an override names a layer the model does not have (it would silently do nothing)."""
         past = sorted(i for i in self.layer_overrides if i >= num_layers)

@@ -1058,7 +1058,13 @@ def _prefill_mask(module, state: SeerState, query, key, value, q_pre, k_pre, pos
             _, _, scores = attention_with_block_scores(query, key, value, block_size=bs, scale=scale, impl=cfg.impl)
     else:
         with torch.no_grad(), record_function("seer.gate"):
-            scores = _gate_forward(module.seer_gate, state, q_pre, k_pre, position_ids, cfg.gate_impl).softmax(-1)
+            scores = _gate_forward(module.seer_gate, state, q_pre, k_pre, position_ids, cfg.gate_impl)
+            # The softmax is strictly increasing along a row, so a policy that ranks within rows keeps the same
+            # blocks from the logits, without a pass over the [B, Hq, NB, NB] map (0.34 ms a layer at 128k on the
+            # H200). Only ties differ: two distinct logits that the fp32 softmax would round to one probability
+            # are ranked by their exact order instead of by column. Per-group masks average probabilities.
+            if not (policy.ranks_within_rows and cfg.mask_heads == "q"):
+                scores = scores.softmax(-1)
     with record_function("seer.policy"):
         if cfg.mask_heads == "kv":
             scores = group_scores(scores, (key if key is not None else k_pre).shape[1])

@@ -5,13 +5,14 @@ Algorithm
 ---------
 Exactly :class:`seerattn.gate.AttnGate`'s forward, in fp32 whatever the input dtype:
 
-1. ``_pool_kernel`` (once for Q, once for K): a program owns ``BLOCK_W`` pooling windows of one
-   head. It walks their tokens once (reading q/k in place, any strides with a unit last stride, no
-   upcast copy of the sequence), keeps the running sum / max / min in fp32 and writes the pooled
-   channels ``[B, H, N, C * D]`` (N = ceil(T / window)); the sum is divided by the window's real
-   token count (a partial last window uses the tokens it has). That is ``C * D / window`` floats per
-   token and head (Q: 384 / 16 with the windowed gate), smaller than the sequence itself.
-2. ``_project_kernel`` (once for Q, once for K): a program owns ``BLOCK_M`` pooled rows of one query head
+1. ``_pool_kernel`` (one launch: K's blocks and Q's windows, two jobs): a program owns ``BLOCK_W`` pooling
+   windows of one head. It walks their tokens once (an unrolled loop: every token's row load in flight at
+   once; q/k read in place, any strides with a unit last stride, no upcast copy of the sequence), keeps the
+   running sum / max / min in fp32 and writes the pooled channels ``[B, H, N, C * D]`` (N = ceil(T /
+   window)); the sum is divided by the window's real token count (a partial last window uses the tokens it
+   has). That is ``C * D / window`` floats per token and head (Q: 384 / 16 with the windowed gate), smaller
+   than the sequence itself.
+2. ``_project_kernel`` (one launch: K's and Q's jobs): a program owns ``BLOCK_M`` pooled rows of one query head
    and multiplies them by the head's weights ``[C * D, Dg]`` in steps of ``BLOCK_K`` channels on tensor cores
    (``precision``, 3xTF32 by default, as the scores), into two ``[BLOCK_M, Dg / 2]`` accumulators, one per
    half of the gate dimension; with RoPE it rotates them in registers (rotate-half: channel ``j`` with
@@ -21,16 +22,19 @@ Exactly :class:`seerattn.gate.AttnGate`'s forward, in fp32 whatever the input dt
    It replaced an fp32 cuBLAS matmul (SIMT: 0.18 ms a layer at 32k for Q on the H200, session 9 profile) and a
    RoPE pass that read and wrote the gate vectors again: the whole gate 0.540 vs 0.580 ms at 32k, 3.097 vs
    3.152 ms at 128k (H200, session 10, docs/experiments/prefill-gate-policy/session10).
+   One launch for both inputs, K's jobs first (fewer, longer programs, which Q's fill around): the whole gate
+   0.466 vs 0.478 ms at 32k, 2.92 vs 2.91 ms at 128k (H200, session 16, three alternating rounds each).
 3. ``_rope_kernel``: only for a gate without a Q projection (the pooled Q is the gate query), in place.
 4. ``_gate_scores_kernel``: a program owns ``BLOCK_I`` query blocks of one head, that is their
    ``BLOCK_I * R`` query windows (``R = block_size // q_step``; window ``block * R + w``, consecutive),
    and walks the key tiles left to right. The windows are loaded once, before the key loop; each key
-   tile is one ``[BLOCK_I * R, Dg] x [Dg, BLOCK_J]`` dot, ``qg . kg / sqrt(Dg)`` for every window at once
-   (fp32 dots on tensor cores as 3xTF32 by default, or IEEE fp32: ``precision``), then the log-sum-exp
-   over each block's ``R`` windows (the scores seen as ``[BLOCK_I, R, BLOCK_J]``, reduced over axis 1;
-   padding windows of a partial last block are left out, which equals the eager gate's finite-floor
-   padding after the log-sum-exp). Key tiles above the diagonal are written as ``-inf`` without any
-   arithmetic (a second loop); inside a tile, entries above the diagonal are ``-inf``.
+   tile is one ``[BLOCK_J, Dg] x [Dg, BLOCK_I * R]`` dot, ``kg . qg / sqrt(Dg)`` for every window at once:
+   transposed, so that the loop-invariant windows are the operand kept in shared memory and the key tile the
+   one in registers (fp32 dots on tensor cores as 3xTF32 by default, split by the kernel, or IEEE fp32:
+   ``precision``), then the log-sum-exp over each block's ``R`` windows (the scores seen as ``[BLOCK_J,
+   BLOCK_I, R]``, reduced over axis 2; padding windows of a partial last block are left out, which equals the
+   eager gate's finite-floor padding after the log-sum-exp). Key tiles above the diagonal are written as
+   ``-inf`` without any arithmetic (a second loop); inside a tile, entries above the diagonal are ``-inf``.
 
 Layouts: q ``[B, Hq, T, D]``, k ``[B, Hkv, T, D]`` (views allowed); weights ``[Hq, C * D, Dg]``; cos/sin
 ``[B or 1, NS, Dg]`` (one entry per query window; key blocks use every ``R``-th), any float dtype; logits
@@ -60,19 +64,21 @@ _POOL_CODES = {"avg": 0, "max": 1, "min": 2}
 # Precision of the scores kernel's fp32 dots (``tl.dot(input_precision=...)``). "ieee" (exact fp32 products)
 # has no tensor-core path on Hopper: at 128k it made the scores kernel 13.5 ms of a layer's 15.4 ms gate
 # (H200, 6a58197, a profiled prefill). "tf32x3" splits each fp32 operand into two TF32 parts and runs three
-# tensor-core products (the small * small one dropped): products to ~2^-21 relative, fp32 accumulation.
+# tensor-core products (the small * small one dropped): products to ~2^-21 relative, fp32 accumulation (the scores
+# kernel splits its operands itself, :func:`_split_tf32`; the projection uses tl.dot's own).
 PRECISIONS = ("ieee", "tf32x3", "tf32")
 DEFAULT_PRECISION = "tf32x3"
 # The scores kernel's tile on the GPU: (query windows per program, key blocks per tile, warps, pipeline stages).
-# The windows are BLOCK_I blocks' R windows each (BLOCK_I = windows // R): the M of the one dot per key tile.
-# From the offline sm_90 compile (scores_compile.py: triton 3.6, Dg 128, R 4) and timed on the H200 (session 8,
-# docs/experiments/prefill-gate-policy/README.md, "tiles"): with the gate vectors rotated before the kernel a
-# stage buffers only the key tile, and the largest tile that fits Hopper's 227 KiB without spills at tf32x3 and
-# tf32 is (128, 64, 8, 2) (224 KiB); it was the fastest of five timed at tf32x3: gate 3.16 ms a layer at 128k
-# (6.38 before the change), 0.585 at 32k (0.79). IEEE fp32 (FMA dots over the full Dg 128) spills on every tile
-# compiled; its fastest timed tile is (64, 64, 8, 2) (29.5 ms at 128k, against 12.3 ms for the kernel before this
-# change, which rotated in the kernel and used half-width dots): "ieee" is a reference precision, not a fast path.
-SCORES_TILE = (128, 64, 8, 2)
+# The windows are BLOCK_I blocks' R windows each (BLOCK_I = windows // R): the N of the one transposed dot per key
+# tile, the key blocks its M. Timed on the H200 (session 16, docs/experiments/prefill-gate-policy/session16, call 3;
+# Llama-3.1-8B heads, the testbed's gate, R 4): (64, 64, 4, 2) 0.090 ms at 32k and 1.082 ms at 128k, against
+# 0.113-0.142 / 1.30-1.89 for (64, 128, 8, 2), (128, 64, 8, 2 or 3), (32, 128, 8, 2), (64, 64, 8, 2), and as fast as
+# one TF32 product (0.090 / 1.092): the three products are no longer what bounds it. The kernel before (windows x
+# key tile, tl.dot's tf32x3) took 0.133 / 1.652 ms at its best tile, (128, 64, 8, 2). Offline sm_90 compile of the
+# chosen tile (scores_compile.py): 255 registers, 8 bytes of spill, 100 KiB of shared memory (two programs an SM).
+# IEEE fp32 (FMA dots over the full Dg 128) spills on every tile compiled; its fastest timed tile is (64, 64, 8, 2)
+# (29.5 ms at 128k, session 8): "ieee" is a reference precision, not a fast path.
+SCORES_TILE = (64, 64, 4, 2)
 IEEE_SCORES_TILE = (64, 64, 8, 2)
 # Under the interpreter: 16 windows, so that R = 2 and 4 put several blocks in a program and R = 1 sixteen.
 _INTERP_SCORES_TILE = (16, 16, 4, 1)
@@ -80,6 +86,16 @@ _INTERP_SCORES_TILE = (16, 16, 4, 1)
 # [BLOCK_M, Dg / 2] fp32 accumulators. Chosen to fit sm_90 without spills at Dg 128 in the offline compile
 # (docs/experiments/prefill-gate-policy/proj_compile.py); no other tile was timed on the GPU.
 PROJ_TILE = (128, 32, 8, 3)
+# The pooling kernel's tile: (windows per program, warps), for windows of up to 32 tokens and for longer ones. Timed
+# on the H200 (session 16, docs/experiments/prefill-gate-policy/session16, call 2; Llama-3.1-8B heads, bf16): at 32k
+# the Q windows of 16 tokens take 0.1035 ms at (8, 4) or (4, 2) against 0.130-0.133 at (16, 4), (32, 8), (8, 2),
+# the K blocks of 64 tokens 0.037-0.038 ms at (8, 2), (16, 4), (32, 8) against 0.044 at (8, 4), (4, 2), (16, 8);
+# the same order at 128k. The loop before (16 windows, 4 warps, not unrolled): 0.135 / 0.076 ms.
+POOL_TILE = (8, 4)
+POOL_TILE_LONG = (8, 2)
+# Both pooling jobs in one launch (one warp count): (K blocks per program, Q windows per program, warps)
+POOL_PAIR_TILE = (16, 8, 4)
+_INTERP_POOL_TILE = (16, 4)
 _INTERP_PROJ_TILE = (16, 16, 4, 1)
 
 
@@ -94,19 +110,18 @@ def _pick(code: tl.constexpr, avg, mx, mn):
 
 
 @triton.jit
-def _pool_kernel(
-    X, Out,
-    stride_xb, stride_xh, stride_xt,
-    stride_ob, stride_oh, stride_on,
-    T, NP, H,
+def _pool_windows(
+    X, Out, stride_xb, stride_xh, stride_xt, stride_ob, stride_oh, stride_on, T, NP, H, bh, wt,
     STEP: tl.constexpr, D: tl.constexpr, BLOCK_W: tl.constexpr,
     NPOOL: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
-    NEED_MAX: tl.constexpr, NEED_MIN: tl.constexpr,
 ):  # fmt: skip
-    bh = tl.program_id(0)
+    """Pools windows ``wt * BLOCK_W ...`` of (batch, head) ``bh``, token by token: the loop over a window's ``STEP``
+    tokens is unrolled, so their loads (one ``[BLOCK_W, D]`` row of each window) are all in flight together."""
+    NEED_MAX: tl.constexpr = P0 == 1 or (NPOOL > 1 and P1 == 1) or (NPOOL > 2 and P2 == 1)
+    NEED_MIN: tl.constexpr = P0 == 2 or (NPOOL > 1 and P1 == 2) or (NPOOL > 2 and P2 == 2)
     b = bh // H
     h = bh % H
-    rows = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)  # pooling windows
+    rows = wt * BLOCK_W + tl.arange(0, BLOCK_W)  # pooling windows
     row_ok = rows < NP
     start = rows * STEP
     offs_d = tl.arange(0, D)
@@ -114,7 +129,7 @@ def _pool_kernel(
     acc = tl.zeros([BLOCK_W, D], dtype=tl.float32)
     mx = tl.full([BLOCK_W, D], float("-inf"), dtype=tl.float32)
     mn = tl.full([BLOCK_W, D], float("inf"), dtype=tl.float32)
-    for s in range(STEP):
+    for s in tl.static_range(STEP):
         tok = start + s
         ok = (row_ok & (tok < T))[:, None]
         x = tl.load(x_base + tok.to(tl.int64)[:, None] * stride_xt + offs_d[None, :], mask=ok, other=0.0)
@@ -136,6 +151,29 @@ def _pool_kernel(
         tl.store(o_ptr + D, _pick(P1, avg, mx, mn), mask=smask)
     if NPOOL > 2:
         tl.store(o_ptr + 2 * D, _pick(P2, avg, mx, mn), mask=smask)
+
+
+@triton.jit
+def _pool_kernel(
+    XA, OutA, sxb_a, sxh_a, sxt_a, sob_a, soh_a, son_a, NP_A, H_A, TILES_A, PROGS_A,
+    XB, OutB, sxb_b, sxh_b, sxt_b, sob_b, soh_b, son_b, NP_B, H_B, TILES_B,
+    T,
+    STEP_A: tl.constexpr, BLOCK_W_A: tl.constexpr, NPOOL_A: tl.constexpr,
+    PA0: tl.constexpr, PA1: tl.constexpr, PA2: tl.constexpr,
+    STEP_B: tl.constexpr, BLOCK_W_B: tl.constexpr, NPOOL_B: tl.constexpr,
+    PB0: tl.constexpr, PB1: tl.constexpr, PB2: tl.constexpr,
+    D: tl.constexpr,
+):  # fmt: skip
+    """Two pooling jobs in one launch (the gate's K blocks and Q windows): programs ``< PROGS_A`` pool input A,
+    the rest input B (none when the grid has only ``PROGS_A`` programs), each job its own window and tile."""
+    pid = tl.program_id(0)
+    if pid < PROGS_A:
+        _pool_windows(XA, OutA, sxb_a, sxh_a, sxt_a, sob_a, soh_a, son_a, T, NP_A, H_A, pid // TILES_A,
+                      pid % TILES_A, STEP_A, D, BLOCK_W_A, NPOOL_A, PA0, PA1, PA2)  # fmt: skip
+    else:
+        pid -= PROGS_A
+        _pool_windows(XB, OutB, sxb_b, sxh_b, sxt_b, sob_b, soh_b, son_b, T, NP_B, H_B, pid // TILES_B,
+                      pid % TILES_B, STEP_B, D, BLOCK_W_B, NPOOL_B, PB0, PB1, PB2)  # fmt: skip
 
 
 @triton.jit
@@ -168,23 +206,21 @@ def _rope_kernel(
 
 
 @triton.jit
-def _project_kernel(
+def _project_rows(
     X, W, C, S, Out,
     stride_xb, stride_xh, stride_xn,
     stride_wh, stride_wc,
     stride_cb, stride_cn,
     stride_ob, stride_oh, stride_on,
-    N, HQ, G, CDIM, HALF,
-    C_STEP: tl.constexpr, ROPE: tl.constexpr, HALF_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr,
+    N, HQ, G, CDIM, HALF, bh, mt, C_STEP,
+    ROPE: tl.constexpr, HALF_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """``BLOCK_M`` gate vectors of query head ``h``: pooled rows of input head ``h // G`` times ``W[h]``, then
-    (``ROPE``) rotate-half with the cos/sin row ``n * C_STEP``. The two halves of the gate dimension are two
-    accumulators, so the rotation pairs channel ``j`` with ``j + HALF`` in registers (no second pass)."""
-    bh = tl.program_id(0)
+    """Gate vectors ``mt * BLOCK_M ...`` of (batch, query head) ``bh``: pooled rows of input head ``h // G`` times
+    ``W[h]``, then (``ROPE``) rotate-half with the cos/sin row ``n * C_STEP``. The two halves of the gate dimension
+    are two accumulators, so the rotation pairs channel ``j`` with ``j + HALF`` in registers (no second pass)."""
     b = bh // HQ
     h = bh % HQ
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = mt * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     offs_j = tl.arange(0, HALF_P)
     j_ok = offs_j < HALF
@@ -221,6 +257,40 @@ def _project_kernel(
 
 
 @triton.jit
+def _project_kernel(
+    XA, WA, OutA, sxb_a, sxh_a, sxn_a, swh_a, swc_a, sob_a, soh_a, son_a, N_A, G_A, CDIM_A, TILES_A, PROGS_A,
+    XB, WB, OutB, sxb_b, sxh_b, sxn_b, swh_b, swc_b, sob_b, soh_b, son_b, N_B, G_B, CDIM_B, TILES_B,
+    C, S, stride_cb, stride_cn, HQ, HALF, C_STEP_A, C_STEP_B,
+    ROPE: tl.constexpr, HALF_P: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Two projection jobs in one launch (the gate's key blocks and query windows; same heads, gate dimension and
+    rotary table): programs ``< PROGS_A`` project job A, the rest job B (none when the grid stops at ``PROGS_A``).
+    The job's pointers and sizes are picked as scalars and one body runs (two inlined bodies spilled registers)."""
+    pid = tl.program_id(0)
+    is_a = pid < PROGS_A
+    t = tl.where(is_a, pid, pid - PROGS_A)
+    tiles = tl.where(is_a, TILES_A, TILES_B)
+    _project_rows(
+        tl.where(is_a, XA, XB), tl.where(is_a, WA, WB), C, S, tl.where(is_a, OutA, OutB),
+        tl.where(is_a, sxb_a, sxb_b), tl.where(is_a, sxh_a, sxh_b), tl.where(is_a, sxn_a, sxn_b),
+        tl.where(is_a, swh_a, swh_b), tl.where(is_a, swc_a, swc_b), stride_cb, stride_cn,
+        tl.where(is_a, sob_a, sob_b), tl.where(is_a, soh_a, soh_b), tl.where(is_a, son_a, son_b),
+        tl.where(is_a, N_A, N_B), HQ, tl.where(is_a, G_A, G_B), tl.where(is_a, CDIM_A, CDIM_B), HALF, t // tiles,
+        t % tiles, tl.where(is_a, C_STEP_A, C_STEP_B), ROPE, HALF_P, BLOCK_M, BLOCK_K, PRECISION,
+    )  # fmt: skip
+
+
+@triton.jit
+def _split_tf32(x):
+    """(hi, lo) with ``hi + lo == x`` exactly: ``hi`` is ``x`` rounded to TF32 (10 mantissa bits, so a TF32
+    product reads it exactly), ``lo`` the fp32 remainder (|lo| <= 2^-11 |x|)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    hi = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return hi, x - hi
+
+
+@triton.jit
 def _gate_scores_kernel(
     QG, KG, Out,
     stride_qb, stride_qh, stride_qn,
@@ -231,9 +301,11 @@ def _gate_scores_kernel(
 ):  # fmt: skip
     """Logits of ``BLOCK_I`` query blocks of one head against every key block (see the module docstring).
 
-    The program's ``BLOCK_I * R`` query windows (window ``block * R + w``, consecutive; already rotated) are one
-    ``[BLOCK_I * R, DG_P]`` tile, loaded once; each key tile costs one dot and a log-sum-exp over each block's
-    ``R`` windows.
+    Each key tile is computed transposed, ``[BLOCK_J keys, BLOCK_I * R windows] = kg . qg^T``: the program's
+    windows (loop-invariant) are the dot's shared-memory operand, placed there once, and each key tile the
+    register operand. At ``tf32x3`` the kernel splits both operands itself (:func:`_split_tf32`: the windows
+    once, a key tile once per step) and sums three TF32 products (hi.hi, hi.lo, lo.hi); ``tl.dot``'s own
+    ``tf32x3`` re-split and re-staged both operands through shared memory on every key tile.
     """
     bh = tl.program_id(0)
     b = bh // HQ
@@ -247,9 +319,15 @@ def _gate_scores_kernel(
     d_ok = offs_d < DG
     q_base = QG + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     k_base = KG + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    o_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + rows.to(tl.int64)[:, None] * stride_oi
+    o_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + rows.to(tl.int64)[None, :] * stride_oi
     q = tl.load(q_base + wins.to(tl.int64)[:, None] * stride_qn + offs_d[None, :],
                 mask=win_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+    if PRECISION == "tf32x3":
+        q_hi, q_lo = _split_tf32(q)
+        q_hi = tl.trans(q_hi)  # [DG_P, BLOCK_I * R]
+        q_lo = tl.trans(q_lo)
+    else:
+        q_t = tl.trans(q)
     # key tiles up to the one holding the last row's diagonal; a loop without a branch, which the
     # compiler can pipeline
     n_live = tl.minimum(it * BLOCK_I + BLOCK_I, NB)
@@ -258,22 +336,30 @@ def _gate_scores_kernel(
         col_ok = cols < NB
         k = tl.load(k_base + cols.to(tl.int64)[:, None] * stride_kn + offs_d[None, :],
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
-        x = tl.dot(q, tl.trans(k), input_precision=PRECISION) / sqrt_dg  # [BLOCK_I * R, BLOCK_J]
+        if PRECISION == "tf32x3":
+            k_hi, k_lo = _split_tf32(k)
+            x = tl.dot(k_lo, q_hi, input_precision="tf32")  # the small products first
+            x = tl.dot(k_hi, q_lo, x, input_precision="tf32")
+            x = tl.dot(k_hi, q_hi, x, input_precision="tf32")
+        else:
+            x = tl.dot(k, q_t, input_precision=PRECISION)
+        x = x / sqrt_dg  # [BLOCK_J, BLOCK_I * R]
         if R == 1:
             lse = x
         else:
-            x = tl.reshape(tl.where(win_ok[:, None], x, float("-inf")), [BLOCK_I, R, BLOCK_J])
-            m = tl.max(x, axis=1)
+            x = tl.reshape(tl.where(win_ok[None, :], x, float("-inf")), [BLOCK_J, BLOCK_I, R])
+            m = tl.max(x, axis=2)
             m_safe = tl.where(m == float("-inf"), 0.0, m)  # every window masked: rows past NB
-            acc = tl.sum(tl.exp(x - m_safe[:, None, :]), axis=1)
+            acc = tl.sum(tl.exp(x - m_safe[:, :, None]), axis=2)
             lse = m + tl.log(tl.where(acc > 0.0, acc, 1.0))  # acc is 0 only on rows past NB
-        lse = tl.where(cols[None, :] <= rows[:, None], lse, float("-inf"))
-        tl.store(o_base + cols[None, :], lse, mask=row_ok[:, None] & col_ok[None, :])
+        lse = tl.where(cols[:, None] <= rows[None, :], lse, float("-inf"))  # [BLOCK_J, BLOCK_I]
+        tl.store(o_base + cols[:, None], lse, mask=row_ok[None, :] & col_ok[:, None])
     # key tiles wholly above the diagonal: -inf without arithmetic
+    o_rows = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + rows.to(tl.int64)[:, None] * stride_oi
     for j0 in range(tl.cdiv(n_live, BLOCK_J) * BLOCK_J, NB, BLOCK_J):
         cols = j0 + tl.arange(0, BLOCK_J)
         smask = row_ok[:, None] & (cols < NB)[None, :]
-        tl.store(o_base + cols[None, :], tl.full([BLOCK_I, BLOCK_J], float("-inf"), tl.float32), mask=smask)
+        tl.store(o_rows + cols[None, :], tl.full([BLOCK_I, BLOCK_J], float("-inf"), tl.float32), mask=smask)
 
 
 def _rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, c_step: int) -> None:
@@ -289,47 +375,111 @@ def _rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, c_step: int) -
     )  # fmt: skip
 
 
-def _project(
-    x: torch.Tensor, w: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, c_step: int, precision: str
-) -> torch.Tensor:
-    """Pooled channels x [B, Hx, N, C] fp32 times w [Hq, C, Dg] (query head h reads input head h // (Hq / Hx)),
-    rotated with cos/sin [B or 1, *, Dg] row ``n * c_step`` when given -> gate vectors [B, Hq, N, Dg] fp32."""
+def _project_job(x: torch.Tensor, w: torch.Tensor, block_m: int):
+    """(output, launch arguments, programs) of one projection job of :func:`_project_kernel`."""
     b, hx, n, c = x.shape
     hq, _, dg = w.shape
     out = torch.empty(b, hq, n, dg, dtype=torch.float32, device=x.device)
-    block_m, block_k, num_warps, num_stages = _INTERP_PROJ_TILE if interpreting() else PROJ_TILE
+    tiles = triton.cdiv(n, block_m)
+    args = [x, w, out, *x.stride()[:3], *w.stride()[:2], *out.stride()[:3], n, hq // hx, c, tiles]
+    return out, args, b * hq * tiles
+
+
+def _project(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    c_step: int,
+    precision: str,
+    tile: tuple[int, int, int, int] | None = None,
+    second: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Pooled channels x [B, Hx, N, C] fp32 times w [Hq, C, Dg] (query head h reads input head h // (Hq / Hx)),
+    rotated with cos/sin [B or 1, *, Dg] row ``n * c_step`` when given -> gate vectors [B, Hq, N, Dg] fp32.
+    ``tile``: (rows, channels per step, warps, stages), default :data:`PROJ_TILE` (benchmarks try others).
+    ``second``: (x2, w2, c_step2) projected in the same launch (same B, Hq, Dg and table): returns both outputs."""
+    dg = w.shape[2]
+    block_m, block_k, num_warps, num_stages = tile or (_INTERP_PROJ_TILE if interpreting() else PROJ_TILE)
+    out_a, args_a, progs_a = _project_job(x, w, block_m)
+    if second is None:  # job B unused: job A's arguments in its place, no program reaches it
+        out_b, args_b, progs_b, c_step_b = out_a, args_a, 0, c_step
+    else:
+        out_b, args_b, progs_b = _project_job(second[0], second[1], block_m)
+        c_step_b = second[2]
+    cmax = max(args_a[-2], args_b[-2])
     rope = cos is not None
-    c_ref, s_ref = (cos, sin) if rope else (out, out)  # dummy pointers without RoPE
-    _project_kernel[(b * hq, triton.cdiv(n, block_m))](
-        x, w, c_ref, s_ref, out,
-        x.stride(0), x.stride(1), x.stride(2),
-        w.stride(0), w.stride(1),
-        (cos.stride(0) if cos.shape[0] > 1 else 0) if rope else 0, cos.stride(1) if rope else 0,
-        out.stride(0), out.stride(1), out.stride(2),
-        n, hq, hq // hx, c, dg // 2,
-        C_STEP=c_step, ROPE=rope, HALF_P=max(16, triton.next_power_of_2(dg // 2)), BLOCK_M=block_m,
-        BLOCK_K=min(block_k, max(16, triton.next_power_of_2(c))), PRECISION=precision,
+    c_ref, s_ref = (cos, sin) if rope else (out_a, out_a)  # dummy pointers without RoPE
+    c_strides = ((cos.stride(0) if cos.shape[0] > 1 else 0), cos.stride(1)) if rope else (0, 0)
+    _project_kernel[(progs_a + progs_b,)](
+        *args_a, progs_a, *args_b, c_ref, s_ref, *c_strides, w.shape[0], dg // 2, c_step, c_step_b,
+        ROPE=rope, HALF_P=max(16, triton.next_power_of_2(dg // 2)),
+        BLOCK_M=block_m, BLOCK_K=min(block_k, max(16, triton.next_power_of_2(cmax))), PRECISION=precision,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
-    return out
+    return out_a if second is None else (out_a, out_b)
 
 
-def _pool(x: torch.Tensor, step: int, poolings: tuple[str, ...]) -> torch.Tensor:
-    """x [B, H, T, D] -> pooled channels [B, H, ceil(T / step), len(poolings) * D] fp32."""
+def _pool_job(x: torch.Tensor, step: int, poolings: tuple[str, ...], block_w: int):
+    """(output, launch arguments, constexprs, programs) of one pooling job of :func:`_pool_kernel`."""
     b, h, t, d = x.shape
-    npool = len(poolings)
-    codes = [_POOL_CODES[p] for p in poolings] + [0] * (3 - npool)
     n = -(-t // step)
-    out = torch.empty(b, h, n, npool * d, dtype=torch.float32, device=x.device)
-    block_w = 16
-    _pool_kernel[(b * h, triton.cdiv(n, block_w))](
-        x, out,
-        x.stride(0), x.stride(1), x.stride(2),
+    out = torch.empty(b, h, n, len(poolings) * d, dtype=torch.float32, device=x.device)
+    tiles = triton.cdiv(n, block_w)
+    args = [x, out, *x.stride()[:3], *out.stride()[:3], n, h, tiles]
+    codes = [_POOL_CODES[p] for p in poolings] + [0] * (3 - len(poolings))
+    return out, args, [step, block_w, len(poolings), *codes], b * h * tiles
+
+
+def _pool(
+    x: torch.Tensor,
+    step: int,
+    poolings: tuple[str, ...],
+    tile: tuple[int, int] | None = None,
+    second: tuple[torch.Tensor, int, tuple[str, ...], int] | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """x [B, H, T, D] -> pooled channels [B, H, ceil(T / step), len(poolings) * D] fp32. ``tile``: (windows per
+    program, warps), default :data:`POOL_TILE` or :data:`POOL_TILE_LONG` (benchmarks try others). ``second``:
+    (x2, step2, poolings2, windows per program) pooled in the same launch (same B, T, D): returns both outputs."""
+    if tile is None and interpreting():
+        tile = _INTERP_POOL_TILE
+    elif tile is None:
+        tile = POOL_TILE if step <= 32 else POOL_TILE_LONG
+    block_w, warps = tile
+    out_a, args_a, const_a, progs_a = _pool_job(x, step, poolings, block_w)
+    if second is None:  # job B unused: job A's arguments in its place, no program reaches it
+        out_b, args_b, const_b, progs_b = out_a, args_a, const_a, 0
+    else:
+        out_b, args_b, const_b, progs_b = _pool_job(*second)
+    _pool_kernel[(progs_a + progs_b,)](
+        *args_a, progs_a, *args_b, x.shape[2], *const_a, *const_b, D=x.shape[3], num_warps=warps
+    )
+    return out_a if second is None else (out_a, out_b)
+
+
+def _scores(
+    qg: torch.Tensor, kg: torch.Tensor, r: int, precision: str, tile: tuple[int, int, int, int] | None = None
+) -> torch.Tensor:
+    """Rotated gate vectors qg [B, Hq, NS, Dg] (query windows), kg [B, Hq, NB, Dg] (key blocks), R windows a block
+    -> logits [B, Hq, NB, NB] fp32. ``tile``: (windows, key blocks, warps, stages), default :data:`SCORES_TILE`."""
+    b, hq, ns, dg = qg.shape
+    nb = kg.shape[2]
+    out = torch.empty(b, hq, nb, nb, dtype=torch.float32, device=qg.device)
+    if tile is None and interpreting():
+        tile = _INTERP_SCORES_TILE
+    elif tile is None:
+        tile = IEEE_SCORES_TILE if precision == "ieee" else SCORES_TILE
+    windows, block_j, num_warps, num_stages = tile
+    block_i = max(1, windows // r)  # a block's R windows never split between programs
+    n_row_tiles = triton.cdiv(nb, block_i)
+    _gate_scores_kernel[(b * hq, n_row_tiles)](
+        qg, kg, out,
+        qg.stride(0), qg.stride(1), qg.stride(2),
+        kg.stride(0), kg.stride(1), kg.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        t, n, h,
-        STEP=step, D=d, BLOCK_W=block_w, NPOOL=npool, P0=codes[0], P1=codes[1], P2=codes[2],
-        NEED_MAX="max" in poolings, NEED_MIN="min" in poolings,
-        num_warps=4,
+        ns, nb, hq, dg, n_row_tiles, math.sqrt(dg),
+        R=r, DG_P=max(16, triton.next_power_of_2(dg)), BLOCK_I=block_i, BLOCK_J=block_j, PRECISION=precision,
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
 
@@ -357,34 +507,18 @@ def gate_logits_fwd(
     """
     if precision not in PRECISIONS:
         raise ValueError(f"gate scores precision must be one of {PRECISIONS}, got {precision!r}")
-    b, hq, t, d = q.shape
     r = block_size // q_step
     # the projections and RoPE in one kernel each, once per gate vector (not on every key tile of the scores
     # kernel): query windows at their first position, key blocks at their first window's (cos/sin row n * R);
     # K is pooled once per KV head and read by each query head of its group
-    qg = _pool(q, q_step, q_pooling)  # [B, Hq, NS, Cq * D]
+    # K's jobs first in each launch: fewer, longer programs, which Q's many short ones then fill around
+    interp = interpreting()
+    kp, qp = _pool(k, block_size, k_pooling, _INTERP_POOL_TILE if interp else POOL_PAIR_TILE[0::2],
+                   second=(q, q_step, q_pooling, _INTERP_POOL_TILE[0] if interp else POOL_PAIR_TILE[1]))  # fmt: skip
     if q_proj is not None:
-        qg = _project(qg, q_proj, cos, sin, 1, precision)  # [B, Hq, NS, Dg]
-    elif cos is not None:
-        _rope_(qg, cos, sin, 1)  # the pooled Q is the gate query
-    kg = _project(_pool(k, block_size, k_pooling), k_proj, cos, sin, r, precision)  # [B, Hq, NB, Dg]
-    dg = k_proj.shape[-1]
-    ns, nb = qg.shape[2], kg.shape[2]
-    out = torch.empty(b, hq, nb, nb, dtype=torch.float32, device=q.device)
-    if interpreting():
-        tile = _INTERP_SCORES_TILE
+        kg, qg = _project(kp, k_proj, cos, sin, r, precision, second=(qp, q_proj, 1))
     else:
-        tile = IEEE_SCORES_TILE if precision == "ieee" else SCORES_TILE
-    windows, block_j, num_warps, num_stages = tile
-    block_i = max(1, windows // r)  # a block's R windows never split between programs
-    n_row_tiles = triton.cdiv(nb, block_i)
-    _gate_scores_kernel[(b * hq, n_row_tiles)](
-        qg, kg, out,
-        qg.stride(0), qg.stride(1), qg.stride(2),
-        kg.stride(0), kg.stride(1), kg.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        ns, nb, hq, dg, n_row_tiles, math.sqrt(dg),
-        R=r, DG_P=max(16, triton.next_power_of_2(dg)), BLOCK_I=block_i, BLOCK_J=block_j, PRECISION=precision,
-        num_warps=num_warps, num_stages=num_stages,
-    )  # fmt: skip
-    return out
+        kg, qg = _project(kp, k_proj, cos, sin, r, precision), qp
+        if cos is not None:
+            _rope_(qg, cos, sin, 1)
+    return _scores(qg, kg, r, precision)

@@ -1,0 +1,144 @@
+"""Time of each part of one layer's fused prefill gate and policy: the pooling, projection and scores kernels
+(:mod:`seerattn.ops._triton.gate_fwd`), the softmax, and the density selection kernel, with the HBM time of the
+bytes each part must move (read once, written once) beside it.
+
+Llama-3.1-8B heads (Hq 32, Hkv 8, D 128), the testbed's gate (Q windows of 16 pooled avg / max / min, K blocks of 64
+pooled the same, Dg 128, RoPE), random bf16 q / k as transformers hands them ([B, T, H, D] memory), random gate
+weights; ``triton.testing.do_bench`` medians. ``--pool-tiles`` / ``--proj-tiles`` / ``--scores-tiles`` time the
+parts at other tiles too (the first of each list is the library's default when not given).
+
+    python -m benchmarks.gate_parts --seqlens 32768,131072 --json runs/gate_parts.json
+    python -m benchmarks.gate_parts --seqlens 32768 --pool-tiles 8,4 32,8 4,2 --proj-tiles 128,32,8,3 64,32,4,3
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+
+import torch
+
+from seerattn import SparsityPolicy, mask_from_scores
+from seerattn.gate import AttnGate, GateConfig
+from seerattn.ops._triton import gate_fwd
+
+from .decode import time_ms
+
+CFG = GateConfig(q_pooling=("avg", "max", "min"), q_subblock=16)
+HBM_GBS = 4800.0  # H200 HBM3e peak, GB/s: the floor column
+
+
+def case(t: int, hq: int, hkv: int, seed: int = 0):
+    """(gate, q [1, Hq, T, 128], k [1, Hkv, T, 128], cos, sin) on CUDA, as the sparse prefill hands them."""
+    g = torch.Generator().manual_seed(seed)
+    gate = AttnGate(hq, hkv, 128, CFG)
+    with torch.no_grad():
+        for w in (gate.k_proj, gate.q_proj):
+            w.copy_(torch.randn(w.shape, generator=g) / w.shape[1] ** 0.5)
+    q = torch.randn(1, t, hq, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    k = torch.randn(1, t, hkv, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    pos = torch.arange(-(-t // CFG.q_step), device="cuda", dtype=torch.float32) * CFG.q_step
+    inv = 1.0 / 10000 ** (torch.arange(0, gate.gate_dim, 2, device="cuda", dtype=torch.float32) / gate.gate_dim)
+    ang = torch.cat([pos[:, None] * inv] * 2, -1)[None]
+    return gate.cuda(), q, k, ang.cos(), ang.sin()
+
+
+def tiles(text: list[str] | None, default: tuple) -> list[tuple]:
+    """The default tile first, then the others given as comma lists."""
+    more = [tuple(int(v) for v in t.split(",")) for t in text or []]
+    return [default] + [t for t in more if t != default]
+
+
+def time_parts(t: int, args, record) -> None:
+    """Times every part at prompt length ``t``; ``record(part, tile, ms, bytes)`` keeps each."""
+    bench = functools.partial(time_ms, cuda=True, reps=args.reps)
+    prec = gate_fwd.DEFAULT_PRECISION
+    r = CFG.block_size // CFG.q_step
+    gate, q, k, cos, sin = case(t, args.hq, args.hkv)
+    ns, nb = -(-t // CFG.q_step), -(-t // CFG.block_size)
+    qp = gate_fwd._pool(q, CFG.q_step, CFG.q_pooling)
+    kp = gate_fwd._pool(k, CFG.block_size, CFG.k_pooling)
+    for tile in tiles(args.pool_tiles, gate_fwd.POOL_TILE):
+        # the same windows in the same token order whatever the tile: the same bits
+        if not torch.equal(gate_fwd._pool(q, CFG.q_step, CFG.q_pooling, tile), qp):
+            raise SystemExit(f"pooling tile {tile} differs from the default's output")
+        record("pool_q", tile, bench(lambda tile=tile: gate_fwd._pool(q, CFG.q_step, CFG.q_pooling, tile)),
+               q.numel() * 2 + qp.numel() * 4)  # fmt: skip
+        record("pool_k", tile, bench(lambda tile=tile: gate_fwd._pool(k, CFG.block_size, CFG.k_pooling, tile)),
+               k.numel() * 2 + kp.numel() * 4)  # fmt: skip
+    kw, qw, warps = gate_fwd.POOL_PAIR_TILE
+    record("pool_pair", gate_fwd.POOL_PAIR_TILE,
+           bench(lambda: gate_fwd._pool(k, CFG.block_size, CFG.k_pooling, (kw, warps),
+                                        second=(q, CFG.q_step, CFG.q_pooling, qw))),
+           (q.numel() + k.numel()) * 2 + (qp.numel() + kp.numel()) * 4)  # fmt: skip
+    wq, wk = gate.q_proj.detach(), gate.k_proj.detach()
+    for tile in tiles(args.proj_tiles, gate_fwd.PROJ_TILE):
+        record("proj_q", tile, bench(lambda tile=tile: gate_fwd._project(qp, wq, cos, sin, 1, prec, tile)),
+               (qp.numel() + wq.numel() + args.hq * ns * 128) * 4)  # fmt: skip
+        record("proj_k", tile, bench(lambda tile=tile: gate_fwd._project(kp, wk, cos, sin, r, prec, tile)),
+               (kp.numel() + wk.numel() + args.hq * nb * 128) * 4)  # fmt: skip
+    # one TF32 product instead of three: how much of the projection is arithmetic (a timing probe, not an option)
+    record("proj_q_tf32", None, bench(lambda: gate_fwd._project(qp, wq, cos, sin, 1, "tf32")),
+           (qp.numel() + wq.numel() + args.hq * ns * 128) * 4)  # fmt: skip
+    record("proj_pair", gate_fwd.PROJ_TILE,
+           bench(lambda: gate_fwd._project(kp, wk, cos, sin, r, prec, second=(qp, wq, 1))),
+           (qp.numel() + kp.numel() + 2 * wq.numel() + args.hq * (ns + nb) * 128) * 4)  # fmt: skip
+    qg = gate_fwd._project(qp, wq, cos, sin, 1, prec)
+    kg = gate_fwd._project(kp, wk, cos, sin, r, prec)
+    for tile in tiles(args.scores_tiles, gate_fwd.SCORES_TILE):
+        record("scores", tile, bench(lambda tile=tile: gate_fwd._scores(qg, kg, r, prec, tile)),
+               (qg.numel() + kg.numel() + args.hq * nb * nb) * 4)  # fmt: skip
+    record("scores_tf32", None, bench(lambda: gate_fwd._scores(qg, kg, r, "tf32")),
+           (qg.numel() + kg.numel() + args.hq * nb * nb) * 4)  # fmt: skip
+    with torch.no_grad():
+        record("gate", None, bench(lambda: gate(q, k, cos, sin, impl="triton")),
+               (q.numel() + k.numel()) * 2 + args.hq * nb * nb * 4)  # fmt: skip
+    with torch.no_grad():
+        logits = gate(q, k, cos, sin, impl="triton")
+    record("softmax", None, bench(lambda: logits.softmax(-1)), 2 * logits.numel() * 4)
+    probs = logits.softmax(-1)
+    pol = SparsityPolicy("density", args.density)
+    for name, scores in (("select", probs), ("select_logits", logits)):
+        # the causal half of the scores read, the padded lists written
+        ms = bench(lambda scores=scores: mask_from_scores(scores, pol, t, CFG.block_size))
+        record(name, None, ms, scores.numel() * 4 // 2 + scores.numel() * 4)
+    a, b = (mask_from_scores(s, pol, t, CFG.block_size) for s in (probs, logits))
+    differ = int(((a.kv_indices != b.kv_indices).any(-1) | (a.kv_num_blocks != b.kv_num_blocks)).sum())
+    print(f"T={t:>7} (head, row) pairs whose mask differs, probabilities vs logits: {differ} of {args.hq * nb}")
+    record("rows_differ_probs_logits", None, float(differ), 0)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seqlens", default="32768,131072", help="comma list of prompt lengths")
+    p.add_argument("--hq", type=int, default=32)
+    p.add_argument("--hkv", type=int, default=8)
+    p.add_argument("--density", type=float, default=0.1, help="the selection's density (row allocation)")
+    p.add_argument("--pool-tiles", nargs="*", help="more pooling tiles: rows,warps")
+    p.add_argument("--proj-tiles", nargs="*", help="more projection tiles: rows,channels,warps,stages")
+    p.add_argument("--scores-tiles", nargs="*", help="more scores tiles: windows,key_blocks,warps,stages")
+    p.add_argument("--reps", type=int, default=100, help="do_bench's rep (ms of repetitions)")
+    p.add_argument("--json", help="write the rows here")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("gate_parts times CUDA kernels; no CUDA device is visible")
+    rows = []
+    for t in (int(x) for x in args.seqlens.split(",")):
+
+        def record(part, tile, ms, nbytes, t=t):
+            floor = nbytes / HBM_GBS / 1e6
+            rows.append({"seq_len": t, "part": part, "tile": tile, "ms": ms, "bytes": nbytes, "hbm_floor_ms": floor})
+            if nbytes:
+                print(f"T={t:>7} {part:<14} {str(tile):<18} {ms:8.4f} ms  HBM floor {floor:7.4f} ({floor / ms:5.1%})")
+
+        time_parts(t, args, record)
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
