@@ -100,25 +100,6 @@ _INTERP_PROJ_TILE = (16, 16, 4, 1)
 
 
 @triton.jit
-def _split_tf32(x):
-    """(hi, lo) with ``hi + lo == x`` exactly: ``hi`` is ``x`` rounded to TF32 (10 mantissa bits, so a TF32
-    product reads it exactly), ``lo`` the fp32 remainder (|lo| <= 2^-11 |x|)."""
-    bits = x.to(tl.uint32, bitcast=True)
-    hi = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
-    return hi, x - hi
-
-
-@triton.jit
-def _split_kernel(X, Hi, Lo, N, BLOCK: tl.constexpr):
-    """Splits ``N`` fp32 values into TF32 halves (:func:`_split_tf32`)."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < N
-    hi, lo = _split_tf32(tl.load(X + offs, mask=ok))
-    tl.store(Hi + offs, hi, mask=ok)
-    tl.store(Lo + offs, lo, mask=ok)
-
-
-@triton.jit
 def _pick(code: tl.constexpr, avg, mx, mn):
     if code == 0:
         return avg
@@ -226,7 +207,7 @@ def _rope_kernel(
 
 @triton.jit
 def _project_rows(
-    X, W, WL, C, S, Out,
+    X, W, C, S, Out,
     stride_xb, stride_xh, stride_xn,
     stride_wh, stride_wc,
     stride_cb, stride_cn,
@@ -236,11 +217,7 @@ def _project_rows(
 ):  # fmt: skip
     """Gate vectors ``mt * BLOCK_M ...`` of (batch, query head) ``bh``: pooled rows of input head ``h // G`` times
     ``W[h]``, then (``ROPE``) rotate-half with the cos/sin row ``n * C_STEP``. The two halves of the gate dimension
-    are two accumulators, so the rotation pairs channel ``j`` with ``j + HALF`` in registers (no second pass).
-    At ``tf32x3`` the weights come split into TF32 halves (``W`` + ``WL``, split once per call) and the rows are
-    split here, in registers: the weight tiles then go from memory to the tensor cores' shared-memory operand as
-    they are (tl.dot's own tf32x3 re-split them in registers and staged both halves in shared memory on every
-    step)."""
+    are two accumulators, so the rotation pairs channel ``j`` with ``j + HALF`` in registers (no second pass)."""
     b = bh // HQ
     h = bh % HQ
     rows = mt * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -248,32 +225,19 @@ def _project_rows(
     offs_j = tl.arange(0, HALF_P)
     j_ok = offs_j < HALF
     x_base = X + b.to(tl.int64) * stride_xb + (h // G).to(tl.int64) * stride_xh + rows.to(tl.int64)[:, None] * stride_xn
-    w_head = h.to(tl.int64) * stride_wh
+    w_base = W + h.to(tl.int64) * stride_wh
     acc1 = tl.zeros([BLOCK_M, HALF_P], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_M, HALF_P], dtype=tl.float32)
     for k0 in range(0, CDIM, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < CDIM
         a = tl.load(x_base + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w_off = w_head + ks.to(tl.int64)[:, None] * stride_wc + offs_j[None, :]
+        w_ptr = w_base + ks.to(tl.int64)[:, None] * stride_wc + offs_j[None, :]
         w_mask = k_ok[:, None] & j_ok[None, :]
-        w_ptr = W + w_off
         w1 = tl.load(w_ptr, mask=w_mask, other=0.0).to(tl.float32)
         w2 = tl.load(w_ptr + HALF, mask=w_mask, other=0.0).to(tl.float32)
-        if PRECISION == "tf32x3":
-            a_hi, a_lo = _split_tf32(a)
-            w_lo_ptr = WL + w_off
-            w1_lo = tl.load(w_lo_ptr, mask=w_mask, other=0.0)
-            w2_lo = tl.load(w_lo_ptr + HALF, mask=w_mask, other=0.0)
-            acc1 = tl.dot(a_lo, w1, acc1, input_precision="tf32")  # the small products first
-            acc1 = tl.dot(a_hi, w1_lo, acc1, input_precision="tf32")
-            acc1 = tl.dot(a_hi, w1, acc1, input_precision="tf32")
-            acc2 = tl.dot(a_lo, w2, acc2, input_precision="tf32")
-            acc2 = tl.dot(a_hi, w2_lo, acc2, input_precision="tf32")
-            acc2 = tl.dot(a_hi, w2, acc2, input_precision="tf32")
-        else:
-            acc1 = tl.dot(a, w1, acc1, input_precision=PRECISION)
-            acc2 = tl.dot(a, w2, acc2, input_precision=PRECISION)
+        acc1 = tl.dot(a, w1, acc1, input_precision=PRECISION)
+        acc2 = tl.dot(a, w2, acc2, input_precision=PRECISION)
     m = row_ok[:, None] & j_ok[None, :]  # the tile's valid (row, gate channel) pairs: cos/sin loads and the store
     if ROPE:
         c_off = b.to(tl.int64) * stride_cb + (rows * C_STEP).to(tl.int64)[:, None] * stride_cn + offs_j[None, :]
@@ -294,8 +258,8 @@ def _project_rows(
 
 @triton.jit
 def _project_kernel(
-    XA, WA, WLA, OutA, sxb_a, sxh_a, sxn_a, swh_a, swc_a, sob_a, soh_a, son_a, N_A, G_A, CDIM_A, TILES_A, PROGS_A,
-    XB, WB, WLB, OutB, sxb_b, sxh_b, sxn_b, swh_b, swc_b, sob_b, soh_b, son_b, N_B, G_B, CDIM_B, TILES_B,
+    XA, WA, OutA, sxb_a, sxh_a, sxn_a, swh_a, swc_a, sob_a, soh_a, son_a, N_A, G_A, CDIM_A, TILES_A, PROGS_A,
+    XB, WB, OutB, sxb_b, sxh_b, sxn_b, swh_b, swc_b, sob_b, soh_b, son_b, N_B, G_B, CDIM_B, TILES_B,
     C, S, stride_cb, stride_cn, HQ, HALF, C_STEP_A, C_STEP_B,
     ROPE: tl.constexpr, HALF_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
@@ -308,13 +272,22 @@ def _project_kernel(
     t = tl.where(is_a, pid, pid - PROGS_A)
     tiles = tl.where(is_a, TILES_A, TILES_B)
     _project_rows(
-        tl.where(is_a, XA, XB), tl.where(is_a, WA, WB), tl.where(is_a, WLA, WLB), C, S, tl.where(is_a, OutA, OutB),
+        tl.where(is_a, XA, XB), tl.where(is_a, WA, WB), C, S, tl.where(is_a, OutA, OutB),
         tl.where(is_a, sxb_a, sxb_b), tl.where(is_a, sxh_a, sxh_b), tl.where(is_a, sxn_a, sxn_b),
         tl.where(is_a, swh_a, swh_b), tl.where(is_a, swc_a, swc_b), stride_cb, stride_cn,
         tl.where(is_a, sob_a, sob_b), tl.where(is_a, soh_a, soh_b), tl.where(is_a, son_a, son_b),
         tl.where(is_a, N_A, N_B), HQ, tl.where(is_a, G_A, G_B), tl.where(is_a, CDIM_A, CDIM_B), HALF, t // tiles,
         t % tiles, tl.where(is_a, C_STEP_A, C_STEP_B), ROPE, HALF_P, BLOCK_M, BLOCK_K, PRECISION,
     )  # fmt: skip
+
+
+@triton.jit
+def _split_tf32(x):
+    """(hi, lo) with ``hi + lo == x`` exactly: ``hi`` is ``x`` rounded to TF32 (10 mantissa bits, so a TF32
+    product reads it exactly), ``lo`` the fp32 remainder (|lo| <= 2^-11 |x|)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    hi = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return hi, x - hi
 
 
 @triton.jit
@@ -402,24 +375,13 @@ def _rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, c_step: int) -
     )  # fmt: skip
 
 
-def _split_weights(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 weights -> (hi, lo) contiguous, ``hi`` rounded to TF32 and ``hi + lo == w`` exactly (one launch)."""
-    w = w.float().contiguous()
-    hi, lo = torch.empty_like(w), torch.empty_like(w)
-    block = 1024
-    _split_kernel[(triton.cdiv(w.numel(), block),)](w, hi, lo, w.numel(), BLOCK=block, num_warps=4)
-    return hi, lo
-
-
-def _project_job(x: torch.Tensor, w: torch.Tensor, block_m: int, precision: str):
-    """(output, launch arguments, programs) of one projection job of :func:`_project_kernel`; at ``tf32x3`` the
-    weights go split (:func:`_split_weights`)."""
+def _project_job(x: torch.Tensor, w: torch.Tensor, block_m: int):
+    """(output, launch arguments, programs) of one projection job of :func:`_project_kernel`."""
     b, hx, n, c = x.shape
     hq, _, dg = w.shape
     out = torch.empty(b, hq, n, dg, dtype=torch.float32, device=x.device)
     tiles = triton.cdiv(n, block_m)
-    w_hi, w_lo = _split_weights(w) if precision == "tf32x3" else (w, w)
-    args = [x, w_hi, w_lo, out, *x.stride()[:3], *w_hi.stride()[:2], *out.stride()[:3], n, hq // hx, c, tiles]
+    args = [x, w, out, *x.stride()[:3], *w.stride()[:2], *out.stride()[:3], n, hq // hx, c, tiles]
     return out, args, b * hq * tiles
 
 
@@ -439,11 +401,11 @@ def _project(
     ``second``: (x2, w2, c_step2) projected in the same launch (same B, Hq, Dg and table): returns both outputs."""
     dg = w.shape[2]
     block_m, block_k, num_warps, num_stages = tile or (_INTERP_PROJ_TILE if interpreting() else PROJ_TILE)
-    out_a, args_a, progs_a = _project_job(x, w, block_m, precision)
+    out_a, args_a, progs_a = _project_job(x, w, block_m)
     if second is None:  # job B unused: job A's arguments in its place, no program reaches it
         out_b, args_b, progs_b, c_step_b = out_a, args_a, 0, c_step
     else:
-        out_b, args_b, progs_b = _project_job(second[0], second[1], block_m, precision)
+        out_b, args_b, progs_b = _project_job(second[0], second[1], block_m)
         c_step_b = second[2]
     cmax = max(args_a[-2], args_b[-2])
     rope = cos is not None
