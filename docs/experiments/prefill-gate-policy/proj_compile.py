@@ -17,12 +17,13 @@ from sm90_compile import compile_sm90
 
 from seerattn.ops._triton import gate_fwd
 
-POINTERS = ("X", "W", "C", "S", "Out")
-NOT_DIVISIBLE = ("N", "HQ", "G", "HALF")
+POINTERS = ("XA", "WA", "OutA", "XB", "WB", "OutB", "C", "S")
+# since session 16 the kernel takes two jobs (K's and Q's) and picks one's pointers and sizes per program
+NOT_DIVISIBLE = ("N_A", "N_B", "HQ", "G_A", "G_B", "HALF", "TILES_A", "TILES_B", "PROGS_A", "C_STEP_A", "C_STEP_B")
 
 
 def compile_stats(block_m: int, block_k: int, warps: int, stages: int, precision: str, rope: bool = True) -> dict:
-    consts = dict(C_STEP=1, ROPE=rope, HALF_P=64, BLOCK_M=block_m, BLOCK_K=block_k, PRECISION=precision)
+    consts = dict(ROPE=rope, HALF_P=64, BLOCK_M=block_m, BLOCK_K=block_k, PRECISION=precision)
     stats = compile_sm90(gate_fwd._project_kernel, consts, POINTERS, NOT_DIVISIBLE, warps, stages)
     return {"tile": [block_m, block_k, warps, stages], "precision": precision, **stats}
 
