@@ -27,10 +27,10 @@ before): (64, 64, 4, 2), the tile timed fastest, 255 registers + 8 bytes of spil
 at tf32); (128, 64, 8, 2) 242 registers, 168 KiB; (64, 128, 8, 2) 255 + 4 bytes of spill, 136 KiB. The table above
 and the next paragraph are the kernel before.
 
-Before session 16, ``gate_fwd.SCORES_TILE`` was (128, 64, 8, 2): the largest that fits without spills at tf32x3 and tf32 (224 of
-227 KiB). The same tile at R 1 (the paper's gate): tf32x3 249 registers, 224 KiB; tf32 124, 160 KiB; at R 16:
-189 / 64 registers; no spills. Before (rotation inside the kernel, two half-width dots), (128, 64, 8, 2) needed
-256 KiB and the default was (128, 32, 8, 2) at 192 KiB, 222 registers.
+Before session 16, ``gate_fwd.SCORES_TILE`` was (128, 64, 8, 2): the largest that fits without spills at tf32x3
+and tf32 (224 of 227 KiB). The same tile at R 1 (the paper's gate): tf32x3 249 registers, 224 KiB; tf32 124,
+160 KiB; at R 16: 189 / 64 registers; no spills. Before (rotation inside the kernel, two half-width dots),
+(128, 64, 8, 2) needed 256 KiB and the default was (128, 32, 8, 2) at 192 KiB, 222 registers.
 """
 
 from __future__ import annotations
