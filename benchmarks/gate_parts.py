@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 
 import torch
 
 from seerattn import SparsityPolicy, mask_from_scores
 from seerattn.gate import AttnGate, GateConfig
 from seerattn.ops._triton import gate_fwd
+from seerattn.record import write_record
 
 from .decode import time_ms
 
@@ -29,19 +29,19 @@ CFG = GateConfig(q_pooling=("avg", "max", "min"), q_subblock=16)
 HBM_GBS = 4800.0  # H200 HBM3e peak, GB/s: the floor column
 
 
-def case(t: int, hq: int, hkv: int, seed: int = 0):
-    """(gate, q [1, Hq, T, 128], k [1, Hkv, T, 128], cos, sin) on CUDA, as the sparse prefill hands them."""
+def case(t: int, hq: int, hkv: int, seed: int = 0, device: str = "cuda", dtype: torch.dtype = torch.bfloat16):
+    """(gate, q [1, Hq, T, 128], k [1, Hkv, T, 128], cos, sin) on ``device``, as the sparse prefill hands them."""
     g = torch.Generator().manual_seed(seed)
     gate = AttnGate(hq, hkv, 128, CFG)
     with torch.no_grad():
         for w in (gate.k_proj, gate.q_proj):
             w.copy_(torch.randn(w.shape, generator=g) / w.shape[1] ** 0.5)
-    q = torch.randn(1, t, hq, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
-    k = torch.randn(1, t, hkv, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
-    pos = torch.arange(-(-t // CFG.q_step), device="cuda", dtype=torch.float32) * CFG.q_step
-    inv = 1.0 / 10000 ** (torch.arange(0, gate.gate_dim, 2, device="cuda", dtype=torch.float32) / gate.gate_dim)
+    q = torch.randn(1, t, hq, 128, generator=g).to(device, dtype).transpose(1, 2)
+    k = torch.randn(1, t, hkv, 128, generator=g).to(device, dtype).transpose(1, 2)
+    pos = torch.arange(-(-t // CFG.q_step), device=device, dtype=torch.float32) * CFG.q_step
+    inv = 1.0 / 10000 ** (torch.arange(0, gate.gate_dim, 2, device=device, dtype=torch.float32) / gate.gate_dim)
     ang = torch.cat([pos[:, None] * inv] * 2, -1)[None]
-    return gate.cuda(), q, k, ang.cos(), ang.sin()
+    return gate.to(device), q, k, ang.cos(), ang.sin()
 
 
 def tiles(text: list[str] | None, default: tuple) -> list[tuple]:
@@ -52,10 +52,13 @@ def tiles(text: list[str] | None, default: tuple) -> list[tuple]:
 
 def time_parts(t: int, args, record) -> None:
     """Times every part at prompt length ``t``; ``record(part, tile, ms, bytes)`` keeps each."""
-    bench = functools.partial(time_ms, cuda=True, reps=args.reps)
+    cuda = not args.smoke
+    bench = functools.partial(time_ms, cuda=cuda, reps=args.reps)
     prec = gate_fwd.DEFAULT_PRECISION
     r = CFG.block_size // CFG.q_step
-    gate, q, k, cos, sin = case(t, args.hq, args.hkv)
+    # the smoke run: fp16 (the interpreter computes bf16 wrongly), the CPU
+    gate, q, k, cos, sin = case(t, args.hq, args.hkv, device="cuda" if cuda else "cpu",
+                                dtype=torch.bfloat16 if cuda else torch.float16)  # fmt: skip
     ns, nb = -(-t // CFG.q_step), -(-t // CFG.block_size)
     qp = gate_fwd._pool(q, CFG.q_step, CFG.q_pooling)
     kp = gate_fwd._pool(k, CFG.block_size, CFG.k_pooling)
@@ -119,10 +122,18 @@ def main(argv=None) -> int:
     p.add_argument("--proj-tiles", nargs="*", help="more projection tiles: rows,channels,warps,stages")
     p.add_argument("--scores-tiles", nargs="*", help="more scores tiles: windows,key_blocks,warps,stages")
     p.add_argument("--reps", type=int, default=100, help="do_bench's rep (ms of repetitions)")
-    p.add_argument("--json", help="write the rows here")
+    p.add_argument("--smoke", action="store_true", help="the CPU under the Triton interpreter, tiny shapes (it runs)")
+    p.add_argument("--json", help="write the run record here")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("gate_parts times CUDA kernels; no CUDA device is visible")
+    if args.smoke:
+        from seerattn.ops._triton.config import interpreting
+
+        if not interpreting():
+            raise SystemExit("--smoke runs the kernels on the CPU: set TRITON_INTERPRET=1 before starting Python")
+        args.seqlens, args.hq, args.hkv, args.reps = "200", 4, 2, 1
+        args.pool_tiles = args.proj_tiles = args.scores_tiles = None
+    elif not torch.cuda.is_available():
+        raise SystemExit("gate_parts times CUDA kernels; no CUDA device is visible (--smoke: the CPU interpreter)")
     rows = []
     for t in (int(x) for x in args.seqlens.split(",")):
 
@@ -133,10 +144,10 @@ def main(argv=None) -> int:
                 print(f"T={t:>7} {part:<14} {str(tile):<18} {ms:8.4f} ms  HBM floor {floor:7.4f} ({floor / ms:5.1%})")
 
         time_parts(t, args, record)
-        torch.cuda.empty_cache()
+        if not args.smoke:
+            torch.cuda.empty_cache()
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+        write_record(args.json, "bench-gate-parts", rows, {**vars(args), "gate": CFG.to_dict()})
     return 0
 
 

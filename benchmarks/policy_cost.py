@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 
 import torch
 
 from seerattn import SparsityPolicy, mask_from_scores
 from seerattn.block_mask import ALLOCATIONS
+from seerattn.record import write_record
 
 # every density allocation the library has, then the other kinds
 POLICIES = {f"density/{a}": SparsityPolicy("density", 0.1, allocation=a) for a in ALLOCATIONS} | {
@@ -49,8 +49,7 @@ def main(argv=None) -> int:
             rows.append({"seq_len": t, "heads": args.heads, "policy": name, "ms": ms})
             print(f"T={t:>7} H={args.heads} {name:<16} {ms:8.3f} ms")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+        write_record(args.json, "bench-policy-cost", rows, vars(args))
     return 0
 
 

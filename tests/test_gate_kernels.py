@@ -11,10 +11,13 @@ import os
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from kernel_helpers import rel
 
 from seerattn.gate import AttnGate, GateConfig
 from seerattn.ops import gate_block_logits
+from seerattn.ops._triton.gate_fwd import _split_tf32
 
 # The interpreter tests run on CPU tensors: on a CUDA machine only with TRITON_INTERPRET=1 set by hand
 # (the conftest turns the interpreter on only where there is no GPU); the GPU tests run there instead.
@@ -255,3 +258,41 @@ def test_projection_kernel_equals_matmul_then_rotary(hq, hx, n, c, dg, rope):
     if rope:
         want = apply_rotary(want, cos[:, ::step], sin[:, ::step])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@triton.jit
+def _split_probe(X, Hi, Lo, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    hi, lo = _split_tf32(tl.load(X + offs))
+    tl.store(Hi + offs, hi)
+    tl.store(Lo + offs, lo)
+
+
+@interpreter
+def test_tf32_split_is_exact_and_its_high_half_is_tf32():
+    """The scores kernel's operand split: hi + lo == x bit for bit, hi has TF32's 10 mantissa bits (a TF32 product
+    reads it exactly), hi is x rounded to nearest (|lo| <= half a TF32 ulp of x), and signs, zeros and tiny values
+    survive."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1024, generator=g) * torch.logspace(-30, 30, 1024)
+    x[:4] = torch.tensor([0.0, -0.0, 1.0, -1.0 - 2.0**-12])
+    hi, lo = torch.empty_like(x), torch.empty_like(x)
+    _split_probe[(1,)](x, hi, lo, N=1024)
+    assert torch.equal(hi + lo, x)
+    assert ((hi.view(torch.int32) & 0x1FFF) == 0).all(), "hi keeps bits a TF32 product drops"
+    ulp = 2.0 ** (torch.frexp(x)[1].double() - 11)  # TF32 spacing at |x| (10 stored mantissa bits)
+    assert (lo.double().abs() <= ulp / 2).all()
+    assert hi[3] == -1.0 and lo[3] == -(2.0**-12)
+
+
+@interpreter
+def test_gate_parts_benchmark_runs_in_its_cpu_smoke_configuration(tmp_path):
+    from benchmarks import gate_parts
+    from seerattn.record import read_record
+
+    assert gate_parts.main(["--smoke", "--json", str(tmp_path / "g.json")]) == 0
+    rows = read_record(tmp_path / "g.json")["results"]
+    parts = {r["part"] for r in rows}
+    assert {"pool_q", "pool_k", "pool_pair", "proj_q", "proj_k", "proj_pair", "scores", "gate", "select"} <= parts
+    assert all(r["ms"] > 0 for r in rows if r["bytes"])
+    assert [r["ms"] for r in rows if r["part"] == "rows_differ_probs_logits"] == [0.0]
