@@ -60,17 +60,18 @@ def time_parts(t: int, args, record) -> None:
     gate, q, k, cos, sin = case(t, args.hq, args.hkv, device="cuda" if cuda else "cpu",
                                 dtype=torch.bfloat16 if cuda else torch.float16)  # fmt: skip
     ns, nb = -(-t // CFG.q_step), -(-t // CFG.block_size)
-    qp = gate_fwd._pool(q, CFG.q_step, CFG.q_pooling)
-    kp = gate_fwd._pool(k, CFG.block_size, CFG.k_pooling)
-    for tile in tiles(args.pool_tiles, gate_fwd.POOL_TILE):
-        # the same windows in the same token order whatever the tile: the same bits
-        if not torch.equal(gate_fwd._pool(q, CFG.q_step, CFG.q_pooling, tile), qp):
-            raise SystemExit(f"pooling tile {tile} differs from the default's output")
-        record("pool_q", tile, bench(lambda tile=tile: gate_fwd._pool(q, CFG.q_step, CFG.q_pooling, tile)),
-               q.numel() * 2 + qp.numel() * 4)  # fmt: skip
-        record("pool_k", tile, bench(lambda tile=tile: gate_fwd._pool(k, CFG.block_size, CFG.k_pooling, tile)),
-               k.numel() * 2 + kp.numel() * 4)  # fmt: skip
     kw, qw, warps = gate_fwd.POOL_PAIR_TILE
+    qp = gate_fwd._pool(q, CFG.q_step, CFG.q_pooling, (qw, warps))
+    kp = gate_fwd._pool(k, CFG.block_size, CFG.k_pooling, (kw, warps))
+    # each job alone at the pair's tile, then at the other tiles asked for
+    for q_tile, k_tile in [((qw, warps), (kw, warps))] + [(x, x) for x in tiles(args.pool_tiles, ())[1:]]:
+        # the same windows in the same token order whatever the tile: the same bits
+        if not torch.equal(gate_fwd._pool(q, CFG.q_step, CFG.q_pooling, q_tile), qp):
+            raise SystemExit(f"pooling tile {q_tile} differs from the default's output")
+        record("pool_q", q_tile, bench(lambda x=q_tile: gate_fwd._pool(q, CFG.q_step, CFG.q_pooling, x)),
+               q.numel() * 2 + qp.numel() * 4)  # fmt: skip
+        record("pool_k", k_tile, bench(lambda x=k_tile: gate_fwd._pool(k, CFG.block_size, CFG.k_pooling, x)),
+               k.numel() * 2 + kp.numel() * 4)  # fmt: skip
     record("pool_pair", gate_fwd.POOL_PAIR_TILE,
            bench(lambda: gate_fwd._pool(k, CFG.block_size, CFG.k_pooling, (kw, warps),
                                         second=(q, CFG.q_step, CFG.q_pooling, qw))),

@@ -86,16 +86,14 @@ _INTERP_SCORES_TILE = (16, 16, 4, 1)
 # [BLOCK_M, Dg / 2] fp32 accumulators. Chosen to fit sm_90 without spills at Dg 128 in the offline compile
 # (docs/experiments/prefill-gate-policy/proj_compile.py); no other tile was timed on the GPU.
 PROJ_TILE = (128, 32, 8, 3)
-# The pooling kernel's tile: (windows per program, warps), for windows of up to 32 tokens and for longer ones. Timed
-# on the H200 (session 16, docs/experiments/prefill-gate-policy/session16, call 2; Llama-3.1-8B heads, bf16): at 32k
-# the Q windows of 16 tokens take 0.1035 ms at (8, 4) or (4, 2) against 0.130-0.133 at (16, 4), (32, 8), (8, 2),
-# the K blocks of 64 tokens 0.037-0.038 ms at (8, 2), (16, 4), (32, 8) against 0.044 at (8, 4), (4, 2), (16, 8);
-# the same order at 128k. The loop before (16 windows, 4 warps, not unrolled): 0.135 / 0.076 ms.
-POOL_TILE = (8, 4)
-POOL_TILE_LONG = (8, 2)
-# Both pooling jobs in one launch (one warp count): (K blocks per program, Q windows per program, warps)
+# The pooling launch's tile: (K blocks per program, Q windows per program, warps), both jobs in one launch (one warp
+# count). Timed on the H200 (session 16, docs/experiments/prefill-gate-policy/session16, calls 2-3; Llama-3.1-8B
+# heads, bf16), each job alone: at 32k the Q windows of 16 tokens take 0.1035 ms at (8 windows, 4 warps) or (4, 2)
+# against 0.130-0.133 at (16, 4), (32, 8), (8, 2); the K blocks of 64 tokens 0.037-0.038 ms at (8, 2), (16, 4),
+# (32, 8) against 0.044 at (8, 4), (4, 2), (16, 8); the same order at 128k. The loop before (16 windows, 4 warps, not
+# unrolled): 0.135 / 0.076 ms. Both in one launch at this tile: 0.123 ms at 32k, 0.465 at 128k.
 POOL_PAIR_TILE = (16, 8, 4)
-_INTERP_POOL_TILE = (16, 4)
+_INTERP_POOL_PAIR_TILE = (16, 16, 4)
 _INTERP_PROJ_TILE = (16, 16, 4, 1)
 
 
@@ -435,16 +433,12 @@ def _pool(
     x: torch.Tensor,
     step: int,
     poolings: tuple[str, ...],
-    tile: tuple[int, int] | None = None,
+    tile: tuple[int, int],
     second: tuple[torch.Tensor, int, tuple[str, ...], int] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """x [B, H, T, D] -> pooled channels [B, H, ceil(T / step), len(poolings) * D] fp32. ``tile``: (windows per
-    program, warps), default :data:`POOL_TILE` or :data:`POOL_TILE_LONG` (benchmarks try others). ``second``:
-    (x2, step2, poolings2, windows per program) pooled in the same launch (same B, T, D): returns both outputs."""
-    if tile is None and interpreting():
-        tile = _INTERP_POOL_TILE
-    elif tile is None:
-        tile = POOL_TILE if step <= 32 else POOL_TILE_LONG
+    program, warps). ``second``: (x2, step2, poolings2, windows per program) pooled in the same launch (same B, T,
+    D): returns both outputs."""
     block_w, warps = tile
     out_a, args_a, const_a, progs_a = _pool_job(x, step, poolings, block_w)
     if second is None:  # job B unused: job A's arguments in its place, no program reaches it
@@ -510,11 +504,10 @@ def gate_logits_fwd(
     r = block_size // q_step
     # the projections and RoPE in one kernel each, once per gate vector (not on every key tile of the scores
     # kernel): query windows at their first position, key blocks at their first window's (cos/sin row n * R);
-    # K is pooled once per KV head and read by each query head of its group
-    # K's jobs first in each launch: fewer, longer programs, which Q's many short ones then fill around
-    interp = interpreting()
-    kp, qp = _pool(k, block_size, k_pooling, _INTERP_POOL_TILE if interp else POOL_PAIR_TILE[0::2],
-                   second=(q, q_step, q_pooling, _INTERP_POOL_TILE[0] if interp else POOL_PAIR_TILE[1]))  # fmt: skip
+    # K is pooled once per KV head and read by each query head of its group. K's jobs come first in each launch:
+    # fewer, longer programs, which Q's many short ones then fill around.
+    k_windows, q_windows, warps = _INTERP_POOL_PAIR_TILE if interpreting() else POOL_PAIR_TILE
+    kp, qp = _pool(k, block_size, k_pooling, (k_windows, warps), second=(q, q_step, q_pooling, q_windows))
     if q_proj is not None:
         kg, qg = _project(kp, k_proj, cos, sin, r, precision, second=(qp, q_proj, 1))
     else:
