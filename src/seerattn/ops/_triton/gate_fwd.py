@@ -43,9 +43,9 @@ Layouts: q ``[B, Hq, T, D]``, k ``[B, Hkv, T, D]`` (views allowed); weights ``[H
 Supported: head dims 16..128 (powers of two), any even ``Dg >= 2`` (padded to a power of two >= 16 in
 the scores kernel), pooling ``avg``/``max``/``min`` in any order, ``q_step`` any power of two up to
 the block size. Limitations: forward only (training keeps the eager gate, which has a backward).
-The projection is not fused into the pooling kernel: a fused projection (``tl.dot`` on the pooled tile in
-registers) spilled heavily in the offline sm_90 compile (three [32, 128] fp32 accumulators plus IEEE-dot
-operands).
+The projection is not fused into the pooling kernel: a fused Q pooling + projection (session 11, branch
+``wip/gate-fused``) made the gate 1.3-1.7x slower on the H200 (narrow, latency-bound loads), and the pooled channels'
+round trip costs ~0.04 ms at 32k (docs/experiments/prefill-gate-policy/README.md, session 11).
 """
 
 from __future__ import annotations
