@@ -44,16 +44,21 @@ def case(t: int, hq: int, hkv: int, seed: int = 0, device: str = "cuda", dtype: 
     return gate.to(device), q, k, ang.cos(), ang.sin()
 
 
+def parse_tiles(text: list[str] | None) -> list[tuple]:
+    """Tiles given as comma lists."""
+    return [tuple(int(v) for v in t.split(",")) for t in text or []]
+
+
 def tiles(text: list[str] | None, default: tuple) -> list[tuple]:
     """The default tile first, then the others given as comma lists."""
-    more = [tuple(int(v) for v in t.split(",")) for t in text or []]
-    return [default] + [t for t in more if t != default]
+    return [default] + [t for t in parse_tiles(text) if t != default]
 
 
-def replayed(record, part: str, fn, bench, nbytes: int) -> None:
-    """``part`` again, replayed from a CUDA graph (``<part>_graph``): its GPU time without the host's launch work,
-    which bounds the eager timing of the small policy launches. GPU only; a capture that fails is recorded with
-    its error (the eager row stands)."""
+def time_eager_and_replayed(record, part: str, fn, bench, nbytes: int) -> None:
+    """``part`` launched eagerly, then replayed from a CUDA graph (``<part>_graph``, GPU only): its GPU time without
+    the host's launch work, which bounds the eager timing of the small policy launches. A capture that fails is
+    recorded with its error (the eager row stands)."""
+    record(part, None, bench(fn), nbytes)
     if not bench.keywords["cuda"]:
         return
     try:
@@ -79,7 +84,7 @@ def time_parts(t: int, args, record) -> None:
     qp = gate_fwd._pool(q, CFG.q_step, CFG.q_pooling, (qw, warps))
     kp = gate_fwd._pool(k, CFG.block_size, CFG.k_pooling, (kw, warps))
     # each job alone at the pair's tile, then at the other tiles asked for
-    for q_tile, k_tile in [((qw, warps), (kw, warps))] + [(x, x) for x in tiles(args.pool_tiles, ())[1:]]:
+    for q_tile, k_tile in [((qw, warps), (kw, warps))] + [(x, x) for x in parse_tiles(args.pool_tiles)]:
         # the same windows in the same token order whatever the tile: the same bits
         if not torch.equal(gate_fwd._pool(q, CFG.q_step, CFG.q_pooling, q_tile), qp):
             raise SystemExit(f"pooling tile {q_tile} differs from the default's output")
@@ -111,20 +116,16 @@ def time_parts(t: int, args, record) -> None:
     record("scores_tf32", None, bench(lambda: gate_fwd._scores(qg, kg, r, "tf32")),
            (qg.numel() + kg.numel() + args.hq * nb * nb) * 4)  # fmt: skip
     with torch.no_grad():
-        record("gate", None, bench(lambda: gate(q, k, cos, sin, impl="triton")),
-               (q.numel() + k.numel()) * 2 + args.hq * nb * nb * 4)  # fmt: skip
-        replayed(record, "gate", lambda: gate(q, k, cos, sin, impl="triton"), bench,
-                 (q.numel() + k.numel()) * 2 + args.hq * nb * nb * 4)  # fmt: skip
-    with torch.no_grad():
-        logits = gate(q, k, cos, sin, impl="triton")
+        call = functools.partial(gate, q, k, cos, sin, impl="triton")
+        time_eager_and_replayed(record, "gate", call, bench, (q.numel() + k.numel()) * 2 + args.hq * nb * nb * 4)
+        logits = call()
     record("softmax", None, bench(lambda: logits.softmax(-1)), 2 * logits.numel() * 4)
     probs = logits.softmax(-1)
     pol = SparsityPolicy("density", args.density)
     for name, scores in (("select", probs), ("select_logits", logits)):
         # the causal half of the scores read, the padded lists written
         call = functools.partial(mask_from_scores, scores, pol, t, CFG.block_size)
-        record(name, None, bench(call), scores.numel() * 4 // 2 + scores.numel() * 4)
-        replayed(record, name, call, bench, scores.numel() * 4 // 2 + scores.numel() * 4)
+        time_eager_and_replayed(record, name, call, bench, scores.numel() * 4 // 2 + scores.numel() * 4)
     a, b = (mask_from_scores(s, pol, t, CFG.block_size) for s in (probs, logits))
     differ = int(((a.kv_indices != b.kv_indices).any(-1) | (a.kv_num_blocks != b.kv_num_blocks)).sum())
     print(f"T={t:>7} (head, row) pairs whose mask differs, probabilities vs logits: {differ} of {args.hq * nb}")
@@ -137,7 +138,7 @@ def main(argv=None) -> int:
     p.add_argument("--hq", type=int, default=32)
     p.add_argument("--hkv", type=int, default=8)
     p.add_argument("--density", type=float, default=0.1, help="the selection's density (row allocation)")
-    p.add_argument("--pool-tiles", nargs="*", help="more pooling tiles: rows,warps")
+    p.add_argument("--pool-tiles", nargs="*", help="more pooling tiles, for each job alone: windows,warps")
     p.add_argument("--proj-tiles", nargs="*", help="more projection tiles: rows,channels,warps,stages")
     p.add_argument("--scores-tiles", nargs="*", help="more scores tiles: windows,key_blocks,warps,stages")
     p.add_argument("--reps", type=int, default=100, help="do_bench's rep (ms of repetitions)")

@@ -317,7 +317,8 @@ def _gate_scores_kernel(
     d_ok = offs_d < DG
     q_base = QG + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     k_base = KG + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    o_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + rows.to(tl.int64)[None, :] * stride_oi
+    o_head = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    o_base = o_head + rows.to(tl.int64)[None, :] * stride_oi  # transposed tiles: [BLOCK_J, BLOCK_I]
     q = tl.load(q_base + wins.to(tl.int64)[:, None] * stride_qn + offs_d[None, :],
                 mask=win_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
     if PRECISION == "tf32x3":
@@ -353,7 +354,7 @@ def _gate_scores_kernel(
         lse = tl.where(cols[:, None] <= rows[None, :], lse, float("-inf"))  # [BLOCK_J, BLOCK_I]
         tl.store(o_base + cols[:, None], lse, mask=row_ok[None, :] & col_ok[:, None])
     # key tiles wholly above the diagonal: -inf without arithmetic
-    o_rows = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + rows.to(tl.int64)[:, None] * stride_oi
+    o_rows = o_head + rows.to(tl.int64)[:, None] * stride_oi
     for j0 in range(tl.cdiv(n_live, BLOCK_J) * BLOCK_J, NB, BLOCK_J):
         cols = j0 + tl.arange(0, BLOCK_J)
         smask = row_ok[:, None] & (cols < NB)[None, :]
@@ -374,13 +375,13 @@ def _rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, c_step: int) -
 
 
 def _project_job(x: torch.Tensor, w: torch.Tensor, block_m: int):
-    """(output, launch arguments, programs) of one projection job of :func:`_project_kernel`."""
+    """(output, launch arguments, programs, channels) of one projection job of :func:`_project_kernel`."""
     b, hx, n, c = x.shape
     hq, _, dg = w.shape
     out = torch.empty(b, hq, n, dg, dtype=torch.float32, device=x.device)
     tiles = triton.cdiv(n, block_m)
     args = [x, w, out, *x.stride()[:3], *w.stride()[:2], *out.stride()[:3], n, hq // hx, c, tiles]
-    return out, args, b * hq * tiles
+    return out, args, b * hq * tiles, c
 
 
 def _project(
@@ -399,20 +400,19 @@ def _project(
     ``second``: (x2, w2, c_step2) projected in the same launch (same B, Hq, Dg and table): returns both outputs."""
     dg = w.shape[2]
     block_m, block_k, num_warps, num_stages = tile or (_INTERP_PROJ_TILE if interpreting() else PROJ_TILE)
-    out_a, args_a, progs_a = _project_job(x, w, block_m)
+    out_a, args_a, progs_a, c_a = _project_job(x, w, block_m)
     if second is None:  # job B unused: job A's arguments in its place, no program reaches it
-        out_b, args_b, progs_b, c_step_b = out_a, args_a, 0, c_step
+        out_b, args_b, progs_b, c_b, c_step_b = out_a, args_a, 0, c_a, c_step
     else:
-        out_b, args_b, progs_b = _project_job(second[0], second[1], block_m)
+        out_b, args_b, progs_b, c_b = _project_job(second[0], second[1], block_m)
         c_step_b = second[2]
-    cmax = max(args_a[-2], args_b[-2])
     rope = cos is not None
     c_ref, s_ref = (cos, sin) if rope else (out_a, out_a)  # dummy pointers without RoPE
     c_strides = ((cos.stride(0) if cos.shape[0] > 1 else 0), cos.stride(1)) if rope else (0, 0)
     _project_kernel[(progs_a + progs_b,)](
         *args_a, progs_a, *args_b, c_ref, s_ref, *c_strides, w.shape[0], dg // 2, c_step, c_step_b,
         ROPE=rope, HALF_P=max(16, triton.next_power_of_2(dg // 2)),
-        BLOCK_M=block_m, BLOCK_K=min(block_k, max(16, triton.next_power_of_2(cmax))), PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_K=min(block_k, max(16, triton.next_power_of_2(max(c_a, c_b)))), PRECISION=precision,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out_a if second is None else (out_a, out_b)
