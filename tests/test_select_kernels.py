@@ -146,6 +146,41 @@ def test_density_gpu_tiles(monkeypatch):
         _same(s, policy)
 
 
+class _Launches:
+    """Stands in for ``_density_kernel``: records each launch's (programs, classes, warps), then launches it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.seen = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.seen.append((grid[0], kwargs["CLASSES"], kwargs["num_warps"]))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@interpreter
+@pytest.mark.parametrize(
+    ("nq", "per_thread", "launches"),
+    [
+        (200, 16, [(200 * 2, 3, 1)]),  # widths 256, 128, 64: one-warp programs, one launch
+        (200, 2, [(72 * 2, 1, 4), (64 * 2, 1, 2), (64 * 2, 1, 1)]),  # 4, 2 and 1 warps: a launch each
+        (200, 4, [(72 * 2, 1, 2), (128 * 2, 2, 1)]),  # 2 warps, then 128 and 64 together
+    ],
+)
+def test_density_classes_share_launches(monkeypatch, nq, per_thread, launches):
+    """The GPU's launch (one row a program): consecutive width classes whose programs have the same warps run in
+    one launch, each class its rows, and the lists equal the sort's whatever the grouping."""
+    monkeypatch.setattr(select_mod, "interpreting", lambda: False)
+    monkeypatch.setattr(select_mod, "DENSITY_PER_THREAD", per_thread)
+    recorder = _Launches(select_mod._density_kernel)
+    monkeypatch.setattr(select_mod, "_density_kernel", recorder)
+    s = _with_ties_and_zeros(_probs(1, 2, nq, seed=11), seed=12)
+    _same(s, DENSITY_ROWS[1])
+    assert recorder.seen == launches
+
+
 @interpreter
 @pytest.mark.slow
 def test_density_2048_wide_rows():

@@ -14,7 +14,7 @@ registers and writes the row's kept-block list (ascending) and count directly:
   are ``>= theta``. Blocks above ``theta`` are kept, and of the blocks equal to ``theta`` the
   lowest columns, as many as the budget has left: exactly what a stable descending sort keeps
   (equal scores by lower column; ``-0.0`` counts as ``0.0``, as in the sort). This kind has its own
-  kernel (:func:`_density_kernel`), launched once per width class of rows (``W/2 <= I < W``), so a
+  kernel (:func:`_density_kernel`), with a branch per width class of rows (``W/2 <= I < W``), so a
   row is read and ranked over its causal part (at most twice it), not the full ``NQ``;
 - ``top_p``: a bitwise search (32 or 64 passes of a masked sum over the row) on the mass: ``theta``
   is the largest key whose blocks at or above it hold at least ``value`` times the row's mass.
@@ -36,6 +36,8 @@ in fp32, fp64 in fp64); outputs int32 ``kv_num_blocks [B, H, NQ]``, ``kv_indices
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 import triton
@@ -232,17 +234,17 @@ def _select_kernel(
 
 
 @triton.jit
-def _density_kernel(
+def _density_rows(
     S, Budget, Num, Idx,
     stride_sb, stride_sh, stride_si,
     stride_nb, stride_nh,
     stride_ib, stride_ih, stride_ii,
-    NQ, H, BH, ROW_LO, ROW_HI, DENSE_FROM,
+    NQ, H, BH, ROW_LO, ROW_HI, DENSE_FROM, prog,
     SINK: tl.constexpr, DIAG: tl.constexpr, W: tl.constexpr, BLOCK_R: tl.constexpr, KEY64: tl.constexpr,
     BITS: tl.constexpr,
 ):  # fmt: skip
-    """``density`` with row budgets (every budget >= 1) for the query-block rows ``ROW_LO <= I < ROW_HI``
-    of all ``BH`` (batch, head) pairs, every one of them shorter than ``W``: rows are loaded and ranked
+    """``density`` with row budgets (every budget >= 1), program ``prog`` of the query-block rows ``ROW_LO <= I <
+    ROW_HI`` of all ``BH`` (batch, head) pairs, every one of them shorter than ``W``: rows are loaded and ranked
     ``W`` columns wide (their causal part), not ``NQ``.
 
     The budget-th key is searched two bits a pass: the counts of keys at or above the three candidates
@@ -252,7 +254,7 @@ def _density_kernel(
     their whole length stop at once). Ties at the threshold are ranked by column (a scan) only when
     some row of the program keeps part of them."""
     # rows longest first, as in _select_kernel: r -> (I = ROW_HI - 1 - r // BH, b*H + h = r % BH)
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r = prog * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = r < (ROW_HI - ROW_LO) * BH
     i = tl.where(r_ok, ROW_HI - 1 - r // BH, 0)
     bh = r % BH
@@ -301,6 +303,41 @@ def _density_kernel(
     tl.store(Num + b * stride_nb + h * stride_nh + i, cnt, mask=r_ok)
 
 
+@triton.jit
+def _density_kernel(
+    S, Budget, Num, Idx,
+    stride_sb, stride_sh, stride_si,
+    stride_nb, stride_nh,
+    stride_ib, stride_ih, stride_ii,
+    NQ, H, BH, ROW_HI, LAST_LO, DENSE_FROM,
+    SINK: tl.constexpr, DIAG: tl.constexpr, W0: tl.constexpr, CLASSES: tl.constexpr, BLOCK_R: tl.constexpr,
+    KEY64: tl.constexpr, BITS: tl.constexpr,
+):  # fmt: skip
+    """``CLASSES`` consecutive width classes in one launch: class ``c`` ranks rows ``W/2 <= I < W`` at width ``W =
+    W0 >> c`` (the first class's rows end at ``ROW_HI``, the last's start at ``LAST_LO``), its programs after the
+    wider classes' (longest rows first). Each class is its own branch, compiled at its width."""
+    pid = tl.program_id(0)
+    start = 0
+    for c in tl.static_range(CLASSES):
+        W: tl.constexpr = W0 >> c
+        if c == 0:
+            hi = ROW_HI
+        else:
+            hi = W
+        if c == CLASSES - 1:
+            lo = LAST_LO
+        else:
+            lo = W // 2
+        progs = tl.cdiv((hi - lo) * BH, BLOCK_R)
+        if (pid >= start) & (pid < start + progs):
+            _density_rows(
+                S, Budget, Num, Idx, stride_sb, stride_sh, stride_si, stride_nb, stride_nh,
+                stride_ib, stride_ih, stride_ii, NQ, H, BH, lo, hi, DENSE_FROM, pid - start,
+                SINK, DIAG, W, BLOCK_R, KEY64, BITS,
+            )  # fmt: skip
+        start += progs
+
+
 def _head_threshold(scores, total, keep_sink, keep_diagonal, key64, nkp):
     """``head`` allocation: per (batch, head) the ``total``-th largest key of the head's map (radix
     select, 8 bits a pass), the number of entries equal to it that the budget keeps, and per row the
@@ -331,28 +368,34 @@ def _head_threshold(scores, total, keep_sink, keep_diagonal, key64, nkp):
 
 
 def _density_launch(scores, budget, num, idx, keep_sink, keep_diagonal, dense_last_rows, key64):
-    """``density`` with row budgets: one :func:`_density_kernel` launch per width class, the rows
-    ``W/2 <= I < W`` for ``W`` = next power of two of NQ, halved down to ``MIN_WIDTH`` (whose launch also
-    takes the shorter rows), so a row is ranked at most twice its causal length wide."""
+    """``density`` with row budgets: width classes, the rows ``W/2 <= I < W`` for ``W`` = next power of two of NQ,
+    halved down to ``MIN_WIDTH`` (whose class also takes the shorter rows), so a row is ranked at most twice its
+    causal length wide. Consecutive classes with the same launch (rows a program, warps) share one
+    :func:`_density_kernel` launch: at NQ 512 all four classes run one-warp programs, one launch."""
     b, h, nq, _ = scores.shape
     # rows per program: a tile of about TILE scores on the GPU; under the interpreter every row of a
     # class at once (its cost is per program and per op, not per element)
     tile, rows = (1 << 16, 1 << 16) if interpreting() else (DENSITY_TILE, DENSITY_ROWS)
+    classes = []  # (launch, W, lo, hi), widest first
     width, hi = triton.next_power_of_2(nq), nq
     while hi > 0:
         lo = width // 2 if width > MIN_WIDTH else 0
         block_r = max(1, min(triton.next_power_of_2((hi - lo) * b * h), tile // width, rows))
         warps = max(1, min(8, block_r * width // (32 * DENSITY_PER_THREAD)))
-        _density_kernel[(triton.cdiv((hi - lo) * b * h, block_r),)](
+        classes.append(((block_r, warps), width, lo, hi))
+        width, hi = width // 2, lo
+    for (block_r, warps), group in itertools.groupby(classes, key=lambda c: c[0]):
+        group = list(group)
+        progs = sum(triton.cdiv((c_hi - c_lo) * b * h, block_r) for _, _, c_lo, c_hi in group)
+        _density_kernel[(progs,)](
             scores, budget, num, idx,
             scores.stride(0), scores.stride(1), scores.stride(2),
             num.stride(0), num.stride(1),
             idx.stride(0), idx.stride(1), idx.stride(2),
-            nq, h, b * h, lo, hi, nq - dense_last_rows if dense_last_rows else nq,
-            SINK=keep_sink, DIAG=keep_diagonal, W=width, BLOCK_R=block_r, KEY64=key64, BITS=64 if key64 else 32,
-            num_warps=warps,
+            nq, h, b * h, group[0][3], group[-1][2], nq - dense_last_rows if dense_last_rows else nq,
+            SINK=keep_sink, DIAG=keep_diagonal, W0=group[0][1], CLASSES=len(group), BLOCK_R=block_r, KEY64=key64,
+            BITS=64 if key64 else 32, num_warps=warps,
         )  # fmt: skip
-        width, hi = width // 2, lo
 
 
 def select_fwd(
