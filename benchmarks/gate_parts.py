@@ -9,6 +9,7 @@ parts at other tiles too (the first of each list is the library's default when n
 
     python -m benchmarks.gate_parts --seqlens 32768,131072 --json runs/gate_parts.json
     python -m benchmarks.gate_parts --seqlens 32768 --pool-tiles 8,4 32,8 4,2 --proj-tiles 128,32,8,3 64,32,4,3
+    python -m benchmarks.gate_parts --parts select    # the selection (and softmax) alone
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .decode import time_ms
 
 CFG = GateConfig(q_pooling=("avg", "max", "min"), q_subblock=16)
 HBM_GBS = 4800.0  # H200 HBM3e peak, GB/s: the floor column
+PARTS = ("pool", "proj", "scores", "gate", "select")  # "select" also times the softmax
 
 
 def case(t: int, hq: int, hkv: int, seed: int = 0, device: str = "cuda", dtype: torch.dtype = torch.bfloat16):
@@ -83,42 +85,50 @@ def time_parts(t: int, args, record) -> None:
     kw, qw, warps = gate_fwd.POOL_PAIR_TILE
     qp = gate_fwd._pool(q, CFG.q_step, CFG.q_pooling, (qw, warps))
     kp = gate_fwd._pool(k, CFG.block_size, CFG.k_pooling, (kw, warps))
-    # each job alone at the pair's tile, then at the other tiles asked for
-    for q_tile, k_tile in [((qw, warps), (kw, warps))] + [(x, x) for x in parse_tiles(args.pool_tiles)]:
-        # the same windows in the same token order whatever the tile: the same bits
-        if not torch.equal(gate_fwd._pool(q, CFG.q_step, CFG.q_pooling, q_tile), qp):
-            raise SystemExit(f"pooling tile {q_tile} differs from the default's output")
-        record("pool_q", q_tile, bench(lambda x=q_tile: gate_fwd._pool(q, CFG.q_step, CFG.q_pooling, x)),
-               q.numel() * 2 + qp.numel() * 4)  # fmt: skip
-        record("pool_k", k_tile, bench(lambda x=k_tile: gate_fwd._pool(k, CFG.block_size, CFG.k_pooling, x)),
-               k.numel() * 2 + kp.numel() * 4)  # fmt: skip
-    record("pool_pair", gate_fwd.POOL_PAIR_TILE,
-           bench(lambda: gate_fwd._pool(k, CFG.block_size, CFG.k_pooling, (kw, warps),
-                                        second=(q, CFG.q_step, CFG.q_pooling, qw))),
-           (q.numel() + k.numel()) * 2 + (qp.numel() + kp.numel()) * 4)  # fmt: skip
+    timed = set(args.parts.split(","))
+    if "pool" in timed:
+        # each job alone at the pair's tile, then at the other tiles asked for
+        for q_tile, k_tile in [((qw, warps), (kw, warps))] + [(x, x) for x in parse_tiles(args.pool_tiles)]:
+            # the same windows in the same token order whatever the tile: the same bits
+            if not torch.equal(gate_fwd._pool(q, CFG.q_step, CFG.q_pooling, q_tile), qp):
+                raise SystemExit(f"pooling tile {q_tile} differs from the default's output")
+            record("pool_q", q_tile, bench(lambda x=q_tile: gate_fwd._pool(q, CFG.q_step, CFG.q_pooling, x)),
+                   q.numel() * 2 + qp.numel() * 4)  # fmt: skip
+            record("pool_k", k_tile, bench(lambda x=k_tile: gate_fwd._pool(k, CFG.block_size, CFG.k_pooling, x)),
+                   k.numel() * 2 + kp.numel() * 4)  # fmt: skip
+        record("pool_pair", gate_fwd.POOL_PAIR_TILE,
+               bench(lambda: gate_fwd._pool(k, CFG.block_size, CFG.k_pooling, (kw, warps),
+                                            second=(q, CFG.q_step, CFG.q_pooling, qw))),
+               (q.numel() + k.numel()) * 2 + (qp.numel() + kp.numel()) * 4)  # fmt: skip
     wq, wk = gate.q_proj.detach(), gate.k_proj.detach()
-    for tile in tiles(args.proj_tiles, gate_fwd.PROJ_TILE):
-        record("proj_q", tile, bench(lambda tile=tile: gate_fwd._project(qp, wq, cos, sin, 1, prec, tile)),
+    if "proj" in timed:
+        for tile in tiles(args.proj_tiles, gate_fwd.PROJ_TILE):
+            record("proj_q", tile, bench(lambda tile=tile: gate_fwd._project(qp, wq, cos, sin, 1, prec, tile)),
+                   (qp.numel() + wq.numel() + args.hq * ns * 128) * 4)  # fmt: skip
+            record("proj_k", tile, bench(lambda tile=tile: gate_fwd._project(kp, wk, cos, sin, r, prec, tile)),
+                   (kp.numel() + wk.numel() + args.hq * nb * 128) * 4)  # fmt: skip
+        # one TF32 product instead of three: how much of the projection is arithmetic (a probe, not an option)
+        record("proj_q_tf32", None, bench(lambda: gate_fwd._project(qp, wq, cos, sin, 1, "tf32")),
                (qp.numel() + wq.numel() + args.hq * ns * 128) * 4)  # fmt: skip
-        record("proj_k", tile, bench(lambda tile=tile: gate_fwd._project(kp, wk, cos, sin, r, prec, tile)),
-               (kp.numel() + wk.numel() + args.hq * nb * 128) * 4)  # fmt: skip
-    # one TF32 product instead of three: how much of the projection is arithmetic (a timing probe, not an option)
-    record("proj_q_tf32", None, bench(lambda: gate_fwd._project(qp, wq, cos, sin, 1, "tf32")),
-           (qp.numel() + wq.numel() + args.hq * ns * 128) * 4)  # fmt: skip
-    record("proj_pair", gate_fwd.PROJ_TILE,
-           bench(lambda: gate_fwd._project(kp, wk, cos, sin, r, prec, second=(qp, wq, 1))),
-           (qp.numel() + kp.numel() + 2 * wq.numel() + args.hq * (ns + nb) * 128) * 4)  # fmt: skip
-    qg = gate_fwd._project(qp, wq, cos, sin, 1, prec)
-    kg = gate_fwd._project(kp, wk, cos, sin, r, prec)
-    for tile in tiles(args.scores_tiles, gate_fwd.SCORES_TILE):
-        record("scores", tile, bench(lambda tile=tile: gate_fwd._scores(qg, kg, r, prec, tile)),
+        record("proj_pair", gate_fwd.PROJ_TILE,
+               bench(lambda: gate_fwd._project(kp, wk, cos, sin, r, prec, second=(qp, wq, 1))),
+               (qp.numel() + kp.numel() + 2 * wq.numel() + args.hq * (ns + nb) * 128) * 4)  # fmt: skip
+    if "scores" in timed:
+        qg = gate_fwd._project(qp, wq, cos, sin, 1, prec)
+        kg = gate_fwd._project(kp, wk, cos, sin, r, prec)
+        for tile in tiles(args.scores_tiles, gate_fwd.SCORES_TILE):
+            record("scores", tile, bench(lambda tile=tile: gate_fwd._scores(qg, kg, r, prec, tile)),
+                   (qg.numel() + kg.numel() + args.hq * nb * nb) * 4)  # fmt: skip
+        record("scores_tf32", None, bench(lambda: gate_fwd._scores(qg, kg, r, "tf32")),
                (qg.numel() + kg.numel() + args.hq * nb * nb) * 4)  # fmt: skip
-    record("scores_tf32", None, bench(lambda: gate_fwd._scores(qg, kg, r, "tf32")),
-           (qg.numel() + kg.numel() + args.hq * nb * nb) * 4)  # fmt: skip
     with torch.no_grad():
         call = functools.partial(gate, q, k, cos, sin, impl="triton")
-        time_eager_and_replayed(record, "gate", call, bench, (q.numel() + k.numel()) * 2 + args.hq * nb * nb * 4)
+        if "gate" in timed:
+            nbytes = (q.numel() + k.numel()) * 2 + args.hq * nb * nb * 4
+            time_eager_and_replayed(record, "gate", call, bench, nbytes)
         logits = call()
+    if "select" not in timed:
+        return
     record("softmax", None, bench(lambda: logits.softmax(-1)), 2 * logits.numel() * 4)
     probs = logits.softmax(-1)
     pol = SparsityPolicy("density", args.density)
@@ -138,6 +148,7 @@ def main(argv=None) -> int:
     p.add_argument("--hq", type=int, default=32)
     p.add_argument("--hkv", type=int, default=8)
     p.add_argument("--density", type=float, default=0.1, help="the selection's density (row allocation)")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma list of the parts to time, of {PARTS}")
     p.add_argument("--pool-tiles", nargs="*", help="more pooling tiles, for each job alone: windows,warps")
     p.add_argument("--proj-tiles", nargs="*", help="more projection tiles: rows,channels,warps,stages")
     p.add_argument("--scores-tiles", nargs="*", help="more scores tiles: windows,key_blocks,warps,stages")
@@ -145,6 +156,8 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="the CPU under the Triton interpreter, tiny shapes (it runs)")
     p.add_argument("--json", help="write the run record here")
     args = p.parse_args(argv)
+    if not set(args.parts.split(",")) <= set(PARTS):
+        p.error(f"--parts takes a comma list of {PARTS}; got {args.parts!r}")
     if args.smoke:
         from seerattn.ops._triton.config import interpreting
 

@@ -296,3 +296,9 @@ def test_gate_parts_benchmark_runs_in_its_cpu_smoke_configuration(tmp_path):
     assert {"pool_q", "pool_k", "pool_pair", "proj_q", "proj_k", "proj_pair", "scores", "gate", "select"} <= parts
     assert all(r["ms"] > 0 for r in rows if r["bytes"])
     assert [r["ms"] for r in rows if r["part"] == "rows_differ_probs_logits"] == [0.0]
+    # --parts: only the parts named
+    assert gate_parts.main(["--smoke", "--parts", "select", "--json", str(tmp_path / "s.json")]) == 0
+    parts = {r["part"] for r in read_record(tmp_path / "s.json")["results"]}
+    assert parts == {"softmax", "select", "select_logits", "rows_differ_probs_logits"}
+    with pytest.raises(SystemExit):
+        gate_parts.main(["--smoke", "--parts", "select,sort"])

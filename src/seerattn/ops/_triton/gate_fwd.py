@@ -83,9 +83,13 @@ IEEE_SCORES_TILE = (64, 64, 8, 2)
 # Under the interpreter: 16 windows, so that R = 2 and 4 put several blocks in a program and R = 1 sixteen.
 _INTERP_SCORES_TILE = (16, 16, 4, 1)
 # The projection kernel's tile on the GPU: (gate vectors per program, channels per step, warps, stages); two
-# [BLOCK_M, Dg / 2] fp32 accumulators. Chosen to fit sm_90 without spills at Dg 128 in the offline compile
-# (docs/experiments/prefill-gate-policy/proj_compile.py); no other tile was timed on the GPU.
-PROJ_TILE = (128, 32, 8, 3)
+# [BLOCK_M, Dg / 2] fp32 accumulators. 32 rows on 4 warps is under wgmma's 64-row minimum: Triton emits mma.sync,
+# whose operands stay in registers (no shared-memory staging of tf32x3's split halves), and a program takes 196
+# registers and 40 KiB (two programs an SM; proj_compile.py). Timed on the H200 (session 17,
+# docs/experiments/prefill-gate-policy/session17, calls 1-2; Llama-3.1-8B heads, the testbed's gate), Q / K at 32k:
+# 0.143 / 0.044 ms against 0.173 / 0.049 for the offline choice before (128, 32, 8, 3, wgmma) and 0.154-0.37 for
+# twelve other tiles.
+PROJ_TILE = (32, 32, 4, 3)
 # The pooling launch's tile: (K blocks per program, Q windows per program, warps), both jobs in one launch (one warp
 # count). Timed on the H200 (session 16, docs/experiments/prefill-gate-policy/session16, calls 2-3; Llama-3.1-8B
 # heads, bf16), each job alone: at 32k the Q windows of 16 tokens take 0.1035 ms at (8 windows, 4 warps) or (4, 2)

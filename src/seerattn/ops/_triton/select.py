@@ -318,22 +318,21 @@ def _density_kernel(
     wider classes' (longest rows first). Each class is its own branch, compiled at its width."""
     pid = tl.program_id(0)
     start = 0
-    for c in tl.static_range(CLASSES):
-        W: tl.constexpr = W0 >> c
+    for c in tl.static_range(CLASSES):  # the class's width W0 >> c (a constexpr cannot be reassigned in the loop)
         if c == 0:
             hi = ROW_HI
         else:
-            hi = W
+            hi = W0 >> c
         if c == CLASSES - 1:
             lo = LAST_LO
         else:
-            lo = W // 2
+            lo = W0 >> (c + 1)
         progs = tl.cdiv((hi - lo) * BH, BLOCK_R)
         if (pid >= start) & (pid < start + progs):
             _density_rows(
                 S, Budget, Num, Idx, stride_sb, stride_sh, stride_si, stride_nb, stride_nh,
                 stride_ib, stride_ih, stride_ii, NQ, H, BH, lo, hi, DENSE_FROM, pid - start,
-                SINK, DIAG, W, BLOCK_R, KEY64, BITS,
+                SINK, DIAG, W0 >> c, BLOCK_R, KEY64, BITS,
             )  # fmt: skip
         start += progs
 
