@@ -39,7 +39,10 @@ Each ``seer`` row also has the per-part breakdown of one profiled forward (torch
 time of the device activities inside the ranges ``seer.gate``, ``seer.policy``, ``seer.attention``,
 ``seer.stats``; :func:`attribute_parts`): ``gate_ms``, ``policy_ms``, ``kernel_ms``, ``stats_ms``,
 ``rest_ms`` (all other GPU work), ``busy_ms`` (their sum; the timed ``ms`` minus it is GPU idle time) and
-``overhead`` = (gate + policy) / kernel. A breakdown the profiler cannot give (a range that ran got no
+``overhead`` = (gate + policy) / kernel, and the limit: ``limit_ms`` = ``ms`` - gate - policy (the same forward
+with a gate and policy that cost nothing: the dense model's other work plus the block-sparse kernel),
+``limit_speedup`` (SDPA's time over it) and ``of_limit`` (``limit_ms / ms``: the share of the limit's speed-up
+reached). A breakdown the profiler cannot give (a range that ran got no
 time) is not reported: the row gets ``breakdown_error`` instead. ``--gate-impls triton,eager`` times
 the fused gate and the selection kernel (``triton``, what ``auto`` picks on CUDA) against the PyTorch
 gate and policies (``eager``, rows ``.../eager``): before and after in one run. Timed forwards skip the
@@ -443,6 +446,10 @@ def main(argv=None) -> int:
                 row["gate_impl"] = gate_impl
             if parts:
                 parts["overhead"] = (parts["gate_ms"] + parts["policy_ms"]) / parts["kernel_ms"]
+                # the limit: this forward if the gate and policy cost nothing (the timed forwards skip statistics)
+                parts["limit_ms"] = ms - parts["gate_ms"] - parts["policy_ms"]
+                parts["limit_speedup"] = dense_ms / parts["limit_ms"]
+                parts["of_limit"] = parts["limit_ms"] / ms
                 row.update(parts)
             if breakdown_error:
                 row["breakdown_error"] = breakdown_error
@@ -455,6 +462,8 @@ def main(argv=None) -> int:
             if parts:
                 line += "  " + "  ".join(f"{k[:-3]} {parts[k]:.2f}" for k in (*PARTS.values(), "rest_ms", "busy_ms"))
                 line += f"  (gate+policy)/kernel {parts['overhead']:.3f}"
+                line += f"  limit {parts['limit_ms']:.2f} ms {parts['limit_speedup']:.2f}x"
+                line += f" ({parts['of_limit']:.3f} of it)"
             if breakdown_error:
                 line += f"  no breakdown: {breakdown_error}"
             print(line, flush=True)

@@ -84,6 +84,9 @@ def test_smoke_run_breakdown_is_complete(tmp_path):
     assert sum(parts) == pytest.approx(row["busy_ms"], rel=1e-9)
     assert row["overhead"] == pytest.approx((row["gate_ms"] + row["policy_ms"]) / row["kernel_ms"])
     assert torch.isfinite(torch.tensor(row["overhead"]))
+    assert row["limit_ms"] == pytest.approx(row["ms"] - row["gate_ms"] - row["policy_ms"])
+    assert row["limit_speedup"] == pytest.approx(row["speedup"] / row["of_limit"])
+    assert 0 < row["of_limit"] < 1
 
 
 def test_smoke_run_with_a_batch_of_two_prompts(tmp_path):
