@@ -2,7 +2,7 @@
 sm_90 (no GPU needed): registers, spills and shared memory per tile and precision, the figures behind
 ``gate_fwd.PROJ_TILE``.
 
-    PYTHONPATH=src python3 docs/experiments/prefill-gate-policy/proj_compile.py \\
+    PYTHONPATH=src:. python3 docs/experiments/prefill-gate-policy/proj_compile.py \\
         --tiles 128,32,8,3 128,32,8,2 128,64,8,2 64,32,4,3 128,16,8,3
 
 Llama-3.1-8B's windowed gate: Dg 128 (two [BLOCK_M, 64] accumulators), RoPE on; pointers and strides declared
@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from sm90_compile import compile_sm90
-
+from benchmarks.sm90 import compile_sm90
 from seerattn.ops._triton import gate_fwd
 
 POINTERS = ("XA", "WA", "OutA", "XB", "WB", "OutB", "C", "S")

@@ -1,7 +1,7 @@
 """The fused gate's scores kernel compiled offline for sm_90 (no GPU needed): registers, spills and shared memory
 per tile and precision, the figures behind ``gate_fwd.SCORES_TILE``.
 
-    PYTHONPATH=src python3 docs/experiments/prefill-gate-policy/scores_compile.py \\
+    PYTHONPATH=src:. python3 docs/experiments/prefill-gate-policy/scores_compile.py \\
         --tiles 128,64,8,2 128,64,8,3 128,32,8,2 128,32,8,3 64,64,8,2 64,64,4,2 64,64,4,3 128,64,4,2 --r 4
 
 Llama-3.1-8B's windowed gate: Dg 128 (gate vectors rotated before the kernel), ``R = block_size // q_step``
@@ -37,8 +37,7 @@ from __future__ import annotations
 
 import argparse
 
-from sm90_compile import compile_sm90
-
+from benchmarks.sm90 import compile_sm90
 from seerattn.ops._triton import gate_fwd
 
 POINTERS = ("QG", "KG", "Out")

@@ -1,0 +1,200 @@
+"""The library's Triton launches compiled offline for Hopper (sm_90), no GPU needed: every launch of the prefill
+gate (:mod:`seerattn.ops._triton.gate_fwd`) and of the selection (:mod:`seerattn.ops._triton.select`) at the GPU's
+tiles, with the argument types and constexprs the launch really passes, compiled and reported by ptxas (registers,
+spills, shared memory), never run.
+
+    python -m benchmarks.sm90 --json runs/sm90.json
+
+The Triton interpreter, which the CPU tests use, runs a kernel's Python without compiling it and at the
+interpreter's own tiles: a kernel that does not compile for the GPU (a constexpr reassigned in a ``static_range``,
+session 17's grouped selection) or a GPU tile over Hopper's shared memory passes there and fails on the H200. This
+compiles each launch the way the GPU would (pointers typed by the tensors' dtypes, integers as i32 / i64, every
+constexpr as passed; no divisibility hints, so the code is not the tuned one: registers are an upper bound).
+Needs ``TRITON_INTERPRET`` unset (under the interpreter ``@triton.jit`` functions are not compilable).
+
+:func:`compile_sm90` is the same compile for one kernel with hand-made constexprs (the tile studies in
+docs/experiments/prefill-gate-policy: ``proj_compile.py``, ``scores_compile.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+HOPPER_SHARED = 232448  # bytes of shared memory a Hopper block may use (227 KiB)
+_POINTER_TYPES = {
+    torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+    torch.int32: "i32", torch.int64: "i64", torch.uint32: "u32", torch.uint64: "u64", torch.int8: "i8",
+    torch.bool: "i8",
+}  # fmt: skip
+
+
+def _ptxas(kernel) -> dict:
+    """ptxas (Triton's own) on the compiled kernel's PTX: registers and spills, shared bytes, whether they fit
+    Hopper, and the wgmma instructions."""
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as d:
+        ptx = os.path.join(d, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(kernel.asm["ptx"])
+        out = subprocess.run(
+            [ptxas, "-arch=sm_90a", "-v", ptx, "-o", os.path.join(d, "k.cubin")], capture_output=True, text=True,
+            check=True,
+        )  # fmt: skip
+    info = " ".join(
+        line.split(":", 1)[-1].strip() for line in out.stderr.splitlines() if "registers" in line or "spill" in line
+    )
+    shared = kernel.metadata.shared
+    return {"ptxas": info, "shared": shared, "fits": shared <= HOPPER_SHARED,
+            "mma": kernel.asm["ptx"].count("wgmma.mma_async")}  # fmt: skip
+
+
+def _compile(fn, signature: dict, consts: dict, attrs: dict, warps: int, stages: int) -> dict:
+    kernel = triton.compile(
+        ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs),
+        target=GPUTarget("cuda", 90, 64),
+        options={"num_warps": warps, "num_stages": stages},
+    )
+    return _ptxas(kernel)
+
+
+def compile_sm90(
+    fn, consts: dict, pointers: tuple[str, ...], free_ints: tuple[str, ...], warps: int, stages: int,
+    floats: tuple[str, ...] = (),
+) -> dict:  # fmt: skip
+    """``fn`` (a ``@triton.jit`` kernel) with ``consts`` -> ptxas's report (:func:`_ptxas`). Pointers are declared
+    fp32 and every integer argument 16-divisible (as a launch's strides are) except the ones named as free."""
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in floats:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "*fp32" if name in pointers else "i32"
+            if name not in free_ints:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return _compile(fn, sig, consts, attrs, warps, stages)
+
+
+class CompileOnly:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **kwargs)`` compiles it for sm_90 with the
+    launch's argument types and constexprs (:func:`_compile`) and appends the report to ``reports``; nothing runs."""
+
+    def __init__(self, fn, reports: list):
+        self.fn, self.reports = fn, reports
+
+    def __getitem__(self, grid):
+        def launch(*args, num_warps: int = 4, num_stages: int = 3, **kwargs):
+            values = dict(zip(self.fn.arg_names[: len(args)], args, strict=True)) | kwargs
+            sig, consts = {}, {}
+            for param in self.fn.params:
+                name, value = param.name, values[param.name]
+                if param.is_constexpr:
+                    sig[name], consts[name] = "constexpr", value
+                elif isinstance(value, torch.Tensor):
+                    sig[name] = "*" + _POINTER_TYPES[value.dtype]
+                elif isinstance(value, bool):
+                    sig[name] = "i1"
+                elif isinstance(value, int):
+                    sig[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+                elif isinstance(value, float):
+                    sig[name] = "fp32"
+                else:
+                    raise TypeError(f"{self.fn.__name__}: argument {name} is a {type(value).__name__}")
+            report = _compile(self.fn, sig, consts, {}, num_warps, num_stages)
+            shown = {k: v for k, v in consts.items() if isinstance(v, (int, str, bool))}
+            self.reports.append({"kernel": self.fn.__name__, "grid": list(grid), "warps": num_warps,
+                                 "stages": num_stages, "constexprs": shown, **report})  # fmt: skip
+
+        return launch
+
+
+def gate_launches() -> None:
+    """The fused gate's launches at the GPU tiles: Llama-3.1-8B heads, the testbed's windowed gate (Q windows of 16
+    pooled avg / max / min, K blocks of 64, Dg 128, RoPE), bf16 q / k of an odd length; and a gate without a Q
+    projection (the pooled Q rotated by the RoPE kernel)."""
+    from seerattn.ops._triton import gate_fwd
+
+    t, hq, hkv, d, dg = 1000, 32, 8, 128, 128
+    q = torch.empty(1, t, hq, d, dtype=torch.bfloat16).transpose(1, 2)
+    k = torch.empty(1, t, hkv, d, dtype=torch.bfloat16).transpose(1, 2)
+    pools = ("avg", "max", "min")
+    cos = sin = torch.empty(1, -(-t // 16), dg)
+    wk, wq = torch.empty(hq, 3 * d, dg), torch.empty(hq, 3 * d, dg)
+    for precision in gate_fwd.PRECISIONS:
+        gate_fwd.gate_logits_fwd(q, k, wk, wq, cos, sin, 64, 16, pools, pools, precision)
+    cos1 = sin1 = torch.empty(1, -(-t // 64), d)
+    gate_fwd.gate_logits_fwd(q, k, torch.empty(hq, d, d), None, cos1, sin1, 64, 64, ("avg",), ("max",))
+
+
+def select_launches() -> None:
+    """The selection's launches: density with row budgets at NQ 512 (four width classes, one launch) and 2048 (three
+    launches), fp32 and fp64 scores; threshold, top_p and the head allocation."""
+    from seerattn.ops._triton import select
+
+    for nq, dtype in ((512, torch.float32), (2048, torch.float32), (512, torch.float64)):
+        scores = torch.empty(1, 2, nq, nq, dtype=dtype)
+        budget = torch.ones(nq, dtype=torch.int64)
+        select.select_fwd(scores, "density", 0.1, budget, True, True, 0)
+    scores = torch.empty(1, 2, 512, 512)
+    for kind in ("threshold", "top_p"):
+        select.select_fwd(scores, kind, 0.5, None, True, True, 0)
+    select.select_fwd(scores, "density", 0.1, None, True, True, 0, head_total=1000)
+
+
+LAUNCHES = {"gate": gate_launches, "select": select_launches}
+
+
+def compile_all(names=tuple(LAUNCHES)) -> list[dict]:
+    """Runs the named launch sets with every ``@triton.jit`` kernel of their modules replaced by
+    :class:`CompileOnly`; returns the reports in launch order."""
+    from seerattn.ops._triton import config, gate_fwd, select
+
+    if config.interpreting():
+        raise RuntimeError("compiling for sm_90 needs TRITON_INTERPRET unset (interpreted kernels do not compile)")
+    reports: list[dict] = []
+    saved = []
+    for module in (gate_fwd, select):
+        for name, value in vars(module).items():
+            if isinstance(value, triton.runtime.jit.JITFunction) and name.endswith("_kernel"):
+                saved.append((module, name, value))
+    try:
+        for module, name, value in saved:
+            setattr(module, name, CompileOnly(value, reports))
+        for name in names:
+            LAUNCHES[name]()
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+    return reports
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--launches", default=",".join(LAUNCHES), help=f"comma list of {tuple(LAUNCHES)}")
+    p.add_argument("--json", help="write the reports here")
+    args = p.parse_args(argv)
+    reports = compile_all(tuple(args.launches.split(",")))
+    for r in reports:
+        consts = ", ".join(f"{k}={v}" for k, v in r["constexprs"].items())
+        print(f"{r['kernel']:<22} w{r['warps']} s{r['stages']} shared {r['shared']:>6} {r['ptxas']}  [{consts}]")
+    if args.json:
+        from seerattn.record import write_record
+
+        write_record(args.json, "sm90-compile", reports, vars(args))
+    over = [r for r in reports if not r["fits"]]
+    if over:
+        print(f"{len(over)} launch(es) over Hopper's shared memory: {[r['kernel'] for r in over]}")
+    return 1 if over else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,50 @@
+"""The prefill gate's and the selection's launches compile for Hopper (sm_90) at the GPU's tiles, on the CPU:
+the interpreter tests run the kernels' Python at the interpreter's tiles and never compile them, so a kernel that
+only the GPU's compiler rejects (session 17's grouped selection reassigned a constexpr in a ``static_range``) or a
+GPU tile over Hopper's shared memory would pass them (:mod:`benchmarks.sm90`)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from seerattn.ops._triton import gate_fwd
+from seerattn.record import read_record
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_gate_and_selection_launches_compile_for_sm90(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the interpreter's kernels do not compile
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH", "")])
+    out = tmp_path / "sm90.json"
+    run = subprocess.run([sys.executable, "-m", "benchmarks.sm90", "--json", str(out)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    reports = read_record(out)["results"]
+    assert all(r["fits"] for r in reports)
+    density = [(r["constexprs"]["W0"], r["constexprs"]["CLASSES"], r["warps"])
+               for r in reports if r["kernel"] == "_density_kernel"]  # fmt: skip
+    # NQ 512: the four width classes in one one-warp launch; NQ 2048: 4, 2 and 1 warps (the last with four classes)
+    assert density[:4] == [(512, 4, 1), (2048, 1, 4), (1024, 1, 2), (512, 4, 1)]
+    proj = [r for r in reports if r["kernel"] == "_project_kernel" and r["constexprs"]["PRECISION"] == "tf32x3"]
+    rows, _, warps, stages = gate_fwd.PROJ_TILE
+    assert proj and all((r["constexprs"]["BLOCK_M"], r["warps"], r["stages"]) == (rows, warps, stages) for r in proj)
+    kernels = {r["kernel"] for r in reports}
+    assert {"_pool_kernel", "_project_kernel", "_rope_kernel", "_gate_scores_kernel", "_select_kernel",
+            "_head_hist_kernel", "_head_digit_kernel", "_head_ties_kernel"} <= kernels  # fmt: skip
+
+
+def test_compiling_under_the_interpreter_is_refused():
+    from benchmarks import sm90
+    from seerattn.ops._triton.config import interpreting
+
+    if not interpreting():
+        pytest.skip("this machine runs Triton kernels on a GPU (the refusal is for TRITON_INTERPRET=1)")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET unset"):
+        sm90.compile_all()
