@@ -5,7 +5,9 @@ bytes each part must move (read once, written once) beside it.
 Llama-3.1-8B heads (Hq 32, Hkv 8, D 128), the testbed's gate (Q windows of 16 pooled avg / max / min, K blocks of 64
 pooled the same, Dg 128, RoPE), random bf16 q / k as transformers hands them ([B, T, H, D] memory), random gate
 weights; ``triton.testing.do_bench`` medians. ``--pool-tiles`` / ``--proj-tiles`` / ``--scores-tiles`` time the
-parts at other tiles too (the first of each list is the library's default when not given).
+parts at other tiles too (the first of each list is the library's default when not given). ``--gate paper`` times
+the paper's gate instead (``GateConfig()``: Q pooled avg over whole blocks, R = 1 window a block, no Q projection: the
+pooled Q rotated by the RoPE kernel is the query).
 
     python -m benchmarks.gate_parts --seqlens 32768,131072 --json runs/gate_parts.json
     python -m benchmarks.gate_parts --seqlens 32768 --pool-tiles 8,4 32,8 4,2 --proj-tiles 128,32,8,3 64,32,4,3
@@ -26,21 +28,23 @@ from seerattn.record import write_record
 
 from .decode import time_ms
 
-CFG = GateConfig(q_pooling=("avg", "max", "min"), q_subblock=16)
+# the testbed's windowed gate, and the paper's (GateConfig's default: Q pooled avg over whole blocks, no Q projection)
+GATES = {"testbed": GateConfig(q_pooling=("avg", "max", "min"), q_subblock=16), "paper": GateConfig()}
 HBM_GBS = 4800.0  # H200 HBM3e peak, GB/s: the floor column
 PARTS = ("pool", "proj", "scores", "gate", "select")  # "select" also times the softmax
 
 
-def case(t: int, hq: int, hkv: int, seed: int = 0, device: str = "cuda", dtype: torch.dtype = torch.bfloat16):
+def case(t: int, hq: int, hkv: int, cfg: GateConfig, seed: int = 0, device: str = "cuda",
+         dtype: torch.dtype = torch.bfloat16):  # fmt: skip
     """(gate, q [1, Hq, T, 128], k [1, Hkv, T, 128], cos, sin) on ``device``, as the sparse prefill hands them."""
     g = torch.Generator().manual_seed(seed)
-    gate = AttnGate(hq, hkv, 128, CFG)
+    gate = AttnGate(hq, hkv, 128, cfg)
     with torch.no_grad():
-        for w in (gate.k_proj, gate.q_proj):
+        for w in (gate.k_proj, gate.q_proj) if gate.has_q_proj else (gate.k_proj,):
             w.copy_(torch.randn(w.shape, generator=g) / w.shape[1] ** 0.5)
     q = torch.randn(1, t, hq, 128, generator=g).to(device, dtype).transpose(1, 2)
     k = torch.randn(1, t, hkv, 128, generator=g).to(device, dtype).transpose(1, 2)
-    pos = torch.arange(-(-t // CFG.q_step), device=device, dtype=torch.float32) * CFG.q_step
+    pos = torch.arange(-(-t // cfg.q_step), device=device, dtype=torch.float32) * cfg.q_step
     inv = 1.0 / 10000 ** (torch.arange(0, gate.gate_dim, 2, device=device, dtype=torch.float32) / gate.gate_dim)
     ang = torch.cat([pos[:, None] * inv] * 2, -1)[None]
     return gate.to(device), q, k, ang.cos(), ang.sin()
@@ -77,44 +81,52 @@ def time_parts(t: int, args, record) -> None:
     cuda = not args.smoke
     bench = functools.partial(time_ms, cuda=cuda, reps=args.reps)
     prec = gate_fwd.DEFAULT_PRECISION
-    r = CFG.block_size // CFG.q_step
+    cfg = GATES[args.gate]
+    r = cfg.block_size // cfg.q_step
     # the smoke run: fp16 (the interpreter computes bf16 wrongly), the CPU
-    gate, q, k, cos, sin = case(t, args.hq, args.hkv, device="cuda" if cuda else "cpu",
+    gate, q, k, cos, sin = case(t, args.hq, args.hkv, cfg, device="cuda" if cuda else "cpu",
                                 dtype=torch.bfloat16 if cuda else torch.float16)  # fmt: skip
-    ns, nb = -(-t // CFG.q_step), -(-t // CFG.block_size)
+    ns, nb = -(-t // cfg.q_step), -(-t // cfg.block_size)
     kw, qw, warps = gate_fwd.POOL_PAIR_TILE
-    qp = gate_fwd._pool(q, CFG.q_step, CFG.q_pooling, (qw, warps))
-    kp = gate_fwd._pool(k, CFG.block_size, CFG.k_pooling, (kw, warps))
+    qp = gate_fwd._pool(q, cfg.q_step, cfg.q_pooling, (qw, warps))
+    kp = gate_fwd._pool(k, cfg.block_size, cfg.k_pooling, (kw, warps))
     timed = set(args.parts.split(","))
     if "pool" in timed:
         # each job alone at the pair's tile, then at the other tiles asked for
         for q_tile, k_tile in [((qw, warps), (kw, warps))] + [(x, x) for x in parse_tiles(args.pool_tiles)]:
             # the same windows in the same token order whatever the tile: the same bits
-            if not torch.equal(gate_fwd._pool(q, CFG.q_step, CFG.q_pooling, q_tile), qp):
+            if not torch.equal(gate_fwd._pool(q, cfg.q_step, cfg.q_pooling, q_tile), qp):
                 raise SystemExit(f"pooling tile {q_tile} differs from the default's output")
-            record("pool_q", q_tile, bench(lambda x=q_tile: gate_fwd._pool(q, CFG.q_step, CFG.q_pooling, x)),
+            record("pool_q", q_tile, bench(lambda x=q_tile: gate_fwd._pool(q, cfg.q_step, cfg.q_pooling, x)),
                    q.numel() * 2 + qp.numel() * 4)  # fmt: skip
-            record("pool_k", k_tile, bench(lambda x=k_tile: gate_fwd._pool(k, CFG.block_size, CFG.k_pooling, x)),
+            record("pool_k", k_tile, bench(lambda x=k_tile: gate_fwd._pool(k, cfg.block_size, cfg.k_pooling, x)),
                    k.numel() * 2 + kp.numel() * 4)  # fmt: skip
         record("pool_pair", gate_fwd.POOL_PAIR_TILE,
-               bench(lambda: gate_fwd._pool(k, CFG.block_size, CFG.k_pooling, (kw, warps),
-                                            second=(q, CFG.q_step, CFG.q_pooling, qw))),
+               bench(lambda: gate_fwd._pool(k, cfg.block_size, cfg.k_pooling, (kw, warps),
+                                            second=(q, cfg.q_step, cfg.q_pooling, qw))),
                (q.numel() + k.numel()) * 2 + (qp.numel() + kp.numel()) * 4)  # fmt: skip
-    wq, wk = gate.q_proj.detach(), gate.k_proj.detach()
+    wk = gate.k_proj.detach()
+    wq = gate.q_proj.detach() if gate.has_q_proj else None  # the paper's gate: the pooled Q, rotated, is the query
     if "proj" in timed:
         for tile in tiles(args.proj_tiles, gate_fwd.PROJ_TILE):
-            record("proj_q", tile, bench(lambda tile=tile: gate_fwd._project(qp, wq, cos, sin, 1, prec, tile)),
-                   (qp.numel() + wq.numel() + args.hq * ns * 128) * 4)  # fmt: skip
+            if wq is not None:
+                record("proj_q", tile, bench(lambda tile=tile: gate_fwd._project(qp, wq, cos, sin, 1, prec, tile)),
+                       (qp.numel() + wq.numel() + args.hq * ns * 128) * 4)  # fmt: skip
             record("proj_k", tile, bench(lambda tile=tile: gate_fwd._project(kp, wk, cos, sin, r, prec, tile)),
                    (kp.numel() + wk.numel() + args.hq * nb * 128) * 4)  # fmt: skip
-        # one TF32 product instead of three: how much of the projection is arithmetic (a probe, not an option)
-        record("proj_q_tf32", None, bench(lambda: gate_fwd._project(qp, wq, cos, sin, 1, "tf32")),
-               (qp.numel() + wq.numel() + args.hq * ns * 128) * 4)  # fmt: skip
-        record("proj_pair", gate_fwd.PROJ_TILE,
-               bench(lambda: gate_fwd._project(kp, wk, cos, sin, r, prec, second=(qp, wq, 1))),
-               (qp.numel() + kp.numel() + 2 * wq.numel() + args.hq * (ns + nb) * 128) * 4)  # fmt: skip
+        if wq is not None:
+            # one TF32 product instead of three: how much of the projection is arithmetic (a probe, not an option)
+            record("proj_q_tf32", None, bench(lambda: gate_fwd._project(qp, wq, cos, sin, 1, "tf32")),
+                   (qp.numel() + wq.numel() + args.hq * ns * 128) * 4)  # fmt: skip
+            record("proj_pair", gate_fwd.PROJ_TILE,
+                   bench(lambda: gate_fwd._project(kp, wk, cos, sin, r, prec, second=(qp, wq, 1))),
+                   (qp.numel() + kp.numel() + 2 * wq.numel() + args.hq * (ns + nb) * 128) * 4)  # fmt: skip
     if "scores" in timed:
-        qg = gate_fwd._project(qp, wq, cos, sin, 1, prec)
+        if wq is not None:
+            qg = gate_fwd._project(qp, wq, cos, sin, 1, prec)
+        else:
+            qg = qp.clone()
+            gate_fwd._rope_(qg, cos, sin, 1)
         kg = gate_fwd._project(kp, wk, cos, sin, r, prec)
         for tile in tiles(args.scores_tiles, gate_fwd.SCORES_TILE):
             record("scores", tile, bench(lambda tile=tile: gate_fwd._scores(qg, kg, r, prec, tile)),
@@ -134,9 +146,9 @@ def time_parts(t: int, args, record) -> None:
     pol = SparsityPolicy("density", args.density)
     for name, scores in (("select", probs), ("select_logits", logits)):
         # the causal half of the scores read, the padded lists written
-        call = functools.partial(mask_from_scores, scores, pol, t, CFG.block_size)
+        call = functools.partial(mask_from_scores, scores, pol, t, cfg.block_size)
         time_eager_and_replayed(record, name, call, bench, scores.numel() * 4 // 2 + scores.numel() * 4)
-    a, b = (mask_from_scores(s, pol, t, CFG.block_size) for s in (probs, logits))
+    a, b = (mask_from_scores(s, pol, t, cfg.block_size) for s in (probs, logits))
     differ = int(((a.kv_indices != b.kv_indices).any(-1) | (a.kv_num_blocks != b.kv_num_blocks)).sum())
     print(f"T={t:>7} (head, row) pairs whose mask differs, probabilities vs logits: {differ} of {args.hq * nb}")
     record("rows_differ_probs_logits", None, float(differ), 0)
@@ -147,6 +159,7 @@ def main(argv=None) -> int:
     p.add_argument("--seqlens", default="32768,131072", help="comma list of prompt lengths")
     p.add_argument("--hq", type=int, default=32)
     p.add_argument("--hkv", type=int, default=8)
+    p.add_argument("--gate", choices=tuple(GATES), default="testbed", help="the gate architecture timed")
     p.add_argument("--density", type=float, default=0.1, help="the selection's density (row allocation)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma list of the parts to time, of {PARTS}")
     p.add_argument("--pool-tiles", nargs="*", help="more pooling tiles, for each job alone: windows,warps")
@@ -181,7 +194,7 @@ def main(argv=None) -> int:
         if not args.smoke:
             torch.cuda.empty_cache()
     if args.json:
-        write_record(args.json, "bench-gate-parts", rows, {**vars(args), "gate": CFG.to_dict()})
+        write_record(args.json, "bench-gate-parts", rows, {**vars(args), "gate_config": GATES[args.gate].to_dict()})
     return 0
 
 

@@ -302,3 +302,8 @@ def test_gate_parts_benchmark_runs_in_its_cpu_smoke_configuration(tmp_path):
     assert parts == {"softmax", "select", "select_logits", "rows_differ_probs_logits"}
     with pytest.raises(SystemExit):
         gate_parts.main(["--smoke", "--parts", "select,sort"])
+    # the paper's gate: no Q projection, so no proj_q rows
+    argv = ["--smoke", "--gate", "paper", "--parts", "proj,scores", "--json", str(tmp_path / "p.json")]
+    assert gate_parts.main(argv) == 0
+    parts = {r["part"] for r in read_record(tmp_path / "p.json")["results"]}
+    assert parts == {"proj_k", "scores", "scores_tf32"}
