@@ -1,7 +1,7 @@
 """The library's Triton launches compiled offline for Hopper (sm_90), no GPU needed: every launch of the prefill
-gate (:mod:`seerattn.ops._triton.gate_fwd`) and of the selection (:mod:`seerattn.ops._triton.select`) at the GPU's
-tiles, with the argument types and constexprs the launch really passes, compiled and reported by ptxas (registers,
-spills, shared memory), never run.
+gate (:mod:`seerattn.ops._triton.gate_fwd`), of the selection (:mod:`seerattn.ops._triton.select`) and of sparse
+decode's gate and selection (``decode_select``, ``kcache_append``) at the GPU's tiles, with the argument types and
+constexprs the launch really passes, compiled and reported by ptxas (registers, spills, shared memory), never run.
 
     python -m benchmarks.sm90 --json runs/sm90.json
 
@@ -150,19 +150,44 @@ def select_launches() -> None:
     select.select_fwd(scores, "density", 0.1, None, True, True, 0, head_total=1000)
 
 
-LAUNCHES = {"gate": gate_launches, "select": select_launches}
+def decode_launches() -> None:
+    """Sparse decode's launches outside the attention kernel (which the autotuner times on a GPU): the decode gate's
+    key-cache append, the budget selection (with and without forced blocks), the block bounds' update, their scores
+    and the top-M; batch 16, Llama-3.1-8B heads, a 32k cache of 64-token blocks, 64 slots."""
+    from seerattn.ops._triton import decode_select, kcache_append
+
+    b, hq, hkv, d, dg, nb, t, bs = 16, 32, 8, 128, 128, 512, 32768, 64
+    keys = torch.empty(b, hkv, nb, dg)
+    lengths, num_blocks = torch.empty(b, dtype=torch.int64), torch.empty(b, dtype=torch.int64)
+    cos = sin = torch.empty(b, 1, dg)
+    kcache_append.gate_key_append_fwd(
+        torch.empty(b, hkv, d, dtype=torch.bfloat16), torch.empty(b, hkv, 3, d), keys, lengths, num_blocks,
+        torch.empty(hkv, 3 * d, dg), torch.empty(dg), 1e-6, cos, sin, bs, ("max", "min", "avg"),
+    )  # fmt: skip
+    qg, seqlens = torch.empty(b, hkv, dg), torch.empty(b, dtype=torch.int32)
+    for forced in (None, torch.empty(b, hkv, 2, dtype=torch.int32)):
+        decode_select.decode_budget_select_fwd(qg, keys, seqlens, 64, bs, forced)
+    kmin = kmax = torch.empty(b, hkv, nb, d, dtype=torch.bfloat16)
+    cache = torch.empty(b, hkv, t, d, dtype=torch.bfloat16)
+    kcache_append.block_bounds_update_fwd(cache, kmin, kmax, lengths, None, bs)
+    q = torch.empty(b, hq, 1, d, dtype=torch.bfloat16)
+    scores = decode_select.bound_scores_fwd(q, kmin, kmax, torch.empty(b, 1, dtype=torch.int32), bs)
+    decode_select.top_fwd(scores, 64)
+
+
+LAUNCHES = {"gate": gate_launches, "select": select_launches, "decode": decode_launches}
 
 
 def compile_all(names=tuple(LAUNCHES)) -> list[dict]:
     """Runs the named launch sets with every ``@triton.jit`` kernel of their modules replaced by
     :class:`CompileOnly`; returns the reports in launch order."""
-    from seerattn.ops._triton import config, gate_fwd, select
+    from seerattn.ops._triton import config, decode_select, gate_fwd, kcache_append, select
 
     if config.interpreting():
         raise RuntimeError("compiling for sm_90 needs TRITON_INTERPRET unset (interpreted kernels do not compile)")
     reports: list[dict] = []
     saved = []
-    for module in (gate_fwd, select):
+    for module in (gate_fwd, select, decode_select, kcache_append):
         for name, value in vars(module).items():
             if isinstance(value, triton.runtime.jit.JITFunction) and name.endswith("_kernel"):
                 saved.append((module, name, value))

@@ -1,7 +1,7 @@
-"""The prefill gate's and the selection's launches compile for Hopper (sm_90) at the GPU's tiles, on the CPU:
-the interpreter tests run the kernels' Python at the interpreter's tiles and never compile them, so a kernel that
-only the GPU's compiler rejects (session 17's grouped selection reassigned a constexpr in a ``static_range``) or a
-GPU tile over Hopper's shared memory would pass them (:mod:`benchmarks.sm90`)."""
+"""The prefill gate's, the selection's and sparse decode's gate launches compile for Hopper (sm_90) at the GPU's
+tiles, on the CPU: the interpreter tests run the kernels' Python at the interpreter's tiles and never compile them,
+so a kernel that only the GPU's compiler rejects (session 17's grouped selection reassigned a constexpr in a
+``static_range``) or a GPU tile over Hopper's shared memory would pass them (:mod:`benchmarks.sm90`)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,9 @@ def test_gate_and_selection_launches_compile_for_sm90(tmp_path):
     assert proj and all((r["constexprs"]["BLOCK_M"], r["warps"], r["stages"]) == (rows, warps, stages) for r in proj)
     kernels = {r["kernel"] for r in reports}
     assert {"_pool_kernel", "_project_kernel", "_rope_kernel", "_gate_scores_kernel", "_select_kernel",
-            "_head_hist_kernel", "_head_digit_kernel", "_head_ties_kernel"} <= kernels  # fmt: skip
+            "_head_hist_kernel", "_head_digit_kernel", "_head_ties_kernel", "_append_kernel", "_count_kernel",
+            "_decode_budget_select_kernel", "_bounds_kernel", "_bound_scores_kernel",
+            "_top_kernel"} <= kernels  # fmt: skip
 
 
 def test_compiling_under_the_interpreter_is_refused():
