@@ -13,7 +13,8 @@ constexpr as passed; no divisibility hints, so the code is not the tuned one: re
 Needs ``TRITON_INTERPRET`` unset (under the interpreter ``@triton.jit`` functions are not compilable).
 
 :func:`compile_sm90` is the same compile for one kernel with hand-made constexprs (the tile studies in
-docs/experiments/prefill-gate-policy: ``proj_compile.py``, ``scores_compile.py``).
+docs/experiments/prefill-gate-policy: ``proj_compile.py``, ``scores_compile.py``; the decode gate's in
+docs/experiments/decode/session12: ``gate_query_compile.py``).
 """
 
 from __future__ import annotations
@@ -66,11 +67,13 @@ def _compile(fn, signature: dict, consts: dict, attrs: dict, warps: int, stages:
 
 
 def compile_sm90(
-    fn, consts: dict, pointers: tuple[str, ...], free_ints: tuple[str, ...], warps: int, stages: int,
-    floats: tuple[str, ...] = (),
+    fn, consts: dict, pointers: tuple[str, ...] | dict[str, str], free_ints: tuple[str, ...], warps: int,
+    stages: int = 3, floats: tuple[str, ...] = (),
 ) -> dict:  # fmt: skip
-    """``fn`` (a ``@triton.jit`` kernel) with ``consts`` -> ptxas's report (:func:`_ptxas`). Pointers are declared
-    fp32 and every integer argument 16-divisible (as a launch's strides are) except the ones named as free."""
+    """``fn`` (a ``@triton.jit`` kernel) with ``consts`` -> ptxas's report (:func:`_ptxas`). ``pointers``: the
+    pointer arguments, fp32 (a tuple of names) or name -> element type ("bf16", "i64", ...); every pointer and integer
+    argument is declared 16-divisible (as a launch's strides are) except the integers named as free."""
+    types = pointers if isinstance(pointers, dict) else dict.fromkeys(pointers, "fp32")
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:
@@ -78,7 +81,7 @@ def compile_sm90(
         elif name in floats:
             sig[name] = "fp32"
         else:
-            sig[name] = "*fp32" if name in pointers else "i32"
+            sig[name] = "*" + types[name] if name in types else "i32"
             if name not in free_ints:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return _compile(fn, sig, consts, attrs, warps, stages)

@@ -109,7 +109,7 @@ def bench(sweep: bool) -> list[dict]:
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 POINTERS = {"S": "*fp32", "Value": "*fp32", "Budget": "*i64", "Num": "*i32", "Idx": "*i32", "Theta": "*i32",
             "Need": "*i32", "TiesBefore": "*i32"}  # fmt: skip
-NOT_DIVISIBLE = ("NQ", "H", "BH", "N_ROWS", "DENSE_FROM", "ROW_LO", "ROW_HI")  # sizes: any value
+NOT_DIVISIBLE = ("NQ", "H", "BH", "N_ROWS", "DENSE_FROM", "ROW_LO", "ROW_HI", "LAST_LO")  # sizes: any value
 
 
 def compile_sm90(fn, consts: dict, warps: int) -> dict:
@@ -215,7 +215,9 @@ def compile_report(nq: int, density: float) -> dict:
         block_r = max(1, min(new.DENSITY_TILE // width, new.DENSITY_ROWS))
         warps = max(1, min(8, block_r * width // (32 * new.DENSITY_PER_THREAD)))
         c = compile_sm90(
-            new._density_kernel, dict(SINK=True, DIAG=True, W=width, BLOCK_R=block_r, KEY64=False, BITS=32), warps
+            new._density_kernel,  # one width class a launch, as when this study ran (session 17 groups them)
+            dict(SINK=True, DIAG=True, W0=width, CLASSES=1, BLOCK_R=block_r, KEY64=False, BITS=32),
+            warps,
         )
         search = c["loops"][0]  # the largest loop: the search pass (the other writes padding past the width)
         pad = (c["loops"][1]["instructions"] if len(c["loops"]) > 1 else 0) * (triton.cdiv(nq, width) - 1)
