@@ -1,15 +1,19 @@
-"""The library's Triton launches compiled offline for Hopper (sm_90), no GPU needed: every launch of the prefill
-gate (:mod:`seerattn.ops._triton.gate_fwd`), of the selection (:mod:`seerattn.ops._triton.select`) and of sparse
-decode's gate and selection (``decode_select``, ``kcache_append``) at the GPU's tiles, with the argument types and
-constexprs the launch really passes, compiled and reported by ptxas (registers, spills, shared memory), never run.
+"""The library's Triton launches compiled offline for Hopper (sm_90), no GPU needed: the prefill gate
+(:mod:`seerattn.ops._triton.gate_fwd`), the selection (:mod:`seerattn.ops._triton.select`), sparse decode's gate and
+block selection (``decode_select``, ``kcache_append``) and the attention kernels (block-sparse forward and backward,
+the ground-truth forward, sparse decode: their default configs, ``--all-configs`` every tuning candidate) at the GPU's
+tiles, with the argument types and constexprs each launch really passes, compiled and reported by ptxas (registers,
+spills, shared memory), never run.
 
     python -m benchmarks.sm90 --json runs/sm90.json
+    python -m benchmarks.sm90 --launches attention --all-configs
 
 The Triton interpreter, which the CPU tests use, runs a kernel's Python without compiling it and at the
 interpreter's own tiles: a kernel that does not compile for the GPU (a constexpr reassigned in a ``static_range``,
 session 17's grouped selection) or a GPU tile over Hopper's shared memory passes there and fails on the H200. This
 compiles each launch the way the GPU would (pointers typed by the tensors' dtypes, integers as i32 / i64, every
-constexpr as passed; no divisibility hints, so the code is not the tuned one: registers are an upper bound).
+constexpr as passed; integers equal to 1 folded and 16-divisible integers and aligned pointers declared so, as
+Triton's launcher specialises them; the sizes of this module's examples, so a real shape may specialise otherwise).
 Needs ``TRITON_INTERPRET`` unset (under the interpreter ``@triton.jit`` functions are not compilable).
 
 :func:`compile_sm90` is the same compile for one kernel with hand-made constexprs (the tile studies in
@@ -97,23 +101,36 @@ class CompileOnly:
     def __getitem__(self, grid):
         def launch(*args, num_warps: int = 4, num_stages: int = 3, **kwargs):
             values = dict(zip(self.fn.arg_names[: len(args)], args, strict=True)) | kwargs
-            sig, consts = {}, {}
-            for param in self.fn.params:
-                name, value = param.name, values[param.name]
-                if param.is_constexpr:
+            sig, consts, attrs = {}, {}, {}
+            for i, param in enumerate(self.fn.params):
+                name = param.name
+                if name not in values and not param.has_default:
+                    raise TypeError(f"{self.fn.__name__}: launched without argument {name}")
+                value = values.get(name, param.default)
+                # what a launch specialises, as Triton's launcher does: an integer 1 becomes a constant, integers
+                # and pointers 16-divisible / 16-aligned are declared so (vectorised loads, folded strides)
+                if param.is_constexpr or (type(value) is int and value == 1):
                     sig[name], consts[name] = "constexpr", value
                 elif isinstance(value, torch.Tensor):
                     sig[name] = "*" + _POINTER_TYPES[value.dtype]
+                    if value.data_ptr() % 16 == 0:
+                        attrs[(i,)] = [["tt.divisibility", 16]]
                 elif isinstance(value, bool):
                     sig[name] = "i1"
                 elif isinstance(value, int):
                     sig[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+                    if value % 16 == 0:
+                        attrs[(i,)] = [["tt.divisibility", 16]]
                 elif isinstance(value, float):
                     sig[name] = "fp32"
                 else:
                     raise TypeError(f"{self.fn.__name__}: argument {name} is a {type(value).__name__}")
-            report = _compile(self.fn, sig, consts, {}, num_warps, num_stages)
-            shown = {k: v for k, v in consts.items() if isinstance(v, (int, str, bool))}
+            report = _compile(self.fn, sig, consts, attrs, num_warps, num_stages)
+            shown = {
+                k: v
+                for k, v in consts.items()
+                if isinstance(v, (int, str, bool)) and self.fn.params[self.fn.arg_names.index(k)].is_constexpr
+            }
             self.reports.append({"kernel": self.fn.__name__, "grid": list(grid), "warps": num_warps,
                                  "stages": num_stages, "constexprs": shown, **report})  # fmt: skip
 
@@ -178,19 +195,77 @@ def decode_launches() -> None:
     decode_select.top_fwd(scores, 64)
 
 
-LAUNCHES = {"gate": gate_launches, "select": select_launches, "decode": decode_launches}
+def attention_launches(all_configs: bool = False) -> None:
+    """The attention kernels at their untuned default configs (``all_configs``: every candidate the tuner would
+    time): the block-sparse forward and backward at mask blocks 32, 64 and 128 with per-query-head and per-group
+    masks (and a varlen forward), the ground-truth forward with block scores, the sparse decode on a contiguous and
+    a paged cache; Llama-3.1-8B heads, bf16, 1000 tokens."""
+    from seerattn.ops._triton import block_scores, config, decode_fwd, sparse_bwd, sparse_fwd
+
+    def pick(configs):
+        return configs if all_configs else configs[:1]
+
+    t, hq, hkv, d, scale = 1000, 32, 8, 128, 128**-0.5
+    q = torch.empty(1, t, hq, d, dtype=torch.bfloat16).transpose(1, 2)
+    k = v = torch.empty(1, t, hkv, d, dtype=torch.bfloat16).transpose(1, 2)
+    lse = torch.empty(1, hq, t)
+    for mb in (32, 64, 128):
+        nq = -(-t // mb)
+        for hm in (hq, hkv):
+            num, idx = torch.empty(1, hm, nq, dtype=torch.int32), torch.empty(1, hm, nq, nq, dtype=torch.int32)
+            for cfg in pick(config.sparse_configs(mb, hq // hm, d)):
+                sparse_fwd.block_sparse_attention_fwd(q, k, v, num, idx, mb, scale, config=cfg)
+            dkdv, dq = config.dkdv_configs(mb, d), config.dq_configs(mb, hq // hm, d)
+            pairs = [(c, dq[0]) for c in pick(dkdv)] + [(dkdv[0], c) for c in pick(dq)[1:] if all_configs]
+            for dkdv_cfg, dq_cfg in pairs:
+                sparse_bwd.block_sparse_attention_bwd(
+                    q, k, v, q, lse, q, num, idx, num, idx, mb, scale, dkdv_config=dkdv_cfg, dq_config=dq_cfg
+                )
+        if mb == 64:  # packed documents: the varlen forward
+            cu = torch.empty(3, dtype=torch.int32)
+            sparse_fwd.block_sparse_attention_fwd(q, k, v, num, idx, mb, scale, cu_seqlens=cu, config=cfg)
+    for cfg in pick(config.block_scores_configs(64, d)):
+        block_scores.attention_with_block_scores_fwd(q, k, v, 64, scale, config=cfg)
+    b, slots = 16, 64
+    qd, seqlens = torch.empty(b, hq, d, dtype=torch.bfloat16), torch.empty(b, dtype=torch.int32)
+    blocks = torch.empty(b, hkv, slots, dtype=torch.int32)
+    cache = torch.empty(b, hkv, 4096, d, dtype=torch.bfloat16)
+    pages, table = torch.empty(256, 256, hkv, d, dtype=torch.bfloat16), torch.empty(b, 16, dtype=torch.int32)
+    for cfg in pick(decode_fwd.decode_configs(64)):
+        decode_fwd.sparse_decode_fwd(qd, cache, cache, seqlens, blocks, 64, scale, num_splits=4, config=cfg)
+        decode_fwd.sparse_decode_fwd(qd, pages, pages, seqlens, blocks, 64, scale, table, num_splits=1, config=cfg)
 
 
-def compile_all(names=tuple(LAUNCHES)) -> list[dict]:
+LAUNCHES = {
+    "gate": gate_launches,
+    "select": select_launches,
+    "decode": decode_launches,
+    "attention": attention_launches,
+}
+
+
+def compile_all(names=tuple(LAUNCHES), all_configs: bool = False) -> list[dict]:
     """Runs the named launch sets with every ``@triton.jit`` kernel of their modules replaced by
-    :class:`CompileOnly`; returns the reports in launch order."""
-    from seerattn.ops._triton import config, decode_select, gate_fwd, kcache_append, select
+    :class:`CompileOnly`; returns the reports in launch order. ``all_configs``: the attention kernels at every
+    tuning candidate, not only the default."""
+    from seerattn.ops._triton import (
+        block_scores,
+        config,
+        decode_fwd,
+        decode_select,
+        gate_fwd,
+        kcache_append,
+        select,
+        sparse_bwd,
+        sparse_fwd,
+    )  # fmt: skip
 
     if config.interpreting():
         raise RuntimeError("compiling for sm_90 needs TRITON_INTERPRET unset (interpreted kernels do not compile)")
     reports: list[dict] = []
     saved = []
-    for module in (gate_fwd, select, decode_select, kcache_append):
+    modules = (gate_fwd, select, decode_select, kcache_append, sparse_fwd, sparse_bwd, block_scores, decode_fwd)
+    for module in modules:
         for name, value in vars(module).items():
             if isinstance(value, triton.runtime.jit.JITFunction) and name.endswith("_kernel"):
                 saved.append((module, name, value))
@@ -198,7 +273,7 @@ def compile_all(names=tuple(LAUNCHES)) -> list[dict]:
         for module, name, value in saved:
             setattr(module, name, CompileOnly(value, reports))
         for name in names:
-            LAUNCHES[name]()
+            LAUNCHES[name](all_configs) if name == "attention" else LAUNCHES[name]()
     finally:
         for module, name, value in saved:
             setattr(module, name, value)
@@ -208,9 +283,10 @@ def compile_all(names=tuple(LAUNCHES)) -> list[dict]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--launches", default=",".join(LAUNCHES), help=f"comma list of {tuple(LAUNCHES)}")
+    p.add_argument("--all-configs", action="store_true", help="the attention kernels at every tuning candidate")
     p.add_argument("--json", help="write the reports here")
     args = p.parse_args(argv)
-    reports = compile_all(tuple(args.launches.split(",")))
+    reports = compile_all(tuple(args.launches.split(",")), args.all_configs)
     for r in reports:
         consts = ", ".join(f"{k}={v}" for k, v in r["constexprs"].items())
         print(f"{r['kernel']:<22} w{r['warps']} s{r['stages']} shared {r['shared']:>6} {r['ptxas']}  [{consts}]")

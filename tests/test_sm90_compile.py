@@ -1,7 +1,8 @@
-"""The prefill gate's, the selection's and sparse decode's gate launches compile for Hopper (sm_90) at the GPU's
-tiles, on the CPU: the interpreter tests run the kernels' Python at the interpreter's tiles and never compile them,
-so a kernel that only the GPU's compiler rejects (session 17's grouped selection reassigned a constexpr in a
-``static_range``) or a GPU tile over Hopper's shared memory would pass them (:mod:`benchmarks.sm90`)."""
+"""The library's Triton launches (the prefill gate, the selection, sparse decode's gate and selection, the attention
+kernels at their default configs) compile for Hopper (sm_90) at the GPU's tiles, on the CPU: the interpreter tests
+run the kernels' Python at the interpreter's tiles and never compile them, so a kernel that only the GPU's compiler
+rejects (session 17's grouped selection reassigned a constexpr in a ``static_range``) or a GPU tile over Hopper's
+shared memory would pass them (:mod:`benchmarks.sm90`)."""
 
 from __future__ import annotations
 
@@ -38,8 +39,13 @@ def test_gate_and_selection_launches_compile_for_sm90(tmp_path):
     kernels = {r["kernel"] for r in reports}
     assert {"_pool_kernel", "_project_kernel", "_rope_kernel", "_gate_scores_kernel", "_select_kernel",
             "_head_hist_kernel", "_head_digit_kernel", "_head_ties_kernel", "_append_kernel", "_count_kernel",
-            "_decode_budget_select_kernel", "_bounds_kernel", "_bound_scores_kernel",
-            "_top_kernel"} <= kernels  # fmt: skip
+            "_decode_budget_select_kernel", "_bounds_kernel", "_bound_scores_kernel", "_top_kernel",
+            "_sparse_fwd_kernel", "_union_lists_kernel", "_bwd_preprocess_kernel", "_dkdv_kernel", "_dq_kernel",
+            "_attn_block_scores_kernel", "_decode_split_kernel", "_decode_merge_kernel"} <= kernels  # fmt: skip
+    # the forward at every mask block and mask-head kind, and the varlen forward
+    fwd = {(r["constexprs"]["MB"], r["constexprs"]["PACK"], r["constexprs"]["VARLEN"])
+           for r in reports if r["kernel"] == "_sparse_fwd_kernel"}  # fmt: skip
+    assert {mb for mb, _, _ in fwd} == {32, 64, 128} and any(varlen for _, _, varlen in fwd)
 
 
 def test_compiling_under_the_interpreter_is_refused():
