@@ -24,6 +24,7 @@ docs/experiments/decode/session12: ``gate_query_compile.py``).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import subprocess
 import tempfile
@@ -258,7 +259,7 @@ def compile_all(names=tuple(LAUNCHES), all_configs: bool = False) -> list[dict]:
         select,
         sparse_bwd,
         sparse_fwd,
-    )  # fmt: skip
+    )
 
     if config.interpreting():
         raise RuntimeError("compiling for sm_90 needs TRITON_INTERPRET unset (interpreted kernels do not compile)")
@@ -272,8 +273,9 @@ def compile_all(names=tuple(LAUNCHES), all_configs: bool = False) -> list[dict]:
     try:
         for module, name, value in saved:
             setattr(module, name, CompileOnly(value, reports))
+        launches = {**LAUNCHES, "attention": functools.partial(attention_launches, all_configs)}
         for name in names:
-            LAUNCHES[name](all_configs) if name == "attention" else LAUNCHES[name]()
+            launches[name]()
     finally:
         for module, name, value in saved:
             setattr(module, name, value)
@@ -286,6 +288,8 @@ def main(argv=None) -> int:
     p.add_argument("--all-configs", action="store_true", help="the attention kernels at every tuning candidate")
     p.add_argument("--json", help="write the reports here")
     args = p.parse_args(argv)
+    if not set(args.launches.split(",")) <= set(LAUNCHES):
+        p.error(f"--launches takes a comma list of {tuple(LAUNCHES)}; got {args.launches!r}")
     reports = compile_all(tuple(args.launches.split(",")), args.all_configs)
     for r in reports:
         consts = ", ".join(f"{k}={v}" for k, v in r["constexprs"].items())
