@@ -102,7 +102,7 @@ class CompileOnly:
     def __getitem__(self, grid):
         def launch(*args, num_warps: int = 4, num_stages: int = 3, **kwargs):
             values = dict(zip(self.fn.arg_names[: len(args)], args, strict=True)) | kwargs
-            sig, consts, attrs = {}, {}, {}
+            sig, consts, attrs, shown = {}, {}, {}, {}
             for i, param in enumerate(self.fn.params):
                 name = param.name
                 if name not in values and not param.has_default:
@@ -110,6 +110,8 @@ class CompileOnly:
                 value = values.get(name, param.default)
                 # what a launch specialises, as Triton's launcher does: an integer 1 becomes a constant, integers
                 # and pointers 16-divisible / 16-aligned are declared so (vectorised loads, folded strides)
+                if param.is_constexpr and isinstance(value, (int, str, bool)):
+                    shown[name] = value  # the kernel's own constexprs, for the report
                 if param.is_constexpr or (type(value) is int and value == 1):
                     sig[name], consts[name] = "constexpr", value
                 elif isinstance(value, torch.Tensor):
@@ -127,11 +129,6 @@ class CompileOnly:
                 else:
                     raise TypeError(f"{self.fn.__name__}: argument {name} is a {type(value).__name__}")
             report = _compile(self.fn, sig, consts, attrs, num_warps, num_stages)
-            shown = {
-                k: v
-                for k, v in consts.items()
-                if isinstance(v, (int, str, bool)) and self.fn.params[self.fn.arg_names.index(k)].is_constexpr
-            }
             self.reports.append({"kernel": self.fn.__name__, "grid": list(grid), "warps": num_warps,
                                  "stages": num_stages, "constexprs": shown, **report})  # fmt: skip
 
@@ -214,17 +211,18 @@ def attention_launches(all_configs: bool = False) -> None:
         nq = -(-t // mb)
         for hm in (hq, hkv):
             num, idx = torch.empty(1, hm, nq, dtype=torch.int32), torch.empty(1, hm, nq, nq, dtype=torch.int32)
-            for cfg in pick(config.sparse_configs(mb, hq // hm, d)):
+            fwd = config.sparse_configs(mb, hq // hm, d)
+            for cfg in pick(fwd):
                 sparse_fwd.block_sparse_attention_fwd(q, k, v, num, idx, mb, scale, config=cfg)
+            if mb == 64 and hm == hkv:  # packed documents with per-group masks: the varlen forward
+                cu = torch.empty(3, dtype=torch.int32)
+                sparse_fwd.block_sparse_attention_fwd(q, k, v, num, idx, mb, scale, cu_seqlens=cu, config=fwd[0])
             dkdv, dq = config.dkdv_configs(mb, d), config.dq_configs(mb, hq // hm, d)
             pairs = [(c, dq[0]) for c in pick(dkdv)] + [(dkdv[0], c) for c in pick(dq)[1:] if all_configs]
             for dkdv_cfg, dq_cfg in pairs:
                 sparse_bwd.block_sparse_attention_bwd(
                     q, k, v, q, lse, q, num, idx, num, idx, mb, scale, dkdv_config=dkdv_cfg, dq_config=dq_cfg
                 )
-        if mb == 64:  # packed documents: the varlen forward
-            cu = torch.empty(3, dtype=torch.int32)
-            sparse_fwd.block_sparse_attention_fwd(q, k, v, num, idx, mb, scale, cu_seqlens=cu, config=cfg)
     for cfg in pick(config.block_scores_configs(64, d)):
         block_scores.attention_with_block_scores_fwd(q, k, v, 64, scale, config=cfg)
     b, slots = 16, 64
