@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepared in session 17, not run (the session's device time ran out): proj_exact.patch, call 6's two-term
+# Prepared in session 17, run as session 18 call 1 (tree of 43226e0): proj_exact.patch, call 6's two-term
 # projection for the max / min channels with the small products in their own running sums (call 6's version folded
 # them into the main sum on the tensor cores: error 2.3e-6, the GPU test failed). Applies to 6af7da7's successors;
 # the device's copy of the tree is patched in place and restored at the end.
