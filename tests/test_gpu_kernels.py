@@ -135,7 +135,7 @@ def test_sparse_bf16(t, hq, hkv, d, bs, mh, density, random):
         assert rel(out, f_out) <= tol
 
 
-@pytest.mark.parametrize("bs,mh", [(32, "hq"), (32, "hkv"), (64, "hq")])
+@pytest.mark.parametrize("bs,mh", [(32, "hq"), (32, "hkv"), (64, "hq"), (64, "hkv")])
 @pytest.mark.parametrize("random", [False, True])
 def test_every_sparse_config_matches_the_reference(bs, mh, random):
     """Each candidate the tuner may pick (not only the one it picked) is correct."""
