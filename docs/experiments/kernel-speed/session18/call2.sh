@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Session 18, call 2 (tree of the commit adding the 64-row per-group candidates): those candidates (64 rows on 4
-# warps, two programs an SM) beside the 128-row 8-warp ones, FlexAttention and FlashAttention-4 in one process:
-# the GPU test of every forward candidate in bf16, then the block-64 per-group sweep at 32k.
+# Session 18, call 2 (tree of b50bfa2, which added the 64-row per-group candidates, removed after): those
+# candidates (64 rows on 4 warps, two programs an SM) beside the 128-row 8-warp ones, FlexAttention and
+# FlashAttention-4 in one process: the GPU test of every forward candidate in bf16, then the block-64 per-group sweep at 32k.
 # Device calls: carry .gpu/fa4a (command `ls .gpu/fa4a`), then at once carry .gpu/fa4b and run this.
 . benchmarks/session.sh s18c2
 . benchmarks/fa4_payload.sh install

@@ -208,16 +208,6 @@ def sparse_configs(mask_block: int, heads_per_mask: int, head_dim: int) -> list[
             configs.append(KernelConfig(tile_m, bn, pack, 8, 4))
             if head_dim <= 64:
                 configs.append(KernelConfig(tile_m, bn, pack, 8, 3))
-    if heads_per_mask > 1 and head_dim > 64 and mask_block >= 64:
-        # Per-group masks: the 128-row tiles above take 8 warps at D 128, one program an SM, so nothing overlaps a
-        # program's prologue (count, list tail, first K/V) and epilogue; with ~26 steps a program at 10 % that is
-        # ~15 % of it (docs/kernels.md, run 2). 64-row tiles on 4 warps fit two programs an SM (232 registers,
-        # 112 KiB), which hid the same cost for per-query-head masks. One query head's 64 rows, or the group's
-        # heads' 16-row slices (one K/V load for the group, as the 128-row packs).
-        configs.append(KernelConfig(64, bn, 1, 4, 3))
-        group_pack = min(_pow2_factor(heads_per_mask), 4)
-        if group_pack > 1:
-            configs.append(KernelConfig(64, bn, group_pack, 4, 3))
     return configs
 
 
