@@ -1,0 +1,244 @@
+"""Spike (session 18, issue 16's dense / block-64 kernel targets): a causal FlashAttention forward written in Gluon
+(Triton 3.6's layout-explicit language) for Hopper, to measure what explicit wgmma scheduling buys over the Triton
+kernels, which the compiler schedules. Not library code: dense causal only, bf16, D 128, T a multiple of 128.
+
+The one idea under test (``LOOKAHEAD``): FlashAttention-3's intra-warpgroup overlap. Step j issues the next key
+tile's ``S = Q K^T`` on the tensor cores (async wgmma) *before* the softmax of step j, so the exponentials run while
+the next scores are computed; ``LOOKAHEAD=False`` is the same kernel with each wgmma waited at once (what a
+compiler-scheduled loop does when the softmax needs the scores it just asked for).
+
+Program: 128 query rows (8 warps, two warpgroups of 64 rows), 64-key steps, K / V tiles copied with cp.async into a
+``STAGES``-slot ring in shared memory, Q copied once; heaviest query tiles first.
+
+    python docs/experiments/kernel-speed/session18/gluon_fa.py compile      # offline sm_90 (CPU): ptxas report
+    python docs/experiments/kernel-speed/session18/gluon_fa.py check        # GPU: error against SDPA (fp32 math)
+    python docs/experiments/kernel-speed/session18/gluon_fa.py bench        # GPU: ms and TFLOP/s beside ours, SDPA
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    async_copy,
+    fence_async_shared,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+BLOCK_M, BLOCK_N, HEAD_DIM, WARPS = 128, 64, 128, 8
+
+
+@gluon.jit
+def _copy_kv(K0, V0, k_ring, v_ring, j, slot, stride_kt, stride_vt,
+             BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, ld: gl.constexpr):  # fmt: skip
+    """cp.async of key tile ``j`` (K and V rows j*BLOCK_N ...) into ring slot ``slot``, one commit group."""
+    rows = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ld))
+    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld))
+    r64 = rows.to(gl.int64)[:, None]
+    async_copy.async_copy_global_to_shared(k_ring.index(slot), K0 + r64 * stride_kt + cols[None, :])
+    async_copy.async_copy_global_to_shared(v_ring.index(slot), V0 + r64 * stride_vt + cols[None, :])
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _fa_fwd(
+    Q, K, V, Out, qk_scale,
+    stride_qh, stride_qt, stride_kh, stride_kt, stride_vh, stride_vt, stride_oh, stride_ot,
+    T, HQ, GROUP, n_tiles,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+    LOOKAHEAD: gl.constexpr,
+):  # fmt: skip
+    WARPS: gl.constexpr = gl.num_warps()
+    # wgmma accumulators: warps stacked along the rows (two warpgroups of 64 rows)
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])  # fmt: skip
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])  # fmt: skip
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    # 16-byte cp.async vectors: a warp covers 2 rows x 128 columns
+    ld: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [WARPS, 1], [1, 0])
+
+    pid = gl.program_id(0)
+    h = pid % HQ  # batch 1 in the spike: one program per (head, query tile)
+    tile = n_tiles - 1 - pid // HQ  # heaviest (last) tiles first
+    start_m = tile * BLOCK_M
+    kvh = h // GROUP
+    Q0 = Q + h.to(gl.int64) * stride_qh
+    K0 = K + kvh.to(gl.int64) * stride_kh
+    V0 = V + kvh.to(gl.int64) * stride_vh
+
+    q_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_M, HEAD_DIM], smem)
+    k_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, HEAD_DIM], smem)
+    v_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, HEAD_DIM], smem)
+
+    q_rows = start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld))
+    d_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld))
+    async_copy.async_copy_global_to_shared(q_smem, Q0 + q_rows.to(gl.int64)[:, None] * stride_qt + d_cols[None, :])
+    async_copy.commit_group()
+
+    n_full = start_m // BLOCK_N  # key tiles left of the tile's first row: no mask
+    n = (start_m + BLOCK_M) // BLOCK_N  # up to the diagonal (T a multiple of BLOCK_M)
+    for i in gl.static_range(STAGES - 1):
+        if i < n:
+            _copy_kv(K0, V0, k_ring, v_ring, i, i, stride_kt, stride_vt, BLOCK_N, HEAD_DIM, ld)
+        else:
+            async_copy.commit_group()  # empty group: the group count stays what the waits expect
+
+    rows_s = start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+    cols_s = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+    l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+
+    # tile 0 (and Q) present: groups left in flight are tiles 1 .. STAGES-2
+    async_copy.wait_group(STAGES - 2)
+    gl.thread_barrier()
+    fence_async_shared()
+    s = warpgroup_mma(q_smem, k_ring.index(0).permute((1, 0)), s_zero, use_acc=False)
+    for j in range(0, n):
+        slot = j % STAGES
+        # refill the slot tile j-1 used (its wgmmas were waited at the end of step j-1)
+        nxt = j + STAGES - 1
+        if nxt < n:
+            _copy_kv(K0, V0, k_ring, v_ring, nxt, nxt % STAGES, stride_kt, stride_vt, BLOCK_N, HEAD_DIM, ld)
+        else:
+            async_copy.commit_group()
+        if LOOKAHEAD:
+            # tile j+1 present (groups in flight: j+2 .. j+STAGES-1), its scores issued now, waited after the PV
+            async_copy.wait_group(STAGES - 2)
+            gl.thread_barrier()
+            fence_async_shared()
+            s_next = warpgroup_mma(q_smem, k_ring.index((j + 1) % STAGES).permute((1, 0)), s_zero, use_acc=False,
+                                   is_async=True)  # fmt: skip
+        x = s * qk_scale
+        if j >= n_full:
+            keep = (j * BLOCK_N + cols_s)[None, :] <= rows_s[:, None]
+            x = gl.where(keep, x, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(x, axis=1))
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(x - m_new[:, None])
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        m_i = m_new
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        p16 = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+        if LOOKAHEAD:
+            acc = warpgroup_mma(p16, v_ring.index(slot), acc, is_async=True)
+            s_next, acc = warpgroup_mma_wait(0, deps=[s_next, acc])
+            s = s_next
+        else:
+            acc = warpgroup_mma(p16, v_ring.index(slot), acc)
+            async_copy.wait_group(STAGES - 2)
+            gl.thread_barrier()
+            fence_async_shared()
+            s = warpgroup_mma(q_smem, k_ring.index((j + 1) % STAGES).permute((1, 0)), s_zero, use_acc=False)
+        gl.thread_barrier()  # every warp is done with slot j before step j+1 refills it
+
+    acc = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]
+    rows_o = start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
+    cols_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    o_ptr = Out + h.to(gl.int64) * stride_oh + rows_o.to(gl.int64)[:, None] * stride_ot + cols_o[None, :]
+    gl.store(o_ptr, acc.to(gl.bfloat16))
+
+
+def fa_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stages: int = 3, lookahead: bool = True):
+    """q [1, Hq, T, D], k/v [1, Hkv, T, D] bf16 (unit last stride), T % 128 == 0, D 128 -> out [1, Hq, T, D]."""
+    _, hq, t, d = q.shape
+    assert q.shape[0] == 1 and d == HEAD_DIM and t % BLOCK_M == 0 and q.dtype == torch.bfloat16
+    out = torch.empty_like(q)
+    n_tiles = t // BLOCK_M
+    _fa_fwd[(hq * n_tiles,)](
+        q, k, v, out, d**-0.5 * 1.4426950408889634,
+        q.stride(1), q.stride(2), k.stride(1), k.stride(2), v.stride(1), v.stride(2), out.stride(1), out.stride(2),
+        t, hq, hq // k.shape[1], n_tiles,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, STAGES=stages, LOOKAHEAD=lookahead, num_warps=WARPS,
+    )  # fmt: skip
+    return out
+
+
+def compile_offline(stages: int, lookahead: bool) -> dict:
+    """The kernel compiled for sm_90 without a GPU (ptxas's registers / spills, shared memory)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from benchmarks.sm90 import _ptxas
+
+    fn = _fa_fwd
+    consts = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, STAGES=stages, LOOKAHEAD=lookahead)
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in ("Q", "K", "V", "Out"):
+            sig[name], attrs[(i,)] = "*bf16", [["tt.divisibility", 16]]
+        elif name == "qk_scale":
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+            if name.startswith("stride") or name == "T":
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    kernel = triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": WARPS})  # fmt: skip
+    return {"stages": stages, "lookahead": lookahead, **_ptxas(kernel)}
+
+
+def run_shape(mode: str, t: int) -> None:
+    """``check``: each variant's error against SDPA's flash kernel; ``bench``: each variant's time, then SDPA's
+    FA2 and cuDNN backends and seerattn's Triton dense forward on the same inputs."""
+    import functools
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from triton.testing import do_bench
+
+    from seerattn.ops._triton.block_scores import attention_with_block_scores_fwd
+
+    hq, hkv, d = 32, 8, 128
+    g = torch.Generator(device="cuda").manual_seed(t)
+    q = torch.randn(1, t, hq, d, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+    k = torch.randn(1, t, hkv, d, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+    v = torch.randn(1, t, hkv, d, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+    flops = 4 * d * hq * t * (t + 1) / 2
+    sdpa = functools.partial(torch.nn.functional.scaled_dot_product_attention, q, k, v, is_causal=True, enable_gqa=True)
+    ref = None
+    if mode == "check":
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            ref = sdpa().float()
+    for stages in (3, 4):
+        for lookahead in (False, True):
+            line = f"T={t} gluon stages={stages} lookahead={lookahead}"
+            if ref is not None:
+                out = fa_fwd(q, k, v, stages, lookahead).float()
+                line += f" rel_err_vs_sdpa_flash={((out - ref).norm() / ref.norm()).item():.2e}"
+            else:
+                ms = do_bench(functools.partial(fa_fwd, q, k, v, stages, lookahead), rep=100)
+                line += f" ms={ms:.3f} tflops={flops / ms / 1e9:.0f}"
+            print(line, flush=True)
+    if mode == "bench":
+        for name, backend in (("sdpa-fa2", SDPBackend.FLASH_ATTENTION), ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
+            with sdpa_kernel([backend]):
+                ms = do_bench(sdpa, rep=100)
+            print(f"T={t} {name} ms={ms:.3f} tflops={flops / ms / 1e9:.0f}", flush=True)
+        ours = functools.partial(attention_with_block_scores_fwd, q, k, v, 64, d**-0.5, store_scores=False)
+        ms = do_bench(ours, rep=100)
+        print(f"T={t} seerattn-triton-dense ms={ms:.3f} tflops={flops / ms / 1e9:.0f}", flush=True)
+
+
+def main(argv: list[str]) -> None:
+    mode = argv[0] if argv else "compile"
+    if mode == "compile":
+        for stages in (3, 4):
+            for lookahead in (False, True):
+                print(compile_offline(stages, lookahead), flush=True)
+        return
+    for t in [4096, 32768] if mode == "check" else [32768]:
+        run_shape(mode, t)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
