@@ -26,11 +26,15 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     async_copy,
     fence_async_shared,
+    mbarrier,
+    tma,
     warpgroup_mma,
     warpgroup_mma_wait,
 )
 
 BLOCK_M, BLOCK_N, HEAD_DIM, WARPS = 128, 64, 128, 8
+# (key steps, pipeline stages): 64-key steps with 3 or 4 K/V slots, 128-key steps with 2 (shared memory)
+VARIANTS = ((64, 3), (64, 4), (128, 2))
 
 
 @gluon.jit
@@ -147,7 +151,155 @@ def _fa_fwd(
     gl.store(o_ptr, acc.to(gl.bfloat16))
 
 
-def fa_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stages: int = 3, lookahead: bool = True):
+@gluon.jit
+def _ws_producer(K, V, k_ring, v_ring, ready, empty, T, HKV, kvh, n, stride_kt, stride_vt,
+                 BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+    """The loader warp: key tile j's K and V by TMA into slot j % STAGES once the consumers freed it."""
+    smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    # [T, Hkv * D] views of k / v ([T, Hkv, D] in memory): tile (j, kvh) at (j * BLOCK_N, kvh * D)
+    k_desc = tma.make_tensor_descriptor(K, [T, HKV * HEAD_DIM], [stride_kt, 1], [BLOCK_N, HEAD_DIM], smem)
+    v_desc = tma.make_tensor_descriptor(V, [T, HKV * HEAD_DIM], [stride_vt, 1], [BLOCK_N, HEAD_DIM], smem)
+    for j in range(n):
+        slot = j % STAGES
+        mbarrier.wait(empty.index(slot), ((j // STAGES) & 1) ^ 1)  # the first pass through the ring: free
+        mbarrier.expect(ready.index(slot), 2 * BLOCK_N * HEAD_DIM * 2)
+        tma.async_copy_global_to_shared(k_desc, [j * BLOCK_N, kvh * HEAD_DIM], ready.index(slot), k_ring.index(slot))
+        tma.async_copy_global_to_shared(v_desc, [j * BLOCK_N, kvh * HEAD_DIM], ready.index(slot), v_ring.index(slot))
+
+
+@gluon.jit
+def _ws_consumer(q_smem, k_ring, v_ring, ready, empty, n, n_full, start_m, qk_scale, BLOCK_M: gl.constexpr,
+                 BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+    """The two math warpgroups: scores of tile j+1 issued before the softmax of tile j (as ``LOOKAHEAD``);
+    a slot is handed back to the loader once the wgmmas reading it are waited."""
+    WARPS: gl.constexpr = gl.num_warps()
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])  # fmt: skip
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])  # fmt: skip
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    rows_s = start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+    cols_s = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+    l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+    mbarrier.wait(ready.index(0), 0)
+    s = warpgroup_mma(q_smem, k_ring.index(0).permute((1, 0)), s_zero, use_acc=False)
+    for j in range(0, n):
+        slot = j % STAGES
+        nxt = (j + 1) % STAGES
+        has_next = j + 1 < n
+        mbarrier.wait(ready.index(nxt), ((j + 1) // STAGES) & 1, pred=has_next)
+        s_next = warpgroup_mma(q_smem, k_ring.index(nxt).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        x = s * qk_scale
+        if j >= n_full:
+            keep = (j * BLOCK_N + cols_s)[None, :] <= rows_s[:, None]
+            x = gl.where(keep, x, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(x, axis=1))
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(x - m_new[:, None])
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        m_i = m_new
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        p16 = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+        acc = warpgroup_mma(p16, v_ring.index(slot), acc, is_async=True)
+        s_next, acc = warpgroup_mma_wait(0, deps=[s_next, acc])
+        s = s_next
+        mbarrier.arrive(empty.index(slot))
+    acc = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]
+    return (acc,)  # warp_specialize takes the default partition's results as a tuple
+
+
+@gluon.jit
+def _fa_fwd_ws(
+    Q, K, V, Out, qk_scale,
+    stride_qh, stride_qt, stride_kh, stride_kt, stride_vh, stride_vt, stride_oh, stride_ot,
+    T, HQ, HKV, n_tiles,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+):  # fmt: skip
+    """Warp-specialised: one loader warp (TMA, mbarriers), the kernel's warps do the math."""
+    WARPS: gl.constexpr = gl.num_warps()
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])  # fmt: skip
+    smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    ld: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [WARPS, 1], [1, 0])
+    pid = gl.program_id(0)
+    h = pid % HQ
+    tile = n_tiles - 1 - pid // HQ
+    start_m = tile * BLOCK_M
+    kvh = h // (HQ // HKV)
+    q_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_M, HEAD_DIM], smem)
+    k_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, HEAD_DIM], smem)
+    v_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, HEAD_DIM], smem)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+    q_rows = start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld))
+    d_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld))
+    Q0 = Q + h.to(gl.int64) * stride_qh
+    async_copy.async_copy_global_to_shared(q_smem, Q0 + q_rows.to(gl.int64)[:, None] * stride_qt + d_cols[None, :])
+    async_copy.commit_group()
+    async_copy.wait_group(0)
+    gl.thread_barrier()
+    fence_async_shared()
+    n_full = start_m // BLOCK_N
+    n = (start_m + BLOCK_M) // BLOCK_N
+    (acc,) = gl.warp_specialize(
+        [
+            (
+                _ws_consumer,
+                (
+                    q_smem,
+                    k_ring,
+                    v_ring,
+                    ready,
+                    empty,
+                    n,
+                    n_full,
+                    start_m,
+                    qk_scale,
+                    BLOCK_M,
+                    BLOCK_N,
+                    HEAD_DIM,
+                    STAGES,
+                ),
+            ),  # fmt: skip
+            (
+                _ws_producer,
+                (K, V, k_ring, v_ring, ready, empty, T, HKV, kvh, n, stride_kt, stride_vt, BLOCK_N, HEAD_DIM, STAGES),
+            ),  # fmt: skip
+        ],
+        [1],
+        [24],
+    )
+    rows_o = start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
+    cols_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    o_ptr = Out + h.to(gl.int64) * stride_oh + rows_o.to(gl.int64)[:, None] * stride_ot + cols_o[None, :]
+    gl.store(o_ptr, acc.to(gl.bfloat16))
+
+
+def fa_fwd_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stages: int = 3, block_n: int = BLOCK_N):
+    """:func:`fa_fwd` with :func:`_fa_fwd_ws` (k / v must be [1, Hkv, T, D] views of [T, Hkv, D] memory)."""
+    _, hq, t, d = q.shape
+    assert k.stride(2) == k.shape[1] * d and v.stride(2) == v.shape[1] * d and k.stride(1) == d
+    out = torch.empty_like(q)
+    n_tiles = t // BLOCK_M
+    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+    _fa_fwd_ws[(hq * n_tiles,)](
+        q, k, v, out, d**-0.5 * 1.4426950408889634,
+        q.stride(1), q.stride(2), k.stride(1), k.stride(2), v.stride(1), v.stride(2), out.stride(1), out.stride(2),
+        t, hq, k.shape[1], n_tiles,
+        BLOCK_M=BLOCK_M, BLOCK_N=block_n, HEAD_DIM=HEAD_DIM, STAGES=stages, num_warps=WARPS,
+    )  # fmt: skip
+    return out
+
+
+def fa_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stages: int = 3, lookahead: bool = True, block_n: int = BLOCK_N
+):
     """q [1, Hq, T, D], k/v [1, Hkv, T, D] bf16 (unit last stride), T % 128 == 0, D 128 -> out [1, Hq, T, D]."""
     _, hq, t, d = q.shape
     assert q.shape[0] == 1 and d == HEAD_DIM and t % BLOCK_M == 0 and q.dtype == torch.bfloat16
@@ -157,20 +309,23 @@ def fa_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stages: int = 3, l
         q, k, v, out, d**-0.5 * 1.4426950408889634,
         q.stride(1), q.stride(2), k.stride(1), k.stride(2), v.stride(1), v.stride(2), out.stride(1), out.stride(2),
         t, hq, hq // k.shape[1], n_tiles,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, STAGES=stages, LOOKAHEAD=lookahead, num_warps=WARPS,
+        BLOCK_M=BLOCK_M, BLOCK_N=block_n, HEAD_DIM=HEAD_DIM, STAGES=stages, LOOKAHEAD=lookahead, num_warps=WARPS,
     )  # fmt: skip
     return out
 
 
-def compile_offline(stages: int, lookahead: bool) -> dict:
-    """The kernel compiled for sm_90 without a GPU (ptxas's registers / spills, shared memory)."""
+def compile_offline(stages: int, lookahead: bool | None, block_n: int = BLOCK_N) -> dict:
+    """The kernel compiled for sm_90 without a GPU (ptxas's registers / spills, shared memory); ``lookahead`` None:
+    the warp-specialised kernel."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from benchmarks.sm90 import _ptxas
 
-    fn = _fa_fwd
-    consts = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, STAGES=stages, LOOKAHEAD=lookahead)
+    fn = _fa_fwd_ws if lookahead is None else _fa_fwd
+    consts = dict(BLOCK_M=BLOCK_M, BLOCK_N=block_n, HEAD_DIM=HEAD_DIM, STAGES=stages)
+    if lookahead is not None:
+        consts["LOOKAHEAD"] = lookahead
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:
@@ -185,7 +340,8 @@ def compile_offline(stages: int, lookahead: bool) -> dict:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     kernel = triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                             target=GPUTarget("cuda", 90, 32), options={"num_warps": WARPS})  # fmt: skip
-    return {"stages": stages, "lookahead": lookahead, **_ptxas(kernel)}
+    kind = "ws" if lookahead is None else f"lookahead={lookahead}"
+    return {"block_n": block_n, "stages": stages, "kernel": kind, **_ptxas(kernel)}
 
 
 def run_shape(mode: str, t: int) -> None:
@@ -209,14 +365,19 @@ def run_shape(mode: str, t: int) -> None:
     if mode == "check":
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
             ref = sdpa().float()
-    for stages in (3, 4):
-        for lookahead in (False, True):
-            line = f"T={t} gluon stages={stages} lookahead={lookahead}"
+    for block_n, stages in VARIANTS:
+        for lookahead in (False, True, None):
+            kind = "ws" if lookahead is None else f"lookahead={lookahead}"
+            if lookahead is None:
+                run = functools.partial(fa_fwd_ws, q, k, v, stages, block_n)
+            else:
+                run = functools.partial(fa_fwd, q, k, v, stages, lookahead, block_n)
+            line = f"T={t} gluon block_n={block_n} stages={stages} {kind}"
             if ref is not None:
-                out = fa_fwd(q, k, v, stages, lookahead).float()
+                out = run().float()
                 line += f" rel_err_vs_sdpa_flash={((out - ref).norm() / ref.norm()).item():.2e}"
             else:
-                ms = do_bench(functools.partial(fa_fwd, q, k, v, stages, lookahead), rep=100)
+                ms = do_bench(run, rep=100)
                 line += f" ms={ms:.3f} tflops={flops / ms / 1e9:.0f}"
             print(line, flush=True)
     if mode == "bench":
@@ -232,9 +393,9 @@ def run_shape(mode: str, t: int) -> None:
 def main(argv: list[str]) -> None:
     mode = argv[0] if argv else "compile"
     if mode == "compile":
-        for stages in (3, 4):
-            for lookahead in (False, True):
-                print(compile_offline(stages, lookahead), flush=True)
+        for block_n, stages in VARIANTS:
+            for lookahead in (False, True, None):
+                print(compile_offline(stages, lookahead, block_n), flush=True)
         return
     for t in [4096, 32768] if mode == "check" else [32768]:
         run_shape(mode, t)
