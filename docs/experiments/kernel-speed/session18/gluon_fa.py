@@ -281,20 +281,154 @@ def _fa_fwd_ws(
     gl.store(o_ptr, acc.to(gl.bfloat16))
 
 
-def fa_fwd_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stages: int = 3, block_n: int = BLOCK_N):
-    """:func:`fa_fwd` with :func:`_fa_fwd_ws` (k / v must be [1, Hkv, T, D] views of [T, Hkv, D] memory)."""
+def fa_fwd_ws(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stages: int = 3, block_n: int = BLOCK_N, two: bool = False
+):
+    """:func:`fa_fwd` with :func:`_fa_fwd_ws` (``two``: :func:`_fa_fwd_ws2`); k / v must be [1, Hkv, T, D] views of
+    [T, Hkv, D] memory."""
     _, hq, t, d = q.shape
     assert k.stride(2) == k.shape[1] * d and v.stride(2) == v.shape[1] * d and k.stride(1) == d
     out = torch.empty_like(q)
     n_tiles = t // BLOCK_M
     triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-    _fa_fwd_ws[(hq * n_tiles,)](
+    kernel, warps = (_fa_fwd_ws2, 4) if two else (_fa_fwd_ws, WARPS)
+    kernel[(hq * n_tiles,)](
         q, k, v, out, d**-0.5 * 1.4426950408889634,
         q.stride(1), q.stride(2), k.stride(1), k.stride(2), v.stride(1), v.stride(2), out.stride(1), out.stride(2),
         t, hq, k.shape[1], n_tiles,
-        BLOCK_M=BLOCK_M, BLOCK_N=block_n, HEAD_DIM=HEAD_DIM, STAGES=stages, num_warps=WARPS,
+        BLOCK_M=BLOCK_M, BLOCK_N=block_n, HEAD_DIM=HEAD_DIM, STAGES=stages, num_warps=warps,
     )  # fmt: skip
     return out
+
+
+@gluon.jit
+def _ws2_consumer(q_smem, k_ring, v_ring, ready, empty, n, row0, qk_scale, Out, stride_ot,
+                  BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+    """One math warpgroup of :func:`_fa_fwd_ws2`: the 64 rows ``row0 ...`` (its slice of the Q tile) against every
+    key tile of the program, look-ahead scores, its own output store; it frees each slot with one arrive (the
+    slot's ``empty`` barrier counts both warpgroups)."""
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])  # fmt: skip
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])  # fmt: skip
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    rows_s = row0 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout))
+    cols_s = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    m_i = gl.full([64], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+    l_i = gl.full([64], 0.0, gl.float32, layout=gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([64, HEAD_DIM], gl.float32, layout=o_layout)
+    s_zero = gl.zeros([64, BLOCK_N], gl.float32, layout=s_layout)
+    n_full = row0 // BLOCK_N
+    mbarrier.wait(ready.index(0), 0)
+    s = warpgroup_mma(q_smem, k_ring.index(0).permute((1, 0)), s_zero, use_acc=False)
+    for j in range(0, n):
+        slot = j % STAGES
+        nxt = (j + 1) % STAGES
+        has_next = j + 1 < n
+        mbarrier.wait(ready.index(nxt), ((j + 1) // STAGES) & 1, pred=has_next)
+        s_next = warpgroup_mma(q_smem, k_ring.index(nxt).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        x = s * qk_scale
+        if j >= n_full:
+            keep = (j * BLOCK_N + cols_s)[None, :] <= rows_s[:, None]
+            x = gl.where(keep, x, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(x, axis=1))
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(x - m_new[:, None])
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        m_i = m_new
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        p16 = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+        acc = warpgroup_mma(p16, v_ring.index(slot), acc, is_async=True)
+        s_next, acc = warpgroup_mma_wait(0, deps=[s_next, acc])
+        s = s_next
+        mbarrier.arrive(empty.index(slot))
+    acc = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]
+    rows_o = row0 + gl.arange(0, 64, layout=gl.SliceLayout(1, o_layout))
+    cols_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    gl.store(Out + rows_o.to(gl.int64)[:, None] * stride_ot + cols_o[None, :], acc.to(gl.bfloat16))
+
+
+@gluon.jit
+def _fa_fwd_ws2(
+    Q, K, V, Out, qk_scale,
+    stride_qh, stride_qt, stride_kh, stride_kt, stride_vh, stride_vt, stride_oh, stride_ot,
+    T, HQ, HKV, n_tiles,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+):  # fmt: skip
+    """Warp-specialised with two independent math warpgroups (64 rows each, 4 + 4 warps) and a TMA loader warp:
+    the warpgroups drift apart, so one's softmax can run under the other's wgmmas (FA3's ping-pong, here left to
+    the warp schedulers instead of named barriers). Launched with 4 warps (the first warpgroup)."""
+    smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    ld: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
+    pid = gl.program_id(0)
+    h = pid % HQ
+    tile = n_tiles - 1 - pid // HQ
+    start_m = tile * BLOCK_M
+    kvh = h // (HQ // HKV)
+    q_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_M, HEAD_DIM], smem)
+    k_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, HEAD_DIM], smem)
+    v_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, HEAD_DIM], smem)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)
+    q_rows = start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld))
+    d_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld))
+    Q0 = Q + h.to(gl.int64) * stride_qh
+    async_copy.async_copy_global_to_shared(q_smem, Q0 + q_rows.to(gl.int64)[:, None] * stride_qt + d_cols[None, :])
+    async_copy.commit_group()
+    async_copy.wait_group(0)
+    gl.thread_barrier()
+    fence_async_shared()
+    n = (start_m + BLOCK_M) // BLOCK_N
+    O0 = Out + h.to(gl.int64) * stride_oh
+    gl.warp_specialize(
+        [
+            (
+                _ws2_consumer,
+                (
+                    q_smem.slice(0, 64),
+                    k_ring,
+                    v_ring,
+                    ready,
+                    empty,
+                    n,
+                    start_m,
+                    qk_scale,
+                    O0,
+                    stride_ot,
+                    BLOCK_N,
+                    HEAD_DIM,
+                    STAGES,
+                ),
+            ),  # fmt: skip
+            (
+                _ws2_consumer,
+                (
+                    q_smem.slice(64, 64),
+                    k_ring,
+                    v_ring,
+                    ready,
+                    empty,
+                    n,
+                    start_m + 64,
+                    qk_scale,
+                    O0,
+                    stride_ot,
+                    BLOCK_N,
+                    HEAD_DIM,
+                    STAGES,
+                ),
+            ),  # fmt: skip
+            (
+                _ws_producer,
+                (K, V, k_ring, v_ring, ready, empty, T, HKV, kvh, n, stride_kt, stride_vt, BLOCK_N, HEAD_DIM, STAGES),
+            ),  # fmt: skip
+        ],
+        [4, 1],
+        [232, 24],
+    )
 
 
 def fa_fwd(
@@ -314,17 +448,17 @@ def fa_fwd(
     return out
 
 
-def compile_offline(stages: int, lookahead: bool | None, block_n: int = BLOCK_N) -> dict:
+def compile_offline(stages: int, lookahead: bool | str | None, block_n: int = BLOCK_N) -> dict:
     """The kernel compiled for sm_90 without a GPU (ptxas's registers / spills, shared memory); ``lookahead`` None:
-    the warp-specialised kernel."""
+    the warp-specialised kernel, "ws2" the one with two math warpgroups."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from benchmarks.sm90 import _ptxas
 
-    fn = _fa_fwd_ws if lookahead is None else _fa_fwd
+    fn = {None: _fa_fwd_ws, "ws2": _fa_fwd_ws2}.get(lookahead, _fa_fwd)
     consts = dict(BLOCK_M=BLOCK_M, BLOCK_N=block_n, HEAD_DIM=HEAD_DIM, STAGES=stages)
-    if lookahead is not None:
+    if fn is _fa_fwd:
         consts["LOOKAHEAD"] = lookahead
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -339,8 +473,9 @@ def compile_offline(stages: int, lookahead: bool | None, block_n: int = BLOCK_N)
             if name.startswith("stride") or name == "T":
                 attrs[(i,)] = [["tt.divisibility", 16]]
     kernel = triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                            target=GPUTarget("cuda", 90, 32), options={"num_warps": WARPS})  # fmt: skip
-    kind = "ws" if lookahead is None else f"lookahead={lookahead}"
+                            target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": 4 if fn is _fa_fwd_ws2 else WARPS})  # fmt: skip
+    kind = {None: "ws", "ws2": "ws2"}.get(lookahead, f"lookahead={lookahead}")
     return {"block_n": block_n, "stages": stages, "kernel": kind, **_ptxas(kernel)}
 
 
@@ -365,11 +500,12 @@ def run_shape(mode: str, t: int) -> None:
     if mode == "check":
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
             ref = sdpa().float()
-    for block_n, stages in VARIANTS:
-        for lookahead in (False, True, None):
-            kind = "ws" if lookahead is None else f"lookahead={lookahead}"
-            if lookahead is None:
-                run = functools.partial(fa_fwd_ws, q, k, v, stages, block_n)
+    # the warp-specialised ones last: a deadlock there (an mbarrier phase wrong) leaves the others' lines printed
+    for lookahead in (False, True, None, "ws2"):
+        for block_n, stages in VARIANTS:
+            kind = {None: "ws", "ws2": "ws2"}.get(lookahead, f"lookahead={lookahead}")
+            if lookahead is None or lookahead == "ws2":
+                run = functools.partial(fa_fwd_ws, q, k, v, stages, block_n, lookahead == "ws2")
             else:
                 run = functools.partial(fa_fwd, q, k, v, stages, lookahead, block_n)
             line = f"T={t} gluon block_n={block_n} stages={stages} {kind}"
@@ -394,7 +530,7 @@ def main(argv: list[str]) -> None:
     mode = argv[0] if argv else "compile"
     if mode == "compile":
         for block_n, stages in VARIANTS:
-            for lookahead in (False, True, None):
+            for lookahead in (False, True, None, "ws2"):
                 print(compile_offline(stages, lookahead, block_n), flush=True)
         return
     for t in [4096, 32768] if mode == "check" else [32768]:
