@@ -282,31 +282,36 @@ def _fa_fwd_ws(
 
 
 def fa_fwd_ws(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stages: int = 3, block_n: int = BLOCK_N, two: bool = False
-):
-    """:func:`fa_fwd` with :func:`_fa_fwd_ws` (``two``: :func:`_fa_fwd_ws2`); k / v must be [1, Hkv, T, D] views of
-    [T, Hkv, D] memory."""
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stages: int = 3, block_n: int = BLOCK_N, two: bool = False,
+    lookahead: bool = True, pingpong: bool = False,
+):  # fmt: skip
+    """:func:`fa_fwd` with :func:`_fa_fwd_ws` (``two``: :func:`_fa_fwd_ws2` with ``lookahead`` / ``pingpong``);
+    k / v must be [1, Hkv, T, D] views of [T, Hkv, D] memory."""
     _, hq, t, d = q.shape
     assert k.stride(2) == k.shape[1] * d and v.stride(2) == v.shape[1] * d and k.stride(1) == d
     out = torch.empty_like(q)
     n_tiles = t // BLOCK_M
     triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
     kernel, warps = (_fa_fwd_ws2, 4) if two else (_fa_fwd_ws, WARPS)
+    extra = dict(LOOKAHEAD=lookahead, PINGPONG=pingpong) if two else {}
     kernel[(hq * n_tiles,)](
         q, k, v, out, d**-0.5 * 1.4426950408889634,
         q.stride(1), q.stride(2), k.stride(1), k.stride(2), v.stride(1), v.stride(2), out.stride(1), out.stride(2),
         t, hq, k.shape[1], n_tiles,
-        BLOCK_M=BLOCK_M, BLOCK_N=block_n, HEAD_DIM=HEAD_DIM, STAGES=stages, num_warps=warps,
+        BLOCK_M=BLOCK_M, BLOCK_N=block_n, HEAD_DIM=HEAD_DIM, STAGES=stages, num_warps=warps, **extra,
     )  # fmt: skip
     return out
 
 
 @gluon.jit
-def _ws2_consumer(q_smem, k_ring, v_ring, ready, empty, n, row0, qk_scale, Out, stride_ot,
-                  BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
-    """One math warpgroup of :func:`_fa_fwd_ws2`: the 64 rows ``row0 ...`` (its slice of the Q tile) against every
-    key tile of the program, look-ahead scores, its own output store; it frees each slot with one arrive (the
-    slot's ``empty`` barrier counts both warpgroups)."""
+def _ws2_consumer(q_smem, k_ring, v_ring, ready, empty, turn, n, row0, qk_scale, Out, stride_ot,
+                  BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, LOOKAHEAD: gl.constexpr,
+                  PINGPONG: gl.constexpr):  # fmt: skip
+    """One math warpgroup (``me`` 0 or 1, from ``row0``) of :func:`_fa_fwd_ws2`: the 64 rows ``row0 ...`` (its
+    slice of the Q tile) against every key tile of the program, its own output store; it frees each slot with one
+    arrive (the slot's ``empty`` barrier counts both warpgroups). ``LOOKAHEAD``: tile j+1's scores issued before
+    tile j's softmax. ``PINGPONG``: the two warpgroups take turns issuing their wgmmas (``turn[me]`` waited before, the
+    other's arrived after), so that one's softmax runs while the other's products do."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])  # fmt: skip
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -319,14 +324,21 @@ def _ws2_consumer(q_smem, k_ring, v_ring, ready, empty, n, row0, qk_scale, Out, 
     acc = gl.zeros([64, HEAD_DIM], gl.float32, layout=o_layout)
     s_zero = gl.zeros([64, BLOCK_N], gl.float32, layout=s_layout)
     n_full = row0 // BLOCK_N
-    mbarrier.wait(ready.index(0), 0)
-    s = warpgroup_mma(q_smem, k_ring.index(0).permute((1, 0)), s_zero, use_acc=False)
+    me = (row0 // 64) % 2  # a tensor (a literal passed through warp_specialize's arguments becomes a constexpr)
+    if LOOKAHEAD:
+        mbarrier.wait(ready.index(0), 0)
+        s = warpgroup_mma(q_smem, k_ring.index(0).permute((1, 0)), s_zero, use_acc=False)
     for j in range(0, n):
         slot = j % STAGES
-        nxt = (j + 1) % STAGES
-        has_next = j + 1 < n
-        mbarrier.wait(ready.index(nxt), ((j + 1) // STAGES) & 1, pred=has_next)
-        s_next = warpgroup_mma(q_smem, k_ring.index(nxt).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        if PINGPONG:
+            mbarrier.wait(turn.index(me), (j & 1) ^ (me ^ 1))
+        if LOOKAHEAD:
+            nxt = (j + 1) % STAGES
+            mbarrier.wait(ready.index(nxt), ((j + 1) // STAGES) & 1, pred=j + 1 < n)
+            s_next = warpgroup_mma(q_smem, k_ring.index(nxt).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        else:
+            mbarrier.wait(ready.index(slot), (j // STAGES) & 1)
+            s = warpgroup_mma(q_smem, k_ring.index(slot).permute((1, 0)), s_zero, use_acc=False)
         x = s * qk_scale
         if j >= n_full:
             keep = (j * BLOCK_N + cols_s)[None, :] <= rows_s[:, None]
@@ -339,8 +351,13 @@ def _ws2_consumer(q_smem, k_ring, v_ring, ready, empty, n, row0, qk_scale, Out, 
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
         p16 = gl.convert_layout(p.to(gl.bfloat16), p_layout)
         acc = warpgroup_mma(p16, v_ring.index(slot), acc, is_async=True)
-        s_next, acc = warpgroup_mma_wait(0, deps=[s_next, acc])
-        s = s_next
+        if PINGPONG:
+            mbarrier.arrive(turn.index(1 - me))
+        if LOOKAHEAD:
+            s_next, acc = warpgroup_mma_wait(0, deps=[s_next, acc])
+            s = s_next
+        else:
+            acc = warpgroup_mma_wait(0, deps=[acc])
         mbarrier.arrive(empty.index(slot))
     acc = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]
     rows_o = row0 + gl.arange(0, 64, layout=gl.SliceLayout(1, o_layout))
@@ -354,6 +371,7 @@ def _fa_fwd_ws2(
     stride_qh, stride_qt, stride_kh, stride_kt, stride_vh, stride_vt, stride_oh, stride_ot,
     T, HQ, HKV, n_tiles,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+    LOOKAHEAD: gl.constexpr, PINGPONG: gl.constexpr,
 ):  # fmt: skip
     """Warp-specialised with two independent math warpgroups (64 rows each, 4 + 4 warps) and a TMA loader warp:
     the warpgroups drift apart, so one's softmax can run under the other's wgmmas (FA3's ping-pong, here left to
@@ -370,9 +388,12 @@ def _fa_fwd_ws2(
     v_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, HEAD_DIM], smem)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=2)
+    for i in gl.static_range(2):
+        mbarrier.init(turn.index(i), count=1)
     q_rows = start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld))
     d_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld))
     Q0 = Q + h.to(gl.int64) * stride_qh
@@ -383,52 +404,16 @@ def _fa_fwd_ws2(
     fence_async_shared()
     n = (start_m + BLOCK_M) // BLOCK_N
     O0 = Out + h.to(gl.int64) * stride_oh
+    # the partitions' argument tuples inline: a tuple assigned to a name first turns its constexprs into tensors
     gl.warp_specialize(
-        [
-            (
-                _ws2_consumer,
-                (
-                    q_smem.slice(0, 64),
-                    k_ring,
-                    v_ring,
-                    ready,
-                    empty,
-                    n,
-                    start_m,
-                    qk_scale,
-                    O0,
-                    stride_ot,
-                    BLOCK_N,
-                    HEAD_DIM,
-                    STAGES,
-                ),
-            ),  # fmt: skip
-            (
-                _ws2_consumer,
-                (
-                    q_smem.slice(64, 64),
-                    k_ring,
-                    v_ring,
-                    ready,
-                    empty,
-                    n,
-                    start_m + 64,
-                    qk_scale,
-                    O0,
-                    stride_ot,
-                    BLOCK_N,
-                    HEAD_DIM,
-                    STAGES,
-                ),
-            ),  # fmt: skip
-            (
-                _ws_producer,
-                (K, V, k_ring, v_ring, ready, empty, T, HKV, kvh, n, stride_kt, stride_vt, BLOCK_N, HEAD_DIM, STAGES),
-            ),  # fmt: skip
-        ],
-        [4, 1],
-        [232, 24],
-    )
+        [(_ws2_consumer, (q_smem.slice(0, 64), k_ring, v_ring, ready, empty, turn, n, start_m, qk_scale, O0,
+                          stride_ot, BLOCK_N, HEAD_DIM, STAGES, LOOKAHEAD, PINGPONG)),
+         (_ws2_consumer, (q_smem.slice(64, 64), k_ring, v_ring, ready, empty, turn, n, start_m + 64, qk_scale, O0,
+                          stride_ot, BLOCK_N, HEAD_DIM, STAGES, LOOKAHEAD, PINGPONG)),
+         (_ws_producer, (K, V, k_ring, v_ring, ready, empty, T, HKV, kvh, n, stride_kt, stride_vt, BLOCK_N, HEAD_DIM,
+                         STAGES))],
+        [4, 1], [232, 24],
+    )  # fmt: skip
 
 
 def fa_fwd(
@@ -448,38 +433,70 @@ def fa_fwd(
     return out
 
 
-def compile_offline(stages: int, lookahead: bool | str | None, block_n: int = BLOCK_N) -> dict:
-    """The kernel compiled for sm_90 without a GPU (ptxas's registers / spills, shared memory); ``lookahead`` None:
-    the warp-specialised kernel, "ws2" the one with two math warpgroups."""
+# name -> (kernel kind, key step, stages, look-ahead, ping-pong); kind "plain" (8 warps, cp.async ring), "ws" (plus a
+# TMA loader warp), "ws2" (two independent 4-warp math warpgroups and a loader warp)
+RUNS = {
+    "plain-n64-s3": ("plain", 64, 3, False, False),
+    "plain-n128-s2": ("plain", 128, 2, False, False),
+    "plain-n64-s4-look": ("plain", 64, 4, True, False),
+    "ws-n64-s4": ("ws", 64, 4, True, False),
+    "ws2-n64-s4-look": ("ws2", 64, 4, True, False),
+    "ws2-n64-s4": ("ws2", 64, 4, False, False),
+    "ws2-n64-s4-look-pp": ("ws2", 64, 4, True, True),
+    "ws2-n64-s4-pp": ("ws2", 64, 4, False, True),
+    "ws2-n64-s5-look": ("ws2", 64, 5, True, False),
+    "ws2-n64-s5-look-pp": ("ws2", 64, 5, True, True),
+}
+
+
+def launcher(name: str):
+    """``fn(q, k, v) -> out`` of run ``name``."""
+    import functools
+
+    kind, block_n, stages, look, pp = RUNS[name]
+    if kind == "plain":
+        return lambda q, k, v: fa_fwd(q, k, v, stages, look, block_n)
+    return functools.partial(_ws_launch, stages=stages, block_n=block_n, two=kind == "ws2", lookahead=look,
+                             pingpong=pp)  # fmt: skip
+
+
+def _ws_launch(q, k, v, **kw):
+    return fa_fwd_ws(q, k, v, **kw)
+
+
+def compile_offline(name: str) -> dict:
+    """Run ``name``'s kernel compiled for sm_90 without a GPU (ptxas's registers / spills, shared memory)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from benchmarks.sm90 import _ptxas
 
-    fn = {None: _fa_fwd_ws, "ws2": _fa_fwd_ws2}.get(lookahead, _fa_fwd)
+    kind, block_n, stages, look, pp = RUNS[name]
+    fn = {"plain": _fa_fwd, "ws": _fa_fwd_ws, "ws2": _fa_fwd_ws2}[kind]
     consts = dict(BLOCK_M=BLOCK_M, BLOCK_N=block_n, HEAD_DIM=HEAD_DIM, STAGES=stages)
-    if fn is _fa_fwd:
-        consts["LOOKAHEAD"] = lookahead
+    if kind == "plain":
+        consts["LOOKAHEAD"] = look
+    if kind == "ws2":
+        consts.update(LOOKAHEAD=look, PINGPONG=pp)
     sig, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name in ("Q", "K", "V", "Out"):
-            sig[name], attrs[(i,)] = "*bf16", [["tt.divisibility", 16]]
-        elif name == "qk_scale":
-            sig[name] = "fp32"
+    for i, name_ in enumerate(fn.arg_names):
+        if name_ in consts:
+            sig[name_] = "constexpr"
+        elif name_ in ("Q", "K", "V", "Out"):
+            sig[name_], attrs[(i,)] = "*bf16", [["tt.divisibility", 16]]
+        elif name_ == "qk_scale":
+            sig[name_] = "fp32"
         else:
-            sig[name] = "i32"
-            if name.startswith("stride") or name == "T":
+            sig[name_] = "i32"
+            if name_.startswith("stride") or name_ == "T":
                 attrs[(i,)] = [["tt.divisibility", 16]]
     kernel = triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                             target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": 4 if fn is _fa_fwd_ws2 else WARPS})  # fmt: skip
-    kind = {None: "ws", "ws2": "ws2"}.get(lookahead, f"lookahead={lookahead}")
-    return {"block_n": block_n, "stages": stages, "kernel": kind, **_ptxas(kernel)}
+                            options={"num_warps": 4 if kind == "ws2" else WARPS})  # fmt: skip
+    return {"run": name, **_ptxas(kernel)}
 
 
-def run_shape(mode: str, t: int) -> None:
+def run_shape(mode: str, t: int, runs: list[str]) -> None:
     """``check``: each variant's error against SDPA's flash kernel; ``bench``: each variant's time, then SDPA's
     FA2 and cuDNN backends and seerattn's Triton dense forward on the same inputs."""
     import functools
@@ -501,21 +518,16 @@ def run_shape(mode: str, t: int) -> None:
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
             ref = sdpa().float()
     # the warp-specialised ones last: a deadlock there (an mbarrier phase wrong) leaves the others' lines printed
-    for lookahead in (False, True, None, "ws2"):
-        for block_n, stages in VARIANTS:
-            kind = {None: "ws", "ws2": "ws2"}.get(lookahead, f"lookahead={lookahead}")
-            if lookahead is None or lookahead == "ws2":
-                run = functools.partial(fa_fwd_ws, q, k, v, stages, block_n, lookahead == "ws2")
-            else:
-                run = functools.partial(fa_fwd, q, k, v, stages, lookahead, block_n)
-            line = f"T={t} gluon block_n={block_n} stages={stages} {kind}"
-            if ref is not None:
-                out = run().float()
-                line += f" rel_err_vs_sdpa_flash={((out - ref).norm() / ref.norm()).item():.2e}"
-            else:
-                ms = do_bench(run, rep=100)
-                line += f" ms={ms:.3f} tflops={flops / ms / 1e9:.0f}"
-            print(line, flush=True)
+    for name in runs:
+        run = functools.partial(launcher(name), q, k, v)
+        line = f"T={t} gluon {name}"
+        if ref is not None:
+            out = run().float()
+            line += f" rel_err_vs_sdpa_flash={((out - ref).norm() / ref.norm()).item():.2e}"
+        else:
+            ms = do_bench(run, rep=100)
+            line += f" ms={ms:.3f} tflops={flops / ms / 1e9:.0f}"
+        print(line, flush=True)
     if mode == "bench":
         for name, backend in (("sdpa-fa2", SDPBackend.FLASH_ATTENTION), ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
             with sdpa_kernel([backend]):
@@ -528,13 +540,14 @@ def run_shape(mode: str, t: int) -> None:
 
 def main(argv: list[str]) -> None:
     mode = argv[0] if argv else "compile"
+    runs = argv[1].split(",") if len(argv) > 1 else list(RUNS)
     if mode == "compile":
-        for block_n, stages in VARIANTS:
-            for lookahead in (False, True, None, "ws2"):
-                print(compile_offline(stages, lookahead, block_n), flush=True)
+        for name in runs:
+            print(compile_offline(name), flush=True)
         return
-    for t in [4096, 32768] if mode == "check" else [32768]:
-        run_shape(mode, t)
+    seqlens = [int(x) for x in argv[2].split(",")] if len(argv) > 2 else ([4096, 32768] if mode == "check" else [32768])
+    for t in seqlens:
+        run_shape(mode, t, runs)
 
 
 if __name__ == "__main__":
