@@ -416,6 +416,180 @@ def _fa_fwd_ws2(
     )  # fmt: skip
 
 
+# ---------------------------------------------------------------- block-sparse, per-group masks, 64-token blocks
+@gluon.jit
+def _sp_loader(K, V, k_ring, v_ring, ready, empty, T, HKV, kvh, blocks, cnt, stride_kt, stride_vt,
+               BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+    """The loader warp of :func:`_sp_fwd_ws2`: the kept key blocks ``blocks[0 .. cnt)`` (block = key tile) by TMA."""
+    smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    k_desc = tma.make_tensor_descriptor(K, [T, HKV * HEAD_DIM], [stride_kt, 1], [BLOCK_N, HEAD_DIM], smem)
+    v_desc = tma.make_tensor_descriptor(V, [T, HKV * HEAD_DIM], [stride_vt, 1], [BLOCK_N, HEAD_DIM], smem)
+    for j in range(cnt):
+        blk = gl.load(blocks + j)
+        slot = j % STAGES
+        mbarrier.wait(empty.index(slot), ((j // STAGES) & 1) ^ 1)
+        mbarrier.expect(ready.index(slot), 2 * BLOCK_N * HEAD_DIM * 2)
+        tma.async_copy_global_to_shared(k_desc, [blk * BLOCK_N, kvh * HEAD_DIM], ready.index(slot), k_ring.index(slot))
+        tma.async_copy_global_to_shared(v_desc, [blk * BLOCK_N, kvh * HEAD_DIM], ready.index(slot), v_ring.index(slot))
+
+
+@gluon.jit
+def _sp_math(q_smem, k_ring, v_ring, ready, empty, blocks, cnt, qblk, pos0, head0, qk_scale, Out, stride_oh,
+             stride_ot, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+    """A math warpgroup of :func:`_sp_fwd_ws2`: 64 rows = 2 query heads (``head0``, ``head0 + 1``) x 32 positions
+    ``pos0 ...``; entries from the diagonal block ``qblk`` on are masked causally."""
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])  # fmt: skip
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])  # fmt: skip
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    pos_s = pos0 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout)) % 32
+    cols_s = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    m_i = gl.full([64], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+    l_i = gl.full([64], 0.0, gl.float32, layout=gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([64, HEAD_DIM], gl.float32, layout=o_layout)
+    s_zero = gl.zeros([64, BLOCK_N], gl.float32, layout=s_layout)
+    for j in range(0, cnt):
+        slot = j % STAGES
+        blk = gl.load(blocks + j)
+        mbarrier.wait(ready.index(slot), (j // STAGES) & 1)
+        s = warpgroup_mma(q_smem, k_ring.index(slot).permute((1, 0)), s_zero, use_acc=False)
+        x = s * qk_scale
+        if blk >= qblk:
+            keep = (blk * BLOCK_N + cols_s)[None, :] <= pos_s[:, None]
+            x = gl.where(keep, x, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(x, axis=1))
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(x - m_new[:, None])
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        m_i = m_new
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        p16 = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+        acc = warpgroup_mma(p16, v_ring.index(slot), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=[acc])
+        mbarrier.arrive(empty.index(slot))
+    acc = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]
+    r = gl.arange(0, 64, layout=gl.SliceLayout(1, o_layout))
+    cols_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    row_off = (head0 + r // 32).to(gl.int64) * stride_oh + (pos0 + r % 32).to(gl.int64) * stride_ot
+    gl.store(Out + row_off[:, None] + cols_o[None, :], acc.to(gl.bfloat16))
+
+
+@gluon.jit
+def _sp_fwd_ws2(
+    Q, K, V, Out, LNum, LIdx, qk_scale,
+    stride_qh, stride_qt, stride_kt, stride_vt, stride_oh, stride_ot, stride_nh, stride_ih, stride_iq,
+    T, HQ, HKV, NQ,
+    BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+):  # fmt: skip
+    """Block-sparse forward, per-group masks (one list per KV head and 64-token query block), 4 query heads a group,
+    64-token blocks, T a multiple of 64: a program owns 32 positions of one query block for the group's 4 heads
+    (128 rows; each math warpgroup two heads), walks the block's list (the loader warp reads it), as our Triton
+    kernel's M128/P4 tile. Program order: KV head slowest, heaviest query blocks first."""
+    smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    ld: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
+    pid = gl.program_id(0)
+    per = NQ * 2
+    kvh = pid // per
+    t = per - 1 - pid % per
+    qblk = t // 2
+    pos0 = qblk * 64 + (t % 2) * 32
+    head0 = kvh * 4
+    blocks = LIdx + kvh.to(gl.int64) * stride_ih + qblk.to(gl.int64) * stride_iq
+    cnt = gl.load(LNum + kvh * stride_nh + qblk)
+    q_smem = gl.allocate_shared_memory(gl.bfloat16, [128, HEAD_DIM], smem)
+    k_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, HEAD_DIM], smem)
+    v_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, HEAD_DIM], smem)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)
+    r = gl.arange(0, 128, layout=gl.SliceLayout(1, ld))
+    d_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld))
+    q_off = (head0 + r // 32).to(gl.int64) * stride_qh + (pos0 + r % 32).to(gl.int64) * stride_qt
+    async_copy.async_copy_global_to_shared(q_smem, Q + q_off[:, None] + d_cols[None, :])
+    async_copy.commit_group()
+    async_copy.wait_group(0)
+    gl.thread_barrier()
+    fence_async_shared()
+    gl.warp_specialize(
+        [(_sp_math, (q_smem.slice(0, 64), k_ring, v_ring, ready, empty, blocks, cnt, qblk, pos0, head0, qk_scale,
+                     Out, stride_oh, stride_ot, BLOCK_N, HEAD_DIM, STAGES)),
+         (_sp_math, (q_smem.slice(64, 64), k_ring, v_ring, ready, empty, blocks, cnt, qblk, pos0, head0 + 2,
+                     qk_scale, Out, stride_oh, stride_ot, BLOCK_N, HEAD_DIM, STAGES)),
+         (_sp_loader, (K, V, k_ring, v_ring, ready, empty, T, HKV, kvh, blocks, cnt, stride_kt, stride_vt, BLOCK_N,
+                       HEAD_DIM, STAGES))],
+        [4, 1], [232, 24],
+    )  # fmt: skip
+
+
+def sparse_fwd_ws2(q, k, v, kv_num_blocks, kv_indices, stages: int = 4):
+    """q [1, Hq, T, D], k/v [1, Hkv, T, D] views of [T, H, D] memory, bf16, D 128, Hq = 4 Hkv, T % 64 == 0; per-group
+    mask lists of 64-token blocks (kv_num_blocks [1, Hkv, NQ], kv_indices [1, Hkv, NQ, NK], ascending, diagonal kept)
+    -> out [1, Hq, T, D] ([T, Hq, D] memory)."""
+    _, hq, t, d = q.shape
+    hkv = k.shape[1]
+    assert hq == 4 * hkv and d == HEAD_DIM and t % 64 == 0 and k.stride(2) == hkv * d and v.stride(2) == hkv * d
+    nq = t // 64
+    out = torch.empty(1, t, hq, d, dtype=q.dtype, device=q.device).transpose(1, 2)
+    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+    _sp_fwd_ws2[(hkv * nq * 2,)](
+        q, k, v, out, kv_num_blocks, kv_indices, d**-0.5 * 1.4426950408889634,
+        q.stride(1), q.stride(2), k.stride(2), v.stride(2), out.stride(1), out.stride(2),
+        kv_num_blocks.stride(1), kv_indices.stride(1), kv_indices.stride(2),
+        t, hq, hkv, nq, BLOCK_N=64, HEAD_DIM=HEAD_DIM, STAGES=stages, num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+def sparse_run(mode: str, t: int, densities: list[float]) -> None:
+    """Per-group masks (the benchmark's structured density masks), 32 / 8 heads, D 128, block 64: ``check`` the
+    Gluon kernel against seerattn's Triton kernel (and the fp32 reference at small T), ``bench`` both, FlexAttention
+    and FA4 (where installed) on the same mask in one process."""
+    import functools
+
+    from triton.testing import do_bench
+
+    from benchmarks.attention import synthetic_mask
+    from seerattn.ops import fa4 as fa4_mod
+    from seerattn.ops import reference
+    from seerattn.ops._triton import sparse_fwd as spk
+    from seerattn.ops.flex import flex_attention_call, to_flex_block_mask
+
+    hq, hkv, d, bs = 32, 8, 128, 64
+    g = torch.Generator(device="cuda").manual_seed(t)
+    q = torch.randn(1, t, hq, d, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+    k = torch.randn(1, t, hkv, d, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+    v = torch.randn(1, t, hkv, d, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+    scale = d**-0.5
+    for density in densities:
+        mask = synthetic_mask(hkv, t, bs, density, "structured", seed=t + bs)
+        num, idx = mask.kv_num_blocks, mask.kv_indices
+        ours = functools.partial(spk.block_sparse_attention_fwd, q, k, v, num, idx, bs, scale, None, False, None,
+                                 mask_source=mask.source, mask_memo=mask.memo)  # fmt: skip
+        gluon_fn = functools.partial(sparse_fwd_ws2, q, k, v, num, idx)
+        tag = f"T={t} sparse per-group block 64 density={density}"
+        if mode == "check":
+            o_ours = ours()[0].float()
+            o_gl = gluon_fn().float()
+            line = f"{tag} rel_vs_triton={((o_gl - o_ours).norm() / o_ours.norm()).item():.2e}"
+            if t <= 8192:
+                ref = reference.block_sparse_attention(q.float(), k.float(), v.float(), mask)
+                line += f" gluon_vs_fp32={((o_gl - ref).norm() / ref.norm()).item():.2e}"
+                line += f" triton_vs_fp32={((o_ours - ref).norm() / ref.norm()).item():.2e}"
+            print(line, flush=True)
+            continue
+        rows = [("gluon-ws2", gluon_fn), ("seerattn-triton", ours)]
+        fm = to_flex_block_mask(mask, hq)
+        rows.append(("flex", functools.partial(flex_attention_call, q, k, v, fm, scale, False)))
+        if fa4_mod.installed():
+            rows.append(("fa4", functools.partial(flex_attention_call, q, k, v, fm, scale, False, "FLASH")))
+        for name, fn in rows:
+            ms = do_bench(fn, rep=100)
+            print(f"{tag} {name} ms={ms:.3f}", flush=True)
+
+
 def fa_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stages: int = 3, lookahead: bool = True, block_n: int = BLOCK_N
 ):
@@ -540,14 +714,47 @@ def run_shape(mode: str, t: int, runs: list[str]) -> None:
 
 def main(argv: list[str]) -> None:
     mode = argv[0] if argv else "compile"
+    if mode in ("sparse-check", "sparse-bench"):
+        t = int(argv[1]) if len(argv) > 1 else 32768
+        sparse_run(mode.split("-")[1], t, [float(x) for x in (argv[2] if len(argv) > 2 else "0.1,0.05,1.0").split(",")])
+        return
     runs = argv[1].split(",") if len(argv) > 1 else list(RUNS)
     if mode == "compile":
         for name in runs:
             print(compile_offline(name), flush=True)
+        print(compile_sparse(), flush=True)
         return
     seqlens = [int(x) for x in argv[2].split(",")] if len(argv) > 2 else ([4096, 32768] if mode == "check" else [32768])
     for t in seqlens:
         run_shape(mode, t, runs)
+
+
+def compile_sparse(stages: int = 4) -> dict:
+    """:func:`_sp_fwd_ws2` compiled for sm_90 without a GPU."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from benchmarks.sm90 import _ptxas
+
+    fn = _sp_fwd_ws2
+    consts = dict(BLOCK_N=64, HEAD_DIM=HEAD_DIM, STAGES=stages)
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in ("Q", "K", "V", "Out"):
+            sig[name], attrs[(i,)] = "*bf16", [["tt.divisibility", 16]]
+        elif name in ("LNum", "LIdx"):
+            sig[name], attrs[(i,)] = "*i32", [["tt.divisibility", 16]]
+        elif name == "qk_scale":
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+            if name.startswith("stride") or name == "T":
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    kernel = triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})  # fmt: skip
+    return {"run": f"sparse-ws2-s{stages}", **_ptxas(kernel)}
 
 
 if __name__ == "__main__":
