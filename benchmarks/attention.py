@@ -196,6 +196,7 @@ def run_shape(args, model: str, t: int, record) -> None:
     from seerattn.ops._triton import block_scores as bsk
     from seerattn.ops._triton import config as kcfg
     from seerattn.ops._triton import sparse_fwd as spk
+    from seerattn.ops._triton import sparse_fwd_ws as spk_ws
     from seerattn.ops.flex import flex_attention_call, to_flex_block_mask
 
     providers = _csv(args.providers)
@@ -286,7 +287,8 @@ def run_shape(args, model: str, t: int, record) -> None:
                     if "ours" in providers:
                         cands: list = [None]
                         if args.sweep:
-                            cands += kcfg.sparse_configs(bs, hq // h, d)
+                            ws = spk_ws.supported(q, k, v, bs, h, False) is None  # the Hopper Gluon forward
+                            cands += kcfg.sparse_configs(bs, hq // h, d, ws)
                         if args.union_off and mh == "hq" and bs < 128:
                             cands += [
                                 kcfg.KernelConfig(bs, bs, 1, 4, 3),

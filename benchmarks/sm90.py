@@ -1,7 +1,8 @@
 """The library's Triton launches compiled offline for Hopper (sm_90), no GPU needed: the prefill gate
 (:mod:`seerattn.ops._triton.gate_fwd`), the selection (:mod:`seerattn.ops._triton.select`), sparse decode's gate and
 block selection (``decode_select``, ``kcache_append``) and the attention kernels (block-sparse forward and backward,
-the ground-truth forward, sparse decode: their default configs, ``--all-configs`` every tuning candidate) at the GPU's
+the Hopper warp-specialised forward in Gluon (``sparse_fwd_ws``), the ground-truth forward, sparse decode: their
+default configs, ``--all-configs`` every tuning candidate) at the GPU's
 tiles, with the argument types and constexprs each launch really passes, compiled and reported by ptxas (registers,
 spills, shared memory), never run.
 
@@ -63,8 +64,11 @@ def _ptxas(kernel) -> dict:
 
 
 def _compile(fn, signature: dict, consts: dict, attrs: dict, warps: int, stages: int) -> dict:
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    source = GluonASTSource if fn.is_gluon() else ASTSource  # Gluon kernels (the Hopper forward) lower differently
     kernel = triton.compile(
-        ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs),
+        source(fn=fn, signature=signature, constexprs=consts, attrs=attrs),
         target=GPUTarget("cuda", 90, 64),
         options={"num_warps": warps, "num_stages": stages},
     )
@@ -198,7 +202,7 @@ def attention_launches(all_configs: bool = False) -> None:
     time): the block-sparse forward and backward at mask blocks 32, 64 and 128 with per-query-head and per-group
     masks (and a varlen forward), the ground-truth forward with block scores, the sparse decode on a contiguous and
     a paged cache; Llama-3.1-8B heads, bf16, 1000 tokens."""
-    from seerattn.ops._triton import block_scores, config, decode_fwd, sparse_bwd, sparse_fwd
+    from seerattn.ops._triton import block_scores, config, decode_fwd, sparse_bwd, sparse_fwd, sparse_fwd_ws
 
     def pick(configs):
         return configs if all_configs else configs[:1]
@@ -214,6 +218,11 @@ def attention_launches(all_configs: bool = False) -> None:
             fwd = config.sparse_configs(mb, hq // hm, d)
             for cfg in pick(fwd):
                 sparse_fwd.block_sparse_attention_fwd(q, k, v, num, idx, mb, scale, config=cfg)
+            if mb == 64 and hm == hkv:  # the warp-specialised Hopper forward (Gluon), and at D 64 in fp16
+                sparse_fwd_ws.launch(q, k, v, q, lse, num, idx, scale)
+                q64 = torch.empty(1, t, hq, 64, dtype=torch.float16).transpose(1, 2)
+                k64 = torch.empty(1, t, hkv, 64, dtype=torch.float16).transpose(1, 2)
+                sparse_fwd_ws.launch(q64, k64, k64, q64, lse, num, idx, scale)
             if mb == 64 and hm == hkv:  # packed documents with per-group masks: the varlen forward
                 cu = torch.empty(3, dtype=torch.int32)
                 sparse_fwd.block_sparse_attention_fwd(q, k, v, num, idx, mb, scale, cu_seqlens=cu, config=fwd[0])
@@ -257,13 +266,15 @@ def compile_all(names=tuple(LAUNCHES), all_configs: bool = False) -> list[dict]:
         select,
         sparse_bwd,
         sparse_fwd,
+        sparse_fwd_ws,
     )
 
     if config.interpreting():
         raise RuntimeError("compiling for sm_90 needs TRITON_INTERPRET unset (interpreted kernels do not compile)")
     reports: list[dict] = []
     saved = []
-    modules = (gate_fwd, select, decode_select, kcache_append, sparse_fwd, sparse_bwd, block_scores, decode_fwd)
+    modules = (gate_fwd, select, decode_select, kcache_append, sparse_fwd, sparse_fwd_ws, sparse_bwd, block_scores,
+               decode_fwd)  # fmt: skip
     for module in modules:
         for name, value in vars(module).items():
             if isinstance(value, triton.runtime.jit.JITFunction) and name.endswith("_kernel"):

@@ -139,6 +139,7 @@ def test_sparse_bf16(t, hq, hkv, d, bs, mh, density, random):
 @pytest.mark.parametrize("random", [False, True])
 def test_every_sparse_config_matches_the_reference(bs, mh, random):
     """Each candidate the tuner may pick (not only the one it picked) is correct."""
+    from seerattn.ops._triton import sparse_fwd_ws
     from seerattn.ops._triton.config import sparse_configs
     from seerattn.ops._triton.sparse_fwd import block_sparse_attention_fwd
 
@@ -148,11 +149,73 @@ def test_every_sparse_config_matches_the_reference(bs, mh, random):
     ref = reference.block_sparse_attention(q.float(), k.float(), v.float(), mask)
     tol = 2 * sdpa_bf16_error(q, k, v) + EPS
     scale = d**-0.5
-    for cfg in sparse_configs(bs, hq // mask.num_heads, d):
+    hopper_ws = sparse_fwd_ws.supported(q, k, v, bs, mask.num_heads, False) is None
+    cands = sparse_configs(bs, hq // mask.num_heads, d, hopper_ws)
+    assert any(c.hopper_ws for c in cands) == (mh == "hkv" and bs == 64 and torch.cuda.get_device_capability()[0] == 9)
+    for cfg in cands:
         out, _ = block_sparse_attention_fwd(
             q, k, v, mask.kv_num_blocks, mask.kv_indices, bs, scale, return_lse=False, config=cfg
         )
         assert rel(out, ref) <= tol, (cfg.short(), rel(out, ref), tol)
+
+
+@pytest.mark.parametrize(
+    "group,d,dtype,layout",
+    [(4, 128, torch.bfloat16, "bthd"), (2, 128, torch.float16, "bhtd"), (8, 64, torch.bfloat16, "bthd"),
+     (4, 64, torch.float16, "bhtd")],
+)  # fmt: skip
+def test_hopper_ws_forward_matches_the_reference(group, d, dtype, layout):
+    """The warp-specialised Hopper forward (Gluon) on its own: batch 2, an odd length (a partial last block), empty
+    rows and a block above the diagonal, both q/k/v layouts (transformers' [B, T, H, D] memory and contiguous
+    [B, H, T, D]), fp16 / bf16, D 64 / 128, groups 2 / 4 / 8: output within the Triton kernel's error of the fp32
+    reference, lse equal to the reference's (-inf on empty rows, whose output is 0)."""
+    from kernel_helpers import rand_mask
+
+    from seerattn.ops._triton import sparse_fwd_ws
+    from seerattn.ops._triton.config import KernelConfig
+    from seerattn.ops._triton.sparse_fwd import block_sparse_attention_fwd
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the warp-specialised forward is for sm_90")
+    b, hkv, t = 2, 2, 1000 + 37
+    hq = hkv * group
+    g = torch.Generator(device="cuda").manual_seed(group * d)
+
+    def mk(h):
+        shape = (b, t, h, d) if layout == "bthd" else (b, h, t, d)
+        x = torch.randn(shape, device="cuda", generator=g, dtype=dtype)
+        return x.transpose(1, 2) if layout == "bthd" else x
+
+    q, k, v = mk(hq), mk(hkv), mk(hkv)
+    mask = rand_mask(b, hkv, t, 64, density=0.3, seed=group + d, empty_rows=True).to("cuda")
+    assert sparse_fwd_ws.supported(q, k, v, 64, hkv, False) is None
+    cfg = KernelConfig(128, 64, group, 4, sparse_fwd_ws.STAGES, hopper_ws=True)
+    lists = (mask.kv_num_blocks, mask.kv_indices)
+    out, lse = block_sparse_attention_fwd(q, k, v, *lists, 64, d**-0.5, None, True, cfg)
+    tri, _ = block_sparse_attention_fwd(q, k, v, *lists, 64, d**-0.5, None, True, KernelConfig(128, 64, 2, 8, 3))
+    ref, ref_lse = reference.block_sparse_attention(q.float(), k.float(), v.float(), mask, return_lse=True)
+    assert rel(out, ref) <= 1.5 * rel(tri, ref) + EPS, (rel(out, ref), rel(tri, ref))
+    empty = torch.isinf(ref_lse)
+    assert empty.any() and torch.equal(torch.isinf(lse), empty)
+    assert (out.float()[empty.unsqueeze(-1).expand_as(out)] == 0).all()
+    assert (lse[~empty] - ref_lse[~empty]).abs().max().item() < 1e-2
+
+
+def test_hopper_ws_refuses_what_it_cannot_run():
+    """Cases outside the warp-specialised forward: a reason, and a forced config raises naming it."""
+    from seerattn.ops._triton import sparse_fwd_ws
+    from seerattn.ops._triton.config import KernelConfig
+    from seerattn.ops._triton.sparse_fwd import block_sparse_attention_fwd
+
+    q, k, v = make_qkv(1, 8, 2, 256, 128)
+    assert "mask blocks" in sparse_fwd_ws.supported(q, k, v, 128, 2, False)
+    assert "per-group" in sparse_fwd_ws.supported(q, k, v, 64, 8, False)
+    assert "varlen" in sparse_fwd_ws.supported(q, k, v, 64, 2, True)
+    assert "fp16 / bf16" in sparse_fwd_ws.supported(q.float(), k.float(), v.float(), 64, 2, False)
+    mask = structured_mask(1, 8, 256, 64, 0.5)  # per query head
+    with pytest.raises(ValueError, match="warp-specialised Hopper kernel"):
+        block_sparse_attention_fwd(q, k, v, mask.kv_num_blocks, mask.kv_indices, 64, 0.1, None, True,
+                                   KernelConfig(128, 64, 4, 4, 4, hopper_ws=True))  # fmt: skip
 
 
 def test_sparse_varlen_bf16():

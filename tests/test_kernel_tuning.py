@@ -137,3 +137,15 @@ def test_a_measured_mask_is_read_once_per_mask_not_per_call(fake_tuning, monkeyp
     kcfg.memo_mask_key(None, None, mask.kv_num_blocks, mask.kv_indices)
     kcfg.memo_mask_key(None, None, mask.kv_num_blocks, mask.kv_indices)
     assert len(reads) == 4
+
+
+def test_hopper_ws_config_is_a_candidate_only_when_asked_for(monkeypatch):
+    """The Gluon forward's config is appended (after the Triton tiles: never the untuned default) when the caller
+    found the case supported, and never offered under the interpreter (Gluon has none)."""
+    assert not any(c.hopper_ws for c in kcfg.sparse_configs(64, 4, 128, True))  # interpreter: one Triton config
+    monkeypatch.setattr(kcfg, "interpreting", lambda: False)
+    plain = kcfg.sparse_configs(64, 4, 128)
+    with_ws = kcfg.sparse_configs(64, 4, 128, True)
+    assert not any(c.hopper_ws for c in plain) and with_ws[: len(plain)] == plain
+    assert len(with_ws) == len(plain) + 1 and with_ws[-1].hopper_ws and with_ws[-1].pack == 4
+    assert with_ws[-1].short().endswith("/hopper-ws")

@@ -41,7 +41,12 @@ def test_gate_and_selection_launches_compile_for_sm90(tmp_path):
             "_head_hist_kernel", "_head_digit_kernel", "_head_ties_kernel", "_append_kernel", "_count_kernel",
             "_decode_budget_select_kernel", "_bounds_kernel", "_bound_scores_kernel", "_top_kernel",
             "_sparse_fwd_kernel", "_union_lists_kernel", "_bwd_preprocess_kernel", "_dkdv_kernel", "_dq_kernel",
-            "_attn_block_scores_kernel", "_decode_split_kernel", "_decode_merge_kernel"} <= kernels  # fmt: skip
+            "_attn_block_scores_kernel", "_decode_split_kernel", "_decode_merge_kernel",
+            "_sparse_fwd_ws_kernel"} <= kernels  # fmt: skip
+    # the Gluon forward (warp-specialised: a loader warp and two math warpgroups), D 128 bf16 and D 64 fp16
+    ws = [(r["constexprs"]["HEAD_DIM"], r["constexprs"]["G"])
+          for r in reports if r["kernel"] == "_sparse_fwd_ws_kernel"]  # fmt: skip
+    assert ws == [(128, 4), (64, 4)]
     # the forward at every mask block and mask-head kind, and the varlen forward
     fwd = {(r["constexprs"]["MB"], r["constexprs"]["PACK"], r["constexprs"]["VARLEN"])
            for r in reports if r["kernel"] == "_sparse_fwd_kernel"}  # fmt: skip

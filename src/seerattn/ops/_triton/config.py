@@ -145,6 +145,9 @@ class KernelConfig:
             accumulate dQ there with fp32 atomic adds, so the dQ pass does not run (one pass of 5
             matmuls per tile pair instead of two passes of 7 in all); not deterministic, so never
             used while ``torch.are_deterministic_algorithms_enabled()``.
+        hopper_ws: the block-sparse forward only: the warp-specialised Gluon kernel for Hopper
+            (:mod:`.sparse_fwd_ws`: a TMA loader warp and two math warpgroups) instead of the Triton one; its
+            tile is fixed (128 rows = the group's heads, 64-key steps; ``num_warps`` / ``num_stages`` record it).
     """
 
     block_m: int
@@ -153,10 +156,12 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 2
     atomic_dq: bool = False
+    hopper_ws: bool = False
 
     def short(self) -> str:
         atomic = "/atomic-dQ" if self.atomic_dq else ""
-        return f"M{self.block_m}/N{self.block_n}/P{self.pack}/w{self.num_warps}/s{self.num_stages}{atomic}"
+        ws = "/hopper-ws" if self.hopper_ws else ""
+        return f"M{self.block_m}/N{self.block_n}/P{self.pack}/w{self.num_warps}/s{self.num_stages}{atomic}{ws}"
 
 
 def _pow2_factor(n: int) -> int:
@@ -164,7 +169,7 @@ def _pow2_factor(n: int) -> int:
     return n & -n
 
 
-def sparse_configs(mask_block: int, heads_per_mask: int, head_dim: int) -> list[KernelConfig]:
+def sparse_configs(mask_block: int, heads_per_mask: int, head_dim: int, hopper_ws: bool = False) -> list[KernelConfig]:
     """Candidates for the block-sparse forward; the first one is the untuned default.
 
     Args:
@@ -172,11 +177,13 @@ def sparse_configs(mask_block: int, heads_per_mask: int, head_dim: int) -> list[
         heads_per_mask: query heads governed by one mask head (1 for per-query-head masks, the
             GQA group size for per-group masks).
         head_dim: D.
+        hopper_ws: the case runs on the warp-specialised Hopper kernel (:func:`.sparse_fwd_ws.supported`, which
+            looks at the GPU, dtype and layout): its config is appended, a candidate the tuner times like the others.
     """
     if interpreting():
         tile_m, block_n = _INTERP_TILE_M, min(_INTERP_BLOCK_N, mask_block)
         pack = min(_pow2_factor(heads_per_mask), max(1, tile_m // mask_block))
-        return [KernelConfig(tile_m, block_n, pack, num_warps=4, num_stages=1)]
+        return [KernelConfig(tile_m, block_n, pack, num_warps=4, num_stages=1)]  # Gluon has no interpreter
     # Chosen from the offline sm_90 compile (registers, spills, shared memory) and the first H200
     # sweep (docs/kernels.md): with D = 128 a 128-row tile needs 8 warps (4 warps spill hundreds of
     # bytes); 3-4 stages beat 2 by ~25 %; 128-key steps only paid while the index latency was exposed.
@@ -208,6 +215,11 @@ def sparse_configs(mask_block: int, heads_per_mask: int, head_dim: int) -> list[
             configs.append(KernelConfig(tile_m, bn, pack, 8, 4))
             if head_dim <= 64:
                 configs.append(KernelConfig(tile_m, bn, pack, 8, 3))
+    if hopper_ws:
+        from .sparse_fwd_ws import STAGES
+
+        # 4 + 4 math warps (plus the loader warp); measured against the Triton tiles by the tuner on every mask kind
+        configs.append(KernelConfig(128, 64, heads_per_mask, 4, STAGES, hopper_ws=True))
     return configs
 
 

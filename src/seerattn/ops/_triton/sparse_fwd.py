@@ -386,6 +386,14 @@ def block_sparse_attention_fwd(
     max_len = t if not varlen else int(mask_block * nq)
 
     def launch(cfg: KernelConfig):
+        if cfg.hopper_ws:
+            from . import sparse_fwd_ws
+
+            why = sparse_fwd_ws.supported(q, k, v, mask_block, hm, varlen)
+            if why is not None:
+                raise ValueError(f"config {cfg.short()}: the warp-specialised Hopper kernel {why}")
+            sparse_fwd_ws.launch(q, k, v, out, lse, kv_num_blocks, kv_indices, scale)
+            return
         rows, u = _tile_shape(cfg, mask_block, heads_per_mask)
         if u > 1:
             lnum, lidx = build_union_lists(kv_num_blocks, kv_indices, u)
@@ -414,7 +422,12 @@ def block_sparse_attention_fwd(
         )  # fmt: skip
 
     if config is None:
-        candidates = sparse_configs(mask_block, heads_per_mask, d)
+        hopper_ws = False
+        if q.is_cuda and not varlen:
+            from . import sparse_fwd_ws
+
+            hopper_ws = sparse_fwd_ws.supported(q, k, v, mask_block, hm, varlen) is None
+        candidates = sparse_configs(mask_block, heads_per_mask, d, hopper_ws)
         key = ("sparse", mask_block, heads_per_mask, group, d, q.dtype, varlen, max(t, 1).bit_length())
         config = pick_config(
             key, candidates, launch, extra_key=lambda: memo_mask_key(mask_memo, mask_source, kv_num_blocks, kv_indices)
