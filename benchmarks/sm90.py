@@ -218,7 +218,7 @@ def attention_launches(all_configs: bool = False) -> None:
             fwd = config.sparse_configs(mb, hq // hm, d)
             for cfg in pick(fwd):
                 sparse_fwd.block_sparse_attention_fwd(q, k, v, num, idx, mb, scale, config=cfg)
-            if mb == 64 and hm == hkv:  # the warp-specialised Hopper forward (Gluon), and at D 64 in fp16
+            if mb == 64:  # the warp-specialised Hopper forward (Gluon) per group and per head, and at D 64 in fp16
                 sparse_fwd_ws.launch(q, k, v, q, lse, num, idx, scale)
                 q64 = torch.empty(1, t, hq, 64, dtype=torch.float16).transpose(1, 2)
                 k64 = torch.empty(1, t, hkv, 64, dtype=torch.float16).transpose(1, 2)

@@ -149,3 +149,5 @@ def test_hopper_ws_config_is_a_candidate_only_when_asked_for(monkeypatch):
     assert not any(c.hopper_ws for c in plain) and with_ws[: len(plain)] == plain
     assert len(with_ws) == len(plain) + 1 and with_ws[-1].hopper_ws and with_ws[-1].pack == 4
     assert with_ws[-1].short().endswith("/hopper-ws")
+    per_head = kcfg.sparse_configs(64, 1, 128, True)[-1]  # two heads a program, a ring each: fewer slots
+    assert per_head.hopper_ws and per_head.pack == 1 and per_head.num_stages < with_ws[-1].num_stages

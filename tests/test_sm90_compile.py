@@ -42,11 +42,13 @@ def test_gate_and_selection_launches_compile_for_sm90(tmp_path):
             "_decode_budget_select_kernel", "_bounds_kernel", "_bound_scores_kernel", "_top_kernel",
             "_sparse_fwd_kernel", "_union_lists_kernel", "_bwd_preprocess_kernel", "_dkdv_kernel", "_dq_kernel",
             "_attn_block_scores_kernel", "_decode_split_kernel", "_decode_merge_kernel",
-            "_sparse_fwd_ws_kernel"} <= kernels  # fmt: skip
-    # the Gluon forward (warp-specialised: a loader warp and two math warpgroups), D 128 bf16 and D 64 fp16
-    ws = [(r["constexprs"]["HEAD_DIM"], r["constexprs"]["G"])
-          for r in reports if r["kernel"] == "_sparse_fwd_ws_kernel"]  # fmt: skip
-    assert ws == [(128, 4), (64, 4)]
+            "_sparse_fwd_ws_kernel", "_sparse_fwd_ws_heads_kernel"} <= kernels  # fmt: skip
+    # the Gluon forward (warp-specialised: a loader warp and two math warpgroups), per head then per group, D 128 bf16
+    # and D 64 fp16
+    ws = [(r["kernel"], r["constexprs"]["HEAD_DIM"])
+          for r in reports if r["kernel"].startswith("_sparse_fwd_ws")]  # fmt: skip
+    heads, group = "_sparse_fwd_ws_heads_kernel", "_sparse_fwd_ws_kernel"
+    assert ws == [(heads, 128), (heads, 64), (group, 128), (group, 64)]
     # the forward at every mask block and mask-head kind, and the varlen forward
     fwd = {(r["constexprs"]["MB"], r["constexprs"]["PACK"], r["constexprs"]["VARLEN"])
            for r in reports if r["kernel"] == "_sparse_fwd_kernel"}  # fmt: skip

@@ -216,10 +216,12 @@ def sparse_configs(mask_block: int, heads_per_mask: int, head_dim: int, hopper_w
             if head_dim <= 64:
                 configs.append(KernelConfig(tile_m, bn, pack, 8, 3))
     if hopper_ws:
-        from .sparse_fwd_ws import STAGES
+        from .sparse_fwd_ws import STAGES, STAGES_HEADS
 
-        # 4 + 4 math warps (plus the loader warp); measured against the Triton tiles by the tuner on every mask kind
-        configs.append(KernelConfig(128, 64, heads_per_mask, 4, STAGES, hopper_ws=True))
+        # 4 + 4 math warps (plus the loader warp); measured against the Triton tiles by the tuner on every mask kind;
+        # per-query-head masks: two heads a program, a ring each
+        stages = STAGES_HEADS if heads_per_mask == 1 else STAGES
+        configs.append(KernelConfig(128, 64, heads_per_mask, 4, stages, hopper_ws=True))
     return configs
 
 

@@ -1,4 +1,5 @@
-"""Block-sparse causal forward for Hopper in Gluon: a warp-specialised tile for per-group masks with 64-token blocks.
+"""Block-sparse causal forward for Hopper in Gluon: warp-specialised tiles for 64-token mask blocks, per-group or
+per-query-head masks.
 
 Algorithm
 ---------
@@ -15,7 +16,10 @@ TMA, async wgmma and ``warp_specialize``, which the compiler-scheduled Triton ke
   (wgmma from shared memory), the online softmax in registers, ``O += P V`` (P from registers); one's softmax runs
   while the other's products do (FlashAttention-3's ping-pong, left to the warp schedulers; explicit turn-taking
   through mbarriers measured 15 % slower). Blocks from the diagonal on are masked causally; rows with an empty list
-  give zeros and lse ``-inf``.
+  give zeros and lse ``-inf``;
+- per-query-head masks (:func:`_sparse_fwd_ws_heads_kernel`): a program owns one query block of two query heads,
+  each math warpgroup one head with its own list, ring and barriers (``STAGES_HEADS`` slots each), and the loader
+  warp fills both rings step by step alternately.
 
 Measured against the Triton kernel's best tile, FlexAttention and FlashAttention-4 on the same masks (H200, 32 / 8
 heads, D 128, bf16, structured masks; docs/experiments/kernel-speed/session18): the prototype of this schedule ran
@@ -26,7 +30,8 @@ TMA accepts (16-byte multiples); out ``[B, Hq, T, D]`` shaped, ``[B, T, Hq, D]``
 lse ``[B, Hq, T]`` fp32 natural log. Lists int32, mask heads = Hkv.
 
 Supported (:func:`supported` says why not): an sm_90 GPU, fp16 / bf16, D 64 or 128, 64-token mask blocks,
-per-group masks with ``G`` in (2, 4, 8) query heads a group, no varlen. The K / V descriptors are built on the device
+per-group masks with ``G`` in (2, 4, 8) query heads a group or per-query-head masks with an even head count, no
+varlen. The K / V descriptors are built on the device
 (one pair per program), which needs Triton's global-scratch allocator: :func:`launch` sets one for its launch only
 (in a copied context, the caller's allocator untouched).
 """
@@ -50,13 +55,15 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 from .common import LN2, LOG2E
 
-__all__ = ["GROUPS", "HEAD_DIMS", "MASK_BLOCK", "STAGES", "launch", "supported"]
+__all__ = ["GROUPS", "HEAD_DIMS", "MASK_BLOCK", "STAGES", "STAGES_HEADS", "launch", "supported"]
 
 MASK_BLOCK = 64
 GROUPS = (2, 4, 8)
 HEAD_DIMS = (64, 128)
-# K / V slots in shared memory: Q 32 KiB + 4 x 32 KiB at D 128 (the prototype's 4 beat 3 and matched 5)
+# K / V slots in shared memory: Q 32 KiB + 4 x 32 KiB at D 128 (the prototype's 4 beat 3 and matched 5); per-query-head
+# masks hold two rings (one a warpgroup) of STAGES_HEADS slots each: 32 + 2 x 3 x 32 = 224 KiB at D 128
 STAGES = 4
+STAGES_HEADS = 3
 
 
 def supported(
@@ -72,8 +79,14 @@ def supported(
         return f"takes head dims {HEAD_DIMS}, got {d}"
     if mask_block != MASK_BLOCK:
         return f"takes {MASK_BLOCK}-token mask blocks, got {mask_block}"
-    if mask_heads != hkv or hq // hkv not in GROUPS:
-        return f"takes per-group masks with {GROUPS} query heads a group, got {mask_heads} mask heads for {hq} / {hkv}"
+    if mask_heads == hq:
+        if hq % 2:
+            return f"pairs query heads for per-query-head masks: needs an even head count, got {hq}"
+    elif mask_heads != hkv or hq // hkv not in GROUPS:
+        return (
+            f"takes per-query-head masks, or per-group masks with {GROUPS} query heads a group; got {mask_heads} mask "
+            f"heads for {hq} / {hkv}"
+        )
     if varlen:
         return "has no varlen path"
     for name, x in (("k", k), ("v", v)):
@@ -210,6 +223,102 @@ def _sparse_fwd_ws_kernel(
     )  # fmt: skip
 
 
+@gluon.jit
+def _loader_pair(K0, V0, K1, V1, ring0, ring1, ready0, ready1, empty0, empty1, blocks0, blocks1, cnt0, cnt1, T,
+                 stride_kt, stride_vt, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+    """The loader warp of the per-query-head kernel: two lists (one a math warpgroup), each into its own ring
+    (``ring0`` / ``ring1`` = (K slots, V slots)), step by step alternately, so neither warpgroup waits for the other's
+    list to be loaded first."""
+    smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    k0 = tma.make_tensor_descriptor(K0, [T, HEAD_DIM], [stride_kt, 1], [64, HEAD_DIM], smem)
+    v0 = tma.make_tensor_descriptor(V0, [T, HEAD_DIM], [stride_vt, 1], [64, HEAD_DIM], smem)
+    k1 = tma.make_tensor_descriptor(K1, [T, HEAD_DIM], [stride_kt, 1], [64, HEAD_DIM], smem)
+    v1 = tma.make_tensor_descriptor(V1, [T, HEAD_DIM], [stride_vt, 1], [64, HEAD_DIM], smem)
+    nbytes: gl.constexpr = 2 * 64 * HEAD_DIM * K0.dtype.element_ty.primitive_bitwidth // 8
+    for j in range(gl.maximum(cnt0, cnt1)):
+        slot = j % STAGES
+        free_parity = ((j // STAGES) & 1) ^ 1
+        if j < cnt0:
+            blk = gl.load(blocks0 + j)
+            mbarrier.wait(empty0.index(slot), free_parity)
+            mbarrier.expect(ready0.index(slot), nbytes)
+            tma.async_copy_global_to_shared(k0, [blk * 64, 0], ready0.index(slot), ring0[0].index(slot))
+            tma.async_copy_global_to_shared(v0, [blk * 64, 0], ready0.index(slot), ring0[1].index(slot))
+        if j < cnt1:
+            blk = gl.load(blocks1 + j)
+            mbarrier.wait(empty1.index(slot), free_parity)
+            mbarrier.expect(ready1.index(slot), nbytes)
+            tma.async_copy_global_to_shared(k1, [blk * 64, 0], ready1.index(slot), ring1[0].index(slot))
+            tma.async_copy_global_to_shared(v1, [blk * 64, 0], ready1.index(slot), ring1[1].index(slot))
+
+
+@gluon.jit
+def _sparse_fwd_ws_heads_kernel(
+    Q, K, V, Out, Lse, LNum, LIdx, qk_scale,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+    stride_ob, stride_oh, stride_ot, stride_lb, stride_lh, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq,
+    T, HQ, NQ, GROUP,
+    HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, STORE_LSE: gl.constexpr,
+):  # fmt: skip
+    """Per-query-head masks: a program owns one 64-token query block of two query heads (``2p``, ``2p + 1``), each
+    math warpgroup one head with its own list, K / V ring and barriers; one loader warp fills both rings."""
+    smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    ld: gl.constexpr = gl.BlockedLayout([1, 8], [256 // HEAD_DIM, HEAD_DIM // 8], [4, 1], [1, 0])
+    # (batch, head pair) slowest, heaviest query blocks first (as .sparse_fwd; a pair shares its KV head when GROUP > 1)
+    pid = gl.program_id(0)
+    bp = pid // NQ
+    qblk = NQ - 1 - pid % NQ
+    b = bp // (HQ // 2)
+    h0 = (bp % (HQ // 2)) * 2
+    b64 = b.to(gl.int64)
+    pos0 = qblk * 64
+    list0 = LIdx + b64 * stride_ib + h0.to(gl.int64) * stride_ih + qblk.to(gl.int64) * stride_iq
+    list1 = list0 + stride_ih
+    cnt0 = gl.load(LNum + b64 * stride_nb + h0.to(gl.int64) * stride_nh + qblk)
+    cnt1 = gl.load(LNum + b64 * stride_nb + (h0 + 1).to(gl.int64) * stride_nh + qblk)
+
+    q_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [128, HEAD_DIM], smem)
+    k_ring0 = gl.allocate_shared_memory(K.dtype.element_ty, [STAGES, 64, HEAD_DIM], smem)
+    v_ring0 = gl.allocate_shared_memory(V.dtype.element_ty, [STAGES, 64, HEAD_DIM], smem)
+    k_ring1 = gl.allocate_shared_memory(K.dtype.element_ty, [STAGES, 64, HEAD_DIM], smem)
+    v_ring1 = gl.allocate_shared_memory(V.dtype.element_ty, [STAGES, 64, HEAD_DIM], smem)
+    ready0 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty0 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    ready1 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty1 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready0.index(i), count=1)
+        mbarrier.init(empty0.index(i), count=1)
+        mbarrier.init(ready1.index(i), count=1)
+        mbarrier.init(empty1.index(i), count=1)
+    # Q rows: head h0's 64 positions, then head h0 + 1's
+    r = gl.arange(0, 128, layout=gl.SliceLayout(1, ld))
+    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld))
+    pos = pos0 + r % 64
+    q_off = b64 * stride_qb + (h0 + r // 64).to(gl.int64) * stride_qh + pos.to(gl.int64) * stride_qt
+    async_copy.async_copy_global_to_shared(q_smem, Q + q_off[:, None] + cols[None, :], mask=(pos < T)[:, None])
+    async_copy.commit_group()
+    async_copy.wait_group(0)
+    gl.thread_barrier()
+    fence_async_shared()
+    kv0 = (h0 // GROUP).to(gl.int64)
+    kv1 = ((h0 + 1) // GROUP).to(gl.int64)
+    O0 = Out + b64 * stride_ob
+    L0 = Lse + b64 * stride_lb
+    # each warpgroup: P = 64 positions of one head (row r: head h0 or h0 + 1, position pos0 + r)
+    gl.warp_specialize(
+        [(_math, (q_smem.slice(0, 64), k_ring0, v_ring0, ready0, empty0, list0, cnt0, qblk, 0, pos0, h0, T, qk_scale,
+                  O0, L0, stride_oh, stride_ot, stride_lh, 64, HEAD_DIM, STAGES, STORE_LSE)),
+         (_math, (q_smem.slice(64, 64), k_ring1, v_ring1, ready1, empty1, list1, cnt1, qblk, 0, pos0, h0 + 1, T,
+                  qk_scale, O0, L0, stride_oh, stride_ot, stride_lh, 64, HEAD_DIM, STAGES, STORE_LSE)),
+         (_loader_pair, (K + b64 * stride_kb + kv0 * stride_kh, V + b64 * stride_vb + kv0 * stride_vh,
+                         K + b64 * stride_kb + kv1 * stride_kh, V + b64 * stride_vb + kv1 * stride_vh,
+                         (k_ring0, v_ring0), (k_ring1, v_ring1), ready0, ready1, empty0, empty1, list0, list1, cnt0,
+                         cnt1, T, stride_kt, stride_vt, HEAD_DIM, STAGES))],
+        [4, 1], [232, 24],
+    )  # fmt: skip
+
+
 def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
     """Triton's global scratch for the device-built TMA descriptors (a few hundred bytes a program)."""
     return torch.empty(size, dtype=torch.int8, device="cuda")
@@ -223,6 +332,23 @@ def launch(q, k, v, out, lse, kv_num_blocks, kv_indices, scale: float) -> None:
     nq = kv_indices.shape[2]
     group = hq // hkv
     lse_arg = lse if lse is not None else out  # never written without STORE_LSE
+    common = (
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        lse_arg.stride(0), lse_arg.stride(1), kv_num_blocks.stride(0), kv_num_blocks.stride(1),
+        kv_indices.stride(0), kv_indices.stride(1), kv_indices.stride(2),
+    )  # fmt: skip
+
+    def run_heads():
+        triton.set_allocator(_scratch)
+        _sparse_fwd_ws_heads_kernel[(b * (hq // 2) * nq,)](
+            q, k, v, out, lse_arg, kv_num_blocks, kv_indices, scale * LOG2E, *common, t, hq, nq, group,
+            HEAD_DIM=d, STAGES=STAGES_HEADS, STORE_LSE=lse is not None, num_warps=4,
+        )  # fmt: skip
+
+    if kv_indices.shape[1] == hq:  # per-query-head masks
+        contextvars.copy_context().run(run_heads)
+        return
 
     def run():
         triton.set_allocator(_scratch)  # in the copied context below: the caller's allocator is left as it was
