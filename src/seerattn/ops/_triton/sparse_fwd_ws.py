@@ -7,8 +7,9 @@ The same attention as :mod:`.sparse_fwd` (online softmax in the log2 domain over
 row, the diagonal block masked causally), scheduled by hand with Gluon (``triton.experimental.gluon``: mbarriers,
 TMA, async wgmma and ``warp_specialize``, which the compiler-scheduled Triton kernels cannot use on Hopper):
 
-- a program owns 128 query rows: ``P = 128 / G`` consecutive positions of one 64-token query block for the ``G``
-  query heads of one KV group (per-group masks: they share the block's list and every K/V tile);
+- per-group masks (:func:`_sparse_fwd_ws_kernel`): a program owns 128 query rows, ``P = 128 / G`` consecutive
+  positions of one 64-token query block for the ``G`` query heads of one KV group (they share the block's list and
+  every K/V tile);
 - a **loader warp** walks the list (``kv_indices[b, g, I, :kv_num_blocks[b, g, I]]``) and copies each kept block's
   K and V tile by TMA into a ``STAGES``-slot ring in shared memory (an mbarrier ``ready`` per slot, signalled by
   the copies' bytes; an mbarrier ``empty`` per slot, which both math warpgroups arrive on when done with it);
@@ -21,19 +22,22 @@ TMA, async wgmma and ``warp_specialize``, which the compiler-scheduled Triton ke
   each math warpgroup one head with its own list, ring and barriers (``STAGES_HEADS`` slots each), and the loader
   warp fills both rings step by step alternately.
 
-Measured against the Triton kernel's best tile, FlexAttention and FlashAttention-4 on the same masks (H200, 32 / 8
-heads, D 128, bf16, structured masks; docs/experiments/kernel-speed/session18): the prototype of this schedule ran
-32k / 10 % in 1.957 ms (Triton 2.197, FA4 2.183), 128k / 10 % in 27.8 ms (32.1, 32.2).
+Measured against the Triton kernel's tiles, FlexAttention and FlashAttention-4 on the same masks (H200, 32k, 32 / 8
+heads, D 128, bf16, 10 %; docs/experiments/kernel-speed/session18, calls 6-7): per group 2.000 ms (the Triton tiles'
+best 2.171, FA4 2.180); per query head 2.157 / 2.040 on structured / random masks (the Triton 64-row tile 2.393 /
+2.415, FA4 2.107 / 2.230). It is a tuning candidate (:func:`.config.sparse_configs`, ``hopper_ws``): the tuner keeps it
+where it is faster.
 
-Layouts: q ``[B, Hq, T, D]``, k / v ``[B, Hkv, T, D]``, any strides with a unit last stride and a token stride that
-TMA accepts (16-byte multiples); out ``[B, Hq, T, D]`` shaped, ``[B, T, Hq, D]`` in memory (as :mod:`.sparse_fwd`);
-lse ``[B, Hq, T]`` fp32 natural log. Lists int32, mask heads = Hkv.
+Layouts: q ``[B, Hq, T, D]``, k / v ``[B, Hkv, T, D]``, any strides with a unit last stride and batch, head and token
+strides that TMA accepts (16-byte multiples); out ``[B, Hq, T, D]`` shaped, ``[B, T, Hq, D]`` in memory (as
+:mod:`.sparse_fwd`); lse ``[B, Hq, T]`` fp32 natural log. Lists int32 ``[B, H, NQ(, NK)]``, H = Hkv or Hq.
 
 Supported (:func:`supported` says why not): an sm_90 GPU, fp16 / bf16, D 64 or 128, 64-token mask blocks,
 per-group masks with ``G`` in (2, 4, 8) query heads a group or per-query-head masks with an even head count, no
-varlen. The K / V descriptors are built on the device
-(one pair per program), which needs Triton's global-scratch allocator: :func:`launch` sets one for its launch only
-(in a copied context, the caller's allocator untouched).
+varlen. Limitations: forward only; Gluon has no interpreter, so the CPU tests compile it for sm_90
+(``benchmarks/sm90.py``) and only the GPU tests run it. The K / V descriptors are built on the device (one pair per
+program), which needs Triton's global-scratch allocator: :func:`launch` sets one for its launch only (in a copied
+context, the caller's allocator untouched).
 """
 
 from __future__ import annotations
