@@ -147,7 +147,8 @@ class KernelConfig:
             used while ``torch.are_deterministic_algorithms_enabled()``.
         hopper_ws: the block-sparse forward only: the warp-specialised Gluon kernel for Hopper
             (:mod:`.sparse_fwd_ws`: a TMA loader warp and two math warpgroups) instead of the Triton one; its
-            tile is fixed (128 rows = the group's heads, 64-key steps; ``num_warps`` / ``num_stages`` record it).
+            tile is fixed (128 rows: the group's heads per group, two heads' blocks per query head; 64-key steps;
+            ``num_warps`` / ``num_stages`` record it).
     """
 
     block_m: int

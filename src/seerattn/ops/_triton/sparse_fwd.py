@@ -428,7 +428,8 @@ def block_sparse_attention_fwd(
 
             hopper_ws = sparse_fwd_ws.supported(q, k, v, mask_block, hm, varlen) is None
         candidates = sparse_configs(mask_block, heads_per_mask, d, hopper_ws)
-        key = ("sparse", mask_block, heads_per_mask, group, d, q.dtype, varlen, max(t, 1).bit_length())
+        # hopper_ws in the key: a layout the Hopper kernel refuses (its strides) never reuses a choice made with it
+        key = ("sparse", mask_block, heads_per_mask, group, d, q.dtype, varlen, max(t, 1).bit_length(), hopper_ws)
         config = pick_config(
             key, candidates, launch, extra_key=lambda: memo_mask_key(mask_memo, mask_source, kv_num_blocks, kv_indices)
         )
