@@ -74,7 +74,8 @@ def supported(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_block: int, mask_heads: int, varlen: bool
 ) -> str | None:
     """None when :func:`launch` can run this case, else why not."""
-    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] != 9:
+    # ROCm reports its GPUs as "cuda" devices, some with a major capability of 9: not Hopper
+    if q.device.type != "cuda" or torch.version.hip or torch.cuda.get_device_capability(q.device)[0] != 9:
         return "needs an sm_90 (Hopper) GPU"
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"takes fp16 / bf16, got {q.dtype}"
