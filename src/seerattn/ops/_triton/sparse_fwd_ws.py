@@ -101,20 +101,33 @@ def supported(
 
 
 @gluon.jit
-def _loader(K, V, k_ring, v_ring, ready, empty, blocks, cnt, T, stride_kt, stride_vt,
-            HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
-    """The loader warp: kept block ``blocks[j]``'s K and V tile into slot ``j % STAGES`` once both math warpgroups
-    freed it (a fresh ``empty`` barrier passes its first wait: parity 1 of the phase before)."""
+def _descriptors(K, V, T, stride_kt, stride_vt, HEAD_DIM: gl.constexpr):
+    """TMA descriptors of one KV head's K and V (``[T, D]`` from the head's base, 64-token tiles)."""
     smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     k_desc = tma.make_tensor_descriptor(K, [T, HEAD_DIM], [stride_kt, 1], [64, HEAD_DIM], smem)
     v_desc = tma.make_tensor_descriptor(V, [T, HEAD_DIM], [stride_vt, 1], [64, HEAD_DIM], smem)
+    return k_desc, v_desc
+
+
+@gluon.jit
+def _copy_block(k_desc, v_desc, k_ring, v_ring, ready, empty, blocks, j, STAGES: gl.constexpr):
+    """Kept block ``blocks[j]``'s K and V tile by TMA into slot ``j % STAGES`` once the math warpgroups freed it (a
+    fresh ``empty`` barrier passes its first wait: parity 1 of the phase before); ``ready`` counts the bytes."""
+    blk = gl.load(blocks + j)
+    slot = j % STAGES
+    mbarrier.wait(empty.index(slot), ((j // STAGES) & 1) ^ 1)
+    mbarrier.expect(ready.index(slot), 2 * k_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [blk * 64, 0], ready.index(slot), k_ring.index(slot))
+    tma.async_copy_global_to_shared(v_desc, [blk * 64, 0], ready.index(slot), v_ring.index(slot))
+
+
+@gluon.jit
+def _loader(K, V, k_ring, v_ring, ready, empty, blocks, cnt, T, stride_kt, stride_vt,
+            HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+    """The loader warp of the per-group kernel: the list ``blocks[0 .. cnt)`` into the ring."""
+    k_desc, v_desc = _descriptors(K, V, T, stride_kt, stride_vt, HEAD_DIM)
     for j in range(cnt):
-        blk = gl.load(blocks + j)
-        slot = j % STAGES
-        mbarrier.wait(empty.index(slot), ((j // STAGES) & 1) ^ 1)
-        mbarrier.expect(ready.index(slot), 2 * 64 * HEAD_DIM * K.dtype.element_ty.primitive_bitwidth // 8)
-        tma.async_copy_global_to_shared(k_desc, [blk * 64, 0], ready.index(slot), k_ring.index(slot))
-        tma.async_copy_global_to_shared(v_desc, [blk * 64, 0], ready.index(slot), v_ring.index(slot))
+        _copy_block(k_desc, v_desc, k_ring, v_ring, ready, empty, blocks, j, STAGES)
 
 
 @gluon.jit
@@ -234,27 +247,13 @@ def _loader_pair(K0, V0, K1, V1, ring0, ring1, ready0, ready1, empty0, empty1, b
     """The loader warp of the per-query-head kernel: two lists (one a math warpgroup), each into its own ring
     (``ring0`` / ``ring1`` = (K slots, V slots)), step by step alternately, so neither warpgroup waits for the other's
     list to be loaded first."""
-    smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    k0 = tma.make_tensor_descriptor(K0, [T, HEAD_DIM], [stride_kt, 1], [64, HEAD_DIM], smem)
-    v0 = tma.make_tensor_descriptor(V0, [T, HEAD_DIM], [stride_vt, 1], [64, HEAD_DIM], smem)
-    k1 = tma.make_tensor_descriptor(K1, [T, HEAD_DIM], [stride_kt, 1], [64, HEAD_DIM], smem)
-    v1 = tma.make_tensor_descriptor(V1, [T, HEAD_DIM], [stride_vt, 1], [64, HEAD_DIM], smem)
-    nbytes: gl.constexpr = 2 * 64 * HEAD_DIM * K0.dtype.element_ty.primitive_bitwidth // 8
+    k0, v0 = _descriptors(K0, V0, T, stride_kt, stride_vt, HEAD_DIM)
+    k1, v1 = _descriptors(K1, V1, T, stride_kt, stride_vt, HEAD_DIM)
     for j in range(gl.maximum(cnt0, cnt1)):
-        slot = j % STAGES
-        free_parity = ((j // STAGES) & 1) ^ 1
         if j < cnt0:
-            blk = gl.load(blocks0 + j)
-            mbarrier.wait(empty0.index(slot), free_parity)
-            mbarrier.expect(ready0.index(slot), nbytes)
-            tma.async_copy_global_to_shared(k0, [blk * 64, 0], ready0.index(slot), ring0[0].index(slot))
-            tma.async_copy_global_to_shared(v0, [blk * 64, 0], ready0.index(slot), ring0[1].index(slot))
+            _copy_block(k0, v0, ring0[0], ring0[1], ready0, empty0, blocks0, j, STAGES)
         if j < cnt1:
-            blk = gl.load(blocks1 + j)
-            mbarrier.wait(empty1.index(slot), free_parity)
-            mbarrier.expect(ready1.index(slot), nbytes)
-            tma.async_copy_global_to_shared(k1, [blk * 64, 0], ready1.index(slot), ring1[0].index(slot))
-            tma.async_copy_global_to_shared(v1, [blk * 64, 0], ready1.index(slot), ring1[1].index(slot))
+            _copy_block(k1, v1, ring1[0], ring1[1], ready1, empty1, blocks1, j, STAGES)
 
 
 @gluon.jit
@@ -331,39 +330,28 @@ def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
 
 def launch(q, k, v, out, lse, kv_num_blocks, kv_indices, scale: float) -> None:
     """Run the kernel (the case checked by :func:`supported`): out [B, Hq, T, D] (``[B, T, Hq, D]`` memory), lse
-    [B, Hq, T] fp32 or None; lists int32 [B, Hkv, NQ(, NK)]."""
+    [B, Hq, T] fp32 or None; lists int32 [B, H, NQ(, NK)], H = Hq (per query head) or Hkv (per group)."""
     b, hq, t, d = q.shape
     hkv = k.shape[1]
     nq = kv_indices.shape[2]
     group = hq // hkv
     lse_arg = lse if lse is not None else out  # never written without STORE_LSE
-    common = (
+    args = (
+        q, k, v, out, lse_arg, kv_num_blocks, kv_indices, scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lse_arg.stride(0), lse_arg.stride(1), kv_num_blocks.stride(0), kv_num_blocks.stride(1),
-        kv_indices.stride(0), kv_indices.stride(1), kv_indices.stride(2),
+        kv_indices.stride(0), kv_indices.stride(1), kv_indices.stride(2), t,
     )  # fmt: skip
-
-    def run_heads():
-        triton.set_allocator(_scratch)
-        _sparse_fwd_ws_heads_kernel[(b * (hq // 2) * nq,)](
-            q, k, v, out, lse_arg, kv_num_blocks, kv_indices, scale * LOG2E, *common, t, hq, nq, group,
-            HEAD_DIM=d, STAGES=STAGES_HEADS, STORE_LSE=lse is not None, num_warps=4,
-        )  # fmt: skip
-
-    if kv_indices.shape[1] == hq:  # per-query-head masks
-        contextvars.copy_context().run(run_heads)
-        return
+    if kv_indices.shape[1] == hq:  # per-query-head masks: two heads a program
+        kernel, grid, extra = _sparse_fwd_ws_heads_kernel, b * (hq // 2) * nq, (hq, nq, group)
+        consts = dict(STAGES=STAGES_HEADS)
+    else:  # per-group masks: G / 2 programs a query block
+        kernel, grid, extra = _sparse_fwd_ws_kernel, b * hkv * nq * (group // 2), (hkv, nq)
+        consts = dict(G=group, STAGES=STAGES)
 
     def run():
         triton.set_allocator(_scratch)  # in the copied context below: the caller's allocator is left as it was
-        _sparse_fwd_ws_kernel[(b * hkv * nq * (group // 2),)](
-            q, k, v, out, lse_arg, kv_num_blocks, kv_indices, scale * LOG2E,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            lse_arg.stride(0), lse_arg.stride(1), kv_num_blocks.stride(0), kv_num_blocks.stride(1),
-            kv_indices.stride(0), kv_indices.stride(1), kv_indices.stride(2),
-            t, hkv, nq, G=group, HEAD_DIM=d, STAGES=STAGES, STORE_LSE=lse is not None, num_warps=4,
-        )  # fmt: skip
+        kernel[(grid,)](*args, *extra, HEAD_DIM=d, STORE_LSE=lse is not None, num_warps=4, **consts)
 
     contextvars.copy_context().run(run)
