@@ -385,13 +385,18 @@ def block_sparse_attention_fwd(
     cu = cu_seqlens if varlen else kv_num_blocks  # dummy pointer when not varlen
     max_len = t if not varlen else int(mask_block * nq)
 
+    # why the warp-specialised Hopper kernel cannot run this call (None: it can), looked at once per call: it decides
+    # whether the tuner is offered that kernel and refuses a config forcing it
+    hopper_refusal = "needs an sm_90 (Hopper) GPU"  # what sparse_fwd_ws.supported says off CUDA
+    if q.is_cuda:
+        from . import sparse_fwd_ws
+
+        hopper_refusal = sparse_fwd_ws.supported(q, k, v, mask_block, hm, varlen)
+
     def launch(cfg: KernelConfig):
         if cfg.hopper_ws:
-            from . import sparse_fwd_ws
-
-            why = sparse_fwd_ws.supported(q, k, v, mask_block, hm, varlen)
-            if why is not None:
-                raise ValueError(f"config {cfg.short()}: the warp-specialised Hopper kernel {why}")
+            if hopper_refusal is not None:
+                raise ValueError(f"config {cfg.short()}: the warp-specialised Hopper kernel {hopper_refusal}")
             sparse_fwd_ws.launch(q, k, v, out, lse, kv_num_blocks, kv_indices, scale)
             return
         rows, u = _tile_shape(cfg, mask_block, heads_per_mask)
@@ -422,11 +427,7 @@ def block_sparse_attention_fwd(
         )  # fmt: skip
 
     if config is None:
-        hopper_ws = False
-        if q.is_cuda and not varlen:
-            from . import sparse_fwd_ws
-
-            hopper_ws = sparse_fwd_ws.supported(q, k, v, mask_block, hm, varlen) is None
+        hopper_ws = hopper_refusal is None
         candidates = sparse_configs(mask_block, heads_per_mask, d, hopper_ws)
         # hopper_ws in the key: a layout the Hopper kernel refuses (its strides) never reuses a choice made with it
         key = ("sparse", mask_block, heads_per_mask, group, d, q.dtype, varlen, max(t, 1).bit_length(), hopper_ws)
