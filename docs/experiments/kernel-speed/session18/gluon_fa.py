@@ -638,13 +638,18 @@ def _ws_launch(q, k, v, **kw):
     return fa_fwd_ws(q, k, v, **kw)
 
 
+def _compile(fn, consts: dict, pointers: dict, warps: int) -> dict:
+    """``fn`` compiled for sm_90 without a GPU by ``benchmarks.sm90.compile_sm90`` (Gluon-aware), strides and T
+    declared 16-divisible as a launch specialises them, the other integers free."""
+    from benchmarks.sm90 import compile_sm90
+
+    free = [n for n in fn.arg_names if n not in consts and n not in pointers and n != "qk_scale"
+            and not (n.startswith("stride") or n == "T")]  # fmt: skip
+    return compile_sm90(fn, consts, pointers, tuple(free), warps, floats=("qk_scale",))
+
+
 def compile_offline(name: str) -> dict:
     """Run ``name``'s kernel compiled for sm_90 without a GPU (ptxas's registers / spills, shared memory)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    from benchmarks.sm90 import _ptxas
-
     kind, block_n, stages, look, pp = RUNS[name]
     fn = {"plain": _fa_fwd, "ws": _fa_fwd_ws, "ws2": _fa_fwd_ws2}[kind]
     consts = dict(BLOCK_M=BLOCK_M, BLOCK_N=block_n, HEAD_DIM=HEAD_DIM, STAGES=stages)
@@ -652,22 +657,8 @@ def compile_offline(name: str) -> dict:
         consts["LOOKAHEAD"] = look
     if kind == "ws2":
         consts.update(LOOKAHEAD=look, PINGPONG=pp)
-    sig, attrs = {}, {}
-    for i, name_ in enumerate(fn.arg_names):
-        if name_ in consts:
-            sig[name_] = "constexpr"
-        elif name_ in ("Q", "K", "V", "Out"):
-            sig[name_], attrs[(i,)] = "*bf16", [["tt.divisibility", 16]]
-        elif name_ == "qk_scale":
-            sig[name_] = "fp32"
-        else:
-            sig[name_] = "i32"
-            if name_.startswith("stride") or name_ == "T":
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    kernel = triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                            target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": 4 if kind == "ws2" else WARPS})  # fmt: skip
-    return {"run": name, **_ptxas(kernel)}
+    pointers = dict.fromkeys(("Q", "K", "V", "Out"), "bf16")
+    return {"run": name, **_compile(fn, consts, pointers, 4 if kind == "ws2" else WARPS)}
 
 
 def run_shape(mode: str, t: int, runs: list[str]) -> None:
@@ -731,30 +722,9 @@ def main(argv: list[str]) -> None:
 
 def compile_sparse(stages: int = 4) -> dict:
     """:func:`_sp_fwd_ws2` compiled for sm_90 without a GPU."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    from benchmarks.sm90 import _ptxas
-
-    fn = _sp_fwd_ws2
+    pointers = dict.fromkeys(("Q", "K", "V", "Out"), "bf16") | dict.fromkeys(("LNum", "LIdx"), "i32")
     consts = dict(BLOCK_N=64, HEAD_DIM=HEAD_DIM, STAGES=stages)
-    sig, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name in ("Q", "K", "V", "Out"):
-            sig[name], attrs[(i,)] = "*bf16", [["tt.divisibility", 16]]
-        elif name in ("LNum", "LIdx"):
-            sig[name], attrs[(i,)] = "*i32", [["tt.divisibility", 16]]
-        elif name == "qk_scale":
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-            if name.startswith("stride") or name == "T":
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    kernel = triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                            target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})  # fmt: skip
-    return {"run": f"sparse-ws2-s{stages}", **_ptxas(kernel)}
+    return {"run": f"sparse-ws2-s{stages}", **_compile(_sp_fwd_ws2, consts, pointers, 4)}
 
 
 if __name__ == "__main__":
