@@ -223,6 +223,10 @@ def attention_launches(all_configs: bool = False) -> None:
                 q64 = torch.empty(1, t, hq, 64, dtype=torch.float16).transpose(1, 2)
                 k64 = torch.empty(1, t, hkv, 64, dtype=torch.float16).transpose(1, 2)
                 sparse_fwd_ws.launch(q64, k64, k64, q64, lse, num, idx, scale)
+                if hm == hkv:  # 128-key steps (two kept blocks a step)
+                    sparse_fwd_ws.launch(q, k, v, q, lse, num, idx, scale, 64, 128)
+            if mb == 128 and hm == hkv:  # 128-token blocks (per group), a block a 128-key step
+                sparse_fwd_ws.launch(q, k, v, q, lse, num, idx, scale, 128, 128)
             if mb == 64 and hm == hkv:  # packed documents with per-group masks: the varlen forward
                 cu = torch.empty(3, dtype=torch.int32)
                 sparse_fwd.block_sparse_attention_fwd(q, k, v, num, idx, mb, scale, cu_seqlens=cu, config=fwd[0])

@@ -135,7 +135,7 @@ def test_sparse_bf16(t, hq, hkv, d, bs, mh, density, random):
         assert rel(out, f_out) <= tol
 
 
-@pytest.mark.parametrize("bs,mh", [(32, "hq"), (32, "hkv"), (64, "hq"), (64, "hkv")])
+@pytest.mark.parametrize("bs,mh", [(32, "hq"), (32, "hkv"), (64, "hq"), (64, "hkv"), (128, "hkv")])
 @pytest.mark.parametrize("random", [False, True])
 def test_every_sparse_config_matches_the_reference(bs, mh, random):
     """Each candidate the tuner may pick (not only the one it picked) is correct."""
@@ -151,7 +151,8 @@ def test_every_sparse_config_matches_the_reference(bs, mh, random):
     scale = d**-0.5
     hopper_ws = sparse_fwd_ws.supported(q, k, v, bs, mask.num_heads, False) is None
     cands = sparse_configs(bs, hq // mask.num_heads, d, hopper_ws)
-    assert any(c.hopper_ws for c in cands) == (bs == 64 and torch.cuda.get_device_capability()[0] == 9)
+    hopper = torch.cuda.get_device_capability()[0] == 9
+    assert any(c.hopper_ws for c in cands) == (hopper and (bs == 64 or (bs == 128 and mh == "hkv")))
     for cfg in cands:
         out, _ = block_sparse_attention_fwd(
             q, k, v, mask.kv_num_blocks, mask.kv_indices, bs, scale, return_lse=False, config=cfg
@@ -160,18 +161,23 @@ def test_every_sparse_config_matches_the_reference(bs, mh, random):
 
 
 @pytest.mark.parametrize(
-    "group,d,dtype,layout,mh",
-    [(4, 128, torch.bfloat16, "bthd", "hkv"), (2, 128, torch.float16, "bhtd", "hkv"),
-     (8, 64, torch.bfloat16, "bthd", "hkv"), (4, 64, torch.float16, "bhtd", "hkv"),
-     (4, 128, torch.bfloat16, "bthd", "hq"), (1, 128, torch.float16, "bhtd", "hq"),
-     (2, 64, torch.bfloat16, "bthd", "hq")],
+    "group,d,dtype,layout,mh,mb,block_n",
+    [(4, 128, torch.bfloat16, "bthd", "hkv", 64, 64), (2, 128, torch.float16, "bhtd", "hkv", 64, 64),
+     (8, 64, torch.bfloat16, "bthd", "hkv", 64, 64), (4, 64, torch.float16, "bhtd", "hkv", 64, 64),
+     (4, 128, torch.bfloat16, "bthd", "hkv", 64, 128), (2, 128, torch.float16, "bhtd", "hkv", 64, 128),
+     (8, 64, torch.bfloat16, "bthd", "hkv", 64, 128), (4, 64, torch.float16, "bhtd", "hkv", 64, 128),
+     (4, 128, torch.bfloat16, "bthd", "hkv", 128, 128), (2, 128, torch.float16, "bhtd", "hkv", 128, 128),
+     (8, 64, torch.bfloat16, "bthd", "hkv", 128, 128),
+     (4, 128, torch.bfloat16, "bthd", "hq", 64, 64), (1, 128, torch.float16, "bhtd", "hq", 64, 64),
+     (2, 64, torch.bfloat16, "bthd", "hq", 64, 64)],
 )  # fmt: skip
-def test_hopper_ws_forward_matches_the_reference(group, d, dtype, layout, mh):
+def test_hopper_ws_forward_matches_the_reference(group, d, dtype, layout, mh, mb, block_n):
     """The warp-specialised Hopper forward (Gluon) on its own: batch 2, an odd length (a partial last block), empty
     rows and a block above the diagonal, both q/k/v layouts (transformers' [B, T, H, D] memory and contiguous
-    [B, H, T, D]), fp16 / bf16, D 64 / 128, per-group masks (groups 2 / 4 / 8) and per-query-head masks (groups 1 / 2 /
-    4): output within the Triton kernel's error of the fp32 reference, lse equal to the reference's (-inf on empty
-    rows, whose output is 0)."""
+    [B, H, T, D]), fp16 / bf16, D 64 / 128, per-group masks (groups 2 / 4 / 8; 64-token blocks with 64- and 128-key
+    steps, lists of odd and even lengths; 128-token blocks) and per-query-head masks (groups 1 / 2 / 4): output
+    within the Triton kernel's error of the fp32 reference, lse equal to the reference's (-inf on empty rows, whose
+    output is 0)."""
     from kernel_helpers import rand_mask
 
     from seerattn.ops._triton import sparse_fwd_ws
@@ -191,15 +197,17 @@ def test_hopper_ws_forward_matches_the_reference(group, d, dtype, layout, mh):
 
     q, k, v = mk(hq), mk(hkv), mk(hkv)
     hm = hkv if mh == "hkv" else hq
-    mask = rand_mask(b, hm, t, 64, density=0.3, seed=group + d, empty_rows=True).to("cuda")
-    assert sparse_fwd_ws.supported(q, k, v, 64, hm, False) is None
+    mask = rand_mask(b, hm, t, mb, density=0.3, seed=group + d, empty_rows=True).to("cuda")
+    assert sparse_fwd_ws.supported(q, k, v, mb, hm, False) is None
     per_head = mh == "hq"
-    stages = sparse_fwd_ws.STAGES_HEADS if per_head else sparse_fwd_ws.STAGES
-    cfg = KernelConfig(128, 64, 1 if per_head else group, 4, stages, hopper_ws=True)
+    stages = sparse_fwd_ws.STAGES_HEADS if per_head else sparse_fwd_ws.stages(block_n)
+    cfg = KernelConfig(128, block_n, 1 if per_head else group, 4, stages, hopper_ws=True)
     lists = (mask.kv_num_blocks, mask.kv_indices)
-    out, lse = block_sparse_attention_fwd(q, k, v, *lists, 64, d**-0.5, None, True, cfg)
-    triton_cfg = KernelConfig(64, 64, 1, 4, 3) if per_head else KernelConfig(128, 64, 2, 8, 3)
-    tri, _ = block_sparse_attention_fwd(q, k, v, *lists, 64, d**-0.5, None, True, triton_cfg)
+    counts = mask.kv_num_blocks[mask.kv_num_blocks > 0]
+    assert (counts % 2 == 1).any() and (counts % 2 == 0).any()  # 128-key steps: odd lists end on a half step
+    out, lse = block_sparse_attention_fwd(q, k, v, *lists, mb, d**-0.5, None, True, cfg)
+    triton_cfg = KernelConfig(64, 64, 1, 4, 3) if per_head else KernelConfig(128, 64, 128 // mb, 8, 3)
+    tri, _ = block_sparse_attention_fwd(q, k, v, *lists, mb, d**-0.5, None, True, triton_cfg)
     ref, ref_lse = reference.block_sparse_attention(q.float(), k.float(), v.float(), mask, return_lse=True)
     assert rel(out, ref) <= 1.5 * rel(tri, ref) + EPS, (rel(out, ref), rel(tri, ref))
     empty = torch.isinf(ref_lse)
@@ -215,16 +223,26 @@ def test_hopper_ws_refuses_what_it_cannot_run():
     from seerattn.ops._triton.sparse_fwd import block_sparse_attention_fwd
 
     q, k, v = make_qkv(1, 8, 2, 256, 128)
-    assert "mask blocks" in sparse_fwd_ws.supported(q, k, v, 128, 2, False)
+    assert "mask blocks" in sparse_fwd_ws.supported(q, k, v, 32, 2, False)
+    assert "64-token blocks only" in sparse_fwd_ws.supported(q, k, v, 128, 8, False)  # per query head
     assert "per-group" in sparse_fwd_ws.supported(q, k, v, 64, 4, False)  # neither per head (8) nor per group (2)
     assert "varlen" in sparse_fwd_ws.supported(q, k, v, 64, 2, True)
     assert "fp16 / bf16" in sparse_fwd_ws.supported(q.float(), k.float(), v.float(), 64, 2, False)
     q3, k3, v3 = make_qkv(1, 3, 3, 256, 128)
     assert "even head count" in sparse_fwd_ws.supported(q3, k3, v3, 64, 3, False)
-    mask = structured_mask(1, 2, 256, 128, 0.5)  # per group, 128-token blocks
+    mask = structured_mask(1, 2, 256, 32, 0.5)  # per group, 32-token blocks
     with pytest.raises(ValueError, match="warp-specialised Hopper kernel"):
+        block_sparse_attention_fwd(q, k, v, mask.kv_num_blocks, mask.kv_indices, 32, 0.1, None, True,
+                                   KernelConfig(128, 64, 4, 4, 4, hopper_ws=True))  # fmt: skip
+    mask = structured_mask(1, 2, 256, 128, 0.5)  # 128-token blocks: 128-key steps only
+    with pytest.raises(ValueError, match=r"\(mask_block, block_n\) must be one of"):
         block_sparse_attention_fwd(q, k, v, mask.kv_num_blocks, mask.kv_indices, 128, 0.1, None, True,
                                    KernelConfig(128, 64, 4, 4, 4, hopper_ws=True))  # fmt: skip
+    per_head = structured_mask(1, 8, 256, 64, 0.5)
+    # 128-key steps per group only (two rings of 128-key slots do not fit in shared memory)
+    with pytest.raises(ValueError, match="block_n 128 with per-group masks only"):
+        block_sparse_attention_fwd(q, k, v, per_head.kv_num_blocks, per_head.kv_indices, 64, 0.1, None, True,
+                                   KernelConfig(128, 128, 1, 4, 3, hopper_ws=True))  # fmt: skip
 
 
 def test_sparse_varlen_bf16():

@@ -147,7 +147,13 @@ def test_hopper_ws_config_is_a_candidate_only_when_asked_for(monkeypatch):
     plain = kcfg.sparse_configs(64, 4, 128)
     with_ws = kcfg.sparse_configs(64, 4, 128, True)
     assert not any(c.hopper_ws for c in plain) and with_ws[: len(plain)] == plain
-    assert len(with_ws) == len(plain) + 1 and with_ws[-1].hopper_ws and with_ws[-1].pack == 4
-    assert with_ws[-1].short().endswith("/hopper-ws")
-    per_head = kcfg.sparse_configs(64, 1, 128, True)[-1]  # two heads a program, a ring each: fewer slots
-    assert per_head.hopper_ws and per_head.pack == 1 and per_head.num_stages < with_ws[-1].num_stages
+    ws = with_ws[len(plain) :]  # per group: 64-key steps (a kept block) and 128-key steps (two)
+    assert [c.block_n for c in ws] == [64, 128] and all(c.hopper_ws and c.pack == 4 for c in ws)
+    assert ws[0].num_stages > ws[1].num_stages  # a 128-key slot takes twice the shared memory
+    assert ws[0].short().endswith("/hopper-ws")
+    per_head = kcfg.sparse_configs(64, 1, 128, True)  # two heads a program, a ring each: fewer slots, 64-key steps
+    assert [c.hopper_ws for c in per_head].count(True) == 1
+    assert per_head[-1].hopper_ws and per_head[-1].pack == 1 and per_head[-1].num_stages < ws[0].num_stages
+    assert per_head[-1].block_n == 64
+    at128 = kcfg.sparse_configs(128, 4, 128, True)  # 128-token blocks per group: 128-key steps
+    assert [(c.block_n, c.num_stages) for c in at128 if c.hopper_ws] == [(128, ws[1].num_stages)]

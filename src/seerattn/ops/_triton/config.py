@@ -147,8 +147,9 @@ class KernelConfig:
             used while ``torch.are_deterministic_algorithms_enabled()``.
         hopper_ws: the block-sparse forward only: the warp-specialised Gluon kernel for Hopper
             (:mod:`.sparse_fwd_ws`: a TMA loader warp and two math warpgroups) instead of the Triton one; its
-            tile is fixed (128 rows: the group's heads per group, two heads' blocks per query head; 64-key steps;
-            ``num_warps`` / ``num_stages`` record it).
+            tile has 128 rows (the group's heads per group, two heads' blocks per query head) and takes
+            ``block_n`` keys a step: 64 (a kept 64-token block) or, per group, 128 (two kept 64-token blocks, or
+            a 128-token one); ``num_warps`` / ``num_stages`` record it).
     """
 
     block_m: int
@@ -217,12 +218,19 @@ def sparse_configs(mask_block: int, heads_per_mask: int, head_dim: int, hopper_w
             if head_dim <= 64:
                 configs.append(KernelConfig(tile_m, bn, pack, 8, 3))
     if hopper_ws:
-        from .sparse_fwd_ws import STAGES, STAGES_HEADS
+        from . import sparse_fwd_ws
 
         # 4 + 4 math warps (plus the loader warp); measured against the Triton tiles by the tuner on every mask kind;
-        # per-query-head masks: two heads a program, a ring each
-        stages = STAGES_HEADS if heads_per_mask == 1 else STAGES
-        configs.append(KernelConfig(128, 64, heads_per_mask, 4, stages, hopper_ws=True))
+        # per-query-head masks: two heads a program, a ring each, 64-key steps; per-group masks at 64-token blocks
+        # with 64- and 128-key steps (one or two kept blocks a step), at 128-token blocks with 128-key steps
+        if heads_per_mask == 1:
+            configs.append(KernelConfig(128, 64, 1, 4, sparse_fwd_ws.STAGES_HEADS, hopper_ws=True))
+        else:
+            for mb, block_n in sparse_fwd_ws.STEPS:
+                if mb == mask_block:
+                    configs.append(
+                        KernelConfig(128, block_n, heads_per_mask, 4, sparse_fwd_ws.stages(block_n), hopper_ws=True)
+                    )
     return configs
 
 

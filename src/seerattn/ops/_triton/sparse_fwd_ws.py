@@ -59,15 +59,28 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 from .common import LN2, LOG2E
 
-__all__ = ["GROUPS", "HEAD_DIMS", "MASK_BLOCK", "STAGES", "STAGES_HEADS", "launch", "supported"]
+__all__ = [
+    "GROUPS", "HEAD_DIMS", "MASK_BLOCKS", "STAGES", "STAGES_HEADS", "STAGES_PAIR", "STEPS", "launch", "stages",
+    "supported",
+]  # fmt: skip
 
-MASK_BLOCK = 64
+MASK_BLOCKS = (64, 128)
 GROUPS = (2, 4, 8)
 HEAD_DIMS = (64, 128)
 # K / V slots in shared memory: Q 32 KiB + 4 x 32 KiB at D 128 (the prototype's 4 beat 3 and matched 5); per-query-head
 # masks hold two rings (one a warpgroup) of STAGES_HEADS slots each: 32 + 2 x 3 x 32 = 224 KiB at D 128
 STAGES = 4
 STAGES_HEADS = 3
+# (mask block, keys a step) of the per-group kernel: a 64-token block a step, two of them a step (128-key slots, one
+# wgmma N = 128 for the scores), or a 128-token block a step; per-query-head masks: 64-token blocks, 64-key steps
+STEPS = ((64, 64), (64, 128), (128, 128))
+# 128-key slots at D 128: Q 32 KiB + STAGES_PAIR x 64 KiB
+STAGES_PAIR = 3
+
+
+def stages(block_n: int) -> int:
+    """The per-group kernel's ring depth: ``STAGES`` 64-key or ``STAGES_PAIR`` 128-key slots."""
+    return STAGES if block_n == 64 else STAGES_PAIR
 
 
 def supported(
@@ -82,9 +95,11 @@ def supported(
     hq, d, hkv = q.shape[1], q.shape[3], k.shape[1]
     if d not in HEAD_DIMS:
         return f"takes head dims {HEAD_DIMS}, got {d}"
-    if mask_block != MASK_BLOCK:
-        return f"takes {MASK_BLOCK}-token mask blocks, got {mask_block}"
+    if mask_block not in MASK_BLOCKS:
+        return f"takes {MASK_BLOCKS}-token mask blocks, got {mask_block}"
     if mask_heads == hq:
+        if mask_block != 64:
+            return f"takes per-query-head masks at 64-token blocks only, got {mask_block}"
         if hq % 2:
             return f"pairs query heads for per-query-head masks: needs an even head count, got {hq}"
     elif mask_heads != hkv or hq // hkv not in GROUPS:
@@ -110,50 +125,97 @@ def _descriptors(K, V, T, stride_kt, stride_vt, HEAD_DIM: gl.constexpr):
 
 
 @gluon.jit
-def _copy_block(k_desc, v_desc, k_ring, v_ring, ready, empty, blocks, j, STAGES: gl.constexpr):
-    """Kept block ``blocks[j]``'s K and V tile by TMA into slot ``j % STAGES`` once the math warpgroups freed it (a
-    fresh ``empty`` barrier passes its first wait: parity 1 of the phase before); ``ready`` counts the bytes."""
-    blk = gl.load(blocks + j)
+def _num_steps(cnt, MB: gl.constexpr, BLOCK_N: gl.constexpr):
+    """Steps over a list of ``cnt`` kept blocks: one a step, or two 64-token blocks a 128-key step."""
+    if MB == 64 and BLOCK_N == 128:
+        return (cnt + 1) // 2
+    else:
+        return cnt
+
+
+@gluon.jit
+def _step_blocks(blocks, cnt, j, MB: gl.constexpr, BLOCK_N: gl.constexpr):
+    """Step ``j``'s key tiles in 64-token units: (the first, the second; equal with 64-key steps). A 128-token block
+    is its two halves; with 64-token blocks and 128-key steps, list entries ``2j`` and ``2j + 1``, and an odd list's
+    last step repeats its block (finite values the math masks off: an unwritten half could hold NaN bits, and
+    ``0 * NaN`` in ``P V`` is NaN)."""
+    if MB == 128:
+        first = gl.load(blocks + j) * 2
+        second = first + 1
+    elif BLOCK_N == 64:
+        first = gl.load(blocks + j)
+        second = first
+    else:
+        first = gl.load(blocks + 2 * j)
+        second = gl.load(blocks + gl.minimum(2 * j + 1, cnt - 1))
+    return first, second
+
+
+@gluon.jit
+def _copy_step(k_desc, v_desc, k_ring, v_ring, ready, empty, blocks, cnt, j,
+               STAGES: gl.constexpr, MB: gl.constexpr, BLOCK_N: gl.constexpr):  # fmt: skip
+    """Step ``j``'s K and V tiles by TMA into slot ``j % STAGES`` (a 128-key slot: its two 64-row halves) once the
+    math warpgroups freed it (a fresh ``empty`` barrier passes its first wait: parity 1 of the phase before);
+    ``ready`` counts the bytes."""
+    first, second = _step_blocks(blocks, cnt, j, MB, BLOCK_N)
     slot = j % STAGES
     mbarrier.wait(empty.index(slot), ((j // STAGES) & 1) ^ 1)
-    mbarrier.expect(ready.index(slot), 2 * k_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(k_desc, [blk * 64, 0], ready.index(slot), k_ring.index(slot))
-    tma.async_copy_global_to_shared(v_desc, [blk * 64, 0], ready.index(slot), v_ring.index(slot))
+    mbarrier.expect(ready.index(slot), (BLOCK_N // 32) * k_desc.block_type.nbytes)
+    k_slot = k_ring.index(slot)
+    v_slot = v_ring.index(slot)
+    if BLOCK_N == 64:
+        tma.async_copy_global_to_shared(k_desc, [first * 64, 0], ready.index(slot), k_slot)
+        tma.async_copy_global_to_shared(v_desc, [first * 64, 0], ready.index(slot), v_slot)
+    else:
+        tma.async_copy_global_to_shared(k_desc, [first * 64, 0], ready.index(slot), k_slot.slice(0, 64))
+        tma.async_copy_global_to_shared(k_desc, [second * 64, 0], ready.index(slot), k_slot.slice(64, 64))
+        tma.async_copy_global_to_shared(v_desc, [first * 64, 0], ready.index(slot), v_slot.slice(0, 64))
+        tma.async_copy_global_to_shared(v_desc, [second * 64, 0], ready.index(slot), v_slot.slice(64, 64))
 
 
 @gluon.jit
 def _loader(K, V, k_ring, v_ring, ready, empty, blocks, cnt, T, stride_kt, stride_vt,
-            HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
-    """The loader warp of the per-group kernel: the list ``blocks[0 .. cnt)`` into the ring."""
+            HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, MB: gl.constexpr, BLOCK_N: gl.constexpr):  # fmt: skip
+    """The loader warp of the per-group kernel: the list ``blocks[0 .. cnt)`` into the ring, step by step."""
     k_desc, v_desc = _descriptors(K, V, T, stride_kt, stride_vt, HEAD_DIM)
-    for j in range(cnt):
-        _copy_block(k_desc, v_desc, k_ring, v_ring, ready, empty, blocks, j, STAGES)
+    for j in range(_num_steps(cnt, MB, BLOCK_N)):
+        _copy_step(k_desc, v_desc, k_ring, v_ring, ready, empty, blocks, cnt, j, STAGES, MB, BLOCK_N)
 
 
 @gluon.jit
-def _math(q_smem, k_ring, v_ring, ready, empty, blocks, cnt, qblk, row0, pos0, head0, T, qk_scale, Out, Lse,
+def _math(q_smem, k_ring, v_ring, ready, empty, blocks, cnt, qb, row0, pos0, head0, T, qk_scale, Out, Lse,
           stride_oh, stride_ot, stride_lh,
-          P: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, STORE_LSE: gl.constexpr):  # fmt: skip
+          P: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, STORE_LSE: gl.constexpr,
+          MB: gl.constexpr, BLOCK_N: gl.constexpr):  # fmt: skip
     """A math warpgroup: rows ``row0 .. row0 + 63`` of the program's 128 (row r = head ``head0 + r // P``, position
-    ``pos0 + r % P``) against every kept block, then its output and lse stores (rows at or past T skipped)."""
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
+    ``pos0 + r % P``; ``qb``: the 64-token block of ``pos0``) against every kept block, a step at a time (``BLOCK_N``
+    keys: :func:`_step_blocks`), then its output and lse stores (rows at or past T skipped)."""
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])  # fmt: skip
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, HEAD_DIM, 16])  # fmt: skip
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     pos_s = pos0 + (row0 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout))) % P
-    cols_s = gl.arange(0, 64, layout=gl.SliceLayout(0, s_layout))
+    cols_s = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     m_i = gl.full([64], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
     l_i = gl.full([64], 0.0, gl.float32, layout=gl.SliceLayout(1, s_layout))
     acc = gl.zeros([64, HEAD_DIM], gl.float32, layout=o_layout)
-    s_zero = gl.zeros([64, 64], gl.float32, layout=s_layout)
-    for j in range(0, cnt):
+    s_zero = gl.zeros([64, BLOCK_N], gl.float32, layout=s_layout)
+    for j in range(0, _num_steps(cnt, MB, BLOCK_N)):
         slot = j % STAGES
-        blk = gl.load(blocks + j)
+        blk_a, blk_b = _step_blocks(blocks, cnt, j, MB, BLOCK_N)
+        if MB == 64 and BLOCK_N == 128:
+            if 2 * j + 1 >= cnt:  # an odd list's last step: its repeated block masked off as if past the diagonal
+                blk_b = qb + 1
         mbarrier.wait(ready.index(slot), (j // STAGES) & 1)
         s = warpgroup_mma(q_smem, k_ring.index(slot).permute((1, 0)), s_zero, use_acc=False)
         x = s * qk_scale
-        if blk >= qblk:  # the diagonal block (policies keep nothing above it): causal
-            keep = (blk * 64 + cols_s)[None, :] <= pos_s[:, None]
+        if gl.maximum(blk_a, blk_b) >= qb:  # the diagonal block (policies keep nothing above it): causal
+            if BLOCK_N == 64:
+                key = blk_a * 64 + cols_s
+            else:
+                key = gl.where(cols_s < 64, blk_a * 64 + cols_s, blk_b * 64 + cols_s - 64)
+            keep = key[None, :] <= pos_s[:, None]
             x = gl.where(keep, x, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(x, axis=1))
         # a row with nothing visible yet keeps m = -inf: subtract 0 (exp2(-inf) = 0, never NaN)
@@ -187,10 +249,11 @@ def _sparse_fwd_ws_kernel(
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot, stride_lb, stride_lh, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq,
     T, HKV, NQ,
-    G: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, STORE_LSE: gl.constexpr,
+    G: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, STORE_LSE: gl.constexpr, MB: gl.constexpr,
+    BLOCK_N: gl.constexpr,
 ):  # fmt: skip
     P: gl.constexpr = 128 // G  # positions a program (its rows: G heads x P positions)
-    SPLIT: gl.constexpr = 64 // P  # programs a query block
+    SPLIT: gl.constexpr = MB // P  # programs a query block
     smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     # 16-byte cp.async vectors for Q: a warp covers 256 / D rows of D columns
     ld: gl.constexpr = gl.BlockedLayout([1, 8], [256 // HEAD_DIM, HEAD_DIM // 8], [4, 1], [1, 0])
@@ -203,15 +266,16 @@ def _sparse_fwd_ws_kernel(
     b = bg // HKV
     g = bg % HKV
     qblk = tile // SPLIT
-    pos0 = qblk * 64 + (tile % SPLIT) * P
+    pos0 = qblk * MB + (tile % SPLIT) * P
+    qb = pos0 // 64  # P <= 64 divides 64: the program's positions lie in one 64-token block
     head0 = g * G
     b64 = b.to(gl.int64)
     blocks = LIdx + b64 * stride_ib + g.to(gl.int64) * stride_ih + qblk.to(gl.int64) * stride_iq
     cnt = gl.load(LNum + b64 * stride_nb + g.to(gl.int64) * stride_nh + qblk)
 
     q_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [128, HEAD_DIM], smem)
-    k_ring = gl.allocate_shared_memory(K.dtype.element_ty, [STAGES, 64, HEAD_DIM], smem)
-    v_ring = gl.allocate_shared_memory(V.dtype.element_ty, [STAGES, 64, HEAD_DIM], smem)
+    k_ring = gl.allocate_shared_memory(K.dtype.element_ty, [STAGES, BLOCK_N, HEAD_DIM], smem)
+    v_ring = gl.allocate_shared_memory(V.dtype.element_ty, [STAGES, BLOCK_N, HEAD_DIM], smem)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
@@ -232,11 +296,12 @@ def _sparse_fwd_ws_kernel(
     L0 = Lse + b64 * stride_lb
     # the partitions' argument tuples inline: a tuple bound to a name first turns its constexprs into tensors
     gl.warp_specialize(
-        [(_math, (q_smem.slice(0, 64), k_ring, v_ring, ready, empty, blocks, cnt, qblk, 0, pos0, head0, T, qk_scale,
-                  O0, L0, stride_oh, stride_ot, stride_lh, P, HEAD_DIM, STAGES, STORE_LSE)),
-         (_math, (q_smem.slice(64, 64), k_ring, v_ring, ready, empty, blocks, cnt, qblk, 64, pos0, head0, T,
-                  qk_scale, O0, L0, stride_oh, stride_ot, stride_lh, P, HEAD_DIM, STAGES, STORE_LSE)),
-         (_loader, (K0, V0, k_ring, v_ring, ready, empty, blocks, cnt, T, stride_kt, stride_vt, HEAD_DIM, STAGES))],
+        [(_math, (q_smem.slice(0, 64), k_ring, v_ring, ready, empty, blocks, cnt, qb, 0, pos0, head0, T, qk_scale,
+                  O0, L0, stride_oh, stride_ot, stride_lh, P, HEAD_DIM, STAGES, STORE_LSE, MB, BLOCK_N)),
+         (_math, (q_smem.slice(64, 64), k_ring, v_ring, ready, empty, blocks, cnt, qb, 64, pos0, head0, T,
+                  qk_scale, O0, L0, stride_oh, stride_ot, stride_lh, P, HEAD_DIM, STAGES, STORE_LSE, MB, BLOCK_N)),
+         (_loader, (K0, V0, k_ring, v_ring, ready, empty, blocks, cnt, T, stride_kt, stride_vt, HEAD_DIM, STAGES,
+                    MB, BLOCK_N))],
         [4, 1], [232, 24],
     )  # fmt: skip
 
@@ -251,9 +316,9 @@ def _loader_pair(K0, V0, K1, V1, ring0, ring1, ready0, ready1, empty0, empty1, b
     k1, v1 = _descriptors(K1, V1, T, stride_kt, stride_vt, HEAD_DIM)
     for j in range(gl.maximum(cnt0, cnt1)):
         if j < cnt0:
-            _copy_block(k0, v0, ring0[0], ring0[1], ready0, empty0, blocks0, j, STAGES)
+            _copy_step(k0, v0, ring0[0], ring0[1], ready0, empty0, blocks0, cnt0, j, STAGES, 64, 64)
         if j < cnt1:
-            _copy_block(k1, v1, ring1[0], ring1[1], ready1, empty1, blocks1, j, STAGES)
+            _copy_step(k1, v1, ring1[0], ring1[1], ready1, empty1, blocks1, cnt1, j, STAGES, 64, 64)
 
 
 @gluon.jit
@@ -312,9 +377,9 @@ def _sparse_fwd_ws_heads_kernel(
     # each warpgroup: P = 64 positions of one head (row r: head h0 or h0 + 1, position pos0 + r)
     gl.warp_specialize(
         [(_math, (q_smem.slice(0, 64), k_ring0, v_ring0, ready0, empty0, list0, cnt0, qblk, 0, pos0, h0, T, qk_scale,
-                  O0, L0, stride_oh, stride_ot, stride_lh, 64, HEAD_DIM, STAGES, STORE_LSE)),
+                  O0, L0, stride_oh, stride_ot, stride_lh, 64, HEAD_DIM, STAGES, STORE_LSE, 64, 64)),
          (_math, (q_smem.slice(64, 64), k_ring1, v_ring1, ready1, empty1, list1, cnt1, qblk, 0, pos0, h0 + 1, T,
-                  qk_scale, O0, L0, stride_oh, stride_ot, stride_lh, 64, HEAD_DIM, STAGES, STORE_LSE)),
+                  qk_scale, O0, L0, stride_oh, stride_ot, stride_lh, 64, HEAD_DIM, STAGES, STORE_LSE, 64, 64)),
          (_loader_pair, (K + b64 * stride_kb + kv0 * stride_kh, V + b64 * stride_vb + kv0 * stride_vh,
                          K + b64 * stride_kb + kv1 * stride_kh, V + b64 * stride_vb + kv1 * stride_vh,
                          (k_ring0, v_ring0), (k_ring1, v_ring1), ready0, ready1, empty0, empty1, list0, list1, cnt0,
@@ -328,13 +393,21 @@ def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-def launch(q, k, v, out, lse, kv_num_blocks, kv_indices, scale: float) -> None:
+def launch(q, k, v, out, lse, kv_num_blocks, kv_indices, scale: float, mask_block: int = 64, block_n: int = 64) -> None:
     """Run the kernel (the case checked by :func:`supported`): out [B, Hq, T, D] (``[B, T, Hq, D]`` memory), lse
-    [B, Hq, T] fp32 or None; lists int32 [B, H, NQ(, NK)], H = Hq (per query head) or Hkv (per group)."""
+    [B, Hq, T] fp32 or None; lists int32 [B, H, NQ(, NK)] of ``mask_block``-token blocks, H = Hq (per query head) or
+    Hkv (per group). ``block_n``: keys a step, 64 (a kept 64-token block) or 128 (two kept 64-token blocks, or one
+    128-token block; per-group masks only)."""
     b, hq, t, d = q.shape
     hkv = k.shape[1]
     nq = kv_indices.shape[2]
     group = hq // hkv
+    per_head = kv_indices.shape[1] == hq
+    if (mask_block, block_n) not in STEPS or (per_head and block_n != 64):
+        raise ValueError(
+            f"sparse_fwd_ws.launch: (mask_block, block_n) must be one of {STEPS} (block_n 128 with per-group masks "
+            f"only), got ({mask_block}, {block_n}) with {'per-query-head' if per_head else 'per-group'} masks"
+        )
     lse_arg = lse if lse is not None else out  # never written without STORE_LSE
     args = (
         q, k, v, out, lse_arg, kv_num_blocks, kv_indices, scale * LOG2E,
@@ -343,12 +416,12 @@ def launch(q, k, v, out, lse, kv_num_blocks, kv_indices, scale: float) -> None:
         lse_arg.stride(0), lse_arg.stride(1), kv_num_blocks.stride(0), kv_num_blocks.stride(1),
         kv_indices.stride(0), kv_indices.stride(1), kv_indices.stride(2), t,
     )  # fmt: skip
-    if kv_indices.shape[1] == hq:  # per-query-head masks: two heads a program
+    if per_head:  # two heads a program
         kernel, grid, extra = _sparse_fwd_ws_heads_kernel, b * (hq // 2) * nq, (hq, nq, group)
         consts = dict(STAGES=STAGES_HEADS)
-    else:  # per-group masks: G / 2 programs a query block
-        kernel, grid, extra = _sparse_fwd_ws_kernel, b * hkv * nq * (group // 2), (hkv, nq)
-        consts = dict(G=group, STAGES=STAGES)
+    else:  # per-group masks: G / 2 programs a 64-token query block
+        kernel, grid, extra = _sparse_fwd_ws_kernel, b * hkv * nq * (group * mask_block // 128), (hkv, nq)
+        consts = dict(G=group, STAGES=stages(block_n), MB=mask_block, BLOCK_N=block_n)
 
     def run():
         triton.set_allocator(_scratch)  # in the copied context below: the caller's allocator is left as it was
