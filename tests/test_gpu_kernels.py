@@ -216,6 +216,40 @@ def test_hopper_ws_forward_matches_the_reference(group, d, dtype, layout, mh, mb
     assert (lse[~empty] - ref_lse[~empty]).abs().max().item() < 1e-2
 
 
+@pytest.mark.parametrize("mh,mb,block_n", [("hq", 64, 64), ("hkv", 64, 64), ("hkv", 64, 128), ("hkv", 128, 128)])
+def test_hopper_ws_forward_replays_in_a_cuda_graph(mh, mb, block_n):
+    """The warp-specialised forward captured in a CUDA graph (its TMA descriptors are built on the device in scratch
+    from Triton's allocator, which :func:`.sparse_fwd_ws.launch` sets to torch allocations: the graph's pool during
+    capture) and replayed on new q / k / v: the same output, bit for bit, as an eager launch on those inputs."""
+    from seerattn.ops._triton import sparse_fwd_ws
+    from seerattn.ops._triton.config import KernelConfig
+    from seerattn.ops._triton.sparse_fwd import block_sparse_attention_fwd
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the warp-specialised forward is for sm_90")
+    hq, hkv, t, d = 8, 2, 2048 + 40, 128
+    q, k, v = make_qkv(1, hq, hkv, t, d, seed=3)
+    mask = structured_mask(1, hq if mh == "hq" else hkv, t, mb, 0.3, seed=2)
+    per_head = mh == "hq"
+    stages = sparse_fwd_ws.STAGES_HEADS if per_head else sparse_fwd_ws.stages(block_n)
+    cfg = KernelConfig(128, block_n, 1 if per_head else hq // hkv, 4, stages, hopper_ws=True)
+
+    def fwd():
+        return block_sparse_attention_fwd(q, k, v, mask.kv_num_blocks, mask.kv_indices, mb, d**-0.5, None, True, cfg)
+
+    fwd()  # compiled outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out, static_lse = fwd()
+    for x in (q, k, v):
+        x.copy_(torch.randn_like(x))
+    graph.replay()
+    out, lse = fwd()
+    assert torch.equal(static_out, out) and torch.equal(static_lse, lse)
+    assert out.abs().sum() > 0
+
+
 def test_hopper_ws_refuses_what_it_cannot_run():
     """Cases outside the warp-specialised forward: a reason, and a forced config raises naming it."""
     from seerattn.ops._triton import sparse_fwd_ws
