@@ -1,5 +1,5 @@
-"""Block-sparse causal forward for Hopper in Gluon: warp-specialised tiles for 64-token mask blocks, per-group or
-per-query-head masks.
+"""Block-sparse causal forward for Hopper in Gluon: warp-specialised tiles for 64-token mask blocks (per-group or
+per-query-head masks) and 128-token ones (per group).
 
 Algorithm
 ---------
@@ -8,11 +8,15 @@ row, the diagonal block masked causally), scheduled by hand with Gluon (``triton
 TMA, async wgmma and ``warp_specialize``, which the compiler-scheduled Triton kernels cannot use on Hopper):
 
 - per-group masks (:func:`_sparse_fwd_ws_kernel`): a program owns 128 query rows, ``P = 128 / G`` consecutive
-  positions of one 64-token query block for the ``G`` query heads of one KV group (they share the block's list and
-  every K/V tile);
-- a **loader warp** walks the list (``kv_indices[b, g, I, :kv_num_blocks[b, g, I]]``) and copies each kept block's
-  K and V tile by TMA into a ``STAGES``-slot ring in shared memory (an mbarrier ``ready`` per slot, signalled by
-  the copies' bytes; an mbarrier ``empty`` per slot, which both math warpgroups arrive on when done with it);
+  positions of one query block for the ``G`` query heads of one KV group (they share the block's list and every
+  K/V tile);
+- a **loader warp** walks the list (``kv_indices[b, g, I, :kv_num_blocks[b, g, I]]``) and copies the kept blocks'
+  K and V tiles by TMA into a ring of slots in shared memory (an mbarrier ``ready`` per slot, signalled by the
+  copies' bytes; an mbarrier ``empty`` per slot, which both math warpgroups arrive on when done with it). A slot
+  holds a step's keys (``BLOCK_N``): 64 (one kept 64-token block; ``STAGES`` slots) or 128 (``STAGES_PAIR``
+  slots: two kept 64-token blocks, list entries ``2j`` and ``2j + 1`` in the slot's two halves, or one 128-token
+  block), so that a step's scores are one ``N = 128`` wgmma and the online softmax's per-step work (row max,
+  rescaling the output accumulator) is spread over twice the keys;
 - **two math warpgroups** (4 warps each) own 64 of the rows each and run independently: scores ``S = Q K^T``
   (wgmma from shared memory), the online softmax in registers, ``O += P V`` (P from registers); one's softmax runs
   while the other's products do (FlashAttention-3's ping-pong, left to the warp schedulers; explicit turn-taking
@@ -32,12 +36,12 @@ Layouts: q ``[B, Hq, T, D]``, k / v ``[B, Hkv, T, D]``, any strides with a unit 
 strides that TMA accepts (16-byte multiples); out ``[B, Hq, T, D]`` shaped, ``[B, T, Hq, D]`` in memory (as
 :mod:`.sparse_fwd`); lse ``[B, Hq, T]`` fp32 natural log. Lists int32 ``[B, H, NQ(, NK)]``, H = Hkv or Hq.
 
-Supported (:func:`supported` says why not): an sm_90 GPU, fp16 / bf16, D 64 or 128, 64-token mask blocks,
-per-group masks with ``G`` in (2, 4, 8) query heads a group or per-query-head masks with an even head count, no
-varlen. Limitations: forward only; Gluon has no interpreter, so the CPU tests compile it for sm_90
-(``benchmarks/sm90.py``) and only the GPU tests run it. The K / V descriptors are built on the device (one pair per
-program), which needs Triton's global-scratch allocator: :func:`launch` sets one for its launch only (in a copied
-context, the caller's allocator untouched).
+Supported (:func:`supported` says why not): an sm_90 GPU, fp16 / bf16, D 64 or 128, per-group masks with ``G`` in
+(2, 4, 8) query heads a group at 64- or 128-token blocks, per-query-head masks with an even head count at 64-token
+blocks (two rings of 128-key slots would not fit in shared memory), no varlen. Limitations: forward only; Gluon has
+no interpreter, so the CPU tests compile it for sm_90 (``benchmarks/sm90.py``) and only the GPU tests run it. The
+K / V descriptors are built on the device (one pair per program), which needs Triton's global-scratch allocator:
+:func:`launch` sets one for its launch only (in a copied context, the caller's allocator untouched).
 """
 
 from __future__ import annotations
