@@ -7,7 +7,7 @@
 . benchmarks/fa4_payload.sh env
 timeout -k 10 150 python3 -m seerattn quickstart --device cuda --output "$R/qs" > "$R/quickstart.log" 2>&1
 step quickstart $?; grep -A8 "^seerattn quickstart" "$R/quickstart.log"; cat "$R/qs/quickstart.json" 2>/dev/null | head -c 1500
-timeout -k 10 300 python3 -m benchmarks.attention --rep 30 --seqlens 131072 --densities 0.1 --block-sizes 64,128 \
+timeout -k 10 170 python3 -m benchmarks.attention --rep 30 --seqlens 131072 --densities 0.1 --block-sizes 64,128 \
   --mask-heads hkv --providers ours,flex,fa4 --sweep --json "$R/sweep128k.json" > "$R/sweep128k.log" 2>&1
 step sweep128k $?; grep -E "^llama" "$R/sweep128k.log" | cut -c1-120
 finish
