@@ -213,19 +213,20 @@ def _math(q_smem, k_ring, v_ring, ready, empty, blocks, cnt, qb, row0, pos0, hea
                 blk_b = qb + 1
         mbarrier.wait(ready.index(slot), (j // STAGES) & 1)
         s = warpgroup_mma(q_smem, k_ring.index(slot).permute((1, 0)), s_zero, use_acc=False)
-        x = s * qk_scale
         if gl.maximum(blk_a, blk_b) >= qb:  # the diagonal block (policies keep nothing above it): causal
             if BLOCK_N == 64:
                 key = blk_a * 64 + cols_s
             else:
                 key = gl.where(cols_s < 64, blk_a * 64 + cols_s, blk_b * 64 + cols_s - 64)
             keep = key[None, :] <= pos_s[:, None]
-            x = gl.where(keep, x, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(x, axis=1))
+            s = gl.where(keep, s, float("-inf"))
+        # the running max in the scaled (log2) domain from the raw scores' max (rounding is monotonic: the same value
+        # as the max of the scaled scores), so that each score is scaled and shifted by one fma before its exp2
+        m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
         # a row with nothing visible yet keeps m = -inf: subtract 0 (exp2(-inf) = 0, never NaN)
         m_sub = gl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = gl.exp2(m_i - m_sub)
-        p = gl.exp2(x - m_sub[:, None])
+        p = gl.exp2(s * qk_scale - m_sub[:, None])
         l_i = l_i * alpha + gl.sum(p, axis=1)
         m_i = m_new
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
