@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 19, call 1 (tree of f0c851c + this script): the Hopper forward with 128-key steps (two kept 64-token blocks
+# Session 19, call 1 (tree of 71e98ca: the kernels of f0c851c, its tests, this script): the Hopper forward with 128-key steps (two kept 64-token blocks
 # a step, or one 128-token block; per-group masks): GPU tests of the warp-specialised forward and of every forward
 # candidate, the per-group sweep at blocks 64 / 128 with FA4 and Flex in one process, the steps and ring depths in
 # alternating rounds, then the time to first token (per-query-head masks: session 18's tile, never timed in the model).
