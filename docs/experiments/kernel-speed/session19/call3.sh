@@ -15,7 +15,7 @@ for round in 1 2; do
     step steps-$tree-$round $?; cut -c1-110 "$R/steps_${tree}_$round.log"
   done
 done
-timeout -k 10 170 python3 -m benchmarks.prefill --seqlens 32768,131072 --densities 0.1 --warmup 1 --reps 2 \
+timeout -k 10 150 python3 -m benchmarks.prefill --seqlens 32768,131072 --densities 0.1 --warmup 1 --reps 2 \
   --json "$R/prefill.json" > "$R/prefill.log" 2>&1
 step prefill $?; grep -E "^T=" "$R/prefill.log"
 finish
