@@ -189,13 +189,45 @@ def _loader(K, V, k_ring, v_ring, ready, empty, blocks, cnt, T, stride_kt, strid
 
 
 @gluon.jit
+def _softmax_step(s, m_i, l_i, j, blocks, cnt, qb, pos_s, cols_s, qk_scale, MB: gl.constexpr, BLOCK_N: gl.constexpr):
+    """Step ``j``'s online softmax on its raw scores ``s`` [64, BLOCK_N]: the causal mask on the diagonal, the new
+    running max and sum; returns (``p``: the step's probabilities relative to the new max, ``alpha``: the factor that
+    rescales what was accumulated before the step, ``m_i``, ``l_i``)."""
+    blk_a, blk_b = _step_blocks(blocks, cnt, j, MB, BLOCK_N)
+    if MB == 64 and BLOCK_N == 128:
+        if 2 * j + 1 >= cnt:  # an odd list's last step: its repeated block masked off as if past the diagonal
+            blk_b = qb + 1
+    if gl.maximum(blk_a, blk_b) >= qb:  # the diagonal block (policies keep nothing above it): causal
+        if BLOCK_N == 64:
+            key = blk_a * 64 + cols_s
+        else:
+            key = gl.where(cols_s < 64, blk_a * 64 + cols_s, blk_b * 64 + cols_s - 64)
+        keep = key[None, :] <= pos_s[:, None]
+        s = gl.where(keep, s, float("-inf"))
+    # the running max in the scaled (log2) domain from the raw scores' max (rounding is monotonic: the same value
+    # as the max of the scaled scores), so that each score is scaled and shifted by one fma before its exp2
+    m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+    # a row with nothing visible yet keeps m = -inf: subtract 0 (exp2(-inf) = 0, never NaN)
+    m_sub = gl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = gl.exp2(m_i - m_sub)
+    p = gl.exp2(s * qk_scale - m_sub[:, None])
+    l_i = l_i * alpha + gl.sum(p, axis=1)
+    return p, alpha, m_new, l_i
+
+
+@gluon.jit
 def _math(q_smem, k_ring, v_ring, ready, empty, blocks, cnt, qb, row0, pos0, head0, T, qk_scale, Out, Lse,
           stride_oh, stride_ot, stride_lh,
           P: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, STORE_LSE: gl.constexpr,
           MB: gl.constexpr, BLOCK_N: gl.constexpr):  # fmt: skip
     """A math warpgroup: rows ``row0 .. row0 + 63`` of the program's 128 (row r = head ``head0 + r // P``, position
     ``pos0 + r % P``; ``qb``: the 64-token block of ``pos0``) against every kept block, a step at a time (``BLOCK_N``
-    keys: :func:`_step_blocks`), then its output and lse stores (rows at or past T skipped)."""
+    keys: :func:`_step_blocks`), then its output and lse stores (rows at or past T skipped).
+
+    Software-pipelined as FlashAttention-3 within a warpgroup: step ``j``'s scores ``Q K_j^T`` and step ``j - 1``'s
+    ``P V_{j-1}`` are issued together (async wgmma, completed in order), so step ``j``'s softmax runs on the CUDA cores
+    while the tensor cores still add ``P V_{j-1}``; the accumulator is rescaled once that product is in. A slot is
+    freed after its V product, so a warpgroup holds two slots (K of step j, V of step j - 1)."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])  # fmt: skip
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -207,35 +239,30 @@ def _math(q_smem, k_ring, v_ring, ready, empty, blocks, cnt, qb, row0, pos0, hea
     l_i = gl.full([64], 0.0, gl.float32, layout=gl.SliceLayout(1, s_layout))
     acc = gl.zeros([64, HEAD_DIM], gl.float32, layout=o_layout)
     s_zero = gl.zeros([64, BLOCK_N], gl.float32, layout=s_layout)
-    for j in range(0, _num_steps(cnt, MB, BLOCK_N)):
+    p16 = gl.zeros([64, BLOCK_N], q_smem.dtype, layout=p_layout)
+    n = _num_steps(cnt, MB, BLOCK_N)
+    if n > 0:  # step 0: scores and softmax only (nothing accumulated yet to rescale)
+        mbarrier.wait(ready.index(0), 0)
+        s = warpgroup_mma(q_smem, k_ring.index(0).permute((1, 0)), s_zero, use_acc=False)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, 0, blocks, cnt, qb, pos_s, cols_s, qk_scale, MB, BLOCK_N)
+        p16 = gl.convert_layout(p.to(q_smem.dtype), p_layout)
+    for j in range(1, n):
         slot = j % STAGES
-        blk_a, blk_b = _step_blocks(blocks, cnt, j, MB, BLOCK_N)
-        if MB == 64 and BLOCK_N == 128:
-            if 2 * j + 1 >= cnt:  # an odd list's last step: its repeated block masked off as if past the diagonal
-                blk_b = qb + 1
+        prev = (j - 1) % STAGES
         mbarrier.wait(ready.index(slot), (j // STAGES) & 1)
-        s = warpgroup_mma(q_smem, k_ring.index(slot).permute((1, 0)), s_zero, use_acc=False)
-        if gl.maximum(blk_a, blk_b) >= qb:  # the diagonal block (policies keep nothing above it): causal
-            if BLOCK_N == 64:
-                key = blk_a * 64 + cols_s
-            else:
-                key = gl.where(cols_s < 64, blk_a * 64 + cols_s, blk_b * 64 + cols_s - 64)
-            keep = key[None, :] <= pos_s[:, None]
-            s = gl.where(keep, s, float("-inf"))
-        # the running max in the scaled (log2) domain from the raw scores' max (rounding is monotonic: the same value
-        # as the max of the scaled scores), so that each score is scaled and shifted by one fma before its exp2
-        m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
-        # a row with nothing visible yet keeps m = -inf: subtract 0 (exp2(-inf) = 0, never NaN)
-        m_sub = gl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = gl.exp2(m_i - m_sub)
-        p = gl.exp2(s * qk_scale - m_sub[:, None])
-        l_i = l_i * alpha + gl.sum(p, axis=1)
-        m_i = m_new
+        s = warpgroup_mma(q_smem, k_ring.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        acc = warpgroup_mma(p16, v_ring.index(prev), acc, is_async=True)
+        s = warpgroup_mma_wait(1, deps=[s])  # the scores (issued first) are in; P V_{j-1} may still run
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, j, blocks, cnt, qb, pos_s, cols_s, qk_scale, MB, BLOCK_N)
+        acc = warpgroup_mma_wait(0, deps=[acc])
+        mbarrier.arrive(empty.index(prev))
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
         p16 = gl.convert_layout(p.to(q_smem.dtype), p_layout)
-        acc = warpgroup_mma(p16, v_ring.index(slot), acc, is_async=True)
+    if n > 0:  # the last step's P V
+        last = (n - 1) % STAGES
+        acc = warpgroup_mma(p16, v_ring.index(last), acc, is_async=True)
         acc = warpgroup_mma_wait(0, deps=[acc])
-        mbarrier.arrive(empty.index(slot))
+        mbarrier.arrive(empty.index(last))
     empty_row = l_i == 0.0
     acc = acc / gl.convert_layout(gl.where(empty_row, 1.0, l_i), gl.SliceLayout(1, o_layout))[:, None]
     r_o = row0 + gl.arange(0, 64, layout=gl.SliceLayout(1, o_layout))
