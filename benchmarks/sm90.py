@@ -34,6 +34,7 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 HOPPER_SHARED = 232448  # bytes of shared memory a Hopper block may use (227 KiB)
 _POINTER_TYPES = {
@@ -130,6 +131,9 @@ class CompileOnly:
                         attrs[(i,)] = [["tt.divisibility", 16]]
                 elif isinstance(value, float):
                     sig[name] = "fp32"
+                elif isinstance(value, TensorDescriptor):  # a host TMA descriptor (the Hopper forward's Q / K / V)
+                    block = ", ".join(map(str, value.block_shape))
+                    sig[name] = f"tensordesc<{_POINTER_TYPES[value.base.dtype]}[{block}],{value.layout!r}>"
                 else:
                     raise TypeError(f"{self.fn.__name__}: argument {name} is a {type(value).__name__}")
             report = _compile(self.fn, sig, consts, attrs, num_warps, num_stages)

@@ -218,9 +218,9 @@ def test_hopper_ws_forward_matches_the_reference(group, d, dtype, layout, mh, mb
 
 @pytest.mark.parametrize("mh,mb,block_n", [("hq", 64, 64), ("hkv", 64, 64), ("hkv", 64, 128), ("hkv", 128, 128)])
 def test_hopper_ws_forward_replays_in_a_cuda_graph(mh, mb, block_n):
-    """The warp-specialised forward captured in a CUDA graph (its TMA descriptors are built on the device in scratch
-    from Triton's allocator, which :func:`.sparse_fwd_ws.launch` sets to torch allocations: the graph's pool during
-    capture) and replayed on new q / k / v: the same output, bit for bit, as an eager launch on those inputs."""
+    """The warp-specialised forward captured in a CUDA graph (host TMA descriptors of q / k / v, baked into the
+    captured launch: the graph's static tensors) and replayed on new q / k / v: the same output, bit for bit, as an
+    eager launch on those inputs."""
     from seerattn.ops._triton import sparse_fwd_ws
     from seerattn.ops._triton.config import KernelConfig
     from seerattn.ops._triton.sparse_fwd import block_sparse_attention_fwd
@@ -250,6 +250,31 @@ def test_hopper_ws_forward_replays_in_a_cuda_graph(mh, mb, block_n):
     assert out.abs().sum() > 0
 
 
+@pytest.mark.parametrize("mh,mb,block_n", [("hq", 64, 64), ("hkv", 64, 64), ("hkv", 64, 128), ("hkv", 128, 128)])
+def test_hopper_ws_programs_walk_many_tiles(mh, mb, block_n):
+    """The persistent forward with 3 programs (each walks ~50 tiles: the Q buffer's and the ring's barrier phases
+    across tiles, lists of every length including empty ones) gives the default launch's output and lse bit for bit."""
+    from kernel_helpers import rand_mask
+
+    from seerattn.ops._triton import sparse_fwd_ws
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the warp-specialised forward is for sm_90")
+    b, hq, hkv, t, d = 2, 8, 2, 1500 + 11, 128
+    q, k, v = make_qkv(b, hq, hkv, t, d, seed=5)
+    hm = hq if mh == "hq" else hkv
+    mask = rand_mask(b, hm, t, mb, density=0.3, seed=7, empty_rows=True).to("cuda")
+    runs = []
+    for programs in (None, 3):
+        out = torch.empty(b, t, hq, d, device="cuda", dtype=q.dtype).transpose(1, 2)
+        lse = torch.empty(b, hq, t, device="cuda", dtype=torch.float32)
+        sparse_fwd_ws.launch(q, k, v, out, lse, mask.kv_num_blocks, mask.kv_indices, d**-0.5, mb, block_n, programs)
+        runs.append((out, lse))
+    (out, lse), (few_out, few_lse) = runs
+    assert torch.equal(out, few_out) and torch.equal(lse, few_lse)
+    assert torch.isinf(lse).any() and out.abs().sum() > 0  # empty rows and real output both present
+
+
 def test_hopper_ws_refuses_what_it_cannot_run():
     """Cases outside the warp-specialised forward: a reason, and a forced config raises naming it."""
     from seerattn.ops._triton import sparse_fwd_ws
@@ -264,6 +289,8 @@ def test_hopper_ws_refuses_what_it_cannot_run():
     assert "fp16 / bf16" in sparse_fwd_ws.supported(q.float(), k.float(), v.float(), 64, 2, False)
     q3, k3, v3 = make_qkv(1, 3, 3, 256, 128)
     assert "even head count" in sparse_fwd_ws.supported(q3, k3, v3, 64, 3, False)
+    shifted = torch.empty(q.numel() + 4, device=q.device, dtype=q.dtype)[4:].view(q.shape)  # 8 bytes off
+    assert "q at a 16-byte aligned address" in sparse_fwd_ws.supported(shifted, k, v, 64, 2, False)
     mask = structured_mask(1, 2, 256, 32, 0.5)  # per group, 32-token blocks
     with pytest.raises(ValueError, match="warp-specialised Hopper kernel"):
         block_sparse_attention_fwd(q, k, v, mask.kv_num_blocks, mask.kv_indices, 32, 0.1, None, True,

@@ -3,28 +3,31 @@ per-query-head masks) and 128-token ones (per group).
 
 Algorithm
 ---------
-The same attention as :mod:`.sparse_fwd` (online softmax in the log2 domain over the kept key blocks of a mask
-row, the diagonal block masked causally), scheduled by hand with Gluon (``triton.experimental.gluon``: mbarriers,
-TMA, async wgmma and ``warp_specialize``, which the compiler-scheduled Triton kernels cannot use on Hopper):
+The same attention as :mod:`.sparse_fwd` (online softmax in the log2 domain over the kept key blocks of a mask row, the
+diagonal block masked causally), scheduled by hand with Gluon (``triton.experimental.gluon``: mbarriers, TMA, async
+wgmma and ``warp_specialize``, which the compiler-scheduled Triton kernels cannot use on Hopper):
 
-- per-group masks (:func:`_sparse_fwd_ws_kernel`): a program owns 128 query rows, ``P = 128 / G`` consecutive
-  positions of one query block for the ``G`` query heads of one KV group (they share the block's list and every
-  K/V tile);
-- a **loader warp** walks the list (``kv_indices[b, g, I, :kv_num_blocks[b, g, I]]``) and copies the kept blocks'
-  K and V tiles by TMA into a ring of slots in shared memory (an mbarrier ``ready`` per slot, signalled by the
-  copies' bytes; an mbarrier ``empty`` per slot, which both math warpgroups arrive on when done with it). A slot
-  holds a step's keys (``BLOCK_N``): 64 (one kept 64-token block; ``STAGES`` slots) or 128 (``STAGES_PAIR``
-  slots: two kept 64-token blocks, list entries ``2j`` and ``2j + 1`` in the slot's two halves, or one 128-token
-  block), so that a step's scores are one ``N = 128`` wgmma and the online softmax's per-step work (row max,
-  rescaling the output accumulator) is spread over twice the keys;
-- **two math warpgroups** (4 warps each) own 64 of the rows each and run independently: scores ``S = Q K^T``
-  (wgmma from shared memory), the online softmax in registers, ``O += P V`` (P from registers); one's softmax runs
-  while the other's products do (FlashAttention-3's ping-pong, left to the warp schedulers; explicit turn-taking
-  through mbarriers measured 15 % slower). Blocks from the diagonal on are masked causally; rows with an empty list
-  give zeros and lse ``-inf``;
-- per-query-head masks (:func:`_sparse_fwd_ws_heads_kernel`): a program owns one query block of two query heads,
-  each math warpgroup one head with its own list, ring and barriers (``STAGES_HEADS`` slots each), and the loader
-  warp fills both rings step by step alternately.
+- **persistent** programs, one a multiprocessor, each walking its share of the tiles (program ``p``: tiles ``p, p +
+  programs, ..``), so that a tile's first loads land while the tile before finishes its last product and stores;
+- per-group masks (:func:`_sparse_fwd_ws_kernel`): a tile is 128 query rows, ``P = 128 / G`` consecutive positions of
+  one query block for the ``G`` query heads of one KV group (they share the block's list and every K/V tile);
+- a **loader warp** copies each tile's first K / V step, its Q (once the math warpgroups are done with the last tile's
+  scores), then walks the rest of the list (``kv_indices[b, g, I, :kv_num_blocks[b, g, I]]``) and copies the kept
+  blocks' K and V tiles by TMA into a ring of slots in shared memory (an mbarrier ``ready`` per slot, signalled by the
+  copies' bytes; an mbarrier ``empty`` per slot, which both math warpgroups arrive on when done with it). A slot holds a
+  step's keys (``BLOCK_N``): 64 (one kept 64-token block; ``STAGES`` slots) or 128 (``STAGES_PAIR`` slots: two kept
+  64-token blocks, list entries ``2j`` and ``2j + 1`` in the slot's two halves, or one 128-token block), so that a
+  step's scores are one ``N = 128`` wgmma and the online softmax's per-step work (row max, rescaling the output
+  accumulator) is spread over twice the keys;
+- **two math warpgroups** (4 warps each) own 64 of the rows each and run independently: scores ``S = Q K^T`` (wgmma from
+  shared memory), the online softmax in registers, ``O += P V`` (P from registers), software-pipelined (step ``j``'s
+  scores issued with step ``j - 1``'s ``P V``, FlashAttention-3's overlap within a warpgroup: :func:`_attend`); one's
+  softmax also runs while the other's products do (FlashAttention-3's ping-pong, left to the warp schedulers; explicit
+  turn-taking through mbarriers measured 15 % slower). Blocks from the diagonal on are masked causally; rows with an
+  empty list give zeros and lse ``-inf``;
+- per-query-head masks (:func:`_sparse_fwd_ws_heads_kernel`): a tile is one query block of two query heads, each math
+  warpgroup one head with its own list, ring and barriers (``STAGES_HEADS`` slots each), and the loader warp fills both
+  rings step by step alternately.
 
 Measured against the Triton kernel's tiles, FlexAttention and FlashAttention-4 on the same masks (H200, 32k, 32 / 8
 heads, D 128, bf16, 10 %; docs/experiments/kernel-speed/session18, calls 6-7): per group 2.000 ms (the Triton tiles'
@@ -35,35 +38,27 @@ best 2.171, FA4 2.180); per query head 2.157 / 2.040 on structured / random mask
 where it is faster.
 
 Layouts: q ``[B, Hq, T, D]``, k / v ``[B, Hkv, T, D]``, any strides with a unit last stride and batch, head and token
-strides that TMA accepts (16-byte multiples); out ``[B, Hq, T, D]`` shaped, ``[B, T, Hq, D]`` in memory (as
-:mod:`.sparse_fwd`); lse ``[B, Hq, T]`` fp32 natural log. Lists int32 ``[B, H, NQ(, NK)]``, H = Hkv or Hq.
+strides that TMA accepts (16-byte multiples, 16-byte aligned bases); out ``[B, Hq, T, D]`` shaped, ``[B, T, Hq, D]`` in
+memory (as :mod:`.sparse_fwd`); lse ``[B, Hq, T]`` fp32 natural log. Lists int32 ``[B, H, NQ(, NK)]``, H = Hkv or Hq.
 
 Supported (:func:`supported` says why not): an sm_90 GPU, fp16 / bf16, D 64 or 128, per-group masks with ``G`` in
 (2, 4, 8) query heads a group at 64- or 128-token blocks, per-query-head masks with an even head count at 64-token
 blocks (two rings of 128-key slots would not fit in shared memory), no varlen. Limitations: forward only; Gluon has
-no interpreter, so the CPU tests compile it for sm_90 (``benchmarks/sm90.py``) and only the GPU tests run it. The
-K / V descriptors are built on the device (one pair per program), which needs Triton's global-scratch allocator:
-:func:`launch` sets one for its launch only (in a copied context, the caller's allocator untouched).
+no interpreter, so the CPU tests compile it for sm_90 (``benchmarks/sm90.py``) and only the GPU tests run it. Q, K
+and V reach the kernel as host TMA descriptors of their ``[B, H, T, D]`` views (``[1, 1, rows, D]`` boxes, the
+shared buffers 4-D to match and read as ``[rows, D]`` by the products).
 """
 
 from __future__ import annotations
 
-import contextvars
-
 import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (
-    async_copy,
-    fence_async_shared,
-    mbarrier,
-    tma,
-    warpgroup_mma,
-    warpgroup_mma_wait,
-)
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .common import LN2, LOG2E
+from .config import num_sms
 
 __all__ = [
     "GROUPS", "HEAD_DIMS", "MASK_BLOCKS", "STAGES", "STAGES_HEADS", "STAGES_PAIR", "STEPS", "launch", "stages",
@@ -115,19 +110,13 @@ def supported(
         )
     if varlen:
         return "has no varlen path"
-    for name, x in (("k", k), ("v", v)):
-        if any((stride * x.element_size()) % 16 for stride in x.stride()[:3]):
-            return f"needs {name}'s batch, head and token strides in 16-byte multiples (TMA), got {x.stride()}"
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.data_ptr() % 16 or any((stride * x.element_size()) % 16 for stride in x.stride()[:3]):
+            return (
+                f"needs {name} at a 16-byte aligned address with batch, head and token strides in 16-byte multiples "
+                f"(TMA), got address {x.data_ptr()} and strides {x.stride()}"
+            )
     return None
-
-
-@gluon.jit
-def _descriptors(K, V, T, stride_kt, stride_vt, HEAD_DIM: gl.constexpr):
-    """TMA descriptors of one KV head's K and V (``[T, D]`` from the head's base, 64-token tiles)."""
-    smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    k_desc = tma.make_tensor_descriptor(K, [T, HEAD_DIM], [stride_kt, 1], [64, HEAD_DIM], smem)
-    v_desc = tma.make_tensor_descriptor(V, [T, HEAD_DIM], [stride_vt, 1], [64, HEAD_DIM], smem)
-    return k_desc, v_desc
 
 
 @gluon.jit
@@ -158,34 +147,92 @@ def _step_blocks(blocks, cnt, j, MB: gl.constexpr, BLOCK_N: gl.constexpr):
 
 
 @gluon.jit
-def _copy_step(k_desc, v_desc, k_ring, v_ring, ready, empty, blocks, cnt, j,
+def _mask_row(LNum, LIdx, b, h, qblk, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq):
+    """Mask row (b, h, qblk): (a pointer to its kept-block list, the list's length)."""
+    b64 = b.to(gl.int64)
+    blocks = LIdx + b64 * stride_ib + h.to(gl.int64) * stride_ih + qblk.to(gl.int64) * stride_iq
+    cnt = gl.load(LNum + b64 * stride_nb + h.to(gl.int64) * stride_nh + qblk)
+    return blocks, cnt
+
+
+@gluon.jit
+def _group_tile(tile, NQ, HKV, MB: gl.constexpr, G: gl.constexpr):
+    """Tile ``tile`` of the per-group kernel -> (batch, KV head, query block, first position): (batch, KV head)
+    slowest, query blocks heaviest first, a block's ``MB / P`` tiles fastest (as .sparse_fwd's programs)."""
+    P: gl.constexpr = 128 // G
+    SPLIT: gl.constexpr = MB // P
+    per = NQ * SPLIT
+    bg = tile // per
+    t = per - 1 - tile % per
+    qblk = t // SPLIT
+    return bg // HKV, bg % HKV, qblk, qblk * MB + (t % SPLIT) * P
+
+
+@gluon.jit
+def _heads_tile(tile, NQ, HQ):
+    """Tile ``tile`` of the per-query-head kernel -> (batch, first of its two query heads, query block): (batch,
+    head pair) slowest, query blocks heaviest first."""
+    bp = tile // NQ
+    return bp // (HQ // 2), (bp % (HQ // 2)) * 2, NQ - 1 - tile % NQ
+
+
+@gluon.jit
+def _copy_q(q_desc, q4, q_ready, q_empty, b, head0, pos0, use, ROW0: gl.constexpr, HEADS: gl.constexpr,
+            P: gl.constexpr):  # fmt: skip
+    """A math warpgroup's Q rows of a tile by TMA (rows ``ROW0 ..`` of ``q4`` [1, 1, 128, D]: ``HEADS`` heads from
+    ``head0``, ``P`` positions from ``pos0`` each; past T TMA's zero fill), once the warpgroup is done with the
+    previous tile's (``use``: the buffer's uses so far; a fresh ``q_empty`` passes its first wait)."""
+    mbarrier.wait(q_empty, (use & 1) ^ 1)
+    mbarrier.expect(q_ready, HEADS * q_desc.block_type.nbytes)
+    for hh in gl.static_range(HEADS):
+        tma.async_copy_global_to_shared(q_desc, [b, head0 + hh, pos0, 0], q_ready, q4.slice(ROW0 + hh * P, P, dim=2))
+
+
+@gluon.jit
+def _copy_step(k_desc, v_desc, k_ring, v_ring, ready, empty, b, h, blocks, cnt, j, it,
                STAGES: gl.constexpr, MB: gl.constexpr, BLOCK_N: gl.constexpr):  # fmt: skip
-    """Step ``j``'s K and V tiles by TMA into slot ``j % STAGES`` (a 128-key slot: its two 64-row halves) once the
-    math warpgroups freed it (a fresh ``empty`` barrier passes its first wait: parity 1 of the phase before);
-    ``ready`` counts the bytes."""
+    """Step ``j`` of a list (the ring's ``it``-th step overall): KV head (b, h)'s K and V tiles by TMA into slot
+    ``it % STAGES`` (a 128-key slot: its two 64-row halves) once the math warpgroups freed it (a fresh ``empty``
+    passes its first wait: parity 1 of the phase before); ``ready`` counts the bytes."""
     first, second = _step_blocks(blocks, cnt, j, MB, BLOCK_N)
-    slot = j % STAGES
-    mbarrier.wait(empty.index(slot), ((j // STAGES) & 1) ^ 1)
+    slot = it % STAGES
+    mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)
     mbarrier.expect(ready.index(slot), (BLOCK_N // 32) * k_desc.block_type.nbytes)
     k_slot = k_ring.index(slot)
     v_slot = v_ring.index(slot)
     if BLOCK_N == 64:
-        tma.async_copy_global_to_shared(k_desc, [first * 64, 0], ready.index(slot), k_slot)
-        tma.async_copy_global_to_shared(v_desc, [first * 64, 0], ready.index(slot), v_slot)
+        tma.async_copy_global_to_shared(k_desc, [b, h, first * 64, 0], ready.index(slot), k_slot)
+        tma.async_copy_global_to_shared(v_desc, [b, h, first * 64, 0], ready.index(slot), v_slot)
     else:
-        tma.async_copy_global_to_shared(k_desc, [first * 64, 0], ready.index(slot), k_slot.slice(0, 64))
-        tma.async_copy_global_to_shared(k_desc, [second * 64, 0], ready.index(slot), k_slot.slice(64, 64))
-        tma.async_copy_global_to_shared(v_desc, [first * 64, 0], ready.index(slot), v_slot.slice(0, 64))
-        tma.async_copy_global_to_shared(v_desc, [second * 64, 0], ready.index(slot), v_slot.slice(64, 64))
+        tma.async_copy_global_to_shared(k_desc, [b, h, first * 64, 0], ready.index(slot), k_slot.slice(0, 64, dim=2))
+        tma.async_copy_global_to_shared(k_desc, [b, h, second * 64, 0], ready.index(slot), k_slot.slice(64, 64, dim=2))
+        tma.async_copy_global_to_shared(v_desc, [b, h, first * 64, 0], ready.index(slot), v_slot.slice(0, 64, dim=2))
+        tma.async_copy_global_to_shared(v_desc, [b, h, second * 64, 0], ready.index(slot), v_slot.slice(64, 64, dim=2))
 
 
 @gluon.jit
-def _loader(K, V, k_ring, v_ring, ready, empty, blocks, cnt, T, stride_kt, stride_vt,
-            HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, MB: gl.constexpr, BLOCK_N: gl.constexpr):  # fmt: skip
-    """The loader warp of the per-group kernel: the list ``blocks[0 .. cnt)`` into the ring, step by step."""
-    k_desc, v_desc = _descriptors(K, V, T, stride_kt, stride_vt, HEAD_DIM)
-    for j in range(_num_steps(cnt, MB, BLOCK_N)):
-        _copy_step(k_desc, v_desc, k_ring, v_ring, ready, empty, blocks, cnt, j, STAGES, MB, BLOCK_N)
+def _loader(q_desc, k_desc, v_desc, q4, k_ring, v_ring, q_ready, q_empty, ready, empty, LNum, LIdx,
+            stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, NQ, HKV, num_tiles,
+            G: gl.constexpr, STAGES: gl.constexpr, MB: gl.constexpr, BLOCK_N: gl.constexpr):  # fmt: skip
+    """The loader warp of the per-group kernel, over the program's tiles: each tile's first K / V step, its Q (once
+    the math warpgroups are done with the last tile's: the first step can land during their last product and
+    stores), then the rest of its list, step by step into the ring."""
+    P: gl.constexpr = 128 // G
+    it = 0
+    use = 0
+    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        b, g, qblk, pos0 = _group_tile(tile, NQ, HKV, MB, G)
+        blocks, cnt = _mask_row(LNum, LIdx, b, g, qblk, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq)
+        n = _num_steps(cnt, MB, BLOCK_N)
+        if n > 0:
+            _copy_step(k_desc, v_desc, k_ring, v_ring, ready, empty, b, g, blocks, cnt, 0, it, STAGES, MB, BLOCK_N)
+        for half in gl.static_range(2):  # warpgroup `half`'s 64 rows: G / 2 heads of P positions
+            _copy_q(q_desc, q4, q_ready.index(half), q_empty.index(half), b, g * G + half * (G // 2), pos0, use,
+                    half * 64, G // 2, P)  # fmt: skip
+        for j in range(1, n):
+            _copy_step(k_desc, v_desc, k_ring, v_ring, ready, empty, b, g, blocks, cnt, j, it + j, STAGES, MB, BLOCK_N)
+        it += n
+        use += 1
 
 
 @gluon.jit
@@ -216,13 +263,14 @@ def _softmax_step(s, m_i, l_i, j, blocks, cnt, qb, pos_s, cols_s, qk_scale, MB: 
 
 
 @gluon.jit
-def _math(q_smem, k_ring, v_ring, ready, empty, blocks, cnt, qb, row0, pos0, head0, T, qk_scale, Out, Lse,
-          stride_oh, stride_ot, stride_lh,
-          P: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, STORE_LSE: gl.constexpr,
-          MB: gl.constexpr, BLOCK_N: gl.constexpr):  # fmt: skip
-    """A math warpgroup: rows ``row0 .. row0 + 63`` of the program's 128 (row r = head ``head0 + r // P``, position
-    ``pos0 + r % P``; ``qb``: the 64-token block of ``pos0``) against every kept block, a step at a time (``BLOCK_N``
-    keys: :func:`_step_blocks`), then its output and lse stores (rows at or past T skipped).
+def _attend(q_smem, k_ring, v_ring, ready, empty, q_empty, blocks, cnt, it, qb, row0, pos0, head0, T, qk_scale,
+            Out, Lse, stride_oh, stride_ot, stride_lh,
+            P: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, STORE_LSE: gl.constexpr,
+            MB: gl.constexpr, BLOCK_N: gl.constexpr):  # fmt: skip
+    """One tile of a math warpgroup: rows ``row0 .. row0 + 63`` of the tile's 128 (row r = head ``head0 + r // P``,
+    position ``pos0 + r % P``; ``qb``: the 64-token block of ``pos0``) against every kept block of the list, a step at
+    a time (``BLOCK_N`` keys: :func:`_step_blocks`; the ring's steps ``it ..``), then its output and lse stores (rows
+    at or past T skipped). Frees its Q rows (``q_empty``) after its last scores. Returns the steps taken.
 
     Software-pipelined as FlashAttention-3 within a warpgroup: step ``j``'s scores ``Q K_j^T`` and step ``j - 1``'s
     ``P V_{j-1}`` are issued together (async wgmma, completed in order), so step ``j``'s softmax runs on the CUDA cores
@@ -242,25 +290,29 @@ def _math(q_smem, k_ring, v_ring, ready, empty, blocks, cnt, qb, row0, pos0, hea
     p16 = gl.zeros([64, BLOCK_N], q_smem.dtype, layout=p_layout)
     n = _num_steps(cnt, MB, BLOCK_N)
     if n > 0:  # step 0: scores and softmax only (nothing accumulated yet to rescale)
-        mbarrier.wait(ready.index(0), 0)
-        s = warpgroup_mma(q_smem, k_ring.index(0).permute((1, 0)), s_zero, use_acc=False)
+        slot = it % STAGES
+        mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
+        k_tile = k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM])
+        s = warpgroup_mma(q_smem, k_tile.permute((1, 0)), s_zero, use_acc=False)
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, 0, blocks, cnt, qb, pos_s, cols_s, qk_scale, MB, BLOCK_N)
         p16 = gl.convert_layout(p.to(q_smem.dtype), p_layout)
     for j in range(1, n):
-        slot = j % STAGES
-        prev = (j - 1) % STAGES
-        mbarrier.wait(ready.index(slot), (j // STAGES) & 1)
-        s = warpgroup_mma(q_smem, k_ring.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        acc = warpgroup_mma(p16, v_ring.index(prev), acc, is_async=True)
+        slot = (it + j) % STAGES
+        prev = (it + j - 1) % STAGES
+        mbarrier.wait(ready.index(slot), ((it + j) // STAGES) & 1)
+        k_tile = k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM])
+        s = warpgroup_mma(q_smem, k_tile.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        acc = warpgroup_mma(p16, v_ring.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
         s = warpgroup_mma_wait(1, deps=[s])  # the scores (issued first) are in; P V_{j-1} may still run
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, j, blocks, cnt, qb, pos_s, cols_s, qk_scale, MB, BLOCK_N)
         acc = warpgroup_mma_wait(0, deps=[acc])
         mbarrier.arrive(empty.index(prev))
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
         p16 = gl.convert_layout(p.to(q_smem.dtype), p_layout)
+    mbarrier.arrive(q_empty)  # every score of the tile is in: the loader may bring the next tile's Q
     if n > 0:  # the last step's P V
-        last = (n - 1) % STAGES
-        acc = warpgroup_mma(p16, v_ring.index(last), acc, is_async=True)
+        last = (it + n - 1) % STAGES
+        acc = warpgroup_mma(p16, v_ring.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
         acc = warpgroup_mma_wait(0, deps=[acc])
         mbarrier.arrive(empty.index(last))
     empty_row = l_i == 0.0
@@ -275,163 +327,189 @@ def _math(q_smem, k_ring, v_ring, ready, empty, blocks, cnt, qb, row0, pos0, hea
         lse = gl.where(empty_row, float("-inf"), (m_i + gl.log2(gl.where(empty_row, 1.0, l_i))) * LN2)
         l_off = (head0 + r_s // P).to(gl.int64) * stride_lh + pos_s
         gl.store(Lse + l_off, lse, mask=pos_s < T)
+    return n
+
+
+@gluon.jit
+def _math(q_smem, k_ring, v_ring, q_ready, q_empty, ready, empty, LNum, LIdx, qk_scale, Out, Lse,
+          stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, stride_ob, stride_oh, stride_ot, stride_lb, stride_lh,
+          T, NQ, HKV, num_tiles, ROW0: gl.constexpr, G: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+          STORE_LSE: gl.constexpr, MB: gl.constexpr, BLOCK_N: gl.constexpr):  # fmt: skip
+    """A math warpgroup of the per-group kernel: rows ``ROW0 .. ROW0 + 63`` of each of the program's tiles."""
+    it = 0
+    use = 0
+    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        b, g, qblk, pos0 = _group_tile(tile, NQ, HKV, MB, G)
+        blocks, cnt = _mask_row(LNum, LIdx, b, g, qblk, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq)
+        mbarrier.wait(q_ready, use & 1)
+        b64 = b.to(gl.int64)
+        # P <= 64 divides 64: a tile's positions lie in one 64-token block
+        it += _attend(q_smem, k_ring, v_ring, ready, empty, q_empty, blocks, cnt, it, pos0 // 64, ROW0, pos0, g * G,
+                      T, qk_scale, Out + b64 * stride_ob, Lse + b64 * stride_lb, stride_oh, stride_ot, stride_lh,
+                      128 // G, HEAD_DIM, STAGES, STORE_LSE, MB, BLOCK_N)  # fmt: skip
+        use += 1
 
 
 @gluon.jit
 def _sparse_fwd_ws_kernel(
-    Q, K, V, Out, Lse, LNum, LIdx, qk_scale,
-    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+    q_desc, k_desc, v_desc, Out, Lse, LNum, LIdx, qk_scale,
     stride_ob, stride_oh, stride_ot, stride_lb, stride_lh, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq,
-    T, HKV, NQ,
+    T, HKV, NQ, num_tiles,
     G: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, STORE_LSE: gl.constexpr, MB: gl.constexpr,
     BLOCK_N: gl.constexpr,
 ):  # fmt: skip
-    P: gl.constexpr = 128 // G  # positions a program (its rows: G heads x P positions)
-    SPLIT: gl.constexpr = MB // P  # programs a query block
-    smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    # 16-byte cp.async vectors for Q: a warp covers 256 / D rows of D columns
-    ld: gl.constexpr = gl.BlockedLayout([1, 8], [256 // HEAD_DIM, HEAD_DIM // 8], [4, 1], [1, 0])
-
-    # (batch, KV head) slowest, query blocks heaviest first, the block's SPLIT programs fastest (as .sparse_fwd)
-    pid = gl.program_id(0)
-    per = NQ * SPLIT
-    bg = pid // per
-    tile = per - 1 - pid % per
-    b = bg // HKV
-    g = bg % HKV
-    qblk = tile // SPLIT
-    pos0 = qblk * MB + (tile % SPLIT) * P
-    qb = pos0 // 64  # P <= 64 divides 64: the program's positions lie in one 64-token block
-    head0 = g * G
-    b64 = b.to(gl.int64)
-    blocks = LIdx + b64 * stride_ib + g.to(gl.int64) * stride_ih + qblk.to(gl.int64) * stride_iq
-    cnt = gl.load(LNum + b64 * stride_nb + g.to(gl.int64) * stride_nh + qblk)
-
-    q_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [128, HEAD_DIM], smem)
-    k_ring = gl.allocate_shared_memory(K.dtype.element_ty, [STAGES, BLOCK_N, HEAD_DIM], smem)
-    v_ring = gl.allocate_shared_memory(V.dtype.element_ty, [STAGES, BLOCK_N, HEAD_DIM], smem)
+    """Per-group masks, persistent: program ``p`` owns tiles ``p, p + programs, ..`` (:func:`_group_tile`), each 128
+    rows (G heads x 128 / G positions of one query block); one loader warp, two math warpgroups of 64 rows."""
+    smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
+    # 4-D buffers as the [B, H, T, D] descriptors' boxes; the products read them as [rows, D]
+    q4 = gl.allocate_shared_memory(q_desc.dtype, [1, 1, 128, HEAD_DIM], smem)
+    k_ring = gl.allocate_shared_memory(k_desc.dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], smem)
+    v_ring = gl.allocate_shared_memory(v_desc.dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], smem)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=2)  # both math warpgroups free a slot
-    r = gl.arange(0, 128, layout=gl.SliceLayout(1, ld))
-    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld))
-    pos = pos0 + r % P
-    q_off = b64 * stride_qb + (head0 + r // P).to(gl.int64) * stride_qh + pos.to(gl.int64) * stride_qt
-    async_copy.async_copy_global_to_shared(q_smem, Q + q_off[:, None] + cols[None, :], mask=(pos < T)[:, None])
-    async_copy.commit_group()
-    async_copy.wait_group(0)
-    gl.thread_barrier()
-    fence_async_shared()
-    K0 = K + b64 * stride_kb + g.to(gl.int64) * stride_kh
-    V0 = V + b64 * stride_vb + g.to(gl.int64) * stride_vh
-    O0 = Out + b64 * stride_ob
-    L0 = Lse + b64 * stride_lb
+    for i in gl.static_range(2):
+        mbarrier.init(q_ready.index(i), count=1)
+        mbarrier.init(q_empty.index(i), count=1)
+    q2 = q4.reshape([128, HEAD_DIM])
     # the partitions' argument tuples inline: a tuple bound to a name first turns its constexprs into tensors
     gl.warp_specialize(
-        [(_math, (q_smem.slice(0, 64), k_ring, v_ring, ready, empty, blocks, cnt, qb, 0, pos0, head0, T, qk_scale,
-                  O0, L0, stride_oh, stride_ot, stride_lh, P, HEAD_DIM, STAGES, STORE_LSE, MB, BLOCK_N)),
-         (_math, (q_smem.slice(64, 64), k_ring, v_ring, ready, empty, blocks, cnt, qb, 64, pos0, head0, T,
-                  qk_scale, O0, L0, stride_oh, stride_ot, stride_lh, P, HEAD_DIM, STAGES, STORE_LSE, MB, BLOCK_N)),
-         (_loader, (K0, V0, k_ring, v_ring, ready, empty, blocks, cnt, T, stride_kt, stride_vt, HEAD_DIM, STAGES,
-                    MB, BLOCK_N))],
+        [(_math, (q2.slice(0, 64), k_ring, v_ring, q_ready.index(0), q_empty.index(0), ready, empty, LNum, LIdx,
+                  qk_scale, Out, Lse, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, stride_ob, stride_oh,
+                  stride_ot, stride_lb, stride_lh, T, NQ, HKV, num_tiles, 0, G, HEAD_DIM, STAGES, STORE_LSE, MB,
+                  BLOCK_N)),
+         (_math, (q2.slice(64, 64), k_ring, v_ring, q_ready.index(1), q_empty.index(1), ready, empty, LNum, LIdx,
+                  qk_scale, Out, Lse, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, stride_ob, stride_oh,
+                  stride_ot, stride_lb, stride_lh, T, NQ, HKV, num_tiles, 64, G, HEAD_DIM, STAGES, STORE_LSE, MB,
+                  BLOCK_N)),
+         (_loader, (q_desc, k_desc, v_desc, q4, k_ring, v_ring, q_ready, q_empty, ready, empty, LNum, LIdx,
+                    stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, NQ, HKV, num_tiles, G, STAGES, MB,
+                    BLOCK_N))],
         [4, 1], [232, 24],
     )  # fmt: skip
 
 
 @gluon.jit
-def _loader_pair(K0, V0, K1, V1, ring0, ring1, ready0, ready1, empty0, empty1, blocks0, blocks1, cnt0, cnt1, T,
-                 stride_kt, stride_vt, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
-    """The loader warp of the per-query-head kernel: two lists (one a math warpgroup), each into its own ring
-    (``ring0`` / ``ring1`` = (K slots, V slots)), step by step alternately, so neither warpgroup waits for the other's
-    list to be loaded first."""
-    k0, v0 = _descriptors(K0, V0, T, stride_kt, stride_vt, HEAD_DIM)
-    k1, v1 = _descriptors(K1, V1, T, stride_kt, stride_vt, HEAD_DIM)
-    for j in range(gl.maximum(cnt0, cnt1)):
-        if j < cnt0:
-            _copy_step(k0, v0, ring0[0], ring0[1], ready0, empty0, blocks0, cnt0, j, STAGES, 64, 64)
-        if j < cnt1:
-            _copy_step(k1, v1, ring1[0], ring1[1], ready1, empty1, blocks1, cnt1, j, STAGES, 64, 64)
+def _loader_pair(q_desc, k_desc, v_desc, q4, ring0, ring1, q_ready, q_empty, ready0, ready1, empty0, empty1, LNum,
+                 LIdx, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, NQ, HQ, GROUP, num_tiles,
+                 STAGES: gl.constexpr):  # fmt: skip
+    """The loader warp of the per-query-head kernel, over the program's tiles: two lists a tile (one a math
+    warpgroup), each into its own ring (``ring0`` / ``ring1`` = (K slots, V slots)), step by step alternately, so
+    neither warpgroup waits for the other's list to be loaded first; the tile's Q after the first steps (as
+    :func:`_loader`)."""
+    it0 = 0
+    it1 = 0
+    use = 0
+    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        b, h0, qblk = _heads_tile(tile, NQ, HQ)
+        list0, cnt0 = _mask_row(LNum, LIdx, b, h0, qblk, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq)
+        list1, cnt1 = _mask_row(LNum, LIdx, b, h0 + 1, qblk, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq)
+        kv0 = h0 // GROUP
+        kv1 = (h0 + 1) // GROUP
+        if cnt0 > 0:
+            _copy_step(k_desc, v_desc, ring0[0], ring0[1], ready0, empty0, b, kv0, list0, cnt0, 0, it0, STAGES, 64, 64)
+        if cnt1 > 0:
+            _copy_step(k_desc, v_desc, ring1[0], ring1[1], ready1, empty1, b, kv1, list1, cnt1, 0, it1, STAGES, 64, 64)
+        for half in gl.static_range(2):  # warpgroup `half`: head h0 + half's 64 positions
+            _copy_q(q_desc, q4, q_ready.index(half), q_empty.index(half), b, h0 + half, qblk * 64, use, half * 64, 1,
+                    64)  # fmt: skip
+        for j in range(1, gl.maximum(cnt0, cnt1)):
+            if j < cnt0:
+                _copy_step(k_desc, v_desc, ring0[0], ring0[1], ready0, empty0, b, kv0, list0, cnt0, j, it0 + j, STAGES,
+                           64, 64)  # fmt: skip
+            if j < cnt1:
+                _copy_step(k_desc, v_desc, ring1[0], ring1[1], ready1, empty1, b, kv1, list1, cnt1, j, it1 + j, STAGES,
+                           64, 64)  # fmt: skip
+        it0 += cnt0
+        it1 += cnt1
+        use += 1
+
+
+@gluon.jit
+def _math_heads(q_smem, k_ring, v_ring, q_ready, q_empty, ready, empty, LNum, LIdx, qk_scale, Out, Lse,
+                stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, stride_ob, stride_oh, stride_ot, stride_lb,
+                stride_lh, T, NQ, HQ, num_tiles, WG: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                STORE_LSE: gl.constexpr):  # fmt: skip
+    """A math warpgroup of the per-query-head kernel: head ``h0 + WG`` of each of the program's tiles, its own list
+    and ring."""
+    it = 0
+    use = 0
+    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        b, h0, qblk = _heads_tile(tile, NQ, HQ)
+        blocks, cnt = _mask_row(LNum, LIdx, b, h0 + WG, qblk, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq)
+        mbarrier.wait(q_ready, use & 1)
+        b64 = b.to(gl.int64)
+        it += _attend(q_smem, k_ring, v_ring, ready, empty, q_empty, blocks, cnt, it, qblk, 0, qblk * 64, h0 + WG, T,
+                      qk_scale, Out + b64 * stride_ob, Lse + b64 * stride_lb, stride_oh, stride_ot, stride_lh, 64,
+                      HEAD_DIM, STAGES, STORE_LSE, 64, 64)  # fmt: skip
+        use += 1
 
 
 @gluon.jit
 def _sparse_fwd_ws_heads_kernel(
-    Q, K, V, Out, Lse, LNum, LIdx, qk_scale,
-    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+    q_desc, k_desc, v_desc, Out, Lse, LNum, LIdx, qk_scale,
     stride_ob, stride_oh, stride_ot, stride_lb, stride_lh, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq,
-    T, HQ, NQ, GROUP,
+    T, HQ, NQ, GROUP, num_tiles,
     HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, STORE_LSE: gl.constexpr,
 ):  # fmt: skip
-    """Per-query-head masks: a program owns one 64-token query block of two query heads (``2p``, ``2p + 1``), each
-    math warpgroup one head with its own list, K / V ring and barriers; one loader warp fills both rings."""
-    smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    ld: gl.constexpr = gl.BlockedLayout([1, 8], [256 // HEAD_DIM, HEAD_DIM // 8], [4, 1], [1, 0])
-    # (batch, head pair) slowest, heaviest query blocks first (as .sparse_fwd; a pair shares its KV head when GROUP > 1)
-    pid = gl.program_id(0)
-    bp = pid // NQ
-    qblk = NQ - 1 - pid % NQ
-    b = bp // (HQ // 2)
-    h0 = (bp % (HQ // 2)) * 2
-    b64 = b.to(gl.int64)
-    pos0 = qblk * 64
-    list0 = LIdx + b64 * stride_ib + h0.to(gl.int64) * stride_ih + qblk.to(gl.int64) * stride_iq
-    list1 = list0 + stride_ih
-    cnt0 = gl.load(LNum + b64 * stride_nb + h0.to(gl.int64) * stride_nh + qblk)
-    cnt1 = gl.load(LNum + b64 * stride_nb + (h0 + 1).to(gl.int64) * stride_nh + qblk)
-
-    q_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [128, HEAD_DIM], smem)
-    k_ring0 = gl.allocate_shared_memory(K.dtype.element_ty, [STAGES, 64, HEAD_DIM], smem)
-    v_ring0 = gl.allocate_shared_memory(V.dtype.element_ty, [STAGES, 64, HEAD_DIM], smem)
-    k_ring1 = gl.allocate_shared_memory(K.dtype.element_ty, [STAGES, 64, HEAD_DIM], smem)
-    v_ring1 = gl.allocate_shared_memory(V.dtype.element_ty, [STAGES, 64, HEAD_DIM], smem)
+    """Per-query-head masks, persistent: a tile is one 64-token query block of two query heads (``2p``, ``2p + 1``),
+    each math warpgroup one head with its own list, K / V ring and barriers; one loader warp fills both rings."""
+    smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
+    q4 = gl.allocate_shared_memory(q_desc.dtype, [1, 1, 128, HEAD_DIM], smem)
+    k_ring0 = gl.allocate_shared_memory(k_desc.dtype, [STAGES, 1, 1, 64, HEAD_DIM], smem)
+    v_ring0 = gl.allocate_shared_memory(v_desc.dtype, [STAGES, 1, 1, 64, HEAD_DIM], smem)
+    k_ring1 = gl.allocate_shared_memory(k_desc.dtype, [STAGES, 1, 1, 64, HEAD_DIM], smem)
+    v_ring1 = gl.allocate_shared_memory(v_desc.dtype, [STAGES, 1, 1, 64, HEAD_DIM], smem)
     ready0 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty0 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     ready1 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty1 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready0.index(i), count=1)
         mbarrier.init(empty0.index(i), count=1)
         mbarrier.init(ready1.index(i), count=1)
         mbarrier.init(empty1.index(i), count=1)
-    # Q rows: head h0's 64 positions, then head h0 + 1's
-    r = gl.arange(0, 128, layout=gl.SliceLayout(1, ld))
-    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld))
-    pos = pos0 + r % 64
-    q_off = b64 * stride_qb + (h0 + r // 64).to(gl.int64) * stride_qh + pos.to(gl.int64) * stride_qt
-    async_copy.async_copy_global_to_shared(q_smem, Q + q_off[:, None] + cols[None, :], mask=(pos < T)[:, None])
-    async_copy.commit_group()
-    async_copy.wait_group(0)
-    gl.thread_barrier()
-    fence_async_shared()
-    kv0 = (h0 // GROUP).to(gl.int64)
-    kv1 = ((h0 + 1) // GROUP).to(gl.int64)
-    O0 = Out + b64 * stride_ob
-    L0 = Lse + b64 * stride_lb
-    # each warpgroup: P = 64 positions of one head (row r: head h0 or h0 + 1, position pos0 + r)
+    for i in gl.static_range(2):
+        mbarrier.init(q_ready.index(i), count=1)
+        mbarrier.init(q_empty.index(i), count=1)
+    q2 = q4.reshape([128, HEAD_DIM])
     gl.warp_specialize(
-        [(_math, (q_smem.slice(0, 64), k_ring0, v_ring0, ready0, empty0, list0, cnt0, qblk, 0, pos0, h0, T, qk_scale,
-                  O0, L0, stride_oh, stride_ot, stride_lh, 64, HEAD_DIM, STAGES, STORE_LSE, 64, 64)),
-         (_math, (q_smem.slice(64, 64), k_ring1, v_ring1, ready1, empty1, list1, cnt1, qblk, 0, pos0, h0 + 1, T,
-                  qk_scale, O0, L0, stride_oh, stride_ot, stride_lh, 64, HEAD_DIM, STAGES, STORE_LSE, 64, 64)),
-         (_loader_pair, (K + b64 * stride_kb + kv0 * stride_kh, V + b64 * stride_vb + kv0 * stride_vh,
-                         K + b64 * stride_kb + kv1 * stride_kh, V + b64 * stride_vb + kv1 * stride_vh,
-                         (k_ring0, v_ring0), (k_ring1, v_ring1), ready0, ready1, empty0, empty1, list0, list1, cnt0,
-                         cnt1, T, stride_kt, stride_vt, HEAD_DIM, STAGES))],
+        [(_math_heads, (q2.slice(0, 64), k_ring0, v_ring0, q_ready.index(0), q_empty.index(0), ready0, empty0, LNum,
+                        LIdx, qk_scale, Out, Lse, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, stride_ob,
+                        stride_oh, stride_ot, stride_lb, stride_lh, T, NQ, HQ, num_tiles, 0, HEAD_DIM, STAGES,
+                        STORE_LSE)),
+         (_math_heads, (q2.slice(64, 64), k_ring1, v_ring1, q_ready.index(1), q_empty.index(1), ready1, empty1, LNum,
+                        LIdx, qk_scale, Out, Lse, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, stride_ob,
+                        stride_oh, stride_ot, stride_lb, stride_lh, T, NQ, HQ, num_tiles, 1, HEAD_DIM, STAGES,
+                        STORE_LSE)),
+         (_loader_pair, (q_desc, k_desc, v_desc, q4, (k_ring0, v_ring0), (k_ring1, v_ring1), q_ready, q_empty, ready0,
+                         ready1, empty0, empty1, LNum, LIdx, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, NQ,
+                         HQ, GROUP, num_tiles, STAGES))],
         [4, 1], [232, 24],
     )  # fmt: skip
 
 
-def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    """Triton's global scratch for the device-built TMA descriptors (a few hundred bytes a program)."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
+def _descriptor(x: torch.Tensor, rows: int) -> TensorDescriptor:
+    """A TMA descriptor of ``x`` [B, H, T, D] (any strides TMA takes) with ``[1, 1, rows, D]`` boxes."""
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, rows, x.shape[3]], layout)
 
 
-def launch(q, k, v, out, lse, kv_num_blocks, kv_indices, scale: float, mask_block: int = 64, block_n: int = 64) -> None:
+def launch(
+    q, k, v, out, lse, kv_num_blocks, kv_indices, scale: float, mask_block: int = 64, block_n: int = 64,
+    programs: int | None = None,
+) -> None:  # fmt: skip
     """Run the kernel (the case checked by :func:`supported`): out [B, Hq, T, D] (``[B, T, Hq, D]`` memory), lse
     [B, Hq, T] fp32 or None; lists int32 [B, H, NQ(, NK)] of ``mask_block``-token blocks, H = Hq (per query head) or
     Hkv (per group). ``block_n``: keys a step, 64 (a kept 64-token block) or 128 (two kept 64-token blocks, or one
-    128-token block; per-group masks only)."""
+    128-token block; per-group masks only). Persistent: ``programs`` (None: one a multiprocessor, at most one a tile)
+    each walk their share of the tiles; any count gives the same result, bit for bit."""
     b, hq, t, d = q.shape
     hkv = k.shape[1]
     nq = kv_indices.shape[2]
@@ -443,22 +521,19 @@ def launch(q, k, v, out, lse, kv_num_blocks, kv_indices, scale: float, mask_bloc
             f"only), got ({mask_block}, {block_n}) with {'per-query-head' if per_head else 'per-group'} masks"
         )
     lse_arg = lse if lse is not None else out  # never written without STORE_LSE
-    args = (
-        q, k, v, out, lse_arg, kv_num_blocks, kv_indices, scale * LOG2E,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        lse_arg.stride(0), lse_arg.stride(1), kv_num_blocks.stride(0), kv_num_blocks.stride(1),
-        kv_indices.stride(0), kv_indices.stride(1), kv_indices.stride(2), t,
+    if per_head:  # a tile: two heads' 64-token query block
+        kernel, tiles, q_rows = _sparse_fwd_ws_heads_kernel, b * (hq // 2) * nq, 64
+        extra, consts = (hq, nq, group), dict(STAGES=STAGES_HEADS)
+    else:  # per-group masks: G / 2 tiles a 64-token query block
+        kernel, tiles, q_rows = _sparse_fwd_ws_kernel, b * hkv * nq * (group * mask_block // 128), 128 // group
+        extra, consts = (hkv, nq), dict(G=group, STAGES=stages(block_n), MB=mask_block, BLOCK_N=block_n)
+    if programs is None:
+        programs = min(tiles, num_sms(q.device))  # one a multiprocessor: the three partitions take its registers
+    elif programs < 1:
+        raise ValueError(f"sparse_fwd_ws.launch: programs must be None or >= 1, got {programs}")
+    kernel[(programs,)](
+        _descriptor(q, q_rows), _descriptor(k, 64), _descriptor(v, 64), out, lse_arg, kv_num_blocks, kv_indices,
+        scale * LOG2E, out.stride(0), out.stride(1), out.stride(2), lse_arg.stride(0), lse_arg.stride(1),
+        kv_num_blocks.stride(0), kv_num_blocks.stride(1), kv_indices.stride(0), kv_indices.stride(1),
+        kv_indices.stride(2), t, *extra, tiles, HEAD_DIM=d, STORE_LSE=lse is not None, num_warps=4, **consts,
     )  # fmt: skip
-    if per_head:  # two heads a program
-        kernel, grid, extra = _sparse_fwd_ws_heads_kernel, b * (hq // 2) * nq, (hq, nq, group)
-        consts = dict(STAGES=STAGES_HEADS)
-    else:  # per-group masks: G / 2 programs a 64-token query block
-        kernel, grid, extra = _sparse_fwd_ws_kernel, b * hkv * nq * (group * mask_block // 128), (hkv, nq)
-        consts = dict(G=group, STAGES=stages(block_n), MB=mask_block, BLOCK_N=block_n)
-
-    def run():
-        triton.set_allocator(_scratch)  # in the copied context below: the caller's allocator is left as it was
-        kernel[(grid,)](*args, *extra, HEAD_DIM=d, STORE_LSE=lse is not None, num_warps=4, **consts)
-
-    contextvars.copy_context().run(run)

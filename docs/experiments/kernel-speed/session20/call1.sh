@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Session 20, call 1 (the working tree of this commit; .gpu/prev = d08974e's src, session 19's kernel; .gpu/pipe =
+# 29d7040's src, the math warpgroups software-pipelined only): the Hopper forward software-pipelined and persistent.
+# GPU tests of the warp-specialised forward; the steps benchmark alternating the three trees (separate processes);
+# the per-group sweep at 32k and 128k with FA4 and Flex in one process; the time to first token.
+# Device calls: carry .gpu/fa4a (command `ls .gpu/fa4a`), then at once carry .gpu/fa4b, .gpu/prev, .gpu/pipe, this.
+. benchmarks/session.sh s20c1
+. benchmarks/fa4_payload.sh install
+step fa4-install $?
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$R/gpu.txt"
+timeout -k 10 150 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_gpu_kernels.py -k "hopper_ws" \
+  > "$R/gpu_tests.log" 2>&1
+step gpu-tests $?; tail -n 8 "$R/gpu_tests.log" | cut -c1-300
+for round in 1 2; do
+  for tree in prev pipe new; do
+    P=src:.; [ $tree != new ] && P=.gpu/$tree/src:.
+    PYTHONPATH=$P timeout -k 10 60 python3 docs/experiments/kernel-speed/session19/steps.py --rounds 1 \
+      --json "$R/steps_${tree}_$round.json" > "$R/steps_${tree}_$round.log" 2>&1
+    step steps-$tree-$round $?; cut -c1-110 "$R/steps_${tree}_$round.log"
+  done
+done
+timeout -k 10 120 python3 -m benchmarks.attention --rep 30 --seqlens 32768 --densities 1.0,0.1 --block-sizes 64,128 \
+  --mask-heads hkv --providers ours,flex,fa4 --sweep --json "$R/sweep32k.json" > "$R/sweep32k.log" 2>&1
+step sweep32k $?; grep -E "^llama" "$R/sweep32k.log" | cut -c1-120
+timeout -k 10 100 python3 -m benchmarks.attention --rep 30 --seqlens 32768 --densities 0.1 --block-sizes 64 \
+  --mask-heads hq --providers ours,flex,fa4 --sweep --json "$R/sweep32k_hq.json" > "$R/sweep32k_hq.log" 2>&1
+step sweep32k-hq $?; grep -E "^llama" "$R/sweep32k_hq.log" | cut -c1-120
+timeout -k 10 150 python3 -m benchmarks.prefill --seqlens 32768,131072 --densities 0.1 --warmup 1 --reps 2 \
+  --json "$R/prefill.json" > "$R/prefill.log" 2>&1
+step prefill $?; grep -E "^T=" "$R/prefill.log"
+finish
