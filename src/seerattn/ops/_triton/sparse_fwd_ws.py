@@ -7,8 +7,9 @@ The same attention as :mod:`.sparse_fwd` (online softmax in the log2 domain over
 diagonal block masked causally), scheduled by hand with Gluon (``triton.experimental.gluon``: mbarriers, TMA, async
 wgmma and ``warp_specialize``, which the compiler-scheduled Triton kernels cannot use on Hopper):
 
-- **persistent** programs, one a multiprocessor, each walking its share of the tiles (program ``p``: tiles ``p, p +
-  programs, ..``), so that a tile's first loads land while the tile before finishes its last product and stores;
+- **persistent** programs, one a multiprocessor, each walking its share of the tiles (one a round, programs in
+  alternating order: :func:`_program_tile`), so that a tile's first loads land while the tile before finishes its
+  last product and stores;
 - per-group masks (:func:`_sparse_fwd_ws_kernel`): a tile is 128 query rows, ``P = 128 / G`` consecutive positions of
   one query block for the ``G`` query heads of one KV group (they share the block's list and every K/V tile);
 - a **loader warp** copies each tile's first K / V step, its Q (once the math warpgroups are done with the last tile's
@@ -156,6 +157,18 @@ def _mask_row(LNum, LIdx, b, h, qblk, stride_nb, stride_nh, stride_ib, stride_ih
 
 
 @gluon.jit
+def _program_tile(rnd):
+    """This program's tile of round ``rnd`` (one tile a program a round, at or past the count in the last round):
+    programs in order on even rounds and in reverse on odd ones. Tiles run heaviest first within a (batch, head) row
+    of lists, so walking ``p, p + programs, ..`` would hand the low programs the heavier tile of every round; the
+    alternation pairs each heavy tile with a light one (the static form of the hardware's dynamic block scheduling
+    that a non-persistent launch had)."""
+    p = gl.program_id(0)
+    n = gl.num_programs(0)
+    return rnd * n + p + (rnd % 2) * (n - 1 - 2 * p)
+
+
+@gluon.jit
 def _group_tile(tile, NQ, HKV, MB: gl.constexpr, G: gl.constexpr):
     """Tile ``tile`` of the per-group kernel -> (batch, KV head, query block, first position): (batch, KV head)
     slowest, query blocks heaviest first, a block's ``MB / P`` tiles fastest (as .sparse_fwd's programs)."""
@@ -220,19 +233,23 @@ def _loader(q_desc, k_desc, v_desc, q4, k_ring, v_ring, q_ready, q_empty, ready,
     P: gl.constexpr = 128 // G
     it = 0
     use = 0
-    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-        b, g, qblk, pos0 = _group_tile(tile, NQ, HKV, MB, G)
-        blocks, cnt = _mask_row(LNum, LIdx, b, g, qblk, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq)
-        n = _num_steps(cnt, MB, BLOCK_N)
-        if n > 0:
-            _copy_step(k_desc, v_desc, k_ring, v_ring, ready, empty, b, g, blocks, cnt, 0, it, STAGES, MB, BLOCK_N)
-        for half in gl.static_range(2):  # warpgroup `half`'s 64 rows: G / 2 heads of P positions
-            _copy_q(q_desc, q4, q_ready.index(half), q_empty.index(half), b, g * G + half * (G // 2), pos0, use,
-                    half * 64, G // 2, P)  # fmt: skip
-        for j in range(1, n):
-            _copy_step(k_desc, v_desc, k_ring, v_ring, ready, empty, b, g, blocks, cnt, j, it + j, STAGES, MB, BLOCK_N)
-        it += n
-        use += 1
+    for rnd in range(gl.cdiv(num_tiles, gl.num_programs(0))):
+        tile = _program_tile(rnd)
+        if tile < num_tiles:
+            b, g, qblk, pos0 = _group_tile(tile, NQ, HKV, MB, G)
+            blocks, cnt = _mask_row(LNum, LIdx, b, g, qblk, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq)
+            n = _num_steps(cnt, MB, BLOCK_N)
+            if n > 0:
+                _copy_step(k_desc, v_desc, k_ring, v_ring, ready, empty, b, g, blocks, cnt, 0, it, STAGES, MB, BLOCK_N)
+            for half in gl.static_range(2):  # warpgroup `half`'s 64 rows: G / 2 heads of P positions
+                _copy_q(q_desc, q4, q_ready.index(half), q_empty.index(half), b, g * G + half * (G // 2), pos0, use,
+                        half * 64, G // 2, P)  # fmt: skip
+            for j in range(1, n):
+                _copy_step(
+                    k_desc, v_desc, k_ring, v_ring, ready, empty, b, g, blocks, cnt, j, it + j, STAGES, MB, BLOCK_N
+                )
+            it += n
+            use += 1
 
 
 @gluon.jit
@@ -338,16 +355,18 @@ def _math(q_smem, k_ring, v_ring, q_ready, q_empty, ready, empty, LNum, LIdx, qk
     """A math warpgroup of the per-group kernel: rows ``ROW0 .. ROW0 + 63`` of each of the program's tiles."""
     it = 0
     use = 0
-    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-        b, g, qblk, pos0 = _group_tile(tile, NQ, HKV, MB, G)
-        blocks, cnt = _mask_row(LNum, LIdx, b, g, qblk, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq)
-        mbarrier.wait(q_ready, use & 1)
-        b64 = b.to(gl.int64)
-        # P <= 64 divides 64: a tile's positions lie in one 64-token block
-        it += _attend(q_smem, k_ring, v_ring, ready, empty, q_empty, blocks, cnt, it, pos0 // 64, ROW0, pos0, g * G,
-                      T, qk_scale, Out + b64 * stride_ob, Lse + b64 * stride_lb, stride_oh, stride_ot, stride_lh,
-                      128 // G, HEAD_DIM, STAGES, STORE_LSE, MB, BLOCK_N)  # fmt: skip
-        use += 1
+    for rnd in range(gl.cdiv(num_tiles, gl.num_programs(0))):
+        tile = _program_tile(rnd)
+        if tile < num_tiles:
+            b, g, qblk, pos0 = _group_tile(tile, NQ, HKV, MB, G)
+            blocks, cnt = _mask_row(LNum, LIdx, b, g, qblk, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq)
+            mbarrier.wait(q_ready, use & 1)
+            b64 = b.to(gl.int64)
+            # P <= 64 divides 64: a tile's positions lie in one 64-token block
+            it += _attend(q_smem, k_ring, v_ring, ready, empty, q_empty, blocks, cnt, it, pos0 // 64, ROW0, pos0, g * G,
+                          T, qk_scale, Out + b64 * stride_ob, Lse + b64 * stride_lb, stride_oh, stride_ot, stride_lh,
+                          128 // G, HEAD_DIM, STAGES, STORE_LSE, MB, BLOCK_N)  # fmt: skip
+            use += 1
 
 
 @gluon.jit
@@ -404,29 +423,35 @@ def _loader_pair(q_desc, k_desc, v_desc, q4, ring0, ring1, q_ready, q_empty, rea
     it0 = 0
     it1 = 0
     use = 0
-    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-        b, h0, qblk = _heads_tile(tile, NQ, HQ)
-        list0, cnt0 = _mask_row(LNum, LIdx, b, h0, qblk, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq)
-        list1, cnt1 = _mask_row(LNum, LIdx, b, h0 + 1, qblk, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq)
-        kv0 = h0 // GROUP
-        kv1 = (h0 + 1) // GROUP
-        if cnt0 > 0:
-            _copy_step(k_desc, v_desc, ring0[0], ring0[1], ready0, empty0, b, kv0, list0, cnt0, 0, it0, STAGES, 64, 64)
-        if cnt1 > 0:
-            _copy_step(k_desc, v_desc, ring1[0], ring1[1], ready1, empty1, b, kv1, list1, cnt1, 0, it1, STAGES, 64, 64)
-        for half in gl.static_range(2):  # warpgroup `half`: head h0 + half's 64 positions
-            _copy_q(q_desc, q4, q_ready.index(half), q_empty.index(half), b, h0 + half, qblk * 64, use, half * 64, 1,
-                    64)  # fmt: skip
-        for j in range(1, gl.maximum(cnt0, cnt1)):
-            if j < cnt0:
-                _copy_step(k_desc, v_desc, ring0[0], ring0[1], ready0, empty0, b, kv0, list0, cnt0, j, it0 + j, STAGES,
-                           64, 64)  # fmt: skip
-            if j < cnt1:
-                _copy_step(k_desc, v_desc, ring1[0], ring1[1], ready1, empty1, b, kv1, list1, cnt1, j, it1 + j, STAGES,
-                           64, 64)  # fmt: skip
-        it0 += cnt0
-        it1 += cnt1
-        use += 1
+    for rnd in range(gl.cdiv(num_tiles, gl.num_programs(0))):
+        tile = _program_tile(rnd)
+        if tile < num_tiles:
+            b, h0, qblk = _heads_tile(tile, NQ, HQ)
+            list0, cnt0 = _mask_row(LNum, LIdx, b, h0, qblk, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq)
+            list1, cnt1 = _mask_row(LNum, LIdx, b, h0 + 1, qblk, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq)
+            kv0 = h0 // GROUP
+            kv1 = (h0 + 1) // GROUP
+            if cnt0 > 0:
+                _copy_step(
+                    k_desc, v_desc, ring0[0], ring0[1], ready0, empty0, b, kv0, list0, cnt0, 0, it0, STAGES, 64, 64
+                )
+            if cnt1 > 0:
+                _copy_step(
+                    k_desc, v_desc, ring1[0], ring1[1], ready1, empty1, b, kv1, list1, cnt1, 0, it1, STAGES, 64, 64
+                )
+            for half in gl.static_range(2):  # warpgroup `half`: head h0 + half's 64 positions
+                _copy_q(q_desc, q4, q_ready.index(half), q_empty.index(half), b, h0 + half, qblk * 64, use,
+                        half * 64, 1, 64)  # fmt: skip
+            for j in range(1, gl.maximum(cnt0, cnt1)):
+                if j < cnt0:
+                    _copy_step(k_desc, v_desc, ring0[0], ring0[1], ready0, empty0, b, kv0, list0, cnt0, j, it0 + j,
+                               STAGES, 64, 64)  # fmt: skip
+                if j < cnt1:
+                    _copy_step(k_desc, v_desc, ring1[0], ring1[1], ready1, empty1, b, kv1, list1, cnt1, j, it1 + j,
+                               STAGES, 64, 64)  # fmt: skip
+            it0 += cnt0
+            it1 += cnt1
+            use += 1
 
 
 @gluon.jit
@@ -438,15 +463,17 @@ def _math_heads(q_smem, k_ring, v_ring, q_ready, q_empty, ready, empty, LNum, LI
     and ring."""
     it = 0
     use = 0
-    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-        b, h0, qblk = _heads_tile(tile, NQ, HQ)
-        blocks, cnt = _mask_row(LNum, LIdx, b, h0 + WG, qblk, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq)
-        mbarrier.wait(q_ready, use & 1)
-        b64 = b.to(gl.int64)
-        it += _attend(q_smem, k_ring, v_ring, ready, empty, q_empty, blocks, cnt, it, qblk, 0, qblk * 64, h0 + WG, T,
-                      qk_scale, Out + b64 * stride_ob, Lse + b64 * stride_lb, stride_oh, stride_ot, stride_lh, 64,
-                      HEAD_DIM, STAGES, STORE_LSE, 64, 64)  # fmt: skip
-        use += 1
+    for rnd in range(gl.cdiv(num_tiles, gl.num_programs(0))):
+        tile = _program_tile(rnd)
+        if tile < num_tiles:
+            b, h0, qblk = _heads_tile(tile, NQ, HQ)
+            blocks, cnt = _mask_row(LNum, LIdx, b, h0 + WG, qblk, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq)
+            mbarrier.wait(q_ready, use & 1)
+            b64 = b.to(gl.int64)
+            it += _attend(q_smem, k_ring, v_ring, ready, empty, q_empty, blocks, cnt, it, qblk, 0, qblk * 64, h0 + WG,
+                          T, qk_scale, Out + b64 * stride_ob, Lse + b64 * stride_lb, stride_oh, stride_ot, stride_lh,
+                          64, HEAD_DIM, STAGES, STORE_LSE, 64, 64)  # fmt: skip
+            use += 1
 
 
 @gluon.jit
