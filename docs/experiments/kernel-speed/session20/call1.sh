@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Session 20, call 1 (the working tree of this commit; .gpu/prev = d08974e's src, session 19's kernel; .gpu/pipe =
-# 29d7040's src, the math warpgroups software-pipelined only): the Hopper forward software-pipelined and persistent.
-# GPU tests of the warp-specialised forward; the steps benchmark alternating the three trees (separate processes);
+# 29d7040's src, the math warpgroups software-pipelined only; .gpu/persist = 4e50f4f's src, pipelined and persistent):
+# the Hopper forward software-pipelined, persistent, and without list loads in the math before the diagonal.
+# GPU tests of the warp-specialised forward; the steps benchmark alternating the four trees (separate processes);
 # the per-group sweep at 32k and 128k with FA4 and Flex in one process; the time to first token.
-# Device calls: carry .gpu/fa4a (command `ls .gpu/fa4a`), then at once carry .gpu/fa4b, .gpu/prev, .gpu/pipe, this.
+# Device calls: carry .gpu/fa4a (command `ls .gpu/fa4a`), then at once carry .gpu/fa4b, .gpu/prev, .gpu/pipe, .gpu/persist.
 . benchmarks/session.sh s20c1
 . benchmarks/fa4_payload.sh install
 step fa4-install $?
@@ -12,9 +13,9 @@ timeout -k 10 150 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tes
   > "$R/gpu_tests.log" 2>&1
 step gpu-tests $?; tail -n 8 "$R/gpu_tests.log" | cut -c1-300
 for round in 1 2; do
-  for tree in prev pipe new; do
+  for tree in prev pipe persist new; do
     P=src:.; [ $tree != new ] && P=.gpu/$tree/src:.
-    PYTHONPATH=$P timeout -k 10 60 python3 docs/experiments/kernel-speed/session19/steps.py --rounds 1 \
+    PYTHONPATH=$P timeout -k 10 45 python3 docs/experiments/kernel-speed/session19/steps.py --rounds 1 \
       --json "$R/steps_${tree}_$round.json" > "$R/steps_${tree}_$round.log" 2>&1
     step steps-$tree-$round $?; cut -c1-110 "$R/steps_${tree}_$round.log"
   done

@@ -253,15 +253,32 @@ def _loader(q_desc, k_desc, v_desc, q4, k_ring, v_ring, q_ready, q_empty, ready,
 
 
 @gluon.jit
-def _softmax_step(s, m_i, l_i, j, blocks, cnt, qb, pos_s, cols_s, qk_scale, MB: gl.constexpr, BLOCK_N: gl.constexpr):
-    """Step ``j``'s online softmax on its raw scores ``s`` [64, BLOCK_N]: the causal mask on the diagonal, the new
-    running max and sum; returns (``p``: the step's probabilities relative to the new max, ``alpha``: the factor that
-    rescales what was accumulated before the step, ``m_i``, ``l_i``)."""
-    blk_a, blk_b = _step_blocks(blocks, cnt, j, MB, BLOCK_N)
+def _full_steps(blocks, cnt, qb, MB: gl.constexpr, BLOCK_N: gl.constexpr):
+    """The leading steps of a list that hold only blocks left of the diagonal 64-token block ``qb`` (no causal mask,
+    no list loads in the math): the list ascends, so the blocks at or right of the diagonal trail it (one or two,
+    counted from the end); a pair step is full when both its entries are, so an odd list's last step never is."""
+    bound = qb if MB == 64 else qb // 2  # a 128-token block e holds 64-token blocks 2e and 2e + 1
+    low = cnt
+    last = gl.load(blocks + gl.maximum(low - 1, 0))
+    while (low > 0) & (last >= bound):
+        low -= 1
+        last = gl.load(blocks + gl.maximum(low - 1, 0))
     if MB == 64 and BLOCK_N == 128:
-        if 2 * j + 1 >= cnt:  # an odd list's last step: its repeated block masked off as if past the diagonal
-            blk_b = qb + 1
-    if gl.maximum(blk_a, blk_b) >= qb:  # the diagonal block (policies keep nothing above it): causal
+        low = low // 2
+    return low
+
+
+@gluon.jit
+def _softmax_step(s, m_i, l_i, j, masked, blocks, cnt, qb, pos_s, cols_s, qk_scale,
+                  MB: gl.constexpr, BLOCK_N: gl.constexpr):  # fmt: skip
+    """Step ``j``'s online softmax on its raw scores ``s`` [64, BLOCK_N]: the causal mask where ``masked`` (a step
+    from :func:`_full_steps` on), the new running max and sum; returns (``p``: the step's probabilities relative to the
+    new max, ``alpha``: the factor that rescales what was accumulated before the step, ``m_i``, ``l_i``)."""
+    if masked:  # the diagonal block (policies keep nothing above it), or an odd list's half step: causal
+        blk_a, blk_b = _step_blocks(blocks, cnt, j, MB, BLOCK_N)
+        if MB == 64 and BLOCK_N == 128:
+            if 2 * j + 1 >= cnt:  # an odd list's last step: its repeated block masked off as if past the diagonal
+                blk_b = qb + 1
         if BLOCK_N == 64:
             key = blk_a * 64 + cols_s
         else:
@@ -306,12 +323,14 @@ def _attend(q_smem, k_ring, v_ring, ready, empty, q_empty, blocks, cnt, it, qb, 
     s_zero = gl.zeros([64, BLOCK_N], gl.float32, layout=s_layout)
     p16 = gl.zeros([64, BLOCK_N], q_smem.dtype, layout=p_layout)
     n = _num_steps(cnt, MB, BLOCK_N)
+    n_full = _full_steps(blocks, cnt, qb, MB, BLOCK_N)
     if n > 0:  # step 0: scores and softmax only (nothing accumulated yet to rescale)
         slot = it % STAGES
         mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
         k_tile = k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM])
         s = warpgroup_mma(q_smem, k_tile.permute((1, 0)), s_zero, use_acc=False)
-        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, 0, blocks, cnt, qb, pos_s, cols_s, qk_scale, MB, BLOCK_N)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, 0, n_full <= 0, blocks, cnt, qb, pos_s, cols_s, qk_scale,
+                                           MB, BLOCK_N)  # fmt: skip
         p16 = gl.convert_layout(p.to(q_smem.dtype), p_layout)
     for j in range(1, n):
         slot = (it + j) % STAGES
@@ -321,7 +340,8 @@ def _attend(q_smem, k_ring, v_ring, ready, empty, q_empty, blocks, cnt, it, qb, 
         s = warpgroup_mma(q_smem, k_tile.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         acc = warpgroup_mma(p16, v_ring.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
         s = warpgroup_mma_wait(1, deps=[s])  # the scores (issued first) are in; P V_{j-1} may still run
-        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, j, blocks, cnt, qb, pos_s, cols_s, qk_scale, MB, BLOCK_N)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, j, j >= n_full, blocks, cnt, qb, pos_s, cols_s, qk_scale,
+                                           MB, BLOCK_N)  # fmt: skip
         acc = warpgroup_mma_wait(0, deps=[acc])
         mbarrier.arrive(empty.index(prev))
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
