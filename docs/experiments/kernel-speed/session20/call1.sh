@@ -3,7 +3,8 @@
 # 29d7040's src, the math warpgroups software-pipelined only; .gpu/persist = 4e50f4f's src, pipelined and persistent):
 # the Hopper forward software-pipelined, persistent, and without list loads in the math before the diagonal.
 # GPU tests of the warp-specialised forward; the steps benchmark alternating the four trees (separate processes);
-# the per-group sweep at 32k and 128k with FA4 and Flex in one process; the time to first token.
+# the 32k sweeps with FA4 and Flex in one process (per group: all blocks and 10 %, blocks 64 / 128; per query head:
+# 10 %, block 64); the time to first token at 32k and 128k.
 # Device calls: carry .gpu/fa4a (command `ls .gpu/fa4a`), then at once carry .gpu/fa4b, .gpu/prev, .gpu/pipe, .gpu/persist.
 . benchmarks/session.sh s20c1
 . benchmarks/fa4_payload.sh install
