@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Session 20, call 1 (the working tree of this commit; .gpu/prev = d08974e's src, session 19's kernel; .gpu/pipe =
 # 29d7040's src, the math warpgroups software-pipelined only; .gpu/persist = 4e50f4f's src, pipelined and persistent):
-# the Hopper forward software-pipelined, persistent, and without list loads in the math before the diagonal.
-# GPU tests of the warp-specialised forward; the steps benchmark alternating the four trees (separate processes);
+# the Hopper forward software-pipelined, persistent, and without list loads in the math before the diagonal; .gpu/ping
+# = this tree with pingpong.patch applied (FlashAttention-3's ping-pong through named barriers, per-group kernel).
+# GPU tests of the warp-specialised forward; the steps benchmark alternating the five trees (separate processes);
 # the 32k sweeps with FA4 and Flex in one process (per group: all blocks and 10 %, blocks 64 / 128; per query head:
 # 10 %, block 64); the time to first token at 32k and 128k.
-# Device calls: carry .gpu/fa4a (command `ls .gpu/fa4a`), then at once carry .gpu/fa4b, .gpu/prev, .gpu/pipe, .gpu/persist.
+# Device calls: carry .gpu/fa4a (command `ls .gpu/fa4a`), then at once carry .gpu/fa4b, .gpu/prev, .gpu/pipe, .gpu/persist,
+# .gpu/ping.
 . benchmarks/session.sh s20c1
 . benchmarks/fa4_payload.sh install
 step fa4-install $?
@@ -14,7 +16,7 @@ timeout -k 10 150 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tes
   > "$R/gpu_tests.log" 2>&1
 step gpu-tests $?; tail -n 8 "$R/gpu_tests.log" | cut -c1-300
 for round in 1 2; do
-  for tree in prev pipe persist new; do
+  for tree in prev pipe persist new ping; do
     P=src:.; [ $tree != new ] && P=.gpu/$tree/src:.
     PYTHONPATH=$P timeout -k 10 45 python3 docs/experiments/kernel-speed/session19/steps.py --rounds 1 \
       --json "$R/steps_${tree}_$round.json" > "$R/steps_${tree}_$round.log" 2>&1
