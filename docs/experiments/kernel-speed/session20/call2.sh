@@ -25,7 +25,7 @@ done
 timeout -k 10 100 python3 -m benchmarks.attention --rep 30 --seqlens 131072 --densities 0.1 --block-sizes 64,128 \
   --mask-heads hkv --providers ours,flex,fa4 --json "$R/sweep128k.json" > "$R/sweep128k.log" 2>&1
 step sweep128k $?; grep -E "^llama" "$R/sweep128k.log" | cut -c1-120; save
-timeout -k 10 170 python3 -m benchmarks.prefill --seqlens 32768,131072 --densities 0.1,0.05 --warmup 1 --reps 2 \
+timeout -k 10 200 python3 -m benchmarks.prefill --seqlens 32768,131072 --densities 0.1,0.05 --warmup 1 --reps 2 \
   --json "$R/prefill.json" > "$R/prefill.log" 2>&1
 step prefill $?; grep -E "^T=" "$R/prefill.log"
 finish
