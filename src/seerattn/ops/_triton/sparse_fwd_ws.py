@@ -159,36 +159,34 @@ def _mask_row(LNum, LIdx, b, h, qblk, stride_nb, stride_nh, stride_ib, stride_ih
 @gluon.jit
 def _program_tile(rnd):
     """This program's tile of round ``rnd`` (one tile a program a round, at or past the count in the last round):
-    programs in order on even rounds and in reverse on odd ones. Tiles run heaviest first (the last query blocks
-    first: causal lists grow with the block), so walking ``p, p + programs, ..`` would hand the low programs the
-    heavier tile of every round; the alternation pairs each heavy tile with a light one, and the lightest tiles come
-    last, where they even out the programs' ends (the static form of the hardware's dynamic block scheduling that a
-    non-persistent launch had)."""
+    programs in order on even rounds and in reverse on odd ones. Tiles run heaviest first within a (batch, head) row
+    of lists, so walking ``p, p + programs, ..`` would hand the low programs the heavier tile of every round; the
+    alternation pairs each heavy tile with a light one (the static form of the hardware's dynamic block scheduling
+    that a non-persistent launch had)."""
     p = gl.program_id(0)
     n = gl.num_programs(0)
     return rnd * n + p + (rnd % 2) * (n - 1 - 2 * p)
 
 
 @gluon.jit
-def _group_tile(tile, NQ, HKV, num_tiles, MB: gl.constexpr, G: gl.constexpr):
-    """Tile ``tile`` of the per-group kernel -> (batch, KV head, query block, first position): query blocks slowest,
-    the last (heaviest under causal masks) first, then (batch, KV head), a block's ``MB / P`` tiles fastest."""
+def _group_tile(tile, NQ, HKV, MB: gl.constexpr, G: gl.constexpr):
+    """Tile ``tile`` of the per-group kernel -> (batch, KV head, query block, first position): (batch, KV head)
+    slowest, query blocks heaviest first, a block's ``MB / P`` tiles fastest (as .sparse_fwd's programs)."""
     P: gl.constexpr = 128 // G
     SPLIT: gl.constexpr = MB // P
-    per_block = num_tiles // NQ
-    qblk = NQ - 1 - tile // per_block
-    r = tile % per_block
-    bg = r // SPLIT
-    return bg // HKV, bg % HKV, qblk, qblk * MB + (r % SPLIT) * P
+    per = NQ * SPLIT
+    bg = tile // per
+    t = per - 1 - tile % per
+    qblk = t // SPLIT
+    return bg // HKV, bg % HKV, qblk, qblk * MB + (t % SPLIT) * P
 
 
 @gluon.jit
-def _heads_tile(tile, NQ, HQ, num_tiles):
-    """Tile ``tile`` of the per-query-head kernel -> (batch, first of its two query heads, query block): query blocks
-    slowest, the last first, then (batch, head pair)."""
-    per_block = num_tiles // NQ
-    bp = tile % per_block
-    return bp // (HQ // 2), (bp % (HQ // 2)) * 2, NQ - 1 - tile // per_block
+def _heads_tile(tile, NQ, HQ):
+    """Tile ``tile`` of the per-query-head kernel -> (batch, first of its two query heads, query block): (batch,
+    head pair) slowest, query blocks heaviest first."""
+    bp = tile // NQ
+    return bp // (HQ // 2), (bp % (HQ // 2)) * 2, NQ - 1 - tile % NQ
 
 
 @gluon.jit
@@ -238,7 +236,7 @@ def _loader(q_desc, k_desc, v_desc, q4, k_ring, v_ring, q_ready, q_empty, ready,
     for rnd in range(gl.cdiv(num_tiles, gl.num_programs(0))):
         tile = _program_tile(rnd)
         if tile < num_tiles:
-            b, g, qblk, pos0 = _group_tile(tile, NQ, HKV, num_tiles, MB, G)
+            b, g, qblk, pos0 = _group_tile(tile, NQ, HKV, MB, G)
             blocks, cnt = _mask_row(LNum, LIdx, b, g, qblk, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq)
             n = _num_steps(cnt, MB, BLOCK_N)
             if n > 0:
@@ -380,7 +378,7 @@ def _math(q_smem, k_ring, v_ring, q_ready, q_empty, ready, empty, LNum, LIdx, qk
     for rnd in range(gl.cdiv(num_tiles, gl.num_programs(0))):
         tile = _program_tile(rnd)
         if tile < num_tiles:
-            b, g, qblk, pos0 = _group_tile(tile, NQ, HKV, num_tiles, MB, G)
+            b, g, qblk, pos0 = _group_tile(tile, NQ, HKV, MB, G)
             blocks, cnt = _mask_row(LNum, LIdx, b, g, qblk, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq)
             mbarrier.wait(q_ready, use & 1)
             b64 = b.to(gl.int64)
@@ -448,7 +446,7 @@ def _loader_pair(q_desc, k_desc, v_desc, q4, ring0, ring1, q_ready, q_empty, rea
     for rnd in range(gl.cdiv(num_tiles, gl.num_programs(0))):
         tile = _program_tile(rnd)
         if tile < num_tiles:
-            b, h0, qblk = _heads_tile(tile, NQ, HQ, num_tiles)
+            b, h0, qblk = _heads_tile(tile, NQ, HQ)
             list0, cnt0 = _mask_row(LNum, LIdx, b, h0, qblk, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq)
             list1, cnt1 = _mask_row(LNum, LIdx, b, h0 + 1, qblk, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq)
             kv0 = h0 // GROUP
@@ -488,7 +486,7 @@ def _math_heads(q_smem, k_ring, v_ring, q_ready, q_empty, ready, empty, LNum, LI
     for rnd in range(gl.cdiv(num_tiles, gl.num_programs(0))):
         tile = _program_tile(rnd)
         if tile < num_tiles:
-            b, h0, qblk = _heads_tile(tile, NQ, HQ, num_tiles)
+            b, h0, qblk = _heads_tile(tile, NQ, HQ)
             blocks, cnt = _mask_row(LNum, LIdx, b, h0 + WG, qblk, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq)
             mbarrier.wait(q_ready, use & 1)
             b64 = b.to(gl.int64)
