@@ -34,9 +34,11 @@ Measured against the Triton kernel's tiles, FlexAttention and FlashAttention-4 o
 heads, D 128, bf16, 10 %; docs/experiments/kernel-speed/session18, calls 6-7): per group 2.000 ms (the Triton tiles'
 best 2.171, FA4 2.180); per query head 2.157 / 2.040 on structured / random masks (the Triton 64-row tile 2.393 /
 2.415, FA4 2.107 / 2.230). 128-key steps (docs/experiments/kernel-speed/session19): all blocks kept 564-568 TFLOP/s
-(FA4 667), block 64 / 10 % 1.88-1.97 ms, 1.20x FA4 at 128k; at 128-token blocks FA4 stays ahead (1.404 ms against
-1.86-1.92 at 10 %). It is a tuning candidate (:func:`.config.sparse_configs`, ``hopper_ws``): the tuner keeps it
-where it is faster.
+(FA4 667), block 64 / 10 % 1.88-1.97 ms, 1.20x FA4 at 128k. Software-pipelined and persistent
+(docs/experiments/kernel-speed/session20): block 64 / 10 % 1.704 ms against FA4's 2.259 (1.33x), all blocks kept 620
+TFLOP/s; per query head 2.002 ms (FA4 2.124); at 128-token blocks FA4 stays ahead (1.464 ms against 1.66-1.70 at
+10 %). It is a tuning candidate (:func:`.config.sparse_configs`, ``hopper_ws``): the tuner keeps it where it is
+faster.
 
 Layouts: q ``[B, Hq, T, D]``, k / v ``[B, Hkv, T, D]``, any strides with a unit last stride and batch, head and token
 strides that TMA accepts (16-byte multiples, 16-byte aligned bases); out ``[B, Hq, T, D]`` shaped, ``[B, T, Hq, D]`` in
