@@ -252,7 +252,7 @@ def test_hopper_ws_forward_replays_in_a_cuda_graph(mh, mb, block_n):
 
 @pytest.mark.parametrize("mh,mb,block_n", [("hq", 64, 64), ("hkv", 64, 64), ("hkv", 64, 128), ("hkv", 128, 128)])
 def test_hopper_ws_programs_walk_many_tiles(mh, mb, block_n):
-    """The persistent forward with 3 programs (each walks ~50 tiles: the Q buffer's and the ring's barrier phases
+    """The persistent forward with 3 programs (each walks 64 tiles: the Q buffer's and the ring's barrier phases
     across tiles, lists of every length including empty ones) gives the default launch's output and lse bit for bit."""
     from kernel_helpers import rand_mask
 

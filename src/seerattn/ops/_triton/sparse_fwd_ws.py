@@ -399,8 +399,9 @@ def _sparse_fwd_ws_kernel(
     G: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, STORE_LSE: gl.constexpr, MB: gl.constexpr,
     BLOCK_N: gl.constexpr,
 ):  # fmt: skip
-    """Per-group masks, persistent: program ``p`` owns tiles ``p, p + programs, ..`` (:func:`_group_tile`), each 128
-    rows (G heads x 128 / G positions of one query block); one loader warp, two math warpgroups of 64 rows."""
+    """Per-group masks, persistent: each program walks its tiles (:func:`_program_tile`, decoded by
+    :func:`_group_tile`), each 128 rows (G heads x 128 / G positions of one query block); one loader warp, two math
+    warpgroups of 64 rows."""
     smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
     # 4-D buffers as the [B, H, T, D] descriptors' boxes; the products read them as [rows, D]
     q4 = gl.allocate_shared_memory(q_desc.dtype, [1, 1, 128, HEAD_DIM], smem)
