@@ -224,6 +224,7 @@ def attention_launches(all_configs: bool = False) -> None:
                 sparse_fwd.block_sparse_attention_fwd(q, k, v, num, idx, mb, scale, config=cfg)
             if mb == 64:  # the warp-specialised Hopper forward (Gluon) per group and per head, and at D 64 in fp16
                 sparse_fwd_ws.launch(q, k, v, q, lse, num, idx, scale)
+                sparse_fwd_ws.launch(q, k, v, q, lse, num, idx, scale, cu_seqlens=torch.empty(2, dtype=torch.int32))
                 q64 = torch.empty(1, t, hq, 64, dtype=torch.float16).transpose(1, 2)
                 k64 = torch.empty(1, t, hkv, 64, dtype=torch.float16).transpose(1, 2)
                 sparse_fwd_ws.launch(q64, k64, k64, q64, lse, num, idx, scale)

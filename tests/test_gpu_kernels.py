@@ -149,7 +149,7 @@ def test_every_sparse_config_matches_the_reference(bs, mh, random):
     ref = reference.block_sparse_attention(q.float(), k.float(), v.float(), mask)
     tol = 2 * sdpa_bf16_error(q, k, v) + EPS
     scale = d**-0.5
-    hopper_ws = sparse_fwd_ws.supported(q, k, v, bs, mask.num_heads, False) is None
+    hopper_ws = sparse_fwd_ws.supported(q, k, v, bs, mask.num_heads) is None
     cands = sparse_configs(bs, hq // mask.num_heads, d, hopper_ws)
     hopper = torch.cuda.get_device_capability()[0] == 9
     assert any(c.hopper_ws for c in cands) == (hopper and (bs == 64 or (bs == 128 and mh == "hkv")))
@@ -198,7 +198,7 @@ def test_hopper_ws_forward_matches_the_reference(group, d, dtype, layout, mh, mb
     q, k, v = mk(hq), mk(hkv), mk(hkv)
     hm = hkv if mh == "hkv" else hq
     mask = rand_mask(b, hm, t, mb, density=0.3, seed=group + d, empty_rows=True).to("cuda")
-    assert sparse_fwd_ws.supported(q, k, v, mb, hm, False) is None
+    assert sparse_fwd_ws.supported(q, k, v, mb, hm) is None
     per_head = mh == "hq"
     stages = sparse_fwd_ws.STAGES_HEADS if per_head else sparse_fwd_ws.stages(block_n)
     cfg = KernelConfig(128, block_n, 1 if per_head else group, 4, stages, hopper_ws=True)
@@ -275,6 +275,74 @@ def test_hopper_ws_programs_walk_many_tiles(mh, mb, block_n):
     assert torch.isinf(lse).any() and out.abs().sum() > 0  # empty rows and real output both present
 
 
+@pytest.mark.parametrize("mh,mb,block_n", [("hq", 64, 64), ("hkv", 64, 64), ("hkv", 64, 128), ("hkv", 128, 128)])
+def test_hopper_ws_varlen_is_each_sequence_alone(mh, mb, block_n):
+    """Packed sequences (varlen: lengths under a block, under a tile's 32 positions, odd, long; a sequence's partial
+    last block followed by the next sequence's tokens, which the causal mask must hide) give, bit for bit, what the
+    forward gives each sequence alone with its mask's top-left corner, with one program a multiprocessor and with 3
+    (tiles past a sequence's end skipped by the loader and the math alike); and the fp32 reference within the Triton
+    kernel's error."""
+    from kernel_helpers import rand_mask
+
+    from seerattn.ops._triton import sparse_fwd_ws
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the warp-specialised forward is for sm_90")
+    lens = [20, 700, 1 + 128, 1500 + 11, 45]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    hq, hkv, d = 8, 2, 128
+    q, k, v = make_qkv(1, hq, hkv, int(cu[-1]), d, seed=9)
+    hm = hq if mh == "hq" else hkv
+    mask = rand_mask(len(lens), hm, max(lens), mb, density=0.3, seed=4, empty_rows=True).to("cuda")
+    assert sparse_fwd_ws.supported(q, k, v, mb, hm) is None
+
+    def run(q, k, v, num, idx, cu=None, programs=None):
+        out = torch.empty(1, q.shape[2], hq, d, device="cuda", dtype=q.dtype).transpose(1, 2)
+        lse = torch.empty(1, hq, q.shape[2], device="cuda", dtype=torch.float32)
+        sparse_fwd_ws.launch(q, k, v, out, lse, num, idx, d**-0.5, mb, block_n, programs, cu_seqlens=cu)
+        return out, lse
+
+    packed = [run(q, k, v, mask.kv_num_blocks, mask.kv_indices, cu, programs) for programs in (None, 3)]
+    assert torch.equal(packed[0][0], packed[1][0]) and torch.equal(packed[0][1], packed[1][1])
+    out, lse = packed[0]
+    for n, (s, e) in enumerate(zip(cu.tolist(), cu.tolist()[1:], strict=False)):
+        nq = -(-(e - s) // mb)
+        alone = run(*(x[:, :, s:e] for x in (q, k, v)), mask.kv_num_blocks[n : n + 1, :, :nq],
+                    mask.kv_indices[n : n + 1, :, :nq])  # fmt: skip
+        assert torch.equal(out[:, :, s:e], alone[0]) and torch.equal(lse[:, :, s:e], alone[1]), n
+    ref, ref_lse = reference.block_sparse_attention(q.float(), k.float(), v.float(), mask, return_lse=True,
+                                                    cu_seqlens=cu)  # fmt: skip
+    assert rel(out, ref) <= 2 * sdpa_bf16_error(q, k, v) + EPS
+    empty = torch.isinf(ref_lse)
+    assert empty.any() and torch.equal(torch.isinf(lse), empty)
+    assert (lse[~empty] - ref_lse[~empty]).abs().max().item() < 1e-2
+
+
+def test_hopper_ws_takes_a_batch_broadcast_kv():
+    """K / V expanded along the batch (stride 0, as ``k.expand``) go into the TMA descriptors as they are: the driver
+    takes the zero stride and the output is the Triton kernel's, within its error of the fp32 reference."""
+    from kernel_helpers import rand_mask
+
+    from seerattn.ops._triton import sparse_fwd_ws
+    from seerattn.ops._triton.config import KernelConfig
+    from seerattn.ops._triton.sparse_fwd import block_sparse_attention_fwd
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the warp-specialised forward is for sm_90")
+    b, hq, hkv, t, d = 2, 8, 2, 1000, 128
+    q, k1, v1 = make_qkv(1, hq, hkv, t, d, seed=11)
+    q = torch.cat([q, torch.randn_like(q)])
+    k, v = k1.expand(b, -1, -1, -1), v1.expand(b, -1, -1, -1)
+    assert k.stride(0) == 0 and sparse_fwd_ws.supported(q, k, v, 64, hkv) is None
+    mask = rand_mask(b, hkv, t, 64, density=0.3, seed=1).to("cuda")
+    lists = (mask.kv_num_blocks, mask.kv_indices)
+    cfg = KernelConfig(128, 64, hq // hkv, 4, sparse_fwd_ws.STAGES, hopper_ws=True)
+    out, _ = block_sparse_attention_fwd(q, k, v, *lists, 64, d**-0.5, None, False, cfg)
+    tri, _ = block_sparse_attention_fwd(q, k, v, *lists, 64, d**-0.5, None, False, KernelConfig(128, 64, 2, 8, 3))
+    ref = reference.block_sparse_attention(q.float(), k.float(), v.float(), mask)
+    assert rel(out, ref) <= 1.5 * rel(tri, ref) + EPS, (rel(out, ref), rel(tri, ref))
+
+
 def test_hopper_ws_refuses_what_it_cannot_run():
     """Cases outside the warp-specialised forward: a reason, and a forced config raises naming it."""
     from seerattn.ops._triton import sparse_fwd_ws
@@ -282,15 +350,14 @@ def test_hopper_ws_refuses_what_it_cannot_run():
     from seerattn.ops._triton.sparse_fwd import block_sparse_attention_fwd
 
     q, k, v = make_qkv(1, 8, 2, 256, 128)
-    assert "mask blocks" in sparse_fwd_ws.supported(q, k, v, 32, 2, False)
-    assert "64-token blocks only" in sparse_fwd_ws.supported(q, k, v, 128, 8, False)  # per query head
-    assert "per-group" in sparse_fwd_ws.supported(q, k, v, 64, 4, False)  # neither per head (8) nor per group (2)
-    assert "varlen" in sparse_fwd_ws.supported(q, k, v, 64, 2, True)
-    assert "fp16 / bf16" in sparse_fwd_ws.supported(q.float(), k.float(), v.float(), 64, 2, False)
+    assert "mask blocks" in sparse_fwd_ws.supported(q, k, v, 32, 2)
+    assert "64-token blocks only" in sparse_fwd_ws.supported(q, k, v, 128, 8)  # per query head
+    assert "per-group" in sparse_fwd_ws.supported(q, k, v, 64, 4)  # neither per head (8) nor per group (2)
+    assert "fp16 / bf16" in sparse_fwd_ws.supported(q.float(), k.float(), v.float(), 64, 2)
     q3, k3, v3 = make_qkv(1, 3, 3, 256, 128)
-    assert "even head count" in sparse_fwd_ws.supported(q3, k3, v3, 64, 3, False)
+    assert "even head count" in sparse_fwd_ws.supported(q3, k3, v3, 64, 3)
     shifted = torch.empty(q.numel() + 4, device=q.device, dtype=q.dtype)[4:].view(q.shape)  # 8 bytes off
-    assert "q at a 16-byte aligned address" in sparse_fwd_ws.supported(shifted, k, v, 64, 2, False)
+    assert "q at a 16-byte aligned address" in sparse_fwd_ws.supported(shifted, k, v, 64, 2)
     mask = structured_mask(1, 2, 256, 32, 0.5)  # per group, 32-token blocks
     with pytest.raises(ValueError, match="warp-specialised Hopper kernel"):
         block_sparse_attention_fwd(q, k, v, mask.kv_num_blocks, mask.kv_indices, 32, 0.1, None, True,

@@ -391,13 +391,15 @@ def block_sparse_attention_fwd(
     if q.is_cuda:
         from . import sparse_fwd_ws
 
-        hopper_refusal = sparse_fwd_ws.supported(q, k, v, mask_block, hm, varlen)
+        hopper_refusal = sparse_fwd_ws.supported(q, k, v, mask_block, hm)
 
     def launch(cfg: KernelConfig):
         if cfg.hopper_ws:
             if hopper_refusal is not None:
                 raise ValueError(f"config {cfg.short()}: the warp-specialised Hopper kernel {hopper_refusal}")
-            sparse_fwd_ws.launch(q, k, v, out, lse, kv_num_blocks, kv_indices, scale, mask_block, cfg.block_n)
+            sparse_fwd_ws.launch(
+                q, k, v, out, lse, kv_num_blocks, kv_indices, scale, mask_block, cfg.block_n, cu_seqlens=cu_seqlens
+            )
             return
         rows, u = _tile_shape(cfg, mask_block, heads_per_mask)
         if u > 1:

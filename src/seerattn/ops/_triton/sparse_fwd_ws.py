@@ -43,10 +43,17 @@ faster.
 Layouts: q ``[B, Hq, T, D]``, k / v ``[B, Hkv, T, D]``, any strides with a unit last stride and batch, head and token
 strides that TMA accepts (16-byte multiples, 16-byte aligned bases); out ``[B, Hq, T, D]`` shaped, ``[B, T, Hq, D]`` in
 memory (as :mod:`.sparse_fwd`); lse ``[B, Hq, T]`` fp32 natural log. Lists int32 ``[B, H, NQ(, NK)]``, H = Hkv or Hq.
+A zero batch stride (K / V expanded along the batch) goes into the descriptors as it is (the driver takes it).
+Varlen (``cu_seqlens`` int32 ``[N + 1]``, B == 1, lists ``[N, ...]``, each sequence the top-left corner of its mask, as
+:mod:`.sparse_fwd`): a sequence's tiles read and write its tokens from ``cu_seqlens[n]``; tiles past its end are
+skipped by the loader and the math alike; the rows of a tile past the end (the next sequence's tokens) are computed
+and not stored, and the next sequence's keys in a partial last block lie past every stored row, so the causal mask
+hides them. Session 21 (docs/experiments/kernel-speed/session21, call 2): four packed prompts of 20k-32k tokens at
+10 %, 1.17x the best Triton tile per query head, 1.38x per group (block 64), 1.55x at block 128.
 
 Supported (:func:`supported` says why not): an sm_90 GPU, fp16 / bf16, D 64 or 128, per-group masks with ``G`` in
 (2, 4, 8) query heads a group at 64- or 128-token blocks, per-query-head masks with an even head count at 64-token
-blocks (two rings of 128-key slots would not fit in shared memory), no varlen. Limitations: forward only; Gluon has
+blocks (two rings of 128-key slots would not fit in shared memory). Limitations: forward only; Gluon has
 no interpreter, so the CPU tests compile it for sm_90 (``benchmarks/sm90.py``) and only the GPU tests run it. Q, K
 and V reach the kernel as host TMA descriptors of their ``[B, H, T, D]`` views (``[1, 1, rows, D]`` boxes, the
 shared buffers 4-D to match and read as ``[rows, D]`` by the products).
@@ -87,9 +94,7 @@ def stages(block_n: int) -> int:
     return STAGES if block_n == 64 else STAGES_PAIR
 
 
-def supported(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_block: int, mask_heads: int, varlen: bool
-) -> str | None:
+def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_block: int, mask_heads: int) -> str | None:
     """None when :func:`launch` can run this case, else why not."""
     # ROCm reports its GPUs as "cuda" devices, some with a major capability of 9: not Hopper
     if q.device.type != "cuda" or torch.version.hip or torch.cuda.get_device_capability(q.device)[0] != 9:
@@ -111,8 +116,6 @@ def supported(
             f"takes per-query-head masks, or per-group masks with {GROUPS} query heads a group; got {mask_heads} mask "
             f"heads for {hq} / {hkv}"
         )
-    if varlen:
-        return "has no varlen path"
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.data_ptr() % 16 or any((stride * x.element_size()) % 16 for stride in x.stride()[:3]):
             return (
@@ -156,6 +159,17 @@ def _mask_row(LNum, LIdx, b, h, qblk, stride_nb, stride_nh, stride_ib, stride_ih
     blocks = LIdx + b64 * stride_ib + h.to(gl.int64) * stride_ih + qblk.to(gl.int64) * stride_iq
     cnt = gl.load(LNum + b64 * stride_nb + h.to(gl.int64) * stride_nh + qblk)
     return blocks, cnt
+
+
+@gluon.jit
+def _sequence(CuSeq, b, T, VARLEN: gl.constexpr):
+    """Sequence ``b`` of the call: (its batch index in q / k / v / out, its first token there, its length). Varlen:
+    sequences packed along batch 0's tokens, ``CuSeq`` [N + 1] their bounds; else batch ``b``, tokens 0 .. T."""
+    if VARLEN:
+        t0 = gl.load(CuSeq + b)
+        return b * 0, t0, gl.load(CuSeq + b + 1) - t0
+    else:
+        return b, b * 0, T
 
 
 @gluon.jit
@@ -204,9 +218,10 @@ def _copy_q(q_desc, q4, q_ready, q_empty, b, head0, pos0, use, ROW0: gl.constexp
 
 
 @gluon.jit
-def _copy_step(k_desc, v_desc, k_ring, v_ring, ready, empty, b, h, blocks, cnt, j, it,
+def _copy_step(k_desc, v_desc, k_ring, v_ring, ready, empty, b, h, t0, blocks, cnt, j, it,
                STAGES: gl.constexpr, MB: gl.constexpr, BLOCK_N: gl.constexpr):  # fmt: skip
-    """Step ``j`` of a list (the ring's ``it``-th step overall): KV head (b, h)'s K and V tiles by TMA into slot
+    """Step ``j`` of a list (the ring's ``it``-th step overall): KV head (b, h)'s K and V tiles (the sequence's
+    tokens from ``t0``) by TMA into slot
     ``it % STAGES`` (a 128-key slot: its two 64-row halves) once the math warpgroups freed it (a fresh ``empty``
     passes its first wait: parity 1 of the phase before); ``ready`` counts the bytes."""
     first, second = _step_blocks(blocks, cnt, j, MB, BLOCK_N)
@@ -215,23 +230,27 @@ def _copy_step(k_desc, v_desc, k_ring, v_ring, ready, empty, b, h, blocks, cnt, 
     mbarrier.expect(ready.index(slot), (BLOCK_N // 32) * k_desc.block_type.nbytes)
     k_slot = k_ring.index(slot)
     v_slot = v_ring.index(slot)
+    row_a = t0 + first * 64
+    row_b = t0 + second * 64
     if BLOCK_N == 64:
-        tma.async_copy_global_to_shared(k_desc, [b, h, first * 64, 0], ready.index(slot), k_slot)
-        tma.async_copy_global_to_shared(v_desc, [b, h, first * 64, 0], ready.index(slot), v_slot)
+        tma.async_copy_global_to_shared(k_desc, [b, h, row_a, 0], ready.index(slot), k_slot)
+        tma.async_copy_global_to_shared(v_desc, [b, h, row_a, 0], ready.index(slot), v_slot)
     else:
-        tma.async_copy_global_to_shared(k_desc, [b, h, first * 64, 0], ready.index(slot), k_slot.slice(0, 64, dim=2))
-        tma.async_copy_global_to_shared(k_desc, [b, h, second * 64, 0], ready.index(slot), k_slot.slice(64, 64, dim=2))
-        tma.async_copy_global_to_shared(v_desc, [b, h, first * 64, 0], ready.index(slot), v_slot.slice(0, 64, dim=2))
-        tma.async_copy_global_to_shared(v_desc, [b, h, second * 64, 0], ready.index(slot), v_slot.slice(64, 64, dim=2))
+        tma.async_copy_global_to_shared(k_desc, [b, h, row_a, 0], ready.index(slot), k_slot.slice(0, 64, dim=2))
+        tma.async_copy_global_to_shared(k_desc, [b, h, row_b, 0], ready.index(slot), k_slot.slice(64, 64, dim=2))
+        tma.async_copy_global_to_shared(v_desc, [b, h, row_a, 0], ready.index(slot), v_slot.slice(0, 64, dim=2))
+        tma.async_copy_global_to_shared(v_desc, [b, h, row_b, 0], ready.index(slot), v_slot.slice(64, 64, dim=2))
 
 
 @gluon.jit
-def _loader(q_desc, k_desc, v_desc, q4, k_ring, v_ring, q_ready, q_empty, ready, empty, LNum, LIdx,
-            stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, NQ, HKV, num_tiles,
-            G: gl.constexpr, STAGES: gl.constexpr, MB: gl.constexpr, BLOCK_N: gl.constexpr):  # fmt: skip
-    """The loader warp of the per-group kernel, over the program's tiles: each tile's first K / V step, its Q (once
-    the math warpgroups are done with the last tile's: the first step can land during their last product and
-    stores), then the rest of its list, step by step into the ring."""
+def _loader(q_desc, k_desc, v_desc, q4, k_ring, v_ring, q_ready, q_empty, ready, empty, LNum, LIdx, CuSeq,
+            stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, T, NQ, HKV, num_tiles,
+            G: gl.constexpr, STAGES: gl.constexpr, MB: gl.constexpr, BLOCK_N: gl.constexpr,
+            VARLEN: gl.constexpr):  # fmt: skip
+    """The loader warp of the per-group kernel, over the program's tiles (those past their sequence's end skipped, as
+    the math warpgroups skip them): each tile's first K / V step, its Q (once the math warpgroups are done with the
+    last tile's: the first step can land during their last product and stores), then the rest of its list, step by
+    step into the ring."""
     P: gl.constexpr = 128 // G
     it = 0
     use = 0
@@ -239,19 +258,21 @@ def _loader(q_desc, k_desc, v_desc, q4, k_ring, v_ring, q_ready, q_empty, ready,
         tile = _program_tile(rnd)
         if tile < num_tiles:
             b, g, qblk, pos0 = _group_tile(tile, NQ, HKV, MB, G)
-            blocks, cnt = _mask_row(LNum, LIdx, b, g, qblk, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq)
-            n = _num_steps(cnt, MB, BLOCK_N)
-            if n > 0:
-                _copy_step(k_desc, v_desc, k_ring, v_ring, ready, empty, b, g, blocks, cnt, 0, it, STAGES, MB, BLOCK_N)
-            for half in gl.static_range(2):  # warpgroup `half`'s 64 rows: G / 2 heads of P positions
-                _copy_q(q_desc, q4, q_ready.index(half), q_empty.index(half), b, g * G + half * (G // 2), pos0, use,
-                        half * 64, G // 2, P)  # fmt: skip
-            for j in range(1, n):
-                _copy_step(
-                    k_desc, v_desc, k_ring, v_ring, ready, empty, b, g, blocks, cnt, j, it + j, STAGES, MB, BLOCK_N
-                )
-            it += n
-            use += 1
+            bt, t0, seqlen = _sequence(CuSeq, b, T, VARLEN)
+            if pos0 < seqlen:
+                blocks, cnt = _mask_row(LNum, LIdx, b, g, qblk, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq)
+                n = _num_steps(cnt, MB, BLOCK_N)
+                if n > 0:
+                    _copy_step(k_desc, v_desc, k_ring, v_ring, ready, empty, bt, g, t0, blocks, cnt, 0, it, STAGES, MB,
+                               BLOCK_N)  # fmt: skip
+                for half in gl.static_range(2):  # warpgroup `half`'s 64 rows: G / 2 heads of P positions
+                    _copy_q(q_desc, q4, q_ready.index(half), q_empty.index(half), bt, g * G + half * (G // 2),
+                            t0 + pos0, use, half * 64, G // 2, P)  # fmt: skip
+                for j in range(1, n):
+                    _copy_step(k_desc, v_desc, k_ring, v_ring, ready, empty, bt, g, t0, blocks, cnt, j, it + j, STAGES,
+                               MB, BLOCK_N)  # fmt: skip
+                it += n
+                use += 1
 
 
 @gluon.jit
@@ -370,34 +391,38 @@ def _attend(q_smem, k_ring, v_ring, ready, empty, q_empty, blocks, cnt, it, qb, 
 
 
 @gluon.jit
-def _math(q_smem, k_ring, v_ring, q_ready, q_empty, ready, empty, LNum, LIdx, qk_scale, Out, Lse,
+def _math(q_smem, k_ring, v_ring, q_ready, q_empty, ready, empty, LNum, LIdx, CuSeq, qk_scale, Out, Lse,
           stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, stride_ob, stride_oh, stride_ot, stride_lb, stride_lh,
           T, NQ, HKV, num_tiles, ROW0: gl.constexpr, G: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-          STORE_LSE: gl.constexpr, MB: gl.constexpr, BLOCK_N: gl.constexpr):  # fmt: skip
-    """A math warpgroup of the per-group kernel: rows ``ROW0 .. ROW0 + 63`` of each of the program's tiles."""
+          STORE_LSE: gl.constexpr, MB: gl.constexpr, BLOCK_N: gl.constexpr, VARLEN: gl.constexpr):  # fmt: skip
+    """A math warpgroup of the per-group kernel: rows ``ROW0 .. ROW0 + 63`` of each of the program's tiles (those
+    past their sequence's end skipped)."""
     it = 0
     use = 0
     for rnd in range(gl.cdiv(num_tiles, gl.num_programs(0))):
         tile = _program_tile(rnd)
         if tile < num_tiles:
             b, g, qblk, pos0 = _group_tile(tile, NQ, HKV, MB, G)
-            blocks, cnt = _mask_row(LNum, LIdx, b, g, qblk, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq)
-            mbarrier.wait(q_ready, use & 1)
-            b64 = b.to(gl.int64)
-            # P <= 64 divides 64: a tile's positions lie in one 64-token block
-            it += _attend(q_smem, k_ring, v_ring, ready, empty, q_empty, blocks, cnt, it, pos0 // 64, ROW0, pos0, g * G,
-                          T, qk_scale, Out + b64 * stride_ob, Lse + b64 * stride_lb, stride_oh, stride_ot, stride_lh,
-                          128 // G, HEAD_DIM, STAGES, STORE_LSE, MB, BLOCK_N)  # fmt: skip
-            use += 1
+            bt, t0, seqlen = _sequence(CuSeq, b, T, VARLEN)
+            if pos0 < seqlen:
+                blocks, cnt = _mask_row(LNum, LIdx, b, g, qblk, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq)
+                mbarrier.wait(q_ready, use & 1)
+                out = Out + bt.to(gl.int64) * stride_ob + t0.to(gl.int64) * stride_ot
+                lse = Lse + bt.to(gl.int64) * stride_lb + t0
+                # P <= 64 divides 64: a tile's positions lie in one 64-token block
+                it += _attend(q_smem, k_ring, v_ring, ready, empty, q_empty, blocks, cnt, it, pos0 // 64, ROW0, pos0,
+                              g * G, seqlen, qk_scale, out, lse, stride_oh, stride_ot, stride_lh, 128 // G, HEAD_DIM,
+                              STAGES, STORE_LSE, MB, BLOCK_N)  # fmt: skip
+                use += 1
 
 
 @gluon.jit
 def _sparse_fwd_ws_kernel(
-    q_desc, k_desc, v_desc, Out, Lse, LNum, LIdx, qk_scale,
+    q_desc, k_desc, v_desc, Out, Lse, LNum, LIdx, CuSeq, qk_scale,
     stride_ob, stride_oh, stride_ot, stride_lb, stride_lh, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq,
     T, HKV, NQ, num_tiles,
     G: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, STORE_LSE: gl.constexpr, MB: gl.constexpr,
-    BLOCK_N: gl.constexpr,
+    BLOCK_N: gl.constexpr, VARLEN: gl.constexpr,
 ):  # fmt: skip
     """Per-group masks, persistent: each program walks its tiles (:func:`_program_tile`, decoded by
     :func:`_group_tile`), each 128 rows (G heads x 128 / G positions of one query block); one loader warp, two math
@@ -421,28 +446,28 @@ def _sparse_fwd_ws_kernel(
     # the partitions' argument tuples inline: a tuple bound to a name first turns its constexprs into tensors
     gl.warp_specialize(
         [(_math, (q2.slice(0, 64), k_ring, v_ring, q_ready.index(0), q_empty.index(0), ready, empty, LNum, LIdx,
-                  qk_scale, Out, Lse, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, stride_ob, stride_oh,
-                  stride_ot, stride_lb, stride_lh, T, NQ, HKV, num_tiles, 0, G, HEAD_DIM, STAGES, STORE_LSE, MB,
-                  BLOCK_N)),
+                  CuSeq, qk_scale, Out, Lse, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, stride_ob,
+                  stride_oh, stride_ot, stride_lb, stride_lh, T, NQ, HKV, num_tiles, 0, G, HEAD_DIM, STAGES, STORE_LSE,
+                  MB, BLOCK_N, VARLEN)),
          (_math, (q2.slice(64, 64), k_ring, v_ring, q_ready.index(1), q_empty.index(1), ready, empty, LNum, LIdx,
-                  qk_scale, Out, Lse, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, stride_ob, stride_oh,
-                  stride_ot, stride_lb, stride_lh, T, NQ, HKV, num_tiles, 64, G, HEAD_DIM, STAGES, STORE_LSE, MB,
-                  BLOCK_N)),
-         (_loader, (q_desc, k_desc, v_desc, q4, k_ring, v_ring, q_ready, q_empty, ready, empty, LNum, LIdx,
-                    stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, NQ, HKV, num_tiles, G, STAGES, MB,
-                    BLOCK_N))],
+                  CuSeq, qk_scale, Out, Lse, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, stride_ob,
+                  stride_oh, stride_ot, stride_lb, stride_lh, T, NQ, HKV, num_tiles, 64, G, HEAD_DIM, STAGES,
+                  STORE_LSE, MB, BLOCK_N, VARLEN)),
+         (_loader, (q_desc, k_desc, v_desc, q4, k_ring, v_ring, q_ready, q_empty, ready, empty, LNum, LIdx, CuSeq,
+                    stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, T, NQ, HKV, num_tiles, G, STAGES, MB,
+                    BLOCK_N, VARLEN))],
         [4, 1], [232, 24],
     )  # fmt: skip
 
 
 @gluon.jit
 def _loader_pair(q_desc, k_desc, v_desc, q4, ring0, ring1, q_ready, q_empty, ready0, ready1, empty0, empty1, LNum,
-                 LIdx, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, NQ, HQ, GROUP, num_tiles,
-                 STAGES: gl.constexpr):  # fmt: skip
+                 LIdx, CuSeq, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, T, NQ, HQ, GROUP, num_tiles,
+                 STAGES: gl.constexpr, VARLEN: gl.constexpr):  # fmt: skip
     """The loader warp of the per-query-head kernel, over the program's tiles: two lists a tile (one a math
     warpgroup), each into its own ring (``ring0`` / ``ring1`` = (K slots, V slots)), step by step alternately, so
     neither warpgroup waits for the other's list to be loaded first; the tile's Q after the first steps (as
-    :func:`_loader`)."""
+    :func:`_loader`; tiles past their sequence's end skipped)."""
     it0 = 0
     it1 = 0
     use = 0
@@ -450,61 +475,66 @@ def _loader_pair(q_desc, k_desc, v_desc, q4, ring0, ring1, q_ready, q_empty, rea
         tile = _program_tile(rnd)
         if tile < num_tiles:
             b, h0, qblk = _heads_tile(tile, NQ, HQ)
-            list0, cnt0 = _mask_row(LNum, LIdx, b, h0, qblk, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq)
-            list1, cnt1 = _mask_row(LNum, LIdx, b, h0 + 1, qblk, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq)
-            kv0 = h0 // GROUP
-            kv1 = (h0 + 1) // GROUP
-            if cnt0 > 0:
-                _copy_step(
-                    k_desc, v_desc, ring0[0], ring0[1], ready0, empty0, b, kv0, list0, cnt0, 0, it0, STAGES, 64, 64
-                )
-            if cnt1 > 0:
-                _copy_step(
-                    k_desc, v_desc, ring1[0], ring1[1], ready1, empty1, b, kv1, list1, cnt1, 0, it1, STAGES, 64, 64
-                )
-            for half in gl.static_range(2):  # warpgroup `half`: head h0 + half's 64 positions
-                _copy_q(q_desc, q4, q_ready.index(half), q_empty.index(half), b, h0 + half, qblk * 64, use,
-                        half * 64, 1, 64)  # fmt: skip
-            for j in range(1, gl.maximum(cnt0, cnt1)):
-                if j < cnt0:
-                    _copy_step(k_desc, v_desc, ring0[0], ring0[1], ready0, empty0, b, kv0, list0, cnt0, j, it0 + j,
+            bt, t0, seqlen = _sequence(CuSeq, b, T, VARLEN)
+            if qblk * 64 < seqlen:
+                list0, cnt0 = _mask_row(LNum, LIdx, b, h0, qblk, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq)
+                list1, cnt1 = _mask_row(LNum, LIdx, b, h0 + 1, qblk, stride_nb, stride_nh, stride_ib, stride_ih,
+                                        stride_iq)  # fmt: skip
+                kv0 = h0 // GROUP
+                kv1 = (h0 + 1) // GROUP
+                if cnt0 > 0:
+                    _copy_step(k_desc, v_desc, ring0[0], ring0[1], ready0, empty0, bt, kv0, t0, list0, cnt0, 0, it0,
                                STAGES, 64, 64)  # fmt: skip
-                if j < cnt1:
-                    _copy_step(k_desc, v_desc, ring1[0], ring1[1], ready1, empty1, b, kv1, list1, cnt1, j, it1 + j,
+                if cnt1 > 0:
+                    _copy_step(k_desc, v_desc, ring1[0], ring1[1], ready1, empty1, bt, kv1, t0, list1, cnt1, 0, it1,
                                STAGES, 64, 64)  # fmt: skip
-            it0 += cnt0
-            it1 += cnt1
-            use += 1
+                for half in gl.static_range(2):  # warpgroup `half`: head h0 + half's 64 positions
+                    _copy_q(q_desc, q4, q_ready.index(half), q_empty.index(half), bt, h0 + half, t0 + qblk * 64, use,
+                            half * 64, 1, 64)  # fmt: skip
+                for j in range(1, gl.maximum(cnt0, cnt1)):
+                    if j < cnt0:
+                        _copy_step(k_desc, v_desc, ring0[0], ring0[1], ready0, empty0, bt, kv0, t0, list0, cnt0, j,
+                                   it0 + j, STAGES, 64, 64)  # fmt: skip
+                    if j < cnt1:
+                        _copy_step(k_desc, v_desc, ring1[0], ring1[1], ready1, empty1, bt, kv1, t0, list1, cnt1, j,
+                                   it1 + j, STAGES, 64, 64)  # fmt: skip
+                it0 += cnt0
+                it1 += cnt1
+                use += 1
 
 
 @gluon.jit
-def _math_heads(q_smem, k_ring, v_ring, q_ready, q_empty, ready, empty, LNum, LIdx, qk_scale, Out, Lse,
+def _math_heads(q_smem, k_ring, v_ring, q_ready, q_empty, ready, empty, LNum, LIdx, CuSeq, qk_scale, Out, Lse,
                 stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, stride_ob, stride_oh, stride_ot, stride_lb,
                 stride_lh, T, NQ, HQ, num_tiles, WG: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                STORE_LSE: gl.constexpr):  # fmt: skip
-    """A math warpgroup of the per-query-head kernel: head ``h0 + WG`` of each of the program's tiles, its own list
-    and ring."""
+                STORE_LSE: gl.constexpr, VARLEN: gl.constexpr):  # fmt: skip
+    """A math warpgroup of the per-query-head kernel: head ``h0 + WG`` of each of the program's tiles (those past
+    their sequence's end skipped), its own list and ring."""
     it = 0
     use = 0
     for rnd in range(gl.cdiv(num_tiles, gl.num_programs(0))):
         tile = _program_tile(rnd)
         if tile < num_tiles:
             b, h0, qblk = _heads_tile(tile, NQ, HQ)
-            blocks, cnt = _mask_row(LNum, LIdx, b, h0 + WG, qblk, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq)
-            mbarrier.wait(q_ready, use & 1)
-            b64 = b.to(gl.int64)
-            it += _attend(q_smem, k_ring, v_ring, ready, empty, q_empty, blocks, cnt, it, qblk, 0, qblk * 64, h0 + WG,
-                          T, qk_scale, Out + b64 * stride_ob, Lse + b64 * stride_lb, stride_oh, stride_ot, stride_lh,
-                          64, HEAD_DIM, STAGES, STORE_LSE, 64, 64)  # fmt: skip
-            use += 1
+            bt, t0, seqlen = _sequence(CuSeq, b, T, VARLEN)
+            if qblk * 64 < seqlen:
+                blocks, cnt = _mask_row(LNum, LIdx, b, h0 + WG, qblk, stride_nb, stride_nh, stride_ib, stride_ih,
+                                        stride_iq)  # fmt: skip
+                mbarrier.wait(q_ready, use & 1)
+                out = Out + bt.to(gl.int64) * stride_ob + t0.to(gl.int64) * stride_ot
+                lse = Lse + bt.to(gl.int64) * stride_lb + t0
+                it += _attend(q_smem, k_ring, v_ring, ready, empty, q_empty, blocks, cnt, it, qblk, 0, qblk * 64,
+                              h0 + WG, seqlen, qk_scale, out, lse, stride_oh, stride_ot, stride_lh, 64, HEAD_DIM,
+                              STAGES, STORE_LSE, 64, 64)  # fmt: skip
+                use += 1
 
 
 @gluon.jit
 def _sparse_fwd_ws_heads_kernel(
-    q_desc, k_desc, v_desc, Out, Lse, LNum, LIdx, qk_scale,
+    q_desc, k_desc, v_desc, Out, Lse, LNum, LIdx, CuSeq, qk_scale,
     stride_ob, stride_oh, stride_ot, stride_lb, stride_lh, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq,
     T, HQ, NQ, GROUP, num_tiles,
-    HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, STORE_LSE: gl.constexpr,
+    HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, STORE_LSE: gl.constexpr, VARLEN: gl.constexpr,
 ):  # fmt: skip
     """Per-query-head masks, persistent: a tile is one 64-token query block of two query heads (``2p``, ``2p + 1``),
     each math warpgroup one head with its own list, K / V ring and barriers; one loader warp fills both rings."""
@@ -531,16 +561,16 @@ def _sparse_fwd_ws_heads_kernel(
     q2 = q4.reshape([128, HEAD_DIM])
     gl.warp_specialize(
         [(_math_heads, (q2.slice(0, 64), k_ring0, v_ring0, q_ready.index(0), q_empty.index(0), ready0, empty0, LNum,
-                        LIdx, qk_scale, Out, Lse, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, stride_ob,
-                        stride_oh, stride_ot, stride_lb, stride_lh, T, NQ, HQ, num_tiles, 0, HEAD_DIM, STAGES,
-                        STORE_LSE)),
+                        LIdx, CuSeq, qk_scale, Out, Lse, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq,
+                        stride_ob, stride_oh, stride_ot, stride_lb, stride_lh, T, NQ, HQ, num_tiles, 0, HEAD_DIM,
+                        STAGES, STORE_LSE, VARLEN)),
          (_math_heads, (q2.slice(64, 64), k_ring1, v_ring1, q_ready.index(1), q_empty.index(1), ready1, empty1, LNum,
-                        LIdx, qk_scale, Out, Lse, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, stride_ob,
-                        stride_oh, stride_ot, stride_lb, stride_lh, T, NQ, HQ, num_tiles, 1, HEAD_DIM, STAGES,
-                        STORE_LSE)),
+                        LIdx, CuSeq, qk_scale, Out, Lse, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq,
+                        stride_ob, stride_oh, stride_ot, stride_lb, stride_lh, T, NQ, HQ, num_tiles, 1, HEAD_DIM,
+                        STAGES, STORE_LSE, VARLEN)),
          (_loader_pair, (q_desc, k_desc, v_desc, q4, (k_ring0, v_ring0), (k_ring1, v_ring1), q_ready, q_empty, ready0,
-                         ready1, empty0, empty1, LNum, LIdx, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, NQ,
-                         HQ, GROUP, num_tiles, STAGES))],
+                         ready1, empty0, empty1, LNum, LIdx, CuSeq, stride_nb, stride_nh, stride_ib, stride_ih,
+                         stride_iq, T, NQ, HQ, GROUP, num_tiles, STAGES, VARLEN))],
         [4, 1], [232, 24],
     )  # fmt: skip
 
@@ -553,16 +583,17 @@ def _descriptor(x: torch.Tensor, rows: int) -> TensorDescriptor:
 
 def launch(
     q, k, v, out, lse, kv_num_blocks, kv_indices, scale: float, mask_block: int = 64, block_n: int = 64,
-    programs: int | None = None,
+    programs: int | None = None, cu_seqlens: torch.Tensor | None = None,
 ) -> None:  # fmt: skip
     """Run the kernel (the case checked by :func:`supported`): out [B, Hq, T, D] (``[B, T, Hq, D]`` memory), lse
     [B, Hq, T] fp32 or None; lists int32 [B, H, NQ(, NK)] of ``mask_block``-token blocks, H = Hq (per query head) or
     Hkv (per group). ``block_n``: keys a step, 64 (a kept 64-token block) or 128 (two kept 64-token blocks, or one
     128-token block; per-group masks only). Persistent: ``programs`` (None: one a multiprocessor, at most one a tile)
-    each walk their share of the tiles; any count gives the same result, bit for bit."""
-    b, hq, t, d = q.shape
-    hkv = k.shape[1]
-    nq = kv_indices.shape[2]
+    each walk their share of the tiles; any count gives the same result, bit for bit. Varlen: ``cu_seqlens`` int32
+    [N + 1], B == 1, the lists' batch N (each sequence the top-left corner of its mask, as :mod:`.sparse_fwd`)."""
+    t, d = q.shape[2], q.shape[3]
+    hq, hkv = q.shape[1], k.shape[1]
+    b, nq = kv_indices.shape[0], kv_indices.shape[2]  # b: sequences (the batch, or varlen's N)
     group = hq // hkv
     per_head = kv_indices.shape[1] == hq
     if (mask_block, block_n) not in STEPS or (per_head and block_n != 64):
@@ -581,9 +612,11 @@ def launch(
         programs = min(tiles, num_sms(q.device))  # one a multiprocessor: the three partitions take its registers
     elif programs < 1:
         raise ValueError(f"sparse_fwd_ws.launch: programs must be None or >= 1, got {programs}")
+    varlen = cu_seqlens is not None
     kernel[(programs,)](
         _descriptor(q, q_rows), _descriptor(k, 64), _descriptor(v, 64), out, lse_arg, kv_num_blocks, kv_indices,
-        scale * LOG2E, out.stride(0), out.stride(1), out.stride(2), lse_arg.stride(0), lse_arg.stride(1),
-        kv_num_blocks.stride(0), kv_num_blocks.stride(1), kv_indices.stride(0), kv_indices.stride(1),
-        kv_indices.stride(2), t, *extra, tiles, HEAD_DIM=d, STORE_LSE=lse is not None, num_warps=4, **consts,
+        cu_seqlens if varlen else kv_num_blocks, scale * LOG2E, out.stride(0), out.stride(1), out.stride(2),
+        lse_arg.stride(0), lse_arg.stride(1), kv_num_blocks.stride(0), kv_num_blocks.stride(1), kv_indices.stride(0),
+        kv_indices.stride(1), kv_indices.stride(2), t, *extra, tiles, HEAD_DIM=d, STORE_LSE=lse is not None,
+        VARLEN=varlen, num_warps=4, **consts,
     )  # fmt: skip
