@@ -230,7 +230,7 @@ def attention_launches(all_configs: bool = False) -> None:
                 sparse_fwd_ws.launch(q64, k64, k64, q64, lse, num, idx, scale)
                 if hm == hkv:  # 128-key steps (two kept blocks a step)
                     sparse_fwd_ws.launch(q, k, v, q, lse, num, idx, scale, 64, 128)
-            if mb == 128 and hm == hkv:  # 128-token blocks (per group), a block a 128-key step
+            if mb == 128:  # 128-token blocks (per group; per query head: a head a tile), a block a 128-key step
                 sparse_fwd_ws.launch(q, k, v, q, lse, num, idx, scale, 128, 128)
             if mb == 64 and hm == hkv:  # packed documents with per-group masks: the varlen forward
                 cu = torch.empty(3, dtype=torch.int32)

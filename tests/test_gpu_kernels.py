@@ -152,7 +152,7 @@ def test_every_sparse_config_matches_the_reference(bs, mh, random):
     hopper_ws = sparse_fwd_ws.supported(q, k, v, bs, mask.num_heads) is None
     cands = sparse_configs(bs, hq // mask.num_heads, d, hopper_ws)
     hopper = torch.cuda.get_device_capability()[0] == 9
-    assert any(c.hopper_ws for c in cands) == (hopper and (bs == 64 or (bs == 128 and mh == "hkv")))
+    assert any(c.hopper_ws for c in cands) == (hopper and bs in (64, 128))
     for cfg in cands:
         out, _ = block_sparse_attention_fwd(
             q, k, v, mask.kv_num_blocks, mask.kv_indices, bs, scale, return_lse=False, config=cfg
@@ -169,13 +169,16 @@ def test_every_sparse_config_matches_the_reference(bs, mh, random):
      (4, 128, torch.bfloat16, "bthd", "hkv", 128, 128), (2, 128, torch.float16, "bhtd", "hkv", 128, 128),
      (8, 64, torch.bfloat16, "bthd", "hkv", 128, 128),
      (4, 128, torch.bfloat16, "bthd", "hq", 64, 64), (1, 128, torch.float16, "bhtd", "hq", 64, 64),
-     (2, 64, torch.bfloat16, "bthd", "hq", 64, 64)],
+     (2, 64, torch.bfloat16, "bthd", "hq", 64, 64),
+     (4, 128, torch.bfloat16, "bthd", "hq", 128, 128), (1, 128, torch.float16, "bhtd", "hq", 128, 128),
+     (2, 64, torch.bfloat16, "bthd", "hq", 128, 128)],
 )  # fmt: skip
 def test_hopper_ws_forward_matches_the_reference(group, d, dtype, layout, mh, mb, block_n):
     """The warp-specialised Hopper forward (Gluon) on its own: batch 2, an odd length (a partial last block), empty
     rows and a block above the diagonal, both q/k/v layouts (transformers' [B, T, H, D] memory and contiguous
     [B, H, T, D]), fp16 / bf16, D 64 / 128, per-group masks (groups 2 / 4 / 8; 64-token blocks with 64- and 128-key
-    steps, lists of odd and even lengths; 128-token blocks) and per-query-head masks (groups 1 / 2 / 4): output
+    steps, lists of odd and even lengths; 128-token blocks) and per-query-head masks (groups 1 / 2 / 4; at 64-token
+    blocks two heads a tile, at 128-token blocks one head a tile in the per-group kernel, MHA included): output
     within the Triton kernel's error of the fp32 reference, lse equal to the reference's (-inf on empty rows, whose
     output is 0)."""
     from kernel_helpers import rand_mask
@@ -200,13 +203,16 @@ def test_hopper_ws_forward_matches_the_reference(group, d, dtype, layout, mh, mb
     mask = rand_mask(b, hm, t, mb, density=0.3, seed=group + d, empty_rows=True).to("cuda")
     assert sparse_fwd_ws.supported(q, k, v, mb, hm) is None
     per_head = mh == "hq"
-    stages = sparse_fwd_ws.STAGES_HEADS if per_head else sparse_fwd_ws.stages(block_n)
+    stages = sparse_fwd_ws.STAGES_HEADS if per_head and mb == 64 else sparse_fwd_ws.stages(block_n)
     cfg = KernelConfig(128, block_n, 1 if per_head else group, 4, stages, hopper_ws=True)
     lists = (mask.kv_num_blocks, mask.kv_indices)
     counts = mask.kv_num_blocks[mask.kv_num_blocks > 0]
     assert (counts % 2 == 1).any() and (counts % 2 == 0).any()  # 128-key steps: odd lists end on a half step
     out, lse = block_sparse_attention_fwd(q, k, v, *lists, mb, d**-0.5, None, True, cfg)
-    triton_cfg = KernelConfig(64, 64, 1, 4, 3) if per_head else KernelConfig(128, 64, 128 // mb, 8, 3)
+    if per_head:
+        triton_cfg = KernelConfig(64, 64, 1, 4, 3) if mb == 64 else KernelConfig(128, 64, 1, 8, 3)
+    else:
+        triton_cfg = KernelConfig(128, 64, 128 // mb, 8, 3)
     tri, _ = block_sparse_attention_fwd(q, k, v, *lists, mb, d**-0.5, None, True, triton_cfg)
     ref, ref_lse = reference.block_sparse_attention(q.float(), k.float(), v.float(), mask, return_lse=True)
     assert rel(out, ref) <= 1.5 * rel(tri, ref) + EPS, (rel(out, ref), rel(tri, ref))
@@ -216,7 +222,9 @@ def test_hopper_ws_forward_matches_the_reference(group, d, dtype, layout, mh, mb
     assert (lse[~empty] - ref_lse[~empty]).abs().max().item() < 1e-2
 
 
-@pytest.mark.parametrize("mh,mb,block_n", [("hq", 64, 64), ("hkv", 64, 64), ("hkv", 64, 128), ("hkv", 128, 128)])
+@pytest.mark.parametrize(
+    "mh,mb,block_n", [("hq", 64, 64), ("hkv", 64, 64), ("hkv", 64, 128), ("hkv", 128, 128), ("hq", 128, 128)]
+)
 def test_hopper_ws_forward_replays_in_a_cuda_graph(mh, mb, block_n):
     """The warp-specialised forward captured in a CUDA graph (host TMA descriptors of q / k / v, baked into the
     captured launch: the graph's static tensors) and replayed on new q / k / v: the same output, bit for bit, as an
@@ -231,7 +239,7 @@ def test_hopper_ws_forward_replays_in_a_cuda_graph(mh, mb, block_n):
     q, k, v = make_qkv(1, hq, hkv, t, d, seed=3)
     mask = structured_mask(1, hq if mh == "hq" else hkv, t, mb, 0.3, seed=2)
     per_head = mh == "hq"
-    stages = sparse_fwd_ws.STAGES_HEADS if per_head else sparse_fwd_ws.stages(block_n)
+    stages = sparse_fwd_ws.STAGES_HEADS if per_head and mb == 64 else sparse_fwd_ws.stages(block_n)
     cfg = KernelConfig(128, block_n, 1 if per_head else hq // hkv, 4, stages, hopper_ws=True)
 
     def fwd():
@@ -250,7 +258,9 @@ def test_hopper_ws_forward_replays_in_a_cuda_graph(mh, mb, block_n):
     assert out.abs().sum() > 0
 
 
-@pytest.mark.parametrize("mh,mb,block_n", [("hq", 64, 64), ("hkv", 64, 64), ("hkv", 64, 128), ("hkv", 128, 128)])
+@pytest.mark.parametrize(
+    "mh,mb,block_n", [("hq", 64, 64), ("hkv", 64, 64), ("hkv", 64, 128), ("hkv", 128, 128), ("hq", 128, 128)]
+)
 def test_hopper_ws_programs_walk_many_tiles(mh, mb, block_n):
     """The persistent forward with 3 programs (each walks 64 tiles: the Q buffer's and the ring's barrier phases
     across tiles, lists of every length including empty ones) gives the default launch's output and lse bit for bit."""
@@ -275,7 +285,9 @@ def test_hopper_ws_programs_walk_many_tiles(mh, mb, block_n):
     assert torch.isinf(lse).any() and out.abs().sum() > 0  # empty rows and real output both present
 
 
-@pytest.mark.parametrize("mh,mb,block_n", [("hq", 64, 64), ("hkv", 64, 64), ("hkv", 64, 128), ("hkv", 128, 128)])
+@pytest.mark.parametrize(
+    "mh,mb,block_n", [("hq", 64, 64), ("hkv", 64, 64), ("hkv", 64, 128), ("hkv", 128, 128), ("hq", 128, 128)]
+)
 def test_hopper_ws_varlen_is_each_sequence_alone(mh, mb, block_n):
     """Packed sequences (varlen: lengths under a block, under a tile's 32 positions, odd, long; a sequence's partial
     last block followed by the next sequence's tokens, which the causal mask must hide) give, bit for bit, what the
@@ -351,11 +363,12 @@ def test_hopper_ws_refuses_what_it_cannot_run():
 
     q, k, v = make_qkv(1, 8, 2, 256, 128)
     assert "mask blocks" in sparse_fwd_ws.supported(q, k, v, 32, 2)
-    assert "64-token blocks only" in sparse_fwd_ws.supported(q, k, v, 128, 8)  # per query head
+    assert sparse_fwd_ws.supported(q, k, v, 128, 8) is None  # per query head at 128-token blocks: a head a tile
     assert "per-group" in sparse_fwd_ws.supported(q, k, v, 64, 4)  # neither per head (8) nor per group (2)
     assert "fp16 / bf16" in sparse_fwd_ws.supported(q.float(), k.float(), v.float(), 64, 2)
     q3, k3, v3 = make_qkv(1, 3, 3, 256, 128)
     assert "even head count" in sparse_fwd_ws.supported(q3, k3, v3, 64, 3)
+    assert sparse_fwd_ws.supported(q3, k3, v3, 128, 3) is None  # MHA, 128-token blocks: any head count
     shifted = torch.empty(q.numel() + 4, device=q.device, dtype=q.dtype)[4:].view(q.shape)  # 8 bytes off
     assert "q at a 16-byte aligned address" in sparse_fwd_ws.supported(shifted, k, v, 64, 2)
     mask = structured_mask(1, 2, 256, 32, 0.5)  # per group, 32-token blocks
@@ -368,7 +381,7 @@ def test_hopper_ws_refuses_what_it_cannot_run():
                                    KernelConfig(128, 64, 4, 4, 4, hopper_ws=True))  # fmt: skip
     per_head = structured_mask(1, 8, 256, 64, 0.5)
     # 128-key steps per group only (two rings of 128-key slots do not fit in shared memory)
-    with pytest.raises(ValueError, match="block_n 128 with per-group masks only"):
+    with pytest.raises(ValueError, match="block_n 128 with per-group masks or 128-token blocks only"):
         block_sparse_attention_fwd(q, k, v, per_head.kv_num_blocks, per_head.kv_indices, 64, 0.1, None, True,
                                    KernelConfig(128, 128, 1, 4, 3, hopper_ws=True))  # fmt: skip
 

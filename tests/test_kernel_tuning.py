@@ -157,3 +157,6 @@ def test_hopper_ws_config_is_a_candidate_only_when_asked_for(monkeypatch):
     assert per_head[-1].block_n == 64
     at128 = kcfg.sparse_configs(128, 4, 128, True)  # 128-token blocks per group: 128-key steps
     assert [(c.block_n, c.num_stages) for c in at128 if c.hopper_ws] == [(128, ws[1].num_stages)]
+    # per query head at 128-token blocks: the per-group kernel with one head a tile, 128-key steps
+    at128_heads = kcfg.sparse_configs(128, 1, 128, True)
+    assert [(c.block_n, c.pack, c.num_stages) for c in at128_heads if c.hopper_ws] == [(128, 1, ws[1].num_stages)]

@@ -11,7 +11,9 @@ wgmma and ``warp_specialize``, which the compiler-scheduled Triton kernels canno
   alternating order: :func:`_program_tile`), so that a tile's first loads land while the tile before finishes its
   last product and stores;
 - per-group masks (:func:`_sparse_fwd_ws_kernel`): a tile is 128 query rows, ``P = 128 / G`` consecutive positions of
-  one query block for the ``G`` query heads of one KV group (they share the block's list and every K/V tile);
+  one query block for the ``G`` query heads of one KV group (they share the block's list and every K/V tile); the
+  same kernel takes per-query-head masks at 128-token blocks with ``G`` = 1 (a tile: 128 positions of one head, one
+  list, each math warpgroup 64 of the positions; since session 21);
 - a **loader warp** copies each tile's first K / V step, its Q (once the math warpgroups are done with the last tile's
   scores), then walks the rest of the list (``kv_indices[b, g, I, :kv_num_blocks[b, g, I]]``) and copies the kept
   blocks' K and V tiles by TMA into a ring of slots in shared memory (an mbarrier ``ready`` per slot, signalled by the
@@ -52,8 +54,9 @@ hides them. Session 21 (docs/experiments/kernel-speed/session21, call 2): four p
 10 %, 1.17x the best Triton tile per query head, 1.38x per group (block 64), 1.55x at block 128.
 
 Supported (:func:`supported` says why not): an sm_90 GPU, fp16 / bf16, D 64 or 128, per-group masks with ``G`` in
-(2, 4, 8) query heads a group at 64- or 128-token blocks, per-query-head masks with an even head count at 64-token
-blocks (two rings of 128-key slots would not fit in shared memory). Limitations: forward only; Gluon has
+(2, 4, 8) query heads a group at 64- or 128-token blocks, per-query-head masks at 128-token blocks (any GQA group, MHA
+included) and at 64-token blocks with an even head count (two heads a tile, 64-key steps: two rings of 128-key slots
+would not fit in shared memory). Limitations: forward only; Gluon has
 no interpreter, so the CPU tests compile it for sm_90 (``benchmarks/sm90.py``) and only the GPU tests run it. Q, K
 and V reach the kernel as host TMA descriptors of their ``[B, H, T, D]`` views (``[1, 1, rows, D]`` boxes, the
 shared buffers 4-D to match and read as ``[rows, D]`` by the products).
@@ -106,11 +109,9 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_block: int
         return f"takes head dims {HEAD_DIMS}, got {d}"
     if mask_block not in MASK_BLOCKS:
         return f"takes {MASK_BLOCKS}-token mask blocks, got {mask_block}"
-    if mask_heads == hq:
-        if mask_block != 64:
-            return f"takes per-query-head masks at 64-token blocks only, got {mask_block}"
-        if hq % 2:
-            return f"pairs query heads for per-query-head masks: needs an even head count, got {hq}"
+    if mask_heads == hq:  # 64-token blocks: two heads a tile (the per-head kernel); 128: one (the per-group kernel)
+        if mask_block == 64 and hq % 2:
+            return f"pairs query heads for per-query-head masks at 64-token blocks: needs an even head count, got {hq}"
     elif mask_heads != hkv or hq // hkv not in GROUPS:
         return (
             f"takes per-query-head masks, or per-group masks with {GROUPS} query heads a group; got {mask_heads} mask "
@@ -185,8 +186,8 @@ def _program_tile(rnd):
 
 
 @gluon.jit
-def _group_tile(tile, NQ, HKV, MB: gl.constexpr, G: gl.constexpr):
-    """Tile ``tile`` of the per-group kernel -> (batch, KV head, query block, first position): (batch, KV head)
+def _group_tile(tile, NQ, HM, MB: gl.constexpr, G: gl.constexpr):
+    """Tile ``tile`` of the per-group kernel -> (batch, mask head, query block, first position): (batch, mask head)
     slowest, query blocks heaviest first, a block's ``MB / P`` tiles fastest (as .sparse_fwd's programs)."""
     P: gl.constexpr = 128 // G
     SPLIT: gl.constexpr = MB // P
@@ -194,7 +195,7 @@ def _group_tile(tile, NQ, HKV, MB: gl.constexpr, G: gl.constexpr):
     bg = tile // per
     t = per - 1 - tile % per
     qblk = t // SPLIT
-    return bg // HKV, bg % HKV, qblk, qblk * MB + (t % SPLIT) * P
+    return bg // HM, bg % HM, qblk, qblk * MB + (t % SPLIT) * P
 
 
 @gluon.jit
@@ -244,7 +245,7 @@ def _copy_step(k_desc, v_desc, k_ring, v_ring, ready, empty, b, h, t0, blocks, c
 
 @gluon.jit
 def _loader(q_desc, k_desc, v_desc, q4, k_ring, v_ring, q_ready, q_empty, ready, empty, LNum, LIdx, CuSeq,
-            stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, T, NQ, HKV, num_tiles,
+            stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, T, NQ, HM, GROUP, num_tiles,
             G: gl.constexpr, STAGES: gl.constexpr, MB: gl.constexpr, BLOCK_N: gl.constexpr,
             VARLEN: gl.constexpr):  # fmt: skip
     """The loader warp of the per-group kernel, over the program's tiles (those past their sequence's end skipped, as
@@ -257,19 +258,24 @@ def _loader(q_desc, k_desc, v_desc, q4, k_ring, v_ring, q_ready, q_empty, ready,
     for rnd in range(gl.cdiv(num_tiles, gl.num_programs(0))):
         tile = _program_tile(rnd)
         if tile < num_tiles:
-            b, g, qblk, pos0 = _group_tile(tile, NQ, HKV, MB, G)
+            b, g, qblk, pos0 = _group_tile(tile, NQ, HM, MB, G)
             bt, t0, seqlen = _sequence(CuSeq, b, T, VARLEN)
             if pos0 < seqlen:
+                kv = g * G // GROUP  # the tile's KV head (g itself with per-group masks)
                 blocks, cnt = _mask_row(LNum, LIdx, b, g, qblk, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq)
                 n = _num_steps(cnt, MB, BLOCK_N)
                 if n > 0:
-                    _copy_step(k_desc, v_desc, k_ring, v_ring, ready, empty, bt, g, t0, blocks, cnt, 0, it, STAGES, MB,
+                    _copy_step(k_desc, v_desc, k_ring, v_ring, ready, empty, bt, kv, t0, blocks, cnt, 0, it, STAGES, MB,
                                BLOCK_N)  # fmt: skip
-                for half in gl.static_range(2):  # warpgroup `half`'s 64 rows: G / 2 heads of P positions
-                    _copy_q(q_desc, q4, q_ready.index(half), q_empty.index(half), bt, g * G + half * (G // 2),
-                            t0 + pos0, use, half * 64, G // 2, P)  # fmt: skip
+                for half in gl.static_range(2):
+                    if G == 1:  # warpgroup `half`'s 64 rows: positions 64 * half .. of the tile's one head
+                        _copy_q(q_desc, q4, q_ready.index(half), q_empty.index(half), bt, g, t0 + pos0 + half * 64, use,
+                                half * 64, 1, 64)  # fmt: skip
+                    else:  # warpgroup `half`'s 64 rows: G / 2 heads of P positions
+                        _copy_q(q_desc, q4, q_ready.index(half), q_empty.index(half), bt, g * G + half * (G // 2),
+                                t0 + pos0, use, half * 64, G // 2, P)  # fmt: skip
                 for j in range(1, n):
-                    _copy_step(k_desc, v_desc, k_ring, v_ring, ready, empty, bt, g, t0, blocks, cnt, j, it + j, STAGES,
+                    _copy_step(k_desc, v_desc, k_ring, v_ring, ready, empty, bt, kv, t0, blocks, cnt, j, it + j, STAGES,
                                MB, BLOCK_N)  # fmt: skip
                 it += n
                 use += 1
@@ -393,7 +399,7 @@ def _attend(q_smem, k_ring, v_ring, ready, empty, q_empty, blocks, cnt, it, qb, 
 @gluon.jit
 def _math(q_smem, k_ring, v_ring, q_ready, q_empty, ready, empty, LNum, LIdx, CuSeq, qk_scale, Out, Lse,
           stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, stride_ob, stride_oh, stride_ot, stride_lb, stride_lh,
-          T, NQ, HKV, num_tiles, ROW0: gl.constexpr, G: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+          T, NQ, HM, num_tiles, ROW0: gl.constexpr, G: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
           STORE_LSE: gl.constexpr, MB: gl.constexpr, BLOCK_N: gl.constexpr, VARLEN: gl.constexpr):  # fmt: skip
     """A math warpgroup of the per-group kernel: rows ``ROW0 .. ROW0 + 63`` of each of the program's tiles (those
     past their sequence's end skipped)."""
@@ -402,14 +408,15 @@ def _math(q_smem, k_ring, v_ring, q_ready, q_empty, ready, empty, LNum, LIdx, Cu
     for rnd in range(gl.cdiv(num_tiles, gl.num_programs(0))):
         tile = _program_tile(rnd)
         if tile < num_tiles:
-            b, g, qblk, pos0 = _group_tile(tile, NQ, HKV, MB, G)
+            b, g, qblk, pos0 = _group_tile(tile, NQ, HM, MB, G)
             bt, t0, seqlen = _sequence(CuSeq, b, T, VARLEN)
             if pos0 < seqlen:
                 blocks, cnt = _mask_row(LNum, LIdx, b, g, qblk, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq)
                 mbarrier.wait(q_ready, use & 1)
                 out = Out + bt.to(gl.int64) * stride_ob + t0.to(gl.int64) * stride_ot
                 lse = Lse + bt.to(gl.int64) * stride_lb + t0
-                # P <= 64 divides 64: a tile's positions lie in one 64-token block
+                # a tile's positions lie in one mask block; qb = pos0 // 64 is the diagonal (with 128-token blocks
+                # its 128-token block qb // 2, for both halves of a one-head tile)
                 it += _attend(q_smem, k_ring, v_ring, ready, empty, q_empty, blocks, cnt, it, pos0 // 64, ROW0, pos0,
                               g * G, seqlen, qk_scale, out, lse, stride_oh, stride_ot, stride_lh, 128 // G, HEAD_DIM,
                               STAGES, STORE_LSE, MB, BLOCK_N)  # fmt: skip
@@ -420,12 +427,13 @@ def _math(q_smem, k_ring, v_ring, q_ready, q_empty, ready, empty, LNum, LIdx, Cu
 def _sparse_fwd_ws_kernel(
     q_desc, k_desc, v_desc, Out, Lse, LNum, LIdx, CuSeq, qk_scale,
     stride_ob, stride_oh, stride_ot, stride_lb, stride_lh, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq,
-    T, HKV, NQ, num_tiles,
+    T, HM, NQ, GROUP, num_tiles,
     G: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, STORE_LSE: gl.constexpr, MB: gl.constexpr,
     BLOCK_N: gl.constexpr, VARLEN: gl.constexpr,
 ):  # fmt: skip
-    """Per-group masks, persistent: each program walks its tiles (:func:`_program_tile`, decoded by
-    :func:`_group_tile`), each 128 rows (G heads x 128 / G positions of one query block); one loader warp, two math
+    """Per-group masks (and per-query-head masks at 128-token blocks: ``G`` = 1), persistent: each program walks its
+    tiles (:func:`_program_tile`, decoded by :func:`_group_tile`), each 128 rows (the ``G`` query heads of one of the
+    ``HM`` masks x 128 / G positions of one query block; ``GROUP`` query heads a KV head); one loader warp, two math
     warpgroups of 64 rows."""
     smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
     # 4-D buffers as the [B, H, T, D] descriptors' boxes; the products read them as [rows, D]
@@ -447,14 +455,14 @@ def _sparse_fwd_ws_kernel(
     gl.warp_specialize(
         [(_math, (q2.slice(0, 64), k_ring, v_ring, q_ready.index(0), q_empty.index(0), ready, empty, LNum, LIdx,
                   CuSeq, qk_scale, Out, Lse, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, stride_ob,
-                  stride_oh, stride_ot, stride_lb, stride_lh, T, NQ, HKV, num_tiles, 0, G, HEAD_DIM, STAGES, STORE_LSE,
+                  stride_oh, stride_ot, stride_lb, stride_lh, T, NQ, HM, num_tiles, 0, G, HEAD_DIM, STAGES, STORE_LSE,
                   MB, BLOCK_N, VARLEN)),
          (_math, (q2.slice(64, 64), k_ring, v_ring, q_ready.index(1), q_empty.index(1), ready, empty, LNum, LIdx,
                   CuSeq, qk_scale, Out, Lse, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, stride_ob,
-                  stride_oh, stride_ot, stride_lb, stride_lh, T, NQ, HKV, num_tiles, 64, G, HEAD_DIM, STAGES,
+                  stride_oh, stride_ot, stride_lb, stride_lh, T, NQ, HM, num_tiles, 64, G, HEAD_DIM, STAGES,
                   STORE_LSE, MB, BLOCK_N, VARLEN)),
          (_loader, (q_desc, k_desc, v_desc, q4, k_ring, v_ring, q_ready, q_empty, ready, empty, LNum, LIdx, CuSeq,
-                    stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, T, NQ, HKV, num_tiles, G, STAGES, MB,
+                    stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, T, NQ, HM, GROUP, num_tiles, G, STAGES, MB,
                     BLOCK_N, VARLEN))],
         [4, 1], [232, 24],
     )  # fmt: skip
@@ -593,21 +601,23 @@ def launch(
     [N + 1], B == 1, the lists' batch N (each sequence the top-left corner of its mask, as :mod:`.sparse_fwd`)."""
     t, d = q.shape[2], q.shape[3]
     hq, hkv = q.shape[1], k.shape[1]
-    b, nq = kv_indices.shape[0], kv_indices.shape[2]  # b: sequences (the batch, or varlen's N)
+    b, hm, nq = kv_indices.shape[:3]  # b: sequences (the batch, or varlen's N)
     group = hq // hkv
-    per_head = kv_indices.shape[1] == hq
+    per_head = hm == hq and mask_block == 64  # the per-query-head kernel; at 128-token blocks the per-group one
     if (mask_block, block_n) not in STEPS or (per_head and block_n != 64):
+        kind = "per-query-head" if hm == hq else "per-group"
         raise ValueError(
-            f"sparse_fwd_ws.launch: (mask_block, block_n) must be one of {STEPS} (block_n 128 with per-group masks "
-            f"only), got ({mask_block}, {block_n}) with {'per-query-head' if per_head else 'per-group'} masks"
+            f"sparse_fwd_ws.launch: (mask_block, block_n) must be one of {STEPS} (block_n 128 with per-group masks or "
+            f"128-token blocks only), got ({mask_block}, {block_n}) with {kind} masks"
         )
     lse_arg = lse if lse is not None else out  # never written without STORE_LSE
     if per_head:  # a tile: two heads' 64-token query block
         kernel, tiles, q_rows = _sparse_fwd_ws_heads_kernel, b * (hq // 2) * nq, 64
         extra, consts = (hq, nq, group), dict(STAGES=STAGES_HEADS)
-    else:  # per-group masks: G / 2 tiles a 64-token query block
-        kernel, tiles, q_rows = _sparse_fwd_ws_kernel, b * hkv * nq * (group * mask_block // 128), 128 // group
-        extra, consts = (hkv, nq), dict(G=group, STAGES=stages(block_n), MB=mask_block, BLOCK_N=block_n)
+    else:  # a tile: the G = Hq / Hm heads of a mask, 128 / G positions; one head: two 64-row Q boxes
+        g = hq // hm
+        kernel, tiles, q_rows = _sparse_fwd_ws_kernel, b * hm * nq * (g * mask_block // 128), min(128 // g, 64)
+        extra, consts = (hm, nq, group), dict(G=g, STAGES=stages(block_n), MB=mask_block, BLOCK_N=block_n)
     if programs is None:
         programs = min(tiles, num_sms(q.device))  # one a multiprocessor: the three partitions take its registers
     elif programs < 1:
