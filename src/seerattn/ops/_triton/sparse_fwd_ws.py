@@ -86,7 +86,8 @@ HEAD_DIMS = (64, 128)
 STAGES = 4
 STAGES_HEADS = 3
 # (mask block, keys a step) of the per-group kernel: a 64-token block a step, two of them a step (128-key slots, one
-# wgmma N = 128 for the scores), or a 128-token block a step; per-query-head masks: 64-token blocks, 64-key steps
+# wgmma N = 128 for the scores), or a 128-token block a step; per-query-head masks: at 64-token blocks the per-head
+# kernel's 64-key steps, at 128-token blocks the per-group kernel's (128, 128)
 STEPS = ((64, 64), (64, 128), (128, 128))
 # 128-key slots at D 128: Q 32 KiB + STAGES_PAIR x 64 KiB
 STAGES_PAIR = 3
