@@ -171,14 +171,17 @@ def test_every_sparse_config_matches_the_reference(bs, mh, random):
      (4, 128, torch.bfloat16, "bthd", "hq", 64, 64), (1, 128, torch.float16, "bhtd", "hq", 64, 64),
      (2, 64, torch.bfloat16, "bthd", "hq", 64, 64),
      (4, 128, torch.bfloat16, "bthd", "hq", 128, 128), (1, 128, torch.float16, "bhtd", "hq", 128, 128),
-     (2, 64, torch.bfloat16, "bthd", "hq", 128, 128)],
+     (2, 64, torch.bfloat16, "bthd", "hq", 128, 128),
+     (4, 128, torch.bfloat16, "bthd", "hq-union", 64, 64), (1, 128, torch.float16, "bhtd", "hq-union", 64, 64),
+     (2, 64, torch.bfloat16, "bthd", "hq-union", 64, 64)],
 )  # fmt: skip
 def test_hopper_ws_forward_matches_the_reference(group, d, dtype, layout, mh, mb, block_n):
     """The warp-specialised Hopper forward (Gluon) on its own: batch 2, an odd length (a partial last block), empty
     rows and a block above the diagonal, both q/k/v layouts (transformers' [B, T, H, D] memory and contiguous
     [B, H, T, D]), fp16 / bf16, D 64 / 128, per-group masks (groups 2 / 4 / 8; 64-token blocks with 64- and 128-key
     steps, lists of odd and even lengths; 128-token blocks) and per-query-head masks (groups 1 / 2 / 4; at 64-token
-    blocks two heads a tile, at 128-token blocks one head a tile in the per-group kernel, MHA included): output
+    blocks two heads a tile or two query blocks of one head (``hq-union``), at 128-token blocks one head a tile in the
+    per-group kernel, MHA included): output
     within the Triton kernel's error of the fp32 reference, lse equal to the reference's (-inf on empty rows, whose
     output is 0)."""
     from kernel_helpers import rand_mask
@@ -202,9 +205,8 @@ def test_hopper_ws_forward_matches_the_reference(group, d, dtype, layout, mh, mb
     hm = hkv if mh == "hkv" else hq
     mask = rand_mask(b, hm, t, mb, density=0.3, seed=group + d, empty_rows=True).to("cuda")
     assert sparse_fwd_ws.supported(q, k, v, mb, hm) is None
-    per_head = mh == "hq"
-    stages = sparse_fwd_ws.STAGES_HEADS if per_head and mb == 64 else sparse_fwd_ws.stages(block_n)
-    cfg = KernelConfig(128, block_n, 1 if per_head else group, 4, stages, hopper_ws=True)
+    per_head = mh != "hkv"
+    cfg = ws_config(mh, mb, block_n, group)
     lists = (mask.kv_num_blocks, mask.kv_indices)
     counts = mask.kv_num_blocks[mask.kv_num_blocks > 0]
     assert (counts % 2 == 1).any() and (counts % 2 == 0).any()  # 128-key steps: odd lists end on a half step
@@ -222,25 +224,35 @@ def test_hopper_ws_forward_matches_the_reference(group, d, dtype, layout, mh, mb
     assert (lse[~empty] - ref_lse[~empty]).abs().max().item() < 1e-2
 
 
-@pytest.mark.parametrize(
-    "mh,mb,block_n", [("hq", 64, 64), ("hkv", 64, 64), ("hkv", 64, 128), ("hkv", 128, 128), ("hq", 128, 128)]
-)
+WS_CASES = [("hq", 64, 64), ("hq-union", 64, 64), ("hkv", 64, 64), ("hkv", 64, 128), ("hkv", 128, 128),
+            ("hq", 128, 128)]  # fmt: skip
+
+
+def ws_config(mh: str, mb: int, block_n: int, group: int):
+    """The Hopper forward's config for masks ``mh`` ("hkv" per group of ``group`` heads, "hq" per query head,
+    "hq-union" per query head on the union kernel) of ``mb``-token blocks, ``block_n`` keys a step."""
+    from seerattn.ops._triton import sparse_fwd_ws
+    from seerattn.ops._triton.config import KernelConfig
+
+    if mh == "hq-union":
+        return KernelConfig(128, 64, 1, 4, sparse_fwd_ws.STAGES, hopper_ws=True, union=True)
+    stages = sparse_fwd_ws.STAGES_HEADS if mh == "hq" and mb == 64 else sparse_fwd_ws.stages(block_n)
+    return KernelConfig(128, block_n, 1 if mh == "hq" else group, 4, stages, hopper_ws=True)
+
+
+@pytest.mark.parametrize("mh,mb,block_n", WS_CASES)
 def test_hopper_ws_forward_replays_in_a_cuda_graph(mh, mb, block_n):
     """The warp-specialised forward captured in a CUDA graph (host TMA descriptors of q / k / v, baked into the
     captured launch: the graph's static tensors) and replayed on new q / k / v: the same output, bit for bit, as an
     eager launch on those inputs."""
-    from seerattn.ops._triton import sparse_fwd_ws
-    from seerattn.ops._triton.config import KernelConfig
     from seerattn.ops._triton.sparse_fwd import block_sparse_attention_fwd
 
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the warp-specialised forward is for sm_90")
     hq, hkv, t, d = 8, 2, 2048 + 40, 128
     q, k, v = make_qkv(1, hq, hkv, t, d, seed=3)
-    mask = structured_mask(1, hq if mh == "hq" else hkv, t, mb, 0.3, seed=2)
-    per_head = mh == "hq"
-    stages = sparse_fwd_ws.STAGES_HEADS if per_head and mb == 64 else sparse_fwd_ws.stages(block_n)
-    cfg = KernelConfig(128, block_n, 1 if per_head else hq // hkv, 4, stages, hopper_ws=True)
+    mask = structured_mask(1, hkv if mh == "hkv" else hq, t, mb, 0.3, seed=2)
+    cfg = ws_config(mh, mb, block_n, hq // hkv)
 
     def fwd():
         return block_sparse_attention_fwd(q, k, v, mask.kv_num_blocks, mask.kv_indices, mb, d**-0.5, None, True, cfg)
@@ -258,9 +270,7 @@ def test_hopper_ws_forward_replays_in_a_cuda_graph(mh, mb, block_n):
     assert out.abs().sum() > 0
 
 
-@pytest.mark.parametrize(
-    "mh,mb,block_n", [("hq", 64, 64), ("hkv", 64, 64), ("hkv", 64, 128), ("hkv", 128, 128), ("hq", 128, 128)]
-)
+@pytest.mark.parametrize("mh,mb,block_n", WS_CASES)
 def test_hopper_ws_programs_walk_many_tiles(mh, mb, block_n):
     """The persistent forward with 3 programs (each walks 64 tiles: the Q buffer's and the ring's barrier phases
     across tiles, lists of every length including empty ones) gives the default launch's output and lse bit for bit."""
@@ -272,22 +282,21 @@ def test_hopper_ws_programs_walk_many_tiles(mh, mb, block_n):
         pytest.skip("the warp-specialised forward is for sm_90")
     b, hq, hkv, t, d = 2, 8, 2, 1500 + 11, 128
     q, k, v = make_qkv(b, hq, hkv, t, d, seed=5)
-    hm = hq if mh == "hq" else hkv
+    hm = hkv if mh == "hkv" else hq
     mask = rand_mask(b, hm, t, mb, density=0.3, seed=7, empty_rows=True).to("cuda")
     runs = []
     for programs in (None, 3):
         out = torch.empty(b, t, hq, d, device="cuda", dtype=q.dtype).transpose(1, 2)
         lse = torch.empty(b, hq, t, device="cuda", dtype=torch.float32)
-        sparse_fwd_ws.launch(q, k, v, out, lse, mask.kv_num_blocks, mask.kv_indices, d**-0.5, mb, block_n, programs)
+        sparse_fwd_ws.launch(q, k, v, out, lse, mask.kv_num_blocks, mask.kv_indices, d**-0.5, mb, block_n, programs,
+                             union=mh == "hq-union")  # fmt: skip
         runs.append((out, lse))
     (out, lse), (few_out, few_lse) = runs
     assert torch.equal(out, few_out) and torch.equal(lse, few_lse)
     assert torch.isinf(lse).any() and out.abs().sum() > 0  # empty rows and real output both present
 
 
-@pytest.mark.parametrize(
-    "mh,mb,block_n", [("hq", 64, 64), ("hkv", 64, 64), ("hkv", 64, 128), ("hkv", 128, 128), ("hq", 128, 128)]
-)
+@pytest.mark.parametrize("mh,mb,block_n", WS_CASES)
 def test_hopper_ws_varlen_is_each_sequence_alone(mh, mb, block_n):
     """Packed sequences (varlen: lengths under a block, under a tile's 32 positions, odd, long; a sequence's partial
     last block followed by the next sequence's tokens, which the causal mask must hide) give, bit for bit, what the
@@ -304,14 +313,15 @@ def test_hopper_ws_varlen_is_each_sequence_alone(mh, mb, block_n):
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
     hq, hkv, d = 8, 2, 128
     q, k, v = make_qkv(1, hq, hkv, int(cu[-1]), d, seed=9)
-    hm = hq if mh == "hq" else hkv
+    hm = hkv if mh == "hkv" else hq
     mask = rand_mask(len(lens), hm, max(lens), mb, density=0.3, seed=4, empty_rows=True).to("cuda")
     assert sparse_fwd_ws.supported(q, k, v, mb, hm) is None
 
     def run(q, k, v, num, idx, cu=None, programs=None):
         out = torch.empty(1, q.shape[2], hq, d, device="cuda", dtype=q.dtype).transpose(1, 2)
         lse = torch.empty(1, hq, q.shape[2], device="cuda", dtype=torch.float32)
-        sparse_fwd_ws.launch(q, k, v, out, lse, num, idx, d**-0.5, mb, block_n, programs, cu_seqlens=cu)
+        sparse_fwd_ws.launch(q, k, v, out, lse, num, idx, d**-0.5, mb, block_n, programs, cu_seqlens=cu,
+                             union=mh == "hq-union")  # fmt: skip
         return out, lse
 
     packed = [run(q, k, v, mask.kv_num_blocks, mask.kv_indices, cu, programs) for programs in (None, 3)]
@@ -328,6 +338,39 @@ def test_hopper_ws_varlen_is_each_sequence_alone(mh, mb, block_n):
     empty = torch.isinf(ref_lse)
     assert empty.any() and torch.equal(torch.isinf(lse), empty)
     assert (lse[~empty] - ref_lse[~empty]).abs().max().item() < 1e-2
+
+
+@pytest.mark.parametrize("kind", ["structured", "random"])
+def test_hopper_ws_union_equals_the_head_pair_kernel(kind):
+    """Per-query-head masks at 64-token blocks: the union kernel (two query blocks of one head a tile, the union of
+    their lists copied once, each warpgroup skipping the other's blocks) runs each row's own blocks in the same order
+    with the same arithmetic as the head-pair kernel, so output and lse equal it bit for bit: adjacent rows sharing
+    most blocks (structured) or few, with gaps of more than a ring between a row's blocks (random), empty rows, an odd
+    block count (the last pair's second block missing), with the default program count and with 3."""
+    from kernel_helpers import rand_mask
+
+    from seerattn.ops._triton import sparse_fwd_ws
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the warp-specialised forward is for sm_90")
+    b, hq, hkv, d = 2, 8, 2, 128
+    for t in (64 * 41 + 5, 64 * 40 + 5):  # 42 query blocks (21 pairs) and 41 (the last pair's second block missing)
+        q, k, v = make_qkv(b, hq, hkv, t, d, seed=13)
+        if kind == "structured":
+            mask = structured_mask(b, hq, t, 64, 0.2, seed=6)
+        else:
+            mask = rand_mask(b, hq, t, 64, density=0.15, seed=6, empty_rows=True).to("cuda")
+        lists = (mask.kv_num_blocks, mask.kv_indices)
+        runs = {}
+        for union, programs in ((False, None), (True, None), (True, 3)):
+            out = torch.empty(b, t, hq, d, device="cuda", dtype=q.dtype).transpose(1, 2)
+            lse = torch.empty(b, hq, t, device="cuda", dtype=torch.float32)
+            sparse_fwd_ws.launch(q, k, v, out, lse, *lists, d**-0.5, 64, 64, programs, union=union)
+            runs[union, programs] = (out, lse)
+        pair = runs[False, None]
+        for key in ((True, None), (True, 3)):
+            assert torch.equal(runs[key][0], pair[0]) and torch.equal(runs[key][1], pair[1]), (kind, t, key)
+        assert pair[0].abs().sum() > 0
 
 
 def test_hopper_ws_takes_a_batch_broadcast_kv():

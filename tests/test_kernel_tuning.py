@@ -151,10 +151,16 @@ def test_hopper_ws_config_is_a_candidate_only_when_asked_for(monkeypatch):
     assert [c.block_n for c in ws] == [64, 128] and all(c.hopper_ws and c.pack == 4 for c in ws)
     assert ws[0].num_stages > ws[1].num_stages  # a 128-key slot takes twice the shared memory
     assert ws[0].short().endswith("/hopper-ws")
-    per_head = kcfg.sparse_configs(64, 1, 128, True)  # two heads a program, a ring each: fewer slots, 64-key steps
-    assert [c.hopper_ws for c in per_head].count(True) == 1
-    assert per_head[-1].hopper_ws and per_head[-1].pack == 1 and per_head[-1].num_stages < ws[0].num_stages
-    assert per_head[-1].block_n == 64
+    # per query head: two heads a program, a ring each (fewer slots), and the union kernel (two query blocks of a
+    # head, one ring of the per-group kernel's depth), both 64-key steps
+    per_head = kcfg.sparse_configs(64, 1, 128, True)
+    pair, union = [c for c in per_head if c.hopper_ws]
+    assert per_head[-2:] == [pair, union] and not pair.union and union.union
+    assert pair.pack == union.pack == 1 and pair.block_n == union.block_n == 64
+    assert pair.num_stages < ws[0].num_stages == union.num_stages
+    assert union.short().endswith("/hopper-ws-union") and pair.short().endswith("/hopper-ws")
+    with pytest.raises(ValueError, match="union=True .* needs hopper_ws=True"):
+        kcfg.KernelConfig(128, 64, union=True)
     at128 = kcfg.sparse_configs(128, 4, 128, True)  # 128-token blocks per group: 128-key steps
     assert [(c.block_n, c.num_stages) for c in at128 if c.hopper_ws] == [(128, ws[1].num_stages)]
     # per query head at 128-token blocks: the per-group kernel with one head a tile, 128-key steps

@@ -192,24 +192,38 @@ def main() -> None:
         print(f"T={t:>7} {what:<26} {str(tile):<18} {ms:8.4f} ms" + (f"  rel err {err:.3e}" if err is not None else ""),
               flush=True)  # fmt: skip
 
-    for t in seqlens:
+    def one_length(t: int) -> None:
         gate, q, k, cos, sin = case(t, hq, hkv, cfg, device="cuda" if cuda else "cpu",
                                     dtype=torch.bfloat16 if cuda else torch.float16)  # fmt: skip
         kw, qw, warps = pool_tile
-        kp, qp = gate_fwd._pool(k, cfg.block_size, cfg.k_pooling, (kw, warps), second=(q, cfg.q_step, cfg.q_pooling, qw))
+        kp, qp = gate_fwd._pool(k, cfg.block_size, cfg.k_pooling, (kw, warps),
+                                second=(q, cfg.q_step, cfg.q_pooling, qw))  # fmt: skip
         kp2, qp2 = pool_hf(k, q, cfg, pool_tile)
         assert torch.equal(kp, kp2) and torch.equal(qp, qp2), "head-fast pooling differs"
         for _ in range(2):  # two alternating rounds
-            rec(t, "pool_pair", pool_tile, bench(lambda: gate_fwd._pool(
-                k, cfg.block_size, cfg.k_pooling, (kw, warps), second=(q, cfg.q_step, cfg.q_pooling, qw))))
+            rec(
+                t,
+                "pool_pair",
+                pool_tile,
+                bench(
+                    lambda: gate_fwd._pool(
+                        k, cfg.block_size, cfg.k_pooling, (kw, warps), second=(q, cfg.q_step, cfg.q_pooling, qw)
+                    )
+                ),
+            )
             rec(t, "pool_pair_headfast", pool_tile, bench(lambda: pool_hf(k, q, cfg, pool_tile)))
         wq, wk = gate.q_proj.detach().float().contiguous(), gate.k_proj.detach().float().contiguous()
         jobs = {"q": (qp, wq, 1), "k": (kp, wk, r)}
         for name, (x, w, c_step) in jobs.items():
             ref = proj_ref(x, w, cos, sin, c_step)
             base = gate_fwd._project(x, w, cos, sin, c_step, prec)
-            rec(t, f"proj_{name}_library", gate_fwd.PROJ_TILE if cuda else None,
-                bench(lambda x=x, w=w, c_step=c_step: gate_fwd._project(x, w, cos, sin, c_step, prec)), rel(base, ref))
+            rec(
+                t,
+                f"proj_{name}_library",
+                gate_fwd.PROJ_TILE if cuda else None,
+                bench(lambda x=x, w=w, c_step=c_step: gate_fwd._project(x, w, cos, sin, c_step, prec)),
+                rel(base, ref),
+            )
             wh, wl = split(w)
             xh, xl = split(x)
             for tile in tiles:
@@ -226,9 +240,15 @@ def main() -> None:
                             rows.append({"seq_len": t, "what": f"proj_{name}", "tile": tile, "error": repr(e)[:300]})
                 if not cuda:
                     break
-        rec(t, "proj_pair_library", gate_fwd.PROJ_TILE if cuda else None,
-            bench(lambda: gate_fwd._project(kp, wk, cos, sin, r, prec, second=(qp, wq, 1))))
-        del q, k, kp, qp, kp2, qp2
+        rec(
+            t,
+            "proj_pair_library",
+            gate_fwd.PROJ_TILE if cuda else None,
+            bench(lambda: gate_fwd._project(kp, wk, cos, sin, r, prec, second=(qp, wq, 1))),
+        )
+
+    for t in seqlens:
+        one_length(t)
         if cuda:
             torch.cuda.empty_cache()
     if a.json:

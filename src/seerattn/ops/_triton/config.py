@@ -150,6 +150,10 @@ class KernelConfig:
             tile has 128 rows (the group's heads per group, two heads' blocks per query head) and takes
             ``block_n`` keys a step: 64 (a kept 64-token block) or, per group, 128 (two kept 64-token blocks, or
             a 128-token one); ``num_warps`` / ``num_stages`` record it).
+        union: with ``hopper_ws``, per-query-head masks at 64-token blocks only: the union kernel (a tile is two
+            consecutive query blocks of one head, each block of the union of their lists copied once and used by
+            the rows that keep it) instead of the head-pair one (a tile is one query block of two heads, a list and
+            a ring each).
     """
 
     block_m: int
@@ -159,10 +163,15 @@ class KernelConfig:
     num_stages: int = 2
     atomic_dq: bool = False
     hopper_ws: bool = False
+    union: bool = False
+
+    def __post_init__(self) -> None:
+        if self.union and not self.hopper_ws:
+            raise ValueError("KernelConfig: union=True is a tile of the Hopper kernel: it needs hopper_ws=True")
 
     def short(self) -> str:
         atomic = "/atomic-dQ" if self.atomic_dq else ""
-        ws = "/hopper-ws" if self.hopper_ws else ""
+        ws = ("/hopper-ws-union" if self.union else "/hopper-ws") if self.hopper_ws else ""
         return f"M{self.block_m}/N{self.block_n}/P{self.pack}/w{self.num_warps}/s{self.num_stages}{atomic}{ws}"
 
 
@@ -221,11 +230,13 @@ def sparse_configs(mask_block: int, heads_per_mask: int, head_dim: int, hopper_w
         from . import sparse_fwd_ws
 
         # 4 + 4 math warps (plus the loader warp); measured against the Triton tiles by the tuner on every mask kind;
-        # per-query-head masks at 64-token blocks: two heads a program, a ring each, 64-key steps; per-group masks at
-        # 64-token blocks with 64- and 128-key steps (one or two kept blocks a step), at 128-token blocks (per group
-        # or per query head) with 128-key steps
+        # per-query-head masks at 64-token blocks: two heads a program, a ring each, or two query blocks of one head
+        # and the union of their lists in one ring (fewer copies where adjacent rows share blocks), 64-key steps;
+        # per-group masks at 64-token blocks with 64- and 128-key steps (one or two kept blocks a step), at 128-token
+        # blocks (per group or per query head) with 128-key steps
         if heads_per_mask == 1 and mask_block == 64:
             configs.append(KernelConfig(128, 64, 1, 4, sparse_fwd_ws.STAGES_HEADS, hopper_ws=True))
+            configs.append(KernelConfig(128, 64, 1, 4, sparse_fwd_ws.STAGES, hopper_ws=True, union=True))
         else:
             for mb, block_n in sparse_fwd_ws.STEPS:
                 if mb == mask_block:

@@ -398,8 +398,9 @@ def block_sparse_attention_fwd(
             if hopper_refusal is not None:
                 raise ValueError(f"config {cfg.short()}: the warp-specialised Hopper kernel {hopper_refusal}")
             sparse_fwd_ws.launch(
-                q, k, v, out, lse, kv_num_blocks, kv_indices, scale, mask_block, cfg.block_n, cu_seqlens=cu_seqlens
-            )
+                q, k, v, out, lse, kv_num_blocks, kv_indices, scale, mask_block, cfg.block_n, cu_seqlens=cu_seqlens,
+                union=cfg.union,
+            )  # fmt: skip
             return
         rows, u = _tile_shape(cfg, mask_block, heads_per_mask)
         if u > 1:

@@ -220,13 +220,12 @@ def _copy_q(q_desc, q4, q_ready, q_empty, b, head0, pos0, use, ROW0: gl.constexp
 
 
 @gluon.jit
-def _copy_step(k_desc, v_desc, k_ring, v_ring, ready, empty, b, h, t0, blocks, cnt, j, it,
-               STAGES: gl.constexpr, MB: gl.constexpr, BLOCK_N: gl.constexpr):  # fmt: skip
-    """Step ``j`` of a list (the ring's ``it``-th step overall): KV head (b, h)'s K and V tiles (the sequence's
-    tokens from ``t0``) by TMA into slot
-    ``it % STAGES`` (a 128-key slot: its two 64-row halves) once the math warpgroups freed it (a fresh ``empty``
-    passes its first wait: parity 1 of the phase before); ``ready`` counts the bytes."""
-    first, second = _step_blocks(blocks, cnt, j, MB, BLOCK_N)
+def _copy_keys(k_desc, v_desc, k_ring, v_ring, ready, empty, b, h, t0, first, second, it,
+               STAGES: gl.constexpr, BLOCK_N: gl.constexpr):  # fmt: skip
+    """The ring's ``it``-th step: KV head (b, h)'s K and V tiles of 64-token blocks ``first`` (and ``second``, the
+    second half of a 128-key slot; the sequence's tokens from ``t0``) by TMA into slot ``it % STAGES`` once the math
+    warpgroups freed it (a fresh ``empty`` passes its first wait: parity 1 of the phase before); ``ready`` counts the
+    bytes."""
     slot = it % STAGES
     mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)
     mbarrier.expect(ready.index(slot), (BLOCK_N // 32) * k_desc.block_type.nbytes)
@@ -242,6 +241,15 @@ def _copy_step(k_desc, v_desc, k_ring, v_ring, ready, empty, b, h, t0, blocks, c
         tma.async_copy_global_to_shared(k_desc, [b, h, row_b, 0], ready.index(slot), k_slot.slice(64, 64, dim=2))
         tma.async_copy_global_to_shared(v_desc, [b, h, row_a, 0], ready.index(slot), v_slot.slice(0, 64, dim=2))
         tma.async_copy_global_to_shared(v_desc, [b, h, row_b, 0], ready.index(slot), v_slot.slice(64, 64, dim=2))
+
+
+@gluon.jit
+def _copy_step(k_desc, v_desc, k_ring, v_ring, ready, empty, b, h, t0, blocks, cnt, j, it,
+               STAGES: gl.constexpr, MB: gl.constexpr, BLOCK_N: gl.constexpr):  # fmt: skip
+    """Step ``j`` of a list (the ring's ``it``-th step overall): its blocks (:func:`_step_blocks`) by
+    :func:`_copy_keys`."""
+    first, second = _step_blocks(blocks, cnt, j, MB, BLOCK_N)
+    _copy_keys(k_desc, v_desc, k_ring, v_ring, ready, empty, b, h, t0, first, second, it, STAGES, BLOCK_N)
 
 
 @gluon.jit
@@ -315,6 +323,13 @@ def _softmax_step(s, m_i, l_i, j, masked, blocks, cnt, qb, pos_s, cols_s, qk_sca
             key = gl.where(cols_s < 64, blk_a * 64 + cols_s, blk_b * 64 + cols_s - 64)
         keep = key[None, :] <= pos_s[:, None]
         s = gl.where(keep, s, float("-inf"))
+    return _online_softmax(s, m_i, l_i, qk_scale)
+
+
+@gluon.jit
+def _online_softmax(s, m_i, l_i, qk_scale):
+    """A step's online softmax on its (masked) raw scores ``s`` [64, N]: (``p``, ``alpha``, ``m_i``, ``l_i``) as
+    :func:`_softmax_step` returns them."""
     # the running max in the scaled (log2) domain from the raw scores' max (rounding is monotonic: the same value
     # as the max of the scaled scores), so that each score is scaled and shifted by one fma before its exp2
     m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
@@ -382,6 +397,18 @@ def _attend(q_smem, k_ring, v_ring, ready, empty, q_empty, blocks, cnt, it, qb, 
         acc = warpgroup_mma(p16, v_ring.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
         acc = warpgroup_mma_wait(0, deps=[acc])
         mbarrier.arrive(empty.index(last))
+    _store_rows(acc, m_i, l_i, row0, pos0, head0, T, Out, Lse, stride_oh, stride_ot, stride_lh, P, HEAD_DIM,
+                STORE_LSE, s_layout, o_layout)  # fmt: skip
+    return n
+
+
+@gluon.jit
+def _store_rows(acc, m_i, l_i, row0, pos0, head0, T, Out, Lse, stride_oh, stride_ot, stride_lh, P: gl.constexpr,
+                HEAD_DIM: gl.constexpr, STORE_LSE: gl.constexpr, s_layout: gl.constexpr,
+                o_layout: gl.constexpr):  # fmt: skip
+    """A math warpgroup's epilogue: its 64 rows (row r = head ``head0 + (row0 + r) // P``, position ``pos0 + (row0 +
+    r) % P``) normalised and stored (rows at or past T skipped), and their lse (natural log); empty rows give zeros
+    and ``-inf``."""
     empty_row = l_i == 0.0
     acc = acc / gl.convert_layout(gl.where(empty_row, 1.0, l_i), gl.SliceLayout(1, o_layout))[:, None]
     r_o = row0 + gl.arange(0, 64, layout=gl.SliceLayout(1, o_layout))
@@ -391,10 +418,10 @@ def _attend(q_smem, k_ring, v_ring, ready, empty, q_empty, blocks, cnt, it, qb, 
     gl.store(Out + o_off[:, None] + cols_o[None, :], acc.to(Out.dtype.element_ty), mask=(pos_o < T)[:, None])
     if STORE_LSE:
         r_s = row0 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout))
+        pos_s = pos0 + r_s % P
         lse = gl.where(empty_row, float("-inf"), (m_i + gl.log2(gl.where(empty_row, 1.0, l_i))) * LN2)
         l_off = (head0 + r_s // P).to(gl.int64) * stride_lh + pos_s
         gl.store(Lse + l_off, lse, mask=pos_s < T)
-    return n
 
 
 @gluon.jit
@@ -584,6 +611,217 @@ def _sparse_fwd_ws_heads_kernel(
     )  # fmt: skip
 
 
+@gluon.jit
+def _union_tile(tile, NQ, HQ):
+    """Tile ``tile`` of the per-query-head union kernel -> (batch, head, the first query block of its pair): (batch,
+    head) slowest, pairs heaviest first."""
+    pairs = (NQ + 1) // 2
+    bh = tile // pairs
+    return bh // HQ, bh % HQ, 2 * (pairs - 1 - tile % pairs)
+
+
+@gluon.jit
+def _pair_lists(LNum, LIdx, b, h, qblk, NQ, seqlen, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq):
+    """The lists of query blocks ``qblk`` and ``qblk + 1`` of (b, h): (list, length) each; the second one empty where
+    that block does not exist (an odd NQ, or past the sequence's end: a varlen list row there is not read)."""
+    list0, cnt0 = _mask_row(LNum, LIdx, b, h, qblk, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq)
+    list1, cnt1 = _mask_row(LNum, LIdx, b, h, gl.minimum(qblk + 1, NQ - 1), stride_nb, stride_nh, stride_ib, stride_ih,
+                            stride_iq)  # fmt: skip
+    return list0, cnt0, list1, gl.where((qblk + 1 < NQ) & ((qblk + 1) * 64 < seqlen), cnt1, 0)
+
+
+@gluon.jit
+def _union_next(list0, cnt0, i0, list1, cnt1, i1):
+    """The next block of the merged (ascending, duplicates once) walk of two lists at positions ``i0`` / ``i1``: (the
+    block, 1 if it is list 0's next entry else 0, the same for list 1)."""
+    a = gl.where(i0 < cnt0, gl.load(list0 + gl.minimum(i0, gl.maximum(cnt0 - 1, 0))), 1 << 30)
+    c = gl.where(i1 < cnt1, gl.load(list1 + gl.minimum(i1, gl.maximum(cnt1 - 1, 0))), 1 << 30)
+    u = gl.minimum(a, c)
+    return u, (a == u).to(gl.int32), (c == u).to(gl.int32)
+
+
+@gluon.jit
+def _loader_union(q_desc, k_desc, v_desc, q4, k_ring, v_ring, q_ready, q_empty, ready, empty, LNum, LIdx, CuSeq,
+                  stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, T, NQ, HQ, GROUP, num_tiles,
+                  STAGES: gl.constexpr, VARLEN: gl.constexpr):  # fmt: skip
+    """The loader warp of the per-query-head union kernel, over the program's tiles: the first block of the merged
+    walk of the tile's two lists, its Q (each query block's 64 rows to its math warpgroup), then the rest of the walk,
+    one 64-token block a slot, each block once (as :func:`_loader`; tiles past their sequence's end skipped)."""
+    it = 0
+    use = 0
+    for rnd in range(gl.cdiv(num_tiles, gl.num_programs(0))):
+        tile = _program_tile(rnd)
+        if tile < num_tiles:
+            b, h, qblk = _union_tile(tile, NQ, HQ)
+            bt, t0, seqlen = _sequence(CuSeq, b, T, VARLEN)
+            if qblk * 64 < seqlen:
+                list0, cnt0, list1, cnt1 = _pair_lists(LNum, LIdx, b, h, qblk, NQ, seqlen, stride_nb, stride_nh,
+                                                       stride_ib, stride_ih, stride_iq)  # fmt: skip
+                kv = h // GROUP
+                i0 = 0
+                i1 = 0
+                n = 0
+                if cnt0 + cnt1 > 0:
+                    u, in0, in1 = _union_next(list0, cnt0, i0, list1, cnt1, i1)
+                    _copy_keys(k_desc, v_desc, k_ring, v_ring, ready, empty, bt, kv, t0, u, u, it, STAGES, 64)
+                    i0 += in0
+                    i1 += in1
+                    n = 1
+                for half in gl.static_range(2):  # warpgroup `half`: query block qblk + half
+                    _copy_q(q_desc, q4, q_ready.index(half), q_empty.index(half), bt, h, t0 + (qblk + half) * 64, use,
+                            half * 64, 1, 64)  # fmt: skip
+                while (i0 < cnt0) | (i1 < cnt1):
+                    u, in0, in1 = _union_next(list0, cnt0, i0, list1, cnt1, i1)
+                    _copy_keys(k_desc, v_desc, k_ring, v_ring, ready, empty, bt, kv, t0, u, u, it + n, STAGES, 64)
+                    i0 += in0
+                    i1 += in1
+                    n += 1
+                it += n
+                use += 1
+
+
+@gluon.jit
+def _attend_union(q_smem, k_ring, v_ring, ready, empty, q_empty, list0, cnt0, list1, cnt1, it, qb, head, T, qk_scale,
+                  Out, Lse, stride_oh, stride_ot, stride_lh, WG: gl.constexpr, HEAD_DIM: gl.constexpr,
+                  STAGES: gl.constexpr, STORE_LSE: gl.constexpr):  # fmt: skip
+    """One tile of a math warpgroup of the union kernel: query block ``qb`` (list ``WG`` of the two) over the merged
+    walk of both lists (the ring's steps ``it ..``, one 64-token block each). A step of the other list only is freed at
+    once (after its copy landed, so that the ring's phases stay in step); a step of its own list is computed as in
+    :func:`_attend` (its scores issued with the previous own step's ``P V``). A pending ``P V`` whose slot the
+    loader needs for the step waited on (``STAGES`` steps on) is completed first and its slot freed: a warpgroup
+    never waits on a copy that waits on it. Returns the steps walked."""
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])  # fmt: skip
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    pos_s = qb * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout))
+    cols_s = gl.arange(0, 64, layout=gl.SliceLayout(0, s_layout))
+    m_i = gl.full([64], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+    l_i = gl.full([64], 0.0, gl.float32, layout=gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([64, HEAD_DIM], gl.float32, layout=o_layout)
+    s_zero = gl.zeros([64, 64], gl.float32, layout=s_layout)
+    p16 = gl.zeros([64, 64], q_smem.dtype, layout=p_layout)
+    i0 = 0
+    i1 = 0
+    n = 0
+    pending = 0  # 1: p16 holds the last own step's P, whose V (step `prev` of the ring) is not yet added
+    prev = 0
+    while (i0 < cnt0) | (i1 < cnt1):
+        u, in0, in1 = _union_next(list0, cnt0, i0, list1, cnt1, i1)
+        i0 += in0
+        i1 += in1
+        if WG == 0:
+            mine = in0
+        else:
+            mine = in1
+        step = it + n
+        if (pending != 0) & (step >= prev + STAGES):  # the loader needs slot `prev` back before this step lands
+            acc = warpgroup_mma(p16, v_ring.index(prev % STAGES).reshape([64, HEAD_DIM]), acc, is_async=True)
+            acc = warpgroup_mma_wait(0, deps=[acc])
+            mbarrier.arrive(empty.index(prev % STAGES))
+            pending = 0
+        slot = step % STAGES
+        mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
+        if mine != 0:
+            k_tile = k_ring.index(slot).reshape([64, HEAD_DIM])
+            if pending != 0:
+                s = warpgroup_mma(q_smem, k_tile.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                acc = warpgroup_mma(p16, v_ring.index(prev % STAGES).reshape([64, HEAD_DIM]), acc, is_async=True)
+                s = warpgroup_mma_wait(1, deps=[s])  # the scores (issued first) are in; P V may still run
+                if u >= qb:  # the diagonal block (or past it): causal
+                    s = gl.where((u * 64 + cols_s)[None, :] <= pos_s[:, None], s, float("-inf"))
+                p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, qk_scale)
+                acc = warpgroup_mma_wait(0, deps=[acc])
+                mbarrier.arrive(empty.index(prev % STAGES))
+            else:  # nothing pending: the scores alone
+                s = warpgroup_mma(q_smem, k_tile.permute((1, 0)), s_zero, use_acc=False)
+                if u >= qb:
+                    s = gl.where((u * 64 + cols_s)[None, :] <= pos_s[:, None], s, float("-inf"))
+                p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, qk_scale)
+            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+            p16 = gl.convert_layout(p.to(q_smem.dtype), p_layout)
+            pending = 1
+            prev = step
+        else:  # the other warpgroup's block: free the slot (its copy landed)
+            mbarrier.arrive(empty.index(slot))
+        n += 1
+    mbarrier.arrive(q_empty)  # every score of the tile is in: the loader may bring the next tile's Q
+    if pending != 0:  # the last own step's P V
+        acc = warpgroup_mma(p16, v_ring.index(prev % STAGES).reshape([64, HEAD_DIM]), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=[acc])
+        mbarrier.arrive(empty.index(prev % STAGES))
+    _store_rows(acc, m_i, l_i, 0, qb * 64, head, T, Out, Lse, stride_oh, stride_ot, stride_lh, 64, HEAD_DIM, STORE_LSE,
+                s_layout, o_layout)  # fmt: skip
+    return n
+
+
+@gluon.jit
+def _math_union(q_smem, k_ring, v_ring, q_ready, q_empty, ready, empty, LNum, LIdx, CuSeq, qk_scale, Out, Lse,
+                stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, stride_ob, stride_oh, stride_ot, stride_lb,
+                stride_lh, T, NQ, HQ, num_tiles, WG: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                STORE_LSE: gl.constexpr, VARLEN: gl.constexpr):  # fmt: skip
+    """A math warpgroup of the per-query-head union kernel: query block ``qblk + WG`` of each of the program's tiles
+    (those past their sequence's end skipped)."""
+    it = 0
+    use = 0
+    for rnd in range(gl.cdiv(num_tiles, gl.num_programs(0))):
+        tile = _program_tile(rnd)
+        if tile < num_tiles:
+            b, h, qblk = _union_tile(tile, NQ, HQ)
+            bt, t0, seqlen = _sequence(CuSeq, b, T, VARLEN)
+            if qblk * 64 < seqlen:
+                list0, cnt0, list1, cnt1 = _pair_lists(LNum, LIdx, b, h, qblk, NQ, seqlen, stride_nb, stride_nh,
+                                                       stride_ib, stride_ih, stride_iq)  # fmt: skip
+                mbarrier.wait(q_ready, use & 1)
+                out = Out + bt.to(gl.int64) * stride_ob + t0.to(gl.int64) * stride_ot
+                lse = Lse + bt.to(gl.int64) * stride_lb + t0
+                it += _attend_union(q_smem, k_ring, v_ring, ready, empty, q_empty, list0, cnt0, list1, cnt1, it,
+                                    qblk + WG, h, seqlen, qk_scale, out, lse, stride_oh, stride_ot, stride_lh, WG,
+                                    HEAD_DIM, STAGES, STORE_LSE)  # fmt: skip
+                use += 1
+
+
+@gluon.jit
+def _sparse_fwd_ws_union_kernel(
+    q_desc, k_desc, v_desc, Out, Lse, LNum, LIdx, CuSeq, qk_scale,
+    stride_ob, stride_oh, stride_ot, stride_lb, stride_lh, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq,
+    T, HQ, NQ, GROUP, num_tiles,
+    HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, STORE_LSE: gl.constexpr, VARLEN: gl.constexpr,
+):  # fmt: skip
+    """Per-query-head masks at 64-token blocks, persistent: a tile is two consecutive query blocks of one head (a math
+    warpgroup each, its own list) over one ring of 64-key slots that holds each block of the union of the two lists
+    once (the other warpgroup skips the blocks not in its list); one loader warp."""
+    smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
+    q4 = gl.allocate_shared_memory(q_desc.dtype, [1, 1, 128, HEAD_DIM], smem)
+    k_ring = gl.allocate_shared_memory(k_desc.dtype, [STAGES, 1, 1, 64, HEAD_DIM], smem)
+    v_ring = gl.allocate_shared_memory(v_desc.dtype, [STAGES, 1, 1, 64, HEAD_DIM], smem)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)  # both math warpgroups free a slot (one of them perhaps unread)
+    for i in gl.static_range(2):
+        mbarrier.init(q_ready.index(i), count=1)
+        mbarrier.init(q_empty.index(i), count=1)
+    q2 = q4.reshape([128, HEAD_DIM])
+    gl.warp_specialize(
+        [(_math_union, (q2.slice(0, 64), k_ring, v_ring, q_ready.index(0), q_empty.index(0), ready, empty, LNum, LIdx,
+                        CuSeq, qk_scale, Out, Lse, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, stride_ob,
+                        stride_oh, stride_ot, stride_lb, stride_lh, T, NQ, HQ, num_tiles, 0, HEAD_DIM, STAGES,
+                        STORE_LSE, VARLEN)),
+         (_math_union, (q2.slice(64, 64), k_ring, v_ring, q_ready.index(1), q_empty.index(1), ready, empty, LNum,
+                        LIdx, CuSeq, qk_scale, Out, Lse, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq,
+                        stride_ob, stride_oh, stride_ot, stride_lb, stride_lh, T, NQ, HQ, num_tiles, 1, HEAD_DIM,
+                        STAGES, STORE_LSE, VARLEN)),
+         (_loader_union, (q_desc, k_desc, v_desc, q4, k_ring, v_ring, q_ready, q_empty, ready, empty, LNum, LIdx,
+                          CuSeq, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, T, NQ, HQ, GROUP, num_tiles,
+                          STAGES, VARLEN))],
+        [4, 1], [232, 24],
+    )  # fmt: skip
+
+
 def _descriptor(x: torch.Tensor, rows: int) -> TensorDescriptor:
     """A TMA descriptor of ``x`` [B, H, T, D] (any strides TMA takes) with ``[1, 1, rows, D]`` boxes."""
     layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
@@ -592,14 +830,16 @@ def _descriptor(x: torch.Tensor, rows: int) -> TensorDescriptor:
 
 def launch(
     q, k, v, out, lse, kv_num_blocks, kv_indices, scale: float, mask_block: int = 64, block_n: int = 64,
-    programs: int | None = None, cu_seqlens: torch.Tensor | None = None,
+    programs: int | None = None, cu_seqlens: torch.Tensor | None = None, union: bool = False,
 ) -> None:  # fmt: skip
     """Run the kernel (the case checked by :func:`supported`): out [B, Hq, T, D] (``[B, T, Hq, D]`` memory), lse
     [B, Hq, T] fp32 or None; lists int32 [B, H, NQ(, NK)] of ``mask_block``-token blocks, H = Hq (per query head) or
     Hkv (per group). ``block_n``: keys a step, 64 (a kept 64-token block) or 128 (two kept 64-token blocks, or one
     128-token block; per-group masks only). Persistent: ``programs`` (None: one a multiprocessor, at most one a tile)
     each walk their share of the tiles; any count gives the same result, bit for bit. Varlen: ``cu_seqlens`` int32
-    [N + 1], B == 1, the lists' batch N (each sequence the top-left corner of its mask, as :mod:`.sparse_fwd`)."""
+    [N + 1], B == 1, the lists' batch N (each sequence the top-left corner of its mask, as :mod:`.sparse_fwd`).
+    ``union``: per-query-head masks at 64-token blocks on the union kernel (two query blocks of one head a tile,
+    each kept block copied once for both) instead of the head-pair one (one query block of two heads a tile)."""
     t, d = q.shape[2], q.shape[3]
     hq, hkv = q.shape[1], k.shape[1]
     b, hm, nq = kv_indices.shape[:3]  # b: sequences (the batch, or varlen's N)
@@ -611,8 +851,13 @@ def launch(
             f"sparse_fwd_ws.launch: (mask_block, block_n) must be one of {STEPS} (block_n 128 with per-group masks or "
             f"128-token blocks only), got ({mask_block}, {block_n}) with {kind} masks"
         )
+    if union and not per_head:
+        raise ValueError("sparse_fwd_ws.launch: union=True takes per-query-head masks at 64-token blocks only")
     lse_arg = lse if lse is not None else out  # never written without STORE_LSE
-    if per_head:  # a tile: two heads' 64-token query block
+    if union:  # a tile: two consecutive 64-token query blocks of one head
+        kernel, tiles, q_rows = _sparse_fwd_ws_union_kernel, b * hq * ((nq + 1) // 2), 64
+        extra, consts = (hq, nq, group), dict(STAGES=STAGES)
+    elif per_head:  # a tile: two heads' 64-token query block
         kernel, tiles, q_rows = _sparse_fwd_ws_heads_kernel, b * (hq // 2) * nq, 64
         extra, consts = (hq, nq, group), dict(STAGES=STAGES_HEADS)
     else:  # a tile: the G = Hq / Hm heads of a mask, 128 / G positions; one head: two 64-row Q boxes
