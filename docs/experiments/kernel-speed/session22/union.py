@@ -52,11 +52,11 @@ def main() -> None:
                 mask = synthetic_mask(hq, t, mb, density, kind, seed=1)
                 flops = 4 * computed_pairs(mask, hq) * d
                 share = union_share(mask)
-                print(f"T={t} density={density} {kind}: union copies {share:.3f} of the pair kernel's tiles", flush=True)
+                print(f"T={t} density={density} {kind}: union copies {share:.3f} of the pair's tiles", flush=True)
                 for rnd in range(args.rounds):
                     for cfg in cands:
 
-                        def fn(cfg=cfg, mask=mask):
+                        def fn(cfg=cfg, mask=mask, q=q, k=k, v=v):
                             block_sparse_attention_fwd(q, k, v, mask.kv_num_blocks, mask.kv_indices, mb, d**-0.5,
                                                        return_lse=False, config=cfg)  # fmt: skip
 
@@ -65,7 +65,6 @@ def main() -> None:
                                    tflops=flops / ms / 1e9, union_share=share)  # fmt: skip
                         rows.append(row)
                         print(json.dumps(row), flush=True)
-        del q, k, v
         torch.cuda.empty_cache()
     with open(args.json, "w") as f:
         json.dump({"gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
