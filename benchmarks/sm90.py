@@ -230,10 +230,12 @@ def attention_launches(all_configs: bool = False) -> None:
                 sparse_fwd_ws.launch(q64, k64, k64, q64, lse, num, idx, scale)
                 if hm == hkv:  # 128-key steps (two kept blocks a step)
                     sparse_fwd_ws.launch(q, k, v, q, lse, num, idx, scale, 64, 128)
-                else:  # per query head: the union kernel (two query blocks of a head a tile), also varlen
+                else:  # per query head: the union kernel (two query blocks of a head a tile), also varlen and with
+                    # 128-key steps (two blocks of the union a step)
                     sparse_fwd_ws.launch(q, k, v, q, lse, num, idx, scale, union=True)
                     sparse_fwd_ws.launch(q, k, v, q, lse, num, idx, scale, union=True,
                                          cu_seqlens=torch.empty(2, dtype=torch.int32))  # fmt: skip
+                    sparse_fwd_ws.launch(q, k, v, q, lse, num, idx, scale, 64, 128, union=True)
             if mb == 128:  # 128-token blocks (per group; per query head: a head a tile), a block a 128-key step
                 sparse_fwd_ws.launch(q, k, v, q, lse, num, idx, scale, 128, 128)
             if mb == 64 and hm == hkv:  # packed documents with per-group masks: the varlen forward

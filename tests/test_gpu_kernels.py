@@ -173,7 +173,8 @@ def test_every_sparse_config_matches_the_reference(bs, mh, random):
      (4, 128, torch.bfloat16, "bthd", "hq", 128, 128), (1, 128, torch.float16, "bhtd", "hq", 128, 128),
      (2, 64, torch.bfloat16, "bthd", "hq", 128, 128),
      (4, 128, torch.bfloat16, "bthd", "hq-union", 64, 64), (1, 128, torch.float16, "bhtd", "hq-union", 64, 64),
-     (2, 64, torch.bfloat16, "bthd", "hq-union", 64, 64)],
+     (2, 64, torch.bfloat16, "bthd", "hq-union", 64, 64), (4, 128, torch.bfloat16, "bthd", "hq-union", 64, 128),
+     (1, 128, torch.float16, "bhtd", "hq-union", 64, 128), (2, 64, torch.bfloat16, "bthd", "hq-union", 64, 128)],
 )  # fmt: skip
 def test_hopper_ws_forward_matches_the_reference(group, d, dtype, layout, mh, mb, block_n):
     """The warp-specialised Hopper forward (Gluon) on its own: batch 2, an odd length (a partial last block), empty
@@ -224,8 +225,8 @@ def test_hopper_ws_forward_matches_the_reference(group, d, dtype, layout, mh, mb
     assert (lse[~empty] - ref_lse[~empty]).abs().max().item() < 1e-2
 
 
-WS_CASES = [("hq", 64, 64), ("hq-union", 64, 64), ("hkv", 64, 64), ("hkv", 64, 128), ("hkv", 128, 128),
-            ("hq", 128, 128)]  # fmt: skip
+WS_CASES = [("hq", 64, 64), ("hq-union", 64, 64), ("hq-union", 64, 128), ("hkv", 64, 64), ("hkv", 64, 128),
+            ("hkv", 128, 128), ("hq", 128, 128)]  # fmt: skip
 
 
 def ws_config(mh: str, mb: int, block_n: int, group: int):
@@ -235,7 +236,7 @@ def ws_config(mh: str, mb: int, block_n: int, group: int):
     from seerattn.ops._triton.config import KernelConfig
 
     if mh == "hq-union":
-        return KernelConfig(128, 64, 1, 4, sparse_fwd_ws.STAGES, hopper_ws=True, union=True)
+        return KernelConfig(128, block_n, 1, 4, sparse_fwd_ws.stages(block_n), hopper_ws=True, union=True)
     stages = sparse_fwd_ws.STAGES_HEADS if mh == "hq" and mb == 64 else sparse_fwd_ws.stages(block_n)
     return KernelConfig(128, block_n, 1 if mh == "hq" else group, 4, stages, hopper_ws=True)
 

@@ -153,11 +153,13 @@ def test_hopper_ws_config_is_a_candidate_only_when_asked_for(monkeypatch):
     assert ws[0].short().endswith("/hopper-ws")
     # per query head: two heads a program, a ring each (fewer slots), and the union kernel (two query blocks of a
     # head, one ring of the per-group kernel's depth), both 64-key steps
+    # (and with 128-key steps: two blocks of the union a slot, the per-group kernel's deeper slots)
     per_head = kcfg.sparse_configs(64, 1, 128, True)
-    pair, union = [c for c in per_head if c.hopper_ws]
-    assert per_head[-2:] == [pair, union] and not pair.union and union.union
-    assert pair.pack == union.pack == 1 and pair.block_n == union.block_n == 64
+    pair, union, union128 = [c for c in per_head if c.hopper_ws]
+    assert per_head[-3:] == [pair, union, union128] and not pair.union and union.union and union128.union
+    assert pair.pack == union.pack == union128.pack == 1 and pair.block_n == union.block_n == 64
     assert pair.num_stages < ws[0].num_stages == union.num_stages
+    assert (union128.block_n, union128.num_stages) == (128, ws[1].num_stages)
     assert union.short().endswith("/hopper-ws-union") and pair.short().endswith("/hopper-ws")
     with pytest.raises(ValueError, match="union=True .* needs hopper_ws=True"):
         kcfg.KernelConfig(128, 64, union=True)

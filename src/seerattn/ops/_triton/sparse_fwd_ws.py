@@ -641,12 +641,30 @@ def _union_next(list0, cnt0, i0, list1, cnt1, i1):
 
 
 @gluon.jit
+def _union_step(list0, cnt0, i0, list1, cnt1, i1, BLOCK_N: gl.constexpr):
+    """The next step of the merged walk: one block (64-key steps) or the next two (128-key steps; past the walk's end
+    the second is the first again, a member of neither list). Returns (first block, second block, membership flags
+    (1 / 0) of the first in list 0 and in list 1, the same for the second, i0, i1 advanced)."""
+    ua, a0, a1 = _union_next(list0, cnt0, i0, list1, cnt1, i1)
+    i0 += a0
+    i1 += a1
+    if BLOCK_N == 64:
+        return ua, ua, a0, a1, a0, a1, i0, i1
+    else:
+        more = (i0 < cnt0) | (i1 < cnt1)
+        ub, b0, b1 = _union_next(list0, cnt0, i0, list1, cnt1, i1)
+        b0 = gl.where(more, b0, 0)
+        b1 = gl.where(more, b1, 0)
+        return ua, gl.where(more, ub, ua), a0, a1, b0, b1, i0 + b0, i1 + b1
+
+
+@gluon.jit
 def _loader_union(q_desc, k_desc, v_desc, q4, k_ring, v_ring, q_ready, q_empty, ready, empty, LNum, LIdx, CuSeq,
                   stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, T, NQ, HQ, GROUP, num_tiles,
-                  STAGES: gl.constexpr, VARLEN: gl.constexpr):  # fmt: skip
-    """The loader warp of the per-query-head union kernel, over the program's tiles: the first block of the merged
-    walk of the tile's two lists, its Q (each query block's 64 rows to its math warpgroup), then the rest of the walk,
-    one 64-token block a slot, each block once (as :func:`_loader`; tiles past their sequence's end skipped)."""
+                  STAGES: gl.constexpr, BLOCK_N: gl.constexpr, VARLEN: gl.constexpr):  # fmt: skip
+    """The loader warp of the per-query-head union kernel, over the program's tiles: the first step of the merged walk
+    of the tile's two lists (:func:`_union_step`), its Q (each query block's 64 rows to its math warpgroup), then the
+    rest of the walk, each block once (as :func:`_loader`; tiles past their sequence's end skipped)."""
     it = 0
     use = 0
     for rnd in range(gl.cdiv(num_tiles, gl.num_programs(0))):
@@ -662,19 +680,16 @@ def _loader_union(q_desc, k_desc, v_desc, q4, k_ring, v_ring, q_ready, q_empty, 
                 i1 = 0
                 n = 0
                 if cnt0 + cnt1 > 0:
-                    u, in0, in1 = _union_next(list0, cnt0, i0, list1, cnt1, i1)
-                    _copy_keys(k_desc, v_desc, k_ring, v_ring, ready, empty, bt, kv, t0, u, u, it, STAGES, 64)
-                    i0 += in0
-                    i1 += in1
+                    ua, ub, a0, a1, b0, b1, i0, i1 = _union_step(list0, cnt0, i0, list1, cnt1, i1, BLOCK_N)
+                    _copy_keys(k_desc, v_desc, k_ring, v_ring, ready, empty, bt, kv, t0, ua, ub, it, STAGES, BLOCK_N)
                     n = 1
                 for half in gl.static_range(2):  # warpgroup `half`: query block qblk + half
                     _copy_q(q_desc, q4, q_ready.index(half), q_empty.index(half), bt, h, t0 + (qblk + half) * 64, use,
                             half * 64, 1, 64)  # fmt: skip
                 while (i0 < cnt0) | (i1 < cnt1):
-                    u, in0, in1 = _union_next(list0, cnt0, i0, list1, cnt1, i1)
-                    _copy_keys(k_desc, v_desc, k_ring, v_ring, ready, empty, bt, kv, t0, u, u, it + n, STAGES, 64)
-                    i0 += in0
-                    i1 += in1
+                    ua, ub, a0, a1, b0, b1, i0, i1 = _union_step(list0, cnt0, i0, list1, cnt1, i1, BLOCK_N)
+                    _copy_keys(k_desc, v_desc, k_ring, v_ring, ready, empty, bt, kv, t0, ua, ub, it + n, STAGES,
+                               BLOCK_N)  # fmt: skip
                     n += 1
                 it += n
                 use += 1
@@ -683,71 +698,76 @@ def _loader_union(q_desc, k_desc, v_desc, q4, k_ring, v_ring, q_ready, q_empty, 
 @gluon.jit
 def _attend_union(q_smem, k_ring, v_ring, ready, empty, q_empty, list0, cnt0, list1, cnt1, it, qb, head, T, qk_scale,
                   Out, Lse, stride_oh, stride_ot, stride_lh, WG: gl.constexpr, HEAD_DIM: gl.constexpr,
-                  STAGES: gl.constexpr, STORE_LSE: gl.constexpr):  # fmt: skip
+                  STAGES: gl.constexpr, STORE_LSE: gl.constexpr, BLOCK_N: gl.constexpr):  # fmt: skip
     """One tile of a math warpgroup of the union kernel: query block ``qb`` (list ``WG`` of the two) over the merged
-    walk of both lists (the ring's steps ``it ..``, one 64-token block each). A step of the other list only is freed at
-    once (after its copy landed, so that the ring's phases stay in step); a step of its own list is computed as in
-    :func:`_attend` (its scores issued with the previous own step's ``P V``). A pending ``P V`` whose slot the
-    loader needs for the step waited on (``STAGES`` steps on) is completed first and its slot freed: a warpgroup
-    never waits on a copy that waits on it. Returns the steps walked."""
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
+    walk of both lists (the ring's steps ``it ..``; :func:`_union_step`). A step holding none of its own blocks is
+    freed at once (after its copy landed, so that the ring's phases stay in step); a step holding one or two is
+    computed as in :func:`_attend` (its scores issued with the previous own step's ``P V``), the half of a 128-key step
+    that is not its own masked off. A pending ``P V`` whose slot the loader needs for the step waited on (``STAGES``
+    steps on) is completed first and its slot freed: a warpgroup never waits on a copy that waits on it. Returns the
+    steps walked."""
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])  # fmt: skip
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, HEAD_DIM, 16])  # fmt: skip
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     pos_s = qb * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout))
-    cols_s = gl.arange(0, 64, layout=gl.SliceLayout(0, s_layout))
+    cols_s = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     m_i = gl.full([64], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
     l_i = gl.full([64], 0.0, gl.float32, layout=gl.SliceLayout(1, s_layout))
     acc = gl.zeros([64, HEAD_DIM], gl.float32, layout=o_layout)
-    s_zero = gl.zeros([64, 64], gl.float32, layout=s_layout)
-    p16 = gl.zeros([64, 64], q_smem.dtype, layout=p_layout)
+    s_zero = gl.zeros([64, BLOCK_N], gl.float32, layout=s_layout)
+    p16 = gl.zeros([64, BLOCK_N], q_smem.dtype, layout=p_layout)
     i0 = 0
     i1 = 0
     n = 0
     pending = 0  # 1: p16 holds the last own step's P, whose V (step `prev` of the ring) is not yet added
     prev = 0
     while (i0 < cnt0) | (i1 < cnt1):
-        u, in0, in1 = _union_next(list0, cnt0, i0, list1, cnt1, i1)
-        i0 += in0
-        i1 += in1
+        ua, ub, a0, a1, b0, b1, i0, i1 = _union_step(list0, cnt0, i0, list1, cnt1, i1, BLOCK_N)
         if WG == 0:
-            mine = in0
+            own_a = a0
+            own_b = b0
         else:
-            mine = in1
+            own_a = a1
+            own_b = b1
+        # the causal mask from the diagonal block on, and (128-key steps) a half that is not this row's
+        masked = (own_a == 0) | (own_b == 0) | (ub >= qb)
         step = it + n
         if (pending != 0) & (step >= prev + STAGES):  # the loader needs slot `prev` back before this step lands
-            acc = warpgroup_mma(p16, v_ring.index(prev % STAGES).reshape([64, HEAD_DIM]), acc, is_async=True)
+            acc = warpgroup_mma(p16, v_ring.index(prev % STAGES).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
             acc = warpgroup_mma_wait(0, deps=[acc])
             mbarrier.arrive(empty.index(prev % STAGES))
             pending = 0
         slot = step % STAGES
         mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
-        if mine != 0:
-            k_tile = k_ring.index(slot).reshape([64, HEAD_DIM])
+        if (own_a | own_b) != 0:
+            k_tile = k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM])
             if pending != 0:
                 s = warpgroup_mma(q_smem, k_tile.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                acc = warpgroup_mma(p16, v_ring.index(prev % STAGES).reshape([64, HEAD_DIM]), acc, is_async=True)
+                acc = warpgroup_mma(p16, v_ring.index(prev % STAGES).reshape([BLOCK_N, HEAD_DIM]), acc,
+                                    is_async=True)  # fmt: skip
                 s = warpgroup_mma_wait(1, deps=[s])  # the scores (issued first) are in; P V may still run
-                if u >= qb:  # the diagonal block (or past it): causal
-                    s = gl.where((u * 64 + cols_s)[None, :] <= pos_s[:, None], s, float("-inf"))
+                if masked:
+                    s = _union_mask(s, ua, ub, own_a, own_b, pos_s, cols_s, BLOCK_N)
                 p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, qk_scale)
                 acc = warpgroup_mma_wait(0, deps=[acc])
                 mbarrier.arrive(empty.index(prev % STAGES))
             else:  # nothing pending: the scores alone
                 s = warpgroup_mma(q_smem, k_tile.permute((1, 0)), s_zero, use_acc=False)
-                if u >= qb:
-                    s = gl.where((u * 64 + cols_s)[None, :] <= pos_s[:, None], s, float("-inf"))
+                if masked:
+                    s = _union_mask(s, ua, ub, own_a, own_b, pos_s, cols_s, BLOCK_N)
                 p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, qk_scale)
             acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
             p16 = gl.convert_layout(p.to(q_smem.dtype), p_layout)
             pending = 1
             prev = step
-        else:  # the other warpgroup's block: free the slot (its copy landed)
+        else:  # the other warpgroup's blocks only: free the slot (its copy landed)
             mbarrier.arrive(empty.index(slot))
         n += 1
     mbarrier.arrive(q_empty)  # every score of the tile is in: the loader may bring the next tile's Q
     if pending != 0:  # the last own step's P V
-        acc = warpgroup_mma(p16, v_ring.index(prev % STAGES).reshape([64, HEAD_DIM]), acc, is_async=True)
+        acc = warpgroup_mma(p16, v_ring.index(prev % STAGES).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
         acc = warpgroup_mma_wait(0, deps=[acc])
         mbarrier.arrive(empty.index(prev % STAGES))
     _store_rows(acc, m_i, l_i, 0, qb * 64, head, T, Out, Lse, stride_oh, stride_ot, stride_lh, 64, HEAD_DIM, STORE_LSE,
@@ -756,10 +776,24 @@ def _attend_union(q_smem, k_ring, v_ring, ready, empty, q_empty, list0, cnt0, li
 
 
 @gluon.jit
+def _union_mask(s, ua, ub, own_a, own_b, pos_s, cols_s, BLOCK_N: gl.constexpr):
+    """A union step's scores ``s`` [64, BLOCK_N] with the keys past each row's position, and (128-key steps) the half
+    whose block is not in the row's list, set to ``-inf``."""
+    if BLOCK_N == 64:
+        keep = (ua * 64 + cols_s)[None, :] <= pos_s[:, None]
+    else:
+        first = cols_s < 64
+        key = gl.where(first, ua * 64 + cols_s, ub * 64 + cols_s - 64)
+        own = gl.where(first, own_a, own_b) != 0
+        keep = own[None, :] & (key[None, :] <= pos_s[:, None])
+    return gl.where(keep, s, float("-inf"))
+
+
+@gluon.jit
 def _math_union(q_smem, k_ring, v_ring, q_ready, q_empty, ready, empty, LNum, LIdx, CuSeq, qk_scale, Out, Lse,
                 stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, stride_ob, stride_oh, stride_ot, stride_lb,
                 stride_lh, T, NQ, HQ, num_tiles, WG: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                STORE_LSE: gl.constexpr, VARLEN: gl.constexpr):  # fmt: skip
+                STORE_LSE: gl.constexpr, BLOCK_N: gl.constexpr, VARLEN: gl.constexpr):  # fmt: skip
     """A math warpgroup of the per-query-head union kernel: query block ``qblk + WG`` of each of the program's tiles
     (those past their sequence's end skipped)."""
     it = 0
@@ -777,7 +811,7 @@ def _math_union(q_smem, k_ring, v_ring, q_ready, q_empty, ready, empty, LNum, LI
                 lse = Lse + bt.to(gl.int64) * stride_lb + t0
                 it += _attend_union(q_smem, k_ring, v_ring, ready, empty, q_empty, list0, cnt0, list1, cnt1, it,
                                     qblk + WG, h, seqlen, qk_scale, out, lse, stride_oh, stride_ot, stride_lh, WG,
-                                    HEAD_DIM, STAGES, STORE_LSE)  # fmt: skip
+                                    HEAD_DIM, STAGES, STORE_LSE, BLOCK_N)  # fmt: skip
                 use += 1
 
 
@@ -786,15 +820,17 @@ def _sparse_fwd_ws_union_kernel(
     q_desc, k_desc, v_desc, Out, Lse, LNum, LIdx, CuSeq, qk_scale,
     stride_ob, stride_oh, stride_ot, stride_lb, stride_lh, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq,
     T, HQ, NQ, GROUP, num_tiles,
-    HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, STORE_LSE: gl.constexpr, VARLEN: gl.constexpr,
+    HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, STORE_LSE: gl.constexpr, BLOCK_N: gl.constexpr,
+    VARLEN: gl.constexpr,
 ):  # fmt: skip
     """Per-query-head masks at 64-token blocks, persistent: a tile is two consecutive query blocks of one head (a math
-    warpgroup each, its own list) over one ring of 64-key slots that holds each block of the union of the two lists
-    once (the other warpgroup skips the blocks not in its list); one loader warp."""
+    warpgroup each, its own list) over one ring that holds each block of the union of the two lists once, one or two
+    a slot (``BLOCK_N`` 64 / 128 keys; a warpgroup skips the slots without its blocks and masks off the other's half
+    of a 128-key slot); one loader warp."""
     smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
     q4 = gl.allocate_shared_memory(q_desc.dtype, [1, 1, 128, HEAD_DIM], smem)
-    k_ring = gl.allocate_shared_memory(k_desc.dtype, [STAGES, 1, 1, 64, HEAD_DIM], smem)
-    v_ring = gl.allocate_shared_memory(v_desc.dtype, [STAGES, 1, 1, 64, HEAD_DIM], smem)
+    k_ring = gl.allocate_shared_memory(k_desc.dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], smem)
+    v_ring = gl.allocate_shared_memory(v_desc.dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], smem)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -810,14 +846,14 @@ def _sparse_fwd_ws_union_kernel(
         [(_math_union, (q2.slice(0, 64), k_ring, v_ring, q_ready.index(0), q_empty.index(0), ready, empty, LNum, LIdx,
                         CuSeq, qk_scale, Out, Lse, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, stride_ob,
                         stride_oh, stride_ot, stride_lb, stride_lh, T, NQ, HQ, num_tiles, 0, HEAD_DIM, STAGES,
-                        STORE_LSE, VARLEN)),
+                        STORE_LSE, BLOCK_N, VARLEN)),
          (_math_union, (q2.slice(64, 64), k_ring, v_ring, q_ready.index(1), q_empty.index(1), ready, empty, LNum,
                         LIdx, CuSeq, qk_scale, Out, Lse, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq,
                         stride_ob, stride_oh, stride_ot, stride_lb, stride_lh, T, NQ, HQ, num_tiles, 1, HEAD_DIM,
-                        STAGES, STORE_LSE, VARLEN)),
+                        STAGES, STORE_LSE, BLOCK_N, VARLEN)),
          (_loader_union, (q_desc, k_desc, v_desc, q4, k_ring, v_ring, q_ready, q_empty, ready, empty, LNum, LIdx,
                           CuSeq, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, T, NQ, HQ, GROUP, num_tiles,
-                          STAGES, VARLEN))],
+                          STAGES, BLOCK_N, VARLEN))],
         [4, 1], [232, 24],
     )  # fmt: skip
 
@@ -839,24 +875,25 @@ def launch(
     each walk their share of the tiles; any count gives the same result, bit for bit. Varlen: ``cu_seqlens`` int32
     [N + 1], B == 1, the lists' batch N (each sequence the top-left corner of its mask, as :mod:`.sparse_fwd`).
     ``union``: per-query-head masks at 64-token blocks on the union kernel (two query blocks of one head a tile,
-    each kept block copied once for both) instead of the head-pair one (one query block of two heads a tile)."""
+    each kept block copied once for both; ``block_n`` 64, or 128: two blocks of the union a step) instead of the
+    head-pair one (one query block of two heads a tile)."""
     t, d = q.shape[2], q.shape[3]
     hq, hkv = q.shape[1], k.shape[1]
     b, hm, nq = kv_indices.shape[:3]  # b: sequences (the batch, or varlen's N)
     group = hq // hkv
     per_head = hm == hq and mask_block == 64  # the per-query-head kernel; at 128-token blocks the per-group one
-    if (mask_block, block_n) not in STEPS or (per_head and block_n != 64):
+    if (mask_block, block_n) not in STEPS or (per_head and block_n != 64 and not union):
         kind = "per-query-head" if hm == hq else "per-group"
         raise ValueError(
-            f"sparse_fwd_ws.launch: (mask_block, block_n) must be one of {STEPS} (block_n 128 with per-group masks or "
-            f"128-token blocks only), got ({mask_block}, {block_n}) with {kind} masks"
+            f"sparse_fwd_ws.launch: (mask_block, block_n) must be one of {STEPS} (block_n 128 with per-group masks, "
+            f"128-token blocks or union=True only), got ({mask_block}, {block_n}) with {kind} masks"
         )
     if union and not per_head:
         raise ValueError("sparse_fwd_ws.launch: union=True takes per-query-head masks at 64-token blocks only")
     lse_arg = lse if lse is not None else out  # never written without STORE_LSE
     if union:  # a tile: two consecutive 64-token query blocks of one head
         kernel, tiles, q_rows = _sparse_fwd_ws_union_kernel, b * hq * ((nq + 1) // 2), 64
-        extra, consts = (hq, nq, group), dict(STAGES=STAGES)
+        extra, consts = (hq, nq, group), dict(STAGES=stages(block_n), BLOCK_N=block_n)
     elif per_head:  # a tile: two heads' 64-token query block
         kernel, tiles, q_rows = _sparse_fwd_ws_heads_kernel, b * (hq // 2) * nq, 64
         extra, consts = (hq, nq, group), dict(STAGES=STAGES_HEADS)
