@@ -30,7 +30,13 @@ wgmma and ``warp_specialize``, which the compiler-scheduled Triton kernels canno
   empty list give zeros and lse ``-inf``;
 - per-query-head masks (:func:`_sparse_fwd_ws_heads_kernel`): a tile is one query block of two query heads, each math
   warpgroup one head with its own list, ring and barriers (``STAGES_HEADS`` slots each), and the loader warp fills both
-  rings step by step alternately.
+  rings step by step alternately; or (the union kernel, :func:`_sparse_fwd_ws_union_kernel`, since session 22) two
+  consecutive query blocks of one head, each math warpgroup one block with its own list, over one ring that holds each
+  block of the merge of the two lists once (two a 128-key slot): a warpgroup frees the slots without its blocks, masks
+  off the other's half of a slot, and completes a pending ``P V`` before waiting on a step whose copy needs that
+  ``P V``'s slot. On structured masks it copies half the tiles; measured (docs/experiments/kernel-speed/session22) it
+  is 1.04-1.09x the head-pair kernel at 128k / 10 % on structured masks, level at 32k, 1.4-1.6x slower on random ones
+  (each row computes the other's blocks of its slots): a tuning candidate.
 
 Measured against the Triton kernel's tiles, FlexAttention and FlashAttention-4 on the same masks (H200, 32k, 32 / 8
 heads, D 128, bf16, 10 %; docs/experiments/kernel-speed/session18, calls 6-7): per group 2.000 ms (the Triton tiles'
