@@ -236,7 +236,6 @@ def attention_launches(all_configs: bool = False) -> None:
                     sparse_fwd_ws.launch(q, k, v, q, lse, num, idx, scale, union=True,
                                          cu_seqlens=torch.empty(2, dtype=torch.int32))  # fmt: skip
                     sparse_fwd_ws.launch(q, k, v, q, lse, num, idx, scale, 64, 128, union=True)
-                    sparse_fwd_ws.launch(q, k, v, q, lse, num, idx, scale, 64, 128)  # the head pair, one shared ring
             if mb == 128:  # 128-token blocks (per group; per query head: a head a tile), a block a 128-key step
                 sparse_fwd_ws.launch(q, k, v, q, lse, num, idx, scale, 128, 128)
             if mb == 64 and hm == hkv:  # packed documents with per-group masks: the varlen forward

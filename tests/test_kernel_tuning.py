@@ -151,14 +151,13 @@ def test_hopper_ws_config_is_a_candidate_only_when_asked_for(monkeypatch):
     assert [c.block_n for c in ws] == [64, 128] and all(c.hopper_ws and c.pack == 4 for c in ws)
     assert ws[0].num_stages > ws[1].num_stages  # a 128-key slot takes twice the shared memory
     assert ws[0].short().endswith("/hopper-ws")
-    # per query head: two heads a program, a ring each (fewer slots, 64-key steps) or one ring both fill in turn
-    # (128-key steps), and the union kernel (two query blocks of a head, one ring of the per-group kernel's 128-key
-    # slots: two blocks of the union a step)
+    # per query head: two heads a program, a ring each (fewer slots, 64-key steps), and the union kernel (two query
+    # blocks of a head, one ring of the per-group kernel's 128-key slots: two blocks of the union a step)
     per_head = kcfg.sparse_configs(64, 1, 128, True)
-    pair, pair128, union = [c for c in per_head if c.hopper_ws]
-    assert per_head[-3:] == [pair, pair128, union] and not pair.union and not pair128.union and union.union
-    assert pair.pack == pair128.pack == union.pack == 1 and pair.block_n == 64 and pair.num_stages < ws[0].num_stages
-    assert (pair128.block_n, pair128.num_stages) == (union.block_n, union.num_stages) == (128, ws[1].num_stages)
+    pair, union = [c for c in per_head if c.hopper_ws]
+    assert per_head[-2:] == [pair, union] and not pair.union and union.union
+    assert pair.pack == union.pack == 1 and pair.block_n == 64 and pair.num_stages < ws[0].num_stages
+    assert (union.block_n, union.num_stages) == (128, ws[1].num_stages)
     assert union.short().endswith("/hopper-ws-union") and pair.short().endswith("/hopper-ws")
     with pytest.raises(ValueError, match="union=True .* needs hopper_ws=True"):
         kcfg.KernelConfig(128, 64, union=True)

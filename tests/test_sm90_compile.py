@@ -47,16 +47,15 @@ def test_gate_and_selection_launches_compile_for_sm90(tmp_path):
     # the Gluon forward (warp-specialised: a loader warp and two math warpgroups), per head then per group, D 128 bf16
     # (also varlen) and D 64 fp16, per group also with 128-key steps at 64- and 128-token blocks (a 128-key ring fits:
     # 224 KiB); per query head the union kernel (two query blocks of a head a tile, also varlen; 64- and 128-key
-    # steps) beside the head-pair one (also with 128-key steps: one shared ring), and at 128-token blocks the
-    # per-group kernel with one head a tile (G 1)
+    # steps) beside the head-pair one, and at 128-token blocks the per-group kernel with one head a tile (G 1)
     ws = [(r["kernel"], r["constexprs"]["HEAD_DIM"], r["constexprs"].get("MB"), r["constexprs"].get("BLOCK_N"),
            r["constexprs"].get("G"), r["constexprs"]["VARLEN"])
           for r in reports if r["kernel"].startswith("_sparse_fwd_ws")]  # fmt: skip
     heads, group, union = "_sparse_fwd_ws_heads_kernel", "_sparse_fwd_ws_kernel", "_sparse_fwd_ws_union_kernel"
-    assert ws == [(heads, 128, None, 64, None, False), (heads, 128, None, 64, None, True),
-                  (heads, 64, None, 64, None, False), (union, 128, None, 64, None, False),
+    assert ws == [(heads, 128, None, None, None, False), (heads, 128, None, None, None, True),
+                  (heads, 64, None, None, None, False), (union, 128, None, 64, None, False),
                   (union, 128, None, 64, None, True), (union, 128, None, 128, None, False),
-                  (heads, 128, None, 128, None, False), (group, 128, 64, 64, 4, False), (group, 128, 64, 64, 4, True),
+                  (group, 128, 64, 64, 4, False), (group, 128, 64, 64, 4, True),
                   (group, 64, 64, 64, 4, False), (group, 128, 64, 128, 4, False), (group, 128, 128, 128, 1, False),
                   (group, 128, 128, 128, 4, False)]  # fmt: skip
     # the forward at every mask block and mask-head kind, and the varlen forward

@@ -230,15 +230,14 @@ def sparse_configs(mask_block: int, heads_per_mask: int, head_dim: int, hopper_w
         from . import sparse_fwd_ws
 
         # 4 + 4 math warps (plus the loader warp); measured against the Triton tiles by the tuner on every mask kind;
-        # per-query-head masks at 64-token blocks: two heads a program, a ring each (64-key steps) or one shared ring
-        # (128-key steps), or two query blocks of one head and the union of their lists in one ring, two of its blocks
-        # a 128-key step (a block of the other row only computed and masked off; its 64-key steps were never faster
-        # than the head pair's: docs/experiments/kernel-speed/session22);
+        # per-query-head masks at 64-token blocks: two heads a program, a ring each (64-key steps), or two query
+        # blocks of one head and the union of their lists in one ring, two of its blocks a 128-key step (a block of
+        # the other row only computed and masked off; its 64-key steps were never faster than the head pair's:
+        # docs/experiments/kernel-speed/session22);
         # per-group masks at 64-token blocks with 64- and 128-key steps (one or two kept blocks a step), at 128-token
         # blocks (per group or per query head) with 128-key steps
         if heads_per_mask == 1 and mask_block == 64:
             configs.append(KernelConfig(128, 64, 1, 4, sparse_fwd_ws.STAGES_HEADS, hopper_ws=True))
-            configs.append(KernelConfig(128, 128, 1, 4, sparse_fwd_ws.STAGES_PAIR, hopper_ws=True))
             configs.append(KernelConfig(128, 128, 1, 4, sparse_fwd_ws.STAGES_PAIR, hopper_ws=True, union=True))
         else:
             for mb, block_n in sparse_fwd_ws.STEPS:

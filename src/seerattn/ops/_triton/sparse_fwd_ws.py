@@ -35,7 +35,7 @@ wgmma and ``warp_specialize``, which the compiler-scheduled Triton kernels canno
   block of the merge of the two lists once (two a 128-key slot): a warpgroup frees the slots without its blocks, masks
   off the other's half of a slot, and completes a pending ``P V`` before waiting on a step whose copy needs that
   ``P V``'s slot. On structured masks it copies half the tiles; measured (docs/experiments/kernel-speed/session22) it
-  is 1.04-1.09x the head-pair kernel at 128k / 10 % on structured masks, level at 32k, 1.4-1.6x slower on random ones
+  is 1.00-1.09x the head-pair kernel at 128k / 10 % on structured masks, level at 32k, 1.4-1.6x slower on random ones
   (each row computes the other's blocks of its slots): a tuning candidate.
 
 Measured against the Triton kernel's tiles, FlexAttention and FlashAttention-4 on the same masks (H200, 32k, 32 / 8
@@ -91,10 +91,9 @@ HEAD_DIMS = (64, 128)
 # masks hold two rings (one a warpgroup) of STAGES_HEADS slots each: 32 + 2 x 3 x 32 = 224 KiB at D 128
 STAGES = 4
 STAGES_HEADS = 3
-# (mask block, keys a step): a 64-token block a step, two of them a step (128-key slots, one wgmma N = 128 for the
-# scores), or a 128-token block a step; per-query-head masks at 64-token blocks take both step sizes too (the
-# per-head kernel: two rings of 64-key slots, or one ring of 128-key slots both warpgroups fill in turn), at 128-token
-# blocks the per-group kernel's (128, 128)
+# (mask block, keys a step) of the per-group kernel: a 64-token block a step, two of them a step (128-key slots, one
+# wgmma N = 128 for the scores), or a 128-token block a step; per-query-head masks: at 64-token blocks the per-head
+# kernel's 64-key steps, at 128-token blocks the per-group kernel's (128, 128)
 STEPS = ((64, 64), (64, 128), (128, 128))
 # 128-key slots at D 128: Q 32 KiB + STAGES_PAIR x 64 KiB
 STAGES_PAIR = 3
@@ -349,22 +348,10 @@ def _online_softmax(s, m_i, l_i, qk_scale):
 
 
 @gluon.jit
-def _ring_pos(j, shared_m, shared_w, SHARED: gl.constexpr):
-    """The ring position (from the tile's first) of step ``j`` of a warpgroup's list: ``j`` with a ring of its own;
-    with a ring ``SHARED`` by the two warpgroups of the per-query-head kernel, whose steps the loader interleaves (0,
-    1, 0, 1, .. while both lists last, ``shared_m`` steps each, then the longer one's), ``2 j + w`` for warpgroup
-    ``w = shared_w`` while ``j < shared_m``, else ``shared_m + j``."""
-    if SHARED:
-        return j + gl.minimum(j + shared_w, shared_m)
-    else:
-        return j
-
-
-@gluon.jit
 def _attend(q_smem, k_ring, v_ring, ready, empty, q_empty, blocks, cnt, it, qb, row0, pos0, head0, T, qk_scale,
-            Out, Lse, stride_oh, stride_ot, stride_lh, shared_m, shared_w,
+            Out, Lse, stride_oh, stride_ot, stride_lh,
             P: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, STORE_LSE: gl.constexpr,
-            MB: gl.constexpr, BLOCK_N: gl.constexpr, SHARED: gl.constexpr):  # fmt: skip
+            MB: gl.constexpr, BLOCK_N: gl.constexpr):  # fmt: skip
     """One tile of a math warpgroup: rows ``row0 .. row0 + 63`` of the tile's 128 (row r = head ``head0 + r // P``,
     position ``pos0 + r % P``; ``qb``: the 64-token block of ``pos0``) against every kept block of the list, a step at
     a time (``BLOCK_N`` keys: :func:`_step_blocks`; the ring's steps ``it ..``), then its output and lse stores (rows
@@ -389,19 +376,17 @@ def _attend(q_smem, k_ring, v_ring, ready, empty, q_empty, blocks, cnt, it, qb, 
     n = _num_steps(cnt, MB, BLOCK_N)
     n_full = _full_steps(blocks, cnt, qb, MB, BLOCK_N)
     if n > 0:  # step 0: scores and softmax only (nothing accumulated yet to rescale)
-        at = it + _ring_pos(0, shared_m, shared_w, SHARED)
-        slot = at % STAGES
-        mbarrier.wait(ready.index(slot), (at // STAGES) & 1)
+        slot = it % STAGES
+        mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
         k_tile = k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM])
         s = warpgroup_mma(q_smem, k_tile.permute((1, 0)), s_zero, use_acc=False)
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, 0, n_full <= 0, blocks, cnt, qb, pos_s, cols_s, qk_scale,
                                            MB, BLOCK_N)  # fmt: skip
         p16 = gl.convert_layout(p.to(q_smem.dtype), p_layout)
     for j in range(1, n):
-        at = it + _ring_pos(j, shared_m, shared_w, SHARED)
-        slot = at % STAGES
-        prev = (it + _ring_pos(j - 1, shared_m, shared_w, SHARED)) % STAGES
-        mbarrier.wait(ready.index(slot), (at // STAGES) & 1)
+        slot = (it + j) % STAGES
+        prev = (it + j - 1) % STAGES
+        mbarrier.wait(ready.index(slot), ((it + j) // STAGES) & 1)
         k_tile = k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM])
         s = warpgroup_mma(q_smem, k_tile.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         acc = warpgroup_mma(p16, v_ring.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
@@ -414,7 +399,7 @@ def _attend(q_smem, k_ring, v_ring, ready, empty, q_empty, blocks, cnt, it, qb, 
         p16 = gl.convert_layout(p.to(q_smem.dtype), p_layout)
     mbarrier.arrive(q_empty)  # every score of the tile is in: the loader may bring the next tile's Q
     if n > 0:  # the last step's P V
-        last = (it + _ring_pos(n - 1, shared_m, shared_w, SHARED)) % STAGES
+        last = (it + n - 1) % STAGES
         acc = warpgroup_mma(p16, v_ring.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
         acc = warpgroup_mma_wait(0, deps=[acc])
         mbarrier.arrive(empty.index(last))
@@ -467,8 +452,8 @@ def _math(q_smem, k_ring, v_ring, q_ready, q_empty, ready, empty, LNum, LIdx, Cu
                 # a tile's positions lie in one mask block; qb = pos0 // 64 is the diagonal (with 128-token blocks
                 # its 128-token block qb // 2, for both halves of a one-head tile)
                 it += _attend(q_smem, k_ring, v_ring, ready, empty, q_empty, blocks, cnt, it, pos0 // 64, ROW0, pos0,
-                              g * G, seqlen, qk_scale, out, lse, stride_oh, stride_ot, stride_lh, 0, 0, 128 // G,
-                              HEAD_DIM, STAGES, STORE_LSE, MB, BLOCK_N, False)  # fmt: skip
+                              g * G, seqlen, qk_scale, out, lse, stride_oh, stride_ot, stride_lh, 128 // G, HEAD_DIM,
+                              STAGES, STORE_LSE, MB, BLOCK_N)  # fmt: skip
                 use += 1
 
 
@@ -520,13 +505,11 @@ def _sparse_fwd_ws_kernel(
 @gluon.jit
 def _loader_pair(q_desc, k_desc, v_desc, q4, ring0, ring1, q_ready, q_empty, ready0, ready1, empty0, empty1, LNum,
                  LIdx, CuSeq, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, T, NQ, HQ, GROUP, num_tiles,
-                 STAGES: gl.constexpr, BLOCK_N: gl.constexpr, VARLEN: gl.constexpr):  # fmt: skip
+                 STAGES: gl.constexpr, VARLEN: gl.constexpr):  # fmt: skip
     """The loader warp of the per-query-head kernel, over the program's tiles: two lists a tile (one a math
-    warpgroup), step by step alternately, so neither warpgroup waits for the other's list to be loaded first; the
-    tile's Q after the first steps (as :func:`_loader`; tiles past their sequence's end skipped). 64-key steps: each
-    list into its own ring (``ring0`` / ``ring1`` = (K slots, V slots)); 128-key steps: both into one ring (the same
-    ring and barriers passed twice), interleaved (:func:`_ring_pos`)."""
-    SHARED: gl.constexpr = BLOCK_N == 128
+    warpgroup), each into its own ring (``ring0`` / ``ring1`` = (K slots, V slots)), step by step alternately, so
+    neither warpgroup waits for the other's list to be loaded first; the tile's Q after the first steps (as
+    :func:`_loader`; tiles past their sequence's end skipped)."""
     it0 = 0
     it1 = 0
     use = 0
@@ -541,31 +524,24 @@ def _loader_pair(q_desc, k_desc, v_desc, q4, ring0, ring1, q_ready, q_empty, rea
                                         stride_iq)  # fmt: skip
                 kv0 = h0 // GROUP
                 kv1 = (h0 + 1) // GROUP
-                n0 = _num_steps(cnt0, 64, BLOCK_N)
-                n1 = _num_steps(cnt1, 64, BLOCK_N)
-                m = gl.minimum(n0, n1)
-                if n0 > 0:
-                    _copy_step(k_desc, v_desc, ring0[0], ring0[1], ready0, empty0, bt, kv0, t0, list0, cnt0, 0,
-                               it0 + _ring_pos(0, m, 0, SHARED), STAGES, 64, BLOCK_N)  # fmt: skip
-                if n1 > 0:
-                    _copy_step(k_desc, v_desc, ring1[0], ring1[1], ready1, empty1, bt, kv1, t0, list1, cnt1, 0,
-                               it1 + _ring_pos(0, m, 1, SHARED), STAGES, 64, BLOCK_N)  # fmt: skip
+                if cnt0 > 0:
+                    _copy_step(k_desc, v_desc, ring0[0], ring0[1], ready0, empty0, bt, kv0, t0, list0, cnt0, 0, it0,
+                               STAGES, 64, 64)  # fmt: skip
+                if cnt1 > 0:
+                    _copy_step(k_desc, v_desc, ring1[0], ring1[1], ready1, empty1, bt, kv1, t0, list1, cnt1, 0, it1,
+                               STAGES, 64, 64)  # fmt: skip
                 for half in gl.static_range(2):  # warpgroup `half`: head h0 + half's 64 positions
                     _copy_q(q_desc, q4, q_ready.index(half), q_empty.index(half), bt, h0 + half, t0 + qblk * 64, use,
                             half * 64, 1, 64)  # fmt: skip
-                for j in range(1, gl.maximum(n0, n1)):
-                    if j < n0:
+                for j in range(1, gl.maximum(cnt0, cnt1)):
+                    if j < cnt0:
                         _copy_step(k_desc, v_desc, ring0[0], ring0[1], ready0, empty0, bt, kv0, t0, list0, cnt0, j,
-                                   it0 + _ring_pos(j, m, 0, SHARED), STAGES, 64, BLOCK_N)  # fmt: skip
-                    if j < n1:
+                                   it0 + j, STAGES, 64, 64)  # fmt: skip
+                    if j < cnt1:
                         _copy_step(k_desc, v_desc, ring1[0], ring1[1], ready1, empty1, bt, kv1, t0, list1, cnt1, j,
-                                   it1 + _ring_pos(j, m, 1, SHARED), STAGES, 64, BLOCK_N)  # fmt: skip
-                if SHARED:
-                    it0 += n0 + n1
-                    it1 = it0
-                else:
-                    it0 += n0
-                    it1 += n1
+                                   it1 + j, STAGES, 64, 64)  # fmt: skip
+                it0 += cnt0
+                it1 += cnt1
                 use += 1
 
 
@@ -573,11 +549,9 @@ def _loader_pair(q_desc, k_desc, v_desc, q4, ring0, ring1, q_ready, q_empty, rea
 def _math_heads(q_smem, k_ring, v_ring, q_ready, q_empty, ready, empty, LNum, LIdx, CuSeq, qk_scale, Out, Lse,
                 stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, stride_ob, stride_oh, stride_ot, stride_lb,
                 stride_lh, T, NQ, HQ, num_tiles, WG: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                STORE_LSE: gl.constexpr, BLOCK_N: gl.constexpr, VARLEN: gl.constexpr):  # fmt: skip
+                STORE_LSE: gl.constexpr, VARLEN: gl.constexpr):  # fmt: skip
     """A math warpgroup of the per-query-head kernel: head ``h0 + WG`` of each of the program's tiles (those past
-    their sequence's end skipped), its own list; its own ring (64-key steps) or the ring both warpgroups share
-    (128-key steps: its steps at the positions :func:`_ring_pos` gives, from the other list's length)."""
-    SHARED: gl.constexpr = BLOCK_N == 128
+    their sequence's end skipped), its own list and ring."""
     it = 0
     use = 0
     for rnd in range(gl.cdiv(num_tiles, gl.num_programs(0))):
@@ -588,19 +562,12 @@ def _math_heads(q_smem, k_ring, v_ring, q_ready, q_empty, ready, empty, LNum, LI
             if qblk * 64 < seqlen:
                 blocks, cnt = _mask_row(LNum, LIdx, b, h0 + WG, qblk, stride_nb, stride_nh, stride_ib, stride_ih,
                                         stride_iq)  # fmt: skip
-                n_other = 0
-                if SHARED:
-                    _, cnt_other = _mask_row(LNum, LIdx, b, h0 + 1 - WG, qblk, stride_nb, stride_nh, stride_ib,
-                                             stride_ih, stride_iq)  # fmt: skip
-                    n_other = _num_steps(cnt_other, 64, BLOCK_N)
-                n_own = _num_steps(cnt, 64, BLOCK_N)
                 mbarrier.wait(q_ready, use & 1)
                 out = Out + bt.to(gl.int64) * stride_ob + t0.to(gl.int64) * stride_ot
                 lse = Lse + bt.to(gl.int64) * stride_lb + t0
-                _attend(q_smem, k_ring, v_ring, ready, empty, q_empty, blocks, cnt, it, qblk, 0, qblk * 64, h0 + WG,
-                        seqlen, qk_scale, out, lse, stride_oh, stride_ot, stride_lh, gl.minimum(n_own, n_other), WG, 64,
-                        HEAD_DIM, STAGES, STORE_LSE, 64, BLOCK_N, SHARED)  # fmt: skip
-                it += n_own + n_other
+                it += _attend(q_smem, k_ring, v_ring, ready, empty, q_empty, blocks, cnt, it, qblk, 0, qblk * 64,
+                              h0 + WG, seqlen, qk_scale, out, lse, stride_oh, stride_ot, stride_lh, 64, HEAD_DIM,
+                              STAGES, STORE_LSE, 64, 64)  # fmt: skip
                 use += 1
 
 
@@ -609,37 +576,27 @@ def _sparse_fwd_ws_heads_kernel(
     q_desc, k_desc, v_desc, Out, Lse, LNum, LIdx, CuSeq, qk_scale,
     stride_ob, stride_oh, stride_ot, stride_lb, stride_lh, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq,
     T, HQ, NQ, GROUP, num_tiles,
-    HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, STORE_LSE: gl.constexpr, BLOCK_N: gl.constexpr,
-    VARLEN: gl.constexpr,
+    HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, STORE_LSE: gl.constexpr, VARLEN: gl.constexpr,
 ):  # fmt: skip
     """Per-query-head masks, persistent: a tile is one 64-token query block of two query heads (``2p``, ``2p + 1``),
-    each math warpgroup one head with its own list; one loader warp. 64-key steps: a K / V ring and barriers each
-    (``STAGES_HEADS`` 64-key slots); 128-key steps (two kept blocks of a list a step): one ring of ``STAGES_PAIR``
-    128-key slots that both fill in turn (two rings of those do not fit in shared memory)."""
+    each math warpgroup one head with its own list, K / V ring and barriers; one loader warp fills both rings."""
     smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
     q4 = gl.allocate_shared_memory(q_desc.dtype, [1, 1, 128, HEAD_DIM], smem)
-    k_ring0 = gl.allocate_shared_memory(k_desc.dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], smem)
-    v_ring0 = gl.allocate_shared_memory(v_desc.dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], smem)
+    k_ring0 = gl.allocate_shared_memory(k_desc.dtype, [STAGES, 1, 1, 64, HEAD_DIM], smem)
+    v_ring0 = gl.allocate_shared_memory(v_desc.dtype, [STAGES, 1, 1, 64, HEAD_DIM], smem)
+    k_ring1 = gl.allocate_shared_memory(k_desc.dtype, [STAGES, 1, 1, 64, HEAD_DIM], smem)
+    v_ring1 = gl.allocate_shared_memory(v_desc.dtype, [STAGES, 1, 1, 64, HEAD_DIM], smem)
     ready0 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty0 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready0.index(i), count=1)
-        mbarrier.init(empty0.index(i), count=1)  # a slot's one reader frees it
-    if BLOCK_N == 64:
-        k_ring1 = gl.allocate_shared_memory(k_desc.dtype, [STAGES, 1, 1, 64, HEAD_DIM], smem)
-        v_ring1 = gl.allocate_shared_memory(v_desc.dtype, [STAGES, 1, 1, 64, HEAD_DIM], smem)
-        ready1 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty1 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready1.index(i), count=1)
-            mbarrier.init(empty1.index(i), count=1)
-    else:  # one ring for both warpgroups
-        k_ring1 = k_ring0
-        v_ring1 = v_ring0
-        ready1 = ready0
-        empty1 = empty0
+    ready1 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty1 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready0.index(i), count=1)
+        mbarrier.init(empty0.index(i), count=1)
+        mbarrier.init(ready1.index(i), count=1)
+        mbarrier.init(empty1.index(i), count=1)
     for i in gl.static_range(2):
         mbarrier.init(q_ready.index(i), count=1)
         mbarrier.init(q_empty.index(i), count=1)
@@ -648,14 +605,14 @@ def _sparse_fwd_ws_heads_kernel(
         [(_math_heads, (q2.slice(0, 64), k_ring0, v_ring0, q_ready.index(0), q_empty.index(0), ready0, empty0, LNum,
                         LIdx, CuSeq, qk_scale, Out, Lse, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq,
                         stride_ob, stride_oh, stride_ot, stride_lb, stride_lh, T, NQ, HQ, num_tiles, 0, HEAD_DIM,
-                        STAGES, STORE_LSE, BLOCK_N, VARLEN)),
+                        STAGES, STORE_LSE, VARLEN)),
          (_math_heads, (q2.slice(64, 64), k_ring1, v_ring1, q_ready.index(1), q_empty.index(1), ready1, empty1, LNum,
                         LIdx, CuSeq, qk_scale, Out, Lse, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq,
                         stride_ob, stride_oh, stride_ot, stride_lb, stride_lh, T, NQ, HQ, num_tiles, 1, HEAD_DIM,
-                        STAGES, STORE_LSE, BLOCK_N, VARLEN)),
+                        STAGES, STORE_LSE, VARLEN)),
          (_loader_pair, (q_desc, k_desc, v_desc, q4, (k_ring0, v_ring0), (k_ring1, v_ring1), q_ready, q_empty, ready0,
                          ready1, empty0, empty1, LNum, LIdx, CuSeq, stride_nb, stride_nh, stride_ib, stride_ih,
-                         stride_iq, T, NQ, HQ, GROUP, num_tiles, STAGES, BLOCK_N, VARLEN))],
+                         stride_iq, T, NQ, HQ, GROUP, num_tiles, STAGES, VARLEN))],
         [4, 1], [232, 24],
     )  # fmt: skip
 
@@ -920,7 +877,7 @@ def launch(
     """Run the kernel (the case checked by :func:`supported`): out [B, Hq, T, D] (``[B, T, Hq, D]`` memory), lse
     [B, Hq, T] fp32 or None; lists int32 [B, H, NQ(, NK)] of ``mask_block``-token blocks, H = Hq (per query head) or
     Hkv (per group). ``block_n``: keys a step, 64 (a kept 64-token block) or 128 (two kept 64-token blocks, or one
-    128-token block). Persistent: ``programs`` (None: one a multiprocessor, at most one a tile)
+    128-token block; per-group masks only). Persistent: ``programs`` (None: one a multiprocessor, at most one a tile)
     each walk their share of the tiles; any count gives the same result, bit for bit. Varlen: ``cu_seqlens`` int32
     [N + 1], B == 1, the lists' batch N (each sequence the top-left corner of its mask, as :mod:`.sparse_fwd`).
     ``union``: per-query-head masks at 64-token blocks on the union kernel (two query blocks of one head a tile,
@@ -931,11 +888,11 @@ def launch(
     b, hm, nq = kv_indices.shape[:3]  # b: sequences (the batch, or varlen's N)
     group = hq // hkv
     per_head = hm == hq and mask_block == 64  # the per-query-head kernel; at 128-token blocks the per-group one
-    if (mask_block, block_n) not in STEPS:
+    if (mask_block, block_n) not in STEPS or (per_head and block_n != 64 and not union):
         kind = "per-query-head" if hm == hq else "per-group"
         raise ValueError(
-            f"sparse_fwd_ws.launch: (mask_block, block_n) must be one of {STEPS}, got ({mask_block}, {block_n}) with "
-            f"{kind} masks"
+            f"sparse_fwd_ws.launch: (mask_block, block_n) must be one of {STEPS} (block_n 128 with per-group masks, "
+            f"128-token blocks or union=True only), got ({mask_block}, {block_n}) with {kind} masks"
         )
     if union and not per_head:
         raise ValueError("sparse_fwd_ws.launch: union=True takes per-query-head masks at 64-token blocks only")
@@ -945,8 +902,7 @@ def launch(
         extra, consts = (hq, nq, group), dict(STAGES=stages(block_n), BLOCK_N=block_n)
     elif per_head:  # a tile: two heads' 64-token query block
         kernel, tiles, q_rows = _sparse_fwd_ws_heads_kernel, b * (hq // 2) * nq, 64
-        stages_heads = STAGES_HEADS if block_n == 64 else STAGES_PAIR
-        extra, consts = (hq, nq, group), dict(STAGES=stages_heads, BLOCK_N=block_n)
+        extra, consts = (hq, nq, group), dict(STAGES=STAGES_HEADS)
     else:  # a tile: the G = Hq / Hm heads of a mask, 128 / G positions; one head: two 64-row Q boxes
         g = hq // hm
         kernel, tiles, q_rows = _sparse_fwd_ws_kernel, b * hm * nq * (g * mask_block // 128), min(128 // g, 64)
