@@ -148,8 +148,8 @@ class KernelConfig:
         hopper_ws: the block-sparse forward only: the warp-specialised Gluon kernel for Hopper
             (:mod:`.sparse_fwd_ws`: a TMA loader warp and two math warpgroups) instead of the Triton one; its
             tile has 128 rows (the group's heads per group, two heads' blocks per query head) and takes
-            ``block_n`` keys a step: 64 (a kept 64-token block) or, per group, 128 (two kept 64-token blocks, or
-            a 128-token one); ``num_warps`` / ``num_stages`` record it).
+            ``block_n`` keys a step: 64 (a kept 64-token block) or, per group or on the union tile, 128 (two kept
+            64-token blocks, or a 128-token one); ``num_warps`` / ``num_stages`` record it).
         union: with ``hopper_ws``, per-query-head masks at 64-token blocks only: the union kernel (a tile is two
             consecutive query blocks of one head, each block of the union of their lists copied once and used by
             the rows that keep it) instead of the head-pair one (a tile is one query block of two heads, a list and
