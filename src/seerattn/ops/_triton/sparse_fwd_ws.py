@@ -323,13 +323,19 @@ def _softmax_step(s, m_i, l_i, j, masked, blocks, cnt, qb, pos_s, cols_s, qk_sca
         if MB == 64 and BLOCK_N == 128:
             if 2 * j + 1 >= cnt:  # an odd list's last step: its repeated block masked off as if past the diagonal
                 blk_b = qb + 1
-        if BLOCK_N == 64:
-            key = blk_a * 64 + cols_s
-        else:
-            key = gl.where(cols_s < 64, blk_a * 64 + cols_s, blk_b * 64 + cols_s - 64)
-        keep = key[None, :] <= pos_s[:, None]
+        keep = _slot_keys(blk_a, blk_b, cols_s, BLOCK_N)[None, :] <= pos_s[:, None]
         s = gl.where(keep, s, float("-inf"))
     return _online_softmax(s, m_i, l_i, qk_scale)
+
+
+@gluon.jit
+def _slot_keys(blk_a, blk_b, cols_s, BLOCK_N: gl.constexpr):
+    """The key position of each column ``cols_s`` of a slot holding 64-token block ``blk_a`` (and, a 128-key slot's
+    second half, ``blk_b``)."""
+    if BLOCK_N == 64:
+        return blk_a * 64 + cols_s
+    else:
+        return gl.where(cols_s < 64, blk_a * 64 + cols_s, blk_b * 64 + cols_s - 64)
 
 
 @gluon.jit
@@ -785,13 +791,9 @@ def _attend_union(q_smem, k_ring, v_ring, ready, empty, q_empty, list0, cnt0, li
 def _union_mask(s, ua, ub, own_a, own_b, pos_s, cols_s, BLOCK_N: gl.constexpr):
     """A union step's scores ``s`` [64, BLOCK_N] with the keys past each row's position, and (128-key steps) the half
     whose block is not in the row's list, set to ``-inf``."""
-    if BLOCK_N == 64:
-        keep = (ua * 64 + cols_s)[None, :] <= pos_s[:, None]
-    else:
-        first = cols_s < 64
-        key = gl.where(first, ua * 64 + cols_s, ub * 64 + cols_s - 64)
-        own = gl.where(first, own_a, own_b) != 0
-        keep = own[None, :] & (key[None, :] <= pos_s[:, None])
+    keep = _slot_keys(ua, ub, cols_s, BLOCK_N)[None, :] <= pos_s[:, None]
+    if BLOCK_N == 128:
+        keep = keep & (gl.where(cols_s < 64, own_a, own_b) != 0)[None, :]
     return gl.where(keep, s, float("-inf"))
 
 
