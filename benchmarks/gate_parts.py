@@ -88,39 +88,49 @@ def time_parts(t: int, args, record) -> None:
                                 dtype=torch.bfloat16 if cuda else torch.float16)  # fmt: skip
     ns, nb = -(-t // cfg.q_step), -(-t // cfg.block_size)
     kw, qw, warps = gate_fwd.POOL_PAIR_TILE
-    qp = gate_fwd._pool(q, cfg.q_step, cfg.q_pooling, (qw, warps))
-    kp = gate_fwd._pool(k, cfg.block_size, cfg.k_pooling, (kw, warps))
+    wk = gate.k_proj.detach()
+    wq = gate.q_proj.detach() if gate.has_q_proj else None  # the paper's gate: the pooled Q, rotated, is the query
+    # at tf32x3 the projected inputs are pooled split (fp16 halves and inverse scales: the bytes of fp32 and a scale
+    # a row); the paper's gate's Q is the query itself, fp32
+    k_split, q_split = prec == "tf32x3", prec == "tf32x3" and wq is not None
+    qp = gate_fwd._pool(q, cfg.q_step, cfg.q_pooling, (qw, warps), q_split)
+    kp = gate_fwd._pool(k, cfg.block_size, cfg.k_pooling, (kw, warps), k_split)
+    q_bytes = q.numel() * 2 + ns * args.hq * (len(cfg.q_pooling) * 128 + q_split) * 4  # read, written
+    k_bytes = k.numel() * 2 + nb * args.hkv * (len(cfg.k_pooling) * 128 + k_split) * 4
     timed = set(args.parts.split(","))
     if "pool" in timed:
         # each job alone at the pair's tile, then at the other tiles asked for
         for q_tile, k_tile in [((qw, warps), (kw, warps))] + [(x, x) for x in parse_tiles(args.pool_tiles)]:
             # the same windows in the same token order whatever the tile: the same bits
-            if not torch.equal(gate_fwd._pool(q, cfg.q_step, cfg.q_pooling, q_tile), qp):
+            got = gate_fwd._pool(q, cfg.q_step, cfg.q_pooling, q_tile, q_split)
+            if not all(map(torch.equal, *((got, qp) if q_split else ([got], [qp])))):
                 raise SystemExit(f"pooling tile {q_tile} differs from the default's output")
-            record("pool_q", q_tile, bench(lambda x=q_tile: gate_fwd._pool(q, cfg.q_step, cfg.q_pooling, x)),
-                   q.numel() * 2 + qp.numel() * 4)  # fmt: skip
-            record("pool_k", k_tile, bench(lambda x=k_tile: gate_fwd._pool(k, cfg.block_size, cfg.k_pooling, x)),
-                   k.numel() * 2 + kp.numel() * 4)  # fmt: skip
+            pool_q = functools.partial(gate_fwd._pool, q, cfg.q_step, cfg.q_pooling, q_tile, q_split)
+            pool_k = functools.partial(gate_fwd._pool, k, cfg.block_size, cfg.k_pooling, k_tile, k_split)
+            record("pool_q", q_tile, bench(pool_q), q_bytes)
+            record("pool_k", k_tile, bench(pool_k), k_bytes)
         record("pool_pair", gate_fwd.POOL_PAIR_TILE,
-               bench(lambda: gate_fwd._pool(k, cfg.block_size, cfg.k_pooling, (kw, warps),
-                                            second=(q, cfg.q_step, cfg.q_pooling, qw))),
-               (q.numel() + k.numel()) * 2 + (qp.numel() + kp.numel()) * 4)  # fmt: skip
-    wk = gate.k_proj.detach()
-    wq = gate.q_proj.detach() if gate.has_q_proj else None  # the paper's gate: the pooled Q, rotated, is the query
+               bench(lambda: gate_fwd._pool(k, cfg.block_size, cfg.k_pooling, (kw, warps), k_split,
+                                            second=(q, cfg.q_step, cfg.q_pooling, qw, q_split))),
+               q_bytes + k_bytes)  # fmt: skip
     if "proj" in timed:
-        for tile in tiles(args.proj_tiles, gate_fwd.PROJ_TILE):
+        # the pooled rows read (split: the same bytes and a scale a row), the weights, the gate vectors written
+        pq_bytes = q_bytes - q.numel() * 2 + ((wq.numel() if wq is not None else 0) + args.hq * ns * 128) * 4
+        pk_bytes = k_bytes - k.numel() * 2 + (wk.numel() + args.hq * nb * 128) * 4
+        default = gate_fwd.PROJ_SPLIT_TILE if k_split else gate_fwd.PROJ_TILE
+        for tile in tiles(args.proj_tiles, default):
             if wq is not None:
-                record("proj_q", tile, bench(lambda tile=tile: gate_fwd._project(qp, wq, cos, sin, 1, prec, tile)),
-                       (qp.numel() + wq.numel() + args.hq * ns * 128) * 4)  # fmt: skip
+                proj_q = functools.partial(gate_fwd._project, qp, wq, cos, sin, 1, prec, tile)
+                record("proj_q", tile, bench(proj_q), pq_bytes)
             record("proj_k", tile, bench(lambda tile=tile: gate_fwd._project(kp, wk, cos, sin, r, prec, tile)),
-                   (kp.numel() + wk.numel() + args.hq * nb * 128) * 4)  # fmt: skip
+                   pk_bytes)  # fmt: skip
         if wq is not None:
-            # one TF32 product instead of three: how much of the projection is arithmetic (a probe, not an option)
-            record("proj_q_tf32", None, bench(lambda: gate_fwd._project(qp, wq, cos, sin, 1, "tf32")),
-                   (qp.numel() + wq.numel() + args.hq * ns * 128) * 4)  # fmt: skip
-            record("proj_pair", gate_fwd.PROJ_TILE,
+            # one TF32 product on fp32 rows: how much of the projection is arithmetic (a probe, not the default)
+            qp32 = gate_fwd._pool(q, cfg.q_step, cfg.q_pooling, (qw, warps))
+            record("proj_q_tf32", None, bench(lambda: gate_fwd._project(qp32, wq, cos, sin, 1, "tf32")), pq_bytes)
+            record("proj_pair", default,
                    bench(lambda: gate_fwd._project(kp, wk, cos, sin, r, prec, second=(qp, wq, 1))),
-                   (qp.numel() + kp.numel() + 2 * wq.numel() + args.hq * (ns + nb) * 128) * 4)  # fmt: skip
+                   pq_bytes + pk_bytes)  # fmt: skip
     if "scores" in timed:
         if wq is not None:
             qg = gate_fwd._project(qp, wq, cos, sin, 1, prec)

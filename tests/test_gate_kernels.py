@@ -260,6 +260,84 @@ def test_projection_kernel_equals_matmul_then_rotary(hq, hx, n, c, dg, rope):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@interpreter
+def test_split_pooling_keeps_22_bits_of_every_row_in_fp16_range():
+    """``_pool(split=True)``: each pooled row as fp16 halves of the row times a power of two, and its inverse —
+    (hi + lo) * inv equals the fp32 pooling to 2^-22 of the row's largest value, the scaled largest lies in
+    [2^14, 2^15) (fp16's range, whatever the row's magnitude: rows from 1e-30 to 1e30 here), an all-zero row
+    gives zeros and a finite scale, and rows past the end are not written."""
+    from seerattn.ops._triton import gate_fwd
+
+    g = torch.Generator().manual_seed(3)
+    t, d, step = 150, 16, 16  # 10 windows, the last partial
+    x = torch.randn(1, 2, t, d, generator=g) * torch.logspace(-30, 30, t)[None, None, :, None]
+    x[:, 1, :step] = 0.0  # head 1's first window all zero
+    pools = ("avg", "max", "min")
+    ref = gate_fwd._pool(x, step, pools, (16, 4))
+    halves, inv = gate_fwd._pool(x, step, pools, (16, 4), split=True)
+    c = ref.shape[-1]
+    assert halves.dtype == torch.float16 and halves.shape == (*ref.shape[:3], 2 * c) and inv.shape == ref.shape[:3]
+    hi, lo = halves[..., :c].double(), halves[..., c:].double()
+    row_max = ref.double().abs().amax(-1)
+    got = (hi + lo) * inv.double()[..., None]
+    assert ((got - ref.double()).abs().amax(-1) <= 2.0**-22 * row_max).all()
+    scaled_max = hi.abs().amax(-1)
+    live = row_max > 0
+    assert ((scaled_max[live] >= 2.0**14) & (scaled_max[live] < 2.0**15)).all()
+    assert (halves[0, 1, 0] == 0).all() and torch.isfinite(inv).all()
+
+
+@interpreter
+def test_split_weights_keep_22_bits_of_each_head():
+    """``_split_weights``: each head's weights times the power of two that puts its largest in [2^14, 2^15), as
+    fp16 hi rows then lo rows, the inverse per head — 2^-22 of the head's largest, for heads from 1e-20 to 1e20
+    (an fp16 copy would flush or overflow) and an all-zero head; two weights in one launch equal each alone."""
+    from seerattn.ops._triton import gate_fwd
+
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(4, 40, 6, generator=g) * torch.tensor([1e-20, 1.0, 1e20, 0.0])[:, None, None]
+    w2 = torch.randn(4, 24, 6, generator=g)
+    (halves, inv), (halves2, inv2) = gate_fwd._split_weights(w, w2)
+    assert torch.equal(gate_fwd._split_weights(w2)[0], halves2)
+    for x, h, i in ((w, halves, inv), (w2, halves2, inv2)):
+        c = x.shape[1]
+        got = (h[:, :c].double() + h[:, c:].double()) * i.double()[:, None, None]
+        assert ((got - x.double()).abs().amax((1, 2)) <= 2.0**-22 * x.double().abs().amax((1, 2))).all()
+    assert (halves[3] == 0).all() and torch.isfinite(inv).all()
+
+
+@interpreter
+@pytest.mark.parametrize("rope", [True, False])
+def test_split_projection_equals_the_fp64_projection(rope):
+    """``_project`` at tf32x3 (split rows and weights, three fp16 products a step): the fp64 matmul (then
+    rotate-half) to a relative error of 1e-6, with pooled rows and weights far outside fp16's range (1e-12 to
+    1e12), GQA (query head h reads row head h // 2), ragged tiles; the IEEE path on the same rows agrees."""
+    from seerattn.gate import apply_rotary
+    from seerattn.ops._triton import gate_fwd
+
+    g = torch.Generator().manual_seed(5)
+    hq, hx, t, d, step = 4, 2, 300, 16, 16
+    x = torch.randn(2, hx, t, d, generator=g) * torch.logspace(-12, 12, t)[None, None, :, None]
+    pools = ("avg", "max", "min")
+    rows = gate_fwd._pool(x, step, pools, (16, 4))
+    split = gate_fwd._pool(x, step, pools, (16, 4), split=True)
+    n, c, dg = rows.shape[2], rows.shape[3], 10
+    w = torch.randn(hq, c, dg, generator=g) * torch.tensor([1e-6, 1.0, 1e6, 3e4])[:, None, None]
+    cos = sin = None
+    if rope:
+        ang = torch.rand(1, n, dg // 2, generator=g) * 6
+        cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)
+    want = torch.matmul(rows.double().repeat_interleave(hq // hx, 1), w.double())
+    if rope:
+        want = apply_rotary(want, cos.double(), sin.double())
+    got = gate_fwd._project(split, w, cos, sin, 1, "tf32x3")
+    ieee = gate_fwd._project(rows, w, cos, sin, 1, "ieee")
+    for out in (got, ieee):
+        # per (head, row): the error against the row's own scale (rows span 24 decades)
+        err = (out.double() - want).norm(dim=-1) / want.norm(dim=-1)
+        assert err.max() < 1e-6
+
+
 @triton.jit
 def _split_probe(X, Hi, Lo, N: tl.constexpr):
     offs = tl.arange(0, N)

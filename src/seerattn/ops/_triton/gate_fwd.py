@@ -11,19 +11,27 @@ Exactly :class:`seerattn.gate.AttnGate`'s forward, in fp32 whatever the input dt
    running sum / max / min in fp32 and writes the pooled channels ``[B, H, N, C * D]`` (N = ceil(T /
    window)); the sum is divided by the window's real token count (a partial last window uses the tokens it
    has). That is ``C * D / window`` floats per token and head (Q: 384 / 16 with the windowed gate), smaller
-   than the sequence itself.
+   than the sequence itself. At the default ``precision`` ("tf32x3") a projected input's rows are written
+   *split* instead (the same bytes): each row times the power of two that puts its largest value in
+   [2^14, 2^15), as fp16 ``hi`` (the value rounded) and fp16 ``lo`` (the exact remainder rounded): 22
+   significant bits, fp16's range whatever the row's, and the inverse scale a row (``[B, H, N]`` fp32).
 2. ``_project_kernel`` (one launch: K's and Q's jobs): a program owns ``BLOCK_M`` pooled rows of one query head
-   and multiplies them by the head's weights ``[C * D, Dg]`` in steps of ``BLOCK_K`` channels on tensor cores
-   (``precision``, 3xTF32 by default, as the scores), into two ``[BLOCK_M, Dg / 2]`` accumulators, one per
-   half of the gate dimension; with RoPE it rotates them in registers (rotate-half: channel ``j`` with
-   ``j + Dg / 2``, the eager gate's :func:`seerattn.gate.apply_rotary`) at row ``n``'s cos/sin row
-   ``n * C_STEP`` (1 for query windows, ``R`` for key blocks: their first window) and writes the gate
-   vectors ``[B, Hq, N, Dg]`` fp32 once. K is pooled once per KV head; each query head of its group reads it.
-   It replaced an fp32 cuBLAS matmul (SIMT: 0.18 ms a layer at 32k for Q on the H200, session 9 profile) and a
-   RoPE pass that read and wrote the gate vectors again: the whole gate 0.540 vs 0.580 ms at 32k, 3.097 vs
-   3.152 ms at 128k (H200, session 10, docs/experiments/prefill-gate-policy/session10).
-   One launch for both inputs, K's jobs first (fewer, longer programs, which Q's fill around): the whole gate
-   0.466 vs 0.478 ms at 32k, 2.92 vs 2.91 ms at 128k (H200, session 16, three alternating rounds each).
+   and multiplies them by the head's weights ``[C * D, Dg]`` in steps of ``BLOCK_K`` channels on tensor cores,
+   into two ``[BLOCK_M, Dg / 2]`` accumulators, one per half of the gate dimension. At "tf32x3" the operands are
+   split (the weights by ``_split_weights_kernel``, one launch a call, a power of two a head) and each step sums
+   three fp16 products (``hi.lo + lo.hi + hi.hi``, exact in the tensor cores' fp32), added to the running sums
+   in fp32 and scaled back at the end: products to ~2^-22 as with three TF32 products, at fp16's tensor-core
+   rate, without splitting anything in the loop (the projection 0.103 vs 0.177 ms at 32k, 0.33 vs 0.68 at 128k;
+   the whole gate's error against fp64 4.90e-7 vs 5.03e-7 and the eager fp32 gate's 4.82e-7: session 23); at
+   "ieee" / "tf32" one ``tl.dot`` of that precision on fp32 rows. With RoPE it rotates them in registers (rotate-half:
+   channel ``j`` with ``j + Dg / 2``, the eager gate's :func:`seerattn.gate.apply_rotary`) at row ``n``'s cos/sin row
+   ``n * C_STEP`` (1 for query windows, ``R`` for key blocks: their first window) and writes the gate vectors ``[B, Hq,
+   N, Dg]`` fp32 once. K is pooled once per KV head; each query head of its group reads it. It replaced an fp32 cuBLAS
+   matmul (SIMT: 0.18 ms a layer at 32k for Q on the H200, session 9 profile) and a RoPE pass that read and wrote the
+   gate vectors again: the whole gate 0.540 vs 0.580 ms at 32k, 3.097 vs 3.152 ms at 128k (H200, session 10,
+   docs/experiments/prefill-gate-policy/session10). One launch for both inputs, K's jobs first (fewer, longer programs,
+   which Q's fill around): the whole gate 0.466 vs 0.478 ms at 32k, 2.92 vs 2.91 ms at 128k (H200, session 16, three
+   alternating rounds each).
 3. ``_rope_kernel``: only for a gate without a Q projection (the pooled Q is the gate query), in place.
 4. ``_gate_scores_kernel``: a program owns ``BLOCK_I`` query blocks of one head, that is their
    ``BLOCK_I * R`` query windows (``R = block_size // q_step``; window ``block * R + w``, consecutive),
@@ -84,7 +92,8 @@ SCORES_TILE = (64, 64, 4, 2)
 IEEE_SCORES_TILE = (64, 64, 8, 2)
 # Under the interpreter: 16 windows, so that R = 2 and 4 put several blocks in a program and R = 1 sixteen.
 _INTERP_SCORES_TILE = (16, 16, 4, 1)
-# The projection kernel's tile on the GPU: (gate vectors per program, channels per step, warps, stages); two
+# The projection kernel's tile on the GPU at "ieee" / "tf32" (fp32 rows; tf32x3 rows come split, PROJ_SPLIT_TILE
+# below): (gate vectors per program, channels per step, warps, stages); two
 # [BLOCK_M, Dg / 2] fp32 accumulators. 32 rows on 4 warps is under wgmma's 64-row minimum: Triton emits mma.sync,
 # whose operands stay in registers (no shared-memory staging of tf32x3's split halves), and a program takes 196
 # registers and 40 KiB (two programs an SM; proj_compile.py). Timed on the H200 (session 17,
@@ -92,6 +101,13 @@ _INTERP_SCORES_TILE = (16, 16, 4, 1)
 # 0.143 / 0.044 ms against 0.173 / 0.049 for the offline choice before (128, 32, 8, 3, wgmma) and 0.154-0.37 for
 # twelve other tiles.
 PROJ_TILE = (32, 32, 4, 3)
+# The split projection's tile (fp16 halves, ``precision="tf32x3"``, the default): 64 rows on one warpgroup (wgmma),
+# two [64, Dg / 2] running sums and the step's two; 221 registers, no spill (offline sm_90 compile). Timed on the H200
+# (session 23, docs/experiments/prefill-gate-policy/session23, call 2; Llama-3.1-8B heads, the testbed's gate), Q / K
+# at 32k: 0.091 / 0.101 ms (K's first row of the run; 0.047-0.050 after) against 0.094-0.153 / 0.047-0.114 at
+# (64, 16, 4, 4), (64, 64, 4, 2), (64, 32, 8, 3), (128, 32, 8, 3), (32, 32, 4, 3), (32, 64, 4, 2); at 128k 0.287 /
+# 0.102 against 0.296-0.524 / 0.088-0.152. The fp32 tile above at tf32x3: 0.144 / 0.063 (32k), 0.538 / 0.144 (128k).
+PROJ_SPLIT_TILE = (64, 32, 4, 3)
 # The pooling launch's tile: (K blocks per program, Q windows per program, warps), both jobs in one launch (one warp
 # count). Timed on the H200 (session 16, docs/experiments/prefill-gate-policy/session16, calls 2-3; Llama-3.1-8B
 # heads, bf16), each job alone: at 32k the Q windows of 16 tokens take 0.1035 ms at (8 windows, 4 warps) or (4, 2)
@@ -114,13 +130,34 @@ def _pick(code: tl.constexpr, avg, mx, mn):
 
 
 @triton.jit
+def _pow2_scale(amax):
+    """(2^(14 - e), 2^(e - 14)) for each ``amax >= 0`` with ``2^e <= amax < 2^(e + 1)`` (e clamped to -100..127): the
+    scaled values stay under 2^15, inside fp16's range, and the largest ones keep fp16's full precision."""
+    e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    e = tl.minimum(tl.maximum(e, -100), 127)
+    return ((141 - e) << 23).to(tl.float32, bitcast=True), ((113 + e) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _store_split(ptr, v, LO_OFFSET, mask):
+    """Stores fp32 ``v`` (|v| < 2^15) as fp16 ``hi`` at ``ptr`` and fp16 ``lo`` at ``ptr + LO_OFFSET``: ``hi`` is
+    ``v`` rounded to fp16, ``lo`` the exact fp32 remainder ``v - hi`` rounded to fp16, so ``hi + lo`` holds 22
+    significant bits of ``v`` (remainders under fp16's normal range keep an absolute error below 2^-25)."""
+    hi = v.to(tl.float16)
+    tl.store(ptr, hi, mask=mask)
+    tl.store(ptr + LO_OFFSET, (v - hi.to(tl.float32)).to(tl.float16), mask=mask)
+
+
+@triton.jit
 def _pool_windows(
-    X, Out, stride_xb, stride_xh, stride_xt, stride_ob, stride_oh, stride_on, T, NP, H, bh, wt,
+    X, Out, Inv, stride_xb, stride_xh, stride_xt, stride_ob, stride_oh, stride_on, T, NP, H, bh, wt,
     STEP: tl.constexpr, D: tl.constexpr, BLOCK_W: tl.constexpr,
-    NPOOL: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+    NPOOL: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
     """Pools windows ``wt * BLOCK_W ...`` of (batch, head) ``bh``, token by token: the loop over a window's ``STEP``
-    tokens is unrolled, so their loads (one ``[BLOCK_W, D]`` row of each window) are all in flight together."""
+    tokens is unrolled, so their loads (one ``[BLOCK_W, D]`` row of each window) are all in flight together.
+    ``SPLIT``: each row is written as fp16 halves of its values times a power of two (:func:`_store_split`), its
+    inverse in ``Inv [B, H, NP]`` (contiguous); else fp32 channels."""
     NEED_MAX: tl.constexpr = P0 == 1 or (NPOOL > 1 and P1 == 1) or (NPOOL > 2 and P2 == 1)
     NEED_MIN: tl.constexpr = P0 == 2 or (NPOOL > 1 and P1 == 2) or (NPOOL > 2 and P2 == 2)
     b = bh // H
@@ -150,34 +187,54 @@ def _pool_windows(
         + rows.to(tl.int64)[:, None] * stride_on + offs_d[None, :]
     )  # fmt: skip
     smask = row_ok[:, None]
-    tl.store(o_ptr, _pick(P0, avg, mx, mn), mask=smask)
-    if NPOOL > 1:
-        tl.store(o_ptr + D, _pick(P1, avg, mx, mn), mask=smask)
-    if NPOOL > 2:
-        tl.store(o_ptr + 2 * D, _pick(P2, avg, mx, mn), mask=smask)
+    v0 = _pick(P0, avg, mx, mn)
+    v1 = _pick(P1, avg, mx, mn)
+    v2 = _pick(P2, avg, mx, mn)
+    if SPLIT:  # rows past NP (max -inf, min inf) zeroed: no inf - inf in the split; they are not stored
+        v0 = tl.where(smask, v0, 0.0)
+        v1 = tl.where(smask, v1, 0.0)
+        v2 = tl.where(smask, v2, 0.0)
+        amax = tl.abs(v0)
+        if NPOOL > 1:
+            amax = tl.maximum(amax, tl.abs(v1))
+        if NPOOL > 2:
+            amax = tl.maximum(amax, tl.abs(v2))
+        scale, inv = _pow2_scale(tl.max(amax, axis=1))
+        tl.store(Inv + bh.to(tl.int64) * NP + rows, inv, mask=row_ok)
+        _store_split(o_ptr, v0 * scale[:, None], NPOOL * D, smask)
+        if NPOOL > 1:
+            _store_split(o_ptr + D, v1 * scale[:, None], NPOOL * D, smask)
+        if NPOOL > 2:
+            _store_split(o_ptr + 2 * D, v2 * scale[:, None], NPOOL * D, smask)
+    else:
+        tl.store(o_ptr, v0, mask=smask)
+        if NPOOL > 1:
+            tl.store(o_ptr + D, v1, mask=smask)
+        if NPOOL > 2:
+            tl.store(o_ptr + 2 * D, v2, mask=smask)
 
 
 @triton.jit
 def _pool_kernel(
-    XA, OutA, sxb_a, sxh_a, sxt_a, sob_a, soh_a, son_a, NP_A, H_A, TILES_A, PROGS_A,
-    XB, OutB, sxb_b, sxh_b, sxt_b, sob_b, soh_b, son_b, NP_B, H_B, TILES_B,
+    XA, OutA, InvA, sxb_a, sxh_a, sxt_a, sob_a, soh_a, son_a, NP_A, H_A, TILES_A, PROGS_A,
+    XB, OutB, InvB, sxb_b, sxh_b, sxt_b, sob_b, soh_b, son_b, NP_B, H_B, TILES_B,
     T,
     STEP_A: tl.constexpr, BLOCK_W_A: tl.constexpr, NPOOL_A: tl.constexpr,
-    PA0: tl.constexpr, PA1: tl.constexpr, PA2: tl.constexpr,
+    PA0: tl.constexpr, PA1: tl.constexpr, PA2: tl.constexpr, SPLIT_A: tl.constexpr,
     STEP_B: tl.constexpr, BLOCK_W_B: tl.constexpr, NPOOL_B: tl.constexpr,
-    PB0: tl.constexpr, PB1: tl.constexpr, PB2: tl.constexpr,
+    PB0: tl.constexpr, PB1: tl.constexpr, PB2: tl.constexpr, SPLIT_B: tl.constexpr,
     D: tl.constexpr,
 ):  # fmt: skip
     """Two pooling jobs in one launch (the gate's K blocks and Q windows): programs ``< PROGS_A`` pool input A,
     the rest input B (none when the grid has only ``PROGS_A`` programs), each job its own window and tile."""
     pid = tl.program_id(0)
     if pid < PROGS_A:
-        _pool_windows(XA, OutA, sxb_a, sxh_a, sxt_a, sob_a, soh_a, son_a, T, NP_A, H_A, pid // TILES_A,
-                      pid % TILES_A, STEP_A, D, BLOCK_W_A, NPOOL_A, PA0, PA1, PA2)  # fmt: skip
+        _pool_windows(XA, OutA, InvA, sxb_a, sxh_a, sxt_a, sob_a, soh_a, son_a, T, NP_A, H_A, pid // TILES_A,
+                      pid % TILES_A, STEP_A, D, BLOCK_W_A, NPOOL_A, PA0, PA1, PA2, SPLIT_A)  # fmt: skip
     else:
         pid -= PROGS_A
-        _pool_windows(XB, OutB, sxb_b, sxh_b, sxt_b, sob_b, soh_b, son_b, T, NP_B, H_B, pid // TILES_B,
-                      pid % TILES_B, STEP_B, D, BLOCK_W_B, NPOOL_B, PB0, PB1, PB2)  # fmt: skip
+        _pool_windows(XB, OutB, InvB, sxb_b, sxh_b, sxt_b, sob_b, soh_b, son_b, T, NP_B, H_B, pid // TILES_B,
+                      pid % TILES_B, STEP_B, D, BLOCK_W_B, NPOOL_B, PB0, PB1, PB2, SPLIT_B)  # fmt: skip
 
 
 @triton.jit
@@ -211,17 +268,23 @@ def _rope_kernel(
 
 @triton.jit
 def _project_rows(
-    X, W, C, S, Out,
+    X, XInv, W, WInv, C, S, Out,
     stride_xb, stride_xh, stride_xn,
     stride_wh, stride_wc,
     stride_cb, stride_cn,
     stride_ob, stride_oh, stride_on,
     N, HQ, G, CDIM, HALF, bh, mt, C_STEP,
     ROPE: tl.constexpr, HALF_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):  # fmt: skip
     """Gate vectors ``mt * BLOCK_M ...`` of (batch, query head) ``bh``: pooled rows of input head ``h // G`` times
     ``W[h]``, then (``ROPE``) rotate-half with the cos/sin row ``n * C_STEP``. The two halves of the gate dimension
-    are two accumulators, so the rotation pairs channel ``j`` with ``j + HALF`` in registers (no second pass)."""
+    are two accumulators, so the rotation pairs channel ``j`` with ``j + HALF`` in registers (no second pass).
+
+    ``SPLIT``: rows and weights come as fp16 halves of scaled values (row ``[hi (CDIM) | lo (CDIM)]``, a head's
+    weights ``[hi (CDIM rows) ; lo (CDIM rows)]``, inverse scales ``XInv [B, Hx, N]`` and ``WInv [Hq]``); each step
+    sums ``hi.lo + lo.hi + hi.hi`` (fp16 products, exact in the tensor cores' fp32) and adds it to the running sums,
+    which are scaled back at the end. ``lo.lo`` (2^-22 of the product) is left out, as tf32x3 leaves it out."""
     b = bh // HQ
     h = bh % HQ
     rows = mt * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -232,16 +295,39 @@ def _project_rows(
     w_base = W + h.to(tl.int64) * stride_wh
     acc1 = tl.zeros([BLOCK_M, HALF_P], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_M, HALF_P], dtype=tl.float32)
-    for k0 in range(0, CDIM, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < CDIM
-        a = tl.load(x_base + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w_ptr = w_base + ks.to(tl.int64)[:, None] * stride_wc + offs_j[None, :]
-        w_mask = k_ok[:, None] & j_ok[None, :]
-        w1 = tl.load(w_ptr, mask=w_mask, other=0.0).to(tl.float32)
-        w2 = tl.load(w_ptr + HALF, mask=w_mask, other=0.0).to(tl.float32)
-        acc1 = tl.dot(a, w1, acc1, input_precision=PRECISION)
-        acc2 = tl.dot(a, w2, acc2, input_precision=PRECISION)
+    if SPLIT:
+        w_lo = CDIM.to(tl.int64) * stride_wc
+        for k0 in range(0, CDIM, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < CDIM
+            a_mask = row_ok[:, None] & k_ok[None, :]
+            a_hi = tl.load(x_base + ks[None, :], mask=a_mask, other=0.0)
+            a_lo = tl.load(x_base + CDIM + ks[None, :], mask=a_mask, other=0.0)
+            w_ptr = w_base + ks.to(tl.int64)[:, None] * stride_wc + offs_j[None, :]
+            w_mask = k_ok[:, None] & j_ok[None, :]
+            w1_hi = tl.load(w_ptr, mask=w_mask, other=0.0)
+            w2_hi = tl.load(w_ptr + HALF, mask=w_mask, other=0.0)
+            w1_lo = tl.load(w_ptr + w_lo, mask=w_mask, other=0.0)
+            w2_lo = tl.load(w_ptr + w_lo + HALF, mask=w_mask, other=0.0)
+            # the step's products from zero, the small first, added to the running sums in fp32: chaining hi.hi
+            # into the tensor cores' accumulator doubled the error (1.09e-6 against 4.90e-7 for the whole gate)
+            acc1 += tl.dot(a_hi, w1_hi, tl.dot(a_lo, w1_hi, tl.dot(a_hi, w1_lo)))
+            acc2 += tl.dot(a_hi, w2_hi, tl.dot(a_lo, w2_hi, tl.dot(a_hi, w2_lo)))
+        x_inv = tl.load(XInv + (b * (HQ // G) + h // G).to(tl.int64) * N + rows, mask=row_ok, other=0.0)
+        inv = (x_inv * tl.load(WInv + h))[:, None]
+        acc1 *= inv
+        acc2 *= inv
+    else:
+        for k0 in range(0, CDIM, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < CDIM
+            a = tl.load(x_base + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w_ptr = w_base + ks.to(tl.int64)[:, None] * stride_wc + offs_j[None, :]
+            w_mask = k_ok[:, None] & j_ok[None, :]
+            w1 = tl.load(w_ptr, mask=w_mask, other=0.0).to(tl.float32)
+            w2 = tl.load(w_ptr + HALF, mask=w_mask, other=0.0).to(tl.float32)
+            acc1 = tl.dot(a, w1, acc1, input_precision=PRECISION)
+            acc2 = tl.dot(a, w2, acc2, input_precision=PRECISION)
     m = row_ok[:, None] & j_ok[None, :]  # the tile's valid (row, gate channel) pairs: cos/sin loads and the store
     if ROPE:
         c_off = b.to(tl.int64) * stride_cb + (rows * C_STEP).to(tl.int64)[:, None] * stride_cn + offs_j[None, :]
@@ -262,11 +348,12 @@ def _project_rows(
 
 @triton.jit
 def _project_kernel(
-    XA, WA, OutA, sxb_a, sxh_a, sxn_a, swh_a, swc_a, sob_a, soh_a, son_a, N_A, G_A, CDIM_A, TILES_A, PROGS_A,
-    XB, WB, OutB, sxb_b, sxh_b, sxn_b, swh_b, swc_b, sob_b, soh_b, son_b, N_B, G_B, CDIM_B, TILES_B,
+    XA, XInvA, WA, WInvA, OutA, sxb_a, sxh_a, sxn_a, swh_a, swc_a, sob_a, soh_a, son_a, N_A, G_A, CDIM_A, TILES_A,
+    PROGS_A,
+    XB, XInvB, WB, WInvB, OutB, sxb_b, sxh_b, sxn_b, swh_b, swc_b, sob_b, soh_b, son_b, N_B, G_B, CDIM_B, TILES_B,
     C, S, stride_cb, stride_cn, HQ, HALF, C_STEP_A, C_STEP_B,
     ROPE: tl.constexpr, HALF_P: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
     """Two projection jobs in one launch (the gate's key blocks and query windows; same heads, gate dimension and
     rotary table): programs ``< PROGS_A`` project job A, the rest job B (none when the grid stops at ``PROGS_A``).
@@ -276,13 +363,37 @@ def _project_kernel(
     t = tl.where(is_a, pid, pid - PROGS_A)
     tiles = tl.where(is_a, TILES_A, TILES_B)
     _project_rows(
-        tl.where(is_a, XA, XB), tl.where(is_a, WA, WB), C, S, tl.where(is_a, OutA, OutB),
+        tl.where(is_a, XA, XB), tl.where(is_a, XInvA, XInvB), tl.where(is_a, WA, WB), tl.where(is_a, WInvA, WInvB),
+        C, S, tl.where(is_a, OutA, OutB),
         tl.where(is_a, sxb_a, sxb_b), tl.where(is_a, sxh_a, sxh_b), tl.where(is_a, sxn_a, sxn_b),
         tl.where(is_a, swh_a, swh_b), tl.where(is_a, swc_a, swc_b), stride_cb, stride_cn,
         tl.where(is_a, sob_a, sob_b), tl.where(is_a, soh_a, soh_b), tl.where(is_a, son_a, son_b),
         tl.where(is_a, N_A, N_B), HQ, tl.where(is_a, G_A, G_B), tl.where(is_a, CDIM_A, CDIM_B), HALF, t // tiles,
-        t % tiles, tl.where(is_a, C_STEP_A, C_STEP_B), ROPE, HALF_P, BLOCK_M, BLOCK_K, PRECISION,
+        t % tiles, tl.where(is_a, C_STEP_A, C_STEP_B), ROPE, HALF_P, BLOCK_M, BLOCK_K, PRECISION, SPLIT,
     )  # fmt: skip
+
+
+@triton.jit
+def _split_weights_kernel(WA, OutA, InvA, WB, OutB, InvB, HQ, N_A, N_B, BLOCK: tl.constexpr):
+    """A head's weights (``N`` values, contiguous, any float dtype) per program, programs ``< HQ`` for ``WA``, the
+    rest for ``WB``: scaled by the power of two that puts the head's largest under 2^15 (two passes: the maximum,
+    then the split), written as fp16 ``[hi (N) ; lo (N)]`` per head, the inverse scale to ``Inv[h]``."""
+    pid = tl.program_id(0)
+    is_a = pid < HQ
+    h = tl.where(is_a, pid, pid - HQ)
+    n = tl.where(is_a, N_A, N_B)
+    w = tl.where(is_a, WA, WB) + h.to(tl.int64) * n
+    out = tl.where(is_a, OutA, OutB) + h.to(tl.int64) * 2 * n
+    amax = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(0, n, BLOCK):
+        offs = i + tl.arange(0, BLOCK)
+        amax = tl.maximum(amax, tl.abs(tl.load(w + offs, mask=offs < n, other=0.0).to(tl.float32)))
+    scale, inv = _pow2_scale(tl.max(amax, axis=0))
+    tl.store(tl.where(is_a, InvA, InvB) + h, inv)
+    for i in range(0, n, BLOCK):
+        offs = i + tl.arange(0, BLOCK)
+        ok = offs < n
+        _store_split(out + offs, tl.load(w + offs, mask=ok, other=0.0).to(tl.float32) * scale, n, ok)
 
 
 @triton.jit
@@ -380,37 +491,70 @@ def _rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, c_step: int) -
     )  # fmt: skip
 
 
-def _project_job(x: torch.Tensor, w: torch.Tensor, block_m: int):
-    """(output, launch arguments, programs, channels) of one projection job of :func:`_project_kernel`."""
+def _split_weights(w: torch.Tensor, second: torch.Tensor | None = None):
+    """Weights [Hq, C, Dg] (and ``second``, [Hq, C2, Dg2], in the same launch) -> (fp16 halves [Hq, 2 * C, Dg]: hi
+    rows then lo rows of the head's values times a power of two, inverse scales [Hq] fp32) each: the projection's
+    ``SPLIT`` operands, made once a call (a few microseconds: the weights are 2 x 6 MiB at Llama-3.1-8B heads)."""
+    ws = [w] if second is None else [w, second]
+    ws = [x if x.is_contiguous() else x.contiguous() for x in ws]
+    outs = [(torch.empty(x.shape[0], 2 * x.shape[1], x.shape[2], dtype=torch.float16, device=x.device),
+             torch.empty(x.shape[0], dtype=torch.float32, device=x.device)) for x in ws]  # fmt: skip
+    a, b = (0, 0) if second is None else (0, 1)
+    hq = w.shape[0]
+    _split_weights_kernel[(hq * len(ws),)](
+        ws[a], *outs[a], ws[b], *outs[b], hq, ws[a][0].numel(), ws[b][0].numel(),
+        BLOCK=1024 if interpreting() else 4096, num_warps=8,
+    )  # fmt: skip
+    return outs[0] if second is None else outs
+
+
+def _project_job(x, w: torch.Tensor, block_m: int, split: bool):
+    """(output, launch arguments, programs, channels) of one projection job of :func:`_project_kernel`. ``x``: pooled
+    channels [B, Hx, N, C] fp32, or with ``split`` a pair (fp16 halves [B, Hx, N, 2 * C], inverse scales [B, Hx, N]),
+    and ``w`` then a pair from :func:`_split_weights`."""
+    x, x_inv = x if split else (x, x)  # without split the inverse-scale pointers are dummies, never read
+    w, w_inv = w if split else (w, w)
     b, hx, n, c = x.shape
+    c = c // 2 if split else c
     hq, _, dg = w.shape
     out = torch.empty(b, hq, n, dg, dtype=torch.float32, device=x.device)
     tiles = triton.cdiv(n, block_m)
-    args = [x, w, out, *x.stride()[:3], *w.stride()[:2], *out.stride()[:3], n, hq // hx, c, tiles]
+    args = [x, x_inv, w, w_inv, out, *x.stride()[:3], *w.stride()[:2], *out.stride()[:3], n, hq // hx, c, tiles]
     return out, args, b * hq * tiles, c
 
 
 def _project(
-    x: torch.Tensor,
+    x,
     w: torch.Tensor,
     cos: torch.Tensor | None,
     sin: torch.Tensor | None,
     c_step: int,
     precision: str,
     tile: tuple[int, int, int, int] | None = None,
-    second: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+    second: tuple | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Pooled channels x [B, Hx, N, C] fp32 times w [Hq, C, Dg] (query head h reads input head h // (Hq / Hx)),
     rotated with cos/sin [B or 1, *, Dg] row ``n * c_step`` when given -> gate vectors [B, Hq, N, Dg] fp32.
-    ``tile``: (rows, channels per step, warps, stages), default :data:`PROJ_TILE` (benchmarks try others).
-    ``second``: (x2, w2, c_step2) projected in the same launch (same B, Hq, Dg and table): returns both outputs."""
+    At ``precision="tf32x3"`` x is :func:`_pool`'s split pair (fp16 halves, inverse scales) and the weights are
+    split here: three fp16 products of 22-bit operands (:func:`_project_rows`' ``SPLIT``); else one ``tl.dot`` of
+    that precision on fp32 rows. ``tile``: (rows, channels per step, warps, stages), default :data:`PROJ_TILE`
+    (benchmarks try others). ``second``: (x2, w2, c_step2) projected in the same launch (same B, Hq, Dg, table and
+    precision): returns both outputs."""
+    split = precision == "tf32x3"
     dg = w.shape[2]
-    block_m, block_k, num_warps, num_stages = tile or (_INTERP_PROJ_TILE if interpreting() else PROJ_TILE)
-    out_a, args_a, progs_a, c_a = _project_job(x, w, block_m)
+    default = PROJ_SPLIT_TILE if split else PROJ_TILE
+    block_m, block_k, num_warps, num_stages = tile or (_INTERP_PROJ_TILE if interpreting() else default)
+    if split:
+        w_a, w_b = _split_weights(w, None if second is None else second[1]), None
+        if second is not None:
+            w_a, w_b = w_a
+    else:
+        w_a, w_b = w, None if second is None else second[1]
+    out_a, args_a, progs_a, c_a = _project_job(x, w_a, block_m, split)
     if second is None:  # job B unused: job A's arguments in its place, no program reaches it
         out_b, args_b, progs_b, c_b, c_step_b = out_a, args_a, 0, c_a, c_step
     else:
-        out_b, args_b, progs_b, c_b = _project_job(second[0], second[1], block_m)
+        out_b, args_b, progs_b, c_b = _project_job(second[0], w_b, block_m, split)
         c_step_b = second[2]
     rope = cos is not None
     c_ref, s_ref = (cos, sin) if rope else (out_a, out_a)  # dummy pointers without RoPE
@@ -419,20 +563,28 @@ def _project(
         *args_a, progs_a, *args_b, c_ref, s_ref, *c_strides, w.shape[0], dg // 2, c_step, c_step_b,
         ROPE=rope, HALF_P=max(16, triton.next_power_of_2(dg // 2)),
         BLOCK_M=block_m, BLOCK_K=min(block_k, max(16, triton.next_power_of_2(max(c_a, c_b)))), PRECISION=precision,
-        num_warps=num_warps, num_stages=num_stages,
+        SPLIT=split, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out_a if second is None else (out_a, out_b)
 
 
-def _pool_job(x: torch.Tensor, step: int, poolings: tuple[str, ...], block_w: int):
-    """(output, launch arguments, constexprs, programs) of one pooling job of :func:`_pool_kernel`."""
+def _pool_job(x: torch.Tensor, step: int, poolings: tuple[str, ...], block_w: int, split: bool):
+    """(output, launch arguments, constexprs, programs) of one pooling job of :func:`_pool_kernel`; the output is
+    the pooled channels [B, H, N, C] fp32, or with ``split`` (fp16 halves [B, H, N, 2 * C], inverse scales [B, H, N]
+    fp32)."""
     b, h, t, d = x.shape
     n = -(-t // step)
-    out = torch.empty(b, h, n, len(poolings) * d, dtype=torch.float32, device=x.device)
+    c = len(poolings) * d
+    if split:
+        out = (torch.empty(b, h, n, 2 * c, dtype=torch.float16, device=x.device),
+               torch.empty(b, h, n, dtype=torch.float32, device=x.device))  # fmt: skip
+        o, inv = out
+    else:
+        out = o = inv = torch.empty(b, h, n, c, dtype=torch.float32, device=x.device)  # inv: a dummy, never read
     tiles = triton.cdiv(n, block_w)
-    args = [x, out, *x.stride()[:3], *out.stride()[:3], n, h, tiles]
+    args = [x, o, inv, *x.stride()[:3], *o.stride()[:3], n, h, tiles]
     codes = [_POOL_CODES[p] for p in poolings] + [0] * (3 - len(poolings))
-    return out, args, [step, block_w, len(poolings), *codes], b * h * tiles
+    return out, args, [step, block_w, len(poolings), *codes, split], b * h * tiles
 
 
 def _pool(
@@ -440,13 +592,15 @@ def _pool(
     step: int,
     poolings: tuple[str, ...],
     tile: tuple[int, int],
-    second: tuple[torch.Tensor, int, tuple[str, ...], int] | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """x [B, H, T, D] -> pooled channels [B, H, ceil(T / step), len(poolings) * D] fp32. ``tile``: (windows per
-    program, warps). ``second``: (x2, step2, poolings2, windows per program) pooled in the same launch (same B, T,
-    D): returns both outputs."""
+    split: bool = False,
+    second: tuple[torch.Tensor, int, tuple[str, ...], int, bool] | None = None,
+):
+    """x [B, H, T, D] -> pooled channels [B, H, ceil(T / step), len(poolings) * D] fp32, or with ``split`` the pair
+    :func:`_project` takes at ``tf32x3`` (each pooled row times a power of two as fp16 halves, and the inverse
+    scales). ``tile``: (windows per program, warps). ``second``: (x2, step2, poolings2, windows per program, split2)
+    pooled in the same launch (same B, T, D): returns both outputs."""
     block_w, warps = tile
-    out_a, args_a, const_a, progs_a = _pool_job(x, step, poolings, block_w)
+    out_a, args_a, const_a, progs_a = _pool_job(x, step, poolings, block_w, split)
     if second is None:  # job B unused: job A's arguments in its place, no program reaches it
         out_b, args_b, const_b, progs_b = out_a, args_a, const_a, 0
     else:
@@ -513,7 +667,9 @@ def gate_logits_fwd(
     # K is pooled once per KV head and read by each query head of its group. K's jobs come first in each launch:
     # fewer, longer programs, which Q's many short ones then fill around.
     k_windows, q_windows, warps = _INTERP_POOL_PAIR_TILE if interpreting() else POOL_PAIR_TILE
-    kp, qp = _pool(k, block_size, k_pooling, (k_windows, warps), second=(q, q_step, q_pooling, q_windows))
+    split = precision == "tf32x3"  # the projection's operands come split from the pooling (see _project)
+    kp, qp = _pool(k, block_size, k_pooling, (k_windows, warps), split,
+                   second=(q, q_step, q_pooling, q_windows, split and q_proj is not None))  # fmt: skip
     if q_proj is not None:
         kg, qg = _project(kp, k_proj, cos, sin, r, precision, second=(qp, q_proj, 1))
     else:
