@@ -257,3 +257,25 @@ def test_cuda_density_classes_equal_pytorch_policies_at_128k():
             want = mask_from_scores(s, policy, nq * 64, 64, impl="reference")
             got = mask_from_scores(s, policy, nq * 64, 64, impl="triton")
             assert torch.equal(got.kv_num_blocks, want.kv_num_blocks) and torch.equal(got.kv_indices, want.kv_indices)
+
+
+@interpreter
+@pytest.mark.parametrize("allocation", ["row", "uniform", "floor"])
+def test_row_budgets_are_made_once_and_never_written(allocation):
+    """The density selection's row budgets: one tensor per (NQ, density, allocation, device), reused by every later
+    selection (no launches for them after the first), equal to ``density_row_budget`` and unchanged by the
+    selections that read it; another density gets its own."""
+    from seerattn.block_mask import density_row_budget
+    from seerattn.ops import gate_ops
+
+    scores = torch.randn(1, 2, 70, 70, generator=torch.Generator().manual_seed(1))
+    policy = SparsityPolicy("density", 0.3, allocation=allocation)
+    first = gate_ops._row_budget(70, 0.3, allocation, scores.device)
+    assert torch.equal(first, density_row_budget(70, 0.3, scores.device, allocation))
+    before = first.clone()
+    for _ in range(2):
+        got = select_blocks(scores, policy, 70 * 16, 16)
+        want = mask_from_scores(scores, policy, 70 * 16, 16, impl="reference")
+        assert torch.equal(got.kv_num_blocks, want.kv_num_blocks) and torch.equal(got.kv_indices, want.kv_indices)
+    assert gate_ops._row_budget(70, 0.3, allocation, scores.device) is first and torch.equal(first, before)
+    assert gate_ops._row_budget(70, 0.25, allocation, scores.device) is not first

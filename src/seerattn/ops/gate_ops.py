@@ -12,6 +12,8 @@ ops (no gradients). They run on CUDA tensors, or on CPU tensors under ``TRITON_I
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..block_mask import BlockMask, SparsityPolicy, density_row_budget, num_blocks, policy_source
@@ -96,6 +98,21 @@ def gate_block_logits(
     return gate_logits_fwd(q, k, k_proj, q_proj, cos, sin, block_size, q_step, tuple(q_pooling), tuple(k_pooling))
 
 
+@functools.lru_cache(maxsize=64)
+def _device_row_budget(nq: int, density: float, allocation: str, device: torch.device) -> torch.Tensor:
+    return density_row_budget(nq, density, device, allocation)
+
+
+def _row_budget(nq: int, density: float, allocation: str, device: torch.device) -> torch.Tensor:
+    """:func:`density_row_budget` on ``device``, made once per (NQ, density, allocation, device) and read (never
+    written) by every later selection: a layer's policy then launches the selection kernel alone (five small
+    launches a layer before). Inside a CUDA graph capture it is made afresh: a tensor made there holds its values
+    only once the graph is replayed, so it must not be kept for eager calls."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return density_row_budget(nq, density, device, allocation)
+    return _device_row_budget(nq, density, allocation, device)
+
+
 def select_blocks(scores: torch.Tensor, policy: SparsityPolicy, seq_len: int, block_size: int) -> BlockMask:
     """:func:`seerattn.block_mask.mask_from_scores` in one Triton kernel (no sort): the same blocks,
     the same tie rule (equal scores: the lower column), written as ``BlockMask`` lists directly.
@@ -113,7 +130,7 @@ def select_blocks(scores: torch.Tensor, policy: SparsityPolicy, seq_len: int, bl
     if policy.kind == "density" and policy.allocation == "head":
         head_total = round(policy.value * nq * (nq + 1) / 2)
     elif policy.kind == "density":
-        budget = density_row_budget(nq, policy.value, scores.device, policy.allocation)
+        budget = _row_budget(nq, policy.value, policy.allocation, scores.device)
     from ._triton.select import select_fwd
 
     if scores.stride(-1) != 1:

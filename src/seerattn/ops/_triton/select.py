@@ -422,6 +422,9 @@ def select_fwd(
     cdt = torch.float64 if key64 else torch.float32
     num = torch.empty(b, h, nq, dtype=torch.int32, device=scores.device)
     idx = torch.empty(b, h, nq, nq, dtype=torch.int32, device=scores.device)
+    if kind == "density" and head_total is None:
+        _density_launch(scores, budget, num, idx, keep_sink, keep_diagonal, dense_last_rows, key64)
+        return num, idx
     # the value as a one-element tensor: a Python float argument would reach the kernel as fp32
     value_t = torch.full((1,), float(value), dtype=cdt, device=scores.device)
     nkp = triton.next_power_of_2(nq)
@@ -429,9 +432,6 @@ def select_fwd(
     if head_total is not None:
         kind = "head"
         theta, need, ties_before = _head_threshold(scores, head_total, keep_sink, keep_diagonal, key64, nkp)
-    if kind == "density" and head_total is None:
-        _density_launch(scores, budget, num, idx, keep_sink, keep_diagonal, dense_last_rows, key64)
-        return num, idx
     n_rows = b * h * nq
     # rows per program: a tile of about 4096 scores on the GPU (several short rows share a program);
     # under the interpreter every row at once (its cost is per program and per op, not per element)
