@@ -288,22 +288,34 @@ def test_split_pooling_keeps_22_bits_of_every_row_in_fp16_range():
 
 
 @interpreter
-def test_split_weights_keep_22_bits_of_each_head():
-    """``_split_weights``: each head's weights times the power of two that puts its largest in [2^14, 2^15), as
-    fp16 hi rows then lo rows, the inverse per head — 2^-22 of the head's largest, for heads from 1e-20 to 1e20
-    (an fp16 copy would flush or overflow) and an all-zero head; two weights in one launch equal each alone."""
+def test_split_weights_keep_22_bits_of_each_column_pair():
+    """``_split_weights``: each head's rotate-half pair of gate channels (columns j and j + Dg / 2 of ``[C, Dg]``)
+    times the power of two that puts the pair's largest in [2^14, 2^15), as fp16 hi rows then lo rows, the inverse
+    per (head, pair) — 2^-22 of the pair's largest, for pairs from 1e-20 to 1e20 (an fp16 copy would flush or
+    overflow) and an all-zero pair; two weights in one launch (different C) equal each alone; more pairs than a
+    program takes."""
     from seerattn.ops._triton import gate_fwd
 
     g = torch.Generator().manual_seed(4)
-    w = torch.randn(4, 40, 6, generator=g) * torch.tensor([1e-20, 1.0, 1e20, 0.0])[:, None, None]
-    w2 = torch.randn(4, 24, 6, generator=g)
+    half = 10
+    w = torch.randn(3, 40, 2 * half, generator=g) * torch.logspace(-20, 20, half).repeat(2)
+    w[1, :, [7, 7 + half]] = 0.0
+    w[2, :, 3] *= 1e-3  # a pair whose halves differ: one scale for both
+    w2 = torch.randn(3, 24, 2 * half, generator=g)
     (halves, inv), (halves2, inv2) = gate_fwd._split_weights(w, w2)
+    assert inv.shape == (3, half) and halves.shape == (3, 80, 2 * half) and halves.dtype == torch.float16
     assert torch.equal(gate_fwd._split_weights(w2)[0], halves2)
     for x, h, i in ((w, halves, inv), (w2, halves2, inv2)):
         c = x.shape[1]
-        got = (h[:, :c].double() + h[:, c:].double()) * i.double()[:, None, None]
-        assert ((got - x.double()).abs().amax((1, 2)) <= 2.0**-22 * x.double().abs().amax((1, 2))).all()
-    assert (halves[3] == 0).all() and torch.isfinite(inv).all()
+        got = (h[:, :c].double() + h[:, c:].double()) * i.double().repeat(1, 2)[:, None, :]
+        col_max = x.double().abs().amax(1)
+        pair_max = torch.maximum(col_max[:, :half], col_max[:, half:]).repeat(1, 2)
+        assert ((got - x.double()).abs() <= 2.0**-22 * pair_max[:, None, :]).all()
+        scaled = h[:, :c].double().abs().amax(1)
+        scaled_pair = torch.maximum(scaled[:, :half], scaled[:, half:])
+        live = pair_max[:, :half] > 0
+        assert ((scaled_pair[live] >= 2.0**14) & (scaled_pair[live] < 2.0**15)).all()
+    assert (halves[1, :, [7, 7 + half]] == 0).all() and torch.isfinite(inv).all()
 
 
 @interpreter
@@ -323,6 +335,7 @@ def test_split_projection_equals_the_fp64_projection(rope):
     split = gate_fwd._pool(x, step, pools, (16, 4), split=True)
     n, c, dg = rows.shape[2], rows.shape[3], 10
     w = torch.randn(hq, c, dg, generator=g) * torch.tensor([1e-6, 1.0, 1e6, 3e4])[:, None, None]
+    w[2, :, 3] *= 1e-9  # a column far below its head's others
     cos = sin = None
     if rope:
         ang = torch.rand(1, n, dg // 2, generator=g) * 6

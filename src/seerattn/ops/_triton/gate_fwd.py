@@ -15,20 +15,20 @@ Exactly :class:`seerattn.gate.AttnGate`'s forward, in fp32 whatever the input dt
    *split* instead (the same bytes): each row times the power of two that puts its largest value in
    [2^14, 2^15), as fp16 ``hi`` (the value rounded) and fp16 ``lo`` (the exact remainder rounded): 22
    significant bits, fp16's range whatever the row's, and the inverse scale a row (``[B, H, N]`` fp32).
-2. ``_project_kernel`` (one launch: K's and Q's jobs): a program owns ``BLOCK_M`` pooled rows of one query head
-   and multiplies them by the head's weights ``[C * D, Dg]`` in steps of ``BLOCK_K`` channels on tensor cores,
-   into two ``[BLOCK_M, Dg / 2]`` accumulators, one per half of the gate dimension. At "tf32x3" the operands are
-   split (the weights by ``_split_weights_kernel``, one launch a call, a power of two a head) and each step sums
-   three fp16 products (``hi.lo + lo.hi + hi.hi``, exact in the tensor cores' fp32), added to the running sums
-   in fp32 and scaled back at the end: products to ~2^-22 as with three TF32 products, at fp16's tensor-core
-   rate, without splitting anything in the loop (the projection 0.103 vs 0.177 ms at 32k, 0.33 vs 0.68 at 128k;
-   the whole gate's error against fp64 4.90e-7 vs 5.03e-7 and the eager fp32 gate's 4.82e-7: session 23); at
-   "ieee" / "tf32" one ``tl.dot`` of that precision on fp32 rows. With RoPE it rotates them in registers (rotate-half:
-   channel ``j`` with ``j + Dg / 2``, the eager gate's :func:`seerattn.gate.apply_rotary`) at row ``n``'s cos/sin row
-   ``n * C_STEP`` (1 for query windows, ``R`` for key blocks: their first window) and writes the gate vectors ``[B, Hq,
-   N, Dg]`` fp32 once. K is pooled once per KV head; each query head of its group reads it. It replaced an fp32 cuBLAS
-   matmul (SIMT: 0.18 ms a layer at 32k for Q on the H200, session 9 profile) and a RoPE pass that read and wrote the
-   gate vectors again: the whole gate 0.540 vs 0.580 ms at 32k, 3.097 vs 3.152 ms at 128k (H200, session 10,
+2. ``_project_kernel`` (one launch: K's and Q's jobs): a program owns ``BLOCK_M`` pooled rows of one query head and
+   multiplies them by the head's weights ``[C * D, Dg]`` in steps of ``BLOCK_K`` channels on tensor cores, into two
+   ``[BLOCK_M, Dg / 2]`` accumulators, one per half of the gate dimension. At "tf32x3" the operands are split (the
+   weights by ``_split_weights_kernel``, one launch a call, a power of two a rotate-half pair of columns) and each step
+   sums three fp16 products (``hi.lo + lo.hi + hi.hi``, exact in the tensor cores' fp32), added to the running sums in
+   fp32 and scaled back at the end: products to ~2^-22 as with three TF32 products, at fp16's tensor-core rate, without
+   splitting anything in the loop (the projection 0.103 vs 0.177 ms at 32k, 0.33 vs 0.68 at 128k; the whole gate's error
+   against fp64 4.90e-7 vs 5.03e-7 and the eager fp32 gate's 4.82e-7: session 23); at "ieee" / "tf32" one ``tl.dot`` of
+   that precision on fp32 rows. With RoPE it rotates them in registers (rotate-half: channel ``j`` with ``j + Dg / 2``,
+   the eager gate's :func:`seerattn.gate.apply_rotary`) at row ``n``'s cos/sin row ``n * C_STEP`` (1 for query windows,
+   ``R`` for key blocks: their first window) and writes the gate vectors ``[B, Hq, N, Dg]`` fp32 once. K is pooled once
+   per KV head; each query head of its group reads it. It replaced an fp32 cuBLAS matmul (SIMT: 0.18 ms a layer at 32k
+   for Q on the H200, session 9 profile) and a RoPE pass that read and wrote the gate vectors again: the whole gate
+   0.540 vs 0.580 ms at 32k, 3.097 vs 3.152 ms at 128k (H200, session 10,
    docs/experiments/prefill-gate-policy/session10). One launch for both inputs, K's jobs first (fewer, longer programs,
    which Q's fill around): the whole gate 0.466 vs 0.478 ms at 32k, 2.92 vs 2.91 ms at 128k (H200, session 16, three
    alternating rounds each).
@@ -281,10 +281,10 @@ def _project_rows(
     ``W[h]``, then (``ROPE``) rotate-half with the cos/sin row ``n * C_STEP``. The two halves of the gate dimension
     are two accumulators, so the rotation pairs channel ``j`` with ``j + HALF`` in registers (no second pass).
 
-    ``SPLIT``: rows and weights come as fp16 halves of scaled values (row ``[hi (CDIM) | lo (CDIM)]``, a head's
-    weights ``[hi (CDIM rows) ; lo (CDIM rows)]``, inverse scales ``XInv [B, Hx, N]`` and ``WInv [Hq]``); each step
-    sums ``hi.lo + lo.hi + hi.hi`` (fp16 products, exact in the tensor cores' fp32) and adds it to the running sums,
-    which are scaled back at the end. ``lo.lo`` (2^-22 of the product) is left out, as tf32x3 leaves it out."""
+    ``SPLIT``: rows and weights come as fp16 halves of scaled values (row ``[hi (CDIM) | lo (CDIM)]``, a head's weights
+    ``[hi (CDIM rows) ; lo (CDIM rows)]``, inverse scales ``XInv [B, Hx, N]`` and ``WInv [Hq, Dg / 2]``); each step sums
+    ``hi.lo + lo.hi + hi.hi`` (fp16 products, exact in the tensor cores' fp32) and adds it to the running sums, which
+    are scaled back at the end. ``lo.lo`` (2^-22 of the product) is left out, as tf32x3 leaves it out."""
     b = bh // HQ
     h = bh % HQ
     rows = mt * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -314,7 +314,7 @@ def _project_rows(
             acc1 += tl.dot(a_hi, w1_hi, tl.dot(a_lo, w1_hi, tl.dot(a_hi, w1_lo)))
             acc2 += tl.dot(a_hi, w2_hi, tl.dot(a_lo, w2_hi, tl.dot(a_hi, w2_lo)))
         x_inv = tl.load(XInv + (b * (HQ // G) + h // G).to(tl.int64) * N + rows, mask=row_ok, other=0.0)
-        inv = (x_inv * tl.load(WInv + h))[:, None]
+        inv = x_inv[:, None] * tl.load(WInv + h * HALF + offs_j, mask=j_ok, other=0.0)[None, :]  # a row's, a pair's
         acc1 *= inv
         acc2 *= inv
     else:
@@ -374,26 +374,33 @@ def _project_kernel(
 
 
 @triton.jit
-def _split_weights_kernel(WA, OutA, InvA, WB, OutB, InvB, HQ, N_A, N_B, BLOCK: tl.constexpr):
-    """A head's weights (``N`` values, contiguous, any float dtype) per program, programs ``< HQ`` for ``WA``, the
-    rest for ``WB``: scaled by the power of two that puts the head's largest under 2^15 (two passes: the maximum,
-    then the split), written as fp16 ``[hi (N) ; lo (N)]`` per head, the inverse scale to ``Inv[h]``."""
+def _split_weights_kernel(
+    WA, OutA, InvA, WB, OutB, InvB, HQ, C_A, C_B, HALF, J_TILES, CP: tl.constexpr, BLOCK_J: tl.constexpr
+):  # fmt: skip
+    """Gate channels ``j`` and ``j + HALF`` (``j`` in a tile of ``BLOCK_J``) of one head's weights ``[C, 2 * HALF]``
+    (contiguous, any float dtype) per program, programs ``< HQ * J_TILES`` for ``WA``, the rest for ``WB``: each
+    such pair of columns times the power of two that puts its largest under 2^15 (the whole columns are in the
+    program: one read), written as fp16 ``[hi (C rows) ; lo (C rows)]`` per head, the inverse scales to ``Inv [Hq,
+    HALF]``. A scale per output channel leaves the dot's sums intact, and one per rotate-half pair commutes with
+    the rotation."""
     pid = tl.program_id(0)
-    is_a = pid < HQ
-    h = tl.where(is_a, pid, pid - HQ)
-    n = tl.where(is_a, N_A, N_B)
-    w = tl.where(is_a, WA, WB) + h.to(tl.int64) * n
-    out = tl.where(is_a, OutA, OutB) + h.to(tl.int64) * 2 * n
-    amax = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in range(0, n, BLOCK):
-        offs = i + tl.arange(0, BLOCK)
-        amax = tl.maximum(amax, tl.abs(tl.load(w + offs, mask=offs < n, other=0.0).to(tl.float32)))
-    scale, inv = _pow2_scale(tl.max(amax, axis=0))
-    tl.store(tl.where(is_a, InvA, InvB) + h, inv)
-    for i in range(0, n, BLOCK):
-        offs = i + tl.arange(0, BLOCK)
-        ok = offs < n
-        _store_split(out + offs, tl.load(w + offs, mask=ok, other=0.0).to(tl.float32) * scale, n, ok)
+    is_a = pid < HQ * J_TILES
+    t = tl.where(is_a, pid, pid - HQ * J_TILES)
+    h = t // J_TILES
+    c_dim = tl.where(is_a, C_A, C_B)
+    rows = tl.arange(0, CP)
+    cols = (t % J_TILES) * BLOCK_J + tl.arange(0, BLOCK_J)
+    ok = (rows < c_dim)[:, None] & (cols < HALF)[None, :]
+    offs = h.to(tl.int64) * c_dim * 2 * HALF + rows.to(tl.int64)[:, None] * (2 * HALF) + cols[None, :]
+    w = tl.where(is_a, WA, WB) + offs
+    w1 = tl.load(w, mask=ok, other=0.0).to(tl.float32)
+    w2 = tl.load(w + HALF, mask=ok, other=0.0).to(tl.float32)
+    scale, inv = _pow2_scale(tl.maximum(tl.max(tl.abs(w1), axis=0), tl.max(tl.abs(w2), axis=0)))
+    tl.store(tl.where(is_a, InvA, InvB) + h * HALF + cols, inv, mask=cols < HALF)
+    out = tl.where(is_a, OutA, OutB) + offs + h.to(tl.int64) * c_dim * 2 * HALF  # [hi ; lo] a head: twice C rows
+    lo = c_dim * 2 * HALF
+    _store_split(out, w1 * scale[None, :], lo, ok)
+    _store_split(out + HALF, w2 * scale[None, :], lo, ok)
 
 
 @triton.jit
@@ -492,18 +499,22 @@ def _rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, c_step: int) -
 
 
 def _split_weights(w: torch.Tensor, second: torch.Tensor | None = None):
-    """Weights [Hq, C, Dg] (and ``second``, [Hq, C2, Dg2], in the same launch) -> (fp16 halves [Hq, 2 * C, Dg]: hi
-    rows then lo rows of the head's values times a power of two, inverse scales [Hq] fp32) each: the projection's
-    ``SPLIT`` operands, made once a call (a few microseconds: the weights are 2 x 6 MiB at Llama-3.1-8B heads)."""
+    """Weights [Hq, C, Dg] (and ``second``, [Hq, C2, Dg], in the same launch) -> (fp16 halves [Hq, 2 * C, Dg]: hi
+    rows then lo rows of each column pair (j, j + Dg / 2) times a power of two, inverse scales [Hq, Dg / 2] fp32)
+    each: the projection's
+    ``SPLIT`` operands, made every call from the weights as they are (one launch; 12 MiB read at Llama-3.1-8B
+    heads)."""
     ws = [w] if second is None else [w, second]
     ws = [x if x.is_contiguous() else x.contiguous() for x in ws]
     outs = [(torch.empty(x.shape[0], 2 * x.shape[1], x.shape[2], dtype=torch.float16, device=x.device),
-             torch.empty(x.shape[0], dtype=torch.float32, device=x.device)) for x in ws]  # fmt: skip
+             torch.empty(x.shape[0], x.shape[2] // 2, dtype=torch.float32, device=x.device)) for x in ws]  # fmt: skip
     a, b = (0, 0) if second is None else (0, 1)
-    hq = w.shape[0]
-    _split_weights_kernel[(hq * len(ws),)](
-        ws[a], *outs[a], ws[b], *outs[b], hq, ws[a][0].numel(), ws[b][0].numel(),
-        BLOCK=1024 if interpreting() else 4096, num_warps=8,
+    hq, _, dg = w.shape
+    block_j = 8 if interpreting() else 16
+    j_tiles = triton.cdiv(dg // 2, block_j)
+    _split_weights_kernel[(hq * j_tiles * len(ws),)](
+        ws[a], *outs[a], ws[b], *outs[b], hq, ws[a].shape[1], ws[b].shape[1], dg // 2, j_tiles,
+        CP=triton.next_power_of_2(max(x.shape[1] for x in ws)), BLOCK_J=block_j, num_warps=8,
     )  # fmt: skip
     return outs[0] if second is None else outs
 
