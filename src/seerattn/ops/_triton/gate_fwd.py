@@ -102,9 +102,9 @@ _INTERP_SCORES_TILE = (16, 16, 4, 1)
 # twelve other tiles.
 PROJ_TILE = (32, 32, 4, 3)
 # The split projection's tile (fp16 halves, ``precision="tf32x3"``, the default): 64 rows on one warpgroup (wgmma),
-# two [64, Dg / 2] running sums and the step's two; 221 registers, no spill (offline sm_90 compile). Timed on the H200
-# (session 23, docs/experiments/prefill-gate-policy/session23, call 2; Llama-3.1-8B heads, the testbed's gate), Q / K
-# at 32k: 0.091 / 0.101 ms (K's first row of the run; 0.047-0.050 after) against 0.094-0.153 / 0.047-0.114 at
+# two [64, Dg / 2] running sums and the step's two; 234-244 registers, no spill (offline sm_90 compile). Timed on the
+# H200 (session 23, docs/experiments/prefill-gate-policy/session23, call 2; Llama-3.1-8B heads, the testbed's gate), Q /
+# K at 32k: 0.091 / 0.101 ms (K's first row of the run; 0.047-0.050 after) against 0.094-0.153 / 0.047-0.114 at
 # (64, 16, 4, 4), (64, 64, 4, 2), (64, 32, 8, 3), (128, 32, 8, 3), (32, 32, 4, 3), (32, 64, 4, 2); at 128k 0.287 /
 # 0.102 against 0.296-0.524 / 0.088-0.152. The fp32 tile above at tf32x3: 0.144 / 0.063 (32k), 0.538 / 0.144 (128k).
 PROJ_SPLIT_TILE = (64, 32, 4, 3)
@@ -501,9 +501,8 @@ def _rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, c_step: int) -
 def _split_weights(w: torch.Tensor, second: torch.Tensor | None = None):
     """Weights [Hq, C, Dg] (and ``second``, [Hq, C2, Dg], in the same launch) -> (fp16 halves [Hq, 2 * C, Dg]: hi
     rows then lo rows of each column pair (j, j + Dg / 2) times a power of two, inverse scales [Hq, Dg / 2] fp32)
-    each: the projection's
-    ``SPLIT`` operands, made every call from the weights as they are (one launch; 12 MiB read at Llama-3.1-8B
-    heads)."""
+    each: the projection's ``SPLIT`` operands, made every call from the weights as they are (one launch; 12 MiB read
+    at Llama-3.1-8B heads)."""
     ws = [w] if second is None else [w, second]
     ws = [x if x.is_contiguous() else x.contiguous() for x in ws]
     outs = [(torch.empty(x.shape[0], 2 * x.shape[1], x.shape[2], dtype=torch.float16, device=x.device),
@@ -556,9 +555,8 @@ def _project(
     default = PROJ_SPLIT_TILE if split else PROJ_TILE
     block_m, block_k, num_warps, num_stages = tile or (_INTERP_PROJ_TILE if interpreting() else default)
     if split:
-        w_a, w_b = _split_weights(w, None if second is None else second[1]), None
-        if second is not None:
-            w_a, w_b = w_a
+        halves = _split_weights(w, None if second is None else second[1])
+        w_a, w_b = (halves, None) if second is None else halves
     else:
         w_a, w_b = w, None if second is None else second[1]
     out_a, args_a, progs_a, c_a = _project_job(x, w_a, block_m, split)
