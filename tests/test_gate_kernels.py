@@ -264,8 +264,8 @@ def test_projection_kernel_equals_matmul_then_rotary(hq, hx, n, c, dg, rope):
 def test_split_pooling_keeps_22_bits_of_every_row_in_fp16_range():
     """``_pool(split=True)``: each pooled row as fp16 halves of the row times a power of two, and its inverse —
     (hi + lo) * inv equals the fp32 pooling to 2^-22 of the row's largest value, the scaled largest lies in
-    [2^14, 2^15) (fp16's range, whatever the row's magnitude: rows from 1e-30 to 1e30 here), an all-zero row
-    gives zeros and a finite scale, and rows past the end are not written."""
+    [2^14, 2^15) (fp16's range, whatever the row's magnitude: rows from 1e-30 to 1e30 here), and an all-zero row
+    gives zeros and a finite scale."""
     from seerattn.ops._triton import gate_fwd
 
     g = torch.Generator().manual_seed(3)
