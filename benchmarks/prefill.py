@@ -27,7 +27,9 @@ median over ``--reps`` after ``--warmup``. Two other inputs (:func:`prompt_input
 - ``seer@d``: the same weights with fresh AttnGates (fp32, as adapters load) (:func:`seerattn.hf.apply_seer_attention`),
   mode ``sparse`` at density ``d`` — gate, policy, block-sparse kernel and the per-layer statistics,
   everything a user's prefill runs. Untrained gates pick arbitrary blocks; the time depends on how
-  many blocks are kept, which the policy fixes;
+  many blocks are kept, which the policy fixes, and on how much adjacent rows share, which random masks make
+  least: ``--gate-init local`` (rows ``seer@d/local``, :func:`local_gate_init_`) sets the gates to score by
+  distance, for banded masks like trained gates' local heads (the kernel tuner then sees structured masks);
 - any other method of the eval registry (``--methods``, :mod:`seerattn.eval.methods`), run exactly as
   ``seerattn eval`` runs it (:func:`seerattn.eval.configure`): its mask estimation on the layer's q/k
   (e.g. XAttention's antidiagonal scores, FlexPrefill's pattern search), then the same kernel; density
@@ -76,8 +78,8 @@ from benchmarks.shapes import LLAMA_31_8B, SMOKE_SHAPE, build_llama
 from seerattn import SparsityPolicy
 from seerattn.block_mask import ALLOCATIONS
 from seerattn.eval.methods import Setting, configure, get_method
-from seerattn.gate import GateConfig
-from seerattn.hf import SeerConfig, apply_seer_attention, get_seer_state, remove_seer_attention
+from seerattn.gate import AttnGate, GateConfig
+from seerattn.hf import SeerConfig, apply_seer_attention, gate_modules, get_seer_state, remove_seer_attention
 from seerattn.ops import AttentionCase, fa4, resolve_impl
 from seerattn.record import write_record
 
@@ -85,6 +87,27 @@ GATES = {
     "paper": GateConfig(),
     "windows": GateConfig(q_pooling=("avg", "max", "min"), q_subblock=16),
 }
+GATE_INITS = ("fresh", "local")
+
+
+def local_gate_init_(gate: AttnGate) -> None:
+    """``--gate-init local``: the gate reads Q's and K's max-pooled channels through an identity (its other
+    channels zero). On random weights a window's maximum is a near-constant positive vector, so the rotated gate
+    vectors score by distance alone (RoPE's decay) and each row keeps its nearest blocks: banded masks whose
+    adjacent rows share most blocks, like trained gates' local heads, where fresh gates (an identity on the avg
+    channel) make random masks. Needs ``max`` in both poolings, a Q projection and Dg == D."""
+    c = gate.config
+    if gate.q_proj is None or "max" not in c.q_pooling or "max" not in c.k_pooling or gate.gate_dim != gate.head_dim:
+        raise ValueError(
+            "--gate-init local needs a gate with a Q projection, 'max' in q_pooling and k_pooling and Dg == D "
+            f"(--gate windows); got q_pooling={c.q_pooling}, k_pooling={c.k_pooling}, Dg={gate.gate_dim}"
+        )
+    d = gate.head_dim
+    with torch.no_grad():
+        for w, pools in ((gate.k_proj, c.k_pooling), (gate.q_proj, c.q_pooling)):
+            w.zero_()
+            i = pools.index("max") * d
+            w[:, i : i + d] = torch.eye(d)
 
 
 def prompt_inputs(
@@ -290,6 +313,13 @@ def main(argv=None) -> int:
     p.add_argument("--gate", default="windows", choices=sorted(GATES), help="gate architecture (%(default)s)")
     p.add_argument("--block-sizes", default="64", help="comma list of gate/mask block sizes (%(default)s)")
     p.add_argument(
+        "--gate-init",
+        default="fresh",
+        choices=GATE_INITS,
+        help="the seer rows' gates: fresh (AttnGate's init: random masks on random weights) or local (the max "
+        "channels through an identity: banded masks, as trained gates' local heads make) (%(default)s)",
+    )
+    p.add_argument(
         "--gate-impls",
         default="auto",
         help="comma list from auto (triton on CUDA, eager on the CPU), triton (fused gate + selection kernel), "
@@ -339,6 +369,8 @@ def main(argv=None) -> int:
     if args.pad != "none" and args.batch < 2:
         raise ValueError(f"--pad needs --batch >= 2 (row 0 keeps every token, the others fewer), got {args.batch}")
     settings = _settings(args)  # bad method names fail before the model is built
+    if args.gate_init == "local":
+        local_gate_init_(AttnGate(1, 1, 16, GATES[args.gate]))  # a gate it cannot set fails here too
     attn_impls = [x for x in args.attn_impls.split(",") if x]
     if not attn_impls or any(a not in ATTN_IMPLS for a in attn_impls):
         raise ValueError(f"--attn-impls takes a comma list from {ATTN_IMPLS}, got {args.attn_impls!r}")
@@ -397,6 +429,7 @@ def main(argv=None) -> int:
                     impl=impl,
                 )
                 label = f"seer@{budget:g}" + ("" if heads == "q" else f"/{heads}")
+                label += "/local" if args.gate_init == "local" else ""
             else:
                 cfg = SeerConfig(gate=gate, mode="custom", impl=impl)
                 label = setting.label
@@ -415,6 +448,9 @@ def main(argv=None) -> int:
             apply_seer_attention(model, cfg)
             if setting is not None:
                 configure(get_seer_state(model), setting)
+            elif args.gate_init == "local":
+                for gate_module in gate_modules(model).values():
+                    local_gate_init_(gate_module)
             state = get_seer_state(model)
             state.record_densities = False  # timed forwards: no statistics
             if cuda:
@@ -444,6 +480,7 @@ def main(argv=None) -> int:
             row["attn_impl"] = ran
             if setting is None:
                 row["gate_impl"] = gate_impl
+                row["gate_init"] = args.gate_init
             if parts:
                 parts["overhead"] = (parts["gate_ms"] + parts["policy_ms"]) / parts["kernel_ms"]
                 # the limit: this forward if the gate and policy cost nothing (the timed forwards skip statistics)

@@ -131,3 +131,50 @@ def test_padded_and_packed_options_are_checked():
         prefill.main(["--smoke", "--pad", "left"])
     with pytest.raises(ValueError, match="without --batch or --pad; got --packed 2 --batch 2"):
         prefill.main(["--smoke", "--packed", "2", "--batch", "2"])
+
+
+def _kept_distances(gate, seed: int = 0) -> torch.Tensor:
+    """Distances (query block - key block) of the blocks a 10 % selection keeps, sink and diagonal left out, in the
+    second half of the rows of random q / k (T 8192, D 128, Llama-3.1's RoPE base at the windows' starts)."""
+    from seerattn import SparsityPolicy, mask_from_scores
+
+    g = torch.Generator().manual_seed(seed)
+    t, d = 8192, 128
+    q = torch.randn(1, gate.num_q_heads, t, d, generator=g)
+    k = torch.randn(1, gate.num_kv_heads, t, d, generator=g)
+    pos = torch.arange(t // gate.config.q_step, dtype=torch.float32) * gate.config.q_step
+    ang = pos[:, None] / 500000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    ang = torch.cat([ang, ang], -1)[None]
+    with torch.no_grad():
+        mask = mask_from_scores(gate(q, k, ang.cos(), ang.sin(), impl="eager"), SparsityPolicy("density", 0.1), t, 64)
+    nb = t // 64
+    rows = torch.arange(nb)[:, None]
+    kept = torch.arange(nb)[None, :] < mask.kv_num_blocks[0, :, :, None]  # [H, NB, NB] list slots in use
+    idx = mask.kv_indices[0]
+    far = kept & (idx != 0) & (idx != rows) & (rows >= nb // 2)
+    return (rows - idx)[far].float()
+
+
+def test_local_gate_init_makes_banded_masks_and_refuses_gates_it_cannot_set():
+    """--gate-init local: on random q / k the windows gate's kept blocks are the row's nearest (median distance a
+    few blocks) where the fresh gate's are spread over the row (median about half a row's length); the paper's gate
+    (no Q projection, Q pooled avg only) is refused by name, before any model is built."""
+    from seerattn.gate import AttnGate
+
+    gate = AttnGate(4, 2, 128, prefill.GATES["windows"])
+    fresh = _kept_distances(gate)
+    prefill.local_gate_init_(gate)
+    local = _kept_distances(gate)
+    assert local.median() <= 6 < 30 <= fresh.median()
+    with pytest.raises(ValueError, match=r"--gate-init local needs a gate with a Q projection"):
+        prefill.main(["--smoke", "--gate", "paper", "--gate-init", "local"])
+
+
+def test_smoke_run_with_local_gates(tmp_path):
+    """The seer row of a --gate-init local run is labelled and records its gates' init."""
+    out = tmp_path / "prefill.json"
+    argv = ["--smoke", "--seqlens", "96", "--layers", "1", "--block-sizes", "32", "--gate-init", "local"]
+    assert prefill.main([*argv, "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["method"] for r in rows] == ["sdpa", "seer@0.1/local/b32"]
+    assert rows[-1]["gate_init"] == "local" and rows[-1]["ms"] > 0
