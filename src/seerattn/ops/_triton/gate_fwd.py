@@ -507,12 +507,12 @@ def _split_weights(w: torch.Tensor, second: torch.Tensor | None = None):
     ws = [x if x.is_contiguous() else x.contiguous() for x in ws]
     outs = [(torch.empty(x.shape[0], 2 * x.shape[1], x.shape[2], dtype=torch.float16, device=x.device),
              torch.empty(x.shape[0], x.shape[2] // 2, dtype=torch.float32, device=x.device)) for x in ws]  # fmt: skip
-    a, b = (0, 0) if second is None else (0, 1)
+    b = len(ws) - 1  # job B: the second weights, or the first again with no program reaching it
     hq, _, dg = w.shape
     block_j = 8 if interpreting() else 16
     j_tiles = triton.cdiv(dg // 2, block_j)
     _split_weights_kernel[(hq * j_tiles * len(ws),)](
-        ws[a], *outs[a], ws[b], *outs[b], hq, ws[a].shape[1], ws[b].shape[1], dg // 2, j_tiles,
+        ws[0], *outs[0], ws[b], *outs[b], hq, ws[0].shape[1], ws[b].shape[1], dg // 2, j_tiles,
         CP=triton.next_power_of_2(max(x.shape[1] for x in ws)), BLOCK_J=block_j, num_warps=8,
     )  # fmt: skip
     return outs[0] if second is None else outs
@@ -543,13 +543,13 @@ def _project(
     tile: tuple[int, int, int, int] | None = None,
     second: tuple | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Pooled channels x [B, Hx, N, C] fp32 times w [Hq, C, Dg] (query head h reads input head h // (Hq / Hx)),
-    rotated with cos/sin [B or 1, *, Dg] row ``n * c_step`` when given -> gate vectors [B, Hq, N, Dg] fp32.
-    At ``precision="tf32x3"`` x is :func:`_pool`'s split pair (fp16 halves, inverse scales) and the weights are
-    split here: three fp16 products of 22-bit operands (:func:`_project_rows`' ``SPLIT``); else one ``tl.dot`` of
-    that precision on fp32 rows. ``tile``: (rows, channels per step, warps, stages), default :data:`PROJ_TILE`
-    (benchmarks try others). ``second``: (x2, w2, c_step2) projected in the same launch (same B, Hq, Dg, table and
-    precision): returns both outputs."""
+    """Pooled channels x [B, Hx, N, C] fp32 times w [Hq, C, Dg] (query head h reads input head h // (Hq / Hx)), rotated
+    with cos/sin [B or 1, *, Dg] row ``n * c_step`` when given -> gate vectors [B, Hq, N, Dg] fp32. At
+    ``precision="tf32x3"`` x is :func:`_pool`'s split pair (fp16 halves, inverse scales) and the weights are split here:
+    three fp16 products of 22-bit operands (:func:`_project_rows`' ``SPLIT``); else one ``tl.dot`` of that precision on
+    fp32 rows. ``tile``: (rows, channels per step, warps, stages), default :data:`PROJ_SPLIT_TILE` at tf32x3, else
+    :data:`PROJ_TILE` (benchmarks try others). ``second``: (x2, w2, c_step2) projected in the same launch (same B, Hq,
+    Dg, table and precision): returns both outputs."""
     split = precision == "tf32x3"
     dg = w.shape[2]
     default = PROJ_SPLIT_TILE if split else PROJ_TILE
@@ -664,9 +664,9 @@ def gate_logits_fwd(
 
     q: [B, Hq, T, D], k: [B, Hkv, T, D] (unit last stride); k_proj [Hq, Ck * D, Dg]; q_proj
     [Hq, Cq * D, Dg] or None (pooled Q used as is: one pooling, Dg == D); cos/sin [B or 1, NS, Dg]
-    with unit last stride, or None (no RoPE). ``precision``: the scores kernel's dot precision, one of
-    :data:`PRECISIONS` (the interpreter computes every one in exact fp32). Returns logits [B, Hq, NB, NB]
-    fp32, ``-inf`` above the block diagonal.
+    with unit last stride, or None (no RoPE). ``precision``: the projection's and the scores kernel's dot precision, one
+    of :data:`PRECISIONS` (the interpreter computes every one in exact fp32). Returns logits [B, Hq, NB, NB] fp32,
+    ``-inf`` above the block diagonal.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"gate scores precision must be one of {PRECISIONS}, got {precision!r}")

@@ -419,14 +419,13 @@ def select_fwd(
     """
     b, h, nq, _ = scores.shape
     key64 = scores.dtype == torch.float64
-    cdt = torch.float64 if key64 else torch.float32
     num = torch.empty(b, h, nq, dtype=torch.int32, device=scores.device)
     idx = torch.empty(b, h, nq, nq, dtype=torch.int32, device=scores.device)
     if kind == "density" and head_total is None:
         _density_launch(scores, budget, num, idx, keep_sink, keep_diagonal, dense_last_rows, key64)
         return num, idx
     # the value as a one-element tensor: a Python float argument would reach the kernel as fp32
-    value_t = torch.full((1,), float(value), dtype=cdt, device=scores.device)
+    value_t = torch.full((1,), float(value), dtype=torch.float64 if key64 else torch.float32, device=scores.device)
     nkp = triton.next_power_of_2(nq)
     theta = need = ties_before = num  # dummy pointers unless the head allocation runs
     if head_total is not None:
