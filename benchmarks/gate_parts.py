@@ -76,6 +76,20 @@ def time_eager_and_replayed(record, part: str, fn, bench, nbytes: int) -> None:
     record(f"{part}_graph", None, ms, nbytes)
 
 
+def nbytes_of(x) -> int:
+    """Bytes of a tensor, or of a split pair (fp16 halves, fp32 inverse scales)."""
+    return sum(y.numel() * y.element_size() for y in (x if isinstance(x, tuple) else (x,)))
+
+
+def joined(x) -> torch.Tensor:
+    """The fp32 values a split pair (fp16 halves [..., 2 * Dg], inverse scales [...]) holds; a tensor as it is."""
+    if not isinstance(x, tuple):
+        return x
+    halves, inv = x
+    d = halves.shape[-1] // 2
+    return (halves[..., :d].float() + halves[..., d:].float()) * inv[..., None]
+
+
 def time_parts(t: int, args, record) -> None:
     """Times every part at prompt length ``t``; ``record(part, tile, ms, bytes)`` keeps each."""
     cuda = not args.smoke
@@ -138,11 +152,12 @@ def time_parts(t: int, args, record) -> None:
             qg = qp.clone()
             gate_fwd._rope_(qg, cos, sin, 1)
         kg = gate_fwd._project(kp, wk, cos, sin, r, prec)
+        nbytes = nbytes_of(qg) + nbytes_of(kg) + args.hq * nb * nb * 4
         for tile in tiles(args.scores_tiles, gate_fwd.SCORES_TILE):
-            record("scores", tile, bench(lambda tile=tile: gate_fwd._scores(qg, kg, r, prec, tile)),
-                   (qg.numel() + kg.numel() + args.hq * nb * nb) * 4)  # fmt: skip
-        record("scores_tf32", None, bench(lambda: gate_fwd._scores(qg, kg, r, "tf32")),
-               (qg.numel() + kg.numel() + args.hq * nb * nb) * 4)  # fmt: skip
+            record("scores", tile, bench(lambda tile=tile: gate_fwd._scores(qg, kg, r, prec, tile)), nbytes)
+        # one TF32 product on the fp32 vectors the split halves hold (a probe, not the default)
+        qg32, kg32 = joined(qg), joined(kg)
+        record("scores_tf32", None, bench(lambda: gate_fwd._scores(qg32, kg32, r, "tf32")), nbytes)
     with torch.no_grad():
         call = functools.partial(gate, q, k, cos, sin, impl="triton")
         if "gate" in timed:

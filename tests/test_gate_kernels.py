@@ -11,13 +11,10 @@ import os
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 from kernel_helpers import rel
 
 from seerattn.gate import AttnGate, GateConfig
 from seerattn.ops import gate_block_logits
-from seerattn.ops._triton.gate_fwd import _split_tf32
 
 # The interpreter tests run on CPU tensors: on a CUDA machine only with TRITON_INTERPRET=1 set by hand
 # (the conftest turns the interpreter on only where there is no GPU); the GPU tests run there instead.
@@ -225,8 +222,8 @@ def test_scores_precision_is_checked():
     gate, q, k, cos, sin = _case(4, 2, 64, 16, GateConfig(block_size=32, q_subblock=16), torch.float32)
     args = (q, k, gate.k_proj, gate.q_proj, cos.float(), sin.float(), 32, 16, ("avg",), ("max", "min", "avg"))
     ref = gate_fwd.gate_logits_fwd(*args, precision="ieee")
-    # the interpreter computes TF32 products in exact fp32: tf32x3's split (hi.hi + hi.lo + lo.hi) misses only lo.lo
-    # (< 2^-22 of each product) and sums in another order
+    # the interpreter computes the fp16 products in exact fp32: tf32x3's split (hi.hi + hi.lo + lo.hi of 22-bit
+    # halves) misses only lo.lo (< 2^-22 of each product) and sums in another order
     got = gate_fwd.gate_logits_fwd(*args, precision="tf32x3")
     assert not torch.equal(got, ref)  # the split ran (not the single fp32 dot)
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
@@ -321,9 +318,10 @@ def test_split_weights_keep_22_bits_of_each_column_pair():
 @interpreter
 @pytest.mark.parametrize("rope", [True, False])
 def test_split_projection_equals_the_fp64_projection(rope):
-    """``_project`` at tf32x3 (split rows and weights, three fp16 products a step): the fp64 matmul (then
-    rotate-half) to a relative error of 1e-6, with pooled rows and weights far outside fp16's range (1e-12 to
-    1e12), GQA (query head h reads row head h // 2), ragged tiles; the IEEE path on the same rows agrees."""
+    """``_project`` at tf32x3 (split rows and weights, three fp16 products a step, the gate vectors written split):
+    the fp64 matmul (then rotate-half) to a relative error of 1e-6, with pooled rows and weights far outside fp16's
+    range (1e-12 to 1e12), GQA (query head h reads row head h // 2), ragged tiles; the IEEE path on the same rows
+    agrees."""
     from seerattn.gate import apply_rotary
     from seerattn.ops._triton import gate_fwd
 
@@ -343,7 +341,9 @@ def test_split_projection_equals_the_fp64_projection(rope):
     want = torch.matmul(rows.double().repeat_interleave(hq // hx, 1), w.double())
     if rope:
         want = apply_rotary(want, cos.double(), sin.double())
-    got = gate_fwd._project(split, w, cos, sin, 1, "tf32x3")
+    halves, inv = gate_fwd._project(split, w, cos, sin, 1, "tf32x3")  # the gate vectors split too
+    assert halves.dtype == torch.float16 and halves.shape[-1] == 2 * dg
+    got = (halves[..., :dg].double() + halves[..., dg:].double()) * inv.double()[..., None]
     ieee = gate_fwd._project(rows, w, cos, sin, 1, "ieee")
     for out in (got, ieee):
         # per (head, row): the error against the row's own scale (rows span 24 decades)
@@ -351,29 +351,37 @@ def test_split_projection_equals_the_fp64_projection(rope):
         assert err.max() < 1e-6
 
 
-@triton.jit
-def _split_probe(X, Hi, Lo, N: tl.constexpr):
-    offs = tl.arange(0, N)
-    hi, lo = _split_tf32(tl.load(X + offs))
-    tl.store(Hi + offs, hi)
-    tl.store(Lo + offs, lo)
-
-
 @interpreter
-def test_tf32_split_is_exact_and_its_high_half_is_tf32():
-    """The scores kernel's operand split: hi + lo == x bit for bit, hi has TF32's 10 mantissa bits (a TF32 product
-    reads it exactly), hi is x rounded to nearest (|lo| <= half a TF32 ulp of x), and signs, zeros and tiny values
-    survive."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1024, generator=g) * torch.logspace(-30, 30, 1024)
-    x[:4] = torch.tensor([0.0, -0.0, 1.0, -1.0 - 2.0**-12])
-    hi, lo = torch.empty_like(x), torch.empty_like(x)
-    _split_probe[(1,)](x, hi, lo, N=1024)
-    assert torch.equal(hi + lo, x)
-    assert ((hi.view(torch.int32) & 0x1FFF) == 0).all(), "hi keeps bits a TF32 product drops"
-    ulp = 2.0 ** (torch.frexp(x)[1].double() - 11)  # TF32 spacing at |x| (10 stored mantissa bits)
-    assert (lo.double().abs() <= ulp / 2).all()
-    assert hi[3] == -1.0 and lo[3] == -(2.0**-12)
+@pytest.mark.parametrize("q_split", [True, False], ids=["windows-split", "windows-fp32"])
+def test_split_scores_equal_the_fp64_scores(q_split):
+    """``_scores`` at tf32x3: key vectors split by the projection (fp16 halves and an inverse scale a block), the
+    windows split too or fp32 (the paper's gate: split in the kernel), vectors from 1e-10 to 1e10 a row — the
+    log-sum-exp over each block's windows of the fp64 scores, to 1e-6 of each logit's scale, -inf above the
+    diagonal."""
+    from seerattn.ops._triton import gate_fwd
+
+    g = torch.Generator().manual_seed(6)
+    hq, ns, r, dg = 2, 40, 4, 24  # 10 blocks of 4 windows
+    nb = ns // r
+    qg = torch.randn(1, hq, ns, dg, generator=g) * torch.logspace(-10, 10, ns)[:, None]
+    kg = torch.randn(1, hq, nb, dg, generator=g) * torch.logspace(10, -10, nb)[:, None]
+
+    def split(x):
+        amax = x.abs().amax(-1)
+        e = torch.frexp(amax)[1] - 1  # 2^e <= amax < 2^(e + 1)
+        v = x * torch.exp2(14 - e.float())[..., None]
+        hi = v.half()
+        return torch.cat([hi, (v - hi.float()).half()], -1), torch.exp2(e.float() - 14)
+
+    got = gate_fwd._scores(split(qg) if q_split else qg, split(kg), r, "tf32x3")
+    s = torch.einsum("bhid,bhjd->bhij", qg.double(), kg.double()) / dg**0.5  # [B, H, NS, NB]
+    want = torch.logsumexp(s.view(1, hq, nb, r, nb), 3)
+    causal = torch.ones(nb, nb, dtype=torch.bool).tril()
+    assert torch.isinf(got[..., ~causal]).all() and (got[..., ~causal] < 0).all()
+    scale = (
+        qg.double().norm(dim=-1).view(1, hq, nb, r).amax(-1)[..., None] * kg.double().norm(dim=-1)[:, :, None]
+    ) / dg**0.5
+    assert ((got.double() - want).abs()[..., causal] <= 1e-6 * scale[..., causal] + 1e-12).all()
 
 
 @interpreter

@@ -33,16 +33,16 @@ Exactly :class:`seerattn.gate.AttnGate`'s forward, in fp32 whatever the input dt
    which Q's fill around): the whole gate 0.466 vs 0.478 ms at 32k, 2.92 vs 2.91 ms at 128k (H200, session 16, three
    alternating rounds each).
 3. ``_rope_kernel``: only for a gate without a Q projection (the pooled Q is the gate query), in place.
-4. ``_gate_scores_kernel``: a program owns ``BLOCK_I`` query blocks of one head, that is their
-   ``BLOCK_I * R`` query windows (``R = block_size // q_step``; window ``block * R + w``, consecutive),
-   and walks the key tiles left to right. The windows are loaded once, before the key loop; each key
-   tile is one ``[BLOCK_J, Dg] x [Dg, BLOCK_I * R]`` dot, ``kg . qg / sqrt(Dg)`` for every window at once:
-   transposed, so that the loop-invariant windows are the operand kept in shared memory and the key tile the
-   one in registers (fp32 dots on tensor cores as 3xTF32 by default, split by the kernel, or IEEE fp32:
-   ``precision``), then the log-sum-exp over each block's ``R`` windows (the scores seen as ``[BLOCK_J,
-   BLOCK_I, R]``, reduced over axis 2; padding windows of a partial last block are left out, which equals the
-   eager gate's finite-floor padding after the log-sum-exp). Key tiles above the diagonal are written as
-   ``-inf`` without any arithmetic (a second loop); inside a tile, entries above the diagonal are ``-inf``.
+4. ``_gate_scores_kernel``: a program owns ``BLOCK_I`` query blocks of one head, that is their ``BLOCK_I * R`` query
+   windows (``R = block_size // q_step``; window ``block * R + w``, consecutive), and walks the key tiles left to right.
+   The windows are loaded once, before the key loop; each key tile is one ``[BLOCK_J, Dg] x [Dg, BLOCK_I * R]`` dot,
+   ``kg . qg / sqrt(Dg)`` for every window at once: transposed, so that the loop-invariant windows are the operand kept
+   in shared memory and the key tile the one in registers (fp32 dots on tensor cores as three fp16 products of split
+   operands by default, the keys split by the projection, or IEEE fp32: ``precision``), then the log-sum-exp over each
+   block's ``R`` windows (the scores seen as ``[BLOCK_J, BLOCK_I, R]``, reduced over axis 2; padding windows of a
+   partial last block are left out, which equals the eager gate's finite-floor padding after the log-sum-exp). Key tiles
+   above the diagonal are written as ``-inf`` without any arithmetic (a second loop); inside a tile, entries above the
+   diagonal are ``-inf``.
 
 Layouts: q ``[B, Hq, T, D]``, k ``[B, Hkv, T, D]`` (views allowed); weights ``[Hq, C * D, Dg]``; cos/sin
 ``[B or 1, NS, Dg]`` (one entry per query window; key blocks use every ``R``-th), any float dtype; logits
@@ -69,11 +69,11 @@ from .config import interpreting
 __all__ = ["gate_logits_fwd"]
 
 _POOL_CODES = {"avg": 0, "max": 1, "min": 2}
-# Precision of the scores kernel's fp32 dots (``tl.dot(input_precision=...)``). "ieee" (exact fp32 products)
-# has no tensor-core path on Hopper: at 128k it made the scores kernel 13.5 ms of a layer's 15.4 ms gate
-# (H200, 6a58197, a profiled prefill). "tf32x3" splits each fp32 operand into two TF32 parts and runs three
-# tensor-core products (the small * small one dropped): products to ~2^-21 relative, fp32 accumulation (the scores
-# kernel splits its operands itself, :func:`_split_tf32`; the projection uses tl.dot's own).
+# Precision of the gate's fp32 dots. "ieee" (exact fp32 products, ``tl.dot(input_precision="ieee")``) has no
+# tensor-core path on Hopper: at 128k it made the scores kernel 13.5 ms of a layer's 15.4 ms gate (H200, 6a58197, a
+# profiled prefill). "tf32x3" (the name from the three-TF32-product scheme it replaced, same accuracy class): every
+# fp32 operand of the projection and the scores kernel as two fp16 halves of a power-of-two-scaled value (22 bits) and
+# three tensor-core products (the small * small one dropped), fp32 accumulation. "tf32": one TF32 product on fp32.
 PRECISIONS = ("ieee", "tf32x3", "tf32")
 DEFAULT_PRECISION = "tf32x3"
 # The scores kernel's tile on the GPU: (query windows per program, key blocks per tile, warps, pipeline stages).
@@ -268,7 +268,7 @@ def _rope_kernel(
 
 @triton.jit
 def _project_rows(
-    X, XInv, W, WInv, C, S, Out,
+    X, XInv, W, WInv, C, S, Out, OutInv,
     stride_xb, stride_xh, stride_xn,
     stride_wh, stride_wc,
     stride_cb, stride_cn,
@@ -342,15 +342,25 @@ def _project_rows(
         out2 = acc2
     o_ptr = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + rows.to(tl.int64)[:, None] * stride_on
     o_ptr += offs_j[None, :]
-    tl.store(o_ptr, out1, mask=m)
-    tl.store(o_ptr + HALF, out2, mask=m)
+    if SPLIT:  # the gate vectors split for the scores kernel: fp16 halves of the row times a power of two
+        out1 = tl.where(m, out1, 0.0)
+        out2 = tl.where(m, out2, 0.0)
+        amax = tl.maximum(tl.max(tl.abs(out1), axis=1), tl.max(tl.abs(out2), axis=1))
+        scale, inv = _pow2_scale(amax)
+        tl.store(OutInv + (b * HQ + h).to(tl.int64) * N + rows, inv, mask=row_ok)
+        _store_split(o_ptr, out1 * scale[:, None], 2 * HALF, m)
+        _store_split(o_ptr + HALF, out2 * scale[:, None], 2 * HALF, m)
+    else:
+        tl.store(o_ptr, out1, mask=m)
+        tl.store(o_ptr + HALF, out2, mask=m)
 
 
 @triton.jit
 def _project_kernel(
-    XA, XInvA, WA, WInvA, OutA, sxb_a, sxh_a, sxn_a, swh_a, swc_a, sob_a, soh_a, son_a, N_A, G_A, CDIM_A, TILES_A,
-    PROGS_A,
-    XB, XInvB, WB, WInvB, OutB, sxb_b, sxh_b, sxn_b, swh_b, swc_b, sob_b, soh_b, son_b, N_B, G_B, CDIM_B, TILES_B,
+    XA, XInvA, WA, WInvA, OutA, OutInvA, sxb_a, sxh_a, sxn_a, swh_a, swc_a, sob_a, soh_a, son_a, N_A, G_A, CDIM_A,
+    TILES_A, PROGS_A,
+    XB, XInvB, WB, WInvB, OutB, OutInvB, sxb_b, sxh_b, sxn_b, swh_b, swc_b, sob_b, soh_b, son_b, N_B, G_B, CDIM_B,
+    TILES_B,
     C, S, stride_cb, stride_cn, HQ, HALF, C_STEP_A, C_STEP_B,
     ROPE: tl.constexpr, HALF_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
@@ -364,7 +374,7 @@ def _project_kernel(
     tiles = tl.where(is_a, TILES_A, TILES_B)
     _project_rows(
         tl.where(is_a, XA, XB), tl.where(is_a, XInvA, XInvB), tl.where(is_a, WA, WB), tl.where(is_a, WInvA, WInvB),
-        C, S, tl.where(is_a, OutA, OutB),
+        C, S, tl.where(is_a, OutA, OutB), tl.where(is_a, OutInvA, OutInvB),
         tl.where(is_a, sxb_a, sxb_b), tl.where(is_a, sxh_a, sxh_b), tl.where(is_a, sxn_a, sxn_b),
         tl.where(is_a, swh_a, swh_b), tl.where(is_a, swc_a, swc_b), stride_cb, stride_cn,
         tl.where(is_a, sob_a, sob_b), tl.where(is_a, soh_a, soh_b), tl.where(is_a, son_a, son_b),
@@ -404,30 +414,24 @@ def _split_weights_kernel(
 
 
 @triton.jit
-def _split_tf32(x):
-    """(hi, lo) with ``hi + lo == x`` exactly: ``hi`` is ``x`` rounded to TF32 (10 mantissa bits, so a TF32
-    product reads it exactly), ``lo`` the fp32 remainder (|lo| <= 2^-11 |x|)."""
-    bits = x.to(tl.uint32, bitcast=True)
-    hi = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
-    return hi, x - hi
-
-
-@triton.jit
 def _gate_scores_kernel(
-    QG, KG, Out,
+    QG, QInv, KG, KInv, Out,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_ob, stride_oh, stride_oi,
     NS, NB, HQ, DG, n_row_tiles, sqrt_dg,
     R: tl.constexpr, DG_P: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, PRECISION: tl.constexpr,
+    Q_SPLIT: tl.constexpr,
 ):  # fmt: skip
     """Logits of ``BLOCK_I`` query blocks of one head against every key block (see the module docstring).
 
     Each key tile is computed transposed, ``[BLOCK_J keys, BLOCK_I * R windows] = kg . qg^T``: the program's
     windows (loop-invariant) are the dot's shared-memory operand, placed there once, and each key tile the
-    register operand. At ``tf32x3`` the kernel splits both operands itself (:func:`_split_tf32`: the windows
-    once, a key tile once per step) and sums three TF32 products (hi.hi, hi.lo, lo.hi); ``tl.dot``'s own
-    ``tf32x3`` re-split and re-staged both operands through shared memory on every key tile.
+    register operand. At ``tf32x3`` both operands are fp16 halves of power-of-two-scaled gate vectors (the keys
+    written so by the projection, with an inverse scale a block; the windows too, or split here once when they come
+    fp32, the paper's gate's rotated pooled Q) and each tile sums three fp16 products (hi.lo, lo.hi, hi.hi, the
+    small first), scaled back by the two inverse scales. (Until session 23: TF32 halves split in the kernel, the key
+    tile in every step.)
     """
     bh = tl.program_id(0)
     b = bh // HQ
@@ -443,29 +447,39 @@ def _gate_scores_kernel(
     k_base = KG + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     o_head = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     o_base = o_head + rows.to(tl.int64)[None, :] * stride_oi  # transposed tiles: [BLOCK_J, BLOCK_I]
-    q = tl.load(q_base + wins.to(tl.int64)[:, None] * stride_qn + offs_d[None, :],
-                mask=win_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
-    if PRECISION == "tf32x3":
-        q_hi, q_lo = _split_tf32(q)
+    q_ptr = q_base + wins.to(tl.int64)[:, None] * stride_qn + offs_d[None, :]
+    q_mask = win_ok[:, None] & d_ok[None, :]
+    if PRECISION == "tf32x3":  # fp16 halves of scaled gate vectors (the keys come split; the windows split here or too)
+        if Q_SPLIT:
+            q_hi = tl.load(q_ptr, mask=q_mask, other=0.0)
+            q_lo = tl.load(q_ptr + DG, mask=q_mask, other=0.0)
+            q_inv = tl.load(QInv + bh.to(tl.int64) * NS + wins, mask=win_ok, other=0.0)
+        else:
+            q = tl.load(q_ptr, mask=q_mask, other=0.0)
+            scale, q_inv = _pow2_scale(tl.max(tl.abs(q), axis=1))
+            v = q * scale[:, None]
+            q_hi = v.to(tl.float16)
+            q_lo = (v - q_hi.to(tl.float32)).to(tl.float16)
         q_hi = tl.trans(q_hi)  # [DG_P, BLOCK_I * R]
         q_lo = tl.trans(q_lo)
     else:
-        q_t = tl.trans(q)
+        q_t = tl.trans(tl.load(q_ptr, mask=q_mask, other=0.0))
     # key tiles up to the one holding the last row's diagonal; a loop without a branch, which the
     # compiler can pipeline
     n_live = tl.minimum(it * BLOCK_I + BLOCK_I, NB)
     for j0 in range(0, n_live, BLOCK_J):
         cols = j0 + tl.arange(0, BLOCK_J)
         col_ok = cols < NB
-        k = tl.load(k_base + cols.to(tl.int64)[:, None] * stride_kn + offs_d[None, :],
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+        k_ptr = k_base + cols.to(tl.int64)[:, None] * stride_kn + offs_d[None, :]
+        k_mask = col_ok[:, None] & d_ok[None, :]
         if PRECISION == "tf32x3":
-            k_hi, k_lo = _split_tf32(k)
-            x = tl.dot(k_lo, q_hi, input_precision="tf32")  # the small products first
-            x = tl.dot(k_hi, q_lo, x, input_precision="tf32")
-            x = tl.dot(k_hi, q_hi, x, input_precision="tf32")
+            k_hi = tl.load(k_ptr, mask=k_mask, other=0.0)
+            k_lo = tl.load(k_ptr + DG, mask=k_mask, other=0.0)
+            k_inv = tl.load(KInv + bh.to(tl.int64) * NB + cols, mask=col_ok, other=0.0)
+            x = tl.dot(k_hi, q_hi, tl.dot(k_lo, q_hi, tl.dot(k_hi, q_lo)))  # the small products first
+            x = x * (k_inv[:, None] * q_inv[None, :])  # powers of two: exact
         else:
-            x = tl.dot(k, q_t, input_precision=PRECISION)
+            x = tl.dot(tl.load(k_ptr, mask=k_mask, other=0.0), q_t, input_precision=PRECISION)
         x = x / sqrt_dg  # [BLOCK_J, BLOCK_I * R]
         if R == 1:
             lse = x
@@ -527,9 +541,14 @@ def _project_job(x, w: torch.Tensor, block_m: int, split: bool):
     b, hx, n, c = x.shape
     c = c // 2 if split else c
     hq, _, dg = w.shape
-    out = torch.empty(b, hq, n, dg, dtype=torch.float32, device=x.device)
+    if split:  # gate vectors split too: fp16 halves [B, Hq, N, 2 * Dg] and inverse scales [B, Hq, N]
+        o = torch.empty(b, hq, n, 2 * dg, dtype=torch.float16, device=x.device)
+        out = (o, torch.empty(b, hq, n, dtype=torch.float32, device=x.device))
+        o_inv = out[1]
+    else:
+        out = o = o_inv = torch.empty(b, hq, n, dg, dtype=torch.float32, device=x.device)  # o_inv: a dummy
     tiles = triton.cdiv(n, block_m)
-    args = [x, x_inv, w, w_inv, out, *x.stride()[:3], *w.stride()[:2], *out.stride()[:3], n, hq // hx, c, tiles]
+    args = [x, x_inv, w, w_inv, o, o_inv, *x.stride()[:3], *w.stride()[:2], *o.stride()[:3], n, hq // hx, c, tiles]
     return out, args, b * hq * tiles, c
 
 
@@ -625,7 +644,12 @@ def _scores(
 ) -> torch.Tensor:
     """Rotated gate vectors qg [B, Hq, NS, Dg] (query windows), kg [B, Hq, NB, Dg] (key blocks), R windows a block
     -> logits [B, Hq, NB, NB] fp32. ``tile``: (windows, key blocks, warps, stages), default :data:`SCORES_TILE`."""
+    k_split = precision == "tf32x3"  # the keys come split (:func:`_project`'s output), the windows split or fp32
+    q_split = isinstance(qg, tuple)
+    qg, q_inv = qg if q_split else (qg, qg)  # without the split halves the inverse-scale pointers are dummies
+    kg, k_inv = kg if k_split else (kg, kg)
     b, hq, ns, dg = qg.shape
+    dg = dg // 2 if q_split else dg
     nb = kg.shape[2]
     out = torch.empty(b, hq, nb, nb, dtype=torch.float32, device=qg.device)
     if tile is None and interpreting():
@@ -636,13 +660,13 @@ def _scores(
     block_i = max(1, windows // r)  # a block's R windows never split between programs
     n_row_tiles = triton.cdiv(nb, block_i)
     _gate_scores_kernel[(b * hq, n_row_tiles)](
-        qg, kg, out,
+        qg, q_inv, kg, k_inv, out,
         qg.stride(0), qg.stride(1), qg.stride(2),
         kg.stride(0), kg.stride(1), kg.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         ns, nb, hq, dg, n_row_tiles, math.sqrt(dg),
         R=r, DG_P=max(16, triton.next_power_of_2(dg)), BLOCK_I=block_i, BLOCK_J=block_j, PRECISION=precision,
-        num_warps=num_warps, num_stages=num_stages,
+        Q_SPLIT=q_split, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
 
