@@ -191,6 +191,16 @@ def test_density_2048_wide_rows():
 
 
 @interpreter
+@pytest.mark.parametrize("nq", [64, 512, 1024])
+def test_density_rows_as_wide_as_their_class(nq):
+    """The last row of NQ = W has W causal blocks, all of them (positive probabilities) at or above the search's
+    first candidates: the packed counts reach W, which must fit a lane (10 bits of an int32 up to W = 512)."""
+    s = _probs(1, 2, nq, seed=nq)
+    for density in (0.1, 0.5):
+        _same(s, SparsityPolicy("density", density), bs=64)
+
+
+@interpreter
 @settings(max_examples=25, deadline=None)
 @given(
     nq=st.integers(1, 90),
