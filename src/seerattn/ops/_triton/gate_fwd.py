@@ -88,6 +88,9 @@ DEFAULT_PRECISION = "tf32x3"
 # (29.5 ms at 128k, session 8): "ieee" is a reference precision, not a fast path.
 # The paper's gate (R 1; session 17, call 5): the same tile is the fastest at 128k (0.339 ms, seven others 0.362-0.593)
 # and within 0.005 ms of the fastest at 32k, though the offline compile shows it spilling 224 bytes at R 1.
+# On fp16 halves (session 24, calls 1 and 3): (64, 64, 4, 2) 0.0735-0.0752 ms at 32k and 0.869-0.899 at 128k, against
+# 0.091-0.103 / 1.15-1.24 for (64, 64, 4, 3), (64, 64, 8, 2), (128, 64, 8, 2) and 0.116-0.122 / 1.39-1.47 for
+# (128, 64, 4, 2), (64, 128, 4, 2); offline sm_90: 87-102 registers, no spill, 100 KiB of shared memory.
 SCORES_TILE = (64, 64, 4, 2)
 IEEE_SCORES_TILE = (64, 64, 8, 2)
 # Under the interpreter: 16 windows, so that R = 2 and 4 put several blocks in a program and R = 1 sixteen.
