@@ -77,8 +77,9 @@ def time_eager_and_replayed(record, part: str, fn, bench, nbytes: int) -> None:
 
 
 def nbytes_of(x) -> int:
-    """Bytes of a tensor, or of a split pair (fp16 halves, fp32 inverse scales)."""
-    return sum(y.numel() * y.element_size() for y in (x if isinstance(x, tuple) else (x,)))
+    """Bytes of a tensor, or of the tensors of split rows or vectors (fp16 halves, fp32 inverse scales)."""
+    parts = x if isinstance(x, tuple) else (x,)
+    return sum(y.numel() * y.element_size() for y in parts if isinstance(y, torch.Tensor))
 
 
 def joined(x) -> torch.Tensor:
@@ -104,20 +105,20 @@ def time_parts(t: int, args, record) -> None:
     kw, qw, warps = gate_fwd.POOL_PAIR_TILE
     wk = gate.k_proj.detach()
     wq = gate.q_proj.detach() if gate.has_q_proj else None  # the paper's gate: the pooled Q, rotated, is the query
-    # at tf32x3 the projected inputs are pooled split (fp16 halves and inverse scales: the bytes of fp32 and a scale
-    # a row); the paper's gate's Q is the query itself, fp32
+    # at tf32x3 the projected inputs are pooled split (fp16 halves and inverse scales: a 16-bit input's max / min
+    # channels without lo halves); the paper's gate's Q is the query itself, fp32
     k_split, q_split = prec == "tf32x3", prec == "tf32x3" and wq is not None
     qp = gate_fwd._pool(q, cfg.q_step, cfg.q_pooling, (qw, warps), q_split)
     kp = gate_fwd._pool(k, cfg.block_size, cfg.k_pooling, (kw, warps), k_split)
-    q_bytes = q.numel() * 2 + ns * args.hq * (len(cfg.q_pooling) * 128 + q_split) * 4  # read, written
-    k_bytes = k.numel() * 2 + nb * args.hkv * (len(cfg.k_pooling) * 128 + k_split) * 4
+    q_bytes = q.numel() * 2 + nbytes_of(qp)  # read, written
+    k_bytes = k.numel() * 2 + nbytes_of(kp)
     timed = set(args.parts.split(","))
     if "pool" in timed:
         # each job alone at the pair's tile, then at the other tiles asked for
         for q_tile, k_tile in [((qw, warps), (kw, warps))] + [(x, x) for x in parse_tiles(args.pool_tiles)]:
             # the same windows in the same token order whatever the tile: the same bits
             got = gate_fwd._pool(q, cfg.q_step, cfg.q_pooling, q_tile, q_split)
-            if not all(map(torch.equal, *((got, qp) if q_split else ([got], [qp])))):
+            if not all(map(torch.equal, *(((got.halves, got.inv), (qp.halves, qp.inv)) if q_split else ([got], [qp])))):
                 raise SystemExit(f"pooling tile {q_tile} differs from the default's output")
             pool_q = functools.partial(gate_fwd._pool, q, cfg.q_step, cfg.q_pooling, q_tile, q_split)
             pool_k = functools.partial(gate_fwd._pool, k, cfg.block_size, cfg.k_pooling, k_tile, k_split)

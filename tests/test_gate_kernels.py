@@ -271,7 +271,9 @@ def test_split_pooling_keeps_22_bits_of_every_row_in_fp16_range():
     x[:, 1, :step] = 0.0  # head 1's first window all zero
     pools = ("avg", "max", "min")
     ref = gate_fwd._pool(x, step, pools, (16, 4))
-    halves, inv = gate_fwd._pool(x, step, pools, (16, 4), split=True)
+    split = gate_fwd._pool(x, step, pools, (16, 4), split=True)
+    halves, inv = split.halves, split.inv
+    assert split.lo_pools == 0b111 and split.pool_dim == d  # fp32 inputs: every pooling has lo halves
     c = ref.shape[-1]
     assert halves.dtype == torch.float16 and halves.shape == (*ref.shape[:3], 2 * c) and inv.shape == ref.shape[:3]
     hi, lo = halves[..., :c].double(), halves[..., c:].double()
@@ -282,6 +284,66 @@ def test_split_pooling_keeps_22_bits_of_every_row_in_fp16_range():
     live = row_max > 0
     assert ((scaled_max[live] >= 2.0**14) & (scaled_max[live] < 2.0**15)).all()
     assert (halves[0, 1, 0] == 0).all() and torch.isfinite(inv).all()
+
+
+@interpreter
+@pytest.mark.parametrize("pools", [("avg", "max", "min"), ("max", "min", "avg"), ("min", "avg"), ("max",)])
+def test_split_pooling_of_16_bit_inputs_keeps_lo_halves_of_averages_only(pools):
+    """A 16-bit input's max / min channels are its own values: their ``hi`` halves hold them exactly (no ``lo`` halves
+    written), the average's ``lo`` halves follow the ``hi`` ones, and the rows equal the fp32 pooling as before."""
+    from seerattn.ops._triton import gate_fwd
+
+    g = torch.Generator().manual_seed(6)
+    t, d, step = 150, 16, 16
+    x = (torch.randn(1, 2, t, d, generator=g) * torch.logspace(-3, 3, t)[None, None, :, None]).half()
+    ref = gate_fwd._pool(x, step, pools, (16, 4)).double()
+    split = gate_fwd._pool(x, step, pools, (16, 4), split=True)
+    lo_pools = [p for p, name in enumerate(pools) if name == "avg"]
+    c = len(pools) * d
+    assert split.lo_pools == sum(1 << p for p in lo_pools) and split.halves.shape[-1] == c + d * len(lo_pools)
+    inv = split.inv.double()[..., None]
+    for p, name in enumerate(pools):
+        hi = split.halves[..., p * d : (p + 1) * d].double()
+        want = ref[..., p * d : (p + 1) * d]
+        if name == "avg":
+            j = lo_pools.index(p)
+            lo = split.halves[..., c + j * d : c + (j + 1) * d].double()
+            row_max = ref.abs().amax(-1, keepdim=True)
+            assert ((hi + lo) * inv - want).abs().le(2.0**-22 * row_max).all()
+        else:
+            assert torch.equal(hi * inv, want)  # exact
+
+
+@interpreter
+@pytest.mark.parametrize("rope", [True, False])
+def test_split_projection_of_16_bit_inputs_equals_the_fp64_projection(rope):
+    """The projection of a 16-bit input's split rows (``lo`` halves for the averages only, K's and Q's poolings in
+    other orders in one launch) equals the fp64 projection to 1e-6 a row."""
+    from seerattn.gate import apply_rotary
+    from seerattn.ops._triton import gate_fwd
+
+    g = torch.Generator().manual_seed(7)
+    hq, hx, t, d, step = 4, 2, 300, 16, 16
+    xk = (torch.randn(1, hx, t, d, generator=g) * torch.logspace(-3, 3, t)[None, None, :, None]).half()
+    xq = (torch.randn(1, hq, t, d, generator=g) * 100).half()
+    pk, pq = ("max", "min", "avg"), ("avg", "max", "min")
+    dg = 12
+    wk = torch.randn(hq, 3 * d, dg, generator=g)
+    wq = torch.randn(hq, 3 * d, dg, generator=g) * 1e3
+    n = -(-t // step)
+    cos = sin = None
+    if rope:
+        ang = torch.rand(1, n, dg // 2, generator=g) * 6
+        cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)
+    kp, qp = gate_fwd._pool(xk, step, pk, (16, 4), True, second=(xq, step, pq, 16, True))
+    (kh, ki), (qh, qi) = gate_fwd._project(kp, wk, cos, sin, 1, "tf32x3", second=(qp, wq, 1))
+    for x, pools, w, h, i in ((xk, pk, wk, kh, ki), (xq, pq, wq, qh, qi)):
+        rows = gate_fwd._pool(x, step, pools, (16, 4)).double()
+        want = torch.matmul(rows.repeat_interleave(hq // x.shape[1], 1), w.double())
+        if rope:
+            want = apply_rotary(want, cos.double(), sin.double())
+        got = (h[..., :dg].double() + h[..., dg:].double()) * i.double()[..., None]
+        assert ((got - want).norm(dim=-1) / want.norm(dim=-1)).max() < 1e-6
 
 
 @interpreter

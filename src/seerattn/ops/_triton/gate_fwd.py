@@ -12,9 +12,11 @@ Exactly :class:`seerattn.gate.AttnGate`'s forward, in fp32 whatever the input dt
    window)); the sum is divided by the window's real token count (a partial last window uses the tokens it
    has). That is ``C * D / window`` floats per token and head (Q: 384 / 16 with the windowed gate), smaller
    than the sequence itself. At the default ``precision`` ("tf32x3") a projected input's rows are written
-   *split* instead (the same bytes): each row times the power of two that puts its largest value in
-   [2^14, 2^15), as fp16 ``hi`` (the value rounded) and fp16 ``lo`` (the exact remainder rounded): 22
-   significant bits, fp16's range whatever the row's, and the inverse scale a row (``[B, H, N]`` fp32).
+   *split* instead: each row times the power of two that puts its largest value in [2^14, 2^15), as fp16 ``hi``
+   (the value rounded) and fp16 ``lo`` (the exact remainder rounded): 22 significant bits, fp16's range whatever
+   the row's, and the inverse scale a row (``[B, H, N]`` fp32). A 16-bit input's max and min channels are its own
+   values, exact in ``hi``: their ``lo`` halves are not written (nor read by the projection), so the testbed's
+   split rows take 8 bytes a channel triple where fp32 rows take 12 (:func:`_lo_pools`, session 24).
 2. ``_project_kernel`` (one launch: K's and Q's jobs): a program owns ``BLOCK_M`` pooled rows of one query head and
    multiplies them by the head's weights ``[C * D, Dg]`` in steps of ``BLOCK_K`` channels on tensor cores, into two
    ``[BLOCK_M, Dg / 2]`` accumulators, one per half of the gate dimension. At "tf32x3" the operands are split (the
@@ -59,6 +61,7 @@ round trip costs ~0.04 ms at 32k (docs/experiments/prefill-gate-policy/README.md
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -142,13 +145,15 @@ def _pow2_scale(amax):
 
 
 @triton.jit
-def _store_split(ptr, v, LO_OFFSET, mask):
-    """Stores fp32 ``v`` (|v| < 2^15) as fp16 ``hi`` at ``ptr`` and fp16 ``lo`` at ``ptr + LO_OFFSET``: ``hi`` is
-    ``v`` rounded to fp16, ``lo`` the exact fp32 remainder ``v - hi`` rounded to fp16, so ``hi + lo`` holds 22
-    significant bits of ``v`` (remainders under fp16's normal range keep an absolute error below 2^-25)."""
+def _store_split(ptr, v, LO_OFFSET, mask, STORE_LO: tl.constexpr):
+    """Stores fp32 ``v`` (|v| < 2^15) as fp16 ``hi`` at ``ptr`` and (``STORE_LO``) fp16 ``lo`` at ``ptr + LO_OFFSET``:
+    ``hi`` is ``v`` rounded to fp16, ``lo`` the exact fp32 remainder ``v - hi`` rounded to fp16, so ``hi + lo`` holds
+    22 significant bits of ``v`` (remainders under fp16's normal range keep an absolute error below 2^-25). Without
+    ``lo``: for values that ``hi`` holds exactly (a 16-bit input's max / min, see :func:`_lo_pools`)."""
     hi = v.to(tl.float16)
     tl.store(ptr, hi, mask=mask)
-    tl.store(ptr + LO_OFFSET, (v - hi.to(tl.float32)).to(tl.float16), mask=mask)
+    if STORE_LO:
+        tl.store(ptr + LO_OFFSET, (v - hi.to(tl.float32)).to(tl.float16), mask=mask)
 
 
 @triton.jit
@@ -156,11 +161,13 @@ def _pool_windows(
     X, Out, Inv, stride_xb, stride_xh, stride_xt, stride_ob, stride_oh, stride_on, T, NP, H, bh, wt,
     STEP: tl.constexpr, D: tl.constexpr, BLOCK_W: tl.constexpr,
     NPOOL: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, SPLIT: tl.constexpr,
+    LO: tl.constexpr,
 ):  # fmt: skip
     """Pools windows ``wt * BLOCK_W ...`` of (batch, head) ``bh``, token by token: the loop over a window's ``STEP``
     tokens is unrolled, so their loads (one ``[BLOCK_W, D]`` row of each window) are all in flight together.
     ``SPLIT``: each row is written as fp16 halves of its values times a power of two (:func:`_store_split`), its
-    inverse in ``Inv [B, H, NP]`` (contiguous); else fp32 channels."""
+    inverse in ``Inv [B, H, NP]`` (contiguous): the ``hi`` halves of every pooling, then the ``lo`` halves of the
+    poolings whose bit is set in ``LO`` (:func:`_lo_pools`), in pooling order; else fp32 channels."""
     NEED_MAX: tl.constexpr = P0 == 1 or (NPOOL > 1 and P1 == 1) or (NPOOL > 2 and P2 == 1)
     NEED_MIN: tl.constexpr = P0 == 2 or (NPOOL > 1 and P1 == 2) or (NPOOL > 2 and P2 == 2)
     b = bh // H
@@ -204,11 +211,14 @@ def _pool_windows(
             amax = tl.maximum(amax, tl.abs(v2))
         scale, inv = _pow2_scale(tl.max(amax, axis=1))
         tl.store(Inv + bh.to(tl.int64) * NP + rows, inv, mask=row_ok)
-        _store_split(o_ptr, v0 * scale[:, None], NPOOL * D, smask)
+        # pooling p's lo halves follow the hi ones, after the lo halves of the poolings before it that have them
+        LO1: tl.constexpr = LO & 1
+        LO2: tl.constexpr = (LO & 1) + ((LO >> 1) & 1)
+        _store_split(o_ptr, v0 * scale[:, None], NPOOL * D, smask, (LO & 1) != 0)
         if NPOOL > 1:
-            _store_split(o_ptr + D, v1 * scale[:, None], NPOOL * D, smask)
+            _store_split(o_ptr + D, v1 * scale[:, None], (NPOOL + LO1 - 1) * D, smask, (LO & 2) != 0)
         if NPOOL > 2:
-            _store_split(o_ptr + 2 * D, v2 * scale[:, None], NPOOL * D, smask)
+            _store_split(o_ptr + 2 * D, v2 * scale[:, None], (NPOOL + LO2 - 2) * D, smask, (LO & 4) != 0)
     else:
         tl.store(o_ptr, v0, mask=smask)
         if NPOOL > 1:
@@ -223,9 +233,9 @@ def _pool_kernel(
     XB, OutB, InvB, sxb_b, sxh_b, sxt_b, sob_b, soh_b, son_b, NP_B, H_B, TILES_B,
     T,
     STEP_A: tl.constexpr, BLOCK_W_A: tl.constexpr, NPOOL_A: tl.constexpr,
-    PA0: tl.constexpr, PA1: tl.constexpr, PA2: tl.constexpr, SPLIT_A: tl.constexpr,
+    PA0: tl.constexpr, PA1: tl.constexpr, PA2: tl.constexpr, SPLIT_A: tl.constexpr, LO_A: tl.constexpr,
     STEP_B: tl.constexpr, BLOCK_W_B: tl.constexpr, NPOOL_B: tl.constexpr,
-    PB0: tl.constexpr, PB1: tl.constexpr, PB2: tl.constexpr, SPLIT_B: tl.constexpr,
+    PB0: tl.constexpr, PB1: tl.constexpr, PB2: tl.constexpr, SPLIT_B: tl.constexpr, LO_B: tl.constexpr,
     D: tl.constexpr,
 ):  # fmt: skip
     """Two pooling jobs in one launch (the gate's K blocks and Q windows): programs ``< PROGS_A`` pool input A,
@@ -233,11 +243,11 @@ def _pool_kernel(
     pid = tl.program_id(0)
     if pid < PROGS_A:
         _pool_windows(XA, OutA, InvA, sxb_a, sxh_a, sxt_a, sob_a, soh_a, son_a, T, NP_A, H_A, pid // TILES_A,
-                      pid % TILES_A, STEP_A, D, BLOCK_W_A, NPOOL_A, PA0, PA1, PA2, SPLIT_A)  # fmt: skip
+                      pid % TILES_A, STEP_A, D, BLOCK_W_A, NPOOL_A, PA0, PA1, PA2, SPLIT_A, LO_A)  # fmt: skip
     else:
         pid -= PROGS_A
         _pool_windows(XB, OutB, InvB, sxb_b, sxh_b, sxt_b, sob_b, soh_b, son_b, T, NP_B, H_B, pid // TILES_B,
-                      pid % TILES_B, STEP_B, D, BLOCK_W_B, NPOOL_B, PB0, PB1, PB2, SPLIT_B)  # fmt: skip
+                      pid % TILES_B, STEP_B, D, BLOCK_W_B, NPOOL_B, PB0, PB1, PB2, SPLIT_B, LO_B)  # fmt: skip
 
 
 @triton.jit
@@ -276,18 +286,20 @@ def _project_rows(
     stride_wh, stride_wc,
     stride_cb, stride_cn,
     stride_ob, stride_oh, stride_on,
-    N, HQ, G, CDIM, HALF, bh, mt, C_STEP,
+    N, HQ, G, CDIM, HALF, bh, mt, C_STEP, LO_POOLS,
     ROPE: tl.constexpr, HALF_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-    SPLIT: tl.constexpr,
+    SPLIT: tl.constexpr, D_POOL: tl.constexpr,
 ):  # fmt: skip
     """Gate vectors ``mt * BLOCK_M ...`` of (batch, query head) ``bh``: pooled rows of input head ``h // G`` times
     ``W[h]``, then (``ROPE``) rotate-half with the cos/sin row ``n * C_STEP``. The two halves of the gate dimension
     are two accumulators, so the rotation pairs channel ``j`` with ``j + HALF`` in registers (no second pass).
 
-    ``SPLIT``: rows and weights come as fp16 halves of scaled values (row ``[hi (CDIM) | lo (CDIM)]``, a head's weights
+    ``SPLIT``: rows and weights come as fp16 halves of scaled values (row ``[hi (CDIM) | lo]``, a head's weights
     ``[hi (CDIM rows) ; lo (CDIM rows)]``, inverse scales ``XInv [B, Hx, N]`` and ``WInv [Hq, Dg / 2]``); each step sums
     ``hi.lo + lo.hi + hi.hi`` (fp16 products, exact in the tensor cores' fp32) and adds it to the running sums, which
-    are scaled back at the end. ``lo.lo`` (2^-22 of the product) is left out, as tf32x3 leaves it out."""
+    are scaled back at the end. ``lo.lo`` (2^-22 of the product) is left out, as tf32x3 leaves it out. A row holds the
+    ``lo`` halves of the poolings (``D_POOL`` channels each) whose bit is set in ``LO_POOLS``, in pooling order; the
+    others' ``hi`` halves are exact, and their ``lo`` reads as zero without a load (:func:`_lo_pools`)."""
     b = bh // HQ
     h = bh % HQ
     rows = mt * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -305,7 +317,11 @@ def _project_rows(
             k_ok = ks < CDIM
             a_mask = row_ok[:, None] & k_ok[None, :]
             a_hi = tl.load(x_base + ks[None, :], mask=a_mask, other=0.0)
-            a_lo = tl.load(x_base + CDIM + ks[None, :], mask=a_mask, other=0.0)
+            pool = ks // D_POOL  # each channel's pooling; its lo half, if stored, after the earlier poolings' ones
+            lo_ok = ((LO_POOLS >> pool) & 1) != 0
+            lo_col = (tl.where(pool >= 1, LO_POOLS & 1, 0) + tl.where(pool >= 2, (LO_POOLS >> 1) & 1, 0)) * D_POOL
+            a_lo = tl.load(x_base + CDIM + lo_col[None, :] + ks[None, :] % D_POOL, mask=a_mask & lo_ok[None, :],
+                           other=0.0)  # fmt: skip
             w_ptr = w_base + ks.to(tl.int64)[:, None] * stride_wc + offs_j[None, :]
             w_mask = k_ok[:, None] & j_ok[None, :]
             w1_hi = tl.load(w_ptr, mask=w_mask, other=0.0)
@@ -351,8 +367,8 @@ def _project_rows(
         amax = tl.maximum(tl.max(tl.abs(out1), axis=1), tl.max(tl.abs(out2), axis=1))
         scale, inv = _pow2_scale(amax)
         tl.store(OutInv + (b * HQ + h).to(tl.int64) * N + rows, inv, mask=row_ok)
-        _store_split(o_ptr, out1 * scale[:, None], 2 * HALF, m)
-        _store_split(o_ptr + HALF, out2 * scale[:, None], 2 * HALF, m)
+        _store_split(o_ptr, out1 * scale[:, None], 2 * HALF, m, True)
+        _store_split(o_ptr + HALF, out2 * scale[:, None], 2 * HALF, m, True)
     else:
         tl.store(o_ptr, out1, mask=m)
         tl.store(o_ptr + HALF, out2, mask=m)
@@ -361,12 +377,12 @@ def _project_rows(
 @triton.jit
 def _project_kernel(
     XA, XInvA, WA, WInvA, OutA, OutInvA, sxb_a, sxh_a, sxn_a, swh_a, swc_a, sob_a, soh_a, son_a, N_A, G_A, CDIM_A,
-    TILES_A, PROGS_A,
+    LO_A, TILES_A, PROGS_A,
     XB, XInvB, WB, WInvB, OutB, OutInvB, sxb_b, sxh_b, sxn_b, swh_b, swc_b, sob_b, soh_b, son_b, N_B, G_B, CDIM_B,
-    TILES_B,
+    LO_B, TILES_B,
     C, S, stride_cb, stride_cn, HQ, HALF, C_STEP_A, C_STEP_B,
     ROPE: tl.constexpr, HALF_P: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr, D_POOL: tl.constexpr,
 ):  # fmt: skip
     """Two projection jobs in one launch (the gate's key blocks and query windows; same heads, gate dimension and
     rotary table): programs ``< PROGS_A`` project job A, the rest job B (none when the grid stops at ``PROGS_A``).
@@ -382,7 +398,8 @@ def _project_kernel(
         tl.where(is_a, swh_a, swh_b), tl.where(is_a, swc_a, swc_b), stride_cb, stride_cn,
         tl.where(is_a, sob_a, sob_b), tl.where(is_a, soh_a, soh_b), tl.where(is_a, son_a, son_b),
         tl.where(is_a, N_A, N_B), HQ, tl.where(is_a, G_A, G_B), tl.where(is_a, CDIM_A, CDIM_B), HALF, t // tiles,
-        t % tiles, tl.where(is_a, C_STEP_A, C_STEP_B), ROPE, HALF_P, BLOCK_M, BLOCK_K, PRECISION, SPLIT,
+        t % tiles, tl.where(is_a, C_STEP_A, C_STEP_B), tl.where(is_a, LO_A, LO_B), ROPE, HALF_P, BLOCK_M, BLOCK_K,
+        PRECISION, SPLIT, D_POOL,
     )  # fmt: skip
 
 
@@ -412,8 +429,8 @@ def _split_weights_kernel(
     tl.store(tl.where(is_a, InvA, InvB) + h * HALF + cols, inv, mask=cols < HALF)
     out = tl.where(is_a, OutA, OutB) + offs + h.to(tl.int64) * c_dim * 2 * HALF  # [hi ; lo] a head: twice C rows
     lo = c_dim * 2 * HALF
-    _store_split(out, w1 * scale[None, :], lo, ok)
-    _store_split(out + HALF, w2 * scale[None, :], lo, ok)
+    _store_split(out, w1 * scale[None, :], lo, ok, True)
+    _store_split(out + HALF, w2 * scale[None, :], lo, ok, True)
 
 
 @triton.jit
@@ -537,15 +554,40 @@ def _split_weights(w: torch.Tensor, second: torch.Tensor | None = None):
     return outs[0] if second is None else outs
 
 
+class SplitRows(NamedTuple):
+    """Pooled rows split for the projection (:func:`_pool` with ``split``): ``halves`` fp16 [B, H, N, C + C_lo], each
+    row times a power of two as the ``hi`` halves of its C = len(poolings) * D channels, then the ``lo`` halves of the
+    poolings whose bit is set in ``lo_pools`` (:func:`_lo_pools`), in pooling order; ``inv`` fp32 [B, H, N] the inverse
+    scales; ``pool_dim`` D, the channels a pooling."""
+
+    halves: torch.Tensor
+    inv: torch.Tensor
+    lo_pools: int
+    pool_dim: int
+
+
+def _lo_pools(poolings: tuple[str, ...], dtype: torch.dtype) -> int:
+    """Bit p set where pooling p's split rows need ``lo`` halves: an average always; a max or min of a 16-bit input is
+    one of its values, whose 8 (bf16) or 11 (fp16) significant bits fp16's ``hi`` holds exactly once scaled (down to
+    2^-17 of fp16's range, under which ``lo`` would round to zero as well), so its ``lo`` is neither written nor read:
+    a third less of the split rows' bytes for the testbed's poolings."""
+    exact = dtype in (torch.float16, torch.bfloat16)
+    return sum(1 << p for p, name in enumerate(poolings) if name == "avg" or not exact)
+
+
 def _project_job(x, w: torch.Tensor, block_m: int, split: bool):
     """(output, launch arguments, programs, channels) of one projection job of :func:`_project_kernel`. ``x``: pooled
-    channels [B, Hx, N, C] fp32, or with ``split`` a pair (fp16 halves [B, Hx, N, 2 * C], inverse scales [B, Hx, N]),
-    and ``w`` then a pair from :func:`_split_weights`."""
-    x, x_inv = x if split else (x, x)  # without split the inverse-scale pointers are dummies, never read
+    channels [B, Hx, N, C] fp32, or with ``split`` a :class:`SplitRows`, and ``w`` then a pair from
+    :func:`_split_weights`."""
+    lo_pools = 0
+    if split:
+        x, x_inv, lo_pools, pool_dim = x
+    else:
+        x_inv = x  # without split the inverse-scale pointers are dummies, never read
     w, w_inv = w if split else (w, w)
-    b, hx, n, c = x.shape
-    c = c // 2 if split else c
-    hq, _, dg = w.shape
+    b, hx, n, _ = x.shape
+    hq, c, dg = w.shape
+    c = c // 2 if split else c  # the split weights: hi rows then lo rows
     if split:  # gate vectors split too: fp16 halves [B, Hq, N, 2 * Dg] and inverse scales [B, Hq, N]
         o = torch.empty(b, hq, n, 2 * dg, dtype=torch.float16, device=x.device)
         out = (o, torch.empty(b, hq, n, dtype=torch.float32, device=x.device))
@@ -553,7 +595,8 @@ def _project_job(x, w: torch.Tensor, block_m: int, split: bool):
     else:
         out = o = o_inv = torch.empty(b, hq, n, dg, dtype=torch.float32, device=x.device)  # o_inv: a dummy
     tiles = triton.cdiv(n, block_m)
-    args = [x, x_inv, w, w_inv, o, o_inv, *x.stride()[:3], *w.stride()[:2], *o.stride()[:3], n, hq // hx, c, tiles]
+    args = [x, x_inv, w, w_inv, o, o_inv, *x.stride()[:3], *w.stride()[:2], *o.stride()[:3], n, hq // hx, c, lo_pools,
+            tiles]  # fmt: skip
     return out, args, b * hq * tiles, c
 
 
@@ -569,7 +612,7 @@ def _project(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Pooled channels x [B, Hx, N, C] fp32 times w [Hq, C, Dg] (query head h reads input head h // (Hq / Hx)), rotated
     with cos/sin [B or 1, *, Dg] row ``n * c_step`` when given -> gate vectors [B, Hq, N, Dg] fp32. At
-    ``precision="tf32x3"`` x is :func:`_pool`'s split pair (fp16 halves, inverse scales) and the weights are split here:
+    ``precision="tf32x3"`` x is :func:`_pool`'s :class:`SplitRows` and the weights are split here:
     three fp16 products of 22-bit operands (:func:`_project_rows`' ``SPLIT``); else one ``tl.dot`` of that precision on
     fp32 rows. ``tile``: (rows, channels per step, warps, stages), default :data:`PROJ_SPLIT_TILE` at tf32x3, else
     :data:`PROJ_TILE` (benchmarks try others). ``second``: (x2, w2, c_step2) projected in the same launch (same B, Hq,
@@ -589,6 +632,9 @@ def _project(
     else:
         out_b, args_b, progs_b, c_b = _project_job(second[0], w_b, block_m, split)
         c_step_b = second[2]
+    pool_dim = x.pool_dim if split else 16  # unused without the split
+    if split and second is not None and second[0].pool_dim != pool_dim:
+        raise ValueError(f"_project: both jobs' rows need one pooling width, got {pool_dim} and {second[0].pool_dim}")
     rope = cos is not None
     c_ref, s_ref = (cos, sin) if rope else (out_a, out_a)  # dummy pointers without RoPE
     c_strides = ((cos.stride(0) if cos.shape[0] > 1 else 0), cos.stride(1)) if rope else (0, 0)
@@ -596,28 +642,29 @@ def _project(
         *args_a, progs_a, *args_b, c_ref, s_ref, *c_strides, w.shape[0], dg // 2, c_step, c_step_b,
         ROPE=rope, HALF_P=max(16, triton.next_power_of_2(dg // 2)),
         BLOCK_M=block_m, BLOCK_K=min(block_k, max(16, triton.next_power_of_2(max(c_a, c_b)))), PRECISION=precision,
-        SPLIT=split, num_warps=num_warps, num_stages=num_stages,
+        SPLIT=split, D_POOL=pool_dim, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out_a if second is None else (out_a, out_b)
 
 
 def _pool_job(x: torch.Tensor, step: int, poolings: tuple[str, ...], block_w: int, split: bool):
     """(output, launch arguments, constexprs, programs) of one pooling job of :func:`_pool_kernel`; the output is
-    the pooled channels [B, H, N, C] fp32, or with ``split`` (fp16 halves [B, H, N, 2 * C], inverse scales [B, H, N]
-    fp32)."""
+    the pooled channels [B, H, N, C] fp32, or with ``split`` a :class:`SplitRows`."""
     b, h, t, d = x.shape
     n = -(-t // step)
     c = len(poolings) * d
+    lo_pools = _lo_pools(poolings, x.dtype) if split else 0
     if split:
-        out = (torch.empty(b, h, n, 2 * c, dtype=torch.float16, device=x.device),
-               torch.empty(b, h, n, dtype=torch.float32, device=x.device))  # fmt: skip
-        o, inv = out
+        c_lo = d * lo_pools.bit_count()
+        out = SplitRows(torch.empty(b, h, n, c + c_lo, dtype=torch.float16, device=x.device),
+                        torch.empty(b, h, n, dtype=torch.float32, device=x.device), lo_pools, d)  # fmt: skip
+        o, inv = out.halves, out.inv
     else:
         out = o = inv = torch.empty(b, h, n, c, dtype=torch.float32, device=x.device)  # inv: a dummy, never read
     tiles = triton.cdiv(n, block_w)
     args = [x, o, inv, *x.stride()[:3], *o.stride()[:3], n, h, tiles]
     codes = [_POOL_CODES[p] for p in poolings] + [0] * (3 - len(poolings))
-    return out, args, [step, block_w, len(poolings), *codes, split], b * h * tiles
+    return out, args, [step, block_w, len(poolings), *codes, split, lo_pools], b * h * tiles
 
 
 def _pool(
@@ -628,10 +675,10 @@ def _pool(
     split: bool = False,
     second: tuple[torch.Tensor, int, tuple[str, ...], int, bool] | None = None,
 ):
-    """x [B, H, T, D] -> pooled channels [B, H, ceil(T / step), len(poolings) * D] fp32, or with ``split`` the pair
-    :func:`_project` takes at ``tf32x3`` (each pooled row times a power of two as fp16 halves, and the inverse
-    scales). ``tile``: (windows per program, warps). ``second``: (x2, step2, poolings2, windows per program, split2)
-    pooled in the same launch (same B, T, D): returns both outputs."""
+    """x [B, H, T, D] -> pooled channels [B, H, ceil(T / step), len(poolings) * D] fp32, or with ``split`` the
+    :class:`SplitRows` :func:`_project` takes at ``tf32x3`` (each pooled row times a power of two as fp16 halves, and
+    the inverse scales). ``tile``: (windows per program, warps). ``second``: (x2, step2, poolings2, windows per
+    program, split2) pooled in the same launch (same B, T, D): returns both outputs."""
     block_w, warps = tile
     out_a, args_a, const_a, progs_a = _pool_job(x, step, poolings, block_w, split)
     if second is None:  # job B unused: job A's arguments in its place, no program reaches it
