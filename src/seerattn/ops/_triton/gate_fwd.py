@@ -450,7 +450,7 @@ def _gate_scores_kernel(
     register operand. At ``tf32x3`` both operands are fp16 halves of power-of-two-scaled gate vectors (the keys
     written so by the projection, with an inverse scale a block; the windows too, or split here once when they come
     fp32, the paper's gate's rotated pooled Q) and each tile sums three fp16 products (hi.lo, lo.hi, hi.hi, the
-    small first), scaled back by the two inverse scales. (Until session 23: TF32 halves split in the kernel, the key
+    small first), scaled back by the two inverse scales. (Until session 24: TF32 halves split in the kernel, the key
     tile in every step.)
     """
     bh = tl.program_id(0)
