@@ -271,23 +271,19 @@ def _density_rows(
     theta = tl.zeros([BLOCK_R, 1], dtype=tl.int32).to(key.dtype)
     # keys >= theta; rows past the end count as done (their budget 1 is "met")
     n_ge = tl.where(r_ok, i + 1, 1).to(tl.int64)[:, None]
+    # a row's counts are at most W: up to W = 512 three 10-bit lanes fit an int32 (summed by one REDUX; a third fewer
+    # instructions a pass than 64-bit lanes), wider rows take 21-bit lanes of an int64 (the literals make it int64)
+    LANE: tl.constexpr = 10 if W <= 512 else 21
     bit = tl.full([], BITS - 2, tl.int32)
     while bit >= 0:
         c1 = theta | (_unit(KEY64) << bit.to(key.dtype))
         c2 = theta | (_unit(KEY64) << (bit + 1).to(key.dtype))
         c3 = c1 | c2
-        if W <= 512:  # counts <= W < 2^10: three 10-bit lanes of an int32 (a third fewer instructions than int64)
-            packed = tl.where(key >= c1, 1, 0) + tl.where(key >= c2, 1 << 10, 0) + tl.where(key >= c3, 1 << 20, 0)
-            tot = tl.sum(packed, 1, keep_dims=True).to(tl.int64)
-            n1 = tot & 1023
-            n2 = (tot >> 10) & 1023
-            n3 = tot >> 20
-        else:  # counts up to 2^20 - 1: 21-bit lanes of an int64
-            packed = (key >= c1).to(tl.int64) + ((key >= c2).to(tl.int64) << 21) + ((key >= c3).to(tl.int64) << 42)
-            tot = tl.sum(packed, 1, keep_dims=True)
-            n1 = tot & ((1 << 21) - 1)
-            n2 = (tot >> 21) & ((1 << 21) - 1)
-            n3 = tot >> 42
+        packed = tl.where(key >= c1, 1, 0) + tl.where(key >= c2, 1 << LANE, 0) + tl.where(key >= c3, 1 << 2 * LANE, 0)
+        tot = tl.sum(packed, 1, keep_dims=True).to(tl.int64)
+        n1 = tot & ((1 << LANE) - 1)
+        n2 = (tot >> LANE) & ((1 << LANE) - 1)
+        n3 = tot >> 2 * LANE
         theta = tl.where(n3 >= k, c3, tl.where(n2 >= k, c2, tl.where(n1 >= k, c1, theta)))
         n_ge = tl.where(n3 >= k, n3, tl.where(n2 >= k, n2, tl.where(n1 >= k, n1, n_ge)))
         bit = tl.where(tl.max(n_ge - k) == 0, -1, bit - 2)
