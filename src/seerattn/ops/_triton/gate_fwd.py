@@ -581,7 +581,7 @@ def _project_job(x, w: torch.Tensor, block_m: int, split: bool):
     :func:`_split_weights`."""
     lo_pools = 0
     if split:
-        x, x_inv, lo_pools, pool_dim = x
+        x, x_inv, lo_pools, _ = x  # the pooling width goes to the launch's constexpr (:func:`_project`)
     else:
         x_inv = x  # without split the inverse-scale pointers are dummies, never read
     w, w_inv = w if split else (w, w)
