@@ -347,6 +347,33 @@ def test_split_projection_of_16_bit_inputs_equals_the_fp64_projection(rope):
 
 
 @interpreter
+def test_split_weights_are_kept_until_the_weights_change():
+    """The split weights are made once per weights (kept on the tensor) and made again after an in-place update of
+    either, after new data at either, never kept for inference tensors; always equal to a fresh split."""
+    from seerattn.ops._triton import gate_fwd
+
+    def fresh_equal(got, w, w2):
+        want = gate_fwd._split_weights(w, w2)
+        return all(torch.equal(a, b) for x, y in zip(got, want, strict=True) for a, b in zip(x, y, strict=True))
+
+    g = torch.Generator().manual_seed(0)
+    w, w2 = torch.randn(2, 48, 16, generator=g), torch.randn(2, 16, 16, generator=g)
+    first = gate_fwd._split_weights_cached(w, w2)
+    assert gate_fwd._split_weights_cached(w, w2) is first and fresh_equal(first, w, w2)
+    w.mul_(3.0)  # in place: the version moves
+    after = gate_fwd._split_weights_cached(w, w2)
+    assert after is not first and fresh_equal(after, w, w2)
+    w2.data = torch.randn(2, 16, 16, generator=g)  # new data behind the same tensor (the other weights)
+    swapped = gate_fwd._split_weights_cached(w, w2)
+    assert swapped is not after and fresh_equal(swapped, w, w2)
+    alone = gate_fwd._split_weights_cached(w)  # one job (a gate without a Q projection): not the pair's entry
+    assert all(torch.equal(a, b) for a, b in zip(alone, gate_fwd._split_weights(w), strict=True))
+    with torch.inference_mode():
+        wi = torch.randn(2, 48, 16)
+    assert gate_fwd._split_weights_cached(wi) is not gate_fwd._split_weights_cached(wi)
+
+
+@interpreter
 def test_split_weights_keep_22_bits_of_each_column_pair():
     """``_split_weights``: each head's rotate-half pair of gate channels (columns j and j + Dg / 2 of ``[C, Dg]``)
     times the power of two that puts the pair's largest in [2^14, 2^15), as fp16 hi rows then lo rows, the inverse

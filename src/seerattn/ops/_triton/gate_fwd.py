@@ -95,6 +95,9 @@ DEFAULT_PRECISION = "tf32x3"
 # 0.091-0.103 / 1.15-1.24 for (64, 64, 4, 3), (64, 64, 8, 2), (128, 64, 8, 2) and 0.116-0.122 / 1.39-1.47 for
 # (128, 64, 4, 2), (64, 128, 4, 2); offline sm_90: 87-102 registers, no spill, 100 KiB of shared memory.
 SCORES_TILE = (64, 64, 4, 2)
+# Key tiles a loop iteration: with two, one tile's log-sum-exp can run while the tensor cores work on the other's
+# products (session 25); the logits are the same with one.
+SCORES_STEPS = 2
 IEEE_SCORES_TILE = (64, 64, 8, 2)
 # Under the interpreter: 16 windows, so that R = 2 and 4 put several blocks in a program and R = 1 sixteen.
 _INTERP_SCORES_TILE = (16, 16, 4, 1)
@@ -114,6 +117,9 @@ PROJ_TILE = (32, 32, 4, 3)
 # (64, 16, 4, 4), (64, 64, 4, 2), (64, 32, 8, 3), (128, 32, 8, 3), (32, 32, 4, 3), (32, 64, 4, 2); at 128k 0.287 /
 # 0.102 against 0.296-0.524 / 0.088-0.152. The fp32 tile above at tf32x3: 0.144 / 0.063 (32k), 0.538 / 0.144 (128k).
 PROJ_SPLIT_TILE = (64, 32, 4, 3)
+# Steps of the split loop an iteration: with two, one step's six products can run on the tensor cores while the
+# other's sums are added (session 25); the sums and their order are the same with one.
+PROJ_STEPS = 2
 # The pooling launch's tile: (K blocks per program, Q windows per program, warps), both jobs in one launch (one warp
 # count). Timed on the H200 (session 16, docs/experiments/prefill-gate-policy/session16, calls 2-3; Llama-3.1-8B
 # heads, bf16), each job alone: at 32k the Q windows of 16 tokens take 0.1035 ms at (8 windows, 4 warps) or (4, 2)
@@ -280,6 +286,32 @@ def _rope_kernel(
 
 
 @triton.jit
+def _split_step(x_base, w_base, k0, row_ok, offs_j, j_ok, stride_wc, CDIM, HALF, LO_POOLS, BLOCK_K: tl.constexpr,
+                D_POOL: tl.constexpr):  # fmt: skip
+    """One step of :func:`_project_rows`' ``SPLIT`` loop: channels ``k0 .. k0 + BLOCK_K`` (those past CDIM read as
+    zero) of its rows times the weights, as the two halves' step sums ``hi.lo + lo.hi + hi.hi`` from zero."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    k_ok = ks < CDIM
+    a_mask = row_ok[:, None] & k_ok[None, :]
+    a_hi = tl.load(x_base + ks[None, :], mask=a_mask, other=0.0)
+    pool = ks // D_POOL  # each channel's pooling; its lo half, if stored, after the earlier poolings' ones
+    lo_ok = ((LO_POOLS >> pool) & 1) != 0
+    lo_col = (tl.where(pool >= 1, LO_POOLS & 1, 0) + tl.where(pool >= 2, (LO_POOLS >> 1) & 1, 0)) * D_POOL
+    a_lo = tl.load(x_base + CDIM + lo_col[None, :] + ks[None, :] % D_POOL, mask=a_mask & lo_ok[None, :], other=0.0)
+    w_ptr = w_base + ks.to(tl.int64)[:, None] * stride_wc + offs_j[None, :]
+    w_mask = k_ok[:, None] & j_ok[None, :]
+    w_lo = CDIM.to(tl.int64) * stride_wc
+    w1_hi = tl.load(w_ptr, mask=w_mask, other=0.0)
+    w2_hi = tl.load(w_ptr + HALF, mask=w_mask, other=0.0)
+    w1_lo = tl.load(w_ptr + w_lo, mask=w_mask, other=0.0)
+    w2_lo = tl.load(w_ptr + w_lo + HALF, mask=w_mask, other=0.0)
+    # the step's products from zero, the small first, added to the running sums in fp32 by the caller: chaining hi.hi
+    # into the tensor cores' accumulator doubled the error (1.09e-6 against 4.90e-7 for the whole gate)
+    return (tl.dot(a_hi, w1_hi, tl.dot(a_lo, w1_hi, tl.dot(a_hi, w1_lo))),
+            tl.dot(a_hi, w2_hi, tl.dot(a_lo, w2_hi, tl.dot(a_hi, w2_lo))))  # fmt: skip
+
+
+@triton.jit
 def _project_rows(
     X, XInv, W, WInv, C, S, Out, OutInv,
     stride_xb, stride_xh, stride_xn,
@@ -288,7 +320,7 @@ def _project_rows(
     stride_ob, stride_oh, stride_on,
     N, HQ, G, CDIM, HALF, bh, mt, C_STEP, LO_POOLS,
     ROPE: tl.constexpr, HALF_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-    SPLIT: tl.constexpr, D_POOL: tl.constexpr,
+    SPLIT: tl.constexpr, D_POOL: tl.constexpr, STEPS: tl.constexpr,
 ):  # fmt: skip
     """Gate vectors ``mt * BLOCK_M ...`` of (batch, query head) ``bh``: pooled rows of input head ``h // G`` times
     ``W[h]``, then (``ROPE``) rotate-half with the cos/sin row ``n * C_STEP``. The two halves of the gate dimension
@@ -311,27 +343,18 @@ def _project_rows(
     acc1 = tl.zeros([BLOCK_M, HALF_P], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_M, HALF_P], dtype=tl.float32)
     if SPLIT:
-        w_lo = CDIM.to(tl.int64) * stride_wc
-        for k0 in range(0, CDIM, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < CDIM
-            a_mask = row_ok[:, None] & k_ok[None, :]
-            a_hi = tl.load(x_base + ks[None, :], mask=a_mask, other=0.0)
-            pool = ks // D_POOL  # each channel's pooling; its lo half, if stored, after the earlier poolings' ones
-            lo_ok = ((LO_POOLS >> pool) & 1) != 0
-            lo_col = (tl.where(pool >= 1, LO_POOLS & 1, 0) + tl.where(pool >= 2, (LO_POOLS >> 1) & 1, 0)) * D_POOL
-            a_lo = tl.load(x_base + CDIM + lo_col[None, :] + ks[None, :] % D_POOL, mask=a_mask & lo_ok[None, :],
-                           other=0.0)  # fmt: skip
-            w_ptr = w_base + ks.to(tl.int64)[:, None] * stride_wc + offs_j[None, :]
-            w_mask = k_ok[:, None] & j_ok[None, :]
-            w1_hi = tl.load(w_ptr, mask=w_mask, other=0.0)
-            w2_hi = tl.load(w_ptr + HALF, mask=w_mask, other=0.0)
-            w1_lo = tl.load(w_ptr + w_lo, mask=w_mask, other=0.0)
-            w2_lo = tl.load(w_ptr + w_lo + HALF, mask=w_mask, other=0.0)
-            # the step's products from zero, the small first, added to the running sums in fp32: chaining hi.hi
-            # into the tensor cores' accumulator doubled the error (1.09e-6 against 4.90e-7 for the whole gate)
-            acc1 += tl.dot(a_hi, w1_hi, tl.dot(a_lo, w1_hi, tl.dot(a_hi, w1_lo)))
-            acc2 += tl.dot(a_hi, w2_hi, tl.dot(a_lo, w2_hi, tl.dot(a_hi, w2_lo)))
+        # STEPS steps an iteration: their products are issued together and added in step order (the same sums as
+        # one step an iteration), so the tensor cores run one step's products while the next's wait
+        for k0 in range(0, CDIM, STEPS * BLOCK_K):
+            s1, s2 = _split_step(x_base, w_base, k0, row_ok, offs_j, j_ok, stride_wc, CDIM, HALF, LO_POOLS, BLOCK_K,
+                                 D_POOL)  # fmt: skip
+            acc1 += s1
+            acc2 += s2
+            if STEPS == 2:
+                s1, s2 = _split_step(x_base, w_base, k0 + BLOCK_K, row_ok, offs_j, j_ok, stride_wc, CDIM, HALF,
+                                     LO_POOLS, BLOCK_K, D_POOL)  # fmt: skip
+                acc1 += s1
+                acc2 += s2
         x_inv = tl.load(XInv + (b * (HQ // G) + h // G).to(tl.int64) * N + rows, mask=row_ok, other=0.0)
         inv = x_inv[:, None] * tl.load(WInv + h * HALF + offs_j, mask=j_ok, other=0.0)[None, :]  # a row's, a pair's
         acc1 *= inv
@@ -383,6 +406,7 @@ def _project_kernel(
     C, S, stride_cb, stride_cn, HQ, HALF, C_STEP_A, C_STEP_B,
     ROPE: tl.constexpr, HALF_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr, D_POOL: tl.constexpr,
+    STEPS: tl.constexpr,
 ):  # fmt: skip
     """Two projection jobs in one launch (the gate's key blocks and query windows; same heads, gate dimension and
     rotary table): programs ``< PROGS_A`` project job A, the rest job B (none when the grid stops at ``PROGS_A``).
@@ -399,7 +423,7 @@ def _project_kernel(
         tl.where(is_a, sob_a, sob_b), tl.where(is_a, soh_a, soh_b), tl.where(is_a, son_a, son_b),
         tl.where(is_a, N_A, N_B), HQ, tl.where(is_a, G_A, G_B), tl.where(is_a, CDIM_A, CDIM_B), HALF, t // tiles,
         t % tiles, tl.where(is_a, C_STEP_A, C_STEP_B), tl.where(is_a, LO_A, LO_B), ROPE, HALF_P, BLOCK_M, BLOCK_K,
-        PRECISION, SPLIT, D_POOL,
+        PRECISION, SPLIT, D_POOL, STEPS,
     )  # fmt: skip
 
 
@@ -441,7 +465,7 @@ def _gate_scores_kernel(
     stride_ob, stride_oh, stride_oi,
     NS, NB, HQ, DG, n_row_tiles, sqrt_dg, inv_sqrt_dg,
     R: tl.constexpr, DG_P: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, PRECISION: tl.constexpr,
-    Q_SPLIT: tl.constexpr,
+    Q_SPLIT: tl.constexpr, STEPS: tl.constexpr,
 ):  # fmt: skip
     """Logits of ``BLOCK_I`` query blocks of one head against every key block (see the module docstring).
 
@@ -486,39 +510,67 @@ def _gate_scores_kernel(
         q_hi = tl.trans(q_hi)  # [DG_P, BLOCK_I * R]
         q_lo = tl.trans(q_lo)
     else:
-        q_t = tl.trans(tl.load(q_ptr, mask=q_mask, other=0.0))
-    # key tiles up to the one holding the last row's diagonal; a loop without a branch, which the
+        q_hi = tl.trans(tl.load(q_ptr, mask=q_mask, other=0.0))  # fp32 windows (one dot)
+        q_lo = q_hi  # unused at these precisions
+        q_inv = q_hi
+    # key tiles up to the one holding the last row's diagonal, STEPS a loop iteration: their products are issued
+    # before the first tile's log-sum-exp, which then runs while the tensor cores work on the next (a tile past the
+    # diagonal in the last iteration is all -inf, as the second loop writes it); a loop without a branch, which the
     # compiler can pipeline
     n_live = tl.minimum(it * BLOCK_I + BLOCK_I, NB)
-    for j0 in range(0, n_live, BLOCK_J):
-        cols = j0 + tl.arange(0, BLOCK_J)
-        col_ok = cols < NB
-        k_ptr = k_base + cols.to(tl.int64)[:, None] * stride_kn + offs_d[None, :]
-        k_mask = col_ok[:, None] & d_ok[None, :]
-        if PRECISION == "tf32x3":
-            k_hi = tl.load(k_ptr, mask=k_mask, other=0.0)
-            k_lo = tl.load(k_ptr + DG, mask=k_mask, other=0.0)
-            k_inv = tl.load(KInv + bh.to(tl.int64) * NB + cols, mask=col_ok, other=0.0)
-            x = tl.dot(k_hi, q_hi, tl.dot(k_lo, q_hi, tl.dot(k_hi, q_lo)))  # the small products first
-            x = x * (k_inv[:, None] * q_inv[None, :])  # [BLOCK_J, BLOCK_I * R]; one rounding (1 / sqrt(Dg)'s aside)
-        else:  # the reference precisions divide as the eager gate does
-            x = tl.dot(tl.load(k_ptr, mask=k_mask, other=0.0), q_t, input_precision=PRECISION) / sqrt_dg
-        if R == 1:
-            lse = x
-        else:
-            x = tl.reshape(tl.where(win_ok[None, :], x, float("-inf")), [BLOCK_J, BLOCK_I, R])
-            m = tl.max(x, axis=2)
-            m_safe = tl.where(m == float("-inf"), 0.0, m)  # every window masked: rows past NB
-            acc = tl.sum(tl.exp(x - m_safe[:, :, None]), axis=2)
-            lse = m + tl.log(tl.where(acc > 0.0, acc, 1.0))  # acc is 0 only on rows past NB
-        lse = tl.where(cols[:, None] <= rows[None, :], lse, float("-inf"))  # [BLOCK_J, BLOCK_I]
-        tl.store(o_base + cols[:, None], lse, mask=row_ok[None, :] & col_ok[:, None])
+    for j0 in range(0, n_live, STEPS * BLOCK_J):
+        x = _key_tile(k_base, KInv, bh, j0, offs_d, d_ok, q_hi, q_lo, q_inv, stride_kn, NB, DG, sqrt_dg, BLOCK_J,
+                      PRECISION)  # fmt: skip
+        if STEPS == 2:
+            x2 = _key_tile(k_base, KInv, bh, j0 + BLOCK_J, offs_d, d_ok, q_hi, q_lo, q_inv, stride_kn, NB, DG, sqrt_dg,
+                           BLOCK_J, PRECISION)  # fmt: skip
+        _store_tile(x, j0, rows, row_ok, win_ok, o_base, NB, R, BLOCK_I, BLOCK_J)
+        if STEPS == 2:
+            _store_tile(x2, j0 + BLOCK_J, rows, row_ok, win_ok, o_base, NB, R, BLOCK_I, BLOCK_J)
     # key tiles wholly above the diagonal: -inf without arithmetic
     o_rows = o_head + rows.to(tl.int64)[:, None] * stride_oi
-    for j0 in range(tl.cdiv(n_live, BLOCK_J) * BLOCK_J, NB, BLOCK_J):
+    for j0 in range(tl.cdiv(n_live, STEPS * BLOCK_J) * STEPS * BLOCK_J, NB, BLOCK_J):
         cols = j0 + tl.arange(0, BLOCK_J)
         smask = row_ok[:, None] & (cols < NB)[None, :]
         tl.store(o_rows + cols[None, :], tl.full([BLOCK_I, BLOCK_J], float("-inf"), tl.float32), mask=smask)
+
+
+@triton.jit
+def _key_tile(k_base, KInv, bh, j0, offs_d, d_ok, q_hi, q_lo, q_inv, stride_kn, NB, DG, sqrt_dg,
+              BLOCK_J: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+    """Key blocks ``j0 .. j0 + BLOCK_J`` against the program's windows: [BLOCK_J, BLOCK_I * R] scaled logits (keys past
+    NB read as zero). At tf32x3 ``q_hi`` / ``q_lo`` are the windows' transposed fp16 halves and ``q_inv`` their inverse
+    scales (times 1 / sqrt(Dg)); else ``q_hi`` is the transposed fp32 windows."""
+    cols = j0 + tl.arange(0, BLOCK_J)
+    col_ok = cols < NB
+    k_ptr = k_base + cols.to(tl.int64)[:, None] * stride_kn + offs_d[None, :]
+    k_mask = col_ok[:, None] & d_ok[None, :]
+    if PRECISION == "tf32x3":
+        k_hi = tl.load(k_ptr, mask=k_mask, other=0.0)
+        k_lo = tl.load(k_ptr + DG, mask=k_mask, other=0.0)
+        k_inv = tl.load(KInv + bh.to(tl.int64) * NB + cols, mask=col_ok, other=0.0)
+        x = tl.dot(k_hi, q_hi, tl.dot(k_lo, q_hi, tl.dot(k_hi, q_lo)))  # the small products first
+        return x * (k_inv[:, None] * q_inv[None, :])  # one rounding (1 / sqrt(Dg)'s aside)
+    else:  # the reference precisions divide as the eager gate does
+        return tl.dot(tl.load(k_ptr, mask=k_mask, other=0.0), q_hi, input_precision=PRECISION) / sqrt_dg
+
+
+@triton.jit
+def _store_tile(x, j0, rows, row_ok, win_ok, o_base, NB, R: tl.constexpr, BLOCK_I: tl.constexpr,
+                BLOCK_J: tl.constexpr):  # fmt: skip
+    """A key tile's logits from its window scores ``x`` [BLOCK_J, BLOCK_I * R]: the log-sum-exp over each block's
+    ``R`` windows, ``-inf`` above the diagonal, stored transposed (``o_base`` + key block)."""
+    cols = j0 + tl.arange(0, BLOCK_J)
+    if R == 1:
+        lse = x
+    else:
+        x = tl.reshape(tl.where(win_ok[None, :], x, float("-inf")), [BLOCK_J, BLOCK_I, R])
+        m = tl.max(x, axis=2)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)  # every window masked: rows past NB
+        acc = tl.sum(tl.exp(x - m_safe[:, :, None]), axis=2)
+        lse = m + tl.log(tl.where(acc > 0.0, acc, 1.0))  # acc is 0 only on rows past NB
+    lse = tl.where(cols[:, None] <= rows[None, :], lse, float("-inf"))  # [BLOCK_J, BLOCK_I]
+    tl.store(o_base + cols[:, None], lse, mask=row_ok[None, :] & (cols < NB)[:, None])
 
 
 def _rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, c_step: int) -> None:
@@ -552,6 +604,25 @@ def _split_weights(w: torch.Tensor, second: torch.Tensor | None = None):
         CP=triton.next_power_of_2(max(x.shape[1] for x in ws)), BLOCK_J=block_j, num_warps=8,
     )  # fmt: skip
     return outs[0] if second is None else outs
+
+
+def _split_weights_cached(w: torch.Tensor, second: torch.Tensor | None = None):
+    """:func:`_split_weights`, kept on ``w`` (an attribute of the weight tensor, the gate's parameter) and made again
+    when ``w`` or ``second`` changes: an in-place update moves its version counter, new data its address (the entry
+    holds the weights it was made from, so their memory cannot be reused under a stale entry). Inference and bf16
+    prefill calls thus split a layer's weights once instead of every forward (one launch, 13 us a layer at Llama-3.1-8B
+    heads on the H200, session 25). Not kept inside a CUDA graph capture (a tensor made there holds its values only
+    once the graph replays) nor for inference-mode tensors (no version counter). Costs the weights' bytes again (fp16
+    halves of fp32 weights) for as long as the gate lives."""
+    ws = (w,) if second is None else (w, second)
+    if (w.is_cuda and torch.cuda.is_current_stream_capturing()) or any(x.is_inference() for x in ws):
+        return _split_weights(w, second)
+    key = tuple((x.data_ptr(), x._version, tuple(x.shape), x.dtype, x.device) for x in ws)
+    entry = getattr(w, "_seerattn_split", None)
+    if entry is None or entry[0] != key:
+        entry = (key, tuple(x.detach() for x in ws), _split_weights(w, second))
+        w._seerattn_split = entry
+    return entry[2]
 
 
 class SplitRows(NamedTuple):
@@ -609,6 +680,7 @@ def _project(
     precision: str,
     tile: tuple[int, int, int, int] | None = None,
     second: tuple | None = None,
+    steps: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Pooled channels x [B, Hx, N, C] fp32 times w [Hq, C, Dg] (query head h reads input head h // (Hq / Hx)), rotated
     with cos/sin [B or 1, *, Dg] row ``n * c_step`` when given -> gate vectors [B, Hq, N, Dg] fp32. At
@@ -616,13 +688,14 @@ def _project(
     three fp16 products of 22-bit operands (:func:`_project_rows`' ``SPLIT``); else one ``tl.dot`` of that precision on
     fp32 rows. ``tile``: (rows, channels per step, warps, stages), default :data:`PROJ_SPLIT_TILE` at tf32x3, else
     :data:`PROJ_TILE` (benchmarks try others). ``second``: (x2, w2, c_step2) projected in the same launch (same B, Hq,
-    Dg, table and precision): returns both outputs."""
+    Dg, table and precision): returns both outputs. ``steps``: the split loop's steps an iteration (1 or 2; default
+    :data:`PROJ_STEPS`; the same sums in the same order either way)."""
     split = precision == "tf32x3"
     dg = w.shape[2]
     default = PROJ_SPLIT_TILE if split else PROJ_TILE
     block_m, block_k, num_warps, num_stages = tile or (_INTERP_PROJ_TILE if interpreting() else default)
     if split:
-        halves = _split_weights(w, None if second is None else second[1])
+        halves = _split_weights_cached(w, None if second is None else second[1])
         w_a, w_b = (halves, None) if second is None else halves
     else:
         w_a, w_b = w, None if second is None else second[1]
@@ -642,7 +715,8 @@ def _project(
         *args_a, progs_a, *args_b, c_ref, s_ref, *c_strides, w.shape[0], dg // 2, c_step, c_step_b,
         ROPE=rope, HALF_P=max(16, triton.next_power_of_2(dg // 2)),
         BLOCK_M=block_m, BLOCK_K=min(block_k, max(16, triton.next_power_of_2(max(c_a, c_b)))), PRECISION=precision,
-        SPLIT=split, D_POOL=pool_dim, num_warps=num_warps, num_stages=num_stages,
+        SPLIT=split, D_POOL=pool_dim, STEPS=PROJ_STEPS if steps is None else steps, num_warps=num_warps,
+        num_stages=num_stages,
     )  # fmt: skip
     return out_a if second is None else (out_a, out_b)
 
@@ -692,10 +766,17 @@ def _pool(
 
 
 def _scores(
-    qg: torch.Tensor, kg: torch.Tensor, r: int, precision: str, tile: tuple[int, int, int, int] | None = None
+    qg: torch.Tensor,
+    kg: torch.Tensor,
+    r: int,
+    precision: str,
+    tile: tuple[int, int, int, int] | None = None,
+    steps: int | None = None,
 ) -> torch.Tensor:
     """Rotated gate vectors qg [B, Hq, NS, Dg] (query windows), kg [B, Hq, NB, Dg] (key blocks), R windows a block
-    -> logits [B, Hq, NB, NB] fp32. ``tile``: (windows, key blocks, warps, stages), default :data:`SCORES_TILE`."""
+    -> logits [B, Hq, NB, NB] fp32. ``tile``: (windows, key blocks, warps, stages), default :data:`SCORES_TILE`;
+    ``steps``: key tiles a loop iteration (1 or 2, default :data:`SCORES_STEPS` at tf32x3, else 1; the same logits
+    either way)."""
     k_split = precision == "tf32x3"  # the keys come split (:func:`_project`'s output), the windows split or fp32
     q_split = isinstance(qg, tuple)
     qg, q_inv = qg if q_split else (qg, qg)  # without the split halves the inverse-scale pointers are dummies
@@ -718,7 +799,8 @@ def _scores(
         out.stride(0), out.stride(1), out.stride(2),
         ns, nb, hq, dg, n_row_tiles, math.sqrt(dg), 1.0 / math.sqrt(dg),
         R=r, DG_P=max(16, triton.next_power_of_2(dg)), BLOCK_I=block_i, BLOCK_J=block_j, PRECISION=precision,
-        Q_SPLIT=q_split, num_warps=num_warps, num_stages=num_stages,
+        Q_SPLIT=q_split, STEPS=steps or (SCORES_STEPS if precision == "tf32x3" else 1), num_warps=num_warps,
+        num_stages=num_stages,
     )  # fmt: skip
     return out
 
