@@ -94,9 +94,12 @@ DEFAULT_PRECISION = "tf32x3"
 # On fp16 halves (session 24, calls 1 and 3): (64, 64, 4, 2) 0.0735-0.0752 ms at 32k and 0.869-0.899 at 128k, against
 # 0.091-0.103 / 1.15-1.24 for (64, 64, 4, 3), (64, 64, 8, 2), (128, 64, 8, 2) and 0.116-0.122 / 1.39-1.47 for
 # (128, 64, 4, 2), (64, 128, 4, 2); offline sm_90: 87-102 registers, no spill, 100 KiB of shared memory.
-SCORES_TILE = (64, 64, 4, 2)
-# Key tiles a loop iteration: with two, one tile's log-sum-exp can run while the tensor cores work on the other's
-# products (session 25); the logits are the same with one.
+# Two key tiles a loop iteration at tf32x3 (session 25, docs/experiments/prefill-gate-policy/session25, call 4): the
+# second tile's products are issued before the first's log-sum-exp, the same logits bit for bit; with one pipeline
+# stage (the two tiles' loads are in flight together; two stages took 168 KiB, one program an SM) 0.0728 / 0.0731 ms
+# against 0.0737 / 0.0732 for one tile an iteration at (64, 64, 4, 2) at 32k and 0.827 / 0.830 against 0.869 / 0.876
+# at 128k (two rounds); two tiles at two stages 0.113 / 1.34.
+SCORES_TILE = (64, 64, 4, 1)
 SCORES_STEPS = 2
 IEEE_SCORES_TILE = (64, 64, 8, 2)
 # Under the interpreter: 16 windows, so that R = 2 and 4 put several blocks in a program and R = 1 sixteen.
@@ -117,9 +120,6 @@ PROJ_TILE = (32, 32, 4, 3)
 # (64, 16, 4, 4), (64, 64, 4, 2), (64, 32, 8, 3), (128, 32, 8, 3), (32, 32, 4, 3), (32, 64, 4, 2); at 128k 0.287 /
 # 0.102 against 0.296-0.524 / 0.088-0.152. The fp32 tile above at tf32x3: 0.144 / 0.063 (32k), 0.538 / 0.144 (128k).
 PROJ_SPLIT_TILE = (64, 32, 4, 3)
-# Steps of the split loop an iteration: with two, one step's six products can run on the tensor cores while the
-# other's sums are added (session 25); the sums and their order are the same with one.
-PROJ_STEPS = 2
 # The pooling launch's tile: (K blocks per program, Q windows per program, warps), both jobs in one launch (one warp
 # count). Timed on the H200 (session 16, docs/experiments/prefill-gate-policy/session16, calls 2-3; Llama-3.1-8B
 # heads, bf16), each job alone: at 32k the Q windows of 16 tokens take 0.1035 ms at (8 windows, 4 warps) or (4, 2)
@@ -286,32 +286,6 @@ def _rope_kernel(
 
 
 @triton.jit
-def _split_step(x_base, w_base, k0, row_ok, offs_j, j_ok, stride_wc, CDIM, HALF, LO_POOLS, BLOCK_K: tl.constexpr,
-                D_POOL: tl.constexpr):  # fmt: skip
-    """One step of :func:`_project_rows`' ``SPLIT`` loop: channels ``k0 .. k0 + BLOCK_K`` (those past CDIM read as
-    zero) of its rows times the weights, as the two halves' step sums ``hi.lo + lo.hi + hi.hi`` from zero."""
-    ks = k0 + tl.arange(0, BLOCK_K)
-    k_ok = ks < CDIM
-    a_mask = row_ok[:, None] & k_ok[None, :]
-    a_hi = tl.load(x_base + ks[None, :], mask=a_mask, other=0.0)
-    pool = ks // D_POOL  # each channel's pooling; its lo half, if stored, after the earlier poolings' ones
-    lo_ok = ((LO_POOLS >> pool) & 1) != 0
-    lo_col = (tl.where(pool >= 1, LO_POOLS & 1, 0) + tl.where(pool >= 2, (LO_POOLS >> 1) & 1, 0)) * D_POOL
-    a_lo = tl.load(x_base + CDIM + lo_col[None, :] + ks[None, :] % D_POOL, mask=a_mask & lo_ok[None, :], other=0.0)
-    w_ptr = w_base + ks.to(tl.int64)[:, None] * stride_wc + offs_j[None, :]
-    w_mask = k_ok[:, None] & j_ok[None, :]
-    w_lo = CDIM.to(tl.int64) * stride_wc
-    w1_hi = tl.load(w_ptr, mask=w_mask, other=0.0)
-    w2_hi = tl.load(w_ptr + HALF, mask=w_mask, other=0.0)
-    w1_lo = tl.load(w_ptr + w_lo, mask=w_mask, other=0.0)
-    w2_lo = tl.load(w_ptr + w_lo + HALF, mask=w_mask, other=0.0)
-    # the step's products from zero, the small first, added to the running sums in fp32 by the caller: chaining hi.hi
-    # into the tensor cores' accumulator doubled the error (1.09e-6 against 4.90e-7 for the whole gate)
-    return (tl.dot(a_hi, w1_hi, tl.dot(a_lo, w1_hi, tl.dot(a_hi, w1_lo))),
-            tl.dot(a_hi, w2_hi, tl.dot(a_lo, w2_hi, tl.dot(a_hi, w2_lo))))  # fmt: skip
-
-
-@triton.jit
 def _project_rows(
     X, XInv, W, WInv, C, S, Out, OutInv,
     stride_xb, stride_xh, stride_xn,
@@ -320,7 +294,7 @@ def _project_rows(
     stride_ob, stride_oh, stride_on,
     N, HQ, G, CDIM, HALF, bh, mt, C_STEP, LO_POOLS,
     ROPE: tl.constexpr, HALF_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-    SPLIT: tl.constexpr, D_POOL: tl.constexpr, STEPS: tl.constexpr,
+    SPLIT: tl.constexpr, D_POOL: tl.constexpr,
 ):  # fmt: skip
     """Gate vectors ``mt * BLOCK_M ...`` of (batch, query head) ``bh``: pooled rows of input head ``h // G`` times
     ``W[h]``, then (``ROPE``) rotate-half with the cos/sin row ``n * C_STEP``. The two halves of the gate dimension
@@ -343,18 +317,27 @@ def _project_rows(
     acc1 = tl.zeros([BLOCK_M, HALF_P], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_M, HALF_P], dtype=tl.float32)
     if SPLIT:
-        # STEPS steps an iteration: their products are issued together and added in step order (the same sums as
-        # one step an iteration), so the tensor cores run one step's products while the next's wait
-        for k0 in range(0, CDIM, STEPS * BLOCK_K):
-            s1, s2 = _split_step(x_base, w_base, k0, row_ok, offs_j, j_ok, stride_wc, CDIM, HALF, LO_POOLS, BLOCK_K,
-                                 D_POOL)  # fmt: skip
-            acc1 += s1
-            acc2 += s2
-            if STEPS == 2:
-                s1, s2 = _split_step(x_base, w_base, k0 + BLOCK_K, row_ok, offs_j, j_ok, stride_wc, CDIM, HALF,
-                                     LO_POOLS, BLOCK_K, D_POOL)  # fmt: skip
-                acc1 += s1
-                acc2 += s2
+        w_lo = CDIM.to(tl.int64) * stride_wc
+        for k0 in range(0, CDIM, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < CDIM
+            a_mask = row_ok[:, None] & k_ok[None, :]
+            a_hi = tl.load(x_base + ks[None, :], mask=a_mask, other=0.0)
+            pool = ks // D_POOL  # each channel's pooling; its lo half, if stored, after the earlier poolings' ones
+            lo_ok = ((LO_POOLS >> pool) & 1) != 0
+            lo_col = (tl.where(pool >= 1, LO_POOLS & 1, 0) + tl.where(pool >= 2, (LO_POOLS >> 1) & 1, 0)) * D_POOL
+            a_lo = tl.load(x_base + CDIM + lo_col[None, :] + ks[None, :] % D_POOL, mask=a_mask & lo_ok[None, :],
+                           other=0.0)  # fmt: skip
+            w_ptr = w_base + ks.to(tl.int64)[:, None] * stride_wc + offs_j[None, :]
+            w_mask = k_ok[:, None] & j_ok[None, :]
+            w1_hi = tl.load(w_ptr, mask=w_mask, other=0.0)
+            w2_hi = tl.load(w_ptr + HALF, mask=w_mask, other=0.0)
+            w1_lo = tl.load(w_ptr + w_lo, mask=w_mask, other=0.0)
+            w2_lo = tl.load(w_ptr + w_lo + HALF, mask=w_mask, other=0.0)
+            # the step's products from zero, the small first, added to the running sums in fp32: chaining hi.hi
+            # into the tensor cores' accumulator doubled the error (1.09e-6 against 4.90e-7 for the whole gate)
+            acc1 += tl.dot(a_hi, w1_hi, tl.dot(a_lo, w1_hi, tl.dot(a_hi, w1_lo)))
+            acc2 += tl.dot(a_hi, w2_hi, tl.dot(a_lo, w2_hi, tl.dot(a_hi, w2_lo)))
         x_inv = tl.load(XInv + (b * (HQ // G) + h // G).to(tl.int64) * N + rows, mask=row_ok, other=0.0)
         inv = x_inv[:, None] * tl.load(WInv + h * HALF + offs_j, mask=j_ok, other=0.0)[None, :]  # a row's, a pair's
         acc1 *= inv
@@ -406,7 +389,6 @@ def _project_kernel(
     C, S, stride_cb, stride_cn, HQ, HALF, C_STEP_A, C_STEP_B,
     ROPE: tl.constexpr, HALF_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr, D_POOL: tl.constexpr,
-    STEPS: tl.constexpr,
 ):  # fmt: skip
     """Two projection jobs in one launch (the gate's key blocks and query windows; same heads, gate dimension and
     rotary table): programs ``< PROGS_A`` project job A, the rest job B (none when the grid stops at ``PROGS_A``).
@@ -423,7 +405,7 @@ def _project_kernel(
         tl.where(is_a, sob_a, sob_b), tl.where(is_a, soh_a, soh_b), tl.where(is_a, son_a, son_b),
         tl.where(is_a, N_A, N_B), HQ, tl.where(is_a, G_A, G_B), tl.where(is_a, CDIM_A, CDIM_B), HALF, t // tiles,
         t % tiles, tl.where(is_a, C_STEP_A, C_STEP_B), tl.where(is_a, LO_A, LO_B), ROPE, HALF_P, BLOCK_M, BLOCK_K,
-        PRECISION, SPLIT, D_POOL, STEPS,
+        PRECISION, SPLIT, D_POOL,
     )  # fmt: skip
 
 
@@ -680,7 +662,6 @@ def _project(
     precision: str,
     tile: tuple[int, int, int, int] | None = None,
     second: tuple | None = None,
-    steps: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Pooled channels x [B, Hx, N, C] fp32 times w [Hq, C, Dg] (query head h reads input head h // (Hq / Hx)), rotated
     with cos/sin [B or 1, *, Dg] row ``n * c_step`` when given -> gate vectors [B, Hq, N, Dg] fp32. At
@@ -688,8 +669,7 @@ def _project(
     three fp16 products of 22-bit operands (:func:`_project_rows`' ``SPLIT``); else one ``tl.dot`` of that precision on
     fp32 rows. ``tile``: (rows, channels per step, warps, stages), default :data:`PROJ_SPLIT_TILE` at tf32x3, else
     :data:`PROJ_TILE` (benchmarks try others). ``second``: (x2, w2, c_step2) projected in the same launch (same B, Hq,
-    Dg, table and precision): returns both outputs. ``steps``: the split loop's steps an iteration (1 or 2; default
-    :data:`PROJ_STEPS`; the same sums in the same order either way)."""
+    Dg, table and precision): returns both outputs."""
     split = precision == "tf32x3"
     dg = w.shape[2]
     default = PROJ_SPLIT_TILE if split else PROJ_TILE
@@ -715,8 +695,7 @@ def _project(
         *args_a, progs_a, *args_b, c_ref, s_ref, *c_strides, w.shape[0], dg // 2, c_step, c_step_b,
         ROPE=rope, HALF_P=max(16, triton.next_power_of_2(dg // 2)),
         BLOCK_M=block_m, BLOCK_K=min(block_k, max(16, triton.next_power_of_2(max(c_a, c_b)))), PRECISION=precision,
-        SPLIT=split, D_POOL=pool_dim, STEPS=PROJ_STEPS if steps is None else steps, num_warps=num_warps,
-        num_stages=num_stages,
+        SPLIT=split, D_POOL=pool_dim, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out_a if second is None else (out_a, out_b)
 
