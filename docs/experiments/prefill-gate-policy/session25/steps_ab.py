@@ -2,7 +2,10 @@
 before the other's sums), against one, at several pipeline depths; outputs compared bit for bit. Llama-3.1-8B heads,
 the testbed's gate, bf16 q / k (benchmarks.gate_parts' case), do_bench medians, ms.
 
+    git checkout 000b329   # the tree it ran on (call 4): ``_project`` / ``_scores`` with a ``steps`` argument
     PYTHONPATH=src:. python3 docs/experiments/prefill-gate-policy/session25/steps_ab.py --json runs/steps.json
+
+The projection went back to one step an iteration afterwards (742869b), so this script needs that tree.
 """
 
 from __future__ import annotations
