@@ -455,13 +455,7 @@ def test_split_scores_equal_the_fp64_scores(q_split):
     qg = torch.randn(1, hq, ns, dg, generator=g) * torch.logspace(-10, 10, ns)[:, None]
     kg = torch.randn(1, hq, nb, dg, generator=g) * torch.logspace(10, -10, nb)[:, None]
 
-    def split(x):
-        amax = x.abs().amax(-1)
-        e = torch.frexp(amax)[1] - 1  # 2^e <= amax < 2^(e + 1)
-        v = x * torch.exp2(14 - e.float())[..., None]
-        hi = v.half()
-        return torch.cat([hi, (v - hi.float()).half()], -1), torch.exp2(e.float() - 14)
-
+    split = _split_vectors
     got = gate_fwd._scores(split(qg) if q_split else qg, split(kg), r, "tf32x3")
     s = torch.einsum("bhid,bhjd->bhij", qg.double(), kg.double()) / dg**0.5  # [B, H, NS, NB]
     want = torch.logsumexp(s.view(1, hq, nb, r, nb), 3)
@@ -471,6 +465,33 @@ def test_split_scores_equal_the_fp64_scores(q_split):
         qg.double().norm(dim=-1).view(1, hq, nb, r).amax(-1)[..., None] * kg.double().norm(dim=-1)[:, :, None]
     ) / dg**0.5
     assert ((got.double() - want).abs()[..., causal] <= 1e-6 * scale[..., causal] + 1e-12).all()
+    # two key tiles a loop iteration (the default at tf32x3) and one: the same logits bit for bit
+    assert torch.equal(got, gate_fwd._scores(split(qg) if q_split else qg, split(kg), r, "tf32x3", steps=1))
+
+
+def _split_vectors(x: torch.Tensor):
+    """Gate vectors [..., Dg] as the projection writes them split: (fp16 halves [..., 2 * Dg] of the row times the power
+    of two that puts its largest in [2^14, 2^15), inverse scales [...])."""
+    e = torch.frexp(x.abs().amax(-1))[1] - 1  # 2^e <= amax < 2^(e + 1)
+    v = x * torch.exp2(14 - e.float())[..., None]
+    hi = v.half()
+    return torch.cat([hi, (v - hi.float()).half()], -1), torch.exp2(e.float() - 14)
+
+
+@interpreter
+@pytest.mark.parametrize("r,nb", [(4, 18), (1, 33), (2, 16)])
+def test_scores_take_two_key_tiles_an_iteration_with_the_same_logits(r, nb):
+    """The scores kernel's loop over key tiles, two a loop iteration (the last iteration's second tile past the
+    diagonal, or past NB) and one: the same logits bit for bit, -inf above the diagonal, at the interpreter's tile (16
+    windows, 16 key blocks): rows of 1, 2 or several key tiles, an odd count of them, R 1 / 2 / 4."""
+    from seerattn.ops._triton import gate_fwd
+
+    g = torch.Generator().manual_seed(nb)
+    qg, kg = torch.randn(2, 3, nb * r, 32, generator=g), torch.randn(2, 3, nb, 32, generator=g)
+    one, two = (gate_fwd._scores(_split_vectors(qg), _split_vectors(kg), r, "tf32x3", steps=s) for s in (1, 2))
+    assert torch.equal(one, two)
+    causal = torch.ones(nb, nb, dtype=torch.bool).tril()
+    assert torch.isneginf(two[..., ~causal]).all() and torch.isfinite(two[..., causal]).all()
 
 
 @interpreter

@@ -20,7 +20,8 @@ Exactly :class:`seerattn.gate.AttnGate`'s forward, in fp32 whatever the input dt
 2. ``_project_kernel`` (one launch: K's and Q's jobs): a program owns ``BLOCK_M`` pooled rows of one query head and
    multiplies them by the head's weights ``[C * D, Dg]`` in steps of ``BLOCK_K`` channels on tensor cores, into two
    ``[BLOCK_M, Dg / 2]`` accumulators, one per half of the gate dimension. At "tf32x3" the operands are split (the
-   weights by ``_split_weights_kernel``, one launch a call, a power of two a rotate-half pair of columns) and each step
+   weights by ``_split_weights_kernel``, once per weights: kept on them until they change, ``_split_weights_cached``;
+   a power of two a rotate-half pair of columns) and each step
    sums three fp16 products (``hi.lo + lo.hi + hi.hi``, exact in the tensor cores' fp32), added to the running sums in
    fp32 and scaled back at the end: products to ~2^-22 as with three TF32 products, at fp16's tensor-core rate, without
    splitting anything in the loop (the projection 0.103 vs 0.177 ms at 32k, 0.33 vs 0.68 at 128k; the whole gate's error
@@ -42,7 +43,9 @@ Exactly :class:`seerattn.gate.AttnGate`'s forward, in fp32 whatever the input dt
    in shared memory and the key tile the one in registers (fp32 dots on tensor cores as three fp16 products of split
    operands by default, the keys split by the projection, or IEEE fp32: ``precision``), then the log-sum-exp over each
    block's ``R`` windows (the scores seen as ``[BLOCK_J, BLOCK_I, R]``, reduced over axis 2; padding windows of a
-   partial last block are left out, which equals the eager gate's finite-floor padding after the log-sum-exp). Key tiles
+   partial last block are left out, which equals the eager gate's finite-floor padding after the log-sum-exp). Two key
+   tiles a loop iteration at tf32x3 (``SCORES_STEPS``): the second tile's products are issued before the first's
+   log-sum-exp, which runs while the tensor cores work (the same logits bit for bit as one tile an iteration). Key tiles
    above the diagonal are written as ``-inf`` without any arithmetic (a second loop); inside a tile, entries above the
    diagonal are ``-inf``.
 
@@ -55,7 +58,10 @@ the scores kernel), pooling ``avg``/``max``/``min`` in any order, ``q_step`` any
 the block size. Limitations: forward only (training keeps the eager gate, which has a backward).
 The projection is not fused into the pooling kernel: a fused Q pooling + projection (session 11, branch
 ``wip/gate-fused``) made the gate 1.3-1.7x slower on the H200 (narrow, latency-bound loads), and the pooled channels'
-round trip costs ~0.04 ms at 32k (docs/experiments/prefill-gate-policy/README.md, session 11).
+round trip costs ~0.04 ms at 32k (docs/experiments/prefill-gate-policy/README.md, session 11). Session 25's Gluon
+kernels for Hopper (branch ``wip/qproj-ws``: Q by TMA, pooled and split into shared memory, wgmma products; persistent,
+then warp-specialised) were slower too: Q's side 0.187 / 0.216 ms against the two kernels' 0.167 at 32k, the pooling
+arithmetic on a multiprocessor's few warps the bound (same README, session 25).
 """
 
 from __future__ import annotations
@@ -571,8 +577,8 @@ def _rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, c_step: int) -
 def _split_weights(w: torch.Tensor, second: torch.Tensor | None = None):
     """Weights [Hq, C, Dg] (and ``second``, [Hq, C2, Dg], in the same launch) -> (fp16 halves [Hq, 2 * C, Dg]: hi
     rows then lo rows of each column pair (j, j + Dg / 2) times a power of two, inverse scales [Hq, Dg / 2] fp32)
-    each: the projection's ``SPLIT`` operands, made every call from the weights as they are (one launch; 12 MiB read
-    at Llama-3.1-8B heads)."""
+    each: the projection's ``SPLIT`` operands (one launch; 12 MiB read at Llama-3.1-8B heads). The gate calls it through
+    :func:`_split_weights_cached`."""
     ws = [w] if second is None else [w, second]
     ws = [x if x.is_contiguous() else x.contiguous() for x in ws]
     outs = [(torch.empty(x.shape[0], 2 * x.shape[1], x.shape[2], dtype=torch.float16, device=x.device),
