@@ -478,6 +478,10 @@ def main(argv=None) -> int:
                    "budget": budget, "ms": ms, "density": realised}  # fmt: skip
             row["peak_gib"] = peak
             row["attn_impl"] = ran
+            # the kernel tuner's picks so far and the candidates' times (which tile this row ran, and how close)
+            from seerattn.ops._triton import config as kcfg
+
+            row["tuning"] = kcfg.tuning_log(timings=True)
             if setting is None:
                 row["gate_impl"] = gate_impl
                 row["gate_init"] = args.gate_init

@@ -45,6 +45,7 @@ def fake_tuning(monkeypatch):
     monkeypatch.setenv("SEERATTN_TRITON_AUTOTUNE", "1")
     monkeypatch.setattr(sparse_fwd, "sparse_configs", lambda *a: [WIDE, NARROW])
     monkeypatch.setattr(kcfg, "_TUNED", {})
+    monkeypatch.setattr(kcfg, "_TIMINGS", {})
     current = {}
     timed = []
 
@@ -79,6 +80,11 @@ def test_each_mask_gets_its_own_tile_in_any_order(fake_tuning, order):
         _run(current, name, masks[name])
     assert dict(chosen) == {"dense": WIDE, "scattered": NARROW}
     assert len(timed) == 4 and len(kcfg._TUNED) == 2, "each mask kind is timed once, on itself"
+    # the log a benchmark records: each key's pick and every candidate's time when it was tuned
+    log = kcfg.tuning_log(timings=True)
+    assert sorted(entry["pick"] for entry in log.values()) == sorted([WIDE.short(), NARROW.short()])
+    assert sorted(tuple(sorted(entry["ms"].values())) for entry in log.values()) == [(1.0, 2.0), (2.0, 3.0)]
+    assert {k: e["pick"] for k, e in log.items()} == kcfg.tuning_log()
 
 
 def test_policy_masks_are_keyed_by_their_policy_without_reading_the_device():

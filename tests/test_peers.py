@@ -408,3 +408,5 @@ def test_benchmarks_run_in_their_cpu_smoke_configuration(tmp_path):
     want = torch.maximum(density_row_budget(nb, 0.3), torch.tensor([1] + [2] * (nb - 1))).sum().item()
     for label in ("seer@0.3/b16", "xattention@0.3/b16", "flexprefill@0.3/b16"):
         assert by[label]["density"] == pytest.approx(want / (nb * (nb + 1) / 2)), label
+    # every sparse row records the kernel tuner's picks (none on the CPU: tuning is off under the tests)
+    assert all(by[label]["tuning"] == {} for label in by if label != "sdpa")

@@ -374,6 +374,7 @@ def _bench(launch: Callable[[KernelConfig], object], config: KernelConfig) -> fl
 
 
 _TUNED: dict[tuple, KernelConfig] = {}
+_TIMINGS: dict[tuple, dict[str, float]] = {}  # each tuned key's candidates' times (ms), for tuning_log(timings=True)
 
 
 def pick_config(
@@ -407,6 +408,7 @@ def pick_config(
     if math.isinf(timings[best]):
         raise RuntimeError(f"no kernel configuration fits this GPU for {key}: {candidates}")
     _TUNED[key] = candidates[best]
+    _TIMINGS[key] = {c.short(): t for c, t in zip(candidates, timings, strict=True)}
     logger.info(
         "tuned %s: %s",
         key,
@@ -415,6 +417,9 @@ def pick_config(
     return candidates[best]
 
 
-def tuning_log() -> dict[str, str]:
-    """The configs chosen so far (for benchmark JSON)."""
-    return {repr(k): v.short() for k, v in _TUNED.items()}
+def tuning_log(timings: bool = False) -> dict[str, str] | dict[str, dict]:
+    """The configs chosen so far (for benchmark JSON): key -> the pick, or with ``timings`` key -> {"pick": the pick,
+    "ms": each candidate's time when it was tuned} (which mask a key was tuned on, and how close the race was)."""
+    if not timings:
+        return {repr(k): v.short() for k, v in _TUNED.items()}
+    return {repr(k): {"pick": v.short(), "ms": _TIMINGS.get(k)} for k, v in _TUNED.items()}
