@@ -419,7 +419,7 @@ def pick_config(
 
 def tuning_log(timings: bool = False) -> dict[str, str] | dict[str, dict]:
     """The configs chosen so far (for benchmark JSON): key -> the pick, or with ``timings`` key -> {"pick": the pick,
-    "ms": each candidate's time when it was tuned} (which mask a key was tuned on, and how close the race was)."""
+    "ms": each candidate's time on the mask the key was tuned on} (how close the race was)."""
     if not timings:
         return {repr(k): v.short() for k, v in _TUNED.items()}
     return {repr(k): {"pick": v.short(), "ms": _TIMINGS.get(k)} for k, v in _TUNED.items()}
