@@ -492,6 +492,8 @@ def test_scores_take_two_key_tiles_an_iteration_with_the_same_logits(r, nb):
     assert torch.equal(one, two)
     causal = torch.ones(nb, nb, dtype=torch.bool).tril()
     assert torch.isneginf(two[..., ~causal]).all() and torch.isfinite(two[..., causal]).all()
+    with pytest.raises(ValueError, match="steps must be None, 1 or 2"):
+        gate_fwd._scores(_split_vectors(qg), _split_vectors(kg), r, "tf32x3", steps=3)
 
 
 @interpreter

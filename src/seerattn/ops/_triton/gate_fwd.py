@@ -762,6 +762,10 @@ def _scores(
     -> logits [B, Hq, NB, NB] fp32. ``tile``: (windows, key blocks, warps, stages), default :data:`SCORES_TILE`;
     ``steps``: key tiles a loop iteration (1 or 2, default :data:`SCORES_STEPS` at tf32x3, else 1; the same logits
     either way)."""
+    if steps not in (None, 1, 2):  # the kernel takes one or two key tiles an iteration; more would skip tiles
+        raise ValueError(f"_scores: steps must be None, 1 or 2 (key tiles a loop iteration), got {steps!r}")
+    if steps is None:
+        steps = SCORES_STEPS if precision == "tf32x3" else 1
     k_split = precision == "tf32x3"  # the keys come split (:func:`_project`'s output), the windows split or fp32
     q_split = isinstance(qg, tuple)
     qg, q_inv = qg if q_split else (qg, qg)  # without the split halves the inverse-scale pointers are dummies
@@ -784,8 +788,7 @@ def _scores(
         out.stride(0), out.stride(1), out.stride(2),
         ns, nb, hq, dg, n_row_tiles, math.sqrt(dg), 1.0 / math.sqrt(dg),
         R=r, DG_P=max(16, triton.next_power_of_2(dg)), BLOCK_I=block_i, BLOCK_J=block_j, PRECISION=precision,
-        Q_SPLIT=q_split, STEPS=steps or (SCORES_STEPS if precision == "tf32x3" else 1), num_warps=num_warps,
-        num_stages=num_stages,
+        Q_SPLIT=q_split, STEPS=steps, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
 
