@@ -86,23 +86,44 @@ def _unit(KEY64: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(S, b, h, i, r_ok, stride_sb, stride_sh, stride_si, SINK: tl.constexpr, DIAG: tl.constexpr,
+def _load_rows(S, b, h, i, r_ok, stride_sb, stride_sh, stride_si, NQ, SINK: tl.constexpr, DIAG: tl.constexpr,
                NKP: tl.constexpr, KEY64: tl.constexpr):  # fmt: skip
-    """Rows ``i`` (with batch ``b``, head ``h``, per row) of the scores: (cols, causal, s, forced);
+    """Rows ``i`` (with batch ``b``, head ``h``, per row) of the scores ``[.., NQ]``: (cols, causal, s, forced);
     ``s`` is ``-inf`` off the causal part (and on rows past the end)."""
     cols = tl.arange(0, NKP)
     causal = (cols[None, :] <= i[:, None]) & r_ok[:, None]
     s_ptr = S + b * stride_sb + h * stride_sh + i.to(tl.int64) * stride_si
+    # loaded up to the causal part's end rounded up to 4 columns (within the row): a mask constant over aligned
+    # groups of 4, so the loads are 16-byte vectors where NQ and the row stride allow (a per-column mask made every
+    # load a 4-byte one); the columns past the diagonal are then set to -inf
+    ld = (cols[None, :] < tl.minimum((i + 4) // 4 * 4, NQ)[:, None]) & r_ok[:, None]
     if KEY64:
-        s = tl.load(s_ptr[:, None] + cols[None, :], mask=causal, other=float("-inf")).to(tl.float64)
+        s = tl.load(s_ptr[:, None] + cols[None, :], mask=ld, other=float("-inf")).to(tl.float64)
     else:
-        s = tl.load(s_ptr[:, None] + cols[None, :], mask=causal, other=float("-inf")).to(tl.float32)
+        s = tl.load(s_ptr[:, None] + cols[None, :], mask=ld, other=float("-inf")).to(tl.float32)
+    s = tl.where(causal, s, float("-inf"))
     forced = causal & (cols[None, :] < 0)
     if SINK:
         forced = forced | (causal & (cols[None, :] == 0))
     if DIAG:
         forced = forced | (causal & (cols[None, :] == i[:, None]))
     return cols, causal, s, forced
+
+
+@triton.jit
+def _store_list(i_ptr, keep, cols, r_ok, NQ):
+    """Writes each row's kept columns ``cols[keep]`` (ascending) to the first slots of its list at ``i_ptr`` and
+    zeros to the slots after them up to column ``NQ`` (or the tile's width, whichever is first); returns the counts.
+    The zeros are written first, from the count rounded down to 4 on, under a mask constant over aligned groups of 4:
+    16-byte vector stores where NQ and the row stride allow (a per-slot mask made every padding store a 4-byte one);
+    after a barrier the kept columns overwrite the up to 3 slots of that group below the count."""
+    cnt = tl.sum(keep.to(tl.int32), 1)
+    pos = tl.cumsum(keep.to(tl.int32), 1) - 1
+    pad = (cols[None, :] >= (cnt // 4 * 4)[:, None]) & (cols[None, :] < NQ) & r_ok[:, None]
+    tl.store(i_ptr[:, None] + cols[None, :], tl.zeros_like(pos), mask=pad)
+    tl.debug_barrier()  # the zeros before the kept columns: another thread's store may hit the same slot
+    tl.store(i_ptr[:, None] + pos, tl.zeros_like(pos) + cols[None, :], mask=keep)
+    return cnt
 
 
 @triton.jit
@@ -119,7 +140,7 @@ def _head_hist_kernel(
     r_ok = i < NQ
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    cols, causal, s, forced = _load_rows(S, b, h, i, r_ok, stride_sb, stride_sh, stride_si, SINK, DIAG, NKP, KEY64)
+    cols, causal, s, forced = _load_rows(S, b, h, i, r_ok, stride_sb, stride_sh, stride_si, NQ, SINK, DIAG, NKP, KEY64)
     key = _order_key(tl.where(forced, float("inf"), s), KEY64)
     inb = r_ok[:, None] & (cols[None, :] < NQ)
     prefix = tl.load(Prefix + bh)
@@ -158,7 +179,7 @@ def _head_ties_kernel(
     r_ok = i < NQ
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    cols, causal, s, forced = _load_rows(S, b, h, i, r_ok, stride_sb, stride_sh, stride_si, SINK, DIAG, NKP, KEY64)
+    cols, causal, s, forced = _load_rows(S, b, h, i, r_ok, stride_sb, stride_sh, stride_si, NQ, SINK, DIAG, NKP, KEY64)
     key = _order_key(tl.where(forced, float("inf"), s), KEY64)
     inb = r_ok[:, None] & (cols[None, :] < NQ)
     tied = inb & (key == tl.load(Prefix + bh))
@@ -185,7 +206,7 @@ def _select_kernel(
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     i = tl.where(r_ok, i, 0)
-    cols, causal, s, forced = _load_rows(S, b, h, i, r_ok, stride_sb, stride_sh, stride_si, SINK, DIAG, NKP, KEY64)
+    cols, causal, s, forced = _load_rows(S, b, h, i, r_ok, stride_sb, stride_sh, stride_si, NQ, SINK, DIAG, NKP, KEY64)
 
     if KIND == 0:
         keep = causal
@@ -227,12 +248,8 @@ def _select_kernel(
     empty = tl.sum(keep.to(tl.int32), 1) == 0
     keep = keep | (causal & empty[:, None] & (cols[None, :] == best[:, None]))
 
-    cnt = tl.sum(keep.to(tl.int32), 1)
-    pos = tl.cumsum(keep.to(tl.int32), 1) - 1
     i_ptr = Idx + b * stride_ib + h * stride_ih + i.to(tl.int64) * stride_ii
-    tl.store(i_ptr[:, None] + pos, tl.zeros([BLOCK_R, NKP], dtype=tl.int32) + cols[None, :], mask=keep)
-    pad = (cols[None, :] >= cnt[:, None]) & (cols[None, :] < NQ) & r_ok[:, None]
-    tl.store(i_ptr[:, None] + cols[None, :], tl.zeros([BLOCK_R, NKP], dtype=tl.int32), mask=pad)
+    cnt = _store_list(i_ptr, keep, cols, r_ok, NQ)
     tl.store(Num + b * stride_nb + h * stride_nh + i, cnt, mask=r_ok)
 
 
@@ -263,7 +280,7 @@ def _density_rows(
     bh = r % BH
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    cols, causal, s, forced = _load_rows(S, b, h, i, r_ok, stride_sb, stride_sh, stride_si, SINK, DIAG, W, KEY64)
+    cols, causal, s, forced = _load_rows(S, b, h, i, r_ok, stride_sb, stride_sh, stride_si, NQ, SINK, DIAG, W, KEY64)
     k = tl.minimum(tl.load(Budget + i, mask=r_ok, other=1), i + 1).to(tl.int64)[:, None]
     # key 0 off the causal part: every causal key is larger (-inf maps to 0x007F...), so the counts
     # below need no causal mask (the search's candidates are never 0)
@@ -296,12 +313,8 @@ def _density_rows(
     keep = keep | forced
     keep = tl.where((i >= DENSE_FROM)[:, None], causal, keep)
 
-    cnt = tl.sum(keep.to(tl.int32), 1)
-    pos = tl.cumsum(keep.to(tl.int32), 1) - 1
     i_ptr = Idx + b * stride_ib + h * stride_ih + i.to(tl.int64) * stride_ii
-    tl.store(i_ptr[:, None] + pos, tl.zeros([BLOCK_R, W], dtype=tl.int32) + cols[None, :], mask=keep)
-    pad = (cols[None, :] >= cnt[:, None]) & (cols[None, :] < NQ) & r_ok[:, None]
-    tl.store(i_ptr[:, None] + cols[None, :], tl.zeros([BLOCK_R, W], dtype=tl.int32), mask=pad)
+    cnt = _store_list(i_ptr, keep, cols, r_ok, NQ)
     for c in range(W, NQ, W):  # the slots past the width: padding
         pad = (c + cols[None, :] < NQ) & r_ok[:, None]
         tl.store(i_ptr[:, None] + c + cols[None, :], tl.zeros([BLOCK_R, W], dtype=tl.int32), mask=pad)
