@@ -136,27 +136,35 @@ def test_impl_resolution_and_errors():
 
 
 @interpreter
-def test_sparse_mode_with_fused_gate_and_selection_kernel(monkeypatch):
+@pytest.mark.parametrize("mask_heads", ["kv", "q"])
+def test_sparse_mode_with_fused_gate_and_selection_kernel(monkeypatch, mask_heads):
     """A tiny Llama in sparse mode: gate_impl='triton' (interpreter) builds the same masks as the eager
-    gate and policies, hence the same logits; record_densities=False leaves the densities out."""
+    gate and policies, hence the same logits; record_densities=False leaves the densities out. Per-query-head masks
+    take the logits straight to the policy, so the fused gate is asked for their causal part only (causal_only)."""
     from hf_models import input_ids, make_model
 
+    import seerattn.ops
     from seerattn import SparsityPolicy
     from seerattn.hf import SeerConfig, apply_seer_attention, integration, remove_seer_attention
 
-    recorded = []
-    real = integration.block_sparse_attention
+    recorded, causal_only = [], []
+    real, real_gate = integration.block_sparse_attention, seerattn.ops.gate_block_logits
 
     def spy(q, k, v, mask, **kwargs):
         recorded.append(mask)
         return real(q, k, v, mask, **kwargs)
 
+    def gate_spy(*args, **kwargs):
+        causal_only.append(kwargs["causal_only"])
+        return real_gate(*args, **kwargs)
+
     monkeypatch.setattr(integration, "block_sparse_attention", spy)
+    monkeypatch.setattr(seerattn.ops, "gate_block_logits", gate_spy)
     model, ids = make_model("llama"), input_ids(150)
     gate = GateConfig(block_size=32, q_subblock=16, q_pooling=("avg", "max", "min"))
     runs = {}
     for gate_impl in ("eager", "triton"):
-        cfg = SeerConfig(gate=gate, policy=SparsityPolicy("density", 0.4), gate_impl=gate_impl, mask_heads="kv")
+        cfg = SeerConfig(gate=gate, policy=SparsityPolicy("density", 0.4), gate_impl=gate_impl, mask_heads=mask_heads)
         state = apply_seer_attention(model, cfg)
         recorded.clear()
         with torch.no_grad():
@@ -172,6 +180,7 @@ def test_sparse_mode_with_fused_gate_and_selection_kernel(monkeypatch):
     for a, b in zip(runs["eager"][1], runs["triton"][1], strict=True):
         assert torch.equal(a.kv_num_blocks, b.kv_num_blocks) and torch.equal(a.kv_indices, b.kv_indices)
     torch.testing.assert_close(runs["triton"][0], runs["eager"][0], rtol=0, atol=0)
+    assert causal_only and set(causal_only) == {mask_heads == "q"}
 
 
 @pytest.mark.gpu
@@ -494,6 +503,43 @@ def test_scores_take_two_key_tiles_an_iteration_with_the_same_logits(r, nb):
     assert torch.isneginf(two[..., ~causal]).all() and torch.isfinite(two[..., causal]).all()
     with pytest.raises(ValueError, match="steps must be None, 1 or 2"):
         gate_fwd._scores(_split_vectors(qg), _split_vectors(kg), r, "tf32x3", steps=3)
+
+
+@interpreter
+def test_causal_only_logits_leave_the_upper_key_tiles_unwritten(monkeypatch):
+    """``causal_only``: the same logits bit for bit on and below the block diagonal, the key tiles wholly above it not
+    written (the output made NaN-filled here, so an unwritten entry shows), and the policies' masks the same from
+    either; ``causal_only`` that is not a bool is refused by name."""
+    from seerattn import SparsityPolicy, mask_from_scores
+    from seerattn.ops._triton import gate_fwd
+
+    class NanEmpty:  # gate_fwd's torch, whose fp32 empty tensors come NaN-filled
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def empty(*shape, **kwargs):
+            out = torch.empty(*shape, **kwargs)
+            return out.fill_(float("nan")) if out.dtype == torch.float32 else out
+
+    cfg = GateConfig(block_size=32, q_subblock=8, q_pooling=("avg", "max", "min"))
+    gate, q, k, cos, sin = _case(2, 1, 1100, 16, cfg, torch.float32, seed=3)  # 35 blocks: 3 key tiles, R 4
+    monkeypatch.setattr(gate_fwd, "torch", NanEmpty())
+    with torch.no_grad():
+        full = gate(q, k, cos.float(), sin.float(), impl="triton")
+        part = gate(q, k, cos.float(), sin.float(), impl="triton", causal_only=True)
+    causal = torch.ones(35, 35, dtype=torch.bool).tril()
+    assert torch.equal(full[..., causal], part[..., causal])
+    assert torch.isneginf(full[..., ~causal]).all()
+    assert torch.isnan(part[..., ~causal]).any(), "the key tiles above the diagonal were written"
+    for policy in (SparsityPolicy("density", 0.3), SparsityPolicy("density", 0.3, allocation="head")):
+        a, b = (mask_from_scores(x, policy, 1100, 32, impl="triton") for x in (full, part))
+        assert torch.equal(a.kv_num_blocks, b.kv_num_blocks) and torch.equal(a.kv_indices, b.kv_indices)
+        a = mask_from_scores(part, policy, 1100, 32)  # the reference reads the causal part only too
+        assert torch.equal(a.kv_num_blocks, b.kv_num_blocks) and torch.equal(a.kv_indices, b.kv_indices)
+    for impl in ("triton", "eager"):
+        with pytest.raises(TypeError, match="causal_only must be True or False"), torch.no_grad():
+            gate(q, k, cos.float(), sin.float(), impl=impl, causal_only=1)
 
 
 @interpreter

@@ -561,3 +561,20 @@ def test_head_allocation_ranks_across_rows_so_logits_differ():
     pol = SparsityPolicy("density", 0.5, "head", keep_sink=False, keep_diagonal=False)
     assert not pol.ranks_within_rows
     assert not torch.equal(_kept(logits[None, None], pol), _kept(logits.softmax(-1)[None, None], pol))
+
+
+@pytest.mark.parametrize("kind,value", [("density", 0.3), ("threshold", 0.05), ("top_p", 0.9), ("dense", 1.0)])
+def test_nan_is_refused_on_and_below_the_diagonal_only(kind, value):
+    """CPU scores: NaN where a policy reads (on or below the block diagonal) raises; NaN above it, which every policy
+    ignores (the gate's causal_only logits leave it unwritten), gives the mask of -inf there."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(1, 2, 9, 9, generator=g).softmax(-1)
+    above = torch.ones(9, 9, dtype=torch.bool).triu(1)
+    policy = SparsityPolicy(kind, value)
+    want = seerattn.mask_from_scores(scores.masked_fill(above, float("-inf")), policy, 9 * 16, 16)
+    got = seerattn.mask_from_scores(scores.masked_fill(above, float("nan")), policy, 9 * 16, 16)
+    assert torch.equal(got.kv_num_blocks, want.kv_num_blocks) and torch.equal(got.kv_indices, want.kv_indices)
+    bad = scores.clone()
+    bad[0, 1, 4, 4] = float("nan")  # on the diagonal
+    with pytest.raises(ValueError, match="NaN on or below the block diagonal"):
+        seerattn.mask_from_scores(bad, policy, 9 * 16, 16)

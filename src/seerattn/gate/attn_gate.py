@@ -192,6 +192,7 @@ class AttnGate(nn.Module):
         cos: torch.Tensor | None = None,
         sin: torch.Tensor | None = None,
         impl: str | None = None,
+        causal_only: bool = False,
     ) -> torch.Tensor:
         """Gate logits over key blocks.
 
@@ -206,9 +207,13 @@ class AttnGate(nn.Module):
                 weights' dtype, no fp32 copy of the sequence and no window-by-block logits) or None:
                 ``"triton"`` on CUDA when no gradient is needed (under ``no_grad`` or with frozen weights and
                 inputs), else ``"eager"``.
+            causal_only: the caller reads only the causal part (on and below the block diagonal): the entries
+                above it may be left unwritten, their values unspecified (the Triton gate skips them; the eager one
+                writes ``-inf`` there anyway).
 
         Returns:
-            logits [B, Hq, NB, NB] in fp32, ``-inf`` above the block diagonal (diagonal kept);
+            logits [B, Hq, NB, NB] in fp32, ``-inf`` above the block diagonal (diagonal kept; unspecified there with
+            ``causal_only``);
             ``logits.softmax(-1)`` is the predicted block attention map.
         """
         b, hq, t, d = q.shape
@@ -217,6 +222,8 @@ class AttnGate(nn.Module):
                 f"AttnGate built for Hq={self.num_q_heads}, Hkv={self.num_kv_heads}, D={self.head_dim} got q "
                 f"{tuple(q.shape)} and k {tuple(k.shape)}"
             )
+        if not isinstance(causal_only, bool):
+            raise TypeError(f"AttnGate: causal_only must be True or False, got {causal_only!r}")
         if self._resolve_impl(impl, q, k) == "triton":
             from ..ops import gate_block_logits
 
@@ -227,6 +234,7 @@ class AttnGate(nn.Module):
             return gate_block_logits(
                 q, k, self.k_proj, self.q_proj, *rope,
                 block_size=c.block_size, q_step=c.q_step, q_pooling=c.q_pooling, k_pooling=c.k_pooling,
+                causal_only=causal_only,
             )  # fmt: skip
         # The gate runs in its own dtype (fp32 by default) even under an enclosing autocast (bf16
         # distillation): its logits feed a KL whose useful differences are below bf16 resolution.

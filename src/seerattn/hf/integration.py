@@ -810,13 +810,16 @@ def _layout_densities(layout: _Layout, mask: BlockMask) -> tuple[torch.Tensor, t
     return blocks / block_total, tokens / token_total
 
 
-def _gate_forward(gate: AttnGate, state: SeerState, q_pre, k_pre, position_ids, impl=None) -> torch.Tensor:
-    """Gate logits from pre-RoPE q [B, Hq, T, D], k [B, Hkv, T, D] (the gate's RoPE at window starts)."""
+def _gate_forward(
+    gate: AttnGate, state: SeerState, q_pre, k_pre, position_ids, impl=None, causal_only: bool = False
+) -> torch.Tensor:
+    """Gate logits from pre-RoPE q [B, Hq, T, D], k [B, Hkv, T, D] (the gate's RoPE at window starts);
+    ``causal_only``: the entries above the block diagonal may be left unspecified (see :meth:`AttnGate.forward`)."""
     t = q_pre.shape[2]
     cos = sin = None
     if gate.config.use_rope:
         cos, sin = _window_rotary(state, q_pre, position_ids, gate.config.q_step, t)
-    return gate(q_pre.detach(), k_pre.detach(), cos, sin, impl=impl)
+    return gate(q_pre.detach(), k_pre.detach(), cos, sin, impl=impl, causal_only=causal_only)
 
 
 def _gate_logits(module, state: SeerState, pre: dict, kwargs, b: int, t: int, impl=None) -> torch.Tensor:
@@ -1057,13 +1060,18 @@ def _prefill_mask(module, state: SeerState, query, key, value, q_pre, k_pre, pos
         with torch.no_grad():
             _, _, scores = attention_with_block_scores(query, key, value, block_size=bs, scale=scale, impl=cfg.impl)
     else:
+        # The softmax is strictly increasing along a row, so a policy that ranks within rows keeps the same
+        # blocks from the logits, without a pass over the [B, Hq, NB, NB] map (0.34 ms a layer at 128k on the
+        # H200). Only ties differ: two distinct logits that the fp32 softmax would round to one probability
+        # are ranked by their exact order instead of by column. Per-group masks average probabilities.
+        direct = policy.ranks_within_rows and cfg.mask_heads == "q"
         with torch.no_grad(), record_function("seer.gate"):
-            scores = _gate_forward(module.seer_gate, state, q_pre, k_pre, position_ids, cfg.gate_impl)
-            # The softmax is strictly increasing along a row, so a policy that ranks within rows keeps the same
-            # blocks from the logits, without a pass over the [B, Hq, NB, NB] map (0.34 ms a layer at 128k on the
-            # H200). Only ties differ: two distinct logits that the fp32 softmax would round to one probability
-            # are ranked by their exact order instead of by column. Per-group masks average probabilities.
-            if not (policy.ranks_within_rows and cfg.mask_heads == "q"):
+            # the policy reads only the causal part of the logits (both selections mask the rest), so the gate
+            # need not write the -inf above the diagonal when they go to it directly
+            scores = _gate_forward(
+                module.seer_gate, state, q_pre, k_pre, position_ids, cfg.gate_impl, causal_only=direct
+            )
+            if not direct:
                 scores = scores.softmax(-1)
     with record_function("seer.policy"):
         if cfg.mask_heads == "kv":

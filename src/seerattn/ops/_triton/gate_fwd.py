@@ -46,8 +46,9 @@ Exactly :class:`seerattn.gate.AttnGate`'s forward, in fp32 whatever the input dt
    partial last block are left out, which equals the eager gate's finite-floor padding after the log-sum-exp). Two key
    tiles a loop iteration at tf32x3 (``SCORES_STEPS``): the second tile's products are issued before the first's
    log-sum-exp, which runs while the tensor cores work (the same logits bit for bit as one tile an iteration). Key tiles
-   above the diagonal are written as ``-inf`` without any arithmetic (a second loop); inside a tile, entries above the
-   diagonal are ``-inf``.
+   above the diagonal are written as ``-inf`` without any arithmetic (a second loop; skipped with ``causal_only``, for
+   the sparse path's selection, which reads only the causal part: 268 MB of a layer's writes at 128k); inside a tile,
+   entries above the diagonal are ``-inf``.
 
 Layouts: q ``[B, Hq, T, D]``, k ``[B, Hkv, T, D]`` (views allowed); weights ``[Hq, C * D, Dg]``; cos/sin
 ``[B or 1, NS, Dg]`` (one entry per query window; key blocks use every ``R``-th), any float dtype; logits
@@ -453,7 +454,7 @@ def _gate_scores_kernel(
     stride_ob, stride_oh, stride_oi,
     NS, NB, HQ, DG, n_row_tiles, sqrt_dg, inv_sqrt_dg,
     R: tl.constexpr, DG_P: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, PRECISION: tl.constexpr,
-    Q_SPLIT: tl.constexpr, STEPS: tl.constexpr,
+    Q_SPLIT: tl.constexpr, STEPS: tl.constexpr, UPPER: tl.constexpr,
 ):  # fmt: skip
     """Logits of ``BLOCK_I`` query blocks of one head against every key block (see the module docstring).
 
@@ -515,12 +516,12 @@ def _gate_scores_kernel(
         _store_tile(x, j0, rows, row_ok, win_ok, o_base, NB, R, BLOCK_I, BLOCK_J)
         if STEPS == 2:
             _store_tile(x2, j0 + BLOCK_J, rows, row_ok, win_ok, o_base, NB, R, BLOCK_I, BLOCK_J)
-    # key tiles wholly above the diagonal: -inf without arithmetic
-    o_rows = o_head + rows.to(tl.int64)[:, None] * stride_oi
-    for j0 in range(tl.cdiv(n_live, STEPS * BLOCK_J) * STEPS * BLOCK_J, NB, BLOCK_J):
-        cols = j0 + tl.arange(0, BLOCK_J)
-        smask = row_ok[:, None] & (cols < NB)[None, :]
-        tl.store(o_rows + cols[None, :], tl.full([BLOCK_I, BLOCK_J], float("-inf"), tl.float32), mask=smask)
+    if UPPER:  # key tiles wholly above the diagonal: -inf without arithmetic
+        o_rows = o_head + rows.to(tl.int64)[:, None] * stride_oi
+        for j0 in range(tl.cdiv(n_live, STEPS * BLOCK_J) * STEPS * BLOCK_J, NB, BLOCK_J):
+            cols = j0 + tl.arange(0, BLOCK_J)
+            smask = row_ok[:, None] & (cols < NB)[None, :]
+            tl.store(o_rows + cols[None, :], tl.full([BLOCK_I, BLOCK_J], float("-inf"), tl.float32), mask=smask)
 
 
 @triton.jit
@@ -757,11 +758,13 @@ def _scores(
     precision: str,
     tile: tuple[int, int, int, int] | None = None,
     steps: int | None = None,
+    causal_only: bool = False,
 ) -> torch.Tensor:
     """Rotated gate vectors qg [B, Hq, NS, Dg] (query windows), kg [B, Hq, NB, Dg] (key blocks), R windows a block
     -> logits [B, Hq, NB, NB] fp32. ``tile``: (windows, key blocks, warps, stages), default :data:`SCORES_TILE`;
     ``steps``: key tiles a loop iteration (1 or 2, default :data:`SCORES_STEPS` at tf32x3, else 1; the same logits
-    either way)."""
+    either way). ``causal_only``: the key tiles wholly above the diagonal are not written (their entries are
+    unspecified), for a consumer that reads only the causal part."""
     if steps not in (None, 1, 2):  # the kernel takes one or two key tiles an iteration; more would skip tiles
         raise ValueError(f"_scores: steps must be None, 1 or 2 (key tiles a loop iteration), got {steps!r}")
     if steps is None:
@@ -788,7 +791,7 @@ def _scores(
         out.stride(0), out.stride(1), out.stride(2),
         ns, nb, hq, dg, n_row_tiles, math.sqrt(dg), 1.0 / math.sqrt(dg),
         R=r, DG_P=max(16, triton.next_power_of_2(dg)), BLOCK_I=block_i, BLOCK_J=block_j, PRECISION=precision,
-        Q_SPLIT=q_split, STEPS=steps, num_warps=num_warps, num_stages=num_stages,
+        Q_SPLIT=q_split, STEPS=steps, UPPER=not causal_only, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
 
@@ -805,6 +808,7 @@ def gate_logits_fwd(
     q_pooling: tuple[str, ...],
     k_pooling: tuple[str, ...],
     precision: str = DEFAULT_PRECISION,
+    causal_only: bool = False,
 ) -> torch.Tensor:
     """Pool, project, score (inputs already validated by the caller).
 
@@ -812,7 +816,7 @@ def gate_logits_fwd(
     [Hq, Cq * D, Dg] or None (pooled Q used as is: one pooling, Dg == D); cos/sin [B or 1, NS, Dg]
     with unit last stride, or None (no RoPE). ``precision``: the projection's and the scores kernel's dot precision, one
     of :data:`PRECISIONS` (the interpreter computes every one in exact fp32). Returns logits [B, Hq, NB, NB] fp32,
-    ``-inf`` above the block diagonal.
+    ``-inf`` above the block diagonal; with ``causal_only`` the entries above it are unspecified (not written).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"gate scores precision must be one of {PRECISIONS}, got {precision!r}")
@@ -831,4 +835,4 @@ def gate_logits_fwd(
         kg, qg = _project(kp, k_proj, cos, sin, r, precision), qp
         if cos is not None:
             _rope_(qg, cos, sin, 1)
-    return _scores(qg, kg, r, precision)
+    return _scores(qg, kg, r, precision, causal_only=causal_only)
