@@ -538,8 +538,13 @@ def test_causal_only_logits_leave_the_upper_key_tiles_unwritten(monkeypatch):
         a = mask_from_scores(part, policy, 1100, 32)  # the reference reads the causal part only too
         assert torch.equal(a.kv_num_blocks, b.kv_num_blocks) and torch.equal(a.kv_indices, b.kv_indices)
     for impl in ("triton", "eager"):
-        with pytest.raises(TypeError, match="causal_only must be True or False"), torch.no_grad():
+        with pytest.raises(TypeError, match="AttnGate: causal_only must be True or False"), torch.no_grad():
             gate(q, k, cos.float(), sin.float(), impl=impl, causal_only=1)
+    c = gate.config
+    with pytest.raises(TypeError, match="gate_block_logits: causal_only must be True or False"):
+        gate_block_logits(q, k, gate.k_proj.detach(), gate.q_proj.detach(), cos.float(), sin.float(),
+                          block_size=c.block_size, q_step=c.q_step, q_pooling=c.q_pooling, k_pooling=c.k_pooling,
+                          causal_only="yes")  # fmt: skip
 
 
 @interpreter

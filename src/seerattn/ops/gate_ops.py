@@ -91,6 +91,8 @@ def gate_block_logits(
     weights = [w for w in (k_proj, q_proj) if w is not None]
     if any(w.device != q.device for w in weights + [k] + ([cos, sin] if cos is not None else [])):
         raise ValueError(f"{op}: every tensor must be on {q.device}")
+    if not isinstance(causal_only, bool):
+        raise TypeError(f"{op}: causal_only must be True or False, got {causal_only!r}")
     from ._triton.gate_fwd import gate_logits_fwd
 
     q, k, k_proj = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, k_proj))
@@ -98,8 +100,6 @@ def gate_block_logits(
         q_proj = q_proj.contiguous()
     if cos is not None:
         cos, sin = (x if x.stride(-1) == 1 else x.contiguous() for x in (cos, sin))
-    if not isinstance(causal_only, bool):
-        raise TypeError(f"{op}: causal_only must be True or False, got {causal_only!r}")
     return gate_logits_fwd(
         q, k, k_proj, q_proj, cos, sin, block_size, q_step, tuple(q_pooling), tuple(k_pooling), causal_only=causal_only
     )
