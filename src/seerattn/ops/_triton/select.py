@@ -77,6 +77,15 @@ def _order_key(x, KEY64: tl.constexpr):
 
 
 @triton.jit
+def _inf_key(KEY64: tl.constexpr):
+    """:func:`_order_key` of +inf."""
+    if KEY64:
+        return tl.full([], 0xFFF0000000000000, tl.uint64)
+    else:
+        return tl.full([], 0xFF800000, tl.uint32)
+
+
+@triton.jit
 def _unit(KEY64: tl.constexpr):
     """1 in the key's unsigned type."""
     if KEY64:
@@ -289,14 +298,23 @@ def _density_rows(
     # keys >= theta; rows past the end count as done (their budget 1 is "met")
     n_ge = tl.where(r_ok, i + 1, 1).to(tl.int64)[:, None]
     # a row's counts are at most W: up to W = 512 three 10-bit lanes fit an int32 (summed by one REDUX; a third fewer
-    # instructions a pass than 64-bit lanes), wider rows take 21-bit lanes of an int64 (the literals make it int64)
+    # instructions a pass than 64-bit lanes), wider rows take 21-bit lanes of an int64
     LANE: tl.constexpr = 10 if W <= 512 else 21
+    # a key's three counts (>= c1, >= c2, >= c3) in its lanes: ones in the lowest m lanes, m its digit below
+    ONES = tl.full([], 1 + (1 << LANE) + (1 << 2 * LANE), tl.int32 if LANE == 10 else tl.int64)
     bit = tl.full([], BITS - 2, tl.int32)
     while bit >= 0:
         c1 = theta | (_unit(KEY64) << bit.to(key.dtype))
         c2 = theta | (_unit(KEY64) << (bit + 1).to(key.dtype))
         c3 = c1 | c2
-        packed = tl.where(key >= c1, 1, 0) + tl.where(key >= c2, 1 << LANE, 0) + tl.where(key >= c3, 1 << 2 * LANE, 0)
+        # theta's bits from bit + 2 up are settled and the candidates are theta + d * 2^bit (d = 1, 2, 3), so a key is
+        # >= candidate d exactly when its digit m = min(max(key, theta) - theta, 3 * 2^bit) >> bit is >= d: a key's
+        # three counts are ONES shifted right by (3 - m) lanes. Four integer-pipe instructions a key (two min / max,
+        # two shifts; the subtraction and the shift's multiply go to the FMA pipe) against six for three compares and
+        # selects: the kernel is bound by the integer pipe (Nsight Compute, session 27).
+        cap = c3 - theta
+        m = (tl.minimum(tl.maximum(key, theta) - theta, cap) >> bit.to(key.dtype)).to(ONES.dtype)
+        packed = ONES >> (3 * LANE - m * LANE)
         tot = tl.sum(packed, 1, keep_dims=True).to(tl.int64)
         n1 = tot & ((1 << LANE) - 1)
         n2 = (tot >> LANE) & ((1 << LANE) - 1)
@@ -310,8 +328,12 @@ def _density_rows(
     keep = above | tied
     if tl.max(n_ge - k) > 0:  # a tie across some row's budget: its lowest columns first
         keep = above | (tied & (tl.cumsum(tied.to(tl.int32), 1) <= need))
-    keep = keep | forced
-    keep = tl.where((i >= DENSE_FROM)[:, None], causal, keep)
+    # forced keys are +inf, so only a threshold at +inf (a budget under the forced count) can leave one out; a row
+    # past DENSE_FROM keeps its causal part. Both are branches on the program's rows, not a select every key.
+    if tl.max((theta >= _inf_key(KEY64)).to(tl.int32)) > 0:
+        keep = keep | forced
+    if tl.max(i) >= DENSE_FROM:
+        keep = tl.where((i >= DENSE_FROM)[:, None], causal, keep)
 
     i_ptr = Idx + b * stride_ib + h * stride_ih + i.to(tl.int64) * stride_ii
     cnt = _store_list(i_ptr, keep, cols, r_ok, NQ)
