@@ -64,14 +64,17 @@ def _ptxas(kernel) -> dict:
             "mma": kernel.asm["ptx"].count("wgmma.mma_async")}  # fmt: skip
 
 
-def _compile(fn, signature: dict, consts: dict, attrs: dict, warps: int, stages: int) -> dict:
+def _compile(
+    fn, signature: dict, consts: dict, attrs: dict, warps: int, stages: int, maxnreg: int | None = None
+) -> dict:
     from triton.experimental.gluon._runtime import GluonASTSource
 
     source = GluonASTSource if fn.is_gluon() else ASTSource  # Gluon kernels (the Hopper forward) lower differently
+    options = {"num_warps": warps, "num_stages": stages} | ({} if maxnreg is None else {"maxnreg": maxnreg})
     kernel = triton.compile(
         source(fn=fn, signature=signature, constexprs=consts, attrs=attrs),
         target=GPUTarget("cuda", 90, 32),  # what the driver reports for an sm_90 GPU (warp size 32)
-        options={"num_warps": warps, "num_stages": stages},
+        options=options,
     )
     return _ptxas(kernel)
 
@@ -105,7 +108,7 @@ class CompileOnly:
         self.fn, self.reports = fn, reports
 
     def __getitem__(self, grid):
-        def launch(*args, num_warps: int = 4, num_stages: int = 3, **kwargs):
+        def launch(*args, num_warps: int = 4, num_stages: int = 3, maxnreg: int | None = None, **kwargs):
             values = dict(zip(self.fn.arg_names[: len(args)], args, strict=True)) | kwargs
             sig, consts, attrs, shown = {}, {}, {}, {}
             for i, param in enumerate(self.fn.params):
@@ -136,9 +139,9 @@ class CompileOnly:
                     sig[name] = f"tensordesc<{_POINTER_TYPES[value.base.dtype]}[{block}],{value.layout!r}>"
                 else:
                     raise TypeError(f"{self.fn.__name__}: argument {name} is a {type(value).__name__}")
-            report = _compile(self.fn, sig, consts, attrs, num_warps, num_stages)
+            report = _compile(self.fn, sig, consts, attrs, num_warps, num_stages, maxnreg)
             self.reports.append({"kernel": self.fn.__name__, "grid": list(grid), "warps": num_warps,
-                                 "stages": num_stages, "constexprs": shown, **report})  # fmt: skip
+                                 "stages": num_stages, "maxnreg": maxnreg, "constexprs": shown, **report})  # fmt: skip
 
         return launch
 

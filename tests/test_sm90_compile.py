@@ -7,13 +7,14 @@ shared memory would pass them (:mod:`benchmarks.sm90`)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from seerattn.ops._triton import gate_fwd
+from seerattn.ops._triton import gate_fwd, select
 from seerattn.record import read_record
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +34,10 @@ def test_gate_and_selection_launches_compile_for_sm90(tmp_path):
                for r in reports if r["kernel"] == "_density_kernel"]  # fmt: skip
     # NQ 512: the four width classes in one one-warp launch; NQ 2048: 4, 2 and 1 warps (the last with four classes)
     assert density[:4] == [(512, 4, 1), (2048, 1, 4), (1024, 1, 2), (512, 4, 1)]
+    # under its register cap (more resident programs for a search bound by the integer pipe), without spilling
+    dens = [r for r in reports if r["kernel"] == "_density_kernel"]
+    assert all(r["maxnreg"] == select.DENSITY_MAXNREG and " 0 bytes spill stores" in r["ptxas"] for r in dens)
+    assert all(int(re.search(r"Used (\d+) registers", r["ptxas"])[1]) <= select.DENSITY_MAXNREG for r in dens)
     proj = [r for r in reports if r["kernel"] == "_project_kernel" and r["constexprs"]["PRECISION"] == "tf32x3"]
     # at tf32x3 the projection takes split operands on its own tile, which compiles without spilling
     rows, _, warps, stages = gate_fwd.PROJ_SPLIT_TILE

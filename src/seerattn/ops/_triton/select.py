@@ -57,6 +57,12 @@ DENSITY_TILE = 2048
 DENSITY_ROWS = 1
 DENSITY_PER_THREAD = 16
 MIN_WIDTH = 64
+# Registers a thread of _density_kernel may take (Triton's ``maxnreg``). The search is bound by the integer pipe (Nsight
+# Compute, session 27: 86-88 % of its peak) and more resident programs keep it fed: with the digit counts the kernel
+# took 95 registers (21 one-warp programs an SM); capped at 72 (28), density 0.1 selects in 0.0418 ms at NQ 512 and
+# 0.735 at 2048 against 0.0436 / 0.779 uncapped and 0.0471 / 0.868 for the compares before (H200, session 27, call 8;
+# 64: 0.0415 / 0.738). The same lists in every case.
+DENSITY_MAXNREG = 72
 # Consecutive classes whose launch is the same (rows a program, warps) share one launch: at NQ 512 the four classes,
 # 0.0714 ms replayed from a CUDA graph against 0.0818 as four launches; at NQ 2048 three launches instead of six,
 # 0.874 vs 0.870 ms (H200, session 17, docs/experiments/prefill-gate-policy/session17, call 3).
@@ -74,15 +80,6 @@ def _order_key(x, KEY64: tl.constexpr):
         bits = x.to(tl.uint32, bitcast=True)
         sign = (bits >> 31) != 0
         return tl.where(sign, bits ^ 0xFFFFFFFF, bits | 0x80000000)
-
-
-@triton.jit
-def _inf_key(KEY64: tl.constexpr):
-    """:func:`_order_key` of +inf."""
-    if KEY64:
-        return tl.full([], 0xFFF0000000000000, tl.uint64)
-    else:
-        return tl.full([], 0xFF800000, tl.uint32)
 
 
 @triton.jit
@@ -311,7 +308,7 @@ def _density_rows(
         # >= candidate d exactly when its digit m = min(max(key, theta) - theta, 3 * 2^bit) >> bit is >= d: a key's
         # three counts are ONES shifted right by (3 - m) lanes. Four integer-pipe instructions a key (two min / max,
         # two shifts; the subtraction and the shift's multiply go to the FMA pipe) against six for three compares and
-        # selects: the kernel is bound by the integer pipe (Nsight Compute, session 27).
+        # selects, in a kernel bound by the integer pipe (DENSITY_MAXNREG).
         cap = c3 - theta
         m = (tl.minimum(tl.maximum(key, theta) - theta, cap) >> bit.to(key.dtype)).to(ONES.dtype)
         packed = ONES >> (3 * LANE - m * LANE)
@@ -328,12 +325,8 @@ def _density_rows(
     keep = above | tied
     if tl.max(n_ge - k) > 0:  # a tie across some row's budget: its lowest columns first
         keep = above | (tied & (tl.cumsum(tied.to(tl.int32), 1) <= need))
-    # forced keys are +inf, so only a threshold at +inf (a budget under the forced count) can leave one out; a row
-    # past DENSE_FROM keeps its causal part. Both are branches on the program's rows, not a select every key.
-    if tl.max((theta >= _inf_key(KEY64)).to(tl.int32)) > 0:
-        keep = keep | forced
-    if tl.max(i) >= DENSE_FROM:
-        keep = tl.where((i >= DENSE_FROM)[:, None], causal, keep)
+    keep = keep | forced
+    keep = tl.where((i >= DENSE_FROM)[:, None], causal, keep)
 
     i_ptr = Idx + b * stride_ib + h * stride_ih + i.to(tl.int64) * stride_ii
     cnt = _store_list(i_ptr, keep, cols, r_ok, NQ)
@@ -433,7 +426,7 @@ def _density_launch(scores, budget, num, idx, keep_sink, keep_diagonal, dense_la
             idx.stride(0), idx.stride(1), idx.stride(2),
             nq, h, b * h, group[0][3], group[-1][2], nq - dense_last_rows if dense_last_rows else nq,
             SINK=keep_sink, DIAG=keep_diagonal, W0=group[0][1], CLASSES=len(group), BLOCK_R=block_r, KEY64=key64,
-            BITS=64 if key64 else 32, num_warps=warps,
+            BITS=64 if key64 else 32, num_warps=warps, maxnreg=DENSITY_MAXNREG,
         )  # fmt: skip
 
 
