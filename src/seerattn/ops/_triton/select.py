@@ -306,8 +306,8 @@ def _density_rows(
         c3 = c1 | c2
         # theta's bits from bit + 2 up are settled and the candidates are theta + d * 2^bit (d = 1, 2, 3), so a key is
         # >= candidate d exactly when its digit m = min(max(key, theta) - theta, 3 * 2^bit) >> bit is >= d: a key's
-        # three counts are ONES shifted right by (3 - m) lanes. Four integer-pipe instructions a key (two min / max,
-        # two shifts; the subtraction and the shift's multiply go to the FMA pipe) against six for three compares and
+        # three counts are ONES shifted right by (3 - m) lanes. Four integer-pipe instructions a key (a max, a fused
+        # subtract-and-min, two shifts; the shift's multiply-add on the FMA pipe) against six for three compares and
         # selects, in a kernel bound by the integer pipe (DENSITY_MAXNREG).
         cap = c3 - theta
         m = (tl.minimum(tl.maximum(key, theta) - theta, cap) >> bit.to(key.dtype)).to(ONES.dtype)
