@@ -181,6 +181,41 @@ def test_density_classes_share_launches(monkeypatch, nq, per_thread, launches):
     assert recorder.seen == launches
 
 
+def _narrow_rows(b, h, nq, seed):
+    """Raw logits (the sparse path ranks the gate's logits, not probabilities) whose rows span few binades, so that
+    their keys share the top bits and the density search starts low: fresh gates' narrow rows (1.387 +- 0.03),
+    negative ones, rows with two values 2^-20 apart, constant rows (one possible threshold), rows with +inf and -inf on
+    unforced blocks, and wide rows (N(0, 3^2)) beside them."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (b, h, nq, nq)
+    kinds = torch.randint(0, 6, shape[:-1], generator=g)[..., None]
+    noise = torch.randn(shape, generator=g)
+    two = 1.0 + torch.randint(0, 2, shape, generator=g).float() * 2.0**-20
+    odd = torch.where(torch.rand(shape, generator=g) < 0.1, float("inf"), -0.75)
+    odd = torch.where(torch.rand(shape, generator=g) < 0.1, float("-inf"), odd)
+    s = torch.where(kinds == 0, 1.387 + 0.03 * noise, 3 * noise)
+    s = torch.where(kinds == 1, -5.0 - 0.001 * noise.abs(), s)
+    s = torch.where(kinds == 2, two, s)
+    s = torch.where(kinds == 3, torch.full_like(s, 0.25), s)
+    s = torch.where(kinds == 4, odd, s)
+    causal = torch.ones(nq, nq, dtype=torch.bool).tril()
+    return s.masked_fill(~causal, float("-inf"))
+
+
+@interpreter
+@pytest.mark.parametrize("gpu_tiles", [False, True], ids=["interpreter-tiles", "gpu-tiles"])
+def test_density_search_from_the_rows_common_bits(monkeypatch, gpu_tiles):
+    """The search starts at the highest bit where a row's possible thresholds differ: rows of narrow, constant,
+    two-valued and infinite logits, with and without forced blocks, a program of many rows (the interpreter's
+    launch: one start for all) and of one row each (the GPU's: every row its own start), 32- and 64-bit keys."""
+    if gpu_tiles:
+        monkeypatch.setattr(select_mod, "interpreting", lambda: False)
+    s = _narrow_rows(1, 2, 70, seed=13)
+    for policy in DENSITY_ROWS if not gpu_tiles else DENSITY_ROWS[:2]:
+        _same(s, policy)
+    _same(s.double(), DENSITY_ROWS[0])
+
+
 @interpreter
 @pytest.mark.slow
 def test_density_2048_wide_rows():
@@ -251,6 +286,11 @@ def test_cuda_kernel_equals_pytorch_policies_at_32k(heads):
         else:
             same_rows = (got.to_dense() == want.to_dense()).all(-1)
             assert same_rows.float().mean() > 0.999
+    s = _narrow_rows(1, heads, nq, seed=15).cuda()  # raw logits of narrow, constant and infinite rows
+    for policy in DENSITY_ROWS:
+        want = mask_from_scores(s, policy, nq * 64, 64, impl="reference")
+        got = mask_from_scores(s, policy, nq * 64, 64, impl="triton")
+        assert torch.equal(got.kv_num_blocks, want.kv_num_blocks) and torch.equal(got.kv_indices, want.kv_indices)
 
 
 @pytest.mark.gpu
@@ -267,6 +307,13 @@ def test_cuda_density_classes_equal_pytorch_policies_at_128k():
             want = mask_from_scores(s, policy, nq * 64, 64, impl="reference")
             got = mask_from_scores(s, policy, nq * 64, 64, impl="triton")
             assert torch.equal(got.kv_num_blocks, want.kv_num_blocks) and torch.equal(got.kv_indices, want.kv_indices)
+    # raw logits of narrow rows (fresh gates'), constant, two-valued and infinite rows: the search from a row's
+    # common bits
+    s = _narrow_rows(1, 4, nq, seed=14).cuda()
+    for policy in DENSITY_ROWS[:2]:
+        want = mask_from_scores(s, policy, nq * 64, 64, impl="reference")
+        got = mask_from_scores(s, policy, nq * 64, 64, impl="triton")
+        assert torch.equal(got.kv_num_blocks, want.kv_num_blocks) and torch.equal(got.kv_indices, want.kv_indices)
 
 
 @interpreter
