@@ -11,8 +11,9 @@ registers and writes the row's kept-block list (ascending) and count directly:
   largest score is found exactly by a search on an order-preserving integer key of the float:
   ``theta`` is the largest key with at least ``k`` keys ``>= theta``, built two bits a pass (the
   counts at the three candidates packed into one reduction) from the highest bit where the row's
-  possible thresholds differ, stopping early once exactly ``k`` keys are ``>= theta``. Blocks above ``theta`` are kept, and of the blocks equal to ``theta`` the
-  lowest columns, as many as the budget has left: exactly what a stable descending sort keeps
+  possible thresholds differ, stopping early once exactly ``k`` keys are ``>= theta``. Blocks above
+  ``theta`` are kept, and of the blocks equal to ``theta`` the lowest columns, as many as the
+  budget has left: exactly what a stable descending sort keeps
   (equal scores by lower column; ``-0.0`` counts as ``0.0``, as in the sort). This kind has its own
   kernel (:func:`_density_kernel`), with a branch per width class of rows (``W/2 <= I < W``), so a
   row is read and ranked over its causal part (at most twice it), not the full ``NQ``;
