@@ -18,8 +18,9 @@ Exactly :class:`seerattn.gate.AttnGate`'s forward, in fp32 whatever the input dt
    values, exact in ``hi``: their ``lo`` halves are not written (nor read by the projection), so the testbed's
    split rows take 8 bytes a channel triple where fp32 rows take 12 (:func:`_lo_pools`, session 24).
 2. ``_project_kernel`` (one launch: K's and Q's jobs): a program owns ``BLOCK_M`` pooled rows of one query head and
-   multiplies them by the head's weights ``[C * D, Dg]`` in steps of ``BLOCK_K`` channels on tensor cores, into two
-   ``[BLOCK_M, Dg / 2]`` accumulators, one per half of the gate dimension. At "tf32x3" the operands are split (the
+   multiplies them by the head's weights ``[C * D, Dg]`` in steps of ``BLOCK_K`` channels on tensor cores, the two
+   halves of the gate dimension apart in the end (at "tf32x3" one ``[BLOCK_M, Dg]`` product a step, split after the
+   loop; else two ``[BLOCK_M, Dg / 2]`` accumulators). At "tf32x3" the operands are split (the
    weights by ``_split_weights_kernel``, once per weights: kept on them until they change, ``_split_weights_cached``;
    a power of two a rotate-half pair of columns) and each step
    sums three fp16 products (``hi.lo + lo.hi + hi.hi``, exact in the tensor cores' fp32), added to the running sums in
@@ -120,12 +121,19 @@ _INTERP_SCORES_TILE = (16, 16, 4, 1)
 # 0.143 / 0.044 ms against 0.173 / 0.049 for the offline choice before (128, 32, 8, 3, wgmma) and 0.154-0.37 for
 # twelve other tiles.
 PROJ_TILE = (32, 32, 4, 3)
-# The split projection's tile (fp16 halves, ``precision="tf32x3"``, the default): 64 rows on one warpgroup (wgmma),
-# two [64, Dg / 2] running sums and the step's two; 234-244 registers, no spill (offline sm_90 compile). Timed on the
-# H200 (session 23, docs/experiments/prefill-gate-policy/session23, call 2; Llama-3.1-8B heads, the testbed's gate), Q /
-# K at 32k: 0.091 / 0.101 ms (K's first row of the run; 0.047-0.050 after) against 0.094-0.153 / 0.047-0.114 at
-# (64, 16, 4, 4), (64, 64, 4, 2), (64, 32, 8, 3), (128, 32, 8, 3), (32, 32, 4, 3), (32, 64, 4, 2); at 128k 0.287 /
-# 0.102 against 0.296-0.524 / 0.088-0.152. The fp32 tile above at tf32x3: 0.144 / 0.063 (32k), 0.538 / 0.144 (128k).
+# The split projection's tile (fp16 halves, ``precision="tf32x3"``, the default): 64 rows on one warpgroup (wgmma).
+# Since session 28 a step is one [64, Dg] product (three fp16 dots) into one running sum, split into the gate
+# dimension's halves after the loop: offline sm_90 206 registers against 255, 6 HGMMA and 3 wgmma waits a loop against
+# 12 and 6 for two [64, Dg / 2] products a step; the same bits, and on the H200 (session 28, call 1, two alternating
+# rounds) the projection 0.0898 / 0.0899 ms against 0.0975 / 0.0975 at 32k, 0.3255 / 0.3261 against 0.3494 / 0.3498
+# at 128k (the whole gate 0.2560 / 0.2564 against 0.2651 / 0.2651 at 32k). Q's job alone at 128k: 0.248 ms against
+# 0.258-0.277 at (64, 16, 4, 4), (64, 64, 4, 2), (128, 32, 8, 3) and 0.239 at (64, 32, 4, 4); that 4-stage tile for
+# both jobs (call 2, two rounds): 0.0895 / 0.0898 against 0.0899 / 0.0902 at 32k, inside the rounds' spread, not
+# taken. Before, with two products a step, timed on the H200 (session 23,
+# docs/experiments/prefill-gate-policy/session23, call 2; Llama-3.1-8B heads, the testbed's gate), Q / K at 32k:
+# 0.091 / 0.101 ms (K's first row of the run; 0.047-0.050 after) against 0.094-0.153 / 0.047-0.114 at (64, 16, 4, 4),
+# (64, 64, 4, 2), (64, 32, 8, 3), (128, 32, 8, 3), (32, 32, 4, 3), (32, 64, 4, 2); at 128k 0.287 / 0.102 against
+# 0.296-0.524 / 0.088-0.152. The fp32 tile above at tf32x3: 0.144 / 0.063 (32k), 0.538 / 0.144 (128k).
 PROJ_SPLIT_TILE = (64, 32, 4, 3)
 # The pooling launch's tile: (K blocks per program, Q windows per program, warps), both jobs in one launch (one warp
 # count). Timed on the H200 (session 16, docs/experiments/prefill-gate-policy/session16, calls 2-3; Llama-3.1-8B
@@ -305,7 +313,9 @@ def _project_rows(
 ):  # fmt: skip
     """Gate vectors ``mt * BLOCK_M ...`` of (batch, query head) ``bh``: pooled rows of input head ``h // G`` times
     ``W[h]``, then (``ROPE``) rotate-half with the cos/sin row ``n * C_STEP``. The two halves of the gate dimension
-    are two accumulators, so the rotation pairs channel ``j`` with ``j + HALF`` in registers (no second pass).
+    end up in two accumulators, so the rotation pairs channel ``j`` with ``j + HALF`` in registers (no second pass):
+    without ``SPLIT`` they are accumulated apart; with it one ``[BLOCK_M, 2 * HALF_P]`` product a step (a wgmma of
+    twice the width, half the waits on the tensor cores) is split after the loop.
 
     ``SPLIT``: rows and weights come as fp16 halves of scaled values (row ``[hi (CDIM) | lo]``, a head's weights
     ``[hi (CDIM rows) ; lo (CDIM rows)]``, inverse scales ``XInv [B, Hx, N]`` and ``WInv [Hq, Dg / 2]``); each step sums
