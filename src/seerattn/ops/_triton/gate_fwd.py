@@ -135,6 +135,13 @@ PROJ_TILE = (32, 32, 4, 3)
 # (64, 64, 4, 2), (64, 32, 8, 3), (128, 32, 8, 3), (32, 32, 4, 3), (32, 64, 4, 2); at 128k 0.287 / 0.102 against
 # 0.296-0.524 / 0.088-0.152. The fp32 tile above at tf32x3: 0.144 / 0.063 (32k), 0.538 / 0.144 (128k).
 PROJ_SPLIT_TILE = (64, 32, 4, 3)
+# Registers a thread of the split projection may take at its default tile (Triton's ``maxnreg``). The kernel is bound by
+# latency (Nsight Compute, session 27: stalls on the copies' barrier and the wgmma waits, the tensor pipe 31 % busy),
+# and at 206 registers two of its 4-warp programs fit an SM; at 160 (offline sm_90: no spill; 168 spilled 12 bytes)
+# three do, as its 72 KiB of shared memory allows. H200, session 28, call 4 (two alternating rounds, the same bits):
+# 0.3039 / 0.3054 ms against 0.3227 / 0.3242 at 128k, 0.0892 / 0.0898 against 0.0896 / 0.0902 at 32k alone; in the
+# 32k model the gate 8.31 / 8.32 ms a forward against 8.51 / 8.56. Other tiles (benchmarks) run uncapped.
+PROJ_SPLIT_MAXNREG = 160
 # The pooling launch's tile: (K blocks per program, Q windows per program, warps), both jobs in one launch (one warp
 # count). Timed on the H200 (session 16, docs/experiments/prefill-gate-policy/session16, calls 2-3; Llama-3.1-8B
 # heads, bf16), each job alone: at 32k the Q windows of 16 tokens take 0.1035 ms at (8 windows, 4 warps) or (4, 2)
@@ -689,8 +696,9 @@ def _project(
     ``precision="tf32x3"`` x is :func:`_pool`'s :class:`SplitRows` and the weights are split here:
     three fp16 products of 22-bit operands (:func:`_project_rows`' ``SPLIT``); else one ``tl.dot`` of that precision on
     fp32 rows. ``tile``: (rows, channels per step, warps, stages), default :data:`PROJ_SPLIT_TILE` at tf32x3, else
-    :data:`PROJ_TILE` (benchmarks try others). ``second``: (x2, w2, c_step2) projected in the same launch (same B, Hq,
-    Dg, table and precision): returns both outputs."""
+    :data:`PROJ_TILE` (benchmarks try others; the default split tile runs under :data:`PROJ_SPLIT_MAXNREG`).
+    ``second``: (x2, w2, c_step2) projected in the same launch (same B, Hq, Dg, table and precision): returns both
+    outputs."""
     split = precision == "tf32x3"
     dg = w.shape[2]
     default = PROJ_SPLIT_TILE if split else PROJ_TILE
@@ -717,6 +725,7 @@ def _project(
         ROPE=rope, HALF_P=max(16, triton.next_power_of_2(dg // 2)),
         BLOCK_M=block_m, BLOCK_K=min(block_k, max(16, triton.next_power_of_2(max(c_a, c_b)))), PRECISION=precision,
         SPLIT=split, D_POOL=pool_dim, num_warps=num_warps, num_stages=num_stages,
+        maxnreg=PROJ_SPLIT_MAXNREG if split and tile is None else None,
     )  # fmt: skip
     return out_a if second is None else (out_a, out_b)
 
