@@ -73,7 +73,7 @@ def test_breakdown_refuses_a_range_that_got_no_device_time():
 
 def test_smoke_run_breakdown_is_complete(tmp_path):
     """The CPU smoke model: every part ran and got time, the parts and rest add up to the profiled
-    forward's total, and the kernel's share is not 0."""
+    forward's total, the kernel's share is not 0, and the limit's columns follow their definitions."""
     out = tmp_path / "prefill.json"
     argv = ["--smoke", "--seqlens", "96", "--layers", "1", "--block-sizes", "32", "--gate-impls", "eager"]
     assert prefill.main([*argv, "--json", str(out)]) == 0
@@ -86,7 +86,9 @@ def test_smoke_run_breakdown_is_complete(tmp_path):
     assert torch.isfinite(torch.tensor(row["overhead"]))
     assert row["limit_ms"] == pytest.approx(row["ms"] - row["gate_ms"] - row["policy_ms"])
     assert row["limit_speedup"] == pytest.approx(row["speedup"] / row["of_limit"])
-    assert 0 < row["of_limit"] < 1
+    # the limit's share is a ratio of the timed forwards' median and the profiled forward's parts: on a loaded CPU the
+    # profiled forward can take longer than the timed ones, so its value is not bounded here, only its definition
+    assert row["of_limit"] == pytest.approx(row["limit_ms"] / row["ms"])
 
 
 def test_smoke_run_with_a_batch_of_two_prompts(tmp_path):
