@@ -307,7 +307,7 @@ def _density_rows(
     # row's largest key. The bits above the highest one where those two bounds differ are theta's already. Gate
     # logits of a row span a few binades, so their keys share sign, exponent and top mantissa bits: on the testbed's
     # trained gates 4.3 passes a row against 6.8 from the top (density 0.1, 8k tokens), on fresh gates' narrow rows
-    # 4.6 against 9.8; iid N(0, 3^2) rows, which mix signs, 6.8 against 7.3 (session 28, a simulation in PyTorch).
+    # 4.6 against 9.7; iid N(0, 3^2) rows, which mix signs, 6.8 against 7.3 (session 28, a simulation in PyTorch).
     # Timed (H200, session 28, call 1, density 0.1, two alternating rounds, the same lists): at NQ 512 narrow rows
     # 0.0357 ms against 0.0471, a fresh gate's logits 0.0412 against 0.0430, N(0, 3^2) 0.0401 against 0.0418; at
     # NQ 2048 narrow rows 0.651 against 0.850, but the gate's and N(0, 3^2) rows 0.764 / 0.741 against 0.758 / 0.735
