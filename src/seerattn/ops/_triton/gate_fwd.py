@@ -338,8 +338,6 @@ def _project_rows(
     j_ok = offs_j < HALF
     x_base = X + b.to(tl.int64) * stride_xb + (h // G).to(tl.int64) * stride_xh + rows.to(tl.int64)[:, None] * stride_xn
     w_base = W + h.to(tl.int64) * stride_wh
-    acc1 = tl.zeros([BLOCK_M, HALF_P], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_M, HALF_P], dtype=tl.float32)
     if SPLIT:
         w_lo = CDIM.to(tl.int64) * stride_wc
         # both halves of the gate dimension in one [BLOCK_M, 2 * HALF_P] product a step: column c is gate channel c
@@ -371,6 +369,8 @@ def _project_rows(
         acc1 *= inv
         acc2 *= inv
     else:
+        acc1 = tl.zeros([BLOCK_M, HALF_P], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_M, HALF_P], dtype=tl.float32)
         for k0 in range(0, CDIM, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < CDIM
